@@ -1,0 +1,1 @@
+//! tapgate load generator.

@@ -1,0 +1,225 @@
+//! Framing: the length prefix, header and tag around a frame body, incremental splitting of a
+//! byte stream into frames, and sealing (encoding plus MAC).
+//!
+//! ```text
+//! +--------+---------+------+----------------+-----------+
+//! | len    | version | type | body           | tag       |
+//! | u16 BE | u8 = 1  | u8   | body_len(type) | 16 bytes  |
+//! +--------+---------+------+----------------+-----------+
+//! len counts every byte after itself. The tag is the SM4-CMAC of every byte before it.
+//! ```
+
+use crate::crypto::{BadMac, MacKey, TAG_LEN, Tag};
+use crate::frame::{ErrorCode, ErrorFrame, Frame, FrameType, InvalidField};
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// QUIC ALPN protocol id.
+pub const ALPN: &[u8] = b"tapgate/1";
+/// The version byte this implementation speaks.
+pub const PROTOCOL_VERSION: u8 = 1;
+/// Size of the length prefix.
+pub const LEN_PREFIX: usize = 2;
+/// Version and type bytes.
+pub const HEADER_LEN: usize = 2;
+/// No frame, prefix included, may be longer than this. A declared length above it is refused
+/// before any of the frame is buffered.
+pub const MAX_FRAME_LEN: usize = 256;
+
+/// Total size on the wire of a frame of type `ty`, prefix and tag included.
+pub const fn wire_len(ty: FrameType) -> usize {
+    LEN_PREFIX + HEADER_LEN + ty.body_len() + TAG_LEN
+}
+
+/// Why bytes could not be read as a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("declared frame length {declared} exceeds the maximum of {max} bytes")]
+    TooLarge { declared: usize, max: usize },
+    #[error("declared frame length {0} is shorter than the smallest frame")]
+    TooShort(usize),
+    #[error("unsupported protocol version {0}")]
+    UnsupportedVersion(u8),
+    #[error("unknown frame type 0x{0:02x}")]
+    UnknownFrameType(u8),
+    #[error("{frame_type} frame declared {declared} bytes after the prefix, expected {expected}")]
+    BodyLength {
+        frame_type: FrameType,
+        declared: usize,
+        expected: usize,
+    },
+    #[error(transparent)]
+    InvalidField(#[from] InvalidField),
+}
+
+impl DecodeError {
+    /// The Error frame code the gateway answers this with.
+    pub fn error_code(&self) -> ErrorCode {
+        match self {
+            DecodeError::TooLarge { .. } => ErrorCode::FrameTooLarge,
+            DecodeError::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
+            DecodeError::UnknownFrameType(_) => ErrorCode::UnknownFrameType,
+            DecodeError::TooShort(_)
+            | DecodeError::BodyLength { .. }
+            | DecodeError::InvalidField(_) => ErrorCode::MalformedFrame,
+        }
+    }
+}
+
+/// Why a sealed frame could not be opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    BadMac(#[from] BadMac),
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+}
+
+impl OpenError {
+    pub fn error_code(&self) -> ErrorCode {
+        match self {
+            OpenError::BadMac(_) => ErrorCode::BadMac,
+            OpenError::Decode(e) => e.error_code(),
+        }
+    }
+}
+
+/// One complete frame as it came off the wire, structurally checked (length, version, type) but
+/// not yet authenticated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedFrame {
+    frame_type: FrameType,
+    bytes: Bytes,
+}
+
+impl SealedFrame {
+    pub fn frame_type(&self) -> FrameType {
+        self.frame_type
+    }
+
+    /// The whole frame, prefix and tag included.
+    pub fn as_bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    /// The bytes the tag covers.
+    pub fn mac_input(&self) -> &[u8] {
+        &self.bytes[..self.bytes.len() - TAG_LEN]
+    }
+
+    pub fn tag(&self) -> Tag {
+        let mut tag = [0u8; TAG_LEN];
+        tag.copy_from_slice(&self.bytes[self.bytes.len() - TAG_LEN..]);
+        tag
+    }
+
+    fn body(&self) -> &[u8] {
+        &self.bytes[LEN_PREFIX + HEADER_LEN..self.bytes.len() - TAG_LEN]
+    }
+
+    /// Parses the body without checking the tag. Only for learning who claims to have sent a
+    /// Hello, so that the right key can be derived; trust nothing else from it.
+    pub fn parse_unverified(&self) -> Result<Frame, DecodeError> {
+        Ok(Frame::parse_body(self.frame_type, self.body())?)
+    }
+
+    pub fn verify(&self, key: &MacKey) -> Result<(), BadMac> {
+        key.verify(self.mac_input(), &self.bytes[self.bytes.len() - TAG_LEN..])
+    }
+
+    /// Verifies the tag, then parses the body.
+    pub fn open(&self, key: &MacKey) -> Result<Frame, OpenError> {
+        self.verify(key)?;
+        Ok(self.parse_unverified()?)
+    }
+}
+
+/// Splits the next frame off the front of `buf`.
+///
+/// Returns `Ok(None)` when `buf` holds only part of a frame (read more and call again). Errors are
+/// reported as early as the bytes allow: an oversized length, a wrong version or an unknown type
+/// is refused without waiting for the rest of the frame. After an error the stream is unusable.
+pub fn take_frame(buf: &mut BytesMut) -> Result<Option<SealedFrame>, DecodeError> {
+    if buf.len() < LEN_PREFIX {
+        return Ok(None);
+    }
+    let declared = usize::from(u16::from_be_bytes([buf[0], buf[1]]));
+    if LEN_PREFIX + declared > MAX_FRAME_LEN {
+        return Err(DecodeError::TooLarge {
+            declared,
+            max: MAX_FRAME_LEN - LEN_PREFIX,
+        });
+    }
+    if declared < HEADER_LEN + TAG_LEN {
+        return Err(DecodeError::TooShort(declared));
+    }
+    let Some(&version) = buf.get(LEN_PREFIX) else {
+        return Ok(None);
+    };
+    if version != PROTOCOL_VERSION {
+        return Err(DecodeError::UnsupportedVersion(version));
+    }
+    let Some(&type_byte) = buf.get(LEN_PREFIX + 1) else {
+        return Ok(None);
+    };
+    let frame_type =
+        FrameType::from_code(type_byte).ok_or(DecodeError::UnknownFrameType(type_byte))?;
+    let expected = wire_len(frame_type) - LEN_PREFIX;
+    if declared != expected {
+        return Err(DecodeError::BodyLength {
+            frame_type,
+            declared,
+            expected,
+        });
+    }
+    if buf.len() < LEN_PREFIX + declared {
+        return Ok(None);
+    }
+    let bytes = buf.split_to(LEN_PREFIX + declared).freeze();
+    Ok(Some(SealedFrame { frame_type, bytes }))
+}
+
+/// Reads exactly one frame from `input`, which must hold nothing else. For tools and tests;
+/// streams use [`take_frame`].
+pub fn decode_one(input: &[u8]) -> Result<SealedFrame, DecodeError> {
+    let mut buf = BytesMut::from(input);
+    match take_frame(&mut buf)? {
+        Some(frame) if buf.is_empty() => Ok(frame),
+        Some(frame) => Err(DecodeError::BodyLength {
+            frame_type: frame.frame_type,
+            declared: input.len() - LEN_PREFIX,
+            expected: frame.bytes.len() - LEN_PREFIX,
+        }),
+        None => Err(DecodeError::TooShort(
+            input.len().saturating_sub(LEN_PREFIX),
+        )),
+    }
+}
+
+/// Appends `frame`, authenticated under `key`, to `out`.
+pub fn seal(frame: &Frame, key: &MacKey, out: &mut BytesMut) {
+    let start = put_unsealed(frame, out);
+    let tag = key.tag(&out[start..]);
+    out.put_slice(&tag);
+}
+
+/// Appends an Error frame with an all-zero tag. The gateway sends this only when it has no key
+/// for the peer (unknown terminal or key version, or a Hello it could not parse), so the gate
+/// cannot authenticate it and must treat it as a refusal of the connection, nothing more.
+pub fn seal_unkeyed_error(error: ErrorFrame, out: &mut BytesMut) {
+    put_unsealed(&Frame::Error(error), out);
+    out.put_slice(&[0u8; TAG_LEN]);
+}
+
+/// Writes prefix, header and body; returns where the frame starts in `out`.
+fn put_unsealed(frame: &Frame, out: &mut BytesMut) -> usize {
+    let ty = frame.frame_type();
+    let total = wire_len(ty);
+    out.reserve(total);
+    let start = out.len();
+    out.put_u16((total - LEN_PREFIX) as u16);
+    out.put_u8(PROTOCOL_VERSION);
+    out.put_u8(ty.code());
+    frame.put_body(out);
+    debug_assert_eq!(out.len() - start, total - TAG_LEN);
+    start
+}

@@ -1,0 +1,40 @@
+//! PROTOCOL.md's worked example must be what the code produces, byte for byte.
+
+const SPEC: &str = include_str!("../../PROTOCOL.md");
+
+#[test]
+fn specification_shows_exactly_the_computed_example() {
+    let start = SPEC
+        .find("## 8. Worked example")
+        .expect("PROTOCOL.md has a worked example section");
+    let block = SPEC[start..]
+        .split("```text\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("the worked example has a text block");
+    let documented: Vec<(String, String)> = block
+        .lines()
+        .map(|line| {
+            let (name, value) = line.split_once(": ").expect("`name: value` lines");
+            (name.to_owned(), value.to_owned())
+        })
+        .collect();
+    assert_eq!(documented, tapgate_protocol::example::lines());
+}
+
+#[test]
+fn example_frames_open_under_the_derived_key() {
+    let key = tapgate_protocol::MasterKey::from_hex(tapgate_protocol::example::MASTER_KEY_HEX)
+        .unwrap()
+        .diversify(tapgate_protocol::example::TERMINAL_ID)
+        .mac_key();
+    for ((name, value), frame) in tapgate_protocol::example::lines()
+        .into_iter()
+        .filter(|(name, _)| name.ends_with("_frame"))
+        .zip(tapgate_protocol::example::frames())
+    {
+        let bytes = hex::decode(value).unwrap();
+        let sealed = tapgate_protocol::decode_one(&bytes).unwrap();
+        assert_eq!(sealed.open(&key).unwrap(), frame, "{name}");
+    }
+}
