@@ -1,1 +1,12 @@
-//! tapgate gateway.
+//! The tapgate gateway: QUIC ingress, gate sessions, the authorization core, the card cache and
+//! its directories, and the durable tap journal.
+//!
+//! The decision ([`decide`]) is pure; everything that waits (network, Redis, disk) lives in
+//! [`server`], [`directory`] and [`journal`], at the edges.
+
+pub mod cache;
+pub mod card;
+pub mod decide;
+pub mod directory;
+pub mod journal;
+pub mod policy;

@@ -1,0 +1,373 @@
+//! The card cache: a DashMap in front of the card directory.
+//!
+//! A hit is a shard lock, a map lookup and the pure decision; nothing on that path awaits. A miss
+//! fetches the card once however many taps want it at the same moment (single flight) and
+//! remembers unknown cards for a short time so a stream of taps with a bad card does not reach
+//! Redis each time. Changes from the directory's feed replace cached records in place.
+//!
+//! While the directory is unreachable, cached cards are still decided from the cache (changes
+//! made meanwhile arrive when the feed reconnects) and uncached cards get
+//! `CardLookup::Unavailable`, which the policy turns into a denial or a first-ride approval.
+
+use crate::card::{CardActivity, CardRecord};
+use crate::decide::{CardLookup, Decision, GatePlace, decide};
+use crate::directory::{ChangeEvent, Directory, DirectoryError};
+use crate::policy::Policy;
+use dashmap::DashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tapgate_protocol::Tap;
+use tokio::sync::{OnceCell, mpsc};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Known {
+    Card(CardRecord),
+    /// The directory has no such card; ask again after `until_ms`.
+    Missing {
+        until_ms: u64,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    known: Known,
+    activity: CardActivity,
+}
+
+type Fetch = Arc<OnceCell<Result<Option<CardRecord>, DirectoryError>>>;
+
+/// Cache counters, read by metrics.
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub fetches: AtomicU64,
+    pub fetch_errors: AtomicU64,
+    pub evictions: AtomicU64,
+    pub changes_applied: AtomicU64,
+    pub resyncs: AtomicU64,
+}
+
+pub struct CardCache {
+    entries: DashMap<u64, Entry>,
+    fetches: DashMap<u64, Fetch>,
+    directory: Directory,
+    negative_ttl_ms: u64,
+    capacity: usize,
+    pub stats: CacheStats,
+}
+
+impl CardCache {
+    pub fn new(directory: Directory, negative_ttl_ms: u64, capacity: usize) -> Self {
+        Self {
+            entries: DashMap::new(),
+            fetches: DashMap::new(),
+            directory,
+            negative_ttl_ms,
+            capacity: capacity.max(1),
+            stats: CacheStats::default(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The cached record of a card, without fetching.
+    pub fn cached(&self, card_id: u64) -> Option<CardRecord> {
+        match self.entries.get(&card_id)?.known {
+            Known::Card(card) => Some(card),
+            Known::Missing { .. } => None,
+        }
+    }
+
+    /// Decides a tap against the cached card, fetching it first on a miss, and applies the
+    /// decision's effect on the cached state (activity, counted rides) under the same lock.
+    pub async fn authorize(
+        &self,
+        tap: &Tap,
+        place: GatePlace,
+        policy: &Policy,
+        now_ms: u64,
+    ) -> Decision {
+        if let Some(decision) = self.decide_cached(tap, place, policy, now_ms) {
+            self.stats.hits.fetch_add(1, Ordering::Relaxed);
+            return decision;
+        }
+        self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        match self.fetch(tap.card_id, now_ms).await {
+            Ok(()) => self
+                .decide_cached(tap, place, policy, now_ms)
+                // Evicted between the fetch and now (capacity pressure): decide without caching.
+                .unwrap_or_else(|| {
+                    decide(
+                        tap,
+                        place,
+                        &CardLookup::Unavailable,
+                        CardActivity::default(),
+                        policy,
+                        now_ms,
+                    )
+                }),
+            Err(_) => decide(
+                tap,
+                place,
+                &CardLookup::Unavailable,
+                CardActivity::default(),
+                policy,
+                now_ms,
+            ),
+        }
+    }
+
+    fn decide_cached(
+        &self,
+        tap: &Tap,
+        place: GatePlace,
+        policy: &Policy,
+        now_ms: u64,
+    ) -> Option<Decision> {
+        let mut entry = self.entries.get_mut(&tap.card_id)?;
+        let lookup = match entry.known {
+            Known::Card(card) => CardLookup::Found(card),
+            Known::Missing { until_ms } if now_ms < until_ms => CardLookup::Unknown,
+            Known::Missing { .. } => return None,
+        };
+        let decision = decide(tap, place, &lookup, entry.activity, policy, now_ms);
+        entry.activity = decision.activity;
+        if decision.uses_counted_ride
+            && let Known::Card(card) = &mut entry.known
+        {
+            card.rides_left = card.rides_left.saturating_sub(1);
+        }
+        Some(decision)
+    }
+
+    /// Loads a card into the cache; concurrent callers for one card share one directory request.
+    async fn fetch(&self, card_id: u64, now_ms: u64) -> Result<(), DirectoryError> {
+        let cell = self.fetches.entry(card_id).or_default().clone();
+        let result = cell
+            .get_or_init(|| async {
+                self.stats.fetches.fetch_add(1, Ordering::Relaxed);
+                let result = self.directory.card(card_id).await;
+                // Inserted before the fetch is forgotten, so no later caller fetches again.
+                if let Ok(found) = &result {
+                    let known = match found {
+                        Some(card) => Known::Card(*card),
+                        None => Known::Missing {
+                            until_ms: now_ms.saturating_add(self.negative_ttl_ms),
+                        },
+                    };
+                    self.insert_fetched(card_id, known);
+                }
+                result
+            })
+            .await
+            .clone();
+        self.fetches
+            .remove_if(&card_id, |_, c| Arc::ptr_eq(c, &cell));
+        if let Err(e) = &result {
+            self.stats.fetch_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(error = %e, "card fetch failed");
+        }
+        result.map(|_| ())
+    }
+
+    fn insert_fetched(&self, card_id: u64, known: Known) {
+        self.make_room();
+        self.entries
+            .entry(card_id)
+            .and_modify(|e| {
+                // A change that arrived while we fetched is newer than what we fetched.
+                if matches!(e.known, Known::Missing { .. }) {
+                    e.known = known;
+                }
+            })
+            .or_insert(Entry {
+                known,
+                activity: CardActivity::default(),
+            });
+    }
+
+    /// Keeps the cache within its capacity by dropping an arbitrary entry. Cards come back on
+    /// their next tap; what is lost is only this node's pass-back memory of the dropped card.
+    fn make_room(&self) {
+        if self.entries.len() < self.capacity {
+            return;
+        }
+        let victim = self.entries.iter().next().map(|e| *e.key());
+        if let Some(victim) = victim {
+            self.entries.remove(&victim);
+            self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Applies one event of the directory's change feed.
+    pub fn apply(&self, event: ChangeEvent, now_ms: u64) {
+        match event {
+            ChangeEvent::Resync => {
+                self.entries.clear();
+                self.stats.resyncs.fetch_add(1, Ordering::Relaxed);
+            }
+            ChangeEvent::Changed(change) => {
+                let known = match change.record {
+                    Some(card) => Known::Card(card),
+                    None => Known::Missing {
+                        until_ms: now_ms.saturating_add(self.negative_ttl_ms),
+                    },
+                };
+                if let Some(mut entry) = self.entries.get_mut(&change.card_id) {
+                    entry.known = known;
+                } else if self.fetches.contains_key(&change.card_id) {
+                    // A fetch is under way and may return the record from before this change.
+                    self.make_room();
+                    self.entries.insert(
+                        change.card_id,
+                        Entry {
+                            known,
+                            activity: CardActivity::default(),
+                        },
+                    );
+                }
+                self.stats.changes_applied.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Applies the change feed until it ends. `clock` gives Unix milliseconds.
+    pub async fn follow(
+        self: Arc<Self>,
+        mut changes: mpsc::Receiver<ChangeEvent>,
+        clock: impl Fn() -> u64,
+    ) {
+        while let Some(event) = changes.recv().await {
+            self.apply(event, clock());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::card::CardState;
+    use crate::directory::{CardChange, EmbeddedDirectory};
+    use tapgate_protocol::{AreaCode, Concession, Issuer, Mode, Outcome, Reason, TapKind};
+
+    const NOW: u64 = 1_795_939_200_000;
+
+    fn record(card_id: u64, state: CardState) -> CardRecord {
+        CardRecord {
+            card_id,
+            state,
+            issuer: Issuer::ChongqingSsc,
+            concession: Concession::None,
+            rides_left: 0,
+            expires_on: None,
+        }
+    }
+
+    fn tap(card_id: u64) -> Tap {
+        Tap {
+            sequence: 1,
+            card_id,
+            issuer: Issuer::ChongqingSsc,
+            kind: TapKind::Flat,
+            line: 1,
+            stop: 1,
+            gate_time_ms: NOW,
+        }
+    }
+
+    const BUS: GatePlace = GatePlace {
+        area: AreaCode(500103),
+        mode: Mode::Bus,
+    };
+
+    fn cache_with(cards: &[CardRecord]) -> (Arc<EmbeddedDirectory>, CardCache) {
+        let dir = Arc::new(EmbeddedDirectory::default());
+        cards.iter().for_each(|c| dir.put_card(*c));
+        let cache = CardCache::new(Directory::Embedded(dir.clone()), 1_000, 100);
+        (dir, cache)
+    }
+
+    #[tokio::test]
+    async fn miss_fetches_once_then_hits() {
+        let (_, cache) = cache_with(&[record(1, CardState::Active)]);
+        let policy = Policy::embedded_default();
+        let d = cache.authorize(&tap(1), BUS, &policy, NOW).await;
+        assert_eq!(d.outcome, Outcome::Approve);
+        cache.authorize(&tap(1), BUS, &policy, NOW).await;
+        assert_eq!(cache.stats.fetches.load(Ordering::Relaxed), 1);
+        assert_eq!(cache.stats.hits.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_misses_for_one_card_make_one_fetch() {
+        let (_, cache) = cache_with(&[record(9, CardState::Active)]);
+        let cache = Arc::new(cache);
+        let policy = Arc::new(Policy::embedded_default());
+        let tasks: Vec<_> = (0..64)
+            .map(|_| {
+                let (cache, policy) = (cache.clone(), policy.clone());
+                tokio::spawn(async move { cache.authorize(&tap(9), BUS, &policy, NOW).await })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap().outcome, Outcome::Approve);
+        }
+        assert_eq!(cache.stats.fetches.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn unknown_cards_are_cached_negatively_until_the_ttl_passes() {
+        let (dir, cache) = cache_with(&[]);
+        let policy = Policy::embedded_default();
+        let d = cache.authorize(&tap(5), BUS, &policy, NOW).await;
+        assert_eq!(d.reason, Reason::UnknownCard);
+        dir.put_card(record(5, CardState::Active));
+        let d = cache.authorize(&tap(5), BUS, &policy, NOW + 999).await;
+        assert_eq!(d.reason, Reason::UnknownCard, "still negatively cached");
+        let d = cache.authorize(&tap(5), BUS, &policy, NOW + 1_000).await;
+        assert_eq!(d.outcome, Outcome::Approve);
+        assert_eq!(cache.stats.fetches.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn a_change_replaces_the_cached_record_and_resync_forgets_everything() {
+        let (_, cache) = cache_with(&[record(3, CardState::Active)]);
+        let policy = Policy::embedded_default();
+        cache.authorize(&tap(3), BUS, &policy, NOW).await;
+        cache.apply(
+            ChangeEvent::Changed(CardChange {
+                card_id: 3,
+                record: Some(record(3, CardState::Lost)),
+            }),
+            NOW,
+        );
+        let d = cache.authorize(&tap(3), BUS, &policy, NOW).await;
+        assert_eq!(d.reason, Reason::CardLost);
+        cache.apply(ChangeEvent::Resync, NOW);
+        assert!(cache.is_empty());
+    }
+
+    #[tokio::test]
+    async fn capacity_is_a_bound() {
+        let cards: Vec<_> = (1..=10).map(|i| record(i, CardState::Active)).collect();
+        let dir = Arc::new(EmbeddedDirectory::default());
+        cards.iter().for_each(|c| dir.put_card(*c));
+        let cache = CardCache::new(Directory::Embedded(dir), 1_000, 4);
+        let policy = Policy::embedded_default();
+        for i in 1..=10 {
+            assert_eq!(
+                cache.authorize(&tap(i), BUS, &policy, NOW).await.outcome,
+                Outcome::Approve
+            );
+        }
+        assert!(cache.len() <= 4);
+        assert_eq!(cache.stats.evictions.load(Ordering::Relaxed), 6);
+    }
+}

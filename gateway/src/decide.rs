@@ -1,0 +1,507 @@
+//! The authorization decision: a pure function of the tap, the card, this node's memory of the
+//! card, the policy and the time. No I/O, no clock, no locks: the caller supplies everything and
+//! applies the returned state change.
+
+use crate::card::{CardActivity, CardRecord, CardState, OpenEntry, local_date};
+use crate::policy::{DegradedMode, Policy};
+use tapgate_protocol::{
+    AreaCode, Concession, Mode, Outcome, RIDES_LEFT_NOT_APPLICABLE, Reason, Tap, TapKind,
+};
+
+/// Where the tap happened: the gate's provisioned place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GatePlace {
+    pub area: AreaCode,
+    pub mode: Mode,
+}
+
+/// What the card directory said about the card.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CardLookup {
+    Found(CardRecord),
+    Unknown,
+    /// Not cached, and the directory could not be asked.
+    Unavailable,
+}
+
+/// The verdict and the state change it implies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    pub outcome: Outcome,
+    pub reason: Reason,
+    pub concession: Concession,
+    pub fare_fen: u32,
+    pub rides_left: u16,
+    /// The card's counted concession allowance drops by one.
+    pub uses_counted_ride: bool,
+    /// This node's memory of the card after the tap.
+    pub activity: CardActivity,
+}
+
+impl Decision {
+    fn deny(reason: Reason, activity: CardActivity) -> Self {
+        Decision {
+            outcome: Outcome::Deny,
+            reason,
+            concession: Concession::None,
+            fare_fen: 0,
+            rides_left: RIDES_LEFT_NOT_APPLICABLE,
+            uses_counted_ride: false,
+            activity,
+        }
+    }
+}
+
+pub fn decide(
+    tap: &Tap,
+    place: GatePlace,
+    card: &CardLookup,
+    activity: CardActivity,
+    policy: &Policy,
+    now_ms: u64,
+) -> Decision {
+    let card = match card {
+        CardLookup::Found(card) => card,
+        CardLookup::Unknown => return Decision::deny(Reason::UnknownCard, activity),
+        CardLookup::Unavailable => {
+            return match policy.degraded_mode {
+                DegradedMode::Deny => Decision::deny(Reason::DirectoryUnavailable, activity),
+                DegradedMode::FirstRide => Decision {
+                    outcome: Outcome::Approve,
+                    reason: Reason::Approved,
+                    concession: Concession::None,
+                    fare_fen: policy.fares.max(place.mode),
+                    rides_left: RIDES_LEFT_NOT_APPLICABLE,
+                    uses_counted_ride: false,
+                    activity: activity_after(tap, place, activity, now_ms),
+                },
+            };
+        }
+    };
+    match card.state {
+        CardState::Active => {}
+        CardState::Lost => return Decision::deny(Reason::CardLost, activity),
+        CardState::Cancelled => return Decision::deny(Reason::CardCancelled, activity),
+        CardState::Blocked => return Decision::deny(Reason::CardBlocked, activity),
+    }
+    let today = local_date(now_ms);
+    if card.expires_on.is_some_and(|last_day| last_day < today) {
+        return Decision::deny(Reason::CardExpired, activity);
+    }
+    if !policy.issuer_accepted(place.area, card.issuer) {
+        return Decision::deny(Reason::IssuerNotAccepted, activity);
+    }
+    if is_pass_back(tap, place, &activity, policy, now_ms) {
+        return Decision::deny(Reason::PassBack, activity);
+    }
+
+    let full_fare = match tap.kind {
+        TapKind::Flat | TapKind::Entry => policy.fares.flat_or_min(place.mode),
+        // With a known entry the distance fare is settled later; without one, the maximum.
+        TapKind::Exit if activity.open_entry.is_some() => 0,
+        TapKind::Exit => policy.fares.max(place.mode),
+    };
+    let mut decision = Decision {
+        outcome: Outcome::Approve,
+        reason: Reason::Approved,
+        concession: Concession::None,
+        fare_fen: full_fare,
+        rides_left: RIDES_LEFT_NOT_APPLICABLE,
+        uses_counted_ride: false,
+        activity: activity_after(tap, place, activity, now_ms),
+    };
+    let Some(rule) = policy.honoured(card.concession, card.issuer, place.area, place.mode, today)
+    else {
+        return decision;
+    };
+    // A paid-area trip uses one counted ride, at its entry; the exit is covered by it.
+    let counts_here = rule.counted && tap.kind != TapKind::Exit;
+    if rule.counted {
+        let left = u16::try_from(card.rides_left).unwrap_or(u16::MAX - 1);
+        if counts_here && left == 0 {
+            // Allowance used up: the ride is approved at the full fare.
+            decision.rides_left = 0;
+            return decision;
+        }
+        decision.rides_left = if counts_here { left - 1 } else { left };
+        decision.uses_counted_ride = counts_here;
+    }
+    decision.concession = card.concession;
+    decision.fare_fen = full_fare * u32::from(rule.pay_percent) / 100;
+    decision
+}
+
+fn is_pass_back(
+    tap: &Tap,
+    place: GatePlace,
+    activity: &CardActivity,
+    policy: &Policy,
+    now_ms: u64,
+) -> bool {
+    tap.kind == TapKind::Entry
+        && place.mode.needs_exit_tap()
+        && activity.open_entry.is_some_and(|entry| {
+            entry.terminal_area == place.area.0
+                && entry.line == tap.line
+                && entry.stop == tap.stop
+                && now_ms.saturating_sub(entry.at_ms) < policy.pass_back_window_ms
+        })
+}
+
+fn activity_after(tap: &Tap, place: GatePlace, before: CardActivity, now_ms: u64) -> CardActivity {
+    match tap.kind {
+        TapKind::Entry if place.mode.needs_exit_tap() => CardActivity {
+            open_entry: Some(OpenEntry {
+                terminal_area: place.area.0,
+                line: tap.line,
+                stop: tap.stop,
+                at_ms: now_ms,
+            }),
+        },
+        TapKind::Exit => CardActivity { open_entry: None },
+        _ => before,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::NaiveDate;
+    use tapgate_protocol::Issuer;
+
+    // 2026-11-29T08:00:00Z, 16:00 in Chongqing.
+    const NOW: u64 = 1_795_939_200_000;
+    const YUZHONG: AreaCode = AreaCode(500103);
+    const WANZHOU: AreaCode = AreaCode(500101);
+    const CHENGKOU: AreaCode = AreaCode(500229);
+
+    fn policy() -> Policy {
+        Policy::embedded_default()
+    }
+
+    fn card() -> CardRecord {
+        CardRecord {
+            card_id: 42,
+            state: CardState::Active,
+            issuer: Issuer::ChongqingSsc,
+            concession: Concession::None,
+            rides_left: 0,
+            expires_on: None,
+        }
+    }
+
+    fn elder(rides_left: u32) -> CardRecord {
+        CardRecord {
+            concession: Concession::Elder,
+            rides_left,
+            ..card()
+        }
+    }
+
+    fn tap(kind: TapKind) -> Tap {
+        Tap {
+            sequence: 1,
+            card_id: 42,
+            issuer: Issuer::ChongqingSsc,
+            kind,
+            line: 2,
+            stop: 15,
+            gate_time_ms: NOW,
+        }
+    }
+
+    fn bus(area: AreaCode) -> GatePlace {
+        GatePlace {
+            area,
+            mode: Mode::Bus,
+        }
+    }
+
+    fn metro() -> GatePlace {
+        GatePlace {
+            area: YUZHONG,
+            mode: Mode::Metro,
+        }
+    }
+
+    fn run(card: CardLookup, place: GatePlace, kind: TapKind) -> Decision {
+        decide(
+            &tap(kind),
+            place,
+            &card,
+            CardActivity::default(),
+            &policy(),
+            NOW,
+        )
+    }
+
+    #[test]
+    fn active_card_on_a_bus_is_approved_at_the_flat_fare() {
+        let d = run(CardLookup::Found(card()), bus(WANZHOU), TapKind::Flat);
+        assert_eq!(
+            (d.outcome, d.reason, d.fare_fen),
+            (Outcome::Approve, Reason::Approved, 200)
+        );
+        assert_eq!(d.rides_left, RIDES_LEFT_NOT_APPLICABLE);
+    }
+
+    #[test]
+    fn card_states_deny_with_their_reasons() {
+        for (state, reason) in [
+            (CardState::Lost, Reason::CardLost),
+            (CardState::Cancelled, Reason::CardCancelled),
+            (CardState::Blocked, Reason::CardBlocked),
+        ] {
+            let d = run(
+                CardLookup::Found(CardRecord { state, ..card() }),
+                bus(WANZHOU),
+                TapKind::Flat,
+            );
+            assert_eq!((d.outcome, d.reason), (Outcome::Deny, reason));
+        }
+    }
+
+    #[test]
+    fn unknown_card_is_denied() {
+        let d = run(CardLookup::Unknown, bus(WANZHOU), TapKind::Flat);
+        assert_eq!((d.outcome, d.reason), (Outcome::Deny, Reason::UnknownCard));
+    }
+
+    #[test]
+    fn expired_card_is_denied_from_the_day_after_its_last_day() {
+        let on = |y, m, d| {
+            CardLookup::Found(CardRecord {
+                expires_on: NaiveDate::from_ymd_opt(y, m, d),
+                ..card()
+            })
+        };
+        assert_eq!(
+            run(on(2026, 11, 29), bus(WANZHOU), TapKind::Flat).outcome,
+            Outcome::Approve
+        );
+        assert_eq!(
+            run(on(2026, 11, 28), bus(WANZHOU), TapKind::Flat).reason,
+            Reason::CardExpired
+        );
+    }
+
+    #[test]
+    fn issuer_not_accepted_in_the_area_is_denied() {
+        let sichuan = CardLookup::Found(CardRecord {
+            issuer: Issuer::SichuanTianfuTong,
+            ..card()
+        });
+        assert_eq!(
+            run(sichuan, bus(CHENGKOU), TapKind::Flat).reason,
+            Reason::IssuerNotAccepted
+        );
+        assert_eq!(
+            run(sichuan, bus(WANZHOU), TapKind::Flat).outcome,
+            Outcome::Approve
+        );
+    }
+
+    #[test]
+    fn elder_concession_depends_on_area_and_date() {
+        let d = run(CardLookup::Found(elder(10)), bus(YUZHONG), TapKind::Flat);
+        assert_eq!(
+            (d.concession, d.fare_fen, d.rides_left),
+            (Concession::Elder, 0, 9)
+        );
+        assert!(d.uses_counted_ride);
+        // Wanzhou honours it only from 2027: today the elder pays.
+        let d = run(CardLookup::Found(elder(10)), bus(WANZHOU), TapKind::Flat);
+        assert_eq!((d.concession, d.fare_fen), (Concession::None, 200));
+        assert!(!d.uses_counted_ride);
+        let next_year = NaiveDate::from_ymd_opt(2027, 1, 1)
+            .unwrap()
+            .and_hms_opt(0, 0, 0)
+            .unwrap()
+            .and_utc()
+            .timestamp_millis() as u64;
+        let d = decide(
+            &tap(TapKind::Flat),
+            bus(WANZHOU),
+            &CardLookup::Found(elder(10)),
+            CardActivity::default(),
+            &policy(),
+            next_year,
+        );
+        assert_eq!(d.concession, Concession::Elder);
+    }
+
+    #[test]
+    fn elder_with_no_rides_left_pays_the_full_fare() {
+        let d = run(CardLookup::Found(elder(0)), bus(YUZHONG), TapKind::Flat);
+        assert_eq!(
+            (d.outcome, d.concession, d.fare_fen, d.rides_left),
+            (Outcome::Approve, Concession::None, 200, 0)
+        );
+        assert!(!d.uses_counted_ride);
+    }
+
+    #[test]
+    fn concessions_of_other_issuers_are_not_honoured() {
+        let t_union_elder = CardRecord {
+            issuer: Issuer::TUnion,
+            ..elder(5)
+        };
+        let d = run(
+            CardLookup::Found(t_union_elder),
+            bus(YUZHONG),
+            TapKind::Flat,
+        );
+        assert_eq!((d.concession, d.fare_fen), (Concession::None, 200));
+    }
+
+    #[test]
+    fn metro_entry_then_second_entry_at_same_station_is_pass_back() {
+        let p = policy();
+        let c = CardLookup::Found(card());
+        let first = decide(
+            &tap(TapKind::Entry),
+            metro(),
+            &c,
+            CardActivity::default(),
+            &p,
+            NOW,
+        );
+        assert_eq!((first.outcome, first.fare_fen), (Outcome::Approve, 200));
+        let again = decide(
+            &tap(TapKind::Entry),
+            metro(),
+            &c,
+            first.activity,
+            &p,
+            NOW + 60_000,
+        );
+        assert_eq!(
+            (again.outcome, again.reason),
+            (Outcome::Deny, Reason::PassBack)
+        );
+        let later = decide(
+            &tap(TapKind::Entry),
+            metro(),
+            &c,
+            first.activity,
+            &p,
+            NOW + 601_000,
+        );
+        assert_eq!(later.outcome, Outcome::Approve);
+        let other_station = Tap {
+            stop: 16,
+            ..tap(TapKind::Entry)
+        };
+        let elsewhere = decide(
+            &other_station,
+            metro(),
+            &c,
+            first.activity,
+            &p,
+            NOW + 60_000,
+        );
+        assert_eq!(elsewhere.outcome, Outcome::Approve);
+    }
+
+    #[test]
+    fn exit_closes_the_entry_and_an_exit_without_entry_estimates_the_maximum() {
+        let p = policy();
+        let c = CardLookup::Found(card());
+        let entry = decide(
+            &tap(TapKind::Entry),
+            metro(),
+            &c,
+            CardActivity::default(),
+            &p,
+            NOW,
+        );
+        let exit = decide(
+            &tap(TapKind::Exit),
+            metro(),
+            &c,
+            entry.activity,
+            &p,
+            NOW + 900_000,
+        );
+        assert_eq!((exit.outcome, exit.fare_fen), (Outcome::Approve, 0));
+        assert_eq!(exit.activity.open_entry, None);
+        let orphan = decide(
+            &tap(TapKind::Exit),
+            metro(),
+            &c,
+            CardActivity::default(),
+            &p,
+            NOW,
+        );
+        assert_eq!(orphan.fare_fen, 700);
+    }
+
+    #[test]
+    fn elder_metro_trip_counts_one_ride_at_entry_only() {
+        let p = policy();
+        let c = CardLookup::Found(elder(3));
+        let entry = decide(
+            &tap(TapKind::Entry),
+            metro(),
+            &c,
+            CardActivity::default(),
+            &p,
+            NOW,
+        );
+        assert!(entry.uses_counted_ride);
+        assert_eq!(entry.rides_left, 2);
+        let exit = decide(
+            &tap(TapKind::Exit),
+            metro(),
+            &CardLookup::Found(elder(2)),
+            entry.activity,
+            &p,
+            NOW + 1,
+        );
+        assert!(!exit.uses_counted_ride);
+        assert_eq!((exit.concession, exit.rides_left), (Concession::Elder, 2));
+    }
+
+    #[test]
+    fn directory_unavailable_follows_the_degraded_mode() {
+        let mut p = policy();
+        let d = decide(
+            &tap(TapKind::Flat),
+            bus(WANZHOU),
+            &CardLookup::Unavailable,
+            CardActivity::default(),
+            &p,
+            NOW,
+        );
+        assert_eq!(
+            (d.outcome, d.reason),
+            (Outcome::Deny, Reason::DirectoryUnavailable)
+        );
+        p.degraded_mode = DegradedMode::FirstRide;
+        let d = decide(
+            &tap(TapKind::Flat),
+            bus(WANZHOU),
+            &CardLookup::Unavailable,
+            CardActivity::default(),
+            &p,
+            NOW,
+        );
+        assert_eq!(
+            (d.outcome, d.concession, d.fare_fen),
+            (Outcome::Approve, Concession::None, 200)
+        );
+    }
+
+    #[test]
+    fn student_pays_half() {
+        let student = CardRecord {
+            concession: Concession::Student,
+            ..card()
+        };
+        let d = run(CardLookup::Found(student), bus(YUZHONG), TapKind::Flat);
+        assert_eq!(
+            (d.concession, d.fare_fen, d.rides_left),
+            (Concession::Student, 100, RIDES_LEFT_NOT_APPLICABLE)
+        );
+    }
+}

@@ -1,0 +1,632 @@
+//! Card and terminal directories: where card records live, and how changes to them reach every
+//! gateway's cache.
+//!
+//! Two implementations behind one type: [`Directory::Redis`] for production, and
+//! [`Directory::Embedded`], an in-process store for the zero-setup demo and for tests.
+//!
+//! Redis key schema (`P` is the configured key prefix, `tapgate` by default):
+//!
+//! | key                    | type   | fields |
+//! |------------------------|--------|--------|
+//! | `P:card:{ID}`          | hash   | `state` (active/lost/cancelled/blocked), `issuer` (cq_ssc/cq_city/sc_tianfutong/t_union), `concession` (none/elder/disabled/veteran/student), `rides` (counted rides left), `expires` (YYYY-MM-DD or empty) |
+//! | `P:terminal:ID`        | hash   | `area` (six-digit code), `mode` (bus/metro/ferry/cableway/intercity_rail), `operator` (number) |
+//! | `P:card-changes`       | stream | one entry per change: `id` and the card's new fields, or `deleted` = 1 |
+//!
+//! The card id is in braces so a Redis Cluster keeps each card's key in one slot. Every change is
+//! written with its stream entry in one MULTI/EXEC. Gateways follow the stream with XREAD BLOCK
+//! from the last entry they applied, so a gateway that was disconnected reads what it missed
+//! when it reconnects; plain pub/sub would have dropped it. If the stream was trimmed past that
+//! point the gateway drops its whole cache instead.
+
+use crate::card::{CardRecord, CardState};
+use chrono::NaiveDate;
+use redis::AsyncCommands;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tapgate_protocol::{AreaCode, Concession, Issuer, Mode};
+use tokio::sync::{broadcast, mpsc};
+
+/// A gate as provisioned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TerminalRecord {
+    pub terminal_id: u64,
+    pub area: AreaCode,
+    pub mode: Mode,
+    pub operator: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DirectoryError {
+    #[error("card directory unreachable: {0}")]
+    Unavailable(String),
+    #[error("card directory holds a malformed record for {key}: {detail}")]
+    Malformed { key: String, detail: String },
+}
+
+impl From<redis::RedisError> for DirectoryError {
+    fn from(e: redis::RedisError) -> Self {
+        DirectoryError::Unavailable(e.to_string())
+    }
+}
+
+/// One change to a card record, as every cache receives it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CardChange {
+    pub card_id: u64,
+    /// The new record; `None` when the card was deleted.
+    pub record: Option<CardRecord>,
+}
+
+/// What a cache receives from the directory's change feed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeEvent {
+    Changed(CardChange),
+    /// Changes were missed and cannot be recovered: forget every cached card.
+    Resync,
+}
+
+/// Bound of the channel between a change feed and its cache.
+const CHANGE_CHANNEL: usize = 4096;
+/// Approximate length the change stream is trimmed to.
+const CHANGE_STREAM_MAXLEN: usize = 1_000_000;
+
+#[derive(Clone)]
+pub enum Directory {
+    Embedded(Arc<EmbeddedDirectory>),
+    Redis(RedisDirectory),
+}
+
+impl Directory {
+    pub async fn card(&self, card_id: u64) -> Result<Option<CardRecord>, DirectoryError> {
+        match self {
+            Directory::Embedded(d) => Ok(d.card(card_id)),
+            Directory::Redis(d) => d.card(card_id).await,
+        }
+    }
+
+    pub async fn terminal(
+        &self,
+        terminal_id: u64,
+    ) -> Result<Option<TerminalRecord>, DirectoryError> {
+        match self {
+            Directory::Embedded(d) => Ok(d.terminal(terminal_id)),
+            Directory::Redis(d) => d.terminal(terminal_id).await,
+        }
+    }
+
+    /// Writes a card record and publishes the change.
+    pub async fn put_card(&self, record: CardRecord) -> Result<(), DirectoryError> {
+        match self {
+            Directory::Embedded(d) => {
+                d.put_card(record);
+                Ok(())
+            }
+            Directory::Redis(d) => d.put_cards(&[record]).await,
+        }
+    }
+
+    pub async fn put_cards(&self, records: &[CardRecord]) -> Result<(), DirectoryError> {
+        match self {
+            Directory::Embedded(d) => {
+                records.iter().for_each(|r| d.put_card(*r));
+                Ok(())
+            }
+            Directory::Redis(d) => d.put_cards(records).await,
+        }
+    }
+
+    pub async fn put_terminals(&self, records: &[TerminalRecord]) -> Result<(), DirectoryError> {
+        match self {
+            Directory::Embedded(d) => {
+                records.iter().for_each(|r| d.put_terminal(*r));
+                Ok(())
+            }
+            Directory::Redis(d) => d.put_terminals(records).await,
+        }
+    }
+
+    /// Takes one ride from the card's counted concession allowance. Not published as a change:
+    /// each node decrements its own cached copy, and settlement recounts rides from the journal.
+    pub async fn use_counted_ride(&self, card_id: u64) -> Result<(), DirectoryError> {
+        match self {
+            Directory::Embedded(d) => {
+                d.use_counted_ride(card_id);
+                Ok(())
+            }
+            Directory::Redis(d) => d.use_counted_ride(card_id).await,
+        }
+    }
+
+    /// Starts following card changes. The receiver gets every change made after this call.
+    pub async fn follow_changes(&self) -> Result<mpsc::Receiver<ChangeEvent>, DirectoryError> {
+        match self {
+            Directory::Embedded(d) => Ok(d.follow_changes()),
+            Directory::Redis(d) => d.follow_changes().await,
+        }
+    }
+}
+
+/// In-process directory for the demo and tests.
+pub struct EmbeddedDirectory {
+    cards: RwLock<HashMap<u64, CardRecord>>,
+    terminals: RwLock<HashMap<u64, TerminalRecord>>,
+    changes: broadcast::Sender<CardChange>,
+}
+
+impl Default for EmbeddedDirectory {
+    fn default() -> Self {
+        Self {
+            cards: RwLock::default(),
+            terminals: RwLock::default(),
+            changes: broadcast::channel(CHANGE_CHANNEL).0,
+        }
+    }
+}
+
+impl EmbeddedDirectory {
+    pub fn card(&self, card_id: u64) -> Option<CardRecord> {
+        self.cards
+            .read()
+            .expect("card map lock")
+            .get(&card_id)
+            .copied()
+    }
+
+    pub fn terminal(&self, terminal_id: u64) -> Option<TerminalRecord> {
+        self.terminals
+            .read()
+            .expect("terminal map lock")
+            .get(&terminal_id)
+            .copied()
+    }
+
+    pub fn put_card(&self, record: CardRecord) {
+        self.cards
+            .write()
+            .expect("card map lock")
+            .insert(record.card_id, record);
+        // No receivers is fine: nobody caches yet.
+        let _ = self.changes.send(CardChange {
+            card_id: record.card_id,
+            record: Some(record),
+        });
+    }
+
+    pub fn put_terminal(&self, record: TerminalRecord) {
+        self.terminals
+            .write()
+            .expect("terminal map lock")
+            .insert(record.terminal_id, record);
+    }
+
+    fn use_counted_ride(&self, card_id: u64) {
+        if let Some(card) = self.cards.write().expect("card map lock").get_mut(&card_id) {
+            card.rides_left = card.rides_left.saturating_sub(1);
+        }
+    }
+
+    fn follow_changes(&self) -> mpsc::Receiver<ChangeEvent> {
+        let mut changes = self.changes.subscribe();
+        let (tx, rx) = mpsc::channel(CHANGE_CHANNEL);
+        tokio::spawn(async move {
+            loop {
+                let event = match changes.recv().await {
+                    Ok(change) => ChangeEvent::Changed(change),
+                    Err(broadcast::error::RecvError::Lagged(_)) => ChangeEvent::Resync,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                if tx.send(event).await.is_err() {
+                    return;
+                }
+            }
+        });
+        rx
+    }
+}
+
+/// Redis connection settings.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    pub url: String,
+    pub key_prefix: String,
+    /// Longest a lookup may wait for Redis before the tap is answered without it.
+    pub response_timeout: Duration,
+}
+
+#[derive(Clone)]
+pub struct RedisDirectory {
+    client: redis::Client,
+    connection: ConnectionManager,
+    prefix: Arc<str>,
+}
+
+impl RedisDirectory {
+    /// Prepares the connection without waiting for Redis: a gateway can start while Redis is
+    /// down and serve what it can; lookups fail fast until Redis is back.
+    pub fn connect(settings: &RedisSettings) -> Result<Self, DirectoryError> {
+        let client = redis::Client::open(settings.url.as_str())
+            .map_err(|e| DirectoryError::Unavailable(format!("bad Redis URL: {e}")))?;
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(settings.response_timeout))
+            .set_connection_timeout(Some(settings.response_timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let connection = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
+        Ok(Self {
+            client,
+            connection,
+            prefix: settings.key_prefix.as_str().into(),
+        })
+    }
+
+    fn card_key(&self, card_id: u64) -> String {
+        format!("{}:card:{{{card_id}}}", self.prefix)
+    }
+
+    fn terminal_key(&self, terminal_id: u64) -> String {
+        format!("{}:terminal:{terminal_id}", self.prefix)
+    }
+
+    fn changes_key(&self) -> String {
+        format!("{}:card-changes", self.prefix)
+    }
+
+    async fn card(&self, card_id: u64) -> Result<Option<CardRecord>, DirectoryError> {
+        let key = self.card_key(card_id);
+        let fields: HashMap<String, String> = self.connection.clone().hgetall(&key).await?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        parse_card(card_id, &fields)
+            .map(Some)
+            .map_err(|detail| DirectoryError::Malformed { key, detail })
+    }
+
+    async fn terminal(&self, terminal_id: u64) -> Result<Option<TerminalRecord>, DirectoryError> {
+        let key = self.terminal_key(terminal_id);
+        let fields: HashMap<String, String> = self.connection.clone().hgetall(&key).await?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        parse_terminal(terminal_id, &fields)
+            .map(Some)
+            .map_err(|detail| DirectoryError::Malformed { key, detail })
+    }
+
+    async fn put_cards(&self, records: &[CardRecord]) -> Result<(), DirectoryError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for record in records {
+            let fields = card_fields(record);
+            pipe.hset_multiple(self.card_key(record.card_id), &fields)
+                .ignore();
+            let mut entry = vec![("id", record.card_id.to_string())];
+            entry.extend(fields);
+            pipe.cmd("XADD")
+                .arg(self.changes_key())
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(CHANGE_STREAM_MAXLEN)
+                .arg("*")
+                .arg(&entry)
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut self.connection.clone()).await?;
+        Ok(())
+    }
+
+    async fn put_terminals(&self, records: &[TerminalRecord]) -> Result<(), DirectoryError> {
+        let mut pipe = redis::pipe();
+        for t in records {
+            pipe.hset_multiple(
+                self.terminal_key(t.terminal_id),
+                &[
+                    ("area", t.area.0.to_string()),
+                    ("mode", t.mode.label().to_owned()),
+                    ("operator", t.operator.to_string()),
+                ],
+            )
+            .ignore();
+        }
+        pipe.query_async::<()>(&mut self.connection.clone()).await?;
+        Ok(())
+    }
+
+    async fn use_counted_ride(&self, card_id: u64) -> Result<(), DirectoryError> {
+        let _: i64 = self
+            .connection
+            .clone()
+            .hincr(self.card_key(card_id), "rides", -1)
+            .await?;
+        Ok(())
+    }
+
+    /// Follows the change stream on a connection of its own (XREAD BLOCK would stall lookups
+    /// multiplexed on the shared one).
+    async fn follow_changes(&self) -> Result<mpsc::Receiver<ChangeEvent>, DirectoryError> {
+        let mut conn = self.client.get_multiplexed_async_connection().await?;
+        let key = self.changes_key();
+        let last: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
+            .arg(&key)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut conn)
+            .await?;
+        let start = last
+            .ids
+            .first()
+            .map(|e| e.id.clone())
+            .unwrap_or_else(|| "0-0".to_owned());
+        let (tx, rx) = mpsc::channel(CHANGE_CHANNEL);
+        let follower = ChangeFollower {
+            client: self.client.clone(),
+            key,
+            last_id: start,
+            tx,
+        };
+        tokio::spawn(follower.run(conn));
+        Ok(rx)
+    }
+}
+
+struct ChangeFollower {
+    client: redis::Client,
+    key: String,
+    last_id: String,
+    tx: mpsc::Sender<ChangeEvent>,
+}
+
+impl ChangeFollower {
+    async fn run(mut self, mut conn: redis::aio::MultiplexedConnection) {
+        loop {
+            match self.follow(&mut conn).await {
+                Ok(()) => return, // the cache went away
+                Err(e) => tracing::warn!(error = %e, "card change feed lost; reconnecting"),
+            }
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if self.tx.is_closed() {
+                    return;
+                }
+                match self.client.get_multiplexed_async_connection().await {
+                    Ok(c) => {
+                        conn = c;
+                        break;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "Redis still unreachable"),
+                }
+            }
+            match self.check_continuity(&mut conn).await {
+                Ok(true) => tracing::info!("card change feed resumed; catching up"),
+                Ok(false) => {
+                    tracing::warn!(
+                        "card change stream trimmed past our position; dropping the cache"
+                    );
+                    if self.tx.send(ChangeEvent::Resync).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "could not check change stream continuity"),
+            }
+        }
+    }
+
+    /// Whether reading on from `last_id` loses nothing: the stream is the one we were reading
+    /// (not recreated, say by a Redis restart without persistence) and nothing after `last_id`
+    /// was trimmed (Redis 7 reports the highest deleted id). When it returns false, `last_id`
+    /// moves to the stream's end, since the cache is about to be dropped anyway.
+    async fn check_continuity(
+        &mut self,
+        conn: &mut redis::aio::MultiplexedConnection,
+    ) -> redis::RedisResult<bool> {
+        let info: Result<HashMap<String, redis::Value>, _> = redis::cmd("XINFO")
+            .arg("STREAM")
+            .arg(&self.key)
+            .query_async(conn)
+            .await;
+        let info = match info {
+            Ok(info) => info,
+            Err(e)
+                if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) =>
+            {
+                let continuous = self.last_id == "0-0";
+                self.last_id = "0-0".to_owned();
+                return Ok(continuous);
+            }
+            Err(e) => return Err(e),
+        };
+        let id_field = |name: &str| {
+            info.get(name)
+                .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
+                .unwrap_or_else(|| "0-0".to_owned())
+        };
+        let last_generated = id_field("last-generated-id");
+        let max_deleted = id_field("max-deleted-entry-id");
+        let recreated = stream_id_after(&self.last_id, &last_generated);
+        let trimmed = stream_id_after(&max_deleted, &self.last_id);
+        if recreated || trimmed {
+            self.last_id = last_generated;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    async fn follow(
+        &mut self,
+        conn: &mut redis::aio::MultiplexedConnection,
+    ) -> redis::RedisResult<()> {
+        loop {
+            let reply: Option<redis::streams::StreamReadReply> = redis::cmd("XREAD")
+                .arg("COUNT")
+                .arg(512)
+                .arg("BLOCK")
+                .arg(1000)
+                .arg("STREAMS")
+                .arg(&self.key)
+                .arg(&self.last_id)
+                .query_async(conn)
+                .await?;
+            if self.tx.is_closed() {
+                return Ok(());
+            }
+            let Some(reply) = reply else { continue };
+            for stream in reply.keys {
+                for entry in stream.ids {
+                    self.last_id = entry.id.clone();
+                    let fields: HashMap<String, String> = entry
+                        .map
+                        .iter()
+                        .filter_map(|(k, v)| {
+                            redis::from_redis_value_ref::<String>(v)
+                                .ok()
+                                .map(|v| (k.clone(), v))
+                        })
+                        .collect();
+                    let Some(card_id) = fields.get("id").and_then(|v| v.parse().ok()) else {
+                        tracing::warn!(entry = %entry.id, "change entry without a card id");
+                        continue;
+                    };
+                    let record = if fields.contains_key("deleted") {
+                        None
+                    } else {
+                        match parse_card(card_id, &fields) {
+                            Ok(r) => Some(r),
+                            Err(detail) => {
+                                tracing::warn!(entry = %entry.id, %detail, "malformed change entry");
+                                continue;
+                            }
+                        }
+                    };
+                    let event = ChangeEvent::Changed(CardChange { card_id, record });
+                    if self.tx.send(event).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Whether stream id `a` sorts after `b` (ids are `ms-seq`).
+fn stream_id_after(a: &str, b: &str) -> bool {
+    fn parts(id: &str) -> (u64, u64) {
+        let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+        (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+    }
+    parts(a) > parts(b)
+}
+
+pub fn card_fields(record: &CardRecord) -> Vec<(&'static str, String)> {
+    vec![
+        ("state", record.state.label().to_owned()),
+        ("issuer", record.issuer.label().to_owned()),
+        ("concession", record.concession.label().to_owned()),
+        ("rides", record.rides_left.to_string()),
+        (
+            "expires",
+            record
+                .expires_on
+                .map(|d| d.format("%Y-%m-%d").to_string())
+                .unwrap_or_default(),
+        ),
+    ]
+}
+
+pub fn parse_card(card_id: u64, fields: &HashMap<String, String>) -> Result<CardRecord, String> {
+    let field = |name: &str| {
+        fields
+            .get(name)
+            .map(String::as_str)
+            .ok_or_else(|| format!("missing field `{name}`"))
+    };
+    let state = field("state")?;
+    let issuer = field("issuer")?;
+    let concession = fields.get("concession").map_or("none", String::as_str);
+    let rides = fields.get("rides").map_or("0", String::as_str);
+    let expires = fields.get("expires").map_or("", String::as_str);
+    Ok(CardRecord {
+        card_id,
+        state: CardState::from_label(state).ok_or(format!("unknown state `{state}`"))?,
+        issuer: Issuer::from_label(issuer).ok_or(format!("unknown issuer `{issuer}`"))?,
+        concession: Concession::from_label(concession)
+            .ok_or(format!("unknown concession `{concession}`"))?,
+        rides_left: rides
+            .parse()
+            .map_err(|_| format!("rides `{rides}` is not a count"))?,
+        expires_on: if expires.is_empty() {
+            None
+        } else {
+            Some(
+                NaiveDate::parse_from_str(expires, "%Y-%m-%d")
+                    .map_err(|_| format!("expires `{expires}` is not YYYY-MM-DD"))?,
+            )
+        },
+    })
+}
+
+fn parse_terminal(
+    terminal_id: u64,
+    fields: &HashMap<String, String>,
+) -> Result<TerminalRecord, String> {
+    let get = |name: &str| fields.get(name).ok_or(format!("missing field `{name}`"));
+    let area = get("area")?;
+    let mode = get("mode")?;
+    let operator = get("operator")?;
+    Ok(TerminalRecord {
+        terminal_id,
+        area: area
+            .parse()
+            .ok()
+            .map(AreaCode)
+            .filter(|a| a.area().is_some())
+            .ok_or(format!("unknown area `{area}`"))?,
+        mode: Mode::from_label(mode).ok_or(format!("unknown mode `{mode}`"))?,
+        operator: operator
+            .parse()
+            .map_err(|_| format!("operator `{operator}` is not a number"))?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn card_fields_round_trip() {
+        let record = CardRecord {
+            card_id: 7,
+            state: CardState::Blocked,
+            issuer: Issuer::TUnion,
+            concession: Concession::Elder,
+            rides_left: 1200,
+            expires_on: NaiveDate::from_ymd_opt(2030, 12, 31),
+        };
+        let fields: HashMap<String, String> = card_fields(&record)
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+        assert_eq!(parse_card(7, &fields), Ok(record));
+    }
+
+    #[test]
+    fn malformed_card_fields_say_what_is_wrong() {
+        let mut fields: HashMap<String, String> = [("state", "gone"), ("issuer", "cq_ssc")]
+            .map(|(k, v)| (k.into(), v.into()))
+            .into();
+        assert_eq!(parse_card(1, &fields), Err("unknown state `gone`".into()));
+        fields.insert("state".into(), "active".into());
+        fields.insert("expires".into(), "31/12/2030".into());
+        assert!(parse_card(1, &fields).unwrap_err().contains("YYYY-MM-DD"));
+    }
+
+    #[test]
+    fn stream_ids_compare_numerically() {
+        assert!(stream_id_after("10-0", "9-5"));
+        assert!(stream_id_after("9-10", "9-9"));
+        assert!(!stream_id_after("9-9", "9-9"));
+    }
+}

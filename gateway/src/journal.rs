@@ -1,0 +1,566 @@
+//! The tap journal: an append-only local log of every decided tap, written with group commit.
+//!
+//! An approval is answered only after its record is on disk (fsync), so an approval the gate
+//! has seen survives a crash of the gateway. One writer thread takes records from a bounded
+//! queue, writes everything that is waiting as one batch and syncs once for the batch; the queue
+//! being full is answered Busy by the caller, never absorbed.
+//!
+//! Files: `DIR/journal-NNNNNNNNNN.tj`, numbered in order, a new one per start and whenever the
+//! current one passes the segment size. Record: `len u32 BE | crc32c(payload) u32 BE | payload`
+//! with the payload of [`JournalRecord::encode`]. A torn record at the end of the newest file
+//! (a crash mid-write) is cut off on recovery; it was never acknowledged.
+
+use bytes::{Buf, BufMut, BytesMut};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use tapgate_protocol::{
+    Concession, Issuer, Mode, Outcome, Reason, TAG_LEN, Tag, Tap, TapKind, TapResult,
+};
+use tokio::sync::{mpsc, oneshot};
+
+const PAYLOAD_VERSION: u8 = 1;
+/// Size of an encoded payload.
+pub const PAYLOAD_LEN: usize = 79;
+const RECORD_HEADER: usize = 8;
+
+/// One decided tap as the journal keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JournalRecord {
+    pub terminal_id: u64,
+    /// The Tap frame's tag: lets a resend after a restart be told from a conflicting reuse.
+    pub tag: Tag,
+    pub tap: Tap,
+    pub server_time_ms: u64,
+    pub area: u32,
+    pub mode: Mode,
+    pub operator: u16,
+    pub result: TapResult,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("journal I/O on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("journal writer has stopped")]
+    Stopped,
+}
+
+/// The journal's queue is full: answer Busy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("journal queue is full")]
+pub struct JournalFull;
+
+impl JournalRecord {
+    pub fn encode(&self, out: &mut impl BufMut) {
+        out.put_u8(PAYLOAD_VERSION);
+        out.put_u64(self.terminal_id);
+        out.put_u64(self.tap.sequence);
+        out.put_slice(&self.tag);
+        out.put_u64(self.tap.card_id);
+        out.put_u8(self.tap.issuer.code());
+        out.put_u8(self.tap.kind.code());
+        out.put_u16(self.tap.line);
+        out.put_u16(self.tap.stop);
+        out.put_u64(self.tap.gate_time_ms);
+        out.put_u64(self.server_time_ms);
+        out.put_u32(self.area);
+        out.put_u8(self.mode.code());
+        out.put_u16(self.operator);
+        out.put_u8(self.result.outcome.code());
+        out.put_u8(self.result.reason.code());
+        out.put_u8(self.result.concession.code());
+        out.put_u32(self.result.fare_fen);
+        out.put_u16(self.result.rides_left);
+    }
+
+    pub fn decode(mut p: &[u8]) -> Option<Self> {
+        if p.len() != PAYLOAD_LEN || p.get_u8() != PAYLOAD_VERSION {
+            return None;
+        }
+        let terminal_id = p.get_u64();
+        let sequence = p.get_u64();
+        let mut tag = [0u8; TAG_LEN];
+        p.copy_to_slice(&mut tag);
+        let card_id = p.get_u64();
+        let issuer = Issuer::from_code(p.get_u8())?;
+        let kind = TapKind::from_code(p.get_u8())?;
+        let line = p.get_u16();
+        let stop = p.get_u16();
+        let gate_time_ms = p.get_u64();
+        let server_time_ms = p.get_u64();
+        let area = p.get_u32();
+        let mode = Mode::from_code(p.get_u8())?;
+        let operator = p.get_u16();
+        let outcome = Outcome::from_code(p.get_u8())?;
+        let reason = Reason::from_code(p.get_u8())?;
+        let concession = Concession::from_code(p.get_u8())?;
+        let fare_fen = p.get_u32();
+        let rides_left = p.get_u16();
+        Some(JournalRecord {
+            terminal_id,
+            tag,
+            tap: Tap {
+                sequence,
+                card_id,
+                issuer,
+                kind,
+                line,
+                stop,
+                gate_time_ms,
+            },
+            server_time_ms,
+            area,
+            mode,
+            operator,
+            result: TapResult {
+                sequence,
+                outcome,
+                reason,
+                concession,
+                fare_fen,
+                rides_left,
+            },
+        })
+    }
+}
+
+/// Journal settings.
+#[derive(Debug, Clone)]
+pub struct JournalSettings {
+    pub dir: PathBuf,
+    /// A new file is started once the current one reaches this size.
+    pub segment_bytes: u64,
+    /// Records waiting for the writer; a full queue is answered Busy.
+    pub queue_capacity: usize,
+    /// Most records written and synced as one batch.
+    pub max_batch: usize,
+}
+
+struct Request {
+    record: JournalRecord,
+    durable: Option<oneshot::Sender<Result<(), Arc<JournalError>>>>,
+}
+
+/// Journal counters.
+#[derive(Debug, Default)]
+pub struct JournalStats {
+    pub records: AtomicU64,
+    pub batches: AtomicU64,
+    pub syncs: AtomicU64,
+    pub bytes: AtomicU64,
+    pub write_errors: AtomicU64,
+}
+
+/// Handle for appending; cheap to clone. The writer thread stops when every handle is gone.
+#[derive(Clone)]
+pub struct Journal {
+    queue: mpsc::Sender<Request>,
+    pub stats: Arc<JournalStats>,
+}
+
+/// Waits for a durable record.
+pub type Durable = oneshot::Receiver<Result<(), Arc<JournalError>>>;
+
+impl Journal {
+    /// Recovers the journal in `settings.dir` (creating it if needed), calling `recovered` with
+    /// every record in order, then starts the writer on a new segment.
+    pub fn open(
+        settings: &JournalSettings,
+        mut recovered: impl FnMut(JournalRecord),
+    ) -> Result<(Journal, JournalWriter), JournalError> {
+        let io_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| JournalError::Io { path, source }
+        };
+        fs::create_dir_all(&settings.dir).map_err(io_err(&settings.dir))?;
+        let segments = list_segments(&settings.dir).map_err(io_err(&settings.dir))?;
+        for (i, path) in segments.iter().enumerate() {
+            let is_newest = i + 1 == segments.len();
+            recover_segment(path, is_newest, &mut recovered)?;
+        }
+        let next_index = segments
+            .last()
+            .and_then(|p| segment_index(p))
+            .map_or(0, |i| i + 1);
+        let (queue, rx) = mpsc::channel(settings.queue_capacity.max(1));
+        let stats = Arc::new(JournalStats::default());
+        let mut writer = SegmentWriter::create(settings, next_index)?;
+        let max_batch = settings.max_batch.max(1);
+        let thread_stats = stats.clone();
+        let thread = std::thread::Builder::new()
+            .name("tapgate-journal".into())
+            .spawn(move || writer.run(rx, max_batch, &thread_stats))
+            .map_err(io_err(&settings.dir))?;
+        Ok((Journal { queue, stats }, JournalWriter { thread }))
+    }
+
+    /// Queues an approval; the receiver resolves once it is on disk.
+    pub fn append_durable(&self, record: JournalRecord) -> Result<Durable, JournalFull> {
+        let (tx, rx) = oneshot::channel();
+        self.queue
+            .try_send(Request {
+                record,
+                durable: Some(tx),
+            })
+            .map_err(|_| JournalFull)?;
+        Ok(rx)
+    }
+
+    /// Queues a record nobody waits for (a denial). It is written in order with the rest.
+    pub fn append(&self, record: JournalRecord) -> Result<(), JournalFull> {
+        self.queue
+            .try_send(Request {
+                record,
+                durable: None,
+            })
+            .map_err(|_| JournalFull)
+    }
+}
+
+/// The writer thread; join it after dropping every [`Journal`] handle to be sure all queued
+/// records are on disk.
+pub struct JournalWriter {
+    thread: JoinHandle<()>,
+}
+
+impl JournalWriter {
+    pub fn join(self) {
+        if self.thread.join().is_err() {
+            tracing::error!("journal writer thread panicked");
+        }
+    }
+}
+
+struct SegmentWriter {
+    dir: PathBuf,
+    segment_bytes: u64,
+    index: u64,
+    path: PathBuf,
+    file: File,
+    written: u64,
+}
+
+impl SegmentWriter {
+    fn create(settings: &JournalSettings, index: u64) -> Result<Self, JournalError> {
+        let path = settings.dir.join(segment_name(index));
+        let file = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&path)
+            .map_err(|source| JournalError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        sync_dir(&settings.dir);
+        Ok(Self {
+            dir: settings.dir.clone(),
+            segment_bytes: settings.segment_bytes.max(PAYLOAD_LEN as u64),
+            index,
+            path,
+            file,
+            written: 0,
+        })
+    }
+
+    fn run(&mut self, mut rx: mpsc::Receiver<Request>, max_batch: usize, stats: &JournalStats) {
+        let mut batch = Vec::with_capacity(max_batch);
+        let mut buf = BytesMut::with_capacity(max_batch * (RECORD_HEADER + PAYLOAD_LEN));
+        while let Some(first) = rx.blocking_recv() {
+            batch.push(first);
+            while batch.len() < max_batch {
+                match rx.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
+            }
+            buf.clear();
+            for request in &batch {
+                let start = buf.len();
+                buf.put_u32(PAYLOAD_LEN as u32);
+                buf.put_u32(0);
+                request.record.encode(&mut buf);
+                let crc = crc32c::crc32c(&buf[start + RECORD_HEADER..]);
+                buf[start + 4..start + 8].copy_from_slice(&crc.to_be_bytes());
+            }
+            let result = self.write_batch(&buf).map_err(Arc::new);
+            stats.batches.fetch_add(1, Ordering::Relaxed);
+            match &result {
+                Ok(()) => {
+                    stats.syncs.fetch_add(1, Ordering::Relaxed);
+                    stats
+                        .records
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    stats.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(error = %e, records = batch.len(), "journal write failed; approvals in this batch are withdrawn");
+                }
+            }
+            for request in batch.drain(..) {
+                if let Some(done) = request.durable {
+                    // The session may have gone; then nobody needs the answer.
+                    let _ = done.send(result.clone());
+                }
+            }
+        }
+        if let Err(e) = self.file.sync_all() {
+            tracing::error!(error = %e, "final journal sync failed");
+        }
+    }
+
+    fn write_batch(&mut self, bytes: &[u8]) -> Result<(), JournalError> {
+        if self.written >= self.segment_bytes {
+            let next = SegmentWriter::create(
+                &JournalSettings {
+                    dir: self.dir.clone(),
+                    segment_bytes: self.segment_bytes,
+                    queue_capacity: 1,
+                    max_batch: 1,
+                },
+                self.index + 1,
+            )?;
+            *self = next;
+        }
+        let io = |source| JournalError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        self.file.write_all(bytes).map_err(io)?;
+        self.file.sync_data().map_err(|source| JournalError::Io {
+            path: self.path.clone(),
+            source,
+        })?;
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+}
+
+fn segment_name(index: u64) -> String {
+    format!("journal-{index:010}.tj")
+}
+
+fn segment_index(path: &Path) -> Option<u64> {
+    path.file_name()?
+        .to_str()?
+        .strip_prefix("journal-")?
+        .strip_suffix(".tj")?
+        .parse()
+        .ok()
+}
+
+/// The journal's segment files, oldest first.
+pub fn list_segments(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut segments: Vec<(u64, PathBuf)> = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        if let Some(index) = segment_index(&path) {
+            segments.push((index, path));
+        }
+    }
+    segments.sort();
+    Ok(segments.into_iter().map(|(_, p)| p).collect())
+}
+
+/// Reads the valid records of one segment; returns how many bytes they span.
+pub fn read_segment(path: &Path, mut each: impl FnMut(JournalRecord)) -> io::Result<(u64, bool)> {
+    let mut bytes = Vec::new();
+    File::open(path)?.read_to_end(&mut bytes)?;
+    let mut offset = 0usize;
+    while offset + RECORD_HEADER <= bytes.len() {
+        let len =
+            u32::from_be_bytes(bytes[offset..offset + 4].try_into().expect("4 bytes")) as usize;
+        let crc = u32::from_be_bytes(bytes[offset + 4..offset + 8].try_into().expect("4 bytes"));
+        let Some(payload) = bytes.get(offset + RECORD_HEADER..offset + RECORD_HEADER + len) else {
+            break;
+        };
+        if crc32c::crc32c(payload) != crc {
+            break;
+        }
+        let Some(record) = JournalRecord::decode(payload) else {
+            break;
+        };
+        each(record);
+        offset += RECORD_HEADER + len;
+    }
+    Ok((offset as u64, offset == bytes.len()))
+}
+
+fn recover_segment(
+    path: &Path,
+    is_newest: bool,
+    recovered: &mut impl FnMut(JournalRecord),
+) -> Result<(), JournalError> {
+    let io_err = |source| JournalError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let (valid_len, clean) = read_segment(path, recovered).map_err(io_err)?;
+    if clean {
+        return Ok(());
+    }
+    if is_newest {
+        tracing::warn!(path = %path.display(), valid_len, "cutting a torn record off the journal's end");
+        OpenOptions::new()
+            .write(true)
+            .open(path)
+            .and_then(|f| {
+                f.set_len(valid_len)?;
+                f.sync_all()
+            })
+            .map_err(io_err)?;
+    } else {
+        tracing::error!(path = %path.display(), valid_len, "journal segment is damaged before its end; records after the damage are skipped");
+    }
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) {
+    if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
+        tracing::warn!(dir = %dir.display(), error = %e, "could not sync journal directory");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(sequence: u64) -> JournalRecord {
+        JournalRecord {
+            terminal_id: 77,
+            tag: [sequence as u8; 16],
+            tap: Tap {
+                sequence,
+                card_id: 1000 + sequence,
+                issuer: Issuer::SichuanTianfuTong,
+                kind: TapKind::Entry,
+                line: 3,
+                stop: 9,
+                gate_time_ms: 1_000,
+            },
+            server_time_ms: 2_000,
+            area: 500103,
+            mode: Mode::Metro,
+            operator: 2,
+            result: TapResult {
+                sequence,
+                outcome: Outcome::Approve,
+                reason: Reason::Approved,
+                concession: Concession::Elder,
+                fare_fen: 0,
+                rides_left: 41,
+            },
+        }
+    }
+
+    fn settings(dir: &Path, segment_bytes: u64) -> JournalSettings {
+        JournalSettings {
+            dir: dir.to_owned(),
+            segment_bytes,
+            queue_capacity: 64,
+            max_batch: 16,
+        }
+    }
+
+    #[test]
+    fn payload_round_trips_at_its_stated_size() {
+        let mut buf = BytesMut::new();
+        record(5).encode(&mut buf);
+        assert_eq!(buf.len(), PAYLOAD_LEN);
+        assert_eq!(JournalRecord::decode(&buf), Some(record(5)));
+    }
+
+    #[tokio::test]
+    async fn durable_appends_are_recovered_after_reopen_across_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, writer) = Journal::open(&settings(dir.path(), 200), |_| {}).unwrap();
+        for s in 1..=10 {
+            journal
+                .append_durable(record(s))
+                .unwrap()
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        drop(journal);
+        tokio::task::spawn_blocking(|| writer.join()).await.unwrap();
+        assert!(list_segments(dir.path()).unwrap().len() > 1);
+        let mut seen = Vec::new();
+        let (journal, writer) =
+            Journal::open(&settings(dir.path(), 200), |r| seen.push(r.tap.sequence)).unwrap();
+        assert_eq!(seen, (1..=10).collect::<Vec<_>>());
+        drop(journal);
+        writer.join();
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_and_earlier_records_survive() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(segment_name(0));
+        let mut bytes = BytesMut::new();
+        for s in 1..=3 {
+            bytes.put_u32(PAYLOAD_LEN as u32);
+            let mut payload = BytesMut::new();
+            record(s).encode(&mut payload);
+            bytes.put_u32(crc32c::crc32c(&payload));
+            bytes.extend_from_slice(&payload);
+        }
+        let full = bytes.len();
+        fs::write(&path, &bytes[..full - 10]).unwrap();
+        let mut seen = Vec::new();
+        let (journal, writer) = Journal::open(&settings(dir.path(), 1 << 20), |r| {
+            seen.push(r.tap.sequence)
+        })
+        .unwrap();
+        assert_eq!(seen, vec![1, 2]);
+        assert_eq!(
+            fs::metadata(&path).unwrap().len() as usize,
+            2 * (RECORD_HEADER + PAYLOAD_LEN)
+        );
+        drop(journal);
+        writer.join();
+    }
+
+    #[test]
+    fn a_flipped_bit_fails_the_crc() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(segment_name(0));
+        let mut bytes = BytesMut::new();
+        let mut payload = BytesMut::new();
+        record(1).encode(&mut payload);
+        bytes.put_u32(PAYLOAD_LEN as u32);
+        bytes.put_u32(crc32c::crc32c(&payload));
+        bytes.extend_from_slice(&payload);
+        bytes[20] ^= 0x04;
+        fs::write(&path, &bytes).unwrap();
+        let mut count = 0;
+        let (valid, clean) = read_segment(&path, |_| count += 1).unwrap();
+        assert_eq!((count, valid, clean), (0, 0, false));
+    }
+
+    #[test]
+    fn a_full_queue_is_reported_not_absorbed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = settings(dir.path(), 1 << 20);
+        s.queue_capacity = 1;
+        let (journal, writer) = Journal::open(&s, |_| {}).unwrap();
+        let mut full = false;
+        for i in 0..10_000 {
+            if journal.append(record(i + 1)).is_err() {
+                full = true;
+                break;
+            }
+        }
+        assert!(full, "a one-slot queue must fill up under a burst");
+        drop(journal);
+        writer.join();
+    }
+}
