@@ -144,7 +144,7 @@ pub struct JournalSettings {
     pub max_batch: usize,
 }
 
-struct Request {
+pub struct Request {
     record: JournalRecord,
     durable: Option<oneshot::Sender<Result<(), Arc<JournalError>>>>,
 }
@@ -202,26 +202,46 @@ impl Journal {
         Ok((Journal { queue, stats }, JournalWriter { thread }))
     }
 
+    /// Claims a place in the queue before the work whose record will fill it, so that work
+    /// can be refused (Busy) before it has any effect.
+    pub fn reserve(&self) -> Result<JournalSlot, JournalFull> {
+        self.queue
+            .clone()
+            .try_reserve_owned()
+            .map(JournalSlot)
+            .map_err(|_| JournalFull)
+    }
+
     /// Queues an approval; the receiver resolves once it is on disk.
     pub fn append_durable(&self, record: JournalRecord) -> Result<Durable, JournalFull> {
-        let (tx, rx) = oneshot::channel();
-        self.queue
-            .try_send(Request {
-                record,
-                durable: Some(tx),
-            })
-            .map_err(|_| JournalFull)?;
-        Ok(rx)
+        Ok(self.reserve()?.append_durable(record))
     }
 
     /// Queues a record nobody waits for (a denial). It is written in order with the rest.
     pub fn append(&self, record: JournalRecord) -> Result<(), JournalFull> {
-        self.queue
-            .try_send(Request {
-                record,
-                durable: None,
-            })
-            .map_err(|_| JournalFull)
+        self.reserve()?.append(record);
+        Ok(())
+    }
+}
+
+/// A claimed place in the journal's queue.
+pub struct JournalSlot(mpsc::OwnedPermit<Request>);
+
+impl JournalSlot {
+    pub fn append_durable(self, record: JournalRecord) -> Durable {
+        let (tx, rx) = oneshot::channel();
+        self.0.send(Request {
+            record,
+            durable: Some(tx),
+        });
+        rx
+    }
+
+    pub fn append(self, record: JournalRecord) {
+        self.0.send(Request {
+            record,
+            durable: None,
+        });
     }
 }
 

@@ -9,4 +9,8 @@ pub mod card;
 pub mod decide;
 pub mod directory;
 pub mod journal;
+pub mod metrics;
 pub mod policy;
+pub mod population;
+pub mod server;
+pub mod tls;

@@ -1,1 +1,3 @@
-//! tapgate load generator.
+//! The tapgate load generator: simulated gates over real QUIC connections.
+
+pub mod client;

@@ -1,0 +1,185 @@
+//! A synthetic but realistic population of cards and gates, the same for a given seed on every
+//! machine: the demo, the load generator and `tapgate cards generate` all draw from it.
+
+use crate::card::{CardRecord, CardState};
+use crate::directory::TerminalRecord;
+use chrono::NaiveDate;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tapgate_protocol::{AREAS, AreaCode, Concession, Issuer, Mode};
+
+/// Card ids are `FIRST_CARD_ID + n`.
+pub const FIRST_CARD_ID: u64 = 6_222_000_000_000_000;
+/// Terminal ids are `FIRST_TERMINAL_ID + n`.
+pub const FIRST_TERMINAL_ID: u64 = 100_000_000;
+
+/// The 11 areas with metro service in the simulation: the central urban districts and the two
+/// functional zones there.
+pub const METRO_AREAS: [u32; 11] = [
+    500103, 500104, 500105, 500106, 500107, 500108, 500109, 500112, 500113, 509001, 509002,
+];
+
+/// Shares of the card population, each a fraction of 1.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PopulationSpec {
+    pub seed: u64,
+    pub cards: u64,
+    pub terminals: u64,
+    pub elder: f64,
+    pub sichuan: f64,
+    pub t_union: f64,
+    pub lost: f64,
+    pub cancelled: f64,
+    pub blocked: f64,
+}
+
+impl Default for PopulationSpec {
+    fn default() -> Self {
+        Self {
+            seed: 2026,
+            cards: 100_000,
+            terminals: 2_000,
+            elder: 0.12,
+            sichuan: 0.05,
+            t_union: 0.03,
+            lost: 0.01,
+            cancelled: 0.005,
+            blocked: 0.002,
+        }
+    }
+}
+
+impl PopulationSpec {
+    fn rng(&self, stream: u64, index: u64) -> ChaCha8Rng {
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
+        rng.set_stream(stream);
+        rng.set_word_pos(u128::from(index) * 16);
+        rng
+    }
+
+    /// Card number `index` (0-based).
+    pub fn card(&self, index: u64) -> CardRecord {
+        let mut rng = self.rng(1, index);
+        let roll: f64 = rng.random();
+        let issuer = if roll < self.sichuan {
+            Issuer::SichuanTianfuTong
+        } else if roll < self.sichuan + self.t_union {
+            Issuer::TUnion
+        } else if roll < 0.85 {
+            Issuer::ChongqingSsc
+        } else {
+            Issuer::ChongqingCityCard
+        };
+        let roll: f64 = rng.random();
+        let state = if roll < self.lost {
+            CardState::Lost
+        } else if roll < self.lost + self.cancelled {
+            CardState::Cancelled
+        } else if roll < self.lost + self.cancelled + self.blocked {
+            CardState::Blocked
+        } else {
+            CardState::Active
+        };
+        let elder = rng.random::<f64>() < self.elder;
+        let expires_on = NaiveDate::from_ymd_opt(2028 + rng.random_range(0..10), 12, 31);
+        CardRecord {
+            card_id: FIRST_CARD_ID + index,
+            state,
+            issuer,
+            concession: if elder {
+                Concession::Elder
+            } else {
+                Concession::None
+            },
+            rides_left: if elder { rng.random_range(0..=1200) } else { 0 },
+            expires_on,
+        }
+    }
+
+    /// Gate number `index` (0-based). Metro gates sit in the metro areas; the other modes are
+    /// spread over all 41 areas.
+    pub fn terminal(&self, index: u64) -> TerminalRecord {
+        let mut rng = self.rng(2, index);
+        let roll: f64 = rng.random();
+        let mode = if roll < 0.40 {
+            Mode::Metro
+        } else if roll < 0.90 {
+            Mode::Bus
+        } else if roll < 0.94 {
+            Mode::Ferry
+        } else if roll < 0.96 {
+            Mode::Cableway
+        } else {
+            Mode::IntercityRail
+        };
+        let area = match mode {
+            Mode::Metro => AreaCode(METRO_AREAS[rng.random_range(0..METRO_AREAS.len())]),
+            _ => AREAS[rng.random_range(0..AREAS.len())].code,
+        };
+        let operator = match mode {
+            Mode::Bus if METRO_AREAS.contains(&area.0) => 1,
+            Mode::Bus => 6,
+            Mode::Metro => 2,
+            Mode::Ferry => 3,
+            Mode::Cableway => 4 + rng.random_range(0..2),
+            Mode::IntercityRail => 7,
+        };
+        TerminalRecord {
+            terminal_id: FIRST_TERMINAL_ID + index,
+            area,
+            mode,
+            operator,
+        }
+    }
+
+    pub fn cards(&self) -> impl Iterator<Item = CardRecord> + '_ {
+        (0..self.cards).map(|i| self.card(i))
+    }
+
+    pub fn terminals(&self) -> impl Iterator<Item = TerminalRecord> + '_ {
+        (0..self.terminals).map(|i| self.terminal(i))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_seed_same_population_and_shares_are_roughly_kept() {
+        let spec = PopulationSpec {
+            cards: 20_000,
+            ..PopulationSpec::default()
+        };
+        assert_eq!(spec.card(123), spec.card(123));
+        assert_ne!(
+            spec.card(123),
+            PopulationSpec {
+                seed: 1,
+                ..spec.clone()
+            }
+            .card(123)
+        );
+        let elder = spec
+            .cards()
+            .filter(|c| c.concession == Concession::Elder)
+            .count() as f64;
+        assert!(
+            (elder / 20_000.0 - 0.12).abs() < 0.01,
+            "elder share {elder}"
+        );
+        let lost = spec.cards().filter(|c| c.state == CardState::Lost).count() as f64;
+        assert!((lost / 20_000.0 - 0.01).abs() < 0.004, "lost share {lost}");
+    }
+
+    #[test]
+    fn metro_gates_are_in_metro_areas_and_every_area_is_valid() {
+        let spec = PopulationSpec::default();
+        for t in spec.terminals() {
+            assert!(t.area.area().is_some());
+            if t.mode == Mode::Metro {
+                assert!(METRO_AREAS.contains(&t.area.0));
+            }
+        }
+    }
+}

@@ -1,0 +1,844 @@
+//! The QUIC endpoint and gate sessions: everything between a UDP socket and the authorization
+//! core. Implements PROTOCOL.md sections 1, 4, 6 and 7.
+
+use crate::cache::CardCache;
+use crate::card::CardPseudonymizer;
+use crate::decide::GatePlace;
+use crate::directory::{Directory, TerminalRecord};
+use crate::journal::{Durable, Journal, JournalRecord, JournalSettings, JournalWriter};
+use crate::metrics::Metrics;
+use crate::policy::Policy;
+use crate::tls::{self, TlsSource};
+use bytes::BytesMut;
+use dashmap::DashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tapgate_protocol::{
+    Admission, ErrorCode, ErrorFrame, Frame, FrameType, HelloAck, KeyRing, MacKey, Outcome,
+    RIDES_LEFT_NOT_APPLICABLE, Reason, SealedFrame, SequenceWindow, Tag, Tap, TapResult,
+    take_frame,
+};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::task::JoinSet;
+
+/// Limits and timers of the endpoint.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_connections: usize,
+    /// Taps a gate may have unanswered; more are answered Busy.
+    pub max_in_flight: u16,
+    pub resend_window: u16,
+    pub hello_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub keep_alive: Duration,
+    /// Requested size of the UDP socket's receive and send buffers.
+    pub udp_buffer_bytes: usize,
+    /// Longest a resend waits for the answer of its still-undecided first copy.
+    pub resend_wait: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 50_000,
+            max_in_flight: 32,
+            resend_window: 32,
+            hello_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(60),
+            keep_alive: Duration::from_secs(15),
+            udp_buffer_bytes: 8 << 20,
+            resend_wait: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Everything needed to start a gateway.
+pub struct GatewaySettings {
+    pub listen: SocketAddr,
+    pub tls: TlsSource,
+    pub keys: KeyRing,
+    pub limits: Limits,
+    pub policy: Policy,
+    pub journal: JournalSettings,
+    pub directory: Directory,
+    pub negative_ttl_ms: u64,
+    pub cache_capacity: usize,
+    pub log_salt: [u8; 16],
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Journal(#[from] crate::journal::JournalError),
+    #[error("UDP socket on {addr}: {source}")]
+    Socket {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("card change feed: {0}")]
+    Directory(#[from] crate::directory::DirectoryError),
+}
+
+/// Per-terminal replay state, shared by every connection of that terminal.
+struct TerminalState {
+    window: Mutex<SequenceWindow<TapResult>>,
+    answered: Notify,
+}
+
+impl TerminalState {
+    fn complete(&self, result: TapResult) {
+        self.window
+            .lock()
+            .expect("window lock")
+            .complete(result.sequence, result);
+        self.answered.notify_waiters();
+    }
+}
+
+/// Counted-ride updates waiting for the directory.
+const RIDE_UPDATE_QUEUE: usize = 65_536;
+
+struct Shared {
+    keys: KeyRing,
+    limits: Limits,
+    policy: RwLock<Arc<Policy>>,
+    directory: Directory,
+    cache: Arc<CardCache>,
+    journal: Journal,
+    terminals: DashMap<u64, Arc<TerminalState>>,
+    provisioned: DashMap<u64, TerminalRecord>,
+    metrics: Arc<Metrics>,
+    pseudonyms: CardPseudonymizer,
+    ride_updates: mpsc::Sender<u64>,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// A running gateway.
+pub struct Gateway {
+    shared: Arc<Shared>,
+    endpoint: quinn::Endpoint,
+    local_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    accept_task: tokio::task::JoinHandle<()>,
+    journal_writer: JournalWriter,
+    certificate: Vec<u8>,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Gateway {
+    /// Recovers the journal, binds the socket and starts accepting gates.
+    pub async fn start(settings: GatewaySettings) -> Result<Gateway, StartError> {
+        let GatewaySettings {
+            listen,
+            tls: tls_source,
+            keys,
+            limits,
+            policy,
+            journal: journal_settings,
+            directory,
+            negative_ttl_ms,
+            cache_capacity,
+            log_salt,
+        } = settings;
+
+        let terminals: DashMap<u64, Arc<TerminalState>> = DashMap::new();
+        let window = limits.resend_window;
+        let mut recovered = 0u64;
+        let (journal, journal_writer) = Journal::open(&journal_settings, |record| {
+            recovered += 1;
+            terminals
+                .entry(record.terminal_id)
+                .or_insert_with(|| new_terminal_state(window))
+                .window
+                .lock()
+                .expect("window lock")
+                .restore(record.tap.sequence, record.tag, record.result);
+        })?;
+        tracing::info!(
+            records = recovered,
+            terminals = terminals.len(),
+            "journal recovered"
+        );
+
+        let (chain, key) = tls::load(&tls_source)?;
+        let certificate = chain.first().map(|c| c.to_vec()).unwrap_or_default();
+        let mut server_config = quinn::ServerConfig::with_crypto(tls::server_crypto(chain, key)?);
+        let mut transport = quinn::TransportConfig::default();
+        transport
+            .max_concurrent_bidi_streams(1u32.into())
+            .max_concurrent_uni_streams(0u32.into())
+            .keep_alive_interval(Some(limits.keep_alive))
+            .max_idle_timeout(Some(
+                quinn::IdleTimeout::try_from(limits.idle_timeout)
+                    .unwrap_or_else(|_| quinn::IdleTimeout::from(quinn::VarInt::from_u32(60_000))),
+            ));
+        server_config.transport_config(Arc::new(transport));
+        let socket = bind_udp(listen, limits.udp_buffer_bytes)?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server_config),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|source| StartError::Socket {
+            addr: listen,
+            source,
+        })?;
+        let local_addr = endpoint.local_addr().map_err(|source| StartError::Socket {
+            addr: listen,
+            source,
+        })?;
+
+        let cache = Arc::new(CardCache::new(
+            directory.clone(),
+            negative_ttl_ms,
+            cache_capacity,
+        ));
+        let changes = directory.follow_changes().await?;
+        tokio::spawn(cache.clone().follow(changes, now_ms));
+
+        let (ride_updates, ride_rx) = mpsc::channel(RIDE_UPDATE_QUEUE);
+        tokio::spawn(apply_ride_updates(directory.clone(), ride_rx));
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            keys,
+            limits,
+            policy: RwLock::new(Arc::new(policy)),
+            directory,
+            cache,
+            journal,
+            terminals,
+            provisioned: DashMap::new(),
+            metrics: Arc::new(Metrics::default()),
+            pseudonyms: CardPseudonymizer::new(log_salt),
+            ride_updates,
+            shutdown: shutdown_rx,
+        });
+        let accept_task = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
+        tracing::info!(%local_addr, "gateway listening");
+        Ok(Gateway {
+            shared,
+            endpoint,
+            local_addr,
+            shutdown,
+            accept_task,
+            journal_writer,
+            certificate,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The DER certificate the gateway presents (for clients trusting a development certificate).
+    pub fn certificate_der(&self) -> &[u8] {
+        &self.certificate
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.shared.metrics
+    }
+
+    pub fn cache(&self) -> &Arc<CardCache> {
+        &self.shared.cache
+    }
+
+    pub fn journal(&self) -> &Journal {
+        &self.shared.journal
+    }
+
+    /// Replaces the policy; taps decided from now on use the new one.
+    pub fn set_policy(&self, policy: Policy) {
+        *self.shared.policy.write().expect("policy lock") = Arc::new(policy);
+    }
+
+    /// Stops accepting, lets every session answer what it has decided, tells the gates
+    /// `shutting_down`, flushes the journal and closes the endpoint.
+    pub async fn shutdown(self) {
+        tracing::info!("shutting down: no new connections, finishing sessions");
+        self.endpoint.set_server_config(None);
+        let _ = self.shutdown.send(true);
+        if let Err(e) = self.accept_task.await {
+            tracing::error!(error = %e, "accept loop failed");
+        }
+        let Gateway {
+            shared,
+            endpoint,
+            journal_writer,
+            ..
+        } = self;
+        drop(shared);
+        // The writer thread ends once the last journal handle (held by sessions) is gone.
+        let joined = tokio::task::spawn_blocking(move || journal_writer.join());
+        if tokio::time::timeout(Duration::from_secs(10), joined)
+            .await
+            .is_err()
+        {
+            tracing::error!("journal writer did not finish within 10 s");
+        }
+        endpoint.close(
+            quinn::VarInt::from_u32(ErrorCode::ShuttingDown.code().into()),
+            b"shutting_down",
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        tracing::info!("gateway stopped");
+    }
+}
+
+fn new_terminal_state(window: u16) -> Arc<TerminalState> {
+    Arc::new(TerminalState {
+        window: Mutex::new(SequenceWindow::new(window)),
+        answered: Notify::new(),
+    })
+}
+
+fn bind_udp(addr: SocketAddr, buffer: usize) -> Result<std::net::UdpSocket, StartError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let err = |source| StartError::Socket { addr, source };
+    let socket =
+        Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(err)?;
+    // Ask for large buffers so bursts of taps are not dropped by the kernel; it may grant less.
+    if let Err(e) = socket.set_recv_buffer_size(buffer) {
+        tracing::warn!(error = %e, "could not set UDP receive buffer");
+    }
+    if let Err(e) = socket.set_send_buffer_size(buffer) {
+        tracing::warn!(error = %e, "could not set UDP send buffer");
+    }
+    socket.bind(&addr.into()).map_err(err)?;
+    let granted_recv = socket.recv_buffer_size().unwrap_or(0);
+    let granted_send = socket.send_buffer_size().unwrap_or(0);
+    if granted_recv < buffer {
+        tracing::warn!(
+            requested = buffer,
+            granted_recv,
+            granted_send,
+            "kernel granted smaller UDP buffers; raise net.core.rmem_max / wmem_max"
+        );
+    } else {
+        tracing::info!(granted_recv, granted_send, "UDP socket buffers");
+    }
+    Ok(socket.into())
+}
+
+async fn apply_ride_updates(directory: Directory, mut rx: mpsc::Receiver<u64>) {
+    while let Some(card_id) = rx.recv().await {
+        if let Err(e) = directory.use_counted_ride(card_id).await {
+            tracing::debug!(error = %e, "counted ride not written to the directory");
+        }
+    }
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+    let mut sessions = JoinSet::new();
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        let incoming = tokio::select! {
+            incoming = endpoint.accept() => incoming,
+            _ = shutdown.changed() => None,
+        };
+        let Some(incoming) = incoming else { break };
+        // Reap finished sessions so the set does not grow with the connection count over a day.
+        while sessions.try_join_next().is_some() {}
+        shared
+            .metrics
+            .connections_total
+            .fetch_add(1, Ordering::Relaxed);
+        let shared = shared.clone();
+        sessions.spawn(async move {
+            let Ok(connection) = incoming.await else {
+                return;
+            };
+            let active = shared
+                .metrics
+                .connections_active
+                .fetch_add(1, Ordering::Relaxed);
+            if active as usize >= shared.limits.max_connections {
+                shared
+                    .metrics
+                    .connections_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                shared.metrics.count_error(ErrorCode::TooManyConnections);
+                connection.close(
+                    quinn::VarInt::from_u32(ErrorCode::TooManyConnections.code().into()),
+                    ErrorCode::TooManyConnections.label().as_bytes(),
+                );
+            } else {
+                Session::run(shared.clone(), connection).await;
+            }
+            shared
+                .metrics
+                .connections_active
+                .fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+    while sessions.join_next().await.is_some() {}
+}
+
+/// What the answer writer sends next, in order.
+enum Pending {
+    Ready(TapResult),
+    /// An approval, sent once its journal record is on disk.
+    Durable(TapResult, Durable),
+    /// A resend of a tap still being decided elsewhere.
+    AwaitAnswer {
+        sequence: u64,
+        tag: Tag,
+    },
+    /// Send this Error, then close.
+    Fatal(ErrorFrame),
+}
+
+enum ReadFailure {
+    Decode(tapgate_protocol::DecodeError),
+    /// The stream or connection ended or broke.
+    Closed,
+}
+
+struct FrameReader {
+    recv: quinn::RecvStream,
+    buf: BytesMut,
+}
+
+impl FrameReader {
+    /// The next whole frame; `Ok(None)` when the gate finished its stream cleanly.
+    async fn next(&mut self) -> Result<Option<SealedFrame>, ReadFailure> {
+        loop {
+            if let Some(frame) = take_frame(&mut self.buf).map_err(ReadFailure::Decode)? {
+                return Ok(Some(frame));
+            }
+            // take_frame refuses any frame over MAX_FRAME_LEN, so the buffer stays below that
+            // plus one chunk.
+            match self.recv.read_chunk(16 * 1024, true).await {
+                Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk.bytes),
+                Ok(None) if self.buf.is_empty() => return Ok(None),
+                Ok(None) | Err(_) => return Err(ReadFailure::Closed),
+            }
+        }
+    }
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    connection: quinn::Connection,
+}
+
+impl Session {
+    async fn run(shared: Arc<Shared>, connection: quinn::Connection) {
+        let session = Session { shared, connection };
+        session.serve().await;
+    }
+
+    fn close(&self, code: ErrorCode) {
+        self.connection.close(
+            quinn::VarInt::from_u32(code.code().into()),
+            code.label().as_bytes(),
+        );
+    }
+
+    /// Sends an Error and closes; `key` is `None` when there is no key to tag it with.
+    async fn refuse(&self, send: &mut quinn::SendStream, code: ErrorCode, key: Option<&MacKey>) {
+        self.shared.metrics.count_error(code);
+        let error = ErrorFrame { code, sequence: 0 };
+        let mut out = BytesMut::new();
+        match key {
+            Some(key) => tapgate_protocol::seal(&Frame::Error(error), key, &mut out),
+            None => tapgate_protocol::seal_unkeyed_error(error, &mut out),
+        }
+        if send.write_all(&out).await.is_ok() {
+            let _ = send.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.connection.closed()).await;
+        }
+        self.close(code);
+    }
+
+    async fn serve(self) {
+        let limits = &self.shared.limits;
+        let (mut send, recv) =
+            match tokio::time::timeout(limits.hello_timeout, self.connection.accept_bi()).await {
+                Ok(Ok(streams)) => streams,
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    self.shared.metrics.count_error(ErrorCode::HelloTimeout);
+                    self.close(ErrorCode::HelloTimeout);
+                    return;
+                }
+            };
+        let mut reader = FrameReader {
+            recv,
+            buf: BytesMut::with_capacity(1024),
+        };
+        let first = match tokio::time::timeout(limits.hello_timeout, reader.next()).await {
+            Ok(Ok(Some(frame))) => frame,
+            Ok(Ok(None)) | Ok(Err(ReadFailure::Closed)) => return,
+            Ok(Err(ReadFailure::Decode(e))) => {
+                return self.refuse(&mut send, e.error_code(), None).await;
+            }
+            Err(_) => return self.refuse(&mut send, ErrorCode::HelloTimeout, None).await,
+        };
+        let Some((mac, terminal, state)) = self.authenticate(&mut send, &first).await else {
+            return;
+        };
+        self.shared
+            .metrics
+            .sessions_authenticated
+            .fetch_add(1, Ordering::Relaxed);
+
+        let (pending_tx, pending_rx) = mpsc::channel(usize::from(limits.max_in_flight.max(1)));
+        let writer = tokio::spawn(write_answers(
+            send,
+            mac.clone(),
+            pending_rx,
+            state.clone(),
+            self.connection.clone(),
+            self.shared.clone(),
+        ));
+        let place = GatePlace {
+            area: terminal.area,
+            mode: terminal.mode,
+        };
+        self.read_taps(&mut reader, &mac, &terminal, place, &state, &pending_tx)
+            .await;
+        drop(pending_tx);
+        let _ = writer.await;
+    }
+
+    /// Checks the Hello (PROTOCOL.md section 5) and answers HelloAck.
+    async fn authenticate(
+        &self,
+        send: &mut quinn::SendStream,
+        first: &SealedFrame,
+    ) -> Option<(MacKey, TerminalRecord, Arc<TerminalState>)> {
+        if first.frame_type() != FrameType::Hello {
+            let code = if first.frame_type() == FrameType::Tap {
+                ErrorCode::HelloRequired
+            } else {
+                ErrorCode::UnexpectedFrame
+            };
+            self.refuse(send, code, None).await;
+            return None;
+        }
+        let hello = match first.parse_unverified() {
+            Ok(Frame::Hello(hello)) => hello,
+            Ok(_) => unreachable!("a frame of type Hello parses as a Hello"),
+            Err(e) => {
+                self.refuse(send, e.error_code(), None).await;
+                return None;
+            }
+        };
+        let terminal = match self.provisioned_terminal(hello.terminal_id).await {
+            Ok(Some(t)) => t,
+            Ok(None) => {
+                tracing::info!(terminal = hello.terminal_id, "unknown terminal refused");
+                self.refuse(send, ErrorCode::UnknownTerminal, None).await;
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!(terminal = hello.terminal_id, error = %e, "cannot look up terminal");
+                self.refuse(send, ErrorCode::Internal, None).await;
+                return None;
+            }
+        };
+        let Some(key) = self
+            .shared
+            .keys
+            .terminal_key(hello.key_version, hello.terminal_id)
+        else {
+            self.refuse(send, ErrorCode::UnknownKeyVersion, None).await;
+            return None;
+        };
+        let mac = key.mac_key();
+        if first.verify(&mac).is_err() {
+            tracing::warn!(terminal = hello.terminal_id, "Hello with a bad MAC");
+            self.refuse(send, ErrorCode::BadMac, Some(&mac)).await;
+            return None;
+        }
+        if hello.area.area().is_none() || hello.area != terminal.area {
+            tracing::warn!(terminal = hello.terminal_id, claimed = %hello.area, provisioned = %terminal.area, "Hello from the wrong area");
+            self.refuse(send, ErrorCode::UnknownArea, Some(&mac)).await;
+            return None;
+        }
+        let state = self
+            .shared
+            .terminals
+            .entry(hello.terminal_id)
+            .or_insert_with(|| new_terminal_state(self.shared.limits.resend_window))
+            .clone();
+        let ack = HelloAck {
+            terminal_id: hello.terminal_id,
+            client_nonce: hello.client_nonce,
+            server_time_ms: now_ms(),
+            last_sequence: state.window.lock().expect("window lock").highest(),
+            resend_window: self.shared.limits.resend_window,
+            max_in_flight: self.shared.limits.max_in_flight,
+        };
+        let mut out = BytesMut::new();
+        tapgate_protocol::seal(&Frame::HelloAck(ack), &mac, &mut out);
+        send.write_all(&out).await.ok()?;
+        tracing::debug!(terminal = hello.terminal_id, area = %terminal.area, mode = %terminal.mode, "gate authenticated");
+        Some((mac, terminal, state))
+    }
+
+    async fn provisioned_terminal(
+        &self,
+        terminal_id: u64,
+    ) -> Result<Option<TerminalRecord>, crate::directory::DirectoryError> {
+        if let Some(t) = self.shared.provisioned.get(&terminal_id) {
+            return Ok(Some(*t));
+        }
+        let found = self.shared.directory.terminal(terminal_id).await?;
+        if let Some(t) = found {
+            self.shared.provisioned.insert(terminal_id, t);
+        }
+        Ok(found)
+    }
+
+    async fn read_taps(
+        &self,
+        reader: &mut FrameReader,
+        mac: &MacKey,
+        terminal: &TerminalRecord,
+        place: GatePlace,
+        state: &TerminalState,
+        pending: &mpsc::Sender<Pending>,
+    ) {
+        let mut shutdown = self.shared.shutdown.clone();
+        let fatal = |code, sequence| Pending::Fatal(ErrorFrame { code, sequence });
+        loop {
+            let next = tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|stop| *stop) => None,
+                next = reader.next() => Some(next),
+            };
+            let Some(next) = next else {
+                let _ = pending.send(fatal(ErrorCode::ShuttingDown, 0)).await;
+                return;
+            };
+            let frame = match next {
+                Ok(Some(frame)) => frame,
+                Ok(None) | Err(ReadFailure::Closed) => return,
+                Err(ReadFailure::Decode(e)) => {
+                    let _ = pending.send(fatal(e.error_code(), 0)).await;
+                    return;
+                }
+            };
+            let code = match frame.frame_type() {
+                FrameType::Tap => None,
+                FrameType::Hello => Some(ErrorCode::DuplicateHello),
+                _ => Some(ErrorCode::UnexpectedFrame),
+            };
+            if let Some(code) = code {
+                let _ = pending.send(fatal(code, 0)).await;
+                return;
+            }
+            let tap = match frame.open(mac) {
+                Ok(Frame::Tap(tap)) => tap,
+                Ok(_) => unreachable!("a frame of type Tap parses as a Tap"),
+                Err(e) => {
+                    let _ = pending.send(fatal(e.error_code(), 0)).await;
+                    return;
+                }
+            };
+            let tag = frame.tag();
+            let admission = state
+                .window
+                .lock()
+                .expect("window lock")
+                .admit(tap.sequence, tag);
+            let next = match admission {
+                Admission::Fresh => self.decide_fresh(&tap, tag, terminal, place, pending).await,
+                Admission::Resend(answer) => {
+                    self.shared.metrics.resends.fetch_add(1, Ordering::Relaxed);
+                    Pending::Ready(answer)
+                }
+                Admission::InFlight => Pending::AwaitAnswer {
+                    sequence: tap.sequence,
+                    tag,
+                },
+                Admission::Conflict => fatal(ErrorCode::SequenceConflict, tap.sequence),
+                Admission::Replay => fatal(ErrorCode::Replay, tap.sequence),
+            };
+            let is_fatal = matches!(next, Pending::Fatal(_));
+            if pending.send(next).await.is_err() || is_fatal {
+                return;
+            }
+        }
+    }
+
+    /// Decides a new tap. Capacity is claimed before deciding — a slot in this session's
+    /// answer queue and in the journal's queue — so a tap answered Busy has changed nothing.
+    async fn decide_fresh(
+        &self,
+        tap: &Tap,
+        tag: Tag,
+        terminal: &TerminalRecord,
+        place: GatePlace,
+        pending: &mpsc::Sender<Pending>,
+    ) -> Pending {
+        // One slot stays free for the Busy answer itself.
+        let slot = if pending.capacity() > 1 {
+            self.shared.journal.reserve().ok()
+        } else {
+            None
+        };
+        let Some(slot) = slot else {
+            return Pending::Ready(busy(tap.sequence));
+        };
+        let now = now_ms();
+        let policy = self.shared.policy.read().expect("policy lock").clone();
+        let decision = self.shared.cache.authorize(tap, place, &policy, now).await;
+        let result = TapResult {
+            sequence: tap.sequence,
+            outcome: decision.outcome,
+            reason: decision.reason,
+            concession: decision.concession,
+            fare_fen: decision.fare_fen,
+            rides_left: decision.rides_left,
+        };
+        let record = JournalRecord {
+            terminal_id: terminal.terminal_id,
+            tag,
+            tap: *tap,
+            server_time_ms: now,
+            area: terminal.area.0,
+            mode: terminal.mode,
+            operator: terminal.operator,
+            result,
+        };
+        if decision.uses_counted_ride && self.shared.ride_updates.try_send(tap.card_id).is_err() {
+            self.shared
+                .metrics
+                .ride_updates_dropped
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        if result.outcome == Outcome::Approve {
+            Pending::Durable(result, slot.append_durable(record))
+        } else {
+            tracing::debug!(
+                terminal = terminal.terminal_id,
+                card = %self.shared.pseudonyms.pseudonym(tap.card_id),
+                reason = %result.reason,
+                "tap denied"
+            );
+            slot.append(record);
+            Pending::Ready(result)
+        }
+    }
+}
+
+fn busy(sequence: u64) -> TapResult {
+    TapResult {
+        sequence,
+        outcome: Outcome::Busy,
+        reason: Reason::Overloaded,
+        concession: tapgate_protocol::Concession::None,
+        fare_fen: 0,
+        rides_left: RIDES_LEFT_NOT_APPLICABLE,
+    }
+}
+
+/// Sends answers in the order the taps arrived, each approval only once it is durable, and
+/// records every answer in the terminal's window as it goes out (so a resend can never be
+/// answered before the first copy's answer is durable).
+async fn write_answers(
+    mut send: quinn::SendStream,
+    mac: MacKey,
+    mut pending: mpsc::Receiver<Pending>,
+    state: Arc<TerminalState>,
+    connection: quinn::Connection,
+    shared: Arc<Shared>,
+) {
+    let mut out = BytesMut::with_capacity(4096);
+    while let Some(first) = pending.recv().await {
+        let mut next = Some(first);
+        let mut fatal = None;
+        while let Some(item) = next.take() {
+            let result = match item {
+                Pending::Ready(result) => Some(result),
+                Pending::Durable(result, durable) => Some(match durable.await {
+                    Ok(Ok(())) => result,
+                    // The journal could not record it: the approval is withdrawn.
+                    _ => busy(result.sequence),
+                }),
+                Pending::AwaitAnswer { sequence, tag } => {
+                    await_answer(&state, sequence, tag, shared.limits.resend_wait).await
+                }
+                Pending::Fatal(error) => {
+                    fatal = Some(error);
+                    None
+                }
+            };
+            if let Some(result) = result {
+                state.complete(result);
+                shared.metrics.count_answer(result.outcome, result.reason);
+                tapgate_protocol::seal(&Frame::TapResult(result), &mac, &mut out);
+            }
+            if fatal.is_some() || out.len() >= 16 * 1024 {
+                break;
+            }
+            next = pending.try_recv().ok();
+        }
+        if let Some(error) = fatal {
+            shared.metrics.count_error(error.code);
+            tapgate_protocol::seal(&Frame::Error(error), &mac, &mut out);
+        }
+        if send.write_all(&out).await.is_err() {
+            return;
+        }
+        out.clear();
+        if let Some(error) = fatal {
+            let _ = send.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(1), connection.closed()).await;
+            connection.close(
+                quinn::VarInt::from_u32(error.code.code().into()),
+                error.code.label().as_bytes(),
+            );
+            return;
+        }
+    }
+    let _ = send.finish();
+}
+
+/// Waits for the answer to a tap whose first copy is still being decided.
+async fn await_answer(
+    state: &TerminalState,
+    sequence: u64,
+    tag: Tag,
+    limit: Duration,
+) -> Option<TapResult> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let notified = state.answered.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        match state
+            .window
+            .lock()
+            .expect("window lock")
+            .admit(sequence, tag)
+        {
+            Admission::Resend(answer) => return Some(answer),
+            Admission::InFlight => {}
+            // Evicted from the window or replaced: nothing to resend.
+            _ => return None,
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            tracing::warn!(
+                sequence,
+                "resend's first copy still undecided; not answered"
+            );
+            return None;
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! A gate: a QUIC client speaking the tapgate protocol. The load generator runs thousands of
+//! them; the end-to-end tests drive single ones, including misbehaving ones.
+
+use bytes::BytesMut;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tapgate_protocol::{
+    ALPN, AreaCode, DecodeError, ErrorFrame, Frame, FrameType, Hello, HelloAck, MacKey, Mode,
+    TapResult, TerminalKey, seal, take_frame,
+};
+
+/// Who a gate is.
+#[derive(Debug, Clone)]
+pub struct GateIdentity {
+    pub terminal_id: u64,
+    pub key_version: u8,
+    pub key: TerminalKey,
+    pub area: AreaCode,
+    pub mode: Mode,
+    pub operator: u16,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("connecting: {0}")]
+    Connect(String),
+    #[error("connection lost: {0}")]
+    Connection(String),
+    #[error("the gateway closed the stream")]
+    Closed,
+    #[error("gateway refused with {} (sequence {})", .0.code, .0.sequence)]
+    Refused(ErrorFrame),
+    #[error("gateway frame failed verification")]
+    BadMac,
+    #[error("gateway sent an undecodable frame: {0}")]
+    Decode(#[from] DecodeError),
+    #[error("gateway sent an unexpected {0} frame")]
+    Unexpected(FrameType),
+    #[error("HelloAck echoed the wrong nonce")]
+    NonceMismatch,
+}
+
+/// A client endpoint that trusts exactly `trusted_der` (the gateway's certificate or its CA).
+pub fn client_endpoint(
+    trusted_der: &[u8],
+    bind: SocketAddr,
+) -> Result<quinn::Endpoint, ClientError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(
+            trusted_der.to_vec(),
+        ))
+        .map_err(|e| ClientError::Connect(format!("trusted certificate: {e}")))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ClientError::Connect(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| ClientError::Connect(e.to_string()))?;
+    let mut endpoint =
+        quinn::Endpoint::client(bind).map_err(|e| ClientError::Connect(e.to_string()))?;
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    Ok(endpoint)
+}
+
+/// One gate's connection and stream.
+pub struct GateClient {
+    pub connection: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    buf: BytesMut,
+    mac: MacKey,
+    pub ack: HelloAck,
+}
+
+impl GateClient {
+    /// Connects, sends Hello and checks the HelloAck.
+    pub async fn connect(
+        endpoint: &quinn::Endpoint,
+        gateway: SocketAddr,
+        identity: &GateIdentity,
+        client_nonce: u64,
+        now_ms: u64,
+    ) -> Result<GateClient, ClientError> {
+        let mut client = Self::open(endpoint, gateway, identity).await?;
+        let hello = Frame::Hello(Hello {
+            terminal_id: identity.terminal_id,
+            key_version: identity.key_version,
+            mode: identity.mode,
+            area: identity.area,
+            operator: identity.operator,
+            client_nonce,
+            gate_time_ms: now_ms,
+        });
+        client.send_frame(&hello).await?;
+        match client.recv().await? {
+            Frame::HelloAck(ack) if ack.client_nonce == client_nonce => {
+                client.ack = ack;
+                Ok(client)
+            }
+            Frame::HelloAck(_) => Err(ClientError::NonceMismatch),
+            other => Err(ClientError::Unexpected(other.frame_type())),
+        }
+    }
+
+    /// Connects and opens the stream without saying Hello (for testing the gateway's refusals).
+    pub async fn open(
+        endpoint: &quinn::Endpoint,
+        gateway: SocketAddr,
+        identity: &GateIdentity,
+    ) -> Result<GateClient, ClientError> {
+        let connection = endpoint
+            .connect(gateway, "localhost")
+            .map_err(|e| ClientError::Connect(e.to_string()))?
+            .await
+            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        let (send, recv) = connection
+            .open_bi()
+            .await
+            .map_err(|e| ClientError::Connection(e.to_string()))?;
+        Ok(GateClient {
+            connection,
+            send,
+            recv,
+            buf: BytesMut::with_capacity(1024),
+            mac: identity.key.mac_key(),
+            ack: HelloAck {
+                terminal_id: identity.terminal_id,
+                client_nonce: 0,
+                server_time_ms: 0,
+                last_sequence: 0,
+                resend_window: 0,
+                max_in_flight: 0,
+            },
+        })
+    }
+
+    pub async fn send_frame(&mut self, frame: &Frame) -> Result<(), ClientError> {
+        let mut out = BytesMut::new();
+        seal(frame, &self.mac, &mut out);
+        self.send_raw(&out).await
+    }
+
+    /// Sends bytes as they are: for resends of an exact frame and for malformed input.
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
+        self.send
+            .write_all(bytes)
+            .await
+            .map_err(|e| ClientError::Connection(e.to_string()))
+    }
+
+    /// Seals a frame without sending it, so the same bytes can be sent again.
+    pub fn sealed(&self, frame: &Frame) -> BytesMut {
+        let mut out = BytesMut::new();
+        seal(frame, &self.mac, &mut out);
+        out
+    }
+
+    /// The next frame from the gateway. Error frames come back as `ClientError::Refused`,
+    /// authenticated or not (an unkeyed Error means "refused" and nothing more).
+    pub async fn recv(&mut self) -> Result<Frame, ClientError> {
+        loop {
+            if let Some(frame) = take_frame(&mut self.buf)? {
+                if frame.frame_type() == FrameType::Error {
+                    if let Ok(Frame::Error(error)) = frame.parse_unverified() {
+                        return Err(ClientError::Refused(error));
+                    }
+                }
+                return frame.open(&self.mac).map_err(|e| match e {
+                    tapgate_protocol::OpenError::BadMac(_) => ClientError::BadMac,
+                    tapgate_protocol::OpenError::Decode(d) => ClientError::Decode(d),
+                });
+            }
+            match self.recv.read_chunk(16 * 1024, true).await {
+                Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk.bytes),
+                Ok(None) => return Err(ClientError::Closed),
+                Err(e) => return Err(ClientError::Connection(e.to_string())),
+            }
+        }
+    }
+
+    pub async fn recv_result(&mut self) -> Result<TapResult, ClientError> {
+        match self.recv().await? {
+            Frame::TapResult(r) => Ok(r),
+            other => Err(ClientError::Unexpected(other.frame_type())),
+        }
+    }
+
+    /// Sends one tap and waits for its answer.
+    pub async fn tap(&mut self, tap: tapgate_protocol::Tap) -> Result<TapResult, ClientError> {
+        self.send_frame(&Frame::Tap(tap)).await?;
+        self.recv_result().await
+    }
+
+    pub fn close(&self) {
+        self.connection.close(0u32.into(), b"done");
+    }
+}

@@ -1,0 +1,384 @@
+//! End-to-end: a real QUIC gateway on 127.0.0.1 with the embedded card directory.
+
+mod support;
+
+use chrono::NaiveDate;
+use support::*;
+use tapgate_gateway::card::CardState;
+use tapgate_gateway::policy::{AreaSet, Policy, RolloutStep};
+use tapgate_loadgen::client::{ClientError, GateClient};
+use tapgate_protocol::{
+    Concession, ErrorCode, Frame, Issuer, Outcome, RIDES_LEFT_NOT_APPLICABLE, Reason, TapKind,
+};
+
+const ACTIVE: u64 = 1;
+const LOST: u64 = 2;
+const CANCELLED: u64 = 3;
+const BLOCKED: u64 = 4;
+const ELDER: u64 = 5;
+const SICHUAN: u64 = 6;
+const EXPIRED: u64 = 7;
+const UNKNOWN: u64 = 99;
+
+fn population() -> Vec<tapgate_gateway::card::CardRecord> {
+    let mut expired = card(
+        EXPIRED,
+        CardState::Active,
+        Issuer::ChongqingSsc,
+        Concession::None,
+        0,
+    );
+    expired.expires_on = NaiveDate::from_ymd_opt(2020, 1, 1);
+    vec![
+        card(
+            ACTIVE,
+            CardState::Active,
+            Issuer::ChongqingSsc,
+            Concession::None,
+            0,
+        ),
+        card(
+            LOST,
+            CardState::Lost,
+            Issuer::ChongqingSsc,
+            Concession::None,
+            0,
+        ),
+        card(
+            CANCELLED,
+            CardState::Cancelled,
+            Issuer::ChongqingSsc,
+            Concession::None,
+            0,
+        ),
+        card(
+            BLOCKED,
+            CardState::Blocked,
+            Issuer::ChongqingSsc,
+            Concession::None,
+            0,
+        ),
+        card(
+            ELDER,
+            CardState::Active,
+            Issuer::ChongqingSsc,
+            Concession::Elder,
+            1200,
+        ),
+        card(
+            SICHUAN,
+            CardState::Active,
+            Issuer::SichuanTianfuTong,
+            Concession::None,
+            0,
+        ),
+        expired,
+    ]
+}
+
+async fn harness() -> (Harness, tempfile::TempDir) {
+    let state = tempfile::tempdir().unwrap();
+    let (_, directory) = embedded_with(&population());
+    (Harness::start(directory, state.path()).await, state)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_card_is_approved_and_every_deny_reason_reaches_the_gate() {
+    let (h, _state) = harness().await;
+    let mut gate = h.gate(&YUZHONG_BUS).await;
+    let r = gate.tap(tap(1, ACTIVE, TapKind::Flat)).await.unwrap();
+    assert_eq!(
+        (r.sequence, r.outcome, r.reason, r.fare_fen),
+        (1, Outcome::Approve, Reason::Approved, 200)
+    );
+    let cases = [
+        (LOST, Reason::CardLost),
+        (CANCELLED, Reason::CardCancelled),
+        (BLOCKED, Reason::CardBlocked),
+        (EXPIRED, Reason::CardExpired),
+        (UNKNOWN, Reason::UnknownCard),
+    ];
+    for (i, (card_id, reason)) in cases.into_iter().enumerate() {
+        let r = gate
+            .tap(tap(2 + i as u64, card_id, TapKind::Flat))
+            .await
+            .unwrap();
+        assert_eq!(
+            (r.outcome, r.reason),
+            (Outcome::Deny, reason),
+            "card {card_id}"
+        );
+    }
+    let mut remote = h.gate(&CHENGKOU_BUS).await;
+    let r = remote.tap(tap(1, SICHUAN, TapKind::Flat)).await.unwrap();
+    assert_eq!(r.reason, Reason::IssuerNotAccepted);
+    let mut metro = h.gate(&YUZHONG_METRO).await;
+    assert_eq!(
+        metro
+            .tap(tap(1, ACTIVE, TapKind::Entry))
+            .await
+            .unwrap()
+            .outcome,
+        Outcome::Approve
+    );
+    assert_eq!(
+        metro
+            .tap(tap(2, ACTIVE, TapKind::Entry))
+            .await
+            .unwrap()
+            .reason,
+        Reason::PassBack
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn elder_concession_follows_area_and_rollout_date() {
+    let (h, _state) = harness().await;
+    let mut yuzhong = h.gate(&YUZHONG_BUS).await;
+    let r = yuzhong.tap(tap(1, ELDER, TapKind::Flat)).await.unwrap();
+    assert_eq!(
+        (r.concession, r.fare_fen, r.rides_left),
+        (Concession::Elder, 0, 1199)
+    );
+    let mut wanzhou = h.gate(&WANZHOU_BUS).await;
+    let r = wanzhou.tap(tap(1, ELDER, TapKind::Flat)).await.unwrap();
+    assert_eq!(
+        (r.concession, r.fare_fen, r.rides_left),
+        (Concession::None, 200, RIDES_LEFT_NOT_APPLICABLE)
+    );
+
+    // Bring Wanzhou's rollout forward to a past date: the same tap is now free.
+    let mut policy = Policy::embedded_default();
+    policy.rollout.push(RolloutStep {
+        concession: Concession::Elder,
+        areas: AreaSet::Some(vec![WANZHOU_BUS.area]),
+        from: NaiveDate::from_ymd_opt(2026, 1, 1).unwrap(),
+    });
+    h.gateway.set_policy(policy);
+    let r = wanzhou.tap(tap(2, ELDER, TapKind::Flat)).await.unwrap();
+    assert_eq!(
+        (r.concession, r.fare_fen, r.rides_left),
+        (Concession::Elder, 0, 1198)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resend_gets_the_first_answer_and_is_recorded_once() {
+    let (h, _state) = harness().await;
+    let mut gate = h.gate(&YUZHONG_BUS).await;
+    let frame = gate.sealed(&Frame::Tap(tap(1, ELDER, TapKind::Flat)));
+    gate.send_raw(&frame).await.unwrap();
+    let first = gate.recv_result().await.unwrap();
+    gate.send_raw(&frame).await.unwrap();
+    let again = gate.recv_result().await.unwrap();
+    assert_eq!(first, again);
+    assert_eq!(
+        first.rides_left, 1199,
+        "the resend did not use a second ride"
+    );
+    // A new connection of the same terminal is told where its sequence stands and resends too.
+    gate.close();
+    let mut reconnected = h.gate(&YUZHONG_BUS).await;
+    assert_eq!(reconnected.ack.last_sequence, 1);
+    reconnected.send_raw(&frame).await.unwrap();
+    assert_eq!(reconnected.recv_result().await.unwrap(), first);
+    assert_eq!(h.gateway.metrics().snapshot().approved, 3);
+    assert_eq!(
+        h.gateway
+            .journal()
+            .stats
+            .records
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replays_and_conflicts_are_refused() {
+    let (h, _state) = harness().await;
+    let mut gate = h.gate(&YUZHONG_BUS).await;
+    for s in 1..=40 {
+        gate.tap(tap(s, ACTIVE, TapKind::Flat)).await.unwrap();
+    }
+    // Sequence 5 is below the 32-wide resend window.
+    let err = gate.tap(tap(5, ACTIVE, TapKind::Flat)).await.unwrap_err();
+    assert!(
+        matches!(err, ClientError::Refused(e) if e.code == ErrorCode::Replay && e.sequence == 5),
+        "{err}"
+    );
+
+    let mut gate = h.gate(&YUZHONG_BUS).await;
+    let err = gate.tap(tap(40, LOST, TapKind::Flat)).await.unwrap_err();
+    assert!(
+        matches!(err, ClientError::Refused(e) if e.code == ErrorCode::SequenceConflict),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_mac_and_malformed_frames_get_error_frames() {
+    let (h, _state) = harness().await;
+    let mut gate = h.gate(&YUZHONG_BUS).await;
+    let mut frame = gate.sealed(&Frame::Tap(tap(1, ACTIVE, TapKind::Flat)));
+    let last = frame.len() - 1;
+    frame[last] ^= 1;
+    gate.send_raw(&frame).await.unwrap();
+    let err = gate.recv().await.unwrap_err();
+    assert!(
+        matches!(err, ClientError::Refused(e) if e.code == ErrorCode::BadMac),
+        "{err}"
+    );
+
+    let mut gate = h.gate(&YUZHONG_BUS).await;
+    gate.send_raw(&[0xff, 0xff, 1, 3]).await.unwrap();
+    let err = gate.recv().await.unwrap_err();
+    assert!(
+        matches!(err, ClientError::Refused(e) if e.code == ErrorCode::FrameTooLarge),
+        "{err}"
+    );
+
+    let mut gate = h.gate(&YUZHONG_BUS).await;
+    gate.send_raw(&[0, 48, 1, 0x42]).await.unwrap();
+    let err = gate.recv().await.unwrap_err();
+    assert!(
+        matches!(err, ClientError::Refused(e) if e.code == ErrorCode::UnknownFrameType),
+        "{err}"
+    );
+
+    // A tap with an issuer byte no registry has: malformed, detected after the MAC checks out.
+    let mut gate = h.gate(&YUZHONG_BUS).await;
+    let good = gate.sealed(&Frame::Tap(tap(2, ACTIVE, TapKind::Flat)));
+    let mut body = good[..good.len() - 16].to_vec();
+    body[4 + 16] = 0x77;
+    let key = identity(&YUZHONG_BUS).key.mac_key();
+    let tag = key.tag(&body);
+    body.extend_from_slice(&tag);
+    gate.send_raw(&body).await.unwrap();
+    let err = gate.recv().await.unwrap_err();
+    assert!(
+        matches!(err, ClientError::Refused(e) if e.code == ErrorCode::MalformedFrame),
+        "{err}"
+    );
+    assert!(h.gateway.metrics().snapshot().errors.len() >= 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_terminals_wrong_keys_and_taps_before_hello_are_refused() {
+    let (h, _state) = harness().await;
+    let mut stranger = YUZHONG_BUS;
+    stranger.terminal_id = 777;
+    let err = GateClient::connect(&h.endpoint, h.addr(), &identity(&stranger), 1, 0)
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        matches!(err, ClientError::Refused(e) if e.code == ErrorCode::UnknownTerminal),
+        "{err}"
+    );
+
+    let mut wrong_version = identity(&YUZHONG_BUS);
+    wrong_version.key_version = 9;
+    let err = GateClient::connect(&h.endpoint, h.addr(), &wrong_version, 1, 0)
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        matches!(err, ClientError::Refused(e) if e.code == ErrorCode::UnknownKeyVersion),
+        "{err}"
+    );
+
+    let mut wrong_key = identity(&YUZHONG_BUS);
+    wrong_key.key = tapgate_protocol::MasterKey::new([0x22; 16]).diversify(YUZHONG_BUS.terminal_id);
+    let err = GateClient::connect(&h.endpoint, h.addr(), &wrong_key, 1, 0)
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        matches!(err, ClientError::Refused(e) if e.code == ErrorCode::BadMac),
+        "{err}"
+    );
+
+    let mut early = GateClient::open(&h.endpoint, h.addr(), &identity(&YUZHONG_BUS))
+        .await
+        .unwrap();
+    let err = early.tap(tap(1, ACTIVE, TapKind::Flat)).await.unwrap_err();
+    assert!(
+        matches!(err, ClientError::Refused(e) if e.code == ErrorCode::HelloRequired),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_taps_are_all_answered_with_their_sequences() {
+    let (h, _state) = harness().await;
+    let mut gate = h.gate(&YUZHONG_BUS).await;
+    for s in 1..=20 {
+        gate.send_frame(&Frame::Tap(tap(s, ACTIVE, TapKind::Flat)))
+            .await
+            .unwrap();
+    }
+    let mut seen: Vec<u64> = Vec::new();
+    for _ in 1..=20 {
+        let r = gate.recv_result().await.unwrap();
+        assert_ne!(r.outcome, Outcome::Deny);
+        seen.push(r.sequence);
+    }
+    seen.sort();
+    assert_eq!(seen, (1..=20).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_gateway_replays_its_journal_and_answers_resends_from_it() {
+    let state = tempfile::tempdir().unwrap();
+    let (_, directory) = embedded_with(&population());
+    let h = Harness::start(directory.clone(), state.path()).await;
+    let mut gate = h.gate(&YUZHONG_BUS).await;
+    let frame = gate.sealed(&Frame::Tap(tap(7, ELDER, TapKind::Flat)));
+    gate.send_raw(&frame).await.unwrap();
+    let first = gate.recv_result().await.unwrap();
+    assert_eq!(first.outcome, Outcome::Approve);
+    h.gateway.shutdown().await;
+
+    let h = Harness::start(directory, state.path()).await;
+    let mut gate = h.gate(&YUZHONG_BUS).await;
+    assert_eq!(gate.ack.last_sequence, 7);
+    gate.send_raw(&frame).await.unwrap();
+    assert_eq!(gate.recv_result().await.unwrap(), first);
+    assert_eq!(
+        h.gateway
+            .journal()
+            .stats
+            .records
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "nothing recorded twice"
+    );
+    let err = gate.tap(tap(3, ACTIVE, TapKind::Flat)).await.unwrap_err();
+    assert!(
+        matches!(err, ClientError::Refused(e) if e.code == ErrorCode::Replay),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_answers_in_flight_taps_then_says_shutting_down() {
+    let (h, _state) = harness().await;
+    let mut gate = h.gate(&YUZHONG_BUS).await;
+    assert_eq!(
+        gate.tap(tap(1, ACTIVE, TapKind::Flat))
+            .await
+            .unwrap()
+            .outcome,
+        Outcome::Approve
+    );
+    let stopping = tokio::spawn(h.gateway.shutdown());
+    let err = gate.recv().await.unwrap_err();
+    assert!(
+        matches!(err, ClientError::Refused(e) if e.code == ErrorCode::ShuttingDown),
+        "{err}"
+    );
+    tokio::time::timeout(std::time::Duration::from_secs(15), stopping)
+        .await
+        .unwrap()
+        .unwrap();
+}
