@@ -14,3 +14,4 @@ pub mod policy;
 pub mod population;
 pub mod server;
 pub mod tls;
+pub mod config;

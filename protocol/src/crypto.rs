@@ -154,7 +154,8 @@ impl KeyRing {
 #[error("a key must be exactly 32 hexadecimal digits")]
 pub struct KeyParseError;
 
-fn parse_key_hex(text: &str) -> Result<[u8; KEY_LEN], KeyParseError> {
+/// Parses 32 hex digits into 16 bytes.
+pub fn parse_key_hex(text: &str) -> Result<[u8; KEY_LEN], KeyParseError> {
     let text = text.trim().as_bytes();
     if text.len() != KEY_LEN * 2 {
         return Err(KeyParseError);

@@ -1,0 +1,333 @@
+//! The gateway's configuration file (TOML). `tapgate.example.toml` at the repository root lists
+//! every setting with its default; command-line flags and environment variables override it.
+
+use crate::directory::{Directory, EmbeddedDirectory, RedisDirectory, RedisSettings};
+use crate::journal::JournalSettings;
+use crate::policy::{Policy, PolicyError};
+use crate::population::PopulationSpec;
+use crate::server::{GatewaySettings, Limits};
+use crate::tls::TlsSource;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tapgate_protocol::{KeyRing, MasterKey};
+
+/// Master key version 1 of development setups (embedded directory, demo, tests of the CLI).
+/// A Redis-backed gateway refuses to start without keys of its own.
+pub const DEV_MASTER_KEY_HEX: &str = "7a6b5c4d3e2f10011001f2e3d4c5b6a7";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    /// Master keys by version: `"1" = "32 hex digits"`.
+    pub keys: BTreeMap<String, String>,
+    pub directory: DirectoryConfig,
+    pub journal: JournalConfig,
+    pub policy: PolicyConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub dev_cert_dir: PathBuf,
+    pub max_connections: usize,
+    pub max_in_flight: u16,
+    pub resend_window: u16,
+    pub hello_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub keep_alive_ms: u64,
+    pub udp_buffer_bytes: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DirectoryKind {
+    Redis,
+    /// In-process, filled with the synthetic population; for development and the demo.
+    Embedded,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DirectoryConfig {
+    pub kind: DirectoryKind,
+    pub redis_url: String,
+    pub key_prefix: String,
+    pub response_timeout_ms: u64,
+    pub negative_ttl_ms: u64,
+    pub cache_capacity: usize,
+    /// Size of the synthetic population of the embedded directory.
+    pub embedded_cards: u64,
+    pub embedded_terminals: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JournalConfig {
+    pub dir: PathBuf,
+    pub segment_bytes: u64,
+    pub queue_capacity: usize,
+    pub max_batch: usize,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// A policy file; the built-in policy when absent. Reloaded on SIGHUP.
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// tracing filter, e.g. `info` or `tapgate_gateway=debug`.
+    pub filter: String,
+    /// Key of the card pseudonyms in logs (32 hex digits); random per start when absent.
+    pub card_salt: Option<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        let limits = Limits::default();
+        Self {
+            listen: "127.0.0.1:4433".parse().expect("valid address"),
+            cert: None,
+            key: None,
+            dev_cert_dir: PathBuf::from("tapgate-state/dev-cert"),
+            max_connections: limits.max_connections,
+            max_in_flight: limits.max_in_flight,
+            resend_window: limits.resend_window,
+            hello_timeout_ms: limits.hello_timeout.as_millis() as u64,
+            idle_timeout_ms: limits.idle_timeout.as_millis() as u64,
+            keep_alive_ms: limits.keep_alive.as_millis() as u64,
+            udp_buffer_bytes: limits.udp_buffer_bytes,
+        }
+    }
+}
+
+impl Default for DirectoryConfig {
+    fn default() -> Self {
+        Self {
+            kind: DirectoryKind::Redis,
+            redis_url: "redis://127.0.0.1:6379/".into(),
+            key_prefix: "tapgate".into(),
+            response_timeout_ms: 100,
+            negative_ttl_ms: 30_000,
+            cache_capacity: 5_000_000,
+            embedded_cards: PopulationSpec::default().cards,
+            embedded_terminals: PopulationSpec::default().terminals,
+        }
+    }
+}
+
+impl Default for JournalConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("tapgate-state/journal"),
+            segment_bytes: 64 << 20,
+            queue_capacity: 65_536,
+            max_batch: 1024,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            filter: "info".into(),
+            card_salt: None,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server: ServerConfig::default(),
+            keys: BTreeMap::new(),
+            directory: DirectoryConfig::default(),
+            journal: JournalConfig::default(),
+            policy: PolicyConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("key version `{0}`: versions are numbers from 0 to 255 and keys 32 hex digits")]
+    BadKey(String),
+    #[error("no master keys configured; a Redis-backed gateway needs [keys] or --master-key")]
+    NoKeys,
+    #[error("policy {path}: {source}")]
+    Policy {
+        path: PathBuf,
+        #[source]
+        source: PolicyError,
+    },
+    #[error("log.card_salt must be 32 hex digits")]
+    BadSalt,
+    #[error(transparent)]
+    Directory(#[from] crate::directory::DirectoryError),
+}
+
+impl Config {
+    pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    pub fn key_ring(&self) -> Result<KeyRing, ConfigError> {
+        let mut ring = KeyRing::new();
+        for (version, hex) in &self.keys {
+            let v: u8 = version.parse().map_err(|_| ConfigError::BadKey(version.clone()))?;
+            let key = MasterKey::from_hex(hex).map_err(|_| ConfigError::BadKey(version.clone()))?;
+            ring.insert(v, key);
+        }
+        if ring.versions().next().is_none() {
+            if self.directory.kind == DirectoryKind::Redis {
+                return Err(ConfigError::NoKeys);
+            }
+            ring.insert(1, MasterKey::from_hex(DEV_MASTER_KEY_HEX).expect("valid dev key"));
+        }
+        Ok(ring)
+    }
+
+    pub fn policy(&self) -> Result<Policy, ConfigError> {
+        match &self.policy.file {
+            None => Ok(Policy::embedded_default()),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                Policy::from_toml(&text).map_err(|source| ConfigError::Policy {
+                    path: path.clone(),
+                    source,
+                })
+            }
+        }
+    }
+
+    pub fn population(&self) -> PopulationSpec {
+        PopulationSpec {
+            cards: self.directory.embedded_cards,
+            terminals: self.directory.embedded_terminals,
+            ..PopulationSpec::default()
+        }
+    }
+
+    pub fn redis_settings(&self) -> RedisSettings {
+        RedisSettings {
+            url: self.directory.redis_url.clone(),
+            key_prefix: self.directory.key_prefix.clone(),
+            response_timeout: Duration::from_millis(self.directory.response_timeout_ms),
+        }
+    }
+
+    /// The card directory this configuration names; the embedded one comes filled with the
+    /// synthetic population.
+    pub fn directory(&self) -> Result<Directory, ConfigError> {
+        Ok(match self.directory.kind {
+            DirectoryKind::Redis => Directory::Redis(RedisDirectory::connect(&self.redis_settings())?),
+            DirectoryKind::Embedded => {
+                let embedded = Arc::new(EmbeddedDirectory::default());
+                let spec = self.population();
+                spec.cards().for_each(|c| embedded.put_card(c));
+                spec.terminals().for_each(|t| embedded.put_terminal(t));
+                Directory::Embedded(embedded)
+            }
+        })
+    }
+
+    pub fn gateway_settings(&self, directory: Directory) -> Result<GatewaySettings, ConfigError> {
+        let s = &self.server;
+        let tls = match (&s.cert, &s.key) {
+            (Some(cert), Some(key)) => TlsSource::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+            },
+            _ => TlsSource::Dev {
+                dir: s.dev_cert_dir.clone(),
+            },
+        };
+        let log_salt = match &self.log.card_salt {
+            Some(hex) => tapgate_protocol::crypto::parse_key_hex(hex).map_err(|_| ConfigError::BadSalt)?,
+            None => rand::random(),
+        };
+        Ok(GatewaySettings {
+            listen: s.listen,
+            tls,
+            keys: self.key_ring()?,
+            limits: Limits {
+                max_connections: s.max_connections,
+                max_in_flight: s.max_in_flight,
+                resend_window: s.resend_window,
+                hello_timeout: Duration::from_millis(s.hello_timeout_ms),
+                idle_timeout: Duration::from_millis(s.idle_timeout_ms),
+                keep_alive: Duration::from_millis(s.keep_alive_ms),
+                udp_buffer_bytes: s.udp_buffer_bytes,
+                ..Limits::default()
+            },
+            policy: self.policy()?,
+            journal: JournalSettings {
+                dir: self.journal.dir.clone(),
+                segment_bytes: self.journal.segment_bytes,
+                queue_capacity: self.journal.queue_capacity,
+                max_batch: self.journal.max_batch,
+            },
+            directory,
+            negative_ttl_ms: self.directory.negative_ttl_ms,
+            cache_capacity: self.directory.cache_capacity,
+            log_salt,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_file_parses_and_names_every_section() {
+        let text = include_str!("../../tapgate.example.toml");
+        let config: Config = toml::from_str(text).unwrap();
+        assert_eq!(config.directory.kind, DirectoryKind::Redis);
+        assert!(config.key_ring().unwrap().master(1).is_some());
+    }
+
+    #[test]
+    fn redis_without_keys_refuses_and_embedded_falls_back_to_the_dev_key() {
+        let mut config = Config::default();
+        assert!(matches!(config.key_ring(), Err(ConfigError::NoKeys)));
+        config.directory.kind = DirectoryKind::Embedded;
+        assert!(config.key_ring().unwrap().master(1).is_some());
+    }
+
+    #[test]
+    fn unknown_settings_are_errors() {
+        assert!(toml::from_str::<Config>("[server]\nlisten_port = 1").is_err());
+    }
+}

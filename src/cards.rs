@@ -1,0 +1,219 @@
+//! `tapgate cards`: card records in the Redis directory.
+
+use clap::{Args, Subcommand};
+use std::path::PathBuf;
+use std::time::Duration;
+use tapgate_gateway::card::{CardRecord, CardState};
+use tapgate_gateway::directory::{Directory, RedisDirectory, RedisSettings, card_fields, parse_card};
+use tapgate_gateway::population::PopulationSpec;
+
+#[derive(Args)]
+pub struct CardsArgs {
+    /// Redis URL of the card directory.
+    #[arg(long, env = "TAPGATE_REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
+    redis_url: String,
+    /// Key prefix of the directory.
+    #[arg(long, default_value = "tapgate")]
+    key_prefix: String,
+    #[command(subcommand)]
+    action: CardsAction,
+}
+
+#[derive(Subcommand)]
+enum CardsAction {
+    /// Import cards from a CSV file with the header
+    /// `card_id,state,issuer,concession,rides_left,expires` (expires YYYY-MM-DD or empty).
+    Import { file: PathBuf },
+    /// Write a synthetic population of cards and gates (the one the load generator uses).
+    Generate {
+        #[arg(long, default_value_t = 100_000)]
+        cards: u64,
+        #[arg(long, default_value_t = 2_000)]
+        terminals: u64,
+        #[arg(long, default_value_t = 2026)]
+        seed: u64,
+        /// Shares of the population, each a fraction of 1.
+        #[arg(long, default_value_t = 0.12)]
+        elder: f64,
+        #[arg(long, default_value_t = 0.05)]
+        sichuan: f64,
+        #[arg(long, default_value_t = 0.03)]
+        t_union: f64,
+        #[arg(long, default_value_t = 0.01)]
+        lost: f64,
+        #[arg(long, default_value_t = 0.005)]
+        cancelled: f64,
+        /// Write the cards to this CSV file instead of Redis (gates are not written).
+        #[arg(long)]
+        csv: Option<PathBuf>,
+    },
+    /// Report a card lost: it is refused by every gateway from now on.
+    ReportLost { card_id: u64 },
+    /// Block a card.
+    Block { card_id: u64 },
+    /// Make a lost or blocked card active again.
+    Unblock { card_id: u64 },
+    /// Print a card's record.
+    Show { card_id: u64 },
+}
+
+const CSV_HEADER: &str = "card_id,state,issuer,concession,rides_left,expires";
+const BATCH: usize = 1000;
+
+pub fn run(args: CardsArgs) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    runtime.block_on(run_async(args))
+}
+
+async fn run_async(args: CardsArgs) -> Result<(), String> {
+    if let CardsAction::Generate { csv: Some(path), cards, terminals, seed, elder, sichuan, t_union, lost, cancelled } = &args.action {
+        let spec = spec(*cards, *terminals, *seed, *elder, *sichuan, *t_union, *lost, *cancelled);
+        return write_csv(path, &spec);
+    }
+    let directory = Directory::Redis(
+        RedisDirectory::connect(&RedisSettings {
+            url: args.redis_url.clone(),
+            key_prefix: args.key_prefix.clone(),
+            response_timeout: Duration::from_secs(5),
+        })
+        .map_err(|e| e.to_string())?,
+    );
+    match args.action {
+        CardsAction::Import { file } => {
+            let text = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            let records = parse_csv(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+            for chunk in records.chunks(BATCH) {
+                directory.put_cards(chunk).await.map_err(|e| e.to_string())?;
+            }
+            println!("imported {} cards", records.len());
+        }
+        CardsAction::Generate { cards, terminals, seed, elder, sichuan, t_union, lost, cancelled, csv: None } => {
+            let spec = spec(cards, terminals, seed, elder, sichuan, t_union, lost, cancelled);
+            let all: Vec<CardRecord> = spec.cards().collect();
+            for chunk in all.chunks(BATCH) {
+                directory.put_cards(chunk).await.map_err(|e| e.to_string())?;
+            }
+            let gates: Vec<_> = spec.terminals().collect();
+            for chunk in gates.chunks(BATCH) {
+                directory.put_terminals(chunk).await.map_err(|e| e.to_string())?;
+            }
+            println!("wrote {} cards and {} gates (seed {seed})", all.len(), gates.len());
+        }
+        CardsAction::Generate { .. } => unreachable!("the CSV case returned above"),
+        CardsAction::ReportLost { card_id } => set_state(&directory, card_id, CardState::Lost).await?,
+        CardsAction::Block { card_id } => set_state(&directory, card_id, CardState::Blocked).await?,
+        CardsAction::Unblock { card_id } => set_state(&directory, card_id, CardState::Active).await?,
+        CardsAction::Show { card_id } => match directory.card(card_id).await.map_err(|e| e.to_string())? {
+            Some(card) => println!("{}", csv_line(&card)),
+            None => return Err(format!("card {card_id} is not in the directory")),
+        },
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn spec(cards: u64, terminals: u64, seed: u64, elder: f64, sichuan: f64, t_union: f64, lost: f64, cancelled: f64) -> PopulationSpec {
+    PopulationSpec {
+        seed,
+        cards,
+        terminals,
+        elder,
+        sichuan,
+        t_union,
+        lost,
+        cancelled,
+        ..PopulationSpec::default()
+    }
+}
+
+async fn set_state(directory: &Directory, card_id: u64, state: CardState) -> Result<(), String> {
+    let mut card = directory
+        .card(card_id)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("card {card_id} is not in the directory"))?;
+    card.state = state;
+    directory.put_card(card).await.map_err(|e| e.to_string())?;
+    println!("card {card_id} is now {}", state.label());
+    Ok(())
+}
+
+fn csv_line(card: &CardRecord) -> String {
+    let fields = card_fields(card);
+    let value = |name: &str| fields.iter().find(|(k, _)| *k == name).map(|(_, v)| v.as_str()).unwrap_or("");
+    format!(
+        "{},{},{},{},{},{}",
+        card.card_id,
+        value("state"),
+        value("issuer"),
+        value("concession"),
+        value("rides"),
+        value("expires")
+    )
+}
+
+fn write_csv(path: &PathBuf, spec: &PopulationSpec) -> Result<(), String> {
+    use std::io::Write;
+    let file = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut out = std::io::BufWriter::new(file);
+    let io = |e: std::io::Error| format!("{}: {e}", path.display());
+    writeln!(out, "{CSV_HEADER}").map_err(io)?;
+    for card in spec.cards() {
+        writeln!(out, "{}", csv_line(&card)).map_err(io)?;
+    }
+    out.flush().map_err(io)?;
+    println!("wrote {} cards to {}", spec.cards, path.display());
+    Ok(())
+}
+
+fn parse_csv(text: &str) -> Result<Vec<CardRecord>, String> {
+    let mut lines = text.lines().enumerate();
+    match lines.next() {
+        Some((_, header)) if header.trim() == CSV_HEADER => {}
+        _ => return Err(format!("the first line must be `{CSV_HEADER}`")),
+    }
+    lines
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(|(n, line)| {
+            let cols: Vec<&str> = line.split(',').map(str::trim).collect();
+            let [id, state, issuer, concession, rides, expires] = cols[..] else {
+                return Err(format!("line {}: expected 6 columns, found {}", n + 1, cols.len()));
+            };
+            let card_id: u64 = id.parse().map_err(|_| format!("line {}: card_id `{id}` is not a number", n + 1))?;
+            let fields = [("state", state), ("issuer", issuer), ("concession", concession), ("rides", rides), ("expires", expires)]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect();
+            parse_card(card_id, &fields).map_err(|e| format!("line {}: {e}", n + 1))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_csv_parses_back_to_the_same_cards() {
+        let spec = PopulationSpec {
+            cards: 50,
+            ..PopulationSpec::default()
+        };
+        let mut text = format!("{CSV_HEADER}\n");
+        for card in spec.cards() {
+            text.push_str(&csv_line(&card));
+            text.push('\n');
+        }
+        assert_eq!(parse_csv(&text).unwrap(), spec.cards().collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn bad_csv_lines_name_the_line_and_the_problem() {
+        let text = format!("{CSV_HEADER}\n1,active,cq_ssc,none,0,\n2,stolen,cq_ssc,none,0,\n");
+        assert_eq!(parse_csv(&text).unwrap_err(), "line 3: unknown state `stolen`");
+        assert!(parse_csv("id,state\n").unwrap_err().contains("first line"));
+    }
+}

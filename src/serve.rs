@@ -1,0 +1,115 @@
+//! `tapgate serve`.
+
+use clap::Args;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use tapgate_gateway::config::{Config, DirectoryKind};
+use tapgate_gateway::server::Gateway;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Configuration file (TOML); see tapgate.example.toml. Defaults apply without one.
+    #[arg(long, short, env = "TAPGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on (UDP).
+    #[arg(long, env = "TAPGATE_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Redis URL of the card directory.
+    #[arg(long, env = "TAPGATE_REDIS_URL")]
+    redis_url: Option<String>,
+    /// Use the in-process directory with the synthetic population instead of Redis.
+    #[arg(long)]
+    embedded: bool,
+    /// Journal directory.
+    #[arg(long, env = "TAPGATE_JOURNAL_DIR")]
+    journal_dir: Option<PathBuf>,
+    /// Where the development certificate is kept.
+    #[arg(long, env = "TAPGATE_DEV_CERT_DIR")]
+    dev_cert_dir: Option<PathBuf>,
+    /// Policy file; reloaded on SIGHUP.
+    #[arg(long, env = "TAPGATE_POLICY")]
+    policy: Option<PathBuf>,
+    /// Master key as VERSION=HEX; repeatable. Adds to or replaces the file's [keys].
+    #[arg(long = "master-key", env = "TAPGATE_MASTER_KEYS", value_delimiter = ',')]
+    master_keys: Vec<String>,
+    /// tracing filter (overrides [log] filter), e.g. debug or tapgate_gateway=debug.
+    #[arg(long, env = "TAPGATE_LOG")]
+    log: Option<String>,
+}
+
+impl ServeArgs {
+    fn config(&self) -> Result<Config, String> {
+        let mut config = match &self.config {
+            Some(path) => Config::load(path).map_err(|e| e.to_string())?,
+            None => Config::default(),
+        };
+        if let Some(listen) = self.listen {
+            config.server.listen = listen;
+        }
+        if let Some(url) = &self.redis_url {
+            config.directory.redis_url = url.clone();
+        }
+        if self.embedded {
+            config.directory.kind = DirectoryKind::Embedded;
+        }
+        if let Some(dir) = &self.journal_dir {
+            config.journal.dir = dir.clone();
+        }
+        if let Some(dir) = &self.dev_cert_dir {
+            config.server.dev_cert_dir = dir.clone();
+        }
+        if let Some(policy) = &self.policy {
+            config.policy.file = Some(policy.clone());
+        }
+        for entry in &self.master_keys {
+            let (version, hex) = entry
+                .split_once('=')
+                .ok_or_else(|| format!("--master-key `{entry}`: expected VERSION=HEX"))?;
+            config.keys.insert(version.trim().to_owned(), hex.trim().to_owned());
+        }
+        if let Some(filter) = &self.log {
+            config.log.filter = filter.clone();
+        }
+        Ok(config)
+    }
+}
+
+pub fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
+}
+
+pub fn run(args: ServeArgs) -> Result<(), String> {
+    let config = args.config()?;
+    init_logging(&config.log.filter);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))?;
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: Config) -> Result<(), String> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let directory = config.directory().map_err(|e| e.to_string())?;
+    let settings = config.gateway_settings(directory).map_err(|e| e.to_string())?;
+    let gateway = Gateway::start(settings).await.map_err(|e| e.to_string())?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut hangup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = terminate.recv() => break,
+            _ = hangup.recv() => match config.policy() {
+                Ok(policy) => {
+                    gateway.set_policy(policy);
+                    tracing::info!("policy reloaded");
+                }
+                Err(e) => tracing::error!(error = %e, "policy reload failed; keeping the current policy"),
+            },
+        }
+    }
+    gateway.shutdown().await;
+    Ok(())
+}

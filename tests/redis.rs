@@ -1,0 +1,132 @@
+//! End-to-end with a private redis-server per test: the Redis card directory, its change feed
+//! across two gateways, and Redis going away and coming back.
+
+mod support;
+
+use std::time::{Duration, Instant};
+use support::*;
+use tapgate_gateway::card::CardState;
+use tapgate_gateway::directory::Directory;
+use tapgate_protocol::{Concession, Issuer, Outcome, Reason, TapKind};
+
+const CARD: u64 = 6_222_000_000_000_001;
+
+async fn provision(directory: &Directory) {
+    directory
+        .put_terminals(&[YUZHONG_BUS, WANZHOU_BUS, YUZHONG_METRO])
+        .await
+        .unwrap();
+    directory
+        .put_card(card(CARD, CardState::Active, Issuer::ChongqingSsc, Concession::None, 0))
+        .await
+        .unwrap();
+}
+
+async fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < limit, "condition not reached within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    start.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_card_report_reaches_a_second_gateway_sharing_the_redis() {
+    let redis = RedisServer::start();
+    let directory = redis.directory();
+    provision(&directory).await;
+    let (a_state, b_state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Harness::start(redis.directory(), a_state.path()).await;
+    let b = Harness::start(redis.directory(), b_state.path()).await;
+    let mut gate_a = a.gate(&YUZHONG_BUS).await;
+    let mut gate_b = b.gate(&WANZHOU_BUS).await;
+    assert_eq!(gate_a.tap(tap(1, CARD, TapKind::Flat)).await.unwrap().outcome, Outcome::Approve);
+    assert_eq!(gate_b.tap(tap(1, CARD, TapKind::Flat)).await.unwrap().outcome, Outcome::Approve);
+
+    let mut lost = card(CARD, CardState::Lost, Issuer::ChongqingSsc, Concession::None, 0);
+    lost.expires_on = None;
+    directory.put_card(lost).await.unwrap();
+    let cache_b = b.gateway.cache().clone();
+    wait_until(Duration::from_secs(5), || cache_b.cached(CARD).map(|c| c.state) == Some(CardState::Lost)).await;
+    assert_eq!(gate_b.tap(tap(2, CARD, TapKind::Flat)).await.unwrap().reason, Reason::CardLost);
+    assert_eq!(gate_a.tap(tap(2, CARD, TapKind::Flat)).await.unwrap().reason, Reason::CardLost);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_while_the_gateway_runs() {
+    let mut redis = RedisServer::start();
+    let directory = redis.directory();
+    provision(&directory).await;
+    let state = tempfile::tempdir().unwrap();
+    let h = Harness::start(redis.directory(), state.path()).await;
+    let mut gate = h.gate(&YUZHONG_BUS).await;
+    assert_eq!(gate.tap(tap(1, CARD, TapKind::Flat)).await.unwrap().outcome, Outcome::Approve);
+
+    redis.stop();
+    // Cached cards keep riding; uncached ones are denied as the directory is unreachable.
+    assert_eq!(gate.tap(tap(2, CARD, TapKind::Flat)).await.unwrap().outcome, Outcome::Approve);
+    let r = gate.tap(tap(3, CARD + 1, TapKind::Flat)).await.unwrap();
+    assert_eq!((r.outcome, r.reason), (Outcome::Deny, Reason::DirectoryUnavailable));
+
+    // Redis comes back empty (it keeps nothing on disk here); a report made now must reach the
+    // gateway through the reconnected change feed, and the empty stream makes it drop its cache.
+    redis.restart();
+    let directory = redis.directory();
+    provision(&directory).await;
+    directory
+        .put_card(card(CARD, CardState::Blocked, Issuer::ChongqingSsc, Concession::None, 0))
+        .await
+        .unwrap();
+    let cache = h.gateway.cache().clone();
+    wait_until(Duration::from_secs(10), || cache.cached(CARD).is_none_or(|c| c.state == CardState::Blocked)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut sequence = 4;
+    loop {
+        let r = gate.tap(tap(sequence, CARD, TapKind::Flat)).await.unwrap();
+        sequence += 1;
+        if r.reason == Reason::CardBlocked {
+            break;
+        }
+        assert!(Instant::now() < deadline, "gateway never saw the block after Redis came back: {r:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = gate.tap(tap(sequence, CARD + 1, TapKind::Flat)).await.unwrap();
+    assert_eq!(r.reason, Reason::UnknownCard, "lookups work again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_change_feed_catches_up_on_changes_made_while_it_was_disconnected() {
+    let redis = RedisServer::start();
+    let directory = redis.directory();
+    provision(&directory).await;
+    let state = tempfile::tempdir().unwrap();
+    let h = Harness::start(redis.directory(), state.path()).await;
+    let mut gate = h.gate(&YUZHONG_BUS).await;
+    assert_eq!(gate.tap(tap(1, CARD, TapKind::Flat)).await.unwrap().outcome, Outcome::Approve);
+    // Cut every client connection (the gateway's feed among them), then report the card lost.
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut admin = client.get_multiplexed_async_connection().await.unwrap();
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert!(killed >= 1);
+    // The feed waits 200 ms before reconnecting, so this lands while it is away. The writer's
+    // own connection was cut too; its first attempt may fail.
+    let lost = card(CARD, CardState::Lost, Issuer::ChongqingSsc, Concession::None, 0);
+    if directory.put_card(lost).await.is_err() {
+        directory.put_card(lost).await.unwrap();
+    }
+    assert_eq!(cache_state(&h), Some(CardState::Active), "not applied before the feed is back");
+    let cache = h.gateway.cache().clone();
+    wait_until(Duration::from_secs(10), || cache.cached(CARD).map(|c| c.state) == Some(CardState::Lost)).await;
+    assert_eq!(gate.tap(tap(2, CARD, TapKind::Flat)).await.unwrap().reason, Reason::CardLost);
+}
+
+fn cache_state(h: &Harness) -> Option<CardState> {
+    h.gateway.cache().cached(CARD).map(|c| c.state)
+}
