@@ -4,13 +4,19 @@ use clap::{Args, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
 use tapgate_gateway::card::{CardRecord, CardState};
-use tapgate_gateway::directory::{Directory, RedisDirectory, RedisSettings, card_fields, parse_card};
+use tapgate_gateway::directory::{
+    Directory, RedisDirectory, RedisSettings, card_fields, parse_card,
+};
 use tapgate_gateway::population::PopulationSpec;
 
 #[derive(Args)]
 pub struct CardsArgs {
     /// Redis URL of the card directory.
-    #[arg(long, env = "TAPGATE_REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
+    #[arg(
+        long,
+        env = "TAPGATE_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379/"
+    )]
     redis_url: String,
     /// Key prefix of the directory.
     #[arg(long, default_value = "tapgate")]
@@ -69,8 +75,21 @@ pub fn run(args: CardsArgs) -> Result<(), String> {
 }
 
 async fn run_async(args: CardsArgs) -> Result<(), String> {
-    if let CardsAction::Generate { csv: Some(path), cards, terminals, seed, elder, sichuan, t_union, lost, cancelled } = &args.action {
-        let spec = spec(*cards, *terminals, *seed, *elder, *sichuan, *t_union, *lost, *cancelled);
+    if let CardsAction::Generate {
+        csv: Some(path),
+        cards,
+        terminals,
+        seed,
+        elder,
+        sichuan,
+        t_union,
+        lost,
+        cancelled,
+    } = &args.action
+    {
+        let spec = spec(
+            *cards, *terminals, *seed, *elder, *sichuan, *t_union, *lost, *cancelled,
+        );
         return write_csv(path, &spec);
     }
     let directory = Directory::Redis(
@@ -83,39 +102,82 @@ async fn run_async(args: CardsArgs) -> Result<(), String> {
     );
     match args.action {
         CardsAction::Import { file } => {
-            let text = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            let text =
+                std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
             let records = parse_csv(&text).map_err(|e| format!("{}: {e}", file.display()))?;
             for chunk in records.chunks(BATCH) {
-                directory.put_cards(chunk).await.map_err(|e| e.to_string())?;
+                directory
+                    .put_cards(chunk)
+                    .await
+                    .map_err(|e| e.to_string())?;
             }
             println!("imported {} cards", records.len());
         }
-        CardsAction::Generate { cards, terminals, seed, elder, sichuan, t_union, lost, cancelled, csv: None } => {
-            let spec = spec(cards, terminals, seed, elder, sichuan, t_union, lost, cancelled);
+        CardsAction::Generate {
+            cards,
+            terminals,
+            seed,
+            elder,
+            sichuan,
+            t_union,
+            lost,
+            cancelled,
+            csv: None,
+        } => {
+            let spec = spec(
+                cards, terminals, seed, elder, sichuan, t_union, lost, cancelled,
+            );
             let all: Vec<CardRecord> = spec.cards().collect();
             for chunk in all.chunks(BATCH) {
-                directory.put_cards(chunk).await.map_err(|e| e.to_string())?;
+                directory
+                    .put_cards(chunk)
+                    .await
+                    .map_err(|e| e.to_string())?;
             }
             let gates: Vec<_> = spec.terminals().collect();
             for chunk in gates.chunks(BATCH) {
-                directory.put_terminals(chunk).await.map_err(|e| e.to_string())?;
+                directory
+                    .put_terminals(chunk)
+                    .await
+                    .map_err(|e| e.to_string())?;
             }
-            println!("wrote {} cards and {} gates (seed {seed})", all.len(), gates.len());
+            println!(
+                "wrote {} cards and {} gates (seed {seed})",
+                all.len(),
+                gates.len()
+            );
         }
         CardsAction::Generate { .. } => unreachable!("the CSV case returned above"),
-        CardsAction::ReportLost { card_id } => set_state(&directory, card_id, CardState::Lost).await?,
-        CardsAction::Block { card_id } => set_state(&directory, card_id, CardState::Blocked).await?,
-        CardsAction::Unblock { card_id } => set_state(&directory, card_id, CardState::Active).await?,
-        CardsAction::Show { card_id } => match directory.card(card_id).await.map_err(|e| e.to_string())? {
-            Some(card) => println!("{}", csv_line(&card)),
-            None => return Err(format!("card {card_id} is not in the directory")),
-        },
+        CardsAction::ReportLost { card_id } => {
+            set_state(&directory, card_id, CardState::Lost).await?
+        }
+        CardsAction::Block { card_id } => {
+            set_state(&directory, card_id, CardState::Blocked).await?
+        }
+        CardsAction::Unblock { card_id } => {
+            set_state(&directory, card_id, CardState::Active).await?
+        }
+        CardsAction::Show { card_id } => {
+            match directory.card(card_id).await.map_err(|e| e.to_string())? {
+                Some(card) => println!("{}", csv_line(&card)),
+                None => return Err(format!("card {card_id} is not in the directory")),
+            }
+        }
     }
     Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
-fn spec(cards: u64, terminals: u64, seed: u64, elder: f64, sichuan: f64, t_union: f64, lost: f64, cancelled: f64) -> PopulationSpec {
+fn spec(
+    cards: u64,
+    terminals: u64,
+    seed: u64,
+    elder: f64,
+    sichuan: f64,
+    t_union: f64,
+    lost: f64,
+    cancelled: f64,
+) -> PopulationSpec {
     PopulationSpec {
         seed,
         cards,
@@ -143,7 +205,13 @@ async fn set_state(directory: &Directory, card_id: u64, state: CardState) -> Res
 
 fn csv_line(card: &CardRecord) -> String {
     let fields = card_fields(card);
-    let value = |name: &str| fields.iter().find(|(k, _)| *k == name).map(|(_, v)| v.as_str()).unwrap_or("");
+    let value = |name: &str| {
+        fields
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or("")
+    };
     format!(
         "{},{},{},{},{},{}",
         card.card_id,
@@ -180,13 +248,25 @@ fn parse_csv(text: &str) -> Result<Vec<CardRecord>, String> {
         .map(|(n, line)| {
             let cols: Vec<&str> = line.split(',').map(str::trim).collect();
             let [id, state, issuer, concession, rides, expires] = cols[..] else {
-                return Err(format!("line {}: expected 6 columns, found {}", n + 1, cols.len()));
+                return Err(format!(
+                    "line {}: expected 6 columns, found {}",
+                    n + 1,
+                    cols.len()
+                ));
             };
-            let card_id: u64 = id.parse().map_err(|_| format!("line {}: card_id `{id}` is not a number", n + 1))?;
-            let fields = [("state", state), ("issuer", issuer), ("concession", concession), ("rides", rides), ("expires", expires)]
-                .into_iter()
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .collect();
+            let card_id: u64 = id
+                .parse()
+                .map_err(|_| format!("line {}: card_id `{id}` is not a number", n + 1))?;
+            let fields = [
+                ("state", state),
+                ("issuer", issuer),
+                ("concession", concession),
+                ("rides", rides),
+                ("expires", expires),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
             parse_card(card_id, &fields).map_err(|e| format!("line {}: {e}", n + 1))
         })
         .collect()
@@ -213,7 +293,10 @@ mod tests {
     #[test]
     fn bad_csv_lines_name_the_line_and_the_problem() {
         let text = format!("{CSV_HEADER}\n1,active,cq_ssc,none,0,\n2,stolen,cq_ssc,none,0,\n");
-        assert_eq!(parse_csv(&text).unwrap_err(), "line 3: unknown state `stolen`");
+        assert_eq!(
+            parse_csv(&text).unwrap_err(),
+            "line 3: unknown state `stolen`"
+        );
         assert!(parse_csv("id,state\n").unwrap_err().contains("first line"));
     }
 }

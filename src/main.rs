@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "tapgate", version, about = "QUIC tap gateway for Chongqing one-card transit")]
+#[command(
+    name = "tapgate",
+    version,
+    about = "QUIC tap gateway for Chongqing one-card transit"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -30,7 +30,11 @@ pub struct ServeArgs {
     #[arg(long, env = "TAPGATE_POLICY")]
     policy: Option<PathBuf>,
     /// Master key as VERSION=HEX; repeatable. Adds to or replaces the file's [keys].
-    #[arg(long = "master-key", env = "TAPGATE_MASTER_KEYS", value_delimiter = ',')]
+    #[arg(
+        long = "master-key",
+        env = "TAPGATE_MASTER_KEYS",
+        value_delimiter = ','
+    )]
     master_keys: Vec<String>,
     /// tracing filter (overrides [log] filter), e.g. debug or tapgate_gateway=debug.
     #[arg(long, env = "TAPGATE_LOG")]
@@ -65,7 +69,9 @@ impl ServeArgs {
             let (version, hex) = entry
                 .split_once('=')
                 .ok_or_else(|| format!("--master-key `{entry}`: expected VERSION=HEX"))?;
-            config.keys.insert(version.trim().to_owned(), hex.trim().to_owned());
+            config
+                .keys
+                .insert(version.trim().to_owned(), hex.trim().to_owned());
         }
         if let Some(filter) = &self.log {
             config.log.filter = filter.clone();
@@ -77,7 +83,10 @@ impl ServeArgs {
 pub fn init_logging(filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .try_init();
 }
 
 pub fn run(args: ServeArgs) -> Result<(), String> {
@@ -93,7 +102,9 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
 async fn serve(config: Config) -> Result<(), String> {
     use tokio::signal::unix::{SignalKind, signal};
     let directory = config.directory().map_err(|e| e.to_string())?;
-    let settings = config.gateway_settings(directory).map_err(|e| e.to_string())?;
+    let settings = config
+        .gateway_settings(directory)
+        .map_err(|e| e.to_string())?;
     let gateway = Gateway::start(settings).await.map_err(|e| e.to_string())?;
     let mut terminate = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut hangup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;

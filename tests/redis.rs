@@ -17,7 +17,13 @@ async fn provision(directory: &Directory) {
         .await
         .unwrap();
     directory
-        .put_card(card(CARD, CardState::Active, Issuer::ChongqingSsc, Concession::None, 0))
+        .put_card(card(
+            CARD,
+            CardState::Active,
+            Issuer::ChongqingSsc,
+            Concession::None,
+            0,
+        ))
         .await
         .unwrap();
 }
@@ -25,7 +31,10 @@ async fn provision(directory: &Directory) {
 async fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> Duration {
     let start = Instant::now();
     while !done() {
-        assert!(start.elapsed() < limit, "condition not reached within {limit:?}");
+        assert!(
+            start.elapsed() < limit,
+            "condition not reached within {limit:?}"
+        );
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     start.elapsed()
@@ -41,16 +50,53 @@ async fn a_lost_card_report_reaches_a_second_gateway_sharing_the_redis() {
     let b = Harness::start(redis.directory(), b_state.path()).await;
     let mut gate_a = a.gate(&YUZHONG_BUS).await;
     let mut gate_b = b.gate(&WANZHOU_BUS).await;
-    assert_eq!(gate_a.tap(tap(1, CARD, TapKind::Flat)).await.unwrap().outcome, Outcome::Approve);
-    assert_eq!(gate_b.tap(tap(1, CARD, TapKind::Flat)).await.unwrap().outcome, Outcome::Approve);
+    assert_eq!(
+        gate_a
+            .tap(tap(1, CARD, TapKind::Flat))
+            .await
+            .unwrap()
+            .outcome,
+        Outcome::Approve
+    );
+    assert_eq!(
+        gate_b
+            .tap(tap(1, CARD, TapKind::Flat))
+            .await
+            .unwrap()
+            .outcome,
+        Outcome::Approve
+    );
 
-    let mut lost = card(CARD, CardState::Lost, Issuer::ChongqingSsc, Concession::None, 0);
+    let mut lost = card(
+        CARD,
+        CardState::Lost,
+        Issuer::ChongqingSsc,
+        Concession::None,
+        0,
+    );
     lost.expires_on = None;
     directory.put_card(lost).await.unwrap();
     let cache_b = b.gateway.cache().clone();
-    wait_until(Duration::from_secs(5), || cache_b.cached(CARD).map(|c| c.state) == Some(CardState::Lost)).await;
-    assert_eq!(gate_b.tap(tap(2, CARD, TapKind::Flat)).await.unwrap().reason, Reason::CardLost);
-    assert_eq!(gate_a.tap(tap(2, CARD, TapKind::Flat)).await.unwrap().reason, Reason::CardLost);
+    wait_until(Duration::from_secs(5), || {
+        cache_b.cached(CARD).map(|c| c.state) == Some(CardState::Lost)
+    })
+    .await;
+    assert_eq!(
+        gate_b
+            .tap(tap(2, CARD, TapKind::Flat))
+            .await
+            .unwrap()
+            .reason,
+        Reason::CardLost
+    );
+    assert_eq!(
+        gate_a
+            .tap(tap(2, CARD, TapKind::Flat))
+            .await
+            .unwrap()
+            .reason,
+        Reason::CardLost
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -61,13 +107,22 @@ async fn redis_restarted_while_the_gateway_runs() {
     let state = tempfile::tempdir().unwrap();
     let h = Harness::start(redis.directory(), state.path()).await;
     let mut gate = h.gate(&YUZHONG_BUS).await;
-    assert_eq!(gate.tap(tap(1, CARD, TapKind::Flat)).await.unwrap().outcome, Outcome::Approve);
+    assert_eq!(
+        gate.tap(tap(1, CARD, TapKind::Flat)).await.unwrap().outcome,
+        Outcome::Approve
+    );
 
     redis.stop();
     // Cached cards keep riding; uncached ones are denied as the directory is unreachable.
-    assert_eq!(gate.tap(tap(2, CARD, TapKind::Flat)).await.unwrap().outcome, Outcome::Approve);
+    assert_eq!(
+        gate.tap(tap(2, CARD, TapKind::Flat)).await.unwrap().outcome,
+        Outcome::Approve
+    );
     let r = gate.tap(tap(3, CARD + 1, TapKind::Flat)).await.unwrap();
-    assert_eq!((r.outcome, r.reason), (Outcome::Deny, Reason::DirectoryUnavailable));
+    assert_eq!(
+        (r.outcome, r.reason),
+        (Outcome::Deny, Reason::DirectoryUnavailable)
+    );
 
     // Redis comes back empty (it keeps nothing on disk here); a report made now must reach the
     // gateway through the reconnected change feed, and the empty stream makes it drop its cache.
@@ -75,11 +130,22 @@ async fn redis_restarted_while_the_gateway_runs() {
     let directory = redis.directory();
     provision(&directory).await;
     directory
-        .put_card(card(CARD, CardState::Blocked, Issuer::ChongqingSsc, Concession::None, 0))
+        .put_card(card(
+            CARD,
+            CardState::Blocked,
+            Issuer::ChongqingSsc,
+            Concession::None,
+            0,
+        ))
         .await
         .unwrap();
     let cache = h.gateway.cache().clone();
-    wait_until(Duration::from_secs(10), || cache.cached(CARD).is_none_or(|c| c.state == CardState::Blocked)).await;
+    wait_until(Duration::from_secs(10), || {
+        cache
+            .cached(CARD)
+            .is_none_or(|c| c.state == CardState::Blocked)
+    })
+    .await;
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut sequence = 4;
     loop {
@@ -88,10 +154,16 @@ async fn redis_restarted_while_the_gateway_runs() {
         if r.reason == Reason::CardBlocked {
             break;
         }
-        assert!(Instant::now() < deadline, "gateway never saw the block after Redis came back: {r:?}");
+        assert!(
+            Instant::now() < deadline,
+            "gateway never saw the block after Redis came back: {r:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let r = gate.tap(tap(sequence, CARD + 1, TapKind::Flat)).await.unwrap();
+    let r = gate
+        .tap(tap(sequence, CARD + 1, TapKind::Flat))
+        .await
+        .unwrap();
     assert_eq!(r.reason, Reason::UnknownCard, "lookups work again");
 }
 
@@ -103,7 +175,10 @@ async fn the_change_feed_catches_up_on_changes_made_while_it_was_disconnected() 
     let state = tempfile::tempdir().unwrap();
     let h = Harness::start(redis.directory(), state.path()).await;
     let mut gate = h.gate(&YUZHONG_BUS).await;
-    assert_eq!(gate.tap(tap(1, CARD, TapKind::Flat)).await.unwrap().outcome, Outcome::Approve);
+    assert_eq!(
+        gate.tap(tap(1, CARD, TapKind::Flat)).await.unwrap().outcome,
+        Outcome::Approve
+    );
     // Cut every client connection (the gateway's feed among them), then report the card lost.
     let client = redis::Client::open(redis.url()).unwrap();
     let mut admin = client.get_multiplexed_async_connection().await.unwrap();
@@ -117,14 +192,30 @@ async fn the_change_feed_catches_up_on_changes_made_while_it_was_disconnected() 
     assert!(killed >= 1);
     // The feed waits 200 ms before reconnecting, so this lands while it is away. The writer's
     // own connection was cut too; its first attempt may fail.
-    let lost = card(CARD, CardState::Lost, Issuer::ChongqingSsc, Concession::None, 0);
+    let lost = card(
+        CARD,
+        CardState::Lost,
+        Issuer::ChongqingSsc,
+        Concession::None,
+        0,
+    );
     if directory.put_card(lost).await.is_err() {
         directory.put_card(lost).await.unwrap();
     }
-    assert_eq!(cache_state(&h), Some(CardState::Active), "not applied before the feed is back");
+    assert_eq!(
+        cache_state(&h),
+        Some(CardState::Active),
+        "not applied before the feed is back"
+    );
     let cache = h.gateway.cache().clone();
-    wait_until(Duration::from_secs(10), || cache.cached(CARD).map(|c| c.state) == Some(CardState::Lost)).await;
-    assert_eq!(gate.tap(tap(2, CARD, TapKind::Flat)).await.unwrap().reason, Reason::CardLost);
+    wait_until(Duration::from_secs(10), || {
+        cache.cached(CARD).map(|c| c.state) == Some(CardState::Lost)
+    })
+    .await;
+    assert_eq!(
+        gate.tap(tap(2, CARD, TapKind::Flat)).await.unwrap().reason,
+        Reason::CardLost
+    );
 }
 
 fn cache_state(h: &Harness) -> Option<CardState> {

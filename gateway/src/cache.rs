@@ -34,6 +34,8 @@ struct Entry {
     activity: CardActivity,
 }
 
+const ENTRY_SHARDS: usize = 1024;
+
 type Fetch = Arc<OnceCell<Result<Option<CardRecord>, DirectoryError>>>;
 
 /// Cache counters, read by metrics.
@@ -60,7 +62,9 @@ pub struct CardCache {
 impl CardCache {
     pub fn new(directory: Directory, negative_ttl_ms: u64, capacity: usize) -> Self {
         Self {
-            entries: DashMap::new(),
+            // Many shards: a hit write-locks its shard, and with few shards the lock words of
+            // concurrently hit shards share cache lines that then bounce between cores.
+            entries: DashMap::with_shard_amount(ENTRY_SHARDS),
             fetches: DashMap::new(),
             directory,
             negative_ttl_ms,
@@ -94,14 +98,14 @@ impl CardCache {
         policy: &Policy,
         now_ms: u64,
     ) -> Decision {
-        if let Some(decision) = self.decide_cached(tap, place, policy, now_ms) {
+        if let Some(decision) = self.authorize_cached(tap, place, policy, now_ms) {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
             return decision;
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
         match self.fetch(tap.card_id, now_ms).await {
             Ok(()) => self
-                .decide_cached(tap, place, policy, now_ms)
+                .authorize_cached(tap, place, policy, now_ms)
                 // Evicted between the fetch and now (capacity pressure): decide without caching.
                 .unwrap_or_else(|| {
                     decide(
@@ -124,7 +128,8 @@ impl CardCache {
         }
     }
 
-    fn decide_cached(
+    /// The hit path alone: decides from the cache, or `None` when the card must be fetched.
+    pub fn authorize_cached(
         &self,
         tap: &Tap,
         place: GatePlace,

@@ -19,7 +19,7 @@ use tapgate_protocol::{KeyRing, MasterKey};
 /// A Redis-backed gateway refuses to start without keys of its own.
 pub const DEV_MASTER_KEY_HEX: &str = "7a6b5c4d3e2f10011001f2e3d4c5b6a7";
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
@@ -148,19 +148,6 @@ impl Default for LogConfig {
     }
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            server: ServerConfig::default(),
-            keys: BTreeMap::new(),
-            directory: DirectoryConfig::default(),
-            journal: JournalConfig::default(),
-            policy: PolicyConfig::default(),
-            log: LogConfig::default(),
-        }
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading {path}: {source}")]
@@ -202,7 +189,9 @@ impl Config {
     pub fn key_ring(&self) -> Result<KeyRing, ConfigError> {
         let mut ring = KeyRing::new();
         for (version, hex) in &self.keys {
-            let v: u8 = version.parse().map_err(|_| ConfigError::BadKey(version.clone()))?;
+            let v: u8 = version
+                .parse()
+                .map_err(|_| ConfigError::BadKey(version.clone()))?;
             let key = MasterKey::from_hex(hex).map_err(|_| ConfigError::BadKey(version.clone()))?;
             ring.insert(v, key);
         }
@@ -210,7 +199,10 @@ impl Config {
             if self.directory.kind == DirectoryKind::Redis {
                 return Err(ConfigError::NoKeys);
             }
-            ring.insert(1, MasterKey::from_hex(DEV_MASTER_KEY_HEX).expect("valid dev key"));
+            ring.insert(
+                1,
+                MasterKey::from_hex(DEV_MASTER_KEY_HEX).expect("valid dev key"),
+            );
         }
         Ok(ring)
     }
@@ -251,7 +243,9 @@ impl Config {
     /// synthetic population.
     pub fn directory(&self) -> Result<Directory, ConfigError> {
         Ok(match self.directory.kind {
-            DirectoryKind::Redis => Directory::Redis(RedisDirectory::connect(&self.redis_settings())?),
+            DirectoryKind::Redis => {
+                Directory::Redis(RedisDirectory::connect(&self.redis_settings())?)
+            }
             DirectoryKind::Embedded => {
                 let embedded = Arc::new(EmbeddedDirectory::default());
                 let spec = self.population();
@@ -274,7 +268,9 @@ impl Config {
             },
         };
         let log_salt = match &self.log.card_salt {
-            Some(hex) => tapgate_protocol::crypto::parse_key_hex(hex).map_err(|_| ConfigError::BadSalt)?,
+            Some(hex) => {
+                tapgate_protocol::crypto::parse_key_hex(hex).map_err(|_| ConfigError::BadSalt)?
+            }
             None => rand::random(),
         };
         Ok(GatewaySettings {

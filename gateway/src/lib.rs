@@ -6,6 +6,7 @@
 
 pub mod cache;
 pub mod card;
+pub mod config;
 pub mod decide;
 pub mod directory;
 pub mod journal;
@@ -14,4 +15,3 @@ pub mod policy;
 pub mod population;
 pub mod server;
 pub mod tls;
-pub mod config;

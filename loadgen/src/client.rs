@@ -164,10 +164,10 @@ impl GateClient {
     pub async fn recv(&mut self) -> Result<Frame, ClientError> {
         loop {
             if let Some(frame) = take_frame(&mut self.buf)? {
-                if frame.frame_type() == FrameType::Error {
-                    if let Ok(Frame::Error(error)) = frame.parse_unverified() {
-                        return Err(ClientError::Refused(error));
-                    }
+                if frame.frame_type() == FrameType::Error
+                    && let Ok(Frame::Error(error)) = frame.parse_unverified()
+                {
+                    return Err(ClientError::Refused(error));
                 }
                 return frame.open(&self.mac).map_err(|e| match e {
                     tapgate_protocol::OpenError::BadMac(_) => ClientError::BadMac,

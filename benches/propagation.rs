@@ -1,0 +1,94 @@
+//! How long a lost-card report takes to reach a running gateway's cache through a shared Redis:
+//! from the moment the report's MULTI/EXEC (record + change-stream entry) returns, to the moment
+//! the gateway's cache holds the new state. Starts a private redis-server like the tests do.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use std::time::{Duration, Instant};
+use support::{Harness, RedisServer, WANZHOU_BUS, card};
+use tapgate_gateway::card::CardState;
+use tapgate_gateway::server::now_ms;
+use tapgate_protocol::{Concession, Issuer};
+
+const CARD: u64 = 6_222_000_000_000_042;
+
+fn bench(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let redis = RedisServer::start();
+    let state = tempfile::tempdir().unwrap();
+    let (reporter, gateway) = runtime.block_on(async {
+        let reporter = redis.directory();
+        reporter.put_terminals(&[WANZHOU_BUS]).await.unwrap();
+        reporter
+            .put_card(card(
+                CARD,
+                CardState::Active,
+                Issuer::ChongqingSsc,
+                Concession::None,
+                0,
+            ))
+            .await
+            .unwrap();
+        let gateway = Harness::start(redis.directory(), state.path()).await;
+        let policy = tapgate_gateway::policy::Policy::embedded_default();
+        // Load the card into the gateway's cache, as a tap would.
+        gateway
+            .gateway
+            .cache()
+            .authorize(
+                &support::tap(1, CARD, tapgate_protocol::TapKind::Flat),
+                tapgate_gateway::decide::GatePlace {
+                    area: WANZHOU_BUS.area,
+                    mode: WANZHOU_BUS.mode,
+                },
+                &policy,
+                now_ms(),
+            )
+            .await;
+        (reporter, gateway)
+    });
+    let cache = gateway.gateway.cache().clone();
+    let mut lost = false;
+    c.bench_function("lost_card_report_to_second_gateway", |b| {
+        b.iter_custom(|iters| {
+            runtime.block_on(async {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    lost = !lost;
+                    let state = if lost {
+                        CardState::Lost
+                    } else {
+                        CardState::Active
+                    };
+                    reporter
+                        .put_card(card(CARD, state, Issuer::ChongqingSsc, Concession::None, 0))
+                        .await
+                        .unwrap();
+                    let start = Instant::now();
+                    while cache.cached(CARD).map(|c| c.state) != Some(state) {
+                        assert!(
+                            start.elapsed() < Duration::from_secs(5),
+                            "change never arrived"
+                        );
+                        tokio::task::yield_now().await;
+                    }
+                    total += start.elapsed();
+                }
+                total
+            })
+        })
+    });
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(50).measurement_time(Duration::from_secs(5));
+    targets = bench
+}
+criterion_main!(benches);
