@@ -1,6 +1,6 @@
 //! How long a lost-card report takes to reach a running gateway's cache through a shared Redis:
-//! from the moment the report's MULTI/EXEC (record + change-stream entry) returns, to the moment
-//! the gateway's cache holds the new state. Starts a private redis-server like the tests do.
+//! from issuing the report (the MULTI/EXEC that writes the record and its change-stream entry)
+//! to the gateway's cache holding the new state. Starts a private redis-server as the tests do.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -66,11 +66,11 @@ fn bench(c: &mut Criterion) {
                     } else {
                         CardState::Active
                     };
+                    let start = Instant::now();
                     reporter
                         .put_card(card(CARD, state, Issuer::ChongqingSsc, Concession::None, 0))
                         .await
                         .unwrap();
-                    let start = Instant::now();
                     while cache.cached(CARD).map(|c| c.state) != Some(state) {
                         assert!(
                             start.elapsed() < Duration::from_secs(5),
