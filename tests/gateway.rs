@@ -382,3 +382,77 @@ async fn shutdown_answers_in_flight_taps_then_says_shutting_down() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_answered_busy_and_busy_taps_change_nothing() {
+    let state = tempfile::tempdir().unwrap();
+    let (_, directory) = embedded_with(&population());
+    let mut settings = settings(directory, state.path());
+    settings.limits.max_in_flight = 2;
+    let h = Harness::start_with(settings).await;
+    let mut gate = h.gate(&YUZHONG_BUS).await;
+    let frames: Vec<_> = (1..=50)
+        .map(|s| gate.sealed(&Frame::Tap(tap(s, ACTIVE, TapKind::Flat))))
+        .collect();
+    for frame in &frames {
+        gate.send_raw(frame).await.unwrap();
+    }
+    let mut busy = Vec::new();
+    for _ in 1..=50 {
+        let r = gate.recv_result().await.unwrap();
+        match r.outcome {
+            Outcome::Approve => {}
+            Outcome::Busy => {
+                assert_eq!(r.reason, Reason::Overloaded);
+                busy.push(r.sequence);
+            }
+            Outcome::Deny => panic!("unexpected denial {r:?}"),
+        }
+    }
+    assert!(
+        !busy.is_empty(),
+        "two in flight cannot absorb fifty pipelined taps"
+    );
+    let journaled = h
+        .gateway
+        .journal()
+        .stats
+        .records
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        journaled,
+        50 - busy.len() as u64,
+        "busy taps are not recorded"
+    );
+    // Busy is final for its sequence: resending the same frame gets Busy again.
+    let last_busy = *busy.last().unwrap();
+    gate.send_raw(&frames[last_busy as usize - 1])
+        .await
+        .unwrap();
+    let again = gate.recv_result().await.unwrap();
+    assert_eq!((again.sequence, again.outcome), (last_busy, Outcome::Busy));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_limit_are_closed_with_too_many_connections() {
+    let state = tempfile::tempdir().unwrap();
+    let (_, directory) = embedded_with(&population());
+    let mut settings = settings(directory, state.path());
+    settings.limits.max_connections = 1;
+    let h = Harness::start_with(settings).await;
+    let mut first = h.gate(&YUZHONG_BUS).await;
+    let second = GateClient::connect(&h.endpoint, h.addr(), &identity(&WANZHOU_BUS), 2, 0).await;
+    let err = second.err().expect("second connection refused");
+    assert!(
+        matches!(&err, ClientError::ClosedByGateway { code: 13, reason } if reason == "too_many_connections"),
+        "{err}"
+    );
+    assert_eq!(
+        first
+            .tap(tap(1, ACTIVE, TapKind::Flat))
+            .await
+            .unwrap()
+            .outcome,
+        Outcome::Approve
+    );
+}

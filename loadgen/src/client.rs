@@ -28,6 +28,8 @@ pub enum ClientError {
     Connection(String),
     #[error("the gateway closed the stream")]
     Closed,
+    #[error("the gateway closed the connection with code {code} ({reason})")]
+    ClosedByGateway { code: u64, reason: String },
     #[error("gateway refused with {} (sequence {})", .0.code, .0.sequence)]
     Refused(ErrorFrame),
     #[error("gateway frame failed verification")]
@@ -117,10 +119,13 @@ impl GateClient {
             .map_err(|e| ClientError::Connect(e.to_string()))?
             .await
             .map_err(|e| ClientError::Connect(e.to_string()))?;
-        let (send, recv) = connection
-            .open_bi()
-            .await
-            .map_err(|e| ClientError::Connection(e.to_string()))?;
+        let (send, recv) = connection.open_bi().await.map_err(|e| match e {
+            quinn::ConnectionError::ApplicationClosed(close) => ClientError::ClosedByGateway {
+                code: close.error_code.into_inner(),
+                reason: String::from_utf8_lossy(&close.reason).into_owned(),
+            },
+            other => ClientError::Connection(other.to_string()),
+        })?;
         Ok(GateClient {
             connection,
             send,
@@ -146,10 +151,23 @@ impl GateClient {
 
     /// Sends bytes as they are: for resends of an exact frame and for malformed input.
     pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
-        self.send
-            .write_all(bytes)
-            .await
-            .map_err(|e| ClientError::Connection(e.to_string()))
+        match self.send.write_all(bytes).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.lost(e.to_string())),
+        }
+    }
+
+    /// Why the connection is gone: the gateway's close code when it closed it.
+    fn lost(&self, detail: String) -> ClientError {
+        match self.connection.close_reason() {
+            Some(quinn::ConnectionError::ApplicationClosed(close)) => {
+                ClientError::ClosedByGateway {
+                    code: close.error_code.into_inner(),
+                    reason: String::from_utf8_lossy(&close.reason).into_owned(),
+                }
+            }
+            _ => ClientError::Connection(detail),
+        }
     }
 
     /// Seals a frame without sending it, so the same bytes can be sent again.
@@ -177,7 +195,7 @@ impl GateClient {
             match self.recv.read_chunk(16 * 1024, true).await {
                 Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk.bytes),
                 Ok(None) => return Err(ClientError::Closed),
-                Err(e) => return Err(ClientError::Connection(e.to_string())),
+                Err(e) => return Err(self.lost(e.to_string())),
             }
         }
     }
