@@ -31,28 +31,7 @@ enum CardsAction {
     /// `card_id,state,issuer,concession,rides_left,expires` (expires YYYY-MM-DD or empty).
     Import { file: PathBuf },
     /// Write a synthetic population of cards and gates (the one the load generator uses).
-    Generate {
-        #[arg(long, default_value_t = 100_000)]
-        cards: u64,
-        #[arg(long, default_value_t = 2_000)]
-        terminals: u64,
-        #[arg(long, default_value_t = 2026)]
-        seed: u64,
-        /// Shares of the population, each a fraction of 1.
-        #[arg(long, default_value_t = 0.12)]
-        elder: f64,
-        #[arg(long, default_value_t = 0.05)]
-        sichuan: f64,
-        #[arg(long, default_value_t = 0.03)]
-        t_union: f64,
-        #[arg(long, default_value_t = 0.01)]
-        lost: f64,
-        #[arg(long, default_value_t = 0.005)]
-        cancelled: f64,
-        /// Write the cards to this CSV file instead of Redis (gates are not written).
-        #[arg(long)]
-        csv: Option<PathBuf>,
-    },
+    Generate(GenerateArgs),
     /// Report a card lost: it is refused by every gateway from now on.
     ReportLost { card_id: u64 },
     /// Block a card.
@@ -61,6 +40,46 @@ enum CardsAction {
     Unblock { card_id: u64 },
     /// Print a card's record.
     Show { card_id: u64 },
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[arg(long, default_value_t = 100_000)]
+    cards: u64,
+    #[arg(long, default_value_t = 2_000)]
+    terminals: u64,
+    #[arg(long, default_value_t = 2026)]
+    seed: u64,
+    /// Shares of the population, each a fraction of 1.
+    #[arg(long, default_value_t = 0.12)]
+    elder: f64,
+    #[arg(long, default_value_t = 0.05)]
+    sichuan: f64,
+    #[arg(long, default_value_t = 0.03)]
+    t_union: f64,
+    #[arg(long, default_value_t = 0.01)]
+    lost: f64,
+    #[arg(long, default_value_t = 0.005)]
+    cancelled: f64,
+    /// Write the cards to this CSV file instead of Redis (gates are not written).
+    #[arg(long)]
+    csv: Option<PathBuf>,
+}
+
+impl GenerateArgs {
+    fn spec(&self) -> PopulationSpec {
+        PopulationSpec {
+            seed: self.seed,
+            cards: self.cards,
+            terminals: self.terminals,
+            elder: self.elder,
+            sichuan: self.sichuan,
+            t_union: self.t_union,
+            lost: self.lost,
+            cancelled: self.cancelled,
+            ..PopulationSpec::default()
+        }
+    }
 }
 
 const CSV_HEADER: &str = "card_id,state,issuer,concession,rides_left,expires";
@@ -75,22 +94,10 @@ pub fn run(args: CardsArgs) -> Result<(), String> {
 }
 
 async fn run_async(args: CardsArgs) -> Result<(), String> {
-    if let CardsAction::Generate {
-        csv: Some(path),
-        cards,
-        terminals,
-        seed,
-        elder,
-        sichuan,
-        t_union,
-        lost,
-        cancelled,
-    } = &args.action
+    if let CardsAction::Generate(generate) = &args.action
+        && let Some(path) = &generate.csv
     {
-        let spec = spec(
-            *cards, *terminals, *seed, *elder, *sichuan, *t_union, *lost, *cancelled,
-        );
-        return write_csv(path, &spec);
+        return write_csv(path, &generate.spec());
     }
     let directory = Directory::Redis(
         RedisDirectory::connect(&RedisSettings {
@@ -113,20 +120,8 @@ async fn run_async(args: CardsArgs) -> Result<(), String> {
             }
             println!("imported {} cards", records.len());
         }
-        CardsAction::Generate {
-            cards,
-            terminals,
-            seed,
-            elder,
-            sichuan,
-            t_union,
-            lost,
-            cancelled,
-            csv: None,
-        } => {
-            let spec = spec(
-                cards, terminals, seed, elder, sichuan, t_union, lost, cancelled,
-            );
+        CardsAction::Generate(generate) => {
+            let spec = generate.spec();
             let all: Vec<CardRecord> = spec.cards().collect();
             for chunk in all.chunks(BATCH) {
                 directory
@@ -142,12 +137,12 @@ async fn run_async(args: CardsArgs) -> Result<(), String> {
                     .map_err(|e| e.to_string())?;
             }
             println!(
-                "wrote {} cards and {} gates (seed {seed})",
+                "wrote {} cards and {} gates (seed {})",
                 all.len(),
-                gates.len()
+                gates.len(),
+                spec.seed
             );
         }
-        CardsAction::Generate { .. } => unreachable!("the CSV case returned above"),
         CardsAction::ReportLost { card_id } => {
             set_state(&directory, card_id, CardState::Lost).await?
         }
@@ -165,30 +160,6 @@ async fn run_async(args: CardsArgs) -> Result<(), String> {
         }
     }
     Ok(())
-}
-
-#[allow(clippy::too_many_arguments)]
-fn spec(
-    cards: u64,
-    terminals: u64,
-    seed: u64,
-    elder: f64,
-    sichuan: f64,
-    t_union: f64,
-    lost: f64,
-    cancelled: f64,
-) -> PopulationSpec {
-    PopulationSpec {
-        seed,
-        cards,
-        terminals,
-        elder,
-        sichuan,
-        t_union,
-        lost,
-        cancelled,
-        ..PopulationSpec::default()
-    }
 }
 
 async fn set_state(directory: &Directory, card_id: u64, state: CardState) -> Result<(), String> {

@@ -76,6 +76,13 @@ fn population() -> Vec<tapgate_gateway::card::CardRecord> {
     ]
 }
 
+fn assert_refused(err: &ClientError, code: ErrorCode) {
+    assert!(
+        matches!(err, ClientError::Refused(e) if e.code == code),
+        "expected {code}, got {err}"
+    );
+}
+
 async fn harness() -> (Harness, tempfile::TempDir) {
     let state = tempfile::tempdir().unwrap();
     let (_, directory) = embedded_with(&population());
@@ -202,17 +209,12 @@ async fn replays_and_conflicts_are_refused() {
     }
     // Sequence 5 is below the 32-wide resend window.
     let err = gate.tap(tap(5, ACTIVE, TapKind::Flat)).await.unwrap_err();
-    assert!(
-        matches!(err, ClientError::Refused(e) if e.code == ErrorCode::Replay && e.sequence == 5),
-        "{err}"
-    );
+    assert_refused(&err, ErrorCode::Replay);
+    assert!(matches!(err, ClientError::Refused(e) if e.sequence == 5));
 
     let mut gate = h.gate(&YUZHONG_BUS).await;
     let err = gate.tap(tap(40, LOST, TapKind::Flat)).await.unwrap_err();
-    assert!(
-        matches!(err, ClientError::Refused(e) if e.code == ErrorCode::SequenceConflict),
-        "{err}"
-    );
+    assert_refused(&err, ErrorCode::SequenceConflict);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -224,26 +226,17 @@ async fn bad_mac_and_malformed_frames_get_error_frames() {
     frame[last] ^= 1;
     gate.send_raw(&frame).await.unwrap();
     let err = gate.recv().await.unwrap_err();
-    assert!(
-        matches!(err, ClientError::Refused(e) if e.code == ErrorCode::BadMac),
-        "{err}"
-    );
+    assert_refused(&err, ErrorCode::BadMac);
 
     let mut gate = h.gate(&YUZHONG_BUS).await;
     gate.send_raw(&[0xff, 0xff, 1, 3]).await.unwrap();
     let err = gate.recv().await.unwrap_err();
-    assert!(
-        matches!(err, ClientError::Refused(e) if e.code == ErrorCode::FrameTooLarge),
-        "{err}"
-    );
+    assert_refused(&err, ErrorCode::FrameTooLarge);
 
     let mut gate = h.gate(&YUZHONG_BUS).await;
     gate.send_raw(&[0, 48, 1, 0x42]).await.unwrap();
     let err = gate.recv().await.unwrap_err();
-    assert!(
-        matches!(err, ClientError::Refused(e) if e.code == ErrorCode::UnknownFrameType),
-        "{err}"
-    );
+    assert_refused(&err, ErrorCode::UnknownFrameType);
 
     // A tap with an issuer byte no registry has: malformed, detected after the MAC checks out.
     let mut gate = h.gate(&YUZHONG_BUS).await;
@@ -255,10 +248,7 @@ async fn bad_mac_and_malformed_frames_get_error_frames() {
     body.extend_from_slice(&tag);
     gate.send_raw(&body).await.unwrap();
     let err = gate.recv().await.unwrap_err();
-    assert!(
-        matches!(err, ClientError::Refused(e) if e.code == ErrorCode::MalformedFrame),
-        "{err}"
-    );
+    assert_refused(&err, ErrorCode::MalformedFrame);
     assert!(h.gateway.metrics().snapshot().errors.len() >= 4);
 }
 
@@ -271,10 +261,7 @@ async fn unknown_terminals_wrong_keys_and_taps_before_hello_are_refused() {
         .await
         .err()
         .unwrap();
-    assert!(
-        matches!(err, ClientError::Refused(e) if e.code == ErrorCode::UnknownTerminal),
-        "{err}"
-    );
+    assert_refused(&err, ErrorCode::UnknownTerminal);
 
     let mut wrong_version = identity(&YUZHONG_BUS);
     wrong_version.key_version = 9;
@@ -282,10 +269,7 @@ async fn unknown_terminals_wrong_keys_and_taps_before_hello_are_refused() {
         .await
         .err()
         .unwrap();
-    assert!(
-        matches!(err, ClientError::Refused(e) if e.code == ErrorCode::UnknownKeyVersion),
-        "{err}"
-    );
+    assert_refused(&err, ErrorCode::UnknownKeyVersion);
 
     let mut wrong_key = identity(&YUZHONG_BUS);
     wrong_key.key = tapgate_protocol::MasterKey::new([0x22; 16]).diversify(YUZHONG_BUS.terminal_id);
@@ -293,19 +277,13 @@ async fn unknown_terminals_wrong_keys_and_taps_before_hello_are_refused() {
         .await
         .err()
         .unwrap();
-    assert!(
-        matches!(err, ClientError::Refused(e) if e.code == ErrorCode::BadMac),
-        "{err}"
-    );
+    assert_refused(&err, ErrorCode::BadMac);
 
     let mut early = GateClient::open(&h.endpoint, h.addr(), &identity(&YUZHONG_BUS))
         .await
         .unwrap();
     let err = early.tap(tap(1, ACTIVE, TapKind::Flat)).await.unwrap_err();
-    assert!(
-        matches!(err, ClientError::Refused(e) if e.code == ErrorCode::HelloRequired),
-        "{err}"
-    );
+    assert_refused(&err, ErrorCode::HelloRequired);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -354,10 +332,7 @@ async fn a_restarted_gateway_replays_its_journal_and_answers_resends_from_it() {
         "nothing recorded twice"
     );
     let err = gate.tap(tap(3, ACTIVE, TapKind::Flat)).await.unwrap_err();
-    assert!(
-        matches!(err, ClientError::Refused(e) if e.code == ErrorCode::Replay),
-        "{err}"
-    );
+    assert_refused(&err, ErrorCode::Replay);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -373,10 +348,7 @@ async fn shutdown_answers_in_flight_taps_then_says_shutting_down() {
     );
     let stopping = tokio::spawn(h.gateway.shutdown());
     let err = gate.recv().await.unwrap_err();
-    assert!(
-        matches!(err, ClientError::Refused(e) if e.code == ErrorCode::ShuttingDown),
-        "{err}"
-    );
+    assert_refused(&err, ErrorCode::ShuttingDown);
     tokio::time::timeout(std::time::Duration::from_secs(15), stopping)
         .await
         .unwrap()

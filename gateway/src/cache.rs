@@ -103,29 +103,16 @@ impl CardCache {
             return decision;
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
-        match self.fetch(tap.card_id, now_ms).await {
-            Ok(()) => self
-                .authorize_cached(tap, place, policy, now_ms)
-                // Evicted between the fetch and now (capacity pressure): decide without caching.
-                .unwrap_or_else(|| {
-                    decide(
-                        tap,
-                        place,
-                        &CardLookup::Unavailable,
-                        CardActivity::default(),
-                        policy,
-                        now_ms,
-                    )
-                }),
-            Err(_) => decide(
-                tap,
-                place,
-                &CardLookup::Unavailable,
-                CardActivity::default(),
-                policy,
-                now_ms,
-            ),
-        }
+        let lookup = match self.fetch(tap.card_id, now_ms).await {
+            Ok(fetched) => match self.authorize_cached(tap, place, policy, now_ms) {
+                Some(decision) => return decision,
+                // Evicted again before we got to it (capacity pressure): decide from what was
+                // fetched, without this node's memory of the card.
+                None => fetched.map_or(CardLookup::Unknown, CardLookup::Found),
+            },
+            Err(_) => CardLookup::Unavailable,
+        };
+        decide(tap, place, &lookup, CardActivity::default(), policy, now_ms)
     }
 
     /// The hit path alone: decides from the cache, or `None` when the card must be fetched.
@@ -153,7 +140,7 @@ impl CardCache {
     }
 
     /// Loads a card into the cache; concurrent callers for one card share one directory request.
-    async fn fetch(&self, card_id: u64, now_ms: u64) -> Result<(), DirectoryError> {
+    async fn fetch(&self, card_id: u64, now_ms: u64) -> Result<Option<CardRecord>, DirectoryError> {
         let cell = self.fetches.entry(card_id).or_default().clone();
         let result = cell
             .get_or_init(|| async {
@@ -179,7 +166,7 @@ impl CardCache {
             self.stats.fetch_errors.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(error = %e, "card fetch failed");
         }
-        result.map(|_| ())
+        result
     }
 
     fn insert_fetched(&self, card_id: u64, known: Known) {
