@@ -1,6 +1,7 @@
 //! `tapgate`: the one command-line entry point. It parses arguments and calls the libraries.
 
 mod cards;
+mod load;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -19,8 +20,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Zero-setup demonstration: an embedded gateway and simulated gates tapping it.
+    Demo(load::DemoArgs),
     /// Run the gateway.
     Serve(serve::ServeArgs),
+    /// Drive a gateway with simulated gates and report latency and throughput.
+    Load(load::LoadArgs),
     /// Manage card records in Redis: import, generate, report lost, block, unblock, show.
     Cards(cards::CardsArgs),
     /// Print the protocol's worked example (keys, frames and tags in hex) for gate vendors.
@@ -30,7 +35,9 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Demo(args) => load::run_demo(args),
         Command::Serve(args) => serve::run(args),
+        Command::Load(args) => load::run_load(args),
         Command::Cards(args) => cards::run(args),
         Command::Vectors => {
             for (name, value) in tapgate_protocol::example::lines() {

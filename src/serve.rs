@@ -20,6 +20,12 @@ pub struct ServeArgs {
     /// Use the in-process directory with the synthetic population instead of Redis.
     #[arg(long)]
     embedded: bool,
+    /// Gates in the embedded population.
+    #[arg(long)]
+    embedded_terminals: Option<u64>,
+    /// Cards in the embedded population.
+    #[arg(long)]
+    embedded_cards: Option<u64>,
     /// Journal directory.
     #[arg(long, env = "TAPGATE_JOURNAL_DIR")]
     journal_dir: Option<PathBuf>,
@@ -55,6 +61,12 @@ impl ServeArgs {
         }
         if self.embedded {
             config.directory.kind = DirectoryKind::Embedded;
+        }
+        if let Some(n) = self.embedded_terminals {
+            config.directory.embedded_terminals = n;
+        }
+        if let Some(n) = self.embedded_cards {
+            config.directory.embedded_cards = n;
         }
         if let Some(dir) = &self.journal_dir {
             config.journal.dir = dir.clone();

@@ -101,7 +101,8 @@ impl PopulationSpec {
     pub fn terminal(&self, index: u64) -> TerminalRecord {
         let mut rng = self.rng(2, index);
         let roll: f64 = rng.random();
-        let mode = if roll < 0.40 {
+        // Rail carries about half of Chongqing's trips; buses most of the rest.
+        let mode = if roll < 0.46 {
             Mode::Metro
         } else if roll < 0.90 {
             Mode::Bus

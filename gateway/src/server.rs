@@ -173,16 +173,7 @@ impl Gateway {
         let (chain, key) = tls::load(&tls_source)?;
         let certificate = chain.first().map(|c| c.to_vec()).unwrap_or_default();
         let mut server_config = quinn::ServerConfig::with_crypto(tls::server_crypto(chain, key)?);
-        let mut transport = quinn::TransportConfig::default();
-        transport
-            .max_concurrent_bidi_streams(1u32.into())
-            .max_concurrent_uni_streams(0u32.into())
-            .keep_alive_interval(Some(limits.keep_alive))
-            .max_idle_timeout(Some(
-                quinn::IdleTimeout::try_from(limits.idle_timeout)
-                    .unwrap_or_else(|_| quinn::IdleTimeout::from(quinn::VarInt::from_u32(60_000))),
-            ));
-        server_config.transport_config(Arc::new(transport));
+        server_config.transport_config(Arc::new(transport_config(&limits)));
         let socket = bind_udp(listen, limits.udp_buffer_bytes)?;
         let endpoint = quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
@@ -304,7 +295,23 @@ fn new_terminal_state(window: u16) -> Arc<TerminalState> {
     })
 }
 
-fn bind_udp(addr: SocketAddr, buffer: usize) -> Result<std::net::UdpSocket, StartError> {
+/// The QUIC transport of a gateway: one bidirectional stream per connection, no unidirectional
+/// ones, keep-alive and idle timeout for gates that sit idle between taps.
+pub fn transport_config(limits: &Limits) -> quinn::TransportConfig {
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(1u32.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .keep_alive_interval(Some(limits.keep_alive))
+        .max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(limits.idle_timeout)
+                .unwrap_or_else(|_| quinn::IdleTimeout::from(quinn::VarInt::from_u32(60_000))),
+        ));
+    transport
+}
+
+/// A UDP socket with large buffers (the kernel may grant less; what it granted is logged).
+pub fn bind_udp(addr: SocketAddr, buffer: usize) -> Result<std::net::UdpSocket, StartError> {
     use socket2::{Domain, Protocol, Socket, Type};
     let err = |source| StartError::Socket { addr, source };
     let socket =

@@ -90,6 +90,14 @@ fn dev_certificate(
         ));
     }
     std::fs::create_dir_all(dir).map_err(io(dir.to_owned()))?;
+    let (chain, key) = generate_dev()?;
+    std::fs::write(&key_path, key.secret_der()).map_err(io(key_path.clone()))?;
+    std::fs::write(&cert_path, &chain[0]).map_err(io(cert_path.clone()))?;
+    Ok((chain, key))
+}
+
+/// A fresh self-signed certificate for localhost, 127.0.0.1 and ::1, kept in memory.
+pub fn generate_dev() -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
     let generated = rcgen::generate_simple_self_signed(vec![
         "localhost".to_owned(),
         "127.0.0.1".to_owned(),
@@ -98,8 +106,6 @@ fn dev_certificate(
     .map_err(|e| TlsError::Generate(e.to_string()))?;
     let cert = generated.cert.der().to_vec();
     let key = generated.signing_key.serialize_der();
-    std::fs::write(&key_path, &key).map_err(io(key_path.clone()))?;
-    std::fs::write(&cert_path, &cert).map_err(io(cert_path.clone()))?;
     Ok((
         vec![CertificateDer::from(cert)],
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)),

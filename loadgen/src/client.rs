@@ -68,14 +68,37 @@ pub fn client_endpoint(
     Ok(endpoint)
 }
 
-/// One gate's connection and stream.
-pub struct GateClient {
-    pub connection: quinn::Connection,
+/// The sending half of a gate's stream.
+pub struct GateSender {
     send: quinn::SendStream,
+    mac: MacKey,
+    connection: quinn::Connection,
+}
+
+/// The receiving half of a gate's stream.
+pub struct GateReceiver {
     recv: quinn::RecvStream,
     buf: BytesMut,
     mac: MacKey,
+    connection: quinn::Connection,
+}
+
+/// One gate's connection and stream.
+pub struct GateClient {
+    pub connection: quinn::Connection,
+    pub sender: GateSender,
+    pub receiver: GateReceiver,
     pub ack: HelloAck,
+}
+
+fn closed_by_gateway(connection: &quinn::Connection, detail: String) -> ClientError {
+    match connection.close_reason() {
+        Some(quinn::ConnectionError::ApplicationClosed(close)) => ClientError::ClosedByGateway {
+            code: close.error_code.into_inner(),
+            reason: String::from_utf8_lossy(&close.reason).into_owned(),
+        },
+        _ => ClientError::Connection(detail),
+    }
 }
 
 impl GateClient {
@@ -88,16 +111,9 @@ impl GateClient {
         now_ms: u64,
     ) -> Result<GateClient, ClientError> {
         let mut client = Self::open(endpoint, gateway, identity).await?;
-        let hello = Frame::Hello(Hello {
-            terminal_id: identity.terminal_id,
-            key_version: identity.key_version,
-            mode: identity.mode,
-            area: identity.area,
-            operator: identity.operator,
-            client_nonce,
-            gate_time_ms: now_ms,
-        });
-        client.send_frame(&hello).await?;
+        client
+            .send_frame(&hello(identity, client_nonce, now_ms))
+            .await?;
         match client.recv().await? {
             Frame::HelloAck(ack) if ack.client_nonce == client_nonce => {
                 client.ack = ack;
@@ -108,7 +124,8 @@ impl GateClient {
         }
     }
 
-    /// Connects and opens the stream without saying Hello (for testing the gateway's refusals).
+    /// Connects and opens the stream without saying Hello (for testing the gateway's refusals,
+    /// and for talking to the echo baseline).
     pub async fn open(
         endpoint: &quinn::Endpoint,
         gateway: SocketAddr,
@@ -126,12 +143,20 @@ impl GateClient {
             },
             other => ClientError::Connection(other.to_string()),
         })?;
+        let mac = identity.key.mac_key();
         Ok(GateClient {
+            sender: GateSender {
+                send,
+                mac: mac.clone(),
+                connection: connection.clone(),
+            },
+            receiver: GateReceiver {
+                recv,
+                buf: BytesMut::with_capacity(1024),
+                mac,
+                connection: connection.clone(),
+            },
             connection,
-            send,
-            recv,
-            buf: BytesMut::with_capacity(1024),
-            mac: identity.key.mac_key(),
             ack: HelloAck {
                 terminal_id: identity.terminal_id,
                 client_nonce: 0,
@@ -144,8 +169,55 @@ impl GateClient {
     }
 
     pub async fn send_frame(&mut self, frame: &Frame) -> Result<(), ClientError> {
-        let mut out = BytesMut::new();
-        seal(frame, &self.mac, &mut out);
+        self.sender.send_frame(frame).await
+    }
+
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
+        self.sender.send_raw(bytes).await
+    }
+
+    pub fn sealed(&self, frame: &Frame) -> BytesMut {
+        self.sender.sealed(frame)
+    }
+
+    pub async fn recv(&mut self) -> Result<Frame, ClientError> {
+        self.receiver.recv().await
+    }
+
+    pub async fn recv_result(&mut self) -> Result<TapResult, ClientError> {
+        match self.recv().await? {
+            Frame::TapResult(r) => Ok(r),
+            other => Err(ClientError::Unexpected(other.frame_type())),
+        }
+    }
+
+    /// Sends one tap and waits for its answer.
+    pub async fn tap(&mut self, tap: tapgate_protocol::Tap) -> Result<TapResult, ClientError> {
+        self.send_frame(&Frame::Tap(tap)).await?;
+        self.recv_result().await
+    }
+
+    pub fn close(&self) {
+        self.connection.close(0u32.into(), b"done");
+    }
+}
+
+/// The Hello a gate with this identity sends.
+pub fn hello(identity: &GateIdentity, client_nonce: u64, now_ms: u64) -> Frame {
+    Frame::Hello(Hello {
+        terminal_id: identity.terminal_id,
+        key_version: identity.key_version,
+        mode: identity.mode,
+        area: identity.area,
+        operator: identity.operator,
+        client_nonce,
+        gate_time_ms: now_ms,
+    })
+}
+
+impl GateSender {
+    pub async fn send_frame(&mut self, frame: &Frame) -> Result<(), ClientError> {
+        let out = self.sealed(frame);
         self.send_raw(&out).await
     }
 
@@ -153,20 +225,7 @@ impl GateClient {
     pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
         match self.send.write_all(bytes).await {
             Ok(()) => Ok(()),
-            Err(e) => Err(self.lost(e.to_string())),
-        }
-    }
-
-    /// Why the connection is gone: the gateway's close code when it closed it.
-    fn lost(&self, detail: String) -> ClientError {
-        match self.connection.close_reason() {
-            Some(quinn::ConnectionError::ApplicationClosed(close)) => {
-                ClientError::ClosedByGateway {
-                    code: close.error_code.into_inner(),
-                    reason: String::from_utf8_lossy(&close.reason).into_owned(),
-                }
-            }
-            _ => ClientError::Connection(detail),
+            Err(e) => Err(closed_by_gateway(&self.connection, e.to_string())),
         }
     }
 
@@ -176,7 +235,9 @@ impl GateClient {
         seal(frame, &self.mac, &mut out);
         out
     }
+}
 
+impl GateReceiver {
     /// The next frame from the gateway. Error frames come back as `ClientError::Refused`,
     /// authenticated or not (an unkeyed Error means "refused" and nothing more).
     pub async fn recv(&mut self) -> Result<Frame, ClientError> {
@@ -195,25 +256,8 @@ impl GateClient {
             match self.recv.read_chunk(16 * 1024, true).await {
                 Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk.bytes),
                 Ok(None) => return Err(ClientError::Closed),
-                Err(e) => return Err(self.lost(e.to_string())),
+                Err(e) => return Err(closed_by_gateway(&self.connection, e.to_string())),
             }
         }
-    }
-
-    pub async fn recv_result(&mut self) -> Result<TapResult, ClientError> {
-        match self.recv().await? {
-            Frame::TapResult(r) => Ok(r),
-            other => Err(ClientError::Unexpected(other.frame_type())),
-        }
-    }
-
-    /// Sends one tap and waits for its answer.
-    pub async fn tap(&mut self, tap: tapgate_protocol::Tap) -> Result<TapResult, ClientError> {
-        self.send_frame(&Frame::Tap(tap)).await?;
-        self.recv_result().await
-    }
-
-    pub fn close(&self) {
-        self.connection.close(0u32.into(), b"done");
     }
 }

@@ -1,3 +1,8 @@
-//! The tapgate load generator: simulated gates over real QUIC connections.
+//! The tapgate load generator: simulated gates over real QUIC connections, an open-loop pacer,
+//! HdrHistogram reports, and a bare QUIC echo server as the transport baseline.
 
 pub mod client;
+pub mod echo;
+pub mod report;
+pub mod run;
+pub mod workload;

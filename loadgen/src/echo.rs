@@ -1,0 +1,71 @@
+//! The transport baseline: a bare QUIC server with the gateway's transport settings that sends
+//! every byte it receives straight back. Driving it with the same generator shows what QUIC,
+//! TLS and the generator cost on their own, so tapgate's own cost is always known.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tapgate_gateway::server::{Limits, StartError, bind_udp, transport_config};
+use tapgate_gateway::tls;
+
+pub struct EchoServer {
+    endpoint: quinn::Endpoint,
+    certificate: Vec<u8>,
+}
+
+impl EchoServer {
+    pub fn start(listen: SocketAddr) -> Result<EchoServer, StartError> {
+        let (chain, key) = tls::generate_dev()?;
+        let certificate = chain[0].to_vec();
+        let mut config = quinn::ServerConfig::with_crypto(tls::server_crypto(chain, key)?);
+        let limits = Limits::default();
+        config.transport_config(Arc::new(transport_config(&limits)));
+        let socket = bind_udp(listen, limits.udp_buffer_bytes)?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(config),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|source| StartError::Socket {
+            addr: listen,
+            source,
+        })?;
+        tokio::spawn(accept(endpoint.clone()));
+        Ok(EchoServer {
+            endpoint,
+            certificate,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.endpoint
+            .local_addr()
+            .expect("bound socket has an address")
+    }
+
+    pub fn certificate_der(&self) -> &[u8] {
+        &self.certificate
+    }
+
+    pub fn close(&self) {
+        self.endpoint.close(0u32.into(), b"done");
+    }
+}
+
+async fn accept(endpoint: quinn::Endpoint) {
+    while let Some(incoming) = endpoint.accept().await {
+        tokio::spawn(async move {
+            let Ok(connection) = incoming.await else {
+                return;
+            };
+            let Ok((mut send, mut recv)) = connection.accept_bi().await else {
+                return;
+            };
+            while let Ok(Some(chunk)) = recv.read_chunk(16 * 1024, true).await {
+                if send.write_all(&chunk.bytes).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}

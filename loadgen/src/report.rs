@@ -1,0 +1,283 @@
+//! The outcome of a load run: counts, latency percentiles from HdrHistograms, decisions by
+//! reason, throughput per second; as text, as JSON and as an SVG chart.
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct Percentiles {
+    pub p50: u64,
+    pub p90: u64,
+    pub p99: u64,
+    pub p999: u64,
+    pub max: u64,
+}
+
+impl Percentiles {
+    pub fn of(h: &Histogram<u64>) -> Self {
+        if h.is_empty() {
+            return Self::default();
+        }
+        Self {
+            p50: h.value_at_quantile(0.50),
+            p90: h.value_at_quantile(0.90),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// "tapgate" or "echo".
+    pub target: String,
+    pub connections: usize,
+    /// Gates that completed their handshake.
+    pub connected: usize,
+    pub closed_loop: bool,
+    /// Taps per second asked for; 0 in closed loop.
+    pub target_rate: f64,
+    pub achieved_rate: f64,
+    pub duration_s: f64,
+    pub sent: u64,
+    pub answered: u64,
+    /// Everything that went wrong: connection losses, refusals, unanswered taps.
+    pub errors: u64,
+    pub busy: u64,
+    /// Taps the generator could not send on time because a gate's queue was full.
+    pub behind: u64,
+    /// Latency from each tap's intended send time (no coordinated omission).
+    pub latency_us: Percentiles,
+    /// Latency from the moment the tap was actually sent.
+    pub latency_from_send_us: Percentiles,
+    pub decisions: BTreeMap<String, u64>,
+    pub error_kinds: BTreeMap<String, u64>,
+    /// Answers received in each second of the run.
+    pub throughput_per_s: Vec<u64>,
+    #[serde(skip)]
+    pub histogram: Histogram<u64>,
+}
+
+impl Report {
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        let pacing = if self.closed_loop {
+            "closed loop, one tap in flight per gate".to_owned()
+        } else {
+            format!("open loop at {:.0} taps/s", self.target_rate)
+        };
+        let _ = writeln!(
+            s,
+            "{} · {} gates ({} connected) · {} · {:.1} s",
+            self.target, self.connections, self.connected, pacing, self.duration_s
+        );
+        let _ = writeln!(
+            s,
+            "achieved {:.0} taps/s · sent {} · answered {} · busy {} · errors {} · behind {}",
+            self.achieved_rate, self.sent, self.answered, self.busy, self.errors, self.behind
+        );
+        let l = &self.latency_us;
+        let _ = writeln!(
+            s,
+            "latency from intended send (µs): p50 {} · p90 {} · p99 {} · p99.9 {} · max {}",
+            l.p50, l.p90, l.p99, l.p999, l.max
+        );
+        let l = &self.latency_from_send_us;
+        let _ = writeln!(
+            s,
+            "latency from actual send (µs):   p50 {} · p90 {} · p99 {} · p99.9 {} · max {}",
+            l.p50, l.p90, l.p99, l.p999, l.max
+        );
+        if !self.decisions.is_empty() {
+            let parts: Vec<String> = self
+                .decisions
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            let _ = writeln!(s, "decisions: {}", parts.join(" · "));
+        }
+        if !self.error_kinds.is_empty() {
+            let parts: Vec<String> = self
+                .error_kinds
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            let _ = writeln!(s, "errors: {}", parts.join(" · "));
+        }
+        s
+    }
+
+    pub fn json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a report always serializes")
+    }
+
+    /// Two charts side by side: the latency distribution (percentile on a log scale) and the
+    /// answers per second over the run.
+    pub fn svg(&self) -> String {
+        const W: f64 = 480.0;
+        const H: f64 = 300.0;
+        const M: f64 = 50.0;
+        let mut svg = format!(
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{}" font-family="sans-serif" font-size="11">"#,
+            2.0 * W + 20.0,
+            H + 40.0
+        );
+        svg.push_str(r#"<rect width="100%" height="100%" fill="white"/>"#);
+
+        // Latency by percentile: x = nines (0 = p0, 1 = p90, 2 = p99, 3 = p99.9, 4 = p99.99).
+        let max_latency = self.histogram.max().max(1) as f64;
+        let mut points = Vec::new();
+        if !self.histogram.is_empty() {
+            for v in self.histogram.iter_quantiles(2) {
+                let q = v.quantile_iterated_to().min(0.9999);
+                let nines = -(1.0 - q).log10();
+                let x = M + nines / 4.0 * (W - 2.0 * M);
+                let y = H - M + 20.0 - v.value_iterated_to() as f64 / max_latency * (H - 2.0 * M);
+                points.push(format!("{x:.1},{y:.1}"));
+            }
+        }
+        chart_frame(
+            &mut svg,
+            0.0,
+            W,
+            H,
+            M,
+            "latency from intended send (µs) by percentile",
+            &format!("{}", max_latency as u64),
+        );
+        for (i, label) in ["p0", "p90", "p99", "p99.9", "p99.99"].iter().enumerate() {
+            let x = M + i as f64 / 4.0 * (W - 2.0 * M);
+            let _ = write!(
+                svg,
+                r#"<text x="{x:.1}" y="{:.1}" text-anchor="middle">{label}</text>"#,
+                H - M + 35.0
+            );
+        }
+        let _ = write!(
+            svg,
+            r##"<polyline fill="none" stroke="#c0392b" stroke-width="2" points="{}"/>"##,
+            points.join(" ")
+        );
+
+        // Throughput per second.
+        let offset = W + 20.0;
+        let peak = self
+            .throughput_per_s
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(1)
+            .max(1) as f64;
+        let n = self.throughput_per_s.len().max(2) as f64;
+        let points: Vec<String> = self
+            .throughput_per_s
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| {
+                let x = offset + M + i as f64 / (n - 1.0) * (W - 2.0 * M);
+                let y = H - M + 20.0 - c as f64 / peak * (H - 2.0 * M);
+                format!("{x:.1},{y:.1}")
+            })
+            .collect();
+        chart_frame(
+            &mut svg,
+            offset,
+            W,
+            H,
+            M,
+            "answers per second over the run (s)",
+            &format!("{}", peak as u64),
+        );
+        let _ = write!(
+            svg,
+            r##"<polyline fill="none" stroke="#2471a3" stroke-width="2" points="{}"/>"##,
+            points.join(" ")
+        );
+        let _ = write!(
+            svg,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#,
+            offset + W - M,
+            H - M + 35.0,
+            self.throughput_per_s.len()
+        );
+        svg.push_str("</svg>\n");
+        svg
+    }
+}
+
+fn chart_frame(svg: &mut String, x0: f64, w: f64, h: f64, m: f64, title: &str, top_label: &str) {
+    let (left, right, top, bottom) = (x0 + m, x0 + w - m, m - 10.0, h - m + 20.0);
+    let label_x = left - 4.0;
+    let _ = write!(
+        svg,
+        r##"<text x="{left:.1}" y="16" font-size="13">{title}</text><line x1="{left:.1}" y1="{top:.1}" x2="{left:.1}" y2="{bottom:.1}" stroke="#333"/><line x1="{left:.1}" y1="{bottom:.1}" x2="{right:.1}" y2="{bottom:.1}" stroke="#333"/><text x="{label_x:.1}" y="{top:.1}" text-anchor="end">{top_label}</text><text x="{label_x:.1}" y="{bottom:.1}" text-anchor="end">0</text>"##,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report() -> Report {
+        let mut histogram = Histogram::new_with_bounds(1, 60_000_000, 3).unwrap();
+        for v in 1..=1000u64 {
+            histogram.record(v * 10).unwrap();
+        }
+        Report {
+            target: "tapgate".into(),
+            connections: 4,
+            connected: 4,
+            closed_loop: false,
+            target_rate: 100.0,
+            achieved_rate: 99.0,
+            duration_s: 10.0,
+            sent: 1000,
+            answered: 1000,
+            errors: 0,
+            busy: 0,
+            behind: 0,
+            latency_us: Percentiles::of(&histogram),
+            latency_from_send_us: Percentiles::of(&histogram),
+            decisions: BTreeMap::from([("approved".into(), 990), ("card_lost".into(), 10)]),
+            error_kinds: BTreeMap::new(),
+            throughput_per_s: vec![100; 10],
+            histogram,
+        }
+    }
+
+    #[test]
+    fn json_has_the_documented_keys() {
+        let value: serde_json::Value = serde_json::from_str(&report().json()).unwrap();
+        for key in [
+            "connections",
+            "target_rate",
+            "achieved_rate",
+            "duration_s",
+            "sent",
+            "answered",
+            "errors",
+            "latency_us",
+            "decisions",
+        ] {
+            assert!(value.get(key).is_some(), "missing {key}");
+        }
+        for key in ["p50", "p90", "p99", "p999", "max"] {
+            assert!(
+                value["latency_us"].get(key).is_some(),
+                "missing latency_us.{key}"
+            );
+        }
+        assert_eq!(value["latency_us"]["p50"], 5003);
+        assert_eq!(value["decisions"]["card_lost"], 10);
+    }
+
+    #[test]
+    fn svg_is_a_complete_document_with_both_charts() {
+        let svg = report().svg();
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert_eq!(svg.matches("<polyline").count(), 2);
+    }
+}

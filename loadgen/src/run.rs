@@ -1,0 +1,626 @@
+//! Running a load: connect the gates, pace taps, collect answers.
+//!
+//! Open loop: taps are due at fixed intended times (tap `k` at `start + k / rate`, handed to
+//! gate `k mod connections`), whatever the answers do. Latency is measured from the intended
+//! time, so a stalled gateway shows up as latency instead of silently slowing the generator
+//! (no coordinated omission). Tokio's timer has a 1 ms resolution, too coarse at 20,000 taps/s,
+//! so a dedicated pacing thread sleeps with the OS's high-resolution timer (`nanosleep`, about
+//! 60 µs of slack here), wakes at least every 200 µs and releases every tap that has come due.
+//! Closed loop: each gate sends its next tap when the previous one is answered.
+
+use crate::client::{ClientError, GateClient, GateIdentity, client_endpoint, hello};
+use crate::report::{Percentiles, Report};
+use crate::workload::{Action, Faults, GateWorkload};
+use bytes::BytesMut;
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tapgate_gateway::population::PopulationSpec;
+use tapgate_gateway::server::now_ms;
+use tapgate_protocol::{Frame, MasterKey, Outcome};
+use tokio::sync::{Semaphore, mpsc};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Pacing {
+    OpenLoop { rate: f64 },
+    ClosedLoop,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetKind {
+    Tapgate,
+    /// The echo baseline: answers are the taps themselves, sent back.
+    Echo,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    pub target: SocketAddr,
+    pub target_kind: TargetKind,
+    /// DER certificate the target presents (or its CA).
+    pub trusted_cert: Vec<u8>,
+    pub master_key: MasterKey,
+    pub key_version: u8,
+    pub connections: usize,
+    pub pacing: Pacing,
+    pub duration: Duration,
+    /// Must be the population the gateway knows: gates are its first `connections` terminals.
+    pub population: PopulationSpec,
+    pub faults: Faults,
+    pub show_progress: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("no gate could connect; first failure: {0}")]
+    NoneConnected(String),
+    #[error("the population has {have} terminals; {want} connections need as many")]
+    NotEnoughTerminals { have: u64, want: usize },
+}
+
+/// Handshakes in progress at once while connecting the gates.
+const CONNECT_CONCURRENCY: usize = 256;
+/// Taps queued for one gate before the pacer counts it as behind.
+const GATE_QUEUE: usize = 256;
+/// How long answers are awaited after the last tap was sent.
+const DRAIN: Duration = Duration::from_secs(3);
+
+/// Counters and histograms of one gate, merged at the end.
+struct GateStats {
+    from_intended: Histogram<u64>,
+    from_send: Histogram<u64>,
+    sent: u64,
+    answered: u64,
+    busy: u64,
+    decisions: BTreeMap<String, u64>,
+    errors: BTreeMap<String, u64>,
+    per_second: Vec<u64>,
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
+impl GateStats {
+    fn new() -> Self {
+        Self {
+            from_intended: histogram(),
+            from_send: histogram(),
+            sent: 0,
+            answered: 0,
+            busy: 0,
+            decisions: BTreeMap::new(),
+            errors: BTreeMap::new(),
+            per_second: Vec::new(),
+        }
+    }
+
+    fn error(&mut self, kind: &str) {
+        *self.errors.entry(kind.to_owned()).or_default() += 1;
+    }
+
+    fn merge(&mut self, other: GateStats) {
+        let _ = self.from_intended.add(&other.from_intended);
+        let _ = self.from_send.add(&other.from_send);
+        self.sent += other.sent;
+        self.answered += other.answered;
+        self.busy += other.busy;
+        for (k, v) in other.decisions {
+            *self.decisions.entry(k).or_default() += v;
+        }
+        for (k, v) in other.errors {
+            *self.errors.entry(k).or_default() += v;
+        }
+        if self.per_second.len() < other.per_second.len() {
+            self.per_second.resize(other.per_second.len(), 0);
+        }
+        for (a, b) in self.per_second.iter_mut().zip(other.per_second) {
+            *a += b;
+        }
+    }
+}
+
+fn error_kind(e: &ClientError) -> String {
+    match e {
+        ClientError::Refused(frame) => format!("refused_{}", frame.code),
+        ClientError::ClosedByGateway { reason, .. } => format!("closed_{reason}"),
+        ClientError::Connect(_) => "connect_failed".into(),
+        ClientError::Connection(_) | ClientError::Closed => "connection_lost".into(),
+        ClientError::BadMac => "answer_bad_mac".into(),
+        ClientError::Decode(_) => "answer_undecodable".into(),
+        ClientError::Unexpected(_) => "answer_unexpected".into(),
+        ClientError::NonceMismatch => "hello_ack_nonce".into(),
+    }
+}
+
+struct Shared {
+    spec: LoadSpec,
+    endpoint: quinn::Endpoint,
+    start: Instant,
+    stop: AtomicBool,
+    answered: AtomicU64,
+}
+
+pub async fn run(spec: LoadSpec) -> Result<Report, LoadError> {
+    if spec.population.terminals < spec.connections as u64 {
+        return Err(LoadError::NotEnoughTerminals {
+            have: spec.population.terminals,
+            want: spec.connections,
+        });
+    }
+    let bind: SocketAddr = if spec.target.is_ipv6() {
+        "[::]:0"
+    } else {
+        "0.0.0.0:0"
+    }
+    .parse()
+    .expect("valid bind address");
+    let endpoint = client_endpoint(&spec.trusted_cert, bind)?;
+
+    let connect_started = Instant::now();
+    let gates = connect_all(&spec, &endpoint).await;
+    let mut first_failure = None;
+    let mut ready = Vec::new();
+    for (identity, gate) in gates {
+        match gate {
+            Ok(gate) => ready.push((identity, gate)),
+            Err(e) => {
+                first_failure.get_or_insert(e.to_string());
+            }
+        }
+    }
+    if ready.is_empty() {
+        return Err(LoadError::NoneConnected(first_failure.unwrap_or_default()));
+    }
+    tracing::info!(
+        gates = ready.len(),
+        elapsed_ms = connect_started.elapsed().as_millis() as u64,
+        "gates connected"
+    );
+    let connected = ready.len();
+    let connect_failures = (spec.connections - connected) as u64;
+
+    let shared = Arc::new(Shared {
+        start: Instant::now() + Duration::from_millis(50),
+        spec: spec.clone(),
+        endpoint,
+        stop: AtomicBool::new(false),
+        answered: AtomicU64::new(0),
+    });
+    let progress = progress_bar(&shared);
+
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut queues = Vec::with_capacity(connected);
+    for (i, (identity, gate)) in ready.into_iter().enumerate() {
+        let workload = GateWorkload::new(
+            spec.population.seed,
+            &spec.population,
+            spec.population.terminal(i as u64),
+            spec.faults,
+        );
+        let shared = shared.clone();
+        match spec.pacing {
+            Pacing::OpenLoop { .. } => {
+                let (tx, rx) = mpsc::channel(GATE_QUEUE);
+                queues.push(tx);
+                tasks.spawn(drive_open_loop(shared, identity, gate, workload, rx));
+            }
+            Pacing::ClosedLoop => {
+                tasks.spawn(drive_closed_loop(shared, identity, gate, workload));
+            }
+        }
+    }
+    let behind = match spec.pacing {
+        Pacing::OpenLoop { rate } => {
+            let shared = shared.clone();
+            tokio::task::spawn_blocking(move || pace(&shared, rate, queues))
+                .await
+                .unwrap_or(0)
+        }
+        Pacing::ClosedLoop => {
+            tokio::time::sleep_until((shared.start + spec.duration).into()).await;
+            shared.stop.store(true, Ordering::SeqCst);
+            0
+        }
+    };
+    let mut total = GateStats::new();
+    while let Some(result) = tasks.join_next().await {
+        if let Ok(stats) = result {
+            total.merge(stats);
+        }
+    }
+    if let Some(bar) = progress {
+        bar.finish_and_clear();
+    }
+    if connect_failures > 0 {
+        *total.errors.entry("connect_failed".into()).or_default() += connect_failures;
+    }
+    shared.endpoint.close(0u32.into(), b"done");
+    let duration_s = spec.duration.as_secs_f64();
+    total
+        .per_second
+        .truncate(spec.duration.as_secs().max(1) as usize);
+    Ok(Report {
+        target: match spec.target_kind {
+            TargetKind::Tapgate => "tapgate".into(),
+            TargetKind::Echo => "echo".into(),
+        },
+        connections: spec.connections,
+        connected,
+        closed_loop: spec.pacing == Pacing::ClosedLoop,
+        target_rate: match spec.pacing {
+            Pacing::OpenLoop { rate } => rate,
+            Pacing::ClosedLoop => 0.0,
+        },
+        achieved_rate: total.answered as f64 / duration_s,
+        duration_s,
+        sent: total.sent,
+        answered: total.answered,
+        errors: total.errors.values().sum(),
+        busy: total.busy,
+        behind,
+        latency_us: Percentiles::of(&total.from_intended),
+        latency_from_send_us: Percentiles::of(&total.from_send),
+        decisions: total.decisions,
+        error_kinds: total.errors,
+        throughput_per_s: total.per_second,
+        histogram: total.from_intended,
+    })
+}
+
+fn progress_bar(shared: &Arc<Shared>) -> Option<ProgressBar> {
+    if !shared.spec.show_progress {
+        return None;
+    }
+    let bar = ProgressBar::new(shared.spec.duration.as_secs().max(1));
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{bar:40}] {pos}/{len} s  {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    let shared = shared.clone();
+    let ticker = bar.clone();
+    tokio::spawn(async move {
+        let mut last = 0;
+        while !shared.stop.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let elapsed = shared.start.elapsed();
+            let answered = shared.answered.load(Ordering::Relaxed);
+            ticker.set_position(elapsed.as_secs().min(shared.spec.duration.as_secs()));
+            ticker.set_message(format!(
+                "{answered} answered, {} taps/s",
+                (answered - last) * 2
+            ));
+            last = answered;
+        }
+    });
+    Some(bar)
+}
+
+async fn connect_all(
+    spec: &LoadSpec,
+    endpoint: &quinn::Endpoint,
+) -> Vec<(GateIdentity, Result<GateClient, ClientError>)> {
+    let limit = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..spec.connections {
+        let terminal = spec.population.terminal(i as u64);
+        let identity = GateIdentity {
+            terminal_id: terminal.terminal_id,
+            key_version: spec.key_version,
+            key: spec.master_key.diversify(terminal.terminal_id),
+            area: terminal.area,
+            mode: terminal.mode,
+            operator: terminal.operator,
+        };
+        let (endpoint, limit, target, kind) = (
+            endpoint.clone(),
+            limit.clone(),
+            spec.target,
+            spec.target_kind,
+        );
+        set.spawn(async move {
+            let _permit = limit.acquire_owned().await.expect("semaphore never closes");
+            let gate = connect(&endpoint, target, kind, &identity, i as u64).await;
+            (i, identity, gate)
+        });
+    }
+    let mut gates: Vec<_> = set.join_all().await;
+    gates.sort_by_key(|(i, _, _)| *i);
+    gates
+        .into_iter()
+        .map(|(_, identity, gate)| (identity, gate))
+        .collect()
+}
+
+async fn connect(
+    endpoint: &quinn::Endpoint,
+    target: SocketAddr,
+    kind: TargetKind,
+    identity: &GateIdentity,
+    salt: u64,
+) -> Result<GateClient, ClientError> {
+    let nonce = now_ms().rotate_left(20) ^ salt.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    match kind {
+        TargetKind::Tapgate => {
+            GateClient::connect(endpoint, target, identity, nonce, now_ms()).await
+        }
+        TargetKind::Echo => {
+            let mut gate = GateClient::open(endpoint, target, identity).await?;
+            gate.send_frame(&hello(identity, nonce, now_ms())).await?;
+            gate.recv().await?;
+            Ok(gate)
+        }
+    }
+}
+
+/// The pacing thread: hands each due tap's intended time to its gate. Returns how many taps
+/// could not be handed over because the gate's queue was full.
+fn pace(shared: &Shared, rate: f64, queues: Vec<mpsc::Sender<Instant>>) -> u64 {
+    let interval = Duration::from_secs_f64(1.0 / rate.max(0.001));
+    let end = shared.start + shared.spec.duration;
+    let mut behind = 0;
+    let mut k: u64 = 0;
+    loop {
+        let now = Instant::now();
+        if now >= end {
+            break;
+        }
+        let due = if now < shared.start {
+            0
+        } else {
+            ((now - shared.start).as_secs_f64() * rate) as u64 + 1
+        };
+        while k < due {
+            let intended = shared.start + interval.mul_f64(k as f64);
+            if queues[(k % queues.len() as u64) as usize]
+                .try_send(intended)
+                .is_err()
+            {
+                behind += 1;
+            }
+            k += 1;
+        }
+        let next = shared.start + interval.mul_f64(k as f64);
+        let wait = next
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_micros(200));
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+    }
+    shared.stop.store(true, Ordering::SeqCst);
+    behind
+}
+
+/// One gate's sending and receiving state, shared by both pacing modes.
+struct Gate {
+    shared: Arc<Shared>,
+    identity: GateIdentity,
+    client: GateClient,
+    workload: GateWorkload,
+    next_sequence: u64,
+    last_frame: Option<BytesMut>,
+    last_answered: bool,
+    in_flight: HashMap<u64, (Instant, Instant)>,
+    stats: GateStats,
+}
+
+impl Gate {
+    fn new(
+        shared: Arc<Shared>,
+        identity: GateIdentity,
+        client: GateClient,
+        workload: GateWorkload,
+    ) -> Self {
+        Self {
+            next_sequence: client.ack.last_sequence + 1,
+            shared,
+            identity,
+            client,
+            workload,
+            last_frame: None,
+            last_answered: false,
+            in_flight: HashMap::new(),
+            stats: GateStats::new(),
+        }
+    }
+
+    /// Sends the workload's next action. Returns whether a TapResult is expected (a fault gets
+    /// an Error instead).
+    async fn send_next(&mut self, intended: Instant) -> Result<bool, ClientError> {
+        let sequence = self.next_sequence;
+        let action = self.workload.next(
+            sequence,
+            now_ms(),
+            self.last_frame.is_some() && self.last_answered,
+        );
+        let (bytes, answered_sequence) = match action {
+            Action::Tap(tap) => {
+                self.next_sequence += 1;
+                (self.client.sealed(&Frame::Tap(tap)), Some(sequence))
+            }
+            Action::Resend => {
+                let bytes = self.last_frame.clone().expect("resend only after a frame");
+                let sequence = tapgate_protocol::decode_one(&bytes)
+                    .ok()
+                    .and_then(|f| f.parse_unverified().ok())
+                    .and_then(|f| match f {
+                        Frame::Tap(t) => Some(t.sequence),
+                        _ => None,
+                    });
+                (bytes, sequence)
+            }
+            Action::BadMac(tap) => {
+                self.next_sequence += 1;
+                let mut bytes = self.client.sealed(&Frame::Tap(tap));
+                let last = bytes.len() - 1;
+                bytes[last] ^= 0x01;
+                (bytes, None)
+            }
+            Action::Replay(tap) => (self.client.sealed(&Frame::Tap(tap)), None),
+        };
+        let sent_at = Instant::now();
+        self.client.send_raw(&bytes).await?;
+        self.stats.sent += 1;
+        if let Some(sequence) = answered_sequence {
+            self.in_flight.insert(sequence, (intended, sent_at));
+            if !matches!(action, Action::Resend) {
+                self.last_frame = Some(bytes);
+                self.last_answered = false;
+            }
+        }
+        Ok(answered_sequence.is_some())
+    }
+
+    fn record(&mut self, frame: Frame) {
+        let (sequence, decision) = match frame {
+            Frame::TapResult(r) => {
+                if r.outcome == Outcome::Busy {
+                    self.stats.busy += 1;
+                }
+                (r.sequence, r.reason.label())
+            }
+            // The echo baseline returns the tap itself.
+            Frame::Tap(t) => (t.sequence, "echo"),
+            other => {
+                self.stats
+                    .error(&format!("unexpected_{}", other.frame_type()));
+                return;
+            }
+        };
+        let Some((intended, sent)) = self.in_flight.remove(&sequence) else {
+            self.stats.error("answer_for_unknown_sequence");
+            return;
+        };
+        let now = Instant::now();
+        let _ = self
+            .stats
+            .from_intended
+            .record(now.saturating_duration_since(intended).as_micros().max(1) as u64);
+        let _ = self
+            .stats
+            .from_send
+            .record(now.saturating_duration_since(sent).as_micros().max(1) as u64);
+        self.stats.answered += 1;
+        *self.stats.decisions.entry(decision.to_owned()).or_default() += 1;
+        let second = now.saturating_duration_since(self.shared.start).as_secs() as usize;
+        if self.stats.per_second.len() <= second {
+            self.stats.per_second.resize(second + 1, 0);
+        }
+        self.stats.per_second[second] += 1;
+        self.last_answered = true;
+        self.shared.answered.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// After a refusal or a lost connection: count it, forget what was in flight, reconnect.
+    async fn recover(&mut self, error: &ClientError) -> bool {
+        self.stats.error(&error_kind(error));
+        if !self.in_flight.is_empty() {
+            *self.stats.errors.entry("unanswered".into()).or_default() +=
+                self.in_flight.len() as u64;
+            self.in_flight.clear();
+        }
+        self.last_frame = None;
+        while !self.shared.stop.load(Ordering::Relaxed) {
+            match connect(
+                &self.shared.endpoint,
+                self.shared.spec.target,
+                self.shared.spec.target_kind,
+                &self.identity,
+                self.next_sequence,
+            )
+            .await
+            {
+                Ok(client) => {
+                    self.next_sequence = self.next_sequence.max(client.ack.last_sequence + 1);
+                    self.client = client;
+                    return true;
+                }
+                Err(e) => {
+                    self.stats.error(&error_kind(&e));
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        false
+    }
+
+    async fn drain(&mut self) {
+        let deadline = tokio::time::Instant::now() + DRAIN;
+        while !self.in_flight.is_empty() {
+            match tokio::time::timeout_at(deadline, self.client.recv()).await {
+                Ok(Ok(frame)) => self.record(frame),
+                _ => break,
+            }
+        }
+        if !self.in_flight.is_empty() {
+            *self.stats.errors.entry("unanswered".into()).or_default() +=
+                self.in_flight.len() as u64;
+        }
+        self.client.close();
+    }
+}
+
+async fn drive_open_loop(
+    shared: Arc<Shared>,
+    identity: GateIdentity,
+    client: GateClient,
+    workload: GateWorkload,
+    mut due: mpsc::Receiver<Instant>,
+) -> GateStats {
+    let mut gate = Gate::new(shared, identity, client, workload);
+    loop {
+        tokio::select! {
+            biased;
+            answer = gate.client.receiver.recv() => match answer {
+                Ok(frame) => gate.record(frame),
+                Err(e) => {
+                    if !gate.recover(&e).await {
+                        break;
+                    }
+                }
+            },
+            intended = due.recv() => {
+                let Some(intended) = intended else { break };
+                if let Err(e) = gate.send_next(intended).await
+                    && !gate.recover(&e).await
+                {
+                    break;
+                }
+            }
+        }
+    }
+    gate.drain().await;
+    gate.stats
+}
+
+async fn drive_closed_loop(
+    shared: Arc<Shared>,
+    identity: GateIdentity,
+    client: GateClient,
+    workload: GateWorkload,
+) -> GateStats {
+    let mut gate = Gate::new(shared.clone(), identity, client, workload);
+    tokio::time::sleep_until(shared.start.into()).await;
+    while !shared.stop.load(Ordering::Relaxed) {
+        // A fault expects the gateway's Error instead of an answer; either way, read next.
+        let result = match gate.send_next(Instant::now()).await {
+            Ok(_) => gate.client.recv().await.map(|frame| gate.record(frame)),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result
+            && !gate.recover(&e).await
+        {
+            break;
+        }
+    }
+    gate.drain().await;
+    gate.stats
+}

@@ -1,0 +1,192 @@
+//! What each simulated gate taps, decided by a seeded generator so the same seed gives the same
+//! taps on every run: random cards of the synthetic population (so lost, cancelled, elder,
+//! Sichuan and T-Union cards appear in their population shares), metro and rail gates pairing
+//! each entry with a later exit, and optional shares of misbehaviour.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::collections::VecDeque;
+use tapgate_gateway::directory::TerminalRecord;
+use tapgate_gateway::population::PopulationSpec;
+use tapgate_protocol::{Tap, TapKind};
+
+/// Shares of taps sent wrongly on purpose, each a fraction of 1.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Faults {
+    /// Tag corrupted: the gateway answers `bad_mac` and closes; the gate reconnects.
+    pub bad_mac: f64,
+    /// An old sequence number: the gateway answers `replay` and closes; the gate reconnects.
+    pub replay: f64,
+    /// The previous frame sent again, byte for byte: answered with the first answer.
+    pub resend: f64,
+}
+
+/// What to send next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Tap(Tap),
+    /// `Tap` with its tag corrupted.
+    BadMac(Tap),
+    /// A sequence the gateway has long passed.
+    Replay(Tap),
+    /// The last frame again.
+    Resend,
+}
+
+/// Taps riding at once on one metro gate: entries waiting for their exit.
+const RIDING: usize = 64;
+
+/// One gate's tap generator.
+pub struct GateWorkload {
+    rng: ChaCha8Rng,
+    population: PopulationSpec,
+    cards: u64,
+    terminal: TerminalRecord,
+    faults: Faults,
+    riding: VecDeque<u64>,
+    line: u16,
+}
+
+impl GateWorkload {
+    pub fn new(
+        seed: u64,
+        population: &PopulationSpec,
+        terminal: TerminalRecord,
+        faults: Faults,
+    ) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ terminal.terminal_id.rotate_left(32));
+        let line = rng.random_range(1..=20);
+        Self {
+            rng,
+            population: population.clone(),
+            cards: population.cards.max(1),
+            terminal,
+            faults,
+            riding: VecDeque::with_capacity(RIDING),
+            line,
+        }
+    }
+
+    /// The next action; `sequence` is the tap's sequence number, `can_resend` whether a previous
+    /// frame exists that was answered.
+    pub fn next(&mut self, sequence: u64, gate_time_ms: u64, can_resend: bool) -> Action {
+        let roll: f64 = self.rng.random();
+        if can_resend && roll < self.faults.resend {
+            return Action::Resend;
+        }
+        let tap = self.tap(sequence, gate_time_ms);
+        let roll = roll - self.faults.resend;
+        if (0.0..self.faults.bad_mac).contains(&roll) {
+            Action::BadMac(tap)
+        } else if (self.faults.bad_mac..self.faults.bad_mac + self.faults.replay).contains(&roll)
+            && sequence > 1
+        {
+            Action::Replay(Tap { sequence: 1, ..tap })
+        } else {
+            Action::Tap(tap)
+        }
+    }
+
+    fn tap(&mut self, sequence: u64, gate_time_ms: u64) -> Tap {
+        let random_card = |rng: &mut ChaCha8Rng, cards| {
+            tapgate_gateway::population::FIRST_CARD_ID + rng.random_range(0..cards)
+        };
+        let (kind, card_id) = if self.terminal.mode.needs_exit_tap() {
+            let exit_due = self.riding.len() >= RIDING
+                || (!self.riding.is_empty() && self.rng.random_bool(0.5));
+            match exit_due.then(|| self.riding.pop_front()).flatten() {
+                Some(card) => (TapKind::Exit, card),
+                None => {
+                    let card = random_card(&mut self.rng, self.cards);
+                    self.riding.push_back(card);
+                    (TapKind::Entry, card)
+                }
+            }
+        } else {
+            (TapKind::Flat, random_card(&mut self.rng, self.cards))
+        };
+        let issuer = self
+            .population
+            .card(card_id - tapgate_gateway::population::FIRST_CARD_ID)
+            .issuer;
+        Tap {
+            sequence,
+            card_id,
+            issuer,
+            kind,
+            line: self.line,
+            stop: self.rng.random_range(1..=40),
+            gate_time_ms,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tapgate_protocol::{AreaCode, Mode};
+
+    fn metro() -> TerminalRecord {
+        TerminalRecord {
+            terminal_id: 42,
+            area: AreaCode(500103),
+            mode: Mode::Metro,
+            operator: 2,
+        }
+    }
+
+    #[test]
+    fn same_seed_same_taps() {
+        let p = PopulationSpec::default();
+        let mut a = GateWorkload::new(7, &p, metro(), Faults::default());
+        let mut b = GateWorkload::new(7, &p, metro(), Faults::default());
+        for s in 1..100 {
+            assert_eq!(a.next(s, 0, true), b.next(s, 0, true));
+        }
+    }
+
+    #[test]
+    fn metro_exits_follow_entries_of_the_same_cards() {
+        let p = PopulationSpec::default();
+        let mut w = GateWorkload::new(1, &p, metro(), Faults::default());
+        let mut open = std::collections::HashSet::new();
+        let mut exits = 0;
+        for s in 1..1000 {
+            let Action::Tap(t) = w.next(s, 0, false) else {
+                panic!("no faults configured")
+            };
+            match t.kind {
+                TapKind::Entry => assert!(open.insert(t.card_id)),
+                TapKind::Exit => {
+                    assert!(open.remove(&t.card_id), "exit without entry");
+                    exits += 1;
+                }
+                TapKind::Flat => panic!("metro gates do not tap flat"),
+            }
+        }
+        assert!(exits > 300);
+    }
+
+    #[test]
+    fn fault_shares_are_roughly_kept() {
+        let p = PopulationSpec::default();
+        let faults = Faults {
+            bad_mac: 0.1,
+            replay: 0.1,
+            resend: 0.1,
+        };
+        let mut w = GateWorkload::new(3, &p, metro(), faults);
+        let (mut bad, mut replay, mut resend) = (0, 0, 0);
+        for s in 2..10_002 {
+            match w.next(s, 0, true) {
+                Action::BadMac(_) => bad += 1,
+                Action::Replay(_) => replay += 1,
+                Action::Resend => resend += 1,
+                Action::Tap(_) => {}
+            }
+        }
+        for n in [bad, replay, resend] {
+            assert!((800..1200).contains(&n), "{bad} {replay} {resend}");
+        }
+    }
+}

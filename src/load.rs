@@ -1,0 +1,316 @@
+//! `tapgate load` and `tapgate demo`.
+
+use clap::Args;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tapgate_gateway::config::{Config, DEV_MASTER_KEY_HEX, DirectoryKind};
+use tapgate_gateway::population::PopulationSpec;
+use tapgate_gateway::server::Gateway;
+use tapgate_loadgen::echo::EchoServer;
+use tapgate_loadgen::report::Report;
+use tapgate_loadgen::run::{LoadSpec, Pacing, TargetKind, run};
+use tapgate_loadgen::workload::Faults;
+use tapgate_protocol::MasterKey;
+
+/// A duration given as `30`, `30s`, `500ms` or `2m`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        _ => return Err(format!("`{text}`: use ms, s or m")),
+    };
+    if !(seconds.is_finite() && seconds > 0.0) {
+        return Err(format!("`{text}` must be positive"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+#[derive(Args, Clone)]
+pub struct WorkloadArgs {
+    /// Simulated gates, each its own QUIC connection.
+    #[arg(long, default_value_t = 100)]
+    connections: usize,
+    /// Total taps per second, open loop (intended send times fixed in advance).
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    /// Closed loop instead: each gate sends its next tap when the previous one is answered.
+    #[arg(long)]
+    closed_loop: bool,
+    /// How long to send taps: 30, 30s, 500ms, 2m.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Seed of the card and gate population; must be the gateway's.
+    #[arg(long, default_value_t = PopulationSpec::default().seed)]
+    seed: u64,
+    /// Cards in the population; must be the gateway's.
+    #[arg(long, default_value_t = PopulationSpec::default().cards)]
+    cards: u64,
+    /// Gates in the population; must be the gateway's.
+    #[arg(long, default_value_t = PopulationSpec::default().terminals)]
+    terminals: u64,
+    /// Share of taps sent with a corrupted tag (each closes its connection; the gate reconnects).
+    #[arg(long, default_value_t = 0.0)]
+    bad_mac: f64,
+    /// Share of taps sent with an old sequence number (closes the connection too).
+    #[arg(long, default_value_t = 0.0)]
+    replay: f64,
+    /// Share of taps that resend the previous frame byte for byte.
+    #[arg(long, default_value_t = 0.0)]
+    resend: f64,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write the latency and throughput charts (SVG) here.
+    #[arg(long, default_value = "tapgate-load.svg")]
+    chart: PathBuf,
+}
+
+#[derive(Args)]
+pub struct LoadArgs {
+    /// The gateway, HOST:PORT.
+    #[arg(long)]
+    target: SocketAddr,
+    /// DER certificate the gateway presents (or its CA).
+    #[arg(long, default_value = "tapgate-state/dev-cert/cert.der")]
+    cert: PathBuf,
+    /// Master key of key version 1, 32 hex digits (the development key by default).
+    #[arg(long, env = "TAPGATE_LOAD_MASTER_KEY", default_value = DEV_MASTER_KEY_HEX)]
+    master_key: String,
+    #[command(flatten)]
+    workload: WorkloadArgs,
+    /// Also run the same load against a bare QUIC echo server and report tapgate/echo.
+    #[arg(long)]
+    compare_echo: bool,
+    /// Raise the rate step by step (×1.25) from --rate until p99 exceeds --p99-bound-ms or
+    /// answers fall behind; report the highest rate that held.
+    #[arg(long)]
+    find_max: bool,
+    #[arg(long, default_value_t = 5.0)]
+    p99_bound_ms: f64,
+}
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// How long the simulated gates tap.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    #[arg(long, default_value_t = 200)]
+    connections: usize,
+    #[arg(long, default_value_t = 2000.0)]
+    rate: f64,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))
+}
+
+impl WorkloadArgs {
+    fn spec(
+        &self,
+        target: SocketAddr,
+        kind: TargetKind,
+        cert: Vec<u8>,
+        key: MasterKey,
+    ) -> LoadSpec {
+        LoadSpec {
+            target,
+            target_kind: kind,
+            trusted_cert: cert,
+            master_key: key,
+            key_version: 1,
+            connections: self.connections,
+            pacing: if self.closed_loop {
+                Pacing::ClosedLoop
+            } else {
+                Pacing::OpenLoop { rate: self.rate }
+            },
+            duration: self.duration,
+            population: PopulationSpec {
+                seed: self.seed,
+                cards: self.cards,
+                terminals: self.terminals,
+                ..PopulationSpec::default()
+            },
+            faults: Faults {
+                bad_mac: self.bad_mac,
+                replay: self.replay,
+                resend: self.resend,
+            },
+            show_progress: true,
+        }
+    }
+
+    fn write_outputs(&self, report: &Report) -> Result<(), String> {
+        write_file(&self.chart, &report.svg())?;
+        println!("chart: {}", self.chart.display());
+        if let Some(path) = &self.json {
+            write_file(path, &report.json())?;
+            println!("json: {}", path.display());
+        }
+        Ok(())
+    }
+}
+
+fn write_file(path: &Path, text: &str) -> Result<(), String> {
+    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+pub fn run_load(args: LoadArgs) -> Result<(), String> {
+    crate::serve::init_logging("warn");
+    let cert = std::fs::read(&args.cert).map_err(|e| format!("{}: {e}", args.cert.display()))?;
+    let key = MasterKey::from_hex(&args.master_key).map_err(|e| format!("--master-key: {e}"))?;
+    runtime()?.block_on(async {
+        if args.find_max {
+            return find_max(&args, cert, key).await;
+        }
+        let spec = args
+            .workload
+            .spec(args.target, TargetKind::Tapgate, cert, key.clone());
+        let report = run(spec).await.map_err(|e| e.to_string())?;
+        print!("{}", report.summary());
+        args.workload.write_outputs(&report)?;
+        if args.compare_echo {
+            let echo = EchoServer::start("127.0.0.1:0".parse().expect("valid address"))
+                .map_err(|e| e.to_string())?;
+            let spec = args.workload.spec(
+                echo.local_addr(),
+                TargetKind::Echo,
+                echo.certificate_der().to_vec(),
+                key,
+            );
+            let baseline = run(spec).await.map_err(|e| e.to_string())?;
+            echo.close();
+            print!("\n{}", baseline.summary());
+            println!(
+                "\ntapgate / echo throughput: {:.1} %",
+                100.0 * report.achieved_rate / baseline.achieved_rate.max(f64::MIN_POSITIVE)
+            );
+        }
+        Ok(())
+    })
+}
+
+async fn find_max(args: &LoadArgs, cert: Vec<u8>, key: MasterKey) -> Result<(), String> {
+    let mut rate = args.workload.rate;
+    let mut best: Option<Report> = None;
+    loop {
+        let mut workload = args.workload.clone();
+        workload.rate = rate;
+        workload.closed_loop = false;
+        let report =
+            run(workload.spec(args.target, TargetKind::Tapgate, cert.clone(), key.clone()))
+                .await
+                .map_err(|e| e.to_string())?;
+        let p99_ms = report.latency_us.p99 as f64 / 1000.0;
+        let held = p99_ms <= args.p99_bound_ms
+            && report.errors == 0
+            && report.busy == 0
+            && report.achieved_rate >= 0.95 * rate;
+        println!(
+            "{rate:>9.0} taps/s: achieved {:.0}, p99 {:.2} ms, errors {}, busy {} -> {}",
+            report.achieved_rate,
+            p99_ms,
+            report.errors,
+            report.busy,
+            if held { "held" } else { "did not hold" }
+        );
+        if !held {
+            break;
+        }
+        best = Some(report);
+        rate *= 1.25;
+    }
+    match best {
+        Some(report) => {
+            println!(
+                "\nhighest rate that held: {:.0} taps/s (p99 bound {} ms)\n",
+                report.target_rate, args.p99_bound_ms
+            );
+            print!("{}", report.summary());
+            args.workload.write_outputs(&report)
+        }
+        None => Err(format!(
+            "even {:.0} taps/s did not hold; start lower with --rate",
+            args.workload.rate
+        )),
+    }
+}
+
+pub fn run_demo(args: DemoArgs) -> Result<(), String> {
+    crate::serve::init_logging("warn");
+    let dir = tempfile::Builder::new()
+        .prefix("tapgate-demo-")
+        .tempdir()
+        .map_err(|e| format!("creating the demo directory: {e}"))?
+        .keep();
+    let population = PopulationSpec::default();
+    let mut config = Config::default();
+    config.server.listen = "127.0.0.1:0".parse().expect("valid address");
+    config.server.dev_cert_dir = dir.join("dev-cert");
+    config.journal.dir = dir.join("journal");
+    config.directory.kind = DirectoryKind::Embedded;
+    config.directory.embedded_cards = population.cards;
+    config.directory.embedded_terminals = population.terminals;
+    let connections = args.connections.min(population.terminals as usize);
+    println!(
+        "tapgate demo: an embedded gateway with {} cards and {} gates of Chongqing's 41 areas;\n{} simulated gates tap at {:.0} taps/s for {:.0} s over real QUIC on 127.0.0.1.\n",
+        population.cards,
+        population.terminals,
+        connections,
+        args.rate,
+        args.duration.as_secs_f64()
+    );
+    runtime()?.block_on(async {
+        let directory = config.directory().map_err(|e| e.to_string())?;
+        let settings = config
+            .gateway_settings(directory)
+            .map_err(|e| e.to_string())?;
+        let gateway = Gateway::start(settings).await.map_err(|e| e.to_string())?;
+        let workload = WorkloadArgs {
+            connections,
+            rate: args.rate,
+            closed_loop: false,
+            duration: args.duration,
+            seed: population.seed,
+            cards: population.cards,
+            terminals: population.terminals,
+            bad_mac: 0.0,
+            replay: 0.0,
+            resend: 0.0,
+            json: Some(dir.join("report.json")),
+            chart: dir.join("report.svg"),
+        };
+        let key = MasterKey::from_hex(DEV_MASTER_KEY_HEX).expect("valid development key");
+        let spec = workload.spec(
+            gateway.local_addr(),
+            TargetKind::Tapgate,
+            gateway.certificate_der().to_vec(),
+            key,
+        );
+        let report = run(spec).await;
+        let metrics = gateway.metrics().snapshot();
+        gateway.shutdown().await;
+        let report = report.map_err(|e| e.to_string())?;
+        print!("{}", report.summary());
+        println!(
+            "gateway: {} sessions, {} approved, {} denied, {} busy",
+            metrics.sessions_authenticated, metrics.approved, metrics.denied, metrics.busy
+        );
+        workload.write_outputs(&report)?;
+        println!("journal: {}", dir.join("journal").display());
+        Ok(())
+    })
+}
