@@ -76,6 +76,7 @@ pub struct JournalConfig {
     pub segment_bytes: u64,
     pub queue_capacity: usize,
     pub max_batch: usize,
+    pub min_sync_interval_us: u64,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -135,6 +136,7 @@ impl Default for JournalConfig {
             segment_bytes: 64 << 20,
             queue_capacity: 65_536,
             max_batch: 1024,
+            min_sync_interval_us: 1000,
         }
     }
 }
@@ -293,6 +295,7 @@ impl Config {
                 segment_bytes: self.journal.segment_bytes,
                 queue_capacity: self.journal.queue_capacity,
                 max_batch: self.journal.max_batch,
+                min_sync_interval: Duration::from_micros(self.journal.min_sync_interval_us),
             },
             directory,
             negative_ttl_ms: self.directory.negative_ttl_ms,

@@ -42,6 +42,8 @@ pub enum ClientError {
     NonceMismatch,
 }
 
+const CLIENT_UDP_BUFFER: usize = 8 << 20;
+
 /// A client endpoint that trusts exactly `trusted_der` (the gateway's certificate or its CA).
 pub fn client_endpoint(
     trusted_der: &[u8],
@@ -62,8 +64,17 @@ pub fn client_endpoint(
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| ClientError::Connect(e.to_string()))?;
-    let mut endpoint =
-        quinn::Endpoint::client(bind).map_err(|e| ClientError::Connect(e.to_string()))?;
+    // Thousands of gates share this one socket: give it the gateway's large buffers, or bursts
+    // of answers are dropped by the kernel and QUIC's loss recovery shows up as latency.
+    let socket = tapgate_gateway::server::bind_udp(bind, CLIENT_UDP_BUFFER)
+        .map_err(|e| ClientError::Connect(e.to_string()))?;
+    let mut endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|e| ClientError::Connect(e.to_string()))?;
     endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
     Ok(endpoint)
 }

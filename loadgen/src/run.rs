@@ -71,10 +71,9 @@ const GATE_QUEUE: usize = 256;
 /// How long answers are awaited after the last tap was sent.
 const DRAIN: Duration = Duration::from_secs(3);
 
-/// Counters and histograms of one gate, merged at the end.
+/// Counters of one gate, merged at the end. Latencies go to the shared histograms instead: a
+/// histogram per gate would cost hundreds of kilobytes times thousands of gates.
 struct GateStats {
-    from_intended: Histogram<u64>,
-    from_send: Histogram<u64>,
     sent: u64,
     answered: u64,
     busy: u64,
@@ -90,8 +89,6 @@ fn histogram() -> Histogram<u64> {
 impl GateStats {
     fn new() -> Self {
         Self {
-            from_intended: histogram(),
-            from_send: histogram(),
             sent: 0,
             answered: 0,
             busy: 0,
@@ -106,8 +103,6 @@ impl GateStats {
     }
 
     fn merge(&mut self, other: GateStats) {
-        let _ = self.from_intended.add(&other.from_intended);
-        let _ = self.from_send.add(&other.from_send);
         self.sent += other.sent;
         self.answered += other.answered;
         self.busy += other.busy;
@@ -139,8 +134,45 @@ fn error_kind(e: &ClientError) -> String {
     }
 }
 
+/// Latency histograms (from intended send, from actual send), sharded by gate so recording
+/// rarely contends.
+struct Latencies {
+    shards: Vec<std::sync::Mutex<(Histogram<u64>, Histogram<u64>)>>,
+}
+
+const LATENCY_SHARDS: usize = 32;
+
+impl Latencies {
+    fn new() -> Self {
+        Self {
+            shards: (0..LATENCY_SHARDS)
+                .map(|_| std::sync::Mutex::new((histogram(), histogram())))
+                .collect(),
+        }
+    }
+
+    fn record(&self, gate: u64, from_intended: Duration, from_send: Duration) {
+        let mut shard = self.shards[(gate % LATENCY_SHARDS as u64) as usize]
+            .lock()
+            .expect("latency shard lock");
+        let _ = shard.0.record(from_intended.as_micros().max(1) as u64);
+        let _ = shard.1.record(from_send.as_micros().max(1) as u64);
+    }
+
+    fn merged(&self) -> (Histogram<u64>, Histogram<u64>) {
+        let (mut intended, mut sent) = (histogram(), histogram());
+        for shard in &self.shards {
+            let shard = shard.lock().expect("latency shard lock");
+            let _ = intended.add(&shard.0);
+            let _ = sent.add(&shard.1);
+        }
+        (intended, sent)
+    }
+}
+
 struct Shared {
     spec: LoadSpec,
+    latencies: Latencies,
     endpoint: quinn::Endpoint,
     start: Instant,
     stop: AtomicBool,
@@ -189,6 +221,7 @@ pub async fn run(spec: LoadSpec) -> Result<Report, LoadError> {
     let shared = Arc::new(Shared {
         start: Instant::now() + Duration::from_millis(50),
         spec: spec.clone(),
+        latencies: Latencies::new(),
         endpoint,
         stop: AtomicBool::new(false),
         answered: AtomicU64::new(0),
@@ -242,6 +275,7 @@ pub async fn run(spec: LoadSpec) -> Result<Report, LoadError> {
         *total.errors.entry("connect_failed".into()).or_default() += connect_failures;
     }
     shared.endpoint.close(0u32.into(), b"done");
+    let (from_intended, from_send) = shared.latencies.merged();
     let duration_s = spec.duration.as_secs_f64();
     total
         .per_second
@@ -265,12 +299,12 @@ pub async fn run(spec: LoadSpec) -> Result<Report, LoadError> {
         errors: total.errors.values().sum(),
         busy: total.busy,
         behind,
-        latency_us: Percentiles::of(&total.from_intended),
-        latency_from_send_us: Percentiles::of(&total.from_send),
+        latency_us: Percentiles::of(&from_intended),
+        latency_from_send_us: Percentiles::of(&from_send),
         decisions: total.decisions,
         error_kinds: total.errors,
         throughput_per_s: total.per_second,
-        histogram: total.from_intended,
+        histogram: from_intended,
     })
 }
 
@@ -500,14 +534,11 @@ impl Gate {
             return;
         };
         let now = Instant::now();
-        let _ = self
-            .stats
-            .from_intended
-            .record(now.saturating_duration_since(intended).as_micros().max(1) as u64);
-        let _ = self
-            .stats
-            .from_send
-            .record(now.saturating_duration_since(sent).as_micros().max(1) as u64);
+        self.shared.latencies.record(
+            self.identity.terminal_id,
+            now.saturating_duration_since(intended),
+            now.saturating_duration_since(sent),
+        );
         self.stats.answered += 1;
         *self.stats.decisions.entry(decision.to_owned()).or_default() += 1;
         let second = now.saturating_duration_since(self.shared.start).as_secs() as usize;

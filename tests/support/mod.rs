@@ -138,6 +138,7 @@ pub fn settings(directory: Directory, state_dir: &Path) -> GatewaySettings {
             segment_bytes: 1 << 20,
             queue_capacity: 4096,
             max_batch: 256,
+            min_sync_interval: Duration::from_micros(200),
         },
         directory,
         negative_ttl_ms: 2_000,
