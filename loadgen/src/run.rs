@@ -398,18 +398,16 @@ async fn connect(
 /// could not be handed over because the gate's queue was full.
 fn pace(shared: &Shared, rate: f64, queues: Vec<mpsc::Sender<Instant>>) -> u64 {
     let interval = Duration::from_secs_f64(1.0 / rate.max(0.001));
-    let end = shared.start + shared.spec.duration;
+    // Exactly this many taps are due in the run, however late the thread wakes.
+    let total = (shared.spec.duration.as_secs_f64() * rate).ceil() as u64;
     let mut behind = 0;
     let mut k: u64 = 0;
-    loop {
+    while k < total {
         let now = Instant::now();
-        if now >= end {
-            break;
-        }
         let due = if now < shared.start {
             0
         } else {
-            ((now - shared.start).as_secs_f64() * rate) as u64 + 1
+            (((now - shared.start).as_secs_f64() * rate) as u64 + 1).min(total)
         };
         while k < due {
             let intended = shared.start + interval.mul_f64(k as f64);
@@ -429,6 +427,9 @@ fn pace(shared: &Shared, rate: f64, queues: Vec<mpsc::Sender<Instant>>) -> u64 {
             std::thread::sleep(wait);
         }
     }
+    // Close the run at its nominal end, even if the last tap was due earlier.
+    let end = shared.start + shared.spec.duration;
+    std::thread::sleep(end.saturating_duration_since(Instant::now()));
     shared.stop.store(true, Ordering::SeqCst);
     behind
 }

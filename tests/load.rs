@@ -1,0 +1,138 @@
+//! End-to-end: the load generator against a real gateway, and against the echo baseline.
+
+mod support;
+
+use std::time::Duration;
+use support::*;
+use tapgate_gateway::directory::{Directory, EmbeddedDirectory};
+use tapgate_gateway::population::PopulationSpec;
+use tapgate_loadgen::echo::EchoServer;
+use tapgate_loadgen::run::{LoadSpec, Pacing, TargetKind, run};
+use tapgate_loadgen::workload::Faults;
+use tapgate_protocol::MasterKey;
+
+fn population() -> PopulationSpec {
+    PopulationSpec {
+        cards: 5_000,
+        terminals: 50,
+        ..PopulationSpec::default()
+    }
+}
+
+async fn gateway(state: &std::path::Path) -> Harness {
+    let embedded = std::sync::Arc::new(EmbeddedDirectory::default());
+    let spec = population();
+    spec.cards().for_each(|c| embedded.put_card(c));
+    spec.terminals().for_each(|t| embedded.put_terminal(t));
+    Harness::start(Directory::Embedded(embedded), state).await
+}
+
+fn load(
+    target: std::net::SocketAddr,
+    kind: TargetKind,
+    cert: &[u8],
+    pacing: Pacing,
+    faults: Faults,
+) -> LoadSpec {
+    LoadSpec {
+        target,
+        target_kind: kind,
+        trusted_cert: cert.to_vec(),
+        master_key: MasterKey::new(MASTER_V1),
+        key_version: 1,
+        connections: 20,
+        pacing,
+        duration: Duration::from_secs(2),
+        population: population(),
+        faults,
+        show_progress: false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_loop_load_is_fully_answered_with_the_workloads_decisions() {
+    let state = tempfile::tempdir().unwrap();
+    let h = gateway(state.path()).await;
+    let spec = load(
+        h.addr(),
+        TargetKind::Tapgate,
+        h.gateway.certificate_der(),
+        Pacing::OpenLoop { rate: 500.0 },
+        Faults::default(),
+    );
+    let report = run(spec).await.unwrap();
+    assert_eq!(report.connected, 20);
+    assert_eq!(report.sent, 1000, "{}", report.summary());
+    assert_eq!(report.answered, report.sent, "{}", report.summary());
+    assert_eq!(report.errors, 0, "{}", report.summary());
+    assert!(report.decisions.get("approved").copied().unwrap_or(0) > 900);
+    assert!(report.latency_us.p50 > 0 && report.latency_us.p50 <= report.latency_us.max);
+    assert_eq!(
+        h.gateway.metrics().snapshot().approved,
+        report.decisions["approved"]
+    );
+    let json: serde_json::Value = serde_json::from_str(&report.json()).unwrap();
+    assert_eq!(json["sent"], 1000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_faults_are_refused_and_the_gates_recover() {
+    let state = tempfile::tempdir().unwrap();
+    let h = gateway(state.path()).await;
+    let faults = Faults {
+        bad_mac: 0.05,
+        replay: 0.05,
+        resend: 0.05,
+    };
+    let spec = load(
+        h.addr(),
+        TargetKind::Tapgate,
+        h.gateway.certificate_der(),
+        Pacing::OpenLoop { rate: 500.0 },
+        faults,
+    );
+    let report = run(spec).await.unwrap();
+    assert!(
+        report
+            .error_kinds
+            .get("refused_bad_mac")
+            .copied()
+            .unwrap_or(0)
+            > 10,
+        "{}",
+        report.summary()
+    );
+    assert!(
+        report
+            .error_kinds
+            .get("refused_replay")
+            .copied()
+            .unwrap_or(0)
+            > 10,
+        "{}",
+        report.summary()
+    );
+    assert!(h.gateway.metrics().snapshot().resends > 10);
+    assert!(
+        report.answered > 800,
+        "gates kept tapping after reconnecting: {}",
+        report.summary()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_loop_against_the_echo_baseline() {
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let spec = load(
+        echo.local_addr(),
+        TargetKind::Echo,
+        echo.certificate_der(),
+        Pacing::ClosedLoop,
+        Faults::default(),
+    );
+    let report = run(spec).await.unwrap();
+    assert_eq!(report.errors, 0, "{}", report.summary());
+    assert!(report.answered > 100);
+    assert_eq!(report.decisions.keys().collect::<Vec<_>>(), ["echo"]);
+    echo.close();
+}
