@@ -305,7 +305,9 @@ impl SegmentWriter {
     ) {
         let mut batch = Vec::with_capacity(max_batch);
         let mut buf = BytesMut::with_capacity(max_batch * (RECORD_HEADER + PAYLOAD_LEN));
-        let mut last_sync = Instant::now() - min_interval;
+        let mut last_sync = Instant::now()
+            .checked_sub(min_interval)
+            .unwrap_or_else(Instant::now);
         while let Some(first) = rx.blocking_recv() {
             let wait = min_interval.saturating_sub(last_sync.elapsed());
             if !wait.is_zero() {
