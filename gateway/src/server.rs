@@ -11,6 +11,7 @@ use crate::policy::Policy;
 use crate::tls::{self, TlsSource};
 use bytes::BytesMut;
 use dashmap::DashMap;
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
@@ -502,23 +503,19 @@ impl Session {
             .sessions_authenticated
             .fetch_add(1, Ordering::Relaxed);
 
-        let (pending_tx, pending_rx) = mpsc::channel(usize::from(limits.max_in_flight.max(1)));
-        let writer = tokio::spawn(write_answers(
-            send,
-            mac.clone(),
-            pending_rx,
-            state.clone(),
-            self.connection.clone(),
-            self.shared.clone(),
-        ));
         let place = GatePlace {
             area: terminal.area,
             mode: terminal.mode,
         };
-        self.read_taps(&mut reader, &mac, &terminal, place, &state, &pending_tx)
+        let mut session = Answers {
+            send,
+            mac,
+            state,
+            queue: VecDeque::with_capacity(usize::from(limits.max_in_flight)),
+            out: BytesMut::with_capacity(4096),
+        };
+        self.run_taps(&mut reader, &mut session, &terminal, place)
             .await;
-        drop(pending_tx);
-        let _ = writer.await;
     }
 
     /// Checks the Hello (PROTOCOL.md section 5) and answers HelloAck.
@@ -611,76 +608,111 @@ impl Session {
         Ok(found)
     }
 
-    async fn read_taps(
+    /// The session after its Hello: one task reads taps, decides them in order and writes the
+    /// answers in the same order as they become ready (approvals once durable). Reading stops
+    /// at a fatal error or shutdown; the answers decided before it are still sent, then the
+    /// Error, then the connection is closed.
+    async fn run_taps(
         &self,
         reader: &mut FrameReader,
-        mac: &MacKey,
+        answers: &mut Answers,
         terminal: &TerminalRecord,
         place: GatePlace,
-        state: &TerminalState,
-        pending: &mpsc::Sender<Pending>,
     ) {
         let mut shutdown = self.shared.shutdown.clone();
         let fatal = |code, sequence| Pending::Fatal(ErrorFrame { code, sequence });
+        let mut reading = true;
         loop {
+            match answers.flush(&self.shared).await {
+                Flushed::Open => {}
+                Flushed::Closed => return,
+                Flushed::Fatal(error) => return self.close_after(answers, error).await,
+            }
+            if !reading && answers.queue.is_empty() {
+                let _ = answers.send.finish();
+                return;
+            }
             let next = tokio::select! {
                 biased;
-                _ = shutdown.wait_for(|stop| *stop) => None,
-                next = reader.next() => Some(next),
-            };
-            let Some(next) = next else {
-                let _ = pending.send(fatal(ErrorCode::ShuttingDown, 0)).await;
-                return;
+                _ = shutdown.wait_for(|stop| *stop), if reading => {
+                    answers.queue.push_back(fatal(ErrorCode::ShuttingDown, 0));
+                    reading = false;
+                    continue;
+                }
+                () = answers.wait_for_head(&self.shared), if !answers.queue.is_empty() => continue,
+                next = reader.next(), if reading => next,
             };
             let frame = match next {
                 Ok(Some(frame)) => frame,
-                Ok(None) | Err(ReadFailure::Closed) => return,
+                Ok(None) | Err(ReadFailure::Closed) => {
+                    reading = false;
+                    continue;
+                }
                 Err(ReadFailure::Decode(e)) => {
-                    let _ = pending.send(fatal(e.error_code(), 0)).await;
-                    return;
+                    answers.queue.push_back(fatal(e.error_code(), 0));
+                    reading = false;
+                    continue;
                 }
             };
-            let code = match frame.frame_type() {
-                FrameType::Tap => None,
-                FrameType::Hello => Some(ErrorCode::DuplicateHello),
-                _ => Some(ErrorCode::UnexpectedFrame),
+            let pending = match frame.frame_type() {
+                FrameType::Tap => self.tap(&frame, answers, terminal, place).await,
+                FrameType::Hello => fatal(ErrorCode::DuplicateHello, 0),
+                _ => fatal(ErrorCode::UnexpectedFrame, 0),
             };
-            if let Some(code) = code {
-                let _ = pending.send(fatal(code, 0)).await;
-                return;
-            }
-            let tap = match frame.open(mac) {
-                Ok(Frame::Tap(tap)) => tap,
-                Ok(_) => unreachable!("a frame of type Tap parses as a Tap"),
-                Err(e) => {
-                    let _ = pending.send(fatal(e.error_code(), 0)).await;
-                    return;
-                }
-            };
-            let tag = frame.tag();
-            let admission = state
-                .window
-                .lock()
-                .expect("window lock")
-                .admit(tap.sequence, tag);
-            let next = match admission {
-                Admission::Fresh => self.decide_fresh(&tap, tag, terminal, place, pending).await,
-                Admission::Resend(answer) => {
-                    self.shared.metrics.resends.fetch_add(1, Ordering::Relaxed);
-                    Pending::Ready(answer)
-                }
-                Admission::InFlight => Pending::AwaitAnswer {
-                    sequence: tap.sequence,
-                    tag,
-                },
-                Admission::Conflict => fatal(ErrorCode::SequenceConflict, tap.sequence),
-                Admission::Replay => fatal(ErrorCode::Replay, tap.sequence),
-            };
-            let is_fatal = matches!(next, Pending::Fatal(_));
-            if pending.send(next).await.is_err() || is_fatal {
-                return;
-            }
+            reading = !matches!(pending, Pending::Fatal(_));
+            answers.queue.push_back(pending);
         }
+    }
+
+    /// What to answer a Tap frame.
+    async fn tap(
+        &self,
+        frame: &SealedFrame,
+        answers: &Answers,
+        terminal: &TerminalRecord,
+        place: GatePlace,
+    ) -> Pending {
+        let fatal = |code, sequence| Pending::Fatal(ErrorFrame { code, sequence });
+        let tap = match frame.open(&answers.mac) {
+            Ok(Frame::Tap(tap)) => tap,
+            Ok(_) => unreachable!("a frame of type Tap parses as a Tap"),
+            Err(e) => return fatal(e.error_code(), 0),
+        };
+        let tag = frame.tag();
+        let admission = answers
+            .state
+            .window
+            .lock()
+            .expect("window lock")
+            .admit(tap.sequence, tag);
+        match admission {
+            Admission::Fresh => {
+                let room = answers.queue.len() + 1 < usize::from(self.shared.limits.max_in_flight);
+                self.decide_fresh(&tap, tag, terminal, place, room).await
+            }
+            Admission::Resend(answer) => {
+                self.shared.metrics.resends.fetch_add(1, Ordering::Relaxed);
+                Pending::Ready(answer)
+            }
+            Admission::InFlight => Pending::AwaitAnswer {
+                sequence: tap.sequence,
+                tag,
+            },
+            Admission::Conflict => fatal(ErrorCode::SequenceConflict, tap.sequence),
+            Admission::Replay => fatal(ErrorCode::Replay, tap.sequence),
+        }
+    }
+
+    /// Sends the Error (after every answer before it has gone out), then closes.
+    async fn close_after(&self, answers: &mut Answers, error: ErrorFrame) {
+        self.shared.metrics.count_error(error.code);
+        answers.out.clear();
+        tapgate_protocol::seal(&Frame::Error(error), &answers.mac, &mut answers.out);
+        if answers.send.write_all(&answers.out).await.is_ok() {
+            let _ = answers.send.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.connection.closed()).await;
+        }
+        self.close(error.code);
     }
 
     /// Decides a new tap. Capacity is claimed before deciding — a slot in this session's
@@ -691,10 +723,9 @@ impl Session {
         tag: Tag,
         terminal: &TerminalRecord,
         place: GatePlace,
-        pending: &mpsc::Sender<Pending>,
+        room: bool,
     ) -> Pending {
-        // One slot stays free for the Busy answer itself.
-        let slot = if pending.capacity() > 1 {
+        let slot = if room {
             self.shared.journal.reserve().ok()
         } else {
             None
@@ -755,66 +786,83 @@ fn busy(sequence: u64) -> TapResult {
     }
 }
 
-/// Sends answers in the order the taps arrived, each approval only once it is durable, and
-/// records every answer in the terminal's window as it goes out (so a resend can never be
-/// answered before the first copy's answer is durable).
-async fn write_answers(
-    mut send: quinn::SendStream,
+/// A session's answers in the order of their taps, and the stream they go out on.
+struct Answers {
+    send: quinn::SendStream,
     mac: MacKey,
-    mut pending: mpsc::Receiver<Pending>,
     state: Arc<TerminalState>,
-    connection: quinn::Connection,
-    shared: Arc<Shared>,
-) {
-    let mut out = BytesMut::with_capacity(4096);
-    while let Some(first) = pending.recv().await {
-        let mut next = Some(first);
+    queue: VecDeque<Pending>,
+    out: BytesMut,
+}
+
+enum Flushed {
+    Open,
+    /// The stream is gone; nothing more can be sent.
+    Closed,
+    /// Everything before this Error has been sent.
+    Fatal(ErrorFrame),
+}
+
+impl Answers {
+    /// Writes every answer at the head of the queue that is ready, in order. Each answer enters
+    /// the terminal's window as it goes out, so a resend can never be answered with an approval
+    /// that is not yet durable.
+    async fn flush(&mut self, shared: &Shared) -> Flushed {
+        self.out.clear();
         let mut fatal = None;
-        while let Some(item) = next.take() {
-            let result = match item {
-                Pending::Ready(result) => Some(result),
-                Pending::Durable(result, durable) => Some(match durable.await {
-                    Ok(Ok(())) => result,
+        while let Some(head) = self.queue.front_mut() {
+            let result = match head {
+                Pending::Ready(result) => *result,
+                Pending::Durable(result, durable) => match durable.try_recv() {
+                    Ok(Ok(())) => *result,
+                    Err(tokio::sync::oneshot::error::TryRecvError::Empty) => break,
                     // The journal could not record it: the approval is withdrawn.
                     _ => busy(result.sequence),
-                }),
-                Pending::AwaitAnswer { sequence, tag } => {
-                    await_answer(&state, sequence, tag, shared.limits.resend_wait).await
-                }
+                },
+                Pending::AwaitAnswer { .. } => break,
                 Pending::Fatal(error) => {
-                    fatal = Some(error);
-                    None
+                    fatal = Some(*error);
+                    self.queue.clear();
+                    break;
                 }
             };
-            if let Some(result) = result {
-                state.complete(result);
-                shared.metrics.count_answer(result.outcome, result.reason);
-                tapgate_protocol::seal(&Frame::TapResult(result), &mac, &mut out);
-            }
-            if fatal.is_some() || out.len() >= 16 * 1024 {
-                break;
-            }
-            next = pending.try_recv().ok();
+            self.queue.pop_front();
+            self.state.complete(result);
+            shared.metrics.count_answer(result.outcome, result.reason);
+            tapgate_protocol::seal(&Frame::TapResult(result), &self.mac, &mut self.out);
         }
-        if let Some(error) = fatal {
-            shared.metrics.count_error(error.code);
-            tapgate_protocol::seal(&Frame::Error(error), &mac, &mut out);
+        if !self.out.is_empty() && self.send.write_all(&self.out).await.is_err() {
+            return Flushed::Closed;
         }
-        if send.write_all(&out).await.is_err() {
-            return;
-        }
-        out.clear();
-        if let Some(error) = fatal {
-            let _ = send.finish();
-            let _ = tokio::time::timeout(Duration::from_secs(1), connection.closed()).await;
-            connection.close(
-                quinn::VarInt::from_u32(error.code.code().into()),
-                error.code.label().as_bytes(),
-            );
-            return;
+        match fatal {
+            Some(error) => Flushed::Fatal(error),
+            None => Flushed::Open,
         }
     }
-    let _ = send.finish();
+
+    /// Resolves when the head of the queue can be flushed. Cancel-safe: an interrupted wait
+    /// leaves the head as it was.
+    async fn wait_for_head(&mut self, shared: &Shared) {
+        let resolved = match self.queue.front_mut() {
+            Some(Pending::Durable(result, durable)) => match durable.await {
+                Ok(Ok(())) => Pending::Ready(*result),
+                _ => Pending::Ready(busy(result.sequence)),
+            },
+            Some(Pending::AwaitAnswer { sequence, tag }) => {
+                match await_answer(&self.state, *sequence, *tag, shared.limits.resend_wait).await {
+                    Some(answer) => Pending::Ready(answer),
+                    None => {
+                        self.queue.pop_front();
+                        return;
+                    }
+                }
+            }
+            _ => return,
+        };
+        if let Some(head) = self.queue.front_mut() {
+            *head = resolved;
+        }
+    }
 }
 
 /// Waits for the answer to a tap whose first copy is still being decided.
