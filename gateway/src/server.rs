@@ -394,7 +394,7 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
     while sessions.join_next().await.is_some() {}
 }
 
-/// What the answer writer sends next, in order.
+/// A tap's answer as it waits its turn in the session's queue.
 enum Pending {
     Ready(TapResult),
     /// An approval, sent once its journal record is on disk.
