@@ -42,6 +42,9 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     master_keys: Vec<String>,
+    /// Address of the operators' HTTP endpoint (GET /metrics, /healthz); "off" disables it.
+    #[arg(long, env = "TAPGATE_OPS_LISTEN", default_value = "127.0.0.1:9433")]
+    ops_listen: String,
     /// tracing filter (overrides [log] filter), e.g. debug or tapgate_gateway=debug.
     #[arg(long, env = "TAPGATE_LOG")]
     log: Option<String>,
@@ -103,21 +106,45 @@ pub fn init_logging(filter: &str) {
 
 pub fn run(args: ServeArgs) -> Result<(), String> {
     let config = args.config()?;
+    let ops_listen: Option<SocketAddr> = match args.ops_listen.as_str() {
+        "off" => None,
+        addr => Some(
+            addr.parse()
+                .map_err(|_| format!("--ops-listen `{addr}`: expected HOST:PORT or off"))?,
+        ),
+    };
     init_logging(&config.log.filter);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("starting the runtime: {e}"))?;
-    runtime.block_on(serve(config))
+    runtime.block_on(serve(config, ops_listen))
 }
 
-async fn serve(config: Config) -> Result<(), String> {
+/// How often the gateway logs its throughput.
+const REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+async fn serve(config: Config, ops_listen: Option<SocketAddr>) -> Result<(), String> {
     use tokio::signal::unix::{SignalKind, signal};
     let directory = config.directory().map_err(|e| e.to_string())?;
     let settings = config
         .gateway_settings(directory)
         .map_err(|e| e.to_string())?;
     let gateway = Gateway::start(settings).await.map_err(|e| e.to_string())?;
+    let counters = tapgate_gateway::ops::Counters::of(&gateway);
+    let ops = match ops_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("ops endpoint {addr}: {e}"))?;
+            tracing::info!(%addr, "ops endpoint: GET /metrics, /healthz");
+            Some(tokio::spawn(tapgate_gateway::ops::serve(
+                listener, counters,
+            )))
+        }
+        None => None,
+    };
+    let reporter = tokio::spawn(report_throughput(gateway.metrics().clone()));
     let mut terminate = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut hangup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
     loop {
@@ -133,6 +160,30 @@ async fn serve(config: Config) -> Result<(), String> {
             },
         }
     }
+    reporter.abort();
+    if let Some(ops) = ops {
+        ops.abort();
+    }
     gateway.shutdown().await;
     Ok(())
+}
+
+/// Logs answers per second every REPORT_EVERY, so an operator tailing the log sees throughput.
+async fn report_throughput(metrics: std::sync::Arc<tapgate_gateway::metrics::Metrics>) {
+    let mut last = metrics.snapshot();
+    let mut tick = tokio::time::interval(REPORT_EVERY);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let now = metrics.snapshot();
+        let per_s = |a: u64, b: u64| (a - b) as f64 / REPORT_EVERY.as_secs_f64();
+        tracing::info!(
+            connections = now.connections_active,
+            approved_per_s = per_s(now.approved, last.approved),
+            denied_per_s = per_s(now.denied, last.denied),
+            busy_per_s = per_s(now.busy, last.busy),
+            "throughput"
+        );
+        last = now;
+    }
 }

@@ -428,3 +428,48 @@ async fn connections_over_the_limit_are_closed_with_too_many_connections() {
         Outcome::Approve
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ops_endpoint_serves_counters_and_health() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (h, _state) = harness().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let ops = tokio::spawn(tapgate_gateway::ops::serve(
+        listener,
+        tapgate_gateway::ops::Counters::of(&h.gateway),
+    ));
+    let mut gate = h.gate(&YUZHONG_BUS).await;
+    gate.tap(tap(1, ACTIVE, TapKind::Flat)).await.unwrap();
+    gate.tap(tap(2, LOST, TapKind::Flat)).await.unwrap();
+    // The journal writes in order, so once this approval is answered the denial before it is
+    // on disk too.
+    gate.tap(tap(3, ACTIVE, TapKind::Flat)).await.unwrap();
+    let get = |path: &'static str| async move {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).await.unwrap();
+        reply
+    };
+    let metrics = get("/metrics").await;
+    assert!(metrics.starts_with("HTTP/1.1 200 OK"), "{metrics}");
+    assert!(
+        metrics.contains("tapgate_answers_total{outcome=\"approve\"} 2\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tapgate_decisions_total{reason=\"card_lost\"} 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tapgate_journal_records_total 3\n"),
+        "{metrics}"
+    );
+    assert!(get("/healthz").await.ends_with("\r\n\r\nok\n"));
+    assert!(get("/other").await.starts_with("HTTP/1.1 404"));
+    ops.abort();
+}

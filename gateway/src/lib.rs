@@ -11,6 +11,7 @@ pub mod decide;
 pub mod directory;
 pub mod journal;
 pub mod metrics;
+pub mod ops;
 pub mod policy;
 pub mod population;
 pub mod server;

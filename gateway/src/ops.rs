@@ -1,0 +1,250 @@
+//! The operators' window: counters in the Prometheus text format over a minimal HTTP endpoint
+//! (`GET /metrics`, `GET /healthz`), separate from the gates' QUIC port. Bounded like everything
+//! else: a few connections at a time, a small request buffer, a read deadline.
+
+use crate::cache::CardCache;
+use crate::journal::JournalStats;
+use crate::metrics::Metrics;
+use crate::server::Gateway;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+const MAX_OPS_CONNECTIONS: usize = 16;
+const MAX_REQUEST_HEAD: usize = 4096;
+const READ_DEADLINE: Duration = Duration::from_secs(5);
+
+/// What the ops endpoint reads: the gateway's counters, shared, so the endpoint does not keep
+/// the gateway itself alive.
+#[derive(Clone)]
+pub struct Counters {
+    metrics: Arc<Metrics>,
+    cache: Arc<CardCache>,
+    journal: Arc<JournalStats>,
+}
+
+impl Counters {
+    pub fn of(gateway: &Gateway) -> Self {
+        Self {
+            metrics: gateway.metrics().clone(),
+            cache: gateway.cache().clone(),
+            journal: gateway.journal().stats.clone(),
+        }
+    }
+}
+
+/// The gateway's counters as Prometheus text.
+pub fn render(counters: &Counters) -> String {
+    let m = counters.metrics.snapshot();
+    let cache = &counters.cache;
+    let journal = &counters.journal;
+    let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let mut out = String::with_capacity(4096);
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
+        let _ = writeln!(
+            out,
+            "# HELP tapgate_{name} {help}\n# TYPE tapgate_{name} {kind}"
+        );
+        for (labels, value) in samples {
+            let _ = writeln!(out, "tapgate_{name}{labels} {value}");
+        }
+    };
+    let one = |v: u64| [(String::new(), v)];
+    metric(
+        "connections_active",
+        "gauge",
+        "Gate connections open now.",
+        &one(m.connections_active.max(0) as u64),
+    );
+    metric(
+        "connections_total",
+        "counter",
+        "Gate connections accepted.",
+        &one(m.connections_total),
+    );
+    metric(
+        "connections_refused_total",
+        "counter",
+        "Connections closed at the connection limit.",
+        &one(m.connections_refused),
+    );
+    metric(
+        "sessions_authenticated_total",
+        "counter",
+        "Gates that passed Hello.",
+        &one(m.sessions_authenticated),
+    );
+    metric(
+        "answers_total",
+        "counter",
+        "Tap answers sent, by outcome.",
+        &[
+            ("{outcome=\"approve\"}".into(), m.approved),
+            ("{outcome=\"deny\"}".into(), m.denied),
+            ("{outcome=\"busy\"}".into(), m.busy),
+        ],
+    );
+    let reasons: Vec<_> = m
+        .decisions
+        .iter()
+        .map(|(r, n)| (format!("{{reason=\"{r}\"}}"), *n))
+        .collect();
+    metric(
+        "decisions_total",
+        "counter",
+        "Tap answers sent, by reason.",
+        &reasons,
+    );
+    let errors: Vec<_> = m
+        .errors
+        .iter()
+        .map(|(c, n)| (format!("{{code=\"{c}\"}}"), *n))
+        .collect();
+    metric(
+        "errors_total",
+        "counter",
+        "Error frames and closes, by code.",
+        &errors,
+    );
+    metric(
+        "resends_total",
+        "counter",
+        "Taps answered again from the resend window.",
+        &one(m.resends),
+    );
+    metric(
+        "ride_updates_dropped_total",
+        "counter",
+        "Counted-ride updates not sent to the directory.",
+        &one(m.ride_updates_dropped),
+    );
+    metric(
+        "cache_entries",
+        "gauge",
+        "Cards held in the cache.",
+        &one(cache.len() as u64),
+    );
+    let s = &cache.stats;
+    metric(
+        "cache_hits_total",
+        "counter",
+        "Taps decided from the cache.",
+        &one(load(&s.hits)),
+    );
+    metric(
+        "cache_misses_total",
+        "counter",
+        "Taps that needed a directory lookup.",
+        &one(load(&s.misses)),
+    );
+    metric(
+        "cache_fetches_total",
+        "counter",
+        "Directory lookups (one per card however many taps wait).",
+        &one(load(&s.fetches)),
+    );
+    metric(
+        "cache_fetch_errors_total",
+        "counter",
+        "Directory lookups that failed.",
+        &one(load(&s.fetch_errors)),
+    );
+    metric(
+        "cache_evictions_total",
+        "counter",
+        "Cards dropped at the cache capacity.",
+        &one(load(&s.evictions)),
+    );
+    metric(
+        "cache_changes_applied_total",
+        "counter",
+        "Card changes received from the directory.",
+        &one(load(&s.changes_applied)),
+    );
+    metric(
+        "cache_resyncs_total",
+        "counter",
+        "Times the whole cache was dropped after missed changes.",
+        &one(load(&s.resyncs)),
+    );
+    metric(
+        "journal_records_total",
+        "counter",
+        "Tap records written to the journal.",
+        &one(load(&journal.records)),
+    );
+    metric(
+        "journal_syncs_total",
+        "counter",
+        "Journal batches written and synced.",
+        &one(load(&journal.syncs)),
+    );
+    metric(
+        "journal_bytes_total",
+        "counter",
+        "Bytes written to the journal.",
+        &one(load(&journal.bytes)),
+    );
+    metric(
+        "journal_write_errors_total",
+        "counter",
+        "Journal batches that failed.",
+        &one(load(&journal.write_errors)),
+    );
+    out
+}
+
+/// Serves `/metrics` and `/healthz` until the task is aborted.
+pub async fn serve(listener: TcpListener, counters: Counters) {
+    let limit = Arc::new(Semaphore::new(MAX_OPS_CONNECTIONS));
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            // Over the limit: drop the connection rather than queue it.
+            continue;
+        };
+        let counters = counters.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut head = Vec::with_capacity(512);
+            let mut chunk = [0u8; 512];
+            let read = tokio::time::timeout(READ_DEADLINE, async {
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST_HEAD {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(n) => head.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                true
+            })
+            .await;
+            if !matches!(read, Ok(true)) {
+                return;
+            }
+            let (status, body) = response(&head, &counters);
+            let reply = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(reply.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        });
+    }
+}
+
+fn response(head: &[u8], counters: &Counters) -> (&'static str, String) {
+    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+    let mut parts = line.split(|&b| b == b' ');
+    match (parts.next(), parts.next()) {
+        (Some(b"GET"), Some(b"/metrics")) => ("200 OK", render(counters)),
+        (Some(b"GET"), Some(b"/healthz")) => ("200 OK", "ok\n".to_owned()),
+        (Some(b"GET"), _) => ("404 Not Found", "try /metrics or /healthz\n".to_owned()),
+        _ => ("405 Method Not Allowed", "GET only\n".to_owned()),
+    }
+}
