@@ -311,6 +311,16 @@ pub fn run_demo(args: DemoArgs) -> Result<(), String> {
         );
         workload.write_outputs(&report)?;
         println!("journal: {}", dir.join("journal").display());
+        let ledger = crate::settle::settle(&dir.join("journal"), &tapgate_gateway::fares::FareTables::embedded_default())?;
+        let total = ledger.total();
+        println!(
+            "settled offline: {} approved taps, {} fares, {}.{:02} yuan (details: tapgate settle journal --dir {})",
+            ledger.approved_taps,
+            total.rides,
+            total.fen / 100,
+            total.fen % 100,
+            dir.join("journal").display()
+        );
         Ok(())
     })
 }

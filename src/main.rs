@@ -3,6 +3,7 @@
 mod cards;
 mod load;
 mod serve;
+mod settle;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -26,6 +27,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Drive a gateway with simulated gates and report latency and throughput.
     Load(load::LoadArgs),
+    /// Settlement: fares per area, operator and mode, and clearing between issuers.
+    Settle(settle::SettleArgs),
     /// Manage card records in Redis: import, generate, report lost, block, unblock, show.
     Cards(cards::CardsArgs),
     /// Print the protocol's worked example (keys, frames and tags in hex) for gate vendors.
@@ -33,12 +36,19 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Reports are meant to be piped (`| head`, `| less`): a closed pipe should end the program
+    // quietly, as it does for other Unix tools, not make printing panic.
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo(args) => load::run_demo(args),
         Command::Serve(args) => serve::run(args),
         Command::Load(args) => load::run_load(args),
         Command::Cards(args) => cards::run(args),
+        Command::Settle(args) => settle::run(args),
         Command::Vectors => {
             for (name, value) in tapgate_protocol::example::lines() {
                 println!("{name}: {value}");

@@ -185,7 +185,7 @@ impl Mode {
 }
 
 /// Where a card issuer sits, which decides who clears with whom.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum IssuerRegion {
     Chongqing,
     Sichuan,
@@ -204,6 +204,16 @@ wire_enum! {
         SichuanTianfuTong = 3 => "sc_tianfutong",
         /// T-Union interoperable card.
         TUnion = 4 => "t_union",
+    }
+}
+
+impl IssuerRegion {
+    pub const fn label(self) -> &'static str {
+        match self {
+            IssuerRegion::Chongqing => "chongqing",
+            IssuerRegion::Sichuan => "sichuan",
+            IssuerRegion::National => "t_union",
+        }
     }
 }
 

@@ -1,0 +1,712 @@
+//! The fare engine: what each approved tap costs, as pure functions of the tap's journal record,
+//! the rider's settlement state and the fare tables (`fares.example.toml`). No clock, no I/O:
+//! the tap's own gateway time is the time.
+//!
+//! Order of rules for a fare-bearing ride: base fare (flat, or distance from the entry/exit
+//! pair, or the maximum for a trip missing its exit or its entry), then the concession the
+//! gateway applied (the elder allowance is recounted here), then the bus–rail transfer
+//! discount, then the daily cap.
+
+use crate::card::local_date;
+use crate::journal::JournalRecord;
+use chrono::{Datelike, NaiveDate};
+use serde::Deserialize;
+use std::collections::HashMap;
+use tapgate_protocol::{AreaCode, Concession, Mode, Outcome, TapKind};
+
+/// The fare tables shipped with tapgate; `fares.example.toml` documents them.
+pub const DEFAULT_FARES_TOML: &str = include_str!("../../fares.example.toml");
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlatTable {
+    pub default: u32,
+    #[serde(default)]
+    pub areas: HashMap<String, u32>,
+    #[serde(default)]
+    pub routes: HashMap<String, u32>,
+}
+
+impl FlatTable {
+    fn fare(&self, area: u32, line: u16) -> u32 {
+        self.routes
+            .get(&format!("{area}:{line}"))
+            .or_else(|| self.areas.get(&area.to_string()))
+            .copied()
+            .unwrap_or(self.default)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetroTable {
+    pub km_per_stop: f64,
+    pub line_change_km: f64,
+    /// (upper bound in km, fare), ascending.
+    pub bands: Vec<(f64, u32)>,
+    pub max: u32,
+}
+
+impl MetroTable {
+    fn fare(&self, entry: &OpenTrip, exit_line: u16, exit_stop: u16) -> u32 {
+        let stops = f64::from(entry.stop.abs_diff(exit_stop));
+        let change = if entry.line == exit_line {
+            0.0
+        } else {
+            self.line_change_km
+        };
+        let km = stops * self.km_per_stop + change;
+        self.bands
+            .iter()
+            .find(|(upper, _)| km <= *upper)
+            .map_or(self.max, |(_, fare)| *fare)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntercityTable {
+    pub km_per_stop: f64,
+    pub fen_per_km: u32,
+    pub min: u32,
+    pub max: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransferRule {
+    pub window_s: u64,
+    pub max_discount: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ElderRule {
+    pub yearly_rides: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FareTables {
+    pub daily_cap: u32,
+    /// Percent of the fare paid, by concession label.
+    pub concessions: HashMap<String, u8>,
+    pub elder: ElderRule,
+    pub transfer: TransferRule,
+    pub bus: FlatTable,
+    pub ferry: FlatTable,
+    pub cableway: FlatTable,
+    pub metro: MetroTable,
+    pub intercity: IntercityTable,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("fare tables: {0}")]
+pub struct FareTablesError(String);
+
+impl FareTables {
+    pub fn from_toml(text: &str) -> Result<Self, FareTablesError> {
+        let tables: FareTables =
+            toml::from_str(text).map_err(|e| FareTablesError(e.to_string()))?;
+        if tables.metro.bands.windows(2).any(|w| w[0].0 >= w[1].0) {
+            return Err(FareTablesError(
+                "metro bands must ascend by distance".into(),
+            ));
+        }
+        for label in tables.concessions.keys() {
+            if Concession::from_label(label).is_none() {
+                return Err(FareTablesError(format!("unknown concession `{label}`")));
+            }
+        }
+        Ok(tables)
+    }
+
+    pub fn embedded_default() -> Self {
+        Self::from_toml(DEFAULT_FARES_TOML).expect("the shipped fare tables are valid")
+    }
+
+    fn pay_percent(&self, concession: Concession) -> u32 {
+        match concession {
+            Concession::None => 100,
+            other => self
+                .concessions
+                .get(other.label())
+                .map_or(100, |p| u32::from((*p).min(100))),
+        }
+    }
+}
+
+/// A paid-area trip waiting for its exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenTrip {
+    pub mode: Mode,
+    pub area: u32,
+    pub operator: u16,
+    pub line: u16,
+    pub stop: u16,
+    pub concession: Concession,
+    pub at_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TransferClass {
+    Bus,
+    Rail,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PaidRide {
+    class: TransferClass,
+    fare: u32,
+    at_ms: u64,
+}
+
+/// What settlement remembers about one card.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RiderState {
+    day: Option<NaiveDate>,
+    paid_today: u32,
+    open: Option<OpenTrip>,
+    last_paid: Option<PaidRide>,
+    last_transfer_ms: Option<u64>,
+    elder_year: i32,
+    elder_used: u32,
+}
+
+/// Why a charge was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ChargeKind {
+    /// Bus, ferry, cableway boarding.
+    Flat,
+    /// A paid-area trip with its entry and exit.
+    Trip,
+    /// An entry whose exit never came: charged the maximum when the card's next entry shows it.
+    MissingExit,
+    /// An exit with no entry: the maximum.
+    ExitWithoutEntry,
+}
+
+/// Money owed for one ride, to the operator of the area where it started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Charge {
+    pub kind: ChargeKind,
+    pub area: AreaCode,
+    pub operator: u16,
+    pub mode: Mode,
+    pub fare_fen: u32,
+    pub concession: Concession,
+    /// Transfer discount granted, in fen.
+    pub transfer_discount: u32,
+}
+
+/// Settles one journal record for its card. Records must come in the card's tap order.
+/// Denials and busy answers cost nothing.
+pub fn settle(record: &JournalRecord, rider: &mut RiderState, tables: &FareTables) -> Vec<Charge> {
+    if record.result.outcome != Outcome::Approve {
+        return Vec::new();
+    }
+    let now = record.server_time_ms;
+    let today = local_date(now);
+    if rider.day != Some(today) {
+        rider.day = Some(today);
+        rider.paid_today = 0;
+    }
+    let tap = &record.tap;
+    let concession = record.result.concession;
+    let mut charges = Vec::new();
+    let mut ride = |kind, area, operator, mode, base, concession, rider: &mut RiderState| {
+        charges.push(price(
+            kind,
+            AreaCode(area),
+            operator,
+            mode,
+            base,
+            concession,
+            now,
+            rider,
+            tables,
+        ));
+    };
+    let paid_area = record.mode.needs_exit_tap();
+    match (tap.kind, paid_area) {
+        (TapKind::Entry, true) => {
+            if let Some(open) = rider.open.take() {
+                let max = max_fare(open.mode, tables);
+                ride(
+                    ChargeKind::MissingExit,
+                    open.area,
+                    open.operator,
+                    open.mode,
+                    max,
+                    Concession::None,
+                    rider,
+                );
+            }
+            rider.open = Some(OpenTrip {
+                mode: record.mode,
+                area: record.area,
+                operator: record.operator,
+                line: tap.line,
+                stop: tap.stop,
+                concession,
+                at_ms: now,
+            });
+        }
+        (TapKind::Exit, true) => match rider.open.take() {
+            Some(open) => {
+                let base = trip_fare(&open, tap.line, tap.stop, tables);
+                ride(
+                    ChargeKind::Trip,
+                    open.area,
+                    open.operator,
+                    open.mode,
+                    base,
+                    open.concession,
+                    rider,
+                );
+            }
+            None => {
+                let max = max_fare(record.mode, tables);
+                ride(
+                    ChargeKind::ExitWithoutEntry,
+                    record.area,
+                    record.operator,
+                    record.mode,
+                    max,
+                    Concession::None,
+                    rider,
+                );
+            }
+        },
+        _ => {
+            let base = flat_fare(record.mode, record.area, tap.line, tables);
+            ride(
+                ChargeKind::Flat,
+                record.area,
+                record.operator,
+                record.mode,
+                base,
+                concession,
+                rider,
+            );
+        }
+    }
+    charges
+}
+
+fn flat_fare(mode: Mode, area: u32, line: u16, tables: &FareTables) -> u32 {
+    match mode {
+        Mode::Bus => tables.bus.fare(area, line),
+        Mode::Ferry => tables.ferry.fare(area, line),
+        Mode::Cableway => tables.cableway.fare(area, line),
+        Mode::Metro => tables.metro.bands.first().map_or(tables.metro.max, |b| b.1),
+        Mode::IntercityRail => tables.intercity.min,
+    }
+}
+
+fn max_fare(mode: Mode, tables: &FareTables) -> u32 {
+    match mode {
+        Mode::IntercityRail => tables.intercity.max,
+        _ => tables.metro.max,
+    }
+}
+
+fn trip_fare(entry: &OpenTrip, exit_line: u16, exit_stop: u16, tables: &FareTables) -> u32 {
+    match entry.mode {
+        Mode::IntercityRail => {
+            let t = &tables.intercity;
+            let km = f64::from(entry.stop.abs_diff(exit_stop)) * t.km_per_stop;
+            ((km * f64::from(t.fen_per_km)) as u32).clamp(t.min, t.max)
+        }
+        _ => tables.metro.fare(entry, exit_line, exit_stop),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn price(
+    kind: ChargeKind,
+    area: AreaCode,
+    operator: u16,
+    mode: Mode,
+    base: u32,
+    concession: Concession,
+    now: u64,
+    rider: &mut RiderState,
+    tables: &FareTables,
+) -> Charge {
+    let mut fare = base;
+    let mut applied = concession;
+    if concession == Concession::Elder {
+        let year = local_date(now).year();
+        if rider.elder_year != year {
+            rider.elder_year = year;
+            rider.elder_used = 0;
+        }
+        if rider.elder_used < tables.elder.yearly_rides {
+            rider.elder_used += 1;
+        } else {
+            applied = Concession::None;
+        }
+    }
+    fare = fare * tables.pay_percent(applied) / 100;
+
+    let class = match mode {
+        Mode::Bus => Some(TransferClass::Bus),
+        Mode::Metro => Some(TransferClass::Rail),
+        _ => None,
+    };
+    let mut discount = 0;
+    if let Some(class) = class {
+        let window = tables.transfer.window_s * 1000;
+        let transfer_free = rider
+            .last_transfer_ms
+            .is_none_or(|t| now.saturating_sub(t) >= window);
+        if let Some(last) = rider.last_paid
+            && last.class != class
+            && now.saturating_sub(last.at_ms) <= window
+            && transfer_free
+            && kind != ChargeKind::MissingExit
+        {
+            discount = fare.min(last.fare).min(tables.transfer.max_discount);
+            if discount > 0 {
+                rider.last_transfer_ms = Some(now);
+            }
+        }
+        fare -= discount;
+        if fare > 0 || discount > 0 {
+            rider.last_paid = Some(PaidRide {
+                class,
+                fare: fare + discount,
+                at_ms: now,
+            });
+        }
+    }
+
+    if tables.daily_cap > 0 {
+        fare = fare.min(tables.daily_cap.saturating_sub(rider.paid_today));
+    }
+    rider.paid_today += fare;
+    Charge {
+        kind,
+        area,
+        operator,
+        mode,
+        fare_fen: fare,
+        concession: applied,
+        transfer_discount: discount,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tapgate_protocol::{Issuer, RIDES_LEFT_NOT_APPLICABLE, Reason, Tap, TapResult};
+
+    // 2026-11-29T08:00:00Z = 16:00 in Chongqing.
+    const T0: u64 = 1_795_939_200_000;
+    const MIN: u64 = 60_000;
+
+    fn record(
+        mode: Mode,
+        kind: TapKind,
+        area: u32,
+        line: u16,
+        stop: u16,
+        at: u64,
+        concession: Concession,
+    ) -> JournalRecord {
+        JournalRecord {
+            terminal_id: 1,
+            tag: [0; 16],
+            tap: Tap {
+                sequence: 1,
+                card_id: 42,
+                issuer: Issuer::ChongqingSsc,
+                kind,
+                line,
+                stop,
+                gate_time_ms: at,
+            },
+            server_time_ms: at,
+            area,
+            mode,
+            operator: if mode == Mode::Metro { 2 } else { 1 },
+            result: TapResult {
+                sequence: 1,
+                outcome: Outcome::Approve,
+                reason: Reason::Approved,
+                concession,
+                fare_fen: 0,
+                rides_left: RIDES_LEFT_NOT_APPLICABLE,
+            },
+        }
+    }
+
+    fn bus(at: u64) -> JournalRecord {
+        record(
+            Mode::Bus,
+            TapKind::Flat,
+            500103,
+            12,
+            3,
+            at,
+            Concession::None,
+        )
+    }
+
+    fn metro(kind: TapKind, line: u16, stop: u16, at: u64) -> JournalRecord {
+        record(Mode::Metro, kind, 500103, line, stop, at, Concession::None)
+    }
+
+    fn run(records: &[JournalRecord]) -> Vec<Charge> {
+        let tables = FareTables::embedded_default();
+        let mut rider = RiderState::default();
+        records
+            .iter()
+            .flat_map(|r| settle(r, &mut rider, &tables))
+            .collect()
+    }
+
+    fn fares(charges: &[Charge]) -> Vec<u32> {
+        charges.iter().map(|c| c.fare_fen).collect()
+    }
+
+    #[test]
+    fn flat_fares_by_default_area_and_route() {
+        assert_eq!(fares(&run(&[bus(T0)])), [200]);
+        assert_eq!(
+            fares(&run(&[record(
+                Mode::Bus,
+                TapKind::Flat,
+                500101,
+                5,
+                1,
+                T0,
+                Concession::None
+            )])),
+            [100]
+        );
+        assert_eq!(
+            fares(&run(&[record(
+                Mode::Bus,
+                TapKind::Flat,
+                500103,
+                871,
+                1,
+                T0,
+                Concession::None
+            )])),
+            [300]
+        );
+        assert_eq!(
+            fares(&run(&[record(
+                Mode::Ferry,
+                TapKind::Flat,
+                500103,
+                1,
+                1,
+                T0,
+                Concession::None
+            )])),
+            [200]
+        );
+        assert_eq!(
+            fares(&run(&[record(
+                Mode::Cableway,
+                TapKind::Flat,
+                500103,
+                1,
+                1,
+                T0,
+                Concession::None
+            )])),
+            [500]
+        );
+    }
+
+    #[test]
+    fn metro_fare_by_distance_between_entry_and_exit() {
+        // 3 stops × 1.6 km = 4.8 km → first band.
+        let c = run(&[
+            metro(TapKind::Entry, 2, 10, T0),
+            metro(TapKind::Exit, 2, 13, T0 + 20 * MIN),
+        ]);
+        assert_eq!((c[0].kind, c[0].fare_fen), (ChargeKind::Trip, 200));
+        // 10 stops = 16 km, plus 2 km for the line change = 18 km → 500.
+        let c = run(&[
+            metro(TapKind::Entry, 2, 10, T0),
+            metro(TapKind::Exit, 3, 20, T0 + 40 * MIN),
+        ]);
+        assert_eq!(fares(&c), [500]);
+        // Beyond the last band: the maximum.
+        let c = run(&[
+            metro(TapKind::Entry, 2, 1, T0),
+            metro(TapKind::Exit, 2, 40, T0 + 80 * MIN),
+        ]);
+        assert_eq!(fares(&c), [700]);
+    }
+
+    #[test]
+    fn a_missing_exit_is_charged_the_maximum_at_the_next_entry() {
+        let c = run(&[
+            metro(TapKind::Entry, 2, 10, T0),
+            metro(TapKind::Entry, 2, 12, T0 + 5 * 60 * MIN),
+        ]);
+        assert_eq!(c.len(), 1);
+        assert_eq!((c[0].kind, c[0].fare_fen), (ChargeKind::MissingExit, 700));
+    }
+
+    #[test]
+    fn an_exit_without_entry_is_charged_the_maximum() {
+        let c = run(&[metro(TapKind::Exit, 2, 10, T0)]);
+        assert_eq!(
+            (c[0].kind, c[0].fare_fen),
+            (ChargeKind::ExitWithoutEntry, 700)
+        );
+    }
+
+    #[test]
+    fn bus_then_metro_within_the_hour_gets_the_transfer_discount_once() {
+        let c = run(&[
+            bus(T0),
+            metro(TapKind::Entry, 2, 10, T0 + 20 * MIN),
+            metro(TapKind::Exit, 2, 20, T0 + 50 * MIN),
+        ]);
+        // Bus 200; metro 10 stops = 16 km → 400, minus min(200 paid, 200 cap) = 200.
+        assert_eq!(fares(&c), [200, 200]);
+        assert_eq!(c[1].transfer_discount, 200);
+        // A second transfer within the same hour gets nothing.
+        let c = run(&[
+            bus(T0),
+            metro(TapKind::Entry, 2, 10, T0 + 10 * MIN),
+            metro(TapKind::Exit, 2, 12, T0 + 20 * MIN),
+            bus(T0 + 30 * MIN),
+        ]);
+        assert_eq!(fares(&c), [200, 0, 200]);
+    }
+
+    #[test]
+    fn rail_to_bus_counts_the_hour_from_the_exit() {
+        let c = run(&[
+            metro(TapKind::Entry, 2, 10, T0),
+            metro(TapKind::Exit, 2, 12, T0 + 90 * MIN),
+            bus(T0 + 140 * MIN),
+        ]);
+        assert_eq!(fares(&c), [200, 0]);
+        assert_eq!(c[1].transfer_discount, 200);
+        let c = run(&[bus(T0), bus(T0 + 10 * MIN)]);
+        assert_eq!(fares(&c), [200, 200], "bus to bus is no transfer");
+        let c = run(&[
+            bus(T0),
+            metro(TapKind::Entry, 2, 1, T0 + 61 * MIN),
+            metro(TapKind::Exit, 2, 2, T0 + 70 * MIN),
+        ]);
+        assert_eq!(fares(&c), [200, 200], "outside the hour");
+    }
+
+    #[test]
+    fn the_discount_is_at_most_the_first_fare_paid() {
+        let cheap_bus = record(Mode::Bus, TapKind::Flat, 500101, 5, 1, T0, Concession::None);
+        let c = run(&[
+            cheap_bus,
+            metro(TapKind::Entry, 2, 10, T0 + MIN),
+            metro(TapKind::Exit, 2, 20, T0 + 30 * MIN),
+        ]);
+        assert_eq!(fares(&c), [100, 300]);
+    }
+
+    #[test]
+    fn elder_rides_are_free_until_the_yearly_allowance_is_used() {
+        let mut tables = FareTables::embedded_default();
+        tables.elder.yearly_rides = 2;
+        let mut rider = RiderState::default();
+        let elder = |at| {
+            record(
+                Mode::Bus,
+                TapKind::Flat,
+                500103,
+                12,
+                3,
+                at,
+                Concession::Elder,
+            )
+        };
+        let c: Vec<_> = [elder(T0), elder(T0 + MIN), elder(T0 + 2 * MIN)]
+            .iter()
+            .flat_map(|r| settle(r, &mut rider, &tables))
+            .collect();
+        assert_eq!(fares(&c), [0, 0, 200]);
+        assert_eq!(c[2].concession, Concession::None);
+    }
+
+    #[test]
+    fn the_daily_cap_limits_what_a_card_pays_per_local_day() {
+        let rides: Vec<_> = (0..10).map(|i| bus(T0 + i * 2 * 60 * MIN / 10)).collect();
+        let c = run(&rides);
+        assert_eq!(c.iter().map(|c| c.fare_fen).sum::<u32>(), 1500);
+        assert_eq!(c[8].fare_fen, 0);
+        // The next local day starts afresh (16:00 + 9 h = 01:00 the next day).
+        let mut with_next_day = rides.clone();
+        with_next_day.push(bus(T0 + 9 * 60 * MIN));
+        assert_eq!(run(&with_next_day).last().unwrap().fare_fen, 200);
+    }
+
+    #[test]
+    fn transfer_concession_and_cap_combine_in_order() {
+        let student = |r: JournalRecord| JournalRecord {
+            result: TapResult {
+                concession: Concession::Student,
+                ..r.result
+            },
+            ..r
+        };
+        let mut rides = vec![student(bus(T0))];
+        rides.push(student(metro(TapKind::Entry, 2, 10, T0 + 10 * MIN)));
+        rides.push(student(metro(TapKind::Exit, 2, 20, T0 + 30 * MIN)));
+        let c = run(&rides);
+        // Bus 200 at 50 % = 100; metro 400 at 50 % = 200, transfer takes off min(100, 200) = 100.
+        assert_eq!(fares(&c), [100, 100]);
+        assert_eq!(c[1].transfer_discount, 100);
+    }
+
+    #[test]
+    fn intercity_rail_by_distance_within_bounds() {
+        let entry = record(
+            Mode::IntercityRail,
+            TapKind::Entry,
+            500103,
+            1,
+            1,
+            T0,
+            Concession::None,
+        );
+        let exit = record(
+            Mode::IntercityRail,
+            TapKind::Exit,
+            500103,
+            1,
+            12,
+            T0 + 90 * MIN,
+            Concession::None,
+        );
+        // 11 stops × 25 km × 30 fen = 8,250 fen; capped by the day's cap of 1,500.
+        let mut tables = FareTables::embedded_default();
+        tables.daily_cap = 0;
+        let mut rider = RiderState::default();
+        let c: Vec<_> = [entry, exit]
+            .iter()
+            .flat_map(|r| settle(r, &mut rider, &tables))
+            .collect();
+        assert_eq!(fares(&c), [8250]);
+        assert_eq!(fares(&run(&[entry, exit])), [1500]);
+    }
+
+    #[test]
+    fn denials_cost_nothing_and_bad_tables_are_refused() {
+        let mut denied = bus(T0);
+        denied.result.outcome = Outcome::Deny;
+        assert!(run(&[denied]).is_empty());
+        let bad = DEFAULT_FARES_TOML.replace("[[6, 200], [11, 300]", "[[11, 200], [6, 300]");
+        assert!(FareTables::from_toml(&bad).is_err());
+    }
+}
