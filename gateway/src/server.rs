@@ -173,19 +173,7 @@ impl Gateway {
 
         let (chain, key) = tls::load(&tls_source)?;
         let certificate = chain.first().map(|c| c.to_vec()).unwrap_or_default();
-        let mut server_config = quinn::ServerConfig::with_crypto(tls::server_crypto(chain, key)?);
-        server_config.transport_config(Arc::new(transport_config(&limits)));
-        let socket = bind_udp(listen, limits.udp_buffer_bytes)?;
-        let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
-            Some(server_config),
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )
-        .map_err(|source| StartError::Socket {
-            addr: listen,
-            source,
-        })?;
+        let endpoint = server_endpoint(listen, chain, key, &limits)?;
         let local_addr = endpoint.local_addr().map_err(|source| StartError::Socket {
             addr: listen,
             source,
@@ -293,6 +281,29 @@ fn new_terminal_state(window: u16) -> Arc<TerminalState> {
     Arc::new(TerminalState {
         window: Mutex::new(SequenceWindow::new(window)),
         answered: Notify::new(),
+    })
+}
+
+/// A QUIC server endpoint with the gateway's TLS and transport settings on a large-buffer
+/// UDP socket.
+pub fn server_endpoint(
+    listen: SocketAddr,
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+    limits: &Limits,
+) -> Result<quinn::Endpoint, StartError> {
+    let mut server_config = quinn::ServerConfig::with_crypto(tls::server_crypto(chain, key)?);
+    server_config.transport_config(Arc::new(transport_config(limits)));
+    let socket = bind_udp(listen, limits.udp_buffer_bytes)?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server_config),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|source| StartError::Socket {
+        addr: listen,
+        source,
     })
 }
 

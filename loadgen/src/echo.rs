@@ -3,8 +3,7 @@
 //! TLS and the generator cost on their own, so tapgate's own cost is always known.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use tapgate_gateway::server::{Limits, StartError, bind_udp, transport_config};
+use tapgate_gateway::server::{Limits, StartError, server_endpoint};
 use tapgate_gateway::tls;
 
 pub struct EchoServer {
@@ -16,20 +15,7 @@ impl EchoServer {
     pub fn start(listen: SocketAddr) -> Result<EchoServer, StartError> {
         let (chain, key) = tls::generate_dev()?;
         let certificate = chain[0].to_vec();
-        let mut config = quinn::ServerConfig::with_crypto(tls::server_crypto(chain, key)?);
-        let limits = Limits::default();
-        config.transport_config(Arc::new(transport_config(&limits)));
-        let socket = bind_udp(listen, limits.udp_buffer_bytes)?;
-        let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
-            Some(config),
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )
-        .map_err(|source| StartError::Socket {
-            addr: listen,
-            source,
-        })?;
+        let endpoint = server_endpoint(listen, chain, key, &Limits::default())?;
         tokio::spawn(accept(endpoint.clone()));
         Ok(EchoServer {
             endpoint,
