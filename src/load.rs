@@ -88,15 +88,29 @@ pub struct LoadArgs {
     master_key: String,
     #[command(flatten)]
     workload: WorkloadArgs,
-    /// Also run the same load against a bare QUIC echo server and report tapgate/echo.
+    /// Also run the same load against a bare QUIC echo server started in this process and
+    /// report tapgate/echo.
     #[arg(long)]
     compare_echo: bool,
+    /// The target is `tapgate echo` (the transport baseline), not a gateway.
+    #[arg(long, conflicts_with = "compare_echo")]
+    echo: bool,
     /// Raise the rate step by step (×1.25) from --rate until p99 exceeds --p99-bound-ms or
     /// answers fall behind; report the highest rate that held.
     #[arg(long)]
     find_max: bool,
     #[arg(long, default_value_t = 5.0)]
     p99_bound_ms: f64,
+}
+
+#[derive(Args)]
+pub struct EchoArgs {
+    /// Address to listen on (UDP).
+    #[arg(long, default_value = "127.0.0.1:4434")]
+    listen: SocketAddr,
+    /// Where the development certificate is written (cert.der is what `load --cert` trusts).
+    #[arg(long, default_value = "tapgate-state/echo-cert")]
+    dev_cert_dir: PathBuf,
 }
 
 #[derive(Args)]
@@ -176,9 +190,12 @@ pub fn run_load(args: LoadArgs) -> Result<(), String> {
         if args.find_max {
             return find_max(&args, cert, key).await;
         }
-        let spec = args
-            .workload
-            .spec(args.target, TargetKind::Tapgate, cert, key.clone());
+        let kind = if args.echo {
+            TargetKind::Echo
+        } else {
+            TargetKind::Tapgate
+        };
+        let spec = args.workload.spec(args.target, kind, cert, key.clone());
         let report = run(spec).await.map_err(|e| e.to_string())?;
         print!("{}", report.summary());
         args.workload.write_outputs(&report)?;
@@ -247,6 +264,28 @@ async fn find_max(args: &LoadArgs, cert: Vec<u8>, key: MasterKey) -> Result<(), 
             args.workload.rate
         )),
     }
+}
+
+/// `tapgate echo`: the transport baseline as a process of its own, so it can be measured with
+/// the same process layout as a gateway.
+pub fn run_echo(args: EchoArgs) -> Result<(), String> {
+    crate::serve::init_logging("info");
+    runtime()?.block_on(async {
+        let tls = tapgate_gateway::tls::TlsSource::Dev {
+            dir: args.dev_cert_dir.clone(),
+        };
+        let echo = EchoServer::start_with(args.listen, &tls).map_err(|e| e.to_string())?;
+        println!(
+            "echo baseline on {} (certificate {}); Ctrl-C stops it",
+            echo.local_addr(),
+            args.dev_cert_dir
+                .join(tapgate_gateway::tls::DEV_CERT_FILE)
+                .display()
+        );
+        tokio::signal::ctrl_c().await.map_err(|e| e.to_string())?;
+        echo.close();
+        Ok(())
+    })
 }
 
 pub fn run_demo(args: DemoArgs) -> Result<(), String> {

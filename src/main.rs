@@ -27,6 +27,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Drive a gateway with simulated gates and report latency and throughput.
     Load(load::LoadArgs),
+    /// Run the transport baseline: a bare QUIC server that echoes every byte.
+    Echo(load::EchoArgs),
     /// Settlement: fares per area, operator and mode, and clearing between issuers.
     Settle(settle::SettleArgs),
     /// Manage card records in Redis: import, generate, report lost, block, unblock, show.
@@ -47,6 +49,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => load::run_demo(args),
         Command::Serve(args) => serve::run(args),
         Command::Load(args) => load::run_load(args),
+        Command::Echo(args) => load::run_echo(args),
         Command::Cards(args) => cards::run(args),
         Command::Settle(args) => settle::run(args),
         Command::Vectors => {

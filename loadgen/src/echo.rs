@@ -12,8 +12,26 @@ pub struct EchoServer {
 }
 
 impl EchoServer {
+    /// Starts with a fresh development certificate kept in memory.
     pub fn start(listen: SocketAddr) -> Result<EchoServer, StartError> {
         let (chain, key) = tls::generate_dev()?;
+        Self::start_with_certificate(listen, chain, key)
+    }
+
+    /// Starts with the certificate of `tls` (a development one is written to its directory).
+    pub fn start_with(
+        listen: SocketAddr,
+        tls_source: &tls::TlsSource,
+    ) -> Result<EchoServer, StartError> {
+        let (chain, key) = tls::load(tls_source)?;
+        Self::start_with_certificate(listen, chain, key)
+    }
+
+    fn start_with_certificate(
+        listen: SocketAddr,
+        chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+        key: rustls::pki_types::PrivateKeyDer<'static>,
+    ) -> Result<EchoServer, StartError> {
         let certificate = chain[0].to_vec();
         let endpoint = server_endpoint(listen, chain, key, &Limits::default())?;
         tokio::spawn(accept(endpoint.clone()));
