@@ -221,3 +221,73 @@ async fn the_change_feed_catches_up_on_changes_made_while_it_was_disconnected() 
 fn cache_state(h: &Harness) -> Option<CardState> {
     h.gateway.cache().cached(CARD).map(|c| c.state)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_started_while_redis_is_down_serves_once_it_is_back() {
+    let mut redis = RedisServer::start();
+    redis.stop();
+    let state = tempfile::tempdir().unwrap();
+    let h = Harness::start(redis.directory(), state.path()).await;
+    let err = tapgate_loadgen::client::GateClient::connect(
+        &h.endpoint,
+        h.addr(),
+        &identity(&YUZHONG_BUS),
+        1,
+        0,
+    )
+    .await
+    .err()
+    .expect("no terminal register while Redis is down");
+    assert!(err.to_string().contains("internal"), "{err}");
+
+    redis.restart();
+    let directory = redis.directory();
+    provision(&directory).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut gate = loop {
+        match tapgate_loadgen::client::GateClient::connect(
+            &h.endpoint,
+            h.addr(),
+            &identity(&YUZHONG_BUS),
+            2,
+            0,
+        )
+        .await
+        {
+            Ok(gate) => break gate,
+            Err(e) => assert!(Instant::now() < deadline, "gateway never recovered: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        gate.tap(tap(1, CARD, TapKind::Flat)).await.unwrap().outcome,
+        Outcome::Approve
+    );
+    // The change feed found its place once Redis was back: reports now reach the cache.
+    let cache = h.gateway.cache().clone();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let lost = card(
+        CARD,
+        CardState::Lost,
+        Issuer::ChongqingSsc,
+        Concession::None,
+        0,
+    );
+    loop {
+        directory.put_card(lost).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if cache
+            .stats
+            .changes_applied
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the change feed never came back");
+    }
+    assert_eq!(
+        gate.tap(tap(2, CARD, TapKind::Flat)).await.unwrap().reason,
+        Reason::CardLost
+    );
+}

@@ -139,10 +139,11 @@ impl Directory {
         }
     }
 
-    /// Starts following card changes. The receiver gets every change made after this call.
-    pub async fn follow_changes(&self) -> Result<mpsc::Receiver<ChangeEvent>, DirectoryError> {
+    /// Starts following card changes. The receiver gets every change made after this call; if
+    /// Redis cannot be reached now, the feed starts when it can, with a `Resync` first.
+    pub async fn follow_changes(&self) -> mpsc::Receiver<ChangeEvent> {
         match self {
-            Directory::Embedded(d) => Ok(d.follow_changes()),
+            Directory::Embedded(d) => d.follow_changes(),
             Directory::Redis(d) => d.follow_changes().await,
         }
     }
@@ -345,74 +346,119 @@ impl RedisDirectory {
 
     /// Follows the change stream on a connection of its own (XREAD BLOCK would stall lookups
     /// multiplexed on the shared one).
-    async fn follow_changes(&self) -> Result<mpsc::Receiver<ChangeEvent>, DirectoryError> {
-        let mut conn = self.client.get_multiplexed_async_connection().await?;
-        let key = self.changes_key();
-        let last: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
-            .arg(&key)
-            .arg("+")
-            .arg("-")
-            .arg("COUNT")
-            .arg(1)
-            .query_async(&mut conn)
-            .await?;
-        let start = last
-            .ids
-            .first()
-            .map(|e| e.id.clone())
-            .unwrap_or_else(|| "0-0".to_owned());
+    async fn follow_changes(&self) -> mpsc::Receiver<ChangeEvent> {
         let (tx, rx) = mpsc::channel(CHANGE_CHANNEL);
-        let follower = ChangeFollower {
+        let mut follower = ChangeFollower {
             client: self.client.clone(),
-            key,
-            last_id: start,
+            key: self.changes_key(),
+            last_id: None,
             tx,
         };
-        tokio::spawn(follower.run(conn));
-        Ok(rx)
+        let first = match self.client.get_multiplexed_async_connection().await {
+            Ok(mut conn) => match follower.start_at_end(&mut conn).await {
+                Ok(()) => Some(conn),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the card change stream yet");
+                    None
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "Redis unreachable at start; following card changes once it is back");
+                None
+            }
+        };
+        tokio::spawn(follower.run(first));
+        rx
     }
 }
 
 struct ChangeFollower {
     client: redis::Client,
     key: String,
-    last_id: String,
+    /// The last entry applied; `None` until the feed has found its place in the stream.
+    last_id: Option<String>,
     tx: mpsc::Sender<ChangeEvent>,
 }
 
 impl ChangeFollower {
-    async fn run(mut self, mut conn: redis::aio::MultiplexedConnection) {
+    async fn run(mut self, mut connection: Option<redis::aio::MultiplexedConnection>) {
         loop {
+            let mut conn = match connection.take() {
+                Some(conn) => conn,
+                None => match self.reconnect().await {
+                    Some(conn) => conn,
+                    None => return, // the cache went away
+                },
+            };
+            if let Err(e) = self.position(&mut conn).await {
+                tracing::warn!(error = %e, "could not find our place in the card change stream");
+                continue;
+            }
             match self.follow(&mut conn).await {
-                Ok(()) => return, // the cache went away
+                Ok(()) => return,
                 Err(e) => tracing::warn!(error = %e, "card change feed lost; reconnecting"),
             }
-            loop {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                if self.tx.is_closed() {
-                    return;
-                }
-                match self.client.get_multiplexed_async_connection().await {
-                    Ok(c) => {
-                        conn = c;
-                        break;
-                    }
-                    Err(e) => tracing::debug!(error = %e, "Redis still unreachable"),
-                }
+        }
+    }
+
+    async fn reconnect(&self) -> Option<redis::aio::MultiplexedConnection> {
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if self.tx.is_closed() {
+                return None;
             }
-            match self.check_continuity(&mut conn).await {
-                Ok(true) => tracing::info!("card change feed resumed; catching up"),
-                Ok(false) => {
-                    tracing::warn!(
-                        "card change stream trimmed past our position; dropping the cache"
-                    );
-                    if self.tx.send(ChangeEvent::Resync).await.is_err() {
-                        return;
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "could not check change stream continuity"),
+            match self.client.get_multiplexed_async_connection().await {
+                Ok(conn) => return Some(conn),
+                Err(e) => tracing::debug!(error = %e, "Redis still unreachable"),
             }
         }
+    }
+
+    /// The stream's newest entry becomes our position.
+    async fn start_at_end(
+        &mut self,
+        conn: &mut redis::aio::MultiplexedConnection,
+    ) -> redis::RedisResult<()> {
+        let last: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
+            .arg(&self.key)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(conn)
+            .await?;
+        self.last_id = Some(
+            last.ids
+                .first()
+                .map(|e| e.id.clone())
+                .unwrap_or_else(|| "0-0".to_owned()),
+        );
+        Ok(())
+    }
+
+    /// Before reading after a (re)connection: resume where we were if nothing was lost,
+    /// otherwise start at the end and tell the cache to forget everything.
+    async fn position(
+        &mut self,
+        conn: &mut redis::aio::MultiplexedConnection,
+    ) -> redis::RedisResult<()> {
+        let resumed = match &self.last_id {
+            None => {
+                // Started while Redis was away: whatever was cached meanwhile has no feed
+                // behind it.
+                self.start_at_end(conn).await?;
+                false
+            }
+            Some(_) => self.check_continuity(conn).await?,
+        };
+        if resumed {
+            tracing::info!("card change feed resumed; catching up");
+        } else {
+            tracing::warn!("card changes may have been missed; dropping the cache");
+            // A closed channel means the cache is gone; follow() then returns at once.
+            let _ = self.tx.send(ChangeEvent::Resync).await;
+        }
+        Ok(())
     }
 
     /// Whether reading on from `last_id` loses nothing: the stream is the one we were reading
@@ -433,8 +479,8 @@ impl ChangeFollower {
             Err(e)
                 if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) =>
             {
-                let continuous = self.last_id == "0-0";
-                self.last_id = "0-0".to_owned();
+                let continuous = self.last_id.as_deref() == Some("0-0");
+                self.last_id = Some("0-0".to_owned());
                 return Ok(continuous);
             }
             Err(e) => return Err(e),
@@ -446,10 +492,11 @@ impl ChangeFollower {
         };
         let last_generated = id_field("last-generated-id");
         let max_deleted = id_field("max-deleted-entry-id");
-        let recreated = stream_id_after(&self.last_id, &last_generated);
-        let trimmed = stream_id_after(&max_deleted, &self.last_id);
+        let last_id = self.last_id.clone().unwrap_or_else(|| "0-0".to_owned());
+        let recreated = stream_id_after(&last_id, &last_generated);
+        let trimmed = stream_id_after(&max_deleted, &last_id);
         if recreated || trimmed {
-            self.last_id = last_generated;
+            self.last_id = Some(last_generated);
             return Ok(false);
         }
         Ok(true)
@@ -467,7 +514,7 @@ impl ChangeFollower {
                 .arg(1000)
                 .arg("STREAMS")
                 .arg(&self.key)
-                .arg(&self.last_id)
+                .arg(self.last_id.as_deref().unwrap_or("$"))
                 .query_async(conn)
                 .await?;
             if self.tx.is_closed() {
@@ -476,7 +523,7 @@ impl ChangeFollower {
             let Some(reply) = reply else { continue };
             for stream in reply.keys {
                 for entry in stream.ids {
-                    self.last_id = entry.id.clone();
+                    self.last_id = Some(entry.id.clone());
                     let fields: HashMap<String, String> = entry
                         .map
                         .iter()

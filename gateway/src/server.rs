@@ -81,8 +81,6 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
-    #[error("card change feed: {0}")]
-    Directory(#[from] crate::directory::DirectoryError),
 }
 
 /// Per-terminal replay state, shared by every connection of that terminal.
@@ -184,7 +182,7 @@ impl Gateway {
             negative_ttl_ms,
             cache_capacity,
         ));
-        let changes = directory.follow_changes().await?;
+        let changes = directory.follow_changes().await;
         tokio::spawn(cache.clone().follow(changes, now_ms));
 
         let (ride_updates, ride_rx) = mpsc::channel(RIDE_UPDATE_QUEUE);
