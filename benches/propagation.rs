@@ -24,17 +24,7 @@ fn bench(c: &mut Criterion) {
     let state = tempfile::tempdir().unwrap();
     let (reporter, gateway) = runtime.block_on(async {
         let reporter = redis.directory();
-        reporter.put_terminals(&[WANZHOU_BUS]).await.unwrap();
-        reporter
-            .put_card(card(
-                CARD,
-                CardState::Active,
-                Issuer::ChongqingSsc,
-                Concession::None,
-                0,
-            ))
-            .await
-            .unwrap();
+        support::provision(&reporter, CARD).await;
         let gateway = Harness::start(redis.directory(), state.path()).await;
         let policy = tapgate_gateway::policy::Policy::embedded_default();
         // Load the card into the gateway's cache, as a tap would.

@@ -6,27 +6,9 @@ mod support;
 use std::time::{Duration, Instant};
 use support::*;
 use tapgate_gateway::card::CardState;
-use tapgate_gateway::directory::Directory;
 use tapgate_protocol::{Concession, Issuer, Outcome, Reason, TapKind};
 
 const CARD: u64 = 6_222_000_000_000_001;
-
-async fn provision(directory: &Directory) {
-    directory
-        .put_terminals(&[YUZHONG_BUS, WANZHOU_BUS, YUZHONG_METRO])
-        .await
-        .unwrap();
-    directory
-        .put_card(card(
-            CARD,
-            CardState::Active,
-            Issuer::ChongqingSsc,
-            Concession::None,
-            0,
-        ))
-        .await
-        .unwrap();
-}
 
 async fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> Duration {
     let start = Instant::now();
@@ -44,7 +26,7 @@ async fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> Duration
 async fn a_lost_card_report_reaches_a_second_gateway_sharing_the_redis() {
     let redis = RedisServer::start();
     let directory = redis.directory();
-    provision(&directory).await;
+    provision(&directory, CARD).await;
     let (a_state, b_state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = Harness::start(redis.directory(), a_state.path()).await;
     let b = Harness::start(redis.directory(), b_state.path()).await;
@@ -103,7 +85,7 @@ async fn a_lost_card_report_reaches_a_second_gateway_sharing_the_redis() {
 async fn redis_restarted_while_the_gateway_runs() {
     let mut redis = RedisServer::start();
     let directory = redis.directory();
-    provision(&directory).await;
+    provision(&directory, CARD).await;
     let state = tempfile::tempdir().unwrap();
     let h = Harness::start(redis.directory(), state.path()).await;
     let mut gate = h.gate(&YUZHONG_BUS).await;
@@ -128,7 +110,7 @@ async fn redis_restarted_while_the_gateway_runs() {
     // gateway through the reconnected change feed, and the empty stream makes it drop its cache.
     redis.restart();
     let directory = redis.directory();
-    provision(&directory).await;
+    provision(&directory, CARD).await;
     directory
         .put_card(card(
             CARD,
@@ -171,7 +153,7 @@ async fn redis_restarted_while_the_gateway_runs() {
 async fn the_change_feed_catches_up_on_changes_made_while_it_was_disconnected() {
     let redis = RedisServer::start();
     let directory = redis.directory();
-    provision(&directory).await;
+    provision(&directory, CARD).await;
     let state = tempfile::tempdir().unwrap();
     let h = Harness::start(redis.directory(), state.path()).await;
     let mut gate = h.gate(&YUZHONG_BUS).await;
@@ -242,7 +224,7 @@ async fn a_gateway_started_while_redis_is_down_serves_once_it_is_back() {
 
     redis.restart();
     let directory = redis.directory();
-    provision(&directory).await;
+    provision(&directory, CARD).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut gate = loop {
         match tapgate_loadgen::client::GateClient::connect(

@@ -266,3 +266,21 @@ pub fn tap(sequence: u64, card_id: u64, kind: TapKind) -> Tap {
         gate_time_ms: now_ms(),
     }
 }
+
+/// Writes the test gates and one active Chongqing card into a directory.
+pub async fn provision(directory: &Directory, card_id: u64) {
+    directory
+        .put_terminals(&[YUZHONG_BUS, WANZHOU_BUS, YUZHONG_METRO])
+        .await
+        .unwrap();
+    directory
+        .put_card(card(
+            card_id,
+            CardState::Active,
+            Issuer::ChongqingSsc,
+            Concession::None,
+            0,
+        ))
+        .await
+        .unwrap();
+}
