@@ -8,6 +8,10 @@ use tapgate_gateway::fares::FareTables;
 use tapgate_gateway::settlement::settle_journal;
 use tapgate_protocol::{Concession, Issuer, IssuerRegion, Mode, Outcome, Tap, TapKind};
 
+async fn outcome(gate: &mut tapgate_loadgen::client::GateClient, tap: Tap) -> Outcome {
+    gate.tap(tap).await.unwrap().outcome
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_days_taps_settle_into_fares_transfers_and_clearing() {
     let state = tempfile::tempdir().unwrap();
@@ -44,26 +48,15 @@ async fn a_days_taps_settle_into_fares_transfers_and_clearing() {
     };
     // Card 1: bus, then metro 10 stops within the hour (transfer discount).
     assert_eq!(
-        bus.tap(at(1, 1, TapKind::Flat, 12, 3))
-            .await
-            .unwrap()
-            .outcome,
+        outcome(&mut bus, at(1, 1, TapKind::Flat, 12, 3)).await,
         Outcome::Approve
     );
     assert_eq!(
-        metro
-            .tap(at(1, 1, TapKind::Entry, 2, 10))
-            .await
-            .unwrap()
-            .outcome,
+        outcome(&mut metro, at(1, 1, TapKind::Entry, 2, 10)).await,
         Outcome::Approve
     );
     assert_eq!(
-        metro
-            .tap(at(2, 1, TapKind::Exit, 2, 20))
-            .await
-            .unwrap()
-            .outcome,
+        outcome(&mut metro, at(2, 1, TapKind::Exit, 2, 20)).await,
         Outcome::Approve
     );
     // Card 2 (Sichuan): one bus ride, owed by the Sichuan issuer to a Chongqing operator.
@@ -71,16 +64,10 @@ async fn a_days_taps_settle_into_fares_transfers_and_clearing() {
         issuer: Issuer::SichuanTianfuTong,
         ..at(2, 2, TapKind::Flat, 12, 4)
     };
-    assert_eq!(
-        bus.tap(sichuan_tap).await.unwrap().outcome,
-        Outcome::Approve
-    );
+    assert_eq!(outcome(&mut bus, sichuan_tap).await, Outcome::Approve);
     // Card 3 is lost: denied, and never charged.
     assert_eq!(
-        bus.tap(at(3, 3, TapKind::Flat, 12, 5))
-            .await
-            .unwrap()
-            .outcome,
+        outcome(&mut bus, at(3, 3, TapKind::Flat, 12, 5)).await,
         Outcome::Deny
     );
     h.gateway.shutdown().await;

@@ -354,138 +354,75 @@ mod tests {
         assert_eq!((d.concession, d.fare_fen), (Concession::None, 200));
     }
 
+    /// A metro tap of `card` with this node's `activity`, at `now`, under the shipped policy.
+    fn at_metro(tap: Tap, card: CardRecord, activity: CardActivity, now: u64) -> Decision {
+        decide(
+            &tap,
+            metro(),
+            &CardLookup::Found(card),
+            activity,
+            &policy(),
+            now,
+        )
+    }
+
     #[test]
     fn metro_entry_then_second_entry_at_same_station_is_pass_back() {
-        let p = policy();
-        let c = CardLookup::Found(card());
-        let first = decide(
-            &tap(TapKind::Entry),
-            metro(),
-            &c,
-            CardActivity::default(),
-            &p,
-            NOW,
-        );
+        let entry = tap(TapKind::Entry);
+        let first = at_metro(entry, card(), CardActivity::default(), NOW);
         assert_eq!((first.outcome, first.fare_fen), (Outcome::Approve, 200));
-        let again = decide(
-            &tap(TapKind::Entry),
-            metro(),
-            &c,
-            first.activity,
-            &p,
-            NOW + 60_000,
-        );
+        let again = at_metro(entry, card(), first.activity, NOW + 60_000);
         assert_eq!(
             (again.outcome, again.reason),
             (Outcome::Deny, Reason::PassBack)
         );
-        let later = decide(
-            &tap(TapKind::Entry),
-            metro(),
-            &c,
-            first.activity,
-            &p,
-            NOW + 601_000,
-        );
+        let later = at_metro(entry, card(), first.activity, NOW + 601_000);
         assert_eq!(later.outcome, Outcome::Approve);
-        let other_station = Tap {
-            stop: 16,
-            ..tap(TapKind::Entry)
-        };
-        let elsewhere = decide(
-            &other_station,
-            metro(),
-            &c,
-            first.activity,
-            &p,
-            NOW + 60_000,
-        );
+        let other_station = Tap { stop: 16, ..entry };
+        let elsewhere = at_metro(other_station, card(), first.activity, NOW + 60_000);
         assert_eq!(elsewhere.outcome, Outcome::Approve);
     }
 
     #[test]
     fn exit_closes_the_entry_and_an_exit_without_entry_estimates_the_maximum() {
-        let p = policy();
-        let c = CardLookup::Found(card());
-        let entry = decide(
-            &tap(TapKind::Entry),
-            metro(),
-            &c,
-            CardActivity::default(),
-            &p,
-            NOW,
-        );
-        let exit = decide(
-            &tap(TapKind::Exit),
-            metro(),
-            &c,
-            entry.activity,
-            &p,
-            NOW + 900_000,
-        );
+        let entry = at_metro(tap(TapKind::Entry), card(), CardActivity::default(), NOW);
+        let exit = at_metro(tap(TapKind::Exit), card(), entry.activity, NOW + 900_000);
         assert_eq!((exit.outcome, exit.fare_fen), (Outcome::Approve, 0));
         assert_eq!(exit.activity.open_entry, None);
-        let orphan = decide(
-            &tap(TapKind::Exit),
-            metro(),
-            &c,
-            CardActivity::default(),
-            &p,
-            NOW,
-        );
+        let orphan = at_metro(tap(TapKind::Exit), card(), CardActivity::default(), NOW);
         assert_eq!(orphan.fare_fen, 700);
     }
 
     #[test]
     fn elder_metro_trip_counts_one_ride_at_entry_only() {
-        let p = policy();
-        let c = CardLookup::Found(elder(3));
-        let entry = decide(
-            &tap(TapKind::Entry),
-            metro(),
-            &c,
-            CardActivity::default(),
-            &p,
-            NOW,
-        );
+        let entry = at_metro(tap(TapKind::Entry), elder(3), CardActivity::default(), NOW);
         assert!(entry.uses_counted_ride);
         assert_eq!(entry.rides_left, 2);
-        let exit = decide(
-            &tap(TapKind::Exit),
-            metro(),
-            &CardLookup::Found(elder(2)),
-            entry.activity,
-            &p,
-            NOW + 1,
-        );
+        let exit = at_metro(tap(TapKind::Exit), elder(2), entry.activity, NOW + 1);
         assert!(!exit.uses_counted_ride);
         assert_eq!((exit.concession, exit.rides_left), (Concession::Elder, 2));
     }
 
     #[test]
     fn directory_unavailable_follows_the_degraded_mode() {
+        let unavailable = |p: &Policy| {
+            decide(
+                &tap(TapKind::Flat),
+                bus(WANZHOU),
+                &CardLookup::Unavailable,
+                CardActivity::default(),
+                p,
+                NOW,
+            )
+        };
         let mut p = policy();
-        let d = decide(
-            &tap(TapKind::Flat),
-            bus(WANZHOU),
-            &CardLookup::Unavailable,
-            CardActivity::default(),
-            &p,
-            NOW,
-        );
+        let d = unavailable(&p);
         assert_eq!(
             (d.outcome, d.reason),
             (Outcome::Deny, Reason::DirectoryUnavailable)
         );
         p.degraded_mode = DegradedMode::FirstRide;
-        let d = decide(
-            &tap(TapKind::Flat),
-            bus(WANZHOU),
-            &CardLookup::Unavailable,
-            CardActivity::default(),
-            &p,
-            NOW,
-        );
+        let d = unavailable(&p);
         assert_eq!(
             (d.outcome, d.concession, d.fare_fen),
             (Outcome::Approve, Concession::None, 200)

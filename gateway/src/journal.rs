@@ -210,10 +210,9 @@ impl Journal {
 
     /// Claims a place in the queue before the work whose record will fill it, so that work
     /// can be refused (Busy) before it has any effect.
-    pub fn reserve(&self) -> Result<JournalSlot, JournalFull> {
+    pub fn reserve(&self) -> Result<JournalSlot<'_>, JournalFull> {
         self.queue
-            .clone()
-            .try_reserve_owned()
+            .try_reserve()
             .map(JournalSlot)
             .map_err(|_| JournalFull)
     }
@@ -230,10 +229,11 @@ impl Journal {
     }
 }
 
-/// A claimed place in the journal's queue.
-pub struct JournalSlot(mpsc::OwnedPermit<Request>);
+/// A claimed place in the journal's queue. It borrows the queue rather than cloning its sender,
+/// which would touch the sender count shared by every session on every tap.
+pub struct JournalSlot<'a>(mpsc::Permit<'a, Request>);
 
-impl JournalSlot {
+impl JournalSlot<'_> {
     pub fn append_durable(self, record: JournalRecord) -> Durable {
         let (tx, rx) = oneshot::channel();
         self.0.send(Request {

@@ -41,6 +41,7 @@ impl Counters {
 pub fn render(counters: &Counters) -> String {
     let m = counters.metrics.snapshot();
     let cache = &counters.cache;
+    let s = &cache.stats;
     let journal = &counters.journal;
     let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
     let mut out = String::with_capacity(4096);
@@ -53,31 +54,125 @@ pub fn render(counters: &Counters) -> String {
             let _ = writeln!(out, "tapgate_{name}{labels} {value}");
         }
     };
-    let one = |v: u64| [(String::new(), v)];
-    metric(
-        "connections_active",
-        "gauge",
-        "Gate connections open now.",
-        &one(m.connections_active.max(0) as u64),
-    );
-    metric(
-        "connections_total",
-        "counter",
-        "Gate connections accepted.",
-        &one(m.connections_total),
-    );
-    metric(
-        "connections_refused_total",
-        "counter",
-        "Connections closed at the connection limit.",
-        &one(m.connections_refused),
-    );
-    metric(
-        "sessions_authenticated_total",
-        "counter",
-        "Gates that passed Hello.",
-        &one(m.sessions_authenticated),
-    );
+    let single: [(&str, &str, &str, u64); 19] = [
+        (
+            "connections_active",
+            "gauge",
+            "Gate connections open now.",
+            m.connections_active.max(0) as u64,
+        ),
+        (
+            "connections_total",
+            "counter",
+            "Gate connections accepted.",
+            m.connections_total,
+        ),
+        (
+            "connections_refused_total",
+            "counter",
+            "Connections closed at the connection limit.",
+            m.connections_refused,
+        ),
+        (
+            "sessions_authenticated_total",
+            "counter",
+            "Gates that passed Hello.",
+            m.sessions_authenticated,
+        ),
+        (
+            "resends_total",
+            "counter",
+            "Taps answered again from the resend window.",
+            m.resends,
+        ),
+        (
+            "ride_updates_dropped_total",
+            "counter",
+            "Counted-ride updates not sent to the directory.",
+            m.ride_updates_dropped,
+        ),
+        (
+            "cache_entries",
+            "gauge",
+            "Cards held in the cache.",
+            cache.len() as u64,
+        ),
+        (
+            "cache_hits_total",
+            "counter",
+            "Taps decided from the cache.",
+            load(&s.hits),
+        ),
+        (
+            "cache_misses_total",
+            "counter",
+            "Taps that needed a directory lookup.",
+            load(&s.misses),
+        ),
+        (
+            "cache_fetches_total",
+            "counter",
+            "Directory lookups (one per card however many taps wait).",
+            load(&s.fetches),
+        ),
+        (
+            "cache_fetch_errors_total",
+            "counter",
+            "Directory lookups that failed.",
+            load(&s.fetch_errors),
+        ),
+        (
+            "cache_evictions_total",
+            "counter",
+            "Cards dropped at the cache capacity.",
+            load(&s.evictions),
+        ),
+        (
+            "cache_changes_applied_total",
+            "counter",
+            "Card changes received from the directory.",
+            load(&s.changes_applied),
+        ),
+        (
+            "cache_resyncs_total",
+            "counter",
+            "Times the whole cache was dropped after missed changes.",
+            load(&s.resyncs),
+        ),
+        (
+            "journal_records_total",
+            "counter",
+            "Tap records written to the journal.",
+            load(&journal.records),
+        ),
+        (
+            "journal_syncs_total",
+            "counter",
+            "Journal batches written and synced.",
+            load(&journal.syncs),
+        ),
+        (
+            "journal_bytes_total",
+            "counter",
+            "Bytes written to the journal.",
+            load(&journal.bytes),
+        ),
+        (
+            "journal_write_errors_total",
+            "counter",
+            "Journal batches that failed.",
+            load(&journal.write_errors),
+        ),
+        (
+            "journal_batches_total",
+            "counter",
+            "Journal batches attempted.",
+            load(&journal.batches),
+        ),
+    ];
+    for (name, kind, help, value) in single {
+        metric(name, kind, help, &[(String::new(), value)]);
+    }
     metric(
         "answers_total",
         "counter",
@@ -109,91 +204,6 @@ pub fn render(counters: &Counters) -> String {
         "counter",
         "Error frames and closes, by code.",
         &errors,
-    );
-    metric(
-        "resends_total",
-        "counter",
-        "Taps answered again from the resend window.",
-        &one(m.resends),
-    );
-    metric(
-        "ride_updates_dropped_total",
-        "counter",
-        "Counted-ride updates not sent to the directory.",
-        &one(m.ride_updates_dropped),
-    );
-    metric(
-        "cache_entries",
-        "gauge",
-        "Cards held in the cache.",
-        &one(cache.len() as u64),
-    );
-    let s = &cache.stats;
-    metric(
-        "cache_hits_total",
-        "counter",
-        "Taps decided from the cache.",
-        &one(load(&s.hits)),
-    );
-    metric(
-        "cache_misses_total",
-        "counter",
-        "Taps that needed a directory lookup.",
-        &one(load(&s.misses)),
-    );
-    metric(
-        "cache_fetches_total",
-        "counter",
-        "Directory lookups (one per card however many taps wait).",
-        &one(load(&s.fetches)),
-    );
-    metric(
-        "cache_fetch_errors_total",
-        "counter",
-        "Directory lookups that failed.",
-        &one(load(&s.fetch_errors)),
-    );
-    metric(
-        "cache_evictions_total",
-        "counter",
-        "Cards dropped at the cache capacity.",
-        &one(load(&s.evictions)),
-    );
-    metric(
-        "cache_changes_applied_total",
-        "counter",
-        "Card changes received from the directory.",
-        &one(load(&s.changes_applied)),
-    );
-    metric(
-        "cache_resyncs_total",
-        "counter",
-        "Times the whole cache was dropped after missed changes.",
-        &one(load(&s.resyncs)),
-    );
-    metric(
-        "journal_records_total",
-        "counter",
-        "Tap records written to the journal.",
-        &one(load(&journal.records)),
-    );
-    metric(
-        "journal_syncs_total",
-        "counter",
-        "Journal batches written and synced.",
-        &one(load(&journal.syncs)),
-    );
-    metric(
-        "journal_bytes_total",
-        "counter",
-        "Bytes written to the journal.",
-        &one(load(&journal.bytes)),
-    );
-    metric(
-        "journal_write_errors_total",
-        "counter",
-        "Journal batches that failed.",
-        &one(load(&journal.write_errors)),
     );
     out
 }

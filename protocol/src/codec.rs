@@ -96,11 +96,6 @@ impl SealedFrame {
         self.frame_type
     }
 
-    /// The whole frame, prefix and tag included.
-    pub fn as_bytes(&self) -> &Bytes {
-        &self.bytes
-    }
-
     /// The bytes the tag covers.
     pub fn mac_input(&self) -> &[u8] {
         &self.bytes[..self.bytes.len() - TAG_LEN]

@@ -33,11 +33,6 @@ impl FrameType {
             FrameType::Error => 10,
         }
     }
-
-    /// Whether gates send this type (the rest are sent by the gateway).
-    pub const fn from_gate(self) -> bool {
-        matches!(self, FrameType::Hello | FrameType::Tap)
-    }
 }
 
 wire_enum! {

@@ -64,10 +64,6 @@ impl<A: Clone> SequenceWindow<A> {
         self.highest
     }
 
-    pub fn size(&self) -> u16 {
-        self.slots.len() as u16
-    }
-
     fn index(&self, sequence: u64) -> usize {
         (sequence % self.slots.len() as u64) as usize
     }
