@@ -14,8 +14,9 @@ use crate::decide::{CardLookup, Decision, GatePlace, decide};
 use crate::directory::{ChangeEvent, Directory, DirectoryError};
 use crate::policy::Policy;
 use dashmap::DashMap;
+use dashmap::mapref::entry::Entry as Slot;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use tapgate_protocol::Tap;
 use tokio::sync::{OnceCell, mpsc};
 
@@ -52,6 +53,9 @@ pub struct CacheStats {
 
 pub struct CardCache {
     entries: DashMap<u64, Entry>,
+    /// How many entries the map holds, kept beside it because `DashMap::len` read-locks every
+    /// shard, far too costly on each miss. Exact except for inserts racing a resync's clear.
+    entry_count: AtomicUsize,
     fetches: DashMap<u64, Fetch>,
     directory: Directory,
     negative_ttl_ms: u64,
@@ -65,6 +69,7 @@ impl CardCache {
             // Many shards: a hit write-locks its shard, and with few shards the lock words of
             // concurrently hit shards share cache lines that then bounce between cores.
             entries: DashMap::with_shard_amount(ENTRY_SHARDS),
+            entry_count: AtomicUsize::new(0),
             fetches: DashMap::new(),
             directory,
             negative_ttl_ms,
@@ -74,11 +79,11 @@ impl CardCache {
     }
 
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.entry_count.load(Ordering::Relaxed)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len() == 0
     }
 
     /// The cached record of a card, without fetching.
@@ -171,29 +176,34 @@ impl CardCache {
 
     fn insert_fetched(&self, card_id: u64, known: Known) {
         self.make_room();
-        self.entries
-            .entry(card_id)
-            .and_modify(|e| {
-                // A change that arrived while we fetched is newer than what we fetched.
-                if matches!(e.known, Known::Missing { .. }) {
-                    e.known = known;
+        match self.entries.entry(card_id) {
+            // A change that arrived while we fetched is newer than what we fetched.
+            Slot::Occupied(mut slot) => {
+                if matches!(slot.get().known, Known::Missing { .. }) {
+                    slot.get_mut().known = known;
                 }
-            })
-            .or_insert(Entry {
-                known,
-                activity: CardActivity::default(),
-            });
+            }
+            Slot::Vacant(slot) => {
+                slot.insert(Entry {
+                    known,
+                    activity: CardActivity::default(),
+                });
+                self.entry_count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Keeps the cache within its capacity by dropping an arbitrary entry. Cards come back on
     /// their next tap; what is lost is only this node's pass-back memory of the dropped card.
     fn make_room(&self) {
-        if self.entries.len() < self.capacity {
+        if self.len() < self.capacity {
             return;
         }
         let victim = self.entries.iter().next().map(|e| *e.key());
-        if let Some(victim) = victim {
-            self.entries.remove(&victim);
+        if let Some(victim) = victim
+            && self.entries.remove(&victim).is_some()
+        {
+            self.entry_count.fetch_sub(1, Ordering::Relaxed);
             self.stats.evictions.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -203,6 +213,9 @@ impl CardCache {
         match event {
             ChangeEvent::Resync => {
                 self.entries.clear();
+                // Counting again (rare, and slow) repairs any drift from inserts during the clear.
+                self.entry_count
+                    .store(self.entries.len(), Ordering::Relaxed);
                 self.stats.resyncs.fetch_add(1, Ordering::Relaxed);
             }
             ChangeEvent::Changed(change) => {
@@ -217,13 +230,16 @@ impl CardCache {
                 } else if self.fetches.contains_key(&change.card_id) {
                     // A fetch is under way and may return the record from before this change.
                     self.make_room();
-                    self.entries.insert(
+                    let replaced = self.entries.insert(
                         change.card_id,
                         Entry {
                             known,
                             activity: CardActivity::default(),
                         },
                     );
+                    if replaced.is_none() {
+                        self.entry_count.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 self.stats.changes_applied.fetch_add(1, Ordering::Relaxed);
             }
@@ -359,7 +375,8 @@ mod tests {
                 Outcome::Approve
             );
         }
-        assert!(cache.len() <= 4);
+        assert_eq!(cache.len(), 4);
+        assert_eq!(cache.len(), cache.entries.len());
         assert_eq!(cache.stats.evictions.load(Ordering::Relaxed), 6);
     }
 }
