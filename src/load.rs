@@ -8,7 +8,7 @@ use tapgate_gateway::config::{Config, DEV_MASTER_KEY_HEX, DirectoryKind};
 use tapgate_gateway::population::PopulationSpec;
 use tapgate_gateway::server::Gateway;
 use tapgate_loadgen::echo::EchoServer;
-use tapgate_loadgen::report::Report;
+use tapgate_loadgen::report::{Report, SettlementLag};
 use tapgate_loadgen::run::{LoadSpec, Pacing, TargetKind, run};
 use tapgate_loadgen::workload::Faults;
 use tapgate_protocol::MasterKey;
@@ -318,6 +318,7 @@ pub fn run_demo(args: DemoArgs) -> Result<(), String> {
             .gateway_settings(directory)
             .map_err(|e| e.to_string())?;
         let gateway = Gateway::start(settings).await.map_err(|e| e.to_string())?;
+        let settlement = crate::serve::start_settlement(&config, &gateway)?;
         let workload = WorkloadArgs {
             connections,
             rate: args.rate,
@@ -342,24 +343,48 @@ pub fn run_demo(args: DemoArgs) -> Result<(), String> {
         let report = run(spec).await;
         let metrics = gateway.metrics().snapshot();
         gateway.shutdown().await;
-        let report = report.map_err(|e| e.to_string())?;
+        let mut report = report.map_err(|e| e.to_string())?;
+        let settling = std::time::Instant::now();
+        let settlers = settlement.settlers.clone();
+        crate::serve::finish_settlement(&config, settlement).await?;
+        let caught_up = settling.elapsed();
+        report.settlement = SettlementLag::from_buckets(
+            &settlers.lag.cumulative(),
+            settlers.lag.sum_ms.load(std::sync::atomic::Ordering::Relaxed),
+        );
         print!("{}", report.summary());
         println!(
             "gateway: {} sessions, {} approved, {} denied, {} busy",
             metrics.sessions_authenticated, metrics.approved, metrics.denied, metrics.busy
         );
         workload.write_outputs(&report)?;
-        println!("journal: {}", dir.join("journal").display());
-        let ledger = crate::settle::settle(&dir.join("journal"), &tapgate_gateway::fares::FareTables::embedded_default())?;
-        let total = ledger.total();
+        let journal = dir.join("journal");
+        let ledger_path = crate::serve::ledger_file(&config);
+        println!("journal: {}", journal.display());
         println!(
-            "settled offline: {} approved taps, {} fares, {}.{:02} yuan (details: tapgate settle journal --dir {})",
-            ledger.approved_taps,
+            "settlement: approvals shipped to partition streams, priced and booked by the settler; caught up {:.1} s after the run",
+            caught_up.as_secs_f64(),
+        );
+        let settled = crate::settle::read_ledger_file(&ledger_path)?;
+        let expected = crate::settle::settle_dirs(
+            &[journal.as_path()],
+            &tapgate_gateway::fares::FareTables::embedded_default(),
+        )?;
+        let reconciliation =
+            tapgate_gateway::settle::ledger::Reconciliation::new(&expected.ledger, &settled);
+        print!("{}", crate::settle::reconcile_text(&reconciliation, 10));
+        let total = settled.total();
+        println!(
+            "ledger: {} ({} fares, {}.{:02} yuan)\n  report:    tapgate settle report --ledger {0}\n  reconcile: tapgate settle reconcile --ledger {0} --journal {}",
+            ledger_path.display(),
             total.rides,
             total.fen / 100,
             total.fen % 100,
-            dir.join("journal").display()
+            journal.display()
         );
+        if !reconciliation.is_exact() {
+            return Err("settlement does not reconcile with the journal".into());
+        }
         Ok(())
     })
 }

@@ -51,7 +51,7 @@ fn main() -> ExitCode {
         Command::Load(args) => load::run_load(args),
         Command::Echo(args) => load::run_echo(args),
         Command::Cards(args) => cards::run(args),
-        Command::Settle(args) => settle::run(args),
+        Command::Settle(args) => return report_failure(settle::run(args)),
         Command::Vectors => {
             for (name, value) in tapgate_protocol::example::lines() {
                 println!("{name}: {value}");
@@ -59,8 +59,13 @@ fn main() -> ExitCode {
             Ok(())
         }
     };
+    report_failure(result.map(|()| ExitCode::SUCCESS))
+}
+
+/// Prints an error the way every subcommand does, and exits 1 with it.
+fn report_failure(result: Result<ExitCode, String>) -> ExitCode {
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(message) => {
             eprintln!("tapgate: {message}");
             ExitCode::FAILURE

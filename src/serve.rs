@@ -3,8 +3,11 @@
 use clap::Args;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use tapgate_gateway::config::{Config, DirectoryKind};
 use tapgate_gateway::server::Gateway;
+use tapgate_gateway::settle::Settlement;
+use tapgate_gateway::settle::store::Store;
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -131,7 +134,15 @@ async fn serve(config: Config, ops_listen: Option<SocketAddr>) -> Result<(), Str
         .gateway_settings(directory)
         .map_err(|e| e.to_string())?;
     let gateway = Gateway::start(settings).await.map_err(|e| e.to_string())?;
-    let counters = tapgate_gateway::ops::Counters::of(&gateway);
+    let mut counters = tapgate_gateway::ops::Counters::of(&gateway);
+    let settlement = if config.settlement.enabled {
+        let settlement = start_settlement(&config, &gateway)?;
+        counters = counters.with_settlement(&settlement);
+        Some(settlement)
+    } else {
+        tracing::warn!("settlement is disabled: approved taps stay in the journal only");
+        None
+    };
     let ops = match ops_listen {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -165,8 +176,58 @@ async fn serve(config: Config, ops_listen: Option<SocketAddr>) -> Result<(), Str
         ops.abort();
     }
     gateway.shutdown().await;
+    if let Some(settlement) = settlement {
+        finish_settlement(&config, settlement).await?;
+    }
     Ok(())
 }
+
+/// Starts the forwarder and the in-process settlers beside a gateway.
+pub fn start_settlement(config: &Config, gateway: &Gateway) -> Result<Settlement, String> {
+    let store = config.settlement_store().map_err(|e| e.to_string())?;
+    let tables = Arc::new(config.fare_tables().map_err(|e| e.to_string())?);
+    let settings = config.settlement_settings();
+    tracing::info!(node = %settings.node, partitions = settings.partitions, settlers = settings.settlers, "settlement running");
+    Ok(Settlement::start(
+        store,
+        &settings,
+        tables,
+        gateway.journal().durable(),
+    ))
+}
+
+/// After the gateway stopped: ships the rest of the journal and stops the settlers. The
+/// in-process store of an embedded gateway first waits for its settlers and saves its ledger,
+/// since it lives only as long as the process.
+pub async fn finish_settlement(config: &Config, settlement: Settlement) -> Result<(), String> {
+    if let Store::Memory(_) = settlement.store {
+        if !settlement
+            .wait_settled(SETTLE_AT_EXIT)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            tracing::warn!("settlement did not catch up before exit; the ledger file is partial");
+        }
+        let path = ledger_file(config);
+        settlement.write_ledger(&path).await?;
+        tracing::info!(path = %path.display(), "ledger written");
+    }
+    settlement.shutdown().await;
+    Ok(())
+}
+
+/// Where an embedded gateway keeps its ledger: beside its journal directory.
+pub fn ledger_file(config: &Config) -> PathBuf {
+    let journal = &config.journal.dir;
+    journal
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(journal)
+        .join("ledger.json")
+}
+
+/// How long an exiting embedded gateway waits for its settlers.
+const SETTLE_AT_EXIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Logs answers per second every REPORT_EVERY, so an operator tailing the log sees throughput.
 async fn report_throughput(metrics: std::sync::Arc<tapgate_gateway::metrics::Metrics>) {

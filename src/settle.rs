@@ -1,12 +1,22 @@
-//! `tapgate settle`: settlement reports.
+//! `tapgate settle`: the settlement pipeline's tools — settlers, a one-shot forwarder for a
+//! stopped gateway's journal, reports, and reconciliation against the journals.
 
 use clap::{Args, Subcommand};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 use tapgate_gateway::fares::FareTables;
-use tapgate_gateway::settlement::{Ledger, settle_journal};
-use tapgate_protocol::AreaCode;
-use tapgate_protocol::registry::operator;
+use tapgate_gateway::settle::forwarder::{self, ForwarderSettings, ForwarderStats, Until};
+use tapgate_gateway::settle::ledger::{
+    DayLedger, JournalSettlement, Ledger, Reconciliation, Subject, Totals, settle_journals,
+};
+use tapgate_gateway::settle::settler::{self, SettlerSettings, SettlerStats};
+use tapgate_gateway::settle::store::{RedisStore, Store};
+use tapgate_protocol::registry::{AREAS, operator};
+use tapgate_protocol::{AreaCode, Mode};
 
 #[derive(Args)]
 pub struct SettleArgs {
@@ -14,15 +24,138 @@ pub struct SettleArgs {
     action: SettleAction,
 }
 
+/// Where the settled ledgers are.
+#[derive(Args, Clone)]
+struct RedisArgs {
+    /// Redis URL of the settlement store (the gateway's directory Redis).
+    #[arg(
+        long,
+        env = "TAPGATE_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379/"
+    )]
+    redis_url: String,
+    /// Key prefix, as the gateway's `[directory] key_prefix`.
+    #[arg(long, default_value = "tapgate")]
+    key_prefix: String,
+    /// Partition streams, as the gateway's `[settlement] partitions`.
+    #[arg(long, default_value_t = 8)]
+    partitions: u16,
+}
+
+impl RedisArgs {
+    fn store(&self) -> Result<Store, String> {
+        RedisStore::connect(&self.redis_url, &self.key_prefix, Duration::from_secs(5))
+            .map(Store::Redis)
+            .map_err(|e| e.to_string())
+    }
+}
+
+#[derive(Args, Clone)]
+struct LedgerSource {
+    #[command(flatten)]
+    redis: RedisArgs,
+    /// Read the books from a ledger file (written by `tapgate demo` or an embedded gateway)
+    /// instead of Redis.
+    #[arg(long)]
+    ledger: Option<PathBuf>,
+}
+
+impl LedgerSource {
+    fn read(&self, day: Option<chrono::NaiveDate>) -> Result<Ledger, String> {
+        match &self.ledger {
+            Some(path) => {
+                let mut ledger = read_ledger_file(path)?;
+                if let Some(day) = day {
+                    ledger.days.retain(|d, _| *d == day);
+                }
+                Ok(ledger)
+            }
+            None => {
+                let store = self.redis.store()?;
+                runtime()?
+                    .block_on(store.ledger(day))
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+}
+
+/// Reads a ledger file written by an embedded gateway or the demo.
+pub fn read_ledger_file(path: &Path) -> Result<Ledger, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ledger::from_json(&value).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 #[derive(Subcommand)]
 enum SettleAction {
-    /// Settle a gateway journal offline: fares per area, operator and mode, and the clearing
-    /// balance between Chongqing, Sichuan and T-Union issuers.
+    /// Run settlers against Redis until interrupted: take partitions, price taps, apply them
+    /// to the ledgers exactly once.
+    Run {
+        #[command(flatten)]
+        redis: RedisArgs,
+        /// Settlers in this process.
+        #[arg(long, default_value_t = 1)]
+        settlers: usize,
+        #[arg(long, default_value_t = 512)]
+        batch: usize,
+        /// How soon a dead settler's partitions move to another one.
+        #[arg(long, default_value_t = 10_000)]
+        lease_ttl_ms: u64,
+        /// Fare tables (TOML); the built-in `fares.example.toml` when absent.
+        #[arg(long)]
+        fares: Option<PathBuf>,
+        /// Exit once every shipped tap is settled and nothing new arrived for this long
+        /// (milliseconds); report the settling rate. For benchmarks and batch jobs.
+        #[arg(long)]
+        until_idle_ms: Option<u64>,
+    },
+    /// Ship a stopped gateway's journal to Redis (what its forwarder would have done), from
+    /// the node's checkpoint to the end of the files.
+    Forward {
+        #[command(flatten)]
+        redis: RedisArgs,
+        /// The journal directory.
+        #[arg(long)]
+        journal: PathBuf,
+        /// The gateway's node name (`[settlement] node`).
+        #[arg(long, default_value = "gateway-1")]
+        node: String,
+        #[arg(long, default_value_t = 512)]
+        batch: usize,
+    },
+    /// Settled totals per area (all 41), operator and mode, and the clearing balance.
+    Report {
+        #[command(flatten)]
+        source: LedgerSource,
+        /// One day (YYYY-MM-DD, Chongqing calendar); every day when absent.
+        #[arg(long)]
+        date: Option<chrono::NaiveDate>,
+        /// Also write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Prove every approved tap in the journals was settled exactly once: settle the journals
+    /// again offline and compare with the settled ledgers, day by day, area × operator × mode,
+    /// card and clearing. Exits 1 when anything differs.
+    Reconcile {
+        #[command(flatten)]
+        source: LedgerSource,
+        /// Journal directories, one per gateway that ships to this store.
+        #[arg(long, required = true)]
+        journal: Vec<PathBuf>,
+        #[arg(long)]
+        fares: Option<PathBuf>,
+        /// Print at most this many differences.
+        #[arg(long, default_value_t = 50)]
+        show: usize,
+    },
+    /// Settle a journal offline, without Redis: what the pipeline should arrive at.
     Journal {
         /// The journal directory (`[journal] dir` of the gateway).
         #[arg(long, default_value = "tapgate-state/journal")]
         dir: PathBuf,
-        /// Fare tables (TOML); the built-in `fares.example.toml` when absent.
         #[arg(long)]
         fares: Option<PathBuf>,
         /// Also write the report as JSON here.
@@ -31,21 +164,201 @@ enum SettleAction {
     },
 }
 
-pub fn run(args: SettleArgs) -> Result<(), String> {
+pub fn run(args: SettleArgs) -> Result<ExitCode, String> {
     match args.action {
+        SettleAction::Run {
+            redis,
+            settlers,
+            batch,
+            lease_ttl_ms,
+            fares,
+            until_idle_ms,
+        } => {
+            crate::serve::init_logging("info");
+            let tables = Arc::new(load_tables(fares.as_deref())?);
+            let settings = SettlerSettings {
+                name: "settle-run".into(),
+                partitions: redis.partitions,
+                batch: batch.max(1),
+                lease_ttl: Duration::from_millis(lease_ttl_ms.max(100)),
+            };
+            runtime()?.block_on(run_settlers(
+                redis.store()?,
+                settings,
+                settlers.max(1),
+                tables,
+                until_idle_ms.map(Duration::from_millis),
+            ))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        SettleAction::Forward {
+            redis,
+            journal,
+            node,
+            batch,
+        } => {
+            crate::serve::init_logging("warn");
+            if !journal.is_dir() {
+                return Err(format!("{}: no journal directory", journal.display()));
+            }
+            let store = redis.store()?;
+            let stats = Arc::new(ForwarderStats::default());
+            let settings = ForwarderSettings {
+                node,
+                journal_dir: journal,
+                partitions: redis.partitions,
+                batch: batch.max(1),
+                max_backlog: u64::MAX,
+            };
+            let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+            runtime()?
+                .block_on(forwarder::run(
+                    store,
+                    settings,
+                    Until::EndOfFiles,
+                    stats.clone(),
+                    stop_rx,
+                ))
+                .map_err(|e| e.to_string())?;
+            println!(
+                "shipped {} approved taps in {} batches",
+                stats.shipped.load(Ordering::Relaxed),
+                stats.batches.load(Ordering::Relaxed)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        SettleAction::Report { source, date, json } => {
+            let ledger = source.read(date)?;
+            print!("{}", report(&ledger));
+            if let Some(path) = json {
+                write_json(&path, &report_json(&ledger))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        SettleAction::Reconcile {
+            source,
+            journal,
+            fares,
+            show,
+        } => {
+            let tables = load_tables(fares.as_deref())?;
+            let dirs: Vec<&Path> = journal.iter().map(PathBuf::as_path).collect();
+            let expected = settle_dirs(&dirs, &tables)?;
+            let settled = source.read(None)?;
+            let reconciliation = Reconciliation::new(&expected.ledger, &settled);
+            print!("{}", reconcile_text(&reconciliation, show));
+            if expected.damaged_segments > 0 {
+                println!(
+                    "warning: {} journal segments hold damaged records; taps after the damage are in neither book",
+                    expected.damaged_segments
+                );
+            }
+            Ok(if reconciliation.is_exact() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         SettleAction::Journal { dir, fares, json } => {
             let tables = load_tables(fares.as_deref())?;
-            let ledger = settle(&dir, &tables)?;
-            print!("{}", summary(&ledger));
-            if let Some(path) = json {
-                let text =
-                    serde_json::to_string_pretty(&to_json(&ledger)).expect("a report serializes");
-                std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
-                println!("json: {}", path.display());
+            let settled = settle_dirs(&[dir.as_path()], &tables)?;
+            if settled.damaged_segments > 0 {
+                println!(
+                    "warning: {} journal segments hold damaged records",
+                    settled.damaged_segments
+                );
             }
-            Ok(())
+            print!("{}", report(&settled.ledger));
+            if let Some(path) = json {
+                write_json(&path, &report_json(&settled.ledger))?;
+            }
+            Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn run_settlers(
+    store: Store,
+    settings: SettlerSettings,
+    count: usize,
+    tables: Arc<FareTables>,
+    until_idle: Option<Duration>,
+) -> Result<(), String> {
+    let stats = Arc::new(SettlerStats::default());
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let tasks: Vec<_> = (0..count)
+        .map(|i| {
+            let settings = SettlerSettings {
+                name: format!("{}-{i}", settings.name),
+                ..settings.clone()
+            };
+            tokio::spawn(settler::run(
+                store.clone(),
+                settings,
+                tables.clone(),
+                stats.clone(),
+                stop_rx.clone(),
+            ))
+        })
+        .collect();
+    let started = Instant::now();
+    let mut first_settled: Option<Instant> = None;
+    let mut last_change = Instant::now();
+    let mut last = 0;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut logged = Instant::now();
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = tick.tick() => {}
+        }
+        let settled = stats.settled.load(Ordering::Relaxed);
+        if settled != last {
+            first_settled.get_or_insert_with(Instant::now);
+            last = settled;
+            last_change = Instant::now();
+        }
+        if logged.elapsed() >= Duration::from_secs(10) {
+            tracing::info!(
+                settled,
+                partitions = stats.partitions_held.load(Ordering::Relaxed),
+                "settling"
+            );
+            logged = Instant::now();
+        }
+        if let Some(idle) = until_idle
+            && last_change.elapsed() >= idle
+            && started.elapsed() >= idle
+        {
+            let (shipped, total_settled) = store.counts().await.map_err(|e| e.to_string())?;
+            if shipped == total_settled {
+                break;
+            }
+        }
+    }
+    let _ = stop.send(true);
+    for task in tasks {
+        if let Ok(Err(e)) = task.await {
+            return Err(e.to_string());
+        }
+    }
+    let settled = stats.settled.load(Ordering::Relaxed);
+    let busy = first_settled.map_or(Duration::ZERO, |t| last_change.duration_since(t));
+    println!(
+        "settled {settled} taps ({} charges) with {count} settler(s); {:.0} taps/s while settling ({:.1} s); {} redelivered entries skipped",
+        stats.charges.load(Ordering::Relaxed),
+        settled as f64 / busy.as_secs_f64().max(1e-3),
+        busy.as_secs_f64(),
+        stats.redelivered.load(Ordering::Relaxed),
+    );
+    Ok(())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))
 }
 
 pub fn load_tables(path: Option<&Path>) -> Result<FareTables, String> {
@@ -59,11 +372,18 @@ pub fn load_tables(path: Option<&Path>) -> Result<FareTables, String> {
     }
 }
 
-pub fn settle(dir: &Path, tables: &FareTables) -> Result<Ledger, String> {
-    if !dir.is_dir() {
-        return Err(format!("{}: no journal directory", dir.display()));
+pub fn settle_dirs(dirs: &[&Path], tables: &FareTables) -> Result<JournalSettlement, String> {
+    if let Some(missing) = dirs.iter().find(|d| !d.is_dir()) {
+        return Err(format!("{}: no journal directory", missing.display()));
     }
-    settle_journal(dir, tables).map_err(|e| format!("{}: {e}", dir.display()))
+    settle_journals(dirs, tables).map_err(|e| e.to_string())
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), String> {
+    let text = serde_json::to_string_pretty(value).expect("a report serializes");
+    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    println!("json: {}", path.display());
+    Ok(())
 }
 
 fn yuan(fen: u64) -> String {
@@ -81,72 +401,181 @@ fn operator_name(id: u16) -> String {
     operator(id).map_or_else(|| format!("operator {id}"), |o| o.name_en.to_owned())
 }
 
-pub fn summary(ledger: &Ledger) -> String {
+/// All days of a ledger folded into one.
+fn all_days(ledger: &Ledger) -> DayLedger {
+    let mut merged = Ledger::default();
+    for day in ledger.days.values() {
+        let mut one = Ledger::default();
+        one.days.insert(chrono::NaiveDate::MIN, day.clone());
+        merged.merge(&one);
+    }
+    merged.days.into_values().next().unwrap_or_default()
+}
+
+fn add(a: &mut Totals, b: &Totals) {
+    a.fen += b.fen;
+    a.rides += b.rides;
+}
+
+pub fn report(ledger: &Ledger) -> String {
+    let books = all_days(ledger);
+    let total = books.total();
     let mut s = String::new();
-    let total = ledger.total();
+    let days: Vec<String> = ledger.days.keys().map(|d| d.to_string()).collect();
     let _ = writeln!(
         s,
-        "settled {} approved taps into {} fares: {} yuan",
-        ledger.approved_taps,
+        "settled {} approved taps into {} fares: {} yuan ({})",
+        books.taps,
         total.rides,
-        yuan(total.fen)
+        yuan(total.fen),
+        if days.is_empty() {
+            "no days".to_string()
+        } else {
+            days.join(", ")
+        }
     );
-    if ledger.damaged_segments > 0 {
+    let mut by_area: std::collections::BTreeMap<u32, Totals> = std::collections::BTreeMap::new();
+    let mut by_operator: std::collections::BTreeMap<u16, Totals> =
+        std::collections::BTreeMap::new();
+    let mut by_mode: std::collections::BTreeMap<Mode, Totals> = std::collections::BTreeMap::new();
+    for ((area, op, mode), t) in &books.cells {
+        add(by_area.entry(*area).or_default(), t);
+        add(by_operator.entry(*op).or_default(), t);
+        add(by_mode.entry(*mode).or_default(), t);
+    }
+    let _ = writeln!(s, "\nby area (all 41):");
+    let _ = writeln!(s, "  {:<44} {:>8} {:>12}", "area", "rides", "yuan");
+    for area in AREAS.iter() {
+        let t = by_area.remove(&area.code.0).unwrap_or_default();
         let _ = writeln!(
             s,
-            "warning: {} journal segments ended in a damaged record",
-            ledger.damaged_segments
+            "  {:<44} {:>8} {:>12}",
+            area_name(area.code.0),
+            t.rides,
+            yuan(t.fen)
         );
     }
-    let _ = writeln!(
-        s,
-        "{:<44} {:<34} {:<15} {:>8} {:>12}",
-        "area", "operator", "mode", "rides", "yuan"
-    );
-    for ((area, op, mode), t) in &ledger.by_area_operator_mode {
+    for (code, t) in by_area {
         let _ = writeln!(
             s,
-            "{:<44} {:<34} {:<15} {:>8} {:>12}",
-            area_name(*area),
+            "  {:<44} {:>8} {:>12}",
+            area_name(code),
+            t.rides,
+            yuan(t.fen)
+        );
+    }
+    let _ = writeln!(s, "\nby operator:");
+    for (op, t) in &by_operator {
+        let _ = writeln!(
+            s,
+            "  {:<44} {:>8} {:>12}",
             operator_name(*op),
+            t.rides,
+            yuan(t.fen)
+        );
+    }
+    let _ = writeln!(s, "\nby mode:");
+    for (mode, t) in &by_mode {
+        let _ = writeln!(
+            s,
+            "  {:<44} {:>8} {:>12}",
             mode.label(),
             t.rides,
             yuan(t.fen)
         );
     }
-    if ledger.clearing.is_empty() {
-        let _ = writeln!(s, "clearing: nothing owed across regions");
+    let _ = writeln!(s, "\nclearing between issuers:");
+    if books.clearing.is_empty() {
+        let _ = writeln!(s, "  nothing owed across regions");
     }
-    for ((payer, payee), fen) in &ledger.clearing {
+    for ((payer, payee), t) in &books.clearing {
         let _ = writeln!(
             s,
-            "clearing: {} cards owe {} operators {} yuan",
+            "  {} cards owe {} operators {} yuan for {} rides",
             payer.label(),
             payee.label(),
-            yuan(*fen)
+            yuan(t.fen),
+            t.rides
         );
     }
     s
 }
 
-fn to_json(ledger: &Ledger) -> serde_json::Value {
-    let total = ledger.total();
+fn report_json(ledger: &Ledger) -> serde_json::Value {
+    let books = all_days(ledger);
+    let total = books.total();
+    let mut by_area: std::collections::BTreeMap<u32, Totals> = std::collections::BTreeMap::new();
+    for ((area, _, _), t) in &books.cells {
+        add(by_area.entry(*area).or_default(), t);
+    }
     serde_json::json!({
-        "approved_taps": ledger.approved_taps,
+        "days": ledger.days.keys().map(|d| d.to_string()).collect::<Vec<_>>(),
+        "approved_taps": books.taps,
         "fares": total.rides,
         "total_fen": total.fen,
-        "by_area_operator_mode": ledger.by_area_operator_mode.iter().map(|((area, op, mode), t)| serde_json::json!({
+        "by_area": AREAS.iter().map(|a| {
+            let t = by_area.get(&a.code.0).copied().unwrap_or_default();
+            serde_json::json!({"area": a.code.0, "name_zh": a.name_zh, "name_en": a.name_en,
+                               "rides": t.rides, "fen": t.fen})
+        }).collect::<Vec<_>>(),
+        "by_area_operator_mode": books.cells.iter().map(|((area, op, mode), t)| serde_json::json!({
             "area": area,
-            "area_name": AreaCode(*area).area().map(|a| a.name_zh),
             "operator": op,
             "mode": mode.label(),
             "rides": t.rides,
             "fen": t.fen,
         })).collect::<Vec<_>>(),
-        "clearing": ledger.clearing.iter().map(|((payer, payee), fen)| serde_json::json!({
+        "clearing": books.clearing.iter().map(|((payer, payee), t)| serde_json::json!({
             "payer": payer.label(),
             "payee": payee.label(),
-            "fen": fen,
+            "fen": t.fen,
+            "rides": t.rides,
         })).collect::<Vec<_>>(),
+        "ledger": ledger.to_json(),
     })
+}
+
+pub fn reconcile_text(r: &Reconciliation, show: usize) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "reconcile: {} approved taps in the journals, {} settled; {} lost, {} duplicated; {} differences",
+        r.journal_taps,
+        r.settled_taps,
+        r.lost,
+        r.duplicated,
+        r.differences.len()
+    );
+    for d in r.differences.iter().take(show) {
+        let what = match d.subject {
+            Subject::Taps => "approved taps (rides = taps, yuan = day total)".to_string(),
+            Subject::Cell {
+                area,
+                operator,
+                mode,
+            } => format!(
+                "{} / {} / {}",
+                area_name(area),
+                operator_name(operator),
+                mode.label()
+            ),
+            Subject::Card(card) => format!("card {card}"),
+            Subject::Clearing { payer, payee } => {
+                format!("clearing {} → {}", payer.label(), payee.label())
+            }
+        };
+        let _ = writeln!(
+            s,
+            "  {} {what}: journals {} rides {} yuan, settled {} rides {} yuan",
+            d.day,
+            d.expected.rides,
+            yuan(d.expected.fen),
+            d.settled.rides,
+            yuan(d.settled.fen)
+        );
+    }
+    if r.differences.len() > show {
+        let _ = writeln!(s, "  … and {} more", r.differences.len() - show);
+    }
+    s
 }

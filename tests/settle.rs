@@ -5,7 +5,7 @@ mod support;
 use support::*;
 use tapgate_gateway::card::CardState;
 use tapgate_gateway::fares::FareTables;
-use tapgate_gateway::settlement::settle_journal;
+use tapgate_gateway::settle::ledger::settle_journals;
 use tapgate_protocol::{Concession, Issuer, IssuerRegion, Mode, Outcome, Tap, TapKind};
 
 async fn outcome(gate: &mut tapgate_loadgen::client::GateClient, tap: Tap) -> Outcome {
@@ -72,23 +72,24 @@ async fn a_days_taps_settle_into_fares_transfers_and_clearing() {
     );
     h.gateway.shutdown().await;
 
-    let ledger = settle_journal(
-        &state.path().join("journal"),
+    let settled = settle_journals(
+        &[&state.path().join("journal")],
         &FareTables::embedded_default(),
     )
     .unwrap();
-    assert_eq!(ledger.approved_taps, 4);
-    let bus_total = ledger.by_area_operator_mode[&(500103, 1, Mode::Bus)];
+    let ledger = &settled.ledger;
+    assert_eq!(ledger.taps(), 4);
+    assert_eq!(ledger.days.len(), 1);
+    let day = ledger.days.values().next().unwrap();
+    let bus_total = day.cells[&(500103, 1, Mode::Bus)];
     assert_eq!((bus_total.rides, bus_total.fen), (2, 400));
-    let metro_total = ledger.by_area_operator_mode[&(500103, 2, Mode::Metro)];
+    let metro_total = day.cells[&(500103, 2, Mode::Metro)];
     // 10 stops × 1.6 km = 16 km → 4 yuan, less the 2-yuan transfer discount.
     assert_eq!((metro_total.rides, metro_total.fen), (1, 200));
     assert_eq!(ledger.total().fen, 600);
     assert_eq!(
-        ledger
-            .clearing
-            .get(&(IssuerRegion::Sichuan, IssuerRegion::Chongqing)),
-        Some(&200)
+        day.clearing[&(IssuerRegion::Sichuan, IssuerRegion::Chongqing)].fen,
+        200
     );
-    assert_eq!(ledger.clearing.len(), 1);
+    assert_eq!(day.clearing.len(), 1);
 }

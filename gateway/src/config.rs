@@ -2,10 +2,13 @@
 //! every setting with its default; command-line flags and environment variables override it.
 
 use crate::directory::{Directory, EmbeddedDirectory, RedisDirectory, RedisSettings};
+use crate::fares::FareTables;
 use crate::journal::JournalSettings;
 use crate::policy::{Policy, PolicyError};
 use crate::population::PopulationSpec;
 use crate::server::{GatewaySettings, Limits};
+use crate::settle::SettlementSettings;
+use crate::settle::store::{RedisStore, Store};
 use crate::tls::TlsSource;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -28,7 +31,46 @@ pub struct Config {
     pub directory: DirectoryConfig,
     pub journal: JournalConfig,
     pub policy: PolicyConfig,
+    pub settlement: SettlementConfig,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SettlementConfig {
+    /// Ship approved taps and settle them. With a Redis directory they go to the same Redis;
+    /// with the embedded one they are settled in process.
+    pub enabled: bool,
+    /// This gateway's name; its forwarder checkpoint is kept under it, so every gateway
+    /// sharing a Redis needs its own.
+    pub node: String,
+    /// Partition streams; fixed at first use of a Redis.
+    pub partitions: u16,
+    /// Settlers inside the gateway; 0 leaves settling to `tapgate settle run`.
+    pub settlers: usize,
+    /// Taps per forwarder and settler batch.
+    pub batch: usize,
+    /// Taps shipped and not yet settled above which the forwarder waits.
+    pub max_backlog: u64,
+    /// How soon a dead settler's partitions move to another one.
+    pub lease_ttl_ms: u64,
+    /// Fare tables; the built-in `fares.example.toml` when absent.
+    pub fares: Option<PathBuf>,
+}
+
+impl Default for SettlementConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            node: "gateway-1".into(),
+            partitions: 8,
+            settlers: 1,
+            batch: 512,
+            max_backlog: 1_000_000,
+            lease_ttl_ms: 10_000,
+            fares: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -174,6 +216,12 @@ pub enum ConfigError {
     BadSalt,
     #[error(transparent)]
     Directory(#[from] crate::directory::DirectoryError),
+    #[error("fares {path}: {message}")]
+    Fares { path: PathBuf, message: String },
+    #[error(transparent)]
+    Store(#[from] crate::settle::store::StoreError),
+    #[error("settlement.partitions must be between 1 and 1024")]
+    Partitions,
 }
 
 impl Config {
@@ -256,6 +304,51 @@ impl Config {
                 Directory::Embedded(embedded)
             }
         })
+    }
+
+    pub fn fare_tables(&self) -> Result<FareTables, ConfigError> {
+        match &self.settlement.fares {
+            None => Ok(FareTables::embedded_default()),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                FareTables::from_toml(&text).map_err(|e| ConfigError::Fares {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })
+            }
+        }
+    }
+
+    /// Where settlement keeps its state: the directory's Redis, or in process for the
+    /// embedded directory.
+    pub fn settlement_store(&self) -> Result<Store, ConfigError> {
+        if !(1..=1024).contains(&self.settlement.partitions) {
+            return Err(ConfigError::Partitions);
+        }
+        Ok(match self.directory.kind {
+            DirectoryKind::Redis => Store::Redis(RedisStore::connect(
+                &self.directory.redis_url,
+                &self.directory.key_prefix,
+                Duration::from_millis(self.directory.response_timeout_ms.max(1000)),
+            )?),
+            DirectoryKind::Embedded => Store::Memory(Arc::default()),
+        })
+    }
+
+    pub fn settlement_settings(&self) -> SettlementSettings {
+        let s = &self.settlement;
+        SettlementSettings {
+            node: s.node.clone(),
+            journal_dir: self.journal.dir.clone(),
+            partitions: s.partitions,
+            settlers: s.settlers,
+            batch: s.batch.max(1),
+            max_backlog: s.max_backlog.max(1),
+            lease_ttl: Duration::from_millis(s.lease_ttl_ms.max(100)),
+        }
     }
 
     pub fn gateway_settings(&self, directory: Directory) -> Result<GatewaySettings, ConfigError> {

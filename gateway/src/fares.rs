@@ -173,6 +173,117 @@ pub struct RiderState {
     elder_used: u32,
 }
 
+const RIDER_STATE_VERSION: u8 = 1;
+const NO_DAY: i32 = i32::MIN;
+
+impl RiderState {
+    /// Fixed-layout bytes, as settlement keeps them between batches (in Redis, one value per
+    /// card). Versioned so a later layout can still read these.
+    pub fn encode(&self) -> Vec<u8> {
+        use bytes::BufMut;
+        let mut out = Vec::with_capacity(64);
+        out.put_u8(RIDER_STATE_VERSION);
+        out.put_i32(self.day.map_or(NO_DAY, |d| d.num_days_from_ce()));
+        out.put_u32(self.paid_today);
+        match &self.open {
+            Some(trip) => {
+                out.put_u8(1);
+                out.put_u8(trip.mode.code());
+                out.put_u32(trip.area);
+                out.put_u16(trip.operator);
+                out.put_u16(trip.line);
+                out.put_u16(trip.stop);
+                out.put_u8(trip.concession.code());
+                out.put_u64(trip.at_ms);
+            }
+            None => out.put_u8(0),
+        }
+        match &self.last_paid {
+            Some(paid) => {
+                out.put_u8(1);
+                out.put_u8(match paid.class {
+                    TransferClass::Bus => 0,
+                    TransferClass::Rail => 1,
+                });
+                out.put_u32(paid.fare);
+                out.put_u64(paid.at_ms);
+            }
+            None => out.put_u8(0),
+        }
+        match self.last_transfer_ms {
+            Some(at) => {
+                out.put_u8(1);
+                out.put_u64(at);
+            }
+            None => out.put_u8(0),
+        }
+        out.put_i32(self.elder_year);
+        out.put_u32(self.elder_used);
+        out
+    }
+
+    /// Reads [`RiderState::encode`]'s bytes; `None` when they are not such bytes.
+    pub fn decode(mut p: &[u8]) -> Option<Self> {
+        use bytes::Buf;
+        fn flag(p: &mut &[u8]) -> Option<bool> {
+            match p.try_get_u8().ok()? {
+                0 => Some(false),
+                1 => Some(true),
+                _ => None,
+            }
+        }
+        if p.try_get_u8().ok()? != RIDER_STATE_VERSION {
+            return None;
+        }
+        let day = match p.try_get_i32().ok()? {
+            NO_DAY => None,
+            days => Some(NaiveDate::from_num_days_from_ce_opt(days)?),
+        };
+        let paid_today = p.try_get_u32().ok()?;
+        let open = if flag(&mut p)? {
+            Some(OpenTrip {
+                mode: Mode::from_code(p.try_get_u8().ok()?)?,
+                area: p.try_get_u32().ok()?,
+                operator: p.try_get_u16().ok()?,
+                line: p.try_get_u16().ok()?,
+                stop: p.try_get_u16().ok()?,
+                concession: Concession::from_code(p.try_get_u8().ok()?)?,
+                at_ms: p.try_get_u64().ok()?,
+            })
+        } else {
+            None
+        };
+        let last_paid = if flag(&mut p)? {
+            Some(PaidRide {
+                class: match p.try_get_u8().ok()? {
+                    0 => TransferClass::Bus,
+                    1 => TransferClass::Rail,
+                    _ => return None,
+                },
+                fare: p.try_get_u32().ok()?,
+                at_ms: p.try_get_u64().ok()?,
+            })
+        } else {
+            None
+        };
+        let last_transfer_ms = if flag(&mut p)? {
+            Some(p.try_get_u64().ok()?)
+        } else {
+            None
+        };
+        let state = Self {
+            day,
+            paid_today,
+            open,
+            last_paid,
+            last_transfer_ms,
+            elder_year: p.try_get_i32().ok()?,
+            elder_used: p.try_get_u32().ok()?,
+        };
+        p.is_empty().then_some(state)
+    }
+}
+
 /// Why a charge was made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ChargeKind {
@@ -465,6 +576,34 @@ mod tests {
             .iter()
             .flat_map(|r| settle(r, &mut rider, &tables))
             .collect()
+    }
+
+    #[test]
+    fn rider_state_round_trips_through_its_bytes() {
+        let tables = FareTables::embedded_default();
+        let mut rider = RiderState::default();
+        assert_eq!(RiderState::decode(&rider.encode()), Some(rider.clone()));
+        let elder_bus = record(
+            Mode::Bus,
+            TapKind::Flat,
+            500103,
+            12,
+            3,
+            T0,
+            Concession::Elder,
+        );
+        for r in [
+            elder_bus,
+            bus(T0 + 5 * MIN),
+            metro(TapKind::Entry, 1, 2, T0 + 20 * MIN),
+        ] {
+            settle(&r, &mut rider, &tables);
+        }
+        assert!(rider.open.is_some() && rider.last_paid.is_some() && rider.elder_used > 0);
+        let bytes = rider.encode();
+        assert_eq!(RiderState::decode(&bytes), Some(rider));
+        assert_eq!(RiderState::decode(&bytes[..bytes.len() - 1]), None);
+        assert_eq!(RiderState::decode(&[bytes.as_slice(), &[0]].concat()), None);
     }
 
     fn fares(charges: &[Charge]) -> Vec<u32> {

@@ -9,6 +9,10 @@
 //! current one passes the segment size. Record: `len u32 BE | crc32c(payload) u32 BE | payload`
 //! with the payload of [`JournalRecord::encode`]. A torn record at the end of the newest file
 //! (a crash mid-write) is cut off on recovery; it was never acknowledged.
+//!
+//! The writer publishes how far the journal is durable ([`JournalPosition`]); the settlement
+//! forwarder reads records up to that point and never past it, so it never ships a record a
+//! crash could still take back.
 
 use bytes::{Buf, BufMut, BytesMut};
 use std::fs::{self, File, OpenOptions};
@@ -21,7 +25,7 @@ use std::time::{Duration, Instant};
 use tapgate_protocol::{
     Concession, Issuer, Mode, Outcome, Reason, TAG_LEN, Tag, Tap, TapKind, TapResult,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 const PAYLOAD_VERSION: u8 = 1;
 /// Size of an encoded payload.
@@ -164,10 +168,42 @@ pub struct JournalStats {
     pub write_errors: AtomicU64,
 }
 
+/// A place in the journal: a segment's number and a byte offset in it. Positions order like
+/// the records they separate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct JournalPosition {
+    pub segment: u64,
+    pub offset: u64,
+}
+
+impl std::fmt::Display for JournalPosition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.segment, self.offset)
+    }
+}
+
+impl std::str::FromStr for JournalPosition {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (segment, offset) = s
+            .split_once(':')
+            .ok_or_else(|| format!("journal position `{s}`: expected SEGMENT:OFFSET"))?;
+        let number = |v: &str| {
+            v.parse::<u64>()
+                .map_err(|_| format!("journal position `{s}`: `{v}` is not a number"))
+        };
+        Ok(Self {
+            segment: number(segment)?,
+            offset: number(offset)?,
+        })
+    }
+}
+
 /// Handle for appending; cheap to clone. The writer thread stops when every handle is gone.
 #[derive(Clone)]
 pub struct Journal {
     queue: mpsc::Sender<Request>,
+    durable: watch::Receiver<JournalPosition>,
     pub stats: Arc<JournalStats>,
 }
 
@@ -198,14 +234,31 @@ impl Journal {
         let (queue, rx) = mpsc::channel(settings.queue_capacity.max(1));
         let stats = Arc::new(JournalStats::default());
         let mut writer = SegmentWriter::create(settings, next_index)?;
+        // Recovery left every older segment whole; the new one is empty.
+        let (durable_tx, durable) = watch::channel(JournalPosition {
+            segment: next_index,
+            offset: 0,
+        });
         let max_batch = settings.max_batch.max(1);
         let min_interval = settings.min_sync_interval;
         let thread_stats = stats.clone();
         let thread = std::thread::Builder::new()
             .name("tapgate-journal".into())
-            .spawn(move || writer.run(rx, max_batch, min_interval, &thread_stats))
+            .spawn(move || writer.run(rx, max_batch, min_interval, &thread_stats, &durable_tx))
             .map_err(io_err(&settings.dir))?;
-        Ok((Journal { queue, stats }, JournalWriter { thread }))
+        Ok((
+            Journal {
+                queue,
+                durable,
+                stats,
+            },
+            JournalWriter { thread },
+        ))
+    }
+
+    /// How far the journal is on disk; changes after every synced batch.
+    pub fn durable(&self) -> watch::Receiver<JournalPosition> {
+        self.durable.clone()
     }
 
     /// Claims a place in the queue before the work whose record will fill it, so that work
@@ -302,6 +355,7 @@ impl SegmentWriter {
         max_batch: usize,
         min_interval: Duration,
         stats: &JournalStats,
+        durable: &watch::Sender<JournalPosition>,
     ) {
         let mut batch = Vec::with_capacity(max_batch);
         let mut buf = BytesMut::with_capacity(max_batch * (RECORD_HEADER + PAYLOAD_LEN));
@@ -339,6 +393,10 @@ impl SegmentWriter {
                         .records
                         .fetch_add(batch.len() as u64, Ordering::Relaxed);
                     stats.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                    durable.send_replace(JournalPosition {
+                        segment: self.index,
+                        offset: self.written,
+                    });
                 }
                 Err(e) => {
                     stats.write_errors.fetch_add(1, Ordering::Relaxed);
@@ -433,6 +491,131 @@ pub fn read_segment(path: &Path, mut each: impl FnMut(JournalRecord)) -> io::Res
         offset += RECORD_HEADER + len;
     }
     Ok((offset as u64, offset == bytes.len()))
+}
+
+/// Records read by [`read_from`].
+#[derive(Debug, Default)]
+pub struct JournalRead {
+    pub records: Vec<JournalRecord>,
+    /// Where to read from next.
+    pub next: JournalPosition,
+    /// A damaged record at `next`: nothing after it in that segment can be trusted. The caller
+    /// decides whether to skip to [`next_segment`].
+    pub damaged: bool,
+}
+
+/// Reads up to `max` records from `from`, never past `until` (the durable end while a gateway
+/// writes; the end of every file for a stopped one).
+pub fn read_from(
+    dir: &Path,
+    from: JournalPosition,
+    until: Option<JournalPosition>,
+    max: usize,
+) -> Result<JournalRead, ReadError> {
+    use std::io::{Seek, SeekFrom};
+    let segments = list_segments(dir).map_err(|source| ReadError {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let mut at = from;
+    let mut records = Vec::new();
+    let newest = segments.last().and_then(|p| segment_index(p));
+    for path in segments {
+        let Some(index) = segment_index(&path) else {
+            continue;
+        };
+        if index < at.segment {
+            continue;
+        }
+        if index > at.segment {
+            at = JournalPosition {
+                segment: index,
+                offset: 0,
+            };
+        }
+        if until.is_some_and(|u| at >= u) || records.len() >= max {
+            break;
+        }
+        let io = |source| ReadError {
+            path: path.clone(),
+            source,
+        };
+        let mut file = File::open(&path).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        let end = match until {
+            Some(u) if u.segment == index => u.offset.min(len),
+            _ => len,
+        };
+        let want = ((max - records.len()) * (RECORD_HEADER + PAYLOAD_LEN)) as u64;
+        let stop = end.min(at.offset.saturating_add(want));
+        if stop <= at.offset {
+            if until.is_none_or(|u| u.segment > index) {
+                continue;
+            }
+            break;
+        }
+        let mut bytes = vec![0; (stop - at.offset) as usize];
+        file.seek(SeekFrom::Start(at.offset)).map_err(io)?;
+        file.read_exact(&mut bytes).map_err(io)?;
+        let mut used = 0usize;
+        while used + RECORD_HEADER <= bytes.len() {
+            let header = &bytes[used..used + RECORD_HEADER];
+            let len = u32::from_be_bytes(header[..4].try_into().expect("4 bytes")) as usize;
+            let crc = u32::from_be_bytes(header[4..].try_into().expect("4 bytes"));
+            let Some(payload) = bytes.get(used + RECORD_HEADER..used + RECORD_HEADER + len) else {
+                break;
+            };
+            let record = (crc32c::crc32c(payload) == crc)
+                .then(|| JournalRecord::decode(payload))
+                .flatten();
+            let Some(record) = record else {
+                at.offset += used as u64;
+                return Ok(JournalRead {
+                    records,
+                    next: at,
+                    damaged: true,
+                });
+            };
+            used += RECORD_HEADER + len;
+            records.push(record);
+        }
+        at.offset += used as u64;
+        if used < bytes.len() {
+            // A record cut short: by this read's size (the next read takes it whole), by a
+            // crash at the end of the newest segment (recovery cuts it), or inside a segment
+            // that later ones follow, which is damage.
+            let torn_inside = stop == len && newest.is_some_and(|n| n > index);
+            return Ok(JournalRead {
+                records,
+                next: at,
+                damaged: torn_inside,
+            });
+        }
+        if records.len() >= max {
+            break;
+        }
+    }
+    Ok(JournalRead {
+        records,
+        next: at,
+        damaged: false,
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {source}", path.display())]
+pub struct ReadError {
+    path: PathBuf,
+    #[source]
+    source: io::Error,
+}
+
+/// Where the segment after `at`'s begins: the way past damage.
+pub fn next_segment(at: JournalPosition) -> JournalPosition {
+    JournalPosition {
+        segment: at.segment + 1,
+        offset: 0,
+    }
 }
 
 fn recover_segment(

@@ -16,5 +16,5 @@ pub mod ops;
 pub mod policy;
 pub mod population;
 pub mod server;
-pub mod settlement;
+pub mod settle;
 pub mod tls;

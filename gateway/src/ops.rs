@@ -6,6 +6,9 @@ use crate::cache::CardCache;
 use crate::journal::JournalStats;
 use crate::metrics::Metrics;
 use crate::server::Gateway;
+use crate::settle::Settlement;
+use crate::settle::forwarder::ForwarderStats;
+use crate::settle::settler::SettlerStats;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,6 +28,7 @@ pub struct Counters {
     metrics: Arc<Metrics>,
     cache: Arc<CardCache>,
     journal: Arc<JournalStats>,
+    settlement: Option<(Arc<ForwarderStats>, Arc<SettlerStats>)>,
 }
 
 impl Counters {
@@ -33,8 +37,113 @@ impl Counters {
             metrics: gateway.metrics().clone(),
             cache: gateway.cache().clone(),
             journal: gateway.journal().stats.clone(),
+            settlement: None,
         }
     }
+
+    /// Adds the counters of the forwarder and settlers running beside the gateway.
+    pub fn with_settlement(mut self, settlement: &Settlement) -> Self {
+        self.settlement = Some((settlement.forwarder.clone(), settlement.settlers.clone()));
+        self
+    }
+}
+
+fn render_settlement(out: &mut String, forwarder: &ForwarderStats, settlers: &SettlerStats) {
+    let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let counters: [(&str, &str, &str, u64); 12] = [
+        (
+            "forwarded_taps_total",
+            "counter",
+            "Approved taps shipped to the settlement streams.",
+            load(&forwarder.shipped),
+        ),
+        (
+            "forwarder_batches_total",
+            "counter",
+            "Forwarder batches shipped.",
+            load(&forwarder.batches),
+        ),
+        (
+            "forwarder_behind_bytes",
+            "gauge",
+            "Journal bytes durable but not yet shipped.",
+            load(&forwarder.behind_bytes),
+        ),
+        (
+            "forwarder_store_errors_total",
+            "counter",
+            "Forwarder round trips that failed.",
+            load(&forwarder.store_errors),
+        ),
+        (
+            "forwarder_backlog_pauses_total",
+            "counter",
+            "Times shipping waited for settlers to catch up.",
+            load(&forwarder.backlog_pauses),
+        ),
+        (
+            "forwarder_damaged_segments_total",
+            "counter",
+            "Journal segments with damage the forwarder skipped.",
+            load(&forwarder.damaged_segments),
+        ),
+        (
+            "settled_taps_total",
+            "counter",
+            "Taps applied to the ledgers by this process's settlers.",
+            load(&settlers.settled),
+        ),
+        (
+            "settled_charges_total",
+            "counter",
+            "Charges booked by this process's settlers.",
+            load(&settlers.charges),
+        ),
+        (
+            "settle_redelivered_total",
+            "counter",
+            "Entries delivered again after they were applied (acknowledged, not applied).",
+            load(&settlers.redelivered),
+        ),
+        (
+            "settle_malformed_total",
+            "counter",
+            "Stream entries that were not tap records.",
+            load(&settlers.malformed),
+        ),
+        (
+            "settle_partitions_held",
+            "gauge",
+            "Partitions this process's settlers own.",
+            load(&settlers.partitions_held),
+        ),
+        (
+            "settle_store_errors_total",
+            "counter",
+            "Settler round trips that failed.",
+            load(&settlers.store_errors),
+        ),
+    ];
+    for (name, kind, help, value) in counters {
+        let _ = writeln!(
+            out,
+            "# HELP tapgate_{name} {help}\n# TYPE tapgate_{name} {kind}\ntapgate_{name} {value}"
+        );
+    }
+    let lag = &settlers.lag;
+    let _ = writeln!(
+        out,
+        "# HELP tapgate_settlement_lag_ms Time from a tap's approval to its ledger update.\n# TYPE tapgate_settlement_lag_ms histogram"
+    );
+    for (bound, count) in lag.cumulative() {
+        let le = bound.map_or_else(|| "+Inf".to_string(), |b| b.to_string());
+        let _ = writeln!(
+            out,
+            "tapgate_settlement_lag_ms_bucket{{le=\"{le}\"}} {count}"
+        );
+    }
+    let _ = writeln!(out, "tapgate_settlement_lag_ms_sum {}", load(&lag.sum_ms));
+    let _ = writeln!(out, "tapgate_settlement_lag_ms_count {}", load(&lag.count));
 }
 
 /// The gateway's counters as Prometheus text.
@@ -205,6 +314,9 @@ pub fn render(counters: &Counters) -> String {
         "Error frames and closes, by code.",
         &errors,
     );
+    if let Some((forwarder, settlers)) = &counters.settlement {
+        render_settlement(&mut out, forwarder, settlers);
+    }
     out
 }
 

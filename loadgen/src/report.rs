@@ -57,8 +57,61 @@ pub struct Report {
     pub error_kinds: BTreeMap<String, u64>,
     /// Answers received in each second of the run.
     pub throughput_per_s: Vec<u64>,
+    /// Approval-to-ledger time of the taps settled during the run, when the gateway's
+    /// settlement counters were available.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub settlement: Option<SettlementLag>,
     #[serde(skip)]
     pub histogram: Histogram<u64>,
+}
+
+/// Settlement lag from a cumulative histogram (Prometheus buckets): each percentile is the
+/// upper bound of the bucket it falls in.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SettlementLag {
+    pub settled: u64,
+    pub p50_ms: Option<u64>,
+    pub p99_ms: Option<u64>,
+    pub p999_ms: Option<u64>,
+    pub mean_ms: f64,
+}
+
+impl SettlementLag {
+    /// From cumulative bucket counts (`le` bound in ms, `None` for +Inf) and the sum of lags;
+    /// `None` when nothing was settled.
+    pub fn from_buckets(buckets: &[(Option<u64>, u64)], sum_ms: u64) -> Option<Self> {
+        let settled = buckets.last()?.1;
+        if settled == 0 {
+            return None;
+        }
+        let at = |q: f64| {
+            let rank = (q * settled as f64).ceil() as u64;
+            buckets
+                .iter()
+                .find(|(_, count)| *count >= rank.max(1))
+                .and_then(|(bound, _)| *bound)
+        };
+        Some(Self {
+            settled,
+            p50_ms: at(0.5),
+            p99_ms: at(0.99),
+            p999_ms: at(0.999),
+            mean_ms: sum_ms as f64 / settled as f64,
+        })
+    }
+
+    pub fn line(&self) -> String {
+        let show =
+            |v: Option<u64>| v.map_or_else(|| "over 10 s".to_string(), |v| format!("≤ {v} ms"));
+        format!(
+            "settlement lag (approval → ledger) of {} taps: p50 {} · p99 {} · p99.9 {} · mean {:.1} ms",
+            self.settled,
+            show(self.p50_ms),
+            show(self.p99_ms),
+            show(self.p999_ms),
+            self.mean_ms
+        )
+    }
 }
 
 impl Report {
@@ -91,6 +144,9 @@ impl Report {
             "latency from actual send (µs):   p50 {} · p90 {} · p99 {} · p99.9 {} · max {}",
             l.p50, l.p90, l.p99, l.p999, l.max
         );
+        if let Some(lag) = &self.settlement {
+            let _ = writeln!(s, "{}", lag.line());
+        }
         if !self.decisions.is_empty() {
             let parts: Vec<String> = self
                 .decisions
@@ -244,8 +300,24 @@ mod tests {
             decisions: BTreeMap::from([("approved".into(), 990), ("card_lost".into(), 10)]),
             error_kinds: BTreeMap::new(),
             throughput_per_s: vec![100; 10],
+            settlement: None,
             histogram,
         }
+    }
+
+    #[test]
+    fn settlement_lag_percentiles_are_bucket_bounds() {
+        let buckets = [(Some(1), 40), (Some(5), 98), (Some(10), 100), (None, 100)];
+        let lag = SettlementLag::from_buckets(&buckets, 300).unwrap();
+        assert_eq!(
+            (lag.p50_ms, lag.p99_ms, lag.p999_ms),
+            (Some(5), Some(10), Some(10))
+        );
+        assert_eq!(lag.settled, 100);
+        assert!((lag.mean_ms - 3.0).abs() < 1e-9);
+        let slow = [(Some(1), 0), (None, 10)];
+        assert_eq!(SettlementLag::from_buckets(&slow, 1).unwrap().p50_ms, None);
+        assert_eq!(SettlementLag::from_buckets(&[(None, 0)], 0), None);
     }
 
     #[test]

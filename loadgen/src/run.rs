@@ -304,6 +304,7 @@ pub async fn run(spec: LoadSpec) -> Result<Report, LoadError> {
         decisions: total.decisions,
         error_kinds: total.errors,
         throughput_per_s: total.per_second,
+        settlement: None,
         histogram: from_intended,
     })
 }

@@ -215,6 +215,16 @@ impl IssuerRegion {
             IssuerRegion::National => "t_union",
         }
     }
+
+    pub fn from_label(label: &str) -> Option<Self> {
+        [
+            IssuerRegion::Chongqing,
+            IssuerRegion::Sichuan,
+            IssuerRegion::National,
+        ]
+        .into_iter()
+        .find(|r| r.label() == label)
+    }
 }
 
 impl Issuer {
@@ -352,6 +362,11 @@ mod tests {
         for c in Concession::ALL {
             assert_eq!(Concession::from_label(c.label()), Some(*c));
         }
+        for i in Issuer::ALL {
+            let region = i.region();
+            assert_eq!(IssuerRegion::from_label(region.label()), Some(region));
+        }
+        assert_eq!(IssuerRegion::from_label("beijing"), None);
         assert_eq!(Mode::from_code(0), None);
         assert_eq!(Issuer::from_code(9), None);
     }

@@ -1,0 +1,216 @@
+//! The forwarder: ships a gateway's approved taps from its journal to the partition streams.
+//!
+//! It resumes from the checkpoint kept in the store, never from memory, so a restart of itself,
+//! of the gateway, or of Redis (which may come back older, or empty) resumes from what the
+//! store actually holds: a Redis that came back empty gets every tap again from the start of
+//! the journal and rebuilds its ledgers.
+
+use super::partition_of;
+use super::store::{Shipped, Store, StoreError};
+use crate::journal::{JournalPosition, next_segment, read_from};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tapgate_protocol::Outcome;
+use tokio::sync::watch;
+
+#[derive(Debug, Clone)]
+pub struct ForwarderSettings {
+    /// This gateway's name; its checkpoint is kept under it.
+    pub node: String,
+    pub journal_dir: PathBuf,
+    pub partitions: u16,
+    /// Journal records read (and shipped) per round trip.
+    pub batch: usize,
+    /// Taps shipped and not yet settled above which shipping pauses: the journal on disk is
+    /// the buffer, not Redis's memory.
+    pub max_backlog: u64,
+}
+
+/// Forwarder counters, read by metrics.
+#[derive(Debug, Default)]
+pub struct ForwarderStats {
+    pub shipped: AtomicU64,
+    pub batches: AtomicU64,
+    pub checkpoint_moved: AtomicU64,
+    pub damaged_segments: AtomicU64,
+    pub store_errors: AtomicU64,
+    pub backlog_pauses: AtomicU64,
+    /// Journal bytes durable but not yet shipped, as of the last look.
+    pub behind_bytes: AtomicU64,
+    /// Everything before this position has been shipped.
+    pub shipped_through: std::sync::Mutex<Option<JournalPosition>>,
+}
+
+impl ForwarderStats {
+    fn shipped_to(&self, position: JournalPosition, durable: Option<JournalPosition>) {
+        *self.shipped_through.lock().expect("forwarder stats lock") = Some(position);
+        if let Some(durable) = durable {
+            let behind = if durable.segment == position.segment {
+                durable.offset.saturating_sub(position.offset)
+            } else {
+                durable.offset
+            };
+            self.behind_bytes.store(behind, Ordering::Relaxed);
+        }
+    }
+
+    pub fn shipped_through(&self) -> Option<JournalPosition> {
+        *self.shipped_through.lock().expect("forwarder stats lock")
+    }
+}
+
+/// Where the forwarder stops reading.
+pub enum Until {
+    /// A running gateway's durable end; the forwarder follows it until `stop` turns true.
+    Durable(watch::Receiver<JournalPosition>),
+    /// The end of the files of a stopped gateway; the forwarder returns there.
+    EndOfFiles,
+}
+
+const RETRY: Duration = Duration::from_millis(500);
+const BACKLOG_POLL: Duration = Duration::from_millis(50);
+
+/// Runs until `stop` is true and everything durable before it has been shipped, or for
+/// [`Until::EndOfFiles`] until the end of the journal. Store failures are retried; they never
+/// lose or double a tap.
+pub async fn run(
+    store: Store,
+    settings: ForwarderSettings,
+    mut until: Until,
+    stats: Arc<ForwarderStats>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), StoreError> {
+    if !super::init_store(&store, settings.partitions, &mut stop).await? {
+        return Ok(());
+    }
+    let mut checkpoint = loop {
+        match store.checkpoint(&settings.node).await {
+            Ok(c) => break c,
+            Err(e @ StoreError::Malformed(_)) => return Err(e),
+            Err(e) => {
+                stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "forwarder: cannot read its checkpoint; retrying");
+                if wait_or_stop(&mut stop, RETRY).await {
+                    return Ok(());
+                }
+            }
+        }
+    };
+    let mut backlog_checked: Option<tokio::time::Instant> = None;
+    tracing::info!(node = %settings.node, checkpoint = %checkpoint.map_or("start".into(), |c| c.to_string()), "forwarder starting");
+    loop {
+        let limit = match &until {
+            Until::Durable(durable) => Some(*durable.borrow()),
+            Until::EndOfFiles => None,
+        };
+        let from = checkpoint.unwrap_or_default();
+        let dir = settings.journal_dir.clone();
+        let batch = settings.batch.max(1);
+        let read = tokio::task::spawn_blocking(move || read_from(&dir, from, limit, batch))
+            .await
+            .expect("journal read does not panic");
+        let read = match read {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "forwarder: cannot read the journal; retrying");
+                if wait_or_stop(&mut stop, RETRY).await {
+                    return Ok(());
+                }
+                continue;
+            }
+        };
+        let mut next = read.next;
+        if read.damaged && read.records.is_empty() {
+            stats.damaged_segments.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(at = %read.next, "forwarder: damaged journal record; the rest of this segment cannot be shipped and `settle reconcile` will show it");
+            next = next_segment(read.next);
+        }
+        if next == from && checkpoint.is_some() {
+            stats.shipped_to(from, limit);
+            match &mut until {
+                Until::EndOfFiles => return Ok(()),
+                Until::Durable(durable) => {
+                    if *stop.borrow() && *durable.borrow() <= from {
+                        return Ok(());
+                    }
+                    let writer_gone = tokio::select! {
+                        changed = durable.changed() => changed.is_err(),
+                        _ = stop.changed() => false,
+                        () = tokio::time::sleep(RETRY) => false,
+                    };
+                    // The journal is closed: nothing more will become durable.
+                    if writer_gone && wait_or_stop(&mut stop, RETRY).await {
+                        return Ok(());
+                    }
+                    continue;
+                }
+            }
+        }
+        let check_backlog = backlog_checked.is_none_or(|t| t.elapsed() >= BACKLOG_POLL);
+        if check_backlog && backlog_full(&store, &settings, &stats).await {
+            if wait_or_stop(&mut stop, BACKLOG_POLL).await && matches!(until, Until::EndOfFiles) {
+                return Ok(());
+            }
+            continue;
+        }
+        if check_backlog {
+            backlog_checked = Some(tokio::time::Instant::now());
+        }
+        let taps: Vec<_> = read
+            .records
+            .iter()
+            .filter(|r| r.result.outcome == Outcome::Approve)
+            .map(|r| (partition_of(r.tap.card_id, settings.partitions), *r))
+            .collect();
+        match store.ship(&settings.node, checkpoint, next, &taps).await {
+            Ok(Shipped::Done) => {
+                stats
+                    .shipped
+                    .fetch_add(taps.len() as u64, Ordering::Relaxed);
+                stats.batches.fetch_add(1, Ordering::Relaxed);
+                stats.shipped_to(next, limit);
+                checkpoint = Some(next);
+            }
+            Ok(Shipped::Moved(current)) => {
+                stats.checkpoint_moved.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(expected = ?checkpoint, found = ?current, "forwarder: checkpoint moved under it (a second forwarder with this node name, or a Redis that lost data); resuming from the stored one");
+                checkpoint = current;
+            }
+            Err(e) => {
+                stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "forwarder: shipping failed; retrying from the stored checkpoint");
+                if wait_or_stop(&mut stop, RETRY).await && matches!(until, Until::EndOfFiles) {
+                    return Ok(());
+                }
+                // The batch may or may not have landed: only the store knows.
+                if let Ok(c) = store.checkpoint(&settings.node).await {
+                    checkpoint = c;
+                }
+            }
+        }
+    }
+}
+
+async fn backlog_full(store: &Store, settings: &ForwarderSettings, stats: &ForwarderStats) -> bool {
+    match store.counts().await {
+        Ok((shipped, settled)) if shipped.saturating_sub(settled) >= settings.max_backlog => {
+            stats.backlog_pauses.fetch_add(1, Ordering::Relaxed);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Sleeps for `d`; true when `stop` is set.
+async fn wait_or_stop(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
+    if *stop.borrow() {
+        return true;
+    }
+    tokio::select! {
+        _ = stop.changed() => {}
+        () = tokio::time::sleep(d) => {}
+    }
+    *stop.borrow()
+}

@@ -1,0 +1,525 @@
+//! The ledgers settlement produces, in one shape whether they were computed offline from
+//! journals or read back from Redis, so that the two can be compared entry by entry.
+//!
+//! Everything a tap costs is booked on the Chongqing calendar day of the tap (its gateway time),
+//! including a missing-exit charge the tap revealed.
+
+use crate::card::local_date;
+use crate::fares::{Charge, FareTables, RiderState, settle};
+use crate::journal::{JournalRecord, list_segments, read_segment};
+use chrono::NaiveDate;
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use tapgate_protocol::registry::operator;
+use tapgate_protocol::{IssuerRegion, Mode, Outcome};
+
+/// Money (fen) and a count.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub fen: u64,
+    pub rides: u64,
+}
+
+impl Totals {
+    fn add(&mut self, other: Totals) {
+        self.fen += other.fen;
+        self.rides += other.rides;
+    }
+}
+
+/// One day's books.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DayLedger {
+    /// Approved taps settled (a tap may carry no charge, or two).
+    pub taps: u64,
+    /// Rides and fares per area × operator × mode.
+    pub cells: BTreeMap<(u32, u16, Mode), Totals>,
+    /// Rides and fares per card.
+    pub cards: BTreeMap<u64, Totals>,
+    /// What cards of the first region owe operators of the second, only across regions.
+    pub clearing: BTreeMap<(IssuerRegion, IssuerRegion), Totals>,
+}
+
+impl DayLedger {
+    pub fn total(&self) -> Totals {
+        let mut total = Totals::default();
+        self.cells.values().for_each(|t| total.add(*t));
+        total
+    }
+}
+
+/// Books by day.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ledger {
+    pub days: BTreeMap<NaiveDate, DayLedger>,
+}
+
+/// Who owes whom for a charge: the card's issuing region pays the operator's region.
+pub fn clearing_parties(record: &JournalRecord, charge: &Charge) -> (IssuerRegion, IssuerRegion) {
+    let payer = record.tap.issuer.region();
+    let payee = operator(charge.operator).map_or(IssuerRegion::Chongqing, |o| o.region);
+    (payer, payee)
+}
+
+impl Ledger {
+    /// Books one approved tap and the charges the fare engine made for it.
+    pub fn book(&mut self, record: &JournalRecord, charges: &[Charge]) {
+        let day = self
+            .days
+            .entry(local_date(record.server_time_ms))
+            .or_default();
+        day.taps += 1;
+        for charge in charges {
+            let ride = Totals {
+                fen: u64::from(charge.fare_fen),
+                rides: 1,
+            };
+            day.cells
+                .entry((charge.area.0, charge.operator, charge.mode))
+                .or_default()
+                .add(ride);
+            day.cards.entry(record.tap.card_id).or_default().add(ride);
+            let (payer, payee) = clearing_parties(record, charge);
+            if payer != payee {
+                day.clearing.entry((payer, payee)).or_default().add(ride);
+            }
+        }
+    }
+
+    pub fn merge(&mut self, other: &Ledger) {
+        for (date, theirs) in &other.days {
+            let ours = self.days.entry(*date).or_default();
+            ours.taps += theirs.taps;
+            for (k, t) in &theirs.cells {
+                ours.cells.entry(*k).or_default().add(*t);
+            }
+            for (k, t) in &theirs.cards {
+                ours.cards.entry(*k).or_default().add(*t);
+            }
+            for (k, t) in &theirs.clearing {
+                ours.clearing.entry(*k).or_default().add(*t);
+            }
+        }
+    }
+
+    pub fn taps(&self) -> u64 {
+        self.days.values().map(|d| d.taps).sum()
+    }
+
+    pub fn total(&self) -> Totals {
+        let mut total = Totals::default();
+        self.days.values().for_each(|d| total.add(d.total()));
+        total
+    }
+
+    /// Books as JSON: `{"days": {"YYYY-MM-DD": {"taps", "cells": [...], "cards": {...},
+    /// "clearing": [...]}}}`; [`Ledger::from_json`] reads it back.
+    pub fn to_json(&self) -> Value {
+        let days: serde_json::Map<String, Value> = self
+            .days
+            .iter()
+            .map(|(date, day)| {
+                let cells: Vec<Value> = day
+                    .cells
+                    .iter()
+                    .map(|((area, operator, mode), t)| {
+                        json!({"area": area, "operator": operator, "mode": mode.label(),
+                               "fen": t.fen, "rides": t.rides})
+                    })
+                    .collect();
+                let cards: serde_json::Map<String, Value> = day
+                    .cards
+                    .iter()
+                    .map(|(card, t)| (card.to_string(), json!([t.fen, t.rides])))
+                    .collect();
+                let clearing: Vec<Value> = day
+                    .clearing
+                    .iter()
+                    .map(|((payer, payee), t)| {
+                        json!({"payer": payer.label(), "payee": payee.label(),
+                               "fen": t.fen, "rides": t.rides})
+                    })
+                    .collect();
+                (
+                    date.to_string(),
+                    json!({"taps": day.taps, "cells": cells, "cards": cards, "clearing": clearing}),
+                )
+            })
+            .collect();
+        json!({ "days": days })
+    }
+
+    pub fn from_json(value: &Value) -> Result<Ledger, String> {
+        fn number(v: &Value, what: &str) -> Result<u64, String> {
+            v.as_u64()
+                .ok_or_else(|| format!("{what}: expected a number, found {v}"))
+        }
+        fn totals(v: &Value, what: &str) -> Result<Totals, String> {
+            Ok(Totals {
+                fen: number(&v["fen"], what)?,
+                rides: number(&v["rides"], what)?,
+            })
+        }
+        fn region(v: &Value) -> Result<IssuerRegion, String> {
+            v.as_str()
+                .and_then(IssuerRegion::from_label)
+                .ok_or_else(|| format!("clearing: unknown region {v}"))
+        }
+        let days = value["days"]
+            .as_object()
+            .ok_or("a ledger file has a `days` object")?;
+        let mut ledger = Ledger::default();
+        for (date, day) in days {
+            let date: NaiveDate = date
+                .parse()
+                .map_err(|_| format!("`{date}` is not a YYYY-MM-DD date"))?;
+            let mut books = DayLedger {
+                taps: number(&day["taps"], "taps")?,
+                ..DayLedger::default()
+            };
+            for cell in day["cells"].as_array().into_iter().flatten() {
+                let area = number(&cell["area"], "cell area")?;
+                let operator = number(&cell["operator"], "cell operator")?;
+                let mode = cell["mode"]
+                    .as_str()
+                    .and_then(Mode::from_label)
+                    .ok_or_else(|| format!("cell: unknown mode {}", cell["mode"]))?;
+                let key = (
+                    u32::try_from(area).map_err(|_| format!("area {area} out of range"))?,
+                    u16::try_from(operator)
+                        .map_err(|_| format!("operator {operator} out of range"))?,
+                    mode,
+                );
+                books.cells.insert(key, totals(cell, "cell")?);
+            }
+            for (card, pair) in day["cards"].as_object().into_iter().flatten() {
+                let card = card
+                    .parse()
+                    .map_err(|_| format!("`{card}` is not a card id"))?;
+                let t = Totals {
+                    fen: number(&pair[0], "card fen")?,
+                    rides: number(&pair[1], "card rides")?,
+                };
+                books.cards.insert(card, t);
+            }
+            for entry in day["clearing"].as_array().into_iter().flatten() {
+                let key = (region(&entry["payer"])?, region(&entry["payee"])?);
+                books.clearing.insert(key, totals(entry, "clearing")?);
+            }
+            ledger.days.insert(date, books);
+        }
+        Ok(ledger)
+    }
+}
+
+/// What settling journals offline produced.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JournalSettlement {
+    pub ledger: Ledger,
+    /// Segments with a damaged record before their end; what followed the damage was skipped.
+    pub damaged_segments: u64,
+}
+
+/// Settles the approved taps of one or more journals (one per gateway) through the fare engine.
+/// Each journal is taken in its own order, the order its gateway decided and shipped the taps
+/// in; journals are interleaved by gateway time, which is how a card that rode past several
+/// gateways is seen.
+pub fn settle_journals(dirs: &[&Path], tables: &FareTables) -> std::io::Result<JournalSettlement> {
+    let mut settlement = JournalSettlement::default();
+    let mut journals = Vec::with_capacity(dirs.len());
+    for dir in dirs {
+        let mut records = Vec::new();
+        for segment in list_segments(dir)? {
+            let (_, clean) = read_segment(&segment, |r| {
+                if r.result.outcome == Outcome::Approve {
+                    records.push(r);
+                }
+            })?;
+            if !clean {
+                settlement.damaged_segments += 1;
+            }
+        }
+        journals.push(records.into_iter().peekable());
+    }
+    let mut riders: HashMap<u64, RiderState> = HashMap::new();
+    loop {
+        let next = journals
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, j)| j.peek().map(|r| (r.server_time_ms, i)))
+            .min();
+        let Some((_, i)) = next else { break };
+        let record = journals[i].next().expect("peeked");
+        let charges = settle(
+            &record,
+            riders.entry(record.tap.card_id).or_default(),
+            tables,
+        );
+        settlement.ledger.book(&record, &charges);
+    }
+    Ok(settlement)
+}
+
+/// What a difference between two ledgers is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Subject {
+    /// The day's approved taps (`rides` counts taps, `fen` the day's total).
+    Taps,
+    Cell {
+        area: u32,
+        operator: u16,
+        mode: Mode,
+    },
+    Card(u64),
+    Clearing {
+        payer: IssuerRegion,
+        payee: IssuerRegion,
+    },
+}
+
+/// One place where the books disagree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Difference {
+    pub day: NaiveDate,
+    pub subject: Subject,
+    /// What the journals say.
+    pub expected: Totals,
+    /// What the settled ledger says.
+    pub settled: Totals,
+}
+
+/// Every entry where `settled` differs from `expected`, day by day.
+pub fn differences(expected: &Ledger, settled: &Ledger) -> Vec<Difference> {
+    fn compare<K: Ord + Copy>(
+        day: NaiveDate,
+        a: Option<&BTreeMap<K, Totals>>,
+        b: Option<&BTreeMap<K, Totals>>,
+        subject: impl Fn(K) -> Subject,
+        out: &mut Vec<Difference>,
+    ) {
+        let empty = BTreeMap::new();
+        let (a, b) = (a.unwrap_or(&empty), b.unwrap_or(&empty));
+        let keys: std::collections::BTreeSet<K> = a.keys().chain(b.keys()).copied().collect();
+        for k in keys {
+            let (x, y) = (
+                a.get(&k).copied().unwrap_or_default(),
+                b.get(&k).copied().unwrap_or_default(),
+            );
+            if x != y {
+                out.push(Difference {
+                    day,
+                    subject: subject(k),
+                    expected: x,
+                    settled: y,
+                });
+            }
+        }
+    }
+    let days: std::collections::BTreeSet<NaiveDate> = expected
+        .days
+        .keys()
+        .chain(settled.days.keys())
+        .copied()
+        .collect();
+    let mut out = Vec::new();
+    for day in days {
+        let (a, b) = (expected.days.get(&day), settled.days.get(&day));
+        let taps = |d: Option<&DayLedger>| {
+            d.map_or(Totals::default(), |d| Totals {
+                fen: d.total().fen,
+                rides: d.taps,
+            })
+        };
+        if taps(a) != taps(b) {
+            out.push(Difference {
+                day,
+                subject: Subject::Taps,
+                expected: taps(a),
+                settled: taps(b),
+            });
+        }
+        compare(
+            day,
+            a.map(|d| &d.cells),
+            b.map(|d| &d.cells),
+            |(area, operator, mode)| Subject::Cell {
+                area,
+                operator,
+                mode,
+            },
+            &mut out,
+        );
+        compare(
+            day,
+            a.map(|d| &d.cards),
+            b.map(|d| &d.cards),
+            Subject::Card,
+            &mut out,
+        );
+        compare(
+            day,
+            a.map(|d| &d.clearing),
+            b.map(|d| &d.clearing),
+            |(payer, payee)| Subject::Clearing { payer, payee },
+            &mut out,
+        );
+    }
+    out
+}
+
+/// The answer to "was every approved tap settled exactly once?".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reconciliation {
+    pub journal_taps: u64,
+    pub settled_taps: u64,
+    /// Approved taps in the journals and missing from the ledgers, summed over days.
+    pub lost: u64,
+    /// Taps in the ledgers more often than in the journals, summed over days.
+    pub duplicated: u64,
+    pub differences: Vec<Difference>,
+}
+
+impl Reconciliation {
+    pub fn new(expected: &Ledger, settled: &Ledger) -> Self {
+        let differences = differences(expected, settled);
+        let (mut lost, mut duplicated) = (0, 0);
+        for d in differences.iter().filter(|d| d.subject == Subject::Taps) {
+            lost += d.expected.rides.saturating_sub(d.settled.rides);
+            duplicated += d.settled.rides.saturating_sub(d.expected.rides);
+        }
+        Self {
+            journal_taps: expected.taps(),
+            settled_taps: settled.taps(),
+            lost,
+            duplicated,
+            differences,
+        }
+    }
+
+    pub fn is_exact(&self) -> bool {
+        self.differences.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fares::ChargeKind;
+    use tapgate_protocol::{
+        AreaCode, Concession, Issuer, RIDES_LEFT_NOT_APPLICABLE, Reason, Tap, TapKind, TapResult,
+    };
+
+    // 2026-11-29T08:00:00Z = 16:00 in Chongqing.
+    const T0: u64 = 1_795_939_200_000;
+
+    fn record(card_id: u64, issuer: Issuer, at: u64) -> JournalRecord {
+        JournalRecord {
+            terminal_id: 7,
+            tag: [0; 16],
+            tap: Tap {
+                sequence: 1,
+                card_id,
+                issuer,
+                kind: TapKind::Flat,
+                line: 1,
+                stop: 1,
+                gate_time_ms: at,
+            },
+            server_time_ms: at,
+            area: 500103,
+            mode: Mode::Bus,
+            operator: 1,
+            result: TapResult {
+                sequence: 1,
+                outcome: Outcome::Approve,
+                reason: Reason::Approved,
+                concession: Concession::None,
+                fare_fen: 0,
+                rides_left: RIDES_LEFT_NOT_APPLICABLE,
+            },
+        }
+    }
+
+    fn charge(fen: u32) -> Charge {
+        Charge {
+            kind: ChargeKind::Flat,
+            area: AreaCode(500103),
+            operator: 1,
+            mode: Mode::Bus,
+            fare_fen: fen,
+            concession: Concession::None,
+            transfer_discount: 0,
+        }
+    }
+
+    fn sample() -> Ledger {
+        let mut ledger = Ledger::default();
+        ledger.book(&record(1, Issuer::ChongqingSsc, T0), &[charge(200)]);
+        ledger.book(&record(2, Issuer::SichuanTianfuTong, T0), &[charge(150)]);
+        ledger.book(&record(1, Issuer::ChongqingSsc, T0 + 86_400_000), &[]);
+        ledger
+    }
+
+    #[test]
+    fn booking_fills_cells_cards_clearing_by_local_day() {
+        let ledger = sample();
+        assert_eq!(ledger.days.len(), 2);
+        let day = &ledger.days[&NaiveDate::from_ymd_opt(2026, 11, 29).unwrap()];
+        assert_eq!(day.taps, 2);
+        assert_eq!(day.total(), Totals { fen: 350, rides: 2 });
+        assert_eq!(day.cards[&2], Totals { fen: 150, rides: 1 });
+        assert_eq!(
+            day.clearing[&(IssuerRegion::Sichuan, IssuerRegion::Chongqing)],
+            Totals { fen: 150, rides: 1 }
+        );
+        assert_eq!(
+            day.clearing.len(),
+            1,
+            "Chongqing cards on Chongqing buses clear nothing"
+        );
+        assert_eq!(ledger.taps(), 3);
+    }
+
+    #[test]
+    fn json_round_trips() {
+        let ledger = sample();
+        assert_eq!(Ledger::from_json(&ledger.to_json()), Ok(ledger));
+        assert!(Ledger::from_json(&json!({"days": {"yesterday": {}}})).is_err());
+    }
+
+    #[test]
+    fn a_duplicate_and_a_loss_are_both_listed() {
+        let expected = sample();
+        assert!(differences(&expected, &expected).is_empty());
+        let mut doubled = expected.clone();
+        doubled.book(&record(2, Issuer::SichuanTianfuTong, T0), &[charge(150)]);
+        let found = differences(&expected, &doubled);
+        let subjects: Vec<Subject> = found.iter().map(|d| d.subject).collect();
+        assert_eq!(
+            subjects,
+            [
+                Subject::Taps,
+                Subject::Cell {
+                    area: 500103,
+                    operator: 1,
+                    mode: Mode::Bus
+                },
+                Subject::Card(2),
+                Subject::Clearing {
+                    payer: IssuerRegion::Sichuan,
+                    payee: IssuerRegion::Chongqing
+                },
+            ]
+        );
+        assert_eq!(found[0].expected.rides + 1, found[0].settled.rides);
+        let lost = differences(&doubled, &expected);
+        assert_eq!(lost.len(), 4);
+        assert!(lost.iter().all(|d| d.settled.rides < d.expected.rides));
+        let r = Reconciliation::new(&expected, &doubled);
+        assert_eq!((r.lost, r.duplicated, r.is_exact()), (0, 1, false));
+        let r = Reconciliation::new(&doubled, &expected);
+        assert_eq!((r.lost, r.duplicated), (1, 0));
+        assert!(Reconciliation::new(&expected, &expected).is_exact());
+    }
+}

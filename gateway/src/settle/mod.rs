@@ -1,0 +1,214 @@
+//! Settlement: every approved tap becomes money in the right ledger, exactly once.
+//!
+//! ```text
+//! journal ──forwarder──▶ P:taps:{0..N} streams ──settlers (consumer group)──▶ ledgers
+//!           checkpoint                            fare engine, watermark
+//! ```
+//!
+//! * The forwarder reads the gateway's journal up to its durable end and ships approved taps to
+//!   one of N partition streams chosen by card, so one card's taps stay in order. The entries
+//!   and the new checkpoint are written by one script that first checks the checkpoint is still
+//!   the one the batch was read from: a batch is shipped whole or not at all, once.
+//! * A settler owns a partition through a lease and reads it through the consumer group. Its
+//!   ledger update, the partition's applied watermark (the last stream id applied) and the
+//!   acknowledgement are one script that checks the lease and the watermark first, so an entry
+//!   delivered again (after a crash, a takeover, or a reset of the group) is acknowledged but
+//!   never applied twice.
+//! * The fare engine ([`crate::fares`]) is pure; a rider's state between batches is stored
+//!   beside the ledgers and written in the same script.
+//!
+//! [`store`] holds the two stores: Redis, and an in-process one for the zero-setup demo.
+
+pub mod forwarder;
+pub mod ledger;
+pub mod settler;
+pub mod store;
+
+use crate::fares::FareTables;
+use crate::journal::JournalPosition;
+use forwarder::{ForwarderSettings, ForwarderStats, Until};
+use settler::{SettlerSettings, SettlerStats};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use store::{Store, StoreError};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// How a gateway settles what it approves.
+#[derive(Debug, Clone)]
+pub struct SettlementSettings {
+    pub node: String,
+    pub journal_dir: PathBuf,
+    pub partitions: u16,
+    /// Settlers run inside this process; 0 leaves settling to `tapgate settle run` elsewhere.
+    pub settlers: usize,
+    pub batch: usize,
+    pub max_backlog: u64,
+    pub lease_ttl: Duration,
+}
+
+/// The forwarder and settlers running beside a gateway.
+pub struct Settlement {
+    pub store: Store,
+    pub forwarder: Arc<ForwarderStats>,
+    pub settlers: Arc<SettlerStats>,
+    durable: watch::Receiver<JournalPosition>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Settlement {
+    /// Starts shipping the journal (up to `durable`) and settling. The store must be
+    /// initialised ([`Store::init`]) with the same partition count.
+    pub fn start(
+        store: Store,
+        settings: &SettlementSettings,
+        tables: Arc<FareTables>,
+        durable: watch::Receiver<JournalPosition>,
+    ) -> Settlement {
+        let (stop, stop_rx) = watch::channel(false);
+        let forwarder = Arc::new(ForwarderStats::default());
+        let settlers = Arc::new(SettlerStats::default());
+        let mut tasks = Vec::new();
+        let forwarding = ForwarderSettings {
+            node: settings.node.clone(),
+            journal_dir: settings.journal_dir.clone(),
+            partitions: settings.partitions,
+            batch: settings.batch,
+            max_backlog: settings.max_backlog,
+        };
+        let (s, f, rx, d) = (
+            store.clone(),
+            forwarder.clone(),
+            stop_rx.clone(),
+            durable.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = forwarder::run(s, forwarding, Until::Durable(d), f, rx).await {
+                tracing::error!(error = %e, "forwarder stopped");
+            }
+        }));
+        for i in 0..settings.settlers {
+            let settling = SettlerSettings {
+                name: format!("{}-s{i}", settings.node),
+                partitions: settings.partitions,
+                batch: settings.batch,
+                lease_ttl: settings.lease_ttl,
+            };
+            let run = settler::run(
+                store.clone(),
+                settling,
+                tables.clone(),
+                settlers.clone(),
+                stop_rx.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = run.await {
+                    tracing::error!(error = %e, "settler stopped");
+                }
+            }));
+        }
+        Settlement {
+            store,
+            forwarder,
+            settlers,
+            durable,
+            stop,
+            tasks,
+        }
+    }
+
+    /// Waits until everything this node shipped is settled and the forwarder has nothing left
+    /// to read: false if that took longer than `timeout`.
+    pub async fn wait_settled(&self, timeout: Duration) -> Result<bool, StoreError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let durable = *self.durable.borrow();
+            let caught_up = self
+                .forwarder
+                .shipped_through()
+                .is_some_and(|p| p >= durable);
+            let (shipped, settled) = self.store.counts().await?;
+            if caught_up && shipped == settled {
+                return Ok(true);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Writes the settled books to `path` as JSON (what `tapgate settle reconcile --ledger`
+    /// reads): how an in-process store's ledger outlives the process.
+    pub async fn write_ledger(&self, path: &std::path::Path) -> Result<(), String> {
+        let ledger = self.store.ledger(None).await.map_err(|e| e.to_string())?;
+        let text = serde_json::to_string(&ledger.to_json()).expect("a ledger serializes");
+        std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Ships what is durable, then stops the forwarder and the settlers (which give their
+    /// partitions back).
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Sets the store up, waiting for it while it is unreachable. False when stopped first; an
+/// error when the store can never be used as configured.
+async fn init_store(
+    store: &Store,
+    partitions: u16,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<bool, StoreError> {
+    let mut warned = false;
+    loop {
+        match store.init(partitions).await {
+            Ok(()) => return Ok(true),
+            Err(StoreError::Unavailable(e)) => {
+                if !warned {
+                    tracing::warn!(error = %e, "settlement store unreachable; waiting for it");
+                    warned = true;
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        tokio::select! {
+            _ = stop.changed() => {}
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        if *stop.borrow() {
+            return Ok(false);
+        }
+    }
+}
+
+/// Which partition a card's taps go to. A multiplicative hash so neighbouring card numbers
+/// spread over partitions.
+pub fn partition_of(card_id: u64, partitions: u16) -> u16 {
+    let mixed = card_id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
+    (mixed % u64::from(partitions.max(1))) as u16
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitions_are_stable_and_spread() {
+        let mut counts = [0u32; 8];
+        for card in 6_222_000_000_000_000u64..6_222_000_000_008_000 {
+            let p = partition_of(card, 8);
+            assert_eq!(p, partition_of(card, 8));
+            counts[usize::from(p)] += 1;
+        }
+        assert!(
+            counts.iter().all(|&n| (800..1200).contains(&n)),
+            "{counts:?}"
+        );
+    }
+}

@@ -1,0 +1,350 @@
+//! A settler: owns some partitions, reads their taps through the consumer group, prices them
+//! with the fare engine and applies each batch to the ledgers exactly once.
+//!
+//! Partitions are shared out by leases: every settler heartbeats, takes up to its fair share
+//! (partitions ÷ live settlers, rounded up) and lets go of the rest, so one card's taps are
+//! settled by one settler at a time and in order. A settler that takes a partition over first
+//! claims what its predecessor read and never acknowledged, oldest first.
+
+use super::ledger::Ledger;
+use super::store::{Applied, ApplyBatch, Delivered, EntryId, Store, StoreError};
+use crate::fares::{FareTables, RiderState, settle};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+#[derive(Debug, Clone)]
+pub struct SettlerSettings {
+    /// Shown in the consumer group; a unique token is added per run.
+    pub name: String,
+    pub partitions: u16,
+    /// Entries read and applied per batch.
+    pub batch: usize,
+    /// How long a lease lasts without renewal: how soon a dead settler's partitions move on.
+    pub lease_ttl: Duration,
+}
+
+/// Upper bounds (ms) of the settlement-lag histogram buckets.
+pub const LAG_BUCKETS_MS: [u64; 20] = [
+    1, 2, 3, 5, 7, 10, 15, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1_000, 2_000, 5_000, 10_000,
+];
+
+/// Time from a tap's approval to its ledger update, as a cumulative histogram.
+#[derive(Debug, Default)]
+pub struct LagHistogram {
+    /// One counter per bound in [`LAG_BUCKETS_MS`], then one for everything above.
+    buckets: [AtomicU64; LAG_BUCKETS_MS.len() + 1],
+    pub sum_ms: AtomicU64,
+    pub count: AtomicU64,
+}
+
+impl LagHistogram {
+    pub fn record(&self, lag_ms: u64) {
+        let i = LAG_BUCKETS_MS.partition_point(|&b| b < lag_ms);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_ms.fetch_add(lag_ms, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Cumulative counts per bound (`le`), the last being `+Inf`.
+    pub fn cumulative(&self) -> Vec<(Option<u64>, u64)> {
+        let mut total = 0;
+        let mut out = Vec::with_capacity(self.buckets.len());
+        for (i, bucket) in self.buckets.iter().enumerate() {
+            total += bucket.load(Ordering::Relaxed);
+            out.push((LAG_BUCKETS_MS.get(i).copied(), total));
+        }
+        out
+    }
+}
+
+/// Settler counters, read by metrics.
+#[derive(Debug, Default)]
+pub struct SettlerStats {
+    pub settled: AtomicU64,
+    pub charges: AtomicU64,
+    pub batches: AtomicU64,
+    /// Entries delivered again after they were applied: acknowledged, not applied.
+    pub redelivered: AtomicU64,
+    /// Entries that are not journal records: acknowledged, never applied.
+    pub malformed: AtomicU64,
+    pub leases_lost: AtomicU64,
+    pub store_errors: AtomicU64,
+    pub partitions_held: AtomicU64,
+    pub lag: LagHistogram,
+}
+
+const RETRY: Duration = Duration::from_millis(500);
+const READ_BLOCK: Duration = Duration::from_millis(200);
+
+struct Held {
+    /// Entries may wait in the group's pending list (taken over, or a read whose answer was
+    /// lost): claim those before reading new ones.
+    check_pending: bool,
+}
+
+/// Runs until `stop` is set, then gives its partitions back.
+pub async fn run(
+    store: Store,
+    settings: SettlerSettings,
+    tables: Arc<FareTables>,
+    stats: Arc<SettlerStats>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), StoreError> {
+    if !super::init_store(&store, settings.partitions, &mut stop).await? {
+        return Ok(());
+    }
+    let token = format!(
+        "{}-{}-{:08x}",
+        settings.name,
+        std::process::id(),
+        rand::random::<u32>()
+    );
+    let mut settler = Settler {
+        store,
+        settings,
+        tables,
+        stats,
+        token,
+        held: BTreeMap::new(),
+        next_lease_round: Instant::now(),
+        failing: false,
+    };
+    tracing::info!(settler = %settler.token, "settler starting");
+    while !*stop.borrow() {
+        if let Err(e) = settler.round().await {
+            settler.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+            if !settler.failing {
+                tracing::warn!(error = %e, "settler: store unavailable; retrying");
+            }
+            settler.failing = true;
+            settler
+                .held
+                .values_mut()
+                .for_each(|h| h.check_pending = true);
+            tokio::select! {
+                _ = stop.changed() => {}
+                () = tokio::time::sleep(RETRY) => {}
+            }
+        } else if settler.failing {
+            tracing::info!("settler: store reachable again");
+            settler.failing = false;
+        }
+    }
+    for p in std::mem::take(&mut settler.held).into_keys() {
+        let _ = settler.store.release(p, &settler.token).await;
+    }
+    settler.stats.partitions_held.store(0, Ordering::Relaxed);
+    tracing::info!(settler = %settler.token, "settler stopped");
+    Ok(())
+}
+
+struct Settler {
+    store: Store,
+    settings: SettlerSettings,
+    tables: Arc<FareTables>,
+    stats: Arc<SettlerStats>,
+    token: String,
+    held: BTreeMap<u16, Held>,
+    next_lease_round: Instant,
+    failing: bool,
+}
+
+impl Settler {
+    async fn round(&mut self) -> Result<(), StoreError> {
+        if Instant::now() >= self.next_lease_round {
+            self.manage_leases().await?;
+            self.next_lease_round = Instant::now() + self.settings.lease_ttl / 3;
+        }
+        let with_pending: Vec<u16> = self
+            .held
+            .iter()
+            .filter(|(_, h)| h.check_pending)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in with_pending {
+            let entries = self
+                .store
+                .pending(p, &self.token, self.settings.batch)
+                .await?;
+            if entries.is_empty() {
+                if let Some(h) = self.held.get_mut(&p) {
+                    h.check_pending = false;
+                }
+            } else {
+                self.settle_batch(p, entries).await?;
+            }
+        }
+        let reading: Vec<u16> = self
+            .held
+            .iter()
+            .filter(|(_, h)| !h.check_pending)
+            .map(|(p, _)| *p)
+            .collect();
+        let until_leases = self
+            .next_lease_round
+            .saturating_duration_since(Instant::now());
+        let block = READ_BLOCK.min(until_leases).max(Duration::from_millis(1));
+        let delivered = self
+            .store
+            .read_new(&reading, &self.token, self.settings.batch, block)
+            .await?;
+        for (p, entries) in delivered {
+            if !entries.is_empty() {
+                self.settle_batch(p, entries).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn manage_leases(&mut self) -> Result<(), StoreError> {
+        let ttl = self.settings.lease_ttl;
+        let partitions = self.settings.partitions.max(1);
+        let live = self.store.heartbeat(&self.token, ttl).await?.max(1);
+        let share = usize::from(partitions).div_ceil(live);
+        let mine: Vec<u16> = self.held.keys().copied().collect();
+        for p in mine {
+            if !self.store.lease(p, &self.token, ttl).await? {
+                self.lose(p);
+            }
+        }
+        // Start looking at a different place per settler so two settlers starting together do
+        // not race for the same partitions.
+        let start = self
+            .token
+            .bytes()
+            .fold(0u16, |a, b| a.wrapping_add(u16::from(b)))
+            % partitions;
+        for i in 0..partitions {
+            if self.held.len() >= share {
+                break;
+            }
+            let p = (start + i) % partitions;
+            if !self.held.contains_key(&p) && self.store.lease(p, &self.token, ttl).await? {
+                tracing::info!(partition = p, settler = %self.token, "settler took a partition");
+                self.held.insert(
+                    p,
+                    Held {
+                        check_pending: true,
+                    },
+                );
+            }
+        }
+        while self.held.len() > share {
+            let Some((p, _)) = self.held.pop_last() else {
+                break;
+            };
+            self.store.release(p, &self.token).await?;
+            tracing::info!(partition = p, settler = %self.token, "settler gave a partition back");
+        }
+        self.stats
+            .partitions_held
+            .store(self.held.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn lose(&mut self, partition: u16) {
+        if self.held.remove(&partition).is_some() {
+            self.stats.leases_lost.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(partition, settler = %self.token, "settler lost a partition's lease");
+        }
+    }
+
+    async fn settle_batch(
+        &mut self,
+        partition: u16,
+        entries: Vec<Delivered>,
+    ) -> Result<(), StoreError> {
+        let watermark = self.store.watermark(partition).await?;
+        let applied_before = |id: EntryId| watermark.is_some_and(|w| id <= w);
+        let acks: Vec<EntryId> = entries.iter().map(|e| e.id).collect();
+        let redelivered = entries.iter().filter(|e| applied_before(e.id)).count();
+        let fresh: Vec<&Delivered> = entries.iter().filter(|e| !applied_before(e.id)).collect();
+        self.stats
+            .redelivered
+            .fetch_add(redelivered as u64, Ordering::Relaxed);
+        let Some(last) = fresh.last().map(|e| e.id) else {
+            return self.store.ack(partition, &acks).await;
+        };
+        let records: Vec<_> = fresh.iter().filter_map(|e| e.record).collect();
+        let malformed = fresh.len() - records.len();
+        if malformed > 0 {
+            self.stats
+                .malformed
+                .fetch_add(malformed as u64, Ordering::Relaxed);
+            tracing::error!(
+                partition,
+                malformed,
+                "settler: stream entries that are not journal records; acknowledged, not applied"
+            );
+        }
+        let mut cards: Vec<u64> = records.iter().map(|r| r.tap.card_id).collect();
+        cards.sort_unstable();
+        cards.dedup();
+        let states = self.store.riders(&cards).await?;
+        let mut riders: HashMap<u64, RiderState> = cards.into_iter().zip(states).collect();
+        let mut ledger = Ledger::default();
+        let mut charges = 0u64;
+        for record in &records {
+            let rider = riders.entry(record.tap.card_id).or_default();
+            let priced = settle(record, rider, &self.tables);
+            charges += priced.len() as u64;
+            ledger.book(record, &priced);
+        }
+        let batch = ApplyBatch {
+            partition,
+            token: self.token.clone(),
+            expected: watermark,
+            watermark: last,
+            trim_below: acks.iter().copied().min().unwrap_or(last),
+            acks,
+            taps: records.len() as u64,
+            riders: riders.into_iter().collect(),
+            ledger,
+        };
+        match self.store.apply(&batch).await? {
+            Applied::Done => {
+                let now = crate::server::now_ms();
+                for record in &records {
+                    self.stats
+                        .lag
+                        .record(now.saturating_sub(record.server_time_ms));
+                }
+                self.stats
+                    .settled
+                    .fetch_add(records.len() as u64, Ordering::Relaxed);
+                self.stats.charges.fetch_add(charges, Ordering::Relaxed);
+                self.stats.batches.fetch_add(1, Ordering::Relaxed);
+            }
+            Applied::LeaseLost => self.lose(partition),
+            Applied::WatermarkMoved => {
+                if let Some(h) = self.held.get_mut(&partition) {
+                    h.check_pending = true;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lag_lands_in_the_first_bucket_that_holds_it() {
+        let h = LagHistogram::default();
+        for lag in [0, 1, 2, 4, 10_000, 60_000] {
+            h.record(lag);
+        }
+        let c = h.cumulative();
+        assert_eq!(c[0], (Some(1), 2));
+        assert_eq!(c[1], (Some(2), 3));
+        assert_eq!(c[3], (Some(5), 4));
+        assert_eq!(c[LAG_BUCKETS_MS.len() - 1], (Some(10_000), 5));
+        assert_eq!(c[LAG_BUCKETS_MS.len()], (None, 6));
+    }
+}
