@@ -70,12 +70,10 @@ impl LedgerSource {
                 }
                 Ok(ledger)
             }
-            None => {
+            None => runtime()?.block_on(async {
                 let store = self.redis.store()?;
-                runtime()?
-                    .block_on(store.ledger(day))
-                    .map_err(|e| e.to_string())
-            }
+                store.ledger(day).await.map_err(|e| e.to_string())
+            }),
         }
     }
 }
@@ -182,13 +180,11 @@ pub fn run(args: SettleArgs) -> Result<ExitCode, String> {
                 batch: batch.max(1),
                 lease_ttl: Duration::from_millis(lease_ttl_ms.max(100)),
             };
-            runtime()?.block_on(run_settlers(
-                redis.store()?,
-                settings,
-                settlers.max(1),
-                tables,
-                until_idle_ms.map(Duration::from_millis),
-            ))?;
+            runtime()?.block_on(async {
+                let store = redis.store()?;
+                let idle = until_idle_ms.map(Duration::from_millis);
+                run_settlers(store, settings, settlers.max(1), tables, idle).await
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         SettleAction::Forward {
@@ -201,7 +197,6 @@ pub fn run(args: SettleArgs) -> Result<ExitCode, String> {
             if !journal.is_dir() {
                 return Err(format!("{}: no journal directory", journal.display()));
             }
-            let store = redis.store()?;
             let stats = Arc::new(ForwarderStats::default());
             let settings = ForwarderSettings {
                 node,
@@ -211,15 +206,12 @@ pub fn run(args: SettleArgs) -> Result<ExitCode, String> {
                 max_backlog: u64::MAX,
             };
             let (_stop, stop_rx) = tokio::sync::watch::channel(false);
-            runtime()?
-                .block_on(forwarder::run(
-                    store,
-                    settings,
-                    Until::EndOfFiles,
-                    stats.clone(),
-                    stop_rx,
-                ))
-                .map_err(|e| e.to_string())?;
+            runtime()?.block_on(async {
+                let store = redis.store()?;
+                forwarder::run(store, settings, Until::EndOfFiles, stats.clone(), stop_rx)
+                    .await
+                    .map_err(|e| e.to_string())
+            })?;
             println!(
                 "shipped {} approved taps in {} batches",
                 stats.shipped.load(Ordering::Relaxed),

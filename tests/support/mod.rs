@@ -31,15 +31,28 @@ pub struct RedisServer {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    persistent: bool,
 }
 
 impl RedisServer {
+    /// A Redis that keeps nothing across restarts.
     pub fn start() -> RedisServer {
+        Self::start_with(false)
+    }
+
+    /// A Redis with an append-only file synced on every write: a restart keeps everything
+    /// it acknowledged, as a production Redis with `appendfsync always` would.
+    pub fn start_persistent() -> RedisServer {
+        Self::start_with(true)
+    }
+
+    fn start_with(persistent: bool) -> RedisServer {
         let port = free_port();
         let mut server = RedisServer {
             port,
             dir: tempfile::tempdir().expect("temp dir for redis"),
             child: None,
+            persistent,
         };
         server.spawn();
         server
@@ -55,7 +68,9 @@ impl RedisServer {
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                if self.persistent { "yes" } else { "no" },
+                "--appendfsync",
+                "always",
             ])
             .arg("--dir")
             .arg(self.dir.path())
@@ -92,7 +107,7 @@ impl RedisServer {
         }
     }
 
-    /// Stops and starts again on the same port. Nothing is persisted, so the data is gone.
+    /// Kills and starts again on the same port: with its data when persistent, empty if not.
     pub fn restart(&mut self) {
         self.stop();
         self.spawn();

@@ -108,12 +108,12 @@ pub async fn run(
         let from = checkpoint.unwrap_or_default();
         let dir = settings.journal_dir.clone();
         let batch = settings.batch.max(1);
-        let read = tokio::task::spawn_blocking(move || read_from(&dir, from, limit, batch))
-            .await
-            .expect("journal read does not panic");
+        let read = tokio::task::spawn_blocking(move || read_from(&dir, from, limit, batch)).await;
         let read = match read {
-            Ok(r) => r,
-            Err(e) => {
+            Ok(Ok(r)) => r,
+            // The runtime is shutting down.
+            Err(_) => return Ok(()),
+            Ok(Err(e)) => {
                 tracing::error!(error = %e, "forwarder: cannot read the journal; retrying");
                 if wait_or_stop(&mut stop, RETRY).await {
                     return Ok(());
@@ -135,11 +135,22 @@ pub async fn run(
                     if *stop.borrow() && *durable.borrow() <= from {
                         return Ok(());
                     }
-                    let writer_gone = tokio::select! {
-                        changed = durable.changed() => changed.is_err(),
-                        _ = stop.changed() => false,
-                        () = tokio::time::sleep(RETRY) => false,
+                    let (writer_gone, quiet) = tokio::select! {
+                        changed = durable.changed() => (changed.is_err(), false),
+                        _ = stop.changed() => (false, false),
+                        () = tokio::time::sleep(RETRY) => (false, true),
                     };
+                    // Nothing to ship: check the store still holds our checkpoint. A Redis
+                    // that came back older or empty is caught up now, not at the next tap.
+                    if quiet
+                        && let Ok(stored) = store.checkpoint(&settings.node).await
+                        && stored != checkpoint
+                    {
+                        stats.checkpoint_moved.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(expected = ?checkpoint, found = ?stored, "forwarder: the store's checkpoint changed (Redis restarted older or empty?); shipping again from it");
+                        checkpoint = stored;
+                        continue;
+                    }
                     // The journal is closed: nothing more will become durable.
                     if writer_gone && wait_or_stop(&mut stop, RETRY).await {
                         return Ok(());

@@ -1,0 +1,259 @@
+//! End-to-end settlement through a private redis-server: load, ship, settle, reconcile — with
+//! settlers killed mid-stream, Redis restarted (with its data, and empty), and entries
+//! delivered twice.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use support::*;
+use tapgate_gateway::directory::{Directory, EmbeddedDirectory};
+use tapgate_gateway::fares::FareTables;
+use tapgate_gateway::population::PopulationSpec;
+use tapgate_gateway::settle::ledger::{Ledger, Reconciliation, settle_journals};
+use tapgate_gateway::settle::store::{RedisStore, Store};
+use tapgate_gateway::settle::{Settlement, SettlementSettings};
+use tapgate_loadgen::run::{LoadSpec, Pacing, TargetKind, run};
+use tapgate_loadgen::workload::Faults;
+use tapgate_protocol::MasterKey;
+
+const PARTITIONS: u16 = 4;
+
+fn population() -> PopulationSpec {
+    PopulationSpec {
+        cards: 3_000,
+        terminals: 40,
+        ..PopulationSpec::default()
+    }
+}
+
+async fn gateway(state: &Path) -> Harness {
+    let embedded = Arc::new(EmbeddedDirectory::default());
+    let spec = population();
+    spec.cards().for_each(|c| embedded.put_card(c));
+    spec.terminals().for_each(|t| embedded.put_terminal(t));
+    Harness::start(Directory::Embedded(embedded), state).await
+}
+
+fn store(redis: &RedisServer) -> Store {
+    Store::Redis(RedisStore::connect(&redis.url(), "tapgate", Duration::from_secs(2)).unwrap())
+}
+
+fn settlement(h: &Harness, store: Store, settlers: usize) -> Settlement {
+    let settings = SettlementSettings {
+        node: "gw-test".into(),
+        journal_dir: h.state.join("journal"),
+        partitions: PARTITIONS,
+        settlers,
+        batch: 64,
+        max_backlog: 100_000,
+        lease_ttl: Duration::from_millis(1000),
+    };
+    Settlement::start(
+        store,
+        &settings,
+        Arc::new(FareTables::embedded_default()),
+        h.gateway.journal().durable(),
+    )
+}
+
+fn load_spec(h: &Harness, rate: f64, seconds: u64) -> LoadSpec {
+    LoadSpec {
+        target: h.addr(),
+        target_kind: TargetKind::Tapgate,
+        trusted_cert: h.gateway.certificate_der().to_vec(),
+        master_key: MasterKey::new(MASTER_V1),
+        key_version: 1,
+        connections: 20,
+        pacing: Pacing::OpenLoop { rate },
+        duration: Duration::from_secs(seconds),
+        population: population(),
+        faults: Faults::default(),
+        show_progress: false,
+    }
+}
+
+fn expected(state: &Path) -> Ledger {
+    settle_journals(&[&state.join("journal")], &FareTables::embedded_default())
+        .unwrap()
+        .ledger
+}
+
+/// Waits until the store's ledgers match the journal exactly.
+async fn reconciled(store: &Store, expected: &Ledger, within: Duration) -> Reconciliation {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(settled) = store.ledger(None).await {
+            let r = Reconciliation::new(expected, &settled);
+            if r.is_exact() || Instant::now() >= deadline {
+                return r;
+            }
+        }
+        assert!(Instant::now() < deadline, "the store stayed unreachable");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn settle_run(redis: &RedisServer) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_tapgate"))
+        .args(["settle", "run", "--redis-url", &redis.url()])
+        .args(["--partitions", &PARTITIONS.to_string()])
+        .args(["--lease-ttl-ms", "1000", "--batch", "64"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open("/tmp/settle-run.log")
+                .unwrap(),
+        )
+        .spawn()
+        .expect("tapgate settle run starts")
+}
+
+fn reconcile_cli(redis: &RedisServer, journal: &Path) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tapgate"))
+        .args(["settle", "reconcile", "--redis-url", &redis.url()])
+        .arg("--journal")
+        .arg(journal)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_settles_exactly_once_through_settler_kills_and_a_redis_restart() {
+    let mut redis = RedisServer::start_persistent();
+    let state = tempfile::tempdir().unwrap();
+    let h = gateway(state.path()).await;
+    // Only the forwarder runs in the gateway; settling is done by `tapgate settle run`.
+    let settlement = settlement(&h, store(&redis), 0);
+    let load = tokio::spawn(run(load_spec(&h, 800.0, 5)));
+    let mut settler = settle_run(&redis);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Killed mid-stream, without releasing its leases: its successor waits for them to expire
+    // and takes over what it read and never acknowledged.
+    settler.kill().unwrap();
+    settler.wait().unwrap();
+    let mut settler = settle_run(&redis);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    redis.restart();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    settler.kill().unwrap();
+    settler.wait().unwrap();
+    let mut settler = settle_run(&redis);
+
+    let report = load.await.unwrap().unwrap();
+    assert_eq!(report.errors, 0, "{}", report.summary());
+    h.gateway.shutdown().await;
+    assert!(
+        settlement
+            .wait_settled(Duration::from_secs(30))
+            .await
+            .unwrap(),
+        "settlement caught up"
+    );
+    let expected = expected(&h.state);
+    assert!(expected.taps() > 3_000, "{} approved taps", expected.taps());
+    let r = reconciled(&settlement.store, &expected, Duration::from_secs(10)).await;
+    assert!(r.is_exact(), "{r:?}");
+    assert_eq!((r.lost, r.duplicated), (0, 0));
+    settler.kill().unwrap();
+    settler.wait().unwrap();
+    settlement.shutdown().await;
+
+    let journal = h.state.join("journal");
+    let (ok, text) = reconcile_cli(&redis, &journal);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("0 lost, 0 duplicated; 0 differences"),
+        "{text}"
+    );
+    // A tap booked twice is found.
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let day = *expected.days.keys().next().unwrap();
+    let _: i64 = redis::cmd("HINCRBY")
+        .arg("tapgate:ledger-taps")
+        .arg(day.to_string())
+        .arg(1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (ok, text) = reconcile_cli(&redis, &journal);
+    assert!(!ok, "{text}");
+    assert!(text.contains("0 lost, 1 duplicated"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redelivered_entries_are_not_applied_twice_and_an_emptied_redis_is_rebuilt() {
+    let mut redis = RedisServer::start();
+    let state = tempfile::tempdir().unwrap();
+    let h = gateway(state.path()).await;
+    let settlement = settlement(&h, store(&redis), 1);
+    let report = run(load_spec(&h, 500.0, 2)).await.unwrap();
+    assert_eq!(report.errors, 0, "{}", report.summary());
+    assert!(
+        settlement
+            .wait_settled(Duration::from_secs(20))
+            .await
+            .unwrap(),
+        "settled"
+    );
+    let expected = expected(&h.state);
+    assert!(
+        reconciled(&settlement.store, &expected, Duration::from_secs(5))
+            .await
+            .is_exact()
+    );
+
+    // Deliver every entry still in the streams again, as after a crash between apply and
+    // acknowledgement.
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    for p in 0..PARTITIONS {
+        let _: () = redis::cmd("XGROUP")
+            .arg("SETID")
+            .arg(format!("tapgate:taps:{{{p}}}"))
+            .arg("settlers")
+            .arg("0")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while settlement.settlers.redelivered.load(Ordering::Relaxed) == 0 {
+        assert!(Instant::now() < deadline, "nothing was delivered again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = reconciled(&settlement.store, &expected, Duration::from_secs(2)).await;
+    assert!(r.is_exact(), "{r:?}");
+
+    // Redis comes back empty: the forwarder notices its checkpoint is gone, ships the journal
+    // again from the start, and the settler rebuilds every ledger.
+    redis.restart();
+    let r = reconciled(&settlement.store, &expected, Duration::from_secs(20)).await;
+    assert!(r.is_exact(), "{r:?}");
+    assert!(
+        settlement
+            .forwarder
+            .checkpoint_moved
+            .load(Ordering::Relaxed)
+            > 0
+    );
+    h.gateway.shutdown().await;
+    settlement.shutdown().await;
+}
