@@ -101,6 +101,91 @@ pub struct LoadArgs {
     find_max: bool,
     #[arg(long, default_value_t = 5.0)]
     p99_bound_ms: f64,
+    /// The gateway's ops endpoint (`http://127.0.0.1:9433/metrics`): read before and after
+    /// the run, after settlement catches up, to report the settlement lag of the run's taps.
+    #[arg(long, default_value = "http://127.0.0.1:9433/metrics")]
+    gateway_metrics: String,
+    /// Do not read the gateway's ops endpoint.
+    #[arg(long)]
+    no_gateway_metrics: bool,
+}
+
+/// The settlement counters of a gateway's `/metrics`.
+#[derive(Debug, Clone, Default)]
+struct SettlementCounters {
+    lag_buckets: Vec<(Option<u64>, u64)>,
+    lag_sum_ms: u64,
+    settled: u64,
+    behind_bytes: u64,
+}
+
+/// Reads a gateway's ops endpoint; `None` when it is not there or shows no settlement.
+async fn scrape_settlement(url: &str) -> Option<SettlementCounters> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://")?;
+    let (host, path) = rest.split_once('/').unwrap_or((rest, "metrics"));
+    let read = async {
+        let mut stream = tokio::net::TcpStream::connect(host).await.ok()?;
+        let request = format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut body = String::new();
+        stream.read_to_string(&mut body).await.ok()?;
+        Some(body)
+    };
+    let body = tokio::time::timeout(Duration::from_secs(2), read)
+        .await
+        .ok()??;
+    let mut counters = SettlementCounters::default();
+    for line in body.lines() {
+        let Some((name, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(value) = value.parse::<u64>() else {
+            continue;
+        };
+        if let Some(le) = name
+            .strip_prefix("tapgate_settlement_lag_ms_bucket{le=\"")
+            .and_then(|r| r.strip_suffix("\"}"))
+        {
+            counters.lag_buckets.push((le.parse().ok(), value));
+        } else if name == "tapgate_settlement_lag_ms_sum" {
+            counters.lag_sum_ms = value;
+        } else if name == "tapgate_settled_taps_total" {
+            counters.settled = value;
+        } else if name == "tapgate_forwarder_behind_bytes" {
+            counters.behind_bytes = value;
+        }
+    }
+    (!counters.lag_buckets.is_empty()).then_some(counters)
+}
+
+/// The settlement lag of what was settled between `before` and the moment settlement caught
+/// up (nothing left to ship, the settled count steady), waiting at most 30 s for it.
+async fn settlement_lag(url: &str, before: &SettlementCounters) -> Option<SettlementLag> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut last = scrape_settlement(url).await?;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = scrape_settlement(url).await?;
+        let steady = now.settled == last.settled && now.behind_bytes == 0;
+        last = now;
+        if steady || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+    }
+    let delta: Vec<(Option<u64>, u64)> = last
+        .lag_buckets
+        .iter()
+        .map(|(le, n)| {
+            let earlier = before
+                .lag_buckets
+                .iter()
+                .find(|(b, _)| b == le)
+                .map_or(0, |(_, n)| *n);
+            (*le, n.saturating_sub(earlier))
+        })
+        .collect();
+    SettlementLag::from_buckets(&delta, last.lag_sum_ms.saturating_sub(before.lag_sum_ms))
 }
 
 #[derive(Args)]
@@ -196,7 +281,16 @@ pub fn run_load(args: LoadArgs) -> Result<(), String> {
             TargetKind::Tapgate
         };
         let spec = args.workload.spec(args.target, kind, cert, key.clone());
-        let report = run(spec).await.map_err(|e| e.to_string())?;
+        let metrics_url =
+            (!args.no_gateway_metrics && !args.echo).then_some(args.gateway_metrics.as_str());
+        let before = match metrics_url {
+            Some(url) => scrape_settlement(url).await,
+            None => None,
+        };
+        let mut report = run(spec).await.map_err(|e| e.to_string())?;
+        if let (Some(url), Some(before)) = (metrics_url, &before) {
+            report.settlement = settlement_lag(url, before).await;
+        }
         print!("{}", report.summary());
         args.workload.write_outputs(&report)?;
         if args.compare_echo {

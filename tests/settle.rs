@@ -1,12 +1,18 @@
-//! End-to-end: taps through a real gateway, then its journal settled with the fare engine.
+//! End-to-end: taps through a real gateway, settled with the fare engine twice — through the
+//! pipeline (forwarder, partition streams, settler, ledgers in a private Redis) and offline
+//! from the journal — with the same books.
 
 mod support;
 
+use std::sync::Arc;
+use std::time::Duration;
 use support::*;
 use tapgate_gateway::card::CardState;
 use tapgate_gateway::fares::FareTables;
 use tapgate_gateway::settle::ledger::settle_journals;
-use tapgate_protocol::{Concession, Issuer, IssuerRegion, Mode, Outcome, Tap, TapKind};
+use tapgate_gateway::settle::store::{RedisStore, Store};
+use tapgate_gateway::settle::{Settlement, SettlementSettings};
+use tapgate_protocol::{Concession, Issuer, IssuerRegion, Outcome, Tap, TapKind};
 
 async fn outcome(gate: &mut tapgate_loadgen::client::GateClient, tap: Tap) -> Outcome {
     gate.tap(tap).await.unwrap().outcome
@@ -37,8 +43,47 @@ async fn a_days_taps_settle_into_fares_transfers_and_clearing() {
             Concession::None,
             0,
         ),
+        card(
+            4,
+            CardState::Active,
+            Issuer::ChongqingSsc,
+            Concession::Elder,
+            10,
+        ),
+        card(
+            5,
+            CardState::Active,
+            Issuer::ChongqingSsc,
+            Concession::None,
+            0,
+        ),
+        card(6, CardState::Active, Issuer::TUnion, Concession::None, 0),
+        card(
+            7,
+            CardState::Active,
+            Issuer::ChongqingSsc,
+            Concession::None,
+            0,
+        ),
     ]);
+    let redis = RedisServer::start();
     let h = Harness::start(directory, state.path()).await;
+    let store =
+        Store::Redis(RedisStore::connect(&redis.url(), "tapgate", Duration::from_secs(2)).unwrap());
+    let settlement = Settlement::start(
+        store.clone(),
+        &SettlementSettings {
+            node: "gw-fares".into(),
+            journal_dir: state.path().join("journal"),
+            partitions: 2,
+            settlers: 1,
+            batch: 16,
+            max_backlog: 1000,
+            lease_ttl: Duration::from_secs(1),
+        },
+        Arc::new(FareTables::embedded_default()),
+        h.gateway.journal().durable(),
+    );
     let mut bus = h.gate(&YUZHONG_BUS).await;
     let mut metro = h.gate(&YUZHONG_METRO).await;
     let at = |sequence, card_id, kind, line, stop| Tap {
@@ -70,7 +115,45 @@ async fn a_days_taps_settle_into_fares_transfers_and_clearing() {
         outcome(&mut bus, at(3, 3, TapKind::Flat, 12, 5)).await,
         Outcome::Deny
     );
+    // Card 4 (elder): a free ride counted against the allowance.
+    assert_eq!(
+        outcome(&mut bus, at(4, 4, TapKind::Flat, 12, 6)).await,
+        Outcome::Approve
+    );
+    // Card 5: an entry whose exit never comes, then a whole trip; the next entry reveals the
+    // missing exit, charged the maximum.
+    for (sequence, kind, stop) in [
+        (3, TapKind::Entry, 1),
+        (4, TapKind::Entry, 5),
+        (5, TapKind::Exit, 6),
+    ] {
+        assert_eq!(
+            outcome(&mut metro, at(sequence, 5, kind, 2, stop)).await,
+            Outcome::Approve
+        );
+    }
+    // Card 6 (T-Union): an exit with no entry, charged the maximum, owed to Chongqing.
+    let t_union_exit = Tap {
+        issuer: Issuer::TUnion,
+        ..at(6, 6, TapKind::Exit, 2, 9)
+    };
+    assert_eq!(outcome(&mut metro, t_union_exit).await, Outcome::Approve);
+    // Card 7: ten bus rides in a day reach the daily cap of 15 yuan.
+    for i in 0..10 {
+        assert_eq!(
+            outcome(&mut bus, at(5 + i, 7, TapKind::Flat, 12, 7)).await,
+            Outcome::Approve
+        );
+    }
     h.gateway.shutdown().await;
+    assert!(
+        settlement
+            .wait_settled(Duration::from_secs(20))
+            .await
+            .unwrap()
+    );
+    let through_pipeline = store.ledger(None).await.unwrap();
+    settlement.shutdown().await;
 
     let settled = settle_journals(
         &[&state.path().join("journal")],
@@ -78,18 +161,25 @@ async fn a_days_taps_settle_into_fares_transfers_and_clearing() {
     )
     .unwrap();
     let ledger = &settled.ledger;
-    assert_eq!(ledger.taps(), 4);
+    assert_eq!(&through_pipeline, ledger);
+    assert_eq!(ledger.taps(), 19);
     assert_eq!(ledger.days.len(), 1);
     let day = ledger.days.values().next().unwrap();
-    let bus_total = day.cells[&(500103, 1, Mode::Bus)];
-    assert_eq!((bus_total.rides, bus_total.fen), (2, 400));
-    let metro_total = day.cells[&(500103, 2, Mode::Metro)];
+    let card = |id| day.cards[&id];
+    assert_eq!((card(4).rides, card(4).fen), (1, 0), "elder ride is free");
+    // Missing exit at the maximum (7 yuan) plus a 1-stop trip (2 yuan).
+    assert_eq!((card(5).rides, card(5).fen), (2, 900));
+    assert_eq!((card(6).rides, card(6).fen), (1, 700), "exit without entry");
+    assert_eq!((card(7).rides, card(7).fen), (10, 1500), "daily cap");
+    assert_eq!(
+        day.clearing[&(IssuerRegion::National, IssuerRegion::Chongqing)].fen,
+        700
+    );
     // 10 stops × 1.6 km = 16 km → 4 yuan, less the 2-yuan transfer discount.
-    assert_eq!((metro_total.rides, metro_total.fen), (1, 200));
-    assert_eq!(ledger.total().fen, 600);
+    assert_eq!(card(1).fen, 200 + 200);
     assert_eq!(
         day.clearing[&(IssuerRegion::Sichuan, IssuerRegion::Chongqing)].fen,
         200
     );
-    assert_eq!(day.clearing.len(), 1);
+    assert_eq!(day.clearing.len(), 2);
 }
