@@ -71,8 +71,6 @@ pub enum Until {
 
 const RETRY: Duration = Duration::from_millis(500);
 const BACKLOG_POLL: Duration = Duration::from_millis(50);
-/// Pause after a small batch; bounds the added settlement lag.
-const LINGER: Duration = Duration::from_millis(10);
 
 /// Runs until `stop` is true and everything durable before it has been shipped, or for
 /// [`Until::EndOfFiles`] until the end of the journal. Store failures are retried; they never
@@ -185,14 +183,6 @@ pub async fn run(
                 stats.batches.fetch_add(1, Ordering::Relaxed);
                 stats.shipped_to(next, limit);
                 checkpoint = Some(next);
-                // A small batch means the journal is nearly caught up: let a few more syncs
-                // accumulate rather than pay a round trip and a script per handful of taps.
-                if read.records.len() < batch / 2
-                    && matches!(until, Until::Durable(_))
-                    && wait_or_stop(&mut stop, LINGER).await
-                {
-                    continue;
-                }
             }
             Ok(Shipped::Moved(current)) => {
                 stats.checkpoint_moved.fetch_add(1, Ordering::Relaxed);

@@ -79,8 +79,6 @@ pub struct SettlerStats {
 
 const RETRY: Duration = Duration::from_millis(500);
 const READ_BLOCK: Duration = Duration::from_millis(200);
-/// Pause after a small batch; bounds the added settlement lag.
-const LINGER: Duration = Duration::from_millis(10);
 
 struct Held {
     /// Entries may wait in the group's pending list (taken over, or a read whose answer was
@@ -194,16 +192,10 @@ impl Settler {
             .store
             .read_new(&reading, &self.token, self.settings.batch, block)
             .await?;
-        let mut read = 0;
         for (p, entries) in delivered {
-            read += entries.len();
             if !entries.is_empty() {
                 self.settle_batch(p, entries).await?;
             }
-        }
-        // Few entries waiting: let more arrive than pay four round trips for a handful.
-        if read > 0 && read < self.settings.batch / 2 {
-            tokio::time::sleep(LINGER).await;
         }
         Ok(())
     }
