@@ -726,6 +726,76 @@ mod tests {
         writer.join();
     }
 
+    #[tokio::test]
+    async fn the_forwarders_reads_stop_at_the_durable_end_and_resume_across_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        // Two records per segment.
+        let segment = 2 * (RECORD_HEADER + PAYLOAD_LEN) as u64;
+        let (journal, writer) = Journal::open(&settings(dir.path(), segment), |_| {}).unwrap();
+        let durable = journal.durable();
+        for s in 1..=5 {
+            journal
+                .append_durable(record(s))
+                .unwrap()
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        let end = *durable.borrow();
+        assert_eq!(end.segment, 2, "five records, two per segment");
+        let sequences = |read: &JournalRead| -> Vec<u64> {
+            read.records.iter().map(|r| r.tap.sequence).collect()
+        };
+        let first = read_from(dir.path(), JournalPosition::default(), Some(end), 3).unwrap();
+        assert_eq!(sequences(&first), [1, 2, 3]);
+        let rest = read_from(dir.path(), first.next, Some(end), 10).unwrap();
+        assert_eq!(sequences(&rest), [4, 5]);
+        assert_eq!(rest.next, end);
+        assert!(!rest.damaged);
+        // Nothing is read past the durable end, however much is asked for.
+        let before_last = JournalPosition {
+            segment: end.segment,
+            offset: 0,
+        };
+        let bounded = read_from(dir.path(), first.next, Some(before_last), 10).unwrap();
+        assert_eq!(sequences(&bounded), [4]);
+        drop(journal);
+        tokio::task::spawn_blocking(|| writer.join()).await.unwrap();
+    }
+
+    #[test]
+    fn damage_inside_a_segment_that_others_follow_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bytes = BytesMut::new();
+        for s in 1..=3 {
+            bytes.put_u32(PAYLOAD_LEN as u32);
+            let mut payload = BytesMut::new();
+            record(s).encode(&mut payload);
+            bytes.put_u32(crc32c::crc32c(&payload));
+            bytes.extend_from_slice(&payload);
+        }
+        let second = RECORD_HEADER + PAYLOAD_LEN;
+        bytes[second + RECORD_HEADER + 5] ^= 1;
+        fs::write(dir.path().join(segment_name(0)), &bytes).unwrap();
+        fs::write(dir.path().join(segment_name(1)), b"").unwrap();
+        let read = read_from(dir.path(), JournalPosition::default(), None, 10).unwrap();
+        assert_eq!(read.records.len(), 1);
+        assert!(read.damaged);
+        assert_eq!(read.next.offset, second as u64);
+        assert_eq!(next_segment(read.next).segment, 1);
+    }
+
+    #[test]
+    fn journal_positions_print_and_parse() {
+        let p = JournalPosition {
+            segment: 12,
+            offset: 3480,
+        };
+        assert_eq!(p.to_string().parse::<JournalPosition>(), Ok(p));
+        assert!("12".parse::<JournalPosition>().is_err());
+        assert!("a:1".parse::<JournalPosition>().is_err());
+    }
+
     #[test]
     fn a_torn_tail_is_cut_and_earlier_records_survive() {
         let dir = tempfile::tempdir().unwrap();
