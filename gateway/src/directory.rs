@@ -236,6 +236,20 @@ pub struct RedisSettings {
     pub response_timeout: Duration,
 }
 
+/// A reconnecting Redis connection that does not wait for Redis: commands fail fast (after
+/// `timeout`) while it is down, and it reconnects in the background.
+pub fn lazy_connection(
+    client: &redis::Client,
+    timeout: Duration,
+) -> redis::RedisResult<ConnectionManager> {
+    let config = ConnectionManagerConfig::new()
+        .set_response_timeout(Some(timeout))
+        .set_connection_timeout(Some(timeout))
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_millis(500));
+    ConnectionManager::new_lazy_with_config(client.clone(), config)
+}
+
 #[derive(Clone)]
 pub struct RedisDirectory {
     client: redis::Client,
@@ -249,12 +263,7 @@ impl RedisDirectory {
     pub fn connect(settings: &RedisSettings) -> Result<Self, DirectoryError> {
         let client = redis::Client::open(settings.url.as_str())
             .map_err(|e| DirectoryError::Unavailable(format!("bad Redis URL: {e}")))?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(settings.response_timeout))
-            .set_connection_timeout(Some(settings.response_timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let connection = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
+        let connection = lazy_connection(&client, settings.response_timeout)?;
         Ok(Self {
             client,
             connection,

@@ -726,6 +726,19 @@ mod tests {
         writer.join();
     }
 
+    /// A segment's bytes holding the records of these sequence numbers.
+    fn segment_bytes(sequences: std::ops::RangeInclusive<u64>) -> BytesMut {
+        let mut bytes = BytesMut::new();
+        for s in sequences {
+            bytes.put_u32(PAYLOAD_LEN as u32);
+            let mut payload = BytesMut::new();
+            record(s).encode(&mut payload);
+            bytes.put_u32(crc32c::crc32c(&payload));
+            bytes.extend_from_slice(&payload);
+        }
+        bytes
+    }
+
     #[tokio::test]
     async fn the_forwarders_reads_stop_at_the_durable_end_and_resume_across_segments() {
         let dir = tempfile::tempdir().unwrap();
@@ -766,14 +779,7 @@ mod tests {
     #[test]
     fn damage_inside_a_segment_that_others_follow_is_reported() {
         let dir = tempfile::tempdir().unwrap();
-        let mut bytes = BytesMut::new();
-        for s in 1..=3 {
-            bytes.put_u32(PAYLOAD_LEN as u32);
-            let mut payload = BytesMut::new();
-            record(s).encode(&mut payload);
-            bytes.put_u32(crc32c::crc32c(&payload));
-            bytes.extend_from_slice(&payload);
-        }
+        let mut bytes = segment_bytes(1..=3);
         let second = RECORD_HEADER + PAYLOAD_LEN;
         bytes[second + RECORD_HEADER + 5] ^= 1;
         fs::write(dir.path().join(segment_name(0)), &bytes).unwrap();
@@ -800,14 +806,7 @@ mod tests {
     fn a_torn_tail_is_cut_and_earlier_records_survive() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(segment_name(0));
-        let mut bytes = BytesMut::new();
-        for s in 1..=3 {
-            bytes.put_u32(PAYLOAD_LEN as u32);
-            let mut payload = BytesMut::new();
-            record(s).encode(&mut payload);
-            bytes.put_u32(crc32c::crc32c(&payload));
-            bytes.extend_from_slice(&payload);
-        }
+        let bytes = segment_bytes(1..=3);
         let full = bytes.len();
         fs::write(&path, &bytes[..full - 10]).unwrap();
         let mut seen = Vec::new();

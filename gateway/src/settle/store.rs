@@ -28,7 +28,7 @@ use super::ledger::{DayLedger, Ledger, Totals};
 use crate::fares::RiderState;
 use crate::journal::{JournalPosition, JournalRecord, PAYLOAD_LEN};
 use chrono::NaiveDate;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::aio::{ConnectionManager, MultiplexedConnection};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -381,12 +381,7 @@ impl RedisStore {
     pub fn connect(url: &str, prefix: &str, timeout: Duration) -> Result<Self, StoreError> {
         let client = redis::Client::open(url)
             .map_err(|e| StoreError::Unavailable(format!("bad Redis URL: {e}")))?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(timeout))
-            .set_connection_timeout(Some(timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let connection = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
+        let connection = crate::directory::lazy_connection(&client, timeout)?;
         Ok(Self {
             client,
             connection,
