@@ -8,11 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 use support::*;
 use tapgate_gateway::card::CardState;
+use tapgate_gateway::directory::TerminalRecord;
 use tapgate_gateway::fares::FareTables;
 use tapgate_gateway::settle::ledger::settle_journals;
 use tapgate_gateway::settle::store::{RedisStore, Store};
 use tapgate_gateway::settle::{Settlement, SettlementSettings};
-use tapgate_protocol::{Concession, Issuer, IssuerRegion, Outcome, Tap, TapKind};
+use tapgate_protocol::{AreaCode, Concession, Issuer, IssuerRegion, Mode, Outcome, Tap, TapKind};
 
 async fn outcome(gate: &mut tapgate_loadgen::client::GateClient, tap: Tap) -> Outcome {
     gate.tap(tap).await.unwrap().outcome
@@ -21,7 +22,7 @@ async fn outcome(gate: &mut tapgate_loadgen::client::GateClient, tap: Tap) -> Ou
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_days_taps_settle_into_fares_transfers_and_clearing() {
     let state = tempfile::tempdir().unwrap();
-    let (_, directory) = embedded_with(&[
+    let (embedded, directory) = embedded_with(&[
         card(
             1,
             CardState::Active,
@@ -65,7 +66,22 @@ async fn a_days_taps_settle_into_fares_transfers_and_clearing() {
             Concession::None,
             0,
         ),
+        card(
+            8,
+            CardState::Active,
+            Issuer::ChongqingSsc,
+            Concession::None,
+            0,
+        ),
     ]);
+    // Chongqing West on the Chengdu–Chongqing intercity line, run by a Sichuan operator.
+    let intercity_gate = TerminalRecord {
+        terminal_id: 5005,
+        area: AreaCode(500106),
+        mode: Mode::IntercityRail,
+        operator: 7,
+    };
+    embedded.put_terminal(intercity_gate);
     let redis = RedisServer::start();
     let h = Harness::start(directory, state.path()).await;
     let store =
@@ -145,6 +161,14 @@ async fn a_days_taps_settle_into_fares_transfers_and_clearing() {
             Outcome::Approve
         );
     }
+    // Card 8: an intercity trip of four stops (4 × 25 km × 0.30 yuan), owed to Sichuan.
+    let mut intercity = h.gate(&intercity_gate).await;
+    for (sequence, kind, stop) in [(1, TapKind::Entry, 1), (2, TapKind::Exit, 5)] {
+        assert_eq!(
+            outcome(&mut intercity, at(sequence, 8, kind, 1, stop)).await,
+            Outcome::Approve
+        );
+    }
     h.gateway.shutdown().await;
     assert!(
         settlement
@@ -162,7 +186,7 @@ async fn a_days_taps_settle_into_fares_transfers_and_clearing() {
     .unwrap();
     let ledger = &settled.ledger;
     assert_eq!(&through_pipeline, ledger);
-    assert_eq!(ledger.taps(), 19);
+    assert_eq!(ledger.taps(), 21);
     assert_eq!(ledger.days.len(), 1);
     let day = ledger.days.values().next().unwrap();
     let card = |id| day.cards[&id];
@@ -171,6 +195,15 @@ async fn a_days_taps_settle_into_fares_transfers_and_clearing() {
     assert_eq!((card(5).rides, card(5).fen), (2, 900));
     assert_eq!((card(6).rides, card(6).fen), (1, 700), "exit without entry");
     assert_eq!((card(7).rides, card(7).fen), (10, 1500), "daily cap");
+    assert_eq!(
+        (card(8).rides, card(8).fen),
+        (1, 3000),
+        "intercity by distance"
+    );
+    assert_eq!(
+        day.clearing[&(IssuerRegion::Chongqing, IssuerRegion::Sichuan)].fen,
+        3000
+    );
     assert_eq!(
         day.clearing[&(IssuerRegion::National, IssuerRegion::Chongqing)].fen,
         700
@@ -181,5 +214,5 @@ async fn a_days_taps_settle_into_fares_transfers_and_clearing() {
         day.clearing[&(IssuerRegion::Sichuan, IssuerRegion::Chongqing)].fen,
         200
     );
-    assert_eq!(day.clearing.len(), 2);
+    assert_eq!(day.clearing.len(), 3);
 }

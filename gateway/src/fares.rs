@@ -493,10 +493,14 @@ fn price(
         }
     }
 
-    if tables.daily_cap > 0 {
-        fare = fare.min(tables.daily_cap.saturating_sub(rider.paid_today));
+    // The cap is for city transit: an intercity train ticket neither counts towards it nor is
+    // cut by it.
+    if mode != Mode::IntercityRail {
+        if tables.daily_cap > 0 {
+            fare = fare.min(tables.daily_cap.saturating_sub(rider.paid_today));
+        }
+        rider.paid_today += fare;
     }
-    rider.paid_today += fare;
     Charge {
         kind,
         area,
@@ -576,6 +580,32 @@ mod tests {
             .iter()
             .flat_map(|r| settle(r, &mut rider, &tables))
             .collect()
+    }
+
+    #[test]
+    fn intercity_rail_is_outside_the_daily_cap() {
+        let intercity = |kind, stop, at| {
+            let mut r = record(
+                Mode::IntercityRail,
+                kind,
+                500106,
+                1,
+                stop,
+                at,
+                Concession::None,
+            );
+            r.operator = 7;
+            r
+        };
+        let mut day: Vec<JournalRecord> = (0..8).map(|i| bus(T0 + i * 2 * MIN)).collect();
+        day.push(intercity(TapKind::Entry, 1, T0 + 30 * MIN));
+        day.push(intercity(TapKind::Exit, 5, T0 + 90 * MIN));
+        day.push(bus(T0 + 120 * MIN));
+        let charges = run(&day);
+        // Eight buses: 1,600 fen capped to 1,500 (the eighth pays 100); the train's 100 km at
+        // full fare; the bus after it still capped.
+        assert_eq!(fares(&charges[7..]), [100, 3000, 0]);
+        assert_eq!(charges.iter().map(|c| c.fare_fen).sum::<u32>(), 1500 + 3000);
     }
 
     #[test]
@@ -828,16 +858,8 @@ mod tests {
             T0 + 90 * MIN,
             Concession::None,
         );
-        // 11 stops × 25 km × 30 fen = 8,250 fen; capped by the day's cap of 1,500.
-        let mut tables = FareTables::embedded_default();
-        tables.daily_cap = 0;
-        let mut rider = RiderState::default();
-        let c: Vec<_> = [entry, exit]
-            .iter()
-            .flat_map(|r| settle(r, &mut rider, &tables))
-            .collect();
-        assert_eq!(fares(&c), [8250]);
-        assert_eq!(fares(&run(&[entry, exit])), [1500]);
+        // 11 stops × 25 km × 30 fen = 8,250 fen, within [1,000, 15,400].
+        assert_eq!(fares(&run(&[entry, exit])), [8250]);
     }
 
     #[test]
