@@ -257,3 +257,32 @@ async fn redelivered_entries_are_not_applied_twice_and_an_emptied_redis_is_rebui
     h.gateway.shutdown().await;
     settlement.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_stopped_while_redis_is_down_ships_the_rest_after_its_restart() {
+    let mut redis = RedisServer::start_persistent();
+    let state = tempfile::tempdir().unwrap();
+    let h = gateway(state.path()).await;
+    let first = settlement(&h, store(&redis), 1);
+    let report = run(load_spec(&h, 500.0, 1)).await.unwrap();
+    assert_eq!(report.errors, 0, "{}", report.summary());
+    redis.stop();
+    // Taps keep being approved and journaled while settlement cannot reach Redis.
+    let report = run(load_spec(&h, 500.0, 1)).await.unwrap();
+    assert_eq!(report.errors, 0, "{}", report.summary());
+    h.gateway.shutdown().await;
+    tokio::time::timeout(Duration::from_secs(15), first.shutdown())
+        .await
+        .expect("stopping does not wait for Redis");
+
+    redis.restart();
+    let h = gateway(state.path()).await;
+    let second = settlement(&h, store(&redis), 1);
+    assert!(second.wait_settled(Duration::from_secs(20)).await.unwrap());
+    let expected = expected(&h.state);
+    assert!(expected.taps() > 500, "{} approved taps", expected.taps());
+    let r = reconciled(&second.store, &expected, Duration::from_secs(5)).await;
+    assert!(r.is_exact(), "{r:?}");
+    h.gateway.shutdown().await;
+    second.shutdown().await;
+}

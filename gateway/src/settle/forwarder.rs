@@ -161,7 +161,8 @@ pub async fn run(
         }
         let check_backlog = backlog_checked.is_none_or(|t| t.elapsed() >= BACKLOG_POLL);
         if check_backlog && backlog_full(&store, &settings, &stats).await {
-            if wait_or_stop(&mut stop, BACKLOG_POLL).await && matches!(until, Until::EndOfFiles) {
+            // Stopping while settlers are behind: what is left is shipped on the next start.
+            if wait_or_stop(&mut stop, BACKLOG_POLL).await {
                 return Ok(());
             }
             continue;
@@ -192,7 +193,9 @@ pub async fn run(
             Err(e) => {
                 stats.store_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, "forwarder: shipping failed; retrying from the stored checkpoint");
-                if wait_or_stop(&mut stop, RETRY).await && matches!(until, Until::EndOfFiles) {
+                // Stopping while the store is unreachable: the stored checkpoint keeps the
+                // place, and the next start ships the rest.
+                if wait_or_stop(&mut stop, RETRY).await {
                     return Ok(());
                 }
                 // The batch may or may not have landed: only the store knows.

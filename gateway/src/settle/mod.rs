@@ -35,6 +35,10 @@ use store::{Store, StoreError};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+/// How long stopping waits for the forwarder to ship what is durable and for settlers to finish
+/// their batch. Nothing is lost past it: the store's checkpoint and watermarks hold the place.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// How a gateway settles what it approves.
 #[derive(Debug, Clone)]
 pub struct SettlementSettings {
@@ -152,8 +156,14 @@ impl Settlement {
     /// partitions back).
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
-        for task in self.tasks {
-            let _ = task.await;
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        for mut task in self.tasks {
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                tracing::warn!(
+                    "settlement task still busy at shutdown; stopped (the next start resumes from the store)"
+                );
+                task.abort();
+            }
         }
     }
 }
