@@ -61,18 +61,24 @@ struct LedgerSource {
 }
 
 impl LedgerSource {
-    fn read(&self, day: Option<chrono::NaiveDate>) -> Result<Ledger, String> {
+    fn read(&self, day: Option<chrono::NaiveDate>, with_cards: bool) -> Result<Ledger, String> {
         match &self.ledger {
             Some(path) => {
                 let mut ledger = read_ledger_file(path)?;
                 if let Some(day) = day {
                     ledger.days.retain(|d, _| *d == day);
                 }
+                if !with_cards {
+                    ledger.days.values_mut().for_each(|d| d.cards.clear());
+                }
                 Ok(ledger)
             }
             None => runtime()?.block_on(async {
                 let store = self.redis.store()?;
-                store.ledger(day).await.map_err(|e| e.to_string())
+                store
+                    .ledger(day, with_cards)
+                    .await
+                    .map_err(|e| e.to_string())
             }),
         }
     }
@@ -220,7 +226,7 @@ pub fn run(args: SettleArgs) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         SettleAction::Report { source, date, json } => {
-            let ledger = source.read(date)?;
+            let ledger = source.read(date, false)?;
             print!("{}", report(&ledger));
             if let Some(path) = json {
                 write_json(&path, &report_json(&ledger))?;
@@ -236,7 +242,7 @@ pub fn run(args: SettleArgs) -> Result<ExitCode, String> {
             let tables = load_tables(fares.as_deref())?;
             let dirs: Vec<&Path> = journal.iter().map(PathBuf::as_path).collect();
             let expected = settle_dirs(&dirs, &tables)?;
-            let settled = source.read(None)?;
+            let settled = source.read(None, true)?;
             let reconciliation = Reconciliation::new(&expected.ledger, &settled);
             print!("{}", reconcile_text(&reconciliation, show));
             if expected.damaged_segments > 0 {

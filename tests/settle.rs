@@ -176,7 +176,7 @@ async fn a_days_taps_settle_into_fares_transfers_and_clearing() {
             .await
             .unwrap()
     );
-    let through_pipeline = store.ledger(None).await.unwrap();
+    let through_pipeline = store.ledger(None, true).await.unwrap();
     settlement.shutdown().await;
 
     let settled = settle_journals(

@@ -86,7 +86,7 @@ fn expected(state: &Path) -> Ledger {
 async fn reconciled(store: &Store, expected: &Ledger, within: Duration) -> Reconciliation {
     let deadline = Instant::now() + within;
     loop {
-        if let Ok(settled) = store.ledger(None).await {
+        if let Ok(settled) = store.ledger(None, true).await {
             let r = Reconciliation::new(expected, &settled);
             if r.is_exact() || Instant::now() >= deadline {
                 return r;

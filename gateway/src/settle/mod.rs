@@ -147,7 +147,11 @@ impl Settlement {
     /// Writes the settled books to `path` as JSON (what `tapgate settle reconcile --ledger`
     /// reads): how an in-process store's ledger outlives the process.
     pub async fn write_ledger(&self, path: &std::path::Path) -> Result<(), String> {
-        let ledger = self.store.ledger(None).await.map_err(|e| e.to_string())?;
+        let ledger = self
+            .store
+            .ledger(None, true)
+            .await
+            .map_err(|e| e.to_string())?;
         let text = serde_json::to_string(&ledger.to_json()).expect("a ledger serializes");
         std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
     }

@@ -37,6 +37,9 @@ use tokio::sync::Notify;
 
 pub const GROUP: &str = "settlers";
 
+/// Fields per HSCAN round trip when reading ledgers back.
+const HSCAN_PAGE: usize = 10_000;
+
 /// A stream entry id, `ms-seq`, ordered numerically.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct EntryId {
@@ -265,19 +268,24 @@ impl Store {
         }
     }
 
-    /// The settled books of one day, or of every day.
-    pub async fn ledger(&self, day: Option<NaiveDate>) -> Result<Ledger, StoreError> {
-        match self {
-            Store::Redis(r) => r.ledger(day).await,
-            Store::Memory(m) => {
-                let s = m.lock();
-                let mut ledger = s.ledger.clone();
-                if let Some(day) = day {
-                    ledger.days.retain(|d, _| *d == day);
-                }
-                Ok(ledger)
-            }
+    /// The settled books of one day, or of every day; the per-card books (the bulk of them)
+    /// only when `with_cards`.
+    pub async fn ledger(
+        &self,
+        day: Option<NaiveDate>,
+        with_cards: bool,
+    ) -> Result<Ledger, StoreError> {
+        let mut ledger = match self {
+            Store::Redis(r) => r.ledger(day, with_cards).await?,
+            Store::Memory(m) => m.lock().ledger.clone(),
+        };
+        if let Some(day) = day {
+            ledger.days.retain(|d, _| *d == day);
         }
+        if !with_cards {
+            ledger.days.values_mut().for_each(|d| d.cards.clear());
+        }
+        Ok(ledger)
     }
 }
 
@@ -761,7 +769,7 @@ impl RedisStore {
         Ok(())
     }
 
-    async fn ledger(&self, day: Option<NaiveDate>) -> Result<Ledger, StoreError> {
+    async fn ledger(&self, day: Option<NaiveDate>, with_cards: bool) -> Result<Ledger, StoreError> {
         let taps: HashMap<String, u64> = redis::cmd("HGETALL")
             .arg(self.key("ledger-taps"))
             .query_async(&mut self.conn())
@@ -794,7 +802,11 @@ impl RedisStore {
                     value,
                 );
             }
-            let cards: HashMap<String, u64> = self.hash(&format!("ledger-cards:{date}")).await?;
+            let cards: HashMap<String, u64> = if with_cards {
+                self.hash(&format!("ledger-cards:{date}")).await?
+            } else {
+                HashMap::new()
+            };
             for (field, value) in cards {
                 let (card, what) = split_field(&field)?;
                 let card = card
@@ -818,11 +830,26 @@ impl RedisStore {
         Ok(ledger)
     }
 
+    /// A whole hash, read in HSCAN pages: a day's card ledger can hold millions of fields, and
+    /// one HGETALL of it would stall the Redis every gateway is using.
     async fn hash(&self, rest: &str) -> Result<HashMap<String, u64>, StoreError> {
-        Ok(redis::cmd("HGETALL")
-            .arg(self.key(rest))
-            .query_async(&mut self.conn())
-            .await?)
+        let key = self.key(rest);
+        let mut out = HashMap::new();
+        let mut cursor = 0u64;
+        loop {
+            let (next, page): (u64, Vec<(String, u64)>) = redis::cmd("HSCAN")
+                .arg(&key)
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(HSCAN_PAGE)
+                .query_async(&mut self.conn())
+                .await?;
+            out.extend(page);
+            if next == 0 {
+                return Ok(out);
+            }
+            cursor = next;
+        }
     }
 }
 
