@@ -286,3 +286,35 @@ async fn a_gateway_stopped_while_redis_is_down_ships_the_rest_after_its_restart(
     h.gateway.shutdown().await;
     second.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_with_one_node_name_do_not_ship_from_each_others_place() {
+    let redis = RedisServer::start();
+    let (first_state, second_state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let first = gateway(first_state.path()).await;
+    let first_settlement = settlement(&first, store(&redis), 1);
+    let report = run(load_spec(&first, 500.0, 1)).await.unwrap();
+    assert_eq!(report.errors, 0, "{}", report.summary());
+    assert!(
+        first_settlement
+            .wait_settled(Duration::from_secs(20))
+            .await
+            .unwrap()
+    );
+
+    // Same `node` name, another journal: its forwarder refuses the first one's checkpoint.
+    let second = gateway(second_state.path()).await;
+    let second_settlement = settlement(&second, store(&redis), 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !second_settlement.forwarder.failed.load(Ordering::Relaxed) {
+        assert!(Instant::now() < deadline, "the second forwarder kept going");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let expected = expected(&first.state);
+    let r = reconciled(&first_settlement.store, &expected, Duration::from_secs(5)).await;
+    assert!(r.is_exact(), "{r:?}");
+    for (h, s) in [(first, first_settlement), (second, second_settlement)] {
+        h.gateway.shutdown().await;
+        s.shutdown().await;
+    }
+}

@@ -5,7 +5,8 @@
 //! queue, writes everything that is waiting as one batch and syncs once for the batch; the queue
 //! being full is answered Busy by the caller, never absorbed.
 //!
-//! Files: `DIR/journal-NNNNNNNNNN.tj`, numbered in order, a new one per start and whenever the
+//! Files: `DIR/journal-id` (the journal's identity, made on first open), and
+//! `DIR/journal-NNNNNNNNNN.tj`, numbered in order, a new one per start and whenever the
 //! current one passes the segment size. Record: `len u32 BE | crc32c(payload) u32 BE | payload`
 //! with the payload of [`JournalRecord::encode`]. A torn record at the end of the newest file
 //! (a crash mid-write) is cut off on recovery; it was never acknowledged.
@@ -222,6 +223,7 @@ impl Journal {
             move |source| JournalError::Io { path, source }
         };
         fs::create_dir_all(&settings.dir).map_err(io_err(&settings.dir))?;
+        journal_id(&settings.dir).map_err(io_err(&settings.dir))?;
         let segments = list_segments(&settings.dir).map_err(io_err(&settings.dir))?;
         for (i, path) in segments.iter().enumerate() {
             let is_newest = i + 1 == segments.len();
@@ -454,6 +456,28 @@ fn segment_index(path: &Path) -> Option<u64> {
         .strip_suffix(".tj")?
         .parse()
         .ok()
+}
+
+const JOURNAL_ID_FILE: &str = "journal-id";
+
+/// This journal's identity, made up when it is first opened: settlement ties its shipping
+/// checkpoint to it, so two gateways configured with the same node name cannot resume from each
+/// other's place.
+pub fn journal_id(dir: &Path) -> io::Result<String> {
+    let path = dir.join(JOURNAL_ID_FILE);
+    match fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let id = format!("{:016x}", rand::random::<u64>());
+    let temporary = dir.join(format!("{JOURNAL_ID_FILE}.new"));
+    fs::write(&temporary, &id)?;
+    File::open(&temporary)?.sync_all()?;
+    fs::rename(&temporary, &path)?;
+    sync_dir(dir);
+    Ok(id)
 }
 
 /// The journal's segment files, oldest first.
@@ -789,6 +813,16 @@ mod tests {
         assert!(read.damaged);
         assert_eq!(read.next.offset, second as u64);
         assert_eq!(next_segment(read.next).segment, 1);
+    }
+
+    #[test]
+    fn a_journal_keeps_its_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = journal_id(dir.path()).unwrap();
+        assert_eq!(id.len(), 16);
+        assert_eq!(journal_id(dir.path()).unwrap(), id);
+        let other = tempfile::tempdir().unwrap();
+        assert_ne!(journal_id(other.path()).unwrap(), id);
     }
 
     #[test]

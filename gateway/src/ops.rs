@@ -50,7 +50,13 @@ impl Counters {
 
 fn render_settlement(out: &mut String, forwarder: &ForwarderStats, settlers: &SettlerStats) {
     let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    let counters: [(&str, &str, &str, u64); 12] = [
+    let counters: [(&str, &str, &str, u64); 13] = [
+        (
+            "forwarder_failed",
+            "gauge",
+            "1 when the forwarder stopped on an error an operator must clear (see the log).",
+            u64::from(forwarder.failed.load(Ordering::Relaxed)),
+        ),
         (
             "forwarded_taps_total",
             "counter",

@@ -6,8 +6,8 @@
 //! the journal and rebuilds its ledgers.
 
 use super::partition_of;
-use super::store::{Shipped, Store, StoreError};
-use crate::journal::{JournalPosition, next_segment, read_from};
+use super::store::{Checkpoint, Shipped, Store, StoreError};
+use crate::journal::{JournalPosition, journal_id, next_segment, read_from};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,6 +39,8 @@ pub struct ForwarderStats {
     pub backlog_pauses: AtomicU64,
     /// Journal bytes durable but not yet shipped, as of the last look.
     pub behind_bytes: AtomicU64,
+    /// The forwarder stopped on an error only an operator can clear (see the log).
+    pub failed: std::sync::atomic::AtomicBool,
     /// Everything before this position has been shipped.
     pub shipped_through: std::sync::Mutex<Option<JournalPosition>>,
 }
@@ -85,9 +87,16 @@ pub async fn run(
     if !super::init_store(&store, settings.partitions, &mut stop).await? {
         return Ok(());
     }
+    let journal = journal_id(&settings.journal_dir)
+        .map_err(|e| StoreError::Malformed(format!("{}: {e}", settings.journal_dir.display())))?;
+    let ours = |stored: Option<Checkpoint>| own_position(&settings.node, &journal, stored);
+    let at = |position: JournalPosition| Checkpoint {
+        journal: journal.clone(),
+        position,
+    };
     let mut checkpoint = loop {
         match store.checkpoint(&settings.node).await {
-            Ok(c) => break c,
+            Ok(c) => break ours(c)?,
             Err(e @ StoreError::Malformed(_)) => return Err(e),
             Err(e) => {
                 stats.store_errors.fetch_add(1, Ordering::Relaxed);
@@ -144,11 +153,11 @@ pub async fn run(
                     // that came back older or empty is caught up now, not at the next tap.
                     if quiet
                         && let Ok(stored) = store.checkpoint(&settings.node).await
-                        && stored != checkpoint
+                        && ours(stored.clone())? != checkpoint
                     {
                         stats.checkpoint_moved.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(expected = ?checkpoint, found = ?stored, "forwarder: the store's checkpoint changed (Redis restarted older or empty?); shipping again from it");
-                        checkpoint = stored;
+                        checkpoint = ours(stored)?;
                         continue;
                     }
                     // The journal is closed: nothing more will become durable.
@@ -176,7 +185,11 @@ pub async fn run(
             .filter(|r| r.result.outcome == Outcome::Approve)
             .map(|r| (partition_of(r.tap.card_id, settings.partitions), *r))
             .collect();
-        match store.ship(&settings.node, checkpoint, next, &taps).await {
+        let expected = checkpoint.map(at);
+        match store
+            .ship(&settings.node, expected.as_ref(), &at(next), &taps)
+            .await
+        {
             Ok(Shipped::Done) => {
                 stats
                     .shipped
@@ -188,7 +201,7 @@ pub async fn run(
             Ok(Shipped::Moved(current)) => {
                 stats.checkpoint_moved.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(expected = ?checkpoint, found = ?current, "forwarder: checkpoint moved under it (a second forwarder with this node name, or a Redis that lost data); resuming from the stored one");
-                checkpoint = current;
+                checkpoint = ours(current)?;
             }
             Err(e) => {
                 stats.store_errors.fetch_add(1, Ordering::Relaxed);
@@ -200,10 +213,28 @@ pub async fn run(
                 }
                 // The batch may or may not have landed: only the store knows.
                 if let Ok(c) = store.checkpoint(&settings.node).await {
-                    checkpoint = c;
+                    checkpoint = ours(c)?;
                 }
             }
         }
+    }
+}
+
+/// The position in this journal a stored checkpoint stands for; an error when it belongs to
+/// another journal, which must never be resumed from.
+fn own_position(
+    node: &str,
+    journal: &str,
+    stored: Option<Checkpoint>,
+) -> Result<Option<JournalPosition>, StoreError> {
+    match stored {
+        None => Ok(None),
+        Some(c) if c.journal == journal => Ok(Some(c.position)),
+        Some(c) => Err(StoreError::ForeignCheckpoint {
+            node: node.to_owned(),
+            theirs: c.journal,
+            ours: journal.to_owned(),
+        }),
     }
 }
 
@@ -227,4 +258,31 @@ async fn wait_or_stop(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
         () = tokio::time::sleep(d) => {}
     }
     *stop.borrow()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_checkpoint_of_another_journal_is_refused() {
+        let position = JournalPosition {
+            segment: 3,
+            offset: 870,
+        };
+        let stored = |journal: &str| {
+            Some(Checkpoint {
+                journal: journal.into(),
+                position,
+            })
+        };
+        assert_eq!(own_position("gw", "aa", None), Ok(None));
+        assert_eq!(own_position("gw", "aa", stored("aa")), Ok(Some(position)));
+        assert!(matches!(
+            own_position("gw", "aa", stored("bb")),
+            Err(StoreError::ForeignCheckpoint { .. })
+        ));
+        let text = stored("aa").unwrap().to_string();
+        assert_eq!(text.parse::<Checkpoint>(), Ok(stored("aa").unwrap()));
+    }
 }

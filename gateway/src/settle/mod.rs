@@ -89,8 +89,9 @@ impl Settlement {
             durable.clone(),
         );
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = forwarder::run(s, forwarding, Until::Durable(d), f, rx).await {
-                tracing::error!(error = %e, "forwarder stopped");
+            if let Err(e) = forwarder::run(s, forwarding, Until::Durable(d), f.clone(), rx).await {
+                f.failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(error = %e, "forwarder stopped; approved taps stay in the journal until it runs again");
             }
         }));
         for i in 0..settings.settlers {

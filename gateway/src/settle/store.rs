@@ -10,7 +10,7 @@
 //! |------------------------------|--------|------|
 //! | `P:settle:partitions`        | string | partition count, fixed at first use |
 //! | `P:taps:{N}`                 | stream | shipped approved taps of partition N: `tap` = `TERMINAL-SEQUENCE`, `r` = the journal record |
-//! | `P:forward:NODE`             | string | the node's forwarder checkpoint, `SEGMENT:OFFSET` in its journal |
+//! | `P:forward:NODE`             | string | the node's forwarder checkpoint, `JOURNAL@SEGMENT:OFFSET` (the journal's identity and a place in it) |
 //! | `P:settle:watermarks`        | hash   | partition → last stream id applied |
 //! | `P:settle:lease:N`           | string | token of the settler that owns partition N (expires) |
 //! | `P:settle:members`           | zset   | live settlers by last heartbeat (server time, ms) |
@@ -64,6 +64,33 @@ impl std::str::FromStr for EntryId {
     }
 }
 
+/// How far a node's forwarder has shipped, in which journal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// The journal's identity ([`crate::journal::journal_id`]).
+    pub journal: String,
+    pub position: JournalPosition,
+}
+
+impl std::fmt::Display for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.journal, self.position)
+    }
+}
+
+impl std::str::FromStr for Checkpoint {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (journal, position) = s
+            .split_once('@')
+            .ok_or_else(|| format!("checkpoint `{s}`: expected JOURNAL@SEGMENT:OFFSET"))?;
+        Ok(Self {
+            journal: journal.to_owned(),
+            position: position.parse()?,
+        })
+    }
+}
+
 /// A tap as a settler receives it. `record` is `None` for an entry that is not a journal
 /// record (written by something else than a forwarder): it is acknowledged and never applied.
 #[derive(Debug, Clone)]
@@ -77,7 +104,7 @@ pub enum Shipped {
     Done,
     /// The checkpoint was not the one the batch was read from (another forwarder with the
     /// same node name, or a Redis that lost data); nothing was shipped. Resume from here.
-    Moved(Option<JournalPosition>),
+    Moved(Option<Checkpoint>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,6 +144,14 @@ pub enum StoreError {
         "settlement store is set up for {stored} partitions, this process for {configured}; one card's taps would split across partitions"
     )]
     PartitionMismatch { stored: u16, configured: u16 },
+    #[error(
+        "the checkpoint of node `{node}` belongs to journal {theirs}, this gateway's journal is {ours}: two gateways share a node name. Give this one its own `[settlement] node`, or delete the key `forward:{node}` if journal {theirs} is retired"
+    )]
+    ForeignCheckpoint {
+        node: String,
+        theirs: String,
+        ours: String,
+    },
 }
 
 impl From<redis::RedisError> for StoreError {
@@ -140,10 +175,10 @@ impl Store {
         }
     }
 
-    pub async fn checkpoint(&self, node: &str) -> Result<Option<JournalPosition>, StoreError> {
+    pub async fn checkpoint(&self, node: &str) -> Result<Option<Checkpoint>, StoreError> {
         match self {
             Store::Redis(r) => r.checkpoint(node).await,
-            Store::Memory(m) => Ok(m.lock().checkpoints.get(node).copied()),
+            Store::Memory(m) => Ok(m.lock().checkpoints.get(node).cloned()),
         }
     }
 
@@ -152,8 +187,8 @@ impl Store {
     pub async fn ship(
         &self,
         node: &str,
-        expected: Option<JournalPosition>,
-        next: JournalPosition,
+        expected: Option<&Checkpoint>,
+        next: &Checkpoint,
         taps: &[(u16, JournalRecord)],
     ) -> Result<Shipped, StoreError> {
         match self {
@@ -464,7 +499,7 @@ impl RedisStore {
         }
     }
 
-    async fn checkpoint(&self, node: &str) -> Result<Option<JournalPosition>, StoreError> {
+    async fn checkpoint(&self, node: &str) -> Result<Option<Checkpoint>, StoreError> {
         let value: Option<String> = redis::cmd("GET")
             .arg(self.key(&format!("forward:{node}")))
             .query_async(&mut self.conn())
@@ -477,8 +512,8 @@ impl RedisStore {
     async fn ship(
         &self,
         node: &str,
-        expected: Option<JournalPosition>,
-        next: JournalPosition,
+        expected: Option<&Checkpoint>,
+        next: &Checkpoint,
         taps: &[(u16, JournalRecord)],
     ) -> Result<Shipped, StoreError> {
         let partitions = self.partitions.load(std::sync::atomic::Ordering::Relaxed);
@@ -937,7 +972,7 @@ pub struct MemoryStore {
 struct MemoryState {
     partitions: u16,
     next_ms: u64,
-    checkpoints: HashMap<String, JournalPosition>,
+    checkpoints: HashMap<String, Checkpoint>,
     streams: BTreeMap<u16, MemoryStream>,
     watermarks: HashMap<u16, EntryId>,
     leases: HashMap<u16, (String, Instant)>,
@@ -978,13 +1013,13 @@ impl MemoryStore {
     fn ship(
         &self,
         node: &str,
-        expected: Option<JournalPosition>,
-        next: JournalPosition,
+        expected: Option<&Checkpoint>,
+        next: &Checkpoint,
         taps: &[(u16, JournalRecord)],
     ) -> Shipped {
         let mut s = self.lock();
-        let current = s.checkpoints.get(node).copied();
-        if current != expected {
+        let current = s.checkpoints.get(node).cloned();
+        if current.as_ref() != expected {
             return Shipped::Moved(current);
         }
         s.next_ms += 1;
@@ -1000,7 +1035,7 @@ impl MemoryStore {
                 .entries
                 .push_back((id, *record));
         }
-        s.checkpoints.insert(node.to_string(), next);
+        s.checkpoints.insert(node.to_string(), next.clone());
         s.shipped += taps.len() as u64;
         drop(s);
         if !taps.is_empty() {
