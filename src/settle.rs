@@ -146,9 +146,12 @@ enum SettleAction {
     Reconcile {
         #[command(flatten)]
         source: LedgerSource,
-        /// Journal directories, one per gateway that ships to this store.
+        /// Journal directories, one per gateway that ships to this store. Taps of a running
+        /// gateway that are not settled yet count as lost: reconcile once settlement has caught
+        /// up (`tapgate_forwarder_behind_bytes` 0, streams drained).
         #[arg(long, required = true)]
         journal: Vec<PathBuf>,
+        /// Fare tables (TOML) the settlers use; the built-in `fares.example.toml` when absent.
         #[arg(long)]
         fares: Option<PathBuf>,
         /// Print at most this many differences.
@@ -160,6 +163,7 @@ enum SettleAction {
         /// The journal directory (`[journal] dir` of the gateway).
         #[arg(long, default_value = "tapgate-state/journal")]
         dir: PathBuf,
+        /// Fare tables (TOML); the built-in `fares.example.toml` when absent.
         #[arg(long)]
         fares: Option<PathBuf>,
         /// Also write the report as JSON here.
