@@ -50,7 +50,25 @@ impl Counters {
 
 fn render_settlement(out: &mut String, forwarder: &ForwarderStats, settlers: &SettlerStats) {
     let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    let counters: [(&str, &str, &str, u64); 13] = [
+    let counters: [(&str, &str, &str, u64); 16] = [
+        (
+            "forwarder_checkpoint_moved_total",
+            "counter",
+            "Times the stored checkpoint was not where the forwarder left it (Redis restarted older or empty).",
+            load(&forwarder.checkpoint_moved),
+        ),
+        (
+            "settle_batches_total",
+            "counter",
+            "Batches applied by this process's settlers.",
+            load(&settlers.batches),
+        ),
+        (
+            "settle_leases_lost_total",
+            "counter",
+            "Partitions this process's settlers lost to another settler (a pause longer than the lease).",
+            load(&settlers.leases_lost),
+        ),
         (
             "forwarder_failed",
             "gauge",
