@@ -394,3 +394,38 @@ fn response(head: &[u8], counters: &Counters) -> (&'static str, String) {
         _ => ("405 Method Not Allowed", "GET only\n".to_owned()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settlement_counters_and_the_lag_histogram_render_as_prometheus_text() {
+        let forwarder = ForwarderStats::default();
+        forwarder.shipped.store(7, Ordering::Relaxed);
+        let settlers = SettlerStats::default();
+        settlers.settled.store(5, Ordering::Relaxed);
+        for lag in [1, 4, 40, 20_000] {
+            settlers.lag.record(lag);
+        }
+        let mut text = String::new();
+        render_settlement(&mut text, &forwarder, &settlers);
+        for line in [
+            "tapgate_forwarded_taps_total 7",
+            "tapgate_settled_taps_total 5",
+            "tapgate_forwarder_failed 0",
+            "# TYPE tapgate_settlement_lag_ms histogram",
+            "tapgate_settlement_lag_ms_bucket{le=\"1\"} 1",
+            "tapgate_settlement_lag_ms_bucket{le=\"5\"} 2",
+            "tapgate_settlement_lag_ms_bucket{le=\"50\"} 3",
+            "tapgate_settlement_lag_ms_bucket{le=\"+Inf\"} 4",
+            "tapgate_settlement_lag_ms_sum 20045",
+            "tapgate_settlement_lag_ms_count 4",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing `{line}` in\n{text}"
+            );
+        }
+    }
+}
