@@ -135,6 +135,11 @@ async fn scrape_settlement(url: &str) -> Option<SettlementCounters> {
     let body = tokio::time::timeout(Duration::from_secs(2), read)
         .await
         .ok()??;
+    parse_settlement_counters(&body)
+}
+
+/// The settlement counters in a `/metrics` response; `None` when it has none.
+fn parse_settlement_counters(body: &str) -> Option<SettlementCounters> {
     let mut counters = SettlementCounters::default();
     for line in body.lines() {
         let Some((name, value)) = line.rsplit_once(' ') else {
@@ -481,4 +486,25 @@ pub fn run_demo(args: DemoArgs) -> Result<(), String> {
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settlement_counters_are_read_from_metrics_text() {
+        let body = "HTTP/1.1 200 OK\r\n\r\n\
+# TYPE tapgate_settlement_lag_ms histogram
+tapgate_settlement_lag_ms_bucket{le=\"1\"} 3
+tapgate_settlement_lag_ms_bucket{le=\"+Inf\"} 9
+tapgate_settlement_lag_ms_sum 120
+tapgate_settled_taps_total 9
+tapgate_forwarder_behind_bytes 87
+";
+        let c = parse_settlement_counters(body).unwrap();
+        assert_eq!(c.lag_buckets, [(Some(1), 3), (None, 9)]);
+        assert_eq!((c.lag_sum_ms, c.settled, c.behind_bytes), (120, 9, 87));
+        assert!(parse_settlement_counters("tapgate_connections_active 3\n").is_none());
+    }
 }
