@@ -9,18 +9,25 @@ use tapgate_gateway::directory::{
 };
 use tapgate_gateway::population::PopulationSpec;
 
-#[derive(Args)]
-pub struct CardsArgs {
-    /// Redis URL of the card directory.
+/// The gateways' Redis: the card directory, and settlement beside it.
+#[derive(Args, Clone)]
+pub struct RedisTarget {
+    /// Redis URL of the gateways' directory (settlement keeps its streams and ledgers there too).
     #[arg(
         long,
         env = "TAPGATE_REDIS_URL",
         default_value = "redis://127.0.0.1:6379/"
     )]
-    redis_url: String,
-    /// Key prefix of the directory.
+    pub redis_url: String,
+    /// Key prefix, as the gateways' `[directory] key_prefix`.
     #[arg(long, default_value = "tapgate")]
-    key_prefix: String,
+    pub key_prefix: String,
+}
+
+#[derive(Args)]
+pub struct CardsArgs {
+    #[command(flatten)]
+    redis: RedisTarget,
     #[command(subcommand)]
     action: CardsAction,
 }
@@ -101,8 +108,8 @@ async fn run_async(args: CardsArgs) -> Result<(), String> {
     }
     let directory = Directory::Redis(
         RedisDirectory::connect(&RedisSettings {
-            url: args.redis_url.clone(),
-            key_prefix: args.key_prefix.clone(),
+            url: args.redis.redis_url.clone(),
+            key_prefix: args.redis.key_prefix.clone(),
             response_timeout: Duration::from_secs(5),
         })
         .map_err(|e| e.to_string())?,

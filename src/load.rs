@@ -1,5 +1,6 @@
 //! `tapgate load` and `tapgate demo`.
 
+use crate::runtime;
 use clap::Args;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -212,13 +213,6 @@ pub struct DemoArgs {
     connections: usize,
     #[arg(long, default_value_t = 2000.0)]
     rate: f64,
-}
-
-fn runtime() -> Result<tokio::runtime::Runtime, String> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("starting the runtime: {e}"))
 }
 
 impl WorkloadArgs {

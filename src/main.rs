@@ -62,6 +62,14 @@ fn main() -> ExitCode {
     report_failure(result.map(|()| ExitCode::SUCCESS))
 }
 
+/// The multi-threaded tokio runtime every subcommand that does network I/O runs on.
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))
+}
+
 /// Prints an error the way every subcommand does, and exits 1 with it.
 fn report_failure(result: Result<ExitCode, String>) -> ExitCode {
     match result {

@@ -117,11 +117,7 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
         ),
     };
     init_logging(&config.log.filter);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("starting the runtime: {e}"))?;
-    runtime.block_on(serve(config, ops_listen))
+    crate::runtime()?.block_on(serve(config, ops_listen))
 }
 
 /// How often the gateway logs its throughput.

@@ -1,6 +1,8 @@
 //! `tapgate settle`: the settlement pipeline's tools — settlers, a one-shot forwarder for a
 //! stopped gateway's journal, reports, and reconciliation against the journals.
 
+use crate::cards::RedisTarget;
+use crate::runtime;
 use clap::{Args, Subcommand};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -27,16 +29,8 @@ pub struct SettleArgs {
 /// Where the settled ledgers are.
 #[derive(Args, Clone)]
 struct RedisArgs {
-    /// Redis URL of the settlement store (the gateway's directory Redis).
-    #[arg(
-        long,
-        env = "TAPGATE_REDIS_URL",
-        default_value = "redis://127.0.0.1:6379/"
-    )]
-    redis_url: String,
-    /// Key prefix, as the gateway's `[directory] key_prefix`.
-    #[arg(long, default_value = "tapgate")]
-    key_prefix: String,
+    #[command(flatten)]
+    target: RedisTarget,
     /// Partition streams, as the gateway's `[settlement] partitions`.
     #[arg(long, default_value_t = 8)]
     partitions: u16,
@@ -44,7 +38,11 @@ struct RedisArgs {
 
 impl RedisArgs {
     fn store(&self) -> Result<Store, String> {
-        RedisStore::connect(&self.redis_url, &self.key_prefix, Duration::from_secs(5))
+        let RedisTarget {
+            redis_url,
+            key_prefix,
+        } = &self.target;
+        RedisStore::connect(redis_url, key_prefix, Duration::from_secs(5))
             .map(Store::Redis)
             .map_err(|e| e.to_string())
     }
@@ -183,7 +181,7 @@ pub fn run(args: SettleArgs) -> Result<ExitCode, String> {
             until_idle_ms,
         } => {
             crate::serve::init_logging("info");
-            let tables = Arc::new(load_tables(fares.as_deref())?);
+            let tables = Arc::new(FareTables::load(fares.as_deref()).map_err(|e| e.to_string())?);
             let settings = SettlerSettings {
                 name: "settle-run".into(),
                 partitions: redis.partitions,
@@ -243,7 +241,7 @@ pub fn run(args: SettleArgs) -> Result<ExitCode, String> {
             fares,
             show,
         } => {
-            let tables = load_tables(fares.as_deref())?;
+            let tables = FareTables::load(fares.as_deref()).map_err(|e| e.to_string())?;
             let dirs: Vec<&Path> = journal.iter().map(PathBuf::as_path).collect();
             let expected = settle_dirs(&dirs, &tables)?;
             let settled = source.read(None, true)?;
@@ -262,7 +260,7 @@ pub fn run(args: SettleArgs) -> Result<ExitCode, String> {
             })
         }
         SettleAction::Journal { dir, fares, json } => {
-            let tables = load_tables(fares.as_deref())?;
+            let tables = FareTables::load(fares.as_deref()).map_err(|e| e.to_string())?;
             let settled = settle_dirs(&[dir.as_path()], &tables)?;
             if settled.damaged_segments > 0 {
                 println!(
@@ -354,24 +352,6 @@ async fn run_settlers(
         stats.redelivered.load(Ordering::Relaxed),
     );
     Ok(())
-}
-
-fn runtime() -> Result<tokio::runtime::Runtime, String> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("starting the runtime: {e}"))
-}
-
-pub fn load_tables(path: Option<&Path>) -> Result<FareTables, String> {
-    match path {
-        None => Ok(FareTables::embedded_default()),
-        Some(path) => {
-            let text =
-                std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            FareTables::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))
-        }
-    }
 }
 
 pub fn settle_dirs(dirs: &[&Path], tables: &FareTables) -> Result<JournalSettlement, String> {

@@ -121,18 +121,14 @@ async fn active_card_is_approved_and_every_deny_reason_reaches_the_gate() {
     assert_eq!(r.reason, Reason::IssuerNotAccepted);
     let mut metro = h.gate(&YUZHONG_METRO).await;
     assert_eq!(
-        metro
-            .tap(tap(1, ACTIVE, TapKind::Entry))
+        answer(&mut metro, tap(1, ACTIVE, TapKind::Entry))
             .await
-            .unwrap()
             .outcome,
         Outcome::Approve
     );
     assert_eq!(
-        metro
-            .tap(tap(2, ACTIVE, TapKind::Entry))
+        answer(&mut metro, tap(2, ACTIVE, TapKind::Entry))
             .await
-            .unwrap()
             .reason,
         Reason::PassBack
     );
@@ -420,10 +416,8 @@ async fn connections_over_the_limit_are_closed_with_too_many_connections() {
         "{err}"
     );
     assert_eq!(
-        first
-            .tap(tap(1, ACTIVE, TapKind::Flat))
+        answer(&mut first, tap(1, ACTIVE, TapKind::Flat))
             .await
-            .unwrap()
             .outcome,
         Outcome::Approve
     );

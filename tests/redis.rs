@@ -33,18 +33,14 @@ async fn a_lost_card_report_reaches_a_second_gateway_sharing_the_redis() {
     let mut gate_a = a.gate(&YUZHONG_BUS).await;
     let mut gate_b = b.gate(&WANZHOU_BUS).await;
     assert_eq!(
-        gate_a
-            .tap(tap(1, CARD, TapKind::Flat))
+        answer(&mut gate_a, tap(1, CARD, TapKind::Flat))
             .await
-            .unwrap()
             .outcome,
         Outcome::Approve
     );
     assert_eq!(
-        gate_b
-            .tap(tap(1, CARD, TapKind::Flat))
+        answer(&mut gate_b, tap(1, CARD, TapKind::Flat))
             .await
-            .unwrap()
             .outcome,
         Outcome::Approve
     );
@@ -64,18 +60,14 @@ async fn a_lost_card_report_reaches_a_second_gateway_sharing_the_redis() {
     })
     .await;
     assert_eq!(
-        gate_b
-            .tap(tap(2, CARD, TapKind::Flat))
+        answer(&mut gate_b, tap(2, CARD, TapKind::Flat))
             .await
-            .unwrap()
             .reason,
         Reason::CardLost
     );
     assert_eq!(
-        gate_a
-            .tap(tap(2, CARD, TapKind::Flat))
+        answer(&mut gate_a, tap(2, CARD, TapKind::Flat))
             .await
-            .unwrap()
             .reason,
         Reason::CardLost
     );

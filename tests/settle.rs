@@ -15,10 +15,6 @@ use tapgate_gateway::settle::store::{RedisStore, Store};
 use tapgate_gateway::settle::{Settlement, SettlementSettings};
 use tapgate_protocol::{AreaCode, Concession, Issuer, IssuerRegion, Mode, Outcome, Tap, TapKind};
 
-async fn outcome(gate: &mut tapgate_loadgen::client::GateClient, tap: Tap) -> Outcome {
-    gate.tap(tap).await.unwrap().outcome
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_days_taps_settle_into_fares_transfers_and_clearing() {
     let state = tempfile::tempdir().unwrap();
@@ -109,15 +105,21 @@ async fn a_days_taps_settle_into_fares_transfers_and_clearing() {
     };
     // Card 1: bus, then metro 10 stops within the hour (transfer discount).
     assert_eq!(
-        outcome(&mut bus, at(1, 1, TapKind::Flat, 12, 3)).await,
+        answer(&mut bus, at(1, 1, TapKind::Flat, 12, 3))
+            .await
+            .outcome,
         Outcome::Approve
     );
     assert_eq!(
-        outcome(&mut metro, at(1, 1, TapKind::Entry, 2, 10)).await,
+        answer(&mut metro, at(1, 1, TapKind::Entry, 2, 10))
+            .await
+            .outcome,
         Outcome::Approve
     );
     assert_eq!(
-        outcome(&mut metro, at(2, 1, TapKind::Exit, 2, 20)).await,
+        answer(&mut metro, at(2, 1, TapKind::Exit, 2, 20))
+            .await
+            .outcome,
         Outcome::Approve
     );
     // Card 2 (Sichuan): one bus ride, owed by the Sichuan issuer to a Chongqing operator.
@@ -125,15 +127,22 @@ async fn a_days_taps_settle_into_fares_transfers_and_clearing() {
         issuer: Issuer::SichuanTianfuTong,
         ..at(2, 2, TapKind::Flat, 12, 4)
     };
-    assert_eq!(outcome(&mut bus, sichuan_tap).await, Outcome::Approve);
+    assert_eq!(
+        answer(&mut bus, sichuan_tap).await.outcome,
+        Outcome::Approve
+    );
     // Card 3 is lost: denied, and never charged.
     assert_eq!(
-        outcome(&mut bus, at(3, 3, TapKind::Flat, 12, 5)).await,
+        answer(&mut bus, at(3, 3, TapKind::Flat, 12, 5))
+            .await
+            .outcome,
         Outcome::Deny
     );
     // Card 4 (elder): a free ride counted against the allowance.
     assert_eq!(
-        outcome(&mut bus, at(4, 4, TapKind::Flat, 12, 6)).await,
+        answer(&mut bus, at(4, 4, TapKind::Flat, 12, 6))
+            .await
+            .outcome,
         Outcome::Approve
     );
     // Card 5: an entry whose exit never comes, then a whole trip; the next entry reveals the
@@ -144,7 +153,9 @@ async fn a_days_taps_settle_into_fares_transfers_and_clearing() {
         (5, TapKind::Exit, 6),
     ] {
         assert_eq!(
-            outcome(&mut metro, at(sequence, 5, kind, 2, stop)).await,
+            answer(&mut metro, at(sequence, 5, kind, 2, stop))
+                .await
+                .outcome,
             Outcome::Approve
         );
     }
@@ -153,11 +164,16 @@ async fn a_days_taps_settle_into_fares_transfers_and_clearing() {
         issuer: Issuer::TUnion,
         ..at(6, 6, TapKind::Exit, 2, 9)
     };
-    assert_eq!(outcome(&mut metro, t_union_exit).await, Outcome::Approve);
+    assert_eq!(
+        answer(&mut metro, t_union_exit).await.outcome,
+        Outcome::Approve
+    );
     // Card 7: ten bus rides in a day reach the daily cap of 15 yuan.
     for i in 0..10 {
         assert_eq!(
-            outcome(&mut bus, at(5 + i, 7, TapKind::Flat, 12, 7)).await,
+            answer(&mut bus, at(5 + i, 7, TapKind::Flat, 12, 7))
+                .await
+                .outcome,
             Outcome::Approve
         );
     }
@@ -165,7 +181,9 @@ async fn a_days_taps_settle_into_fares_transfers_and_clearing() {
     let mut intercity = h.gate(&intercity_gate).await;
     for (sequence, kind, stop) in [(1, TapKind::Entry, 1), (2, TapKind::Exit, 5)] {
         assert_eq!(
-            outcome(&mut intercity, at(sequence, 8, kind, 1, stop)).await,
+            answer(&mut intercity, at(sequence, 8, kind, 1, stop))
+                .await
+                .outcome,
             Outcome::Approve
         );
     }

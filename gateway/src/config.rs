@@ -216,8 +216,8 @@ pub enum ConfigError {
     BadSalt,
     #[error(transparent)]
     Directory(#[from] crate::directory::DirectoryError),
-    #[error("fares {path}: {message}")]
-    Fares { path: PathBuf, message: String },
+    #[error(transparent)]
+    Fares(#[from] crate::fares::FareTablesError),
     #[error(transparent)]
     Store(#[from] crate::settle::store::StoreError),
     #[error("settlement.partitions must be between 1 and 1024")]
@@ -307,19 +307,7 @@ impl Config {
     }
 
     pub fn fare_tables(&self) -> Result<FareTables, ConfigError> {
-        match &self.settlement.fares {
-            None => Ok(FareTables::embedded_default()),
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.clone(),
-                    source,
-                })?;
-                FareTables::from_toml(&text).map_err(|e| ConfigError::Fares {
-                    path: path.clone(),
-                    message: e.to_string(),
-                })
-            }
-        }
+        Ok(FareTables::load(self.settlement.fares.as_deref())?)
     }
 
     /// Where settlement keeps its state: the directory's Redis, or in process for the

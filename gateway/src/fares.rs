@@ -125,6 +125,16 @@ impl FareTables {
         Self::from_toml(DEFAULT_FARES_TOML).expect("the shipped fare tables are valid")
     }
 
+    /// The tables in the TOML file at `path`, or the shipped ones when there is none.
+    pub fn load(path: Option<&std::path::Path>) -> Result<Self, FareTablesError> {
+        let Some(path) = path else {
+            return Ok(Self::embedded_default());
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| FareTablesError(format!("{}: {e}", path.display())))?;
+        Self::from_toml(&text).map_err(|e| FareTablesError(format!("{}: {}", path.display(), e.0)))
+    }
+
     fn pay_percent(&self, concession: Concession) -> u32 {
         match concession {
             Concession::None => 100,

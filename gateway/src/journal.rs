@@ -731,14 +731,7 @@ mod tests {
     async fn durable_appends_are_recovered_after_reopen_across_segments() {
         let dir = tempfile::tempdir().unwrap();
         let (journal, writer) = Journal::open(&settings(dir.path(), 200), |_| {}).unwrap();
-        for s in 1..=10 {
-            journal
-                .append_durable(record(s))
-                .unwrap()
-                .await
-                .unwrap()
-                .unwrap();
-        }
+        append_durably(&journal, 1..=10).await;
         drop(journal);
         tokio::task::spawn_blocking(|| writer.join()).await.unwrap();
         assert!(list_segments(dir.path()).unwrap().len() > 1);
@@ -748,6 +741,18 @@ mod tests {
         assert_eq!(seen, (1..=10).collect::<Vec<_>>());
         drop(journal);
         writer.join();
+    }
+
+    /// Appends the records of these sequence numbers, each waited for until it is on disk.
+    async fn append_durably(journal: &Journal, sequences: std::ops::RangeInclusive<u64>) {
+        for s in sequences {
+            journal
+                .append_durable(record(s))
+                .unwrap()
+                .await
+                .unwrap()
+                .unwrap();
+        }
     }
 
     /// A segment's bytes holding the records of these sequence numbers.
@@ -770,14 +775,7 @@ mod tests {
         let segment = 2 * (RECORD_HEADER + PAYLOAD_LEN) as u64;
         let (journal, writer) = Journal::open(&settings(dir.path(), segment), |_| {}).unwrap();
         let durable = journal.durable();
-        for s in 1..=5 {
-            journal
-                .append_durable(record(s))
-                .unwrap()
-                .await
-                .unwrap()
-                .unwrap();
-        }
+        append_durably(&journal, 1..=5).await;
         let end = *durable.borrow();
         assert_eq!(end.segment, 2, "five records, two per segment");
         let sequences = |read: &JournalRead| -> Vec<u64> {

@@ -149,25 +149,38 @@ fn render_settlement(out: &mut String, forwarder: &ForwarderStats, settlers: &Se
         ),
     ];
     for (name, kind, help, value) in counters {
-        let _ = writeln!(
-            out,
-            "# HELP tapgate_{name} {help}\n# TYPE tapgate_{name} {kind}\ntapgate_{name} {value}"
-        );
+        write_metric(out, name, kind, help, &[(String::new(), value)]);
     }
     let lag = &settlers.lag;
+    let mut samples: Vec<(String, u64)> = lag
+        .cumulative()
+        .into_iter()
+        .map(|(bound, count)| {
+            let le = bound.map_or_else(|| "+Inf".to_string(), |b| b.to_string());
+            (format!("_bucket{{le=\"{le}\"}}"), count)
+        })
+        .collect();
+    samples.push(("_sum".into(), load(&lag.sum_ms)));
+    samples.push(("_count".into(), load(&lag.count)));
+    write_metric(
+        out,
+        "settlement_lag_ms",
+        "histogram",
+        "Time from a tap's approval to its ledger update.",
+        &samples,
+    );
+}
+
+/// One metric in the Prometheus text format: its HELP and TYPE lines, then each sample, whose
+/// label set (or histogram suffix) follows the name.
+fn write_metric(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, u64)]) {
     let _ = writeln!(
         out,
-        "# HELP tapgate_settlement_lag_ms Time from a tap's approval to its ledger update.\n# TYPE tapgate_settlement_lag_ms histogram"
+        "# HELP tapgate_{name} {help}\n# TYPE tapgate_{name} {kind}"
     );
-    for (bound, count) in lag.cumulative() {
-        let le = bound.map_or_else(|| "+Inf".to_string(), |b| b.to_string());
-        let _ = writeln!(
-            out,
-            "tapgate_settlement_lag_ms_bucket{{le=\"{le}\"}} {count}"
-        );
+    for (labels, value) in samples {
+        let _ = writeln!(out, "tapgate_{name}{labels} {value}");
     }
-    let _ = writeln!(out, "tapgate_settlement_lag_ms_sum {}", load(&lag.sum_ms));
-    let _ = writeln!(out, "tapgate_settlement_lag_ms_count {}", load(&lag.count));
 }
 
 /// The gateway's counters as Prometheus text.
@@ -178,15 +191,6 @@ pub fn render(counters: &Counters) -> String {
     let journal = &counters.journal;
     let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
     let mut out = String::with_capacity(4096);
-    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
-        let _ = writeln!(
-            out,
-            "# HELP tapgate_{name} {help}\n# TYPE tapgate_{name} {kind}"
-        );
-        for (labels, value) in samples {
-            let _ = writeln!(out, "tapgate_{name}{labels} {value}");
-        }
-    };
     let single: [(&str, &str, &str, u64); 19] = [
         (
             "connections_active",
@@ -304,9 +308,10 @@ pub fn render(counters: &Counters) -> String {
         ),
     ];
     for (name, kind, help, value) in single {
-        metric(name, kind, help, &[(String::new(), value)]);
+        write_metric(&mut out, name, kind, help, &[(String::new(), value)]);
     }
-    metric(
+    write_metric(
+        &mut out,
         "answers_total",
         "counter",
         "Tap answers sent, by outcome.",
@@ -321,7 +326,8 @@ pub fn render(counters: &Counters) -> String {
         .iter()
         .map(|(r, n)| (format!("{{reason=\"{r}\"}}"), *n))
         .collect();
-    metric(
+    write_metric(
+        &mut out,
         "decisions_total",
         "counter",
         "Tap answers sent, by reason.",
@@ -332,7 +338,8 @@ pub fn render(counters: &Counters) -> String {
         .iter()
         .map(|(c, n)| (format!("{{code=\"{c}\"}}"), *n))
         .collect();
-    metric(
+    write_metric(
+        &mut out,
         "errors_total",
         "counter",
         "Error frames and closes, by code.",

@@ -270,6 +270,11 @@ pub fn embedded_with(cards: &[CardRecord]) -> (Arc<EmbeddedDirectory>, Directory
     (dir.clone(), Directory::Embedded(dir))
 }
 
+/// The gateway's answer to one tap; any transport or protocol error fails the test.
+pub async fn answer(gate: &mut GateClient, tap: Tap) -> tapgate_protocol::TapResult {
+    gate.tap(tap).await.expect("the tap is answered")
+}
+
 pub fn tap(sequence: u64, card_id: u64, kind: TapKind) -> Tap {
     Tap {
         sequence,
