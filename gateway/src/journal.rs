@@ -497,24 +497,31 @@ pub fn list_segments(dir: &Path) -> io::Result<Vec<PathBuf>> {
 pub fn read_segment(path: &Path, mut each: impl FnMut(JournalRecord)) -> io::Result<(u64, bool)> {
     let mut bytes = Vec::new();
     File::open(path)?.read_to_end(&mut bytes)?;
-    let mut offset = 0usize;
-    while offset + RECORD_HEADER <= bytes.len() {
-        let len =
-            u32::from_be_bytes(bytes[offset..offset + 4].try_into().expect("4 bytes")) as usize;
-        let crc = u32::from_be_bytes(bytes[offset + 4..offset + 8].try_into().expect("4 bytes"));
-        let Some(payload) = bytes.get(offset + RECORD_HEADER..offset + RECORD_HEADER + len) else {
-            break;
+    let (used, _) = parse_records(&bytes, &mut each);
+    Ok((used as u64, used == bytes.len()))
+}
+
+/// Calls `each` with the whole, valid records at the start of `bytes`. Returns how many bytes
+/// they span and whether what follows is a complete record that fails its checksum or does not
+/// decode (damage), rather than one cut short.
+fn parse_records(bytes: &[u8], mut each: impl FnMut(JournalRecord)) -> (usize, bool) {
+    let mut used = 0usize;
+    while let Some(header) = bytes.get(used..used + RECORD_HEADER) {
+        let len = u32::from_be_bytes(header[..4].try_into().expect("4 bytes")) as usize;
+        let crc = u32::from_be_bytes(header[4..].try_into().expect("4 bytes"));
+        let Some(payload) = bytes.get(used + RECORD_HEADER..used + RECORD_HEADER + len) else {
+            return (used, false);
         };
-        if crc32c::crc32c(payload) != crc {
-            break;
-        }
-        let Some(record) = JournalRecord::decode(payload) else {
-            break;
+        let record = (crc32c::crc32c(payload) == crc)
+            .then(|| JournalRecord::decode(payload))
+            .flatten();
+        let Some(record) = record else {
+            return (used, true);
         };
         each(record);
-        offset += RECORD_HEADER + len;
+        used += RECORD_HEADER + len;
     }
-    Ok((offset as u64, offset == bytes.len()))
+    (used, false)
 }
 
 /// Records read by [`read_from`].
@@ -537,10 +544,15 @@ pub fn read_from(
     max: usize,
 ) -> Result<JournalRead, ReadError> {
     use std::io::{Seek, SeekFrom};
-    let segments = list_segments(dir).map_err(|source| ReadError {
-        path: dir.to_owned(),
-        source,
-    })?;
+    let segments = match until {
+        // Following a running gateway inside its current segment, the usual case: no need to
+        // list the directory on every read.
+        Some(u) if u.segment == from.segment => vec![dir.join(segment_name(u.segment))],
+        _ => list_segments(dir).map_err(|source| ReadError {
+            path: dir.to_owned(),
+            source,
+        })?,
+    };
     let mut at = from;
     let mut records = Vec::new();
     let newest = segments.last().and_then(|p| segment_index(p));
@@ -581,29 +593,15 @@ pub fn read_from(
         let mut bytes = vec![0; (stop - at.offset) as usize];
         file.seek(SeekFrom::Start(at.offset)).map_err(io)?;
         file.read_exact(&mut bytes).map_err(io)?;
-        let mut used = 0usize;
-        while used + RECORD_HEADER <= bytes.len() {
-            let header = &bytes[used..used + RECORD_HEADER];
-            let len = u32::from_be_bytes(header[..4].try_into().expect("4 bytes")) as usize;
-            let crc = u32::from_be_bytes(header[4..].try_into().expect("4 bytes"));
-            let Some(payload) = bytes.get(used + RECORD_HEADER..used + RECORD_HEADER + len) else {
-                break;
-            };
-            let record = (crc32c::crc32c(payload) == crc)
-                .then(|| JournalRecord::decode(payload))
-                .flatten();
-            let Some(record) = record else {
-                at.offset += used as u64;
-                return Ok(JournalRead {
-                    records,
-                    next: at,
-                    damaged: true,
-                });
-            };
-            used += RECORD_HEADER + len;
-            records.push(record);
-        }
+        let (used, damaged) = parse_records(&bytes, |r| records.push(r));
         at.offset += used as u64;
+        if damaged {
+            return Ok(JournalRead {
+                records,
+                next: at,
+                damaged: true,
+            });
+        }
         if used < bytes.len() {
             // A record cut short: by this read's size (the next read takes it whole), by a
             // crash at the end of the newest segment (recovery cuts it), or inside a segment
