@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tapgate_gateway::fares::FareTables;
 use tapgate_gateway::settle::forwarder::{self, ForwarderSettings, ForwarderStats, Until};
 use tapgate_gateway::settle::ledger::{
-    DayLedger, JournalSettlement, Ledger, Reconciliation, Subject, Totals, settle_journals,
+    JournalSettlement, Ledger, Reconciliation, Subject, Totals, settle_journals,
 };
 use tapgate_gateway::settle::settler::{self, SettlerSettings, SettlerStats};
 use tapgate_gateway::settle::store::{RedisStore, Store};
@@ -383,24 +383,8 @@ fn operator_name(id: u16) -> String {
     operator(id).map_or_else(|| format!("operator {id}"), |o| o.name_en.to_owned())
 }
 
-/// All days of a ledger folded into one.
-fn all_days(ledger: &Ledger) -> DayLedger {
-    let mut merged = Ledger::default();
-    for day in ledger.days.values() {
-        let mut one = Ledger::default();
-        one.days.insert(chrono::NaiveDate::MIN, day.clone());
-        merged.merge(&one);
-    }
-    merged.days.into_values().next().unwrap_or_default()
-}
-
-fn add(a: &mut Totals, b: &Totals) {
-    a.fen += b.fen;
-    a.rides += b.rides;
-}
-
 pub fn report(ledger: &Ledger) -> String {
-    let books = all_days(ledger);
+    let books = ledger.all_days();
     let total = books.total();
     let mut s = String::new();
     let days: Vec<String> = ledger.days.keys().map(|d| d.to_string()).collect();
@@ -421,9 +405,9 @@ pub fn report(ledger: &Ledger) -> String {
         std::collections::BTreeMap::new();
     let mut by_mode: std::collections::BTreeMap<Mode, Totals> = std::collections::BTreeMap::new();
     for ((area, op, mode), t) in &books.cells {
-        add(by_area.entry(*area).or_default(), t);
-        add(by_operator.entry(*op).or_default(), t);
-        add(by_mode.entry(*mode).or_default(), t);
+        by_area.entry(*area).or_default().add(*t);
+        by_operator.entry(*op).or_default().add(*t);
+        by_mode.entry(*mode).or_default().add(*t);
     }
     let _ = writeln!(s, "\nby area (all 41):");
     let _ = writeln!(s, "  {:<44} {:>8} {:>12}", "area", "rides", "yuan");
@@ -484,11 +468,11 @@ pub fn report(ledger: &Ledger) -> String {
 }
 
 fn report_json(ledger: &Ledger) -> serde_json::Value {
-    let books = all_days(ledger);
+    let books = ledger.all_days();
     let total = books.total();
     let mut by_area: std::collections::BTreeMap<u32, Totals> = std::collections::BTreeMap::new();
     for ((area, _, _), t) in &books.cells {
-        add(by_area.entry(*area).or_default(), t);
+        by_area.entry(*area).or_default().add(*t);
     }
     serde_json::json!({
         "days": ledger.days.keys().map(|d| d.to_string()).collect::<Vec<_>>(),

@@ -22,7 +22,7 @@ pub struct Totals {
 }
 
 impl Totals {
-    fn add(&mut self, other: Totals) {
+    pub fn add(&mut self, other: Totals) {
         self.fen += other.fen;
         self.rides += other.rides;
     }
@@ -42,6 +42,20 @@ pub struct DayLedger {
 }
 
 impl DayLedger {
+    /// Adds another set of books into these.
+    pub fn add(&mut self, other: &DayLedger) {
+        self.taps += other.taps;
+        for (k, t) in &other.cells {
+            self.cells.entry(*k).or_default().add(*t);
+        }
+        for (k, t) in &other.cards {
+            self.cards.entry(*k).or_default().add(*t);
+        }
+        for (k, t) in &other.clearing {
+            self.clearing.entry(*k).or_default().add(*t);
+        }
+    }
+
     pub fn total(&self) -> Totals {
         let mut total = Totals::default();
         self.cells.values().for_each(|t| total.add(*t));
@@ -89,18 +103,15 @@ impl Ledger {
 
     pub fn merge(&mut self, other: &Ledger) {
         for (date, theirs) in &other.days {
-            let ours = self.days.entry(*date).or_default();
-            ours.taps += theirs.taps;
-            for (k, t) in &theirs.cells {
-                ours.cells.entry(*k).or_default().add(*t);
-            }
-            for (k, t) in &theirs.cards {
-                ours.cards.entry(*k).or_default().add(*t);
-            }
-            for (k, t) in &theirs.clearing {
-                ours.clearing.entry(*k).or_default().add(*t);
-            }
+            self.days.entry(*date).or_default().add(theirs);
         }
+    }
+
+    /// Every day's books added into one.
+    pub fn all_days(&self) -> DayLedger {
+        let mut all = DayLedger::default();
+        self.days.values().for_each(|d| all.add(d));
+        all
     }
 
     pub fn taps(&self) -> u64 {
