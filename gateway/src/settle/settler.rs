@@ -258,6 +258,9 @@ impl Settler {
         partition: u16,
         entries: Vec<Delivered>,
     ) -> Result<(), StoreError> {
+        // Read every batch rather than remembered from the last apply: a Redis restored from an
+        // older snapshot holds an older watermark, and entries between the two must be applied,
+        // not acknowledged as seen.
         let watermark = self.store.watermark(partition).await?;
         let applied_before = |id: EntryId| watermark.is_some_and(|w| id <= w);
         let acks: Vec<EntryId> = entries.iter().map(|e| e.id).collect();
