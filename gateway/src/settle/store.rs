@@ -912,23 +912,22 @@ fn parse_entry(entry: &redis::Value) -> Option<Delivered> {
     };
     let id: String = redis::from_redis_value_ref(parts.first()?).ok()?;
     let id: EntryId = id.parse().ok()?;
-    let record = match parts.get(1) {
-        Some(redis::Value::Array(fields)) => fields.chunks(2).find_map(|kv| {
-            let name: String = redis::from_redis_value_ref(kv.first()?).ok()?;
-            let value: Vec<u8> = redis::from_redis_value_ref(kv.get(1)?).ok()?;
-            (name == "r")
-                .then(|| JournalRecord::decode(&value))
-                .flatten()
-        }),
-        Some(redis::Value::Map(fields)) => fields.iter().find_map(|(k, v)| {
-            let name: String = redis::from_redis_value_ref(k).ok()?;
-            let value: Vec<u8> = redis::from_redis_value_ref(v).ok()?;
-            (name == "r")
-                .then(|| JournalRecord::decode(&value))
-                .flatten()
-        }),
-        _ => None,
+    // Fields come as a flat array (RESP2) or a map (RESP3).
+    let fields: Vec<(&redis::Value, &redis::Value)> = match parts.get(1) {
+        Some(redis::Value::Array(flat)) => flat
+            .chunks(2)
+            .filter_map(|kv| Some((kv.first()?, kv.get(1)?)))
+            .collect(),
+        Some(redis::Value::Map(pairs)) => pairs.iter().map(|(k, v)| (k, v)).collect(),
+        _ => Vec::new(),
     };
+    let record = fields.into_iter().find_map(|(name, value)| {
+        let name: String = redis::from_redis_value_ref(name).ok()?;
+        let value: Vec<u8> = redis::from_redis_value_ref(value).ok()?;
+        (name == "r")
+            .then(|| JournalRecord::decode(&value))
+            .flatten()
+    });
     Some(Delivered { id, record })
 }
 
