@@ -18,21 +18,10 @@ use tapgate_protocol::{AreaCode, Concession, Issuer, IssuerRegion, Mode, Outcome
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_days_taps_settle_into_fares_transfers_and_clearing() {
     let state = tempfile::tempdir().unwrap();
+    let active = |id, issuer| card(id, CardState::Active, issuer, Concession::None, 0);
     let (embedded, directory) = embedded_with(&[
-        card(
-            1,
-            CardState::Active,
-            Issuer::ChongqingSsc,
-            Concession::None,
-            0,
-        ),
-        card(
-            2,
-            CardState::Active,
-            Issuer::SichuanTianfuTong,
-            Concession::None,
-            0,
-        ),
+        active(1, Issuer::ChongqingSsc),
+        active(2, Issuer::SichuanTianfuTong),
         card(
             3,
             CardState::Lost,
@@ -47,28 +36,10 @@ async fn a_days_taps_settle_into_fares_transfers_and_clearing() {
             Concession::Elder,
             10,
         ),
-        card(
-            5,
-            CardState::Active,
-            Issuer::ChongqingSsc,
-            Concession::None,
-            0,
-        ),
-        card(6, CardState::Active, Issuer::TUnion, Concession::None, 0),
-        card(
-            7,
-            CardState::Active,
-            Issuer::ChongqingSsc,
-            Concession::None,
-            0,
-        ),
-        card(
-            8,
-            CardState::Active,
-            Issuer::ChongqingSsc,
-            Concession::None,
-            0,
-        ),
+        active(5, Issuer::ChongqingSsc),
+        active(6, Issuer::TUnion),
+        active(7, Issuer::ChongqingSsc),
+        active(8, Issuer::ChongqingSsc),
     ]);
     // Chongqing West on the Chengdu–Chongqing intercity line, run by a Sichuan operator.
     let intercity_gate = TerminalRecord {
