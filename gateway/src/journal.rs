@@ -8,8 +8,11 @@
 //! Files: `DIR/journal-id` (the journal's identity, made on first open), and
 //! `DIR/journal-NNNNNNNNNN.tj`, numbered in order, a new one per start and whenever the
 //! current one passes the segment size. Record: `len u32 BE | crc32c(payload) u32 BE | payload`
-//! with the payload of [`JournalRecord::encode`]. A torn record at the end of the newest file
-//! (a crash mid-write) is cut off on recovery; it was never acknowledged.
+//! with the payload of [`JournalRecord::encode`]. The writer keeps the current file zeroed a
+//! stretch past its last record (a megabyte, extended between batches) and cuts the zeroes off when it moves
+//! on or stops, so readers take an all-zero header as the end of the records. A torn record at
+//! the end of the newest file (a crash mid-write) is cut off on recovery; it was never
+//! acknowledged.
 //!
 //! The writer publishes how far the journal is durable ([`JournalPosition`]); the settlement
 //! forwarder reads records up to that point and never past it, so it never ships a record a
@@ -17,7 +20,8 @@
 
 use bytes::{Buf, BufMut, BytesMut};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -320,13 +324,25 @@ impl JournalWriter {
     }
 }
 
+/// How far ahead of the records the writer keeps the segment file zeroed, and by how much it
+/// extends that space at a time.
+///
+/// Overwriting blocks that already exist lets `fdatasync` flush only the data; appending would
+/// also commit the file's new size to the filesystem journal on every sync. On the development
+/// VM's ext4 that is about 135 µs and 58 µs of CPU per sync appending, 92 µs and 40 µs
+/// overwriting. One extension, with its own metadata commit, serves about 12,000 records.
+const ZEROED_AHEAD: u64 = 1 << 20;
+
 struct SegmentWriter {
     dir: PathBuf,
     segment_bytes: u64,
     index: u64,
     path: PathBuf,
     file: File,
+    /// End of the last record written.
     written: u64,
+    /// Length of the file, zeros after `written`.
+    zeroed: u64,
 }
 
 impl SegmentWriter {
@@ -334,7 +350,7 @@ impl SegmentWriter {
         let path = settings.dir.join(segment_name(index));
         let file = OpenOptions::new()
             .create_new(true)
-            .append(true)
+            .write(true)
             .open(&path)
             .map_err(|source| JournalError::Io {
                 path: path.clone(),
@@ -348,7 +364,41 @@ impl SegmentWriter {
             path,
             file,
             written: 0,
+            zeroed: 0,
         })
+    }
+
+    /// Zeroes the next stretch of the file once the records come close to the end of what is
+    /// zeroed, and syncs it, between batches so no batch waits for it. A failure here costs
+    /// only speed: records past the zeroed space simply extend the file.
+    fn zero_ahead(&mut self) {
+        if self.zeroed.saturating_sub(self.written) >= ZEROED_AHEAD / 4
+            || self.written >= self.segment_bytes
+        {
+            return;
+        }
+        let from = self.zeroed.max(self.written);
+        let zeros = vec![0u8; ZEROED_AHEAD as usize];
+        let result = self
+            .file
+            .write_all_at(&zeros, from)
+            .and_then(|()| self.file.sync_data());
+        match result {
+            Ok(()) => self.zeroed = from + ZEROED_AHEAD,
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "could not zero journal space ahead");
+            }
+        }
+    }
+
+    /// Cuts the zeroed space off a segment the writer is done with, so a finished segment ends
+    /// with its last record.
+    fn trim(&mut self) -> io::Result<()> {
+        if self.zeroed > self.written {
+            self.file.set_len(self.written)?;
+            self.zeroed = self.written;
+        }
+        self.file.sync_all()
     }
 
     fn run(
@@ -411,14 +461,19 @@ impl SegmentWriter {
                     let _ = done.send(result.clone());
                 }
             }
+            self.zero_ahead();
         }
-        if let Err(e) = self.file.sync_all() {
+        if let Err(e) = self.trim() {
             tracing::error!(error = %e, "final journal sync failed");
         }
     }
 
     fn write_batch(&mut self, bytes: &[u8]) -> Result<(), JournalError> {
         if self.written >= self.segment_bytes {
+            self.trim().map_err(|source| JournalError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
             let next = SegmentWriter::create(
                 &JournalSettings {
                     dir: self.dir.clone(),
@@ -435,7 +490,7 @@ impl SegmentWriter {
             path: self.path.clone(),
             source,
         };
-        self.file.write_all(bytes).map_err(io)?;
+        self.file.write_all_at(bytes, self.written).map_err(io)?;
         self.file.sync_data().map_err(|source| JournalError::Io {
             path: self.path.clone(),
             source,
@@ -493,35 +548,63 @@ pub fn list_segments(dir: &Path) -> io::Result<Vec<PathBuf>> {
     Ok(segments.into_iter().map(|(_, p)| p).collect())
 }
 
-/// Reads the valid records of one segment; returns how many bytes they span.
+/// Reads the valid records of one segment. Returns how many bytes they span and whether the
+/// segment ends cleanly after them (nothing, or only the writer's zeroed space, follows).
 pub fn read_segment(path: &Path, mut each: impl FnMut(JournalRecord)) -> io::Result<(u64, bool)> {
     let mut bytes = Vec::new();
     File::open(path)?.read_to_end(&mut bytes)?;
-    let (used, _) = parse_records(&bytes, &mut each);
-    Ok((used as u64, used == bytes.len()))
+    let (used, tail) = parse_records(&bytes, &mut each);
+    Ok((used as u64, tail == Tail::End))
+}
+
+/// What follows the whole, valid records at the start of a buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tail {
+    /// Nothing, or only zeros: the space the writer zeroes ahead of itself.
+    End,
+    /// A record cut short: by the end of the buffer, or by the zeroed space (a crash mid-write).
+    Cut,
+    /// A complete record that fails its checksum or does not decode, with data after it.
+    Damaged,
 }
 
 /// Calls `each` with the whole, valid records at the start of `bytes`. Returns how many bytes
-/// they span and whether what follows is a complete record that fails its checksum or does not
-/// decode (damage), rather than one cut short.
-fn parse_records(bytes: &[u8], mut each: impl FnMut(JournalRecord)) -> (usize, bool) {
+/// they span and what follows them.
+fn parse_records(bytes: &[u8], mut each: impl FnMut(JournalRecord)) -> (usize, Tail) {
     let mut used = 0usize;
     while let Some(header) = bytes.get(used..used + RECORD_HEADER) {
+        if header.iter().all(|&b| b == 0) {
+            let zeros_only = bytes[used..].iter().all(|&b| b == 0);
+            return (used, if zeros_only { Tail::End } else { Tail::Damaged });
+        }
         let len = u32::from_be_bytes(header[..4].try_into().expect("4 bytes")) as usize;
         let crc = u32::from_be_bytes(header[4..].try_into().expect("4 bytes"));
         let Some(payload) = bytes.get(used + RECORD_HEADER..used + RECORD_HEADER + len) else {
-            return (used, false);
+            return (used, Tail::Cut);
         };
         let record = (crc32c::crc32c(payload) == crc)
             .then(|| JournalRecord::decode(payload))
             .flatten();
         let Some(record) = record else {
-            return (used, true);
+            // A batch torn by a crash leaves a partial record before the zeroed space.
+            let zeros_follow = bytes[used + RECORD_HEADER + len..].iter().all(|&b| b == 0);
+            return (
+                used,
+                if zeros_follow {
+                    Tail::Cut
+                } else {
+                    Tail::Damaged
+                },
+            );
         };
         each(record);
         used += RECORD_HEADER + len;
     }
-    (used, false)
+    if used == bytes.len() {
+        (used, Tail::End)
+    } else {
+        (used, Tail::Cut)
+    }
 }
 
 /// Records read by [`read_from`].
@@ -593,14 +676,21 @@ pub fn read_from(
         let mut bytes = vec![0; (stop - at.offset) as usize];
         file.seek(SeekFrom::Start(at.offset)).map_err(io)?;
         file.read_exact(&mut bytes).map_err(io)?;
-        let (used, damaged) = parse_records(&bytes, |r| records.push(r));
+        let (used, tail) = parse_records(&bytes, |r| records.push(r));
         at.offset += used as u64;
-        if damaged {
+        if tail == Tail::Damaged {
             return Ok(JournalRead {
                 records,
                 next: at,
                 damaged: true,
             });
+        }
+        if tail == Tail::End && used < bytes.len() {
+            // The zeroed space after a stopped gateway's last record: this segment is done.
+            if records.len() >= max {
+                break;
+            }
+            continue;
         }
         if used < bytes.len() {
             // A record cut short: by this read's size (the next read takes it whole), by a
@@ -650,22 +740,27 @@ fn recover_segment(
         source,
     };
     let (valid_len, clean) = read_segment(path, recovered).map_err(io_err)?;
-    if clean {
+    let file_len = fs::metadata(path).map_err(io_err)?.len();
+    if clean && valid_len == file_len {
         return Ok(());
     }
-    if is_newest {
+    if clean {
+        // The zeroed space of a segment whose writer did not stop cleanly.
+        tracing::debug!(path = %path.display(), valid_len, "trimming zeroed space off a journal segment");
+    } else if is_newest {
         tracing::warn!(path = %path.display(), valid_len, "cutting a torn record off the journal's end");
-        OpenOptions::new()
-            .write(true)
-            .open(path)
-            .and_then(|f| {
-                f.set_len(valid_len)?;
-                f.sync_all()
-            })
-            .map_err(io_err)?;
     } else {
         tracing::error!(path = %path.display(), valid_len, "journal segment is damaged before its end; records after the damage are skipped");
+        return Ok(());
     }
+    OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|f| {
+            f.set_len(valid_len)?;
+            f.sync_all()
+        })
+        .map_err(io_err)?;
     Ok(())
 }
 
@@ -809,6 +904,97 @@ mod tests {
         assert!(read.damaged);
         assert_eq!(read.next.offset, second as u64);
         assert_eq!(next_segment(read.next).segment, 1);
+    }
+
+    #[tokio::test]
+    async fn a_writer_zeroes_ahead_and_trims_the_zeroes_when_it_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, writer) = Journal::open(&settings(dir.path(), 1 << 30), |_| {}).unwrap();
+        append_durably(&journal, 1..=3).await;
+        let path = list_segments(dir.path()).unwrap().pop().unwrap();
+        let record_len = (RECORD_HEADER + PAYLOAD_LEN) as u64;
+        let records = 3 * record_len;
+        // Zeroed after the first batch, one record; the next two records overwrite zeros.
+        assert_eq!(
+            fs::metadata(&path).unwrap().len(),
+            record_len + ZEROED_AHEAD
+        );
+        let read = read_from(dir.path(), JournalPosition::default(), None, 10).unwrap();
+        assert_eq!(read.records.len(), 3);
+        assert!(!read.damaged);
+        drop(journal);
+        tokio::task::spawn_blocking(|| writer.join()).await.unwrap();
+        assert_eq!(fs::metadata(&path).unwrap().len(), records);
+    }
+
+    #[test]
+    fn zeroed_space_left_by_a_crash_ends_a_segment_and_is_trimmed_on_recovery() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = dir.path().join(segment_name(0));
+        let mut bytes = segment_bytes(1..=3);
+        bytes.extend_from_slice(&[0; 4096]);
+        fs::write(&first, &bytes).unwrap();
+        fs::write(dir.path().join(segment_name(1)), segment_bytes(4..=5)).unwrap();
+        let mut count = 0;
+        assert_eq!(
+            read_segment(&first, |_| count += 1).unwrap(),
+            (3 * (RECORD_HEADER + PAYLOAD_LEN) as u64, true)
+        );
+        let read = read_from(dir.path(), JournalPosition::default(), None, 10).unwrap();
+        let sequences: Vec<u64> = read.records.iter().map(|r| r.tap.sequence).collect();
+        assert_eq!(sequences, [1, 2, 3, 4, 5]);
+        assert!(!read.damaged);
+        let mut seen = Vec::new();
+        let (journal, writer) = Journal::open(&settings(dir.path(), 1 << 20), |r| {
+            seen.push(r.tap.sequence)
+        })
+        .unwrap();
+        assert_eq!(seen, [1, 2, 3, 4, 5]);
+        assert_eq!(
+            fs::metadata(&first).unwrap().len(),
+            3 * (RECORD_HEADER + PAYLOAD_LEN) as u64
+        );
+        drop(journal);
+        writer.join();
+    }
+
+    #[test]
+    fn a_record_torn_into_the_zeroed_space_is_cut_not_reported_as_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(segment_name(0));
+        let mut bytes = segment_bytes(1..=3);
+        let full = bytes.len();
+        bytes[full - 20..].fill(0);
+        bytes.extend_from_slice(&[0; 4096]);
+        fs::write(&path, &bytes).unwrap();
+        let read = read_from(dir.path(), JournalPosition::default(), None, 10).unwrap();
+        assert_eq!(read.records.len(), 2);
+        assert!(!read.damaged);
+        let mut seen = Vec::new();
+        let (journal, writer) = Journal::open(&settings(dir.path(), 1 << 20), |r| {
+            seen.push(r.tap.sequence)
+        })
+        .unwrap();
+        assert_eq!(seen, [1, 2]);
+        assert_eq!(
+            fs::metadata(&path).unwrap().len(),
+            2 * (RECORD_HEADER + PAYLOAD_LEN) as u64
+        );
+        drop(journal);
+        writer.join();
+    }
+
+    #[test]
+    fn records_after_a_zeroed_gap_are_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bytes = segment_bytes(1..=1);
+        bytes.extend_from_slice(&[0; 100]);
+        bytes.extend_from_slice(&segment_bytes(2..=2));
+        fs::write(dir.path().join(segment_name(0)), &bytes).unwrap();
+        fs::write(dir.path().join(segment_name(1)), b"").unwrap();
+        let read = read_from(dir.path(), JournalPosition::default(), None, 10).unwrap();
+        assert_eq!(read.records.len(), 1);
+        assert!(read.damaged);
     }
 
     #[test]
