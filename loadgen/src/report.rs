@@ -183,15 +183,31 @@ impl Report {
         );
         svg.push_str(r#"<rect width="100%" height="100%" fill="white"/>"#);
 
-        // Latency by percentile: x = nines (0 = p0, 1 = p90, 2 = p99, 3 = p99.9, 4 = p99.99).
-        let max_latency = self.histogram.max().max(1) as f64;
+        // Latency by percentile: x = nines (0 = p0, 1 = p90, 2 = p99, 3 = p99.9, 4 = p99.99),
+        // y = latency on a log scale in whole decades, so a millisecond median and a stall of
+        // half a second are both readable.
+        let (low_decade, high_decade) = if self.histogram.is_empty() {
+            (0, 1)
+        } else {
+            // Bucket bounds, not the slightly larger values a bucket reports, so 10 ms recorded
+            // does not stretch the axis to 100 ms.
+            let decade = |v: u64| (self.histogram.lowest_equivalent(v).max(1) as f64).log10();
+            let low = decade(self.histogram.min()).floor() as i32;
+            let high = (decade(self.histogram.max()).ceil() as i32).max(low + 1);
+            (low, high)
+        };
+        let span = f64::from(high_decade - low_decade);
+        let bottom = H - M + 20.0;
+        let latency_y = |us: f64| {
+            bottom - ((us.max(1.0).log10() - f64::from(low_decade)) / span) * (H - 2.0 * M)
+        };
         let mut points = Vec::new();
         if !self.histogram.is_empty() {
             for v in self.histogram.iter_quantiles(2) {
                 let q = v.quantile_iterated_to().min(0.9999);
                 let nines = -(1.0 - q).log10();
                 let x = M + nines / 4.0 * (W - 2.0 * M);
-                let y = H - M + 20.0 - v.value_iterated_to() as f64 / max_latency * (H - 2.0 * M);
+                let y = latency_y(v.value_iterated_to() as f64);
                 points.push(format!("{x:.1},{y:.1}"));
             }
         }
@@ -201,9 +217,20 @@ impl Report {
             W,
             H,
             M,
-            "latency from intended send (µs) by percentile",
-            &format!("{}", max_latency as u64),
+            "latency from intended send by percentile",
+            None,
         );
+        for decade in low_decade..=high_decade {
+            let y = latency_y(10f64.powi(decade));
+            let _ = write!(
+                svg,
+                r##"<line x1="{M:.1}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
+                W - M,
+                M - 4.0,
+                y + 4.0,
+                decade_label(decade)
+            );
+        }
         for (i, label) in ["p0", "p90", "p99", "p99.9", "p99.99"].iter().enumerate() {
             let x = M + i as f64 / 4.0 * (W - 2.0 * M);
             let _ = write!(
@@ -245,7 +272,7 @@ impl Report {
             H,
             M,
             "answers per second over the run (s)",
-            &format!("{}", peak as u64),
+            Some(&format!("{}", peak as u64)),
         );
         let _ = write!(
             svg,
@@ -264,13 +291,37 @@ impl Report {
     }
 }
 
-fn chart_frame(svg: &mut String, x0: f64, w: f64, h: f64, m: f64, title: &str, top_label: &str) {
+/// Title and axes of one chart; a linear chart also gets its top value and zero on the y axis.
+fn chart_frame(
+    svg: &mut String,
+    x0: f64,
+    w: f64,
+    h: f64,
+    m: f64,
+    title: &str,
+    top_label: Option<&str>,
+) {
     let (left, right, top, bottom) = (x0 + m, x0 + w - m, m - 10.0, h - m + 20.0);
     let label_x = left - 4.0;
     let _ = write!(
         svg,
-        r##"<text x="{left:.1}" y="16" font-size="13">{title}</text><line x1="{left:.1}" y1="{top:.1}" x2="{left:.1}" y2="{bottom:.1}" stroke="#333"/><line x1="{left:.1}" y1="{bottom:.1}" x2="{right:.1}" y2="{bottom:.1}" stroke="#333"/><text x="{label_x:.1}" y="{top:.1}" text-anchor="end">{top_label}</text><text x="{label_x:.1}" y="{bottom:.1}" text-anchor="end">0</text>"##,
+        r##"<text x="{left:.1}" y="16" font-size="13">{title}</text><line x1="{left:.1}" y1="{top:.1}" x2="{left:.1}" y2="{bottom:.1}" stroke="#333"/><line x1="{left:.1}" y1="{bottom:.1}" x2="{right:.1}" y2="{bottom:.1}" stroke="#333"/>"##,
     );
+    if let Some(top_label) = top_label {
+        let _ = write!(
+            svg,
+            r#"<text x="{label_x:.1}" y="{top:.1}" text-anchor="end">{top_label}</text><text x="{label_x:.1}" y="{bottom:.1}" text-anchor="end">0</text>"#,
+        );
+    }
+}
+
+/// A power of ten of microseconds as a reader would say it.
+fn decade_label(decade: i32) -> String {
+    match decade {
+        ..=2 => format!("{} µs", 10u64.pow(decade.max(0) as u32)),
+        3..=5 => format!("{} ms", 10u64.pow(decade as u32 - 3)),
+        _ => format!("{} s", 10u64.pow(decade as u32 - 6)),
+    }
 }
 
 #[cfg(test)]
@@ -351,5 +402,18 @@ mod tests {
         let svg = report().svg();
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert_eq!(svg.matches("<polyline").count(), 2);
+    }
+
+    #[test]
+    fn the_latency_axis_is_marked_in_whole_decades_around_the_recorded_values() {
+        // Recorded from 10 µs to 10 ms.
+        let svg = report().svg();
+        for label in ["10 µs", "100 µs", "1 ms", "10 ms"] {
+            assert!(svg.contains(&format!(">{label}</text>")), "no {label} mark");
+        }
+        assert!(!svg.contains(">1 µs</text>") && !svg.contains(">100 ms</text>"));
+        assert_eq!(decade_label(0), "1 µs");
+        assert_eq!(decade_label(5), "100 ms");
+        assert_eq!(decade_label(6), "1 s");
     }
 }
