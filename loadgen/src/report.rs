@@ -57,6 +57,8 @@ pub struct Report {
     pub error_kinds: BTreeMap<String, u64>,
     /// Answers received in each second of the run.
     pub throughput_per_s: Vec<u64>,
+    /// Answers received in each tenth of a second of the run.
+    pub throughput_per_100ms: Vec<u64>,
     /// Approval-to-ledger time of the taps settled during the run, when the gateway's
     /// settlement counters were available.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -245,23 +247,21 @@ impl Report {
             points.join(" ")
         );
 
-        // Throughput per second.
+        // Answer rate over the run, measured in tenths of a second so short stalls show.
         let offset = W + 20.0;
-        let peak = self
-            .throughput_per_s
+        let rates: Vec<u64> = self
+            .throughput_per_100ms
             .iter()
-            .copied()
-            .max()
-            .unwrap_or(1)
-            .max(1) as f64;
-        let n = self.throughput_per_s.len().max(2) as f64;
-        let points: Vec<String> = self
-            .throughput_per_s
+            .map(|&count| count * 10)
+            .collect();
+        let peak = rates.iter().copied().max().unwrap_or(1).max(1) as f64;
+        let n = rates.len().max(2) as f64;
+        let points: Vec<String> = rates
             .iter()
             .enumerate()
-            .map(|(i, &c)| {
+            .map(|(i, &rate)| {
                 let x = offset + M + i as f64 / (n - 1.0) * (W - 2.0 * M);
-                let y = H - M + 20.0 - c as f64 / peak * (H - 2.0 * M);
+                let y = H - M + 20.0 - rate as f64 / peak * (H - 2.0 * M);
                 format!("{x:.1},{y:.1}")
             })
             .collect();
@@ -271,7 +271,7 @@ impl Report {
             W,
             H,
             M,
-            "answers per second over the run (s)",
+            "answers per second, by tenth of a second, over the run (s)",
             Some(&format!("{}", peak as u64)),
         );
         let _ = write!(
@@ -284,7 +284,7 @@ impl Report {
             r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#,
             offset + W - M,
             H - M + 35.0,
-            self.throughput_per_s.len()
+            self.duration_s
         );
         svg.push_str("</svg>\n");
         svg
@@ -351,6 +351,7 @@ mod tests {
             decisions: BTreeMap::from([("approved".into(), 990), ("card_lost".into(), 10)]),
             error_kinds: BTreeMap::new(),
             throughput_per_s: vec![100; 10],
+            throughput_per_100ms: vec![10; 100],
             settlement: None,
             histogram,
         }
@@ -384,6 +385,8 @@ mod tests {
             "errors",
             "latency_us",
             "decisions",
+            "throughput_per_s",
+            "throughput_per_100ms",
         ] {
             assert!(value.get(key).is_some(), "missing {key}");
         }

@@ -79,7 +79,6 @@ struct GateStats {
     busy: u64,
     decisions: BTreeMap<String, u64>,
     errors: BTreeMap<String, u64>,
-    per_second: Vec<u64>,
 }
 
 fn histogram() -> Histogram<u64> {
@@ -94,7 +93,6 @@ impl GateStats {
             busy: 0,
             decisions: BTreeMap::new(),
             errors: BTreeMap::new(),
-            per_second: Vec::new(),
         }
     }
 
@@ -111,12 +109,6 @@ impl GateStats {
         }
         for (k, v) in other.errors {
             *self.errors.entry(k).or_default() += v;
-        }
-        if self.per_second.len() < other.per_second.len() {
-            self.per_second.resize(other.per_second.len(), 0);
-        }
-        for (a, b) in self.per_second.iter_mut().zip(other.per_second) {
-            *a += b;
         }
     }
 }
@@ -177,6 +169,17 @@ struct Shared {
     start: Instant,
     stop: AtomicBool,
     answered: AtomicU64,
+    /// Answers in each tenth of a second from `start`: fine enough to show a stall of a few
+    /// hundred milliseconds, which per-second counts smooth away.
+    answered_per_tick: Box<[AtomicU64]>,
+}
+
+const TICK: Duration = Duration::from_millis(100);
+const TICKS_PER_SECOND: usize = 10;
+
+/// Ticks in a span, a part tick counting whole.
+fn ticks_in(span: Duration) -> usize {
+    span.as_millis().div_ceil(TICK.as_millis()).max(1) as usize
 }
 
 pub async fn run(spec: LoadSpec) -> Result<Report, LoadError> {
@@ -225,6 +228,9 @@ pub async fn run(spec: LoadSpec) -> Result<Report, LoadError> {
         endpoint,
         stop: AtomicBool::new(false),
         answered: AtomicU64::new(0),
+        answered_per_tick: (0..ticks_in(spec.duration + DRAIN))
+            .map(|_| AtomicU64::new(0))
+            .collect(),
     });
     let progress = progress_bar(&shared);
 
@@ -277,9 +283,10 @@ pub async fn run(spec: LoadSpec) -> Result<Report, LoadError> {
     shared.endpoint.close(0u32.into(), b"done");
     let (from_intended, from_send) = shared.latencies.merged();
     let duration_s = spec.duration.as_secs_f64();
-    total
-        .per_second
-        .truncate(spec.duration.as_secs().max(1) as usize);
+    let per_tick: Vec<u64> = shared.answered_per_tick[..ticks_in(spec.duration)]
+        .iter()
+        .map(|count| count.load(Ordering::Relaxed))
+        .collect();
     Ok(Report {
         target: match spec.target_kind {
             TargetKind::Tapgate => "tapgate".into(),
@@ -303,7 +310,11 @@ pub async fn run(spec: LoadSpec) -> Result<Report, LoadError> {
         latency_from_send_us: Percentiles::of(&from_send),
         decisions: total.decisions,
         error_kinds: total.errors,
-        throughput_per_s: total.per_second,
+        throughput_per_s: per_tick
+            .chunks(TICKS_PER_SECOND)
+            .map(|second| second.iter().sum())
+            .collect(),
+        throughput_per_100ms: per_tick,
         settlement: None,
         histogram: from_intended,
     })
@@ -543,11 +554,11 @@ impl Gate {
         );
         self.stats.answered += 1;
         *self.stats.decisions.entry(decision.to_owned()).or_default() += 1;
-        let second = now.saturating_duration_since(self.shared.start).as_secs() as usize;
-        if self.stats.per_second.len() <= second {
-            self.stats.per_second.resize(second + 1, 0);
+        let tick = (now.saturating_duration_since(self.shared.start).as_millis() / TICK.as_millis())
+            as usize;
+        if let Some(count) = self.shared.answered_per_tick.get(tick) {
+            count.fetch_add(1, Ordering::Relaxed);
         }
-        self.stats.per_second[second] += 1;
         self.last_answered = true;
         self.shared.answered.fetch_add(1, Ordering::Relaxed);
     }
