@@ -629,6 +629,10 @@ impl Session {
         place: GatePlace,
     ) {
         let mut shutdown = self.shared.shutdown.clone();
+        // One wait for the whole session: making a new one for every tap re-registers with the
+        // watch each time, a measurable share of the per-tap work.
+        let stopping = shutdown.wait_for(|stop| *stop);
+        tokio::pin!(stopping);
         let fatal = |code, sequence| Pending::Fatal(ErrorFrame { code, sequence });
         let mut reading = true;
         loop {
@@ -643,7 +647,7 @@ impl Session {
             }
             let next = tokio::select! {
                 biased;
-                _ = shutdown.wait_for(|stop| *stop), if reading => {
+                _ = &mut stopping, if reading => {
                     answers.queue.push_back(fatal(ErrorCode::ShuttingDown, 0));
                     reading = false;
                     continue;
