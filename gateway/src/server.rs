@@ -334,9 +334,9 @@ pub fn bind_udp(addr: SocketAddr, buffer: usize) -> Result<std::net::UdpSocket, 
         tracing::warn!(error = %e, "could not set UDP send buffer");
     }
     socket.bind(&addr.into()).map_err(err)?;
-    let granted_recv = socket.recv_buffer_size().unwrap_or(0);
-    let granted_send = socket.send_buffer_size().unwrap_or(0);
-    if granted_recv < buffer {
+    let granted_recv = usable_buffer(socket.recv_buffer_size().unwrap_or(0));
+    let granted_send = usable_buffer(socket.send_buffer_size().unwrap_or(0));
+    if granted_recv < buffer || granted_send < buffer {
         tracing::warn!(
             requested = buffer,
             granted_recv,
@@ -347,6 +347,17 @@ pub fn bind_udp(addr: SocketAddr, buffer: usize) -> Result<std::net::UdpSocket, 
         tracing::info!(granted_recv, granted_send, "UDP socket buffers");
     }
     Ok(socket.into())
+}
+
+/// The part of a socket buffer, as the kernel reports it, that is for datagrams. Linux reports
+/// twice the size it granted, the other half being its own bookkeeping, so a request capped at
+/// `net.core.rmem_max` would otherwise look granted in full.
+fn usable_buffer(reported: usize) -> usize {
+    if cfg!(target_os = "linux") {
+        reported / 2
+    } else {
+        reported
+    }
 }
 
 async fn apply_ride_updates(directory: Directory, mut rx: mpsc::Receiver<u64>) {
