@@ -861,6 +861,20 @@ mod tests {
         bytes
     }
 
+    /// Length of one record on disk.
+    const RECORD_LEN: u64 = (RECORD_HEADER + PAYLOAD_LEN) as u64;
+
+    /// Opens the journal in `dir` as a restarting gateway does, then closes it; returns the
+    /// sequence numbers recovery replayed.
+    fn recovered_sequences(dir: &Path) -> Vec<u64> {
+        let mut seen = Vec::new();
+        let (journal, writer) =
+            Journal::open(&settings(dir, 1 << 20), |r| seen.push(r.tap.sequence)).unwrap();
+        drop(journal);
+        writer.join();
+        seen
+    }
+
     #[tokio::test]
     async fn the_forwarders_reads_stop_at_the_durable_end_and_resume_across_segments() {
         let dir = tempfile::tempdir().unwrap();
@@ -912,19 +926,17 @@ mod tests {
         let (journal, writer) = Journal::open(&settings(dir.path(), 1 << 30), |_| {}).unwrap();
         append_durably(&journal, 1..=3).await;
         let path = list_segments(dir.path()).unwrap().pop().unwrap();
-        let record_len = (RECORD_HEADER + PAYLOAD_LEN) as u64;
-        let records = 3 * record_len;
         // Zeroed after the first batch, one record; the next two records overwrite zeros.
         assert_eq!(
             fs::metadata(&path).unwrap().len(),
-            record_len + ZEROED_AHEAD
+            RECORD_LEN + ZEROED_AHEAD
         );
         let read = read_from(dir.path(), JournalPosition::default(), None, 10).unwrap();
         assert_eq!(read.records.len(), 3);
         assert!(!read.damaged);
         drop(journal);
         tokio::task::spawn_blocking(|| writer.join()).await.unwrap();
-        assert_eq!(fs::metadata(&path).unwrap().len(), records);
+        assert_eq!(fs::metadata(&path).unwrap().len(), 3 * RECORD_LEN);
     }
 
     #[test]
@@ -938,24 +950,14 @@ mod tests {
         let mut count = 0;
         assert_eq!(
             read_segment(&first, |_| count += 1).unwrap(),
-            (3 * (RECORD_HEADER + PAYLOAD_LEN) as u64, true)
+            (3 * RECORD_LEN, true)
         );
         let read = read_from(dir.path(), JournalPosition::default(), None, 10).unwrap();
         let sequences: Vec<u64> = read.records.iter().map(|r| r.tap.sequence).collect();
         assert_eq!(sequences, [1, 2, 3, 4, 5]);
         assert!(!read.damaged);
-        let mut seen = Vec::new();
-        let (journal, writer) = Journal::open(&settings(dir.path(), 1 << 20), |r| {
-            seen.push(r.tap.sequence)
-        })
-        .unwrap();
-        assert_eq!(seen, [1, 2, 3, 4, 5]);
-        assert_eq!(
-            fs::metadata(&first).unwrap().len(),
-            3 * (RECORD_HEADER + PAYLOAD_LEN) as u64
-        );
-        drop(journal);
-        writer.join();
+        assert_eq!(recovered_sequences(dir.path()), [1, 2, 3, 4, 5]);
+        assert_eq!(fs::metadata(&first).unwrap().len(), 3 * RECORD_LEN);
     }
 
     #[test]
@@ -970,18 +972,8 @@ mod tests {
         let read = read_from(dir.path(), JournalPosition::default(), None, 10).unwrap();
         assert_eq!(read.records.len(), 2);
         assert!(!read.damaged);
-        let mut seen = Vec::new();
-        let (journal, writer) = Journal::open(&settings(dir.path(), 1 << 20), |r| {
-            seen.push(r.tap.sequence)
-        })
-        .unwrap();
-        assert_eq!(seen, [1, 2]);
-        assert_eq!(
-            fs::metadata(&path).unwrap().len(),
-            2 * (RECORD_HEADER + PAYLOAD_LEN) as u64
-        );
-        drop(journal);
-        writer.join();
+        assert_eq!(recovered_sequences(dir.path()), [1, 2]);
+        assert_eq!(fs::metadata(&path).unwrap().len(), 2 * RECORD_LEN);
     }
 
     #[test]
@@ -1025,18 +1017,8 @@ mod tests {
         let bytes = segment_bytes(1..=3);
         let full = bytes.len();
         fs::write(&path, &bytes[..full - 10]).unwrap();
-        let mut seen = Vec::new();
-        let (journal, writer) = Journal::open(&settings(dir.path(), 1 << 20), |r| {
-            seen.push(r.tap.sequence)
-        })
-        .unwrap();
-        assert_eq!(seen, vec![1, 2]);
-        assert_eq!(
-            fs::metadata(&path).unwrap().len() as usize,
-            2 * (RECORD_HEADER + PAYLOAD_LEN)
-        );
-        drop(journal);
-        writer.join();
+        assert_eq!(recovered_sequences(dir.path()), [1, 2]);
+        assert_eq!(fs::metadata(&path).unwrap().len(), 2 * RECORD_LEN);
     }
 
     #[test]
