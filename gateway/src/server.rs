@@ -13,7 +13,7 @@ use bytes::BytesMut;
 use dashmap::DashMap;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tapgate_protocol::{
@@ -336,13 +336,18 @@ pub fn bind_udp(addr: SocketAddr, buffer: usize) -> Result<std::net::UdpSocket, 
     socket.bind(&addr.into()).map_err(err)?;
     let granted_recv = usable_buffer(socket.recv_buffer_size().unwrap_or(0));
     let granted_send = usable_buffer(socket.send_buffer_size().unwrap_or(0));
+    // Said once per process: the embedded demo binds a gateway and a generator socket, and the
+    // advice is the same for both.
+    static SHORTFALL_REPORTED: AtomicBool = AtomicBool::new(false);
     if granted_recv < buffer || granted_send < buffer {
-        tracing::warn!(
-            requested = buffer,
-            granted_recv,
-            granted_send,
-            "kernel granted smaller UDP buffers; raise net.core.rmem_max / wmem_max"
-        );
+        if !SHORTFALL_REPORTED.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                requested = buffer,
+                granted_recv,
+                granted_send,
+                "kernel granted smaller UDP buffers; raise net.core.rmem_max / wmem_max"
+            );
+        }
     } else {
         tracing::info!(granted_recv, granted_send, "UDP socket buffers");
     }
