@@ -271,14 +271,14 @@ pub fn run_load(args: LoadArgs) -> Result<(), String> {
     let cert = std::fs::read(&args.cert).map_err(|e| format!("{}: {e}", args.cert.display()))?;
     let key = MasterKey::from_hex(&args.master_key).map_err(|e| format!("--master-key: {e}"))?;
     runtime()?.block_on(async {
-        if args.find_max {
-            return find_max(&args, cert, key).await;
-        }
         let kind = if args.echo {
             TargetKind::Echo
         } else {
             TargetKind::Tapgate
         };
+        if args.find_max {
+            return find_max(&args, kind, cert, key).await;
+        }
         let spec = args.workload.spec(args.target, kind, cert, key.clone());
         let metrics_url =
             (!args.no_gateway_metrics && !args.echo).then_some(args.gateway_metrics.as_str());
@@ -313,44 +313,36 @@ pub fn run_load(args: LoadArgs) -> Result<(), String> {
     })
 }
 
-async fn find_max(args: &LoadArgs, cert: Vec<u8>, key: MasterKey) -> Result<(), String> {
-    let mut rate = args.workload.rate;
-    let mut best: Option<Report> = None;
-    loop {
-        let mut workload = args.workload.clone();
-        workload.rate = rate;
-        workload.closed_loop = false;
-        let report =
-            run(workload.spec(args.target, TargetKind::Tapgate, cert.clone(), key.clone()))
-                .await
-                .map_err(|e| e.to_string())?;
-        let p99_ms = report.latency_us.p99 as f64 / 1000.0;
-        let held = p99_ms <= args.p99_bound_ms
-            && report.errors == 0
-            && report.busy == 0
-            && report.achieved_rate >= 0.95 * rate;
+async fn find_max(
+    args: &LoadArgs,
+    kind: TargetKind,
+    cert: Vec<u8>,
+    key: MasterKey,
+) -> Result<(), String> {
+    let spec = args.workload.spec(args.target, kind, cert, key);
+    let bound = Duration::from_secs_f64(args.p99_bound_ms.max(0.0) / 1000.0);
+    let best = tapgate_loadgen::run::find_max(spec, args.workload.rate, bound, |step| {
+        let report = &step.report;
         println!(
-            "{rate:>9.0} taps/s: achieved {:.0}, p99 {:.2} ms, errors {}, busy {} -> {}",
+            "{:>9.0} taps/s: achieved {:.0}, p99 {:.2} ms, errors {}, busy {} -> {}",
+            step.rate,
             report.achieved_rate,
-            p99_ms,
+            report.latency_us.p99 as f64 / 1000.0,
             report.errors,
             report.busy,
-            if held { "held" } else { "did not hold" }
+            if step.held { "held" } else { "did not hold" }
         );
-        if !held {
-            break;
-        }
-        best = Some(report);
-        rate *= 1.25;
-    }
+    })
+    .await
+    .map_err(|e| e.to_string())?;
     match best {
-        Some(report) => {
+        Some(step) => {
             println!(
                 "\nhighest rate that held: {:.0} taps/s (p99 bound {} ms)\n",
-                report.target_rate, args.p99_bound_ms
+                step.rate, args.p99_bound_ms
             );
-            print!("{}", report.summary());
-            args.workload.write_outputs(&report)
+            print!("{}", step.report.summary());
+            args.workload.write_outputs(&step.report)
         }
         None => Err(format!(
             "even {:.0} taps/s did not hold; start lower with --rate",

@@ -136,3 +136,33 @@ async fn closed_loop_against_the_echo_baseline() {
     assert_eq!(report.decisions.keys().collect::<Vec<_>>(), ["echo"]);
     echo.close();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn find_max_drives_the_target_it_is_given_and_stops_at_the_first_step_that_fails() {
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut spec = load(
+        echo.local_addr(),
+        TargetKind::Echo,
+        echo.certificate_der(),
+        Pacing::ClosedLoop,
+        Faults::default(),
+    );
+    spec.duration = Duration::from_millis(500);
+    let mut steps = Vec::new();
+    // A bound of zero fails every step: one step is run, and nothing held.
+    let best = tapgate_loadgen::run::find_max(spec, 200.0, Duration::ZERO, |step| {
+        steps.push((step.rate, step.held, step.report.clone()))
+    })
+    .await
+    .unwrap();
+    assert!(best.is_none());
+    assert_eq!(steps.len(), 1);
+    let (rate, held, report) = &steps[0];
+    assert_eq!((*rate, *held), (200.0, false));
+    assert!(!report.closed_loop, "find-max runs open loop");
+    assert_eq!(report.target, "echo");
+    assert_eq!(report.connected, 20, "{}", report.summary());
+    assert_eq!(report.answered, report.sent, "{}", report.summary());
+    assert_eq!(report.decisions.keys().collect::<Vec<_>>(), ["echo"]);
+    echo.close();
+}

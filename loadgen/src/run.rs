@@ -182,6 +182,46 @@ fn ticks_in(span: Duration) -> usize {
     span.as_millis().div_ceil(TICK.as_millis()).max(1) as usize
 }
 
+/// One step of [`find_max`].
+#[derive(Debug)]
+pub struct Step {
+    pub rate: f64,
+    pub report: Report,
+    pub held: bool,
+}
+
+/// Runs `spec` open loop at its rate, then at 1.25 times that, and so on, until a step's p99
+/// passes `p99_bound`, it has errors or Busy answers, or its answers fall behind (under 95 % of
+/// the rate). Every step is passed to `on_step` as it ends; returns the last step that held.
+/// The target, its kind and the workload are the spec's: only the rate changes.
+pub async fn find_max(
+    spec: LoadSpec,
+    start_rate: f64,
+    p99_bound: Duration,
+    mut on_step: impl FnMut(&Step),
+) -> Result<Option<Step>, LoadError> {
+    let mut rate = start_rate;
+    let mut best = None;
+    loop {
+        let report = run(LoadSpec {
+            pacing: Pacing::OpenLoop { rate },
+            ..spec.clone()
+        })
+        .await?;
+        let held = u128::from(report.latency_us.p99) <= p99_bound.as_micros()
+            && report.errors == 0
+            && report.busy == 0
+            && report.achieved_rate >= 0.95 * rate;
+        let step = Step { rate, report, held };
+        on_step(&step);
+        if !step.held {
+            return Ok(best);
+        }
+        best = Some(step);
+        rate *= 1.25;
+    }
+}
+
 pub async fn run(spec: LoadSpec) -> Result<Report, LoadError> {
     if spec.population.terminals < spec.connections as u64 {
         return Err(LoadError::NotEnoughTerminals {
