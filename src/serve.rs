@@ -107,15 +107,37 @@ pub fn init_logging(filter: &str) {
         .try_init();
 }
 
+/// An `--ops-listen` value: HOST:PORT, or `off`.
+pub fn parse_ops_listen(value: &str) -> Result<Option<SocketAddr>, String> {
+    match value {
+        "off" => Ok(None),
+        addr => addr
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("--ops-listen `{addr}`: expected HOST:PORT or off")),
+    }
+}
+
+/// Serves `/metrics` and `/healthz` on `addr` until the returned task is aborted.
+pub async fn start_ops(
+    addr: Option<SocketAddr>,
+    counters: tapgate_gateway::ops::Counters,
+) -> Result<Option<tokio::task::JoinHandle<()>>, String> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("ops endpoint {addr}: {e}"))?;
+    tracing::info!(%addr, "ops endpoint: GET /metrics, /healthz");
+    Ok(Some(tokio::spawn(tapgate_gateway::ops::serve(
+        listener, counters,
+    ))))
+}
+
 pub fn run(args: ServeArgs) -> Result<(), String> {
     let config = args.config()?;
-    let ops_listen: Option<SocketAddr> = match args.ops_listen.as_str() {
-        "off" => None,
-        addr => Some(
-            addr.parse()
-                .map_err(|_| format!("--ops-listen `{addr}`: expected HOST:PORT or off"))?,
-        ),
-    };
+    let ops_listen = parse_ops_listen(&args.ops_listen)?;
     init_logging(&config.log.filter);
     crate::runtime()?.block_on(serve(config, ops_listen))
 }
@@ -139,18 +161,7 @@ async fn serve(config: Config, ops_listen: Option<SocketAddr>) -> Result<(), Str
         tracing::warn!("settlement is disabled: approved taps stay in the journal only");
         None
     };
-    let ops = match ops_listen {
-        Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|e| format!("ops endpoint {addr}: {e}"))?;
-            tracing::info!(%addr, "ops endpoint: GET /metrics, /healthz");
-            Some(tokio::spawn(tapgate_gateway::ops::serve(
-                listener, counters,
-            )))
-        }
-        None => None,
-    };
+    let ops = start_ops(ops_listen, counters).await?;
     let reporter = tokio::spawn(report_throughput(gateway.metrics().clone()));
     let mut terminate = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut hangup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tapgate_gateway::fares::FareTables;
+use tapgate_gateway::ops::Counters;
 use tapgate_gateway::settle::forwarder::{self, ForwarderSettings, ForwarderStats, Until};
 use tapgate_gateway::settle::ledger::{
     JournalSettlement, Ledger, Reconciliation, Subject, Totals, settle_journals,
@@ -112,6 +113,14 @@ enum SettleAction {
         /// (milliseconds); report the settling rate. For benchmarks and batch jobs.
         #[arg(long)]
         until_idle_ms: Option<u64>,
+        /// Address of the operators' HTTP endpoint (GET /metrics with the settlers' counters
+        /// and lag histogram, /healthz); "off" disables it.
+        #[arg(
+            long,
+            env = "TAPGATE_SETTLE_OPS_LISTEN",
+            default_value = "127.0.0.1:9434"
+        )]
+        ops_listen: String,
     },
     /// Ship a stopped gateway's journal to Redis (what its forwarder would have done), from
     /// the node's checkpoint to the end of the files.
@@ -179,7 +188,9 @@ pub fn run(args: SettleArgs) -> Result<ExitCode, String> {
             lease_ttl_ms,
             fares,
             until_idle_ms,
+            ops_listen,
         } => {
+            let ops_listen = crate::serve::parse_ops_listen(&ops_listen)?;
             crate::serve::init_logging("info");
             let tables = Arc::new(FareTables::load(fares.as_deref()).map_err(|e| e.to_string())?);
             let settings = SettlerSettings {
@@ -191,7 +202,7 @@ pub fn run(args: SettleArgs) -> Result<ExitCode, String> {
             runtime()?.block_on(async {
                 let store = redis.store()?;
                 let idle = until_idle_ms.map(Duration::from_millis);
-                run_settlers(store, settings, settlers.max(1), tables, idle).await
+                run_settlers(store, settings, settlers.max(1), tables, idle, ops_listen).await
             })?;
             Ok(ExitCode::SUCCESS)
         }
@@ -283,8 +294,12 @@ async fn run_settlers(
     count: usize,
     tables: Arc<FareTables>,
     until_idle: Option<Duration>,
+    ops_listen: Option<std::net::SocketAddr>,
 ) -> Result<(), String> {
     let stats = Arc::new(SettlerStats::default());
+    let ops = crate::serve::start_ops(ops_listen, Counters::of_settlers(stats.clone())).await?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| e.to_string())?;
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let tasks: Vec<_> = (0..count)
         .map(|i| {
@@ -310,6 +325,7 @@ async fn run_settlers(
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
+            _ = terminate.recv() => break,
             _ = tick.tick() => {}
         }
         let settled = stats.settled.load(Ordering::Relaxed);
@@ -337,6 +353,9 @@ async fn run_settlers(
         }
     }
     let _ = stop.send(true);
+    if let Some(ops) = ops {
+        ops.abort();
+    }
     for task in tasks {
         if let Ok(Err(e)) = task.await {
             return Err(e.to_string());

@@ -4,6 +4,7 @@
 
 mod support;
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -97,9 +98,11 @@ async fn reconciled(store: &Store, expected: &Ledger, within: Duration) -> Recon
     }
 }
 
-fn settle_run(redis: &RedisServer) -> Child {
+/// A `tapgate settle run` process with its ops endpoint on `ops`.
+fn settle_run(redis: &RedisServer, ops: SocketAddr) -> Child {
     Command::new(env!("CARGO_BIN_EXE_tapgate"))
         .args(["settle", "run", "--redis-url", &redis.url()])
+        .args(["--ops-listen", &ops.to_string()])
         .args(["--partitions", &PARTITIONS.to_string()])
         .args(["--lease-ttl-ms", "1000", "--batch", "64"])
         .env("RUST_LOG", "info")
@@ -136,19 +139,20 @@ async fn a_load_settles_exactly_once_through_settler_kills_and_a_redis_restart()
     // Only the forwarder runs in the gateway; settling is done by `tapgate settle run`.
     let settlement = settlement(&h, store(&redis), 0);
     let load = tokio::spawn(run(load_spec(&h, 800.0, 5)));
-    let mut settler = settle_run(&redis);
+    let ops: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut settler = settle_run(&redis, ops);
     tokio::time::sleep(Duration::from_millis(1200)).await;
     // Killed mid-stream, without releasing its leases: its successor waits for them to expire
     // and takes over what it read and never acknowledged.
     settler.kill().unwrap();
     settler.wait().unwrap();
-    let mut settler = settle_run(&redis);
+    let mut settler = settle_run(&redis, ops);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     redis.restart();
     tokio::time::sleep(Duration::from_millis(800)).await;
     settler.kill().unwrap();
     settler.wait().unwrap();
-    let mut settler = settle_run(&redis);
+    let mut settler = settle_run(&redis, ops);
 
     let report = load.await.unwrap().unwrap();
     assert_eq!(report.errors, 0, "{}", report.summary());
@@ -165,6 +169,15 @@ async fn a_load_settles_exactly_once_through_settler_kills_and_a_redis_restart()
     let r = reconciled(&settlement.store, &expected, Duration::from_secs(10)).await;
     assert!(r.is_exact(), "{r:?}");
     assert_eq!((r.lost, r.duplicated), (0, 0));
+    // The last settler took over from the killed ones and says so on its ops endpoint.
+    let metrics = http_get(ops, "/metrics");
+    let settled: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tapgate_settled_taps_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no settled count in\n{metrics}"));
+    assert!(settled > 0, "{metrics}");
+    assert!(metrics.contains("# TYPE tapgate_settlement_lag_ms histogram"));
     settler.kill().unwrap();
     settler.wait().unwrap();
     settlement.shutdown().await;

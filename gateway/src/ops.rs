@@ -21,53 +21,58 @@ const MAX_OPS_CONNECTIONS: usize = 16;
 const MAX_REQUEST_HEAD: usize = 4096;
 const READ_DEADLINE: Duration = Duration::from_secs(5);
 
-/// What the ops endpoint reads: the gateway's counters, shared, so the endpoint does not keep
-/// the gateway itself alive.
-#[derive(Clone)]
+/// What the ops endpoint reads: counters shared with whatever runs in this process (a gateway,
+/// its forwarder and settlers, or standalone settlers), so the endpoint keeps none of them alive.
+#[derive(Clone, Default)]
 pub struct Counters {
+    gateway: Option<GatewayCounters>,
+    forwarder: Option<Arc<ForwarderStats>>,
+    settlers: Option<Arc<SettlerStats>>,
+}
+
+#[derive(Clone)]
+struct GatewayCounters {
     metrics: Arc<Metrics>,
     cache: Arc<CardCache>,
     journal: Arc<JournalStats>,
-    settlement: Option<(Arc<ForwarderStats>, Arc<SettlerStats>)>,
 }
 
 impl Counters {
     pub fn of(gateway: &Gateway) -> Self {
         Self {
-            metrics: gateway.metrics().clone(),
-            cache: gateway.cache().clone(),
-            journal: gateway.journal().stats.clone(),
-            settlement: None,
+            gateway: Some(GatewayCounters {
+                metrics: gateway.metrics().clone(),
+                cache: gateway.cache().clone(),
+                journal: gateway.journal().stats.clone(),
+            }),
+            ..Self::default()
         }
     }
 
     /// Adds the counters of the forwarder and settlers running beside the gateway.
     pub fn with_settlement(mut self, settlement: &Settlement) -> Self {
-        self.settlement = Some((settlement.forwarder.clone(), settlement.settlers.clone()));
+        self.forwarder = Some(settlement.forwarder.clone());
+        self.settlers = Some(settlement.settlers.clone());
         self
+    }
+
+    /// The counters of settlers running on their own (`tapgate settle run`).
+    pub fn of_settlers(settlers: Arc<SettlerStats>) -> Self {
+        Self {
+            settlers: Some(settlers),
+            ..Self::default()
+        }
     }
 }
 
-fn render_settlement(out: &mut String, forwarder: &ForwarderStats, settlers: &SettlerStats) {
+fn render_forwarder(out: &mut String, forwarder: &ForwarderStats) {
     let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    let counters: [(&str, &str, &str, u64); 16] = [
+    let counters: [(&str, &str, &str, u64); 8] = [
         (
             "forwarder_checkpoint_moved_total",
             "counter",
             "Times the stored checkpoint was not where the forwarder left it (Redis restarted older or empty).",
             load(&forwarder.checkpoint_moved),
-        ),
-        (
-            "settle_batches_total",
-            "counter",
-            "Batches applied by this process's settlers.",
-            load(&settlers.batches),
-        ),
-        (
-            "settle_leases_lost_total",
-            "counter",
-            "Partitions this process's settlers lost to another settler (a pause longer than the lease).",
-            load(&settlers.leases_lost),
         ),
         (
             "forwarder_failed",
@@ -110,6 +115,27 @@ fn render_settlement(out: &mut String, forwarder: &ForwarderStats, settlers: &Se
             "counter",
             "Journal segments with damage the forwarder skipped.",
             load(&forwarder.damaged_segments),
+        ),
+    ];
+    for (name, kind, help, value) in counters {
+        write_metric(out, name, kind, help, &[(String::new(), value)]);
+    }
+}
+
+fn render_settlers(out: &mut String, settlers: &SettlerStats) {
+    let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let counters: [(&str, &str, &str, u64); 8] = [
+        (
+            "settle_batches_total",
+            "counter",
+            "Batches applied by this process's settlers.",
+            load(&settlers.batches),
+        ),
+        (
+            "settle_leases_lost_total",
+            "counter",
+            "Partitions this process's settlers lost to another settler (a pause longer than the lease).",
+            load(&settlers.leases_lost),
         ),
         (
             "settled_taps_total",
@@ -183,14 +209,27 @@ fn write_metric(out: &mut String, name: &str, kind: &str, help: &str, samples: &
     }
 }
 
-/// The gateway's counters as Prometheus text.
+/// Every counter this process has, as Prometheus text.
 pub fn render(counters: &Counters) -> String {
+    let mut out = String::with_capacity(4096);
+    if let Some(gateway) = &counters.gateway {
+        render_gateway(&mut out, gateway);
+    }
+    if let Some(forwarder) = &counters.forwarder {
+        render_forwarder(&mut out, forwarder);
+    }
+    if let Some(settlers) = &counters.settlers {
+        render_settlers(&mut out, settlers);
+    }
+    out
+}
+
+fn render_gateway(out: &mut String, counters: &GatewayCounters) {
     let m = counters.metrics.snapshot();
     let cache = &counters.cache;
     let s = &cache.stats;
     let journal = &counters.journal;
     let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    let mut out = String::with_capacity(4096);
     let single: [(&str, &str, &str, u64); 19] = [
         (
             "connections_active",
@@ -308,10 +347,10 @@ pub fn render(counters: &Counters) -> String {
         ),
     ];
     for (name, kind, help, value) in single {
-        write_metric(&mut out, name, kind, help, &[(String::new(), value)]);
+        write_metric(out, name, kind, help, &[(String::new(), value)]);
     }
     write_metric(
-        &mut out,
+        out,
         "answers_total",
         "counter",
         "Tap answers sent, by outcome.",
@@ -327,7 +366,7 @@ pub fn render(counters: &Counters) -> String {
         .map(|(r, n)| (format!("{{reason=\"{r}\"}}"), *n))
         .collect();
     write_metric(
-        &mut out,
+        out,
         "decisions_total",
         "counter",
         "Tap answers sent, by reason.",
@@ -339,16 +378,12 @@ pub fn render(counters: &Counters) -> String {
         .map(|(c, n)| (format!("{{code=\"{c}\"}}"), *n))
         .collect();
     write_metric(
-        &mut out,
+        out,
         "errors_total",
         "counter",
         "Error frames and closes, by code.",
         &errors,
     );
-    if let Some((forwarder, settlers)) = &counters.settlement {
-        render_settlement(&mut out, forwarder, settlers);
-    }
-    out
 }
 
 /// Serves `/metrics` and `/healthz` until the task is aborted.
@@ -416,7 +451,8 @@ mod tests {
             settlers.lag.record(lag);
         }
         let mut text = String::new();
-        render_settlement(&mut text, &forwarder, &settlers);
+        render_forwarder(&mut text, &forwarder);
+        render_settlers(&mut text, &settlers);
         for line in [
             "tapgate_forwarded_taps_total 7",
             "tapgate_settled_taps_total 5",
@@ -434,5 +470,22 @@ mod tests {
                 "missing `{line}` in\n{text}"
             );
         }
+    }
+
+    #[test]
+    fn standalone_settlers_show_only_their_own_counters() {
+        let settlers = Arc::new(SettlerStats::default());
+        settlers.settled.store(3, Ordering::Relaxed);
+        let text = render(&Counters::of_settlers(settlers));
+        assert!(text.lines().any(|l| l == "tapgate_settled_taps_total 3"));
+        assert!(text.contains("tapgate_settlement_lag_ms_count 0"));
+        assert!(
+            !text.contains("tapgate_forward"),
+            "no forwarder here:\n{text}"
+        );
+        assert!(
+            !text.contains("tapgate_connections"),
+            "no gateway here:\n{text}"
+        );
     }
 }
