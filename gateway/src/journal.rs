@@ -827,7 +827,14 @@ mod tests {
         append_durably(&journal, 1..=10).await;
         drop(journal);
         tokio::task::spawn_blocking(|| writer.join()).await.unwrap();
-        assert!(list_segments(dir.path()).unwrap().len() > 1);
+        let segments = list_segments(dir.path()).unwrap();
+        assert!(segments.len() > 1);
+        // The zeroes ahead of the records were trimmed off every segment the writer left.
+        let on_disk: u64 = segments
+            .iter()
+            .map(|s| fs::metadata(s).unwrap().len())
+            .sum();
+        assert_eq!(on_disk, 10 * RECORD_LEN);
         let mut seen = Vec::new();
         let (journal, writer) =
             Journal::open(&settings(dir.path(), 200), |r| seen.push(r.tap.sequence)).unwrap();
