@@ -419,6 +419,10 @@ pub fn report(ledger: &Ledger) -> String {
             days.join(", ")
         }
     );
+    if !ledger.fare_tables.is_empty() {
+        let digests: Vec<&str> = ledger.fare_tables.iter().map(String::as_str).collect();
+        let _ = writeln!(s, "priced with fare tables {}", digests.join(", "));
+    }
     let mut by_area: std::collections::BTreeMap<u32, Totals> = std::collections::BTreeMap::new();
     let mut by_operator: std::collections::BTreeMap<u16, Totals> =
         std::collections::BTreeMap::new();
@@ -495,6 +499,7 @@ fn report_json(ledger: &Ledger) -> serde_json::Value {
     }
     serde_json::json!({
         "days": ledger.days.keys().map(|d| d.to_string()).collect::<Vec<_>>(),
+        "fare_tables": ledger.fare_tables,
         "approved_taps": books.taps,
         "fares": total.rides,
         "total_fen": total.fen,
@@ -531,6 +536,25 @@ pub fn reconcile_text(r: &Reconciliation, show: usize) -> String {
         r.duplicated,
         r.differences.len()
     );
+    if r.settled_fare_tables != r.journal_fare_tables {
+        let list = |set: &std::collections::BTreeSet<String>| {
+            set.iter().cloned().collect::<Vec<_>>().join(", ")
+        };
+        let _ = if r.settled_fare_tables.is_empty() {
+            writeln!(
+                s,
+                "note: the ledgers do not record which fare tables priced them (written before tapgate recorded it); this reconcile prices with {}",
+                list(&r.journal_fare_tables)
+            )
+        } else {
+            writeln!(
+                s,
+                "note: the ledgers were priced with fare tables {}; this reconcile prices with {}, so fares may differ (give it the settlers' tables with --fares)",
+                list(&r.settled_fare_tables),
+                list(&r.journal_fare_tables)
+            )
+        };
+    }
     for d in r.differences.iter().take(show) {
         let what = match d.subject {
             Subject::Taps => "approved taps (rides = taps, yuan = day total)".to_string(),

@@ -119,10 +119,15 @@ fn settle_run(redis: &RedisServer, ops: SocketAddr) -> Child {
 }
 
 fn reconcile_cli(redis: &RedisServer, journal: &Path) -> (bool, String) {
+    reconcile_cli_with(redis, journal, &[])
+}
+
+fn reconcile_cli_with(redis: &RedisServer, journal: &Path, extra: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_tapgate"))
         .args(["settle", "reconcile", "--redis-url", &redis.url()])
         .arg("--journal")
         .arg(journal)
+        .args(extra)
         .output()
         .unwrap();
     (
@@ -187,6 +192,19 @@ async fn a_load_settles_exactly_once_through_settler_kills_and_a_redis_restart()
     assert!(ok, "{text}");
     assert!(
         text.contains("0 lost, 0 duplicated; 0 differences"),
+        "{text}"
+    );
+    assert!(!text.contains("fare tables"), "{text}");
+    // Reconciling with other fare tables than the settlers' says so.
+    let dearer = state.path().join("dearer-fares.toml");
+    std::fs::write(
+        &dearer,
+        tapgate_gateway::fares::DEFAULT_FARES_TOML.replace("daily_cap = 1500", "daily_cap = 1600"),
+    )
+    .unwrap();
+    let (_, text) = reconcile_cli_with(&redis, &journal, &["--fares", dearer.to_str().unwrap()]);
+    assert!(
+        text.contains("note: the ledgers were priced with fare tables"),
         "{text}"
     );
     // A tap booked twice is found.

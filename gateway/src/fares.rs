@@ -10,14 +10,14 @@
 use crate::card::local_date;
 use crate::journal::JournalRecord;
 use chrono::{Datelike, NaiveDate};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use tapgate_protocol::{AreaCode, Concession, Mode, Outcome, TapKind};
 
 /// The fare tables shipped with tapgate; `fares.example.toml` documents them.
 pub const DEFAULT_FARES_TOML: &str = include_str!("../../fares.example.toml");
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FlatTable {
     pub default: u32,
@@ -37,7 +37,7 @@ impl FlatTable {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetroTable {
     pub km_per_stop: f64,
@@ -63,7 +63,7 @@ impl MetroTable {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct IntercityTable {
     pub km_per_stop: f64,
@@ -72,20 +72,20 @@ pub struct IntercityTable {
     pub max: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TransferRule {
     pub window_s: u64,
     pub max_discount: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ElderRule {
     pub yearly_rides: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FareTables {
     pub daily_cap: u32,
@@ -119,6 +119,19 @@ impl FareTables {
             }
         }
         Ok(tables)
+    }
+
+    /// A fingerprint of the tables, recorded with the books they price so that a reconcile run
+    /// with other tables can say why its fares differ: SM3 over the tables as JSON with sorted
+    /// keys, so the TOML's layout and comments do not count, first 8 bytes in hex.
+    pub fn digest(&self) -> String {
+        let canonical = serde_json::to_value(self)
+            .expect("fare tables serialize")
+            .to_string();
+        tapgate_protocol::crypto::sm3(canonical.as_bytes())[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 
     pub fn embedded_default() -> Self {
@@ -526,6 +539,20 @@ fn price(
 mod tests {
     use super::*;
     use tapgate_protocol::{Issuer, RIDES_LEFT_NOT_APPLICABLE, Reason, Tap, TapResult};
+
+    #[test]
+    fn the_digest_follows_the_tables_not_their_layout() {
+        let shipped = FareTables::embedded_default();
+        assert_eq!(shipped.digest().len(), 16);
+        let reworded = format!("# the same tables, commented\n\n{DEFAULT_FARES_TOML}");
+        assert_eq!(
+            FareTables::from_toml(&reworded).unwrap().digest(),
+            shipped.digest()
+        );
+        let mut dearer = shipped.clone();
+        dearer.daily_cap += 100;
+        assert_ne!(dearer.digest(), shipped.digest());
+    }
 
     // 2026-11-29T08:00:00Z = 16:00 in Chongqing.
     const T0: u64 = 1_795_939_200_000;

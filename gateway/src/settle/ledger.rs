@@ -9,7 +9,7 @@ use crate::fares::{Charge, FareTables, RiderState, settle};
 use crate::journal::{JournalRecord, list_segments, read_segment};
 use chrono::NaiveDate;
 use serde_json::{Value, json};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use tapgate_protocol::registry::operator;
 use tapgate_protocol::{IssuerRegion, Mode, Outcome};
@@ -67,6 +67,9 @@ impl DayLedger {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Ledger {
     pub days: BTreeMap<NaiveDate, DayLedger>,
+    /// Digests of the fare tables that priced these books ([`FareTables::digest`]): one when
+    /// every settler used the same tables.
+    pub fare_tables: BTreeSet<String>,
 }
 
 /// Who owes whom for a charge: the card's issuing region pays the operator's region.
@@ -105,6 +108,7 @@ impl Ledger {
         for (date, theirs) in &other.days {
             self.days.entry(*date).or_default().add(theirs);
         }
+        self.fare_tables.extend(other.fare_tables.iter().cloned());
     }
 
     /// Every day's books added into one.
@@ -125,7 +129,7 @@ impl Ledger {
     }
 
     /// Books as JSON: `{"days": {"YYYY-MM-DD": {"taps", "cells": [...], "cards": {...},
-    /// "clearing": [...]}}}`; [`Ledger::from_json`] reads it back.
+    /// "clearing": [...]}}, "fare_tables": [digest, ...]}`; [`Ledger::from_json`] reads it back.
     pub fn to_json(&self) -> Value {
         let days: serde_json::Map<String, Value> = self
             .days
@@ -158,7 +162,7 @@ impl Ledger {
                 )
             })
             .collect();
-        json!({ "days": days })
+        json!({ "days": days, "fare_tables": self.fare_tables })
     }
 
     pub fn from_json(value: &Value) -> Result<Ledger, String> {
@@ -220,6 +224,13 @@ impl Ledger {
             }
             ledger.days.insert(date, books);
         }
+        // Absent from ledgers written before the digest was recorded.
+        for digest in value["fare_tables"].as_array().into_iter().flatten() {
+            let digest = digest
+                .as_str()
+                .ok_or_else(|| format!("fare_tables: expected a digest, found {digest}"))?;
+            ledger.fare_tables.insert(digest.to_owned());
+        }
         Ok(ledger)
     }
 }
@@ -238,6 +249,7 @@ pub struct JournalSettlement {
 /// gateways is seen.
 pub fn settle_journals(dirs: &[&Path], tables: &FareTables) -> std::io::Result<JournalSettlement> {
     let mut settlement = JournalSettlement::default();
+    settlement.ledger.fare_tables.insert(tables.digest());
     let mut journals = Vec::with_capacity(dirs.len());
     for dir in dirs {
         let mut records = Vec::new();
@@ -389,6 +401,10 @@ pub struct Reconciliation {
     /// Taps in the ledgers more often than in the journals, summed over days.
     pub duplicated: u64,
     pub differences: Vec<Difference>,
+    /// The fare tables the journals were priced with here, and those the ledgers record. When
+    /// they differ, fare differences are expected rather than a fault of settlement.
+    pub journal_fare_tables: BTreeSet<String>,
+    pub settled_fare_tables: BTreeSet<String>,
 }
 
 impl Reconciliation {
@@ -405,6 +421,8 @@ impl Reconciliation {
             lost,
             duplicated,
             differences,
+            journal_fare_tables: expected.fare_tables.clone(),
+            settled_fare_tables: settled.fare_tables.clone(),
         }
     }
 
@@ -469,6 +487,7 @@ mod tests {
         ledger.book(&record(1, Issuer::ChongqingSsc, T0), &[charge(200)]);
         ledger.book(&record(2, Issuer::SichuanTianfuTong, T0), &[charge(150)]);
         ledger.book(&record(1, Issuer::ChongqingSsc, T0 + 86_400_000), &[]);
+        ledger.fare_tables.insert("0123456789abcdef".into());
         ledger
     }
 
@@ -497,6 +516,9 @@ mod tests {
         let ledger = sample();
         assert_eq!(Ledger::from_json(&ledger.to_json()), Ok(ledger));
         assert!(Ledger::from_json(&json!({"days": {"yesterday": {}}})).is_err());
+        // A ledger written before the fare tables were recorded reads as recording none.
+        let older = Ledger::from_json(&json!({"days": {}})).unwrap();
+        assert!(older.fare_tables.is_empty());
     }
 
     #[test]

@@ -106,6 +106,7 @@ pub async fn run(
     let mut settler = Settler {
         store,
         settings,
+        fare_tables_digest: tables.digest(),
         tables,
         stats,
         token,
@@ -113,7 +114,7 @@ pub async fn run(
         next_lease_round: Instant::now(),
         failing: false,
     };
-    tracing::info!(settler = %settler.token, "settler starting");
+    tracing::info!(settler = %settler.token, fare_tables = %settler.fare_tables_digest, "settler starting");
     while !*stop.borrow() {
         if let Err(e) = settler.round().await {
             settler.stats.store_errors.fetch_add(1, Ordering::Relaxed);
@@ -146,6 +147,8 @@ struct Settler {
     store: Store,
     settings: SettlerSettings,
     tables: Arc<FareTables>,
+    /// Recorded with every batch's books.
+    fare_tables_digest: String,
     stats: Arc<SettlerStats>,
     token: String,
     held: BTreeMap<u16, Held>,
@@ -290,6 +293,7 @@ impl Settler {
         let states = self.store.riders(&cards).await?;
         let mut riders: HashMap<u64, RiderState> = cards.into_iter().zip(states).collect();
         let mut ledger = Ledger::default();
+        ledger.fare_tables.insert(self.fare_tables_digest.clone());
         let mut charges = 0u64;
         for record in &records {
             let rider = riders.entry(record.tap.card_id).or_default();

@@ -20,6 +20,7 @@
 //! | `P:ledger:DAY`               | hash   | `AREA:OPERATOR:MODE:fen` / `:rides` |
 //! | `P:ledger-cards:DAY`         | hash   | `CARD:fen` / `CARD:rides` |
 //! | `P:clearing:DAY`             | hash   | `PAYER:PAYEE:fen` / `:rides` (regions `chongqing`, `sichuan`, `t_union`) |
+//! | `P:fare-tables`              | set    | digests of the fare tables that priced the ledgers, added with each batch |
 //!
 //! Days are `YYYY-MM-DD` on the Chongqing calendar. The consumer group on every partition
 //! stream is `settlers`.
@@ -346,7 +347,8 @@ return {1, ''}
 /// Applies a settler batch if the lease and the watermark are what it was computed against.
 /// KEYS: lease, watermarks, stream, counts, then one key per update. ARGV: partition, token,
 /// expected watermark ('' when none), new watermark, trim-below id, taps, ack count, ack ids,
-/// then (op, field, value) per update: `H` = HINCRBY key field value, `S` = SET key value.
+/// then (op, field, value) per update: `H` = HINCRBY key field value, `S` = SET key value,
+/// `A` = SADD key value.
 const APPLY_SCRIPT: &str = r"
 if redis.call('GET', KEYS[1]) ~= ARGV[2] then return 'lease' end
 local current = redis.call('HGET', KEYS[2], ARGV[1]) or ''
@@ -357,6 +359,8 @@ local k = 5
 for i = first, #ARGV, 3 do
   if ARGV[i] == 'H' then
     redis.call('HINCRBY', KEYS[k], ARGV[i + 1], ARGV[i + 2])
+  elseif ARGV[i] == 'A' then
+    redis.call('SADD', KEYS[k], ARGV[i + 2])
   else
     redis.call('SET', KEYS[k], ARGV[i + 2])
   end
@@ -784,6 +788,13 @@ impl RedisStore {
                 .arg(field)
                 .arg(value);
         }
+        for digest in &batch.ledger.fare_tables {
+            invocation
+                .key(self.key("fare-tables"))
+                .arg("A")
+                .arg("")
+                .arg(digest);
+        }
         let outcome: String = invocation.invoke_async(&mut self.conn()).await?;
         Ok(match outcome.as_str() {
             "ok" => Applied::Done,
@@ -809,7 +820,13 @@ impl RedisStore {
             .arg(self.key("ledger-taps"))
             .query_async(&mut self.conn())
             .await?;
-        let mut ledger = Ledger::default();
+        let mut ledger = Ledger {
+            fare_tables: redis::cmd("SMEMBERS")
+                .arg(self.key("fare-tables"))
+                .query_async(&mut self.conn())
+                .await?,
+            ..Ledger::default()
+        };
         for (date, count) in taps {
             let date: NaiveDate = date
                 .parse()
