@@ -47,6 +47,10 @@ enum CardsAction {
     Unblock { card_id: u64 },
     /// Print a card's record.
     Show { card_id: u64 },
+    /// Take a gate out of service (a stolen or retired validator): every gateway closes its
+    /// open sessions and refuses its Hello from now on. Provision it again with `generate` or
+    /// by writing its record.
+    RevokeTerminal { terminal_id: u64 },
 }
 
 #[derive(Args)]
@@ -158,6 +162,22 @@ async fn run_async(args: CardsArgs) -> Result<(), String> {
         }
         CardsAction::Unblock { card_id } => {
             set_state(&directory, card_id, CardState::Active).await?
+        }
+        CardsAction::RevokeTerminal { terminal_id } => {
+            match directory
+                .terminal(terminal_id)
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                Some(_) => {
+                    directory
+                        .revoke_terminal(terminal_id)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    println!("gate {terminal_id} revoked");
+                }
+                None => return Err(format!("gate {terminal_id} is not provisioned")),
+            }
         }
         CardsAction::Show { card_id } => {
             match directory.card(card_id).await.map_err(|e| e.to_string())? {

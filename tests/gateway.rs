@@ -3,6 +3,7 @@
 mod support;
 
 use chrono::NaiveDate;
+use std::time::Duration;
 use support::*;
 use tapgate_gateway::card::CardState;
 use tapgate_gateway::policy::{AreaSet, Policy, RolloutStep};
@@ -345,7 +346,7 @@ async fn shutdown_answers_in_flight_taps_then_says_shutting_down() {
     let stopping = tokio::spawn(h.gateway.shutdown());
     let err = gate.recv().await.unwrap_err();
     assert_refused(&err, ErrorCode::ShuttingDown);
-    tokio::time::timeout(std::time::Duration::from_secs(15), stopping)
+    tokio::time::timeout(Duration::from_secs(15), stopping)
         .await
         .unwrap()
         .unwrap();
@@ -466,4 +467,57 @@ async fn the_ops_endpoint_serves_counters_and_health() {
     assert!(get("/healthz").await.ends_with("\r\n\r\nok\n"));
     assert!(get("/other").await.starts_with("HTTP/1.1 404"));
     ops.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_gate_is_disconnected_and_refused_until_provisioned_again() {
+    let state = tempfile::tempdir().unwrap();
+    let (embedded, directory) = embedded_with(&population());
+    let h = Harness::start(directory, state.path()).await;
+    let mut gate = h.gate(&YUZHONG_BUS).await;
+    let mut other = h.gate(&WANZHOU_BUS).await;
+    assert_eq!(
+        answer(&mut gate, tap(1, ACTIVE, TapKind::Flat))
+            .await
+            .outcome,
+        Outcome::Approve
+    );
+
+    embedded.revoke_terminal(YUZHONG_BUS.terminal_id);
+    let err = tokio::time::timeout(Duration::from_secs(5), gate.recv())
+        .await
+        .expect("the revoked gate's session is closed")
+        .unwrap_err();
+    assert_refused(&err, ErrorCode::UnknownTerminal);
+    let err = GateClient::connect(&h.endpoint, h.addr(), &identity(&YUZHONG_BUS), 2, 0)
+        .await
+        .err()
+        .unwrap();
+    assert_refused(&err, ErrorCode::UnknownTerminal);
+    // The other gates ride on.
+    assert_eq!(
+        answer(&mut other, tap(1, ACTIVE, TapKind::Flat))
+            .await
+            .outcome,
+        Outcome::Approve
+    );
+
+    embedded.put_terminal(YUZHONG_BUS);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut gate = loop {
+        match GateClient::connect(&h.endpoint, h.addr(), &identity(&YUZHONG_BUS), 3, 0).await {
+            Ok(gate) => break gate,
+            Err(e) if std::time::Instant::now() < deadline => {
+                assert_refused(&e, ErrorCode::UnknownTerminal);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("a provisioned gate is refused: {e}"),
+        }
+    };
+    assert_eq!(
+        answer(&mut gate, tap(2, ACTIVE, TapKind::Flat))
+            .await
+            .outcome,
+        Outcome::Approve
+    );
 }

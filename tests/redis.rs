@@ -265,3 +265,60 @@ async fn a_gateway_started_while_redis_is_down_serves_once_it_is_back() {
         Reason::CardLost
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gate_revoked_with_the_cli_is_cut_off_at_every_gateway() {
+    let redis = RedisServer::start();
+    provision(&redis.directory(), CARD).await;
+    let (a_state, b_state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Harness::start(redis.directory(), a_state.path()).await;
+    let b = Harness::start(redis.directory(), b_state.path()).await;
+    // Both gateways have the gate provisioned in memory; one has a session open.
+    let mut gate = b.gate(&YUZHONG_BUS).await;
+    drop(a.gate(&YUZHONG_BUS).await);
+    assert_eq!(
+        answer(&mut gate, tap(1, CARD, TapKind::Flat)).await.outcome,
+        Outcome::Approve
+    );
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tapgate"))
+        .args(["cards", "--redis-url", &redis.url(), "revoke-terminal"])
+        .arg(YUZHONG_BUS.terminal_id.to_string())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+
+    let err = tokio::time::timeout(Duration::from_secs(5), gate.recv())
+        .await
+        .expect("the open session is closed")
+        .unwrap_err();
+    assert!(
+        matches!(&err, tapgate_loadgen::client::ClientError::Refused(e) if e.code == tapgate_protocol::ErrorCode::UnknownTerminal),
+        "{err}"
+    );
+    // Each gateway applies the revocation from the change feed within moments.
+    for gateway in [&a, &b] {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let refused = loop {
+            let attempt = tapgate_loadgen::client::GateClient::connect(
+                &gateway.endpoint,
+                gateway.addr(),
+                &identity(&YUZHONG_BUS),
+                7,
+                0,
+            )
+            .await;
+            match attempt {
+                Err(e) => break e,
+                Ok(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Ok(_) => panic!("the revoked gate is still accepted after 5 s"),
+            }
+        };
+        assert!(
+            matches!(&refused, tapgate_loadgen::client::ClientError::Refused(e) if e.code == tapgate_protocol::ErrorCode::UnknownTerminal),
+            "{refused}"
+        );
+    }
+}

@@ -18,7 +18,7 @@ use dashmap::mapref::entry::Entry as Slot;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use tapgate_protocol::Tap;
-use tokio::sync::{OnceCell, mpsc};
+use tokio::sync::OnceCell;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Known {
@@ -218,6 +218,8 @@ impl CardCache {
                     .store(self.entries.len(), Ordering::Relaxed);
                 self.stats.resyncs.fetch_add(1, Ordering::Relaxed);
             }
+            // Gates are the server's to apply.
+            ChangeEvent::TerminalChanged(_) => {}
             ChangeEvent::Changed(change) => {
                 let known = match change.record {
                     Some(card) => Known::Card(card),
@@ -243,17 +245,6 @@ impl CardCache {
                 }
                 self.stats.changes_applied.fetch_add(1, Ordering::Relaxed);
             }
-        }
-    }
-
-    /// Applies the change feed until it ends. `clock` gives Unix milliseconds.
-    pub async fn follow(
-        self: Arc<Self>,
-        mut changes: mpsc::Receiver<ChangeEvent>,
-        clock: impl Fn() -> u64,
-    ) {
-        while let Some(event) = changes.recv().await {
-            self.apply(event, clock());
         }
     }
 }

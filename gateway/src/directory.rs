@@ -10,7 +10,7 @@
 //! |------------------------|--------|--------|
 //! | `P:card:{ID}`          | hash   | `state` (active/lost/cancelled/blocked), `issuer` (cq_ssc/cq_city/sc_tianfutong/t_union), `concession` (none/elder/disabled/veteran/student), `rides` (counted rides left), `expires` (YYYY-MM-DD or empty) |
 //! | `P:terminal:ID`        | hash   | `area` (six-digit code), `mode` (bus/metro/ferry/cableway/intercity_rail), `operator` (number) |
-//! | `P:card-changes`       | stream | one entry per change: `id` and the card's new fields, or `deleted` = 1 |
+//! | `P:card-changes`       | stream | one entry per change: `id` and the card's new fields, or `deleted` = 1; for a gate, `terminal` and its new fields, or `deleted` = 1 |
 //!
 //! The card id is in braces so a Redis Cluster keeps each card's key in one slot. Every change is
 //! written with its stream entry in one MULTI/EXEC. Gateways follow the stream with XREAD BLOCK
@@ -59,11 +59,20 @@ pub struct CardChange {
     pub record: Option<CardRecord>,
 }
 
-/// What a cache receives from the directory's change feed.
+/// One change to a gate's provisioning, as every gateway receives it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TerminalChange {
+    pub terminal_id: u64,
+    /// The new record; `None` when the gate was revoked.
+    pub record: Option<TerminalRecord>,
+}
+
+/// What a gateway receives from the directory's change feed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChangeEvent {
     Changed(CardChange),
-    /// Changes were missed and cannot be recovered: forget every cached card.
+    TerminalChanged(TerminalChange),
+    /// Changes were missed and cannot be recovered: forget every cached card and gate.
     Resync,
 }
 
@@ -127,6 +136,18 @@ impl Directory {
         }
     }
 
+    /// Takes a gate out of service everywhere: refused at its next Hello, and every gateway
+    /// following the change feed closes the sessions it has open.
+    pub async fn revoke_terminal(&self, terminal_id: u64) -> Result<(), DirectoryError> {
+        match self {
+            Directory::Embedded(d) => {
+                d.revoke_terminal(terminal_id);
+                Ok(())
+            }
+            Directory::Redis(d) => d.revoke_terminal(terminal_id).await,
+        }
+    }
+
     /// Takes one ride from the card's counted concession allowance. Not published as a change:
     /// each node decrements its own cached copy, and settlement recounts rides from the journal.
     pub async fn use_counted_ride(&self, card_id: u64) -> Result<(), DirectoryError> {
@@ -153,7 +174,7 @@ impl Directory {
 pub struct EmbeddedDirectory {
     cards: RwLock<HashMap<u64, CardRecord>>,
     terminals: RwLock<HashMap<u64, TerminalRecord>>,
-    changes: broadcast::Sender<CardChange>,
+    changes: broadcast::Sender<ChangeEvent>,
 }
 
 impl Default for EmbeddedDirectory {
@@ -189,10 +210,10 @@ impl EmbeddedDirectory {
             .expect("card map lock")
             .insert(record.card_id, record);
         // No receivers is fine: nobody caches yet.
-        let _ = self.changes.send(CardChange {
+        let _ = self.changes.send(ChangeEvent::Changed(CardChange {
             card_id: record.card_id,
             record: Some(record),
-        });
+        }));
     }
 
     pub fn put_terminal(&self, record: TerminalRecord) {
@@ -200,6 +221,27 @@ impl EmbeddedDirectory {
             .write()
             .expect("terminal map lock")
             .insert(record.terminal_id, record);
+        let _ = self
+            .changes
+            .send(ChangeEvent::TerminalChanged(TerminalChange {
+                terminal_id: record.terminal_id,
+                record: Some(record),
+            }));
+    }
+
+    /// Takes a gate out of service: it is refused at its next Hello, and gateways close the
+    /// sessions it has open.
+    pub fn revoke_terminal(&self, terminal_id: u64) {
+        self.terminals
+            .write()
+            .expect("terminal map lock")
+            .remove(&terminal_id);
+        let _ = self
+            .changes
+            .send(ChangeEvent::TerminalChanged(TerminalChange {
+                terminal_id,
+                record: None,
+            }));
     }
 
     fn use_counted_ride(&self, card_id: u64) {
@@ -214,7 +256,7 @@ impl EmbeddedDirectory {
         tokio::spawn(async move {
             loop {
                 let event = match changes.recv().await {
-                    Ok(change) => ChangeEvent::Changed(change),
+                    Ok(event) => event,
                     Err(broadcast::error::RecvError::Lagged(_)) => ChangeEvent::Resync,
                     Err(broadcast::error::RecvError::Closed) => return,
                 };
@@ -314,14 +356,7 @@ impl RedisDirectory {
                 .ignore();
             let mut entry = vec![("id", record.card_id.to_string())];
             entry.extend(fields);
-            pipe.cmd("XADD")
-                .arg(self.changes_key())
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(CHANGE_STREAM_MAXLEN)
-                .arg("*")
-                .arg(&entry)
-                .ignore();
+            self.add_change(&mut pipe, &entry);
         }
         pipe.query_async::<()>(&mut self.connection.clone()).await?;
         Ok(())
@@ -329,19 +364,48 @@ impl RedisDirectory {
 
     async fn put_terminals(&self, records: &[TerminalRecord]) -> Result<(), DirectoryError> {
         let mut pipe = redis::pipe();
+        pipe.atomic();
         for t in records {
-            pipe.hset_multiple(
-                self.terminal_key(t.terminal_id),
-                &[
-                    ("area", t.area.0.to_string()),
-                    ("mode", t.mode.label().to_owned()),
-                    ("operator", t.operator.to_string()),
-                ],
-            )
-            .ignore();
+            let fields = [
+                ("area", t.area.0.to_string()),
+                ("mode", t.mode.label().to_owned()),
+                ("operator", t.operator.to_string()),
+            ];
+            pipe.hset_multiple(self.terminal_key(t.terminal_id), &fields)
+                .ignore();
+            let mut entry = vec![("terminal", t.terminal_id.to_string())];
+            entry.extend(fields);
+            self.add_change(&mut pipe, &entry);
         }
         pipe.query_async::<()>(&mut self.connection.clone()).await?;
         Ok(())
+    }
+
+    async fn revoke_terminal(&self, terminal_id: u64) -> Result<(), DirectoryError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        pipe.del(self.terminal_key(terminal_id)).ignore();
+        self.add_change(
+            &mut pipe,
+            &[
+                ("terminal", terminal_id.to_string()),
+                ("deleted", "1".to_owned()),
+            ],
+        );
+        pipe.query_async::<()>(&mut self.connection.clone()).await?;
+        Ok(())
+    }
+
+    /// Queues the change-stream entry that tells every gateway about a change.
+    fn add_change(&self, pipe: &mut redis::Pipeline, entry: &[(&str, String)]) {
+        pipe.cmd("XADD")
+            .arg(self.changes_key())
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(CHANGE_STREAM_MAXLEN)
+            .arg("*")
+            .arg(entry)
+            .ignore();
     }
 
     async fn use_counted_ride(&self, card_id: u64) -> Result<(), DirectoryError> {
@@ -542,6 +606,16 @@ impl ChangeFollower {
                                 .map(|v| (k.clone(), v))
                         })
                         .collect();
+                    if let Some(terminal) = fields.get("terminal") {
+                        let Some(event) = terminal_change(terminal, &fields) else {
+                            tracing::warn!(entry = %entry.id, "malformed gate change entry");
+                            continue;
+                        };
+                        if self.tx.send(event).await.is_err() {
+                            return Ok(());
+                        }
+                        continue;
+                    }
                     let Some(card_id) = fields.get("id").and_then(|v| v.parse().ok()) else {
                         tracing::warn!(entry = %entry.id, "change entry without a card id");
                         continue;
@@ -565,6 +639,20 @@ impl ChangeFollower {
             }
         }
     }
+}
+
+/// A gate's change-stream entry as an event; `None` when it does not parse.
+fn terminal_change(terminal: &str, fields: &HashMap<String, String>) -> Option<ChangeEvent> {
+    let terminal_id = terminal.parse().ok()?;
+    let record = if fields.contains_key("deleted") {
+        None
+    } else {
+        Some(parse_terminal(terminal_id, fields).ok()?)
+    };
+    Some(ChangeEvent::TerminalChanged(TerminalChange {
+        terminal_id,
+        record,
+    }))
 }
 
 /// Whether stream id `a` sorts after `b` (ids are `ms-seq`).

@@ -4,7 +4,7 @@
 use crate::cache::CardCache;
 use crate::card::CardPseudonymizer;
 use crate::decide::GatePlace;
-use crate::directory::{Directory, TerminalRecord};
+use crate::directory::{ChangeEvent, Directory, TerminalChange, TerminalRecord};
 use crate::journal::{Durable, Journal, JournalRecord, JournalSettings, JournalWriter};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
@@ -87,6 +87,9 @@ pub enum StartError {
 struct TerminalState {
     window: Mutex<SequenceWindow<TapResult>>,
     answered: Notify,
+    /// Set, and its sessions woken, when the gate is revoked in the directory.
+    revoked: AtomicBool,
+    revocation: Notify,
 }
 
 impl TerminalState {
@@ -183,7 +186,6 @@ impl Gateway {
             cache_capacity,
         ));
         let changes = directory.follow_changes().await;
-        tokio::spawn(cache.clone().follow(changes, now_ms));
 
         let (ride_updates, ride_rx) = mpsc::channel(RIDE_UPDATE_QUEUE);
         tokio::spawn(apply_ride_updates(directory.clone(), ride_rx));
@@ -203,6 +205,7 @@ impl Gateway {
             ride_updates,
             shutdown: shutdown_rx,
         });
+        tokio::spawn(apply_changes(Arc::downgrade(&shared), changes));
         let accept_task = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
         tracing::info!(%local_addr, "gateway listening");
         Ok(Gateway {
@@ -279,6 +282,8 @@ fn new_terminal_state(window: u16) -> Arc<TerminalState> {
     Arc::new(TerminalState {
         window: Mutex::new(SequenceWindow::new(window)),
         answered: Notify::new(),
+        revoked: AtomicBool::new(false),
+        revocation: Notify::new(),
     })
 }
 
@@ -362,6 +367,49 @@ fn usable_buffer(reported: usize) -> usize {
         reported / 2
     } else {
         reported
+    }
+}
+
+/// Applies the directory's change feed until it ends or the gateway is gone: cards to the
+/// cache, gates to the provisioning this gateway has cached and to their open sessions.
+async fn apply_changes(shared: std::sync::Weak<Shared>, mut changes: mpsc::Receiver<ChangeEvent>) {
+    while let Some(event) = changes.recv().await {
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        match event {
+            ChangeEvent::TerminalChanged(TerminalChange {
+                terminal_id,
+                record: Some(record),
+            }) => {
+                // Open sessions keep the place they said Hello with; the next Hello gets this.
+                shared.provisioned.insert(terminal_id, record);
+                if let Some(state) = shared.terminals.get(&terminal_id) {
+                    state.revoked.store(false, Ordering::SeqCst);
+                }
+            }
+            ChangeEvent::TerminalChanged(TerminalChange {
+                terminal_id,
+                record: None,
+            }) => {
+                shared.provisioned.remove(&terminal_id);
+                // Marked even for a gate this gateway has not seen, so a Hello that looked the
+                // gate up just before the revocation is still refused.
+                let state = shared
+                    .terminals
+                    .entry(terminal_id)
+                    .or_insert_with(|| new_terminal_state(shared.limits.resend_window))
+                    .clone();
+                state.revoked.store(true, Ordering::SeqCst);
+                state.revocation.notify_waiters();
+                tracing::info!(terminal = terminal_id, "gate revoked");
+            }
+            ChangeEvent::Resync => {
+                shared.provisioned.clear();
+                shared.cache.apply(event, now_ms());
+            }
+            ChangeEvent::Changed(_) => shared.cache.apply(event, now_ms()),
+        }
     }
 }
 
@@ -604,6 +652,12 @@ impl Session {
             .entry(hello.terminal_id)
             .or_insert_with(|| new_terminal_state(self.shared.limits.resend_window))
             .clone();
+        if state.revoked.load(Ordering::SeqCst) {
+            tracing::info!(terminal = hello.terminal_id, "revoked gate refused");
+            self.refuse(send, ErrorCode::UnknownTerminal, Some(&mac))
+                .await;
+            return None;
+        }
         let ack = HelloAck {
             terminal_id: hello.terminal_id,
             client_nonce: hello.client_nonce,
@@ -649,8 +703,19 @@ impl Session {
         // watch each time, a measurable share of the per-tap work.
         let stopping = shutdown.wait_for(|stop| *stop);
         tokio::pin!(stopping);
+        let state = answers.state.clone();
+        let revoked = state.revocation.notified();
+        tokio::pin!(revoked);
+        // Enabled before the flag is read, so a revocation between the two still wakes it.
+        revoked.as_mut().enable();
         let fatal = |code, sequence| Pending::Fatal(ErrorFrame { code, sequence });
         let mut reading = true;
+        if state.revoked.load(Ordering::SeqCst) {
+            answers
+                .queue
+                .push_back(fatal(ErrorCode::UnknownTerminal, 0));
+            reading = false;
+        }
         loop {
             match answers.flush(&self.shared).await {
                 Flushed::Open => {}
@@ -665,6 +730,11 @@ impl Session {
                 biased;
                 _ = &mut stopping, if reading => {
                     answers.queue.push_back(fatal(ErrorCode::ShuttingDown, 0));
+                    reading = false;
+                    continue;
+                }
+                _ = &mut revoked, if reading => {
+                    answers.queue.push_back(fatal(ErrorCode::UnknownTerminal, 0));
                     reading = false;
                     continue;
                 }
