@@ -64,12 +64,7 @@ impl LedgerSource {
         match &self.ledger {
             Some(path) => {
                 let mut ledger = read_ledger_file(path)?;
-                if let Some(day) = day {
-                    ledger.days.retain(|d, _| *d == day);
-                }
-                if !with_cards {
-                    ledger.days.values_mut().for_each(|d| d.cards.clear());
-                }
+                ledger.restrict(day, with_cards);
                 Ok(ledger)
             }
             None => runtime()?.block_on(async {
@@ -432,46 +427,25 @@ pub fn report(ledger: &Ledger) -> String {
         by_operator.entry(*op).or_default().add(*t);
         by_mode.entry(*mode).or_default().add(*t);
     }
+    let row = |s: &mut String, name: &str, t: Totals| {
+        let _ = writeln!(s, "  {name:<44} {:>8} {:>12}", t.rides, yuan(t.fen));
+    };
     let _ = writeln!(s, "\nby area (all 41):");
     let _ = writeln!(s, "  {:<44} {:>8} {:>12}", "area", "rides", "yuan");
     for area in AREAS.iter() {
         let t = by_area.remove(&area.code.0).unwrap_or_default();
-        let _ = writeln!(
-            s,
-            "  {:<44} {:>8} {:>12}",
-            area_name(area.code.0),
-            t.rides,
-            yuan(t.fen)
-        );
+        row(&mut s, &area_name(area.code.0), t);
     }
     for (code, t) in by_area {
-        let _ = writeln!(
-            s,
-            "  {:<44} {:>8} {:>12}",
-            area_name(code),
-            t.rides,
-            yuan(t.fen)
-        );
+        row(&mut s, &area_name(code), t);
     }
     let _ = writeln!(s, "\nby operator:");
     for (op, t) in &by_operator {
-        let _ = writeln!(
-            s,
-            "  {:<44} {:>8} {:>12}",
-            operator_name(*op),
-            t.rides,
-            yuan(t.fen)
-        );
+        row(&mut s, &operator_name(*op), *t);
     }
     let _ = writeln!(s, "\nby mode:");
     for (mode, t) in &by_mode {
-        let _ = writeln!(
-            s,
-            "  {:<44} {:>8} {:>12}",
-            mode.label(),
-            t.rides,
-            yuan(t.fen)
-        );
+        row(&mut s, mode.label(), *t);
     }
     let _ = writeln!(s, "\nclearing between issuers:");
     if books.clearing.is_empty() {

@@ -11,7 +11,7 @@
 
 use crate::card::{CardActivity, CardRecord};
 use crate::decide::{CardLookup, Decision, GatePlace, decide};
-use crate::directory::{ChangeEvent, Directory, DirectoryError};
+use crate::directory::{CardChange, Directory, DirectoryError};
 use crate::policy::Policy;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry as Slot;
@@ -208,44 +208,40 @@ impl CardCache {
         }
     }
 
-    /// Applies one event of the directory's change feed.
-    pub fn apply(&self, event: ChangeEvent, now_ms: u64) {
-        match event {
-            ChangeEvent::Resync => {
-                self.entries.clear();
-                // Counting again (rare, and slow) repairs any drift from inserts during the clear.
-                self.entry_count
-                    .store(self.entries.len(), Ordering::Relaxed);
-                self.stats.resyncs.fetch_add(1, Ordering::Relaxed);
-            }
-            // Gates are the server's to apply.
-            ChangeEvent::TerminalChanged(_) => {}
-            ChangeEvent::Changed(change) => {
-                let known = match change.record {
-                    Some(card) => Known::Card(card),
-                    None => Known::Missing {
-                        until_ms: now_ms.saturating_add(self.negative_ttl_ms),
-                    },
-                };
-                if let Some(mut entry) = self.entries.get_mut(&change.card_id) {
-                    entry.known = known;
-                } else if self.fetches.contains_key(&change.card_id) {
-                    // A fetch is under way and may return the record from before this change.
-                    self.make_room();
-                    let replaced = self.entries.insert(
-                        change.card_id,
-                        Entry {
-                            known,
-                            activity: CardActivity::default(),
-                        },
-                    );
-                    if replaced.is_none() {
-                        self.entry_count.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                self.stats.changes_applied.fetch_add(1, Ordering::Relaxed);
+    /// Forgets every card: the change feed missed changes it cannot recover.
+    pub fn resync(&self) {
+        self.entries.clear();
+        // Counting again (rare, and slow) repairs any drift from inserts during the clear.
+        self.entry_count
+            .store(self.entries.len(), Ordering::Relaxed);
+        self.stats.resyncs.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Applies one card change from the directory's change feed.
+    pub fn apply(&self, change: CardChange, now_ms: u64) {
+        let known = match change.record {
+            Some(card) => Known::Card(card),
+            None => Known::Missing {
+                until_ms: now_ms.saturating_add(self.negative_ttl_ms),
+            },
+        };
+        if let Some(mut entry) = self.entries.get_mut(&change.card_id) {
+            entry.known = known;
+        } else if self.fetches.contains_key(&change.card_id) {
+            // A fetch is under way and may return the record from before this change.
+            self.make_room();
+            let replaced = self.entries.insert(
+                change.card_id,
+                Entry {
+                    known,
+                    activity: CardActivity::default(),
+                },
+            );
+            if replaced.is_none() {
+                self.entry_count.fetch_add(1, Ordering::Relaxed);
             }
         }
+        self.stats.changes_applied.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -253,7 +249,7 @@ impl CardCache {
 mod tests {
     use super::*;
     use crate::card::CardState;
-    use crate::directory::{CardChange, EmbeddedDirectory};
+    use crate::directory::EmbeddedDirectory;
     use tapgate_protocol::{AreaCode, Concession, Issuer, Mode, Outcome, Reason, TapKind};
 
     const NOW: u64 = 1_795_939_200_000;
@@ -341,15 +337,15 @@ mod tests {
         let policy = Policy::embedded_default();
         cache.authorize(&tap(3), BUS, &policy, NOW).await;
         cache.apply(
-            ChangeEvent::Changed(CardChange {
+            CardChange {
                 card_id: 3,
                 record: Some(record(3, CardState::Lost)),
-            }),
+            },
             NOW,
         );
         let d = cache.authorize(&tap(3), BUS, &policy, NOW).await;
         assert_eq!(d.reason, Reason::CardLost);
-        cache.apply(ChangeEvent::Resync, NOW);
+        cache.resync();
         assert!(cache.is_empty());
     }
 

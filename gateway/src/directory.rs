@@ -278,6 +278,30 @@ pub struct RedisSettings {
     pub response_timeout: Duration,
 }
 
+/// A Redis stream entry id, `ms-seq`, ordered numerically.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct EntryId {
+    pub ms: u64,
+    pub seq: u64,
+}
+
+impl std::fmt::Display for EntryId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
+impl std::str::FromStr for EntryId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (ms, seq) = s.split_once('-').unwrap_or((s, "0"));
+        match (ms.parse(), seq.parse()) {
+            (Ok(ms), Ok(seq)) => Ok(Self { ms, seq }),
+            _ => Err(format!("`{s}` is not a stream entry id")),
+        }
+    }
+}
+
 /// A reconnecting Redis connection that does not wait for Redis: commands fail fast (after
 /// `timeout`) while it is down, and it reconnects in the background.
 pub fn lazy_connection(
@@ -606,32 +630,13 @@ impl ChangeFollower {
                                 .map(|v| (k.clone(), v))
                         })
                         .collect();
-                    if let Some(terminal) = fields.get("terminal") {
-                        let Some(event) = terminal_change(terminal, &fields) else {
-                            tracing::warn!(entry = %entry.id, "malformed gate change entry");
+                    let event = match change_event(&fields) {
+                        Ok(event) => event,
+                        Err(detail) => {
+                            tracing::warn!(entry = %entry.id, %detail, "malformed change entry");
                             continue;
-                        };
-                        if self.tx.send(event).await.is_err() {
-                            return Ok(());
-                        }
-                        continue;
-                    }
-                    let Some(card_id) = fields.get("id").and_then(|v| v.parse().ok()) else {
-                        tracing::warn!(entry = %entry.id, "change entry without a card id");
-                        continue;
-                    };
-                    let record = if fields.contains_key("deleted") {
-                        None
-                    } else {
-                        match parse_card(card_id, &fields) {
-                            Ok(r) => Some(r),
-                            Err(detail) => {
-                                tracing::warn!(entry = %entry.id, %detail, "malformed change entry");
-                                continue;
-                            }
                         }
                     };
-                    let event = ChangeEvent::Changed(CardChange { card_id, record });
                     if self.tx.send(event).await.is_err() {
                         return Ok(());
                     }
@@ -641,27 +646,36 @@ impl ChangeFollower {
     }
 }
 
-/// A gate's change-stream entry as an event; `None` when it does not parse.
-fn terminal_change(terminal: &str, fields: &HashMap<String, String>) -> Option<ChangeEvent> {
-    let terminal_id = terminal.parse().ok()?;
-    let record = if fields.contains_key("deleted") {
-        None
-    } else {
-        Some(parse_terminal(terminal_id, fields).ok()?)
-    };
-    Some(ChangeEvent::TerminalChanged(TerminalChange {
-        terminal_id,
-        record,
-    }))
+/// A change-stream entry as an event: a gate's when it names a `terminal`, else a card's `id`;
+/// either with its new fields, or `deleted`.
+fn change_event(fields: &HashMap<String, String>) -> Result<ChangeEvent, String> {
+    let deleted = fields.contains_key("deleted");
+    if let Some(terminal) = fields.get("terminal") {
+        let terminal_id = terminal
+            .parse()
+            .map_err(|_| format!("gate id `{terminal}`"))?;
+        let record = (!deleted)
+            .then(|| parse_terminal(terminal_id, fields))
+            .transpose()?;
+        return Ok(ChangeEvent::TerminalChanged(TerminalChange {
+            terminal_id,
+            record,
+        }));
+    }
+    let card_id = fields
+        .get("id")
+        .and_then(|v| v.parse().ok())
+        .ok_or("no card id")?;
+    let record = (!deleted)
+        .then(|| parse_card(card_id, fields))
+        .transpose()?;
+    Ok(ChangeEvent::Changed(CardChange { card_id, record }))
 }
 
-/// Whether stream id `a` sorts after `b` (ids are `ms-seq`).
+/// Whether stream id `a` sorts after `b`; an id that does not parse counts as `0-0`.
 fn stream_id_after(a: &str, b: &str) -> bool {
-    fn parts(id: &str) -> (u64, u64) {
-        let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
-        (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
-    }
-    parts(a) > parts(b)
+    let id = |s: &str| s.parse::<EntryId>().unwrap_or_default();
+    id(a) > id(b)
 }
 
 pub fn card_fields(record: &CardRecord) -> Vec<(&'static str, String)> {

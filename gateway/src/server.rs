@@ -406,9 +406,9 @@ async fn apply_changes(shared: std::sync::Weak<Shared>, mut changes: mpsc::Recei
             }
             ChangeEvent::Resync => {
                 shared.provisioned.clear();
-                shared.cache.apply(event, now_ms());
+                shared.cache.resync();
             }
-            ChangeEvent::Changed(_) => shared.cache.apply(event, now_ms()),
+            ChangeEvent::Changed(change) => shared.cache.apply(change, now_ms()),
         }
     }
 }

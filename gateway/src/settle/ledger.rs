@@ -111,6 +111,17 @@ impl Ledger {
         self.fare_tables.extend(other.fare_tables.iter().cloned());
     }
 
+    /// Keeps only `day` (every day when `None`), and drops the per-card books unless
+    /// `with_cards`.
+    pub fn restrict(&mut self, day: Option<NaiveDate>, with_cards: bool) {
+        if let Some(day) = day {
+            self.days.retain(|d, _| *d == day);
+        }
+        if !with_cards {
+            self.days.values_mut().for_each(|d| d.cards.clear());
+        }
+    }
+
     /// Every day's books added into one.
     pub fn all_days(&self) -> DayLedger {
         let mut all = DayLedger::default();

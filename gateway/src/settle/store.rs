@@ -26,6 +26,7 @@
 //! stream is `settlers`.
 
 use super::ledger::{DayLedger, Ledger, Totals};
+pub use crate::directory::EntryId;
 use crate::fares::RiderState;
 use crate::journal::{JournalPosition, JournalRecord, PAYLOAD_LEN};
 use chrono::NaiveDate;
@@ -40,30 +41,6 @@ pub const GROUP: &str = "settlers";
 
 /// Fields per HSCAN round trip when reading ledgers back.
 const HSCAN_PAGE: usize = 10_000;
-
-/// A stream entry id, `ms-seq`, ordered numerically.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct EntryId {
-    pub ms: u64,
-    pub seq: u64,
-}
-
-impl std::fmt::Display for EntryId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}-{}", self.ms, self.seq)
-    }
-}
-
-impl std::str::FromStr for EntryId {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (ms, seq) = s.split_once('-').unwrap_or((s, "0"));
-        match (ms.parse(), seq.parse()) {
-            (Ok(ms), Ok(seq)) => Ok(Self { ms, seq }),
-            _ => Err(format!("`{s}` is not a stream entry id")),
-        }
-    }
-}
 
 /// How far a node's forwarder has shipped, in which journal.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -315,12 +292,7 @@ impl Store {
             Store::Redis(r) => r.ledger(day, with_cards).await?,
             Store::Memory(m) => m.lock().ledger.clone(),
         };
-        if let Some(day) = day {
-            ledger.days.retain(|d, _| *d == day);
-        }
-        if !with_cards {
-            ledger.days.values_mut().for_each(|d| d.cards.clear());
-        }
+        ledger.restrict(day, with_cards);
         Ok(ledger)
     }
 }
