@@ -12,7 +12,9 @@ use tapgate_gateway::population::PopulationSpec;
 /// The gateways' Redis: the card directory, and settlement beside it.
 #[derive(Args, Clone)]
 pub struct RedisTarget {
-    /// Redis URL of the gateways' directory (settlement keeps its streams and ledgers there too).
+    /// Redis of the gateways' directory (settlement keeps its streams and ledgers there too):
+    /// `redis://[USER:PASSWORD@]HOST:PORT/`, `rediss://…` for TLS, or
+    /// `redis+cluster://[USER:PASSWORD@]HOST:PORT,HOST:PORT/` for a Redis Cluster.
     #[arg(
         long,
         env = "TAPGATE_REDIS_URL",

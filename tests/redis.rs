@@ -25,11 +25,21 @@ async fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> Duration
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_card_report_reaches_a_second_gateway_sharing_the_redis() {
     let redis = RedisServer::start();
-    let directory = redis.directory();
+    a_lost_card_report_reaches_a_second_gateway(&redis.url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_card_report_reaches_a_second_gateway_sharing_a_redis_cluster() {
+    let cluster = RedisCluster::start();
+    a_lost_card_report_reaches_a_second_gateway(&cluster.url()).await;
+}
+
+async fn a_lost_card_report_reaches_a_second_gateway(url: &str) {
+    let directory = redis_directory(url);
     provision(&directory, CARD).await;
     let (a_state, b_state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = Harness::start(redis.directory(), a_state.path()).await;
-    let b = Harness::start(redis.directory(), b_state.path()).await;
+    let a = Harness::start(redis_directory(url), a_state.path()).await;
+    let b = Harness::start(redis_directory(url), b_state.path()).await;
     let mut gate_a = a.gate(&YUZHONG_BUS).await;
     let mut gate_b = b.gate(&WANZHOU_BUS).await;
     assert_eq!(
@@ -321,4 +331,93 @@ async fn a_gate_revoked_with_the_cli_is_cut_off_at_every_gateway() {
             "{refused}"
         );
     }
+}
+
+/// Connections Redis has accepted since it started.
+fn connections_received(redis: &RedisServer) -> u64 {
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let info: String = redis::cmd("INFO").arg("stats").query(&mut conn).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_connections_received:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no connection count in\n{info}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_gateway_keeps_its_redis_connections() {
+    let redis = RedisServer::start();
+    let directory = redis.directory();
+    provision(&directory, CARD).await;
+    let state = tempfile::tempdir().unwrap();
+    let h = Harness::start(redis.directory(), state.path()).await;
+    let mut gate = h.gate(&YUZHONG_BUS).await;
+    assert_eq!(
+        answer(&mut gate, tap(1, CARD, TapKind::Flat)).await.outcome,
+        Outcome::Approve
+    );
+    let before = connections_received(&redis);
+    // Ten idle seconds: ten rounds of the change feed's one-second blocking reads.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    // The probe itself is one connection.
+    let opened = connections_received(&redis) - before - 1;
+    assert_eq!(
+        opened, 0,
+        "the idle gateway opened {opened} new Redis connections"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counted_rides_taken_on_two_gateways_stop_at_zero_and_stay_readable() {
+    let redis = RedisServer::start();
+    let directory = redis.directory();
+    provision(&directory, CARD).await;
+    const ELDER: u64 = 6_222_000_000_000_065;
+    directory
+        .put_card(card(
+            ELDER,
+            CardState::Active,
+            Issuer::ChongqingSsc,
+            Concession::Elder,
+            3,
+        ))
+        .await
+        .unwrap();
+    let (a_state, b_state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Harness::start(redis.directory(), a_state.path()).await;
+    let b = Harness::start(redis.directory(), b_state.path()).await;
+    let mut gate_a = a.gate(&YUZHONG_BUS).await;
+    let mut gate_b = b.gate(&YUZHONG_BUS).await;
+    // Each gateway believes it has three rides to give; together they try ten.
+    for sequence in 1..=5 {
+        answer(&mut gate_a, tap(sequence, ELDER, TapKind::Flat)).await;
+        answer(&mut gate_b, tap(sequence + 100, ELDER, TapKind::Flat)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let record = directory
+            .card(ELDER)
+            .await
+            .unwrap()
+            .expect("still readable");
+        if record.rides_left == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} rides left",
+            record.rides_left
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Everything the gateways sent has landed and the count stayed at zero.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let record = directory
+        .card(ELDER)
+        .await
+        .unwrap()
+        .expect("still readable");
+    assert_eq!(record.rides_left, 0);
 }

@@ -99,9 +99,9 @@ async fn reconciled(store: &Store, expected: &Ledger, within: Duration) -> Recon
 }
 
 /// A `tapgate settle run` process with its ops endpoint on `ops`.
-fn settle_run(redis: &RedisServer, ops: SocketAddr) -> Child {
+fn settle_run(redis_url: &str, ops: SocketAddr) -> Child {
     Command::new(env!("CARGO_BIN_EXE_tapgate"))
-        .args(["settle", "run", "--redis-url", &redis.url()])
+        .args(["settle", "run", "--redis-url", redis_url])
         .args(["--ops-listen", &ops.to_string()])
         .args(["--partitions", &PARTITIONS.to_string()])
         .args(["--lease-ttl-ms", "1000", "--batch", "64"])
@@ -118,13 +118,13 @@ fn settle_run(redis: &RedisServer, ops: SocketAddr) -> Child {
         .expect("tapgate settle run starts")
 }
 
-fn reconcile_cli(redis: &RedisServer, journal: &Path) -> (bool, String) {
-    reconcile_cli_with(redis, journal, &[])
+fn reconcile_cli(redis_url: &str, journal: &Path) -> (bool, String) {
+    reconcile_cli_with(redis_url, journal, &[])
 }
 
-fn reconcile_cli_with(redis: &RedisServer, journal: &Path, extra: &[&str]) -> (bool, String) {
+fn reconcile_cli_with(redis_url: &str, journal: &Path, extra: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_tapgate"))
-        .args(["settle", "reconcile", "--redis-url", &redis.url()])
+        .args(["settle", "reconcile", "--redis-url", redis_url])
         .arg("--journal")
         .arg(journal)
         .args(extra)
@@ -145,19 +145,19 @@ async fn a_load_settles_exactly_once_through_settler_kills_and_a_redis_restart()
     let settlement = settlement(&h, store(&redis), 0);
     let load = tokio::spawn(run(load_spec(&h, 800.0, 5)));
     let ops: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut settler = settle_run(&redis, ops);
+    let mut settler = settle_run(&redis.url(), ops);
     tokio::time::sleep(Duration::from_millis(1200)).await;
     // Killed mid-stream, without releasing its leases: its successor waits for them to expire
     // and takes over what it read and never acknowledged.
     settler.kill().unwrap();
     settler.wait().unwrap();
-    let mut settler = settle_run(&redis, ops);
+    let mut settler = settle_run(&redis.url(), ops);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     redis.restart();
     tokio::time::sleep(Duration::from_millis(800)).await;
     settler.kill().unwrap();
     settler.wait().unwrap();
-    let mut settler = settle_run(&redis, ops);
+    let mut settler = settle_run(&redis.url(), ops);
 
     let report = load.await.unwrap().unwrap();
     assert_eq!(report.errors, 0, "{}", report.summary());
@@ -188,7 +188,7 @@ async fn a_load_settles_exactly_once_through_settler_kills_and_a_redis_restart()
     settlement.shutdown().await;
 
     let journal = h.state.join("journal");
-    let (ok, text) = reconcile_cli(&redis, &journal);
+    let (ok, text) = reconcile_cli(&redis.url(), &journal);
     assert!(ok, "{text}");
     assert!(
         text.contains("0 lost, 0 duplicated; 0 differences"),
@@ -202,7 +202,11 @@ async fn a_load_settles_exactly_once_through_settler_kills_and_a_redis_restart()
         tapgate_gateway::fares::DEFAULT_FARES_TOML.replace("daily_cap = 1500", "daily_cap = 1600"),
     )
     .unwrap();
-    let (_, text) = reconcile_cli_with(&redis, &journal, &["--fares", dearer.to_str().unwrap()]);
+    let (_, text) = reconcile_cli_with(
+        &redis.url(),
+        &journal,
+        &["--fares", dearer.to_str().unwrap()],
+    );
     assert!(
         text.contains("note: the ledgers were priced with fare tables"),
         "{text}"
@@ -215,13 +219,13 @@ async fn a_load_settles_exactly_once_through_settler_kills_and_a_redis_restart()
         .unwrap();
     let day = *expected.days.keys().next().unwrap();
     let _: i64 = redis::cmd("HINCRBY")
-        .arg("tapgate:ledger-taps")
+        .arg("tapgate:{p0}:ledger-taps")
         .arg(day.to_string())
         .arg(1)
         .query_async(&mut conn)
         .await
         .unwrap();
-    let (ok, text) = reconcile_cli(&redis, &journal);
+    let (ok, text) = reconcile_cli(&redis.url(), &journal);
     assert!(!ok, "{text}");
     assert!(text.contains("0 lost, 1 duplicated"), "{text}");
 }
@@ -258,7 +262,7 @@ async fn redelivered_entries_are_not_applied_twice_and_an_emptied_redis_is_rebui
     for p in 0..PARTITIONS {
         let _: () = redis::cmd("XGROUP")
             .arg("SETID")
-            .arg(format!("tapgate:taps:{{{p}}}"))
+            .arg(format!("tapgate:{{p{p}}}:taps"))
             .arg("settlers")
             .arg("0")
             .query_async(&mut conn)
@@ -348,4 +352,50 @@ async fn two_gateways_with_one_node_name_do_not_ship_from_each_others_place() {
         h.gateway.shutdown().await;
         s.shutdown().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_settles_exactly_once_on_a_redis_cluster_through_a_master_failover() {
+    let mut cluster = RedisCluster::start();
+    let url = cluster.url();
+    let state = tempfile::tempdir().unwrap();
+    let h = gateway(state.path()).await;
+    let store = Store::Redis(RedisStore::connect(&url, "tapgate", Duration::from_secs(2)).unwrap());
+    // The gateway ships; `tapgate settle run` settles, through a settler kill and a master
+    // failover.
+    let settlement = settlement(&h, store, 0);
+    let load = tokio::spawn(run(load_spec(&h, 800.0, 6)));
+    let ops: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut settler = settle_run(&url, ops);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    settler.kill().unwrap();
+    settler.wait().unwrap();
+    let mut settler = settle_run(&url, ops);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let killed = cluster.kill_master_of("tapgate:{p0}:taps");
+    eprintln!("killed the master on port {killed}");
+
+    let report = load.await.unwrap().unwrap();
+    assert_eq!(report.errors, 0, "{}", report.summary());
+    h.gateway.shutdown().await;
+    assert!(
+        settlement
+            .wait_settled(Duration::from_secs(60))
+            .await
+            .unwrap(),
+        "settlement caught up"
+    );
+    let expected = expected(&h.state);
+    assert!(expected.taps() > 3_000, "{} approved taps", expected.taps());
+    let r = reconciled(&settlement.store, &expected, Duration::from_secs(20)).await;
+    assert!(r.is_exact(), "{r:?}");
+    settler.kill().unwrap();
+    settler.wait().unwrap();
+    settlement.shutdown().await;
+    let (ok, text) = reconcile_cli(&url, &h.state.join("journal"));
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("0 lost, 0 duplicated; 0 differences"),
+        "{text}"
+    );
 }

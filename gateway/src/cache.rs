@@ -46,6 +46,8 @@ pub struct CacheStats {
     pub misses: AtomicU64,
     pub fetches: AtomicU64,
     pub fetch_errors: AtomicU64,
+    /// Lookups that found a record they could not read: a data fault, not an outage.
+    pub malformed_records: AtomicU64,
     pub evictions: AtomicU64,
     pub changes_applied: AtomicU64,
     pub resyncs: AtomicU64,
@@ -167,9 +169,17 @@ impl CardCache {
             .clone();
         self.fetches
             .remove_if(&card_id, |_, c| Arc::ptr_eq(c, &cell));
-        if let Err(e) = &result {
-            self.stats.fetch_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(error = %e, "card fetch failed");
+        match &result {
+            Err(DirectoryError::Malformed { key, detail }) => {
+                self.stats.fetch_errors.fetch_add(1, Ordering::Relaxed);
+                self.stats.malformed_records.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(%key, %detail, "unreadable card record; its taps are answered as if the directory were down");
+            }
+            Err(e) => {
+                self.stats.fetch_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, "card fetch failed");
+            }
+            Ok(_) => {}
         }
         result
     }

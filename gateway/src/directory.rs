@@ -4,25 +4,30 @@
 //! Two implementations behind one type: [`Directory::Redis`] for production, and
 //! [`Directory::Embedded`], an in-process store for the zero-setup demo and for tests.
 //!
-//! Redis key schema (`P` is the configured key prefix, `tapgate` by default):
+//! Redis key schema (`P` is the configured key prefix, `tapgate` by default; `GG` is the id's
+//! change group, [`change_group`], two digits from `00` to `15`):
 //!
-//! | key                    | type   | fields |
-//! |------------------------|--------|--------|
-//! | `P:card:{ID}`          | hash   | `state` (active/lost/cancelled/blocked), `issuer` (cq_ssc/cq_city/sc_tianfutong/t_union), `concession` (none/elder/disabled/veteran/student), `rides` (counted rides left), `expires` (YYYY-MM-DD or empty) |
-//! | `P:terminal:ID`        | hash   | `area` (six-digit code), `mode` (bus/metro/ferry/cableway/intercity_rail), `operator` (number) |
-//! | `P:card-changes`       | stream | one entry per change: `id` and the card's new fields, or `deleted` = 1; for a gate, `terminal` and its new fields, or `deleted` = 1 |
+//! | key                          | type   | fields |
+//! |------------------------------|--------|--------|
+//! | `P:{gGG}:card:ID`            | hash   | `state` (active/lost/cancelled/blocked), `issuer` (cq_ssc/cq_city/sc_tianfutong/t_union), `concession` (none/elder/disabled/veteran/student), `rides` (counted rides left), `expires` (YYYY-MM-DD or empty) |
+//! | `P:{gGG}:terminal:ID`        | hash   | `area` (six-digit code), `mode` (bus/metro/ferry/cableway/intercity_rail), `operator` (number) |
+//! | `P:{gGG}:changes`            | stream | one entry per change in the group: `id` and the card's new fields, or `deleted` = 1; for a gate, `terminal` and its new fields, or `deleted` = 1 |
 //!
-//! The card id is in braces so a Redis Cluster keeps each card's key in one slot. Every change is
-//! written with its stream entry in one MULTI/EXEC. Gateways follow the stream with XREAD BLOCK
-//! from the last entry they applied, so a gateway that was disconnected reads what it missed
-//! when it reconnects; plain pub/sub would have dropped it. If the stream was trimmed past that
-//! point the gateway drops its whole cache instead.
+//! Why this is safe on a Redis Cluster: the braces are the hash tag, so a group's cards, gates
+//! and change stream share one slot. Every change is written with its stream entry in one
+//! MULTI/EXEC of its group, which a cluster accepts and which a master failover keeps or loses
+//! whole (replication keeps a slot's writes in order). Counted rides are taken by a script on
+//! the card's key alone. Gateways follow all sixteen streams, each with XREAD BLOCK from the
+//! last entry they applied, so a gateway that was disconnected reads what it missed when it
+//! reconnects; plain pub/sub would have dropped it. If a stream was trimmed past that point, or
+//! came back without it (a failover that lost the newest entries, or a restart without
+//! persistence), the gateway drops its whole cache instead.
 
 use crate::card::{CardRecord, CardState};
+use crate::redis_target::{RedisConnection, RedisTarget, bounded_error};
 use chrono::NaiveDate;
 use redis::AsyncCommands;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tapgate_protocol::{AreaCode, Concession, Issuer, Mode};
@@ -47,7 +52,7 @@ pub enum DirectoryError {
 
 impl From<redis::RedisError> for DirectoryError {
     fn from(e: redis::RedisError) -> Self {
-        DirectoryError::Unavailable(e.to_string())
+        DirectoryError::Unavailable(bounded_error(&e))
     }
 }
 
@@ -272,6 +277,7 @@ impl EmbeddedDirectory {
 /// Redis connection settings.
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
+    /// A single Redis or a Redis Cluster ([`crate::redis_target`]).
     pub url: String,
     pub key_prefix: String,
     /// Longest a lookup may wait for Redis before the tap is answered without it.
@@ -302,51 +308,70 @@ impl std::str::FromStr for EntryId {
     }
 }
 
-/// A reconnecting Redis connection that does not wait for Redis: commands fail fast (after
-/// `timeout`) while it is down, and it reconnects in the background.
-pub fn lazy_connection(
-    client: &redis::Client,
-    timeout: Duration,
-) -> redis::RedisResult<ConnectionManager> {
-    let config = ConnectionManagerConfig::new()
-        .set_response_timeout(Some(timeout))
-        .set_connection_timeout(Some(timeout))
-        .set_number_of_retries(1)
-        .set_max_delay(Duration::from_millis(500));
-    ConnectionManager::new_lazy_with_config(client.clone(), config)
+/// How many change groups the directory's keys are spread over. Each group is one hash slot
+/// holding its cards, its gates and its change stream, so a record and the change entry that
+/// announces it are written in one MULTI/EXEC on any Redis; every gateway follows all groups.
+/// Fixed: changing it moves every key.
+pub const CHANGE_GROUPS: u16 = 16;
+
+/// The change group of a card or gate id.
+pub fn change_group(id: u64) -> u16 {
+    // The low digits of card numbers are sequential; mix before taking the group.
+    ((id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) % u64::from(CHANGE_GROUPS)) as u16
 }
+
+/// Counted rides are taken in Redis, never below zero, so gateways racing on one card cannot
+/// overdraw it. KEYS: the card. Returns the rides left after taking one, -1 when none was left,
+/// -2 when the card has no readable count.
+const TAKE_RIDE_SCRIPT: &str = r"
+local rides = redis.call('HGET', KEYS[1], 'rides')
+if not rides then return -2 end
+local n = tonumber(rides)
+if n == nil or n ~= math.floor(n) then return -2 end
+if n <= 0 then return -1 end
+return redis.call('HINCRBY', KEYS[1], 'rides', -1)
+";
 
 #[derive(Clone)]
 pub struct RedisDirectory {
-    client: redis::Client,
-    connection: ConnectionManager,
+    target: Arc<RedisTarget>,
+    connection: RedisConnection,
     prefix: Arc<str>,
+    take_ride: Arc<redis::Script>,
 }
 
 impl RedisDirectory {
     /// Prepares the connection without waiting for Redis: a gateway can start while Redis is
     /// down and serve what it can; lookups fail fast until Redis is back.
     pub fn connect(settings: &RedisSettings) -> Result<Self, DirectoryError> {
-        let client = redis::Client::open(settings.url.as_str())
-            .map_err(|e| DirectoryError::Unavailable(format!("bad Redis URL: {e}")))?;
-        let connection = lazy_connection(&client, settings.response_timeout)?;
+        let target = RedisTarget::parse(&settings.url).map_err(DirectoryError::Unavailable)?;
+        let connection = target.shared_connection(settings.response_timeout)?;
         Ok(Self {
-            client,
+            target: Arc::new(target),
             connection,
             prefix: settings.key_prefix.as_str().into(),
+            take_ride: Arc::new(redis::Script::new(TAKE_RIDE_SCRIPT)),
         })
     }
 
+    /// The hash tag of a change group: its keys all hash to one slot.
+    fn group_tag(&self, group: u16) -> String {
+        format!("{}:{{g{group:02}}}", self.prefix)
+    }
+
     fn card_key(&self, card_id: u64) -> String {
-        format!("{}:card:{{{card_id}}}", self.prefix)
+        format!("{}:card:{card_id}", self.group_tag(change_group(card_id)))
     }
 
     fn terminal_key(&self, terminal_id: u64) -> String {
-        format!("{}:terminal:{terminal_id}", self.prefix)
+        format!(
+            "{}:terminal:{terminal_id}",
+            self.group_tag(change_group(terminal_id))
+        )
     }
 
-    fn changes_key(&self) -> String {
-        format!("{}:card-changes", self.prefix)
+    fn changes_key(&self, group: u16) -> String {
+        format!("{}:changes", self.group_tag(group))
     }
 
     async fn card(&self, card_id: u64) -> Result<Option<CardRecord>, DirectoryError> {
@@ -371,59 +396,88 @@ impl RedisDirectory {
             .map_err(|detail| DirectoryError::Malformed { key, detail })
     }
 
-    async fn put_cards(&self, records: &[CardRecord]) -> Result<(), DirectoryError> {
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        for record in records {
-            let fields = card_fields(record);
-            pipe.hset_multiple(self.card_key(record.card_id), &fields)
-                .ignore();
-            let mut entry = vec![("id", record.card_id.to_string())];
-            entry.extend(fields);
-            self.add_change(&mut pipe, &entry);
+    /// Writes records with their change entries: one MULTI/EXEC per change group, since a
+    /// transaction may touch one slot only.
+    async fn write_grouped<T>(
+        &self,
+        items: &[T],
+        id_of: impl Fn(&T) -> u64,
+        mut queue: impl FnMut(&mut redis::Pipeline, &T),
+    ) -> Result<(), DirectoryError> {
+        let mut groups: BTreeMap<u16, Vec<&T>> = BTreeMap::new();
+        for item in items {
+            groups
+                .entry(change_group(id_of(item)))
+                .or_default()
+                .push(item);
         }
-        pipe.query_async::<()>(&mut self.connection.clone()).await?;
+        for group in groups.into_values() {
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            for item in group {
+                queue(&mut pipe, item);
+            }
+            pipe.query_async::<()>(&mut self.connection.clone()).await?;
+        }
         Ok(())
+    }
+
+    async fn put_cards(&self, records: &[CardRecord]) -> Result<(), DirectoryError> {
+        self.write_grouped(
+            records,
+            |r| r.card_id,
+            |pipe, record| {
+                let fields = card_fields(record);
+                pipe.hset_multiple(self.card_key(record.card_id), &fields)
+                    .ignore();
+                let mut entry = vec![("id", record.card_id.to_string())];
+                entry.extend(fields);
+                self.add_change(pipe, change_group(record.card_id), &entry);
+            },
+        )
+        .await
     }
 
     async fn put_terminals(&self, records: &[TerminalRecord]) -> Result<(), DirectoryError> {
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        for t in records {
-            let fields = [
-                ("area", t.area.0.to_string()),
-                ("mode", t.mode.label().to_owned()),
-                ("operator", t.operator.to_string()),
-            ];
-            pipe.hset_multiple(self.terminal_key(t.terminal_id), &fields)
-                .ignore();
-            let mut entry = vec![("terminal", t.terminal_id.to_string())];
-            entry.extend(fields);
-            self.add_change(&mut pipe, &entry);
-        }
-        pipe.query_async::<()>(&mut self.connection.clone()).await?;
-        Ok(())
+        self.write_grouped(
+            records,
+            |t| t.terminal_id,
+            |pipe, t| {
+                let fields = [
+                    ("area", t.area.0.to_string()),
+                    ("mode", t.mode.label().to_owned()),
+                    ("operator", t.operator.to_string()),
+                ];
+                pipe.hset_multiple(self.terminal_key(t.terminal_id), &fields)
+                    .ignore();
+                let mut entry = vec![("terminal", t.terminal_id.to_string())];
+                entry.extend(fields);
+                self.add_change(pipe, change_group(t.terminal_id), &entry);
+            },
+        )
+        .await
     }
 
     async fn revoke_terminal(&self, terminal_id: u64) -> Result<(), DirectoryError> {
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        pipe.del(self.terminal_key(terminal_id)).ignore();
-        self.add_change(
-            &mut pipe,
-            &[
-                ("terminal", terminal_id.to_string()),
-                ("deleted", "1".to_owned()),
-            ],
-        );
-        pipe.query_async::<()>(&mut self.connection.clone()).await?;
-        Ok(())
+        self.write_grouped(
+            &[terminal_id],
+            |t| *t,
+            |pipe, t| {
+                pipe.del(self.terminal_key(*t)).ignore();
+                self.add_change(
+                    pipe,
+                    change_group(*t),
+                    &[("terminal", t.to_string()), ("deleted", "1".to_owned())],
+                );
+            },
+        )
+        .await
     }
 
     /// Queues the change-stream entry that tells every gateway about a change.
-    fn add_change(&self, pipe: &mut redis::Pipeline, entry: &[(&str, String)]) {
+    fn add_change(&self, pipe: &mut redis::Pipeline, group: u16, entry: &[(&str, String)]) {
         pipe.cmd("XADD")
-            .arg(self.changes_key())
+            .arg(self.changes_key(group))
             .arg("MAXLEN")
             .arg("~")
             .arg(CHANGE_STREAM_MAXLEN)
@@ -433,52 +487,87 @@ impl RedisDirectory {
     }
 
     async fn use_counted_ride(&self, card_id: u64) -> Result<(), DirectoryError> {
-        let _: i64 = self
-            .connection
-            .clone()
-            .hincr(self.card_key(card_id), "rides", -1)
+        let key = self.card_key(card_id);
+        let left: i64 = self
+            .take_ride
+            .key(&key)
+            .invoke_async(&mut self.connection.clone())
             .await?;
+        if left == -2 {
+            return Err(DirectoryError::Malformed {
+                key,
+                detail: "no readable `rides` count".into(),
+            });
+        }
         Ok(())
     }
 
-    /// Follows the change stream on a connection of its own (XREAD BLOCK would stall lookups
-    /// multiplexed on the shared one).
+    /// Follows every change group's stream, each on a connection of its own (XREAD BLOCK
+    /// would stall lookups multiplexed on the shared one). The receiver gets every change
+    /// written after this call returns.
     async fn follow_changes(&self) -> mpsc::Receiver<ChangeEvent> {
         let (tx, rx) = mpsc::channel(CHANGE_CHANNEL);
-        let mut follower = ChangeFollower {
-            client: self.client.clone(),
-            key: self.changes_key(),
-            last_id: None,
-            tx,
-        };
-        let first = match self.client.get_multiplexed_async_connection().await {
-            Ok(mut conn) => match follower.start_at_end(&mut conn).await {
-                Ok(()) => Some(conn),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read the card change stream yet");
-                    None
-                }
-            },
-            Err(e) => {
-                tracing::warn!(error = %e, "Redis unreachable at start; following card changes once it is back");
-                None
+        let mut starting = tokio::task::JoinSet::new();
+        for group in 0..CHANGE_GROUPS {
+            let mut follower = ChangeFollower {
+                target: self.target.clone(),
+                group,
+                key: self.changes_key(group),
+                last_id: None,
+                tx: tx.clone(),
+                lost_since: None,
+            };
+            starting.spawn(async move {
+                let first = match follower.target.blocking_connection(FEED_BLOCK).await {
+                    Ok(mut conn) => match follower.start_at_end(&mut conn).await {
+                        Ok(()) => Some(conn),
+                        Err(e) => {
+                            if group == 0 {
+                                tracing::warn!(error = %bounded_error(&e), "cannot read the card change streams yet");
+                            }
+                            None
+                        }
+                    },
+                    Err(e) => {
+                        if group == 0 {
+                            tracing::warn!(error = %bounded_error(&e), "Redis unreachable at start; following card changes once it is back");
+                        }
+                        None
+                    }
+                };
+                (follower, first)
+            });
+        }
+        while let Some(started) = starting.join_next().await {
+            if let Ok((follower, first)) = started {
+                tokio::spawn(follower.run(first));
             }
-        };
-        tokio::spawn(follower.run(first));
+        }
         rx
     }
 }
 
+/// How long one XREAD waits for a change before asking again.
+const FEED_BLOCK: Duration = Duration::from_secs(1);
+/// Pause between attempts to reach Redis again after the feed lost it.
+const FEED_RECONNECT: Duration = Duration::from_millis(200);
+/// While the feed stays lost, how often the log says so again.
+const FEED_LOST_REPEAT: Duration = Duration::from_secs(60);
+
+/// Follows one change group's stream.
 struct ChangeFollower {
-    client: redis::Client,
+    target: Arc<RedisTarget>,
+    group: u16,
     key: String,
     /// The last entry applied; `None` until the feed has found its place in the stream.
     last_id: Option<String>,
     tx: mpsc::Sender<ChangeEvent>,
+    /// When the feed lost Redis and when that was last logged, while it stays lost.
+    lost_since: Option<(tokio::time::Instant, tokio::time::Instant, u64)>,
 }
 
 impl ChangeFollower {
-    async fn run(mut self, mut connection: Option<redis::aio::MultiplexedConnection>) {
+    async fn run(mut self, mut connection: Option<RedisConnection>) {
         loop {
             let mut conn = match connection.take() {
                 Some(conn) => conn,
@@ -488,34 +577,53 @@ impl ChangeFollower {
                 },
             };
             if let Err(e) = self.position(&mut conn).await {
-                tracing::warn!(error = %e, "could not find our place in the card change stream");
+                self.lost(&e);
                 continue;
+            }
+            if let Some((since, _, attempts)) = self.lost_since.take() {
+                tracing::info!(group = self.group, after = ?since.elapsed(), attempts, "card change feed back");
             }
             match self.follow(&mut conn).await {
                 Ok(()) => return,
-                Err(e) => tracing::warn!(error = %e, "card change feed lost; reconnecting"),
+                Err(e) => self.lost(&e),
             }
         }
     }
 
-    async fn reconnect(&self) -> Option<redis::aio::MultiplexedConnection> {
+    /// Logs a lost feed at its start and then once a minute with the count of attempts, so an
+    /// outage is one line a minute rather than five a second.
+    fn lost(&mut self, e: &redis::RedisError) {
+        let now = tokio::time::Instant::now();
+        match &mut self.lost_since {
+            None => {
+                tracing::warn!(group = self.group, error = %bounded_error(e), "card change feed lost; reconnecting");
+                self.lost_since = Some((now, now, 1));
+            }
+            Some((since, logged, attempts)) => {
+                *attempts += 1;
+                if now.duration_since(*logged) >= FEED_LOST_REPEAT {
+                    tracing::warn!(group = self.group, error = %bounded_error(e), lost_for = ?since.elapsed(), attempts = *attempts, "card change feed still lost");
+                    *logged = now;
+                }
+            }
+        }
+    }
+
+    async fn reconnect(&mut self) -> Option<RedisConnection> {
         loop {
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(FEED_RECONNECT).await;
             if self.tx.is_closed() {
                 return None;
             }
-            match self.client.get_multiplexed_async_connection().await {
+            match self.target.blocking_connection(FEED_BLOCK).await {
                 Ok(conn) => return Some(conn),
-                Err(e) => tracing::debug!(error = %e, "Redis still unreachable"),
+                Err(e) => self.lost(&e),
             }
         }
     }
 
     /// The stream's newest entry becomes our position.
-    async fn start_at_end(
-        &mut self,
-        conn: &mut redis::aio::MultiplexedConnection,
-    ) -> redis::RedisResult<()> {
+    async fn start_at_end(&mut self, conn: &mut RedisConnection) -> redis::RedisResult<()> {
         let last: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
             .arg(&self.key)
             .arg("+")
@@ -535,10 +643,7 @@ impl ChangeFollower {
 
     /// Before reading after a (re)connection: resume where we were if nothing was lost,
     /// otherwise start at the end and tell the cache to forget everything.
-    async fn position(
-        &mut self,
-        conn: &mut redis::aio::MultiplexedConnection,
-    ) -> redis::RedisResult<()> {
+    async fn position(&mut self, conn: &mut RedisConnection) -> redis::RedisResult<()> {
         let resumed = match &self.last_id {
             None => {
                 // Started while Redis was away: whatever was cached meanwhile has no feed
@@ -548,10 +653,11 @@ impl ChangeFollower {
             }
             Some(_) => self.check_continuity(conn).await?,
         };
-        if resumed {
-            tracing::info!("card change feed resumed; catching up");
-        } else {
-            tracing::warn!("card changes may have been missed; dropping the cache");
+        if !resumed {
+            tracing::warn!(
+                group = self.group,
+                "card changes may have been missed; dropping the cache"
+            );
             // A closed channel means the cache is gone; follow() then returns at once.
             let _ = self.tx.send(ChangeEvent::Resync).await;
         }
@@ -562,10 +668,7 @@ impl ChangeFollower {
     /// (not recreated, say by a Redis restart without persistence) and nothing after `last_id`
     /// was trimmed (Redis 7 reports the highest deleted id). When it returns false, `last_id`
     /// moves to the stream's end, since the cache is about to be dropped anyway.
-    async fn check_continuity(
-        &mut self,
-        conn: &mut redis::aio::MultiplexedConnection,
-    ) -> redis::RedisResult<bool> {
+    async fn check_continuity(&mut self, conn: &mut RedisConnection) -> redis::RedisResult<bool> {
         let info: Result<HashMap<String, redis::Value>, _> = redis::cmd("XINFO")
             .arg("STREAM")
             .arg(&self.key)
@@ -599,16 +702,13 @@ impl ChangeFollower {
         Ok(true)
     }
 
-    async fn follow(
-        &mut self,
-        conn: &mut redis::aio::MultiplexedConnection,
-    ) -> redis::RedisResult<()> {
+    async fn follow(&mut self, conn: &mut RedisConnection) -> redis::RedisResult<()> {
         loop {
             let reply: Option<redis::streams::StreamReadReply> = redis::cmd("XREAD")
                 .arg("COUNT")
                 .arg(512)
                 .arg("BLOCK")
-                .arg(1000)
+                .arg(FEED_BLOCK.as_millis() as u64)
                 .arg("STREAMS")
                 .arg(&self.key)
                 .arg(self.last_id.as_deref().unwrap_or("$"))
@@ -633,7 +733,7 @@ impl ChangeFollower {
                     let event = match change_event(&fields) {
                         Ok(event) => event,
                         Err(detail) => {
-                            tracing::warn!(entry = %entry.id, %detail, "malformed change entry");
+                            tracing::warn!(stream = %self.key, entry = %entry.id, %detail, "malformed change entry");
                             continue;
                         }
                     };

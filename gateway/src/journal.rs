@@ -553,7 +553,7 @@ pub fn list_segments(dir: &Path) -> io::Result<Vec<PathBuf>> {
 pub fn read_segment(path: &Path, mut each: impl FnMut(JournalRecord)) -> io::Result<(u64, bool)> {
     let mut bytes = Vec::new();
     File::open(path)?.read_to_end(&mut bytes)?;
-    let (used, tail) = parse_records(&bytes, &mut each);
+    let (used, tail) = parse_records(&bytes, |_, record| each(record));
     Ok((used as u64, tail == Tail::End))
 }
 
@@ -570,7 +570,8 @@ enum Tail {
 
 /// Calls `each` with the whole, valid records at the start of `bytes`. Returns how many bytes
 /// they span and what follows them.
-fn parse_records(bytes: &[u8], mut each: impl FnMut(JournalRecord)) -> (usize, Tail) {
+/// Calls `each` with every whole record and the offset in `bytes` where it starts.
+fn parse_records(bytes: &[u8], mut each: impl FnMut(usize, JournalRecord)) -> (usize, Tail) {
     let mut used = 0usize;
     while let Some(header) = bytes.get(used..used + RECORD_HEADER) {
         if header.iter().all(|&b| b == 0) {
@@ -597,7 +598,7 @@ fn parse_records(bytes: &[u8], mut each: impl FnMut(JournalRecord)) -> (usize, T
                 },
             );
         };
-        each(record);
+        each(used, record);
         used += RECORD_HEADER + len;
     }
     if used == bytes.len() {
@@ -611,6 +612,8 @@ fn parse_records(bytes: &[u8], mut each: impl FnMut(JournalRecord)) -> (usize, T
 #[derive(Debug, Default)]
 pub struct JournalRead {
     pub records: Vec<JournalRecord>,
+    /// Where each of `records` starts, in the same order.
+    pub positions: Vec<JournalPosition>,
     /// Where to read from next.
     pub next: JournalPosition,
     /// A damaged record at `next`: nothing after it in that segment can be trusted. The caller
@@ -638,6 +641,7 @@ pub fn read_from(
     };
     let mut at = from;
     let mut records = Vec::new();
+    let mut positions = Vec::new();
     let newest = segments.last().and_then(|p| segment_index(p));
     for path in segments {
         let Some(index) = segment_index(&path) else {
@@ -676,11 +680,18 @@ pub fn read_from(
         let mut bytes = vec![0; (stop - at.offset) as usize];
         file.seek(SeekFrom::Start(at.offset)).map_err(io)?;
         file.read_exact(&mut bytes).map_err(io)?;
-        let (used, tail) = parse_records(&bytes, |r| records.push(r));
+        let (used, tail) = parse_records(&bytes, |start, r| {
+            records.push(r);
+            positions.push(JournalPosition {
+                segment: index,
+                offset: at.offset + start as u64,
+            });
+        });
         at.offset += used as u64;
         if tail == Tail::Damaged {
             return Ok(JournalRead {
                 records,
+                positions,
                 next: at,
                 damaged: true,
             });
@@ -699,6 +710,7 @@ pub fn read_from(
             let torn_inside = stop == len && newest.is_some_and(|n| n > index);
             return Ok(JournalRead {
                 records,
+                positions,
                 next: at,
                 damaged: torn_inside,
             });
@@ -709,6 +721,7 @@ pub fn read_from(
     }
     Ok(JournalRead {
         records,
+        positions,
         next: at,
         damaged: false,
     })

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod ops;
 pub mod policy;
 pub mod population;
+pub mod redis_target;
 pub mod server;
 pub mod settle;
 pub mod tls;

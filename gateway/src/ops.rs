@@ -298,6 +298,12 @@ fn render_gateway(out: &mut String, counters: &GatewayCounters) {
             load(&s.fetch_errors),
         ),
         (
+            "card_records_malformed_total",
+            "counter",
+            "Card records in the directory that could not be read (logged with their key).",
+            load(&s.malformed_records),
+        ),
+        (
             "cache_evictions_total",
             "counter",
             "Cards dropped at the cache capacity.",

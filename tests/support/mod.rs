@@ -131,6 +131,222 @@ impl Drop for RedisServer {
     }
 }
 
+/// A Redis Cluster of this test's own: six redis-server processes on free loopback ports,
+/// three masters each with one replica, every write appended to disk and synced. Stopped when
+/// dropped.
+pub struct RedisCluster {
+    nodes: Vec<ClusterNode>,
+    dir: tempfile::TempDir,
+}
+
+struct ClusterNode {
+    port: u16,
+    child: Option<Child>,
+}
+
+/// How long a cluster node may be silent before its replica takes over.
+const CLUSTER_NODE_TIMEOUT_MS: u64 = 1000;
+
+impl RedisCluster {
+    pub fn start() -> RedisCluster {
+        let dir = tempfile::tempdir().expect("temp dir for the cluster");
+        let mut nodes: Vec<ClusterNode> = Vec::new();
+        while nodes.len() < 6 {
+            // The cluster bus listens on the port + 10000, which must be free too.
+            let port = free_port();
+            if port > 55_000
+                || nodes.iter().any(|n| n.port == port)
+                || TcpListener::bind(("127.0.0.1", port + 10_000)).is_err()
+            {
+                continue;
+            }
+            nodes.push(ClusterNode { port, child: None });
+        }
+        let mut cluster = RedisCluster { nodes, dir };
+        for i in 0..cluster.nodes.len() {
+            cluster.spawn(i);
+        }
+        let mut create = Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for n in &cluster.nodes {
+            create.arg(format!("127.0.0.1:{}", n.port));
+        }
+        let out = create
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .expect("redis-cli must be installed (it comes with redis-server)");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        cluster.wait_ready(Duration::from_secs(30));
+        cluster
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let port = self.nodes[i].port;
+        let node_dir = self.dir.path().join(port.to_string());
+        std::fs::create_dir_all(&node_dir).unwrap();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+            ])
+            .args([
+                "--cluster-node-timeout",
+                &CLUSTER_NODE_TIMEOUT_MS.to_string(),
+            ])
+            // A replica takes over however long ago it last heard from its master.
+            .args(["--cluster-replica-validity-factor", "0"])
+            .args(["--repl-diskless-sync-delay", "0"])
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(&node_dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/test installs it)");
+        self.nodes[i].child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while node_query(port, &["PING"]).is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "cluster node {port} did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        let seeds: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        format!("redis+cluster://{}/", seeds.join(","))
+    }
+
+    /// Waits until every running node sees all 16384 slots served and every running replica
+    /// is in sync with its master.
+    pub fn wait_ready(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let ready = self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
+                let serving = node_query(n.port, &["CLUSTER", "INFO"]).is_some_and(|info| {
+                    info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")
+                });
+                // A replica counts once it has copied its master (a failover before that
+                // would lose everything).
+                let replicating = node_query(n.port, &["INFO", "replication"]).is_some_and(|r| {
+                    r.contains("role:master") || r.contains("master_link_status:up")
+                });
+                serving && replicating
+            });
+            if ready {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster did not become ready"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The port of the master that serves `key`'s slot now; `None` while none does (during a
+    /// failover).
+    pub fn master_of(&self, key: &str) -> Option<u16> {
+        let any = self.nodes.iter().find(|n| n.child.is_some()).unwrap().port;
+        let slot: u16 = node_query(any, &["CLUSTER", "KEYSLOT", key])
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap();
+        let nodes = node_query(any, &["CLUSTER", "NODES"]).unwrap();
+        for line in nodes.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 9 || !fields[2].contains("master") || fields[2].contains("fail") {
+                continue;
+            }
+            let serves = fields[8..].iter().any(|range| {
+                let (a, b) = range.split_once('-').unwrap_or((range, range));
+                match (a.parse::<u16>(), b.parse::<u16>()) {
+                    (Ok(a), Ok(b)) => (a..=b).contains(&slot),
+                    _ => false,
+                }
+            });
+            if serves {
+                let addr = fields[1].split('@').next().unwrap();
+                return addr.rsplit_once(':').unwrap().1.parse().ok();
+            }
+        }
+        None
+    }
+
+    /// SIGKILLs the master serving `key` and waits until its replica has taken over.
+    pub fn kill_master_of(&mut self, key: &str) -> u16 {
+        let port = self.master_of(key).expect("a master serves the key");
+        let node = self.nodes.iter_mut().find(|n| n.port == port).unwrap();
+        let mut child = node.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // The survivors notice after the node timeout; a replica is then elected.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.master_of(key).is_none_or(|p| p == port) {
+            assert!(
+                Instant::now() < deadline,
+                "no replica took over from {port}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.wait_ready(Duration::from_secs(30));
+        port
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(mut child) = n.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+/// One command to one node, as text; `None` when the node does not answer.
+fn node_query(port: u16, args: &[&str]) -> Option<String> {
+    let out = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    (out.status.success() && !text.starts_with("Could not connect")).then_some(text)
+}
+
+/// A card directory on a single Redis or a cluster.
+pub fn redis_directory(url: &str) -> Directory {
+    Directory::Redis(
+        RedisDirectory::connect(&RedisSettings {
+            url: url.to_owned(),
+            key_prefix: "tapgate".into(),
+            response_timeout: Duration::from_millis(1000),
+        })
+        .expect("redis directory"),
+    )
+}
+
 /// The body of `GET path` from a local HTTP endpoint such as an ops endpoint.
 pub fn http_get(addr: SocketAddr, path: &str) -> String {
     use std::io::{Read, Write};

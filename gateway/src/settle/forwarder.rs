@@ -6,7 +6,7 @@
 //! the journal and rebuilds its ledgers.
 
 use super::partition_of;
-use super::store::{Checkpoint, Shipped, Store, StoreError};
+use super::store::{Checkpoint, Shipped, ShippedTap, Store, StoreError};
 use crate::journal::{JournalPosition, journal_id, next_segment, read_from};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -179,11 +179,16 @@ pub async fn run(
         if check_backlog {
             backlog_checked = Some(tokio::time::Instant::now());
         }
-        let taps: Vec<_> = read
+        let taps: Vec<ShippedTap> = read
             .records
             .iter()
-            .filter(|r| r.result.outcome == Outcome::Approve)
-            .map(|r| (partition_of(r.tap.card_id, settings.partitions), *r))
+            .zip(&read.positions)
+            .filter(|(r, _)| r.result.outcome == Outcome::Approve)
+            .map(|(record, position)| ShippedTap {
+                partition: partition_of(record.tap.card_id, settings.partitions),
+                position: *position,
+                record: *record,
+            })
             .collect();
         let expected = checkpoint.map(at);
         match store

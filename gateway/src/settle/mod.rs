@@ -1,14 +1,15 @@
 //! Settlement: every approved tap becomes money in the right ledger, exactly once.
 //!
 //! ```text
-//! journal ──forwarder──▶ P:taps:{0..N} streams ──settlers (consumer group)──▶ ledgers
-//!           checkpoint                            fare engine, watermark
+//! journal ──forwarder──▶ P:{pN}:taps streams ──settlers (consumer group)──▶ ledgers of P:{pN}
+//!           checkpoint per partition              fare engine, watermark
 //! ```
 //!
 //! * The forwarder reads the gateway's journal up to its durable end and ships approved taps to
-//!   one of N partition streams chosen by card, so one card's taps stay in order. The entries
-//!   and the new checkpoint are written by one script that first checks the checkpoint is still
-//!   the one the batch was read from: a batch is shipped whole or not at all, once.
+//!   one of N partition streams chosen by card, so one card's taps stay in order. Each
+//!   partition keeps the node's checkpoint beside its stream; a partition's entries and its new
+//!   checkpoint are written by one script that first checks where that partition stands and
+//!   takes only the taps it does not hold yet, so every tap reaches its stream once.
 //! * A settler owns a partition through a lease and reads it through the consumer group. Its
 //!   ledger update, the partition's applied watermark (the last stream id applied) and the
 //!   acknowledgement are one script that checks the lease and the watermark first, so an entry
@@ -134,9 +135,11 @@ impl Settlement {
                 .forwarder
                 .shipped_through()
                 .is_some_and(|p| p >= durable);
-            let (shipped, settled) = self.store.counts().await?;
-            if caught_up && shipped == settled {
-                return Ok(true);
+            // A store briefly unreachable (a failover) is waited out like a backlog.
+            match self.store.counts().await {
+                Ok((shipped, settled)) if caught_up && shipped == settled => return Ok(true),
+                Ok(_) | Err(StoreError::Unavailable(_)) => {}
+                Err(e) => return Err(e),
             }
             if tokio::time::Instant::now() >= deadline {
                 return Ok(false);

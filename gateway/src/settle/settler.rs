@@ -290,7 +290,7 @@ impl Settler {
         let mut cards: Vec<u64> = records.iter().map(|r| r.tap.card_id).collect();
         cards.sort_unstable();
         cards.dedup();
-        let states = self.store.riders(&cards).await?;
+        let states = self.store.riders(partition, &cards).await?;
         let mut riders: HashMap<u64, RiderState> = cards.into_iter().zip(states).collect();
         let mut ledger = Ledger::default();
         ledger.fare_tables.insert(self.fare_tables_digest.clone());

@@ -4,33 +4,42 @@
 //! semantics in one process (nothing survives the process, and the demo writes its ledger to a
 //! file at the end).
 //!
-//! Redis key schema (`P` is the key prefix):
+//! Redis key schema (`P` is the key prefix; `N` a partition number):
 //!
 //! | key                          | type   | what |
 //! |------------------------------|--------|------|
 //! | `P:settle:partitions`        | string | partition count, fixed at first use |
-//! | `P:taps:{N}`                 | stream | shipped approved taps of partition N: `tap` = `TERMINAL-SEQUENCE`, `r` = the journal record |
-//! | `P:forward:NODE`             | string | the node's forwarder checkpoint, `JOURNAL@SEGMENT:OFFSET` (the journal's identity and a place in it) |
-//! | `P:settle:watermarks`        | hash   | partition → last stream id applied |
-//! | `P:settle:lease:N`           | string | token of the settler that owns partition N (expires) |
 //! | `P:settle:members`           | zset   | live settlers by last heartbeat (server time, ms) |
-//! | `P:settle:counts`            | hash   | `shipped`, `settled`: taps, for the backlog |
-//! | `P:rider:{CARD}`             | string | the card's fare-engine state |
-//! | `P:ledger-taps`              | hash   | day → approved taps settled |
-//! | `P:ledger:DAY`               | hash   | `AREA:OPERATOR:MODE:fen` / `:rides` |
-//! | `P:ledger-cards:DAY`         | hash   | `CARD:fen` / `CARD:rides` |
-//! | `P:clearing:DAY`             | hash   | `PAYER:PAYEE:fen` / `:rides` (regions `chongqing`, `sichuan`, `t_union`) |
-//! | `P:fare-tables`              | set    | digests of the fare tables that priced the ledgers, added with each batch |
+//! | `P:{pN}:taps`                | stream | shipped approved taps of partition N: `tap` = `TERMINAL-SEQUENCE`, `r` = the journal record |
+//! | `P:{pN}:forward:NODE`        | string | how far node NODE has shipped into partition N: `JOURNAL@SEGMENT:OFFSET` |
+//! | `P:{pN}:counts`              | hash   | `shipped`, `settled`: taps of partition N, for the backlog |
+//! | `P:{pN}:lease`               | string | token of the settler that owns partition N (expires) |
+//! | `P:{pN}:watermark`           | string | last stream id of partition N applied |
+//! | `P:{pN}:rider:CARD`          | string | the card's fare-engine state (a card belongs to one partition) |
+//! | `P:{pN}:ledger-taps`         | hash   | day → approved taps settled |
+//! | `P:{pN}:ledger:DAY`          | hash   | `AREA:OPERATOR:MODE:fen` / `:rides` |
+//! | `P:{pN}:ledger-cards:DAY`    | hash   | `CARD:fen` / `CARD:rides` |
+//! | `P:{pN}:clearing:DAY`        | hash   | `PAYER:PAYEE:fen` / `:rides` (regions `chongqing`, `sichuan`, `t_union`) |
+//! | `P:{pN}:fare-tables`         | set    | digests of the fare tables that priced the ledgers, added with each batch |
 //!
 //! Days are `YYYY-MM-DD` on the Chongqing calendar. The consumer group on every partition
 //! stream is `settlers`.
+//!
+//! Why this is safe on a Redis Cluster: `{pN}` is a hash tag, so everything one partition owns
+//! — its stream, the checkpoints shipped into it, its lease, watermark, riders and its share of
+//! the books — is one slot. Every script touches one partition: a shipment moves one
+//! partition's checkpoint with the entries it adds; a settler batch checks that partition's
+//! lease and watermark and writes its acknowledgements, riders and ledger cells. A master
+//! failover therefore keeps or loses a partition's state together (replication keeps a slot's
+//! writes in order), and the forwarder and settlers recover from whatever consistent point it
+//! went back to. Reports read every partition and merge the books.
 
 use super::ledger::{DayLedger, Ledger, Totals};
 pub use crate::directory::EntryId;
 use crate::fares::RiderState;
 use crate::journal::{JournalPosition, JournalRecord, PAYLOAD_LEN};
+use crate::redis_target::{RedisConnection, RedisTarget, bounded_error, bounded_line};
 use chrono::NaiveDate;
-use redis::aio::{ConnectionManager, MultiplexedConnection};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -75,6 +84,16 @@ impl std::str::FromStr for Checkpoint {
 pub struct Delivered {
     pub id: EntryId,
     pub record: Option<JournalRecord>,
+}
+
+/// One approved tap on its way to its partition's stream.
+#[derive(Debug, Clone, Copy)]
+pub struct ShippedTap {
+    pub partition: u16,
+    /// Where the record starts in its journal: a partition already past it does not take it
+    /// again.
+    pub position: JournalPosition,
+    pub record: JournalRecord,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,7 +153,7 @@ pub enum StoreError {
 
 impl From<redis::RedisError> for StoreError {
     fn from(e: redis::RedisError) -> Self {
-        StoreError::Unavailable(e.to_string())
+        StoreError::Unavailable(bounded_error(&e))
     }
 }
 
@@ -167,7 +186,7 @@ impl Store {
         node: &str,
         expected: Option<&Checkpoint>,
         next: &Checkpoint,
-        taps: &[(u16, JournalRecord)],
+        taps: &[ShippedTap],
     ) -> Result<Shipped, StoreError> {
         match self {
             Store::Redis(r) => r.ship(node, expected, next, taps).await,
@@ -251,9 +270,14 @@ impl Store {
         }
     }
 
-    pub async fn riders(&self, cards: &[u64]) -> Result<Vec<RiderState>, StoreError> {
+    /// The fare-engine state of cards of one partition.
+    pub async fn riders(
+        &self,
+        partition: u16,
+        cards: &[u64],
+    ) -> Result<Vec<RiderState>, StoreError> {
         match self {
-            Store::Redis(r) => r.riders(cards).await,
+            Store::Redis(r) => r.riders(partition, cards).await,
             Store::Memory(m) => {
                 let s = m.lock();
                 Ok(cards
@@ -300,33 +324,60 @@ impl Store {
 // ---------------------------------------------------------------------------------------------
 // Redis
 
-/// Appends a batch and moves the checkpoint, if the checkpoint is what the batch was read from.
-/// KEYS: checkpoint, counts, stream 0..N-1. ARGV: expected, next, then (partition, tap id,
-/// record) per tap. Returns the stored checkpoint ('' when none) if it was not the expected one.
+/// Ships one partition's share of a forwarder batch and moves the node's checkpoint for that
+/// partition. Each partition keeps its own checkpoint (a shipment must stay in one slot), so
+/// after a crash between partitions some are ahead of others: a partition ships only the taps
+/// at or after its own checkpoint, which makes resending a batch harmless.
+/// KEYS: checkpoint, stream, counts. ARGV: journal id, expected segment, expected offset ('' and
+/// '' when shipping from the start), next segment, next offset, then (segment, offset, tap id,
+/// record) per tap. Returns {1, ''} when done, {0, stored checkpoint or ''} when the stored one
+/// is behind the batch (Redis lost writes) or belongs to another journal.
 const SHIP_SCRIPT: &str = r"
-local current = redis.call('GET', KEYS[1]) or ''
-if current ~= ARGV[1] then return {0, current} end
-local n = 0
-for i = 3, #ARGV, 3 do
-  redis.call('XADD', KEYS[3 + tonumber(ARGV[i])], '*', 'tap', ARGV[i + 1], 'r', ARGV[i + 2])
-  n = n + 1
+local function place(s)
+  local journal, segment, offset = string.match(s, '^(.*)@(%d+):(%d+)$')
+  return journal, tonumber(segment), tonumber(offset)
 end
-redis.call('SET', KEYS[1], ARGV[2])
-if n > 0 then redis.call('HINCRBY', KEYS[2], 'shipped', n) end
+local function before(s1, o1, s2, o2)
+  return s1 < s2 or (s1 == s2 and o1 < o2)
+end
+local current = redis.call('GET', KEYS[1])
+local cs, co = -1, -1
+if current then
+  local journal
+  journal, cs, co = place(current)
+  if journal ~= ARGV[1] or cs == nil then return {0, current} end
+  if ARGV[2] ~= '' and before(cs, co, tonumber(ARGV[2]), tonumber(ARGV[3])) then
+    return {0, current}
+  end
+elseif ARGV[2] ~= '' then
+  return {0, ''}
+end
+local n = 0
+for i = 6, #ARGV, 4 do
+  if not before(tonumber(ARGV[i]), tonumber(ARGV[i + 1]), cs, co) then
+    redis.call('XADD', KEYS[2], '*', 'tap', ARGV[i + 2], 'r', ARGV[i + 3])
+    n = n + 1
+  end
+end
+local ns, no = tonumber(ARGV[4]), tonumber(ARGV[5])
+if before(cs, co, ns, no) then
+  redis.call('SET', KEYS[1], ARGV[1] .. '@' .. ARGV[4] .. ':' .. ARGV[5])
+end
+if n > 0 then redis.call('HINCRBY', KEYS[3], 'shipped', n) end
 return {1, ''}
 ";
 
 /// Applies a settler batch if the lease and the watermark are what it was computed against.
-/// KEYS: lease, watermarks, stream, counts, then one key per update. ARGV: partition, token,
-/// expected watermark ('' when none), new watermark, trim-below id, taps, ack count, ack ids,
-/// then (op, field, value) per update: `H` = HINCRBY key field value, `S` = SET key value,
-/// `A` = SADD key value.
+/// Every key is in the partition's slot. KEYS: lease, watermark, stream, counts, then one key
+/// per update. ARGV: token, expected watermark ('' when none), new watermark, trim-below id,
+/// taps, ack count, ack ids, then (op, field, value) per update: `H` = HINCRBY key field value,
+/// `S` = SET key value, `A` = SADD key value.
 const APPLY_SCRIPT: &str = r"
-if redis.call('GET', KEYS[1]) ~= ARGV[2] then return 'lease' end
-local current = redis.call('HGET', KEYS[2], ARGV[1]) or ''
-if current ~= ARGV[3] then return 'watermark' end
-local acks = tonumber(ARGV[7])
-local first = 8 + acks
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 'lease' end
+local current = redis.call('GET', KEYS[2]) or ''
+if current ~= ARGV[2] then return 'watermark' end
+local acks = tonumber(ARGV[6])
+local first = 7 + acks
 local k = 5
 for i = first, #ARGV, 3 do
   if ARGV[i] == 'H' then
@@ -338,12 +389,12 @@ for i = first, #ARGV, 3 do
   end
   k = k + 1
 end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
-redis.call('HINCRBY', KEYS[4], 'settled', ARGV[6])
-for i = 8, first - 1, 100 do
+redis.call('SET', KEYS[2], ARGV[3])
+redis.call('HINCRBY', KEYS[4], 'settled', ARGV[5])
+for i = 7, first - 1, 100 do
   redis.call('XACK', KEYS[3], 'settlers', unpack(ARGV, i, math.min(i + 99, first - 1)))
 end
-redis.call('XTRIM', KEYS[3], 'MINID', ARGV[5])
+redis.call('XTRIM', KEYS[3], 'MINID', ARGV[4])
 return 'ok'
 ";
 
@@ -375,13 +426,14 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
 ";
 
+/// How long a settler with nothing to read waits before asking again. Reads are not blocking:
+/// one XREADGROUP may name streams of one slot only, and a blocking read per partition would
+/// need a connection per partition.
+const IDLE_POLL: Duration = Duration::from_millis(20);
+
 #[derive(Clone)]
 pub struct RedisStore {
-    client: redis::Client,
-    connection: ConnectionManager,
-    /// Blocking reads get a connection of their own: XREADGROUP BLOCK on the shared one would
-    /// hold up every other command behind it.
-    reader: Arc<tokio::sync::Mutex<Option<MultiplexedConnection>>>,
+    connection: RedisConnection,
     prefix: Arc<str>,
     partitions: Arc<std::sync::atomic::AtomicU16>,
     scripts: Arc<Scripts>,
@@ -396,15 +448,13 @@ struct Scripts {
 }
 
 impl RedisStore {
-    /// Prepares the connection without waiting for Redis.
+    /// Prepares the connection without waiting for Redis; `url` names a single Redis or a
+    /// cluster ([`crate::redis_target`]).
     pub fn connect(url: &str, prefix: &str, timeout: Duration) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url)
-            .map_err(|e| StoreError::Unavailable(format!("bad Redis URL: {e}")))?;
-        let connection = crate::directory::lazy_connection(&client, timeout)?;
+        let target = RedisTarget::parse(url).map_err(StoreError::Unavailable)?;
+        let connection = target.shared_connection(timeout)?;
         Ok(Self {
-            client,
             connection,
-            reader: Arc::default(),
             prefix: prefix.into(),
             partitions: Arc::default(),
             scripts: Arc::new(Scripts {
@@ -421,16 +471,53 @@ impl RedisStore {
         format!("{}:{rest}", self.prefix)
     }
 
+    /// A key in partition N's slot.
+    fn partition_key(&self, partition: u16, rest: &str) -> String {
+        format!("{}:{{p{partition}}}:{rest}", self.prefix)
+    }
+
     fn stream_key(&self, partition: u16) -> String {
-        format!("{}:taps:{{{partition}}}", self.prefix)
+        self.partition_key(partition, "taps")
     }
 
-    fn lease_key(&self, partition: u16) -> String {
-        format!("{}:settle:lease:{partition}", self.prefix)
-    }
-
-    fn conn(&self) -> ConnectionManager {
+    fn conn(&self) -> RedisConnection {
         self.connection.clone()
+    }
+
+    fn partition_count(&self) -> u16 {
+        self.partitions.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The partition count fixed in the store, for readers (reports) that do not set it.
+    async fn stored_partitions(&self) -> Result<u16, StoreError> {
+        if self.partition_count() > 0 {
+            return Ok(self.partition_count());
+        }
+        let stored: Option<u16> = redis::cmd("GET")
+            .arg(self.key("settle:partitions"))
+            .query_async(&mut self.conn())
+            .await?;
+        let stored = stored.unwrap_or(0);
+        self.partitions
+            .store(stored, std::sync::atomic::Ordering::Relaxed);
+        Ok(stored)
+    }
+
+    /// Runs `each` for every partition at once and collects the results in partition order.
+    async fn every_partition<T, F>(&self, each: impl Fn(u16) -> F) -> Result<Vec<T>, StoreError>
+    where
+        F: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        let partitions = self.stored_partitions().await?;
+        let mut out = Vec::with_capacity(usize::from(partitions));
+        // A few at a time: enough to hide round trips, few enough not to flood a node.
+        for chunk in (0..partitions).collect::<Vec<_>>().chunks(16) {
+            let results = futures_util::future::join_all(chunk.iter().map(|p| each(*p))).await;
+            for r in results {
+                out.push(r?);
+            }
+        }
+        Ok(out)
     }
 
     async fn init(&self, partitions: u16) -> Result<(), StoreError> {
@@ -475,14 +562,43 @@ impl RedisStore {
         }
     }
 
+    fn checkpoint_key(&self, partition: u16, node: &str) -> String {
+        self.partition_key(partition, &format!("forward:{node}"))
+    }
+
+    /// The node's place: the earliest of its partitions' checkpoints, since every tap before it
+    /// is in every partition. `None` when some partition holds none (it gets everything again).
     async fn checkpoint(&self, node: &str) -> Result<Option<Checkpoint>, StoreError> {
-        let value: Option<String> = redis::cmd("GET")
-            .arg(self.key(&format!("forward:{node}")))
-            .query_async(&mut self.conn())
+        let stored: Vec<Option<String>> = self
+            .every_partition(|p| {
+                let key = self.checkpoint_key(p, node);
+                let mut conn = self.conn();
+                async move {
+                    Ok(redis::cmd("GET")
+                        .arg(key)
+                        .query_async::<Option<String>>(&mut conn)
+                        .await?)
+                }
+            })
             .await?;
-        value
-            .map(|v| v.parse().map_err(StoreError::Malformed))
-            .transpose()
+        let mut earliest: Option<Checkpoint> = None;
+        for value in stored {
+            let Some(value) = value else {
+                return Ok(None);
+            };
+            let c: Checkpoint = value.parse().map_err(StoreError::Malformed)?;
+            earliest = match earliest {
+                None => Some(c),
+                Some(e) if e.journal != c.journal => {
+                    return Err(StoreError::Malformed(format!(
+                        "the checkpoints of node `{node}` name two journals, {} and {}",
+                        e.journal, c.journal
+                    )));
+                }
+                Some(e) => Some(if c.position < e.position { c } else { e }),
+            };
+        }
+        Ok(earliest)
     }
 
     async fn ship(
@@ -490,48 +606,72 @@ impl RedisStore {
         node: &str,
         expected: Option<&Checkpoint>,
         next: &Checkpoint,
-        taps: &[(u16, JournalRecord)],
+        taps: &[ShippedTap],
     ) -> Result<Shipped, StoreError> {
-        let partitions = self.partitions.load(std::sync::atomic::Ordering::Relaxed);
-        let mut invocation = self.scripts.ship.prepare_invoke();
-        invocation
-            .key(self.key(&format!("forward:{node}")))
-            .key(self.key("settle:counts"));
-        for p in 0..partitions {
-            invocation.key(self.stream_key(p));
-        }
-        invocation
-            .arg(expected.map(|p| p.to_string()).unwrap_or_default())
-            .arg(next.to_string());
         let mut bytes = Vec::with_capacity(PAYLOAD_LEN);
-        for (partition, record) in taps {
+        let mut by_partition: BTreeMap<u16, Vec<(JournalPosition, String, Vec<u8>)>> =
+            BTreeMap::new();
+        for tap in taps {
             bytes.clear();
-            record.encode(&mut bytes);
-            invocation
-                .arg(partition)
-                .arg(tap_id(record))
-                .arg(bytes.as_slice());
+            tap.record.encode(&mut bytes);
+            by_partition.entry(tap.partition).or_default().push((
+                tap.position,
+                tap_id(&tap.record),
+                bytes.clone(),
+            ));
         }
-        let (done, current): (u8, String) = invocation.invoke_async(&mut self.conn()).await?;
-        if done == 1 {
+        let outcomes: Vec<(u8, String)> = self
+            .every_partition(|p| {
+                let mut invocation = self.scripts.ship.prepare_invoke();
+                invocation
+                    .key(self.checkpoint_key(p, node))
+                    .key(self.stream_key(p))
+                    .key(self.partition_key(p, "counts"))
+                    .arg(&next.journal);
+                match expected {
+                    Some(e) => invocation.arg(e.position.segment).arg(e.position.offset),
+                    None => invocation.arg("").arg(""),
+                };
+                invocation
+                    .arg(next.position.segment)
+                    .arg(next.position.offset);
+                for (position, id, record) in by_partition.get(&p).into_iter().flatten() {
+                    invocation
+                        .arg(position.segment)
+                        .arg(position.offset)
+                        .arg(id)
+                        .arg(record.as_slice());
+                }
+                let mut conn = self.conn();
+                async move { Ok(invocation.invoke_async(&mut conn).await?) }
+            })
+            .await?;
+        if outcomes.iter().all(|(done, _)| *done == 1) {
             return Ok(Shipped::Done);
         }
-        let current = if current.is_empty() {
-            None
-        } else {
-            Some(current.parse().map_err(StoreError::Malformed)?)
-        };
-        Ok(Shipped::Moved(current))
+        Ok(Shipped::Moved(self.checkpoint(node).await?))
     }
 
     async fn counts(&self) -> Result<(u64, u64), StoreError> {
-        let (shipped, settled): (Option<u64>, Option<u64>) = redis::cmd("HMGET")
-            .arg(self.key("settle:counts"))
-            .arg("shipped")
-            .arg("settled")
-            .query_async(&mut self.conn())
+        let per_partition: Vec<(Option<u64>, Option<u64>)> = self
+            .every_partition(|p| {
+                let key = self.partition_key(p, "counts");
+                let mut conn = self.conn();
+                async move {
+                    Ok(redis::cmd("HMGET")
+                        .arg(key)
+                        .arg("shipped")
+                        .arg("settled")
+                        .query_async(&mut conn)
+                        .await?)
+                }
+            })
             .await?;
-        Ok((shipped.unwrap_or(0), settled.unwrap_or(0)))
+        Ok(per_partition
+            .into_iter()
+            .fold((0, 0), |(shipped, settled), (a, b)| {
+                (shipped + a.unwrap_or(0), settled + b.unwrap_or(0))
+            }))
     }
 
     async fn heartbeat(&self, token: &str, ttl: Duration) -> Result<usize, StoreError> {
@@ -549,7 +689,7 @@ impl RedisStore {
         let got: u8 = self
             .scripts
             .lease
-            .key(self.lease_key(partition))
+            .key(self.partition_key(partition, "lease"))
             .arg(token)
             .arg(ttl.as_millis() as u64)
             .invoke_async(&mut self.conn())
@@ -561,7 +701,7 @@ impl RedisStore {
         let _: u8 = self
             .scripts
             .release
-            .key(self.lease_key(partition))
+            .key(self.partition_key(partition, "lease"))
             .arg(token)
             .invoke_async(&mut self.conn())
             .await?;
@@ -611,14 +751,51 @@ impl RedisStore {
         Ok(delivered)
     }
 
-    async fn reader(&self) -> Result<MultiplexedConnection, StoreError> {
-        let mut slot = self.reader.lock().await;
-        if let Some(c) = slot.as_ref() {
-            return Ok(c.clone());
-        }
-        let c = self.client.get_multiplexed_async_connection().await?;
-        *slot = Some(c.clone());
-        Ok(c)
+    async fn read_partition(
+        &self,
+        partition: u16,
+        consumer: &str,
+        max: usize,
+    ) -> Result<Vec<Delivered>, StoreError> {
+        let reply: redis::RedisResult<redis::Value> = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(GROUP)
+            .arg(consumer)
+            .arg("COUNT")
+            .arg(max)
+            .arg("STREAMS")
+            .arg(self.stream_key(partition))
+            .arg(">")
+            .query_async(&mut self.conn())
+            .await;
+        let reply = match reply {
+            Ok(r) => r,
+            Err(e) => {
+                if e.code() == Some("NOGROUP") {
+                    self.ensure_group(partition).await?;
+                }
+                return Err(e.into());
+            }
+        };
+        // One stream: [[key, entries]] (RESP2) or {key: entries} (RESP3), or nil.
+        let entries = match reply {
+            redis::Value::Nil => return Ok(Vec::new()),
+            redis::Value::Map(mut pairs) => pairs.pop().map(|(_, v)| v),
+            redis::Value::Array(mut items) => match items.pop() {
+                Some(redis::Value::Array(mut kv)) if kv.len() == 2 => kv.pop(),
+                _ => None,
+            },
+            other => {
+                return Err(StoreError::Malformed(format!(
+                    "XREADGROUP reply {}",
+                    bounded_line(&format!("{other:?}"))
+                )));
+            }
+        };
+        let Some(redis::Value::Array(entries)) = entries else {
+            return Ok(Vec::new());
+        };
+        Ok(entries.iter().filter_map(parse_entry).collect())
     }
 
     async fn read_new(
@@ -628,78 +805,32 @@ impl RedisStore {
         max: usize,
         block: Duration,
     ) -> Result<Vec<(u16, Vec<Delivered>)>, StoreError> {
-        if partitions.is_empty() {
-            tokio::time::sleep(block).await;
-            return Ok(Vec::new());
-        }
-        let mut conn = self.reader().await?;
-        let mut cmd = redis::cmd("XREADGROUP");
-        cmd.arg("GROUP")
-            .arg(GROUP)
-            .arg(consumer)
-            .arg("COUNT")
-            .arg(max)
-            .arg("BLOCK")
-            .arg(block.as_millis() as u64)
-            .arg("STREAMS");
-        for p in partitions {
-            cmd.arg(self.stream_key(*p));
-        }
-        for _ in partitions {
-            cmd.arg(">");
-        }
-        let reply: redis::RedisResult<redis::Value> = cmd.query_async(&mut conn).await;
-        let reply = match reply {
-            Ok(r) => r,
-            Err(e) => {
-                if e.code() == Some("NOGROUP") {
-                    for p in partitions {
-                        self.ensure_group(*p).await?;
-                    }
-                } else {
-                    // The connection may be dead; the next read opens a new one.
-                    *self.reader.lock().await = None;
+        let deadline = tokio::time::Instant::now() + block;
+        loop {
+            let reads = futures_util::future::join_all(
+                partitions
+                    .iter()
+                    .map(|p| self.read_partition(*p, consumer, max)),
+            )
+            .await;
+            let mut out = Vec::new();
+            for (p, read) in partitions.iter().zip(reads) {
+                let delivered = read?;
+                if !delivered.is_empty() {
+                    out.push((*p, delivered));
                 }
-                return Err(e.into());
             }
-        };
-        let mut out = Vec::new();
-        let streams: Vec<(String, redis::Value)> = match reply {
-            redis::Value::Nil => Vec::new(),
-            redis::Value::Map(pairs) => pairs
-                .into_iter()
-                .filter_map(|(k, v)| redis::from_redis_value::<String>(k).ok().map(|k| (k, v)))
-                .collect(),
-            redis::Value::Array(items) => items
-                .into_iter()
-                .filter_map(|item| match item {
-                    redis::Value::Array(mut kv) if kv.len() == 2 => {
-                        let v = kv.pop()?;
-                        let k = redis::from_redis_value::<String>(kv.pop()?).ok()?;
-                        Some((k, v))
-                    }
-                    _ => None,
-                })
-                .collect(),
-            other => return Err(StoreError::Malformed(format!("XREADGROUP reply {other:?}"))),
-        };
-        for (key, entries) in streams {
-            let Some(partition) = partitions.iter().find(|p| self.stream_key(**p) == key) else {
-                continue;
-            };
-            let redis::Value::Array(entries) = entries else {
-                continue;
-            };
-            let delivered: Vec<Delivered> = entries.iter().filter_map(parse_entry).collect();
-            out.push((*partition, delivered));
+            let now = tokio::time::Instant::now();
+            if !out.is_empty() || now >= deadline {
+                return Ok(out);
+            }
+            tokio::time::sleep(IDLE_POLL.min(deadline - now)).await;
         }
-        Ok(out)
     }
 
     async fn watermark(&self, partition: u16) -> Result<Option<EntryId>, StoreError> {
-        let value: Option<String> = redis::cmd("HGET")
-            .arg(self.key("settle:watermarks"))
-            .arg(partition)
+        let value: Option<String> = redis::cmd("GET")
+            .arg(self.partition_key(partition, "watermark"))
             .query_async(&mut self.conn())
             .await?;
         value
@@ -707,13 +838,17 @@ impl RedisStore {
             .transpose()
     }
 
-    async fn riders(&self, cards: &[u64]) -> Result<Vec<RiderState>, StoreError> {
+    fn rider_key(&self, partition: u16, card: u64) -> String {
+        self.partition_key(partition, &format!("rider:{card}"))
+    }
+
+    async fn riders(&self, partition: u16, cards: &[u64]) -> Result<Vec<RiderState>, StoreError> {
         if cards.is_empty() {
             return Ok(Vec::new());
         }
         let mut cmd = redis::cmd("MGET");
         for card in cards {
-            cmd.arg(self.key(&format!("rider:{{{card}}}")));
+            cmd.arg(self.rider_key(partition, *card));
         }
         let values: Vec<Option<Vec<u8>>> = cmd.query_async(&mut self.conn()).await?;
         values
@@ -729,14 +864,14 @@ impl RedisStore {
     }
 
     async fn apply(&self, batch: &ApplyBatch) -> Result<Applied, StoreError> {
+        let p = batch.partition;
         let mut invocation = self.scripts.apply.prepare_invoke();
         invocation
-            .key(self.lease_key(batch.partition))
-            .key(self.key("settle:watermarks"))
-            .key(self.stream_key(batch.partition))
-            .key(self.key("settle:counts"));
+            .key(self.partition_key(p, "lease"))
+            .key(self.partition_key(p, "watermark"))
+            .key(self.stream_key(p))
+            .key(self.partition_key(p, "counts"));
         invocation
-            .arg(batch.partition)
             .arg(&batch.token)
             .arg(batch.expected.map(|e| e.to_string()).unwrap_or_default())
             .arg(batch.watermark.to_string())
@@ -748,21 +883,21 @@ impl RedisStore {
         }
         for (card, rider) in &batch.riders {
             invocation
-                .key(self.key(&format!("rider:{{{card}}}")))
+                .key(self.rider_key(p, *card))
                 .arg("S")
                 .arg("")
                 .arg(rider.encode());
         }
         for (key, field, value) in ledger_increments(&batch.ledger) {
             invocation
-                .key(self.key(&key))
+                .key(self.partition_key(p, &key))
                 .arg("H")
                 .arg(field)
                 .arg(value);
         }
         for digest in &batch.ledger.fare_tables {
             invocation
-                .key(self.key("fare-tables"))
+                .key(self.partition_key(p, "fare-tables"))
                 .arg("A")
                 .arg("")
                 .arg(digest);
@@ -787,14 +922,32 @@ impl RedisStore {
         Ok(())
     }
 
+    /// The books of every partition, merged: each partition keeps the ledger cells its
+    /// settlers wrote, in its own slot.
     async fn ledger(&self, day: Option<NaiveDate>, with_cards: bool) -> Result<Ledger, StoreError> {
+        let partitions = self.stored_partitions().await?;
+        let mut ledger = Ledger::default();
+        // One partition at a time: a day's books can be large, and reading them all at once
+        // would hold every shard's worth in flight.
+        for p in 0..partitions {
+            ledger.merge(&self.partition_ledger(p, day, with_cards).await?);
+        }
+        Ok(ledger)
+    }
+
+    async fn partition_ledger(
+        &self,
+        p: u16,
+        day: Option<NaiveDate>,
+        with_cards: bool,
+    ) -> Result<Ledger, StoreError> {
         let taps: HashMap<String, u64> = redis::cmd("HGETALL")
-            .arg(self.key("ledger-taps"))
+            .arg(self.partition_key(p, "ledger-taps"))
             .query_async(&mut self.conn())
             .await?;
         let mut ledger = Ledger {
             fare_tables: redis::cmd("SMEMBERS")
-                .arg(self.key("fare-tables"))
+                .arg(self.partition_key(p, "fare-tables"))
                 .query_async(&mut self.conn())
                 .await?,
             ..Ledger::default()
@@ -810,7 +963,9 @@ impl RedisStore {
                 taps: count,
                 ..DayLedger::default()
             };
-            let cells: HashMap<String, u64> = self.hash(&format!("ledger:{date}")).await?;
+            let cells = self
+                .hash(&self.partition_key(p, &format!("ledger:{date}")))
+                .await?;
             for (field, value) in cells {
                 let (key, what) = split_field(&field)?;
                 let mut parts = key.splitn(3, ':');
@@ -827,7 +982,8 @@ impl RedisStore {
                 );
             }
             let cards: HashMap<String, u64> = if with_cards {
-                self.hash(&format!("ledger-cards:{date}")).await?
+                self.hash(&self.partition_key(p, &format!("ledger-cards:{date}")))
+                    .await?
             } else {
                 HashMap::new()
             };
@@ -838,7 +994,9 @@ impl RedisStore {
                     .map_err(|_| StoreError::Malformed(format!("card ledger field `{field}`")))?;
                 add_field(books.cards.entry(card).or_default(), what, value);
             }
-            let clearing: HashMap<String, u64> = self.hash(&format!("clearing:{date}")).await?;
+            let clearing = self
+                .hash(&self.partition_key(p, &format!("clearing:{date}")))
+                .await?;
             for (field, value) in clearing {
                 let (pair, what) = split_field(&field)?;
                 let parties = pair.split_once(':').and_then(|(a, b)| {
@@ -856,13 +1014,12 @@ impl RedisStore {
 
     /// A whole hash, read in HSCAN pages: a day's card ledger can hold millions of fields, and
     /// one HGETALL of it would stall the Redis every gateway is using.
-    async fn hash(&self, rest: &str) -> Result<HashMap<String, u64>, StoreError> {
-        let key = self.key(rest);
+    async fn hash(&self, key: &str) -> Result<HashMap<String, u64>, StoreError> {
         let mut out = HashMap::new();
         let mut cursor = 0u64;
         loop {
             let (next, page): (u64, Vec<(String, u64)>) = redis::cmd("HSCAN")
-                .arg(&key)
+                .arg(key)
                 .arg(cursor)
                 .arg("COUNT")
                 .arg(HSCAN_PAGE)
@@ -1003,7 +1160,7 @@ impl MemoryStore {
         node: &str,
         expected: Option<&Checkpoint>,
         next: &Checkpoint,
-        taps: &[(u16, JournalRecord)],
+        taps: &[ShippedTap],
     ) -> Shipped {
         let mut s = self.lock();
         let current = s.checkpoints.get(node).cloned();
@@ -1012,16 +1169,16 @@ impl MemoryStore {
         }
         s.next_ms += 1;
         let ms = s.next_ms;
-        for (seq, (partition, record)) in taps.iter().enumerate() {
+        for (seq, tap) in taps.iter().enumerate() {
             let id = EntryId {
                 ms,
                 seq: seq as u64,
             };
             s.streams
-                .entry(*partition)
+                .entry(tap.partition)
                 .or_default()
                 .entries
-                .push_back((id, *record));
+                .push_back((id, tap.record));
         }
         s.checkpoints.insert(node.to_string(), next.clone());
         s.shipped += taps.len() as u64;

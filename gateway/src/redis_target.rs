@@ -1,0 +1,309 @@
+//! Which Redis tapgate talks to — one server or a Redis Cluster — and connections that behave the
+//! same way on both.
+//!
+//! The target is a URL:
+//!
+//! | URL | target |
+//! |-----|--------|
+//! | `redis://[USER:PASSWORD@]HOST:PORT[/DB]` | one server |
+//! | `rediss://[USER:PASSWORD@]HOST:PORT[/DB]` | one server over TLS |
+//! | `redis+cluster://[USER:PASSWORD@]HOST:PORT,HOST:PORT,…[/]` | a Redis Cluster, from these seed nodes |
+//! | `rediss+cluster://…` | a Redis Cluster over TLS |
+//!
+//! A cluster is reached through the redis crate's own cluster client, which follows slot
+//! redirections and topology changes; tapgate adds no routing of its own. Every multi-key
+//! command and script tapgate sends keeps its keys in one hash slot (see the key schemas in
+//! [`crate::directory`] and [`crate::settle::store`]), so the same commands work on both.
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClient, ClusterConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Value};
+use std::time::Duration;
+
+/// Longest text of a Redis error tapgate prints: a redirection or script error can carry
+/// kilobytes (a whole pipeline), which would drown a log line.
+const ERROR_TEXT_MAX: usize = 240;
+
+// Made once per process and shared behind an Arc: its size does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone)]
+pub enum RedisTarget {
+    Single(redis::Client),
+    Cluster(ClusterClient),
+}
+
+impl std::fmt::Debug for RedisTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RedisTarget::Single(_) => f.write_str("RedisTarget::Single"),
+            RedisTarget::Cluster(_) => f.write_str("RedisTarget::Cluster"),
+        }
+    }
+}
+
+impl RedisTarget {
+    /// Reads a target URL (table above). The error says what is wrong with it, never echoing a
+    /// password.
+    pub fn parse(url: &str) -> Result<RedisTarget, String> {
+        let url = url.trim();
+        for (scheme, node_scheme) in [
+            ("redis+cluster://", "redis"),
+            ("rediss+cluster://", "rediss"),
+        ] {
+            if let Some(rest) = url.strip_prefix(scheme) {
+                return cluster_client(rest, node_scheme).map(RedisTarget::Cluster);
+            }
+        }
+        redis::Client::open(url)
+            .map(RedisTarget::Single)
+            .map_err(|e| format!("bad Redis URL `{}`: {}", redacted(url), bounded_error(&e)))
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, RedisTarget::Cluster(_))
+    }
+
+    /// The connection shared by every short command of a process: it does not wait for Redis
+    /// at creation, commands fail after `timeout` while Redis is away, and it reconnects in the
+    /// background.
+    pub fn shared_connection(&self, timeout: Duration) -> redis::RedisResult<RedisConnection> {
+        Ok(match self {
+            RedisTarget::Single(client) => {
+                let config = ConnectionManagerConfig::new()
+                    .set_response_timeout(Some(timeout))
+                    .set_connection_timeout(Some(timeout))
+                    .set_number_of_retries(1)
+                    .set_max_delay(Duration::from_millis(500));
+                RedisConnection::Single(ConnectionManager::new_lazy_with_config(
+                    client.clone(),
+                    config,
+                )?)
+            }
+            RedisTarget::Cluster(client) => RedisConnection::Cluster(
+                client.get_pending_async_connection_with_config(
+                    ClusterConfig::new()
+                        .set_connection_timeout(timeout)
+                        .set_response_timeout(timeout),
+                ),
+            ),
+        })
+    }
+
+    /// A connection of its own for one blocking reader (XREAD BLOCK, XREADGROUP BLOCK), which
+    /// would hold up every command multiplexed behind it on a shared connection. Its responses
+    /// may take up to `longest_block` plus a margin before they count as lost.
+    pub async fn blocking_connection(
+        &self,
+        longest_block: Duration,
+    ) -> redis::RedisResult<RedisConnection> {
+        let response_timeout = longest_block + BLOCKING_MARGIN;
+        Ok(match self {
+            RedisTarget::Single(client) => {
+                let config = redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                    .set_response_timeout(Some(response_timeout));
+                RedisConnection::Plain(
+                    client
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await?,
+                )
+            }
+            RedisTarget::Cluster(client) => RedisConnection::Cluster(
+                client
+                    .get_async_connection_with_config(
+                        ClusterConfig::new()
+                            .set_connection_timeout(CONNECT_TIMEOUT)
+                            .set_response_timeout(response_timeout),
+                    )
+                    .await?,
+            ),
+        })
+    }
+}
+
+/// How much longer than its BLOCK time a blocking read may take before it counts as lost.
+const BLOCKING_MARGIN: Duration = Duration::from_secs(2);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `USER:PASSWORD@HOST:PORT,HOST:PORT/` as a cluster client over `node_scheme` nodes.
+fn cluster_client(rest: &str, node_scheme: &str) -> Result<ClusterClient, String> {
+    let (credentials, hosts) = match rest.rsplit_once('@') {
+        Some((c, h)) => (Some(c), h),
+        None => (None, rest),
+    };
+    let hosts = hosts.trim_end_matches('/');
+    if hosts.contains('/') {
+        return Err(format!(
+            "Redis Cluster URL `{scheme}…{}`: a cluster has only database 0; write no path",
+            hosts,
+            scheme = if node_scheme == "rediss" {
+                "rediss+cluster://"
+            } else {
+                "redis+cluster://"
+            },
+        ));
+    }
+    let nodes: Vec<String> = hosts
+        .split(',')
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .map(|host| match credentials {
+            Some(c) => format!("{node_scheme}://{c}@{host}/"),
+            None => format!("{node_scheme}://{host}/"),
+        })
+        .collect();
+    if nodes.is_empty() {
+        return Err(
+            "Redis Cluster URL names no seed node (redis+cluster://HOST:PORT,HOST:PORT/)".into(),
+        );
+    }
+    for node in &nodes {
+        redis::Client::open(node.as_str()).map_err(|e| {
+            format!(
+                "bad Redis Cluster seed node `{}`: {}",
+                redacted(node),
+                bounded_error(&e)
+            )
+        })?;
+    }
+    ClusterClient::builder(nodes)
+        .retries(2)
+        .build()
+        .map_err(|e| format!("Redis Cluster client: {}", bounded_error(&e)))
+}
+
+/// A URL with any password replaced by `***`.
+pub fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.rsplit_once('@') {
+        Some((credentials, hosts)) => {
+            let user = credentials.split_once(':').map_or("", |(u, _)| u);
+            format!("{scheme}://{user}:***@{hosts}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// A Redis error as one readable line of bounded length. Authentication failures say so
+/// plainly, whatever the transport made of them.
+pub fn bounded_error(e: &redis::RedisError) -> String {
+    let line = e.to_string();
+    if e.code() == Some("NOAUTH") || line.contains("NOAUTH") {
+        return "NOAUTH: Redis requires a password; give one in the URL (redis://USER:PASSWORD@HOST:PORT/)".into();
+    }
+    if e.code() == Some("WRONGPASS") || line.contains("WRONGPASS") {
+        return "WRONGPASS: Redis refused this user name and password".into();
+    }
+    bounded_line(&line)
+}
+
+/// Text as one line of at most [`ERROR_TEXT_MAX`] bytes, saying how much was cut.
+pub fn bounded_line(text: &str) -> String {
+    let mut line: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if line.len() > ERROR_TEXT_MAX {
+        let cut = (0..=ERROR_TEXT_MAX)
+            .rev()
+            .find(|&i| line.is_char_boundary(i))
+            .unwrap_or(0);
+        let more = line.len() - cut;
+        line.truncate(cut);
+        line.push_str(&format!(" … ({more} more bytes)"));
+    }
+    line
+}
+
+/// A connection to a single Redis or to a cluster. Commands and scripts are sent the same way on
+/// both; the cluster client routes each to the node that owns its slot.
+#[derive(Clone)]
+pub enum RedisConnection {
+    Single(ConnectionManager),
+    Plain(redis::aio::MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for RedisConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            RedisConnection::Single(c) => c.req_packed_command(cmd),
+            RedisConnection::Plain(c) => c.req_packed_command(cmd),
+            RedisConnection::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            RedisConnection::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            RedisConnection::Plain(c) => c.req_packed_commands(pipeline, offset, count),
+            RedisConnection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConnection::Single(c) => c.get_db(),
+            RedisConnection::Plain(c) => c.get_db(),
+            RedisConnection::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_and_cluster_urls_are_told_apart() {
+        assert!(
+            !RedisTarget::parse("redis://127.0.0.1:6379/")
+                .unwrap()
+                .is_cluster()
+        );
+        assert!(
+            !RedisTarget::parse("rediss://127.0.0.1:6380/")
+                .unwrap()
+                .is_cluster()
+        );
+        let cluster = RedisTarget::parse("redis+cluster://127.0.0.1:7000,127.0.0.1:7001/").unwrap();
+        assert!(cluster.is_cluster());
+        assert!(
+            RedisTarget::parse("rediss+cluster://app:secret@127.0.0.1:7000/")
+                .unwrap()
+                .is_cluster()
+        );
+    }
+
+    #[test]
+    fn bad_urls_say_what_is_wrong_without_the_password() {
+        let e = RedisTarget::parse("redis+cluster:///").unwrap_err();
+        assert!(e.contains("no seed node"), "{e}");
+        let e = RedisTarget::parse("redis+cluster://127.0.0.1:7000/3").unwrap_err();
+        assert!(e.contains("database 0"), "{e}");
+        let e = RedisTarget::parse("http://app:secret@127.0.0.1/").unwrap_err();
+        assert!(!e.contains("secret"), "{e}");
+        assert_eq!(
+            redacted("redis://app:secret@h:1/"),
+            "redis://app:***@h:1/".to_owned()
+        );
+    }
+
+    #[test]
+    fn long_errors_are_cut_to_one_bounded_line() {
+        let long = redis::RedisError::from((
+            redis::ErrorKind::Io,
+            "transaction aborted",
+            format!("Moved\n{}", "x ".repeat(40_000)),
+        ));
+        let line = bounded_error(&long);
+        assert!(line.len() < ERROR_TEXT_MAX + 40, "{}", line.len());
+        assert!(!line.contains('\n'));
+        assert!(line.ends_with("more bytes)"), "{line}");
+    }
+}
