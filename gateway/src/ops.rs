@@ -230,7 +230,7 @@ fn render_gateway(out: &mut String, counters: &GatewayCounters) {
     let s = &cache.stats;
     let journal = &counters.journal;
     let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    let single: [(&str, &str, &str, u64); 19] = [
+    let single: [(&str, &str, &str, u64); 20] = [
         (
             "connections_active",
             "gauge",
