@@ -253,6 +253,12 @@ pub fn run(args: SettleArgs) -> Result<ExitCode, String> {
             let settled = source.read(None, true)?;
             let reconciliation = Reconciliation::new(&expected.ledger, &settled);
             print!("{}", reconcile_text(&reconciliation, show));
+            if expected.copies > 0 {
+                println!(
+                    "note: {} taps are in more than one journal (gates that failed over and resent them); each counts once",
+                    expected.copies
+                );
+            }
             if expected.damaged_segments > 0 {
                 println!(
                     "warning: {} journal segments hold damaged records; taps after the damage are in neither book",

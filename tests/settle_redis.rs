@@ -44,8 +44,12 @@ fn store(redis: &RedisServer) -> Store {
 }
 
 fn settlement(h: &Harness, store: Store, settlers: usize) -> Settlement {
+    settlement_of("gw-test", h, store, settlers)
+}
+
+fn settlement_of(node: &str, h: &Harness, store: Store, settlers: usize) -> Settlement {
     let settings = SettlementSettings {
-        node: "gw-test".into(),
+        node: node.into(),
         journal_dir: h.state.join("journal"),
         partitions: PARTITIONS,
         settlers,
@@ -398,4 +402,77 @@ async fn a_load_settles_exactly_once_on_a_redis_cluster_through_a_master_failove
         text.contains("0 lost, 0 duplicated; 0 differences"),
         "{text}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_gate_population_on_two_gateways_is_settled_once_on_a_single_redis() {
+    let redis = RedisServer::start();
+    two_gateways_one_population(&redis.url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_gate_population_on_two_gateways_is_settled_once_on_a_redis_cluster() {
+    let cluster = RedisCluster::start();
+    two_gateways_one_population(&cluster.url()).await;
+}
+
+/// Every gate sends every tap to two gateways at once: both approve and journal it, and it is
+/// booked once.
+async fn two_gateways_one_population(url: &str) {
+    let (state_a, state_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = (gateway(state_a.path()).await, gateway(state_b.path()).await);
+    let store =
+        || Store::Redis(RedisStore::connect(url, "tapgate", Duration::from_secs(2)).unwrap());
+    let settle_a = settlement_of("gw-a", &a, store(), 1);
+    let settle_b = settlement_of("gw-b", &b, store(), 1);
+    let (load_a, load_b) = tokio::join!(run(load_spec(&a, 400.0, 3)), run(load_spec(&b, 400.0, 3)));
+    let (load_a, load_b) = (load_a.unwrap(), load_b.unwrap());
+    assert_eq!(load_a.errors + load_b.errors, 0, "{}", load_a.summary());
+    a.gateway.shutdown().await;
+    b.gateway.shutdown().await;
+    for s in [&settle_a, &settle_b] {
+        assert!(s.wait_settled(Duration::from_secs(30)).await.unwrap());
+    }
+    let journals = [a.state.join("journal"), b.state.join("journal")];
+    let expected = settle_journals(
+        &[journals[0].as_path(), journals[1].as_path()],
+        &FareTables::embedded_default(),
+    )
+    .unwrap();
+    let single = settle_journals(&[journals[0].as_path()], &FareTables::embedded_default())
+        .unwrap()
+        .ledger;
+    assert!(expected.copies > 1_000, "{} copies", expected.copies);
+    // The same taps, whichever gateway's journal they are read from.
+    assert_eq!(expected.ledger.taps(), single.taps());
+    let r = reconciled(&settle_a.store, &expected.ledger, Duration::from_secs(10)).await;
+    eprintln!(
+        "copies: journals {} settlers {} + {}; lost {} duplicated {}",
+        expected.copies,
+        settle_a.settlers.copies.load(Ordering::Relaxed),
+        settle_b.settlers.copies.load(Ordering::Relaxed),
+        r.lost,
+        r.duplicated
+    );
+    assert!(r.is_exact(), "lost {} duplicated {}", r.lost, r.duplicated);
+    let copies = settle_a.settlers.copies.load(Ordering::Relaxed)
+        + settle_b.settlers.copies.load(Ordering::Relaxed);
+    assert_eq!(copies, expected.copies);
+    settle_a.shutdown().await;
+    settle_b.shutdown().await;
+    let out = Command::new(env!("CARGO_BIN_EXE_tapgate"))
+        .args(["settle", "reconcile", "--redis-url", url])
+        .arg("--journal")
+        .arg(&journals[0])
+        .arg("--journal")
+        .arg(&journals[1])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("0 lost, 0 duplicated; 0 differences"),
+        "{text}"
+    );
+    assert!(text.contains("in more than one journal"), "{text}");
 }

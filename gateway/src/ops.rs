@@ -124,7 +124,7 @@ fn render_forwarder(out: &mut String, forwarder: &ForwarderStats) {
 
 fn render_settlers(out: &mut String, settlers: &SettlerStats) {
     let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    let counters: [(&str, &str, &str, u64); 8] = [
+    let counters: [(&str, &str, &str, u64); 9] = [
         (
             "settle_batches_total",
             "counter",
@@ -154,6 +154,12 @@ fn render_settlers(out: &mut String, settlers: &SettlerStats) {
             "counter",
             "Entries delivered again after they were applied (acknowledged, not applied).",
             load(&settlers.redelivered),
+        ),
+        (
+            "settle_tap_copies_total",
+            "counter",
+            "Taps that reached settlement a second time from another gateway's journal (booked once).",
+            load(&settlers.copies),
         ),
         (
             "settle_malformed_total",

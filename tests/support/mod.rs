@@ -78,18 +78,19 @@ impl RedisServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server must be installed (scripts/test installs it)");
+        let pid = child.id();
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(client) = redis::Client::open(self.url())
-                && let Ok(mut conn) = client.get_connection()
-                && redis::cmd("PING").query::<String>(&mut conn).is_ok()
-            {
-                return;
-            }
+        // Ours answers with our process id: a port picked free can be taken by another test's
+        // server before ours binds it, and then ours exits.
+        while serving_pid(self.port) != Some(pid) {
+            let exited = self
+                .child
+                .as_mut()
+                .is_some_and(|c| c.try_wait().ok().flatten().is_some());
             assert!(
-                Instant::now() < deadline,
-                "redis-server did not start on port {}",
+                !exited && Instant::now() < deadline,
+                "redis-server did not start on port {} (taken by another process?)",
                 self.port
             );
             std::thread::sleep(Duration::from_millis(20));
@@ -322,6 +323,14 @@ impl Drop for RedisCluster {
             }
         }
     }
+}
+
+/// The process id of the Redis answering on a port.
+fn serving_pid(port: u16) -> Option<u32> {
+    node_query(port, &["INFO", "server"])?
+        .lines()
+        .find_map(|l| l.strip_prefix("process_id:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// One command to one node, as text; `None` when the node does not answer.

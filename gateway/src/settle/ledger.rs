@@ -4,6 +4,7 @@
 //! Everything a tap costs is booked on the Chongqing calendar day of the tap (its gateway time),
 //! including a missing-exit charge the tap revealed.
 
+use super::recent::RecentTaps;
 use crate::card::local_date;
 use crate::fares::{Charge, FareTables, RiderState, settle};
 use crate::journal::{JournalRecord, list_segments, read_segment};
@@ -252,6 +253,9 @@ pub struct JournalSettlement {
     pub ledger: Ledger,
     /// Segments with a damaged record before their end; what followed the damage was skipped.
     pub damaged_segments: u64,
+    /// Taps found in more than one journal (a gate that failed over and resent them): booked
+    /// once, as settlement books them.
+    pub copies: u64,
 }
 
 /// Settles the approved taps of one or more journals (one per gateway) through the fare engine.
@@ -276,7 +280,7 @@ pub fn settle_journals(dirs: &[&Path], tables: &FareTables) -> std::io::Result<J
         }
         journals.push(records.into_iter().peekable());
     }
-    let mut riders: HashMap<u64, RiderState> = HashMap::new();
+    let mut riders: HashMap<u64, (RiderState, RecentTaps)> = HashMap::new();
     loop {
         let next = journals
             .iter_mut()
@@ -285,11 +289,12 @@ pub fn settle_journals(dirs: &[&Path], tables: &FareTables) -> std::io::Result<J
             .min();
         let Some((_, i)) = next else { break };
         let record = journals[i].next().expect("peeked");
-        let charges = settle(
-            &record,
-            riders.entry(record.tap.card_id).or_default(),
-            tables,
-        );
+        let (fares, recent) = riders.entry(record.tap.card_id).or_default();
+        if !recent.first_time(&record) {
+            settlement.copies += 1;
+            continue;
+        }
+        let charges = settle(&record, fares, tables);
         settlement.ledger.book(&record, &charges);
     }
     Ok(settlement)

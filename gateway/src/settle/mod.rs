@@ -22,6 +22,7 @@
 
 pub mod forwarder;
 pub mod ledger;
+pub mod recent;
 pub mod settler;
 pub mod store;
 

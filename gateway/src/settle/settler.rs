@@ -7,8 +7,8 @@
 //! claims what its predecessor read and never acknowledged, oldest first.
 
 use super::ledger::Ledger;
-use super::store::{Applied, ApplyBatch, Delivered, EntryId, Store, StoreError};
-use crate::fares::{FareTables, RiderState, settle};
+use super::store::{Applied, ApplyBatch, CardSettlement, Delivered, EntryId, Store, StoreError};
+use crate::fares::{FareTables, settle};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -69,6 +69,8 @@ pub struct SettlerStats {
     pub batches: AtomicU64,
     /// Entries delivered again after they were applied: acknowledged, not applied.
     pub redelivered: AtomicU64,
+    /// Taps that another gateway's journal had brought already: acknowledged, booked once.
+    pub copies: AtomicU64,
     /// Entries that are not journal records: acknowledged, never applied.
     pub malformed: AtomicU64,
     pub leases_lost: AtomicU64,
@@ -291,13 +293,18 @@ impl Settler {
         cards.sort_unstable();
         cards.dedup();
         let states = self.store.riders(partition, &cards).await?;
-        let mut riders: HashMap<u64, RiderState> = cards.into_iter().zip(states).collect();
+        let mut riders: HashMap<u64, CardSettlement> = cards.into_iter().zip(states).collect();
         let mut ledger = Ledger::default();
         ledger.fare_tables.insert(self.fare_tables_digest.clone());
         let mut charges = 0u64;
+        let mut copies = 0u64;
         for record in &records {
             let rider = riders.entry(record.tap.card_id).or_default();
-            let priced = settle(record, rider, &self.tables);
+            if !rider.recent.first_time(record) {
+                copies += 1;
+                continue;
+            }
+            let priced = settle(record, &mut rider.fares, &self.tables);
             charges += priced.len() as u64;
             ledger.book(record, &priced);
         }
@@ -324,6 +331,7 @@ impl Settler {
                     .settled
                     .fetch_add(records.len() as u64, Ordering::Relaxed);
                 self.stats.charges.fetch_add(charges, Ordering::Relaxed);
+                self.stats.copies.fetch_add(copies, Ordering::Relaxed);
                 self.stats.batches.fetch_add(1, Ordering::Relaxed);
             }
             Applied::LeaseLost => self.lose(partition),

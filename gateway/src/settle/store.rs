@@ -16,6 +16,7 @@
 //! | `P:{pN}:lease`               | string | token of the settler that owns partition N (expires) |
 //! | `P:{pN}:watermark`           | string | last stream id of partition N applied |
 //! | `P:{pN}:rider:CARD`          | string | the card's fare-engine state (a card belongs to one partition) |
+//! | `P:{pN}:recent:CARD`         | string | the card's latest tap ids, so a tap journaled by two gateways is booked once |
 //! | `P:{pN}:ledger-taps`         | hash   | day → approved taps settled |
 //! | `P:{pN}:ledger:DAY`          | hash   | `AREA:OPERATOR:MODE:fen` / `:rides` |
 //! | `P:{pN}:ledger-cards:DAY`    | hash   | `CARD:fen` / `CARD:rides` |
@@ -35,6 +36,7 @@
 //! went back to. Reports read every partition and merge the books.
 
 use super::ledger::{DayLedger, Ledger, Totals};
+use super::recent::RecentTaps;
 pub use crate::directory::EntryId;
 use crate::fares::RiderState;
 use crate::journal::{JournalPosition, JournalRecord, PAYLOAD_LEN};
@@ -86,6 +88,14 @@ pub struct Delivered {
     pub record: Option<JournalRecord>,
 }
 
+/// What settlement keeps about one card between batches.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CardSettlement {
+    pub fares: RiderState,
+    /// The taps already booked, so a copy from another gateway's journal is not booked again.
+    pub recent: RecentTaps,
+}
+
 /// One approved tap on its way to its partition's stream.
 #[derive(Debug, Clone, Copy)]
 pub struct ShippedTap {
@@ -127,7 +137,8 @@ pub struct ApplyBatch {
     /// Entries older than this one are applied and can leave the stream.
     pub trim_below: EntryId,
     pub taps: u64,
-    pub riders: Vec<(u64, RiderState)>,
+    /// Every card of the batch with its fare-engine state and its latest tap ids after it.
+    pub riders: Vec<(u64, CardSettlement)>,
     pub ledger: Ledger,
 }
 
@@ -270,12 +281,12 @@ impl Store {
         }
     }
 
-    /// The fare-engine state of cards of one partition.
+    /// What settlement keeps about these cards of one partition.
     pub async fn riders(
         &self,
         partition: u16,
         cards: &[u64],
-    ) -> Result<Vec<RiderState>, StoreError> {
+    ) -> Result<Vec<CardSettlement>, StoreError> {
         match self {
             Store::Redis(r) => r.riders(partition, cards).await,
             Store::Memory(m) => {
@@ -842,7 +853,15 @@ impl RedisStore {
         self.partition_key(partition, &format!("rider:{card}"))
     }
 
-    async fn riders(&self, partition: u16, cards: &[u64]) -> Result<Vec<RiderState>, StoreError> {
+    fn recent_key(&self, partition: u16, card: u64) -> String {
+        self.partition_key(partition, &format!("recent:{card}"))
+    }
+
+    async fn riders(
+        &self,
+        partition: u16,
+        cards: &[u64],
+    ) -> Result<Vec<CardSettlement>, StoreError> {
         if cards.is_empty() {
             return Ok(Vec::new());
         }
@@ -850,15 +869,32 @@ impl RedisStore {
         for card in cards {
             cmd.arg(self.rider_key(partition, *card));
         }
+        for card in cards {
+            cmd.arg(self.recent_key(partition, *card));
+        }
         let values: Vec<Option<Vec<u8>>> = cmd.query_async(&mut self.conn()).await?;
-        values
-            .into_iter()
-            .zip(cards)
-            .map(|(v, card)| match v {
-                None => Ok(RiderState::default()),
-                Some(bytes) => RiderState::decode(&bytes).ok_or_else(|| {
-                    StoreError::Malformed(format!("rider state of card {card} is unreadable"))
-                }),
+        let (fares, recent) = values.split_at(cards.len());
+        cards
+            .iter()
+            .zip(fares.iter().zip(recent))
+            .map(|(card, (fares, recent))| {
+                let unreadable = |what: &str| {
+                    StoreError::Malformed(format!("{what} of card {card} is unreadable"))
+                };
+                Ok(CardSettlement {
+                    fares: match fares {
+                        None => RiderState::default(),
+                        Some(bytes) => {
+                            RiderState::decode(bytes).ok_or_else(|| unreadable("rider state"))?
+                        }
+                    },
+                    recent: match recent {
+                        None => RecentTaps::default(),
+                        Some(bytes) => {
+                            RecentTaps::decode(bytes).ok_or_else(|| unreadable("recent taps"))?
+                        }
+                    },
+                })
             })
             .collect()
     }
@@ -886,7 +922,12 @@ impl RedisStore {
                 .key(self.rider_key(p, *card))
                 .arg("S")
                 .arg("")
-                .arg(rider.encode());
+                .arg(rider.fares.encode());
+            invocation
+                .key(self.recent_key(p, *card))
+                .arg("S")
+                .arg("")
+                .arg(rider.recent.encode());
         }
         for (key, field, value) in ledger_increments(&batch.ledger) {
             invocation
@@ -1122,7 +1163,7 @@ struct MemoryState {
     watermarks: HashMap<u16, EntryId>,
     leases: HashMap<u16, (String, Instant)>,
     members: HashMap<String, Instant>,
-    riders: HashMap<u64, RiderState>,
+    riders: HashMap<u64, CardSettlement>,
     ledger: Ledger,
     shipped: u64,
     settled: u64,
