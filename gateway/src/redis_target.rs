@@ -194,7 +194,10 @@ pub fn bounded_error(e: &redis::RedisError) -> String {
     if e.code() == Some("NOAUTH") || line.contains("NOAUTH") {
         return "NOAUTH: Redis requires a password; give one in the URL (redis://USER:PASSWORD@HOST:PORT/)".into();
     }
-    if e.code() == Some("WRONGPASS") || line.contains("WRONGPASS") {
+    if e.code() == Some("WRONGPASS")
+        || line.contains("WRONGPASS")
+        || e.kind() == redis::ErrorKind::AuthenticationFailed
+    {
         return "WRONGPASS: Redis refused this user name and password".into();
     }
     bounded_line(&line)
