@@ -370,7 +370,7 @@ async fn an_idle_gateway_keeps_its_redis_connections() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn counted_rides_taken_on_two_gateways_stop_at_zero_and_stay_readable() {
+async fn two_gateways_give_exactly_the_counted_rides_a_card_has() {
     let redis = RedisServer::start();
     let directory = redis.directory();
     provision(&directory, CARD).await;
@@ -390,11 +390,22 @@ async fn counted_rides_taken_on_two_gateways_stop_at_zero_and_stay_readable() {
     let b = Harness::start(redis.directory(), b_state.path()).await;
     let mut gate_a = a.gate(&YUZHONG_BUS).await;
     let mut gate_b = b.gate(&YUZHONG_BUS).await;
-    // Each gateway believes it has three rides to give; together they try ten.
+    // Each gateway's cache believes it has three rides to give; together they try ten. The
+    // directory's count decides: exactly three answers are free, and they count down.
+    let mut free = Vec::new();
     for sequence in 1..=5 {
-        answer(&mut gate_a, tap(sequence, ELDER, TapKind::Flat)).await;
-        answer(&mut gate_b, tap(sequence + 100, ELDER, TapKind::Flat)).await;
+        for (gate, sequence) in [(&mut gate_a, sequence), (&mut gate_b, sequence + 100)] {
+            let r = answer(gate, tap(sequence, ELDER, TapKind::Flat)).await;
+            assert_eq!(r.outcome, Outcome::Approve);
+            if r.concession == Concession::Elder {
+                assert_eq!(r.fare_fen, 0);
+                free.push(r.rides_left);
+            } else {
+                assert_eq!((r.concession, r.rides_left), (Concession::None, 0));
+            }
+        }
     }
+    assert_eq!(free, [2, 1, 0]);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let record = directory

@@ -146,6 +146,15 @@ impl CardCache {
         Some(decision)
     }
 
+    /// Sets a cached card's counted rides to what the directory says is left.
+    pub fn set_rides_left(&self, card_id: u64, left: u32) {
+        if let Some(mut entry) = self.entries.get_mut(&card_id)
+            && let Known::Card(card) = &mut entry.known
+        {
+            card.rides_left = left;
+        }
+    }
+
     /// Loads a card into the cache; concurrent callers for one card share one directory request.
     async fn fetch(&self, card_id: u64, now_ms: u64) -> Result<Option<CardRecord>, DirectoryError> {
         let cell = self.fetches.entry(card_id).or_default().clone();

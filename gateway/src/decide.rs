@@ -24,6 +24,15 @@ pub enum CardLookup {
     Unavailable,
 }
 
+/// What taking a counted ride found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RideClaim {
+    /// The ride is the tap's; this many are left.
+    Taken { left: u32 },
+    /// The allowance was used up (by this gateway or another): the tap pays the full fare.
+    NoneLeft,
+}
+
 /// The verdict and the state change it implies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Decision {
@@ -129,6 +138,30 @@ pub fn decide(
     decision.concession = card.concession;
     decision.fare_fen = full_fare * u32::from(rule.pay_percent) / 100;
     decision
+}
+
+/// The decision once the directory has answered for a counted ride the decision took: the
+/// count it left, or — when another tap (perhaps at another gateway) used the last ride first —
+/// the same approval at the full fare with nothing left.
+pub fn with_ride_claim(
+    decision: Decision,
+    claim: RideClaim,
+    place: GatePlace,
+    policy: &Policy,
+) -> Decision {
+    match claim {
+        RideClaim::Taken { left } => Decision {
+            rides_left: u16::try_from(left).unwrap_or(u16::MAX - 1),
+            ..decision
+        },
+        RideClaim::NoneLeft => Decision {
+            concession: Concession::None,
+            fare_fen: policy.fares.flat_or_min(place.mode),
+            rides_left: 0,
+            uses_counted_ride: false,
+            ..decision
+        },
+    }
 }
 
 fn is_pass_back(
@@ -338,6 +371,32 @@ mod tests {
             (Outcome::Approve, Concession::None, 200, 0)
         );
         assert!(!d.uses_counted_ride);
+    }
+
+    #[test]
+    fn the_directory_decides_who_gets_the_last_counted_ride() {
+        // This gateway's cache still counts five rides; the shared count has three left after
+        // this one, or none because another gateway took the last.
+        let d = run(CardLookup::Found(elder(5)), bus(YUZHONG), TapKind::Flat);
+        assert!(d.uses_counted_ride);
+        let taken = with_ride_claim(d, RideClaim::Taken { left: 3 }, bus(YUZHONG), &policy());
+        assert_eq!(
+            (taken.concession, taken.fare_fen, taken.rides_left),
+            (Concession::Elder, 0, 3)
+        );
+        let refused = with_ride_claim(d, RideClaim::NoneLeft, bus(YUZHONG), &policy());
+        assert_eq!(
+            (
+                refused.outcome,
+                refused.concession,
+                refused.fare_fen,
+                refused.rides_left
+            ),
+            (Outcome::Approve, Concession::None, 200, 0)
+        );
+        assert!(!refused.uses_counted_ride);
+        // The rest of the decision (the card's activity after the tap) is unchanged.
+        assert_eq!(refused.activity, d.activity);
     }
 
     #[test]

@@ -24,6 +24,7 @@
 //! persistence), the gateway drops its whole cache instead.
 
 use crate::card::{CardRecord, CardState};
+pub use crate::decide::RideClaim;
 use crate::redis_target::{RedisConnection, RedisTarget, bounded_error};
 use chrono::NaiveDate;
 use redis::AsyncCommands;
@@ -153,15 +154,13 @@ impl Directory {
         }
     }
 
-    /// Takes one ride from the card's counted concession allowance. Not published as a change:
-    /// each node decrements its own cached copy, and settlement recounts rides from the journal.
-    pub async fn use_counted_ride(&self, card_id: u64) -> Result<(), DirectoryError> {
+    /// Takes one ride from the card's counted concession allowance, atomically and never below
+    /// zero, whichever gateway asks: the directory's count decides which tap used the last
+    /// ride. Not published as a change: every gateway asks the directory for each counted ride.
+    pub async fn take_counted_ride(&self, card_id: u64) -> Result<RideClaim, DirectoryError> {
         match self {
-            Directory::Embedded(d) => {
-                d.use_counted_ride(card_id);
-                Ok(())
-            }
-            Directory::Redis(d) => d.use_counted_ride(card_id).await,
+            Directory::Embedded(d) => Ok(d.take_counted_ride(card_id)),
+            Directory::Redis(d) => d.take_counted_ride(card_id).await,
         }
     }
 
@@ -249,9 +248,15 @@ impl EmbeddedDirectory {
             }));
     }
 
-    fn use_counted_ride(&self, card_id: u64) {
-        if let Some(card) = self.cards.write().expect("card map lock").get_mut(&card_id) {
-            card.rides_left = card.rides_left.saturating_sub(1);
+    fn take_counted_ride(&self, card_id: u64) -> RideClaim {
+        match self.cards.write().expect("card map lock").get_mut(&card_id) {
+            Some(card) if card.rides_left > 0 => {
+                card.rides_left -= 1;
+                RideClaim::Taken {
+                    left: card.rides_left,
+                }
+            }
+            _ => RideClaim::NoneLeft,
         }
     }
 
@@ -486,20 +491,23 @@ impl RedisDirectory {
             .ignore();
     }
 
-    async fn use_counted_ride(&self, card_id: u64) -> Result<(), DirectoryError> {
+    async fn take_counted_ride(&self, card_id: u64) -> Result<RideClaim, DirectoryError> {
         let key = self.card_key(card_id);
         let left: i64 = self
             .take_ride
             .key(&key)
             .invoke_async(&mut self.connection.clone())
             .await?;
-        if left == -2 {
-            return Err(DirectoryError::Malformed {
+        match left {
+            -1 => Ok(RideClaim::NoneLeft),
+            left if left >= 0 => Ok(RideClaim::Taken {
+                left: u32::try_from(left).unwrap_or(u32::MAX),
+            }),
+            _ => Err(DirectoryError::Malformed {
                 key,
                 detail: "no readable `rides` count".into(),
-            });
+            }),
         }
-        Ok(())
     }
 
     /// Follows every change group's stream, each on a connection of its own (XREAD BLOCK

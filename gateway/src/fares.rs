@@ -4,7 +4,9 @@
 //!
 //! Order of rules for a fare-bearing ride: base fare (flat, or distance from the entry/exit
 //! pair, or the maximum for a trip missing its exit or its entry), then the concession the
-//! gateway applied (the elder allowance is recounted here), then the bus–rail transfer
+//! gateway applied (for a counted allowance such as the elder card's, the gateway took the ride
+//! from the card's count in the directory before answering, so its record is the authority and
+//! nothing is recounted here), then the bus–rail transfer
 //! discount, then the daily cap.
 
 use crate::card::local_date;
@@ -81,17 +83,10 @@ pub struct TransferRule {
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct ElderRule {
-    pub yearly_rides: u32,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
 pub struct FareTables {
     pub daily_cap: u32,
     /// Percent of the fare paid, by concession label.
     pub concessions: HashMap<String, u8>,
-    pub elder: ElderRule,
     pub transfer: TransferRule,
     pub bus: FlatTable,
     pub ferry: FlatTable,
@@ -192,11 +187,9 @@ pub struct RiderState {
     open: Option<OpenTrip>,
     last_paid: Option<PaidRide>,
     last_transfer_ms: Option<u64>,
-    elder_year: i32,
-    elder_used: u32,
 }
 
-const RIDER_STATE_VERSION: u8 = 1;
+const RIDER_STATE_VERSION: u8 = 2;
 const NO_DAY: i32 = i32::MIN;
 
 impl RiderState {
@@ -240,8 +233,6 @@ impl RiderState {
             }
             None => out.put_u8(0),
         }
-        out.put_i32(self.elder_year);
-        out.put_u32(self.elder_used);
         out
     }
 
@@ -300,8 +291,6 @@ impl RiderState {
             open,
             last_paid,
             last_transfer_ms,
-            elder_year: p.try_get_i32().ok()?,
-            elder_used: p.try_get_u32().ok()?,
         };
         p.is_empty().then_some(state)
     }
@@ -468,21 +457,8 @@ fn price(
     rider: &mut RiderState,
     tables: &FareTables,
 ) -> Charge {
-    let mut fare = base;
-    let mut applied = concession;
-    if concession == Concession::Elder {
-        let year = local_date(now).year();
-        if rider.elder_year != year {
-            rider.elder_year = year;
-            rider.elder_used = 0;
-        }
-        if rider.elder_used < tables.elder.yearly_rides {
-            rider.elder_used += 1;
-        } else {
-            applied = Concession::None;
-        }
-    }
-    fare = fare * tables.pay_percent(applied) / 100;
+    let applied = concession;
+    let mut fare = base * tables.pay_percent(applied) / 100;
 
     let class = match mode {
         Mode::Bus => Some(TransferClass::Bus),
@@ -666,7 +642,7 @@ mod tests {
         ] {
             settle(&r, &mut rider, &tables);
         }
-        assert!(rider.open.is_some() && rider.last_paid.is_some() && rider.elder_used > 0);
+        assert!(rider.open.is_some() && rider.last_paid.is_some());
         let bytes = rider.encode();
         assert_eq!(RiderState::decode(&bytes), Some(rider));
         assert_eq!(RiderState::decode(&bytes[..bytes.len() - 1]), None);
@@ -822,27 +798,20 @@ mod tests {
     }
 
     #[test]
-    fn elder_rides_are_free_until_the_yearly_allowance_is_used() {
-        let mut tables = FareTables::embedded_default();
-        tables.elder.yearly_rides = 2;
-        let mut rider = RiderState::default();
-        let elder = |at| {
-            record(
-                Mode::Bus,
-                TapKind::Flat,
-                500103,
-                12,
-                3,
-                at,
-                Concession::Elder,
-            )
-        };
-        let c: Vec<_> = [elder(T0), elder(T0 + MIN), elder(T0 + 2 * MIN)]
-            .iter()
-            .flat_map(|r| settle(r, &mut rider, &tables))
-            .collect();
-        assert_eq!(fares(&c), [0, 0, 200]);
-        assert_eq!(c[2].concession, Concession::None);
+    fn a_concession_is_priced_as_the_gateway_recorded_it() {
+        // The gateway took the elder card's last counted ride for the first tap and answered
+        // the second at the full fare: settlement books exactly that, whatever it saw before.
+        let elder =
+            |at, concession| record(Mode::Bus, TapKind::Flat, 500103, 12, 3, at, concession);
+        let c = run(&[
+            elder(T0, Concession::Elder),
+            elder(T0 + MIN, Concession::None),
+        ]);
+        assert_eq!(fares(&c), [0, 200]);
+        assert_eq!(
+            c.iter().map(|c| c.concession).collect::<Vec<_>>(),
+            [Concession::Elder, Concession::None]
+        );
     }
 
     #[test]

@@ -3,8 +3,10 @@
 
 use crate::cache::CardCache;
 use crate::card::CardPseudonymizer;
-use crate::decide::GatePlace;
-use crate::directory::{ChangeEvent, Directory, TerminalChange, TerminalRecord};
+use crate::decide::{Decision, GatePlace, with_ride_claim};
+use crate::directory::{
+    ChangeEvent, Directory, DirectoryError, RideClaim, TerminalChange, TerminalRecord,
+};
 use crate::journal::{Durable, Journal, JournalRecord, JournalSettings, JournalWriter};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
@@ -102,8 +104,10 @@ impl TerminalState {
     }
 }
 
-/// Counted-ride updates waiting for the directory.
+/// Counted rides given while the directory was unreachable, waiting to be taken from it.
 const RIDE_UPDATE_QUEUE: usize = 65_536;
+/// Pause between attempts to take a ride given while the directory was away.
+const RIDE_UPDATE_RETRY: Duration = Duration::from_millis(500);
 
 struct Shared {
     keys: KeyRing,
@@ -413,10 +417,18 @@ async fn apply_changes(shared: std::sync::Weak<Shared>, mut changes: mpsc::Recei
     }
 }
 
+/// Takes, once the directory is reachable again, the counted rides given while it was not.
 async fn apply_ride_updates(directory: Directory, mut rx: mpsc::Receiver<u64>) {
     while let Some(card_id) = rx.recv().await {
-        if let Err(e) = directory.use_counted_ride(card_id).await {
-            tracing::debug!(error = %e, "counted ride not written to the directory");
+        loop {
+            match directory.take_counted_ride(card_id).await {
+                Ok(_) => break,
+                // The cache logged and counted the unreadable record; nothing to take.
+                Err(DirectoryError::Malformed { .. }) => break,
+                Err(DirectoryError::Unavailable(_)) => {
+                    tokio::time::sleep(RIDE_UPDATE_RETRY).await;
+                }
+            }
         }
     }
 }
@@ -814,6 +826,38 @@ impl Session {
         self.close(error.code);
     }
 
+    /// Takes the counted ride a decision used from the directory before the tap is answered, so
+    /// the directory's count, shared by every gateway, decides which tap got the last ride, and
+    /// the answer and the journal record say what settlement will book. While the directory is
+    /// unreachable the cache's count stands and the ride is taken from the directory later.
+    async fn claim_ride(
+        &self,
+        card_id: u64,
+        decision: Decision,
+        place: GatePlace,
+        policy: &Policy,
+    ) -> Decision {
+        match self.shared.directory.take_counted_ride(card_id).await {
+            Ok(claim) => {
+                let left = match claim {
+                    RideClaim::Taken { left } => left,
+                    RideClaim::NoneLeft => 0,
+                };
+                self.shared.cache.set_rides_left(card_id, left);
+                with_ride_claim(decision, claim, place, policy)
+            }
+            Err(_) => {
+                if self.shared.ride_updates.try_send(card_id).is_err() {
+                    self.shared
+                        .metrics
+                        .ride_updates_dropped
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                decision
+            }
+        }
+    }
+
     /// Decides a new tap. Capacity is claimed before deciding — a slot in this session's
     /// answer queue and in the journal's queue — so a tap answered Busy has changed nothing.
     async fn decide_fresh(
@@ -834,7 +878,10 @@ impl Session {
         };
         let now = now_ms();
         let policy = self.shared.policy.read().expect("policy lock").clone();
-        let decision = self.shared.cache.authorize(tap, place, &policy, now).await;
+        let mut decision = self.shared.cache.authorize(tap, place, &policy, now).await;
+        if decision.uses_counted_ride {
+            decision = self.claim_ride(tap.card_id, decision, place, &policy).await;
+        }
         let result = TapResult {
             sequence: tap.sequence,
             outcome: decision.outcome,
@@ -853,12 +900,6 @@ impl Session {
             operator: terminal.operator,
             result,
         };
-        if decision.uses_counted_ride && self.shared.ride_updates.try_send(tap.card_id).is_err() {
-            self.shared
-                .metrics
-                .ride_updates_dropped
-                .fetch_add(1, Ordering::Relaxed);
-        }
         if result.outcome == Outcome::Approve {
             Pending::Durable(result, slot.append_durable(record))
         } else {
