@@ -30,6 +30,10 @@ pub struct RedisTarget {
 pub struct CardsArgs {
     #[command(flatten)]
     redis: RedisTarget,
+    /// Replicas that must hold a change before it is reported done (Redis WAIT): with 1 on a
+    /// Redis with replicas, a lost-card report that succeeded survives a failover of its master.
+    #[arg(long, default_value_t = 0)]
+    wait_replicas: u16,
     #[command(subcommand)]
     action: CardsAction,
 }
@@ -117,6 +121,7 @@ async fn run_async(args: CardsArgs) -> Result<(), String> {
             url: args.redis.redis_url.clone(),
             key_prefix: args.redis.key_prefix.clone(),
             response_timeout: Duration::from_secs(5),
+            wait_replicas: args.wait_replicas,
         })
         .map_err(|e| e.to_string())?,
     );

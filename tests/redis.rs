@@ -6,6 +6,7 @@ mod support;
 use std::time::{Duration, Instant};
 use support::*;
 use tapgate_gateway::card::CardState;
+use tapgate_gateway::server::now_ms;
 use tapgate_protocol::{Concession, Issuer, Outcome, Reason, TapKind};
 
 const CARD: u64 = 6_222_000_000_000_001;
@@ -431,4 +432,85 @@ async fn two_gateways_give_exactly_the_counted_rides_a_card_has() {
         .unwrap()
         .expect("still readable");
     assert_eq!(record.rides_left, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_card_reports_acknowledged_by_a_replica_survive_a_master_failover_on_every_gateway() {
+    let mut cluster = RedisCluster::start();
+    let url = cluster.url();
+    let writer = replicated_directory(&url);
+    provision(&writer, CARD).await;
+    let cards: Vec<u64> = (0..160).map(|i| 6_222_000_000_100_000 + i).collect();
+    let active = |c: u64| {
+        card(
+            c,
+            CardState::Active,
+            Issuer::ChongqingSsc,
+            Concession::None,
+            0,
+        )
+    };
+    writer
+        .put_cards(&cards.iter().map(|c| active(*c)).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    let (a_state, b_state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Harness::start(redis_directory(&url), a_state.path()).await;
+    let b = Harness::start(redis_directory(&url), b_state.path()).await;
+    let policy = tapgate_gateway::policy::Policy::embedded_default();
+    let place = tapgate_gateway::decide::GatePlace {
+        area: YUZHONG_BUS.area,
+        mode: YUZHONG_BUS.mode,
+    };
+    for gateway in [&a, &b] {
+        for c in &cards {
+            let decision = gateway
+                .gateway
+                .cache()
+                .authorize(&tap(1, *c, TapKind::Flat), place, &policy, now_ms())
+                .await;
+            assert_eq!(decision.outcome, Outcome::Approve);
+        }
+    }
+
+    // Reports go on while the master of one change group dies and its replica takes over.
+    let reporter = tokio::spawn(async move {
+        let mut acknowledged = Vec::new();
+        for c in cards {
+            let mut lost = active(c);
+            lost.state = CardState::Lost;
+            if writer.put_card(lost).await.is_ok() {
+                acknowledged.push(c);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        acknowledged
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::task::block_in_place(|| cluster.kill_master_of("tapgate:{g03}:changes"));
+    let acknowledged = reporter.await.unwrap();
+    eprintln!("{} of 160 reports acknowledged", acknowledged.len());
+    assert!(
+        acknowledged.len() >= 80,
+        "{} reports acknowledged",
+        acknowledged.len()
+    );
+
+    // Every acknowledged report is in Redis, and no gateway still holds the card as active:
+    // each has it as lost, or dropped its cache (a group's feed found it could not resume)
+    // and reads the card from Redis at its next tap.
+    let directory = redis_directory(&url);
+    for c in &acknowledged {
+        let record = directory.card(*c).await.unwrap().expect("card kept");
+        assert_eq!(record.state, CardState::Lost, "card {c} in Redis");
+    }
+    let (cache_a, cache_b) = (a.gateway.cache().clone(), b.gateway.cache().clone());
+    wait_until(Duration::from_secs(15), || {
+        acknowledged.iter().all(|c| {
+            [&cache_a, &cache_b]
+                .iter()
+                .all(|cache| cache.cached(*c).is_none_or(|r| r.state == CardState::Lost))
+        })
+    })
+    .await;
 }

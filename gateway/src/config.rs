@@ -104,6 +104,8 @@ pub struct DirectoryConfig {
     pub redis_url: String,
     pub key_prefix: String,
     pub response_timeout_ms: u64,
+    /// Replicas that must hold a card or gate change this process writes (0: do not wait).
+    pub wait_replicas: u16,
     pub negative_ttl_ms: u64,
     pub cache_capacity: usize,
     /// Size of the synthetic population of the embedded directory.
@@ -163,6 +165,7 @@ impl Default for DirectoryConfig {
             redis_url: "redis://127.0.0.1:6379/".into(),
             key_prefix: "tapgate".into(),
             response_timeout_ms: 100,
+            wait_replicas: 0,
             negative_ttl_ms: 30_000,
             cache_capacity: 5_000_000,
             embedded_cards: PopulationSpec::default().cards,
@@ -286,6 +289,7 @@ impl Config {
             url: self.directory.redis_url.clone(),
             key_prefix: self.directory.key_prefix.clone(),
             response_timeout: Duration::from_millis(self.directory.response_timeout_ms),
+            wait_replicas: self.directory.wait_replicas,
         }
     }
 

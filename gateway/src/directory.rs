@@ -49,6 +49,14 @@ pub enum DirectoryError {
     Unavailable(String),
     #[error("card directory holds a malformed record for {key}: {detail}")]
     Malformed { key: String, detail: String },
+    #[error(
+        "the change was written, but only {acked} of the {wanted} replicas asked for held it after {waited_ms} ms; a failover of its master now could lose it: check it, and write it again if it is gone"
+    )]
+    NotReplicated {
+        wanted: u16,
+        acked: u16,
+        waited_ms: u64,
+    },
 }
 
 impl From<redis::RedisError> for DirectoryError {
@@ -287,7 +295,15 @@ pub struct RedisSettings {
     pub key_prefix: String,
     /// Longest a lookup may wait for Redis before the tap is answered without it.
     pub response_timeout: Duration,
+    /// Replicas that must hold a card or gate change before writing it counts as done
+    /// (Redis WAIT); 0 does not wait. With replicas, a change acknowledged this way survives
+    /// the failover of its master.
+    pub wait_replicas: u16,
 }
+
+/// Longest a change waits for its replicas before it is reported as not replicated; never
+/// longer than most of the response timeout, which would end the wait first.
+const REPLICA_WAIT: Duration = Duration::from_secs(2);
 
 /// A Redis stream entry id, `ms-seq`, ordered numerically.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -342,6 +358,8 @@ pub struct RedisDirectory {
     target: Arc<RedisTarget>,
     connection: RedisConnection,
     prefix: Arc<str>,
+    wait_replicas: u16,
+    replica_wait: Duration,
     take_ride: Arc<redis::Script>,
 }
 
@@ -355,6 +373,8 @@ impl RedisDirectory {
             target: Arc::new(target),
             connection,
             prefix: settings.key_prefix.as_str().into(),
+            wait_replicas: settings.wait_replicas,
+            replica_wait: REPLICA_WAIT.min(settings.response_timeout * 3 / 4),
             take_ride: Arc::new(redis::Script::new(TAKE_RIDE_SCRIPT)),
         })
     }
@@ -423,6 +443,27 @@ impl RedisDirectory {
                 queue(&mut pipe, item);
             }
             pipe.query_async::<()>(&mut self.connection.clone()).await?;
+        }
+        self.wait_for_replicas().await
+    }
+
+    /// Waits until the configured number of replicas hold every write made so far on this
+    /// connection. On a cluster the redis crate asks every master and reports the fewest.
+    async fn wait_for_replicas(&self) -> Result<(), DirectoryError> {
+        if self.wait_replicas == 0 {
+            return Ok(());
+        }
+        let acked: u16 = redis::cmd("WAIT")
+            .arg(self.wait_replicas)
+            .arg(self.replica_wait.as_millis().max(1) as u64)
+            .query_async(&mut self.connection.clone())
+            .await?;
+        if acked < self.wait_replicas {
+            return Err(DirectoryError::NotReplicated {
+                wanted: self.wait_replicas,
+                acked,
+                waited_ms: self.replica_wait.as_millis() as u64,
+            });
         }
         Ok(())
     }

@@ -423,8 +423,11 @@ async fn apply_ride_updates(directory: Directory, mut rx: mpsc::Receiver<u64>) {
         loop {
             match directory.take_counted_ride(card_id).await {
                 Ok(_) => break,
-                // The cache logged and counted the unreadable record; nothing to take.
-                Err(DirectoryError::Malformed { .. }) => break,
+                // The ride was taken (not replicated is about card changes, which this is not),
+                // or the record is unreadable, which the cache logged and counted.
+                Err(DirectoryError::Malformed { .. } | DirectoryError::NotReplicated { .. }) => {
+                    break;
+                }
                 Err(DirectoryError::Unavailable(_)) => {
                     tokio::time::sleep(RIDE_UPDATE_RETRY).await;
                 }

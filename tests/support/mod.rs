@@ -120,6 +120,7 @@ impl RedisServer {
                 url: self.url(),
                 key_prefix: "tapgate".into(),
                 response_timeout: Duration::from_millis(300),
+                wait_replicas: 0,
             })
             .expect("redis directory"),
         )
@@ -351,6 +352,20 @@ pub fn redis_directory(url: &str) -> Directory {
             url: url.to_owned(),
             key_prefix: "tapgate".into(),
             response_timeout: Duration::from_millis(1000),
+            wait_replicas: 0,
+        })
+        .expect("redis directory"),
+    )
+}
+
+/// A card directory on a Redis Cluster whose writes wait for one replica.
+pub fn replicated_directory(url: &str) -> Directory {
+    Directory::Redis(
+        RedisDirectory::connect(&RedisSettings {
+            url: url.to_owned(),
+            key_prefix: "tapgate".into(),
+            response_timeout: Duration::from_millis(2000),
+            wait_replicas: 1,
         })
         .expect("redis directory"),
     )
