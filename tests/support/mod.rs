@@ -219,12 +219,14 @@ impl RedisCluster {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server must be installed (scripts/test installs it)");
+        let pid = child.id();
         self.nodes[i].child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while node_query(port, &["PING"]).is_none() {
+        // Ours answers with our process id (another test's server may have taken the port).
+        while serving_pid(port) != Some(pid) {
             assert!(
                 Instant::now() < deadline,
-                "cluster node {port} did not start"
+                "cluster node {port} did not start (port taken by another process?)"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
