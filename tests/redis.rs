@@ -514,3 +514,43 @@ async fn lost_card_reports_acknowledged_by_a_replica_survive_a_master_failover_o
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_card_record_is_counted_not_hidden() {
+    let redis = RedisServer::start();
+    let directory = redis.directory();
+    provision(&directory, CARD).await;
+    const DAMAGED: u64 = 6_222_000_000_000_077;
+    let key = format!(
+        "tapgate:{{g{:02}}}:card:{DAMAGED}",
+        tapgate_gateway::directory::change_group(DAMAGED)
+    );
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(&key)
+        .arg(&["state", "active", "issuer", "cq_ssc", "rides", "-6"])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let h = Harness::start(redis.directory(), state.path()).await;
+    let mut gate = h.gate(&YUZHONG_BUS).await;
+    let r = answer(&mut gate, tap(1, DAMAGED, TapKind::Flat)).await;
+    assert_eq!(r.reason, Reason::DirectoryUnavailable);
+    let stats = &h.gateway.cache().stats;
+    assert_eq!(
+        stats
+            .malformed_records
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    // A readable card on the same gateway is unaffected.
+    assert_eq!(
+        answer(&mut gate, tap(2, CARD, TapKind::Flat)).await.outcome,
+        Outcome::Approve
+    );
+}

@@ -47,18 +47,33 @@ impl RedisServer {
     }
 
     fn start_with(persistent: bool) -> RedisServer {
-        let port = free_port();
         let mut server = RedisServer {
-            port,
+            port: free_port(),
             dir: tempfile::tempdir().expect("temp dir for redis"),
             child: None,
             persistent,
         };
-        server.spawn();
-        server
+        // A port picked free can be taken by another test's server before ours binds it;
+        // then ours exits and we try another.
+        for _ in 0..5 {
+            if server.try_spawn() {
+                return server;
+            }
+            server.port = free_port();
+        }
+        panic!("redis-server did not start on five free ports");
     }
 
     fn spawn(&mut self) {
+        assert!(
+            self.try_spawn(),
+            "redis-server did not start again on port {} (taken by another process?)",
+            self.port
+        );
+    }
+
+    /// Starts redis-server on our port; false when it exits (the port is taken).
+    fn try_spawn(&mut self) -> bool {
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -81,20 +96,24 @@ impl RedisServer {
         let pid = child.id();
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        // Ours answers with our process id: a port picked free can be taken by another test's
-        // server before ours binds it, and then ours exits.
+        // Ours answers with our process id, not another test's server on the same port.
         while serving_pid(self.port) != Some(pid) {
             let exited = self
                 .child
                 .as_mut()
                 .is_some_and(|c| c.try_wait().ok().flatten().is_some());
+            if exited {
+                self.child = None;
+                return false;
+            }
             assert!(
-                !exited && Instant::now() < deadline,
-                "redis-server did not start on port {} (taken by another process?)",
+                Instant::now() < deadline,
+                "redis-server did not answer on port {}",
                 self.port
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        true
     }
 
     pub fn url(&self) -> String {
@@ -152,21 +171,24 @@ const CLUSTER_NODE_TIMEOUT_MS: u64 = 1000;
 impl RedisCluster {
     pub fn start() -> RedisCluster {
         let dir = tempfile::tempdir().expect("temp dir for the cluster");
-        let mut nodes: Vec<ClusterNode> = Vec::new();
-        while nodes.len() < 6 {
-            // The cluster bus listens on the port + 10000, which must be free too.
-            let port = free_port();
-            if port > 55_000
-                || nodes.iter().any(|n| n.port == port)
-                || TcpListener::bind(("127.0.0.1", port + 10_000)).is_err()
-            {
-                continue;
+        let mut cluster = RedisCluster {
+            nodes: Vec::new(),
+            dir,
+        };
+        let mut attempts = 0;
+        while cluster.nodes.len() < 6 {
+            let port = cluster.free_node_port();
+            cluster.nodes.push(ClusterNode { port, child: None });
+            // A port picked free can be taken by another test's server before ours binds it;
+            // then ours exits and this node tries another.
+            if !cluster.try_spawn(cluster.nodes.len() - 1) {
+                cluster.nodes.pop();
+                attempts += 1;
+                assert!(
+                    attempts < 10,
+                    "cluster nodes keep finding their ports taken"
+                );
             }
-            nodes.push(ClusterNode { port, child: None });
-        }
-        let mut cluster = RedisCluster { nodes, dir };
-        for i in 0..cluster.nodes.len() {
-            cluster.spawn(i);
         }
         let mut create = Command::new("redis-cli");
         create.arg("--cluster").arg("create");
@@ -186,7 +208,21 @@ impl RedisCluster {
         cluster
     }
 
-    fn spawn(&mut self, i: usize) {
+    /// A free port whose cluster bus port (+10000) is free too.
+    fn free_node_port(&self) -> u16 {
+        loop {
+            let port = free_port();
+            if port <= 55_000
+                && self.nodes.iter().all(|n| n.port != port)
+                && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok()
+            {
+                return port;
+            }
+        }
+    }
+
+    /// Starts node `i`; false when it exits (its port is taken).
+    fn try_spawn(&mut self, i: usize) -> bool {
         let port = self.nodes[i].port;
         let node_dir = self.dir.path().join(port.to_string());
         std::fs::create_dir_all(&node_dir).unwrap();
@@ -222,14 +258,23 @@ impl RedisCluster {
         let pid = child.id();
         self.nodes[i].child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        // Ours answers with our process id (another test's server may have taken the port).
+        // Ours answers with our process id, not another test's server on the same port.
         while serving_pid(port) != Some(pid) {
+            let exited = self.nodes[i]
+                .child
+                .as_mut()
+                .is_some_and(|c| c.try_wait().ok().flatten().is_some());
+            if exited {
+                self.nodes[i].child = None;
+                return false;
+            }
             assert!(
                 Instant::now() < deadline,
-                "cluster node {port} did not start (port taken by another process?)"
+                "cluster node {port} did not answer"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        true
     }
 
     pub fn url(&self) -> String {
