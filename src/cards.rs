@@ -21,6 +21,10 @@ pub struct RedisTarget {
         default_value = "redis://127.0.0.1:6379/"
     )]
     pub redis_url: String,
+    /// CA certificates (PEM) a TLS Redis's certificate must chain to (the system's roots when
+    /// absent), as the gateways' `[directory] redis_tls_ca_file`.
+    #[arg(long, env = "TAPGATE_REDIS_TLS_CA_FILE")]
+    pub redis_tls_ca_file: Option<PathBuf>,
     /// Key prefix, as the gateways' `[directory] key_prefix`.
     #[arg(long, default_value = "tapgate")]
     pub key_prefix: String,
@@ -119,6 +123,7 @@ async fn run_async(args: CardsArgs) -> Result<(), String> {
     let directory = Directory::Redis(
         RedisDirectory::connect(&RedisSettings {
             url: args.redis.redis_url.clone(),
+            tls_ca_file: args.redis.redis_tls_ca_file.clone(),
             key_prefix: args.redis.key_prefix.clone(),
             response_timeout: Duration::from_secs(5),
             wait_replicas: args.wait_replicas,

@@ -41,11 +41,17 @@ impl RedisArgs {
     fn store(&self) -> Result<Store, String> {
         let RedisTarget {
             redis_url,
+            redis_tls_ca_file,
             key_prefix,
         } = &self.target;
-        RedisStore::connect(redis_url, key_prefix, Duration::from_secs(5))
-            .map(Store::Redis)
-            .map_err(|e| e.to_string())
+        RedisStore::connect(
+            redis_url,
+            redis_tls_ca_file.as_deref(),
+            key_prefix,
+            Duration::from_secs(5),
+        )
+        .map(Store::Redis)
+        .map_err(|e| e.to_string())
     }
 }
 
@@ -255,7 +261,7 @@ pub fn run(args: SettleArgs) -> Result<ExitCode, String> {
             print!("{}", reconcile_text(&reconciliation, show));
             if expected.copies > 0 {
                 println!(
-                    "note: {} taps are in more than one journal (gates that failed over and resent them); each counts once",
+                    "note: {} taps are in more than one journal (sent to more than one gateway); each counts once",
                     expected.copies
                 );
             }

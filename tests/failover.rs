@@ -172,7 +172,8 @@ async fn a_gateway_killed_under_load(url: &str) {
     let a_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let mut gateway_a = serve(url, a_state.path(), a_addr);
     let b = Harness::start(redis_directory(url), b_state.path()).await;
-    let store = Store::Redis(RedisStore::connect(url, "tapgate", Duration::from_secs(2)).unwrap());
+    let store =
+        Store::Redis(RedisStore::connect(url, None, "tapgate", Duration::from_secs(2)).unwrap());
     let settlement_b = Settlement::start(
         store.clone(),
         &SettlementSettings {

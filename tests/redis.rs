@@ -6,6 +6,7 @@ mod support;
 use std::time::{Duration, Instant};
 use support::*;
 use tapgate_gateway::card::CardState;
+use tapgate_gateway::directory::{Directory, RedisDirectory, RedisSettings};
 use tapgate_gateway::server::now_ms;
 use tapgate_protocol::{Concession, Issuer, Outcome, Reason, TapKind};
 
@@ -553,4 +554,123 @@ async fn an_unreadable_card_record_is_counted_not_hidden() {
         answer(&mut gate, tap(2, CARD, TapKind::Flat)).await.outcome,
         Outcome::Approve
     );
+}
+
+/// A redis-server on a TLS port only, with a password, and the PEM of the CA that signed its
+/// certificate.
+struct TlsRedis {
+    port: u16,
+    ca_file: std::path::PathBuf,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl TlsRedis {
+    fn start(password: &str) -> TlsRedis {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca =
+            rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+                .unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        let path = |name: &str| dir.path().join(name);
+        std::fs::write(path("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(path("server.pem"), cert.pem()).unwrap();
+        std::fs::write(path("server.key"), key.serialize_pem()).unwrap();
+        let port = free_port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", "0", "--tls-port", &port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--tls-cert-file")
+            .arg(path("server.pem"))
+            .arg("--tls-key-file")
+            .arg(path("server.key"))
+            .arg("--tls-ca-cert-file")
+            .arg(path("ca.pem"))
+            .args(["--tls-auth-clients", "no", "--requirepass", password])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "TLS redis-server did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        TlsRedis {
+            port,
+            ca_file: path("ca.pem"),
+            child,
+            _dir: dir,
+        }
+    }
+
+    fn directory(&self, credentials: &str, ca: bool) -> Result<Directory, String> {
+        RedisDirectory::connect(&RedisSettings {
+            url: format!("rediss://{credentials}127.0.0.1:{}/", self.port),
+            tls_ca_file: ca.then(|| self.ca_file.clone()),
+            key_prefix: "tapgate".into(),
+            response_timeout: Duration::from_secs(2),
+            wait_replicas: 0,
+        })
+        .map(Directory::Redis)
+        .map_err(|e| e.to_string())
+    }
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_redis_with_a_password_is_reached_through_rediss() {
+    let redis = TlsRedis::start("s3cret");
+    let record = card(
+        CARD,
+        CardState::Active,
+        Issuer::ChongqingSsc,
+        Concession::None,
+        0,
+    );
+    let directory = redis.directory("default:s3cret@", true).unwrap();
+    directory.put_card(record).await.unwrap();
+    assert_eq!(directory.card(CARD).await.unwrap(), Some(record));
+
+    // Without the password: said plainly, in one short line.
+    let e = redis
+        .directory("", true)
+        .unwrap()
+        .card(CARD)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("NOAUTH") && e.len() < 300, "{e}");
+    // A wrong one.
+    let e = redis
+        .directory("default:wrong@", true)
+        .unwrap()
+        .card(CARD)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("WRONGPASS") && e.len() < 300, "{e}");
+    // A certificate no trusted CA signed is refused.
+    let e = redis
+        .directory("default:s3cret@", false)
+        .unwrap()
+        .card(CARD)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.len() < 300, "{e}");
 }

@@ -51,8 +51,9 @@ async fn a_days_taps_settle_into_fares_transfers_and_clearing() {
     embedded.put_terminal(intercity_gate);
     let redis = RedisServer::start();
     let h = Harness::start(directory, state.path()).await;
-    let store =
-        Store::Redis(RedisStore::connect(&redis.url(), "tapgate", Duration::from_secs(2)).unwrap());
+    let store = Store::Redis(
+        RedisStore::connect(&redis.url(), None, "tapgate", Duration::from_secs(2)).unwrap(),
+    );
     let settlement = Settlement::start(
         store.clone(),
         &SettlementSettings {

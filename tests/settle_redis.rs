@@ -40,7 +40,9 @@ async fn gateway(state: &Path) -> Harness {
 }
 
 fn store(redis: &RedisServer) -> Store {
-    Store::Redis(RedisStore::connect(&redis.url(), "tapgate", Duration::from_secs(2)).unwrap())
+    Store::Redis(
+        RedisStore::connect(&redis.url(), None, "tapgate", Duration::from_secs(2)).unwrap(),
+    )
 }
 
 fn settlement(h: &Harness, store: Store, settlers: usize) -> Settlement {
@@ -364,7 +366,8 @@ async fn a_load_settles_exactly_once_on_a_redis_cluster_through_a_master_failove
     let url = cluster.url();
     let state = tempfile::tempdir().unwrap();
     let h = gateway(state.path()).await;
-    let store = Store::Redis(RedisStore::connect(&url, "tapgate", Duration::from_secs(2)).unwrap());
+    let store =
+        Store::Redis(RedisStore::connect(&url, None, "tapgate", Duration::from_secs(2)).unwrap());
     // The gateway ships; `tapgate settle run` settles, through a settler kill and a master
     // failover.
     let settlement = settlement(&h, store, 0);
@@ -422,7 +425,7 @@ async fn two_gateways_one_population(url: &str) {
     let (state_a, state_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (a, b) = (gateway(state_a.path()).await, gateway(state_b.path()).await);
     let store =
-        || Store::Redis(RedisStore::connect(url, "tapgate", Duration::from_secs(2)).unwrap());
+        || Store::Redis(RedisStore::connect(url, None, "tapgate", Duration::from_secs(2)).unwrap());
     let settle_a = settlement_of("gw-a", &a, store(), 1);
     let settle_b = settlement_of("gw-b", &b, store(), 1);
     let (load_a, load_b) = tokio::join!(run(load_spec(&a, 400.0, 3)), run(load_spec(&b, 400.0, 3)));

@@ -102,6 +102,8 @@ pub enum DirectoryKind {
 pub struct DirectoryConfig {
     pub kind: DirectoryKind,
     pub redis_url: String,
+    /// CA certificates (PEM) a TLS Redis's certificate must chain to; the system's when absent.
+    pub redis_tls_ca_file: Option<PathBuf>,
     pub key_prefix: String,
     pub response_timeout_ms: u64,
     /// Replicas that must hold a card or gate change this process writes (0: do not wait).
@@ -163,6 +165,7 @@ impl Default for DirectoryConfig {
         Self {
             kind: DirectoryKind::Redis,
             redis_url: "redis://127.0.0.1:6379/".into(),
+            redis_tls_ca_file: None,
             key_prefix: "tapgate".into(),
             response_timeout_ms: 100,
             wait_replicas: 0,
@@ -287,6 +290,7 @@ impl Config {
     pub fn redis_settings(&self) -> RedisSettings {
         RedisSettings {
             url: self.directory.redis_url.clone(),
+            tls_ca_file: self.directory.redis_tls_ca_file.clone(),
             key_prefix: self.directory.key_prefix.clone(),
             response_timeout: Duration::from_millis(self.directory.response_timeout_ms),
             wait_replicas: self.directory.wait_replicas,
@@ -323,6 +327,7 @@ impl Config {
         Ok(match self.directory.kind {
             DirectoryKind::Redis => Store::Redis(RedisStore::connect(
                 &self.directory.redis_url,
+                self.directory.redis_tls_ca_file.as_deref(),
                 &self.directory.key_prefix,
                 Duration::from_millis(self.directory.response_timeout_ms.max(1000)),
             )?),

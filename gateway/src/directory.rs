@@ -292,6 +292,8 @@ impl EmbeddedDirectory {
 pub struct RedisSettings {
     /// A single Redis or a Redis Cluster ([`crate::redis_target`]).
     pub url: String,
+    /// CA certificates (PEM) a TLS Redis's certificate must chain to; the system's when absent.
+    pub tls_ca_file: Option<std::path::PathBuf>,
     pub key_prefix: String,
     /// Longest a lookup may wait for Redis before the tap is answered without it.
     pub response_timeout: Duration,
@@ -367,7 +369,8 @@ impl RedisDirectory {
     /// Prepares the connection without waiting for Redis: a gateway can start while Redis is
     /// down and serve what it can; lookups fail fast until Redis is back.
     pub fn connect(settings: &RedisSettings) -> Result<Self, DirectoryError> {
-        let target = RedisTarget::parse(&settings.url).map_err(DirectoryError::Unavailable)?;
+        let target = RedisTarget::parse(&settings.url, settings.tls_ca_file.as_deref())
+            .map_err(DirectoryError::Unavailable)?;
         let connection = target.shared_connection(settings.response_timeout)?;
         Ok(Self {
             target: Arc::new(target),

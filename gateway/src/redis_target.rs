@@ -18,7 +18,8 @@
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, RedisFuture, Value};
+use redis::{Cmd, Pipeline, RedisFuture, TlsCertificates, Value};
+use std::path::Path;
 use std::time::Duration;
 
 /// Longest text of a Redis error tapgate prints: a redirection or script error can carry
@@ -43,21 +44,43 @@ impl std::fmt::Debug for RedisTarget {
 }
 
 impl RedisTarget {
-    /// Reads a target URL (table above). The error says what is wrong with it, never echoing a
-    /// password.
-    pub fn parse(url: &str) -> Result<RedisTarget, String> {
+    /// Reads a target URL (table above). With TLS (`rediss`), the server's certificate must chain
+    /// to `tls_root` (a PEM file of CA certificates) when given, else to the system's roots. The
+    /// error says what is wrong, never echoing a password.
+    pub fn parse(url: &str, tls_root: Option<&Path>) -> Result<RedisTarget, String> {
         let url = url.trim();
+        let certificates = tls_root
+            .map(|path| {
+                std::fs::read(path)
+                    .map(|pem| TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(pem),
+                    })
+                    .map_err(|e| format!("Redis TLS root certificates {}: {e}", path.display()))
+            })
+            .transpose()?;
         for (scheme, node_scheme) in [
             ("redis+cluster://", "redis"),
             ("rediss+cluster://", "rediss"),
         ] {
             if let Some(rest) = url.strip_prefix(scheme) {
-                return cluster_client(rest, node_scheme).map(RedisTarget::Cluster);
+                return cluster_client(rest, node_scheme, certificates).map(RedisTarget::Cluster);
             }
         }
-        redis::Client::open(url)
-            .map(RedisTarget::Single)
-            .map_err(|e| format!("bad Redis URL `{}`: {}", redacted(url), bounded_error(&e)))
+        let bad = |e: redis::RedisError| {
+            format!("bad Redis URL `{}`: {}", redacted(url), bounded_error(&e))
+        };
+        match certificates {
+            Some(certificates) if url.starts_with("rediss://") => {
+                redis::Client::build_with_tls(url, certificates).map_err(bad)
+            }
+            Some(_) => Err(format!(
+                "Redis TLS root certificates are given, but `{}` is not a TLS URL (rediss://)",
+                redacted(url)
+            )),
+            None => redis::Client::open(url).map_err(bad),
+        }
+        .map(RedisTarget::Single)
     }
 
     pub fn is_cluster(&self) -> bool {
@@ -127,7 +150,11 @@ const BLOCKING_MARGIN: Duration = Duration::from_secs(2);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// `USER:PASSWORD@HOST:PORT,HOST:PORT/` as a cluster client over `node_scheme` nodes.
-fn cluster_client(rest: &str, node_scheme: &str) -> Result<ClusterClient, String> {
+fn cluster_client(
+    rest: &str,
+    node_scheme: &str,
+    certificates: Option<TlsCertificates>,
+) -> Result<ClusterClient, String> {
     let (credentials, hosts) = match rest.rsplit_once('@') {
         Some((c, h)) => (Some(c), h),
         None => (None, rest),
@@ -167,8 +194,17 @@ fn cluster_client(rest: &str, node_scheme: &str) -> Result<ClusterClient, String
             )
         })?;
     }
-    ClusterClient::builder(nodes)
-        .retries(2)
+    let mut builder = ClusterClient::builder(nodes).retries(2);
+    if let Some(certificates) = certificates {
+        if node_scheme != "rediss" {
+            return Err(
+                "Redis TLS root certificates are given, but the cluster URL is not a TLS one (rediss+cluster://)"
+                    .into(),
+            );
+        }
+        builder = builder.certs(certificates);
+    }
+    builder
         .build()
         .map_err(|e| format!("Redis Cluster client: {}", bounded_error(&e)))
 }
@@ -265,19 +301,20 @@ mod tests {
     #[test]
     fn single_and_cluster_urls_are_told_apart() {
         assert!(
-            !RedisTarget::parse("redis://127.0.0.1:6379/")
+            !RedisTarget::parse("redis://127.0.0.1:6379/", None)
                 .unwrap()
                 .is_cluster()
         );
         assert!(
-            !RedisTarget::parse("rediss://127.0.0.1:6380/")
+            !RedisTarget::parse("rediss://127.0.0.1:6380/", None)
                 .unwrap()
                 .is_cluster()
         );
-        let cluster = RedisTarget::parse("redis+cluster://127.0.0.1:7000,127.0.0.1:7001/").unwrap();
+        let cluster =
+            RedisTarget::parse("redis+cluster://127.0.0.1:7000,127.0.0.1:7001/", None).unwrap();
         assert!(cluster.is_cluster());
         assert!(
-            RedisTarget::parse("rediss+cluster://app:secret@127.0.0.1:7000/")
+            RedisTarget::parse("rediss+cluster://app:secret@127.0.0.1:7000/", None)
                 .unwrap()
                 .is_cluster()
         );
@@ -285,11 +322,11 @@ mod tests {
 
     #[test]
     fn bad_urls_say_what_is_wrong_without_the_password() {
-        let e = RedisTarget::parse("redis+cluster:///").unwrap_err();
+        let e = RedisTarget::parse("redis+cluster:///", None).unwrap_err();
         assert!(e.contains("no seed node"), "{e}");
-        let e = RedisTarget::parse("redis+cluster://127.0.0.1:7000/3").unwrap_err();
+        let e = RedisTarget::parse("redis+cluster://127.0.0.1:7000/3", None).unwrap_err();
         assert!(e.contains("database 0"), "{e}");
-        let e = RedisTarget::parse("http://app:secret@127.0.0.1/").unwrap_err();
+        let e = RedisTarget::parse("http://app:secret@127.0.0.1/", None).unwrap_err();
         assert!(!e.contains("secret"), "{e}");
         assert_eq!(
             redacted("redis://app:secret@h:1/"),

@@ -137,6 +137,7 @@ impl RedisServer {
         Directory::Redis(
             RedisDirectory::connect(&RedisSettings {
                 url: self.url(),
+                tls_ca_file: None,
                 key_prefix: "tapgate".into(),
                 response_timeout: Duration::from_millis(300),
                 wait_replicas: 0,
@@ -397,6 +398,7 @@ pub fn redis_directory(url: &str) -> Directory {
     Directory::Redis(
         RedisDirectory::connect(&RedisSettings {
             url: url.to_owned(),
+            tls_ca_file: None,
             key_prefix: "tapgate".into(),
             response_timeout: Duration::from_millis(1000),
             wait_replicas: 0,
@@ -410,6 +412,7 @@ pub fn replicated_directory(url: &str) -> Directory {
     Directory::Redis(
         RedisDirectory::connect(&RedisSettings {
             url: url.to_owned(),
+            tls_ca_file: None,
             key_prefix: "tapgate".into(),
             response_timeout: Duration::from_millis(2000),
             wait_replicas: 1,

@@ -460,9 +460,14 @@ struct Scripts {
 
 impl RedisStore {
     /// Prepares the connection without waiting for Redis; `url` names a single Redis or a
-    /// cluster ([`crate::redis_target`]).
-    pub fn connect(url: &str, prefix: &str, timeout: Duration) -> Result<Self, StoreError> {
-        let target = RedisTarget::parse(url).map_err(StoreError::Unavailable)?;
+    /// cluster ([`crate::redis_target`]), `tls_ca_file` the CA certificates of a TLS one.
+    pub fn connect(
+        url: &str,
+        tls_ca_file: Option<&std::path::Path>,
+        prefix: &str,
+        timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let target = RedisTarget::parse(url, tls_ca_file).map_err(StoreError::Unavailable)?;
         let connection = target.shared_connection(timeout)?;
         Ok(Self {
             connection,
