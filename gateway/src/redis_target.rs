@@ -230,6 +230,12 @@ pub fn bounded_error(e: &redis::RedisError) -> String {
     if e.code() == Some("NOAUTH") || line.contains("NOAUTH") {
         return "NOAUTH: Redis requires a password; give one in the URL (redis://USER:PASSWORD@HOST:PORT/)".into();
     }
+    if matches!(
+        e.kind(),
+        redis::ErrorKind::Server(redis::ServerErrorKind::Moved | redis::ServerErrorKind::Ask)
+    ) {
+        return "MOVED: this Redis is one node of a Redis Cluster; name the cluster as redis+cluster://HOST:PORT,HOST:PORT/".into();
+    }
     if e.code() == Some("WRONGPASS")
         || line.contains("WRONGPASS")
         || e.kind() == redis::ErrorKind::AuthenticationFailed
@@ -332,6 +338,16 @@ mod tests {
             redacted("redis://app:secret@h:1/"),
             "redis://app:***@h:1/".to_owned()
         );
+    }
+
+    #[test]
+    fn a_cluster_node_named_as_a_single_redis_says_what_to_write() {
+        let moved = redis::RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::Moved),
+            "Moved",
+            "15950 127.0.0.1:7203".to_owned(),
+        ));
+        assert!(bounded_error(&moved).contains("redis+cluster://"));
     }
 
     #[test]
