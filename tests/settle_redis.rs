@@ -361,7 +361,7 @@ async fn two_gateways_with_one_node_name_do_not_ship_from_each_others_place() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_load_settles_exactly_once_on_a_redis_cluster_through_a_master_failover() {
+async fn a_load_settles_exactly_once_on_a_redis_cluster_through_a_master_failover_and_a_restart() {
     let mut cluster = RedisCluster::start();
     let url = cluster.url();
     let state = tempfile::tempdir().unwrap();
@@ -381,6 +381,8 @@ async fn a_load_settles_exactly_once_on_a_redis_cluster_through_a_master_failove
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let killed = cluster.kill_master_of("tapgate:{p0}:taps");
     eprintln!("killed the master on port {killed}");
+    // And the whole cluster goes down and comes back from its append-only files.
+    cluster.restart_all();
 
     let report = load.await.unwrap().unwrap();
     assert_eq!(report.errors, 0, "{}", report.summary());

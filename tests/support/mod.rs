@@ -363,6 +363,27 @@ impl RedisCluster {
     }
 }
 
+impl RedisCluster {
+    /// Kills every node and starts them again on their ports, with their data: the cluster
+    /// comes back from its append-only files and configuration.
+    pub fn restart_all(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(mut child) = n.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        for i in 0..self.nodes.len() {
+            assert!(
+                self.try_spawn(i),
+                "cluster node {} did not start again",
+                self.nodes[i].port
+            );
+        }
+        self.wait_ready(Duration::from_secs(30));
+    }
+}
+
 impl Drop for RedisCluster {
     fn drop(&mut self) {
         for n in &mut self.nodes {
