@@ -663,3 +663,72 @@ async fn a_tls_redis_with_a_password_is_reached_through_rediss() {
         assert!(e.contains(says) && e.len() < 300, "{e}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tap_resent_to_a_second_gateway_gets_the_first_decision_and_is_journaled_there_too() {
+    let redis = RedisServer::start();
+    let directory = redis.directory();
+    provision(&directory, CARD).await;
+    let (a_state, b_state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Harness::start(redis.directory(), a_state.path()).await;
+    let b = Harness::start(redis.directory(), b_state.path()).await;
+    let mut on_a = a.gate(&YUZHONG_BUS).await;
+    let taps: Vec<_> = (1..=3).map(|s| tap(s, CARD, TapKind::Flat)).collect();
+    let mut first = Vec::new();
+    for t in &taps {
+        first.push(answer(&mut on_a, *t).await);
+    }
+    assert!(first.iter().all(|r| r.outcome == Outcome::Approve));
+    // The card is reported lost, and the gate moves to B without having heard A's last answer.
+    let mut lost = card(
+        CARD,
+        CardState::Lost,
+        Issuer::ChongqingSsc,
+        Concession::None,
+        0,
+    );
+    lost.expires_on = None;
+    directory.put_card(lost).await.unwrap();
+    let cache_b = b.gateway.cache().clone();
+    wait_until(Duration::from_secs(5), || {
+        cache_b
+            .cached(CARD)
+            .is_none_or(|c| c.state == CardState::Lost)
+    })
+    .await;
+    let mut on_b = b.gate(&YUZHONG_BUS).await;
+    assert_eq!(on_b.ack.last_sequence, 3, "B knows what A decided");
+    // The resend gets A's answer, byte for byte, not B's view of the card now.
+    assert_eq!(answer(&mut on_b, taps[2]).await, first[2]);
+    // A new tap is decided by B.
+    assert_eq!(
+        answer(&mut on_b, tap(4, CARD, TapKind::Flat)).await.reason,
+        Reason::CardLost
+    );
+    // B journaled A's approval as A recorded it, so it is on record whichever journal
+    // survives; settlement books the two copies once.
+    b.gateway.shutdown().await;
+    a.gateway.shutdown().await;
+    let read = |dir: &std::path::Path| {
+        let mut records = Vec::new();
+        for segment in tapgate_gateway::journal::list_segments(&dir.join("journal")).unwrap() {
+            tapgate_gateway::journal::read_segment(&segment, |r| records.push(r)).unwrap();
+        }
+        records
+    };
+    let (in_a, in_b) = (read(a_state.path()), read(b_state.path()));
+    let copy = in_b
+        .iter()
+        .find(|r| r.tap.sequence == 3)
+        .expect("B journaled the resent approval");
+    assert_eq!(Some(copy), in_a.iter().find(|r| r.tap.sequence == 3));
+    let settled = tapgate_gateway::settle::ledger::settle_journals(
+        &[
+            &a_state.path().join("journal"),
+            &b_state.path().join("journal"),
+        ],
+        &tapgate_gateway::fares::FareTables::embedded_default(),
+    )
+    .unwrap();
+    assert_eq!((settled.ledger.taps(), settled.copies), (3, 1));
+}

@@ -11,6 +11,7 @@
 //! |------------------------------|--------|--------|
 //! | `P:{gGG}:card:ID`            | hash   | `state` (active/lost/cancelled/blocked), `issuer` (cq_ssc/cq_city/sc_tianfutong/t_union), `concession` (none/elder/disabled/veteran/student), `rides` (counted rides left), `expires` (YYYY-MM-DD or empty) |
 //! | `P:{gGG}:terminal:ID`        | hash   | `area` (six-digit code), `mode` (bus/metro/ferry/cableway/intercity_rail), `operator` (number) |
+//! | `P:{gGG}:decided:ID`         | hash   | the gate's latest decided taps, shared by every gateway: field = sequence mod twice the resend window, value = the tap's journal record |
 //! | `P:{gGG}:changes`            | stream | one entry per change in the group: `id` and the card's new fields, or `deleted` = 1; for a gate, `terminal` and its new fields, or `deleted` = 1 |
 //!
 //! Why this is safe on a Redis Cluster: the braces are the hash tag, so a group's cards, gates
@@ -25,6 +26,7 @@
 
 use crate::card::{CardRecord, CardState};
 pub use crate::decide::RideClaim;
+use crate::journal::{JournalRecord, PAYLOAD_LEN};
 use crate::redis_target::{RedisConnection, RedisTarget, bounded_error};
 use chrono::NaiveDate;
 use redis::AsyncCommands;
@@ -169,6 +171,36 @@ impl Directory {
         match self {
             Directory::Embedded(d) => Ok(d.take_counted_ride(card_id)),
             Directory::Redis(d) => d.take_counted_ride(card_id).await,
+        }
+    }
+
+    /// Whether other gateways can see what this one shares: only through Redis.
+    pub fn shares_decisions(&self) -> bool {
+        matches!(self, Directory::Redis(_))
+    }
+
+    /// Shares decided taps with every gateway of the directory, so a gate that moves to another
+    /// gateway and resends a tap gets the first decision. Each gate keeps its last `slots`
+    /// decisions (a ring by sequence number).
+    pub async fn share_decisions(
+        &self,
+        records: &[JournalRecord],
+        slots: u16,
+    ) -> Result<(), DirectoryError> {
+        match self {
+            Directory::Embedded(_) => Ok(()),
+            Directory::Redis(d) => d.share_decisions(records, slots).await,
+        }
+    }
+
+    /// The decisions other gateways shared for a gate, any order.
+    pub async fn shared_decisions(
+        &self,
+        terminal_id: u64,
+    ) -> Result<Vec<JournalRecord>, DirectoryError> {
+        match self {
+            Directory::Embedded(_) => Ok(Vec::new()),
+            Directory::Redis(d) => d.shared_decisions(terminal_id).await,
         }
     }
 
@@ -552,6 +584,63 @@ impl RedisDirectory {
                 detail: "no readable `rides` count".into(),
             }),
         }
+    }
+
+    fn decided_key(&self, terminal_id: u64) -> String {
+        format!(
+            "{}:decided:{terminal_id}",
+            self.group_tag(change_group(terminal_id))
+        )
+    }
+
+    async fn share_decisions(
+        &self,
+        records: &[JournalRecord],
+        slots: u16,
+    ) -> Result<(), DirectoryError> {
+        // One pipeline per change group: a cluster runs a pipeline on one slot only.
+        let mut groups: BTreeMap<u16, redis::Pipeline> = BTreeMap::new();
+        let mut bytes = Vec::with_capacity(PAYLOAD_LEN);
+        for record in records {
+            bytes.clear();
+            record.encode(&mut bytes);
+            groups
+                .entry(change_group(record.terminal_id))
+                .or_default()
+                .hset(
+                    self.decided_key(record.terminal_id),
+                    record.tap.sequence % u64::from(slots.max(1)),
+                    bytes.as_slice(),
+                )
+                .ignore();
+        }
+        let writes = groups.into_values().map(|pipe| {
+            let mut connection = self.connection.clone();
+            async move { pipe.query_async::<()>(&mut connection).await }
+        });
+        for written in futures_util::future::join_all(writes).await {
+            written?;
+        }
+        Ok(())
+    }
+
+    async fn shared_decisions(
+        &self,
+        terminal_id: u64,
+    ) -> Result<Vec<JournalRecord>, DirectoryError> {
+        let key = self.decided_key(terminal_id);
+        let values: Vec<Vec<u8>> = self.connection.clone().hvals(&key).await?;
+        values
+            .iter()
+            .map(|bytes| {
+                JournalRecord::decode(bytes)
+                    .filter(|r| r.terminal_id == terminal_id)
+                    .ok_or_else(|| DirectoryError::Malformed {
+                        key: key.clone(),
+                        detail: "a shared decision that is not a tap record of this gate".into(),
+                    })
+            })
+            .collect()
     }
 
     /// Follows every change group's stream, each on a connection of its own (XREAD BLOCK

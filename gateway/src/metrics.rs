@@ -17,6 +17,11 @@ pub struct Metrics {
     errors: [AtomicU64; 18],
     /// Counted-ride updates to the directory dropped because their queue was full.
     pub ride_updates_dropped: AtomicU64,
+    /// Decisions answered without being shared with the other gateways (Redis unreachable or
+    /// the queue to it full): a gate moving to another gateway would get a new decision.
+    pub decisions_unshared: AtomicU64,
+    /// Decisions other gateways made, loaded into a gate's window at its Hello here.
+    pub decisions_restored: AtomicU64,
 }
 
 /// A consistent-enough copy of the counters for reports.
@@ -33,6 +38,8 @@ pub struct MetricsSnapshot {
     pub decisions: Vec<(Reason, u64)>,
     pub errors: Vec<(ErrorCode, u64)>,
     pub ride_updates_dropped: u64,
+    pub decisions_unshared: u64,
+    pub decisions_restored: u64,
 }
 
 impl Metrics {
@@ -76,6 +83,8 @@ impl Metrics {
                 .filter(|(_, n)| *n > 0)
                 .collect(),
             ride_updates_dropped: load(&self.ride_updates_dropped),
+            decisions_unshared: load(&self.decisions_unshared),
+            decisions_restored: load(&self.decisions_restored),
         }
     }
 }

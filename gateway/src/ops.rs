@@ -236,7 +236,7 @@ fn render_gateway(out: &mut String, counters: &GatewayCounters) {
     let s = &cache.stats;
     let journal = &counters.journal;
     let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    let single: [(&str, &str, &str, u64); 20] = [
+    let single: [(&str, &str, &str, u64); 22] = [
         (
             "connections_active",
             "gauge",
@@ -272,6 +272,18 @@ fn render_gateway(out: &mut String, counters: &GatewayCounters) {
             "counter",
             "Counted-ride updates not sent to the directory.",
             m.ride_updates_dropped,
+        ),
+        (
+            "decisions_unshared_total",
+            "counter",
+            "Decisions answered without being shared with the other gateways (Redis unreachable or its queue full).",
+            m.decisions_unshared,
+        ),
+        (
+            "decisions_restored_total",
+            "counter",
+            "Decisions of other gateways loaded into a gate's resend window at its Hello.",
+            m.decisions_restored,
         ),
         (
             "cache_entries",

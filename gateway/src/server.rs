@@ -13,7 +13,7 @@ use crate::policy::Policy;
 use crate::tls::{self, TlsSource};
 use bytes::BytesMut;
 use dashmap::DashMap;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -23,7 +23,7 @@ use tapgate_protocol::{
     RIDES_LEFT_NOT_APPLICABLE, Reason, SealedFrame, SequenceWindow, Tag, Tap, TapResult,
     take_frame,
 };
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
 /// Limits and timers of the endpoint.
@@ -88,6 +88,10 @@ pub enum StartError {
 /// Per-terminal replay state, shared by every connection of that terminal.
 struct TerminalState {
     window: Mutex<SequenceWindow<TapResult>>,
+    /// Approvals another gateway decided and shared, restored into the window at a Hello here
+    /// and not yet in this gateway's journal: a resend of one is journaled here too (settlement
+    /// books the tap once), so the approval is on record whichever gateway's journal survives.
+    restored: Mutex<HashMap<u64, JournalRecord>>,
     answered: Notify,
     /// Set, and its sessions woken, when the gate is revoked in the directory.
     revoked: AtomicBool,
@@ -121,8 +125,20 @@ struct Shared {
     metrics: Arc<Metrics>,
     pseudonyms: CardPseudonymizer,
     ride_updates: mpsc::Sender<u64>,
+    /// Where decisions go to be shared with the other gateways; `None` when there are none
+    /// (the embedded directory).
+    decisions: Option<mpsc::Sender<SharedDecision>>,
     shutdown: watch::Receiver<bool>,
 }
+
+/// A decided tap on its way to the other gateways, and who waits for it to get there.
+type SharedDecision = (JournalRecord, oneshot::Sender<()>);
+/// Decisions waiting to be shared; more are answered unshared.
+const DECISION_QUEUE: usize = 65_536;
+/// Decisions shared per round trip.
+const DECISION_BATCH: usize = 1024;
+/// After sharing failed, how long decisions are answered without trying (Redis is away).
+const DECISION_RETRY: Duration = Duration::from_secs(1);
 
 /// A running gateway.
 pub struct Gateway {
@@ -193,6 +209,17 @@ impl Gateway {
 
         let (ride_updates, ride_rx) = mpsc::channel(RIDE_UPDATE_QUEUE);
         tokio::spawn(apply_ride_updates(directory.clone(), ride_rx));
+        let metrics = Arc::new(Metrics::default());
+        let decisions = directory.shares_decisions().then(|| {
+            let (tx, rx) = mpsc::channel(DECISION_QUEUE);
+            tokio::spawn(share_decisions(
+                directory.clone(),
+                rx,
+                2 * limits.resend_window,
+                metrics.clone(),
+            ));
+            tx
+        });
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let shared = Arc::new(Shared {
@@ -204,9 +231,10 @@ impl Gateway {
             journal,
             terminals,
             provisioned: DashMap::new(),
-            metrics: Arc::new(Metrics::default()),
+            metrics,
             pseudonyms: CardPseudonymizer::new(log_salt),
             ride_updates,
+            decisions,
             shutdown: shutdown_rx,
         });
         tokio::spawn(apply_changes(Arc::downgrade(&shared), changes));
@@ -285,6 +313,7 @@ impl Gateway {
 fn new_terminal_state(window: u16) -> Arc<TerminalState> {
     Arc::new(TerminalState {
         window: Mutex::new(SequenceWindow::new(window)),
+        restored: Mutex::default(),
         answered: Notify::new(),
         revoked: AtomicBool::new(false),
         revocation: Notify::new(),
@@ -417,6 +446,46 @@ async fn apply_changes(shared: std::sync::Weak<Shared>, mut changes: mpsc::Recei
     }
 }
 
+/// Shares decided taps with the other gateways in batches, each decision's waiter released once
+/// it is in Redis. While Redis fails, decisions are released unshared (and counted) rather than
+/// held: a gate is answered whatever happens to Redis.
+async fn share_decisions(
+    directory: Directory,
+    mut rx: mpsc::Receiver<SharedDecision>,
+    slots: u16,
+    metrics: Arc<Metrics>,
+) {
+    let mut batch: Vec<SharedDecision> = Vec::with_capacity(DECISION_BATCH);
+    let mut failing_until: Option<tokio::time::Instant> = None;
+    while rx.recv_many(&mut batch, DECISION_BATCH).await > 0 {
+        let skip = failing_until.is_some_and(|t| tokio::time::Instant::now() < t);
+        if !skip {
+            let records: Vec<JournalRecord> = batch.iter().map(|(r, _)| *r).collect();
+            match directory.share_decisions(&records, slots).await {
+                Ok(()) => {
+                    if failing_until.take().is_some() {
+                        tracing::info!("decisions are shared with the other gateways again");
+                    }
+                }
+                Err(e) => {
+                    if failing_until.is_none() {
+                        tracing::warn!(error = %e, "cannot share decisions with the other gateways; answering without until Redis is back");
+                    }
+                    failing_until = Some(tokio::time::Instant::now() + DECISION_RETRY);
+                }
+            }
+        }
+        if failing_until.is_some() {
+            metrics
+                .decisions_unshared
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        }
+        for (_, done) in batch.drain(..) {
+            let _ = done.send(());
+        }
+    }
+}
+
 /// Takes, once the directory is reachable again, the counted rides given while it was not.
 async fn apply_ride_updates(directory: Directory, mut rx: mpsc::Receiver<u64>) {
     while let Some(card_id) = rx.recv().await {
@@ -485,8 +554,13 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
 /// A tap's answer as it waits its turn in the session's queue.
 enum Pending {
     Ready(TapResult),
-    /// An approval, sent once its journal record is on disk.
-    Durable(TapResult, Durable),
+    /// A decision, sent once what it waits for is done: its journal record on disk (an
+    /// approval), and its copy shared with the other gateways (when there are any).
+    Recording {
+        result: TapResult,
+        journal: Option<Durable>,
+        shared: Option<oneshot::Receiver<()>>,
+    },
     /// A resend of a tap still being decided elsewhere.
     AwaitAnswer {
         sequence: u64,
@@ -673,6 +747,8 @@ impl Session {
                 .await;
             return None;
         }
+        self.restore_shared_decisions(hello.terminal_id, &state)
+            .await;
         let ack = HelloAck {
             terminal_id: hello.terminal_id,
             client_nonce: hello.client_nonce,
@@ -686,6 +762,40 @@ impl Session {
         send.write_all(&out).await.ok()?;
         tracing::debug!(terminal = hello.terminal_id, area = %terminal.area, mode = %terminal.mode, "gate authenticated");
         Some((mac, terminal, state))
+    }
+
+    /// Loads what other gateways decided for this gate into its window, so a tap it resends
+    /// here after moving gets the answer it was first given. Without Redis the window stays as
+    /// it is: such a resend is then decided anew (and charged once).
+    async fn restore_shared_decisions(&self, terminal_id: u64, state: &TerminalState) {
+        if self.shared.decisions.is_none() {
+            return;
+        }
+        let records = match self.shared.directory.shared_decisions(terminal_id).await {
+            Ok(records) => records,
+            Err(e) => {
+                tracing::debug!(terminal = terminal_id, error = %e, "shared decisions unavailable at Hello");
+                return;
+            }
+        };
+        let mut window = state.window.lock().expect("window lock");
+        let mut restored = state.restored.lock().expect("restored lock");
+        for record in records {
+            if window.restore_unseen(record.tap.sequence, record.tag, record.result) {
+                self.shared
+                    .metrics
+                    .decisions_restored
+                    .fetch_add(1, Ordering::Relaxed);
+                if record.result.outcome == Outcome::Approve {
+                    restored.insert(record.tap.sequence, record);
+                }
+            }
+        }
+        // What has left the window can no longer be resent.
+        let oldest = window
+            .highest()
+            .saturating_sub(u64::from(self.shared.limits.resend_window));
+        restored.retain(|sequence, _| *sequence > oldest);
     }
 
     async fn provisioned_terminal(
@@ -804,10 +914,7 @@ impl Session {
                 let room = answers.queue.len() + 1 < usize::from(self.shared.limits.max_in_flight);
                 self.decide_fresh(&tap, tag, terminal, place, room).await
             }
-            Admission::Resend(answer) => {
-                self.shared.metrics.resends.fetch_add(1, Ordering::Relaxed);
-                Pending::Ready(answer)
-            }
+            Admission::Resend(answer) => self.resend(&answers.state, answer),
             Admission::InFlight => Pending::AwaitAnswer {
                 sequence: tap.sequence,
                 tag,
@@ -827,6 +934,54 @@ impl Session {
             let _ = tokio::time::timeout(Duration::from_secs(1), self.connection.closed()).await;
         }
         self.close(error.code);
+    }
+
+    /// Hands a decision to be shared with the other gateways; the receiver resolves once it is
+    /// (or once sharing has given up). `None` without other gateways, or when the queue is
+    /// full: the tap is then answered unshared.
+    fn share(&self, record: JournalRecord) -> Option<oneshot::Receiver<()>> {
+        let queue = self.shared.decisions.as_ref()?;
+        let (done, shared) = oneshot::channel();
+        match queue.try_send((record, done)) {
+            Ok(()) => Some(shared),
+            Err(_) => {
+                self.shared
+                    .metrics
+                    .decisions_unshared
+                    .fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    /// Answers a resend from the window. An approval another gateway decided (restored at
+    /// Hello) is first journaled here as that gateway recorded it, byte for byte.
+    fn resend(&self, state: &TerminalState, answer: TapResult) -> Pending {
+        self.shared.metrics.resends.fetch_add(1, Ordering::Relaxed);
+        let restored = state
+            .restored
+            .lock()
+            .expect("restored lock")
+            .remove(&answer.sequence);
+        let Some(record) = restored else {
+            return Pending::Ready(answer);
+        };
+        match self.shared.journal.reserve() {
+            Ok(slot) => Pending::Recording {
+                result: answer,
+                journal: Some(slot.append_durable(record)),
+                shared: None,
+            },
+            Err(_) => {
+                // Kept for the gate's next resend.
+                state
+                    .restored
+                    .lock()
+                    .expect("restored lock")
+                    .insert(answer.sequence, record);
+                Pending::Ready(busy(answer.sequence))
+            }
+        }
     }
 
     /// Takes the counted ride a decision used from the directory before the tap is answered, so
@@ -903,8 +1058,13 @@ impl Session {
             operator: terminal.operator,
             result,
         };
+        let shared = self.share(record);
         if result.outcome == Outcome::Approve {
-            Pending::Durable(result, slot.append_durable(record))
+            Pending::Recording {
+                result,
+                journal: Some(slot.append_durable(record)),
+                shared,
+            }
         } else {
             tracing::debug!(
                 terminal = terminal.terminal_id,
@@ -913,7 +1073,11 @@ impl Session {
                 "tap denied"
             );
             slot.append(record);
-            Pending::Ready(result)
+            Pending::Recording {
+                result,
+                journal: None,
+                shared,
+            }
         }
     }
 }
@@ -955,19 +1119,16 @@ impl Answers {
         let mut fatal = None;
         while let Some(head) = self.queue.front_mut() {
             let result = match head {
-                Pending::Ready(result) => *result,
-                Pending::Durable(result, durable) => match durable.try_recv() {
-                    Ok(Ok(())) => *result,
-                    Err(tokio::sync::oneshot::error::TryRecvError::Empty) => break,
-                    // The journal could not record it: the approval is withdrawn.
-                    _ => busy(result.sequence),
-                },
                 Pending::AwaitAnswer { .. } => break,
                 Pending::Fatal(error) => {
                     fatal = Some(*error);
                     self.queue.clear();
                     break;
                 }
+                pending => match pending.ready() {
+                    Some(result) => result,
+                    None => break,
+                },
             };
             self.queue.pop_front();
             self.state.complete(result);
@@ -984,27 +1145,77 @@ impl Answers {
     }
 
     /// Resolves when the head of the queue can be flushed. Cancel-safe: an interrupted wait
-    /// leaves the head as it was.
+    /// leaves the head as it was, or further along.
     async fn wait_for_head(&mut self, shared: &Shared) {
-        let resolved = match self.queue.front_mut() {
-            Some(Pending::Durable(result, durable)) => match durable.await {
-                Ok(Ok(())) => Pending::Ready(*result),
-                _ => Pending::Ready(busy(result.sequence)),
-            },
-            Some(Pending::AwaitAnswer { sequence, tag }) => {
-                match await_answer(&self.state, *sequence, *tag, shared.limits.resend_wait).await {
-                    Some(answer) => Pending::Ready(answer),
-                    None => {
-                        self.queue.pop_front();
+        let Some(head) = self.queue.front_mut() else {
+            return;
+        };
+        match head {
+            Pending::Recording {
+                result,
+                journal,
+                shared: waiting,
+            } => {
+                if let Some(durable) = journal {
+                    let recorded = matches!(durable.await, Ok(Ok(())));
+                    *journal = None;
+                    if !recorded {
+                        // The journal could not record it: the approval is withdrawn.
+                        *head = Pending::Ready(busy(result.sequence));
                         return;
                     }
                 }
+                if let Some(sharing) = waiting {
+                    let _ = sharing.await;
+                    *waiting = None;
+                }
             }
-            _ => return,
-        };
-        if let Some(head) = self.queue.front_mut() {
-            *head = resolved;
+            Pending::AwaitAnswer { sequence, tag } => {
+                match await_answer(&self.state, *sequence, *tag, shared.limits.resend_wait).await {
+                    Some(answer) => *head = Pending::Ready(answer),
+                    None => {
+                        self.queue.pop_front();
+                    }
+                }
+            }
+            _ => {}
         }
+    }
+}
+
+impl Pending {
+    /// The answer when it can go out now; `None` while it waits. A journal that could not
+    /// record an approval turns it into Busy.
+    fn ready(&mut self) -> Option<TapResult> {
+        let Pending::Recording {
+            result,
+            journal,
+            shared,
+        } = self
+        else {
+            return match self {
+                Pending::Ready(result) => Some(*result),
+                _ => None,
+            };
+        };
+        if let Some(durable) = journal {
+            match durable.try_recv() {
+                Ok(Ok(())) => *journal = None,
+                Err(oneshot::error::TryRecvError::Empty) => return None,
+                _ => {
+                    let withdrawn = busy(result.sequence);
+                    *self = Pending::Ready(withdrawn);
+                    return Some(withdrawn);
+                }
+            }
+        }
+        if let Some(sharing) = shared {
+            if let Err(oneshot::error::TryRecvError::Empty) = sharing.try_recv() {
+                return None;
+            }
+            *shared = None;
+        }
+        Some(*result)
     }
 }
 

@@ -123,6 +123,23 @@ impl<A: Clone> SequenceWindow<A> {
             answer: Some(answer),
         });
     }
+
+    /// Restores an answer another node gave (a gate that moved here from another gateway),
+    /// unless this window has seen that sequence itself or it is below the window. True when
+    /// restored.
+    pub fn restore_unseen(&mut self, sequence: u64, tag: Tag, answer: A) -> bool {
+        let window = self.slots.len() as u64;
+        if sequence == 0 || (sequence <= self.highest && self.highest - sequence >= window) {
+            return false;
+        }
+        let seen =
+            matches!(&self.slots[self.index(sequence)], Some(slot) if slot.sequence == sequence);
+        if seen {
+            return false;
+        }
+        self.restore(sequence, tag, answer);
+        true
+    }
 }
 
 #[cfg(test)]
@@ -182,6 +199,21 @@ mod tests {
         assert_eq!(w.admit(42, T2), Admission::Resend('b'));
         assert_eq!(w.admit(30, T1), Admission::Replay);
         assert_eq!(w.admit(43, T1), Admission::Fresh);
+    }
+
+    #[test]
+    fn answers_from_another_node_fill_only_what_this_window_has_not_seen() {
+        let mut w = SequenceWindow::new(4);
+        assert_eq!(w.admit(7, T1), Admission::Fresh);
+        w.complete(7, 'h');
+        assert!(!w.restore_unseen(7, T1, 'x'), "seen here: kept");
+        assert!(w.restore_unseen(8, T2, 'y'));
+        assert!(w.restore_unseen(6, T1, 'z'));
+        assert!(!w.restore_unseen(2, T1, 'o'), "below the window");
+        assert_eq!(w.admit(7, T1), Admission::Resend('h'));
+        assert_eq!(w.admit(8, T2), Admission::Resend('y'));
+        assert_eq!(w.admit(6, T1), Admission::Resend('z'));
+        assert_eq!(w.highest(), 8);
     }
 
     #[test]
