@@ -218,6 +218,13 @@ async fn a_gateway_killed_under_load(url: &str) {
     for gate in gates {
         received.extend(gate.await.unwrap());
     }
+    // Every gate said Hello to B with A's answers in Redis: B loaded them into its windows.
+    let restored = b
+        .gateway
+        .metrics()
+        .decisions_restored
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(restored >= GATES as u64, "{restored} answers restored");
     b.gateway.shutdown().await;
 
     // What A journaled and never shipped goes out as a stopped gateway's journal does.
