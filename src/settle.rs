@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tapgate_gateway::fares::FareTables;
+use tapgate_gateway::health::{Panics, supervise};
 use tapgate_gateway::ops::Counters;
 use tapgate_gateway::settle::forwarder::{self, ForwarderSettings, ForwarderStats, Until};
 use tapgate_gateway::settle::ledger::{
@@ -304,7 +305,12 @@ async fn run_settlers(
     ops_listen: Option<std::net::SocketAddr>,
 ) -> Result<(), String> {
     let stats = Arc::new(SettlerStats::default());
-    let ops = crate::serve::start_ops(ops_listen, Counters::of_settlers(stats.clone())).await?;
+    let panics = Arc::new(Panics::default());
+    let ops = crate::serve::start_ops(
+        ops_listen,
+        Counters::of_settlers(stats.clone(), panics.clone()),
+    )
+    .await?;
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| e.to_string())?;
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
@@ -314,13 +320,27 @@ async fn run_settlers(
                 name: format!("{}-{i}", settings.name),
                 ..settings.clone()
             };
-            tokio::spawn(settler::run(
+            let run = settler::run(
                 store.clone(),
                 settings,
                 tables.clone(),
                 stats.clone(),
                 stop_rx.clone(),
-            ))
+            );
+            let health = stats.health.clone();
+            supervise(
+                "settler",
+                stats.health.clone(),
+                panics.clone(),
+                async move {
+                    if let Err(e) = run.await {
+                        health.dead(
+                            std::time::Instant::now(),
+                            format_args!("settler stopped: {e}"),
+                        );
+                    }
+                },
+            )
         })
         .collect();
     let started = Instant::now();
@@ -329,11 +349,23 @@ async fn run_settlers(
     let mut last = 0;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut logged = Instant::now();
+    let mut failed = None;
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = terminate.recv() => break,
             _ = tick.tick() => {}
+        }
+        // A settler that stopped on an error or panicked does not come back: stop with it,
+        // rather than wait for settling that will not happen.
+        if tasks.iter().any(|t| t.is_finished()) {
+            failed = Some(
+                stats
+                    .health
+                    .reason()
+                    .unwrap_or_else(|| "a settler stopped".to_owned()),
+            );
+            break;
         }
         let settled = stats.settled.load(Ordering::Relaxed);
         if settled != last {
@@ -364,9 +396,10 @@ async fn run_settlers(
         ops.abort();
     }
     for task in tasks {
-        if let Ok(Err(e)) = task.await {
-            return Err(e.to_string());
-        }
+        let _ = task.await;
+    }
+    if let Some(reason) = failed {
+        return Err(reason);
     }
     let settled = stats.settled.load(Ordering::Relaxed);
     let busy = first_settled.map_or(Duration::ZERO, |t| last_change.duration_since(t));

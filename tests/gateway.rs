@@ -465,6 +465,10 @@ async fn the_ops_endpoint_serves_counters_and_health() {
         "{metrics}"
     );
     assert!(get("/healthz").await.ends_with("\r\n\r\nok\n"));
+    let ready = get("/readyz").await;
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    assert!(ready.contains("\"ready\":true"), "{ready}");
+    assert!(metrics.contains("tapgate_ready 1\n"), "{metrics}");
     assert!(get("/other").await.starts_with("HTTP/1.1 404"));
     ops.abort();
 }

@@ -732,3 +732,62 @@ async fn a_tap_resent_to_a_second_gateway_gets_the_first_decision_and_is_journal
     .unwrap();
     assert_eq!((settled.ledger.taps(), settled.copies), (3, 1));
 }
+
+/// Polls `/readyz` until `check` holds for its status line and body.
+async fn readyz_until(
+    addr: std::net::SocketAddr,
+    within: Duration,
+    check: impl Fn(&str, &str) -> bool,
+) -> (String, String) {
+    let deadline = Instant::now() + within;
+    loop {
+        let (status, body) = tokio::task::spawn_blocking(move || http_get_any(addr, "/readyz"))
+            .await
+            .unwrap();
+        if check(&status, &body) {
+            return (status, body);
+        }
+        assert!(Instant::now() < deadline, "{status}\n{body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_names_a_redis_that_went_away_and_clears_when_it_is_back() {
+    let mut redis = RedisServer::start();
+    provision(&redis.directory(), CARD).await;
+    let state = tempfile::tempdir().unwrap();
+    let h = Harness::start(redis.directory(), state.path()).await;
+    let (ops, serving) = ops_endpoint(tapgate_gateway::ops::Counters::of(&h.gateway)).await;
+    readyz_until(ops, Duration::from_secs(5), |s, _| s.contains("200")).await;
+    redis.stop();
+    let (_, body) = readyz_until(ops, Duration::from_secs(10), |s, b| {
+        s.contains("503") && b.contains("\"directory\"") && b.contains("change feed")
+    })
+    .await;
+    assert!(body.contains("\"ready\":false"), "{body}");
+    let metrics = tokio::task::spawn_blocking(move || http_get(ops, "/metrics"))
+        .await
+        .unwrap();
+    assert!(metrics.contains("tapgate_ready 0\n"), "{metrics}");
+    assert!(metrics.contains("tapgate_redis_up 0\n"), "{metrics}");
+    redis.restart();
+    readyz_until(ops, Duration::from_secs(10), |s, _| s.contains("200")).await;
+    serving.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_says_when_redis_wants_a_password() {
+    let redis = TlsRedis::start("s3cret");
+    let state = tempfile::tempdir().unwrap();
+    // Reachable over TLS, but no password given.
+    let directory = redis.directory("", true).unwrap();
+    let h = Harness::start(directory, state.path()).await;
+    let (ops, serving) = ops_endpoint(tapgate_gateway::ops::Counters::of(&h.gateway)).await;
+    let (status, body) = readyz_until(ops, Duration::from_secs(10), |s, b| {
+        s.contains("503") && b.contains("NOAUTH")
+    })
+    .await;
+    assert!(body.contains("\"directory\""), "{status}\n{body}");
+    serving.abort();
+}

@@ -351,6 +351,20 @@ async fn two_gateways_with_one_node_name_do_not_ship_from_each_others_place() {
         assert!(Instant::now() < deadline, "the second forwarder kept going");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The second gateway says it is not ready, and why; the first one is.
+    let readiness = |h: &Harness, s: &Settlement| {
+        tapgate_gateway::ops::Counters::of(&h.gateway)
+            .with_settlement(s)
+            .readiness(std::time::Instant::now())
+    };
+    let unready = readiness(&second, &second_settlement);
+    assert_eq!(unready.failing.len(), 1, "{unready:?}");
+    assert_eq!(unready.failing[0].part, "forwarder");
+    assert!(
+        unready.failing[0].reason.contains("share a node name"),
+        "{unready:?}"
+    );
+    assert!(readiness(&first, &first_settlement).ready());
     let expected = expected(&first.state);
     let r = reconciled(&first_settlement.store, &expected, Duration::from_secs(5)).await;
     assert!(r.is_exact(), "{r:?}");
@@ -480,4 +494,29 @@ async fn two_gateways_one_population(url: &str) {
         "{text}"
     );
     assert!(text.contains("in more than one journal"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settle_run_exits_with_an_error_it_cannot_recover_from() {
+    let redis = RedisServer::start();
+    store(&redis).init(PARTITIONS).await.unwrap();
+    // Settlers told of another partition count would split cards across partitions. It stops
+    // at once, not after waiting a minute for settling that cannot happen.
+    let started = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_tapgate"))
+        .args(["settle", "run", "--redis-url", &redis.url()])
+        .args([
+            "--partitions",
+            "3",
+            "--until-idle-ms",
+            "60000",
+            "--ops-listen",
+            "off",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("set up for 4 partitions"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(20), "{stderr}");
 }

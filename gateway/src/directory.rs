@@ -26,6 +26,7 @@
 
 use crate::card::{CardRecord, CardState};
 pub use crate::decide::RideClaim;
+use crate::health::{Incident, Panics, PartHealth, supervise};
 use crate::journal::{JournalRecord, PAYLOAD_LEN};
 use crate::redis_target::{RedisConnection, RedisTarget, bounded_error};
 use chrono::NaiveDate;
@@ -171,6 +172,15 @@ impl Directory {
         match self {
             Directory::Embedded(d) => Ok(d.take_counted_ride(card_id)),
             Directory::Redis(d) => d.take_counted_ride(card_id).await,
+        }
+    }
+
+    /// How the directory's Redis looks, for readiness; `None` for the embedded directory, which
+    /// cannot fail.
+    pub fn health(&self) -> Option<Arc<DirectoryHealth>> {
+        match self {
+            Directory::Embedded(_) => None,
+            Directory::Redis(d) => Some(d.health.clone()),
         }
     }
 
@@ -387,9 +397,34 @@ if n <= 0 then return -1 end
 return redis.call('HINCRBY', KEYS[1], 'rides', -1)
 ";
 
+/// How the directory's Redis looks from this process.
+#[derive(Debug)]
+pub struct DirectoryHealth {
+    /// Redis answering this process's commands, probed every second while a gateway runs.
+    pub redis: Arc<PartHealth>,
+    /// Each change group's feed following its stream.
+    pub feed: Vec<Arc<PartHealth>>,
+    /// Panics caught in the feed's and the probe's tasks.
+    pub panics: Arc<Panics>,
+}
+
+impl Default for DirectoryHealth {
+    fn default() -> Self {
+        Self {
+            redis: Arc::default(),
+            feed: (0..CHANGE_GROUPS).map(|_| Arc::default()).collect(),
+            panics: Arc::default(),
+        }
+    }
+}
+
+/// How often a gateway asks its Redis whether it answers.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+
 #[derive(Clone)]
 pub struct RedisDirectory {
     target: Arc<RedisTarget>,
+    health: Arc<DirectoryHealth>,
     connection: RedisConnection,
     prefix: Arc<str>,
     wait_replicas: u16,
@@ -406,6 +441,7 @@ impl RedisDirectory {
         let connection = target.shared_connection(settings.response_timeout)?;
         Ok(Self {
             target: Arc::new(target),
+            health: Arc::default(),
             connection,
             prefix: settings.key_prefix.as_str().into(),
             wait_replicas: settings.wait_replicas,
@@ -652,6 +688,7 @@ impl RedisDirectory {
         for group in 0..CHANGE_GROUPS {
             let mut follower = ChangeFollower {
                 target: self.target.clone(),
+                health: self.health.clone(),
                 group,
                 key: self.changes_key(group),
                 last_id: None,
@@ -681,9 +718,21 @@ impl RedisDirectory {
         }
         while let Some(started) = starting.join_next().await {
             if let Ok((follower, first)) = started {
-                tokio::spawn(follower.run(first));
+                if first.is_none() {
+                    follower.health.feed[usize::from(follower.group)]
+                        .fail(std::time::Instant::now(), "Redis unreachable");
+                }
+                let part = follower.health.feed[usize::from(follower.group)].clone();
+                let panics = follower.health.panics.clone();
+                supervise("change feed", part, panics, follower.run(first));
             }
         }
+        supervise(
+            "Redis probe",
+            self.health.redis.clone(),
+            self.health.panics.clone(),
+            probe(self.connection.clone(), self.health.clone(), tx),
+        );
         rx
     }
 }
@@ -698,6 +747,7 @@ const FEED_LOST_REPEAT: Duration = Duration::from_secs(60);
 /// Follows one change group's stream.
 struct ChangeFollower {
     target: Arc<RedisTarget>,
+    health: Arc<DirectoryHealth>,
     group: u16,
     key: String,
     /// The last entry applied; `None` until the feed has found its place in the stream.
@@ -721,6 +771,7 @@ impl ChangeFollower {
                 self.lost(&e);
                 continue;
             }
+            self.health.feed[usize::from(self.group)].ok();
             if let Some((since, _, attempts)) = self.lost_since.take() {
                 tracing::info!(group = self.group, after = ?since.elapsed(), attempts, "card change feed back");
             }
@@ -734,6 +785,7 @@ impl ChangeFollower {
     /// Logs a lost feed at its start and then once a minute with the count of attempts, so an
     /// outage is one line a minute rather than five a second.
     fn lost(&mut self, e: &redis::RedisError) {
+        self.health.feed[usize::from(self.group)].fail(std::time::Instant::now(), bounded_error(e));
         let now = tokio::time::Instant::now();
         match &mut self.lost_since {
             None => {
@@ -884,6 +936,33 @@ impl ChangeFollower {
                 }
             }
         }
+    }
+}
+
+/// Asks Redis every second whether it answers this process's commands (unreachable, refusing a
+/// password, or a cluster that is down all show here), until the gateway is gone.
+async fn probe(
+    mut connection: RedisConnection,
+    health: Arc<DirectoryHealth>,
+    gateway: mpsc::Sender<ChangeEvent>,
+) {
+    let mut incident = Incident::new("the directory's Redis does not answer");
+    while !gateway.is_closed() {
+        let answered: redis::RedisResult<String> =
+            redis::cmd("PING").query_async(&mut connection).await;
+        let now = std::time::Instant::now();
+        match answered {
+            Ok(_) => {
+                health.redis.ok();
+                incident.recovered(now);
+            }
+            Err(e) => {
+                let error = bounded_error(&e);
+                health.redis.fail(now, &error);
+                incident.failed(now, error);
+            }
+        }
+        tokio::time::sleep(PROBE_EVERY).await;
     }
 }
 

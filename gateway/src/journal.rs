@@ -18,6 +18,7 @@
 //! forwarder reads records up to that point and never past it, so it never ships a record a
 //! crash could still take back.
 
+use crate::health::{Incident, PartHealth};
 use bytes::{Buf, BufMut, BytesMut};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
@@ -171,6 +172,8 @@ pub struct JournalStats {
     pub syncs: AtomicU64,
     pub bytes: AtomicU64,
     pub write_errors: AtomicU64,
+    /// Failing while batches cannot be written and synced (a full or failed disk).
+    pub health: PartHealth,
 }
 
 /// A place in the journal: a segment's number and a byte offset in it. Positions order like
@@ -343,6 +346,7 @@ struct SegmentWriter {
     written: u64,
     /// Length of the file, zeros after `written`.
     zeroed: u64,
+    zeroing: Incident,
 }
 
 impl SegmentWriter {
@@ -365,6 +369,7 @@ impl SegmentWriter {
             file,
             written: 0,
             zeroed: 0,
+            zeroing: Incident::new("could not zero journal space ahead"),
         })
     }
 
@@ -384,9 +389,13 @@ impl SegmentWriter {
             .write_all_at(&zeros, from)
             .and_then(|()| self.file.sync_data());
         match result {
-            Ok(()) => self.zeroed = from + ZEROED_AHEAD,
+            Ok(()) => {
+                self.zeroed = from + ZEROED_AHEAD;
+                self.zeroing.recovered(Instant::now());
+            }
             Err(e) => {
-                tracing::warn!(path = %self.path.display(), error = %e, "could not zero journal space ahead");
+                self.zeroing
+                    .failed(Instant::now(), format_args!("{}: {e}", self.path.display()));
             }
         }
     }
@@ -411,6 +420,8 @@ impl SegmentWriter {
     ) {
         let mut batch = Vec::with_capacity(max_batch);
         let mut buf = BytesMut::with_capacity(max_batch * (RECORD_HEADER + PAYLOAD_LEN));
+        let mut failing =
+            Incident::new("journal write failed; approvals are withdrawn (answered Busy)");
         let mut last_sync = Instant::now()
             .checked_sub(min_interval)
             .unwrap_or_else(Instant::now);
@@ -440,6 +451,8 @@ impl SegmentWriter {
             stats.batches.fetch_add(1, Ordering::Relaxed);
             match &result {
                 Ok(()) => {
+                    stats.health.ok();
+                    failing.recovered(Instant::now());
                     stats.syncs.fetch_add(1, Ordering::Relaxed);
                     stats
                         .records
@@ -452,7 +465,10 @@ impl SegmentWriter {
                 }
                 Err(e) => {
                     stats.write_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(error = %e, records = batch.len(), "journal write failed; approvals in this batch are withdrawn");
+                    stats
+                        .health
+                        .fail(Instant::now(), format_args!("cannot write: {e}"));
+                    failing.failed(Instant::now(), e);
                 }
             }
             for request in batch.drain(..) {
@@ -606,6 +622,34 @@ fn parse_records(bytes: &[u8], mut each: impl FnMut(usize, JournalRecord)) -> (u
     } else {
         (used, Tail::Cut)
     }
+}
+
+/// Journal bytes and whole records from `from` up to `to` (a durable end): how far a reader at
+/// `from` is behind. Finished segments count by their length on disk, so it stays right however
+/// many segments lie between.
+pub fn distance(dir: &Path, from: JournalPosition, to: JournalPosition) -> io::Result<(u64, u64)> {
+    if to <= from {
+        return Ok((0, 0));
+    }
+    let bytes = if from.segment == to.segment {
+        to.offset - from.offset
+    } else {
+        let mut bytes = to.offset;
+        for index in from.segment..to.segment {
+            let len = match fs::metadata(dir.join(segment_name(index))) {
+                Ok(m) => m.len(),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+                Err(e) => return Err(e),
+            };
+            bytes += if index == from.segment {
+                len.saturating_sub(from.offset)
+            } else {
+                len
+            };
+        }
+        bytes
+    };
+    Ok((bytes, bytes / (RECORD_HEADER + PAYLOAD_LEN) as u64))
 }
 
 /// Records read by [`read_from`].

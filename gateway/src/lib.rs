@@ -10,6 +10,7 @@ pub mod config;
 pub mod decide;
 pub mod directory;
 pub mod fares;
+pub mod health;
 pub mod journal;
 pub mod metrics;
 pub mod ops;

@@ -3,16 +3,19 @@
 //! else: a few connections at a time, a small request buffer, a read deadline.
 
 use crate::cache::CardCache;
+use crate::directory::DirectoryHealth;
+use crate::health::{Panics, PartHealth, Readiness};
 use crate::journal::JournalStats;
 use crate::metrics::Metrics;
 use crate::server::Gateway;
 use crate::settle::Settlement;
+use crate::settle::forwarder::Backlog;
 use crate::settle::forwarder::ForwarderStats;
 use crate::settle::settler::SettlerStats;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -27,7 +30,10 @@ const READ_DEADLINE: Duration = Duration::from_secs(5);
 pub struct Counters {
     gateway: Option<GatewayCounters>,
     forwarder: Option<Arc<ForwarderStats>>,
+    backlog: Option<Backlog>,
     settlers: Option<Arc<SettlerStats>>,
+    /// Panics caught in settlement's tasks.
+    settlement_panics: Option<Arc<Panics>>,
 }
 
 #[derive(Clone)]
@@ -35,6 +41,9 @@ struct GatewayCounters {
     metrics: Arc<Metrics>,
     cache: Arc<CardCache>,
     journal: Arc<JournalStats>,
+    directory: Option<Arc<DirectoryHealth>>,
+    tasks: Arc<PartHealth>,
+    panics: Arc<Panics>,
 }
 
 impl Counters {
@@ -44,6 +53,9 @@ impl Counters {
                 metrics: gateway.metrics().clone(),
                 cache: gateway.cache().clone(),
                 journal: gateway.journal().stats.clone(),
+                directory: gateway.directory().health(),
+                tasks: gateway.tasks_health().clone(),
+                panics: gateway.panics().clone(),
             }),
             ..Self::default()
         }
@@ -52,22 +64,100 @@ impl Counters {
     /// Adds the counters of the forwarder and settlers running beside the gateway.
     pub fn with_settlement(mut self, settlement: &Settlement) -> Self {
         self.forwarder = Some(settlement.forwarder.clone());
+        self.backlog = Some(settlement.backlog());
         self.settlers = Some(settlement.settlers.clone());
+        self.settlement_panics = Some(settlement.panics.clone());
         self
     }
 
     /// The counters of settlers running on their own (`tapgate settle run`).
-    pub fn of_settlers(settlers: Arc<SettlerStats>) -> Self {
+    pub fn of_settlers(settlers: Arc<SettlerStats>, panics: Arc<Panics>) -> Self {
         Self {
             settlers: Some(settlers),
+            settlement_panics: Some(panics),
             ..Self::default()
         }
+    }
+
+    /// Which parts of this process keep it from serving: the directory's Redis and each change
+    /// feed, the journal, the gateway's tasks, the forwarder, the settlers.
+    pub fn readiness(&self, now: Instant) -> Readiness {
+        let mut parts: Vec<(String, &PartHealth)> = Vec::new();
+        if let Some(g) = &self.gateway {
+            if let Some(directory) = &g.directory {
+                parts.push(("directory".into(), &*directory.redis));
+                for (group, feed) in directory.feed.iter().enumerate() {
+                    parts.push((format!("change feed g{group:02}"), &**feed));
+                }
+            }
+            parts.push(("journal".into(), &g.journal.health));
+            parts.push(("gateway tasks".into(), &g.tasks));
+        }
+        if let Some(f) = &self.forwarder {
+            parts.push(("forwarder".into(), &f.health));
+        }
+        if let Some(s) = &self.settlers {
+            parts.push(("settlers".into(), &s.health));
+        }
+        Readiness::of(parts, now)
+    }
+
+    fn panics(&self) -> u64 {
+        let load = |p: &Arc<Panics>| p.count.load(Ordering::Relaxed);
+        self.gateway.as_ref().map_or(0, |g| {
+            load(&g.panics) + g.directory.as_ref().map_or(0, |d| load(&d.panics))
+        }) + self.settlement_panics.as_ref().map_or(0, load)
+    }
+}
+
+/// Readiness and panics, the same for every kind of process.
+fn render_health(out: &mut String, counters: &Counters) {
+    let ready = counters.readiness(Instant::now()).ready();
+    write_metric(
+        out,
+        "ready",
+        "gauge",
+        "1 when every part of this process works (GET /readyz names what does not).",
+        &[(String::new(), u64::from(ready))],
+    );
+    write_metric(
+        out,
+        "task_panics_total",
+        "counter",
+        "Background tasks that panicked (logged with their message; the process is then not ready).",
+        &[(String::new(), counters.panics())],
+    );
+    if let Some(directory) = counters.gateway.as_ref().and_then(|g| g.directory.as_ref()) {
+        write_metric(
+            out,
+            "redis_up",
+            "gauge",
+            "1 while the directory's Redis answers this gateway (probed every second).",
+            &[(String::new(), u64::from(!directory.redis.failing()))],
+        );
+    }
+    if let Some(backlog) = &counters.backlog {
+        let (bytes, taps) = backlog.measure();
+        write_metric(
+            out,
+            "forwarder_behind_bytes",
+            "gauge",
+            "Journal bytes durable but not yet read by the forwarder.",
+            &[(String::new(), bytes)],
+        );
+        write_metric(
+            out,
+            "forwarder_backlog_taps",
+            "gauge",
+            "Decided taps (journal records) durable but not yet read by the forwarder.",
+            &[(String::new(), taps)],
+        );
     }
 }
 
 fn render_forwarder(out: &mut String, forwarder: &ForwarderStats) {
     let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    let counters: [(&str, &str, &str, u64); 8] = [
+    let counters: [(&str, &str, &str, u64); 7] = [
         (
             "forwarder_checkpoint_moved_total",
             "counter",
@@ -91,12 +181,6 @@ fn render_forwarder(out: &mut String, forwarder: &ForwarderStats) {
             "counter",
             "Forwarder batches shipped.",
             load(&forwarder.batches),
-        ),
-        (
-            "forwarder_behind_bytes",
-            "gauge",
-            "Journal bytes durable but not yet shipped.",
-            load(&forwarder.behind_bytes),
         ),
         (
             "forwarder_store_errors_total",
@@ -218,6 +302,7 @@ fn write_metric(out: &mut String, name: &str, kind: &str, help: &str, samples: &
 /// Every counter this process has, as Prometheus text.
 pub fn render(counters: &Counters) -> String {
     let mut out = String::with_capacity(4096);
+    render_health(&mut out, counters);
     if let Some(gateway) = &counters.gateway {
         render_gateway(&mut out, gateway);
     }
@@ -456,7 +541,19 @@ fn response(head: &[u8], counters: &Counters) -> (&'static str, String) {
     match (parts.next(), parts.next()) {
         (Some(b"GET"), Some(b"/metrics")) => ("200 OK", render(counters)),
         (Some(b"GET"), Some(b"/healthz")) => ("200 OK", "ok\n".to_owned()),
-        (Some(b"GET"), _) => ("404 Not Found", "try /metrics or /healthz\n".to_owned()),
+        (Some(b"GET"), Some(b"/readyz")) => {
+            let readiness = counters.readiness(Instant::now());
+            let status = if readiness.ready() {
+                "200 OK"
+            } else {
+                "503 Service Unavailable"
+            };
+            (status, format!("{}\n", readiness.to_json()))
+        }
+        (Some(b"GET"), _) => (
+            "404 Not Found",
+            "try /metrics, /healthz or /readyz\n".to_owned(),
+        ),
         _ => ("405 Method Not Allowed", "GET only\n".to_owned()),
     }
 }
@@ -500,7 +597,7 @@ mod tests {
     fn standalone_settlers_show_only_their_own_counters() {
         let settlers = Arc::new(SettlerStats::default());
         settlers.settled.store(3, Ordering::Relaxed);
-        let text = render(&Counters::of_settlers(settlers));
+        let text = render(&Counters::of_settlers(settlers, Arc::default()));
         assert!(text.lines().any(|l| l == "tapgate_settled_taps_total 3"));
         assert!(text.contains("tapgate_settlement_lag_ms_count 0"));
         assert!(

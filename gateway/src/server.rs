@@ -7,6 +7,7 @@ use crate::decide::{Decision, GatePlace, with_ride_claim};
 use crate::directory::{
     ChangeEvent, Directory, DirectoryError, RideClaim, TerminalChange, TerminalRecord,
 };
+use crate::health::{Panics, PartHealth, supervise};
 use crate::journal::{Durable, Journal, JournalRecord, JournalSettings, JournalWriter};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
@@ -128,6 +129,10 @@ struct Shared {
     /// Where decisions go to be shared with the other gateways; `None` when there are none
     /// (the embedded directory).
     decisions: Option<mpsc::Sender<SharedDecision>>,
+    /// The gateway's background tasks (change feed, shared answers, counted rides): dead when
+    /// one panicked.
+    tasks: Arc<PartHealth>,
+    panics: Arc<Panics>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -207,17 +212,29 @@ impl Gateway {
         ));
         let changes = directory.follow_changes().await;
 
+        let tasks = Arc::new(PartHealth::default());
+        let panics = Arc::new(Panics::default());
         let (ride_updates, ride_rx) = mpsc::channel(RIDE_UPDATE_QUEUE);
-        tokio::spawn(apply_ride_updates(directory.clone(), ride_rx));
+        supervise(
+            "counted rides",
+            tasks.clone(),
+            panics.clone(),
+            apply_ride_updates(directory.clone(), ride_rx),
+        );
         let metrics = Arc::new(Metrics::default());
         let decisions = directory.shares_decisions().then(|| {
             let (tx, rx) = mpsc::channel(DECISION_QUEUE);
-            tokio::spawn(share_decisions(
-                directory.clone(),
-                rx,
-                2 * limits.resend_window,
-                metrics.clone(),
-            ));
+            supervise(
+                "shared answers",
+                tasks.clone(),
+                panics.clone(),
+                share_decisions(
+                    directory.clone(),
+                    rx,
+                    2 * limits.resend_window,
+                    metrics.clone(),
+                ),
+            );
             tx
         });
 
@@ -235,9 +252,16 @@ impl Gateway {
             pseudonyms: CardPseudonymizer::new(log_salt),
             ride_updates,
             decisions,
+            tasks: tasks.clone(),
+            panics: panics.clone(),
             shutdown: shutdown_rx,
         });
-        tokio::spawn(apply_changes(Arc::downgrade(&shared), changes));
+        supervise(
+            "change feed",
+            tasks,
+            panics,
+            apply_changes(Arc::downgrade(&shared), changes),
+        );
         let accept_task = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
         tracing::info!(%local_addr, "gateway listening");
         Ok(Gateway {
@@ -262,6 +286,19 @@ impl Gateway {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.shared.metrics
+    }
+
+    /// The gateway's background tasks, for readiness: dead when one panicked.
+    pub fn tasks_health(&self) -> &Arc<PartHealth> {
+        &self.shared.tasks
+    }
+
+    pub fn panics(&self) -> &Arc<Panics> {
+        &self.shared.panics
+    }
+
+    pub fn directory(&self) -> &Directory {
+        &self.shared.directory
     }
 
     pub fn cache(&self) -> &Arc<CardCache> {

@@ -7,6 +7,7 @@
 
 use super::partition_of;
 use super::store::{Checkpoint, Shipped, ShippedTap, Store, StoreError};
+use crate::health::PartHealth;
 use crate::journal::{JournalPosition, journal_id, next_segment, read_from};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -37,29 +38,41 @@ pub struct ForwarderStats {
     pub damaged_segments: AtomicU64,
     pub store_errors: AtomicU64,
     pub backlog_pauses: AtomicU64,
-    /// Journal bytes durable but not yet shipped, as of the last look.
-    pub behind_bytes: AtomicU64,
     /// The forwarder stopped on an error only an operator can clear (see the log).
     pub failed: std::sync::atomic::AtomicBool,
     /// Everything before this position has been shipped.
     pub shipped_through: std::sync::Mutex<Option<JournalPosition>>,
+    /// Failing while the store does not take shipments; dead when the forwarder stopped.
+    pub health: Arc<PartHealth>,
 }
 
 impl ForwarderStats {
-    fn shipped_to(&self, position: JournalPosition, durable: Option<JournalPosition>) {
+    fn shipped_to(&self, position: JournalPosition) {
         *self.shipped_through.lock().expect("forwarder stats lock") = Some(position);
-        if let Some(durable) = durable {
-            let behind = if durable.segment == position.segment {
-                durable.offset.saturating_sub(position.offset)
-            } else {
-                durable.offset
-            };
-            self.behind_bytes.store(behind, Ordering::Relaxed);
-        }
     }
 
     pub fn shipped_through(&self) -> Option<JournalPosition> {
         *self.shipped_through.lock().expect("forwarder stats lock")
+    }
+}
+
+/// How far a running gateway's forwarder is behind its journal, measured when asked: right
+/// whether the forwarder is shipping, waiting for settlers, retrying, or stopped.
+#[derive(Clone)]
+pub struct Backlog {
+    pub journal_dir: PathBuf,
+    pub durable: watch::Receiver<JournalPosition>,
+    pub forwarder: Arc<ForwarderStats>,
+}
+
+impl Backlog {
+    /// Journal bytes and decided taps (journal records) durable but not yet read by the
+    /// forwarder. Before the forwarder has found its checkpoint, everything since the start of
+    /// this process's journal counts.
+    pub fn measure(&self) -> (u64, u64) {
+        let durable = *self.durable.borrow();
+        let shipped = self.forwarder.shipped_through().unwrap_or_default();
+        crate::journal::distance(&self.journal_dir, shipped, durable).unwrap_or((0, 0))
     }
 }
 
@@ -137,7 +150,7 @@ pub async fn run(
             next = next_segment(read.next);
         }
         if next == from && checkpoint.is_some() {
-            stats.shipped_to(from, limit);
+            stats.shipped_to(from);
             match &mut until {
                 Until::EndOfFiles => return Ok(()),
                 Until::Durable(durable) => {
@@ -196,11 +209,12 @@ pub async fn run(
             .await
         {
             Ok(Shipped::Done) => {
+                stats.health.ok();
                 stats
                     .shipped
                     .fetch_add(taps.len() as u64, Ordering::Relaxed);
                 stats.batches.fetch_add(1, Ordering::Relaxed);
-                stats.shipped_to(next, limit);
+                stats.shipped_to(next);
                 checkpoint = Some(next);
             }
             Ok(Shipped::Moved(current)) => {
@@ -210,6 +224,9 @@ pub async fn run(
             }
             Err(e) => {
                 stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .health
+                    .fail(std::time::Instant::now(), format_args!("cannot ship: {e}"));
                 tracing::warn!(error = %e, "forwarder: shipping failed; retrying from the stored checkpoint");
                 // Stopping while the store is unreachable: the stored checkpoint keeps the
                 // place, and the next start ships the rest.

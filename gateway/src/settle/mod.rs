@@ -27,6 +27,7 @@ pub mod settler;
 pub mod store;
 
 use crate::fares::FareTables;
+use crate::health::{Panics, supervise};
 use crate::journal::JournalPosition;
 use forwarder::{ForwarderSettings, ForwarderStats, Until};
 use settler::{SettlerSettings, SettlerStats};
@@ -59,7 +60,10 @@ pub struct Settlement {
     pub store: Store,
     pub forwarder: Arc<ForwarderStats>,
     pub settlers: Arc<SettlerStats>,
+    /// Panics caught in the forwarder's and settlers' tasks.
+    pub panics: Arc<Panics>,
     durable: watch::Receiver<JournalPosition>,
+    journal_dir: PathBuf,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -76,6 +80,7 @@ impl Settlement {
         let (stop, stop_rx) = watch::channel(false);
         let forwarder = Arc::new(ForwarderStats::default());
         let settlers = Arc::new(SettlerStats::default());
+        let panics = Arc::new(Panics::default());
         let mut tasks = Vec::new();
         let forwarding = ForwarderSettings {
             node: settings.node.clone(),
@@ -90,12 +95,20 @@ impl Settlement {
             stop_rx.clone(),
             durable.clone(),
         );
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = forwarder::run(s, forwarding, Until::Durable(d), f.clone(), rx).await {
-                f.failed.store(true, std::sync::atomic::Ordering::Relaxed);
-                tracing::error!(error = %e, "forwarder stopped; approved taps stay in the journal until it runs again");
-            }
-        }));
+        tasks.push(supervise(
+            "forwarder",
+            forwarder.health.clone(),
+            panics.clone(),
+            async move {
+                if let Err(e) = forwarder::run(s, forwarding, Until::Durable(d), f.clone(), rx).await
+                {
+                    f.failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                    f.health
+                        .dead(std::time::Instant::now(), format_args!("forwarder stopped: {e}"));
+                    tracing::error!(error = %e, "forwarder stopped; approved taps stay in the journal until it runs again");
+                }
+            },
+        ));
         for i in 0..settings.settlers {
             let settling = SettlerSettings {
                 name: format!("{}-s{i}", settings.node),
@@ -110,17 +123,29 @@ impl Settlement {
                 settlers.clone(),
                 stop_rx.clone(),
             );
-            tasks.push(tokio::spawn(async move {
-                if let Err(e) = run.await {
-                    tracing::error!(error = %e, "settler stopped");
-                }
-            }));
+            let health = settlers.health.clone();
+            tasks.push(supervise(
+                "settler",
+                settlers.health.clone(),
+                panics.clone(),
+                async move {
+                    if let Err(e) = run.await {
+                        health.dead(
+                            std::time::Instant::now(),
+                            format_args!("settler stopped: {e}"),
+                        );
+                        tracing::error!(error = %e, "settler stopped");
+                    }
+                },
+            ));
         }
         Settlement {
             store,
             forwarder,
             settlers,
+            panics,
             durable,
+            journal_dir: settings.journal_dir.clone(),
             stop,
             tasks,
         }
@@ -159,6 +184,15 @@ impl Settlement {
             .map_err(|e| e.to_string())?;
         let text = serde_json::to_string(&ledger.to_json()).expect("a ledger serializes");
         std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// How far the forwarder is behind the journal, for the ops endpoint.
+    pub fn backlog(&self) -> forwarder::Backlog {
+        forwarder::Backlog {
+            journal_dir: self.journal_dir.clone(),
+            durable: self.durable.clone(),
+            forwarder: self.forwarder.clone(),
+        }
     }
 
     /// Ships what is durable, then stops the forwarder and the settlers (which give their

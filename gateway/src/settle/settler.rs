@@ -9,6 +9,7 @@
 use super::ledger::Ledger;
 use super::store::{Applied, ApplyBatch, CardSettlement, Delivered, EntryId, Store, StoreError};
 use crate::fares::{FareTables, settle};
+use crate::health::PartHealth;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -77,6 +78,9 @@ pub struct SettlerStats {
     pub store_errors: AtomicU64,
     pub partitions_held: AtomicU64,
     pub lag: LagHistogram,
+    /// Failing while the store does not answer; dead when a settler stopped on an error or
+    /// panicked.
+    pub health: Arc<PartHealth>,
 }
 
 const RETRY: Duration = Duration::from_millis(500);
@@ -120,6 +124,10 @@ pub async fn run(
     while !*stop.borrow() {
         if let Err(e) = settler.round().await {
             settler.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+            settler
+                .stats
+                .health
+                .fail(std::time::Instant::now(), format_args!("store: {e}"));
             if !settler.failing {
                 tracing::warn!(error = %e, "settler: store unavailable; retrying");
             }
@@ -134,6 +142,7 @@ pub async fn run(
             }
         } else if settler.failing {
             tracing::info!("settler: store reachable again");
+            settler.stats.health.ok();
             settler.failing = false;
         }
     }
