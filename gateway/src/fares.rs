@@ -99,21 +99,117 @@ pub struct FareTables {
 #[error("fare tables: {0}")]
 pub struct FareTablesError(String);
 
+/// The most any one fare, cap or discount may be, in fen (10,000 yuan): far above any ticket,
+/// and low enough that no sum of a day's fares can overflow.
+pub const MAX_FEN: u32 = 1_000_000;
+/// The longest transfer window, in seconds (a week).
+const MAX_TRANSFER_WINDOW_S: u64 = 7 * 24 * 3600;
+
 impl FareTables {
+    /// Reads and checks tables: every problem is named by its key, and tables that pass never
+    /// make the fare engine fail.
     pub fn from_toml(text: &str) -> Result<Self, FareTablesError> {
         let tables: FareTables =
             toml::from_str(text).map_err(|e| FareTablesError(e.to_string()))?;
-        if tables.metro.bands.windows(2).any(|w| w[0].0 >= w[1].0) {
-            return Err(FareTablesError(
-                "metro bands must ascend by distance".into(),
-            ));
-        }
-        for label in tables.concessions.keys() {
-            if Concession::from_label(label).is_none() {
-                return Err(FareTablesError(format!("unknown concession `{label}`")));
-            }
+        let problems = tables.problems();
+        if !problems.is_empty() {
+            return Err(FareTablesError(problems.join("; ")));
         }
         Ok(tables)
+    }
+
+    /// What is wrong with these tables, each as `key: why`; empty when they can be used.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut money = |key: &str, fen: u32| {
+            if fen > MAX_FEN {
+                out.push(format!("{key}: {fen} fen is more than {MAX_FEN}"));
+            }
+        };
+        money("daily_cap", self.daily_cap);
+        money("transfer.max_discount", self.transfer.max_discount);
+        for (name, table) in [
+            ("bus", &self.bus),
+            ("ferry", &self.ferry),
+            ("cableway", &self.cableway),
+        ] {
+            money(&format!("{name}.default"), table.default);
+            for (area, fen) in &table.areas {
+                money(&format!("{name}.areas.{area}"), *fen);
+            }
+            for (route, fen) in &table.routes {
+                money(&format!("{name}.routes.\"{route}\""), *fen);
+            }
+        }
+        money("metro.max", self.metro.max);
+        for (i, (_, fen)) in self.metro.bands.iter().enumerate() {
+            money(&format!("metro.bands[{i}]"), *fen);
+        }
+        money("intercity.min", self.intercity.min);
+        money("intercity.max", self.intercity.max);
+        money("intercity.fen_per_km", self.intercity.fen_per_km);
+        if self.transfer.window_s > MAX_TRANSFER_WINDOW_S {
+            out.push(format!(
+                "transfer.window_s: {} s is longer than a week",
+                self.transfer.window_s
+            ));
+        }
+        for (name, table) in [
+            ("bus", &self.bus),
+            ("ferry", &self.ferry),
+            ("cableway", &self.cableway),
+        ] {
+            for area in table.areas.keys() {
+                if !known_area(area) {
+                    out.push(format!("{name}.areas.{area}: not one of the 41 area codes"));
+                }
+            }
+            for route in table.routes.keys() {
+                let known = route
+                    .split_once(':')
+                    .is_some_and(|(area, line)| known_area(area) && line.parse::<u16>().is_ok());
+                if !known {
+                    out.push(format!(
+                        "{name}.routes.\"{route}\": expected \"AREA:LINE\" with one of the 41 area codes"
+                    ));
+                }
+            }
+        }
+        for (label, percent) in &self.concessions {
+            if Concession::from_label(label).is_none() {
+                out.push(format!("concessions.{label}: no such concession"));
+            }
+            if *percent > 100 {
+                out.push(format!(
+                    "concessions.{label}: pays {percent} %, more than 100"
+                ));
+            }
+        }
+        let distance = |key: &str, km: f64, out: &mut Vec<String>| {
+            if !(km.is_finite() && km >= 0.0) {
+                out.push(format!("{key}: {km} is not a distance in km"));
+            }
+        };
+        distance("metro.km_per_stop", self.metro.km_per_stop, &mut out);
+        distance("metro.line_change_km", self.metro.line_change_km, &mut out);
+        distance(
+            "intercity.km_per_stop",
+            self.intercity.km_per_stop,
+            &mut out,
+        );
+        for (i, (upper, _)) in self.metro.bands.iter().enumerate() {
+            distance(&format!("metro.bands[{i}]"), *upper, &mut out);
+        }
+        if self.metro.bands.windows(2).any(|w| w[0].0 >= w[1].0) {
+            out.push("metro.bands: must ascend by distance".into());
+        }
+        if self.intercity.min > self.intercity.max {
+            out.push(format!(
+                "intercity: min {} is more than max {}",
+                self.intercity.min, self.intercity.max
+            ));
+        }
+        out
     }
 
     /// A fingerprint of the tables, recorded with the books they price so that a reconcile run
@@ -152,6 +248,11 @@ impl FareTables {
                 .map_or(100, |p| u32::from((*p).min(100))),
         }
     }
+}
+
+fn known_area(code: &str) -> bool {
+    code.parse::<u32>()
+        .is_ok_and(|c| AreaCode(c).area().is_some())
 }
 
 /// A paid-area trip waiting for its exit.
@@ -498,7 +599,7 @@ fn price(
         if tables.daily_cap > 0 {
             fare = fare.min(tables.daily_cap.saturating_sub(rider.paid_today));
         }
-        rider.paid_today += fare;
+        rider.paid_today = rider.paid_today.saturating_add(fare);
     }
     Charge {
         kind,
@@ -514,7 +615,175 @@ fn price(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tapgate_protocol::{Issuer, RIDES_LEFT_NOT_APPLICABLE, Reason, Tap, TapResult};
+    use proptest::prelude::*;
+    use tapgate_protocol::{AREAS, Issuer, RIDES_LEFT_NOT_APPLICABLE, Reason, Tap, TapResult};
+
+    /// Money from the whole range a table may hold, its ends included.
+    fn fen() -> impl Strategy<Value = u32> {
+        prop_oneof![Just(0), Just(MAX_FEN), 0..=MAX_FEN]
+    }
+
+    fn km() -> impl Strategy<Value = f64> {
+        prop_oneof![Just(0.0), 0.0..100.0f64, Just(1e12)]
+    }
+
+    fn flat() -> impl Strategy<Value = FlatTable> {
+        (
+            fen(),
+            proptest::collection::vec((0..AREAS.len(), fen()), 0..3),
+        )
+            .prop_map(|(default, areas)| FlatTable {
+                default,
+                areas: areas
+                    .into_iter()
+                    .map(|(i, fen)| (AREAS[i].code.0.to_string(), fen))
+                    .collect(),
+                routes: HashMap::new(),
+            })
+    }
+
+    /// Tables across the whole range the checks allow, and one draw in ten past it (bands out
+    /// of order, min above max), so both sides of the checks are drawn.
+    fn tables() -> impl Strategy<Value = FareTables> {
+        (
+            (fen(), 0..=100u8, 0..=MAX_TRANSFER_WINDOW_S, fen()),
+            (flat(), flat(), flat()),
+            (
+                km(),
+                km(),
+                proptest::collection::vec((km(), fen()), 0..6),
+                fen(),
+            ),
+            (km(), fen(), fen(), fen(), proptest::bool::weighted(0.1)),
+        )
+            .prop_map(
+                |(
+                    (daily_cap, student, window_s, max_discount),
+                    (bus, ferry, cableway),
+                    (km_per_stop, line_change_km, mut bands, metro_max),
+                    (intercity_km, fen_per_km, a, b, out_of_order),
+                )| {
+                    if !out_of_order {
+                        bands.sort_by(|x, y| x.0.total_cmp(&y.0));
+                        bands.dedup_by(|x, y| x.0 == y.0);
+                    }
+                    let (min, max) = if out_of_order {
+                        (a.max(b), a.min(b))
+                    } else {
+                        (a.min(b), a.max(b))
+                    };
+                    FareTables {
+                        daily_cap,
+                        concessions: [("elder".to_owned(), 0), ("student".to_owned(), student)]
+                            .into(),
+                        transfer: TransferRule {
+                            window_s,
+                            max_discount,
+                        },
+                        bus,
+                        ferry,
+                        cableway,
+                        metro: MetroTable {
+                            km_per_stop,
+                            line_change_km,
+                            bands,
+                            max: metro_max,
+                        },
+                        intercity: IntercityTable {
+                            km_per_stop: intercity_km,
+                            fen_per_km,
+                            min,
+                            max,
+                        },
+                    }
+                },
+            )
+    }
+
+    fn taps() -> impl Strategy<Value = Vec<JournalRecord>> {
+        let modes = [
+            Mode::Bus,
+            Mode::Metro,
+            Mode::Ferry,
+            Mode::Cableway,
+            Mode::IntercityRail,
+        ];
+        let kinds = [TapKind::Flat, TapKind::Entry, TapKind::Exit];
+        let concessions = [Concession::None, Concession::Elder, Concession::Student];
+        proptest::collection::vec(
+            (
+                0..modes.len(),
+                0..kinds.len(),
+                0..AREAS.len(),
+                any::<u16>(),
+                any::<u16>(),
+                0..3 * 24 * 3_600_000u64,
+                0..concessions.len(),
+            )
+                .prop_map(move |(m, k, a, line, stop, after, c)| {
+                    record(
+                        modes[m],
+                        kinds[k],
+                        AREAS[a].code.0,
+                        line,
+                        stop,
+                        T0 + after,
+                        concessions[c],
+                    )
+                }),
+            1..60,
+        )
+        .prop_map(|mut taps| {
+            taps.sort_by_key(|r| r.server_time_ms);
+            taps
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+        /// Whatever tables pass the checks, pricing any three days of taps finishes (no
+        /// overflow, no clamp with min above max) and charges within the money range.
+        #[test]
+        fn tables_that_pass_the_checks_never_make_the_engine_fail(
+            tables in tables(),
+            taps in taps(),
+        ) {
+            let valid = tables.problems().is_empty();
+            prop_assert_eq!(
+                valid,
+                tables.intercity.min <= tables.intercity.max
+                    && tables.metro.bands.windows(2).all(|w| w[0].0 < w[1].0)
+            );
+            prop_assume!(valid);
+            let mut rider = RiderState::default();
+            for record in &taps {
+                for charge in settle(record, &mut rider, &tables) {
+                    prop_assert!(charge.fare_fen <= MAX_FEN);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn each_problem_names_its_key() {
+        let mut tables = FareTables::embedded_default();
+        tables.intercity.min = 3000;
+        tables.intercity.max = 2000;
+        tables.metro.km_per_stop = -1.6;
+        tables.concessions.insert("student".into(), 150);
+        tables.bus.areas.insert("999999".into(), 100);
+        let problems = tables.problems().join("\n");
+        for expected in [
+            "intercity: min 3000 is more than max 2000",
+            "metro.km_per_stop: -1.6 is not a distance",
+            "concessions.student: pays 150 %",
+            "bus.areas.999999: not one of the 41 area codes",
+        ] {
+            assert!(problems.contains(expected), "{problems}");
+        }
+        assert!(FareTables::embedded_default().problems().is_empty());
+    }
 
     #[test]
     fn the_digest_follows_the_tables_not_their_layout() {
