@@ -25,6 +25,9 @@ enum Command {
     Demo(load::DemoArgs),
     /// Run the gateway.
     Serve(serve::ServeArgs),
+    /// Check a gateway's configuration, policy and fare tables (with the same flags as serve),
+    /// and start nothing: every problem is named by its key; exit 1 if there is any.
+    CheckConfig(serve::ServeArgs),
     /// Drive a gateway with simulated gates and report latency and throughput.
     Load(load::LoadArgs),
     /// Run the transport baseline: a bare QUIC server that echoes every byte.
@@ -48,6 +51,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo(args) => load::run_demo(args),
         Command::Serve(args) => serve::run(args),
+        Command::CheckConfig(args) => serve::check(args),
         Command::Load(args) => load::run_load(args),
         Command::Echo(args) => load::run_echo(args),
         Command::Cards(args) => cards::run(args),

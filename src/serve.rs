@@ -135,8 +135,42 @@ pub async fn start_ops(
     ))))
 }
 
+impl ServeArgs {
+    /// The configuration with its flags applied, refused with every problem it has.
+    fn checked_config(&self) -> Result<Config, String> {
+        let config = self.config()?;
+        let problems = config.problems();
+        if problems.is_empty() {
+            return Ok(config);
+        }
+        let source = self
+            .config
+            .as_ref()
+            .map_or("the built-in defaults".to_owned(), |p| {
+                p.display().to_string()
+            });
+        Err(format!(
+            "configuration ({source} with its flags) cannot be used:\n  {}",
+            problems.join("\n  ")
+        ))
+    }
+}
+
+/// `tapgate check-config`: checks what `serve` would use and starts nothing.
+pub fn check(args: ServeArgs) -> Result<(), String> {
+    args.checked_config()?;
+    let source = args
+        .config
+        .as_ref()
+        .map_or("the built-in defaults".to_owned(), |p| {
+            p.display().to_string()
+        });
+    println!("{source}: ok (with its policy, fare tables and flags)");
+    Ok(())
+}
+
 pub fn run(args: ServeArgs) -> Result<(), String> {
-    let config = args.config()?;
+    let config = args.checked_config()?;
     let ops_listen = parse_ops_listen(&args.ops_listen)?;
     init_logging(&config.log.filter);
     crate::runtime()?.block_on(serve(config, ops_listen))

@@ -525,3 +525,53 @@ async fn a_revoked_gate_is_disconnected_and_refused_until_provisioned_again() {
         Outcome::Approve
     );
 }
+
+#[test]
+fn nonsense_configuration_is_refused_before_anything_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let fares = dir.path().join("fares.toml");
+    std::fs::write(
+        &fares,
+        tapgate_gateway::fares::DEFAULT_FARES_TOML.replace("min = 1000", "min = 99000"),
+    )
+    .unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        tapgate_gateway::policy::DEFAULT_POLICY_TOML.replace("metro_max = 700", "metro_max = 100"),
+    )
+    .unwrap();
+    let config = dir.path().join("tapgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nmax_in_flight = 0\n[directory]\nkind = \"embedded\"\n\
+             [journal]\ndir = \"{}\"\n[policy]\nfile = \"{}\"\n[settlement]\nfares = \"{}\"\n",
+            dir.path().join("journal").display(),
+            policy.display(),
+            fares.display()
+        ),
+    )
+    .unwrap();
+    let run = |command: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tapgate"))
+            .args([command, "--config", config.to_str().unwrap()])
+            .args(["--listen", "127.0.0.1:0", "--ops-listen", "off"])
+            .output()
+            .unwrap()
+    };
+    for command in ["check-config", "serve"] {
+        let out = run(command);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{command}: {stderr}");
+        for named in [
+            "server.max_in_flight: 0 is less than 1",
+            "fares.metro_min: 200 is more than metro_max 100",
+            "intercity: min 99000 is more than max 15400",
+        ] {
+            assert!(stderr.contains(named), "{command}: {stderr}");
+        }
+        assert!(!stderr.contains("gateway listening"), "{stderr}");
+    }
+    assert!(!dir.path().join("journal").exists(), "nothing was started");
+}

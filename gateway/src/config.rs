@@ -242,6 +242,89 @@ impl Config {
         })
     }
 
+    /// Everything wrong with this configuration and the files it names (policy, fare tables,
+    /// certificate), each as `key: why`; empty when a gateway can start with it. Checked
+    /// before anything starts, so nonsense is refused up front rather than found under load.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut at_least = |key: &str, value: u64, least: u64| {
+            if value < least {
+                out.push(format!("{key}: {value} is less than {least}"));
+            }
+        };
+        let server = &self.server;
+        at_least("server.max_in_flight", server.max_in_flight.into(), 1);
+        at_least("server.resend_window", server.resend_window.into(), 1);
+        at_least("server.max_connections", server.max_connections as u64, 1);
+        at_least("server.hello_timeout_ms", server.hello_timeout_ms, 1);
+        at_least("server.idle_timeout_ms", server.idle_timeout_ms, 1000);
+        at_least(
+            "directory.response_timeout_ms",
+            self.directory.response_timeout_ms,
+            1,
+        );
+        at_least(
+            "directory.cache_capacity",
+            self.directory.cache_capacity as u64,
+            1,
+        );
+        at_least(
+            "journal.queue_capacity",
+            self.journal.queue_capacity as u64,
+            1,
+        );
+        at_least("journal.max_batch", self.journal.max_batch as u64, 1);
+        at_least("journal.segment_bytes", self.journal.segment_bytes, 1 << 16);
+        at_least(
+            "settlement.partitions",
+            self.settlement.partitions.into(),
+            1,
+        );
+        at_least("settlement.batch", self.settlement.batch as u64, 1);
+        at_least("settlement.max_backlog", self.settlement.max_backlog, 1);
+        at_least("settlement.lease_ttl_ms", self.settlement.lease_ttl_ms, 300);
+        if self.settlement.partitions > 1024 {
+            out.push("settlement.partitions: more than 1024".into());
+        }
+        if server.keep_alive_ms >= server.idle_timeout_ms {
+            out.push(format!(
+                "server.keep_alive_ms: {} is not below idle_timeout_ms {}",
+                server.keep_alive_ms, server.idle_timeout_ms
+            ));
+        }
+        let node = &self.settlement.node;
+        if node.is_empty() || node.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            out.push(format!(
+                "settlement.node: `{node}` is not a name (no spaces, not empty)"
+            ));
+        }
+        for (key, file) in [("server.cert", &server.cert), ("server.key", &server.key)] {
+            if let Some(path) = file
+                && !path.is_file()
+            {
+                out.push(format!("{key}: {}: no such file", path.display()));
+            }
+        }
+        if self.directory.kind == DirectoryKind::Redis
+            && let Err(e) = crate::redis_target::RedisTarget::parse(
+                &self.directory.redis_url,
+                self.directory.redis_tls_ca_file.as_deref(),
+            )
+        {
+            out.push(format!("directory.redis_url: {e}"));
+        }
+        if let Err(e) = self.key_ring() {
+            out.push(format!("keys: {e}"));
+        }
+        if let Err(e) = self.policy() {
+            out.push(format!("policy.file: {e}"));
+        }
+        if let Err(e) = self.fare_tables() {
+            out.push(format!("settlement.fares: {e}"));
+        }
+        out
+    }
+
     pub fn key_ring(&self) -> Result<KeyRing, ConfigError> {
         let mut ring = KeyRing::new();
         for (version, hex) in &self.keys {

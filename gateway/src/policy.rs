@@ -151,6 +151,8 @@ pub enum PolicyError {
     Toml(String),
     #[error("policy names unknown {kind} `{value}`")]
     Unknown { kind: &'static str, value: String },
+    #[error("{key}: {why}")]
+    Invalid { key: String, why: String },
 }
 
 #[derive(Deserialize)]
@@ -220,14 +222,79 @@ fn concession(label: &str) -> Result<Concession, PolicyError> {
     })
 }
 
+/// The most a fare estimate may be, in fen (10,000 yuan), as for the fare tables.
+const MAX_ESTIMATE_FEN: u32 = 1_000_000;
+/// The longest pass-back window: a day.
+const MAX_PASS_BACK_S: u64 = 24 * 3600;
+
+fn invalid(key: impl Into<String>, why: impl Into<String>) -> PolicyError {
+    PolicyError::Invalid {
+        key: key.into(),
+        why: why.into(),
+    }
+}
+
+impl FareEstimates {
+    fn check(&self) -> Result<(), PolicyError> {
+        for (key, fen) in [
+            ("fares.bus", self.bus),
+            ("fares.ferry", self.ferry),
+            ("fares.cableway", self.cableway),
+            ("fares.metro_min", self.metro_min),
+            ("fares.metro_max", self.metro_max),
+            ("fares.intercity_rail_min", self.intercity_rail_min),
+            ("fares.intercity_rail_max", self.intercity_rail_max),
+        ] {
+            if fen > MAX_ESTIMATE_FEN {
+                return Err(invalid(
+                    key,
+                    format!("{fen} fen is more than {MAX_ESTIMATE_FEN}"),
+                ));
+            }
+        }
+        if self.metro_min > self.metro_max {
+            return Err(invalid(
+                "fares.metro_min",
+                format!(
+                    "{} is more than metro_max {}",
+                    self.metro_min, self.metro_max
+                ),
+            ));
+        }
+        if self.intercity_rail_min > self.intercity_rail_max {
+            return Err(invalid(
+                "fares.intercity_rail_min",
+                format!(
+                    "{} is more than intercity_rail_max {}",
+                    self.intercity_rail_min, self.intercity_rail_max
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl RawPolicy {
     fn validate(self) -> Result<Policy, PolicyError> {
+        self.fares.check()?;
+        if self.pass_back_window_s > MAX_PASS_BACK_S {
+            return Err(invalid(
+                "pass_back_window_s",
+                format!("{} s is longer than a day", self.pass_back_window_s),
+            ));
+        }
         let mut area_issuers = HashMap::new();
         for (code, list) in &self.issuers.areas {
             area_issuers.insert(area(code)?, issuers(list)?);
         }
         let mut concession_rules = HashMap::new();
         for (name, rule) in self.concessions {
+            if rule.pay_percent > 100 {
+                return Err(invalid(
+                    format!("concessions.{name}.pay_percent"),
+                    format!("{} % is more than 100", rule.pay_percent),
+                ));
+            }
             let modes = rule
                 .modes
                 .iter()
@@ -241,7 +308,7 @@ impl RawPolicy {
             concession_rules.insert(
                 concession(&name)?,
                 ConcessionRule {
-                    pay_percent: rule.pay_percent.min(100),
+                    pay_percent: rule.pay_percent,
                     counted: rule.counted,
                     modes,
                 },
@@ -290,6 +357,25 @@ impl RawPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nonsense_in_the_policy_is_refused_with_its_key() {
+        for (from, to, key) in [
+            ("metro_max = 700", "metro_max = 100", "fares.metro_min"),
+            (
+                "[concessions.student]\npay_percent = 50",
+                "[concessions.student]\npay_percent = 150",
+                "concessions.student.pay_percent",
+            ),
+        ] {
+            assert!(DEFAULT_POLICY_TOML.contains(from), "{from}");
+            let text = DEFAULT_POLICY_TOML.replace(from, to);
+            match Policy::from_toml(&text) {
+                Err(PolicyError::Invalid { key: k, .. }) => assert_eq!(k, key),
+                other => panic!("{to}: {other:?}"),
+            }
+        }
+    }
 
     fn date(y: i32, m: u32, d: u32) -> NaiveDate {
         NaiveDate::from_ymd_opt(y, m, d).unwrap()
