@@ -575,3 +575,34 @@ fn nonsense_configuration_is_refused_before_anything_starts() {
     }
     assert!(!dir.path().join("journal").exists(), "nothing was started");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_stalled_clients_do_not_keep_the_probes_from_being_answered() {
+    use tokio::io::AsyncWriteExt;
+    let (h, _state) = harness().await;
+    let (ops, serving) = ops_endpoint(tapgate_gateway::ops::Counters::of(&h.gateway)).await;
+    // Each sends half a request head and then nothing.
+    let mut stalled = Vec::new();
+    for _ in 0..50 {
+        let mut stream = tokio::net::TcpStream::connect(ops).await.unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        stalled.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for path in ["/readyz", "/healthz", "/metrics"] {
+        let started = std::time::Instant::now();
+        let (status, _) = tokio::task::spawn_blocking(move || http_get_any(ops, path))
+            .await
+            .unwrap();
+        let took = started.elapsed();
+        eprintln!("{path} with 50 stalled clients: {took:?}");
+        assert!(status.contains("200"), "{path}: {status}");
+        // Generous for a loaded two-core machine; the old endpoint took five seconds here.
+        assert!(took < Duration::from_millis(500), "{path} took {took:?}");
+    }
+    drop(stalled);
+    serving.abort();
+}

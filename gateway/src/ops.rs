@@ -1,6 +1,7 @@
-//! The operators' window: counters in the Prometheus text format over a minimal HTTP endpoint
-//! (`GET /metrics`, `GET /healthz`), separate from the gates' QUIC port. Bounded like everything
-//! else: a few connections at a time, a small request buffer, a read deadline.
+//! The operators' window: counters in the Prometheus text format, liveness and readiness over
+//! HTTP (`GET /metrics`, `/healthz`, `/readyz`), separate from the gates' QUIC port. Bounded like
+//! everything else: a connection limit, a deadline for the request head and one for the whole
+//! connection.
 
 use crate::cache::CardCache;
 use crate::directory::DirectoryHealth;
@@ -12,17 +13,24 @@ use crate::settle::Settlement;
 use crate::settle::forwarder::Backlog;
 use crate::settle::forwarder::ForwarderStats;
 use crate::settle::settler::SettlerStats;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-const MAX_OPS_CONNECTIONS: usize = 16;
-const MAX_REQUEST_HEAD: usize = 4096;
-const READ_DEADLINE: Duration = Duration::from_secs(5);
+/// Open connections at most; more are closed at once.
+const MAX_OPS_CONNECTIONS: usize = 256;
+/// How long a client may take to send its request head.
+const HEADER_READ: Duration = Duration::from_secs(2);
+/// How long one connection may last, reading the answer included.
+const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
 
 /// What the ops endpoint reads: counters shared with whatever runs in this process (a gateway,
 /// its forwarder and settlers, or standalone settlers), so the endpoint keeps none of them alive.
@@ -495,67 +503,62 @@ fn render_gateway(out: &mut String, counters: &GatewayCounters) {
     );
 }
 
-/// Serves `/metrics` and `/healthz` until the task is aborted.
+/// Serves `/metrics`, `/healthz` and `/readyz` until the task is aborted.
+///
+/// axum on hyper: a connection must send its request head within [`HEADER_READ`] and be done
+/// within [`CONNECTION_DEADLINE`], and at most [`MAX_OPS_CONNECTIONS`] are open at once, so
+/// clients that connect and stall cannot keep a probe from being answered.
 pub async fn serve(listener: TcpListener, counters: Counters) {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "try /metrics, /healthz or /readyz\n") })
+        .with_state(counters);
     let limit = Arc::new(Semaphore::new(MAX_OPS_CONNECTIONS));
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
+        let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             // Over the limit: drop the connection rather than queue it.
             continue;
         };
-        let counters = counters.clone();
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            let mut head = Vec::with_capacity(512);
-            let mut chunk = [0u8; 512];
-            let read = tokio::time::timeout(READ_DEADLINE, async {
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST_HEAD {
-                    match stream.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return false,
-                        Ok(n) => head.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                true
-            })
-            .await;
-            if !matches!(read, Ok(true)) {
-                return;
-            }
-            let (status, body) = response(&head, &counters);
-            let reply = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(reply.as_bytes()).await;
-            let _ = stream.shutdown().await;
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ)
+                .keep_alive(false)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_DEADLINE, connection).await;
         });
     }
 }
 
-fn response(head: &[u8], counters: &Counters) -> (&'static str, String) {
-    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
-    let mut parts = line.split(|&b| b == b' ');
-    match (parts.next(), parts.next()) {
-        (Some(b"GET"), Some(b"/metrics")) => ("200 OK", render(counters)),
-        (Some(b"GET"), Some(b"/healthz")) => ("200 OK", "ok\n".to_owned()),
-        (Some(b"GET"), Some(b"/readyz")) => {
-            let readiness = counters.readiness(Instant::now());
-            let status = if readiness.ready() {
-                "200 OK"
-            } else {
-                "503 Service Unavailable"
-            };
-            (status, format!("{}\n", readiness.to_json()))
-        }
-        (Some(b"GET"), _) => (
-            "404 Not Found",
-            "try /metrics, /healthz or /readyz\n".to_owned(),
-        ),
-        _ => ("405 Method Not Allowed", "GET only\n".to_owned()),
-    }
+async fn metrics(State(counters): State<Counters>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        render(&counters),
+    )
+}
+
+async fn readyz(State(counters): State<Counters>) -> impl IntoResponse {
+    let readiness = counters.readiness(Instant::now());
+    let status = if readiness.ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        format!("{}\n", readiness.to_json()),
+    )
 }
 
 #[cfg(test)]
