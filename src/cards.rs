@@ -1,6 +1,7 @@
 //! `tapgate cards`: card records in the Redis directory.
 
 use clap::{Args, Subcommand};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 use tapgate_gateway::card::{CardRecord, CardState};
@@ -8,6 +9,7 @@ use tapgate_gateway::directory::{
     Directory, RedisDirectory, RedisSettings, card_fields, parse_card,
 };
 use tapgate_gateway::population::PopulationSpec;
+use tapgate_gateway::redis_target::bounded_line;
 
 /// The gateways' Redis: the card directory, and settlement beside it.
 #[derive(Args, Clone)]
@@ -132,9 +134,8 @@ async fn run_async(args: CardsArgs) -> Result<(), String> {
     );
     match args.action {
         CardsAction::Import { file } => {
-            let text =
-                std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
-            let records = parse_csv(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+            let bytes = std::fs::read(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            let records = parse_csv(&bytes).map_err(|e| format!("{}: {e}", file.display()))?;
             for chunk in records.chunks(BATCH) {
                 directory
                     .put_cards(chunk)
@@ -247,39 +248,85 @@ fn write_csv(path: &PathBuf, spec: &PopulationSpec) -> Result<(), String> {
     Ok(())
 }
 
-fn parse_csv(text: &str) -> Result<Vec<CardRecord>, String> {
-    let mut lines = text.lines().enumerate();
-    match lines.next() {
+/// The cards of a CSV file's bytes. Every error names its line and stays short, whatever the
+/// line held: a byte-order mark, bytes that are not UTF-8, a wrong column count, a bad field, a
+/// card id given twice (with both lines).
+fn parse_csv(bytes: &[u8]) -> Result<Vec<CardRecord>, String> {
+    if bytes.starts_with(b"\xEF\xBB\xBF") {
+        return Err(
+            "line 1: starts with a byte-order mark; save the file as UTF-8 without one".into(),
+        );
+    }
+    let mut lines = bytes.split(|&b| b == b'\n').enumerate().map(|(n, raw)| {
+        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        std::str::from_utf8(raw)
+            .map(|line| (n + 1, line))
+            .map_err(|e| {
+                format!(
+                    "line {}: not UTF-8 (byte {} of the line)",
+                    n + 1,
+                    e.valid_up_to() + 1
+                )
+            })
+    });
+    match lines.next().transpose()? {
         Some((_, header)) if header.trim() == CSV_HEADER => {}
         _ => return Err(format!("the first line must be `{CSV_HEADER}`")),
     }
-    lines
-        .filter(|(_, line)| !line.trim().is_empty())
-        .map(|(n, line)| {
-            let cols: Vec<&str> = line.split(',').map(str::trim).collect();
-            let [id, state, issuer, concession, rides, expires] = cols[..] else {
-                return Err(format!(
-                    "line {}: expected 6 columns, found {}",
-                    n + 1,
-                    cols.len()
+    let mut records = Vec::new();
+    let mut first_seen: HashMap<u64, usize> = HashMap::new();
+    let mut repeated = Vec::new();
+    for line in lines {
+        let (n, line) = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let record = parse_csv_line(line).map_err(|e| bounded_line(&format!("line {n}: {e}")))?;
+        match first_seen.entry(record.card_id) {
+            std::collections::hash_map::Entry::Occupied(first) => {
+                repeated.push(format!(
+                    "card {} on lines {} and {n}",
+                    record.card_id,
+                    first.get()
                 ));
-            };
-            let card_id: u64 = id
-                .parse()
-                .map_err(|_| format!("line {}: card_id `{id}` is not a number", n + 1))?;
-            let fields = [
-                ("state", state),
-                ("issuer", issuer),
-                ("concession", concession),
-                ("rides", rides),
-                ("expires", expires),
-            ]
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect();
-            parse_card(card_id, &fields).map_err(|e| format!("line {}: {e}", n + 1))
-        })
-        .collect()
+            }
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(n);
+                records.push(record);
+            }
+        }
+    }
+    if !repeated.is_empty() {
+        let shown = repeated.len().min(10);
+        return Err(format!(
+            "{} card ids appear more than once ({}{})",
+            repeated.len(),
+            repeated[..shown].join("; "),
+            if repeated.len() > shown { "; …" } else { "" }
+        ));
+    }
+    Ok(records)
+}
+
+fn parse_csv_line(line: &str) -> Result<CardRecord, String> {
+    let cols: Vec<&str> = line.split(',').map(str::trim).collect();
+    let [id, state, issuer, concession, rides, expires] = cols[..] else {
+        return Err(format!("expected 6 columns, found {}", cols.len()));
+    };
+    let card_id: u64 = id
+        .parse()
+        .map_err(|_| format!("card_id `{id}` is not a number"))?;
+    let fields = [
+        ("state", state),
+        ("issuer", issuer),
+        ("concession", concession),
+        ("rides", rides),
+        ("expires", expires),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    parse_card(card_id, &fields)
 }
 
 #[cfg(test)]
@@ -297,16 +344,51 @@ mod tests {
             text.push_str(&csv_line(&card));
             text.push('\n');
         }
-        assert_eq!(parse_csv(&text).unwrap(), spec.cards().collect::<Vec<_>>());
+        assert_eq!(
+            parse_csv(text.as_bytes()).unwrap(),
+            spec.cards().collect::<Vec<_>>()
+        );
     }
 
     #[test]
     fn bad_csv_lines_name_the_line_and_the_problem() {
         let text = format!("{CSV_HEADER}\n1,active,cq_ssc,none,0,\n2,stolen,cq_ssc,none,0,\n");
         assert_eq!(
-            parse_csv(&text).unwrap_err(),
+            parse_csv(text.as_bytes()).unwrap_err(),
             "line 3: unknown state `stolen`"
         );
-        assert!(parse_csv("id,state\n").unwrap_err().contains("first line"));
+        assert!(parse_csv(b"id,state\n").unwrap_err().contains("first line"));
+    }
+
+    #[test]
+    fn repeated_ids_a_bom_and_other_bytes_are_named_by_line_and_kept_short() {
+        let row = |id: u64| format!("{id},active,cq_ssc,none,0,\n");
+        let text = format!("{CSV_HEADER}\n{}{}{}{}", row(1), row(2), row(1), row(1));
+        assert_eq!(
+            parse_csv(text.as_bytes()).unwrap_err(),
+            "2 card ids appear more than once (card 1 on lines 2 and 4; card 1 on lines 2 and 5)"
+        );
+        let with_bom = [b"\xEF\xBB\xBF".as_slice(), text.as_bytes()].concat();
+        assert!(
+            parse_csv(&with_bom)
+                .unwrap_err()
+                .starts_with("line 1: starts with a byte-order mark")
+        );
+        let latin1 = [
+            format!("{CSV_HEADER}\n{}", row(1)).as_bytes(),
+            b"2,active,cq_ssc,none,0,\xE9\n",
+        ]
+        .concat();
+        assert_eq!(
+            parse_csv(&latin1).unwrap_err(),
+            "line 3: not UTF-8 (byte 24 of the line)"
+        );
+        let huge = format!("{CSV_HEADER}\n1,{},cq_ssc,none,0,\n", "x".repeat(2_000_000));
+        let e = parse_csv(huge.as_bytes()).unwrap_err();
+        assert!(
+            e.starts_with("line 2: unknown state") && e.len() < 300,
+            "{}",
+            e.len()
+        );
     }
 }

@@ -67,6 +67,23 @@ struct LedgerSource {
 }
 
 impl LedgerSource {
+    /// Nodes that ship to these books from a journal not among `dirs`.
+    fn journals_missing(&self, dirs: &[&Path]) -> Result<Vec<(String, String)>, String> {
+        if self.ledger.is_some() {
+            return Ok(Vec::new());
+        }
+        let given: Vec<String> = dirs
+            .iter()
+            .filter_map(|dir| tapgate_gateway::journal::existing_journal_id(dir))
+            .collect();
+        let nodes = runtime()?
+            .block_on(async { self.redis.store()?.nodes().await.map_err(|e| e.to_string()) })?;
+        Ok(nodes
+            .into_iter()
+            .filter(|(_, journal)| !given.contains(journal))
+            .collect())
+    }
+
     fn read(&self, day: Option<chrono::NaiveDate>, with_cards: bool) -> Result<Ledger, String> {
         match &self.ledger {
             Some(path) => {
@@ -260,6 +277,11 @@ pub fn run(args: SettleArgs) -> Result<ExitCode, String> {
             let settled = source.read(None, true)?;
             let reconciliation = Reconciliation::new(&expected.ledger, &settled);
             print!("{}", reconcile_text(&reconciliation, show));
+            for (node, journal) in source.journals_missing(&dirs)? {
+                println!(
+                    "journal of node {node} missing (journal {journal} ships to these books but was not given with --journal): its taps count as duplicated above"
+                );
+            }
             if expected.copies > 0 {
                 println!(
                     "note: {} taps are in more than one journal (sent to more than one gateway); each counts once",

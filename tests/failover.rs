@@ -300,6 +300,17 @@ async fn a_gateway_killed_under_load(url: &str) {
         text.contains("0 lost, 0 duplicated; 0 differences"),
         "{text}"
     );
+    // Given one journal only, reconcile says whose is missing.
+    let (ok, text) = tapgate(&[
+        "settle",
+        "reconcile",
+        "--redis-url",
+        url,
+        "--journal",
+        journal_a.to_str().unwrap(),
+    ]);
+    assert!(!ok, "{text}");
+    assert!(text.contains("journal of node gw-b missing"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -534,6 +534,14 @@ const JOURNAL_ID_FILE: &str = "journal-id";
 /// This journal's identity, made up when it is first opened: settlement ties its shipping
 /// checkpoint to it, so two gateways configured with the same node name cannot resume from each
 /// other's place.
+/// The journal's identity if it has one; reads only.
+pub fn existing_journal_id(dir: &Path) -> Option<String> {
+    fs::read_to_string(dir.join(JOURNAL_ID_FILE))
+        .ok()
+        .map(|id| id.trim().to_owned())
+        .filter(|id| !id.is_empty())
+}
+
 pub fn journal_id(dir: &Path) -> io::Result<String> {
     let path = dir.join(JOURNAL_ID_FILE);
     match fs::read_to_string(&path) {

@@ -120,6 +120,9 @@ pub async fn run(
             }
         }
     };
+    if let Err(e) = store.register_node(&settings.node, &journal).await {
+        tracing::debug!(error = %e, "forwarder: could not record its journal for reconcile");
+    }
     let mut backlog_checked: Option<tokio::time::Instant> = None;
     tracing::info!(node = %settings.node, checkpoint = %checkpoint.map_or("start".into(), |c| c.to_string()), "forwarder starting");
     loop {

@@ -10,6 +10,7 @@
 //! |------------------------------|--------|------|
 //! | `P:settle:partitions`        | string | partition count, fixed at first use |
 //! | `P:settle:members`           | zset   | live settlers by last heartbeat (server time, ms) |
+//! | `P:settle:nodes`             | hash   | node → the journal id it ships from (for reconcile) |
 //! | `P:{pN}:taps`                | stream | shipped approved taps of partition N: `tap` = `TERMINAL-SEQUENCE`, `r` = the journal record |
 //! | `P:{pN}:forward:NODE`        | string | how far node NODE has shipped into partition N: `JOURNAL@SEGMENT:OFFSET` |
 //! | `P:{pN}:counts`              | hash   | `shipped`, `settled`: taps of partition N, for the backlog |
@@ -202,6 +203,37 @@ impl Store {
         match self {
             Store::Redis(r) => r.ship(node, expected, next, taps).await,
             Store::Memory(m) => Ok(m.ship(node, expected, next, taps)),
+        }
+    }
+
+    /// Records that `node` ships from `journal`, so a reconcile can name a journal it was not
+    /// given.
+    pub async fn register_node(&self, node: &str, journal: &str) -> Result<(), StoreError> {
+        match self {
+            Store::Redis(r) => {
+                let _: () = redis::cmd("HSET")
+                    .arg(r.key("settle:nodes"))
+                    .arg(node)
+                    .arg(journal)
+                    .query_async(&mut r.conn())
+                    .await?;
+                Ok(())
+            }
+            Store::Memory(m) => {
+                m.lock().nodes.insert(node.to_owned(), journal.to_owned());
+                Ok(())
+            }
+        }
+    }
+
+    /// Every node that has shipped, with the journal it ships from.
+    pub async fn nodes(&self) -> Result<BTreeMap<String, String>, StoreError> {
+        match self {
+            Store::Redis(r) => Ok(redis::cmd("HGETALL")
+                .arg(r.key("settle:nodes"))
+                .query_async(&mut r.conn())
+                .await?),
+            Store::Memory(m) => Ok(m.lock().nodes.clone().into_iter().collect()),
         }
     }
 
@@ -1164,6 +1196,7 @@ struct MemoryState {
     partitions: u16,
     next_ms: u64,
     checkpoints: HashMap<String, Checkpoint>,
+    nodes: HashMap<String, String>,
     streams: BTreeMap<u16, MemoryStream>,
     watermarks: HashMap<u16, EntryId>,
     leases: HashMap<u16, (String, Instant)>,
