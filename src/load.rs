@@ -146,20 +146,25 @@ fn parse_settlement_counters(body: &str) -> Option<SettlementCounters> {
         let Some((name, value)) = line.rsplit_once(' ') else {
             continue;
         };
-        let Ok(value) = value.parse::<u64>() else {
+        let Ok(value) = value.parse::<f64>() else {
             continue;
         };
+        // The lag histogram is in seconds; the report speaks milliseconds.
+        let ms = |seconds: f64| (seconds * 1000.0).round() as u64;
         if let Some(le) = name
-            .strip_prefix("tapgate_settlement_lag_ms_bucket{le=\"")
+            .strip_prefix("tapgate_settlement_lag_seconds_bucket{le=\"")
             .and_then(|r| r.strip_suffix("\"}"))
         {
-            counters.lag_buckets.push((le.parse().ok(), value));
-        } else if name == "tapgate_settlement_lag_ms_sum" {
-            counters.lag_sum_ms = value;
+            counters.lag_buckets.push((
+                le.parse::<f64>().ok().filter(|b| b.is_finite()).map(ms),
+                value as u64,
+            ));
+        } else if name == "tapgate_settlement_lag_seconds_sum" {
+            counters.lag_sum_ms = ms(value);
         } else if name == "tapgate_settled_taps_total" {
-            counters.settled = value;
+            counters.settled = value as u64;
         } else if name == "tapgate_forwarder_behind_bytes" {
-            counters.behind_bytes = value;
+            counters.behind_bytes = value as u64;
         }
     }
     (!counters.lag_buckets.is_empty()).then_some(counters)
@@ -481,10 +486,10 @@ mod tests {
     #[test]
     fn settlement_counters_are_read_from_metrics_text() {
         let body = "HTTP/1.1 200 OK\r\n\r\n\
-# TYPE tapgate_settlement_lag_ms histogram
-tapgate_settlement_lag_ms_bucket{le=\"1\"} 3
-tapgate_settlement_lag_ms_bucket{le=\"+Inf\"} 9
-tapgate_settlement_lag_ms_sum 120
+# TYPE tapgate_settlement_lag_seconds histogram
+tapgate_settlement_lag_seconds_bucket{le=\"0.001\"} 3
+tapgate_settlement_lag_seconds_bucket{le=\"+Inf\"} 9
+tapgate_settlement_lag_seconds_sum 0.12
 tapgate_settled_taps_total 9
 tapgate_forwarder_behind_bytes 87
 ";

@@ -188,7 +188,7 @@ async fn a_load_settles_exactly_once_through_settler_kills_and_a_redis_restart()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no settled count in\n{metrics}"));
     assert!(settled > 0, "{metrics}");
-    assert!(metrics.contains("# TYPE tapgate_settlement_lag_ms histogram"));
+    assert!(metrics.contains("# TYPE tapgate_settlement_lag_seconds histogram"));
     settler.kill().unwrap();
     settler.wait().unwrap();
     settlement.shutdown().await;

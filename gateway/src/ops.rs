@@ -18,7 +18,11 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use std::fmt::Write as _;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
+use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -119,51 +123,47 @@ impl Counters {
 }
 
 /// Readiness and panics, the same for every kind of process.
-fn render_health(out: &mut String, counters: &Counters) {
+fn render_health(sink: &mut Sink, counters: &Counters) -> fmt::Result {
     let ready = counters.readiness(Instant::now()).ready();
-    write_metric(
-        out,
+    sink.single(
         "ready",
         "gauge",
         "1 when every part of this process works (GET /readyz names what does not).",
-        &[(String::new(), u64::from(ready))],
-    );
-    write_metric(
-        out,
+        u64::from(ready),
+    )?;
+    sink.single(
         "task_panics_total",
         "counter",
         "Background tasks that panicked (logged with their message; the process is then not ready).",
-        &[(String::new(), counters.panics())],
-    );
+        counters.panics(),
+    )?;
     if let Some(directory) = counters.gateway.as_ref().and_then(|g| g.directory.as_ref()) {
-        write_metric(
-            out,
+        sink.single(
             "redis_up",
             "gauge",
             "1 while the directory's Redis answers this gateway (probed every second).",
-            &[(String::new(), u64::from(!directory.redis.failing()))],
-        );
+            u64::from(!directory.redis.failing()),
+        )?;
     }
     if let Some(backlog) = &counters.backlog {
         let (bytes, taps) = backlog.measure();
-        write_metric(
-            out,
+        sink.single(
             "forwarder_behind_bytes",
             "gauge",
             "Journal bytes durable but not yet read by the forwarder.",
-            &[(String::new(), bytes)],
-        );
-        write_metric(
-            out,
+            bytes,
+        )?;
+        sink.single(
             "forwarder_backlog_taps",
             "gauge",
             "Decided taps (journal records) durable but not yet read by the forwarder.",
-            &[(String::new(), taps)],
-        );
+            taps,
+        )?;
     }
+    Ok(())
 }
 
-fn render_forwarder(out: &mut String, forwarder: &ForwarderStats) {
+fn render_forwarder(sink: &mut Sink, forwarder: &ForwarderStats) -> fmt::Result {
     let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
     let counters: [(&str, &str, &str, u64); 7] = [
         (
@@ -210,11 +210,12 @@ fn render_forwarder(out: &mut String, forwarder: &ForwarderStats) {
         ),
     ];
     for (name, kind, help, value) in counters {
-        write_metric(out, name, kind, help, &[(String::new(), value)]);
+        sink.single(name, kind, help, value)?;
     }
+    Ok(())
 }
 
-fn render_settlers(out: &mut String, settlers: &SettlerStats) {
+fn render_settlers(sink: &mut Sink, settlers: &SettlerStats) -> fmt::Result {
     let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
     let counters: [(&str, &str, &str, u64); 9] = [
         (
@@ -273,57 +274,131 @@ fn render_settlers(out: &mut String, settlers: &SettlerStats) {
         ),
     ];
     for (name, kind, help, value) in counters {
-        write_metric(out, name, kind, help, &[(String::new(), value)]);
+        sink.single(name, kind, help, value)?;
     }
     let lag = &settlers.lag;
-    let mut samples: Vec<(String, u64)> = lag
+    let buckets: Vec<(f64, u64)> = lag
         .cumulative()
         .into_iter()
-        .map(|(bound, count)| {
-            let le = bound.map_or_else(|| "+Inf".to_string(), |b| b.to_string());
-            (format!("_bucket{{le=\"{le}\"}}"), count)
-        })
+        .map(|(bound, count)| (bound.map_or(f64::INFINITY, |ms| ms as f64 / 1000.0), count))
         .collect();
-    samples.push(("_sum".into(), load(&lag.sum_ms)));
-    samples.push(("_count".into(), load(&lag.count)));
-    write_metric(
-        out,
-        "settlement_lag_ms",
-        "histogram",
+    sink.histogram_seconds(
+        "settlement_lag",
         "Time from a tap's approval to its ledger update.",
-        &samples,
-    );
+        load(&lag.sum_ms) as f64 / 1000.0,
+        load(&lag.count),
+        &buckets,
+    )
 }
 
-/// One metric in the Prometheus text format: its HELP and TYPE lines, then each sample, whose
-/// label set (or histogram suffix) follows the name.
-fn write_metric(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, u64)]) {
-    let _ = writeln!(
-        out,
-        "# HELP tapgate_{name} {help}\n# TYPE tapgate_{name} {kind}"
-    );
-    for (labels, value) in samples {
-        let _ = writeln!(out, "tapgate_{name}{labels} {value}");
+/// Writes metrics through prometheus-client's encoder, the same way for every kind.
+struct Sink<'a> {
+    encoder: DescriptorEncoder<'a>,
+}
+
+impl Sink<'_> {
+    /// One sample without labels; `kind` is `counter` (the name ends in `_total`, which the
+    /// encoder adds back) or `gauge`.
+    fn single(&mut self, name: &str, kind: &str, help: &str, value: u64) -> fmt::Result {
+        self.labeled(name, kind, help, "", &[("", value)])
+    }
+
+    /// Samples by the value of one label (`label` empty: a single unlabeled sample).
+    fn labeled(
+        &mut self,
+        name: &str,
+        kind: &str,
+        help: &str,
+        label: &str,
+        samples: &[(&str, u64)],
+    ) -> fmt::Result {
+        let (name, metric_type) = match kind {
+            "counter" => (
+                name.strip_suffix("_total").unwrap_or(name),
+                MetricType::Counter,
+            ),
+            _ => (name, MetricType::Gauge),
+        };
+        let mut metric = self
+            .encoder
+            .encode_descriptor(name, help, None, metric_type)?;
+        let write = |sample: &mut MetricEncoder, value: u64| match metric_type {
+            MetricType::Counter => sample.encode_counter::<NoLabelSet, _, u64>(&value, None),
+            _ => sample.encode_gauge(&(value as i64)),
+        };
+        for (value_label, value) in samples {
+            if label.is_empty() {
+                write(&mut metric, *value)?;
+            } else {
+                write(&mut metric.encode_family(&[(label, *value_label)])?, *value)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A histogram in seconds: cumulative counts by upper bound (the last `+Inf`).
+    fn histogram_seconds(
+        &mut self,
+        name: &str,
+        help: &str,
+        sum: f64,
+        count: u64,
+        cumulative: &[(f64, u64)],
+    ) -> fmt::Result {
+        // The encoder takes counts per bucket and adds them up itself.
+        let mut below = 0;
+        let buckets: Vec<(f64, u64)> = cumulative
+            .iter()
+            .map(|(bound, total)| {
+                let here = total - below;
+                below = *total;
+                (*bound, here)
+            })
+            .collect();
+        self.encoder
+            .encode_descriptor(name, help, Some(&Unit::Seconds), MetricType::Histogram)?
+            .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
     }
 }
 
-/// Every counter this process has, as Prometheus text.
+/// The collector prometheus-client asks at every scrape.
+struct Collected(Counters);
+
+impl std::fmt::Debug for Collected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Collected")
+    }
+}
+
+impl Collector for Collected {
+    fn encode(&self, encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        let counters = &self.0;
+        let mut sink = Sink { encoder };
+        render_health(&mut sink, counters)?;
+        if let Some(gateway) = &counters.gateway {
+            render_gateway(&mut sink, gateway)?;
+        }
+        if let Some(forwarder) = &counters.forwarder {
+            render_forwarder(&mut sink, forwarder)?;
+        }
+        if let Some(settlers) = &counters.settlers {
+            render_settlers(&mut sink, settlers)?;
+        }
+        Ok(())
+    }
+}
+
+/// Every counter this process has, in the Prometheus text format.
 pub fn render(counters: &Counters) -> String {
-    let mut out = String::with_capacity(4096);
-    render_health(&mut out, counters);
-    if let Some(gateway) = &counters.gateway {
-        render_gateway(&mut out, gateway);
-    }
-    if let Some(forwarder) = &counters.forwarder {
-        render_forwarder(&mut out, forwarder);
-    }
-    if let Some(settlers) = &counters.settlers {
-        render_settlers(&mut out, settlers);
-    }
+    let mut registry = Registry::with_prefix("tapgate");
+    registry.register_collector(Box::new(Collected(counters.clone())));
+    let mut out = String::with_capacity(8192);
+    prometheus_client::encoding::prometheus_text::encode(&mut out, &registry)
+        .expect("encoding into a String cannot fail");
     out
 }
 
-fn render_gateway(out: &mut String, counters: &GatewayCounters) {
+fn render_gateway(sink: &mut Sink, counters: &GatewayCounters) -> fmt::Result {
     let m = counters.metrics.snapshot();
     let cache = &counters.cache;
     let s = &cache.stats;
@@ -464,43 +539,41 @@ fn render_gateway(out: &mut String, counters: &GatewayCounters) {
         ),
     ];
     for (name, kind, help, value) in single {
-        write_metric(out, name, kind, help, &[(String::new(), value)]);
+        sink.single(name, kind, help, value)?;
     }
-    write_metric(
-        out,
+    sink.labeled(
         "answers_total",
         "counter",
         "Tap answers sent, by outcome.",
+        "outcome",
         &[
-            ("{outcome=\"approve\"}".into(), m.approved),
-            ("{outcome=\"deny\"}".into(), m.denied),
-            ("{outcome=\"busy\"}".into(), m.busy),
+            ("approve", m.approved),
+            ("deny", m.denied),
+            ("busy", m.busy),
         ],
-    );
-    let reasons: Vec<_> = m
+    )?;
+    let reasons: Vec<(String, u64)> = m
         .decisions
         .iter()
-        .map(|(r, n)| (format!("{{reason=\"{r}\"}}"), *n))
+        .map(|(r, n)| (r.to_string(), *n))
         .collect();
-    write_metric(
-        out,
+    let reasons: Vec<(&str, u64)> = reasons.iter().map(|(r, n)| (r.as_str(), *n)).collect();
+    sink.labeled(
         "decisions_total",
         "counter",
         "Tap answers sent, by reason.",
+        "reason",
         &reasons,
-    );
-    let errors: Vec<_> = m
-        .errors
-        .iter()
-        .map(|(c, n)| (format!("{{code=\"{c}\"}}"), *n))
-        .collect();
-    write_metric(
-        out,
+    )?;
+    let errors: Vec<(String, u64)> = m.errors.iter().map(|(c, n)| (c.to_string(), *n)).collect();
+    let errors: Vec<(&str, u64)> = errors.iter().map(|(c, n)| (c.as_str(), *n)).collect();
+    sink.labeled(
         "errors_total",
         "counter",
         "Error frames and closes, by code.",
+        "code",
         &errors,
-    );
+    )
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` until the task is aborted.
@@ -574,20 +647,22 @@ mod tests {
         for lag in [1, 4, 40, 20_000] {
             settlers.lag.record(lag);
         }
-        let mut text = String::new();
-        render_forwarder(&mut text, &forwarder);
-        render_settlers(&mut text, &settlers);
+        let text = render(&Counters {
+            forwarder: Some(Arc::new(forwarder)),
+            settlers: Some(Arc::new(settlers)),
+            ..Counters::default()
+        });
         for line in [
             "tapgate_forwarded_taps_total 7",
             "tapgate_settled_taps_total 5",
             "tapgate_forwarder_failed 0",
-            "# TYPE tapgate_settlement_lag_ms histogram",
-            "tapgate_settlement_lag_ms_bucket{le=\"1\"} 1",
-            "tapgate_settlement_lag_ms_bucket{le=\"5\"} 2",
-            "tapgate_settlement_lag_ms_bucket{le=\"50\"} 3",
-            "tapgate_settlement_lag_ms_bucket{le=\"+Inf\"} 4",
-            "tapgate_settlement_lag_ms_sum 20045",
-            "tapgate_settlement_lag_ms_count 4",
+            "# TYPE tapgate_settlement_lag_seconds histogram",
+            "tapgate_settlement_lag_seconds_bucket{le=\"0.001\"} 1",
+            "tapgate_settlement_lag_seconds_bucket{le=\"0.005\"} 2",
+            "tapgate_settlement_lag_seconds_bucket{le=\"0.05\"} 3",
+            "tapgate_settlement_lag_seconds_bucket{le=\"+Inf\"} 4",
+            "tapgate_settlement_lag_seconds_sum 20.045",
+            "tapgate_settlement_lag_seconds_count 4",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
@@ -602,7 +677,7 @@ mod tests {
         settlers.settled.store(3, Ordering::Relaxed);
         let text = render(&Counters::of_settlers(settlers, Arc::default()));
         assert!(text.lines().any(|l| l == "tapgate_settled_taps_total 3"));
-        assert!(text.contains("tapgate_settlement_lag_ms_count 0"));
+        assert!(text.contains("tapgate_settlement_lag_seconds_count 0"));
         assert!(
             !text.contains("tapgate_forward"),
             "no forwarder here:\n{text}"
