@@ -606,3 +606,57 @@ async fn fifty_stalled_clients_do_not_keep_the_probes_from_being_answered() {
     drop(stalled);
     serving.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_scrape_passes_promtool() {
+    let (h, state) = harness().await;
+    let settlement = tapgate_gateway::settle::Settlement::start(
+        tapgate_gateway::settle::store::Store::Memory(Default::default()),
+        &tapgate_gateway::settle::SettlementSettings {
+            node: "gw".into(),
+            journal_dir: state.path().join("journal"),
+            partitions: 2,
+            settlers: 1,
+            batch: 64,
+            max_backlog: 1000,
+            lease_ttl: Duration::from_secs(1),
+        },
+        std::sync::Arc::new(tapgate_gateway::fares::FareTables::embedded_default()),
+        h.gateway.journal().durable(),
+    );
+    let counters = tapgate_gateway::ops::Counters::of(&h.gateway).with_settlement(&settlement);
+    let (ops, serving) = ops_endpoint(counters).await;
+    let mut gate = h.gate(&YUZHONG_BUS).await;
+    for sequence in 1..=5 {
+        gate.tap(tap(sequence, ACTIVE, TapKind::Flat))
+            .await
+            .unwrap();
+    }
+    let metrics = tokio::task::spawn_blocking(move || http_get(ops, "/metrics"))
+        .await
+        .unwrap();
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool must be installed (scripts/test installs it)");
+    use std::io::Write;
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(metrics.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}\n{metrics}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serving.abort();
+    h.gateway.shutdown().await;
+    settlement.shutdown().await;
+}
