@@ -635,6 +635,15 @@ async fn a_live_scrape_passes_promtool() {
     let metrics = tokio::task::spawn_blocking(move || http_get(ops, "/metrics"))
         .await
         .unwrap();
+    for line in [
+        "tapgate_answer_latency_seconds_count 5",
+        "tapgate_mode_answers_total{mode=\"bus\",outcome=\"approve\"} 5",
+        "tapgate_area_answers_total{area=\"500103\",outcome=\"approve\"} 5",
+        "# TYPE tapgate_journal_sync_seconds histogram",
+        "# TYPE tapgate_settlement_lag_seconds histogram",
+    ] {
+        assert!(metrics.contains(line), "no `{line}` in\n{metrics}");
+    }
     let mut promtool = std::process::Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())

@@ -19,6 +19,7 @@
 //! crash could still take back.
 
 use crate::health::{Incident, PartHealth};
+use crate::metrics::DurationHistogram;
 use bytes::{Buf, BufMut, BytesMut};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
@@ -174,6 +175,8 @@ pub struct JournalStats {
     pub write_errors: AtomicU64,
     /// Failing while batches cannot be written and synced (a full or failed disk).
     pub health: PartHealth,
+    /// How long writing and syncing a batch takes.
+    pub sync_latency: DurationHistogram,
 }
 
 /// A place in the journal: a segment's number and a byte offset in it. Positions order like
@@ -447,7 +450,9 @@ impl SegmentWriter {
                 let crc = crc32c::crc32c(&buf[start + RECORD_HEADER..]);
                 buf[start + 4..start + 8].copy_from_slice(&crc.to_be_bytes());
             }
+            let started = Instant::now();
             let result = self.write_batch(&buf).map_err(Arc::new);
+            stats.sync_latency.record(started.elapsed());
             stats.batches.fetch_add(1, Ordering::Relaxed);
             match &result {
                 Ok(()) => {

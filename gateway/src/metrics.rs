@@ -1,7 +1,113 @@
 //! Counters the gateway keeps about itself. Plain atomics: reading them never slows a tap.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use tapgate_protocol::{ErrorCode, Outcome, Reason};
+use std::time::Duration;
+use tapgate_protocol::{AREAS, AreaCode, ErrorCode, Mode, Outcome, Reason};
+
+/// Upper bounds (µs) of the duration histograms' buckets: the gateway promises answers within
+/// a millisecond, so the buckets are dense around it.
+pub const DURATION_BUCKETS_US: [u64; 14] = [
+    100, 250, 500, 750, 1_000, 1_500, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
+    1_000_000,
+];
+
+/// A histogram of durations on plain atomics: recording never locks or allocates.
+#[derive(Debug, Default)]
+pub struct DurationHistogram {
+    /// One counter per bound in [`DURATION_BUCKETS_US`], then one for everything above.
+    buckets: [AtomicU64; DURATION_BUCKETS_US.len() + 1],
+    sum_us: AtomicU64,
+    count: AtomicU64,
+}
+
+impl DurationHistogram {
+    pub fn record(&self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let i = DURATION_BUCKETS_US.partition_point(|&b| b < us);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (sum in seconds, count, cumulative counts by upper bound in seconds, the last +Inf).
+    pub fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        let mut total = 0;
+        let buckets = self
+            .buckets
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                total += b.load(Ordering::Relaxed);
+                let bound = DURATION_BUCKETS_US
+                    .get(i)
+                    .map_or(f64::INFINITY, |us| *us as f64 / 1e6);
+                (bound, total)
+            })
+            .collect();
+        (
+            self.sum_us.load(Ordering::Relaxed) as f64 / 1e6,
+            self.count.load(Ordering::Relaxed),
+            buckets,
+        )
+    }
+}
+
+/// Answers by where the gate stands: per area and per mode, each by outcome. Fixed arrays over
+/// the registries (41 areas, 5 modes, 3 outcomes), so the label sets are bounded.
+#[derive(Debug)]
+pub struct AnswersByPlace {
+    areas: Vec<[AtomicU64; 3]>,
+    modes: Vec<[AtomicU64; 3]>,
+}
+
+impl Default for AnswersByPlace {
+    fn default() -> Self {
+        Self {
+            areas: AREAS.iter().map(|_| Default::default()).collect(),
+            modes: Mode::ALL.iter().map(|_| Default::default()).collect(),
+        }
+    }
+}
+
+const OUTCOME_LABELS: [&str; 3] = ["approve", "deny", "busy"];
+
+impl AnswersByPlace {
+    pub fn count(&self, area: AreaCode, mode: Mode, outcome: Outcome) {
+        let o = match outcome {
+            Outcome::Approve => 0,
+            Outcome::Deny => 1,
+            Outcome::Busy => 2,
+        };
+        if let Ok(a) = AREAS.binary_search_by_key(&area, |x| x.code) {
+            self.areas[a][o].fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(m) = Mode::ALL.iter().position(|x| *x == mode) {
+            self.modes[m][o].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// (area code, outcome label, answers) for every area and outcome.
+    pub fn by_area(&self) -> Vec<(String, &'static str, u64)> {
+        let mut out = Vec::new();
+        for (area, counts) in AREAS.iter().zip(&self.areas) {
+            for (label, n) in OUTCOME_LABELS.iter().zip(counts) {
+                out.push((area.code.to_string(), *label, n.load(Ordering::Relaxed)));
+            }
+        }
+        out
+    }
+
+    /// (mode label, outcome label, answers) for every mode and outcome.
+    pub fn by_mode(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let mut out = Vec::new();
+        for (mode, counts) in Mode::ALL.iter().zip(&self.modes) {
+            for (label, n) in OUTCOME_LABELS.iter().zip(counts) {
+                out.push((mode.label(), *label, n.load(Ordering::Relaxed)));
+            }
+        }
+        out
+    }
+}
 
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -22,6 +128,9 @@ pub struct Metrics {
     pub decisions_unshared: AtomicU64,
     /// Decisions other gateways made, loaded into a gate's window at its Hello here.
     pub decisions_restored: AtomicU64,
+    /// From a Tap frame read to its answer written.
+    pub answer_latency: DurationHistogram,
+    pub by_place: AnswersByPlace,
 }
 
 /// A consistent-enough copy of the counters for reports.
@@ -92,6 +201,31 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_land_in_the_first_bucket_that_holds_them() {
+        let h = DurationHistogram::default();
+        for us in [50, 100, 900, 2_000_000] {
+            h.record(Duration::from_micros(us));
+        }
+        let (sum, count, buckets) = h.snapshot();
+        assert_eq!(count, 4);
+        assert!((sum - 2.00105).abs() < 1e-9, "{sum}");
+        assert_eq!(buckets[0], (0.0001, 2));
+        assert_eq!(buckets[4], (0.001, 3));
+        assert_eq!(buckets.last(), Some(&(f64::INFINITY, 4)));
+    }
+
+    #[test]
+    fn answers_are_counted_by_area_and_mode() {
+        let p = AnswersByPlace::default();
+        p.count(AreaCode(500103), Mode::Metro, Outcome::Deny);
+        p.count(AreaCode(999999), Mode::Bus, Outcome::Approve);
+        assert!(p.by_area().contains(&("500103".into(), "deny", 1)));
+        assert_eq!(p.by_area().iter().map(|(_, _, n)| n).sum::<u64>(), 1);
+        assert!(p.by_mode().contains(&("bus", "approve", 1)));
+        assert_eq!(p.by_area().len(), 41 * 3);
+    }
 
     #[test]
     fn every_reason_and_error_code_has_a_counter() {

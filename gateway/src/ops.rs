@@ -336,6 +336,25 @@ impl Sink<'_> {
         Ok(())
     }
 
+    /// Counters by the values of two labels.
+    fn counters_by_two<'v>(
+        &mut self,
+        name: &str,
+        help: &str,
+        labels: (&str, &str),
+        samples: impl Iterator<Item = (&'v str, &'v str, u64)>,
+    ) -> fmt::Result {
+        let mut metric = self
+            .encoder
+            .encode_descriptor(name, help, None, MetricType::Counter)?;
+        for (first, second, value) in samples {
+            metric
+                .encode_family(&[(labels.0, first), (labels.1, second)])?
+                .encode_counter::<NoLabelSet, _, u64>(&value, None)?;
+        }
+        Ok(())
+    }
+
     /// A histogram in seconds: cumulative counts by upper bound (the last `+Inf`).
     fn histogram_seconds(
         &mut self,
@@ -573,6 +592,35 @@ fn render_gateway(sink: &mut Sink, counters: &GatewayCounters) -> fmt::Result {
         "Error frames and closes, by code.",
         "code",
         &errors,
+    )?;
+    let by_area = counters.metrics.by_place.by_area();
+    sink.counters_by_two(
+        "area_answers",
+        "Tap answers by the gate's area (six-digit code) and outcome.",
+        ("area", "outcome"),
+        by_area.iter().map(|(a, o, n)| (a.as_str(), *o, *n)),
+    )?;
+    sink.counters_by_two(
+        "mode_answers",
+        "Tap answers by the gate's mode and outcome.",
+        ("mode", "outcome"),
+        counters.metrics.by_place.by_mode().into_iter(),
+    )?;
+    let (sum, count, buckets) = counters.metrics.answer_latency.snapshot();
+    sink.histogram_seconds(
+        "answer_latency",
+        "From a Tap frame read to its answer written, in the gateway.",
+        sum,
+        count,
+        &buckets,
+    )?;
+    let (sum, count, buckets) = counters.journal.sync_latency.snapshot();
+    sink.histogram_seconds(
+        "journal_sync",
+        "Writing and syncing one journal batch.",
+        sum,
+        count,
+        &buckets,
     )
 }
 

@@ -710,6 +710,7 @@ impl Session {
             send,
             mac,
             state,
+            place,
             queue: VecDeque::with_capacity(usize::from(limits.max_in_flight)),
             out: BytesMut::with_capacity(4096),
         };
@@ -873,9 +874,7 @@ impl Session {
         let fatal = |code, sequence| Pending::Fatal(ErrorFrame { code, sequence });
         let mut reading = true;
         if state.revoked.load(Ordering::SeqCst) {
-            answers
-                .queue
-                .push_back(fatal(ErrorCode::UnknownTerminal, 0));
+            answers.push(fatal(ErrorCode::UnknownTerminal, 0));
             reading = false;
         }
         loop {
@@ -891,18 +890,19 @@ impl Session {
             let next = tokio::select! {
                 biased;
                 _ = &mut stopping, if reading => {
-                    answers.queue.push_back(fatal(ErrorCode::ShuttingDown, 0));
+                    answers.push(fatal(ErrorCode::ShuttingDown, 0));
                     reading = false;
                     continue;
                 }
                 _ = &mut revoked, if reading => {
-                    answers.queue.push_back(fatal(ErrorCode::UnknownTerminal, 0));
+                    answers.push(fatal(ErrorCode::UnknownTerminal, 0));
                     reading = false;
                     continue;
                 }
                 () = answers.wait_for_head(&self.shared), if !answers.queue.is_empty() => continue,
                 next = reader.next(), if reading => next,
             };
+            let read_at = std::time::Instant::now();
             let frame = match next {
                 Ok(Some(frame)) => frame,
                 Ok(None) | Err(ReadFailure::Closed) => {
@@ -910,7 +910,7 @@ impl Session {
                     continue;
                 }
                 Err(ReadFailure::Decode(e)) => {
-                    answers.queue.push_back(fatal(e.error_code(), 0));
+                    answers.push(fatal(e.error_code(), 0));
                     reading = false;
                     continue;
                 }
@@ -921,7 +921,7 @@ impl Session {
                 _ => fatal(ErrorCode::UnexpectedFrame, 0),
             };
             reading = !matches!(pending, Pending::Fatal(_));
-            answers.queue.push_back(pending);
+            answers.queue.push_back(Queued { read_at, pending });
         }
     }
 
@@ -1135,8 +1135,16 @@ struct Answers {
     send: quinn::SendStream,
     mac: MacKey,
     state: Arc<TerminalState>,
-    queue: VecDeque<Pending>,
+    /// Where the gate stands, for the answers counted by area and mode.
+    place: GatePlace,
+    queue: VecDeque<Queued>,
     out: BytesMut,
+}
+
+/// An answer on its way, and when the frame it answers was read.
+struct Queued {
+    read_at: std::time::Instant,
+    pending: Pending,
 }
 
 enum Flushed {
@@ -1148,6 +1156,14 @@ enum Flushed {
 }
 
 impl Answers {
+    /// Queues an answer that reads no frame of its own (an Error at shutdown, say).
+    fn push(&mut self, pending: Pending) {
+        self.queue.push_back(Queued {
+            read_at: std::time::Instant::now(),
+            pending,
+        });
+    }
+
     /// Writes every answer at the head of the queue that is ready, in order. Each answer enters
     /// the terminal's window as it goes out, so a resend can never be answered with an approval
     /// that is not yet durable.
@@ -1155,7 +1171,7 @@ impl Answers {
         self.out.clear();
         let mut fatal = None;
         while let Some(head) = self.queue.front_mut() {
-            let result = match head {
+            let result = match &mut head.pending {
                 Pending::AwaitAnswer { .. } => break,
                 Pending::Fatal(error) => {
                     fatal = Some(*error);
@@ -1167,10 +1183,16 @@ impl Answers {
                     None => break,
                 },
             };
+            let read_at = head.read_at;
             self.queue.pop_front();
             self.state.complete(result);
             shared.metrics.count_answer(result.outcome, result.reason);
+            shared
+                .metrics
+                .by_place
+                .count(self.place.area, self.place.mode, result.outcome);
             tapgate_protocol::seal(&Frame::TapResult(result), &self.mac, &mut self.out);
+            shared.metrics.answer_latency.record(read_at.elapsed());
         }
         if !self.out.is_empty() && self.send.write_all(&self.out).await.is_err() {
             return Flushed::Closed;
@@ -1184,7 +1206,7 @@ impl Answers {
     /// Resolves when the head of the queue can be flushed. Cancel-safe: an interrupted wait
     /// leaves the head as it was, or further along.
     async fn wait_for_head(&mut self, shared: &Shared) {
-        let Some(head) = self.queue.front_mut() else {
+        let Some(Queued { pending: head, .. }) = self.queue.front_mut() else {
             return;
         };
         match head {
