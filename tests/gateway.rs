@@ -665,7 +665,50 @@ async fn a_live_scrape_passes_promtool() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    // The shipped alert rules load, and they and the Grafana dashboard name only metrics this
+    // scrape has (the two that need a Redis directory aside).
+    let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/ops/alerts.yml");
+    let out = std::process::Command::new("promtool")
+        .args(["check", "rules", rules])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dashboard = concat!(env!("CARGO_MANIFEST_DIR"), "/ops/grafana-dashboard.json");
+    let dashboard_text = std::fs::read_to_string(dashboard).unwrap();
+    let _: serde_json::Value = serde_json::from_str(&dashboard_text).expect("dashboard is JSON");
+    let redis_only = ["tapgate_redis_up", "tapgate_change_feeds_behind"];
+    for text in [std::fs::read_to_string(rules).unwrap(), dashboard_text] {
+        for name in metric_names(&text) {
+            assert!(
+                redis_only.contains(&name.as_str())
+                    || metrics.lines().any(|l| l.starts_with(&format!("{name} "))
+                        || l.starts_with(&format!("{name}{{"))),
+                "`{name}` is not in the scrape"
+            );
+        }
+    }
     serving.abort();
     h.gateway.shutdown().await;
     settlement.shutdown().await;
+}
+
+/// Every `tapgate_…` metric name a text mentions.
+fn metric_names(text: &str) -> Vec<String> {
+    let mut names: Vec<String> = text
+        .match_indices("tapgate_")
+        .map(|(at, _)| {
+            text[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                .collect()
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    names
 }

@@ -144,6 +144,12 @@ fn render_health(sink: &mut Sink, counters: &Counters) -> fmt::Result {
             "1 while the directory's Redis answers this gateway (probed every second).",
             u64::from(!directory.redis.failing()),
         )?;
+        sink.single(
+            "change_feeds_behind",
+            "gauge",
+            "Change groups whose feed is not following its stream now (of 16).",
+            directory.feed.iter().filter(|f| f.failing()).count() as u64,
+        )?;
     }
     if let Some(backlog) = &counters.backlog {
         let (bytes, taps) = backlog.measure();
