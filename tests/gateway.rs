@@ -641,6 +641,10 @@ async fn a_live_scrape_passes_promtool() {
         "tapgate_area_answers_total{area=\"500103\",outcome=\"approve\"} 5",
         "# TYPE tapgate_journal_sync_seconds histogram",
         "# TYPE tapgate_settlement_lag_seconds histogram",
+        "tapgate_gates_connected{mode=\"bus\"} 1",
+        "tapgate_build_info{version=",
+        "# TYPE process_cpu_seconds_total counter",
+        "# TYPE process_resident_memory_bytes gauge",
     ] {
         assert!(metrics.contains(line), "no `{line}` in\n{metrics}");
     }

@@ -131,6 +131,41 @@ pub struct Metrics {
     /// From a Tap frame read to its answer written.
     pub answer_latency: DurationHistogram,
     pub by_place: AnswersByPlace,
+    /// Authenticated gates connected now, by mode (in the order of `Mode::ALL`).
+    pub gates_by_mode: [AtomicI64; 5],
+}
+
+impl Metrics {
+    /// Counts an authenticated gate of `mode` as connected until the guard is dropped.
+    pub fn gate_connected(self: &std::sync::Arc<Self>, mode: Mode) -> ConnectedGate {
+        let index = Mode::ALL.iter().position(|m| *m == mode).unwrap_or(0);
+        self.gates_by_mode[index].fetch_add(1, Ordering::Relaxed);
+        ConnectedGate {
+            metrics: self.clone(),
+            index,
+        }
+    }
+
+    /// (mode label, gates connected now).
+    pub fn gates_by_mode(&self) -> Vec<(&'static str, u64)> {
+        Mode::ALL
+            .iter()
+            .zip(&self.gates_by_mode)
+            .map(|(m, n)| (m.label(), n.load(Ordering::Relaxed).max(0) as u64))
+            .collect()
+    }
+}
+
+/// One connected gate, counted while it lives.
+pub struct ConnectedGate {
+    metrics: std::sync::Arc<Metrics>,
+    index: usize,
+}
+
+impl Drop for ConnectedGate {
+    fn drop(&mut self) {
+        self.metrics.gates_by_mode[self.index].fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A consistent-enough copy of the counters for reports.

@@ -124,6 +124,13 @@ impl Counters {
 
 /// Readiness and panics, the same for every kind of process.
 fn render_health(sink: &mut Sink, counters: &Counters) -> fmt::Result {
+    sink.labeled(
+        "build_info",
+        "gauge",
+        "Always 1; the label says which tapgate this is.",
+        "version",
+        &[(env!("CARGO_PKG_VERSION"), 1)],
+    )?;
     let ready = counters.readiness(Instant::now()).ready();
     sink.single(
         "ready",
@@ -413,10 +420,86 @@ impl Collector for Collected {
     }
 }
 
+/// The process's own figures under their conventional names (`process_…`), from /proc.
+#[derive(Debug)]
+struct ProcessMetrics;
+
+impl ProcessMetrics {
+    /// CPU seconds, resident bytes, virtual bytes, start time (Unix seconds), open files.
+    fn read() -> Option<(f64, u64, u64, f64, u64)> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let field = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
+        // SAFETY: sysconf only reads configuration values.
+        let (ticks, page) = unsafe {
+            (
+                libc::sysconf(libc::_SC_CLK_TCK).max(1) as f64,
+                libc::sysconf(libc::_SC_PAGESIZE).max(1) as u64,
+            )
+        };
+        let cpu = (field(14)? + field(15)?) as f64 / ticks;
+        let virtual_bytes = field(23)?;
+        let resident = field(24)? * page;
+        let boot: f64 = std::fs::read_to_string("/proc/stat")
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("btime "))?
+            .trim()
+            .parse()
+            .ok()?;
+        let start = boot + field(22)? as f64 / ticks;
+        let open = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;
+        Some((cpu, resident, virtual_bytes, start, open))
+    }
+}
+
+impl Collector for ProcessMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        let Some((cpu, resident, virtual_bytes, start, open)) = Self::read() else {
+            return Ok(());
+        };
+        encoder
+            .encode_descriptor(
+                "process_cpu_seconds",
+                "User and system CPU time spent.",
+                None,
+                MetricType::Counter,
+            )?
+            .encode_counter::<NoLabelSet, _, u64>(&cpu, None)?;
+        for (name, help, value) in [
+            (
+                "process_resident_memory_bytes",
+                "Resident memory size.",
+                resident as f64,
+            ),
+            (
+                "process_virtual_memory_bytes",
+                "Virtual memory size.",
+                virtual_bytes as f64,
+            ),
+            (
+                "process_start_time_seconds",
+                "Start time since the Unix epoch.",
+                start,
+            ),
+            ("process_open_fds", "Open file descriptors.", open as f64),
+        ] {
+            encoder
+                .encode_descriptor(name, help, None, MetricType::Gauge)?
+                .encode_gauge(&value)?;
+        }
+        Ok(())
+    }
+}
+
 /// Every counter this process has, in the Prometheus text format.
 pub fn render(counters: &Counters) -> String {
-    let mut registry = Registry::with_prefix("tapgate");
-    registry.register_collector(Box::new(Collected(counters.clone())));
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(ProcessMetrics));
+    registry
+        .sub_registry_with_prefix("tapgate")
+        .register_collector(Box::new(Collected(counters.clone())));
     let mut out = String::with_capacity(8192);
     prometheus_client::encoding::prometheus_text::encode(&mut out, &registry)
         .expect("encoding into a String cannot fail");
@@ -598,6 +681,13 @@ fn render_gateway(sink: &mut Sink, counters: &GatewayCounters) -> fmt::Result {
         "Error frames and closes, by code.",
         "code",
         &errors,
+    )?;
+    sink.labeled(
+        "gates_connected",
+        "gauge",
+        "Authenticated gates connected now, by mode.",
+        "mode",
+        &counters.metrics.gates_by_mode(),
     )?;
     let by_area = counters.metrics.by_place.by_area();
     sink.counters_by_two(

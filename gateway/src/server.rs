@@ -701,6 +701,7 @@ impl Session {
             .metrics
             .sessions_authenticated
             .fetch_add(1, Ordering::Relaxed);
+        let _connected = self.shared.metrics.gate_connected(terminal.mode);
 
         let place = GatePlace {
             area: terminal.area,
