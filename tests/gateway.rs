@@ -716,3 +716,88 @@ fn metric_names(text: &str) -> Vec<String> {
     names.dedup();
     names
 }
+
+/// The page at `/` as headless Chromium leaves it after a few seconds of its own updates.
+fn rendered_page(ops: std::net::SocketAddr, profile: &std::path::Path) -> String {
+    let out = std::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--virtual-time-budget=3000",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(format!("http://{ops}/"))
+        .output()
+        .expect("chromium must be installed (scripts/test installs it)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The number the page shows in the element with this id.
+fn shown(page: &str, id: &str) -> u64 {
+    let at = page
+        .find(&format!("id=\"{id}\""))
+        .unwrap_or_else(|| panic!("no #{id} in\n{page}"));
+    let text = &page[at..];
+    let value = &text[text.find('>').unwrap() + 1..text.find('<').unwrap()];
+    value
+        .parse()
+        .unwrap_or_else(|_| panic!("#{id} shows `{value}`"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operators_page_shows_live_figures_that_agree_with_the_metrics() {
+    let (h, _state) = harness().await;
+    let (ops, serving) = ops_endpoint(tapgate_gateway::ops::Counters::of(&h.gateway)).await;
+    let mut gate = h.gate(&YUZHONG_BUS).await;
+    let tapping = tokio::spawn(async move {
+        for sequence in 1.. {
+            if gate
+                .tap(tap(sequence, ACTIVE, TapKind::Flat))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    let profile = tempfile::tempdir().unwrap();
+    let approved_now = || async move {
+        let metrics = tokio::task::spawn_blocking(move || http_get(ops, "/metrics"))
+            .await
+            .unwrap();
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("tapgate_answers_total{outcome=\"approve\"} "))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let before = approved_now().await;
+        let dir = profile.path().to_owned();
+        let page = tokio::task::spawn_blocking(move || rendered_page(ops, &dir))
+            .await
+            .unwrap();
+        let after = approved_now().await;
+        let approved = shown(&page, "approved-total");
+        // What the page showed was read from /metrics between the two scrapes around it.
+        assert!(
+            (before..=after).contains(&approved),
+            "page {approved}, metrics {before}..{after}"
+        );
+        assert!(page.contains(">ready<"), "{page}");
+        assert_eq!(shown(&page, "gates"), 1);
+        seen.push(approved);
+    }
+    assert!(seen[1] > seen[0], "the page's figures moved: {seen:?}");
+    tapping.abort();
+    serving.abort();
+}

@@ -727,6 +727,7 @@ fn render_gateway(sink: &mut Sink, counters: &GatewayCounters) -> fmt::Result {
 /// clients that connect and stall cannot keep a probe from being answered.
 pub async fn serve(listener: TcpListener, counters: Counters) {
     let app = Router::new()
+        .route("/", get(dashboard))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -754,12 +755,39 @@ pub async fn serve(listener: TcpListener, counters: Counters) {
     }
 }
 
+/// The operators' page: one self-contained file built into the binary (no CDN), reading
+/// `/metrics` and `/readyz` every second, of this node and of any named in `?nodes=`.
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+async fn dashboard() -> impl IntoResponse {
+    let names: serde_json::Map<String, serde_json::Value> = tapgate_protocol::AREAS
+        .iter()
+        .map(|a| {
+            (
+                a.code.to_string(),
+                serde_json::Value::String(format!("{} {}", a.name_zh, a.name_en)),
+            )
+        })
+        .collect();
+    let page = DASHBOARD.replace(
+        "/*AREA_NAMES*/{}",
+        &serde_json::Value::Object(names).to_string(),
+    );
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], page)
+}
+
+/// Other nodes' pages read this endpoint too (the fleet view): reads are allowed from anywhere.
+const ANY_ORIGIN: (header::HeaderName, &str) = (header::ACCESS_CONTROL_ALLOW_ORIGIN, "*");
+
 async fn metrics(State(counters): State<Counters>) -> impl IntoResponse {
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
+        [
+            (
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            ),
+            ANY_ORIGIN,
+        ],
         render(&counters),
     )
 }
@@ -773,7 +801,7 @@ async fn readyz(State(counters): State<Counters>) -> impl IntoResponse {
     };
     (
         status,
-        [(header::CONTENT_TYPE, "application/json")],
+        [(header::CONTENT_TYPE, "application/json"), ANY_ORIGIN],
         format!("{}\n", readiness.to_json()),
     )
 }
