@@ -4,6 +4,7 @@ mod cards;
 mod load;
 mod serve;
 mod settle;
+mod top;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -36,6 +37,9 @@ enum Command {
     Settle(settle::SettleArgs),
     /// Manage card records in Redis: import, generate, report lost, block, unblock, show.
     Cards(cards::CardsArgs),
+    /// Live figures of one or more gateways and settlers in the terminal (reads their ops
+    /// endpoints every second).
+    Top(top::TopArgs),
     /// Print the protocol's worked example (keys, frames and tags in hex) for gate vendors.
     Vectors,
 }
@@ -55,6 +59,7 @@ fn main() -> ExitCode {
         Command::Load(args) => load::run_load(args),
         Command::Echo(args) => load::run_echo(args),
         Command::Cards(args) => cards::run(args),
+        Command::Top(args) => top::run(args),
         Command::Settle(args) => return report_failure(settle::run(args)),
         Command::Vectors => {
             for (name, value) in tapgate_protocol::example::lines() {

@@ -801,3 +801,30 @@ async fn the_operators_page_shows_live_figures_that_agree_with_the_metrics() {
     tapping.abort();
     serving.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_reads_live_nodes_and_names_one_that_is_down() {
+    let (h, _state) = harness().await;
+    let (ops, serving) = ops_endpoint(tapgate_gateway::ops::Counters::of(&h.gateway)).await;
+    let mut gate = h.gate(&YUZHONG_BUS).await;
+    gate.tap(tap(1, ACTIVE, TapKind::Flat)).await.unwrap();
+    let down = format!("http://127.0.0.1:{}", free_port());
+    let live = format!("http://{ops}");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tapgate"))
+            .args(["top", "--once", &live, &down])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains(&format!("http://{ops}: ready")), "{text}");
+    assert!(text.contains(": unreachable"), "{text}");
+    assert!(
+        text.lines().next().unwrap().starts_with("node\ttaps/s"),
+        "{text}"
+    );
+    serving.abort();
+}
