@@ -243,12 +243,26 @@ async fn a_gateway_killed_under_load(url: &str) {
         &PARTITIONS.to_string(),
     ]);
     assert!(ok, "{text}");
-    assert!(
-        settlement_b
-            .wait_settled(Duration::from_secs(60))
-            .await
-            .unwrap()
-    );
+    if !settlement_b
+        .wait_settled(Duration::from_secs(60))
+        .await
+        .unwrap()
+    {
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        let (f, s) = (&settlement_b.forwarder, &settlement_b.settlers);
+        panic!(
+            "settlement did not catch up: counts {:?}; forwarder shipped through {:?}, store errors {}, failed {}; settlers settled {}, store errors {}, leases lost {}, partitions held {}, health {:?}",
+            store.counts().await,
+            f.shipped_through(),
+            load(&f.store_errors),
+            f.failed.load(std::sync::atomic::Ordering::Relaxed),
+            load(&s.settled),
+            load(&s.store_errors),
+            load(&s.leases_lost),
+            load(&s.partitions_held),
+            s.health.reason(),
+        );
+    }
     settlement_b.shutdown().await;
 
     let (in_a, in_b) = (approved_in(&journal_a), approved_in(&journal_b));

@@ -642,6 +642,7 @@ async fn a_live_scrape_passes_promtool() {
         "# TYPE tapgate_journal_sync_seconds histogram",
         "# TYPE tapgate_settlement_lag_seconds histogram",
         "tapgate_gates_connected{mode=\"bus\"} 1",
+        "tapgate_operator_answers_total{operator=\"1\",outcome=\"approve\"} 5",
         "tapgate_build_info{version=",
         "# TYPE process_cpu_seconds_total counter",
         "# TYPE process_resident_memory_bytes gauge",

@@ -2,6 +2,7 @@
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
+use tapgate_protocol::registry::OPERATORS;
 use tapgate_protocol::{AREAS, AreaCode, ErrorCode, Mode, Outcome, Reason};
 
 /// Upper bounds (µs) of the duration histograms' buckets: the gateway promises answers within
@@ -52,12 +53,14 @@ impl DurationHistogram {
     }
 }
 
-/// Answers by where the gate stands: per area and per mode, each by outcome. Fixed arrays over
-/// the registries (41 areas, 5 modes, 3 outcomes), so the label sets are bounded.
+/// Answers by where the gate stands: per area, per mode and per operator, each by outcome.
+/// Fixed arrays over the registries (41 areas, 5 modes, the operators, 3 outcomes), so the label
+/// sets are bounded.
 #[derive(Debug)]
 pub struct AnswersByPlace {
     areas: Vec<[AtomicU64; 3]>,
     modes: Vec<[AtomicU64; 3]>,
+    operators: Vec<[AtomicU64; 3]>,
 }
 
 impl Default for AnswersByPlace {
@@ -65,6 +68,7 @@ impl Default for AnswersByPlace {
         Self {
             areas: AREAS.iter().map(|_| Default::default()).collect(),
             modes: Mode::ALL.iter().map(|_| Default::default()).collect(),
+            operators: OPERATORS.iter().map(|_| Default::default()).collect(),
         }
     }
 }
@@ -72,7 +76,7 @@ impl Default for AnswersByPlace {
 const OUTCOME_LABELS: [&str; 3] = ["approve", "deny", "busy"];
 
 impl AnswersByPlace {
-    pub fn count(&self, area: AreaCode, mode: Mode, outcome: Outcome) {
+    pub fn count(&self, area: AreaCode, mode: Mode, operator: u16, outcome: Outcome) {
         let o = match outcome {
             Outcome::Approve => 0,
             Outcome::Deny => 1,
@@ -84,6 +88,20 @@ impl AnswersByPlace {
         if let Some(m) = Mode::ALL.iter().position(|x| *x == mode) {
             self.modes[m][o].fetch_add(1, Ordering::Relaxed);
         }
+        if let Some(i) = OPERATORS.iter().position(|x| x.id == operator) {
+            self.operators[i][o].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// (operator id, outcome label, answers) for every operator and outcome.
+    pub fn by_operator(&self) -> Vec<(String, &'static str, u64)> {
+        let mut out = Vec::new();
+        for (operator, counts) in OPERATORS.iter().zip(&self.operators) {
+            for (label, n) in OUTCOME_LABELS.iter().zip(counts) {
+                out.push((operator.id.to_string(), *label, n.load(Ordering::Relaxed)));
+            }
+        }
+        out
     }
 
     /// (area code, outcome label, answers) for every area and outcome.
@@ -254,8 +272,10 @@ mod tests {
     #[test]
     fn answers_are_counted_by_area_and_mode() {
         let p = AnswersByPlace::default();
-        p.count(AreaCode(500103), Mode::Metro, Outcome::Deny);
-        p.count(AreaCode(999999), Mode::Bus, Outcome::Approve);
+        p.count(AreaCode(500103), Mode::Metro, 2, Outcome::Deny);
+        p.count(AreaCode(999999), Mode::Bus, 99, Outcome::Approve);
+        assert!(p.by_operator().contains(&("2".into(), "deny", 1)));
+        assert_eq!(p.by_operator().iter().map(|(_, _, n)| n).sum::<u64>(), 1);
         assert!(p.by_area().contains(&("500103".into(), "deny", 1)));
         assert_eq!(p.by_area().iter().map(|(_, _, n)| n).sum::<u64>(), 1);
         assert!(p.by_mode().contains(&("bus", "approve", 1)));

@@ -696,6 +696,15 @@ fn render_gateway(sink: &mut Sink, counters: &GatewayCounters) -> fmt::Result {
         ("area", "outcome"),
         by_area.iter().map(|(a, o, n)| (a.as_str(), *o, *n)),
     )?;
+    let by_operator = counters.metrics.by_place.by_operator();
+    sink.counters_by_two(
+        "operator_answers",
+        "Tap answers by the gate's operator (registry id) and outcome.",
+        ("operator", "outcome"),
+        by_operator
+            .iter()
+            .map(|(o, outcome, n)| (o.as_str(), *outcome, *n)),
+    )?;
     sink.counters_by_two(
         "mode_answers",
         "Tap answers by the gate's mode and outcome.",

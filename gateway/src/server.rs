@@ -712,6 +712,7 @@ impl Session {
             mac,
             state,
             place,
+            operator: terminal.operator,
             queue: VecDeque::with_capacity(usize::from(limits.max_in_flight)),
             out: BytesMut::with_capacity(4096),
         };
@@ -1136,8 +1137,9 @@ struct Answers {
     send: quinn::SendStream,
     mac: MacKey,
     state: Arc<TerminalState>,
-    /// Where the gate stands, for the answers counted by area and mode.
+    /// Where the gate stands and whose it is, for the answers counted by area, mode and operator.
     place: GatePlace,
+    operator: u16,
     queue: VecDeque<Queued>,
     out: BytesMut,
 }
@@ -1188,10 +1190,12 @@ impl Answers {
             self.queue.pop_front();
             self.state.complete(result);
             shared.metrics.count_answer(result.outcome, result.reason);
-            shared
-                .metrics
-                .by_place
-                .count(self.place.area, self.place.mode, result.outcome);
+            shared.metrics.by_place.count(
+                self.place.area,
+                self.place.mode,
+                self.operator,
+                result.outcome,
+            );
             tapgate_protocol::seal(&Frame::TapResult(result), &self.mac, &mut self.out);
             shared.metrics.answer_latency.record(read_at.elapsed());
         }

@@ -7,7 +7,7 @@
 
 use super::partition_of;
 use super::store::{Checkpoint, Shipped, ShippedTap, Store, StoreError};
-use crate::health::PartHealth;
+use crate::health::{Incident, PartHealth};
 use crate::journal::{JournalPosition, journal_id, next_segment, read_from};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -103,6 +103,9 @@ pub async fn run(
     let journal = journal_id(&settings.journal_dir)
         .map_err(|e| StoreError::Malformed(format!("{}: {e}", settings.journal_dir.display())))?;
     let ours = |stored: Option<Checkpoint>| own_position(&settings.node, &journal, stored);
+    let mut store_down = Incident::new(
+        "forwarder: the store does not take shipments; retrying from the stored checkpoint",
+    );
     let at = |position: JournalPosition| Checkpoint {
         journal: journal.clone(),
         position,
@@ -113,7 +116,7 @@ pub async fn run(
             Err(e @ StoreError::Malformed(_)) => return Err(e),
             Err(e) => {
                 stats.store_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, "forwarder: cannot read its checkpoint; retrying");
+                store_down.failed(std::time::Instant::now(), &e);
                 if wait_or_stop(&mut stop, RETRY).await {
                     return Ok(());
                 }
@@ -213,6 +216,7 @@ pub async fn run(
         {
             Ok(Shipped::Done) => {
                 stats.health.ok();
+                store_down.recovered(std::time::Instant::now());
                 stats
                     .shipped
                     .fetch_add(taps.len() as u64, Ordering::Relaxed);
@@ -230,7 +234,7 @@ pub async fn run(
                 stats
                     .health
                     .fail(std::time::Instant::now(), format_args!("cannot ship: {e}"));
-                tracing::warn!(error = %e, "forwarder: shipping failed; retrying from the stored checkpoint");
+                store_down.failed(std::time::Instant::now(), &e);
                 // Stopping while the store is unreachable: the stored checkpoint keeps the
                 // place, and the next start ships the rest.
                 if wait_or_stop(&mut stop, RETRY).await {
