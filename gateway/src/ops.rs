@@ -35,6 +35,10 @@ const MAX_OPS_CONNECTIONS: usize = 256;
 const HEADER_READ: Duration = Duration::from_secs(2);
 /// How long one connection may last, reading the answer included.
 const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
+/// How long one request may take once its head has arrived.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+/// Requests worked on at once (each takes microseconds; the bound is for a flood).
+const MAX_REQUESTS_AT_ONCE: usize = 64;
 
 /// What the ops endpoint reads: counters shared with whatever runs in this process (a gateway,
 /// its forwarder and settlers, or standalone settlers), so the endpoint keeps none of them alive.
@@ -741,7 +745,17 @@ pub async fn serve(listener: TcpListener, counters: Counters) {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .fallback(|| async { (StatusCode::NOT_FOUND, "try /metrics, /healthz or /readyz\n") })
-        .with_state(counters);
+        .with_state(counters)
+        // Past the request head: a request is answered within a deadline or refused, and only
+        // so many are worked on at once.
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(axum::error_handling::HandleErrorLayer::new(
+                    |_: tower::BoxError| async { StatusCode::SERVICE_UNAVAILABLE },
+                ))
+                .timeout(REQUEST_DEADLINE)
+                .concurrency_limit(MAX_REQUESTS_AT_ONCE),
+        );
     let limit = Arc::new(Semaphore::new(MAX_OPS_CONNECTIONS));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
