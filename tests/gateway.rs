@@ -246,7 +246,42 @@ async fn bad_mac_and_malformed_frames_get_error_frames() {
     gate.send_raw(&body).await.unwrap();
     let err = gate.recv().await.unwrap_err();
     assert_refused(&err, ErrorCode::MalformedFrame);
+    // The tag checked out, so the Error names the tap it is about (section 4.5).
+    assert!(
+        matches!(&err, ClientError::Refused(e) if e.sequence == 2),
+        "{err}"
+    );
     assert!(h.gateway.metrics().snapshot().errors.len() >= 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_max_in_flight_pipelined_taps_are_served() {
+    let (h, _state) = harness().await;
+    let mut gate = h.gate(&YUZHONG_BUS).await;
+    let announced = u64::from(gate.ack.max_in_flight);
+    // Bursts of exactly the announced number, in one write: most of the time all of a burst is
+    // unanswered at once (the journal syncs after the gateway has read it all), and then none
+    // may be answered Busy.
+    for burst in 0..3 {
+        let frames: Vec<_> = (1..=announced)
+            .map(|s| {
+                gate.sealed(&Frame::Tap(tap(
+                    burst * announced + s,
+                    ACTIVE,
+                    TapKind::Flat,
+                )))
+            })
+            .collect();
+        gate.send_raw(&frames.concat()).await.unwrap();
+        for _ in 1..=announced {
+            let r = gate.recv_result().await.unwrap();
+            assert_eq!(
+                r.outcome,
+                Outcome::Approve,
+                "{r:?} of a burst of {announced}"
+            );
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -939,6 +939,12 @@ impl Session {
         let tap = match frame.open(&answers.mac) {
             Ok(Frame::Tap(tap)) => tap,
             Ok(_) => unreachable!("a frame of type Tap parses as a Tap"),
+            // Authentic but not a tap we can read (an unknown issuer or kind): the Error names
+            // the tap it is about, as PROTOCOL.md section 4.5 says.
+            Err(e @ tapgate_protocol::OpenError::Decode(_)) => {
+                return fatal(e.error_code(), frame.sequence().unwrap_or(0));
+            }
+            // Not authentic: nothing in it is believed, its sequence included.
             Err(e) => return fatal(e.error_code(), 0),
         };
         let tag = frame.tag();
@@ -950,7 +956,9 @@ impl Session {
             .admit(tap.sequence, tag);
         match admission {
             Admission::Fresh => {
-                let room = answers.queue.len() + 1 < usize::from(self.shared.limits.max_in_flight);
+                // This tap is one of the unanswered ones: up to `max_in_flight` of them, as
+                // HelloAck announces.
+                let room = answers.queue.len() < usize::from(self.shared.limits.max_in_flight);
                 self.decide_fresh(&tap, tag, terminal, place, room).await
             }
             Admission::Resend(answer) => self.resend(&answers.state, answer),

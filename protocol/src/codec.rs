@@ -121,6 +121,19 @@ impl SealedFrame {
         key.verify(self.mac_input(), &self.bytes[self.bytes.len() - TAG_LEN..])
     }
 
+    /// The sequence number a Tap or TapResult frame carries (the first 8 bytes of its body),
+    /// read without parsing the rest; `None` for other frames. Trust it only once the tag has
+    /// verified: then an Error about a body that does not parse can name the tap it is about.
+    pub fn sequence(&self) -> Option<u64> {
+        match self.frame_type {
+            FrameType::Tap | FrameType::TapResult => {
+                let bytes: [u8; 8] = self.body().get(..8)?.try_into().ok()?;
+                Some(u64::from_be_bytes(bytes))
+            }
+            _ => None,
+        }
+    }
+
     /// Verifies the tag, then parses the body.
     pub fn open(&self, key: &MacKey) -> Result<Frame, OpenError> {
         self.verify(key)?;
