@@ -7,7 +7,7 @@ use std::time::Duration;
 use support::*;
 use tapgate_gateway::card::CardState;
 use tapgate_gateway::policy::{AreaSet, Policy, RolloutStep};
-use tapgate_loadgen::client::{ClientError, GateClient};
+use tapgate_loadgen::client::{ClientError, GateClient, hello};
 use tapgate_protocol::{
     Concession, ErrorCode, Frame, Issuer, Outcome, RIDES_LEFT_NOT_APPLICABLE, Reason, TapKind,
 };
@@ -252,6 +252,32 @@ async fn bad_mac_and_malformed_frames_get_error_frames() {
         "{err}"
     );
     assert!(h.gateway.metrics().snapshot().errors.len() >= 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_closes_promptly_after_an_error() {
+    let (h, _state) = harness().await;
+    for _ in 0..3 {
+        let mut gate = h.gate(&YUZHONG_BUS).await;
+        // A Hello where a Tap belongs: duplicate_hello, then the close.
+        gate.send_frame(&hello(
+            &identity(&YUZHONG_BUS),
+            rand_nonce(),
+            tapgate_gateway::server::now_ms(),
+        ))
+        .await
+        .unwrap();
+        let err = gate.recv().await.unwrap_err();
+        assert_refused(&err, ErrorCode::DuplicateHello);
+        let after_error = std::time::Instant::now();
+        gate.connection.closed().await;
+        let took = after_error.elapsed();
+        // It waited a fixed second before; now it waits for the gate's acknowledgement.
+        assert!(
+            took < Duration::from_millis(500),
+            "closed {took:?} after the Error"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -978,7 +978,17 @@ impl Session {
         tapgate_protocol::seal(&Frame::Error(error), &answers.mac, &mut answers.out);
         if answers.send.write_all(&answers.out).await.is_ok() {
             let _ = answers.send.finish();
-            let _ = tokio::time::timeout(Duration::from_secs(1), self.connection.closed()).await;
+            // Closing before the gate has the Error would discard it; the gate's acknowledgement
+            // of the stream (one ack delay, tens of milliseconds) is the first safe moment, and
+            // the gate closing first ends the wait too.
+            let acknowledged = answers.send.stopped();
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                tokio::select! {
+                    _ = acknowledged => {}
+                    _ = self.connection.closed() => {}
+                }
+            })
+            .await;
         }
         self.close(error.code);
     }
