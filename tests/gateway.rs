@@ -255,6 +255,28 @@ async fn bad_mac_and_malformed_frames_get_error_frames() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_naming_no_registered_operator_is_malformed() {
+    let (h, _state) = harness().await;
+    for operator in [0, 8] {
+        let mut id = identity(&YUZHONG_BUS);
+        id.operator = operator;
+        let refused = GateClient::connect(
+            &h.endpoint,
+            h.addr(),
+            &id,
+            rand_nonce(),
+            tapgate_gateway::server::now_ms(),
+        )
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("operator {operator} was accepted"));
+        assert_refused(&refused, ErrorCode::MalformedFrame);
+    }
+    // The registered operator of the gate is accepted.
+    h.gate(&YUZHONG_BUS).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_connection_closes_promptly_after_an_error() {
     let (h, _state) = harness().await;
     for _ in 0..3 {

@@ -770,6 +770,18 @@ impl Session {
             self.refuse(send, ErrorCode::BadMac, Some(&mac)).await;
             return None;
         }
+        if tapgate_protocol::registry::operator(hello.operator).is_none() {
+            // Section 3 lists the operators; any other value is a malformed Hello, answered
+            // with a tagged Error since the key is known by now.
+            tracing::warn!(
+                terminal = hello.terminal_id,
+                operator = hello.operator,
+                "Hello names no registered operator"
+            );
+            self.refuse(send, ErrorCode::MalformedFrame, Some(&mac))
+                .await;
+            return None;
+        }
         if hello.area.area().is_none() || hello.area != terminal.area {
             tracing::warn!(terminal = hello.terminal_id, claimed = %hello.area, provisioned = %terminal.area, "Hello from the wrong area");
             self.refuse(send, ErrorCode::UnknownArea, Some(&mac)).await;
