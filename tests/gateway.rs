@@ -255,7 +255,7 @@ async fn bad_mac_and_malformed_frames_get_error_frames() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hello_naming_no_registered_operator_is_malformed() {
+async fn a_hello_naming_no_registered_operator_is_malformed_and_an_unknown_area_is_named() {
     let (h, _state) = harness().await;
     for operator in [0, 8] {
         let mut id = identity(&YUZHONG_BUS);
@@ -274,6 +274,42 @@ async fn a_hello_naming_no_registered_operator_is_malformed() {
     }
     // The registered operator of the gate is accepted.
     h.gate(&YUZHONG_BUS).await;
+    // An area outside the 41 is the one enumerated field with an Error of its own.
+    let mut id = identity(&YUZHONG_BUS);
+    id.area = tapgate_protocol::AreaCode(999_999);
+    let refused = GateClient::connect(
+        &h.endpoint,
+        h.addr(),
+        &id,
+        rand_nonce(),
+        tapgate_gateway::server::now_ms(),
+    )
+    .await
+    .err()
+    .expect("area 999999 was accepted");
+    assert_refused(&refused, ErrorCode::UnknownArea);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gate_that_finishes_its_stream_gets_every_answer_then_a_clean_close() {
+    let (h, _state) = harness().await;
+    let mut gate = h.gate(&YUZHONG_BUS).await;
+    let taps: Vec<_> = (1..=3)
+        .map(|s| gate.sealed(&Frame::Tap(tap(s, ACTIVE, TapKind::Flat))))
+        .collect();
+    gate.send_raw(&taps.concat()).await.unwrap();
+    gate.sender.finish();
+    for sequence in 1..=3 {
+        let r = gate.recv_result().await.unwrap();
+        assert_eq!((r.sequence, r.outcome), (sequence, Outcome::Approve));
+    }
+    match gate.connection.closed().await {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(close.error_code.into_inner(), 0);
+            assert_eq!(&close.reason[..], b"done");
+        }
+        other => panic!("closed by {other}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

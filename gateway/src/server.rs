@@ -898,7 +898,18 @@ impl Session {
                 Flushed::Fatal(error) => return self.close_after(answers, error).await,
             }
             if !reading && answers.queue.is_empty() {
+                // Every answer is written. Close only once the gate has them (closing at once
+                // could discard the last ones), with code 0, `done` (section 4.5).
                 let _ = answers.send.finish();
+                let acknowledged = answers.send.stopped();
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    tokio::select! {
+                        _ = acknowledged => {}
+                        _ = self.connection.closed() => {}
+                    }
+                })
+                .await;
+                self.connection.close(quinn::VarInt::from_u32(0), b"done");
                 return;
             }
             let next = tokio::select! {

@@ -246,6 +246,11 @@ impl GateSender {
         seal(frame, &self.mac, &mut out);
         out
     }
+
+    /// Ends the gate's side of the stream (no more taps); answers still arrive.
+    pub fn finish(&mut self) {
+        let _ = self.send.finish();
+    }
 }
 
 impl GateReceiver {
