@@ -313,6 +313,39 @@ async fn a_gate_that_finishes_its_stream_gets_every_answer_then_a_clean_close() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_gate_is_disconnected_after_the_idle_timeout_despite_keep_alives() {
+    let state = tempfile::tempdir().unwrap();
+    let (_, directory) = embedded_with(&population());
+    let mut settings = settings(directory, state.path());
+    settings.limits.idle_timeout = Duration::from_secs(1);
+    // Keep-alives far more often than the idle timeout: the QUIC connection never idles.
+    settings.limits.keep_alive = Duration::from_millis(200);
+    let h = Harness::start_with(settings).await;
+    let mut gate = h.gate(&YUZHONG_BUS).await;
+    // Taps keep it open past the timeout.
+    for sequence in 1..=3 {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let r = gate
+            .tap(tap(sequence, ACTIVE, TapKind::Flat))
+            .await
+            .unwrap();
+        assert_eq!(r.outcome, Outcome::Approve);
+    }
+    // Then silence.
+    let started = std::time::Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(5), gate.recv())
+        .await
+        .expect("disconnected within 5 s")
+        .unwrap_err();
+    assert_refused(&err, ErrorCode::IdleTimeout);
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_connection_closes_promptly_after_an_error() {
     let (h, _state) = harness().await;
     for _ in 0..3 {

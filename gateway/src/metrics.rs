@@ -138,7 +138,7 @@ pub struct Metrics {
     pub denied: AtomicU64,
     pub busy: AtomicU64,
     pub resends: AtomicU64,
-    errors: [AtomicU64; 18],
+    errors: [AtomicU64; 19],
     /// Counted-ride updates to the directory dropped because their queue was full.
     pub ride_updates_dropped: AtomicU64,
     /// Decisions answered without being shared with the other gateways (Redis unreachable or

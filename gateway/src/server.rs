@@ -887,6 +887,11 @@ impl Session {
         revoked.as_mut().enable();
         let fatal = |code, sequence| Pending::Fatal(ErrorFrame { code, sequence });
         let mut reading = true;
+        // QUIC keep-alives keep the connection itself from idling, so silence is timed here: a
+        // gate that sends nothing for the idle timeout while nothing is owed to it is told so
+        // and disconnected (PROTOCOL.md section 1).
+        let idle = self.shared.limits.idle_timeout;
+        let mut last_frame = tokio::time::Instant::now();
         if state.revoked.load(Ordering::SeqCst) {
             answers.push(fatal(ErrorCode::UnknownTerminal, 0));
             reading = false;
@@ -926,7 +931,13 @@ impl Session {
                 }
                 () = answers.wait_for_head(&self.shared), if !answers.queue.is_empty() => continue,
                 next = reader.next(), if reading => next,
+                () = tokio::time::sleep_until(last_frame + idle), if reading && answers.queue.is_empty() => {
+                    answers.push(fatal(ErrorCode::IdleTimeout, 0));
+                    reading = false;
+                    continue;
+                }
             };
+            last_frame = tokio::time::Instant::now();
             let read_at = std::time::Instant::now();
             let frame = match next {
                 Ok(Some(frame)) => frame,

@@ -107,6 +107,8 @@ wire_enum! {
         /// No Hello within the handshake deadline.
         HelloTimeout = 16 => "hello_timeout",
         Internal = 17 => "internal",
+        /// The gate sent no frame for the idle timeout while nothing was owed to it.
+        IdleTimeout = 18 => "idle_timeout",
     }
 }
 
