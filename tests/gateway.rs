@@ -346,6 +346,40 @@ async fn a_silent_gate_is_disconnected_after_the_idle_timeout_despite_keep_alive
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_is_checked_for_its_tag_before_its_fields() {
+    let (h, _state) = harness().await;
+    let id = identity(&YUZHONG_BUS);
+    let key = id.key.mac_key();
+    for (mode, good_tag, expected) in [
+        (6u8, false, ErrorCode::BadMac),
+        (0, false, ErrorCode::BadMac),
+        (6, true, ErrorCode::MalformedFrame),
+        (0, true, ErrorCode::MalformedFrame),
+    ] {
+        let mut gate = GateClient::open(&h.endpoint, h.addr(), &id).await.unwrap();
+        let hello_frame = hello(&id, rand_nonce(), tapgate_gateway::server::now_ms());
+        let sealed = gate.sealed(&hello_frame);
+        // Body starts after the 2-byte length and 2-byte header; the mode is at body offset 9.
+        let mut bytes = sealed[..sealed.len() - 16].to_vec();
+        bytes[4 + 9] = mode;
+        let tag = if good_tag {
+            key.tag(&bytes)
+        } else {
+            [0x5a; 16]
+        };
+        bytes.extend_from_slice(&tag);
+        gate.send_raw(&bytes).await.unwrap();
+        let answer = gate.receiver.recv_sealed().await.unwrap();
+        let Ok(Frame::Error(error)) = answer.parse_unverified() else {
+            panic!("mode {mode}: not an Error");
+        };
+        assert_eq!(error.code, expected, "mode {mode}, good tag {good_tag}");
+        // Once the key is known, the Error is tagged with it.
+        assert!(answer.verify(&key).is_ok(), "mode {mode}: Error not tagged");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_connection_closes_promptly_after_an_error() {
     let (h, _state) = harness().await;
     for _ in 0..3 {

@@ -735,41 +735,45 @@ impl Session {
             self.refuse(send, code, None).await;
             return None;
         }
-        let hello = match first.parse_unverified() {
-            Ok(Frame::Hello(hello)) => hello,
-            Ok(_) => unreachable!("a frame of type Hello parses as a Hello"),
-            Err(e) => {
-                self.refuse(send, e.error_code(), None).await;
-                return None;
-            }
+        // Only the identity is read before the tag verifies; the rest is parsed after it, so an
+        // unauthenticated peer learns nothing from which check failed (PROTOCOL.md section 7).
+        let Some((terminal_id, key_version)) = first.hello_identity() else {
+            self.refuse(send, ErrorCode::MalformedFrame, None).await;
+            return None;
         };
-        let terminal = match self.provisioned_terminal(hello.terminal_id).await {
+        let terminal = match self.provisioned_terminal(terminal_id).await {
             Ok(Some(t)) => t,
             Ok(None) => {
-                tracing::info!(terminal = hello.terminal_id, "unknown terminal refused");
+                tracing::info!(terminal = terminal_id, "unknown terminal refused");
                 self.refuse(send, ErrorCode::UnknownTerminal, None).await;
                 return None;
             }
             Err(e) => {
-                tracing::warn!(terminal = hello.terminal_id, error = %e, "cannot look up terminal");
+                tracing::warn!(terminal = terminal_id, error = %e, "cannot look up terminal");
                 self.refuse(send, ErrorCode::Internal, None).await;
                 return None;
             }
         };
-        let Some(key) = self
-            .shared
-            .keys
-            .terminal_key(hello.key_version, hello.terminal_id)
-        else {
+        let Some(key) = self.shared.keys.terminal_key(key_version, terminal_id) else {
             self.refuse(send, ErrorCode::UnknownKeyVersion, None).await;
             return None;
         };
         let mac = key.mac_key();
-        if first.verify(&mac).is_err() {
-            tracing::warn!(terminal = hello.terminal_id, "Hello with a bad MAC");
-            self.refuse(send, ErrorCode::BadMac, Some(&mac)).await;
-            return None;
-        }
+        let hello = match first.open(&mac) {
+            Ok(Frame::Hello(hello)) => hello,
+            Ok(_) => unreachable!("a frame of type Hello parses as a Hello"),
+            Err(tapgate_protocol::OpenError::BadMac(_)) => {
+                tracing::warn!(terminal = terminal_id, "Hello with a bad MAC");
+                self.refuse(send, ErrorCode::BadMac, Some(&mac)).await;
+                return None;
+            }
+            // Authentic, but a field holds a value section 3 does not list: the key is known, so
+            // the Error is tagged.
+            Err(e) => {
+                self.refuse(send, e.error_code(), Some(&mac)).await;
+                return None;
+            }
+        };
         if tapgate_protocol::registry::operator(hello.operator).is_none() {
             // Section 3 lists the operators; any other value is a malformed Hello, answered
             // with a tagged Error since the key is known by now.

@@ -254,6 +254,21 @@ impl GateSender {
 }
 
 impl GateReceiver {
+    /// The next frame from the gateway as it came, tag unchecked: for checking how the gateway
+    /// tagged it (an Error is tagged once the gateway knows the gate's key).
+    pub async fn recv_sealed(&mut self) -> Result<tapgate_protocol::SealedFrame, ClientError> {
+        loop {
+            if let Some(frame) = take_frame(&mut self.buf)? {
+                return Ok(frame);
+            }
+            match self.recv.read_chunk(16 * 1024, true).await {
+                Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk.bytes),
+                Ok(None) => return Err(ClientError::Closed),
+                Err(e) => return Err(closed_by_gateway(&self.connection, e.to_string())),
+            }
+        }
+    }
+
     /// The next frame from the gateway. Error frames come back as `ClientError::Refused`,
     /// authenticated or not (an unkeyed Error means "refused" and nothing more).
     pub async fn recv(&mut self) -> Result<Frame, ClientError> {

@@ -121,6 +121,18 @@ impl SealedFrame {
         key.verify(self.mac_input(), &self.bytes[self.bytes.len() - TAG_LEN..])
     }
 
+    /// Who a Hello claims to come from — its terminal id and key version (the first 9 bytes of
+    /// its body) — read without parsing the rest, which is checked only after the tag: the
+    /// only thing taken from a frame before its tag verifies is what selects the key.
+    pub fn hello_identity(&self) -> Option<(u64, u8)> {
+        if self.frame_type != FrameType::Hello {
+            return None;
+        }
+        let body = self.body();
+        let terminal: [u8; 8] = body.get(..8)?.try_into().ok()?;
+        Some((u64::from_be_bytes(terminal), *body.get(8)?))
+    }
+
     /// The sequence number a Tap or TapResult frame carries (the first 8 bytes of its body),
     /// read without parsing the rest; `None` for other frames. Trust it only once the tag has
     /// verified: then an Error about a body that does not parse can name the tap it is about.
