@@ -380,6 +380,64 @@ async fn a_hello_is_checked_for_its_tag_before_its_fields() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_claiming_another_mode_or_operator_is_not_that_gate() {
+    let (h, _state) = harness().await;
+    let mut other_mode = identity(&YUZHONG_BUS);
+    other_mode.mode = tapgate_protocol::Mode::Metro;
+    let mut other_operator = identity(&YUZHONG_BUS);
+    other_operator.operator = 6;
+    for id in [other_mode, other_operator] {
+        let refused = GateClient::connect(
+            &h.endpoint,
+            h.addr(),
+            &id,
+            rand_nonce(),
+            tapgate_gateway::server::now_ms(),
+        )
+        .await
+        .err()
+        .expect("a Hello unlike the provisioning was accepted");
+        assert_refused(&refused, ErrorCode::UnknownTerminal);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_only_frame_before_the_hello_is_unexpected() {
+    let (h, _state) = harness().await;
+    let id = identity(&YUZHONG_BUS);
+    let mut gate = GateClient::open(&h.endpoint, h.addr(), &id).await.unwrap();
+    let frame = tapgate_protocol::ErrorFrame {
+        code: ErrorCode::Internal,
+        sequence: 0,
+    };
+    gate.send_frame(&Frame::Error(frame)).await.unwrap();
+    let err = gate.recv().await.unwrap_err();
+    assert_refused(&err, ErrorCode::UnexpectedFrame);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_connections_of_one_gate_share_its_window() {
+    let (h, _state) = harness().await;
+    let mut first = h.gate(&YUZHONG_BUS).await;
+    let mut second = h.gate(&YUZHONG_BUS).await;
+    let t = tap(1, ACTIVE, TapKind::Flat);
+    let answer = first.tap(t).await.unwrap();
+    // The same frame on the other connection is a resend: the first answer, recorded once.
+    let frame = first.sealed(&Frame::Tap(t));
+    second.send_raw(&frame).await.unwrap();
+    assert_eq!(second.recv_result().await.unwrap(), answer);
+    assert_eq!(second.ack.last_sequence, 0, "Hello came before the tap");
+    assert_eq!(
+        h.gateway
+            .journal()
+            .stats
+            .records
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_connection_closes_promptly_after_an_error() {
     let (h, _state) = harness().await;
     for _ in 0..3 {

@@ -791,6 +791,13 @@ impl Session {
             self.refuse(send, ErrorCode::UnknownArea, Some(&mac)).await;
             return None;
         }
+        if hello.mode != terminal.mode || hello.operator != terminal.operator {
+            // Not the gate provisioned under this id (PROTOCOL.md section 7).
+            tracing::warn!(terminal = hello.terminal_id, claimed_mode = %hello.mode, provisioned_mode = %terminal.mode, claimed_operator = hello.operator, provisioned_operator = terminal.operator, "Hello claims another mode or operator");
+            self.refuse(send, ErrorCode::UnknownTerminal, Some(&mac))
+                .await;
+            return None;
+        }
         let state = self
             .shared
             .terminals
