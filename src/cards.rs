@@ -84,9 +84,13 @@ struct GenerateArgs {
     lost: f64,
     #[arg(long, default_value_t = 0.005)]
     cancelled: f64,
-    /// Write the cards to this CSV file instead of Redis (gates are not written).
+    /// Write the cards to this CSV file instead of Redis.
     #[arg(long)]
     csv: Option<PathBuf>,
+    /// Write the gates to this CSV file instead of Redis (`terminal_id,area,mode,operator`):
+    /// with the defaults, the gates of `tapgate serve --embedded` and the demo.
+    #[arg(long)]
+    gates_csv: Option<PathBuf>,
 }
 
 impl GenerateArgs {
@@ -118,9 +122,15 @@ pub fn run(args: CardsArgs) -> Result<(), String> {
 
 async fn run_async(args: CardsArgs) -> Result<(), String> {
     if let CardsAction::Generate(generate) = &args.action
-        && let Some(path) = &generate.csv
+        && (generate.csv.is_some() || generate.gates_csv.is_some())
     {
-        return write_csv(path, &generate.spec());
+        if let Some(path) = &generate.csv {
+            write_csv(path, &generate.spec())?;
+        }
+        if let Some(path) = &generate.gates_csv {
+            write_gates_csv(path, &generate.spec())?;
+        }
+        return Ok(());
     }
     let directory = Directory::Redis(
         RedisDirectory::connect(&RedisSettings {
@@ -245,6 +255,28 @@ fn write_csv(path: &PathBuf, spec: &PopulationSpec) -> Result<(), String> {
     }
     out.flush().map_err(io)?;
     println!("wrote {} cards to {}", spec.cards, path.display());
+    Ok(())
+}
+
+fn write_gates_csv(path: &PathBuf, spec: &PopulationSpec) -> Result<(), String> {
+    use std::io::Write;
+    let file = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut out = std::io::BufWriter::new(file);
+    let io = |e: std::io::Error| format!("{}: {e}", path.display());
+    writeln!(out, "terminal_id,area,mode,operator").map_err(io)?;
+    for gate in spec.terminals() {
+        writeln!(
+            out,
+            "{},{},{},{}",
+            gate.terminal_id,
+            gate.area,
+            gate.mode.label(),
+            gate.operator
+        )
+        .map_err(io)?;
+    }
+    out.flush().map_err(io)?;
+    println!("wrote {} gates to {}", spec.terminals, path.display());
     Ok(())
 }
 
