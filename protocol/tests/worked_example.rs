@@ -38,3 +38,19 @@ fn example_frames_open_under_the_derived_key() {
         assert_eq!(sealed.open(&key).unwrap(), frame, "{name}");
     }
 }
+
+#[test]
+fn appendix_a_lists_every_area_of_the_registry() {
+    for area in tapgate_protocol::AREAS.iter() {
+        let row = format!("| {} | {} | {} |", area.code, area.name_zh, area.name_en);
+        assert!(SPEC.contains(&row), "PROTOCOL.md lacks `{row}`");
+    }
+    let rows = SPEC
+        .split("## Appendix A.")
+        .nth(1)
+        .expect("PROTOCOL.md has Appendix A")
+        .lines()
+        .filter(|l| l.starts_with("| 5"))
+        .count();
+    assert_eq!(rows, 41);
+}
