@@ -84,6 +84,9 @@ struct GenerateArgs {
     lost: f64,
     #[arg(long, default_value_t = 0.005)]
     cancelled: f64,
+    /// Cards that expired on 2025-12-31.
+    #[arg(long, default_value_t = 0.005)]
+    expired: f64,
     /// Write the cards to this CSV file instead of Redis.
     #[arg(long)]
     csv: Option<PathBuf>,
@@ -104,6 +107,7 @@ impl GenerateArgs {
             t_union: self.t_union,
             lost: self.lost,
             cancelled: self.cancelled,
+            expired: self.expired,
             ..PopulationSpec::default()
         }
     }

@@ -31,6 +31,8 @@ pub struct PopulationSpec {
     pub lost: f64,
     pub cancelled: f64,
     pub blocked: f64,
+    /// Cards whose validity ended (on 2025-12-31), so a gate can be tested against one.
+    pub expired: f64,
 }
 
 impl Default for PopulationSpec {
@@ -45,6 +47,7 @@ impl Default for PopulationSpec {
             lost: 0.01,
             cancelled: 0.005,
             blocked: 0.002,
+            expired: 0.005,
         }
     }
 }
@@ -81,7 +84,14 @@ impl PopulationSpec {
             CardState::Active
         };
         let elder = rng.random::<f64>() < self.elder;
-        let expires_on = NaiveDate::from_ymd_opt(2028 + rng.random_range(0..10), 12, 31);
+        let valid_until = NaiveDate::from_ymd_opt(2028 + rng.random_range(0..10), 12, 31);
+        // A stream of its own, so adding expired cards left every other field as it was.
+        let expired = self.rng(3, index).random::<f64>() < self.expired;
+        let expires_on = if expired {
+            NaiveDate::from_ymd_opt(2025, 12, 31)
+        } else {
+            valid_until
+        };
         CardRecord {
             card_id: FIRST_CARD_ID + index,
             state,
@@ -171,6 +181,21 @@ mod tests {
         );
         let lost = spec.cards().filter(|c| c.state == CardState::Lost).count() as f64;
         assert!((lost / 20_000.0 - 0.01).abs() < 0.004, "lost share {lost}");
+        // Every state a gate must handle is there to test against, expired included.
+        let today = NaiveDate::from_ymd_opt(2026, 12, 2).unwrap();
+        let expired = spec
+            .cards()
+            .filter(|c| c.expires_on.is_some_and(|d| d < today))
+            .count();
+        assert!((60..=140).contains(&expired), "expired {expired}");
+        for state in [
+            CardState::Active,
+            CardState::Lost,
+            CardState::Cancelled,
+            CardState::Blocked,
+        ] {
+            assert!(spec.cards().any(|c| c.state == state), "{state:?}");
+        }
     }
 
     #[test]
