@@ -5,6 +5,7 @@ mod load;
 mod serve;
 mod settle;
 mod top;
+mod vectors;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -40,8 +41,9 @@ enum Command {
     /// Live figures of one or more gateways and settlers in the terminal (reads their ops
     /// endpoints every second).
     Top(top::TopArgs),
-    /// Print the protocol's worked example (keys, frames and tags in hex) for gate vendors.
-    Vectors,
+    /// Print the protocol's worked example (keys, frames and tags in hex) for gate vendors;
+    /// `--json` adds a vector for every frame type, deny reason and Error code.
+    Vectors(vectors::VectorsArgs),
 }
 
 fn main() -> ExitCode {
@@ -61,12 +63,7 @@ fn main() -> ExitCode {
         Command::Cards(args) => cards::run(args),
         Command::Top(args) => top::run(args),
         Command::Settle(args) => return report_failure(settle::run(args)),
-        Command::Vectors => {
-            for (name, value) in tapgate_protocol::example::lines() {
-                println!("{name}: {value}");
-            }
-            Ok(())
-        }
+        Command::Vectors(args) => vectors::run(args),
     };
     report_failure(result.map(|()| ExitCode::SUCCESS))
 }

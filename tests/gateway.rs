@@ -1073,3 +1073,53 @@ async fn top_reads_live_nodes_and_names_one_that_is_down() {
     );
     serving.abort();
 }
+
+#[test]
+fn the_vendor_vectors_cover_every_frame_type_code_and_a_resend() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tapgate"))
+        .args(["vectors", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let key = tapgate_protocol::MasterKey::from_hex(doc["keys"]["master_key_v1"].as_str().unwrap())
+        .unwrap()
+        .diversify(tapgate_protocol::example::TERMINAL_ID)
+        .mac_key();
+    let vectors = doc["vectors"].as_array().unwrap();
+    let frame_of = |name: &str| {
+        vectors
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("no vector {name}"))["frame"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let mut types = std::collections::BTreeSet::new();
+    for v in vectors {
+        let wire = hex::decode(v["frame"].as_str().unwrap()).unwrap();
+        let frame = tapgate_protocol::decode_one(&wire).unwrap();
+        types.insert(frame.frame_type().label());
+        let untagged = v["name"] == "error_unknown_terminal_untagged";
+        assert_eq!(frame.verify(&key).is_ok(), !untagged, "{}", v["name"]);
+    }
+    assert_eq!(
+        types.len(),
+        tapgate_protocol::FrameType::ALL.len(),
+        "{types:?}"
+    );
+    for code in ErrorCode::ALL {
+        frame_of(&format!("error_{}", code.label()));
+    }
+    for reason in Reason::ALL {
+        if !matches!(reason, Reason::Approved | Reason::Overloaded) {
+            frame_of(&format!("tap_result_deny_{}", reason.label()));
+        }
+    }
+    assert_eq!(frame_of("tap_resend"), frame_of("tap"));
+    assert_eq!(
+        frame_of("tap_result_resend"),
+        frame_of("tap_result_approve")
+    );
+}

@@ -3,7 +3,9 @@
 
 use crate::codec::seal;
 use crate::crypto::{MasterKey, TAG_LEN};
-use crate::frame::{Frame, Hello, Outcome, Reason, Tap, TapKind, TapResult};
+use crate::frame::{
+    ErrorCode, ErrorFrame, Frame, Hello, HelloAck, Outcome, Reason, Tap, TapKind, TapResult,
+};
 use crate::registry::{AreaCode, Concession, Issuer, Mode};
 use bytes::BytesMut;
 
@@ -67,6 +69,160 @@ pub fn lines() -> Vec<(String, String)> {
         out.push((format!("{name}_tag"), hex(tag)));
         out.push((format!("{name}_frame"), hex(&wire)));
     }
+    out
+}
+
+/// One test vector for implementers: a frame as it crosses the wire, under the example's
+/// terminal key.
+#[derive(Debug, Clone)]
+pub struct Vector {
+    pub name: String,
+    /// `gate→gateway` or `gateway→gate`.
+    pub direction: &'static str,
+    pub note: String,
+    pub frame: Frame,
+    /// The bytes on the wire, length prefix to tag.
+    pub wire: Vec<u8>,
+    /// The bytes the tag covers.
+    pub mac_input: Vec<u8>,
+}
+
+/// A vector for every frame type in both directions: the Hello and its HelloAck, the Tap,
+/// its approval and the same answer to a resend of the same bytes, a denial for every reason,
+/// Busy, and an Error for every code (tagged, as once the key is known; one without a key, as
+/// a gateway refusing an unknown terminal sends it).
+pub fn vectors() -> Vec<Vector> {
+    let master = MasterKey::from_hex(MASTER_KEY_HEX).expect("the example key is valid hex");
+    let mac = master.diversify(TERMINAL_ID).mac_key();
+    let [hello, tap, approval] = frames();
+    let mut out = Vec::new();
+    let mut push = |name: String, direction, note: &str, frame: Frame, tagged: bool| {
+        let mut wire = BytesMut::new();
+        seal(&frame, &mac, &mut wire);
+        if !tagged {
+            let len = wire.len();
+            wire[len - TAG_LEN..].fill(0);
+        }
+        let mac_input = wire[..wire.len() - TAG_LEN].to_vec();
+        out.push(Vector {
+            name,
+            direction,
+            note: note.to_owned(),
+            frame,
+            wire: wire.to_vec(),
+            mac_input,
+        });
+    };
+    const UP: &str = "gate→gateway";
+    const DOWN: &str = "gateway→gate";
+    push(
+        "hello".into(),
+        UP,
+        "the first frame of every connection",
+        hello,
+        true,
+    );
+    push(
+        "hello_ack".into(),
+        DOWN,
+        "the answer to the Hello: nothing accepted yet, the default window and in-flight bound",
+        Frame::HelloAck(HelloAck {
+            terminal_id: TERMINAL_ID,
+            client_nonce: 0x0102_0304_0506_0708,
+            server_time_ms: 1_795_939_200_020,
+            last_sequence: 0,
+            resend_window: 32,
+            max_in_flight: 32,
+        }),
+        true,
+    );
+    push(
+        "tap".into(),
+        UP,
+        "an elder card entering the metro",
+        tap.clone(),
+        true,
+    );
+    push(
+        "tap_result_approve".into(),
+        DOWN,
+        "the approval (free: elder concession, 1,199 counted rides left)",
+        approval.clone(),
+        true,
+    );
+    push(
+        "tap_resend".into(),
+        UP,
+        "a resend is the same bytes as the first copy",
+        tap,
+        true,
+    );
+    push(
+        "tap_result_resend".into(),
+        DOWN,
+        "the answer to a resend repeats the first answer byte for byte",
+        approval,
+        true,
+    );
+    for reason in Reason::ALL
+        .iter()
+        .filter(|r| !matches!(r, Reason::Approved | Reason::Overloaded))
+    {
+        push(
+            format!("tap_result_deny_{}", reason.label()),
+            DOWN,
+            "a denial: no concession, no fare, rides left not applicable",
+            Frame::TapResult(TapResult {
+                sequence: 1,
+                outcome: Outcome::Deny,
+                reason: *reason,
+                concession: Concession::None,
+                fare_fen: 0,
+                rides_left: crate::frame::RIDES_LEFT_NOT_APPLICABLE,
+            }),
+            true,
+        );
+    }
+    push(
+        "tap_result_busy".into(),
+        DOWN,
+        "Busy: nothing was recorded; send the same tap again later",
+        Frame::TapResult(TapResult {
+            sequence: 1,
+            outcome: Outcome::Busy,
+            reason: Reason::Overloaded,
+            concession: Concession::None,
+            fare_fen: 0,
+            rides_left: crate::frame::RIDES_LEFT_NOT_APPLICABLE,
+        }),
+        true,
+    );
+    for code in ErrorCode::ALL {
+        let about_a_tap = matches!(
+            code,
+            ErrorCode::Replay | ErrorCode::SequenceConflict | ErrorCode::MalformedFrame
+        );
+        push(
+            format!("error_{}", code.label()),
+            DOWN,
+            "an Error, tagged because the gateway knows the gate's key; the connection closes after it",
+            Frame::Error(ErrorFrame {
+                code: *code,
+                sequence: u64::from(about_a_tap),
+            }),
+            true,
+        );
+    }
+    push(
+        "error_unknown_terminal_untagged".into(),
+        DOWN,
+        "an Error sent before the gateway has a key for the gate: the tag is all zeros (section 5.2)",
+        Frame::Error(ErrorFrame {
+            code: ErrorCode::UnknownTerminal,
+            sequence: 0,
+        }),
+        false,
+    );
     out
 }
 
