@@ -140,14 +140,14 @@ pub fn vectors() -> Vec<Vector> {
         "tap".into(),
         UP,
         "an elder card entering the metro",
-        tap.clone(),
+        tap,
         true,
     );
     push(
         "tap_result_approve".into(),
         DOWN,
         "the approval (free: elder concession, 1,199 counted rides left)",
-        approval.clone(),
+        approval,
         true,
     );
     push(
