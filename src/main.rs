@@ -1,6 +1,7 @@
 //! `tapgate`: the one command-line entry point. It parses arguments and calls the libraries.
 
 mod cards;
+mod conformance;
 mod load;
 mod serve;
 mod settle;
@@ -41,6 +42,9 @@ enum Command {
     /// Live figures of one or more gateways and settlers in the terminal (reads their ops
     /// endpoints every second).
     Top(top::TopArgs),
+    /// Check an implementation against the protocol: `conformance gateway --target HOST:PORT`
+    /// drives a gateway as a gate would and prints PASS or FAIL for every rule.
+    Conformance(conformance::ConformanceArgs),
     /// Print the protocol's worked example (keys, frames and tags in hex) for gate vendors;
     /// `--json` adds a vector for every frame type, deny reason and Error code.
     Vectors(vectors::VectorsArgs),
@@ -63,6 +67,7 @@ fn main() -> ExitCode {
         Command::Cards(args) => cards::run(args),
         Command::Top(args) => top::run(args),
         Command::Settle(args) => return report_failure(settle::run(args)),
+        Command::Conformance(args) => return report_failure(conformance::run_conformance(args)),
         Command::Vectors(args) => vectors::run(args),
     };
     report_failure(result.map(|()| ExitCode::SUCCESS))

@@ -400,14 +400,29 @@ async fn a_load_settles_exactly_once_on_a_redis_cluster_through_a_master_failove
 
     let report = load.await.unwrap().unwrap();
     assert_eq!(report.errors, 0, "{}", report.summary());
+    let durable = h.gateway.journal().durable();
     h.gateway.shutdown().await;
-    assert!(
-        settlement
-            .wait_settled(Duration::from_secs(60))
-            .await
-            .unwrap(),
-        "settlement caught up"
-    );
+    if !settlement
+        .wait_settled(Duration::from_secs(60))
+        .await
+        .unwrap()
+    {
+        let f = &settlement.forwarder;
+        panic!(
+            "settlement did not catch up: counts {:?}; forwarder shipped through {:?} of {:?}, store errors {}, failed {}, health {:?}; settle run metrics:\n{}",
+            settlement.store.counts().await,
+            f.shipped_through(),
+            *durable.borrow(),
+            f.store_errors.load(Ordering::Relaxed),
+            f.failed.load(Ordering::Relaxed),
+            f.health.reason(),
+            http_get(ops, "/metrics")
+                .lines()
+                .filter(|l| l.starts_with("tapgate_settle") || l.starts_with("tapgate_ready"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        );
+    }
     let expected = expected(&h.state);
     assert!(expected.taps() > 3_000, "{} approved taps", expected.taps());
     let r = reconciled(&settlement.store, &expected, Duration::from_secs(20)).await;

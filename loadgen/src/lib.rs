@@ -2,6 +2,7 @@
 //! HdrHistogram reports, and a bare QUIC echo server as the transport baseline.
 
 pub mod client;
+pub mod conformance;
 pub mod echo;
 pub mod report;
 pub mod run;

@@ -1,0 +1,381 @@
+//! `tapgate conformance gateway`: drives a gateway, as a gate would, through the rules of
+//! PROTOCOL.md that a gate can observe, and reports each as PASS or FAIL. It links no gateway
+//! code: a vendor can point it at any implementation of the protocol.
+
+use crate::client::{ClientError, GateClient, GateIdentity, hello};
+use std::net::SocketAddr;
+use tapgate_protocol::{ErrorCode, Frame, Outcome, Tap, TapKind};
+
+/// What the driver needs to know of the gateway under test.
+pub struct Target {
+    pub endpoint: quinn::Endpoint,
+    pub addr: SocketAddr,
+    /// A gate the gateway has provisioned, with its key.
+    pub gate: GateIdentity,
+    /// A card the gateway approves at that gate.
+    pub card_id: u64,
+    pub issuer: tapgate_protocol::Issuer,
+    /// The gate's clock, Unix milliseconds.
+    pub now_ms: fn() -> u64,
+}
+
+/// One rule and whether the gateway kept it.
+#[derive(Debug, Clone)]
+pub struct Check {
+    pub rule: &'static str,
+    pub passed: bool,
+    pub detail: String,
+}
+
+impl Target {
+    fn tap(&self, sequence: u64) -> Tap {
+        Tap {
+            sequence,
+            card_id: self.card_id,
+            issuer: self.issuer,
+            kind: match self.gate.mode {
+                tapgate_protocol::Mode::Metro | tapgate_protocol::Mode::IntercityRail => {
+                    TapKind::Entry
+                }
+                _ => TapKind::Flat,
+            },
+            line: 1,
+            stop: 1,
+            gate_time_ms: (self.now_ms)(),
+        }
+    }
+
+    async fn connect(&self) -> Result<GateClient, ClientError> {
+        GateClient::connect(
+            &self.endpoint,
+            self.addr,
+            &self.gate,
+            rand::random(),
+            (self.now_ms)(),
+        )
+        .await
+    }
+
+    /// A fresh connection that has said Hello and knows where the gate's sequence stands.
+    async fn session(&self) -> Result<(GateClient, u64), String> {
+        let gate = self.connect().await.map_err(|e| e.to_string())?;
+        let next = gate.ack.last_sequence + 1;
+        Ok((gate, next))
+    }
+
+    /// Sends raw bytes as the first thing on a new stream (before any Hello) or after one,
+    /// and expects the connection to end with this Error.
+    async fn expect_error(
+        &self,
+        after_hello: bool,
+        bytes: impl FnOnce(&GateClient, u64) -> Vec<u8>,
+        expected: ErrorCode,
+    ) -> Result<(), String> {
+        let (mut gate, next) = if after_hello {
+            self.session().await?
+        } else {
+            let gate = GateClient::open(&self.endpoint, self.addr, &self.gate)
+                .await
+                .map_err(|e| e.to_string())?;
+            (gate, 1)
+        };
+        let raw = bytes(&gate, next);
+        gate.send_raw(&raw).await.map_err(|e| e.to_string())?;
+        match gate.recv().await {
+            Err(ClientError::Refused(e)) if e.code == expected => Ok(()),
+            Err(ClientError::Refused(e)) => {
+                Err(format!("got Error {}, expected {expected}", e.code))
+            }
+            other => Err(format!("got {other:?}, expected Error {expected}")),
+        }
+    }
+}
+
+/// Runs every check against the target, one connection or more each.
+pub async fn run(target: &Target) -> Vec<Check> {
+    let mut checks = Vec::new();
+    let mut record = |rule: &'static str, outcome: Result<(), String>| {
+        checks.push(Check {
+            rule,
+            passed: outcome.is_ok(),
+            detail: outcome.err().unwrap_or_default(),
+        });
+    };
+
+    record(
+        "4.2 HelloAck echoes the nonce and announces its bounds",
+        async {
+            let gate = target.connect().await.map_err(|e| e.to_string())?;
+            if gate.ack.terminal_id != target.gate.terminal_id {
+                return Err(format!(
+                    "terminal_id {} in the HelloAck",
+                    gate.ack.terminal_id
+                ));
+            }
+            if gate.ack.max_in_flight == 0 || gate.ack.resend_window == 0 {
+                return Err(format!("{:?}", gate.ack));
+            }
+            Ok(())
+        }
+        .await,
+    );
+
+    record(
+        "4.4 a tap is answered with its own sequence",
+        async {
+            let (mut gate, next) = target.session().await?;
+            let r = gate
+                .tap(target.tap(next))
+                .await
+                .map_err(|e| e.to_string())?;
+            (r.sequence == next && r.outcome == Outcome::Approve)
+                .then_some(())
+                .ok_or(format!("{r:?}"))
+        }
+        .await,
+    );
+
+    record(
+        "6 a resend gets the first answer, byte for byte",
+        async {
+            let (mut gate, next) = target.session().await?;
+            let frame = gate.sealed(&Frame::Tap(target.tap(next)));
+            gate.send_raw(&frame).await.map_err(|e| e.to_string())?;
+            let first = gate.recv_result().await.map_err(|e| e.to_string())?;
+            gate.send_raw(&frame).await.map_err(|e| e.to_string())?;
+            let again = gate.recv_result().await.map_err(|e| e.to_string())?;
+            (first == again)
+                .then_some(())
+                .ok_or(format!("{first:?} then {again:?}"))
+        }
+        .await,
+    );
+
+    record(
+        "6 a resend on a new connection gets the first answer",
+        async {
+            let (mut gate, next) = target.session().await?;
+            let frame = gate.sealed(&Frame::Tap(target.tap(next)));
+            gate.send_raw(&frame).await.map_err(|e| e.to_string())?;
+            let first = gate.recv_result().await.map_err(|e| e.to_string())?;
+            let (mut again_gate, _) = target.session().await?;
+            again_gate
+                .send_raw(&frame)
+                .await
+                .map_err(|e| e.to_string())?;
+            let again = again_gate.recv_result().await.map_err(|e| e.to_string())?;
+            (first == again)
+                .then_some(())
+                .ok_or(format!("{first:?} then {again:?}"))
+        }
+        .await,
+    );
+
+    record(
+        "4.2/7 max_in_flight taps in one write are all served",
+        async {
+            let (mut gate, next) = target.session().await?;
+            let n = u64::from(gate.ack.max_in_flight);
+            let burst: Vec<u8> = (next..next + n)
+                .flat_map(|s| gate.sealed(&Frame::Tap(target.tap(s))).to_vec())
+                .collect();
+            gate.send_raw(&burst).await.map_err(|e| e.to_string())?;
+            for _ in 0..n {
+                let r = gate.recv_result().await.map_err(|e| e.to_string())?;
+                if r.outcome == Outcome::Busy {
+                    return Err(format!(
+                        "tap {} of a burst of {n} answered Busy",
+                        r.sequence
+                    ));
+                }
+            }
+            Ok(())
+        }
+        .await,
+    );
+
+    record(
+        "7 a bad tag is bad_mac",
+        target
+            .expect_error(
+                true,
+                |gate, next| {
+                    let mut frame = gate.sealed(&Frame::Tap(target.tap(next))).to_vec();
+                    let last = frame.len() - 1;
+                    frame[last] ^= 1;
+                    frame
+                },
+                ErrorCode::BadMac,
+            )
+            .await,
+    );
+
+    record(
+        "7 a length over the maximum is frame_too_large",
+        target
+            .expect_error(
+                true,
+                |_, _| vec![0xff, 0xff, 0x01, 0x03],
+                ErrorCode::FrameTooLarge,
+            )
+            .await,
+    );
+
+    record(
+        "7 a wrong version is unsupported_version",
+        target
+            .expect_error(
+                true,
+                |gate, next| {
+                    let mut frame = gate.sealed(&Frame::Tap(target.tap(next))).to_vec();
+                    frame[2] = 0x02;
+                    frame
+                },
+                ErrorCode::UnsupportedVersion,
+            )
+            .await,
+    );
+
+    record(
+        "7 an unknown type is unknown_frame_type",
+        target
+            .expect_error(
+                true,
+                |gate, next| {
+                    let mut frame = gate.sealed(&Frame::Tap(target.tap(next))).to_vec();
+                    frame[3] = 0x7f;
+                    frame
+                },
+                ErrorCode::UnknownFrameType,
+            )
+            .await,
+    );
+
+    record(
+        "7 a Tap before the Hello is hello_required",
+        target
+            .expect_error(
+                false,
+                |gate, _| gate.sealed(&Frame::Tap(target.tap(1))).to_vec(),
+                ErrorCode::HelloRequired,
+            )
+            .await,
+    );
+
+    record(
+        "7 a second Hello is duplicate_hello",
+        target
+            .expect_error(
+                true,
+                |gate, _| {
+                    gate.sealed(&hello(&target.gate, rand::random(), (target.now_ms)()))
+                        .to_vec()
+                },
+                ErrorCode::DuplicateHello,
+            )
+            .await,
+    );
+
+    record(
+        "7 a gateway-only frame type is unexpected_frame",
+        target
+            .expect_error(
+                false,
+                |gate, _| {
+                    gate.sealed(&Frame::Error(tapgate_protocol::ErrorFrame {
+                        code: ErrorCode::Internal,
+                        sequence: 0,
+                    }))
+                    .to_vec()
+                },
+                ErrorCode::UnexpectedFrame,
+            )
+            .await,
+    );
+
+    record(
+        "6 a sequence reused with another body is sequence_conflict",
+        async {
+            let (mut gate, next) = target.session().await?;
+            gate.tap(target.tap(next))
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut other = target.tap(next);
+            other.stop += 1;
+            gate.send_frame(&Frame::Tap(other))
+                .await
+                .map_err(|e| e.to_string())?;
+            match gate.recv().await {
+                Err(ClientError::Refused(e)) if e.code == ErrorCode::SequenceConflict => Ok(()),
+                other => Err(format!("got {other:?}")),
+            }
+        }
+        .await,
+    );
+
+    record(
+        "6 a sequence below the window is replay",
+        async {
+            let (mut gate, next) = target.session().await?;
+            let window = u64::from(gate.ack.resend_window);
+            let mut last = next;
+            for s in next..next + window + 1 {
+                gate.tap(target.tap(s)).await.map_err(|e| e.to_string())?;
+                last = s;
+            }
+            // The first tap of the run is now `window` below the highest: outside the window.
+            let old = last - window;
+            gate.send_frame(&Frame::Tap(target.tap(old)))
+                .await
+                .map_err(|e| e.to_string())?;
+            match gate.recv().await {
+                Err(ClientError::Refused(e)) if e.code == ErrorCode::Replay => Ok(()),
+                other => Err(format!("got {other:?}")),
+            }
+        }
+        .await,
+    );
+
+    record(
+        "1 a gate that finishes its stream gets its answers, then close code 0",
+        async {
+            let (mut gate, next) = target.session().await?;
+            gate.send_frame(&Frame::Tap(target.tap(next)))
+                .await
+                .map_err(|e| e.to_string())?;
+            gate.sender.finish();
+            let r = gate.recv_result().await.map_err(|e| e.to_string())?;
+            if r.sequence != next {
+                return Err(format!("{r:?}"));
+            }
+            match gate.connection.closed().await {
+                quinn::ConnectionError::ApplicationClosed(c) if c.error_code.into_inner() == 0 => {
+                    Ok(())
+                }
+                other => Err(format!("closed by {other}")),
+            }
+        }
+        .await,
+    );
+
+    checks
+}
+
+/// The report: one line per rule, and whether all passed.
+pub fn report(checks: &[Check]) -> (String, bool) {
+    let mut out = String::new();
+    for c in checks {
+        let verdict = if c.passed { "PASS" } else { "FAIL" };
+        out.push_str(&format!("{verdict}  {}", c.rule));
+        if !c.passed {
+            out.push_str(&format!("  ({})", c.detail));
+        }
+        out.push('\n');
+    }
+    let passed = checks.iter().filter(|c| c.passed).count();
+    out.push_str(&format!(
+        "{passed} passed, {} failed\n",
+        checks.len() - passed
+    ));
+    (out, passed == checks.len())
+}
