@@ -105,23 +105,43 @@ async fn reconciled(store: &Store, expected: &Ledger, within: Duration) -> Recon
 }
 
 /// A `tapgate settle run` process with its ops endpoint on `ops`.
-fn settle_run(redis_url: &str, ops: SocketAddr) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_tapgate"))
-        .args(["settle", "run", "--redis-url", redis_url])
-        .args(["--ops-listen", &ops.to_string()])
-        .args(["--partitions", &PARTITIONS.to_string()])
-        .args(["--lease-ttl-ms", "1000", "--batch", "64"])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open("/tmp/settle-run.log")
-                .unwrap(),
-        )
-        .spawn()
-        .expect("tapgate settle run starts")
+/// A `tapgate settle run` process, killed when the test ends however it ends (a failed
+/// assertion included), so no settler outlives its test.
+struct Settler(Child);
+
+impl Settler {
+    /// Kills it, without letting it give its leases back.
+    fn stop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Settler {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn settle_run(redis_url: &str, ops: SocketAddr) -> Settler {
+    // Its log (on standard output) goes to a file, for when a test fails.
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(std::env::temp_dir().join("tapgate-settle-run.log"))
+        .unwrap();
+    Settler(
+        Command::new(env!("CARGO_BIN_EXE_tapgate"))
+            .args(["settle", "run", "--redis-url", redis_url])
+            .args(["--ops-listen", &ops.to_string()])
+            .args(["--partitions", &PARTITIONS.to_string()])
+            .args(["--lease-ttl-ms", "1000", "--batch", "64"])
+            .env("RUST_LOG", "info")
+            .stdout(log)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tapgate settle run starts"),
+    )
 }
 
 fn reconcile_cli(redis_url: &str, journal: &Path) -> (bool, String) {
@@ -155,14 +175,12 @@ async fn a_load_settles_exactly_once_through_settler_kills_and_a_redis_restart()
     tokio::time::sleep(Duration::from_millis(1200)).await;
     // Killed mid-stream, without releasing its leases: its successor waits for them to expire
     // and takes over what it read and never acknowledged.
-    settler.kill().unwrap();
-    settler.wait().unwrap();
+    settler.stop();
     let mut settler = settle_run(&redis.url(), ops);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     redis.restart();
     tokio::time::sleep(Duration::from_millis(800)).await;
-    settler.kill().unwrap();
-    settler.wait().unwrap();
+    settler.stop();
     let mut settler = settle_run(&redis.url(), ops);
 
     let report = load.await.unwrap().unwrap();
@@ -189,8 +207,7 @@ async fn a_load_settles_exactly_once_through_settler_kills_and_a_redis_restart()
         .unwrap_or_else(|| panic!("no settled count in\n{metrics}"));
     assert!(settled > 0, "{metrics}");
     assert!(metrics.contains("# TYPE tapgate_settlement_lag_seconds histogram"));
-    settler.kill().unwrap();
-    settler.wait().unwrap();
+    settler.stop();
     settlement.shutdown().await;
 
     let journal = h.state.join("journal");
@@ -389,8 +406,7 @@ async fn a_load_settles_exactly_once_on_a_redis_cluster_through_a_master_failove
     let ops: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let mut settler = settle_run(&url, ops);
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    settler.kill().unwrap();
-    settler.wait().unwrap();
+    settler.stop();
     let mut settler = settle_run(&url, ops);
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let killed = cluster.kill_master_of("tapgate:{p0}:taps");
@@ -427,8 +443,7 @@ async fn a_load_settles_exactly_once_on_a_redis_cluster_through_a_master_failove
     assert!(expected.taps() > 3_000, "{} approved taps", expected.taps());
     let r = reconciled(&settlement.store, &expected, Duration::from_secs(20)).await;
     assert!(r.is_exact(), "{r:?}");
-    settler.kill().unwrap();
-    settler.wait().unwrap();
+    settler.stop();
     settlement.shutdown().await;
     let (ok, text) = reconcile_cli(&url, &h.state.join("journal"));
     assert!(ok, "{text}");
