@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tapgate_gateway::fares::FareTables;
-use tapgate_gateway::health::{Panics, supervise};
+use tapgate_gateway::health::Panics;
 use tapgate_gateway::ops::Counters;
 use tapgate_gateway::settle::forwarder::{self, ForwarderSettings, ForwarderStats, Until};
 use tapgate_gateway::settle::ledger::{
@@ -342,26 +342,13 @@ async fn run_settlers(
                 name: format!("{}-{i}", settings.name),
                 ..settings.clone()
             };
-            let run = settler::run(
+            settler::spawn_supervised(
                 store.clone(),
                 settings,
                 tables.clone(),
                 stats.clone(),
                 stop_rx.clone(),
-            );
-            let health = stats.health.clone();
-            supervise(
-                "settler",
-                stats.health.clone(),
                 panics.clone(),
-                async move {
-                    if let Err(e) = run.await {
-                        health.dead(
-                            std::time::Instant::now(),
-                            format_args!("settler stopped: {e}"),
-                        );
-                    }
-                },
             )
         })
         .collect();

@@ -75,21 +75,40 @@ impl Default for AnswersByPlace {
 
 const OUTCOME_LABELS: [&str; 3] = ["approve", "deny", "busy"];
 
+/// Where a gate's answers are counted: its indexes in the registries, looked up once per
+/// session rather than on every answer.
+#[derive(Debug, Clone, Copy)]
+pub struct PlaceSlot {
+    area: Option<usize>,
+    mode: Option<usize>,
+    operator: Option<usize>,
+}
+
+impl PlaceSlot {
+    pub fn of(area: AreaCode, mode: Mode, operator: u16) -> Self {
+        Self {
+            area: AREAS.binary_search_by_key(&area, |x| x.code).ok(),
+            mode: Mode::ALL.iter().position(|x| *x == mode),
+            operator: OPERATORS.iter().position(|x| x.id == operator),
+        }
+    }
+}
+
 impl AnswersByPlace {
-    pub fn count(&self, area: AreaCode, mode: Mode, operator: u16, outcome: Outcome) {
+    pub fn count(&self, slot: PlaceSlot, outcome: Outcome) {
         let o = match outcome {
             Outcome::Approve => 0,
             Outcome::Deny => 1,
             Outcome::Busy => 2,
         };
-        if let Ok(a) = AREAS.binary_search_by_key(&area, |x| x.code) {
-            self.areas[a][o].fetch_add(1, Ordering::Relaxed);
-        }
-        if let Some(m) = Mode::ALL.iter().position(|x| *x == mode) {
-            self.modes[m][o].fetch_add(1, Ordering::Relaxed);
-        }
-        if let Some(i) = OPERATORS.iter().position(|x| x.id == operator) {
-            self.operators[i][o].fetch_add(1, Ordering::Relaxed);
+        for (counts, index) in [
+            (&self.areas, slot.area),
+            (&self.modes, slot.mode),
+            (&self.operators, slot.operator),
+        ] {
+            if let Some(i) = index {
+                counts[i][o].fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -272,8 +291,14 @@ mod tests {
     #[test]
     fn answers_are_counted_by_area_and_mode() {
         let p = AnswersByPlace::default();
-        p.count(AreaCode(500103), Mode::Metro, 2, Outcome::Deny);
-        p.count(AreaCode(999999), Mode::Bus, 99, Outcome::Approve);
+        p.count(
+            PlaceSlot::of(AreaCode(500103), Mode::Metro, 2),
+            Outcome::Deny,
+        );
+        p.count(
+            PlaceSlot::of(AreaCode(999999), Mode::Bus, 99),
+            Outcome::Approve,
+        );
         assert!(p.by_operator().contains(&("2".into(), "deny", 1)));
         assert_eq!(p.by_operator().iter().map(|(_, _, n)| n).sum::<u64>(), 1);
         assert!(p.by_area().contains(&("500103".into(), "deny", 1)));

@@ -9,7 +9,7 @@ use crate::directory::{
 };
 use crate::health::{Panics, PartHealth, supervise};
 use crate::journal::{Durable, Journal, JournalRecord, JournalSettings, JournalWriter};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, PlaceSlot};
 use crate::policy::Policy;
 use crate::tls::{self, TlsSource};
 use bytes::BytesMut;
@@ -711,8 +711,7 @@ impl Session {
             send,
             mac,
             state,
-            place,
-            operator: terminal.operator,
+            counted_as: PlaceSlot::of(terminal.area, terminal.mode, terminal.operator),
             queue: VecDeque::with_capacity(usize::from(limits.max_in_flight)),
             out: BytesMut::with_capacity(4096),
         };
@@ -916,15 +915,7 @@ impl Session {
             if !reading && answers.queue.is_empty() {
                 // Every answer is written. Close only once the gate has them (closing at once
                 // could discard the last ones), with code 0, `done` (section 4.5).
-                let _ = answers.send.finish();
-                let acknowledged = answers.send.stopped();
-                let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                    tokio::select! {
-                        _ = acknowledged => {}
-                        _ = self.connection.closed() => {}
-                    }
-                })
-                .await;
+                self.finish_when_acknowledged(answers).await;
                 self.connection.close(quinn::VarInt::from_u32(0), b"done");
                 return;
             }
@@ -1022,20 +1013,25 @@ impl Session {
         answers.out.clear();
         tapgate_protocol::seal(&Frame::Error(error), &answers.mac, &mut answers.out);
         if answers.send.write_all(&answers.out).await.is_ok() {
-            let _ = answers.send.finish();
-            // Closing before the gate has the Error would discard it; the gate's acknowledgement
-            // of the stream (one ack delay, tens of milliseconds) is the first safe moment, and
-            // the gate closing first ends the wait too.
-            let acknowledged = answers.send.stopped();
-            let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                tokio::select! {
-                    _ = acknowledged => {}
-                    _ = self.connection.closed() => {}
-                }
-            })
-            .await;
+            self.finish_when_acknowledged(answers).await;
         }
         self.close(error.code);
+    }
+
+    /// Finishes the gateway's side of the stream and waits until the gate has acknowledged
+    /// everything on it: closing sooner could discard the last answers or the Error. The ack
+    /// comes within one ack delay (tens of milliseconds); the gate closing first, or a second,
+    /// ends the wait too.
+    async fn finish_when_acknowledged(&self, answers: &mut Answers) {
+        let _ = answers.send.finish();
+        let acknowledged = answers.send.stopped();
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            tokio::select! {
+                _ = acknowledged => {}
+                _ = self.connection.closed() => {}
+            }
+        })
+        .await;
     }
 
     /// Hands a decision to be shared with the other gateways; the receiver resolves once it is
@@ -1200,9 +1196,8 @@ struct Answers {
     send: quinn::SendStream,
     mac: MacKey,
     state: Arc<TerminalState>,
-    /// Where the gate stands and whose it is, for the answers counted by area, mode and operator.
-    place: GatePlace,
-    operator: u16,
+    /// Where the gate's answers are counted (area, mode, operator), found once per session.
+    counted_as: PlaceSlot,
     queue: VecDeque<Queued>,
     out: BytesMut,
 }
@@ -1253,12 +1248,10 @@ impl Answers {
             self.queue.pop_front();
             self.state.complete(result);
             shared.metrics.count_answer(result.outcome, result.reason);
-            shared.metrics.by_place.count(
-                self.place.area,
-                self.place.mode,
-                self.operator,
-                result.outcome,
-            );
+            shared
+                .metrics
+                .by_place
+                .count(self.counted_as, result.outcome);
             tapgate_protocol::seal(&Frame::TapResult(result), &self.mac, &mut self.out);
             shared.metrics.answer_latency.record(read_at.elapsed());
         }

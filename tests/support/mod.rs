@@ -452,17 +452,9 @@ pub fn replicated_directory(url: &str) -> Directory {
 
 /// The body of `GET path` from a local HTTP endpoint such as an ops endpoint.
 pub fn http_get(addr: SocketAddr, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    let mut reply = String::new();
-    stream.read_to_string(&mut reply).unwrap();
-    let (head, body) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_owned()
+    let (status, body) = http_get_any(addr, path);
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    body
 }
 
 /// The status line and body of `GET path`, whatever the status.

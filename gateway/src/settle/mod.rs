@@ -116,27 +116,13 @@ impl Settlement {
                 batch: settings.batch,
                 lease_ttl: settings.lease_ttl,
             };
-            let run = settler::run(
+            tasks.push(settler::spawn_supervised(
                 store.clone(),
                 settling,
                 tables.clone(),
                 settlers.clone(),
                 stop_rx.clone(),
-            );
-            let health = settlers.health.clone();
-            tasks.push(supervise(
-                "settler",
-                settlers.health.clone(),
                 panics.clone(),
-                async move {
-                    if let Err(e) = run.await {
-                        health.dead(
-                            std::time::Instant::now(),
-                            format_args!("settler stopped: {e}"),
-                        );
-                        tracing::error!(error = %e, "settler stopped");
-                    }
-                },
             ));
         }
         Settlement {

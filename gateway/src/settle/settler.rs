@@ -92,6 +92,29 @@ struct Held {
     check_pending: bool,
 }
 
+/// Starts one settler under the panic supervisor; a settler that stops on a store error marks
+/// the settlers' health dead so readiness names it.
+pub fn spawn_supervised(
+    store: Store,
+    settings: SettlerSettings,
+    tables: Arc<FareTables>,
+    stats: Arc<SettlerStats>,
+    stop: watch::Receiver<bool>,
+    panics: Arc<crate::health::Panics>,
+) -> tokio::task::JoinHandle<()> {
+    let health = stats.health.clone();
+    let run = run(store, settings, tables, stats, stop);
+    crate::health::supervise("settler", health.clone(), panics, async move {
+        if let Err(e) = run.await {
+            health.dead(
+                std::time::Instant::now(),
+                format_args!("settler stopped: {e}"),
+            );
+            tracing::error!(error = %e, "settler stopped");
+        }
+    })
+}
+
 /// Runs until `stop` is set, then gives its partitions back.
 pub async fn run(
     store: Store,
