@@ -1,16 +1,23 @@
-//! `tapgate conformance gateway`: checks a gateway against the protocol rules a gate can
-//! observe, printing PASS or FAIL for each; exit 1 on any failure (for a vendor's CI).
+//! `tapgate conformance gateway` checks a gateway against the protocol rules a gate can
+//! observe; `tapgate conformance gate` is a strict gateway that checks a gate connecting to it.
+//! Both print PASS or FAIL for each rule and exit 1 on any failure (for a vendor's CI).
 
 use crate::runtime;
 use clap::{Args, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 use tapgate_gateway::card::CardState;
 use tapgate_gateway::config::DEV_MASTER_KEY_HEX;
 use tapgate_gateway::population::PopulationSpec;
+use tapgate_gateway::server::{Limits, server_endpoint};
+use tapgate_gateway::tls;
 use tapgate_loadgen::client::{GateIdentity, client_endpoint};
-use tapgate_loadgen::conformance::{Target, report, run};
+use tapgate_loadgen::conformance::gate::referee;
+use tapgate_loadgen::conformance::gateway::{Target, run};
+use tapgate_loadgen::conformance::referee::RefereeSettings;
+use tapgate_loadgen::conformance::report;
 use tapgate_protocol::{Concession, Issuer, MasterKey};
 
 #[derive(Args)]
@@ -23,6 +30,38 @@ pub struct ConformanceArgs {
 enum Side {
     /// Drive a gateway as a gate would, through every rule a gate can observe.
     Gateway(GatewayArgs),
+    /// Be a strict gateway for a gate under test: it connects to --listen and taps; scripted
+    /// answers take it through every outcome, refusals, a dropped connection and a jumped
+    /// sequence, and every frame it sends is checked.
+    Gate(GateArgs),
+}
+
+#[derive(Args)]
+struct GateArgs {
+    /// Where the gate under test connects.
+    #[arg(long, default_value = "127.0.0.1:4435")]
+    listen: SocketAddr,
+    /// A development certificate for the gate to trust is written here (cert.der).
+    #[arg(long, default_value = "tapgate-state/referee-cert")]
+    dev_cert_dir: PathBuf,
+    /// Master key of key version 1, 32 hex digits (the development key by default).
+    #[arg(long, default_value = DEV_MASTER_KEY_HEX)]
+    master_key: String,
+    /// The run ends when this many gates have completed the script.
+    #[arg(long, default_value_t = 1)]
+    gates: usize,
+    /// ... or after this long: 60, 60s, 2m.
+    #[arg(long, default_value = "60s", value_parser = crate::load::parse_duration)]
+    timeout: Duration,
+    /// The max_in_flight the HelloAck announces (and the referee holds the gate to).
+    #[arg(long, default_value_t = 4)]
+    max_in_flight: u16,
+    /// How long each answer is held, so a pipelining gate reaches max_in_flight.
+    #[arg(long, default_value_t = 5)]
+    answer_delay_ms: u64,
+    /// How long the gate has to close a connection it must refuse.
+    #[arg(long, default_value_t = 3000)]
+    grace_ms: u64,
 }
 
 #[derive(Args)]
@@ -56,7 +95,51 @@ fn now_ms() -> u64 {
 }
 
 pub fn run_conformance(args: ConformanceArgs) -> Result<ExitCode, String> {
-    let Side::Gateway(args) = args.side;
+    match args.side {
+        Side::Gateway(args) => check_gateway(args),
+        Side::Gate(args) => check_gate(args),
+    }
+}
+
+fn check_gate(args: GateArgs) -> Result<ExitCode, String> {
+    let master = MasterKey::from_hex(&args.master_key).map_err(|e| format!("--master-key: {e}"))?;
+    let run = runtime()?.block_on(async {
+        let (chain, key) = tls::load(&tls::TlsSource::Dev {
+            dir: args.dev_cert_dir.clone(),
+        })
+        .map_err(|e| e.to_string())?;
+        let endpoint = server_endpoint(args.listen, chain, key, &Limits::default())
+            .map_err(|e| e.to_string())?;
+        eprintln!(
+            "conformance referee on {}: point the gate under test here (certificate {}); the run ends after {} gate(s) complete the script or {:.0} s",
+            endpoint.local_addr().map_err(|e| e.to_string())?,
+            args.dev_cert_dir.join(tls::DEV_CERT_FILE).display(),
+            args.gates,
+            args.timeout.as_secs_f64()
+        );
+        let settings = RefereeSettings {
+            master_key: master,
+            max_in_flight: args.max_in_flight.max(1),
+            resend_window: 32,
+            answer_delay_ms: args.answer_delay_ms,
+            grace_ms: args.grace_ms,
+        };
+        Ok::<_, String>(referee(endpoint, settings, args.gates, args.timeout).await)
+    })?;
+    let (text, all_passed) = report(&run.checks);
+    print!("{text}");
+    println!(
+        "{} of {} gate(s) completed the script over {} connection(s)",
+        run.completed, args.gates, run.connections
+    );
+    Ok(if all_passed && run.completed >= args.gates {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn check_gateway(args: GatewayArgs) -> Result<ExitCode, String> {
     let cert = std::fs::read(&args.cert).map_err(|e| format!("{}: {e}", args.cert.display()))?;
     let master = MasterKey::from_hex(&args.master_key).map_err(|e| format!("--master-key: {e}"))?;
     let spec = PopulationSpec {

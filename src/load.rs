@@ -15,7 +15,7 @@ use tapgate_loadgen::workload::Faults;
 use tapgate_protocol::MasterKey;
 
 /// A duration given as `30`, `30s`, `500ms` or `2m`.
-fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let (number, unit) = match text.find(|c: char| c.is_ascii_alphabetic()) {
         Some(i) => text.split_at(i),

@@ -1,5 +1,7 @@
 //! `tapgate conformance gateway` against the project's own gateway (every rule passes) and
-//! against the bare QUIC echo baseline, which speaks none of the protocol (it must fail).
+//! against the bare QUIC echo baseline, which speaks none of the protocol (it must fail);
+//! `tapgate conformance gate` against the project's own gate, the load generator (every rule
+//! passes), and against the same gate made to misbehave (it must fail).
 
 mod support;
 
@@ -73,7 +75,7 @@ fn the_gateway_keeps_every_rule_a_gate_can_observe() {
     assert!(ok, "{text}");
     assert!(!text.contains("FAIL"), "{text}");
     assert!(
-        text.lines().filter(|l| l.starts_with("PASS")).count() >= 15,
+        text.lines().filter(|l| l.starts_with("PASS")).count() >= 18,
         "{text}"
     );
 }
@@ -93,4 +95,96 @@ fn a_server_that_only_echoes_fails_conformance() {
     server.wait().unwrap();
     assert!(!ok, "{text}");
     assert!(text.contains("FAIL  7 a bad tag is bad_mac"), "{text}");
+}
+
+/// Runs the referee for `gates` gates and `tapgate load` with `load_args` against it; returns
+/// the referee's verdict and report.
+fn referee_with_load(
+    gates: usize,
+    timeout: &str,
+    referee_args: &[&str],
+    load_args: &[&str],
+) -> (bool, String) {
+    let state = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let cert = state.path().join("cert.der");
+    let mut referee = tapgate(&["conformance", "gate"]);
+    referee
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .arg("--dev-cert-dir")
+        .arg(state.path())
+        .args(["--gates", &gates.to_string(), "--timeout", timeout])
+        .args(referee_args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let referee = referee.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cert.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the referee wrote no certificate"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let load = tapgate(&["load"])
+        .args(["--target", &format!("127.0.0.1:{port}")])
+        .arg("--cert")
+        .arg(&cert)
+        .args(["--connections", &gates.to_string(), "--duration", "4s"])
+        .args(["--no-gateway-metrics", "--chart"])
+        .arg(state.path().join("load.svg"))
+        .args(load_args)
+        .output()
+        .unwrap();
+    let out = referee.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    (
+        out.status.success(),
+        format!("{text}\nload:\n{}", String::from_utf8_lossy(&load.stdout)),
+    )
+}
+
+#[test]
+fn the_load_generator_keeps_every_rule_the_referee_checks_pipelining_and_in_closed_loop() {
+    // Open loop with answers held 20 ms: three gates at 200 taps/s each run into
+    // max_in_flight 2 and must hold their taps back.
+    let (ok, text) = referee_with_load(
+        3,
+        "20s",
+        &["--max-in-flight", "2", "--answer-delay-ms", "20"],
+        &["--rate", "600"],
+    );
+    assert!(ok, "{text}");
+    assert!(
+        !text.contains("FAIL") && !text.contains("NOT EXERCISED"),
+        "{text}"
+    );
+    assert!(text.contains("at most 2 of 2 outstanding"), "{text}");
+    assert!(text.contains("3 of 3 gate(s) completed"), "{text}");
+
+    let (ok, text) = referee_with_load(1, "20s", &[], &["--closed-loop"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("15 passed, 0 failed"), "{text}");
+}
+
+#[test]
+fn a_gate_that_sends_bad_tags_and_old_sequences_fails_the_referee() {
+    // This gate never completes the script: the referee gives up after its timeout.
+    let (ok, text) = referee_with_load(
+        1,
+        "8s",
+        &[],
+        &["--rate", "200", "--bad-mac", "0.2", "--replay", "0.2"],
+    );
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("FAIL  4.3/5.2 every Tap is well formed and tagged"),
+        "{text}"
+    );
+    assert!(
+        text.contains("FAIL  6 a new tap's sequence is above every sequence used before")
+            || text.contains("FAIL  6 a resend is the same frame"),
+        "{text}"
+    );
 }

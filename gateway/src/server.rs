@@ -20,8 +20,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tapgate_protocol::{
-    Admission, ErrorCode, ErrorFrame, Frame, FrameType, HelloAck, KeyRing, MacKey, Outcome,
-    RIDES_LEFT_NOT_APPLICABLE, Reason, SealedFrame, SequenceWindow, Tag, Tap, TapResult,
+    Admission, DecodeError, ErrorCode, ErrorFrame, Frame, FrameType, HelloAck, KeyRing, MacKey,
+    Outcome, RIDES_LEFT_NOT_APPLICABLE, Reason, SealedFrame, SequenceWindow, Tag, Tap, TapResult,
     take_frame,
 };
 use tokio::sync::{Notify, mpsc, oneshot, watch};
@@ -630,7 +630,12 @@ impl FrameReader {
             match self.recv.read_chunk(16 * 1024, true).await {
                 Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk.bytes),
                 Ok(None) if self.buf.is_empty() => return Ok(None),
-                Ok(None) | Err(_) => return Err(ReadFailure::Closed),
+                // A stream that ends inside a frame is malformed (PROTOCOL.md section 7), not a
+                // clean finish: the gate is told, not answered `done`.
+                Ok(None) => {
+                    return Err(ReadFailure::Decode(DecodeError::Truncated(self.buf.len())));
+                }
+                Err(_) => return Err(ReadFailure::Closed),
             }
         }
     }

@@ -43,6 +43,8 @@ pub struct Report {
     pub achieved_rate: f64,
     pub duration_s: f64,
     pub sent: u64,
+    /// Taps a connection left unanswered, sent again on the next one (included in `sent`).
+    pub resent: u64,
     pub answered: u64,
     /// Everything that went wrong: connection losses, refusals, unanswered taps.
     pub errors: u64,
@@ -134,6 +136,13 @@ impl Report {
             "achieved {:.0} taps/s · sent {} · answered {} · busy {} · errors {} · behind {}",
             self.achieved_rate, self.sent, self.answered, self.busy, self.errors, self.behind
         );
+        if self.resent > 0 {
+            let _ = writeln!(
+                s,
+                "resent after a reconnect: {} taps the old connection left unanswered",
+                self.resent
+            );
+        }
         let l = &self.latency_us;
         let _ = writeln!(
             s,
@@ -342,6 +351,7 @@ mod tests {
             achieved_rate: 99.0,
             duration_s: 10.0,
             sent: 1000,
+            resent: 0,
             answered: 1000,
             errors: 0,
             busy: 0,

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tapgate_gateway::population::PopulationSpec;
 use tapgate_gateway::server::now_ms;
-use tapgate_protocol::{Frame, MasterKey, Outcome};
+use tapgate_protocol::{ErrorCode, Frame, MasterKey, Outcome};
 use tokio::sync::{Semaphore, mpsc};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -68,6 +68,8 @@ pub enum LoadError {
 const CONNECT_CONCURRENCY: usize = 256;
 /// Taps queued for one gate before the pacer counts it as behind.
 const GATE_QUEUE: usize = 256;
+/// How long one reconnection attempt may take.
+const RECONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long answers are awaited after the last tap was sent.
 const DRAIN: Duration = Duration::from_secs(3);
 
@@ -75,6 +77,8 @@ const DRAIN: Duration = Duration::from_secs(3);
 /// histogram per gate would cost hundreds of kilobytes times thousands of gates.
 struct GateStats {
     sent: u64,
+    /// Unanswered taps sent again after a reconnect.
+    resent: u64,
     answered: u64,
     busy: u64,
     decisions: BTreeMap<String, u64>,
@@ -89,6 +93,7 @@ impl GateStats {
     fn new() -> Self {
         Self {
             sent: 0,
+            resent: 0,
             answered: 0,
             busy: 0,
             decisions: BTreeMap::new(),
@@ -102,6 +107,7 @@ impl GateStats {
 
     fn merge(&mut self, other: GateStats) {
         self.sent += other.sent;
+        self.resent += other.resent;
         self.answered += other.answered;
         self.busy += other.busy;
         for (k, v) in other.decisions {
@@ -342,6 +348,7 @@ pub async fn run(spec: LoadSpec) -> Result<Report, LoadError> {
         achieved_rate: total.answered as f64 / duration_s,
         duration_s,
         sent: total.sent,
+        resent: total.resent,
         answered: total.answered,
         errors: total.errors.values().sum(),
         busy: total.busy,
@@ -413,7 +420,7 @@ async fn connect_all(
         );
         set.spawn(async move {
             let _permit = limit.acquire_owned().await.expect("semaphore never closes");
-            let gate = connect(&endpoint, target, kind, &identity, i as u64).await;
+            let gate = connect(&endpoint, target, kind, &identity).await;
             (i, identity, gate)
         });
     }
@@ -430,9 +437,9 @@ async fn connect(
     target: SocketAddr,
     kind: TargetKind,
     identity: &GateIdentity,
-    salt: u64,
 ) -> Result<GateClient, ClientError> {
-    let nonce = now_ms().rotate_left(20) ^ salt.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    // Random, so no two connections of a gate share one (section 4.1), whenever they start.
+    let nonce: u64 = rand::random();
     match kind {
         TargetKind::Tapgate => {
             GateClient::connect(endpoint, target, identity, nonce, now_ms()).await
@@ -495,8 +502,16 @@ struct Gate {
     next_sequence: u64,
     last_frame: Option<BytesMut>,
     last_answered: bool,
-    in_flight: HashMap<u64, (Instant, Instant)>,
+    in_flight: HashMap<u64, InFlight>,
     stats: GateStats,
+}
+
+/// A tap sent and not yet answered, kept as sent so it can be resent byte for byte on the next
+/// connection if this one ends first.
+struct InFlight {
+    intended: Instant,
+    sent: Instant,
+    frame: BytesMut,
 }
 
 impl Gate {
@@ -554,16 +569,32 @@ impl Gate {
             Action::Replay(tap) => (self.client.sealed(&Frame::Tap(tap)), None),
         };
         let sent_at = Instant::now();
-        self.client.send_raw(&bytes).await?;
-        self.stats.sent += 1;
+        // Recorded before the write: if the write fails the tap may still have reached the
+        // gateway, so it is resent on the next connection like any other unanswered tap.
         if let Some(sequence) = answered_sequence {
-            self.in_flight.insert(sequence, (intended, sent_at));
+            self.in_flight.insert(
+                sequence,
+                InFlight {
+                    intended,
+                    sent: sent_at,
+                    frame: bytes.clone(),
+                },
+            );
             if !matches!(action, Action::Resend) {
-                self.last_frame = Some(bytes);
+                self.last_frame = Some(bytes.clone());
                 self.last_answered = false;
             }
         }
+        self.client.send_raw(&bytes).await?;
+        self.stats.sent += 1;
         Ok(answered_sequence.is_some())
+    }
+
+    /// Whether the gateway's `max_in_flight` lets another tap go out now. The echo baseline
+    /// announces no bound (its HelloAck is not parsed), so it gets none.
+    fn may_send(&self) -> bool {
+        let bound = usize::from(self.client.ack.max_in_flight);
+        bound == 0 || self.in_flight.len() < bound
     }
 
     fn record(&mut self, frame: Frame) {
@@ -582,7 +613,7 @@ impl Gate {
                 return;
             }
         };
-        let Some((intended, sent)) = self.in_flight.remove(&sequence) else {
+        let Some(InFlight { intended, sent, .. }) = self.in_flight.remove(&sequence) else {
             self.stats.error("answer_for_unknown_sequence");
             return;
         };
@@ -603,37 +634,74 @@ impl Gate {
         self.shared.answered.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// After a refusal or a lost connection: count it, forget what was in flight, reconnect.
+    /// After a refusal or a lost connection: count it, reconnect, and resend every tap the old
+    /// connection left unanswered, byte for byte (PROTOCOL.md section 6 makes that safe: a tap
+    /// the gateway decided is answered from its window, one it never saw is decided now).
     async fn recover(&mut self, error: &ClientError) -> bool {
         self.stats.error(&error_kind(error));
-        if !self.in_flight.is_empty() {
-            *self.stats.errors.entry("unanswered".into()).or_default() +=
-                self.in_flight.len() as u64;
-            self.in_flight.clear();
+        // A tap refused as a replay or a conflict would be refused again on every resend.
+        if let ClientError::Refused(refusal) = error
+            && matches!(
+                refusal.code,
+                ErrorCode::Replay | ErrorCode::SequenceConflict
+            )
+            && self.in_flight.remove(&refusal.sequence).is_some()
+        {
+            self.stats.error("unanswered");
         }
         self.last_frame = None;
+        // A handshake with a gateway that is gone waits for QUIC's idle timeout; none is
+        // worth waiting for past the end of the run.
+        let run_end = tokio::time::Instant::from_std(self.shared.start + self.shared.spec.duration);
         while !self.shared.stop.load(Ordering::Relaxed) {
-            match connect(
-                &self.shared.endpoint,
-                self.shared.spec.target,
-                self.shared.spec.target_kind,
-                &self.identity,
-                self.next_sequence,
+            let reconnected = tokio::time::timeout_at(
+                run_end.min(tokio::time::Instant::now() + RECONNECT_TIMEOUT),
+                connect(
+                    &self.shared.endpoint,
+                    self.shared.spec.target,
+                    self.shared.spec.target_kind,
+                    &self.identity,
+                ),
             )
             .await
-            {
+            .unwrap_or_else(|_| Err(ClientError::Connect("handshake timed out".into())));
+            let outcome = match reconnected {
                 Ok(client) => {
                     self.next_sequence = self.next_sequence.max(client.ack.last_sequence + 1);
                     self.client = client;
-                    return true;
+                    self.resend_unanswered().await
                 }
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(()) => return true,
                 Err(e) => {
                     self.stats.error(&error_kind(&e));
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
         }
+        if !self.in_flight.is_empty() {
+            *self.stats.errors.entry("unanswered".into()).or_default() +=
+                self.in_flight.len() as u64;
+            self.in_flight.clear();
+        }
         false
+    }
+
+    async fn resend_unanswered(&mut self) -> Result<(), ClientError> {
+        let mut owed: Vec<_> = self
+            .in_flight
+            .iter()
+            .map(|(sequence, tap)| (*sequence, tap.frame.clone()))
+            .collect();
+        owed.sort_unstable_by_key(|(sequence, _)| *sequence);
+        for (_, frame) in owed {
+            self.client.send_raw(&frame).await?;
+            self.stats.sent += 1;
+            self.stats.resent += 1;
+        }
+        Ok(())
     }
 
     async fn drain(&mut self) {
@@ -671,7 +739,7 @@ async fn drive_open_loop(
                     }
                 }
             },
-            intended = due.recv() => {
+            intended = due.recv(), if gate.may_send() => {
                 let Some(intended) = intended else { break };
                 if let Err(e) = gate.send_next(intended).await
                     && !gate.recover(&e).await
@@ -694,9 +762,15 @@ async fn drive_closed_loop(
     let mut gate = Gate::new(shared.clone(), identity, client, workload);
     tokio::time::sleep_until(shared.start.into()).await;
     while !shared.stop.load(Ordering::Relaxed) {
-        // A fault expects the gateway's Error instead of an answer; either way, read next.
-        let result = match gate.send_next(Instant::now()).await {
-            Ok(_) => gate.client.recv().await.map(|frame| gate.record(frame)),
+        // Taps resent after a reconnect are answered before the next one goes out. A fault
+        // expects the gateway's Error instead of an answer; either way, read next.
+        let sent = if gate.in_flight.is_empty() {
+            gate.send_next(Instant::now()).await.map(|_| ())
+        } else {
+            Ok(())
+        };
+        let result = match sent {
+            Ok(()) => gate.client.recv().await.map(|frame| gate.record(frame)),
             Err(e) => Err(e),
         };
         if let Err(e) = result

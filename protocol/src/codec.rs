@@ -49,6 +49,9 @@ pub enum DecodeError {
     },
     #[error(transparent)]
     InvalidField(#[from] InvalidField),
+    /// The peer finished its stream with this many bytes of an unfinished frame.
+    #[error("the stream ended {0} bytes into a frame")]
+    Truncated(usize),
 }
 
 impl DecodeError {
@@ -59,6 +62,7 @@ impl DecodeError {
             DecodeError::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
             DecodeError::UnknownFrameType(_) => ErrorCode::UnknownFrameType,
             DecodeError::TooShort(_)
+            | DecodeError::Truncated(_)
             | DecodeError::BodyLength { .. }
             | DecodeError::InvalidField(_) => ErrorCode::MalformedFrame,
         }

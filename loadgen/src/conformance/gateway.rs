@@ -2,6 +2,7 @@
 //! PROTOCOL.md that a gate can observe, and reports each as PASS or FAIL. It links no gateway
 //! code: a vendor can point it at any implementation of the protocol.
 
+use super::Check;
 use crate::client::{ClientError, GateClient, GateIdentity, hello};
 use std::net::SocketAddr;
 use tapgate_protocol::{ErrorCode, Frame, Outcome, Tap, TapKind};
@@ -17,14 +18,6 @@ pub struct Target {
     pub issuer: tapgate_protocol::Issuer,
     /// The gate's clock, Unix milliseconds.
     pub now_ms: fn() -> u64,
-}
-
-/// One rule and whether the gateway kept it.
-#[derive(Debug, Clone)]
-pub struct Check {
-    pub rule: &'static str,
-    pub passed: bool,
-    pub detail: String,
 }
 
 impl Target {
@@ -95,11 +88,7 @@ impl Target {
 pub async fn run(target: &Target) -> Vec<Check> {
     let mut checks = Vec::new();
     let mut record = |rule: &'static str, outcome: Result<(), String>| {
-        checks.push(Check {
-            rule,
-            passed: outcome.is_ok(),
-            detail: outcome.err().unwrap_or_default(),
-        });
+        checks.push(Check::from_outcome(rule, outcome));
     };
 
     record(
@@ -337,6 +326,70 @@ pub async fn run(target: &Target) -> Vec<Check> {
     );
 
     record(
+        "1 one bidirectional stream at a time and no unidirectional ones",
+        async {
+            let (mut gate, next) = target.session().await?;
+            let wait = std::time::Duration::from_millis(300);
+            if let Ok(opened) = tokio::time::timeout(wait, gate.connection.open_bi()).await {
+                return Err(format!("a second bidirectional stream opened: {opened:?}"));
+            }
+            if let Ok(opened) = tokio::time::timeout(wait, gate.connection.open_uni()).await {
+                return Err(format!("a unidirectional stream opened: {opened:?}"));
+            }
+            let r = gate
+                .tap(target.tap(next))
+                .await
+                .map_err(|e| e.to_string())?;
+            (r.sequence == next)
+                .then_some(())
+                .ok_or(format!("the first stream then answered {r:?}"))
+        }
+        .await,
+    );
+
+    record(
+        "7 a stream that ends inside a frame is malformed_frame",
+        async {
+            let (mut gate, next) = target.session().await?;
+            let frame = gate.sealed(&Frame::Tap(target.tap(next)));
+            gate.send_raw(&frame[..frame.len() / 2])
+                .await
+                .map_err(|e| e.to_string())?;
+            gate.sender.finish();
+            match gate.recv().await {
+                Err(ClientError::Refused(e)) if e.code == ErrorCode::MalformedFrame => Ok(()),
+                other => Err(format!("got {other:?}")),
+            }
+        }
+        .await,
+    );
+
+    record(
+        "7 no Hello within 5 s is hello_timeout",
+        async {
+            let mut gate = GateClient::open(&target.endpoint, target.addr, &target.gate)
+                .await
+                .map_err(|e| e.to_string())?;
+            // One byte opens the stream without completing a frame.
+            gate.send_raw(&[0]).await.map_err(|e| e.to_string())?;
+            let started = std::time::Instant::now();
+            let answer = tokio::time::timeout(std::time::Duration::from_secs(10), gate.recv())
+                .await
+                .map_err(|_| "nothing within 10 s".to_string())?;
+            match answer {
+                Err(ClientError::Refused(e)) if e.code == ErrorCode::HelloTimeout => {
+                    let waited = started.elapsed();
+                    (waited >= std::time::Duration::from_millis(4500))
+                        .then_some(())
+                        .ok_or(format!("hello_timeout after only {waited:?}"))
+                }
+                other => Err(format!("got {other:?}")),
+            }
+        }
+        .await,
+    );
+
+    record(
         "1 a gate that finishes its stream gets its answers, then close code 0",
         async {
             let (mut gate, next) = target.session().await?;
@@ -359,23 +412,4 @@ pub async fn run(target: &Target) -> Vec<Check> {
     );
 
     checks
-}
-
-/// The report: one line per rule, and whether all passed.
-pub fn report(checks: &[Check]) -> (String, bool) {
-    let mut out = String::new();
-    for c in checks {
-        let verdict = if c.passed { "PASS" } else { "FAIL" };
-        out.push_str(&format!("{verdict}  {}", c.rule));
-        if !c.passed {
-            out.push_str(&format!("  ({})", c.detail));
-        }
-        out.push('\n');
-    }
-    let passed = checks.iter().filter(|c| c.passed).count();
-    out.push_str(&format!(
-        "{passed} passed, {} failed\n",
-        checks.len() - passed
-    ));
-    (out, passed == checks.len())
 }
