@@ -5,12 +5,12 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use std::hint::black_box;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
+use tapgate_city::population::{FIRST_CARD_ID, PopulationSpec};
 use tapgate_gateway::cache::CardCache;
 use tapgate_gateway::card::CardActivity;
 use tapgate_gateway::decide::{CardLookup, GatePlace, decide};
 use tapgate_gateway::directory::{Directory, EmbeddedDirectory};
 use tapgate_gateway::policy::Policy;
-use tapgate_gateway::population::{FIRST_CARD_ID, PopulationSpec};
 use tapgate_protocol::{AreaCode, Issuer, Mode, Tap, TapKind};
 
 const NOW: u64 = 1_795_939_200_000;

@@ -4,11 +4,11 @@ use clap::{Args, Subcommand};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
+use tapgate_city::population::PopulationSpec;
 use tapgate_gateway::card::{CardRecord, CardState};
 use tapgate_gateway::directory::{
     Directory, RedisDirectory, RedisSettings, card_fields, parse_card,
 };
-use tapgate_gateway::population::PopulationSpec;
 use tapgate_gateway::redis_target::bounded_line;
 
 /// The gateways' Redis: the card directory, and settlement beside it.

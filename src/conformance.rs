@@ -8,17 +8,16 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+use tapgate_city::population::PopulationSpec;
 use tapgate_gateway::card::CardState;
 use tapgate_gateway::config::DEV_MASTER_KEY_HEX;
-use tapgate_gateway::population::PopulationSpec;
-use tapgate_gateway::server::{Limits, server_endpoint};
-use tapgate_gateway::tls;
 use tapgate_loadgen::client::{GateIdentity, client_endpoint};
 use tapgate_loadgen::conformance::gate::referee;
 use tapgate_loadgen::conformance::gateway::{Target, run};
 use tapgate_loadgen::conformance::referee::RefereeSettings;
 use tapgate_loadgen::conformance::report;
 use tapgate_protocol::{Concession, Issuer, MasterKey};
+use tapgate_transport::{TransportSettings, server_endpoint, tls};
 
 #[derive(Args)]
 pub struct ConformanceArgs {
@@ -108,7 +107,7 @@ fn check_gate(args: GateArgs) -> Result<ExitCode, String> {
             dir: args.dev_cert_dir.clone(),
         })
         .map_err(|e| e.to_string())?;
-        let endpoint = server_endpoint(args.listen, chain, key, &Limits::default())
+        let endpoint = server_endpoint(args.listen, chain, key, &TransportSettings::default())
             .map_err(|e| e.to_string())?;
         eprintln!(
             "conformance referee on {}: point the gate under test here (certificate {}); the run ends after {} gate(s) complete the script or {:.0} s",

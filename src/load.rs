@@ -5,8 +5,8 @@ use clap::Args;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use tapgate_city::population::PopulationSpec;
 use tapgate_gateway::config::{Config, DEV_MASTER_KEY_HEX, DirectoryKind};
-use tapgate_gateway::population::PopulationSpec;
 use tapgate_gateway::server::Gateway;
 use tapgate_loadgen::echo::EchoServer;
 use tapgate_loadgen::report::{Report, SettlementLag};
@@ -361,7 +361,7 @@ async fn find_max(
 pub fn run_echo(args: EchoArgs) -> Result<(), String> {
     crate::serve::init_logging("info");
     runtime()?.block_on(async {
-        let tls = tapgate_gateway::tls::TlsSource::Dev {
+        let tls = tapgate_transport::tls::TlsSource::Dev {
             dir: args.dev_cert_dir.clone(),
         };
         let echo = EchoServer::start_with(args.listen, &tls).map_err(|e| e.to_string())?;
@@ -369,7 +369,7 @@ pub fn run_echo(args: EchoArgs) -> Result<(), String> {
             "echo baseline on {} (certificate {}); Ctrl-C stops it",
             echo.local_addr(),
             args.dev_cert_dir
-                .join(tapgate_gateway::tls::DEV_CERT_FILE)
+                .join(tapgate_transport::tls::DEV_CERT_FILE)
                 .display()
         );
         tokio::signal::ctrl_c().await.map_err(|e| e.to_string())?;

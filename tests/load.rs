@@ -4,8 +4,8 @@ mod support;
 
 use std::time::Duration;
 use support::*;
+use tapgate_city::population::PopulationSpec;
 use tapgate_gateway::directory::{Directory, EmbeddedDirectory};
-use tapgate_gateway::population::PopulationSpec;
 use tapgate_loadgen::echo::EchoServer;
 use tapgate_loadgen::run::{LoadSpec, Pacing, TargetKind, run};
 use tapgate_loadgen::workload::Faults;

@@ -5,18 +5,18 @@ use crate::directory::{Directory, EmbeddedDirectory, RedisDirectory, RedisSettin
 use crate::fares::FareTables;
 use crate::journal::JournalSettings;
 use crate::policy::{Policy, PolicyError};
-use crate::population::PopulationSpec;
 use crate::server::{GatewaySettings, Limits};
 use crate::settle::SettlementSettings;
 use crate::settle::store::{RedisStore, Store};
-use crate::tls::TlsSource;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use tapgate_city::population::PopulationSpec;
 use tapgate_protocol::{KeyRing, MasterKey};
+use tapgate_transport::tls::TlsSource;
 
 /// Master key version 1 of development setups (embedded directory, demo, tests of the CLI).
 /// A Redis-backed gateway refuses to start without keys of its own.

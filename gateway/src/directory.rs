@@ -37,14 +37,7 @@ use std::time::Duration;
 use tapgate_protocol::{AreaCode, Concession, Issuer, Mode};
 use tokio::sync::{broadcast, mpsc};
 
-/// A gate as provisioned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TerminalRecord {
-    pub terminal_id: u64,
-    pub area: AreaCode,
-    pub mode: Mode,
-    pub operator: u16,
-}
+pub use tapgate_city::TerminalRecord;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DirectoryError {

@@ -15,8 +15,6 @@ pub mod journal;
 pub mod metrics;
 pub mod ops;
 pub mod policy;
-pub mod population;
 pub mod redis_target;
 pub mod server;
 pub mod settle;
-pub mod tls;

@@ -11,18 +11,21 @@ use crate::health::{Panics, PartHealth, supervise};
 use crate::journal::{Durable, Journal, JournalRecord, JournalSettings, JournalWriter};
 use crate::metrics::{Metrics, PlaceSlot};
 use crate::policy::Policy;
-use crate::tls::{self, TlsSource};
 use bytes::BytesMut;
 use dashmap::DashMap;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tapgate_protocol::{
-    Admission, DecodeError, ErrorCode, ErrorFrame, Frame, FrameType, HelloAck, KeyRing, MacKey,
-    Outcome, RIDES_LEFT_NOT_APPLICABLE, Reason, SealedFrame, SequenceWindow, Tag, Tap, TapResult,
-    take_frame,
+    Admission, ErrorCode, ErrorFrame, Frame, FrameType, HelloAck, KeyRing, MacKey, Outcome,
+    RIDES_LEFT_NOT_APPLICABLE, Reason, SealedFrame, SequenceWindow, Tag, Tap, TapResult,
+};
+pub use tapgate_transport::now_ms;
+use tapgate_transport::tls::{self, TlsSource};
+use tapgate_transport::{
+    EndpointError, FrameReader, ReadError, TransportSettings, server_endpoint,
 };
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
@@ -41,6 +44,16 @@ pub struct Limits {
     pub udp_buffer_bytes: usize,
     /// Longest a resend waits for the answer of its still-undecided first copy.
     pub resend_wait: Duration,
+}
+
+impl Limits {
+    pub fn transport(&self) -> TransportSettings {
+        TransportSettings {
+            idle_timeout: self.idle_timeout,
+            keep_alive: self.keep_alive,
+            udp_buffer_bytes: self.udp_buffer_bytes,
+        }
+    }
 }
 
 impl Default for Limits {
@@ -78,12 +91,8 @@ pub enum StartError {
     Tls(#[from] tls::TlsError),
     #[error(transparent)]
     Journal(#[from] crate::journal::JournalError),
-    #[error("UDP socket on {addr}: {source}")]
-    Socket {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
 }
 
 /// Per-terminal replay state, shared by every connection of that terminal.
@@ -156,12 +165,6 @@ pub struct Gateway {
     certificate: Vec<u8>,
 }
 
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 impl Gateway {
     /// Recovers the journal, binds the socket and starts accepting gates.
     pub async fn start(settings: GatewaySettings) -> Result<Gateway, StartError> {
@@ -199,11 +202,13 @@ impl Gateway {
 
         let (chain, key) = tls::load(&tls_source)?;
         let certificate = chain.first().map(|c| c.to_vec()).unwrap_or_default();
-        let endpoint = server_endpoint(listen, chain, key, &limits)?;
-        let local_addr = endpoint.local_addr().map_err(|source| StartError::Socket {
-            addr: listen,
-            source,
-        })?;
+        let endpoint = server_endpoint(listen, chain, key, &limits.transport())?;
+        let local_addr = endpoint
+            .local_addr()
+            .map_err(|source| EndpointError::Socket {
+                addr: listen,
+                source,
+            })?;
 
         let cache = Arc::new(CardCache::new(
             directory.clone(),
@@ -355,89 +360,6 @@ fn new_terminal_state(window: u16) -> Arc<TerminalState> {
         revoked: AtomicBool::new(false),
         revocation: Notify::new(),
     })
-}
-
-/// A QUIC server endpoint with the gateway's TLS and transport settings on a large-buffer
-/// UDP socket.
-pub fn server_endpoint(
-    listen: SocketAddr,
-    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
-    key: rustls::pki_types::PrivateKeyDer<'static>,
-    limits: &Limits,
-) -> Result<quinn::Endpoint, StartError> {
-    let mut server_config = quinn::ServerConfig::with_crypto(tls::server_crypto(chain, key)?);
-    server_config.transport_config(Arc::new(transport_config(limits)));
-    let socket = bind_udp(listen, limits.udp_buffer_bytes)?;
-    quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        Some(server_config),
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )
-    .map_err(|source| StartError::Socket {
-        addr: listen,
-        source,
-    })
-}
-
-/// The QUIC transport of a gateway: one bidirectional stream per connection, no unidirectional
-/// ones, keep-alive and idle timeout for gates that sit idle between taps.
-pub fn transport_config(limits: &Limits) -> quinn::TransportConfig {
-    let mut transport = quinn::TransportConfig::default();
-    transport
-        .max_concurrent_bidi_streams(1u32.into())
-        .max_concurrent_uni_streams(0u32.into())
-        .keep_alive_interval(Some(limits.keep_alive))
-        .max_idle_timeout(Some(
-            quinn::IdleTimeout::try_from(limits.idle_timeout)
-                .unwrap_or_else(|_| quinn::IdleTimeout::from(quinn::VarInt::from_u32(60_000))),
-        ));
-    transport
-}
-
-/// A UDP socket with large buffers (the kernel may grant less; what it granted is logged).
-pub fn bind_udp(addr: SocketAddr, buffer: usize) -> Result<std::net::UdpSocket, StartError> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let err = |source| StartError::Socket { addr, source };
-    let socket =
-        Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(err)?;
-    // Ask for large buffers so bursts of taps are not dropped by the kernel; it may grant less.
-    if let Err(e) = socket.set_recv_buffer_size(buffer) {
-        tracing::warn!(error = %e, "could not set UDP receive buffer");
-    }
-    if let Err(e) = socket.set_send_buffer_size(buffer) {
-        tracing::warn!(error = %e, "could not set UDP send buffer");
-    }
-    socket.bind(&addr.into()).map_err(err)?;
-    let granted_recv = usable_buffer(socket.recv_buffer_size().unwrap_or(0));
-    let granted_send = usable_buffer(socket.send_buffer_size().unwrap_or(0));
-    // Said once per process: the embedded demo binds a gateway and a generator socket, and the
-    // advice is the same for both.
-    static SHORTFALL_REPORTED: AtomicBool = AtomicBool::new(false);
-    if granted_recv < buffer || granted_send < buffer {
-        if !SHORTFALL_REPORTED.swap(true, Ordering::Relaxed) {
-            tracing::warn!(
-                requested = buffer,
-                granted_recv,
-                granted_send,
-                "kernel granted smaller UDP buffers; raise net.core.rmem_max / wmem_max"
-            );
-        }
-    } else {
-        tracing::info!(granted_recv, granted_send, "UDP socket buffers");
-    }
-    Ok(socket.into())
-}
-
-/// The part of a socket buffer, as the kernel reports it, that is for datagrams. Linux reports
-/// twice the size it granted, the other half being its own bookkeeping, so a request capped at
-/// `net.core.rmem_max` would otherwise look granted in full.
-fn usable_buffer(reported: usize) -> usize {
-    if cfg!(target_os = "linux") {
-        reported / 2
-    } else {
-        reported
-    }
 }
 
 /// Applies the directory's change feed until it ends or the gateway is gone: cards to the
@@ -607,40 +529,6 @@ enum Pending {
     Fatal(ErrorFrame),
 }
 
-enum ReadFailure {
-    Decode(tapgate_protocol::DecodeError),
-    /// The stream or connection ended or broke.
-    Closed,
-}
-
-struct FrameReader {
-    recv: quinn::RecvStream,
-    buf: BytesMut,
-}
-
-impl FrameReader {
-    /// The next whole frame; `Ok(None)` when the gate finished its stream cleanly.
-    async fn next(&mut self) -> Result<Option<SealedFrame>, ReadFailure> {
-        loop {
-            if let Some(frame) = take_frame(&mut self.buf).map_err(ReadFailure::Decode)? {
-                return Ok(Some(frame));
-            }
-            // take_frame refuses any frame over MAX_FRAME_LEN, so the buffer stays below that
-            // plus one chunk.
-            match self.recv.read_chunk(16 * 1024, true).await {
-                Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk.bytes),
-                Ok(None) if self.buf.is_empty() => return Ok(None),
-                // A stream that ends inside a frame is malformed (PROTOCOL.md section 7), not a
-                // clean finish: the gate is told, not answered `done`.
-                Ok(None) => {
-                    return Err(ReadFailure::Decode(DecodeError::Truncated(self.buf.len())));
-                }
-                Err(_) => return Err(ReadFailure::Closed),
-            }
-        }
-    }
-}
-
 struct Session {
     shared: Arc<Shared>,
     connection: quinn::Connection,
@@ -687,14 +575,11 @@ impl Session {
                     return;
                 }
             };
-        let mut reader = FrameReader {
-            recv,
-            buf: BytesMut::with_capacity(1024),
-        };
+        let mut reader = FrameReader::new(recv);
         let first = match tokio::time::timeout(limits.hello_timeout, reader.next()).await {
             Ok(Ok(Some(frame))) => frame,
-            Ok(Ok(None)) | Ok(Err(ReadFailure::Closed)) => return,
-            Ok(Err(ReadFailure::Decode(e))) => {
+            Ok(Ok(None)) | Ok(Err(ReadError::Stream(_))) => return,
+            Ok(Err(ReadError::Decode(e))) => {
                 return self.refuse(&mut send, e.error_code(), None).await;
             }
             Err(_) => return self.refuse(&mut send, ErrorCode::HelloTimeout, None).await,
@@ -948,11 +833,11 @@ impl Session {
             let read_at = std::time::Instant::now();
             let frame = match next {
                 Ok(Some(frame)) => frame,
-                Ok(None) | Err(ReadFailure::Closed) => {
+                Ok(None) | Err(ReadError::Stream(_)) => {
                     reading = false;
                     continue;
                 }
-                Err(ReadFailure::Decode(e)) => {
+                Err(ReadError::Decode(e)) => {
                     answers.push(fatal(e.error_code(), 0));
                     reading = false;
                     continue;

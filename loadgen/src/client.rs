@@ -3,11 +3,11 @@
 
 use bytes::BytesMut;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use tapgate_protocol::{
-    ALPN, AreaCode, DecodeError, ErrorFrame, Frame, FrameType, Hello, HelloAck, MacKey, Mode,
-    TapResult, TerminalKey, seal, take_frame,
+    AreaCode, DecodeError, ErrorFrame, Frame, FrameType, Hello, HelloAck, MacKey, Mode, TapResult,
+    TerminalKey, seal,
 };
+use tapgate_transport::{FrameReader, ReadError};
 
 /// Who a gate is.
 #[derive(Debug, Clone)]
@@ -42,41 +42,13 @@ pub enum ClientError {
     NonceMismatch,
 }
 
-const CLIENT_UDP_BUFFER: usize = 8 << 20;
-
 /// A client endpoint that trusts exactly `trusted_der` (the gateway's certificate or its CA).
 pub fn client_endpoint(
     trusted_der: &[u8],
     bind: SocketAddr,
 ) -> Result<quinn::Endpoint, ClientError> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls::pki_types::CertificateDer::from(
-            trusted_der.to_vec(),
-        ))
-        .map_err(|e| ClientError::Connect(format!("trusted certificate: {e}")))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| ClientError::Connect(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-        .map_err(|e| ClientError::Connect(e.to_string()))?;
-    // Thousands of gates share this one socket: give it the gateway's large buffers, or bursts
-    // of answers are dropped by the kernel and QUIC's loss recovery shows up as latency.
-    let socket = tapgate_gateway::server::bind_udp(bind, CLIENT_UDP_BUFFER)
-        .map_err(|e| ClientError::Connect(e.to_string()))?;
-    let mut endpoint = quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        None,
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )
-    .map_err(|e| ClientError::Connect(e.to_string()))?;
-    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
-    Ok(endpoint)
+    tapgate_transport::client_endpoint(trusted_der, bind)
+        .map_err(|e| ClientError::Connect(e.to_string()))
 }
 
 /// The sending half of a gate's stream.
@@ -88,8 +60,7 @@ pub struct GateSender {
 
 /// The receiving half of a gate's stream.
 pub struct GateReceiver {
-    recv: quinn::RecvStream,
-    buf: BytesMut,
+    frames: FrameReader,
     mac: MacKey,
     connection: quinn::Connection,
 }
@@ -162,8 +133,7 @@ impl GateClient {
                 connection: connection.clone(),
             },
             receiver: GateReceiver {
-                recv,
-                buf: BytesMut::with_capacity(1024),
+                frames: FrameReader::new(recv),
                 mac,
                 connection: connection.clone(),
             },
@@ -257,38 +227,26 @@ impl GateReceiver {
     /// The next frame from the gateway as it came, tag unchecked: for checking how the gateway
     /// tagged it (an Error is tagged once the gateway knows the gate's key).
     pub async fn recv_sealed(&mut self) -> Result<tapgate_protocol::SealedFrame, ClientError> {
-        loop {
-            if let Some(frame) = take_frame(&mut self.buf)? {
-                return Ok(frame);
-            }
-            match self.recv.read_chunk(16 * 1024, true).await {
-                Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk.bytes),
-                Ok(None) => return Err(ClientError::Closed),
-                Err(e) => return Err(closed_by_gateway(&self.connection, e.to_string())),
-            }
+        match self.frames.next().await {
+            Ok(Some(frame)) => Ok(frame),
+            Ok(None) => Err(ClientError::Closed),
+            Err(ReadError::Decode(e)) => Err(ClientError::Decode(e)),
+            Err(ReadError::Stream(e)) => Err(closed_by_gateway(&self.connection, e.to_string())),
         }
     }
 
     /// The next frame from the gateway. Error frames come back as `ClientError::Refused`,
     /// authenticated or not (an unkeyed Error means "refused" and nothing more).
     pub async fn recv(&mut self) -> Result<Frame, ClientError> {
-        loop {
-            if let Some(frame) = take_frame(&mut self.buf)? {
-                if frame.frame_type() == FrameType::Error
-                    && let Ok(Frame::Error(error)) = frame.parse_unverified()
-                {
-                    return Err(ClientError::Refused(error));
-                }
-                return frame.open(&self.mac).map_err(|e| match e {
-                    tapgate_protocol::OpenError::BadMac(_) => ClientError::BadMac,
-                    tapgate_protocol::OpenError::Decode(d) => ClientError::Decode(d),
-                });
-            }
-            match self.recv.read_chunk(16 * 1024, true).await {
-                Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk.bytes),
-                Ok(None) => return Err(ClientError::Closed),
-                Err(e) => return Err(closed_by_gateway(&self.connection, e.to_string())),
-            }
+        let frame = self.recv_sealed().await?;
+        if frame.frame_type() == FrameType::Error
+            && let Ok(Frame::Error(error)) = frame.parse_unverified()
+        {
+            return Err(ClientError::Refused(error));
         }
+        frame.open(&self.mac).map_err(|e| match e {
+            tapgate_protocol::OpenError::BadMac(_) => ClientError::BadMac,
+            tapgate_protocol::OpenError::Decode(d) => ClientError::Decode(d),
+        })
     }
 }

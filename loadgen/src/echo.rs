@@ -3,8 +3,8 @@
 //! TLS and the generator cost on their own, so tapgate's own cost is always known.
 
 use std::net::SocketAddr;
-use tapgate_gateway::server::{Limits, StartError, server_endpoint};
-use tapgate_gateway::tls;
+use tapgate_transport::reader::READ_CHUNK;
+use tapgate_transport::{EndpointError, TransportSettings, server_endpoint, tls};
 
 pub struct EchoServer {
     endpoint: quinn::Endpoint,
@@ -13,7 +13,7 @@ pub struct EchoServer {
 
 impl EchoServer {
     /// Starts with a fresh development certificate kept in memory.
-    pub fn start(listen: SocketAddr) -> Result<EchoServer, StartError> {
+    pub fn start(listen: SocketAddr) -> Result<EchoServer, EndpointError> {
         let (chain, key) = tls::generate_dev()?;
         Self::start_with_certificate(listen, chain, key)
     }
@@ -22,7 +22,7 @@ impl EchoServer {
     pub fn start_with(
         listen: SocketAddr,
         tls_source: &tls::TlsSource,
-    ) -> Result<EchoServer, StartError> {
+    ) -> Result<EchoServer, EndpointError> {
         let (chain, key) = tls::load(tls_source)?;
         Self::start_with_certificate(listen, chain, key)
     }
@@ -31,9 +31,9 @@ impl EchoServer {
         listen: SocketAddr,
         chain: Vec<rustls::pki_types::CertificateDer<'static>>,
         key: rustls::pki_types::PrivateKeyDer<'static>,
-    ) -> Result<EchoServer, StartError> {
+    ) -> Result<EchoServer, EndpointError> {
         let certificate = chain[0].to_vec();
-        let endpoint = server_endpoint(listen, chain, key, &Limits::default())?;
+        let endpoint = server_endpoint(listen, chain, key, &TransportSettings::default())?;
         tokio::spawn(accept(endpoint.clone()));
         Ok(EchoServer {
             endpoint,
@@ -65,7 +65,7 @@ async fn accept(endpoint: quinn::Endpoint) {
             let Ok((mut send, mut recv)) = connection.accept_bi().await else {
                 return;
             };
-            while let Ok(Some(chunk)) = recv.read_chunk(16 * 1024, true).await {
+            while let Ok(Some(chunk)) = recv.read_chunk(READ_CHUNK, true).await {
                 if send.write_all(&chunk.bytes).await.is_err() {
                     return;
                 }

@@ -19,9 +19,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tapgate_gateway::population::PopulationSpec;
-use tapgate_gateway::server::now_ms;
+use tapgate_city::population::PopulationSpec;
 use tapgate_protocol::{ErrorCode, Frame, MasterKey, Outcome};
+use tapgate_transport::now_ms;
 use tokio::sync::{Semaphore, mpsc};
 
 #[derive(Debug, Clone, Copy, PartialEq)]

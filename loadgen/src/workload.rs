@@ -6,8 +6,8 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::VecDeque;
-use tapgate_gateway::directory::TerminalRecord;
-use tapgate_gateway::population::PopulationSpec;
+use tapgate_city::TerminalRecord;
+use tapgate_city::population::PopulationSpec;
 use tapgate_protocol::{Tap, TapKind};
 
 /// Shares of taps sent wrongly on purpose, each a fraction of 1.
@@ -89,7 +89,7 @@ impl GateWorkload {
 
     fn tap(&mut self, sequence: u64, gate_time_ms: u64) -> Tap {
         let random_card = |rng: &mut ChaCha8Rng, cards| {
-            tapgate_gateway::population::FIRST_CARD_ID + rng.random_range(0..cards)
+            tapgate_city::population::FIRST_CARD_ID + rng.random_range(0..cards)
         };
         let (kind, card_id) = if self.terminal.mode.needs_exit_tap() {
             let exit_due = self.riding.len() >= RIDING
@@ -107,7 +107,7 @@ impl GateWorkload {
         };
         let issuer = self
             .population
-            .card(card_id - tapgate_gateway::population::FIRST_CARD_ID)
+            .card(card_id - tapgate_city::population::FIRST_CARD_ID)
             .issuer;
         Tap {
             sequence,

@@ -14,9 +14,9 @@ use tapgate_gateway::directory::{
 use tapgate_gateway::journal::JournalSettings;
 use tapgate_gateway::policy::Policy;
 use tapgate_gateway::server::{Gateway, GatewaySettings, Limits, now_ms};
-use tapgate_gateway::tls::TlsSource;
 use tapgate_loadgen::client::{GateClient, GateIdentity, client_endpoint};
 use tapgate_protocol::{AreaCode, Concession, Issuer, KeyRing, MasterKey, Mode, Tap, TapKind};
+use tapgate_transport::tls::TlsSource;
 
 pub const MASTER_V1: [u8; 16] = [0x11; 16];
 

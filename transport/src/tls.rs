@@ -129,3 +129,59 @@ pub fn server_crypto(
         .map_err(|e| TlsError::Config(e.to_string()))?;
     Ok(Arc::new(quic))
 }
+
+/// The QUIC client crypto of a gate: TLS 1.3 only, ALPN `tapgate/1`, trusting exactly
+/// `trusted_der` (the gateway's certificate or its CA).
+pub fn client_crypto(
+    trusted_der: &[u8],
+) -> Result<Arc<quinn::crypto::rustls::QuicClientConfig>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from(trusted_der.to_vec()))
+        .map_err(|e| TlsError::Config(format!("trusted certificate: {e}")))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    Ok(Arc::new(quic))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_development_certificate_is_written_once_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = TlsSource::Dev {
+            dir: dir.path().join("cert"),
+        };
+        let (first, _) = load(&source).unwrap();
+        let (again, _) = load(&source).unwrap();
+        assert_eq!(first, again);
+        assert_eq!(
+            std::fs::read(dir.path().join("cert").join(DEV_CERT_FILE)).unwrap(),
+            first[0].to_vec()
+        );
+        // What a gate trusts is what the server presents.
+        client_crypto(&first[0]).unwrap();
+        server_crypto(first, load(&source).unwrap().1).unwrap();
+    }
+
+    #[test]
+    fn a_missing_certificate_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("nope.pem");
+        let err = load(&TlsSource::Files {
+            cert: cert.clone(),
+            key: dir.path().join("key.pem"),
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("nope.pem"), "{err}");
+    }
+}

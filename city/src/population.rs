@@ -1,8 +1,7 @@
 //! A synthetic but realistic population of cards and gates, the same for a given seed on every
 //! machine: the demo, the load generator and `tapgate cards generate` all draw from it.
 
-use crate::card::{CardRecord, CardState};
-use crate::directory::TerminalRecord;
+use crate::records::{CardRecord, CardState, TerminalRecord};
 use chrono::NaiveDate;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

@@ -1,0 +1,21 @@
+//! The transport both ends of the gate protocol share: TLS material, QUIC endpoints with the
+//! protocol's transport settings (one bidirectional stream, keep-alive, idle timeout) on
+//! large-buffer UDP sockets, and the one reader that turns a stream into frames. It knows
+//! nothing of taps, cards or journals, so the load generator and the conformance tools can use
+//! it without linking the gateway.
+
+pub mod endpoint;
+pub mod reader;
+pub mod tls;
+
+pub use endpoint::{
+    EndpointError, TransportSettings, bind_udp, client_endpoint, server_endpoint, transport_config,
+};
+pub use reader::{FrameReader, ReadError};
+
+/// The wall clock frames are stamped with (gate and server times): Unix milliseconds.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
