@@ -35,6 +35,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tapgate_protocol::{AreaCode, Concession, Issuer, Mode};
+use tapgate_transport::retry::Backoff;
 use tokio::sync::{broadcast, mpsc};
 
 pub use tapgate_city::TerminalRecord;
@@ -732,8 +733,10 @@ impl RedisDirectory {
 
 /// How long one XREAD waits for a change before asking again.
 const FEED_BLOCK: Duration = Duration::from_secs(1);
-/// Pause between attempts to reach Redis again after the feed lost it.
+/// First pause before reaching Redis again after the feed lost it; attempts that fail in a
+/// row wait longer, up to `FEED_RECONNECT_CEILING`.
 const FEED_RECONNECT: Duration = Duration::from_millis(200);
+const FEED_RECONNECT_CEILING: Duration = Duration::from_secs(2);
 /// While the feed stays lost, how often the log says so again.
 const FEED_LOST_REPEAT: Duration = Duration::from_secs(60);
 
@@ -796,8 +799,9 @@ impl ChangeFollower {
     }
 
     async fn reconnect(&mut self) -> Option<RedisConnection> {
+        let mut retry = Backoff::new(FEED_RECONNECT, FEED_RECONNECT_CEILING);
         loop {
-            tokio::time::sleep(FEED_RECONNECT).await;
+            retry.wait().await;
             if self.tx.is_closed() {
                 return None;
             }

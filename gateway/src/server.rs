@@ -23,6 +23,7 @@ use tapgate_protocol::{
     RIDES_LEFT_NOT_APPLICABLE, Reason, SealedFrame, SequenceWindow, Tag, Tap, TapResult,
 };
 pub use tapgate_transport::now_ms;
+use tapgate_transport::retry::Backoff;
 use tapgate_transport::tls::{self, TlsSource};
 use tapgate_transport::{
     EndpointError, FrameReader, ReadError, TransportSettings, server_endpoint,
@@ -121,7 +122,10 @@ impl TerminalState {
 /// Counted rides given while the directory was unreachable, waiting to be taken from it.
 const RIDE_UPDATE_QUEUE: usize = 65_536;
 /// Pause between attempts to take a ride given while the directory was away.
-const RIDE_UPDATE_RETRY: Duration = Duration::from_millis(500);
+/// First wait before taking a counted ride again from an unreachable directory; waits grow
+/// to `RIDE_UPDATE_CEILING`.
+const RIDE_UPDATE_RETRY: Duration = Duration::from_millis(250);
+const RIDE_UPDATE_CEILING: Duration = Duration::from_secs(2);
 
 struct Shared {
     keys: KeyRing,
@@ -447,18 +451,20 @@ async fn share_decisions(
 
 /// Takes, once the directory is reachable again, the counted rides given while it was not.
 async fn apply_ride_updates(directory: Directory, mut rx: mpsc::Receiver<u64>) {
+    let mut retry = Backoff::new(RIDE_UPDATE_RETRY, RIDE_UPDATE_CEILING);
     while let Some(card_id) = rx.recv().await {
         loop {
             match directory.take_counted_ride(card_id).await {
-                Ok(_) => break,
+                Ok(_) => {
+                    retry.reset();
+                    break;
+                }
                 // The ride was taken (not replicated is about card changes, which this is not),
                 // or the record is unreadable, which the cache logged and counted.
                 Err(DirectoryError::Malformed { .. } | DirectoryError::NotReplicated { .. }) => {
                     break;
                 }
-                Err(DirectoryError::Unavailable(_)) => {
-                    tokio::time::sleep(RIDE_UPDATE_RETRY).await;
-                }
+                Err(DirectoryError::Unavailable(_)) => retry.wait().await,
             }
         }
     }

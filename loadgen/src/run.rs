@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use tapgate_city::population::PopulationSpec;
 use tapgate_protocol::{ErrorCode, Frame, MasterKey, Outcome};
 use tapgate_transport::now_ms;
+use tapgate_transport::retry::Backoff;
 use tokio::sync::{Semaphore, mpsc};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -68,6 +69,9 @@ pub enum LoadError {
 const CONNECT_CONCURRENCY: usize = 256;
 /// Taps queued for one gate before the pacer counts it as behind.
 const GATE_QUEUE: usize = 256;
+/// First wait after a failed reconnection; failures in a row wait up to the ceiling.
+const RECONNECT_FIRST: Duration = Duration::from_millis(100);
+const RECONNECT_CEILING: Duration = Duration::from_secs(1);
 /// How long one reconnection attempt may take.
 const RECONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long answers are awaited after the last tap was sent.
@@ -653,6 +657,8 @@ impl Gate {
         // A handshake with a gateway that is gone waits for QUIC's idle timeout; none is
         // worth waiting for past the end of the run.
         let run_end = tokio::time::Instant::from_std(self.shared.start + self.shared.spec.duration);
+        // Jittered, so thousands of gates refused at once do not all come back at once.
+        let mut retry = Backoff::new(RECONNECT_FIRST, RECONNECT_CEILING);
         while !self.shared.stop.load(Ordering::Relaxed) {
             let reconnected = tokio::time::timeout_at(
                 run_end.min(tokio::time::Instant::now() + RECONNECT_TIMEOUT),
@@ -677,7 +683,7 @@ impl Gate {
                 Ok(()) => return true,
                 Err(e) => {
                     self.stats.error(&error_kind(&e));
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    retry.wait().await;
                 }
             }
         }

@@ -6,6 +6,7 @@
 
 pub mod endpoint;
 pub mod reader;
+pub mod retry;
 pub mod tls;
 
 pub use endpoint::{

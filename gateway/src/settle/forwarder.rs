@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tapgate_protocol::Outcome;
+use tapgate_transport::retry::Backoff;
 use tokio::sync::watch;
 
 #[derive(Debug, Clone)]
@@ -84,7 +85,11 @@ pub enum Until {
     EndOfFiles,
 }
 
-const RETRY: Duration = Duration::from_millis(500);
+/// First wait after a failure; failures in a row wait longer, up to `RETRY_CEILING`.
+const RETRY_FIRST: Duration = Duration::from_millis(250);
+const RETRY_CEILING: Duration = Duration::from_secs(2);
+/// How often a forwarder with nothing to ship checks the store still holds its checkpoint.
+const QUIET_CHECK: Duration = Duration::from_millis(500);
 const BACKLOG_POLL: Duration = Duration::from_millis(50);
 
 /// Runs until `stop` is true and everything durable before it has been shipped, or for
@@ -103,6 +108,7 @@ pub async fn run(
     let journal = journal_id(&settings.journal_dir)
         .map_err(|e| StoreError::Malformed(format!("{}: {e}", settings.journal_dir.display())))?;
     let ours = |stored: Option<Checkpoint>| own_position(&settings.node, &journal, stored);
+    let mut retry = Backoff::new(RETRY_FIRST, RETRY_CEILING);
     let mut store_down = Incident::new(
         "forwarder: the store does not take shipments; retrying from the stored checkpoint",
     );
@@ -117,12 +123,13 @@ pub async fn run(
             Err(e) => {
                 stats.store_errors.fetch_add(1, Ordering::Relaxed);
                 store_down.failed(std::time::Instant::now(), &e);
-                if wait_or_stop(&mut stop, RETRY).await {
+                if wait_or_stop(&mut stop, retry.next_delay()).await {
                     return Ok(());
                 }
             }
         }
     };
+    retry.reset();
     if let Err(e) = store.register_node(&settings.node, &journal).await {
         tracing::debug!(error = %e, "forwarder: could not record its journal for reconcile");
     }
@@ -143,7 +150,7 @@ pub async fn run(
             Err(_) => return Ok(()),
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "forwarder: cannot read the journal; retrying");
-                if wait_or_stop(&mut stop, RETRY).await {
+                if wait_or_stop(&mut stop, retry.next_delay()).await {
                     return Ok(());
                 }
                 continue;
@@ -166,7 +173,7 @@ pub async fn run(
                     let (writer_gone, quiet) = tokio::select! {
                         changed = durable.changed() => (changed.is_err(), false),
                         _ = stop.changed() => (false, false),
-                        () = tokio::time::sleep(RETRY) => (false, true),
+                        () = tokio::time::sleep(QUIET_CHECK) => (false, true),
                     };
                     // Nothing to ship: check the store still holds our checkpoint. A Redis
                     // that came back older or empty is caught up now, not at the next tap.
@@ -180,7 +187,7 @@ pub async fn run(
                         continue;
                     }
                     // The journal is closed: nothing more will become durable.
-                    if writer_gone && wait_or_stop(&mut stop, RETRY).await {
+                    if writer_gone && wait_or_stop(&mut stop, QUIET_CHECK).await {
                         return Ok(());
                     }
                     continue;
@@ -215,6 +222,7 @@ pub async fn run(
             .await
         {
             Ok(Shipped::Done) => {
+                retry.reset();
                 stats.health.ok();
                 store_down.recovered(std::time::Instant::now());
                 stats
@@ -237,7 +245,7 @@ pub async fn run(
                 store_down.failed(std::time::Instant::now(), &e);
                 // Stopping while the store is unreachable: the stored checkpoint keeps the
                 // place, and the next start ships the rest.
-                if wait_or_stop(&mut stop, RETRY).await {
+                if wait_or_stop(&mut stop, retry.next_delay()).await {
                     return Ok(());
                 }
                 // The batch may or may not have landed: only the store knows.

@@ -35,6 +35,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use store::{Store, StoreError};
+use tapgate_transport::retry::Backoff;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -205,6 +206,7 @@ async fn init_store(
     stop: &mut watch::Receiver<bool>,
 ) -> Result<bool, StoreError> {
     let mut warned = false;
+    let mut retry = Backoff::new(Duration::from_millis(250), Duration::from_secs(2));
     loop {
         match store.init(partitions).await {
             Ok(()) => return Ok(true),
@@ -218,7 +220,7 @@ async fn init_store(
         }
         tokio::select! {
             _ = stop.changed() => {}
-            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            () = retry.wait() => {}
         }
         if *stop.borrow() {
             return Ok(false);

@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+use tapgate_transport::retry::Backoff;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -83,7 +84,10 @@ pub struct SettlerStats {
     pub health: Arc<PartHealth>,
 }
 
-const RETRY: Duration = Duration::from_millis(500);
+/// First wait after the store failed a round; failures in a row wait longer, up to
+/// `RETRY_CEILING`.
+const RETRY_FIRST: Duration = Duration::from_millis(250);
+const RETRY_CEILING: Duration = Duration::from_secs(2);
 const READ_BLOCK: Duration = Duration::from_millis(200);
 
 struct Held {
@@ -144,6 +148,7 @@ pub async fn run(
         failing: false,
     };
     tracing::info!(settler = %settler.token, fare_tables = %settler.fare_tables_digest, "settler starting");
+    let mut retry = Backoff::new(RETRY_FIRST, RETRY_CEILING);
     while !*stop.borrow() {
         if let Err(e) = settler.round().await {
             settler.stats.store_errors.fetch_add(1, Ordering::Relaxed);
@@ -161,9 +166,10 @@ pub async fn run(
                 .for_each(|h| h.check_pending = true);
             tokio::select! {
                 _ = stop.changed() => {}
-                () = tokio::time::sleep(RETRY) => {}
+                () = retry.wait() => {}
             }
         } else if settler.failing {
+            retry.reset();
             tracing::info!("settler: store reachable again");
             settler.stats.health.ok();
             settler.failing = false;
