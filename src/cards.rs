@@ -1,5 +1,6 @@
 //! `tapgate cards`: card records in the Redis directory.
 
+use crate::common::RedisTarget;
 use clap::{Args, Subcommand};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -10,27 +11,6 @@ use tapgate_gateway::directory::{
     Directory, RedisDirectory, RedisSettings, card_fields, parse_card,
 };
 use tapgate_gateway::redis_target::bounded_line;
-
-/// The gateways' Redis: the card directory, and settlement beside it.
-#[derive(Args, Clone)]
-pub struct RedisTarget {
-    /// Redis of the gateways' directory (settlement keeps its streams and ledgers there too):
-    /// `redis://[USER:PASSWORD@]HOST:PORT/`, `rediss://…` for TLS, or
-    /// `redis+cluster://[USER:PASSWORD@]HOST:PORT,HOST:PORT/` for a Redis Cluster.
-    #[arg(
-        long,
-        env = "TAPGATE_REDIS_URL",
-        default_value = "redis://127.0.0.1:6379/"
-    )]
-    pub redis_url: String,
-    /// CA certificates (PEM) a TLS Redis's certificate must chain to (the system's roots when
-    /// absent), as the gateways' `[directory] redis_tls_ca_file`.
-    #[arg(long, env = "TAPGATE_REDIS_TLS_CA_FILE")]
-    pub redis_tls_ca_file: Option<PathBuf>,
-    /// Key prefix, as the gateways' `[directory] key_prefix`.
-    #[arg(long, default_value = "tapgate")]
-    pub key_prefix: String,
-}
 
 #[derive(Args)]
 pub struct CardsArgs {

@@ -50,7 +50,7 @@ struct GateArgs {
     #[arg(long, default_value_t = 1)]
     gates: usize,
     /// ... or after this long: 60, 60s, 2m.
-    #[arg(long, default_value = "60s", value_parser = crate::load::parse_duration)]
+    #[arg(long, default_value = "60s", value_parser = crate::common::parse_duration)]
     timeout: Duration,
     /// The max_in_flight the HelloAck announces (and the referee holds the gate to).
     #[arg(long, default_value_t = 4)]

@@ -1,5 +1,6 @@
 //! `tapgate load` and `tapgate demo`.
 
+use crate::common::parse_duration;
 use crate::runtime;
 use clap::Args;
 use std::net::SocketAddr;
@@ -7,34 +8,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tapgate_city::population::PopulationSpec;
 use tapgate_gateway::config::{Config, DEV_MASTER_KEY_HEX, DirectoryKind};
-use tapgate_gateway::server::Gateway;
+use tapgate_gateway::node::Node;
 use tapgate_loadgen::echo::EchoServer;
 use tapgate_loadgen::report::{Report, SettlementLag};
 use tapgate_loadgen::run::{LoadSpec, Pacing, TargetKind, run};
 use tapgate_loadgen::workload::Faults;
 use tapgate_protocol::MasterKey;
-
-/// A duration given as `30`, `30s`, `500ms` or `2m`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let (number, unit) = match text.find(|c: char| c.is_ascii_alphabetic()) {
-        Some(i) => text.split_at(i),
-        None => (text, "s"),
-    };
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration"))?;
-    let seconds = match unit {
-        "ms" => value / 1000.0,
-        "s" => value,
-        "m" => value * 60.0,
-        _ => return Err(format!("`{text}`: use ms, s or m")),
-    };
-    if !(seconds.is_finite() && seconds > 0.0) {
-        return Err(format!("`{text}` must be positive"));
-    }
-    Ok(Duration::from_secs_f64(seconds))
-}
 
 #[derive(Args, Clone)]
 pub struct WorkloadArgs {
@@ -272,7 +251,7 @@ fn write_file(path: &Path, text: &str) -> Result<(), String> {
 }
 
 pub fn run_load(args: LoadArgs) -> Result<(), String> {
-    crate::serve::init_logging("warn");
+    crate::common::init_logging("warn");
     let cert = std::fs::read(&args.cert).map_err(|e| format!("{}: {e}", args.cert.display()))?;
     let key = MasterKey::from_hex(&args.master_key).map_err(|e| format!("--master-key: {e}"))?;
     runtime()?.block_on(async {
@@ -359,7 +338,7 @@ async fn find_max(
 /// `tapgate echo`: the transport baseline as a process of its own, so it can be measured with
 /// the same process layout as a gateway.
 pub fn run_echo(args: EchoArgs) -> Result<(), String> {
-    crate::serve::init_logging("info");
+    crate::common::init_logging("info");
     runtime()?.block_on(async {
         let tls = tapgate_transport::tls::TlsSource::Dev {
             dir: args.dev_cert_dir.clone(),
@@ -379,7 +358,7 @@ pub fn run_echo(args: EchoArgs) -> Result<(), String> {
 }
 
 pub fn run_demo(args: DemoArgs) -> Result<(), String> {
-    crate::serve::init_logging("warn");
+    crate::common::init_logging("warn");
     let dir = tempfile::Builder::new()
         .prefix("tapgate-demo-")
         .tempdir()
@@ -403,12 +382,13 @@ pub fn run_demo(args: DemoArgs) -> Result<(), String> {
         args.duration.as_secs_f64()
     );
     runtime()?.block_on(async {
-        let directory = config.directory().map_err(|e| e.to_string())?;
-        let settings = config
-            .gateway_settings(directory)
-            .map_err(|e| e.to_string())?;
-        let gateway = Gateway::start(settings).await.map_err(|e| e.to_string())?;
-        let settlement = crate::serve::start_settlement(&config, &gateway)?;
+        let node = Node::start(&config).await.map_err(|e| e.to_string())?;
+        let settlers = node
+            .settlement
+            .as_ref()
+            .ok_or("the demo configuration settles")?
+            .settlers
+            .clone();
         let workload = WorkloadArgs {
             connections,
             rate: args.rate,
@@ -425,18 +405,18 @@ pub fn run_demo(args: DemoArgs) -> Result<(), String> {
         };
         let key = MasterKey::from_hex(DEV_MASTER_KEY_HEX).expect("valid development key");
         let spec = workload.spec(
-            gateway.local_addr(),
+            node.gateway.local_addr(),
             TargetKind::Tapgate,
-            gateway.certificate_der().to_vec(),
+            node.gateway.certificate_der().to_vec(),
             key,
         );
         let report = run(spec).await;
-        let metrics = gateway.metrics().snapshot();
-        gateway.shutdown().await;
-        let mut report = report.map_err(|e| e.to_string())?;
+        let metrics = node.gateway.metrics().snapshot();
+        let ledger_path = node.ledger_file().to_owned();
         let settling = std::time::Instant::now();
-        let settlers = settlement.settlers.clone();
-        crate::serve::finish_settlement(&config, settlement).await?;
+        // Stops the gateway, then lets settlement catch up and write the ledger.
+        node.stop().await.map_err(|e| e.to_string())?;
+        let mut report = report.map_err(|e| e.to_string())?;
         let caught_up = settling.elapsed();
         report.settlement = SettlementLag::from_buckets(
             &settlers.lag.cumulative(),
@@ -449,20 +429,19 @@ pub fn run_demo(args: DemoArgs) -> Result<(), String> {
         );
         workload.write_outputs(&report)?;
         let journal = dir.join("journal");
-        let ledger_path = crate::serve::ledger_file(&config);
         println!("journal: {}", journal.display());
         println!(
             "settlement: approvals shipped to partition streams, priced and booked by the settler; caught up {:.1} s after the run",
             caught_up.as_secs_f64(),
         );
-        let settled = crate::settle::read_ledger_file(&ledger_path)?;
-        let expected = crate::settle::settle_dirs(
+        let settled = crate::books::read_ledger_file(&ledger_path)?;
+        let expected = crate::books::settle_dirs(
             &[journal.as_path()],
             &tapgate_gateway::fares::FareTables::embedded_default(),
         )?;
         let reconciliation =
             tapgate_gateway::settle::ledger::Reconciliation::new(&expected.ledger, &settled);
-        print!("{}", crate::settle::reconcile_text(&reconciliation, 10));
+        print!("{}", crate::books::reconcile_text(&reconciliation, 10));
         let total = settled.total();
         println!(
             "ledger: {} ({} fares, {}.{:02} yuan)\n  report:    tapgate settle report --ledger {0}\n  reconcile: tapgate settle reconcile --ledger {0} --journal {}",

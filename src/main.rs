@@ -1,6 +1,8 @@
 //! `tapgate`: the one command-line entry point. It parses arguments and calls the libraries.
 
+mod books;
 mod cards;
+mod common;
 mod conformance;
 mod load;
 mod serve;

@@ -1,13 +1,11 @@
 //! `tapgate serve`.
 
+use crate::common::{init_logging, parse_ops_listen, start_ops};
 use clap::Args;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use tapgate_gateway::config::{Config, DirectoryKind};
-use tapgate_gateway::server::Gateway;
-use tapgate_gateway::settle::Settlement;
-use tapgate_gateway::settle::store::Store;
+use tapgate_gateway::node::Node;
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -98,43 +96,6 @@ impl ServeArgs {
     }
 }
 
-pub fn init_logging(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .try_init();
-}
-
-/// An `--ops-listen` value: HOST:PORT, or `off`.
-pub fn parse_ops_listen(value: &str) -> Result<Option<SocketAddr>, String> {
-    match value {
-        "off" => Ok(None),
-        addr => addr
-            .parse()
-            .map(Some)
-            .map_err(|_| format!("--ops-listen `{addr}`: expected HOST:PORT or off")),
-    }
-}
-
-/// Serves `/metrics` and `/healthz` on `addr` until the returned task is aborted.
-pub async fn start_ops(
-    addr: Option<SocketAddr>,
-    counters: tapgate_gateway::ops::Counters,
-) -> Result<Option<tokio::task::JoinHandle<()>>, String> {
-    let Some(addr) = addr else {
-        return Ok(None);
-    };
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| format!("ops endpoint {addr}: {e}"))?;
-    tracing::info!(%addr, "ops endpoint: GET /metrics, /healthz");
-    Ok(Some(tokio::spawn(tapgate_gateway::ops::serve(
-        listener, counters,
-    ))))
-}
-
 impl ServeArgs {
     /// The configuration with its flags applied, refused with every problem it has.
     fn checked_config(&self) -> Result<Config, String> {
@@ -181,22 +142,9 @@ const REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 async fn serve(config: Config, ops_listen: Option<SocketAddr>) -> Result<(), String> {
     use tokio::signal::unix::{SignalKind, signal};
-    let directory = config.directory().map_err(|e| e.to_string())?;
-    let settings = config
-        .gateway_settings(directory)
-        .map_err(|e| e.to_string())?;
-    let gateway = Gateway::start(settings).await.map_err(|e| e.to_string())?;
-    let mut counters = tapgate_gateway::ops::Counters::of(&gateway);
-    let settlement = if config.settlement.enabled {
-        let settlement = start_settlement(&config, &gateway)?;
-        counters = counters.with_settlement(&settlement);
-        Some(settlement)
-    } else {
-        tracing::warn!("settlement is disabled: approved taps stay in the journal only");
-        None
-    };
-    let ops = start_ops(ops_listen, counters).await?;
-    let reporter = tokio::spawn(report_throughput(gateway.metrics().clone()));
+    let node = Node::start(&config).await.map_err(|e| e.to_string())?;
+    let ops = start_ops(ops_listen, node.counters()).await?;
+    let reporter = tokio::spawn(report_throughput(node.gateway.metrics().clone()));
     let mut terminate = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut hangup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
     loop {
@@ -205,7 +153,7 @@ async fn serve(config: Config, ops_listen: Option<SocketAddr>) -> Result<(), Str
             _ = terminate.recv() => break,
             _ = hangup.recv() => match config.policy() {
                 Ok(policy) => {
-                    gateway.set_policy(policy);
+                    node.gateway.set_policy(policy);
                     tracing::info!("policy reloaded");
                 }
                 Err(e) => tracing::error!(error = %e, "policy reload failed; keeping the current policy"),
@@ -216,59 +164,8 @@ async fn serve(config: Config, ops_listen: Option<SocketAddr>) -> Result<(), Str
     if let Some(ops) = ops {
         ops.abort();
     }
-    gateway.shutdown().await;
-    if let Some(settlement) = settlement {
-        finish_settlement(&config, settlement).await?;
-    }
-    Ok(())
+    node.stop().await.map_err(|e| e.to_string())
 }
-
-/// Starts the forwarder and the in-process settlers beside a gateway.
-pub fn start_settlement(config: &Config, gateway: &Gateway) -> Result<Settlement, String> {
-    let store = config.settlement_store().map_err(|e| e.to_string())?;
-    let tables = Arc::new(config.fare_tables().map_err(|e| e.to_string())?);
-    let settings = config.settlement_settings();
-    tracing::info!(node = %settings.node, partitions = settings.partitions, settlers = settings.settlers, "settlement running");
-    Ok(Settlement::start(
-        store,
-        &settings,
-        tables,
-        gateway.journal().durable(),
-    ))
-}
-
-/// After the gateway stopped: ships the rest of the journal and stops the settlers. The
-/// in-process store of an embedded gateway first waits for its settlers and saves its ledger,
-/// since it lives only as long as the process.
-pub async fn finish_settlement(config: &Config, settlement: Settlement) -> Result<(), String> {
-    if let Store::Memory(_) = settlement.store {
-        if !settlement
-            .wait_settled(SETTLE_AT_EXIT)
-            .await
-            .map_err(|e| e.to_string())?
-        {
-            tracing::warn!("settlement did not catch up before exit; the ledger file is partial");
-        }
-        let path = ledger_file(config);
-        settlement.write_ledger(&path).await?;
-        tracing::info!(path = %path.display(), "ledger written");
-    }
-    settlement.shutdown().await;
-    Ok(())
-}
-
-/// Where an embedded gateway keeps its ledger: beside its journal directory.
-pub fn ledger_file(config: &Config) -> PathBuf {
-    let journal = &config.journal.dir;
-    journal
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(journal)
-        .join("ledger.json")
-}
-
-/// How long an exiting embedded gateway waits for its settlers.
-const SETTLE_AT_EXIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Logs answers per second every REPORT_EVERY, so an operator tailing the log sees throughput.
 async fn report_throughput(metrics: std::sync::Arc<tapgate_gateway::metrics::Metrics>) {

@@ -1,10 +1,10 @@
 //! `tapgate settle`: the settlement pipeline's tools — settlers, a one-shot forwarder for a
 //! stopped gateway's journal, reports, and reconciliation against the journals.
 
-use crate::cards::RedisTarget;
+use crate::books::{read_ledger_file, reconcile_text, report, report_json, settle_dirs};
+use crate::common::RedisTarget;
 use crate::runtime;
 use clap::{Args, Subcommand};
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -14,13 +14,9 @@ use tapgate_gateway::fares::FareTables;
 use tapgate_gateway::health::Panics;
 use tapgate_gateway::ops::Counters;
 use tapgate_gateway::settle::forwarder::{self, ForwarderSettings, ForwarderStats, Until};
-use tapgate_gateway::settle::ledger::{
-    JournalSettlement, Ledger, Reconciliation, Subject, Totals, settle_journals,
-};
+use tapgate_gateway::settle::ledger::{Ledger, Reconciliation};
 use tapgate_gateway::settle::settler::{self, SettlerSettings, SettlerStats};
 use tapgate_gateway::settle::store::{RedisStore, Store};
-use tapgate_protocol::registry::{AREAS, operator};
-use tapgate_protocol::{AreaCode, Mode};
 
 #[derive(Args)]
 pub struct SettleArgs {
@@ -100,14 +96,6 @@ impl LedgerSource {
             }),
         }
     }
-}
-
-/// Reads a ledger file written by an embedded gateway or the demo.
-pub fn read_ledger_file(path: &Path) -> Result<Ledger, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-    Ledger::from_json(&value).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 #[derive(Subcommand)]
@@ -209,8 +197,8 @@ pub fn run(args: SettleArgs) -> Result<ExitCode, String> {
             until_idle_ms,
             ops_listen,
         } => {
-            let ops_listen = crate::serve::parse_ops_listen(&ops_listen)?;
-            crate::serve::init_logging("info");
+            let ops_listen = crate::common::parse_ops_listen(&ops_listen)?;
+            crate::common::init_logging("info");
             let tables = Arc::new(FareTables::load(fares.as_deref()).map_err(|e| e.to_string())?);
             let settings = SettlerSettings {
                 name: "settle-run".into(),
@@ -231,7 +219,7 @@ pub fn run(args: SettleArgs) -> Result<ExitCode, String> {
             node,
             batch,
         } => {
-            crate::serve::init_logging("warn");
+            crate::common::init_logging("warn");
             if !journal.is_dir() {
                 return Err(format!("{}: no journal directory", journal.display()));
             }
@@ -328,7 +316,7 @@ async fn run_settlers(
 ) -> Result<(), String> {
     let stats = Arc::new(SettlerStats::default());
     let panics = Arc::new(Panics::default());
-    let ops = crate::serve::start_ops(
+    let ops = crate::common::start_ops(
         ops_listen,
         Counters::of_settlers(stats.clone(), panics.clone()),
     )
@@ -422,197 +410,9 @@ async fn run_settlers(
     Ok(())
 }
 
-pub fn settle_dirs(dirs: &[&Path], tables: &FareTables) -> Result<JournalSettlement, String> {
-    if let Some(missing) = dirs.iter().find(|d| !d.is_dir()) {
-        return Err(format!("{}: no journal directory", missing.display()));
-    }
-    settle_journals(dirs, tables).map_err(|e| e.to_string())
-}
-
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), String> {
     let text = serde_json::to_string_pretty(value).expect("a report serializes");
     std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
     println!("json: {}", path.display());
     Ok(())
-}
-
-fn yuan(fen: u64) -> String {
-    format!("{}.{:02}", fen / 100, fen % 100)
-}
-
-fn area_name(code: u32) -> String {
-    AreaCode(code).area().map_or_else(
-        || format!("{code}"),
-        |a| format!("{code} {} {}", a.name_zh, a.name_en),
-    )
-}
-
-fn operator_name(id: u16) -> String {
-    operator(id).map_or_else(|| format!("operator {id}"), |o| o.name_en.to_owned())
-}
-
-pub fn report(ledger: &Ledger) -> String {
-    let books = ledger.all_days();
-    let total = books.total();
-    let mut s = String::new();
-    let days: Vec<String> = ledger.days.keys().map(|d| d.to_string()).collect();
-    let _ = writeln!(
-        s,
-        "settled {} approved taps into {} fares: {} yuan ({})",
-        books.taps,
-        total.rides,
-        yuan(total.fen),
-        if days.is_empty() {
-            "no days".to_string()
-        } else {
-            days.join(", ")
-        }
-    );
-    if !ledger.fare_tables.is_empty() {
-        let digests: Vec<&str> = ledger.fare_tables.iter().map(String::as_str).collect();
-        let _ = writeln!(s, "priced with fare tables {}", digests.join(", "));
-    }
-    let mut by_area: std::collections::BTreeMap<u32, Totals> = std::collections::BTreeMap::new();
-    let mut by_operator: std::collections::BTreeMap<u16, Totals> =
-        std::collections::BTreeMap::new();
-    let mut by_mode: std::collections::BTreeMap<Mode, Totals> = std::collections::BTreeMap::new();
-    for ((area, op, mode), t) in &books.cells {
-        by_area.entry(*area).or_default().add(*t);
-        by_operator.entry(*op).or_default().add(*t);
-        by_mode.entry(*mode).or_default().add(*t);
-    }
-    let row = |s: &mut String, name: &str, t: Totals| {
-        let _ = writeln!(s, "  {name:<44} {:>8} {:>12}", t.rides, yuan(t.fen));
-    };
-    let _ = writeln!(s, "\nby area (all 41):");
-    let _ = writeln!(s, "  {:<44} {:>8} {:>12}", "area", "rides", "yuan");
-    for area in AREAS.iter() {
-        let t = by_area.remove(&area.code.0).unwrap_or_default();
-        row(&mut s, &area_name(area.code.0), t);
-    }
-    for (code, t) in by_area {
-        row(&mut s, &area_name(code), t);
-    }
-    let _ = writeln!(s, "\nby operator:");
-    for (op, t) in &by_operator {
-        row(&mut s, &operator_name(*op), *t);
-    }
-    let _ = writeln!(s, "\nby mode:");
-    for (mode, t) in &by_mode {
-        row(&mut s, mode.label(), *t);
-    }
-    let _ = writeln!(s, "\nclearing between issuers:");
-    if books.clearing.is_empty() {
-        let _ = writeln!(s, "  nothing owed across regions");
-    }
-    for ((payer, payee), t) in &books.clearing {
-        let _ = writeln!(
-            s,
-            "  {} cards owe {} operators {} yuan for {} rides",
-            payer.label(),
-            payee.label(),
-            yuan(t.fen),
-            t.rides
-        );
-    }
-    s
-}
-
-fn report_json(ledger: &Ledger) -> serde_json::Value {
-    let books = ledger.all_days();
-    let total = books.total();
-    let mut by_area: std::collections::BTreeMap<u32, Totals> = std::collections::BTreeMap::new();
-    for ((area, _, _), t) in &books.cells {
-        by_area.entry(*area).or_default().add(*t);
-    }
-    serde_json::json!({
-        "days": ledger.days.keys().map(|d| d.to_string()).collect::<Vec<_>>(),
-        "fare_tables": ledger.fare_tables,
-        "approved_taps": books.taps,
-        "fares": total.rides,
-        "total_fen": total.fen,
-        "by_area": AREAS.iter().map(|a| {
-            let t = by_area.get(&a.code.0).copied().unwrap_or_default();
-            serde_json::json!({"area": a.code.0, "name_zh": a.name_zh, "name_en": a.name_en,
-                               "rides": t.rides, "fen": t.fen})
-        }).collect::<Vec<_>>(),
-        "by_area_operator_mode": books.cells.iter().map(|((area, op, mode), t)| serde_json::json!({
-            "area": area,
-            "operator": op,
-            "mode": mode.label(),
-            "rides": t.rides,
-            "fen": t.fen,
-        })).collect::<Vec<_>>(),
-        "clearing": books.clearing.iter().map(|((payer, payee), t)| serde_json::json!({
-            "payer": payer.label(),
-            "payee": payee.label(),
-            "fen": t.fen,
-            "rides": t.rides,
-        })).collect::<Vec<_>>(),
-        "ledger": ledger.to_json(),
-    })
-}
-
-pub fn reconcile_text(r: &Reconciliation, show: usize) -> String {
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "reconcile: {} approved taps in the journals, {} settled; {} lost, {} duplicated; {} differences",
-        r.journal_taps,
-        r.settled_taps,
-        r.lost,
-        r.duplicated,
-        r.differences.len()
-    );
-    if r.settled_fare_tables != r.journal_fare_tables {
-        let list = |set: &std::collections::BTreeSet<String>| {
-            set.iter().cloned().collect::<Vec<_>>().join(", ")
-        };
-        let _ = if r.settled_fare_tables.is_empty() {
-            writeln!(
-                s,
-                "note: the ledgers do not record which fare tables priced them (written before tapgate recorded it); this reconcile prices with {}",
-                list(&r.journal_fare_tables)
-            )
-        } else {
-            writeln!(
-                s,
-                "note: the ledgers were priced with fare tables {}; this reconcile prices with {}, so fares may differ (give it the settlers' tables with --fares)",
-                list(&r.settled_fare_tables),
-                list(&r.journal_fare_tables)
-            )
-        };
-    }
-    for d in r.differences.iter().take(show) {
-        let what = match d.subject {
-            Subject::Taps => "approved taps (rides = taps, yuan = day total)".to_string(),
-            Subject::Cell {
-                area,
-                operator,
-                mode,
-            } => format!(
-                "{} / {} / {}",
-                area_name(area),
-                operator_name(operator),
-                mode.label()
-            ),
-            Subject::Card(card) => format!("card {card}"),
-            Subject::Clearing { payer, payee } => {
-                format!("clearing {} → {}", payer.label(), payee.label())
-            }
-        };
-        let _ = writeln!(
-            s,
-            "  {} {what}: journals {} rides {} yuan, settled {} rides {} yuan",
-            d.day,
-            d.expected.rides,
-            yuan(d.expected.fen),
-            d.settled.rides,
-            yuan(d.settled.fen)
-        );
-    }
-    if r.differences.len() > show {
-        let _ = writeln!(s, "  … and {} more", r.differences.len() - show);
-    }
-    s
 }

@@ -1,18 +1,16 @@
 //! The gateway's configuration file (TOML). `tapgate.example.toml` at the repository root lists
 //! every setting with its default; command-line flags and environment variables override it.
 
-use crate::directory::{Directory, EmbeddedDirectory, RedisDirectory, RedisSettings};
+use crate::directory::{Directory, RedisSettings};
 use crate::fares::FareTables;
 use crate::journal::JournalSettings;
 use crate::policy::{Policy, PolicyError};
 use crate::server::{GatewaySettings, Limits};
 use crate::settle::SettlementSettings;
-use crate::settle::store::{RedisStore, Store};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 use tapgate_city::population::PopulationSpec;
 use tapgate_protocol::{KeyRing, MasterKey};
@@ -380,42 +378,8 @@ impl Config {
         }
     }
 
-    /// The card directory this configuration names; the embedded one comes filled with the
-    /// synthetic population.
-    pub fn directory(&self) -> Result<Directory, ConfigError> {
-        Ok(match self.directory.kind {
-            DirectoryKind::Redis => {
-                Directory::Redis(RedisDirectory::connect(&self.redis_settings())?)
-            }
-            DirectoryKind::Embedded => {
-                let embedded = Arc::new(EmbeddedDirectory::default());
-                let spec = self.population();
-                spec.cards().for_each(|c| embedded.put_card(c));
-                spec.terminals().for_each(|t| embedded.put_terminal(t));
-                Directory::Embedded(embedded)
-            }
-        })
-    }
-
     pub fn fare_tables(&self) -> Result<FareTables, ConfigError> {
         Ok(FareTables::load(self.settlement.fares.as_deref())?)
-    }
-
-    /// Where settlement keeps its state: the directory's Redis, or in process for the
-    /// embedded directory.
-    pub fn settlement_store(&self) -> Result<Store, ConfigError> {
-        if !(1..=1024).contains(&self.settlement.partitions) {
-            return Err(ConfigError::Partitions);
-        }
-        Ok(match self.directory.kind {
-            DirectoryKind::Redis => Store::Redis(RedisStore::connect(
-                &self.directory.redis_url,
-                self.directory.redis_tls_ca_file.as_deref(),
-                &self.directory.key_prefix,
-                Duration::from_millis(self.directory.response_timeout_ms.max(1000)),
-            )?),
-            DirectoryKind::Embedded => Store::Memory(Arc::default()),
-        })
     }
 
     pub fn settlement_settings(&self) -> SettlementSettings {

@@ -13,6 +13,7 @@ pub mod fares;
 pub mod health;
 pub mod journal;
 pub mod metrics;
+pub mod node;
 pub mod ops;
 pub mod policy;
 pub mod redis_target;
