@@ -18,4 +18,5 @@ pub mod ops;
 pub mod policy;
 pub mod redis_target;
 pub mod server;
+pub mod session;
 pub mod settle;

@@ -11,6 +11,7 @@ use crate::health::{Panics, PartHealth, supervise};
 use crate::journal::{Durable, Journal, JournalRecord, JournalSettings, JournalWriter};
 use crate::metrics::{Metrics, PlaceSlot};
 use crate::policy::Policy;
+use crate::session::{self, Provisioning};
 use bytes::BytesMut;
 use dashmap::DashMap;
 use std::collections::{HashMap, VecDeque};
@@ -19,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tapgate_protocol::{
-    Admission, ErrorCode, ErrorFrame, Frame, FrameType, HelloAck, KeyRing, MacKey, Outcome,
+    Admission, ErrorCode, ErrorFrame, Frame, FrameType, KeyRing, MacKey, Outcome,
     RIDES_LEFT_NOT_APPLICABLE, Reason, SealedFrame, SequenceWindow, Tag, Tap, TapResult,
 };
 pub use tapgate_transport::now_ms;
@@ -621,78 +622,31 @@ impl Session {
         send: &mut quinn::SendStream,
         first: &SealedFrame,
     ) -> Option<(MacKey, TerminalRecord, Arc<TerminalState>)> {
-        if first.frame_type() != FrameType::Hello {
-            let code = if first.frame_type() == FrameType::Tap {
-                ErrorCode::HelloRequired
-            } else {
-                ErrorCode::UnexpectedFrame
-            };
-            self.refuse(send, code, None).await;
-            return None;
-        }
-        // Only the identity is read before the tag verifies; the rest is parsed after it, so an
-        // unauthenticated peer learns nothing from which check failed (PROTOCOL.md section 7).
-        let Some((terminal_id, key_version)) = first.hello_identity() else {
-            self.refuse(send, ErrorCode::MalformedFrame, None).await;
-            return None;
-        };
-        let terminal = match self.provisioned_terminal(terminal_id).await {
-            Ok(Some(t)) => t,
-            Ok(None) => {
-                tracing::info!(terminal = terminal_id, "unknown terminal refused");
-                self.refuse(send, ErrorCode::UnknownTerminal, None).await;
-                return None;
+        // The session's rules decide; this only looks the terminal up between their two steps
+        // and writes what they decided.
+        let admitted = match session::claimed_identity(first) {
+            Err(refusal) => Err(refusal),
+            Ok((terminal_id, key_version)) => {
+                let provisioning = match self.provisioned_terminal(terminal_id).await {
+                    Ok(Some(t)) => Provisioning::Provisioned(t),
+                    Ok(None) => Provisioning::Unknown,
+                    Err(e) => {
+                        tracing::warn!(terminal = terminal_id, error = %e, "cannot look up terminal");
+                        Provisioning::Unreachable
+                    }
+                };
+                session::admit(first, key_version, provisioning, &self.shared.keys)
             }
-            Err(e) => {
-                tracing::warn!(terminal = terminal_id, error = %e, "cannot look up terminal");
-                self.refuse(send, ErrorCode::Internal, None).await;
+        };
+        let (hello, mac, terminal) = match admitted {
+            Ok(admitted) => admitted,
+            Err(refusal) => {
+                tracing::info!(terminal = ?first.hello_identity().map(|(t, _)| t), code = %refusal.code, why = refusal.why, "Hello refused");
+                self.refuse(send, refusal.code, refusal.key.as_deref())
+                    .await;
                 return None;
             }
         };
-        let Some(key) = self.shared.keys.terminal_key(key_version, terminal_id) else {
-            self.refuse(send, ErrorCode::UnknownKeyVersion, None).await;
-            return None;
-        };
-        let mac = key.mac_key();
-        let hello = match first.open(&mac) {
-            Ok(Frame::Hello(hello)) => hello,
-            Ok(_) => unreachable!("a frame of type Hello parses as a Hello"),
-            Err(tapgate_protocol::OpenError::BadMac(_)) => {
-                tracing::warn!(terminal = terminal_id, "Hello with a bad MAC");
-                self.refuse(send, ErrorCode::BadMac, Some(&mac)).await;
-                return None;
-            }
-            // Authentic, but a field holds a value section 3 does not list: the key is known, so
-            // the Error is tagged.
-            Err(e) => {
-                self.refuse(send, e.error_code(), Some(&mac)).await;
-                return None;
-            }
-        };
-        if tapgate_protocol::registry::operator(hello.operator).is_none() {
-            // Section 3 lists the operators; any other value is a malformed Hello, answered
-            // with a tagged Error since the key is known by now.
-            tracing::warn!(
-                terminal = hello.terminal_id,
-                operator = hello.operator,
-                "Hello names no registered operator"
-            );
-            self.refuse(send, ErrorCode::MalformedFrame, Some(&mac))
-                .await;
-            return None;
-        }
-        if hello.area.area().is_none() || hello.area != terminal.area {
-            tracing::warn!(terminal = hello.terminal_id, claimed = %hello.area, provisioned = %terminal.area, "Hello from the wrong area");
-            self.refuse(send, ErrorCode::UnknownArea, Some(&mac)).await;
-            return None;
-        }
-        if hello.mode != terminal.mode || hello.operator != terminal.operator {
-            // Not the gate provisioned under this id (PROTOCOL.md section 7).
-            tracing::warn!(terminal = hello.terminal_id, claimed_mode = %hello.mode, provisioned_mode = %terminal.mode, claimed_operator = hello.operator, provisioned_operator = terminal.operator, "Hello claims another mode or operator");
-            self.refuse(send, ErrorCode::UnknownTerminal, Some(&mac))
-                .await;
-            return None;
-        }
         let state = self
             .shared
             .terminals
@@ -707,14 +661,13 @@ impl Session {
         }
         self.restore_shared_decisions(hello.terminal_id, &state)
             .await;
-        let ack = HelloAck {
-            terminal_id: hello.terminal_id,
-            client_nonce: hello.client_nonce,
-            server_time_ms: now_ms(),
-            last_sequence: state.window.lock().expect("window lock").highest(),
-            resend_window: self.shared.limits.resend_window,
-            max_in_flight: self.shared.limits.max_in_flight,
-        };
+        let ack = session::hello_ack(
+            &hello,
+            state.window.lock().expect("window lock").highest(),
+            self.shared.limits.resend_window,
+            self.shared.limits.max_in_flight,
+            now_ms(),
+        );
         let mut out = BytesMut::new();
         tapgate_protocol::seal(&Frame::HelloAck(ack), &mac, &mut out);
         send.write_all(&out).await.ok()?;
