@@ -11,7 +11,7 @@ use crate::health::{Panics, PartHealth, supervise};
 use crate::journal::{Durable, Journal, JournalRecord, JournalSettings, JournalWriter};
 use crate::metrics::{Metrics, PlaceSlot};
 use crate::policy::Policy;
-use crate::session::{self, Provisioning};
+use crate::session::{self, Provisioning, TapStep};
 use bytes::BytesMut;
 use dashmap::DashMap;
 use std::collections::{HashMap, VecDeque};
@@ -820,39 +820,20 @@ impl Session {
         terminal: &TerminalRecord,
         place: GatePlace,
     ) -> Pending {
-        let fatal = |code, sequence| Pending::Fatal(ErrorFrame { code, sequence });
-        let tap = match frame.open(&answers.mac) {
-            Ok(Frame::Tap(tap)) => tap,
-            Ok(_) => unreachable!("a frame of type Tap parses as a Tap"),
-            // Authentic but not a tap we can read (an unknown issuer or kind): the Error names
-            // the tap it is about, as PROTOCOL.md section 4.5 says.
-            Err(e @ tapgate_protocol::OpenError::Decode(_)) => {
-                return fatal(e.error_code(), frame.sequence().unwrap_or(0));
-            }
-            // Not authentic: nothing in it is believed, its sequence included.
-            Err(e) => return fatal(e.error_code(), 0),
-        };
-        let tag = frame.tag();
-        let admission = answers
-            .state
-            .window
-            .lock()
-            .expect("window lock")
-            .admit(tap.sequence, tag);
-        match admission {
-            Admission::Fresh => {
-                // This tap is one of the unanswered ones: up to `max_in_flight` of them, as
-                // HelloAck announces.
-                let room = answers.queue.len() < usize::from(self.shared.limits.max_in_flight);
+        let step = session::classify_tap(
+            frame,
+            &answers.mac,
+            &mut answers.state.window.lock().expect("window lock"),
+            answers.queue.len(),
+            self.shared.limits.max_in_flight,
+        );
+        match step {
+            TapStep::Fresh { tap, tag, room } => {
                 self.decide_fresh(&tap, tag, terminal, place, room).await
             }
-            Admission::Resend(answer) => self.resend(&answers.state, answer),
-            Admission::InFlight => Pending::AwaitAnswer {
-                sequence: tap.sequence,
-                tag,
-            },
-            Admission::Conflict => fatal(ErrorCode::SequenceConflict, tap.sequence),
-            Admission::Replay => fatal(ErrorCode::Replay, tap.sequence),
+            TapStep::Resend(answer) => self.resend(&answers.state, answer),
+            TapStep::AwaitAnswer { sequence, tag } => Pending::AwaitAnswer { sequence, tag },
+            TapStep::Fatal(error) => Pending::Fatal(error),
         }
     }
 

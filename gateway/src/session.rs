@@ -5,7 +5,8 @@
 
 use crate::directory::TerminalRecord;
 use tapgate_protocol::{
-    ErrorCode, Frame, FrameType, Hello, HelloAck, KeyRing, MacKey, OpenError, SealedFrame,
+    Admission, ErrorCode, ErrorFrame, Frame, FrameType, Hello, HelloAck, KeyRing, MacKey,
+    OpenError, SealedFrame, SequenceWindow, Tag, Tap, TapResult,
 };
 
 /// A refused Hello: the Error to send, tagged with `key` when the gateway has one for the gate.
@@ -146,6 +147,60 @@ pub fn hello_ack(
         last_sequence,
         resend_window,
         max_in_flight,
+    }
+}
+
+/// What a Tap frame on an admitted session calls for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TapStep {
+    /// New: decide it. Without `room` the gate already has `max_in_flight` taps unanswered,
+    /// and it is answered busy without being decided.
+    Fresh { tap: Tap, tag: Tag, room: bool },
+    /// Answered before: send that answer again.
+    Resend(TapResult),
+    /// A copy of a tap still being decided: answer it with the first copy's answer.
+    AwaitAnswer { sequence: u64, tag: Tag },
+    /// Send this Error, then close.
+    Fatal(ErrorFrame),
+}
+
+/// Classifies a Tap frame against the gate's window. `unanswered` is how many of this
+/// session's taps are still waiting for their answer.
+pub fn classify_tap(
+    frame: &SealedFrame,
+    mac: &MacKey,
+    window: &mut SequenceWindow<TapResult>,
+    unanswered: usize,
+    max_in_flight: u16,
+) -> TapStep {
+    let fatal = |code, sequence| TapStep::Fatal(ErrorFrame { code, sequence });
+    let tap = match frame.open(mac) {
+        Ok(Frame::Tap(tap)) => tap,
+        Ok(_) => unreachable!("a frame of type Tap parses as a Tap"),
+        // Authentic but not a tap we can read (an unknown issuer or kind): the Error names the
+        // tap it is about, as PROTOCOL.md section 4.5 says.
+        Err(e @ OpenError::Decode(_)) => {
+            return fatal(e.error_code(), frame.sequence().unwrap_or(0));
+        }
+        // Not authentic: nothing in it is believed, its sequence included.
+        Err(e) => return fatal(e.error_code(), 0),
+    };
+    let tag = frame.tag();
+    match window.admit(tap.sequence, tag) {
+        Admission::Fresh => TapStep::Fresh {
+            tap,
+            tag,
+            // This tap is one of the unanswered ones: up to `max_in_flight` of them, as the
+            // HelloAck announces.
+            room: unanswered < usize::from(max_in_flight),
+        },
+        Admission::Resend(answer) => TapStep::Resend(answer),
+        Admission::InFlight => TapStep::AwaitAnswer {
+            sequence: tap.sequence,
+            tag,
+        },
+        Admission::Conflict => fatal(ErrorCode::SequenceConflict, tap.sequence),
+        Admission::Replay => fatal(ErrorCode::Replay, tap.sequence),
     }
 }
 
@@ -337,5 +392,120 @@ mod tests {
         for (hello, code) in cases {
             assert_eq!(refused(hello, provisioned()), (code, true), "{hello:?}");
         }
+    }
+
+    fn mac() -> MacKey {
+        keys().terminal_key(1, TERMINAL).unwrap().mac_key()
+    }
+
+    fn tap(sequence: u64, stop: u16) -> SealedFrame {
+        sealed(&Frame::Tap(Tap {
+            sequence,
+            card_id: 6_222_000_000_000_001,
+            issuer: tapgate_protocol::Issuer::ChongqingSsc,
+            kind: TapKind::Entry,
+            line: 1,
+            stop,
+            gate_time_ms: 0,
+        }))
+    }
+
+    fn answer(sequence: u64) -> TapResult {
+        TapResult {
+            sequence,
+            outcome: tapgate_protocol::Outcome::Approve,
+            reason: tapgate_protocol::Reason::Approved,
+            concession: tapgate_protocol::Concession::None,
+            fare_fen: 200,
+            rides_left: tapgate_protocol::RIDES_LEFT_NOT_APPLICABLE,
+        }
+    }
+
+    #[test]
+    fn taps_are_fresh_resent_awaited_conflicting_or_replayed_as_section_6_says() {
+        let mut window = SequenceWindow::new(4);
+        let step = classify_tap(&tap(1, 1), &mac(), &mut window, 0, 2);
+        assert!(
+            matches!(step, TapStep::Fresh { room: true, .. }),
+            "{step:?}"
+        );
+        // A copy while the first is being decided waits for its answer.
+        let step = classify_tap(&tap(1, 1), &mac(), &mut window, 1, 2);
+        assert!(
+            matches!(step, TapStep::AwaitAnswer { sequence: 1, .. }),
+            "{step:?}"
+        );
+        window.complete(1, answer(1));
+        assert_eq!(
+            classify_tap(&tap(1, 1), &mac(), &mut window, 0, 2),
+            TapStep::Resend(answer(1))
+        );
+        // The same sequence with another body.
+        assert_eq!(
+            classify_tap(&tap(1, 2), &mac(), &mut window, 0, 2),
+            TapStep::Fatal(ErrorFrame {
+                code: ErrorCode::SequenceConflict,
+                sequence: 1
+            })
+        );
+        for sequence in 2..=6 {
+            classify_tap(&tap(sequence, 1), &mac(), &mut window, 0, 2);
+            window.complete(sequence, answer(sequence));
+        }
+        // Now outside the window of 4.
+        assert_eq!(
+            classify_tap(&tap(1, 1), &mac(), &mut window, 0, 2),
+            TapStep::Fatal(ErrorFrame {
+                code: ErrorCode::Replay,
+                sequence: 1
+            })
+        );
+    }
+
+    #[test]
+    fn a_tap_beyond_max_in_flight_is_fresh_without_room() {
+        let mut window = SequenceWindow::new(32);
+        let step = classify_tap(&tap(1, 1), &mac(), &mut window, 2, 2);
+        assert!(
+            matches!(step, TapStep::Fresh { room: false, .. }),
+            "{step:?}"
+        );
+        let step = classify_tap(&tap(2, 1), &mac(), &mut window, 1, 2);
+        assert!(
+            matches!(step, TapStep::Fresh { room: true, .. }),
+            "{step:?}"
+        );
+    }
+
+    #[test]
+    fn a_bad_tag_names_no_sequence_and_an_unreadable_authentic_tap_names_its_own() {
+        let mut window = SequenceWindow::new(32);
+        let mut bytes = BytesMut::new();
+        let mut frame = tap(9, 1);
+        bytes.extend_from_slice(frame.mac_input());
+        bytes.extend_from_slice(&[0; 16]);
+        frame = tapgate_protocol::decode_one(&bytes).unwrap();
+        assert_eq!(
+            classify_tap(&frame, &mac(), &mut window, 0, 2),
+            TapStep::Fatal(ErrorFrame {
+                code: ErrorCode::BadMac,
+                sequence: 0
+            })
+        );
+        // Issuer 5 is not in the registry; the tag is right for those bytes.
+        let mut bytes = BytesMut::from(tap(9, 1).mac_input());
+        bytes[4 + 16] = 5;
+        let tag = mac().tag(&bytes);
+        bytes.extend_from_slice(&tag);
+        let frame = tapgate_protocol::decode_one(&bytes).unwrap();
+        assert_eq!(
+            classify_tap(&frame, &mac(), &mut window, 0, 2),
+            TapStep::Fatal(ErrorFrame {
+                code: ErrorCode::MalformedFrame,
+                sequence: 9
+            })
+        );
+        // Neither touched the window.
+        assert_eq!(window.highest(), 0);
     }
 }
