@@ -11,14 +11,17 @@ use tapgate_protocol::registry::{AREAS, operator};
 use tapgate_protocol::{AreaCode, Mode};
 
 /// Reads a ledger file written by an embedded gateway or the demo.
-pub fn read_ledger_file(path: &Path) -> Result<Ledger, String> {
+pub(crate) fn read_ledger_file(path: &Path) -> Result<Ledger, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let value: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     Ledger::from_json(&value).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-pub fn settle_dirs(dirs: &[&Path], tables: &FareTables) -> Result<JournalSettlement, String> {
+pub(crate) fn settle_dirs(
+    dirs: &[&Path],
+    tables: &FareTables,
+) -> Result<JournalSettlement, String> {
     if let Some(missing) = dirs.iter().find(|d| !d.is_dir()) {
         return Err(format!("{}: no journal directory", missing.display()));
     }
@@ -40,7 +43,7 @@ fn operator_name(id: u16) -> String {
     operator(id).map_or_else(|| format!("operator {id}"), |o| o.name_en.to_owned())
 }
 
-pub fn report(ledger: &Ledger) -> String {
+pub(crate) fn report(ledger: &Ledger) -> String {
     let books = ledger.all_days();
     let total = books.total();
     let mut s = String::new();
@@ -107,7 +110,7 @@ pub fn report(ledger: &Ledger) -> String {
     s
 }
 
-pub fn report_json(ledger: &Ledger) -> serde_json::Value {
+pub(crate) fn report_json(ledger: &Ledger) -> serde_json::Value {
     let books = ledger.all_days();
     let total = books.total();
     let mut by_area: std::collections::BTreeMap<u32, Totals> = std::collections::BTreeMap::new();
@@ -142,7 +145,7 @@ pub fn report_json(ledger: &Ledger) -> serde_json::Value {
     })
 }
 
-pub fn reconcile_text(r: &Reconciliation, show: usize) -> String {
+pub(crate) fn reconcile_text(r: &Reconciliation, show: usize) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,

@@ -13,7 +13,7 @@ use tapgate_gateway::directory::{
 use tapgate_gateway::redis_target::bounded_line;
 
 #[derive(Args)]
-pub struct CardsArgs {
+pub(crate) struct CardsArgs {
     #[command(flatten)]
     redis: RedisTarget,
     /// Replicas that must hold a change before it is reported done (Redis WAIT): with 1 on a
@@ -96,7 +96,7 @@ impl GenerateArgs {
 const CSV_HEADER: &str = "card_id,state,issuer,concession,rides_left,expires";
 const BATCH: usize = 1000;
 
-pub fn run(args: CardsArgs) -> Result<(), String> {
+pub(crate) fn run(args: CardsArgs) -> Result<(), String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub fn init_logging(filter: &str) {
+pub(crate) fn init_logging(filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
@@ -16,7 +16,7 @@ pub fn init_logging(filter: &str) {
 }
 
 /// An `--ops-listen` value: HOST:PORT, or `off`.
-pub fn parse_ops_listen(value: &str) -> Result<Option<SocketAddr>, String> {
+pub(crate) fn parse_ops_listen(value: &str) -> Result<Option<SocketAddr>, String> {
     match value {
         "off" => Ok(None),
         addr => addr
@@ -27,7 +27,7 @@ pub fn parse_ops_listen(value: &str) -> Result<Option<SocketAddr>, String> {
 }
 
 /// Serves `/metrics` and `/healthz` on `addr` until the returned task is aborted.
-pub async fn start_ops(
+pub(crate) async fn start_ops(
     addr: Option<SocketAddr>,
     counters: tapgate_gateway::ops::Counters,
 ) -> Result<Option<tokio::task::JoinHandle<()>>, String> {
@@ -44,7 +44,7 @@ pub async fn start_ops(
 }
 
 /// A duration given as `30`, `30s`, `500ms` or `2m`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let (number, unit) = match text.find(|c: char| c.is_ascii_alphabetic()) {
         Some(i) => text.split_at(i),
@@ -67,7 +67,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 
 /// The gateways' Redis: the card directory, and settlement beside it.
 #[derive(Args, Clone)]
-pub struct RedisTarget {
+pub(crate) struct RedisTarget {
     /// Redis of the gateways' directory (settlement keeps its streams and ledgers there too):
     /// `redis://[USER:PASSWORD@]HOST:PORT/`, `rediss://…` for TLS, or
     /// `redis+cluster://[USER:PASSWORD@]HOST:PORT,HOST:PORT/` for a Redis Cluster.

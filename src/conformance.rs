@@ -20,7 +20,7 @@ use tapgate_protocol::{Concession, Issuer, MasterKey};
 use tapgate_transport::{TransportSettings, server_endpoint, tls};
 
 #[derive(Args)]
-pub struct ConformanceArgs {
+pub(crate) struct ConformanceArgs {
     #[command(subcommand)]
     side: Side,
 }
@@ -93,7 +93,7 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-pub fn run_conformance(args: ConformanceArgs) -> Result<ExitCode, String> {
+pub(crate) fn run_conformance(args: ConformanceArgs) -> Result<ExitCode, String> {
     match args.side {
         Side::Gateway(args) => check_gateway(args),
         Side::Gate(args) => check_gate(args),

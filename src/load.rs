@@ -16,7 +16,7 @@ use tapgate_loadgen::workload::Faults;
 use tapgate_protocol::MasterKey;
 
 #[derive(Args, Clone)]
-pub struct WorkloadArgs {
+pub(crate) struct WorkloadArgs {
     /// Simulated gates, each its own QUIC connection.
     #[arg(long, default_value_t = 100)]
     connections: usize,
@@ -56,7 +56,7 @@ pub struct WorkloadArgs {
 }
 
 #[derive(Args)]
-pub struct LoadArgs {
+pub(crate) struct LoadArgs {
     /// The gateway, HOST:PORT.
     #[arg(long)]
     target: SocketAddr,
@@ -179,7 +179,7 @@ async fn settlement_lag(url: &str, before: &SettlementCounters) -> Option<Settle
 }
 
 #[derive(Args)]
-pub struct EchoArgs {
+pub(crate) struct EchoArgs {
     /// Address to listen on (UDP).
     #[arg(long, default_value = "127.0.0.1:4434")]
     listen: SocketAddr,
@@ -189,7 +189,7 @@ pub struct EchoArgs {
 }
 
 #[derive(Args)]
-pub struct DemoArgs {
+pub(crate) struct DemoArgs {
     /// How long the simulated gates tap.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     duration: Duration,
@@ -250,7 +250,7 @@ fn write_file(path: &Path, text: &str) -> Result<(), String> {
     std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-pub fn run_load(args: LoadArgs) -> Result<(), String> {
+pub(crate) fn run_load(args: LoadArgs) -> Result<(), String> {
     crate::common::init_logging("warn");
     let cert = std::fs::read(&args.cert).map_err(|e| format!("{}: {e}", args.cert.display()))?;
     let key = MasterKey::from_hex(&args.master_key).map_err(|e| format!("--master-key: {e}"))?;
@@ -337,7 +337,7 @@ async fn find_max(
 
 /// `tapgate echo`: the transport baseline as a process of its own, so it can be measured with
 /// the same process layout as a gateway.
-pub fn run_echo(args: EchoArgs) -> Result<(), String> {
+pub(crate) fn run_echo(args: EchoArgs) -> Result<(), String> {
     crate::common::init_logging("info");
     runtime()?.block_on(async {
         let tls = tapgate_transport::tls::TlsSource::Dev {
@@ -357,7 +357,7 @@ pub fn run_echo(args: EchoArgs) -> Result<(), String> {
     })
 }
 
-pub fn run_demo(args: DemoArgs) -> Result<(), String> {
+pub(crate) fn run_demo(args: DemoArgs) -> Result<(), String> {
     crate::common::init_logging("warn");
     let dir = tempfile::Builder::new()
         .prefix("tapgate-demo-")

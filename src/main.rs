@@ -56,6 +56,10 @@ fn main() -> ExitCode {
     // Reports are meant to be piped (`| head`, `| less`): a closed pipe should end the program
     // quietly, as it does for other Unix tools, not make printing panic.
     // SAFETY: restoring the default disposition of SIGPIPE before any thread is started.
+    #[allow(
+        unsafe_code,
+        reason = "signal(2) has no safe wrapper in the dependencies"
+    )]
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }

@@ -8,7 +8,7 @@ use tapgate_gateway::config::{Config, DirectoryKind};
 use tapgate_gateway::node::Node;
 
 #[derive(Args)]
-pub struct ServeArgs {
+pub(crate) struct ServeArgs {
     /// Configuration file (TOML); see tapgate.example.toml. Defaults apply without one.
     #[arg(long, short, env = "TAPGATE_CONFIG")]
     config: Option<PathBuf>,
@@ -118,7 +118,7 @@ impl ServeArgs {
 }
 
 /// `tapgate check-config`: checks what `serve` would use and starts nothing.
-pub fn check(args: ServeArgs) -> Result<(), String> {
+pub(crate) fn check(args: ServeArgs) -> Result<(), String> {
     args.checked_config()?;
     let source = args
         .config
@@ -130,7 +130,7 @@ pub fn check(args: ServeArgs) -> Result<(), String> {
     Ok(())
 }
 
-pub fn run(args: ServeArgs) -> Result<(), String> {
+pub(crate) fn run(args: ServeArgs) -> Result<(), String> {
     let config = args.checked_config()?;
     let ops_listen = parse_ops_listen(&args.ops_listen)?;
     init_logging(&config.log.filter);

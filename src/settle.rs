@@ -19,7 +19,7 @@ use tapgate_gateway::settle::settler::{self, SettlerSettings, SettlerStats};
 use tapgate_gateway::settle::store::{RedisStore, Store};
 
 #[derive(Args)]
-pub struct SettleArgs {
+pub(crate) struct SettleArgs {
     #[command(subcommand)]
     action: SettleAction,
 }
@@ -186,7 +186,7 @@ enum SettleAction {
     },
 }
 
-pub fn run(args: SettleArgs) -> Result<ExitCode, String> {
+pub(crate) fn run(args: SettleArgs) -> Result<ExitCode, String> {
     match args.action {
         SettleAction::Run {
             redis,

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 #[derive(Args)]
-pub struct TopArgs {
+pub(crate) struct TopArgs {
     /// Ops endpoints of gateways and settlers (`tapgate serve` listens on 127.0.0.1:9433 and
     /// `tapgate settle run` on 127.0.0.1:9434 by default).
     #[arg(default_value = "http://127.0.0.1:9433")]
@@ -342,7 +342,7 @@ fn text_report(nodes: &[Node]) -> String {
     out
 }
 
-pub fn run(args: TopArgs) -> Result<(), String> {
+pub(crate) fn run(args: TopArgs) -> Result<(), String> {
     let runtime = crate::runtime()?;
     let client: Client<HttpConnector, Empty<Bytes>> =
         Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();

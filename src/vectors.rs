@@ -4,7 +4,7 @@
 use clap::Args;
 
 #[derive(Args)]
-pub struct VectorsArgs {
+pub(crate) struct VectorsArgs {
     /// Print every vector as JSON (every frame type, every deny reason and Error code, a resend).
     #[arg(long)]
     json: bool,
@@ -14,7 +14,7 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-pub fn run(args: VectorsArgs) -> Result<(), String> {
+pub(crate) fn run(args: VectorsArgs) -> Result<(), String> {
     use tapgate_protocol::example;
     if !args.json {
         for (name, value) in example::lines() {

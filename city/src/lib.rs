@@ -2,6 +2,8 @@
 //! hold, and a synthetic population of them generated from a seed, which the embedded gateway
 //! serves, the load generator taps and the tests provision.
 
+#![forbid(unsafe_code)]
+
 pub mod population;
 pub mod records;
 

@@ -463,10 +463,16 @@ impl SegmentWriter {
                         .records
                         .fetch_add(batch.len() as u64, Ordering::Relaxed);
                     stats.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
-                    durable.send_replace(JournalPosition {
+                    let synced = JournalPosition {
                         segment: self.index,
                         offset: self.written,
-                    });
+                    };
+                    let before = durable.send_replace(synced);
+                    // Approvals are released by this position: it only moves forward.
+                    debug_assert!(
+                        before <= synced,
+                        "durable position went back: {before:?} -> {synced:?}"
+                    );
                 }
                 Err(e) => {
                     stats.write_errors.fetch_add(1, Ordering::Relaxed);

@@ -436,6 +436,10 @@ impl ProcessMetrics {
         let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
         let field = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
         // SAFETY: sysconf only reads configuration values.
+        #[allow(
+            unsafe_code,
+            reason = "libc::sysconf has no safe wrapper in the dependencies"
+        )]
         let (ticks, page) = unsafe {
             (
                 libc::sysconf(libc::_SC_CLK_TCK).max(1) as f64,

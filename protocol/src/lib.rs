@@ -4,6 +4,7 @@
 //! This crate performs no I/O and never reads a clock: every input, including the current time,
 //! is passed in. That keeps it usable under any QUIC stack, in a fuzzer and in gate firmware
 //! test harnesses. `PROTOCOL.md` at the repository root is its specification.
+
 #![forbid(unsafe_code)]
 
 pub mod codec;

@@ -18,16 +18,16 @@ use tapgate_loadgen::client::{GateClient, GateIdentity, client_endpoint};
 use tapgate_protocol::{AreaCode, Concession, Issuer, KeyRing, MasterKey, Mode, Tap, TapKind};
 use tapgate_transport::tls::TlsSource;
 
-pub const MASTER_V1: [u8; 16] = [0x11; 16];
+pub(crate) const MASTER_V1: [u8; 16] = [0x11; 16];
 
-pub fn keys() -> KeyRing {
+pub(crate) fn keys() -> KeyRing {
     let mut ring = KeyRing::new();
     ring.insert(1, MasterKey::new(MASTER_V1));
     ring
 }
 
 /// A redis-server of this test's own, on a free loopback port, stopped when dropped.
-pub struct RedisServer {
+pub(crate) struct RedisServer {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
@@ -36,13 +36,13 @@ pub struct RedisServer {
 
 impl RedisServer {
     /// A Redis that keeps nothing across restarts.
-    pub fn start() -> RedisServer {
+    pub(crate) fn start() -> RedisServer {
         Self::start_with(false)
     }
 
     /// A Redis with an append-only file synced on every write: a restart keeps everything
     /// it acknowledged, as a production Redis with `appendfsync always` would.
-    pub fn start_persistent() -> RedisServer {
+    pub(crate) fn start_persistent() -> RedisServer {
         Self::start_with(true)
     }
 
@@ -116,11 +116,11 @@ impl RedisServer {
         true
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
-    pub fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -128,12 +128,12 @@ impl RedisServer {
     }
 
     /// Kills and starts again on the same port: with its data when persistent, empty if not.
-    pub fn restart(&mut self) {
+    pub(crate) fn restart(&mut self) {
         self.stop();
         self.spawn();
     }
 
-    pub fn directory(&self) -> Directory {
+    pub(crate) fn directory(&self) -> Directory {
         Directory::Redis(
             RedisDirectory::connect(&RedisSettings {
                 url: self.url(),
@@ -156,7 +156,7 @@ impl Drop for RedisServer {
 /// A Redis Cluster of this test's own: six redis-server processes on free loopback ports,
 /// three masters each with one replica, every write appended to disk and synced. Stopped when
 /// dropped.
-pub struct RedisCluster {
+pub(crate) struct RedisCluster {
     nodes: Vec<ClusterNode>,
     dir: tempfile::TempDir,
     /// One cluster at a time per test binary: six servers, a gateway and its load already fill
@@ -176,7 +176,7 @@ struct ClusterNode {
 const CLUSTER_NODE_TIMEOUT_MS: u64 = 3000;
 
 impl RedisCluster {
-    pub fn start() -> RedisCluster {
+    pub(crate) fn start() -> RedisCluster {
         let dir = tempfile::tempdir().expect("temp dir for the cluster");
         let mut cluster = RedisCluster {
             nodes: Vec::new(),
@@ -286,7 +286,7 @@ impl RedisCluster {
         true
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         let seeds: Vec<String> = self
             .nodes
             .iter()
@@ -297,7 +297,7 @@ impl RedisCluster {
 
     /// Waits until every running node sees all 16384 slots served and every running replica
     /// is in sync with its master.
-    pub fn wait_ready(&self, within: Duration) {
+    pub(crate) fn wait_ready(&self, within: Duration) {
         let deadline = Instant::now() + within;
         loop {
             let ready = self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
@@ -324,7 +324,7 @@ impl RedisCluster {
 
     /// The port of the master that serves `key`'s slot now; `None` while none does (during a
     /// failover).
-    pub fn master_of(&self, key: &str) -> Option<u16> {
+    pub(crate) fn master_of(&self, key: &str) -> Option<u16> {
         let any = self.nodes.iter().find(|n| n.child.is_some()).unwrap().port;
         let slot: u16 = node_query(any, &["CLUSTER", "KEYSLOT", key])
             .and_then(|s| s.trim().parse().ok())
@@ -351,7 +351,7 @@ impl RedisCluster {
     }
 
     /// SIGKILLs the master serving `key` and waits until its replica has taken over.
-    pub fn kill_master_of(&mut self, key: &str) -> u16 {
+    pub(crate) fn kill_master_of(&mut self, key: &str) -> u16 {
         let port = self.master_of(key).expect("a master serves the key");
         let node = self.nodes.iter_mut().find(|n| n.port == port).unwrap();
         let mut child = node.child.take().unwrap();
@@ -374,7 +374,7 @@ impl RedisCluster {
 impl RedisCluster {
     /// Kills every node and starts them again on their ports, with their data: the cluster
     /// comes back from its append-only files and configuration.
-    pub fn restart_all(&mut self) {
+    pub(crate) fn restart_all(&mut self) {
         for n in &mut self.nodes {
             if let Some(mut child) = n.child.take() {
                 let _ = child.kill();
@@ -423,7 +423,7 @@ fn node_query(port: u16, args: &[&str]) -> Option<String> {
 }
 
 /// A card directory on a single Redis or a cluster.
-pub fn redis_directory(url: &str) -> Directory {
+pub(crate) fn redis_directory(url: &str) -> Directory {
     Directory::Redis(
         RedisDirectory::connect(&RedisSettings {
             url: url.to_owned(),
@@ -437,7 +437,7 @@ pub fn redis_directory(url: &str) -> Directory {
 }
 
 /// A card directory on a Redis Cluster whose writes wait for one replica.
-pub fn replicated_directory(url: &str) -> Directory {
+pub(crate) fn replicated_directory(url: &str) -> Directory {
     Directory::Redis(
         RedisDirectory::connect(&RedisSettings {
             url: url.to_owned(),
@@ -451,14 +451,14 @@ pub fn replicated_directory(url: &str) -> Directory {
 }
 
 /// The body of `GET path` from a local HTTP endpoint such as an ops endpoint.
-pub fn http_get(addr: SocketAddr, path: &str) -> String {
+pub(crate) fn http_get(addr: SocketAddr, path: &str) -> String {
     let (status, body) = http_get_any(addr, path);
     assert!(status.starts_with("HTTP/1.1 200"), "{status}");
     body
 }
 
 /// The status line and body of `GET path`, whatever the status.
-pub fn http_get_any(addr: SocketAddr, path: &str) -> (String, String) {
+pub(crate) fn http_get_any(addr: SocketAddr, path: &str) -> (String, String) {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
     stream
@@ -475,7 +475,7 @@ pub fn http_get_any(addr: SocketAddr, path: &str) -> (String, String) {
 }
 
 /// Serves a gateway's ops endpoint on a free loopback port until the handle is aborted.
-pub async fn ops_endpoint(
+pub(crate) async fn ops_endpoint(
     counters: tapgate_gateway::ops::Counters,
 ) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -486,7 +486,7 @@ pub async fn ops_endpoint(
     )
 }
 
-pub fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -494,7 +494,7 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-pub fn settings(directory: Directory, state_dir: &Path) -> GatewaySettings {
+pub(crate) fn settings(directory: Directory, state_dir: &Path) -> GatewaySettings {
     GatewaySettings {
         listen: "127.0.0.1:0".parse().unwrap(),
         tls: TlsSource::Dev {
@@ -517,18 +517,18 @@ pub fn settings(directory: Directory, state_dir: &Path) -> GatewaySettings {
     }
 }
 
-pub struct Harness {
+pub(crate) struct Harness {
     pub gateway: Gateway,
     pub endpoint: quinn::Endpoint,
     pub state: PathBuf,
 }
 
 impl Harness {
-    pub async fn start(directory: Directory, state: &Path) -> Harness {
+    pub(crate) async fn start(directory: Directory, state: &Path) -> Harness {
         Self::start_with(settings(directory, state)).await
     }
 
-    pub async fn start_with(settings: GatewaySettings) -> Harness {
+    pub(crate) async fn start_with(settings: GatewaySettings) -> Harness {
         let state = settings.journal.dir.parent().unwrap().to_owned();
         let gateway = Gateway::start(settings).await.expect("gateway starts");
         let endpoint =
@@ -540,11 +540,11 @@ impl Harness {
         }
     }
 
-    pub fn addr(&self) -> SocketAddr {
+    pub(crate) fn addr(&self) -> SocketAddr {
         self.gateway.local_addr()
     }
 
-    pub async fn gate(&self, terminal: &TerminalRecord) -> GateClient {
+    pub(crate) async fn gate(&self, terminal: &TerminalRecord) -> GateClient {
         GateClient::connect(
             &self.endpoint,
             self.addr(),
@@ -557,7 +557,7 @@ impl Harness {
     }
 }
 
-pub fn identity(t: &TerminalRecord) -> GateIdentity {
+pub(crate) fn identity(t: &TerminalRecord) -> GateIdentity {
     GateIdentity {
         terminal_id: t.terminal_id,
         key_version: 1,
@@ -568,36 +568,36 @@ pub fn identity(t: &TerminalRecord) -> GateIdentity {
     }
 }
 
-pub fn rand_nonce() -> u64 {
+pub(crate) fn rand_nonce() -> u64 {
     now_ms().rotate_left(17) ^ 0x9e37_79b9_7f4a_7c15
 }
 
-pub const YUZHONG_BUS: TerminalRecord = TerminalRecord {
+pub(crate) const YUZHONG_BUS: TerminalRecord = TerminalRecord {
     terminal_id: 5001,
     area: AreaCode(500103),
     mode: Mode::Bus,
     operator: 1,
 };
-pub const WANZHOU_BUS: TerminalRecord = TerminalRecord {
+pub(crate) const WANZHOU_BUS: TerminalRecord = TerminalRecord {
     terminal_id: 5002,
     area: AreaCode(500101),
     mode: Mode::Bus,
     operator: 6,
 };
-pub const CHENGKOU_BUS: TerminalRecord = TerminalRecord {
+pub(crate) const CHENGKOU_BUS: TerminalRecord = TerminalRecord {
     terminal_id: 5003,
     area: AreaCode(500229),
     mode: Mode::Bus,
     operator: 6,
 };
-pub const YUZHONG_METRO: TerminalRecord = TerminalRecord {
+pub(crate) const YUZHONG_METRO: TerminalRecord = TerminalRecord {
     terminal_id: 5004,
     area: AreaCode(500103),
     mode: Mode::Metro,
     operator: 2,
 };
 
-pub fn card(
+pub(crate) fn card(
     card_id: u64,
     state: CardState,
     issuer: Issuer,
@@ -614,7 +614,7 @@ pub fn card(
     }
 }
 
-pub fn embedded_with(cards: &[CardRecord]) -> (Arc<EmbeddedDirectory>, Directory) {
+pub(crate) fn embedded_with(cards: &[CardRecord]) -> (Arc<EmbeddedDirectory>, Directory) {
     let dir = Arc::new(EmbeddedDirectory::default());
     for c in cards {
         dir.put_card(*c);
@@ -626,11 +626,11 @@ pub fn embedded_with(cards: &[CardRecord]) -> (Arc<EmbeddedDirectory>, Directory
 }
 
 /// The gateway's answer to one tap; any transport or protocol error fails the test.
-pub async fn answer(gate: &mut GateClient, tap: Tap) -> tapgate_protocol::TapResult {
+pub(crate) async fn answer(gate: &mut GateClient, tap: Tap) -> tapgate_protocol::TapResult {
     gate.tap(tap).await.expect("the tap is answered")
 }
 
-pub fn tap(sequence: u64, card_id: u64, kind: TapKind) -> Tap {
+pub(crate) fn tap(sequence: u64, card_id: u64, kind: TapKind) -> Tap {
     Tap {
         sequence,
         card_id,
@@ -643,7 +643,7 @@ pub fn tap(sequence: u64, card_id: u64, kind: TapKind) -> Tap {
 }
 
 /// Writes the test gates and one active Chongqing card into a directory.
-pub async fn provision(directory: &Directory, card_id: u64) {
+pub(crate) async fn provision(directory: &Directory, card_id: u64) {
     directory
         .put_terminals(&[YUZHONG_BUS, WANZHOU_BUS, YUZHONG_METRO])
         .await

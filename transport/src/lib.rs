@@ -4,6 +4,8 @@
 //! nothing of taps, cards or journals, so the load generator and the conformance tools can use
 //! it without linking the gateway.
 
+#![forbid(unsafe_code)]
+
 pub mod endpoint;
 pub mod reader;
 pub mod retry;

@@ -2,7 +2,7 @@
 //! share.
 
 use bytes::BytesMut;
-use tapgate_protocol::{DecodeError, SealedFrame, take_frame};
+use tapgate_protocol::{DecodeError, MAX_FRAME_LEN, SealedFrame, take_frame};
 
 /// How much one read asks the stream for.
 pub const READ_CHUNK: usize = 16 * 1024;
@@ -39,7 +39,10 @@ impl FrameReader {
             // take_frame refuses any frame over MAX_FRAME_LEN, so the buffer stays below that
             // plus one chunk.
             match self.recv.read_chunk(READ_CHUNK, true).await? {
-                Some(chunk) => self.buf.extend_from_slice(&chunk.bytes),
+                Some(chunk) => {
+                    self.buf.extend_from_slice(&chunk.bytes);
+                    debug_assert!(self.buf.len() <= MAX_FRAME_LEN + READ_CHUNK);
+                }
                 None if self.buf.is_empty() => return Ok(None),
                 // A stream that ends inside a frame is malformed (PROTOCOL.md section 7), not a
                 // clean finish.

@@ -230,6 +230,8 @@ pub async fn run(
                     .fetch_add(taps.len() as u64, Ordering::Relaxed);
                 stats.batches.fetch_add(1, Ordering::Relaxed);
                 stats.shipped_to(next);
+                // A shipment moves the checkpoint forward or not at all.
+                debug_assert!(checkpoint.is_none_or(|c| c <= next), "checkpoint went back");
                 checkpoint = Some(next);
             }
             Ok(Shipped::Moved(current)) => {

@@ -346,6 +346,11 @@ impl Settler {
             charges += priced.len() as u64;
             ledger.book(record, &priced);
         }
+        // Only entries above the watermark are fresh: applying them moves it forward.
+        debug_assert!(
+            watermark.is_none_or(|w| w < last),
+            "watermark would go back"
+        );
         let batch = ApplyBatch {
             partition,
             token: self.token.clone(),
