@@ -1,0 +1,224 @@
+//! The in-process store: the Redis store's semantics under one lock, for the embedded demo.
+
+use super::*;
+
+/// The in-process store of the embedded demo. Streams are bounded by the forwarder's backlog
+/// limit, as in Redis.
+#[derive(Default)]
+pub struct MemoryStore {
+    state: Mutex<MemoryState>,
+    arrived: Notify,
+}
+
+#[derive(Default)]
+pub(super) struct MemoryState {
+    pub(super) partitions: u16,
+    pub(super) next_ms: u64,
+    pub(super) checkpoints: HashMap<String, Checkpoint>,
+    pub(super) nodes: HashMap<String, String>,
+    pub(super) streams: BTreeMap<u16, MemoryStream>,
+    pub(super) watermarks: HashMap<u16, EntryId>,
+    pub(super) leases: HashMap<u16, (String, Instant)>,
+    pub(super) members: HashMap<String, Instant>,
+    pub(super) riders: HashMap<u64, CardSettlement>,
+    pub(super) ledger: Ledger,
+    pub(super) shipped: u64,
+    pub(super) settled: u64,
+}
+
+#[derive(Default)]
+pub(super) struct MemoryStream {
+    pub(super) entries: VecDeque<(EntryId, JournalRecord)>,
+    /// Entries delivered and not yet acknowledged.
+    pub(super) pending: BTreeMap<EntryId, JournalRecord>,
+    pub(super) delivered_up_to: Option<EntryId>,
+}
+
+impl MemoryStore {
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, MemoryState> {
+        self.state.lock().expect("settlement store lock")
+    }
+
+    pub(super) fn init(&self, partitions: u16) -> Result<(), StoreError> {
+        let mut s = self.lock();
+        if s.partitions == 0 {
+            s.partitions = partitions;
+        }
+        if s.partitions != partitions {
+            return Err(StoreError::PartitionMismatch {
+                stored: s.partitions,
+                configured: partitions,
+            });
+        }
+        Ok(())
+    }
+
+    pub(super) fn ship(
+        &self,
+        node: &str,
+        expected: Option<&Checkpoint>,
+        next: &Checkpoint,
+        taps: &[ShippedTap],
+    ) -> Shipped {
+        let mut s = self.lock();
+        let current = s.checkpoints.get(node).cloned();
+        if current.as_ref() != expected {
+            return Shipped::Moved(current);
+        }
+        s.next_ms += 1;
+        let ms = s.next_ms;
+        for (seq, tap) in taps.iter().enumerate() {
+            let id = EntryId {
+                ms,
+                seq: seq as u64,
+            };
+            s.streams
+                .entry(tap.partition)
+                .or_default()
+                .entries
+                .push_back((id, tap.record));
+        }
+        s.checkpoints.insert(node.to_string(), next.clone());
+        s.shipped += taps.len() as u64;
+        drop(s);
+        if !taps.is_empty() {
+            self.arrived.notify_waiters();
+        }
+        Shipped::Done
+    }
+
+    pub(super) fn heartbeat(&self, token: &str, ttl: Duration) -> usize {
+        let mut s = self.lock();
+        let now = Instant::now();
+        s.members.insert(token.to_string(), now + ttl);
+        s.members.retain(|_, until| *until > now);
+        s.members.len()
+    }
+
+    pub(super) fn lease(&self, partition: u16, token: &str, ttl: Duration) -> bool {
+        let mut s = self.lock();
+        let now = Instant::now();
+        match s.leases.get(&partition) {
+            Some((holder, until)) if holder != token && *until > now => false,
+            _ => {
+                s.leases.insert(partition, (token.to_string(), now + ttl));
+                true
+            }
+        }
+    }
+
+    pub(super) fn release(&self, partition: u16, token: &str) {
+        let mut s = self.lock();
+        if s.leases
+            .get(&partition)
+            .is_some_and(|(holder, _)| holder == token)
+        {
+            s.leases.remove(&partition);
+        }
+    }
+
+    pub(super) fn pending(&self, partition: u16, max: usize) -> Vec<Delivered> {
+        let s = self.lock();
+        s.streams.get(&partition).map_or_else(Vec::new, |stream| {
+            stream
+                .pending
+                .iter()
+                .take(max)
+                .map(|(id, r)| Delivered {
+                    id: *id,
+                    record: Some(*r),
+                })
+                .collect()
+        })
+    }
+
+    pub(super) async fn read_new(
+        &self,
+        partitions: &[u16],
+        max: usize,
+        block: Duration,
+    ) -> Vec<(u16, Vec<Delivered>)> {
+        let deadline = tokio::time::Instant::now() + block;
+        loop {
+            let arrived = self.arrived.notified();
+            let out = self.take_new(partitions, max);
+            if !out.is_empty() {
+                return out;
+            }
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                return Vec::new();
+            }
+        }
+    }
+
+    pub(super) fn take_new(&self, partitions: &[u16], max: usize) -> Vec<(u16, Vec<Delivered>)> {
+        let mut s = self.lock();
+        let mut out = Vec::new();
+        for p in partitions {
+            let Some(stream) = s.streams.get_mut(p) else {
+                continue;
+            };
+            let after = stream.delivered_up_to;
+            let fresh: Vec<(EntryId, JournalRecord)> = stream
+                .entries
+                .iter()
+                .filter(|(id, _)| after.is_none_or(|a| *id > a))
+                .take(max)
+                .copied()
+                .collect();
+            if let Some((last, _)) = fresh.last() {
+                stream.delivered_up_to = Some(*last);
+                stream.pending.extend(fresh.iter().copied());
+                out.push((
+                    *p,
+                    fresh
+                        .into_iter()
+                        .map(|(id, r)| Delivered {
+                            id,
+                            record: Some(r),
+                        })
+                        .collect(),
+                ));
+            }
+        }
+        out
+    }
+
+    pub(super) fn apply(&self, batch: &ApplyBatch) -> Applied {
+        let mut s = self.lock();
+        let owner = s.leases.get(&batch.partition).map(|(t, _)| t.as_str());
+        if owner != Some(batch.token.as_str()) {
+            return Applied::LeaseLost;
+        }
+        if s.watermarks.get(&batch.partition).copied() != batch.expected {
+            return Applied::WatermarkMoved;
+        }
+        for (card, rider) in &batch.riders {
+            s.riders.insert(*card, rider.clone());
+        }
+        s.ledger.merge(&batch.ledger);
+        s.watermarks.insert(batch.partition, batch.watermark);
+        s.settled += batch.taps;
+        let stream = s.streams.entry(batch.partition).or_default();
+        for id in &batch.acks {
+            stream.pending.remove(id);
+        }
+        while stream
+            .entries
+            .front()
+            .is_some_and(|(id, _)| *id < batch.trim_below)
+        {
+            stream.entries.pop_front();
+        }
+        Applied::Done
+    }
+
+    pub(super) fn ack(&self, partition: u16, ids: &[EntryId]) {
+        let mut s = self.lock();
+        if let Some(stream) = s.streams.get_mut(&partition) {
+            for id in ids {
+                stream.pending.remove(id);
+            }
+        }
+    }
+}
