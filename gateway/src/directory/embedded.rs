@@ -1,0 +1,108 @@
+//! The in-process directory of the demo and the tests.
+
+use super::*;
+
+/// In-process directory for the demo and tests.
+pub struct EmbeddedDirectory {
+    pub(super) cards: RwLock<HashMap<u64, CardRecord>>,
+    pub(super) terminals: RwLock<HashMap<u64, TerminalRecord>>,
+    pub(super) changes: broadcast::Sender<ChangeEvent>,
+}
+
+impl Default for EmbeddedDirectory {
+    fn default() -> Self {
+        Self {
+            cards: RwLock::default(),
+            terminals: RwLock::default(),
+            changes: broadcast::channel(CHANGE_CHANNEL).0,
+        }
+    }
+}
+
+impl EmbeddedDirectory {
+    pub fn card(&self, card_id: u64) -> Option<CardRecord> {
+        self.cards
+            .read()
+            .expect("card map lock")
+            .get(&card_id)
+            .copied()
+    }
+
+    pub fn terminal(&self, terminal_id: u64) -> Option<TerminalRecord> {
+        self.terminals
+            .read()
+            .expect("terminal map lock")
+            .get(&terminal_id)
+            .copied()
+    }
+
+    pub fn put_card(&self, record: CardRecord) {
+        self.cards
+            .write()
+            .expect("card map lock")
+            .insert(record.card_id, record);
+        // No receivers is fine: nobody caches yet.
+        let _ = self.changes.send(ChangeEvent::Changed(CardChange {
+            card_id: record.card_id,
+            record: Some(record),
+        }));
+    }
+
+    pub fn put_terminal(&self, record: TerminalRecord) {
+        self.terminals
+            .write()
+            .expect("terminal map lock")
+            .insert(record.terminal_id, record);
+        let _ = self
+            .changes
+            .send(ChangeEvent::TerminalChanged(TerminalChange {
+                terminal_id: record.terminal_id,
+                record: Some(record),
+            }));
+    }
+
+    /// Takes a gate out of service: it is refused at its next Hello, and gateways close the
+    /// sessions it has open.
+    pub fn revoke_terminal(&self, terminal_id: u64) {
+        self.terminals
+            .write()
+            .expect("terminal map lock")
+            .remove(&terminal_id);
+        let _ = self
+            .changes
+            .send(ChangeEvent::TerminalChanged(TerminalChange {
+                terminal_id,
+                record: None,
+            }));
+    }
+
+    pub(super) fn take_counted_ride(&self, card_id: u64) -> RideClaim {
+        match self.cards.write().expect("card map lock").get_mut(&card_id) {
+            Some(card) if card.rides_left > 0 => {
+                card.rides_left -= 1;
+                RideClaim::Taken {
+                    left: card.rides_left,
+                }
+            }
+            _ => RideClaim::NoneLeft,
+        }
+    }
+
+    pub(super) fn follow_changes(&self) -> mpsc::Receiver<ChangeEvent> {
+        let mut changes = self.changes.subscribe();
+        let (tx, rx) = mpsc::channel(CHANGE_CHANNEL);
+        tokio::spawn(async move {
+            loop {
+                let event = match changes.recv().await {
+                    Ok(event) => event,
+                    Err(broadcast::error::RecvError::Lagged(_)) => ChangeEvent::Resync,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                if tx.send(event).await.is_err() {
+                    return;
+                }
+            }
+        });
+        rx
+    }
+}

@@ -1,0 +1,489 @@
+//! The Redis directory: card and terminal hashes, counted rides, the change streams, and the
+//! probe behind readiness.
+
+use super::feed::{ChangeFollower, FEED_BLOCK};
+use super::*;
+
+/// Redis connection settings.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// A single Redis or a Redis Cluster ([`crate::redis_target`]).
+    pub url: String,
+    /// CA certificates (PEM) a TLS Redis's certificate must chain to; the system's when absent.
+    pub tls_ca_file: Option<std::path::PathBuf>,
+    pub key_prefix: String,
+    /// Longest a lookup may wait for Redis before the tap is answered without it.
+    pub response_timeout: Duration,
+    /// Replicas that must hold a card or gate change before writing it counts as done
+    /// (Redis WAIT); 0 does not wait. With replicas, a change acknowledged this way survives
+    /// the failover of its master.
+    pub wait_replicas: u16,
+}
+
+/// Longest a change waits for its replicas before it is reported as not replicated; never
+/// longer than most of the response timeout, which would end the wait first.
+pub(super) const REPLICA_WAIT: Duration = Duration::from_secs(2);
+
+/// Counted rides are taken in Redis, never below zero, so gateways racing on one card cannot
+/// overdraw it. KEYS: the card. Returns the rides left after taking one, -1 when none was left,
+/// -2 when the card has no readable count.
+pub(super) const TAKE_RIDE_SCRIPT: &str = r"
+local rides = redis.call('HGET', KEYS[1], 'rides')
+if not rides then return -2 end
+local n = tonumber(rides)
+if n == nil or n ~= math.floor(n) then return -2 end
+if n <= 0 then return -1 end
+return redis.call('HINCRBY', KEYS[1], 'rides', -1)
+";
+
+/// How the directory's Redis looks from this process.
+#[derive(Debug)]
+pub struct DirectoryHealth {
+    /// Redis answering this process's commands, probed every second while a gateway runs.
+    pub redis: Arc<PartHealth>,
+    /// Each change group's feed following its stream.
+    pub feed: Vec<Arc<PartHealth>>,
+    /// Panics caught in the feed's and the probe's tasks.
+    pub panics: Arc<Panics>,
+}
+
+impl Default for DirectoryHealth {
+    fn default() -> Self {
+        Self {
+            redis: Arc::default(),
+            feed: (0..CHANGE_GROUPS).map(|_| Arc::default()).collect(),
+            panics: Arc::default(),
+        }
+    }
+}
+
+/// How often a gateway asks its Redis whether it answers.
+pub(super) const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Clone)]
+pub struct RedisDirectory {
+    pub(super) target: Arc<RedisTarget>,
+    pub(super) health: Arc<DirectoryHealth>,
+    pub(super) connection: RedisConnection,
+    pub(super) prefix: Arc<str>,
+    pub(super) wait_replicas: u16,
+    pub(super) replica_wait: Duration,
+    pub(super) take_ride: Arc<redis::Script>,
+}
+
+impl RedisDirectory {
+    /// Prepares the connection without waiting for Redis: a gateway can start while Redis is
+    /// down and serve what it can; lookups fail fast until Redis is back.
+    pub fn connect(settings: &RedisSettings) -> Result<Self, DirectoryError> {
+        let target = RedisTarget::parse(&settings.url, settings.tls_ca_file.as_deref())
+            .map_err(DirectoryError::Unavailable)?;
+        let connection = target.shared_connection(settings.response_timeout)?;
+        Ok(Self {
+            target: Arc::new(target),
+            health: Arc::default(),
+            connection,
+            prefix: settings.key_prefix.as_str().into(),
+            wait_replicas: settings.wait_replicas,
+            replica_wait: REPLICA_WAIT.min(settings.response_timeout * 3 / 4),
+            take_ride: Arc::new(redis::Script::new(TAKE_RIDE_SCRIPT)),
+        })
+    }
+
+    /// The hash tag of a change group: its keys all hash to one slot.
+    pub(super) fn group_tag(&self, group: u16) -> String {
+        format!("{}:{{g{group:02}}}", self.prefix)
+    }
+
+    pub(super) fn card_key(&self, card_id: u64) -> String {
+        format!("{}:card:{card_id}", self.group_tag(change_group(card_id)))
+    }
+
+    pub(super) fn terminal_key(&self, terminal_id: u64) -> String {
+        format!(
+            "{}:terminal:{terminal_id}",
+            self.group_tag(change_group(terminal_id))
+        )
+    }
+
+    pub(super) fn changes_key(&self, group: u16) -> String {
+        format!("{}:changes", self.group_tag(group))
+    }
+
+    pub(super) async fn card(&self, card_id: u64) -> Result<Option<CardRecord>, DirectoryError> {
+        let key = self.card_key(card_id);
+        let fields: HashMap<String, String> = self.connection.clone().hgetall(&key).await?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        parse_card(card_id, &fields)
+            .map(Some)
+            .map_err(|detail| DirectoryError::Malformed { key, detail })
+    }
+
+    pub(super) async fn terminal(
+        &self,
+        terminal_id: u64,
+    ) -> Result<Option<TerminalRecord>, DirectoryError> {
+        let key = self.terminal_key(terminal_id);
+        let fields: HashMap<String, String> = self.connection.clone().hgetall(&key).await?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        parse_terminal(terminal_id, &fields)
+            .map(Some)
+            .map_err(|detail| DirectoryError::Malformed { key, detail })
+    }
+
+    /// Writes records with their change entries: one MULTI/EXEC per change group, since a
+    /// transaction may touch one slot only.
+    pub(super) async fn write_grouped<T>(
+        &self,
+        items: &[T],
+        id_of: impl Fn(&T) -> u64,
+        mut queue: impl FnMut(&mut redis::Pipeline, &T),
+    ) -> Result<(), DirectoryError> {
+        let mut groups: BTreeMap<u16, Vec<&T>> = BTreeMap::new();
+        for item in items {
+            groups
+                .entry(change_group(id_of(item)))
+                .or_default()
+                .push(item);
+        }
+        for group in groups.into_values() {
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            for item in group {
+                queue(&mut pipe, item);
+            }
+            pipe.query_async::<()>(&mut self.connection.clone()).await?;
+        }
+        self.wait_for_replicas().await
+    }
+
+    /// Waits until the configured number of replicas hold every write made so far on this
+    /// connection. On a cluster the redis crate asks every master and reports the fewest.
+    pub(super) async fn wait_for_replicas(&self) -> Result<(), DirectoryError> {
+        if self.wait_replicas == 0 {
+            return Ok(());
+        }
+        let acked: u16 = redis::cmd("WAIT")
+            .arg(self.wait_replicas)
+            .arg(self.replica_wait.as_millis().max(1) as u64)
+            .query_async(&mut self.connection.clone())
+            .await?;
+        if acked < self.wait_replicas {
+            return Err(DirectoryError::NotReplicated {
+                wanted: self.wait_replicas,
+                acked,
+                waited_ms: self.replica_wait.as_millis() as u64,
+            });
+        }
+        Ok(())
+    }
+
+    pub(super) async fn put_cards(&self, records: &[CardRecord]) -> Result<(), DirectoryError> {
+        self.write_grouped(
+            records,
+            |r| r.card_id,
+            |pipe, record| {
+                let fields = card_fields(record);
+                pipe.hset_multiple(self.card_key(record.card_id), &fields)
+                    .ignore();
+                let mut entry = vec![("id", record.card_id.to_string())];
+                entry.extend(fields);
+                self.add_change(pipe, change_group(record.card_id), &entry);
+            },
+        )
+        .await
+    }
+
+    pub(super) async fn put_terminals(
+        &self,
+        records: &[TerminalRecord],
+    ) -> Result<(), DirectoryError> {
+        self.write_grouped(
+            records,
+            |t| t.terminal_id,
+            |pipe, t| {
+                let fields = [
+                    ("area", t.area.0.to_string()),
+                    ("mode", t.mode.label().to_owned()),
+                    ("operator", t.operator.to_string()),
+                ];
+                pipe.hset_multiple(self.terminal_key(t.terminal_id), &fields)
+                    .ignore();
+                let mut entry = vec![("terminal", t.terminal_id.to_string())];
+                entry.extend(fields);
+                self.add_change(pipe, change_group(t.terminal_id), &entry);
+            },
+        )
+        .await
+    }
+
+    pub(super) async fn revoke_terminal(&self, terminal_id: u64) -> Result<(), DirectoryError> {
+        self.write_grouped(
+            &[terminal_id],
+            |t| *t,
+            |pipe, t| {
+                pipe.del(self.terminal_key(*t)).ignore();
+                self.add_change(
+                    pipe,
+                    change_group(*t),
+                    &[("terminal", t.to_string()), ("deleted", "1".to_owned())],
+                );
+            },
+        )
+        .await
+    }
+
+    /// Queues the change-stream entry that tells every gateway about a change.
+    pub(super) fn add_change(
+        &self,
+        pipe: &mut redis::Pipeline,
+        group: u16,
+        entry: &[(&str, String)],
+    ) {
+        pipe.cmd("XADD")
+            .arg(self.changes_key(group))
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(CHANGE_STREAM_MAXLEN)
+            .arg("*")
+            .arg(entry)
+            .ignore();
+    }
+
+    pub(super) async fn take_counted_ride(
+        &self,
+        card_id: u64,
+    ) -> Result<RideClaim, DirectoryError> {
+        let key = self.card_key(card_id);
+        let left: i64 = self
+            .take_ride
+            .key(&key)
+            .invoke_async(&mut self.connection.clone())
+            .await?;
+        match left {
+            -1 => Ok(RideClaim::NoneLeft),
+            left if left >= 0 => Ok(RideClaim::Taken {
+                left: u32::try_from(left).unwrap_or(u32::MAX),
+            }),
+            _ => Err(DirectoryError::Malformed {
+                key,
+                detail: "no readable `rides` count".into(),
+            }),
+        }
+    }
+
+    pub(super) fn decided_key(&self, terminal_id: u64) -> String {
+        format!(
+            "{}:decided:{terminal_id}",
+            self.group_tag(change_group(terminal_id))
+        )
+    }
+
+    pub(super) async fn share_decisions(
+        &self,
+        records: &[JournalRecord],
+        slots: u16,
+    ) -> Result<(), DirectoryError> {
+        // One pipeline per change group: a cluster runs a pipeline on one slot only.
+        let mut groups: BTreeMap<u16, redis::Pipeline> = BTreeMap::new();
+        let mut bytes = Vec::with_capacity(PAYLOAD_LEN);
+        for record in records {
+            bytes.clear();
+            record.encode(&mut bytes);
+            groups
+                .entry(change_group(record.terminal_id))
+                .or_default()
+                .hset(
+                    self.decided_key(record.terminal_id),
+                    record.tap.sequence % u64::from(slots.max(1)),
+                    bytes.as_slice(),
+                )
+                .ignore();
+        }
+        let writes = groups.into_values().map(|pipe| {
+            let mut connection = self.connection.clone();
+            async move { pipe.query_async::<()>(&mut connection).await }
+        });
+        for written in futures_util::future::join_all(writes).await {
+            written?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn shared_decisions(
+        &self,
+        terminal_id: u64,
+    ) -> Result<Vec<JournalRecord>, DirectoryError> {
+        let key = self.decided_key(terminal_id);
+        let values: Vec<Vec<u8>> = self.connection.clone().hvals(&key).await?;
+        values
+            .iter()
+            .map(|bytes| {
+                JournalRecord::decode(bytes)
+                    .filter(|r| r.terminal_id == terminal_id)
+                    .ok_or_else(|| DirectoryError::Malformed {
+                        key: key.clone(),
+                        detail: "a shared decision that is not a tap record of this gate".into(),
+                    })
+            })
+            .collect()
+    }
+
+    /// Follows every change group's stream, each on a connection of its own (XREAD BLOCK
+    /// would stall lookups multiplexed on the shared one). The receiver gets every change
+    /// written after this call returns.
+    pub(super) async fn follow_changes(&self) -> mpsc::Receiver<ChangeEvent> {
+        let (tx, rx) = mpsc::channel(CHANGE_CHANNEL);
+        let mut starting = tokio::task::JoinSet::new();
+        for group in 0..CHANGE_GROUPS {
+            let mut follower = ChangeFollower {
+                target: self.target.clone(),
+                health: self.health.clone(),
+                group,
+                key: self.changes_key(group),
+                last_id: None,
+                tx: tx.clone(),
+                lost_since: None,
+            };
+            starting.spawn(async move {
+                let first = match follower.target.blocking_connection(FEED_BLOCK).await {
+                    Ok(mut conn) => match follower.start_at_end(&mut conn).await {
+                        Ok(()) => Some(conn),
+                        Err(e) => {
+                            if group == 0 {
+                                tracing::warn!(error = %bounded_error(&e), "cannot read the card change streams yet");
+                            }
+                            None
+                        }
+                    },
+                    Err(e) => {
+                        if group == 0 {
+                            tracing::warn!(error = %bounded_error(&e), "Redis unreachable at start; following card changes once it is back");
+                        }
+                        None
+                    }
+                };
+                (follower, first)
+            });
+        }
+        while let Some(started) = starting.join_next().await {
+            if let Ok((follower, first)) = started {
+                if first.is_none() {
+                    follower.health.feed[usize::from(follower.group)]
+                        .fail(std::time::Instant::now(), "Redis unreachable");
+                }
+                let part = follower.health.feed[usize::from(follower.group)].clone();
+                let panics = follower.health.panics.clone();
+                supervise("change feed", part, panics, follower.run(first));
+            }
+        }
+        supervise(
+            "Redis probe",
+            self.health.redis.clone(),
+            self.health.panics.clone(),
+            probe(self.connection.clone(), self.health.clone(), tx),
+        );
+        rx
+    }
+}
+
+/// Asks Redis every second whether it answers this process's commands (unreachable, refusing a
+/// password, or a cluster that is down all show here), until the gateway is gone.
+pub(super) async fn probe(
+    mut connection: RedisConnection,
+    health: Arc<DirectoryHealth>,
+    gateway: mpsc::Sender<ChangeEvent>,
+) {
+    let mut incident = Incident::new("the directory's Redis does not answer");
+    while !gateway.is_closed() {
+        let answered: redis::RedisResult<String> =
+            redis::cmd("PING").query_async(&mut connection).await;
+        let now = std::time::Instant::now();
+        match answered {
+            Ok(_) => {
+                health.redis.ok();
+                incident.recovered(now);
+            }
+            Err(e) => {
+                let error = bounded_error(&e);
+                health.redis.fail(now, &error);
+                incident.failed(now, error);
+            }
+        }
+        tokio::time::sleep(PROBE_EVERY).await;
+    }
+}
+
+pub fn card_fields(record: &CardRecord) -> Vec<(&'static str, String)> {
+    vec![
+        ("state", record.state.label().to_owned()),
+        ("issuer", record.issuer.label().to_owned()),
+        ("concession", record.concession.label().to_owned()),
+        ("rides", record.rides_left.to_string()),
+        (
+            "expires",
+            record
+                .expires_on
+                .map(|d| d.format("%Y-%m-%d").to_string())
+                .unwrap_or_default(),
+        ),
+    ]
+}
+
+pub fn parse_card(card_id: u64, fields: &HashMap<String, String>) -> Result<CardRecord, String> {
+    let field = |name: &str| {
+        fields
+            .get(name)
+            .map(String::as_str)
+            .ok_or_else(|| format!("missing field `{name}`"))
+    };
+    let state = field("state")?;
+    let issuer = field("issuer")?;
+    let concession = fields.get("concession").map_or("none", String::as_str);
+    let rides = fields.get("rides").map_or("0", String::as_str);
+    let expires = fields.get("expires").map_or("", String::as_str);
+    Ok(CardRecord {
+        card_id,
+        state: CardState::from_label(state).ok_or(format!("unknown state `{state}`"))?,
+        issuer: Issuer::from_label(issuer).ok_or(format!("unknown issuer `{issuer}`"))?,
+        concession: Concession::from_label(concession)
+            .ok_or(format!("unknown concession `{concession}`"))?,
+        rides_left: rides
+            .parse()
+            .map_err(|_| format!("rides `{rides}` is not a count"))?,
+        expires_on: if expires.is_empty() {
+            None
+        } else {
+            Some(
+                NaiveDate::parse_from_str(expires, "%Y-%m-%d")
+                    .map_err(|_| format!("expires `{expires}` is not YYYY-MM-DD"))?,
+            )
+        },
+    })
+}
+
+pub(super) fn parse_terminal(
+    terminal_id: u64,
+    fields: &HashMap<String, String>,
+) -> Result<TerminalRecord, String> {
+    let get = |name: &str| fields.get(name).ok_or(format!("missing field `{name}`"));
+    let area = get("area")?;
+    let mode = get("mode")?;
+    let operator = get("operator")?;
+    Ok(TerminalRecord {
+        terminal_id,
+        area: area
+            .parse()
+            .ok()
+            .map(AreaCode)
+            .filter(|a| a.area().is_some())
+            .ok_or(format!("unknown area `{area}`"))?,
+        mode: Mode::from_label(mode).ok_or(format!("unknown mode `{mode}`"))?,
+        operator: operator
+            .parse()
+            .map_err(|_| format!("operator `{operator}` is not a number"))?,
+    })
+}
