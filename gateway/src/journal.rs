@@ -179,35 +179,13 @@ pub struct JournalStats {
     pub sync_latency: DurationHistogram,
 }
 
-/// A place in the journal: a segment's number and a byte offset in it. Positions order like
-/// the records they separate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct JournalPosition {
-    pub segment: u64,
-    pub offset: u64,
-}
-
-impl std::fmt::Display for JournalPosition {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}", self.segment, self.offset)
-    }
-}
-
-impl std::str::FromStr for JournalPosition {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (segment, offset) = s
-            .split_once(':')
-            .ok_or_else(|| format!("journal position `{s}`: expected SEGMENT:OFFSET"))?;
-        let number = |v: &str| {
-            v.parse::<u64>()
-                .map_err(|_| format!("journal position `{s}`: `{v}` is not a number"))
-        };
-        Ok(Self {
-            segment: number(segment)?,
-            offset: number(offset)?,
-        })
-    }
+crate::ids::log_position! {
+    /// A place in the journal: a segment's number and a byte offset in it, `SEGMENT:OFFSET`.
+    /// Positions order like the records they separate.
+    JournalPosition { segment, offset },
+    separator: ':',
+    what: "journal position",
+    second_may_be_absent: false
 }
 
 /// Handle for appending; cheap to clone. The writer thread stops when every handle is gone.

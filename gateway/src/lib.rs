@@ -11,6 +11,7 @@ pub mod decide;
 pub mod directory;
 pub mod fares;
 pub mod health;
+mod ids;
 pub mod journal;
 pub mod metrics;
 pub mod node;

@@ -226,28 +226,12 @@ impl Directory {
     }
 }
 
-/// A Redis stream entry id, `ms-seq`, ordered numerically.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct EntryId {
-    pub ms: u64,
-    pub seq: u64,
-}
-
-impl std::fmt::Display for EntryId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}-{}", self.ms, self.seq)
-    }
-}
-
-impl std::str::FromStr for EntryId {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (ms, seq) = s.split_once('-').unwrap_or((s, "0"));
-        match (ms.parse(), seq.parse()) {
-            (Ok(ms), Ok(seq)) => Ok(Self { ms, seq }),
-            _ => Err(format!("`{s}` is not a stream entry id")),
-        }
-    }
+crate::ids::log_position! {
+    /// A Redis stream entry id, `ms-seq`, ordered numerically.
+    EntryId { ms, seq },
+    separator: '-',
+    what: "stream entry id",
+    second_may_be_absent: true
 }
 
 /// How many change groups the directory's keys are spread over. Each group is one hash slot
