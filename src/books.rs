@@ -11,21 +11,25 @@ use tapgate_protocol::registry::{AREAS, operator};
 use tapgate_protocol::{AreaCode, Mode};
 
 /// Reads a ledger file written by an embedded gateway or the demo.
-pub(crate) fn read_ledger_file(path: &Path) -> Result<Ledger, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+pub(crate) fn read_ledger_file(path: &Path) -> anyhow::Result<Ledger> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-    Ledger::from_json(&value).map_err(|e| format!("{}: {e}", path.display()))
+        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ledger::from_json(&value).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 pub(crate) fn settle_dirs(
     dirs: &[&Path],
     tables: &FareTables,
-) -> Result<JournalSettlement, String> {
+) -> anyhow::Result<JournalSettlement> {
     if let Some(missing) = dirs.iter().find(|d| !d.is_dir()) {
-        return Err(format!("{}: no journal directory", missing.display()));
+        return Err(anyhow::anyhow!(
+            "{}: no journal directory",
+            missing.display()
+        ));
     }
-    settle_journals(dirs, tables).map_err(|e| e.to_string())
+    Ok(settle_journals(dirs, tables)?)
 }
 
 fn yuan(fen: u64) -> String {

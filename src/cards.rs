@@ -1,6 +1,7 @@
 //! `tapgate cards`: card records in the Redis directory.
 
 use crate::common::RedisTarget;
+use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -96,15 +97,14 @@ impl GenerateArgs {
 const CSV_HEADER: &str = "card_id,state,issuer,concession,rides_left,expires";
 const BATCH: usize = 1000;
 
-pub(crate) fn run(args: CardsArgs) -> Result<(), String> {
+pub(crate) fn run(args: CardsArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
+        .build()?;
     runtime.block_on(run_async(args))
 }
 
-async fn run_async(args: CardsArgs) -> Result<(), String> {
+async fn run_async(args: CardsArgs) -> anyhow::Result<()> {
     if let CardsAction::Generate(generate) = &args.action
         && (generate.csv.is_some() || generate.gates_csv.is_some())
     {
@@ -116,25 +116,21 @@ async fn run_async(args: CardsArgs) -> Result<(), String> {
         }
         return Ok(());
     }
-    let directory = Directory::Redis(
-        RedisDirectory::connect(&RedisSettings {
-            url: args.redis.redis_url.clone(),
-            tls_ca_file: args.redis.redis_tls_ca_file.clone(),
-            key_prefix: args.redis.key_prefix.clone(),
-            response_timeout: Duration::from_secs(5),
-            wait_replicas: args.wait_replicas,
-        })
-        .map_err(|e| e.to_string())?,
-    );
+    let directory = Directory::Redis(RedisDirectory::connect(&RedisSettings {
+        url: args.redis.redis_url.clone(),
+        tls_ca_file: args.redis.redis_tls_ca_file.clone(),
+        key_prefix: args.redis.key_prefix.clone(),
+        response_timeout: Duration::from_secs(5),
+        wait_replicas: args.wait_replicas,
+    })?);
     match args.action {
         CardsAction::Import { file } => {
-            let bytes = std::fs::read(&file).map_err(|e| format!("{}: {e}", file.display()))?;
-            let records = parse_csv(&bytes).map_err(|e| format!("{}: {e}", file.display()))?;
+            let bytes =
+                std::fs::read(&file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let records =
+                parse_csv(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             for chunk in records.chunks(BATCH) {
-                directory
-                    .put_cards(chunk)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                directory.put_cards(chunk).await?;
             }
             println!("imported {} cards", records.len());
         }
@@ -142,17 +138,11 @@ async fn run_async(args: CardsArgs) -> Result<(), String> {
             let spec = generate.spec();
             let all: Vec<CardRecord> = spec.cards().collect();
             for chunk in all.chunks(BATCH) {
-                directory
-                    .put_cards(chunk)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                directory.put_cards(chunk).await?;
             }
             let gates: Vec<_> = spec.terminals().collect();
             for chunk in gates.chunks(BATCH) {
-                directory
-                    .put_terminals(chunk)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                directory.put_terminals(chunk).await?;
             }
             println!(
                 "wrote {} cards and {} gates (seed {})",
@@ -171,39 +161,29 @@ async fn run_async(args: CardsArgs) -> Result<(), String> {
             set_state(&directory, card_id, CardState::Active).await?
         }
         CardsAction::RevokeTerminal { terminal_id } => {
-            match directory
-                .terminal(terminal_id)
-                .await
-                .map_err(|e| e.to_string())?
-            {
+            match directory.terminal(terminal_id).await? {
                 Some(_) => {
-                    directory
-                        .revoke_terminal(terminal_id)
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    directory.revoke_terminal(terminal_id).await?;
                     println!("gate {terminal_id} revoked");
                 }
-                None => return Err(format!("gate {terminal_id} is not provisioned")),
+                None => return Err(anyhow::anyhow!("gate {terminal_id} is not provisioned")),
             }
         }
-        CardsAction::Show { card_id } => {
-            match directory.card(card_id).await.map_err(|e| e.to_string())? {
-                Some(card) => println!("{}", csv_line(&card)),
-                None => return Err(format!("card {card_id} is not in the directory")),
-            }
-        }
+        CardsAction::Show { card_id } => match directory.card(card_id).await? {
+            Some(card) => println!("{}", csv_line(&card)),
+            None => return Err(anyhow::anyhow!("card {card_id} is not in the directory")),
+        },
     }
     Ok(())
 }
 
-async fn set_state(directory: &Directory, card_id: u64, state: CardState) -> Result<(), String> {
+async fn set_state(directory: &Directory, card_id: u64, state: CardState) -> anyhow::Result<()> {
     let mut card = directory
         .card(card_id)
-        .await
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("card {card_id} is not in the directory"))?;
+        .await?
+        .with_context(|| format!("card {card_id} is not in the directory"))?;
     card.state = state;
-    directory.put_card(card).await.map_err(|e| e.to_string())?;
+    directory.put_card(card).await?;
     println!("card {card_id} is now {}", state.label());
     Ok(())
 }
@@ -228,11 +208,12 @@ fn csv_line(card: &CardRecord) -> String {
     )
 }
 
-fn write_csv(path: &PathBuf, spec: &PopulationSpec) -> Result<(), String> {
+fn write_csv(path: &PathBuf, spec: &PopulationSpec) -> anyhow::Result<()> {
     use std::io::Write;
-    let file = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let file =
+        std::fs::File::create(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let mut out = std::io::BufWriter::new(file);
-    let io = |e: std::io::Error| format!("{}: {e}", path.display());
+    let io = |e: std::io::Error| anyhow::Error::new(e).context(path.display().to_string());
     writeln!(out, "{CSV_HEADER}").map_err(io)?;
     for card in spec.cards() {
         writeln!(out, "{}", csv_line(&card)).map_err(io)?;
@@ -242,11 +223,12 @@ fn write_csv(path: &PathBuf, spec: &PopulationSpec) -> Result<(), String> {
     Ok(())
 }
 
-fn write_gates_csv(path: &PathBuf, spec: &PopulationSpec) -> Result<(), String> {
+fn write_gates_csv(path: &PathBuf, spec: &PopulationSpec) -> anyhow::Result<()> {
     use std::io::Write;
-    let file = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let file =
+        std::fs::File::create(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let mut out = std::io::BufWriter::new(file);
-    let io = |e: std::io::Error| format!("{}: {e}", path.display());
+    let io = |e: std::io::Error| anyhow::Error::new(e).context(path.display().to_string());
     writeln!(out, "terminal_id,area,mode,operator").map_err(io)?;
     for gate in spec.terminals() {
         writeln!(
@@ -267,18 +249,16 @@ fn write_gates_csv(path: &PathBuf, spec: &PopulationSpec) -> Result<(), String> 
 /// The cards of a CSV file's bytes. Every error names its line and stays short, whatever the
 /// line held: a byte-order mark, bytes that are not UTF-8, a wrong column count, a bad field, a
 /// card id given twice (with both lines).
-fn parse_csv(bytes: &[u8]) -> Result<Vec<CardRecord>, String> {
+fn parse_csv(bytes: &[u8]) -> anyhow::Result<Vec<CardRecord>> {
     if bytes.starts_with(b"\xEF\xBB\xBF") {
-        return Err(
-            "line 1: starts with a byte-order mark; save the file as UTF-8 without one".into(),
-        );
+        anyhow::bail!("line 1: starts with a byte-order mark; save the file as UTF-8 without one");
     }
     let mut lines = bytes.split(|&b| b == b'\n').enumerate().map(|(n, raw)| {
         let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
         std::str::from_utf8(raw)
             .map(|line| (n + 1, line))
             .map_err(|e| {
-                format!(
+                anyhow::anyhow!(
                     "line {}: not UTF-8 (byte {} of the line)",
                     n + 1,
                     e.valid_up_to() + 1
@@ -287,7 +267,7 @@ fn parse_csv(bytes: &[u8]) -> Result<Vec<CardRecord>, String> {
     });
     match lines.next().transpose()? {
         Some((_, header)) if header.trim() == CSV_HEADER => {}
-        _ => return Err(format!("the first line must be `{CSV_HEADER}`")),
+        _ => return Err(anyhow::anyhow!("the first line must be `{CSV_HEADER}`")),
     }
     let mut records = Vec::new();
     let mut first_seen: HashMap<u64, usize> = HashMap::new();
@@ -297,7 +277,8 @@ fn parse_csv(bytes: &[u8]) -> Result<Vec<CardRecord>, String> {
         if line.trim().is_empty() {
             continue;
         }
-        let record = parse_csv_line(line).map_err(|e| bounded_line(&format!("line {n}: {e}")))?;
+        let record = parse_csv_line(line)
+            .map_err(|e| anyhow::anyhow!(bounded_line(&format!("line {n}: {e}"))))?;
         match first_seen.entry(record.card_id) {
             std::collections::hash_map::Entry::Occupied(first) => {
                 repeated.push(format!(
@@ -314,7 +295,7 @@ fn parse_csv(bytes: &[u8]) -> Result<Vec<CardRecord>, String> {
     }
     if !repeated.is_empty() {
         let shown = repeated.len().min(10);
-        return Err(format!(
+        return Err(anyhow::anyhow!(
             "{} card ids appear more than once ({}{})",
             repeated.len(),
             repeated[..shown].join("; "),
@@ -324,14 +305,14 @@ fn parse_csv(bytes: &[u8]) -> Result<Vec<CardRecord>, String> {
     Ok(records)
 }
 
-fn parse_csv_line(line: &str) -> Result<CardRecord, String> {
+fn parse_csv_line(line: &str) -> anyhow::Result<CardRecord> {
     let cols: Vec<&str> = line.split(',').map(str::trim).collect();
     let [id, state, issuer, concession, rides, expires] = cols[..] else {
-        return Err(format!("expected 6 columns, found {}", cols.len()));
+        return Err(anyhow::anyhow!("expected 6 columns, found {}", cols.len()));
     };
     let card_id: u64 = id
         .parse()
-        .map_err(|_| format!("card_id `{id}` is not a number"))?;
+        .map_err(|_| anyhow::anyhow!("card_id `{id}` is not a number"))?;
     let fields = [
         ("state", state),
         ("issuer", issuer),
@@ -342,7 +323,7 @@ fn parse_csv_line(line: &str) -> Result<CardRecord, String> {
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
     .collect();
-    parse_card(card_id, &fields)
+    parse_card(card_id, &fields).map_err(anyhow::Error::msg)
 }
 
 #[cfg(test)]
@@ -370,10 +351,15 @@ mod tests {
     fn bad_csv_lines_name_the_line_and_the_problem() {
         let text = format!("{CSV_HEADER}\n1,active,cq_ssc,none,0,\n2,stolen,cq_ssc,none,0,\n");
         assert_eq!(
-            parse_csv(text.as_bytes()).unwrap_err(),
+            parse_csv(text.as_bytes()).unwrap_err().to_string(),
             "line 3: unknown state `stolen`"
         );
-        assert!(parse_csv(b"id,state\n").unwrap_err().contains("first line"));
+        assert!(
+            parse_csv(b"id,state\n")
+                .unwrap_err()
+                .to_string()
+                .contains("first line")
+        );
     }
 
     #[test]
@@ -381,13 +367,14 @@ mod tests {
         let row = |id: u64| format!("{id},active,cq_ssc,none,0,\n");
         let text = format!("{CSV_HEADER}\n{}{}{}{}", row(1), row(2), row(1), row(1));
         assert_eq!(
-            parse_csv(text.as_bytes()).unwrap_err(),
+            parse_csv(text.as_bytes()).unwrap_err().to_string(),
             "2 card ids appear more than once (card 1 on lines 2 and 4; card 1 on lines 2 and 5)"
         );
         let with_bom = [b"\xEF\xBB\xBF".as_slice(), text.as_bytes()].concat();
         assert!(
             parse_csv(&with_bom)
                 .unwrap_err()
+                .to_string()
                 .starts_with("line 1: starts with a byte-order mark")
         );
         let latin1 = [
@@ -396,11 +383,11 @@ mod tests {
         ]
         .concat();
         assert_eq!(
-            parse_csv(&latin1).unwrap_err(),
+            parse_csv(&latin1).unwrap_err().to_string(),
             "line 3: not UTF-8 (byte 24 of the line)"
         );
         let huge = format!("{CSV_HEADER}\n1,{},cq_ssc,none,0,\n", "x".repeat(2_000_000));
-        let e = parse_csv(huge.as_bytes()).unwrap_err();
+        let e = parse_csv(huge.as_bytes()).unwrap_err().to_string();
         assert!(
             e.starts_with("line 2: unknown state") && e.len() < 300,
             "{}",

@@ -16,13 +16,13 @@ pub(crate) fn init_logging(filter: &str) {
 }
 
 /// An `--ops-listen` value: HOST:PORT, or `off`.
-pub(crate) fn parse_ops_listen(value: &str) -> Result<Option<SocketAddr>, String> {
+pub(crate) fn parse_ops_listen(value: &str) -> anyhow::Result<Option<SocketAddr>> {
     match value {
         "off" => Ok(None),
         addr => addr
             .parse()
             .map(Some)
-            .map_err(|_| format!("--ops-listen `{addr}`: expected HOST:PORT or off")),
+            .map_err(|_| anyhow::anyhow!("--ops-listen `{addr}`: expected HOST:PORT or off")),
     }
 }
 
@@ -30,13 +30,13 @@ pub(crate) fn parse_ops_listen(value: &str) -> Result<Option<SocketAddr>, String
 pub(crate) async fn start_ops(
     addr: Option<SocketAddr>,
     counters: tapgate_gateway::ops::Counters,
-) -> Result<Option<tokio::task::JoinHandle<()>>, String> {
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
     let Some(addr) = addr else {
         return Ok(None);
     };
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| format!("ops endpoint {addr}: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("ops endpoint {addr}: {e}"))?;
     tracing::info!(%addr, "ops endpoint: GET /metrics, /healthz");
     Ok(Some(tokio::spawn(tapgate_gateway::ops::serve(
         listener, counters,
@@ -44,7 +44,7 @@ pub(crate) async fn start_ops(
 }
 
 /// A duration given as `30`, `30s`, `500ms` or `2m`.
-pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> anyhow::Result<Duration> {
     let text = text.trim();
     let (number, unit) = match text.find(|c: char| c.is_ascii_alphabetic()) {
         Some(i) => text.split_at(i),
@@ -52,15 +52,15 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     };
     let value: f64 = number
         .parse()
-        .map_err(|_| format!("`{text}` is not a duration"))?;
+        .map_err(|_| anyhow::anyhow!("`{text}` is not a duration"))?;
     let seconds = match unit {
         "ms" => value / 1000.0,
         "s" => value,
         "m" => value * 60.0,
-        _ => return Err(format!("`{text}`: use ms, s or m")),
+        _ => return Err(anyhow::anyhow!("`{text}`: use ms, s or m")),
     };
     if !(seconds.is_finite() && seconds > 0.0) {
-        return Err(format!("`{text}` must be positive"));
+        return Err(anyhow::anyhow!("`{text}` must be positive"));
     }
     Ok(Duration::from_secs_f64(seconds))
 }

@@ -3,6 +3,7 @@
 //! Both print PASS or FAIL for each rule and exit 1 on any failure (for a vendor's CI).
 
 use crate::runtime;
+use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -93,25 +94,26 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-pub(crate) fn run_conformance(args: ConformanceArgs) -> Result<ExitCode, String> {
+pub(crate) fn run_conformance(args: ConformanceArgs) -> anyhow::Result<ExitCode> {
     match args.side {
         Side::Gateway(args) => check_gateway(args),
         Side::Gate(args) => check_gate(args),
     }
 }
 
-fn check_gate(args: GateArgs) -> Result<ExitCode, String> {
-    let master = MasterKey::from_hex(&args.master_key).map_err(|e| format!("--master-key: {e}"))?;
+fn check_gate(args: GateArgs) -> anyhow::Result<ExitCode> {
+    let master =
+        MasterKey::from_hex(&args.master_key).map_err(|e| anyhow::anyhow!("--master-key: {e}"))?;
     let run = runtime()?.block_on(async {
         let (chain, key) = tls::load(&tls::TlsSource::Dev {
             dir: args.dev_cert_dir.clone(),
         })
-        .map_err(|e| e.to_string())?;
+        ?;
         let endpoint = server_endpoint(args.listen, chain, key, &TransportSettings::default())
-            .map_err(|e| e.to_string())?;
+            ?;
         eprintln!(
             "conformance referee on {}: point the gate under test here (certificate {}); the run ends after {} gate(s) complete the script or {:.0} s",
-            endpoint.local_addr().map_err(|e| e.to_string())?,
+            endpoint.local_addr()?,
             args.dev_cert_dir.join(tls::DEV_CERT_FILE).display(),
             args.gates,
             args.timeout.as_secs_f64()
@@ -123,7 +125,7 @@ fn check_gate(args: GateArgs) -> Result<ExitCode, String> {
             answer_delay_ms: args.answer_delay_ms,
             grace_ms: args.grace_ms,
         };
-        Ok::<_, String>(referee(endpoint, settings, args.gates, args.timeout).await)
+        Ok::<_, anyhow::Error>(referee(endpoint, settings, args.gates, args.timeout).await)
     })?;
     let (text, all_passed) = report(&run.checks);
     print!("{text}");
@@ -138,9 +140,11 @@ fn check_gate(args: GateArgs) -> Result<ExitCode, String> {
     })
 }
 
-fn check_gateway(args: GatewayArgs) -> Result<ExitCode, String> {
-    let cert = std::fs::read(&args.cert).map_err(|e| format!("{}: {e}", args.cert.display()))?;
-    let master = MasterKey::from_hex(&args.master_key).map_err(|e| format!("--master-key: {e}"))?;
+fn check_gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
+    let cert =
+        std::fs::read(&args.cert).map_err(|e| anyhow::anyhow!("{}: {e}", args.cert.display()))?;
+    let master =
+        MasterKey::from_hex(&args.master_key).map_err(|e| anyhow::anyhow!("--master-key: {e}"))?;
     let spec = PopulationSpec {
         seed: args.seed,
         cards: args.cards,
@@ -157,10 +161,9 @@ fn check_gateway(args: GatewayArgs) -> Result<ExitCode, String> {
                 && c.concession == Concession::None
                 && c.expires_on.is_none_or(|d| d > today)
         })
-        .ok_or("the population has no active Chongqing card")?;
+        .context("the population has no active Chongqing card")?;
     let checks = runtime()?.block_on(async {
-        let endpoint = client_endpoint(&cert, "0.0.0.0:0".parse().expect("an address"))
-            .map_err(|e| e.to_string())?;
+        let endpoint = client_endpoint(&cert, "0.0.0.0:0".parse().expect("an address"))?;
         let target = Target {
             endpoint,
             addr: args.target,
@@ -176,7 +179,7 @@ fn check_gateway(args: GatewayArgs) -> Result<ExitCode, String> {
             issuer: card.issuer,
             now_ms,
         };
-        Ok::<_, String>(run(&target).await)
+        Ok::<_, anyhow::Error>(run(&target).await)
     })?;
     let (text, all_passed) = report(&checks);
     print!("{text}");

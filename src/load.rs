@@ -2,6 +2,7 @@
 
 use crate::common::parse_duration;
 use crate::runtime;
+use anyhow::Context as _;
 use clap::Args;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -235,7 +236,7 @@ impl WorkloadArgs {
         }
     }
 
-    fn write_outputs(&self, report: &Report) -> Result<(), String> {
+    fn write_outputs(&self, report: &Report) -> anyhow::Result<()> {
         write_file(&self.chart, &report.svg())?;
         println!("chart: {}", self.chart.display());
         if let Some(path) = &self.json {
@@ -246,14 +247,16 @@ impl WorkloadArgs {
     }
 }
 
-fn write_file(path: &Path, text: &str) -> Result<(), String> {
-    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
+fn write_file(path: &Path, text: &str) -> anyhow::Result<()> {
+    std::fs::write(path, text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
-pub(crate) fn run_load(args: LoadArgs) -> Result<(), String> {
+pub(crate) fn run_load(args: LoadArgs) -> anyhow::Result<()> {
     crate::common::init_logging("warn");
-    let cert = std::fs::read(&args.cert).map_err(|e| format!("{}: {e}", args.cert.display()))?;
-    let key = MasterKey::from_hex(&args.master_key).map_err(|e| format!("--master-key: {e}"))?;
+    let cert =
+        std::fs::read(&args.cert).map_err(|e| anyhow::anyhow!("{}: {e}", args.cert.display()))?;
+    let key =
+        MasterKey::from_hex(&args.master_key).map_err(|e| anyhow::anyhow!("--master-key: {e}"))?;
     runtime()?.block_on(async {
         let kind = if args.echo {
             TargetKind::Echo
@@ -270,22 +273,21 @@ pub(crate) fn run_load(args: LoadArgs) -> Result<(), String> {
             Some(url) => scrape_settlement(url).await,
             None => None,
         };
-        let mut report = run(spec).await.map_err(|e| e.to_string())?;
+        let mut report = run(spec).await?;
         if let (Some(url), Some(before)) = (metrics_url, &before) {
             report.settlement = settlement_lag(url, before).await;
         }
         print!("{}", report.summary());
         args.workload.write_outputs(&report)?;
         if args.compare_echo {
-            let echo = EchoServer::start("127.0.0.1:0".parse().expect("valid address"))
-                .map_err(|e| e.to_string())?;
+            let echo = EchoServer::start("127.0.0.1:0".parse().expect("valid address"))?;
             let spec = args.workload.spec(
                 echo.local_addr(),
                 TargetKind::Echo,
                 echo.certificate_der().to_vec(),
                 key,
             );
-            let baseline = run(spec).await.map_err(|e| e.to_string())?;
+            let baseline = run(spec).await?;
             echo.close();
             print!("\n{}", baseline.summary());
             println!(
@@ -302,7 +304,7 @@ async fn find_max(
     kind: TargetKind,
     cert: Vec<u8>,
     key: MasterKey,
-) -> Result<(), String> {
+) -> anyhow::Result<()> {
     let spec = args.workload.spec(args.target, kind, cert, key);
     let bound = Duration::from_secs_f64(args.p99_bound_ms.max(0.0) / 1000.0);
     let best = tapgate_loadgen::run::find_max(spec, args.workload.rate, bound, |step| {
@@ -317,8 +319,7 @@ async fn find_max(
             if step.held { "held" } else { "did not hold" }
         );
     })
-    .await
-    .map_err(|e| e.to_string())?;
+    .await?;
     match best {
         Some(step) => {
             println!(
@@ -328,7 +329,7 @@ async fn find_max(
             print!("{}", step.report.summary());
             args.workload.write_outputs(&step.report)
         }
-        None => Err(format!(
+        None => Err(anyhow::anyhow!(
             "even {:.0} taps/s did not hold; start lower with --rate",
             args.workload.rate
         )),
@@ -337,13 +338,13 @@ async fn find_max(
 
 /// `tapgate echo`: the transport baseline as a process of its own, so it can be measured with
 /// the same process layout as a gateway.
-pub(crate) fn run_echo(args: EchoArgs) -> Result<(), String> {
+pub(crate) fn run_echo(args: EchoArgs) -> anyhow::Result<()> {
     crate::common::init_logging("info");
     runtime()?.block_on(async {
         let tls = tapgate_transport::tls::TlsSource::Dev {
             dir: args.dev_cert_dir.clone(),
         };
-        let echo = EchoServer::start_with(args.listen, &tls).map_err(|e| e.to_string())?;
+        let echo = EchoServer::start_with(args.listen, &tls)?;
         println!(
             "echo baseline on {} (certificate {}); Ctrl-C stops it",
             echo.local_addr(),
@@ -351,18 +352,18 @@ pub(crate) fn run_echo(args: EchoArgs) -> Result<(), String> {
                 .join(tapgate_transport::tls::DEV_CERT_FILE)
                 .display()
         );
-        tokio::signal::ctrl_c().await.map_err(|e| e.to_string())?;
+        tokio::signal::ctrl_c().await?;
         echo.close();
         Ok(())
     })
 }
 
-pub(crate) fn run_demo(args: DemoArgs) -> Result<(), String> {
+pub(crate) fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
     crate::common::init_logging("warn");
     let dir = tempfile::Builder::new()
         .prefix("tapgate-demo-")
         .tempdir()
-        .map_err(|e| format!("creating the demo directory: {e}"))?
+        .map_err(|e| anyhow::anyhow!("creating the demo directory: {e}"))?
         .keep();
     let population = PopulationSpec::default();
     let mut config = Config::default();
@@ -382,11 +383,11 @@ pub(crate) fn run_demo(args: DemoArgs) -> Result<(), String> {
         args.duration.as_secs_f64()
     );
     runtime()?.block_on(async {
-        let node = Node::start(&config).await.map_err(|e| e.to_string())?;
+        let node = Node::start(&config).await?;
         let settlers = node
             .settlement
             .as_ref()
-            .ok_or("the demo configuration settles")?
+            .context("the demo configuration settles")?
             .settlers
             .clone();
         let workload = WorkloadArgs {
@@ -415,8 +416,8 @@ pub(crate) fn run_demo(args: DemoArgs) -> Result<(), String> {
         let ledger_path = node.ledger_file().to_owned();
         let settling = std::time::Instant::now();
         // Stops the gateway, then lets settlement catch up and write the ledger.
-        node.stop().await.map_err(|e| e.to_string())?;
-        let mut report = report.map_err(|e| e.to_string())?;
+        node.stop().await?;
+        let mut report = report?;
         let caught_up = settling.elapsed();
         report.settlement = SettlementLag::from_buckets(
             &settlers.lag.cumulative(),
@@ -452,7 +453,7 @@ pub(crate) fn run_demo(args: DemoArgs) -> Result<(), String> {
             journal.display()
         );
         if !reconciliation.is_exact() {
-            return Err("settlement does not reconcile with the journal".into());
+            anyhow::bail!("settlement does not reconcile with the journal");
         }
         Ok(())
     })

@@ -80,20 +80,54 @@ fn main() -> ExitCode {
 }
 
 /// The multi-threaded tokio runtime every subcommand that does network I/O runs on.
-fn runtime() -> Result<tokio::runtime::Runtime, String> {
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("starting the runtime: {e}"))
+        .map_err(|e| anyhow::anyhow!("starting the runtime: {e}"))
 }
 
 /// Prints an error the way every subcommand does, and exits 1 with it.
-fn report_failure(result: Result<ExitCode, String>) -> ExitCode {
+fn report_failure(result: anyhow::Result<ExitCode>) -> ExitCode {
     match result {
         Ok(code) => code,
-        Err(message) => {
-            eprintln!("tapgate: {message}");
+        Err(error) => {
+            eprintln!("tapgate: {}", describe(&error));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The error and every cause under it, each once: many of the libraries' errors already
+/// repeat their cause in their own message, and context added here does not.
+fn describe(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let part = cause.to_string();
+        if text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::describe;
+
+    #[test]
+    fn every_cause_is_told_once() {
+        let io = std::io::Error::other("disk full");
+        let error = anyhow::Error::new(io).context("writing ledger.json");
+        assert_eq!(describe(&error), "writing ledger.json: disk full");
+        #[derive(Debug, thiserror::Error)]
+        #[error("starting: {0}")]
+        struct Repeats(#[source] std::io::Error);
+        let error = anyhow::Error::new(Repeats(std::io::Error::other("port taken")));
+        assert_eq!(describe(&error), "starting: port taken");
     }
 }

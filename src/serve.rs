@@ -1,6 +1,7 @@
 //! `tapgate serve`.
 
 use crate::common::{init_logging, parse_ops_listen, start_ops};
+use anyhow::Context as _;
 use clap::Args;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -52,9 +53,9 @@ pub(crate) struct ServeArgs {
 }
 
 impl ServeArgs {
-    fn config(&self) -> Result<Config, String> {
+    fn config(&self) -> anyhow::Result<Config> {
         let mut config = match &self.config {
-            Some(path) => Config::load(path).map_err(|e| e.to_string())?,
+            Some(path) => Config::load(path)?,
             None => Config::default(),
         };
         if let Some(listen) = self.listen {
@@ -84,7 +85,7 @@ impl ServeArgs {
         for entry in &self.master_keys {
             let (version, hex) = entry
                 .split_once('=')
-                .ok_or_else(|| format!("--master-key `{entry}`: expected VERSION=HEX"))?;
+                .with_context(|| format!("--master-key `{entry}`: expected VERSION=HEX"))?;
             config
                 .keys
                 .insert(version.trim().to_owned(), hex.trim().to_owned());
@@ -98,7 +99,7 @@ impl ServeArgs {
 
 impl ServeArgs {
     /// The configuration with its flags applied, refused with every problem it has.
-    fn checked_config(&self) -> Result<Config, String> {
+    fn checked_config(&self) -> anyhow::Result<Config> {
         let config = self.config()?;
         let problems = config.problems();
         if problems.is_empty() {
@@ -110,7 +111,7 @@ impl ServeArgs {
             .map_or("the built-in defaults".to_owned(), |p| {
                 p.display().to_string()
             });
-        Err(format!(
+        Err(anyhow::anyhow!(
             "configuration ({source} with its flags) cannot be used:\n  {}",
             problems.join("\n  ")
         ))
@@ -118,7 +119,7 @@ impl ServeArgs {
 }
 
 /// `tapgate check-config`: checks what `serve` would use and starts nothing.
-pub(crate) fn check(args: ServeArgs) -> Result<(), String> {
+pub(crate) fn check(args: ServeArgs) -> anyhow::Result<()> {
     args.checked_config()?;
     let source = args
         .config
@@ -130,7 +131,7 @@ pub(crate) fn check(args: ServeArgs) -> Result<(), String> {
     Ok(())
 }
 
-pub(crate) fn run(args: ServeArgs) -> Result<(), String> {
+pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.checked_config()?;
     let ops_listen = parse_ops_listen(&args.ops_listen)?;
     init_logging(&config.log.filter);
@@ -140,13 +141,13 @@ pub(crate) fn run(args: ServeArgs) -> Result<(), String> {
 /// How often the gateway logs its throughput.
 const REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
-async fn serve(config: Config, ops_listen: Option<SocketAddr>) -> Result<(), String> {
+async fn serve(config: Config, ops_listen: Option<SocketAddr>) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let node = Node::start(&config).await.map_err(|e| e.to_string())?;
+    let node = Node::start(&config).await?;
     let ops = start_ops(ops_listen, node.counters()).await?;
     let reporter = tokio::spawn(report_throughput(node.gateway.metrics().clone()));
-    let mut terminate = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
-    let mut hangup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut hangup = signal(SignalKind::hangup())?;
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
@@ -164,7 +165,7 @@ async fn serve(config: Config, ops_listen: Option<SocketAddr>) -> Result<(), Str
     if let Some(ops) = ops {
         ops.abort();
     }
-    node.stop().await.map_err(|e| e.to_string())
+    Ok(node.stop().await?)
 }
 
 /// Logs answers per second every REPORT_EVERY, so an operator tailing the log sees throughput.

@@ -4,6 +4,7 @@
 use crate::books::{read_ledger_file, reconcile_text, report, report_json, settle_dirs};
 use crate::common::RedisTarget;
 use crate::runtime;
+use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -35,7 +36,7 @@ struct RedisArgs {
 }
 
 impl RedisArgs {
-    fn store(&self) -> Result<Store, String> {
+    fn store(&self) -> anyhow::Result<Store> {
         let RedisTarget {
             redis_url,
             redis_tls_ca_file,
@@ -48,7 +49,7 @@ impl RedisArgs {
             Duration::from_secs(5),
         )
         .map(Store::Redis)
-        .map_err(|e| e.to_string())
+        .context("settlement store")
     }
 }
 
@@ -64,7 +65,7 @@ struct LedgerSource {
 
 impl LedgerSource {
     /// Nodes that ship to these books from a journal not among `dirs`.
-    fn journals_missing(&self, dirs: &[&Path]) -> Result<Vec<(String, String)>, String> {
+    fn journals_missing(&self, dirs: &[&Path]) -> anyhow::Result<Vec<(String, String)>> {
         if self.ledger.is_some() {
             return Ok(Vec::new());
         }
@@ -72,15 +73,15 @@ impl LedgerSource {
             .iter()
             .filter_map(|dir| tapgate_gateway::journal::existing_journal_id(dir))
             .collect();
-        let nodes = runtime()?
-            .block_on(async { self.redis.store()?.nodes().await.map_err(|e| e.to_string()) })?;
+        let nodes =
+            runtime()?.block_on(async { anyhow::Ok(self.redis.store()?.nodes().await?) })?;
         Ok(nodes
             .into_iter()
             .filter(|(_, journal)| !given.contains(journal))
             .collect())
     }
 
-    fn read(&self, day: Option<chrono::NaiveDate>, with_cards: bool) -> Result<Ledger, String> {
+    fn read(&self, day: Option<chrono::NaiveDate>, with_cards: bool) -> anyhow::Result<Ledger> {
         match &self.ledger {
             Some(path) => {
                 let mut ledger = read_ledger_file(path)?;
@@ -89,10 +90,7 @@ impl LedgerSource {
             }
             None => runtime()?.block_on(async {
                 let store = self.redis.store()?;
-                store
-                    .ledger(day, with_cards)
-                    .await
-                    .map_err(|e| e.to_string())
+                Ok(store.ledger(day, with_cards).await?)
             }),
         }
     }
@@ -186,7 +184,7 @@ enum SettleAction {
     },
 }
 
-pub(crate) fn run(args: SettleArgs) -> Result<ExitCode, String> {
+pub(crate) fn run(args: SettleArgs) -> anyhow::Result<ExitCode> {
     match args.action {
         SettleAction::Run {
             redis,
@@ -199,7 +197,7 @@ pub(crate) fn run(args: SettleArgs) -> Result<ExitCode, String> {
         } => {
             let ops_listen = crate::common::parse_ops_listen(&ops_listen)?;
             crate::common::init_logging("info");
-            let tables = Arc::new(FareTables::load(fares.as_deref()).map_err(|e| e.to_string())?);
+            let tables = Arc::new(FareTables::load(fares.as_deref())?);
             let settings = SettlerSettings {
                 name: "settle-run".into(),
                 partitions: redis.partitions,
@@ -221,7 +219,10 @@ pub(crate) fn run(args: SettleArgs) -> Result<ExitCode, String> {
         } => {
             crate::common::init_logging("warn");
             if !journal.is_dir() {
-                return Err(format!("{}: no journal directory", journal.display()));
+                return Err(anyhow::anyhow!(
+                    "{}: no journal directory",
+                    journal.display()
+                ));
             }
             let stats = Arc::new(ForwarderStats::default());
             let settings = ForwarderSettings {
@@ -234,9 +235,8 @@ pub(crate) fn run(args: SettleArgs) -> Result<ExitCode, String> {
             let (_stop, stop_rx) = tokio::sync::watch::channel(false);
             runtime()?.block_on(async {
                 let store = redis.store()?;
-                forwarder::run(store, settings, Until::EndOfFiles, stats.clone(), stop_rx)
-                    .await
-                    .map_err(|e| e.to_string())
+                forwarder::run(store, settings, Until::EndOfFiles, stats.clone(), stop_rx).await?;
+                anyhow::Ok(())
             })?;
             println!(
                 "shipped {} approved taps in {} batches",
@@ -259,7 +259,7 @@ pub(crate) fn run(args: SettleArgs) -> Result<ExitCode, String> {
             fares,
             show,
         } => {
-            let tables = FareTables::load(fares.as_deref()).map_err(|e| e.to_string())?;
+            let tables = FareTables::load(fares.as_deref())?;
             let dirs: Vec<&Path> = journal.iter().map(PathBuf::as_path).collect();
             let expected = settle_dirs(&dirs, &tables)?;
             let settled = source.read(None, true)?;
@@ -289,7 +289,7 @@ pub(crate) fn run(args: SettleArgs) -> Result<ExitCode, String> {
             })
         }
         SettleAction::Journal { dir, fares, json } => {
-            let tables = FareTables::load(fares.as_deref()).map_err(|e| e.to_string())?;
+            let tables = FareTables::load(fares.as_deref())?;
             let settled = settle_dirs(&[dir.as_path()], &tables)?;
             if settled.damaged_segments > 0 {
                 println!(
@@ -313,7 +313,7 @@ async fn run_settlers(
     tables: Arc<FareTables>,
     until_idle: Option<Duration>,
     ops_listen: Option<std::net::SocketAddr>,
-) -> Result<(), String> {
+) -> anyhow::Result<()> {
     let stats = Arc::new(SettlerStats::default());
     let panics = Arc::new(Panics::default());
     let ops = crate::common::start_ops(
@@ -321,8 +321,7 @@ async fn run_settlers(
         Counters::of_settlers(stats.clone(), panics.clone()),
     )
     .await?;
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| e.to_string())?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let tasks: Vec<_> = (0..count)
         .map(|i| {
@@ -382,7 +381,7 @@ async fn run_settlers(
             && last_change.elapsed() >= idle
             && started.elapsed() >= idle
         {
-            let (shipped, total_settled) = store.counts().await.map_err(|e| e.to_string())?;
+            let (shipped, total_settled) = store.counts().await?;
             if shipped == total_settled {
                 break;
             }
@@ -396,7 +395,7 @@ async fn run_settlers(
         let _ = task.await;
     }
     if let Some(reason) = failed {
-        return Err(reason);
+        return Err(anyhow::anyhow!(reason));
     }
     let settled = stats.settled.load(Ordering::Relaxed);
     let busy = first_settled.map_or(Duration::ZERO, |t| last_change.duration_since(t));
@@ -410,9 +409,9 @@ async fn run_settlers(
     Ok(())
 }
 
-fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), String> {
+fn write_json(path: &Path, value: &serde_json::Value) -> anyhow::Result<()> {
     let text = serde_json::to_string_pretty(value).expect("a report serializes");
-    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    std::fs::write(path, text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     println!("json: {}", path.display());
     Ok(())
 }

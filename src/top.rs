@@ -169,21 +169,21 @@ struct Node {
     error: Option<String>,
 }
 
-async fn fetch(client: &Client<HttpConnector, Empty<Bytes>>, url: &str) -> Result<String, String> {
-    let uri: hyper::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+async fn fetch(client: &Client<HttpConnector, Empty<Bytes>>, url: &str) -> anyhow::Result<String> {
+    let uri: hyper::Uri = url.parse().map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
     let response = tokio::time::timeout(Duration::from_secs(2), client.get(uri))
         .await
-        .map_err(|_| format!("{url}: no answer within 2 s"))?
-        .map_err(|e| format!("{url}: {e}"))?;
+        .map_err(|_| anyhow::anyhow!("{url}: no answer within 2 s"))?
+        .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
     let body = tokio::time::timeout(Duration::from_secs(2), response.into_body().collect())
         .await
-        .map_err(|_| format!("{url}: answer not finished within 2 s"))?
-        .map_err(|e| format!("{url}: {e}"))?
+        .map_err(|_| anyhow::anyhow!("{url}: answer not finished within 2 s"))?
+        .map_err(|e| anyhow::anyhow!("{url}: {e}"))?
         .to_bytes();
     Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
-async fn read(client: &Client<HttpConnector, Empty<Bytes>>, base: &str) -> Result<Reading, String> {
+async fn read(client: &Client<HttpConnector, Empty<Bytes>>, base: &str) -> anyhow::Result<Reading> {
     let base = base.trim_end_matches('/');
     let mut reading = Reading::parse(&fetch(client, &format!("{base}/metrics")).await?);
     if let Ok(ready) = fetch(client, &format!("{base}/readyz")).await
@@ -222,7 +222,7 @@ async fn refresh(client: &Client<HttpConnector, Empty<Bytes>>, nodes: &mut [Node
                 node.reading = Some(reading);
                 node.error = None;
             }
-            Err(e) => node.error = Some(e),
+            Err(e) => node.error = Some(format!("{e:#}")),
         }
     }
 }
@@ -342,7 +342,7 @@ fn text_report(nodes: &[Node]) -> String {
     out
 }
 
-pub(crate) fn run(args: TopArgs) -> Result<(), String> {
+pub(crate) fn run(args: TopArgs) -> anyhow::Result<()> {
     let runtime = crate::runtime()?;
     let client: Client<HttpConnector, Empty<Bytes>> =
         Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
@@ -370,15 +370,13 @@ pub(crate) fn run(args: TopArgs) -> Result<(), String> {
     let result = runtime.block_on(async {
         loop {
             refresh(&client, &mut nodes).await;
-            terminal
-                .draw(|frame| draw(frame, &nodes))
-                .map_err(|e| e.to_string())?;
+            terminal.draw(|frame| draw(frame, &nodes))?;
             let deadline = Instant::now() + Duration::from_secs(1);
             while Instant::now() < deadline {
                 let wait = deadline.saturating_duration_since(Instant::now());
-                if ratatui::crossterm::event::poll(wait).map_err(|e| e.to_string())?
+                if ratatui::crossterm::event::poll(wait)?
                     && let ratatui::crossterm::event::Event::Key(key) =
-                        ratatui::crossterm::event::read().map_err(|e| e.to_string())?
+                        ratatui::crossterm::event::read()?
                 {
                     use ratatui::crossterm::event::{KeyCode, KeyModifiers};
                     let quit = key.code == KeyCode::Char('q')

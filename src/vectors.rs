@@ -14,7 +14,7 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-pub(crate) fn run(args: VectorsArgs) -> Result<(), String> {
+pub(crate) fn run(args: VectorsArgs) -> anyhow::Result<()> {
     use tapgate_protocol::example;
     if !args.json {
         for (name, value) in example::lines() {
@@ -46,9 +46,6 @@ pub(crate) fn run(args: VectorsArgs) -> Result<(), String> {
         "keys": keys,
         "vectors": vectors,
     });
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&document).map_err(|e| e.to_string())?
-    );
+    println!("{}", serde_json::to_string_pretty(&document)?);
     Ok(())
 }
