@@ -1100,6 +1100,20 @@ mod tests {
             .verdict
     }
 
+    /// Opens connection `id` and says Hello on it.
+    fn say_hello(r: &mut Referee, gate: &mut TestGate, id: ConnectionId) -> Vec<Action> {
+        r.opened(id);
+        let hello = gate.hello();
+        r.received(id, &hello, 0)
+    }
+
+    /// The first stage: the outcome cycle, then the answer with a bad tag.
+    fn first_stage(r: &mut Referee, gate: &TestGate) {
+        for sequence in 1..=11 {
+            r.received(0, &gate.tap(sequence), 0);
+        }
+    }
+
     /// Walks a well-behaved gate through the whole script: every rule passes.
     #[test]
     fn a_gate_that_keeps_the_rules_completes_the_script_with_every_rule_passed() {
@@ -1182,9 +1196,7 @@ mod tests {
     fn a_sequence_sent_again_with_another_body_fails_and_is_a_conflict() {
         let mut r = referee(4);
         let mut gate = TestGate::new();
-        r.opened(0);
-        let hello = gate.hello();
-        r.received(0, &hello, 0);
+        say_hello(&mut r, &mut gate, 0);
         r.received(0, &gate.tap(1), 0);
         let mut other = gate.tap(1);
         other[25] ^= 1; // the stop number
@@ -1206,9 +1218,7 @@ mod tests {
             ..referee(2).settings
         });
         let mut gate = TestGate::new();
-        r.opened(0);
-        let hello = gate.hello();
-        r.received(0, &hello, 0);
+        say_hello(&mut r, &mut gate, 0);
         r.received(0, &gate.tap(1), 0);
         r.received(0, &gate.tap(2), 1);
         assert_eq!(verdict(&r, Rule::WithinMaxInFlight), Verdict::Pass);
@@ -1220,17 +1230,11 @@ mod tests {
     fn a_tap_after_a_helloack_with_the_wrong_nonce_fails() {
         let mut r = referee(4);
         let mut gate = TestGate::new();
-        r.opened(0);
-        let hello = gate.hello();
-        r.received(0, &hello, 0);
-        // The outcome cycle and the answer with a bad tag end the first stage.
-        for sequence in 1..=11 {
-            r.received(0, &gate.tap(sequence), 0);
-        }
+        say_hello(&mut r, &mut gate, 0);
+        first_stage(&mut r, &gate);
         r.closed(0);
-        r.opened(1);
-        let hello = gate.hello();
-        let (frames, _, _) = gate.read(&r.received(1, &hello, 0));
+        let actions = say_hello(&mut r, &mut gate, 1);
+        let (frames, _, _) = gate.read(&actions);
         assert!(matches!(frames[0], Frame::HelloAck(ack) if ack.client_nonce != gate.nonce));
         r.received(1, &gate.tap(11), 0);
         assert_eq!(verdict(&r, Rule::RefusesWrongNonce), Verdict::Fail);
@@ -1240,12 +1244,8 @@ mod tests {
     fn a_tap_left_owed_and_never_resent_fails_at_the_end() {
         let mut r = referee(16);
         let mut gate = TestGate::new();
-        r.opened(0);
-        let hello = gate.hello();
-        r.received(0, &hello, 0);
-        for sequence in 1..=11 {
-            r.received(0, &gate.tap(sequence), 0);
-        }
+        say_hello(&mut r, &mut gate, 0);
+        first_stage(&mut r, &gate);
         r.closed(0);
         assert_eq!(verdict(&r, Rule::BadTagAnswerNotTaken), Verdict::Fail);
         assert_eq!(verdict(&r, Rule::EveryOutcomeHandled), Verdict::Pass);
