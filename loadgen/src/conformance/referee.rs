@@ -13,7 +13,9 @@
 //! 4. a HelloAck announcing `last_sequence` 1000 above anything the gate has used: its fresh taps
 //!    must continue above it; the fourth fresh tap is left unanswered and the connection closed
 //!    with Error `shutting_down`;
-//! 5. normal: the gate must resend what was left unanswered, byte for byte; after two fresh
+//! 5. one connection per Error code the gateway sends as a frame (17): each closes with that
+//!    code, its first fresh tap left unanswered, which the gate must resend on the next;
+//! 6. normal: the gate must resend what was left unanswered, byte for byte; after two fresh
 //!    taps and no tap still owed, the gate has completed the script.
 //!
 //! Answers are held for a configured delay and written newest first, so a gate that pipelines
@@ -45,9 +47,10 @@ pub enum Rule {
     BusyNotResent,
     EveryOutcomeHandled,
     ReconnectsAfterRefusal,
+    EveryErrorHandled,
 }
 
-pub const RULES: [Rule; 15] = [
+pub const RULES: [Rule; 16] = [
     Rule::HelloFirst,
     Rule::NonceFresh,
     Rule::RefusesWrongNonce,
@@ -63,6 +66,7 @@ pub const RULES: [Rule; 15] = [
     Rule::BusyNotResent,
     Rule::EveryOutcomeHandled,
     Rule::ReconnectsAfterRefusal,
+    Rule::EveryErrorHandled,
 ];
 
 impl Rule {
@@ -104,6 +108,9 @@ impl Rule {
             }
             Rule::ReconnectsAfterRefusal => {
                 "4.5/5.2 after an unkeyed Error refusing the Hello, the gate connects again"
+            }
+            Rule::EveryErrorHandled => {
+                "4.5 after an Error of every code sent as a frame, the gate connects again and resends"
             }
         }
     }
@@ -150,6 +157,27 @@ const OUTCOME_CYCLE: [(Outcome, Reason); 10] = [
     (Outcome::Deny, Reason::DirectoryUnavailable),
     (Outcome::Busy, Reason::Overloaded),
 ];
+/// The Error codes the gateway sends as frames (13, `too_many_connections`, is a close code
+/// before any stream), each closing one connection of the `EveryError` stage.
+const ERROR_CYCLE: [ErrorCode; 17] = [
+    ErrorCode::MalformedFrame,
+    ErrorCode::FrameTooLarge,
+    ErrorCode::UnsupportedVersion,
+    ErrorCode::UnknownFrameType,
+    ErrorCode::BadMac,
+    ErrorCode::HelloRequired,
+    ErrorCode::DuplicateHello,
+    ErrorCode::UnknownTerminal,
+    ErrorCode::UnknownKeyVersion,
+    ErrorCode::UnknownArea,
+    ErrorCode::Replay,
+    ErrorCode::SequenceConflict,
+    ErrorCode::ShuttingDown,
+    ErrorCode::UnexpectedFrame,
+    ErrorCode::HelloTimeout,
+    ErrorCode::Internal,
+    ErrorCode::IdleTimeout,
+];
 /// How far above the gate's highest sequence the jumped HelloAck puts `last_sequence`.
 const SEQUENCE_JUMP: u64 = 1000;
 /// Fresh taps answered on the jump connection before one is left unanswered.
@@ -170,6 +198,7 @@ enum Plan {
     BadAckTag,
     Refuse,
     JumpThenDrop,
+    EveryError,
     Completing,
     Normal,
 }
@@ -182,7 +211,8 @@ impl Plan {
             Plan::WrongNonce => Plan::BadAckTag,
             Plan::BadAckTag => Plan::Refuse,
             Plan::Refuse => Plan::JumpThenDrop,
-            Plan::JumpThenDrop => Plan::Completing,
+            Plan::JumpThenDrop => Plan::EveryError,
+            Plan::EveryError => Plan::Completing,
             Plan::Completing | Plan::Normal => Plan::Normal,
         }
     }
@@ -209,6 +239,8 @@ struct Terminal {
     stage: Plan,
     /// The next outcome of the cycle to answer with.
     next_outcome: usize,
+    /// The next Error code of the cycle to close a connection with.
+    next_error: usize,
     /// A Hello was refused; the next Hello shows the gate came back.
     refused: bool,
     /// The gate has been answered busy at least once.
@@ -525,6 +557,7 @@ impl Referee {
                 mode: hello.mode,
                 stage: Plan::Outcomes,
                 next_outcome: 0,
+                next_error: 0,
                 refused: false,
                 answered_busy: false,
                 nonces: HashSet::new(),
@@ -581,7 +614,7 @@ impl Referee {
             }
             Plan::BadAckTag => connection.deadline = Some(now_ms + self.settings.grace_ms),
             Plan::JumpThenDrop => ack.last_sequence = highest + SEQUENCE_JUMP,
-            Plan::Outcomes | Plan::Completing | Plan::Normal => {}
+            Plan::Outcomes | Plan::EveryError | Plan::Completing | Plan::Normal => {}
         }
         connection.announced = ack.last_sequence;
         let mut out = BytesMut::new();
@@ -820,6 +853,18 @@ impl Referee {
             let connection = self.connections.get_mut(&id).expect("open");
             connection.withheld.insert(sequence);
             connection.close_after_answers = Some(ErrorCode::ShuttingDown);
+        } else if plan == Plan::EveryError && fresh_here == 0 {
+            // Each connection of this stage ends with the next code, a tap left unanswered.
+            let code = ERROR_CYCLE[terminal.next_error.min(ERROR_CYCLE.len() - 1)];
+            terminal.next_error += 1;
+            let cycle_done = terminal.next_error >= ERROR_CYCLE.len();
+            if cycle_done {
+                terminal.stage = Plan::EveryError.next();
+            }
+            terminal.owed.insert(sequence, Rule::ResendsAfterError);
+            let connection = self.connections.get_mut(&id).expect("open");
+            connection.withheld.insert(sequence);
+            connection.close_after_answers = Some(code);
         } else {
             let answer = self.answer(terminal_id, sequence, Outcome::Approve, Reason::Approved);
             self.settle_answer(terminal_id, sequence, &answer, false);
@@ -856,9 +901,14 @@ impl Referee {
         {
             terminal.completed = true;
             terminal.stage = Plan::Normal;
+            let every_error = terminal.next_error >= ERROR_CYCLE.len();
             if terminal.answered_busy {
                 // Its busy answer was never resent, or this would be a failure too.
                 self.pass(Rule::BusyNotResent);
+            }
+            if every_error {
+                // It came back after each code, and what the last one left owed is resent.
+                self.pass(Rule::EveryErrorHandled);
             }
         }
     }
@@ -1122,7 +1172,7 @@ mod tests {
         let mut id = 0;
         let mut owed: Vec<Vec<u8>> = Vec::new();
         while r.completed() == 0 {
-            assert!(id < 20, "the script did not complete");
+            assert!(id < 40, "the script did not complete");
             r.opened(id);
             let hello = gate.hello();
             let (frames, bad, closed) = gate.read(&r.received(id, &hello, 0));
