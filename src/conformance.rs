@@ -18,7 +18,7 @@ use tapgate_loadgen::conformance::gateway::{Target, run};
 use tapgate_loadgen::conformance::referee::RefereeSettings;
 use tapgate_loadgen::conformance::report;
 use tapgate_protocol::{Concession, Issuer, MasterKey};
-use tapgate_transport::{TransportSettings, server_endpoint, tls};
+use tapgate_transport::{TransportSettings, now_ms, server_endpoint, tls};
 
 #[derive(Args)]
 pub(crate) struct ConformanceArgs {
@@ -86,12 +86,6 @@ struct GatewayArgs {
     /// Which gate of the population to be (a run uses its sequence numbers up).
     #[arg(long, default_value_t = 0)]
     gate: u64,
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 pub(crate) fn run_conformance(args: ConformanceArgs) -> anyhow::Result<ExitCode> {

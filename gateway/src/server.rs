@@ -27,7 +27,8 @@ pub use tapgate_transport::now_ms;
 use tapgate_transport::retry::Backoff;
 use tapgate_transport::tls::{self, TlsSource};
 use tapgate_transport::{
-    EndpointError, FrameReader, ReadError, TransportSettings, server_endpoint,
+    EndpointError, FrameReader, ReadError, TransportSettings, finish_when_acknowledged,
+    server_endpoint,
 };
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
@@ -764,7 +765,7 @@ impl Session {
             if !reading && answers.queue.is_empty() {
                 // Every answer is written. Close only once the gate has them (closing at once
                 // could discard the last ones), with code 0, `done` (section 4.5).
-                self.finish_when_acknowledged(answers).await;
+                finish_when_acknowledged(&mut answers.send, &self.connection).await;
                 self.connection.close(quinn::VarInt::from_u32(0), b"done");
                 return;
             }
@@ -843,25 +844,9 @@ impl Session {
         answers.out.clear();
         tapgate_protocol::seal(&Frame::Error(error), &answers.mac, &mut answers.out);
         if answers.send.write_all(&answers.out).await.is_ok() {
-            self.finish_when_acknowledged(answers).await;
+            finish_when_acknowledged(&mut answers.send, &self.connection).await;
         }
         self.close(error.code);
-    }
-
-    /// Finishes the gateway's side of the stream and waits until the gate has acknowledged
-    /// everything on it: closing sooner could discard the last answers or the Error. The ack
-    /// comes within one ack delay (tens of milliseconds); the gate closing first, or a second,
-    /// ends the wait too.
-    async fn finish_when_acknowledged(&self, answers: &mut Answers) {
-        let _ = answers.send.finish();
-        let acknowledged = answers.send.stopped();
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            tokio::select! {
-                _ = acknowledged => {}
-                _ = self.connection.closed() => {}
-            }
-        })
-        .await;
     }
 
     /// Hands a decision to be shared with the other gateways; the receiver resolves once it is

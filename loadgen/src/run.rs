@@ -11,7 +11,7 @@
 use crate::client::{ClientError, GateClient, GateIdentity, client_endpoint, hello};
 use crate::report::{Percentiles, Report};
 use crate::workload::{Action, Faults, GateWorkload};
-use bytes::BytesMut;
+use bytes::Bytes;
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::{BTreeMap, HashMap};
@@ -504,7 +504,7 @@ struct Gate {
     client: GateClient,
     workload: GateWorkload,
     next_sequence: u64,
-    last_frame: Option<BytesMut>,
+    last_frame: Option<Bytes>,
     last_answered: bool,
     in_flight: HashMap<u64, InFlight>,
     stats: GateStats,
@@ -515,7 +515,8 @@ struct Gate {
 struct InFlight {
     intended: Instant,
     sent: Instant,
-    frame: BytesMut,
+    /// Shared with `last_frame`: cloning it costs a reference count, not a copy.
+    frame: Bytes,
 }
 
 impl Gate {
@@ -550,17 +551,16 @@ impl Gate {
         let (bytes, answered_sequence) = match action {
             Action::Tap(tap) => {
                 self.next_sequence += 1;
-                (self.client.sealed(&Frame::Tap(tap)), Some(sequence))
+                (
+                    self.client.sealed(&Frame::Tap(tap)).freeze(),
+                    Some(sequence),
+                )
             }
             Action::Resend => {
                 let bytes = self.last_frame.clone().expect("resend only after a frame");
                 let sequence = tapgate_protocol::decode_one(&bytes)
                     .ok()
-                    .and_then(|f| f.parse_unverified().ok())
-                    .and_then(|f| match f {
-                        Frame::Tap(t) => Some(t.sequence),
-                        _ => None,
-                    });
+                    .and_then(|f| f.sequence());
                 (bytes, sequence)
             }
             Action::BadMac(tap) => {
@@ -568,9 +568,9 @@ impl Gate {
                 let mut bytes = self.client.sealed(&Frame::Tap(tap));
                 let last = bytes.len() - 1;
                 bytes[last] ^= 0x01;
-                (bytes, None)
+                (bytes.freeze(), None)
             }
-            Action::Replay(tap) => (self.client.sealed(&Frame::Tap(tap)), None),
+            Action::Replay(tap) => (self.client.sealed(&Frame::Tap(tap)).freeze(), None),
         };
         let sent_at = Instant::now();
         // Recorded before the write: if the write fails the tap may still have reached the

@@ -145,3 +145,20 @@ fn usable_buffer(reported: usize) -> usize {
         reported
     }
 }
+
+/// Finishes our side of a stream and waits until the peer has acknowledged everything on it:
+/// closing the connection sooner could discard the last frames. The ack comes within one ack
+/// delay (tens of milliseconds); the peer closing first, or a second, ends the wait too.
+pub async fn finish_when_acknowledged(
+    send: &mut quinn::SendStream,
+    connection: &quinn::Connection,
+) {
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        tokio::select! {
+            _ = send.stopped() => {}
+            _ = connection.closed() => {}
+        }
+    })
+    .await;
+}

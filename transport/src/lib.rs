@@ -12,7 +12,8 @@ pub mod retry;
 pub mod tls;
 
 pub use endpoint::{
-    EndpointError, TransportSettings, bind_udp, client_endpoint, server_endpoint, transport_config,
+    EndpointError, TransportSettings, bind_udp, client_endpoint, finish_when_acknowledged,
+    server_endpoint, transport_config,
 };
 pub use reader::{FrameReader, ReadError};
 

@@ -7,14 +7,13 @@ use super::referee::{Action, ConnectionId, Referee, RefereeSettings};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tapgate_transport::finish_when_acknowledged;
 use tokio::sync::Notify;
 
 /// How often held answers and deadlines are looked at.
 const TICK: Duration = Duration::from_millis(2);
 /// The protocol's Hello deadline, counted here from the connection to the stream.
 const STREAM_DEADLINE: Duration = Duration::from_secs(5);
-/// How long a closing Error waits for the gate to acknowledge it.
-const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 pub struct RefereeRun {
     pub checks: Vec<Check>,
@@ -119,14 +118,7 @@ async fn connection(
                     }
                 }
                 Action::Close { code, reason } => {
-                    let _ = send.finish();
-                    let _ = tokio::time::timeout(CLOSE_WAIT, async {
-                        tokio::select! {
-                            _ = send.stopped() => {}
-                            _ = connection.closed() => {}
-                        }
-                    })
-                    .await;
+                    finish_when_acknowledged(&mut send, &connection).await;
                     connection.close(code.into(), reason.as_bytes());
                     break 'session;
                 }

@@ -605,7 +605,8 @@ impl Referee {
         };
         match plan {
             Plan::Refuse => {
-                self.refuse(id, ErrorCode::Internal, 0, actions);
+                // As a gateway that cannot reach its terminal register: no key.
+                self.refuse_unkeyed(id, ErrorCode::Internal, 0, actions);
                 return;
             }
             Plan::WrongNonce => {
@@ -876,6 +877,7 @@ impl Referee {
 
     fn check_in_flight(&mut self, id: ConnectionId, terminal_id: u64) {
         let connection = &self.connections[&id];
+        // Distinct taps: a withheld tap may also have an answer held (one with a bad tag).
         let mut unanswered = connection.withheld.clone();
         unanswered.extend(connection.held.iter().map(|(_, sequence, _)| *sequence));
         let outstanding = unanswered.len() as u64;
@@ -993,25 +995,26 @@ impl Referee {
             .connections
             .get(&id)
             .and_then(|c| c.terminal)
-            .filter(|_| code != ErrorCode::Internal || !self.is_refusing_hello(id))
             .and_then(|t| self.terminals.get(&t))
             .map(|t| t.key.clone());
         match key {
             Some(key) => self.refuse_keyed(id, &key, code, sequence, actions),
-            None => {
-                let mut out = BytesMut::new();
-                seal_unkeyed_error(ErrorFrame { code, sequence }, &mut out);
-                self.end(id, out.freeze(), code, actions);
-            }
+            None => self.refuse_unkeyed(id, code, sequence, actions),
         }
     }
 
-    /// The scripted refusal answers the Hello without a key, as a gateway that cannot reach
-    /// its terminal register does.
-    fn is_refusing_hello(&self, id: ConnectionId) -> bool {
-        self.connections
-            .get(&id)
-            .is_some_and(|c| c.plan == Plan::Refuse)
+    /// An Error with the zero tag: the gateway has no key for the peer, or answers as one that
+    /// cannot reach its terminal register.
+    fn refuse_unkeyed(
+        &mut self,
+        id: ConnectionId,
+        code: ErrorCode,
+        sequence: u64,
+        actions: &mut Vec<Action>,
+    ) {
+        let mut out = BytesMut::new();
+        seal_unkeyed_error(ErrorFrame { code, sequence }, &mut out);
+        self.end(id, out.freeze(), code, actions);
     }
 
     fn refuse_keyed(
