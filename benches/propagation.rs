@@ -11,8 +11,8 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use std::time::{Duration, Instant};
 use support::{Harness, RedisCluster, RedisServer, WANZHOU_BUS, card};
 use tapgate_gateway::card::CardState;
-use tapgate_gateway::server::now_ms;
 use tapgate_protocol::{Concession, Issuer};
+use tapgate_runtime::now_ms;
 
 const CARD: u64 = 6_222_000_000_000_042;
 

@@ -3,12 +3,12 @@
 
 use std::fmt::Write as _;
 use std::path::Path;
-use tapgate_gateway::fares::FareTables;
-use tapgate_gateway::settle::ledger::{
-    JournalSettlement, Ledger, Reconciliation, Subject, Totals, settle_journals,
-};
 use tapgate_protocol::registry::{AREAS, operator};
 use tapgate_protocol::{AreaCode, Mode};
+use tapgate_settle::fares::FareTables;
+use tapgate_settle::ledger::{
+    JournalSettlement, Ledger, Reconciliation, Subject, Totals, settle_journals,
+};
 
 /// Reads a ledger file written by an embedded gateway or the demo.
 pub(crate) fn read_ledger_file(path: &Path) -> anyhow::Result<Ledger> {

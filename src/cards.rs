@@ -11,7 +11,7 @@ use tapgate_gateway::card::{CardRecord, CardState};
 use tapgate_gateway::directory::{
     Directory, RedisDirectory, RedisSettings, card_fields, parse_card,
 };
-use tapgate_gateway::redis_target::bounded_line;
+use tapgate_runtime::redis_target::bounded_line;
 
 #[derive(Args)]
 pub(crate) struct CardsArgs {

@@ -29,7 +29,7 @@ pub(crate) fn parse_ops_listen(value: &str) -> anyhow::Result<Option<SocketAddr>
 /// Serves `/metrics` and `/healthz` on `addr` until the returned task is aborted.
 pub(crate) async fn start_ops(
     addr: Option<SocketAddr>,
-    counters: tapgate_gateway::ops::Counters,
+    counters: tapgate_runtime::ops::Exposition,
 ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
     let Some(addr) = addr else {
         return Ok(None);
@@ -38,7 +38,7 @@ pub(crate) async fn start_ops(
         .await
         .map_err(|e| anyhow::anyhow!("ops endpoint {addr}: {e}"))?;
     tracing::info!(%addr, "ops endpoint: GET /metrics, /healthz");
-    Ok(Some(tokio::spawn(tapgate_gateway::ops::serve(
+    Ok(Some(tokio::spawn(tapgate_runtime::ops::serve(
         listener, counters,
     ))))
 }

@@ -438,10 +438,10 @@ pub(crate) fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
         let settled = crate::books::read_ledger_file(&ledger_path)?;
         let expected = crate::books::settle_dirs(
             &[journal.as_path()],
-            &tapgate_gateway::fares::FareTables::embedded_default(),
+            &tapgate_settle::fares::FareTables::embedded_default(),
         )?;
         let reconciliation =
-            tapgate_gateway::settle::ledger::Reconciliation::new(&expected.ledger, &settled);
+            tapgate_settle::ledger::Reconciliation::new(&expected.ledger, &settled);
         print!("{}", crate::books::reconcile_text(&reconciliation, 10));
         let total = settled.total();
         println!(

@@ -144,7 +144,7 @@ const REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 async fn serve(config: Config, ops_listen: Option<SocketAddr>) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let node = Node::start(&config).await?;
-    let ops = start_ops(ops_listen, node.counters()).await?;
+    let ops = start_ops(ops_listen, node.exposition()).await?;
     let reporter = tokio::spawn(report_throughput(node.gateway.metrics().clone()));
     let mut terminate = signal(SignalKind::terminate())?;
     let mut hangup = signal(SignalKind::hangup())?;

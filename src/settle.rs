@@ -11,13 +11,14 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use tapgate_gateway::fares::FareTables;
-use tapgate_gateway::health::Panics;
-use tapgate_gateway::ops::Counters;
-use tapgate_gateway::settle::forwarder::{self, ForwarderSettings, ForwarderStats, Until};
-use tapgate_gateway::settle::ledger::{Ledger, Reconciliation};
-use tapgate_gateway::settle::settler::{self, SettlerSettings, SettlerStats};
-use tapgate_gateway::settle::store::{RedisStore, Store};
+use tapgate_runtime::health::Panics;
+use tapgate_runtime::ops::Exposition;
+use tapgate_settle::fares::FareTables;
+use tapgate_settle::forwarder::{self, ForwarderSettings, ForwarderStats, Until};
+use tapgate_settle::ledger::{Ledger, Reconciliation};
+use tapgate_settle::ops::SettlementCounters;
+use tapgate_settle::settler::{self, SettlerSettings, SettlerStats};
+use tapgate_settle::store::{RedisStore, Store};
 
 #[derive(Args)]
 pub(crate) struct SettleArgs {
@@ -71,7 +72,7 @@ impl LedgerSource {
         }
         let given: Vec<String> = dirs
             .iter()
-            .filter_map(|dir| tapgate_gateway::journal::existing_journal_id(dir))
+            .filter_map(|dir| tapgate_journal::existing_journal_id(dir))
             .collect();
         let nodes =
             runtime()?.block_on(async { anyhow::Ok(self.redis.store()?.nodes().await?) })?;
@@ -318,7 +319,10 @@ async fn run_settlers(
     let panics = Arc::new(Panics::default());
     let ops = crate::common::start_ops(
         ops_listen,
-        Counters::of_settlers(stats.clone(), panics.clone()),
+        Exposition::default().with(SettlementCounters::of_settlers(
+            stats.clone(),
+            panics.clone(),
+        )),
     )
     .await?;
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -265,7 +265,7 @@ async fn a_hello_naming_no_registered_operator_is_malformed_and_an_unknown_area_
             h.addr(),
             &id,
             rand_nonce(),
-            tapgate_gateway::server::now_ms(),
+            tapgate_runtime::now_ms(),
         )
         .await
         .err()
@@ -282,7 +282,7 @@ async fn a_hello_naming_no_registered_operator_is_malformed_and_an_unknown_area_
         h.addr(),
         &id,
         rand_nonce(),
-        tapgate_gateway::server::now_ms(),
+        tapgate_runtime::now_ms(),
     )
     .await
     .err()
@@ -357,7 +357,7 @@ async fn a_hello_is_checked_for_its_tag_before_its_fields() {
         (0, true, ErrorCode::MalformedFrame),
     ] {
         let mut gate = GateClient::open(&h.endpoint, h.addr(), &id).await.unwrap();
-        let hello_frame = hello(&id, rand_nonce(), tapgate_gateway::server::now_ms());
+        let hello_frame = hello(&id, rand_nonce(), tapgate_runtime::now_ms());
         let sealed = gate.sealed(&hello_frame);
         // Body starts after the 2-byte length and 2-byte header; the mode is at body offset 9.
         let mut bytes = sealed[..sealed.len() - 16].to_vec();
@@ -392,7 +392,7 @@ async fn a_hello_claiming_another_mode_or_operator_is_not_that_gate() {
             h.addr(),
             &id,
             rand_nonce(),
-            tapgate_gateway::server::now_ms(),
+            tapgate_runtime::now_ms(),
         )
         .await
         .err()
@@ -446,7 +446,7 @@ async fn the_connection_closes_promptly_after_an_error() {
         gate.send_frame(&hello(
             &identity(&YUZHONG_BUS),
             rand_nonce(),
-            tapgate_gateway::server::now_ms(),
+            tapgate_runtime::now_ms(),
         ))
         .await
         .unwrap();
@@ -674,9 +674,9 @@ async fn the_ops_endpoint_serves_counters_and_health() {
     let (h, _state) = harness().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let ops = tokio::spawn(tapgate_gateway::ops::serve(
+    let ops = tokio::spawn(tapgate_runtime::ops::serve(
         listener,
-        tapgate_gateway::ops::Counters::of(&h.gateway),
+        tapgate_gateway::ops::exposition(&h.gateway),
     ));
     let mut gate = h.gate(&YUZHONG_BUS).await;
     gate.tap(tap(1, ACTIVE, TapKind::Flat)).await.unwrap();
@@ -776,7 +776,7 @@ fn nonsense_configuration_is_refused_before_anything_starts() {
     let fares = dir.path().join("fares.toml");
     std::fs::write(
         &fares,
-        tapgate_gateway::fares::DEFAULT_FARES_TOML.replace("min = 1000", "min = 99000"),
+        tapgate_settle::fares::DEFAULT_FARES_TOML.replace("min = 1000", "min = 99000"),
     )
     .unwrap();
     let policy = dir.path().join("policy.toml");
@@ -824,7 +824,7 @@ fn nonsense_configuration_is_refused_before_anything_starts() {
 async fn fifty_stalled_clients_do_not_keep_the_probes_from_being_answered() {
     use tokio::io::AsyncWriteExt;
     let (h, _state) = harness().await;
-    let (ops, serving) = ops_endpoint(tapgate_gateway::ops::Counters::of(&h.gateway)).await;
+    let (ops, serving) = ops_endpoint(tapgate_gateway::ops::exposition(&h.gateway)).await;
     // Each sends half a request head and then nothing.
     let mut stalled = Vec::new();
     for _ in 0..50 {
@@ -854,9 +854,9 @@ async fn fifty_stalled_clients_do_not_keep_the_probes_from_being_answered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_scrape_passes_promtool() {
     let (h, state) = harness().await;
-    let settlement = tapgate_gateway::settle::Settlement::start(
-        tapgate_gateway::settle::store::Store::Memory(Default::default()),
-        &tapgate_gateway::settle::SettlementSettings {
+    let settlement = tapgate_settle::Settlement::start(
+        tapgate_settle::store::Store::Memory(Default::default()),
+        &tapgate_settle::SettlementSettings {
             node: "gw".into(),
             journal_dir: state.path().join("journal"),
             partitions: 2,
@@ -865,10 +865,11 @@ async fn a_live_scrape_passes_promtool() {
             max_backlog: 1000,
             lease_ttl: Duration::from_secs(1),
         },
-        std::sync::Arc::new(tapgate_gateway::fares::FareTables::embedded_default()),
+        std::sync::Arc::new(tapgate_settle::fares::FareTables::embedded_default()),
         h.gateway.journal().durable(),
     );
-    let counters = tapgate_gateway::ops::Counters::of(&h.gateway).with_settlement(&settlement);
+    let counters = tapgate_gateway::ops::exposition(&h.gateway)
+        .with(tapgate_settle::ops::SettlementCounters::of(&settlement));
     let (ops, serving) = ops_endpoint(counters).await;
     let mut gate = h.gate(&YUZHONG_BUS).await;
     for sequence in 1..=5 {
@@ -999,7 +1000,7 @@ fn shown(page: &str, id: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operators_page_shows_live_figures_that_agree_with_the_metrics() {
     let (h, _state) = harness().await;
-    let (ops, serving) = ops_endpoint(tapgate_gateway::ops::Counters::of(&h.gateway)).await;
+    let (ops, serving) = ops_endpoint(tapgate_gateway::ops::exposition(&h.gateway)).await;
     let mut gate = h.gate(&YUZHONG_BUS).await;
     let tapping = tokio::spawn(async move {
         for sequence in 1.. {
@@ -1050,7 +1051,7 @@ async fn the_operators_page_shows_live_figures_that_agree_with_the_metrics() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn top_reads_live_nodes_and_names_one_that_is_down() {
     let (h, _state) = harness().await;
-    let (ops, serving) = ops_endpoint(tapgate_gateway::ops::Counters::of(&h.gateway)).await;
+    let (ops, serving) = ops_endpoint(tapgate_gateway::ops::exposition(&h.gateway)).await;
     let mut gate = h.gate(&YUZHONG_BUS).await;
     gate.tap(tap(1, ACTIVE, TapKind::Flat)).await.unwrap();
     let down = format!("http://127.0.0.1:{}", free_port());

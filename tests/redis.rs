@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use support::*;
 use tapgate_gateway::card::CardState;
 use tapgate_gateway::directory::{Directory, RedisDirectory, RedisSettings};
-use tapgate_gateway::server::now_ms;
 use tapgate_protocol::{Concession, Issuer, Outcome, Reason, TapKind};
+use tapgate_runtime::now_ms;
 
 const CARD: u64 = 6_222_000_000_000_001;
 
@@ -711,8 +711,8 @@ async fn a_tap_resent_to_a_second_gateway_gets_the_first_decision_and_is_journal
     a.gateway.shutdown().await;
     let read = |dir: &std::path::Path| {
         let mut records = Vec::new();
-        for segment in tapgate_gateway::journal::list_segments(&dir.join("journal")).unwrap() {
-            tapgate_gateway::journal::read_segment(&segment, |r| records.push(r)).unwrap();
+        for segment in tapgate_journal::list_segments(&dir.join("journal")).unwrap() {
+            tapgate_journal::read_segment(&segment, |r| records.push(r)).unwrap();
         }
         records
     };
@@ -722,12 +722,12 @@ async fn a_tap_resent_to_a_second_gateway_gets_the_first_decision_and_is_journal
         .find(|r| r.tap.sequence == 3)
         .expect("B journaled the resent approval");
     assert_eq!(Some(copy), in_a.iter().find(|r| r.tap.sequence == 3));
-    let settled = tapgate_gateway::settle::ledger::settle_journals(
+    let settled = tapgate_settle::ledger::settle_journals(
         &[
             &a_state.path().join("journal"),
             &b_state.path().join("journal"),
         ],
-        &tapgate_gateway::fares::FareTables::embedded_default(),
+        &tapgate_settle::fares::FareTables::embedded_default(),
     )
     .unwrap();
     assert_eq!((settled.ledger.taps(), settled.copies), (3, 1));
@@ -758,7 +758,7 @@ async fn readiness_names_a_redis_that_went_away_and_clears_when_it_is_back() {
     provision(&redis.directory(), CARD).await;
     let state = tempfile::tempdir().unwrap();
     let h = Harness::start(redis.directory(), state.path()).await;
-    let (ops, serving) = ops_endpoint(tapgate_gateway::ops::Counters::of(&h.gateway)).await;
+    let (ops, serving) = ops_endpoint(tapgate_gateway::ops::exposition(&h.gateway)).await;
     readyz_until(ops, Duration::from_secs(5), |s, _| s.contains("200")).await;
     redis.stop();
     let (_, body) = readyz_until(ops, Duration::from_secs(10), |s, b| {
@@ -783,7 +783,7 @@ async fn readiness_says_when_redis_wants_a_password() {
     // Reachable over TLS, but no password given.
     let directory = redis.directory("", true).unwrap();
     let h = Harness::start(directory, state.path()).await;
-    let (ops, serving) = ops_endpoint(tapgate_gateway::ops::Counters::of(&h.gateway)).await;
+    let (ops, serving) = ops_endpoint(tapgate_gateway::ops::exposition(&h.gateway)).await;
     // The change feeds may say so before the directory's own probe has run: wait for both.
     let (status, body) = readyz_until(ops, Duration::from_secs(10), |s, b| {
         s.contains("503") && b.contains("\"directory\"")

@@ -9,11 +9,11 @@ use std::time::Duration;
 use support::*;
 use tapgate_gateway::card::CardState;
 use tapgate_gateway::directory::TerminalRecord;
-use tapgate_gateway::fares::FareTables;
-use tapgate_gateway::settle::ledger::settle_journals;
-use tapgate_gateway::settle::store::{RedisStore, Store};
-use tapgate_gateway::settle::{Settlement, SettlementSettings};
 use tapgate_protocol::{AreaCode, Concession, Issuer, IssuerRegion, Mode, Outcome, Tap, TapKind};
+use tapgate_settle::fares::FareTables;
+use tapgate_settle::ledger::settle_journals;
+use tapgate_settle::store::{RedisStore, Store};
+use tapgate_settle::{Settlement, SettlementSettings};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_days_taps_settle_into_fares_transfers_and_clearing() {

@@ -13,13 +13,13 @@ use std::time::{Duration, Instant};
 use support::*;
 use tapgate_city::population::PopulationSpec;
 use tapgate_gateway::directory::{Directory, EmbeddedDirectory};
-use tapgate_gateway::fares::FareTables;
-use tapgate_gateway::settle::ledger::{Ledger, Reconciliation, settle_journals};
-use tapgate_gateway::settle::store::{RedisStore, Store};
-use tapgate_gateway::settle::{Settlement, SettlementSettings};
 use tapgate_loadgen::run::{LoadSpec, Pacing, TargetKind, run};
 use tapgate_loadgen::workload::Faults;
 use tapgate_protocol::MasterKey;
+use tapgate_settle::fares::FareTables;
+use tapgate_settle::ledger::{Ledger, Reconciliation, settle_journals};
+use tapgate_settle::store::{RedisStore, Store};
+use tapgate_settle::{Settlement, SettlementSettings};
 
 const PARTITIONS: u16 = 4;
 
@@ -222,7 +222,7 @@ async fn a_load_settles_exactly_once_through_settler_kills_and_a_redis_restart()
     let dearer = state.path().join("dearer-fares.toml");
     std::fs::write(
         &dearer,
-        tapgate_gateway::fares::DEFAULT_FARES_TOML.replace("daily_cap = 1500", "daily_cap = 1600"),
+        tapgate_settle::fares::DEFAULT_FARES_TOML.replace("daily_cap = 1500", "daily_cap = 1600"),
     )
     .unwrap();
     let (_, text) = reconcile_cli_with(
@@ -370,8 +370,8 @@ async fn two_gateways_with_one_node_name_do_not_ship_from_each_others_place() {
     }
     // The second gateway says it is not ready, and why; the first one is.
     let readiness = |h: &Harness, s: &Settlement| {
-        tapgate_gateway::ops::Counters::of(&h.gateway)
-            .with_settlement(s)
+        tapgate_gateway::ops::exposition(&h.gateway)
+            .with(tapgate_settle::ops::SettlementCounters::of(s))
             .readiness(std::time::Instant::now())
     };
     let unready = readiness(&second, &second_settlement);
@@ -503,7 +503,7 @@ async fn two_gateways_one_population(url: &str) {
         r.lost,
         r.duplicated
     );
-    assert!(r.is_exact(), "lost {} duplicated {}", r.lost, r.duplicated);
+    assert!(r.is_exact(), "{r:?}");
     let copies = settle_a.settlers.copies.load(Ordering::Relaxed)
         + settle_b.settlers.copies.load(Ordering::Relaxed);
     assert_eq!(copies, expected.copies);

@@ -1,6 +1,5 @@
 //! What the gateway knows about a card and about its recent use at this node.
 
-use chrono::{DateTime, NaiveDate};
 pub use tapgate_city::{CardRecord, CardState};
 
 /// The entry a card made into a paid area (metro, intercity rail) and has not yet left.
@@ -16,15 +15,6 @@ pub struct OpenEntry {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CardActivity {
     pub open_entry: Option<OpenEntry>,
-}
-
-/// Chongqing local date (UTC+8, no daylight saving) of a Unix-millisecond instant.
-pub fn local_date(now_ms: u64) -> NaiveDate {
-    const OFFSET_MS: i64 = 8 * 3600 * 1000;
-    let local_ms = i64::try_from(now_ms).unwrap_or(i64::MAX - OFFSET_MS) + OFFSET_MS;
-    DateTime::from_timestamp_millis(local_ms)
-        .map(|t| t.date_naive())
-        .unwrap_or(NaiveDate::MAX)
 }
 
 /// Shows a card id in logs without revealing it: a keyed SM3 digest, so lines about the same
@@ -51,20 +41,6 @@ impl CardPseudonymizer {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn local_date_is_utc_plus_eight() {
-        // 2026-11-29T15:59:59Z is 23:59:59 in Chongqing; one second later it is the next day.
-        let before = 1_795_967_999_000;
-        assert_eq!(
-            local_date(before),
-            NaiveDate::from_ymd_opt(2026, 11, 29).unwrap()
-        );
-        assert_eq!(
-            local_date(before + 1000),
-            NaiveDate::from_ymd_opt(2026, 11, 30).unwrap()
-        );
-    }
 
     #[test]
     fn pseudonyms_are_stable_per_salt_and_hide_the_number() {

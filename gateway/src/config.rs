@@ -2,18 +2,18 @@
 //! every setting with its default; command-line flags and environment variables override it.
 
 use crate::directory::{Directory, RedisSettings};
-use crate::fares::FareTables;
-use crate::journal::JournalSettings;
 use crate::policy::{Policy, PolicyError};
 use crate::server::{GatewaySettings, Limits};
-use crate::settle::SettlementSettings;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 use tapgate_city::population::PopulationSpec;
+use tapgate_journal::JournalSettings;
 use tapgate_protocol::{KeyRing, MasterKey};
+use tapgate_settle::SettlementSettings;
+use tapgate_settle::fares::FareTables;
 use tapgate_transport::tls::TlsSource;
 
 /// Master key version 1 of development setups (embedded directory, demo, tests of the CLI).
@@ -221,9 +221,9 @@ pub enum ConfigError {
     #[error(transparent)]
     Directory(#[from] crate::directory::DirectoryError),
     #[error(transparent)]
-    Fares(#[from] crate::fares::FareTablesError),
+    Fares(#[from] tapgate_settle::fares::FareTablesError),
     #[error(transparent)]
-    Store(#[from] crate::settle::store::StoreError),
+    Store(#[from] tapgate_settle::store::StoreError),
     #[error("settlement.partitions must be between 1 and 1024")]
     Partitions,
 }
@@ -304,7 +304,7 @@ impl Config {
             }
         }
         if self.directory.kind == DirectoryKind::Redis
-            && let Err(e) = crate::redis_target::RedisTarget::parse(
+            && let Err(e) = tapgate_runtime::redis_target::RedisTarget::parse(
                 &self.directory.redis_url,
                 self.directory.redis_tls_ca_file.as_deref(),
             )

@@ -2,11 +2,12 @@
 //! card, the policy and the time. No I/O, no clock, no locks: the caller supplies everything and
 //! applies the returned state change.
 
-use crate::card::{CardActivity, CardRecord, CardState, OpenEntry, local_date};
+use crate::card::{CardActivity, CardRecord, CardState, OpenEntry};
 use crate::policy::{DegradedMode, Policy};
 use tapgate_protocol::{
     AreaCode, Concession, Mode, Outcome, RIDES_LEFT_NOT_APPLICABLE, Reason, Tap, TapKind,
 };
+use tapgate_runtime::clock::local_date;
 
 /// Where the tap happened: the gate's provisioned place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -4,13 +4,14 @@
 
 use crate::config::{Config, ConfigError, DirectoryKind};
 use crate::directory::{Directory, EmbeddedDirectory, RedisDirectory};
-use crate::ops::Counters;
 use crate::server::{Gateway, StartError};
-use crate::settle::Settlement;
-use crate::settle::store::{RedisStore, Store, StoreError};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use tapgate_runtime::ops::Exposition;
+use tapgate_settle::Settlement;
+use tapgate_settle::ops::SettlementCounters;
+use tapgate_settle::store::{RedisStore, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -62,11 +63,11 @@ impl Node {
     }
 
     /// What the ops endpoint reports of this node.
-    pub fn counters(&self) -> Counters {
-        let counters = Counters::of(&self.gateway);
+    pub fn exposition(&self) -> Exposition {
+        let exposition = crate::ops::exposition(&self.gateway);
         match &self.settlement {
-            Some(settlement) => counters.with_settlement(settlement),
-            None => counters,
+            Some(settlement) => exposition.with(SettlementCounters::of(settlement)),
+            None => exposition,
         }
     }
 

@@ -7,8 +7,6 @@ use crate::decide::{Decision, GatePlace, with_ride_claim};
 use crate::directory::{
     ChangeEvent, Directory, DirectoryError, RideClaim, TerminalChange, TerminalRecord,
 };
-use crate::health::{Panics, PartHealth, supervise};
-use crate::journal::{Durable, Journal, JournalRecord, JournalSettings, JournalWriter};
 use crate::metrics::{Metrics, PlaceSlot};
 use crate::policy::Policy;
 use crate::session::{self, Provisioning, TapStep};
@@ -19,12 +17,14 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
+use tapgate_journal::{Durable, Journal, JournalRecord, JournalSettings, JournalWriter};
 use tapgate_protocol::{
     Admission, ErrorCode, ErrorFrame, Frame, FrameType, KeyRing, MacKey, Outcome,
     RIDES_LEFT_NOT_APPLICABLE, Reason, SealedFrame, SequenceWindow, Tag, Tap, TapResult,
 };
-pub use tapgate_transport::now_ms;
-use tapgate_transport::retry::Backoff;
+use tapgate_runtime::health::{Panics, PartHealth, supervise};
+use tapgate_runtime::now_ms;
+use tapgate_runtime::retry::Backoff;
 use tapgate_transport::tls::{self, TlsSource};
 use tapgate_transport::{
     EndpointError, FrameReader, ReadError, TransportSettings, finish_when_acknowledged,
@@ -93,7 +93,7 @@ pub enum StartError {
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
     #[error(transparent)]
-    Journal(#[from] crate::journal::JournalError),
+    Journal(#[from] tapgate_journal::JournalError),
     #[error(transparent)]
     Endpoint(#[from] EndpointError),
 }

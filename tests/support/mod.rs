@@ -11,11 +11,12 @@ use tapgate_gateway::card::{CardRecord, CardState};
 use tapgate_gateway::directory::{
     Directory, EmbeddedDirectory, RedisDirectory, RedisSettings, TerminalRecord,
 };
-use tapgate_gateway::journal::JournalSettings;
 use tapgate_gateway::policy::Policy;
-use tapgate_gateway::server::{Gateway, GatewaySettings, Limits, now_ms};
+use tapgate_gateway::server::{Gateway, GatewaySettings, Limits};
+use tapgate_journal::JournalSettings;
 use tapgate_loadgen::client::{GateClient, GateIdentity, client_endpoint};
 use tapgate_protocol::{AreaCode, Concession, Issuer, KeyRing, MasterKey, Mode, Tap, TapKind};
+use tapgate_runtime::now_ms;
 use tapgate_transport::tls::TlsSource;
 
 pub(crate) const MASTER_V1: [u8; 16] = [0x11; 16];
@@ -476,13 +477,13 @@ pub(crate) fn http_get_any(addr: SocketAddr, path: &str) -> (String, String) {
 
 /// Serves a gateway's ops endpoint on a free loopback port until the handle is aborted.
 pub(crate) async fn ops_endpoint(
-    counters: tapgate_gateway::ops::Counters,
+    counters: tapgate_runtime::ops::Exposition,
 ) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     (
         addr,
-        tokio::spawn(tapgate_gateway::ops::serve(listener, counters)),
+        tokio::spawn(tapgate_runtime::ops::serve(listener, counters)),
     )
 }
 

@@ -8,7 +8,6 @@
 
 pub mod endpoint;
 pub mod reader;
-pub mod retry;
 pub mod tls;
 
 pub use endpoint::{
@@ -17,9 +16,5 @@ pub use endpoint::{
 };
 pub use reader::{FrameReader, ReadError};
 
-/// The wall clock frames are stamped with (gate and server times): Unix milliseconds.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+// Gates and the gateway share one clock and one retry schedule with the settlers.
+pub use tapgate_runtime::{now_ms, retry};

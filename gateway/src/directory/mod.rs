@@ -26,16 +26,16 @@
 
 use crate::card::{CardRecord, CardState};
 pub use crate::decide::RideClaim;
-use crate::health::{Incident, Panics, PartHealth, supervise};
-use crate::journal::{JournalRecord, PAYLOAD_LEN};
-use crate::redis_target::{RedisConnection, RedisTarget, bounded_error};
 use chrono::NaiveDate;
 use redis::AsyncCommands;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
+use tapgate_journal::{JournalRecord, PAYLOAD_LEN};
 use tapgate_protocol::{AreaCode, Concession, Issuer, Mode};
-use tapgate_transport::retry::Backoff;
+use tapgate_runtime::health::{Incident, Panics, PartHealth, supervise};
+use tapgate_runtime::redis_target::{EntryId, RedisConnection, RedisTarget, bounded_error};
+use tapgate_runtime::retry::Backoff;
 use tokio::sync::{broadcast, mpsc};
 
 pub use tapgate_city::TerminalRecord;
@@ -224,14 +224,6 @@ impl Directory {
             Directory::Redis(d) => d.follow_changes().await,
         }
     }
-}
-
-crate::ids::log_position! {
-    /// A Redis stream entry id, `ms-seq`, ordered numerically.
-    EntryId { ms, seq },
-    separator: '-',
-    what: "stream entry id",
-    second_may_be_absent: true
 }
 
 /// How many change groups the directory's keys are spread over. Each group is one hash slot

@@ -7,7 +7,7 @@ use super::*;
 /// Redis connection settings.
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
-    /// A single Redis or a Redis Cluster ([`crate::redis_target`]).
+    /// A single Redis or a Redis Cluster ([`tapgate_runtime::redis_target`]).
     pub url: String,
     /// CA certificates (PEM) a TLS Redis's certificate must chain to; the system's when absent.
     pub tls_ca_file: Option<std::path::PathBuf>,

@@ -262,6 +262,10 @@ struct Connection {
     fresh: u64,
     /// Answers held for the delay: (due, sequence, bytes).
     held: Vec<(u64, u64, Bytes)>,
+    /// An answer with a corrupted tag, written only once every answer held before it is out:
+    /// a gate drops the connection over it, and a busy answer still behind it in the stream
+    /// would be lost unread and resent with the right to do so.
+    bad_tag_answer: Option<Bytes>,
     /// Taps on this connection that will get no valid answer here.
     withheld: BTreeSet<u64>,
     /// The gate must close (or resend) by then, or the referee closes.
@@ -323,6 +327,7 @@ impl Referee {
                 announced: 0,
                 fresh: 0,
                 held: Vec::new(),
+                bad_tag_answer: None,
                 withheld: BTreeSet::new(),
                 deadline: None,
                 tapped: false,
@@ -847,7 +852,7 @@ impl Referee {
             let connection = self.connections.get_mut(&id).expect("open");
             connection.withheld.insert(sequence);
             connection.deadline = Some(now_ms + self.settings.grace_ms);
-            self.hold(id, sequence, answer.freeze(), now_ms);
+            connection.bad_tag_answer = Some(answer.freeze());
         } else if plan == Plan::JumpThenDrop && fresh_here == ANSWERED_BEFORE_DROP {
             terminal.stage = Plan::JumpThenDrop.next();
             terminal.owed.insert(sequence, Rule::ResendsAfterError);
@@ -971,6 +976,9 @@ impl Referee {
         }
         if !connection.held.is_empty() {
             return;
+        }
+        if let Some(frame) = connection.bad_tag_answer.take() {
+            actions.push(Action::Write(frame));
         }
         if let Some(code) = connection.close_after_answers {
             self.refuse(id, code, 0, actions);

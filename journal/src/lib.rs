@@ -18,8 +18,8 @@
 //! forwarder reads records up to that point and never past it, so it never ships a record a
 //! crash could still take back.
 
-use crate::health::{Incident, PartHealth};
-use crate::metrics::DurationHistogram;
+#![forbid(unsafe_code)]
+
 use bytes::{Buf, BufMut, BytesMut};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
@@ -32,6 +32,8 @@ use std::time::{Duration, Instant};
 use tapgate_protocol::{
     Concession, Issuer, Mode, Outcome, Reason, TAG_LEN, Tag, Tap, TapKind, TapResult,
 };
+use tapgate_runtime::health::{Incident, PartHealth};
+use tapgate_runtime::histogram::DurationHistogram;
 use tokio::sync::{mpsc, oneshot, watch};
 
 const PAYLOAD_VERSION: u8 = 1;
@@ -179,7 +181,7 @@ pub struct JournalStats {
     pub sync_latency: DurationHistogram,
 }
 
-crate::ids::log_position! {
+tapgate_runtime::log_position! {
     /// A place in the journal: a segment's number and a byte offset in it, `SEGMENT:OFFSET`.
     /// Positions order like the records they separate.
     JournalPosition { segment, offset },

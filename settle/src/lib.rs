@@ -20,22 +20,26 @@
 //!
 //! [`store`] holds the two stores: Redis, and an in-process one for the zero-setup demo.
 
+#![forbid(unsafe_code)]
+
+pub mod fares;
 pub mod forwarder;
 pub mod ledger;
+pub mod ops;
 pub mod recent;
 pub mod settler;
 pub mod store;
 
 use crate::fares::FareTables;
-use crate::health::{Panics, supervise};
-use crate::journal::JournalPosition;
 use forwarder::{ForwarderSettings, ForwarderStats, Until};
 use settler::{SettlerSettings, SettlerStats};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use store::{Store, StoreError};
-use tapgate_transport::retry::Backoff;
+use tapgate_journal::JournalPosition;
+use tapgate_runtime::health::{Panics, supervise};
+use tapgate_runtime::retry::Backoff;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 

@@ -38,15 +38,15 @@
 
 use super::ledger::{DayLedger, Ledger, Totals};
 use super::recent::RecentTaps;
-pub use crate::directory::EntryId;
 use crate::fares::RiderState;
-use crate::journal::{JournalPosition, JournalRecord, PAYLOAD_LEN};
-use crate::redis_target::{RedisConnection, RedisTarget, bounded_error, bounded_line};
 use chrono::NaiveDate;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tapgate_journal::{JournalPosition, JournalRecord, PAYLOAD_LEN};
 use tapgate_protocol::{IssuerRegion, Mode};
+pub use tapgate_runtime::redis_target::EntryId;
+use tapgate_runtime::redis_target::{RedisConnection, RedisTarget, bounded_error, bounded_line};
 use tokio::sync::Notify;
 
 mod memory;
@@ -62,7 +62,7 @@ const HSCAN_PAGE: usize = 10_000;
 /// How far a node's forwarder has shipped, in which journal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Checkpoint {
-    /// The journal's identity ([`crate::journal::journal_id`]).
+    /// The journal's identity ([`tapgate_journal::journal_id`]).
     pub journal: String,
     pub position: JournalPosition,
 }

@@ -9,8 +9,8 @@
 //! A copy that arrives after more than that many later taps of its card would be booked again;
 //! `tapgate settle reconcile` would then show it as duplicated.
 
-use crate::journal::JournalRecord;
 use std::collections::VecDeque;
+use tapgate_journal::JournalRecord;
 
 /// How many of a card's latest tap ids are remembered: more than two days of an ordinary
 /// rider's taps.

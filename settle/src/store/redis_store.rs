@@ -127,7 +127,7 @@ struct Scripts {
 
 impl RedisStore {
     /// Prepares the connection without waiting for Redis; `url` names a single Redis or a
-    /// cluster ([`crate::redis_target`]), `tls_ca_file` the CA certificates of a TLS one.
+    /// cluster ([`tapgate_runtime::redis_target`]), `tls_ca_file` the CA certificates of a TLS one.
     pub fn connect(
         url: &str,
         tls_ca_file: Option<&std::path::Path>,

@@ -9,12 +9,12 @@
 use super::ledger::Ledger;
 use super::store::{Applied, ApplyBatch, CardSettlement, Delivered, EntryId, Store, StoreError};
 use crate::fares::{FareTables, settle};
-use crate::health::PartHealth;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-use tapgate_transport::retry::Backoff;
+use tapgate_runtime::health::PartHealth;
+use tapgate_runtime::retry::Backoff;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -104,11 +104,11 @@ pub fn spawn_supervised(
     tables: Arc<FareTables>,
     stats: Arc<SettlerStats>,
     stop: watch::Receiver<bool>,
-    panics: Arc<crate::health::Panics>,
+    panics: Arc<tapgate_runtime::health::Panics>,
 ) -> tokio::task::JoinHandle<()> {
     let health = stats.health.clone();
     let run = run(store, settings, tables, stats, stop);
-    crate::health::supervise("settler", health.clone(), panics, async move {
+    tapgate_runtime::health::supervise("settler", health.clone(), panics, async move {
         if let Err(e) = run.await {
             health.dead(
                 std::time::Instant::now(),
@@ -364,7 +364,7 @@ impl Settler {
         };
         match self.store.apply(&batch).await? {
             Applied::Done => {
-                let now = crate::server::now_ms();
+                let now = tapgate_runtime::now_ms();
                 for record in &records {
                     self.stats
                         .lag

@@ -9,12 +9,12 @@
 //! nothing is recounted here), then the bus–rail transfer
 //! discount, then the daily cap.
 
-use crate::card::local_date;
-use crate::journal::JournalRecord;
 use chrono::{Datelike, NaiveDate};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use tapgate_journal::JournalRecord;
 use tapgate_protocol::{AreaCode, Concession, Mode, Outcome, TapKind};
+use tapgate_runtime::clock::local_date;
 
 /// The fare tables shipped with tapgate; `fares.example.toml` documents them.
 pub const DEFAULT_FARES_TOML: &str = include_str!("../../fares.example.toml");

@@ -5,15 +5,15 @@
 //! including a missing-exit charge the tap revealed.
 
 use super::recent::RecentTaps;
-use crate::card::local_date;
 use crate::fares::{Charge, FareTables, RiderState, settle};
-use crate::journal::{JournalRecord, list_segments, read_segment};
 use chrono::NaiveDate;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
+use tapgate_journal::{JournalRecord, list_segments, read_segment};
 use tapgate_protocol::registry::operator;
 use tapgate_protocol::{IssuerRegion, Mode, Outcome};
+use tapgate_runtime::clock::local_date;
 
 /// Money (fen) and a count.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

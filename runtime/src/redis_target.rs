@@ -13,7 +13,7 @@
 //! A cluster is reached through the redis crate's own cluster client, which follows slot
 //! redirections and topology changes; tapgate adds no routing of its own. Every multi-key
 //! command and script tapgate sends keeps its keys in one hash slot (see the key schemas in
-//! [`crate::directory`] and [`crate::settle::store`]), so the same commands work on both.
+//! the gateway's card directory and in the settlement store), so the same commands work on both.
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterConfig};
@@ -21,6 +21,14 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, TlsCertificates, Value};
 use std::path::Path;
 use std::time::Duration;
+
+crate::log_position! {
+    /// A Redis stream entry id, `ms-seq`, ordered numerically.
+    EntryId { ms, seq },
+    separator: '-',
+    what: "stream entry id",
+    second_may_be_absent: true
+}
 
 /// Longest text of a Redis error tapgate prints: a redirection or script error can carry
 /// kilobytes (a whole pipeline), which would drown a log line.
@@ -245,7 +253,7 @@ pub fn bounded_error(e: &redis::RedisError) -> String {
     bounded_line(&line)
 }
 
-/// Text as one line of at most [`ERROR_TEXT_MAX`] bytes, saying how much was cut.
+/// Text as one line of at most `ERROR_TEXT_MAX` bytes, saying how much was cut.
 pub fn bounded_line(text: &str) -> String {
     let mut line: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
     if line.len() > ERROR_TEXT_MAX {

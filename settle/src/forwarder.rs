@@ -7,14 +7,14 @@
 
 use super::partition_of;
 use super::store::{Checkpoint, Shipped, ShippedTap, Store, StoreError};
-use crate::health::{Incident, PartHealth};
-use crate::journal::{JournalPosition, journal_id, next_segment, read_from};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+use tapgate_journal::{JournalPosition, journal_id, next_segment, read_from};
 use tapgate_protocol::Outcome;
-use tapgate_transport::retry::Backoff;
+use tapgate_runtime::health::{Incident, PartHealth};
+use tapgate_runtime::retry::Backoff;
 use tokio::sync::watch;
 
 #[derive(Debug, Clone)]
@@ -73,7 +73,7 @@ impl Backlog {
     pub fn measure(&self) -> (u64, u64) {
         let durable = *self.durable.borrow();
         let shipped = self.forwarder.shipped_through().unwrap_or_default();
-        crate::journal::distance(&self.journal_dir, shipped, durable).unwrap_or((0, 0))
+        tapgate_journal::distance(&self.journal_dir, shipped, durable).unwrap_or((0, 0))
     }
 }
 

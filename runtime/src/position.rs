@@ -5,6 +5,7 @@
 /// Declares a position type: `pub struct Name { pub first: u64, pub second: u64 }` with
 /// ordering, `Display` as `first<sep>second` and `FromStr` back. With `second_may_be_absent`,
 /// a lone `first` parses with `second` 0 (Redis accepts stream ids so).
+#[macro_export]
 macro_rules! log_position {
     (
         $(#[$meta:meta])*
@@ -51,8 +52,6 @@ macro_rules! log_position {
         }
     };
 }
-
-pub(crate) use log_position;
 
 #[cfg(test)]
 #[allow(
