@@ -13,11 +13,10 @@ use crate::card::{CardActivity, CardRecord};
 use crate::decide::{CardLookup, Decision, GatePlace, decide};
 use crate::directory::{CardChange, Directory, DirectoryError};
 use crate::policy::Policy;
-use dashmap::DashMap;
-use dashmap::mapref::entry::Entry as Slot;
-use std::sync::Arc;
+use crate::shard_map::ShardMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use tapgate_protocol::Tap;
+use tapgate_runtime::sync::Arc;
 use tokio::sync::OnceCell;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,11 +53,13 @@ pub struct CacheStats {
 }
 
 pub struct CardCache {
-    entries: DashMap<u64, Entry>,
+    entries: ShardMap<u64, Entry>,
     /// How many entries the map holds, kept beside it because `DashMap::len` read-locks every
     /// shard, far too costly on each miss. Exact except for inserts racing a resync's clear.
     entry_count: AtomicUsize,
-    fetches: DashMap<u64, Fetch>,
+    /// Fetches under way. A fetch is registered here before it reads the directory and
+    /// leaves only after it has put what it read into `entries`.
+    fetches: ShardMap<u64, Fetch>,
     directory: Directory,
     negative_ttl_ms: u64,
     capacity: usize,
@@ -70,9 +71,9 @@ impl CardCache {
         Self {
             // Many shards: a hit write-locks its shard, and with few shards the lock words of
             // concurrently hit shards share cache lines that then bounce between cores.
-            entries: DashMap::with_shard_amount(ENTRY_SHARDS),
+            entries: ShardMap::with_shards(ENTRY_SHARDS),
             entry_count: AtomicUsize::new(0),
-            fetches: DashMap::new(),
+            fetches: ShardMap::with_shards(64),
             directory,
             negative_ttl_ms,
             capacity: capacity.max(1),
@@ -90,7 +91,7 @@ impl CardCache {
 
     /// The cached record of a card, without fetching.
     pub fn cached(&self, card_id: u64) -> Option<CardRecord> {
-        match self.entries.get(&card_id)?.known {
+        match self.entries.update(&card_id, |entry| entry.known)? {
             Known::Card(card) => Some(card),
             Known::Missing { .. } => None,
         }
@@ -130,34 +131,35 @@ impl CardCache {
         policy: &Policy,
         now_ms: u64,
     ) -> Option<Decision> {
-        let mut entry = self.entries.get_mut(&tap.card_id)?;
-        let lookup = match entry.known {
-            Known::Card(card) => CardLookup::Found(card),
-            Known::Missing { until_ms } if now_ms < until_ms => CardLookup::Unknown,
-            Known::Missing { .. } => return None,
-        };
-        let decision = decide(tap, place, &lookup, entry.activity, policy, now_ms);
-        entry.activity = decision.activity;
-        if decision.uses_counted_ride
-            && let Known::Card(card) = &mut entry.known
-        {
-            card.rides_left = card.rides_left.saturating_sub(1);
-        }
-        Some(decision)
+        self.entries.update(&tap.card_id, |entry| {
+            let lookup = match entry.known {
+                Known::Card(card) => CardLookup::Found(card),
+                Known::Missing { until_ms } if now_ms < until_ms => CardLookup::Unknown,
+                Known::Missing { .. } => return None,
+            };
+            let decision = decide(tap, place, &lookup, entry.activity, policy, now_ms);
+            entry.activity = decision.activity;
+            if decision.uses_counted_ride
+                && let Known::Card(card) = &mut entry.known
+            {
+                card.rides_left = card.rides_left.saturating_sub(1);
+            }
+            Some(decision)
+        })?
     }
 
     /// Sets a cached card's counted rides to what the directory says is left.
     pub fn set_rides_left(&self, card_id: u64, left: u32) {
-        if let Some(mut entry) = self.entries.get_mut(&card_id)
-            && let Known::Card(card) = &mut entry.known
-        {
-            card.rides_left = left;
-        }
+        self.entries.update(&card_id, |entry| {
+            if let Known::Card(card) = &mut entry.known {
+                card.rides_left = left;
+            }
+        });
     }
 
     /// Loads a card into the cache; concurrent callers for one card share one directory request.
     async fn fetch(&self, card_id: u64, now_ms: u64) -> Result<Option<CardRecord>, DirectoryError> {
-        let cell = self.fetches.entry(card_id).or_default().clone();
+        let cell = self.join_fetch(card_id);
         let result = cell
             .get_or_init(|| async {
                 self.stats.fetches.fetch_add(1, Ordering::Relaxed);
@@ -176,8 +178,7 @@ impl CardCache {
             })
             .await
             .clone();
-        self.fetches
-            .remove_if(&card_id, |_, c| Arc::ptr_eq(c, &cell));
+        self.leave_fetch(card_id, &cell);
         match &result {
             Err(DirectoryError::Malformed { key, detail }) => {
                 self.stats.fetch_errors.fetch_add(1, Ordering::Relaxed);
@@ -193,22 +194,37 @@ impl CardCache {
         result
     }
 
+    /// The fetch of a card under way, or a new one: every caller for one card gets the same.
+    fn join_fetch(&self, card_id: u64) -> Fetch {
+        self.fetches.get_or_insert_default(card_id)
+    }
+
+    /// Forgets a finished fetch (unless a newer one for the card has taken its place).
+    fn leave_fetch(&self, card_id: u64, fetch: &Fetch) {
+        self.fetches
+            .remove_if(&card_id, |registered| Arc::ptr_eq(registered, fetch));
+    }
+
     fn insert_fetched(&self, card_id: u64, known: Known) {
         self.make_room();
-        match self.entries.entry(card_id) {
+        let inserted = self.entries.slot(card_id, |slot| match slot {
             // A change that arrived while we fetched is newer than what we fetched.
-            Slot::Occupied(mut slot) => {
-                if matches!(slot.get().known, Known::Missing { .. }) {
-                    slot.get_mut().known = known;
+            Some(entry) => {
+                if matches!(entry.known, Known::Missing { .. }) {
+                    entry.known = known;
                 }
+                (false, None)
             }
-            Slot::Vacant(slot) => {
-                slot.insert(Entry {
+            None => (
+                true,
+                Some(Entry {
                     known,
                     activity: CardActivity::default(),
-                });
-                self.entry_count.fetch_add(1, Ordering::Relaxed);
-            }
+                }),
+            ),
+        });
+        if inserted {
+            self.entry_count.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -218,8 +234,7 @@ impl CardCache {
         if self.len() < self.capacity {
             return;
         }
-        let victim = self.entries.iter().next().map(|e| *e.key());
-        if let Some(victim) = victim
+        if let Some(victim) = self.entries.any_key()
             && self.entries.remove(&victim).is_some()
         {
             self.entry_count.fetch_sub(1, Ordering::Relaxed);
@@ -244,19 +259,33 @@ impl CardCache {
                 until_ms: now_ms.saturating_add(self.negative_ttl_ms),
             },
         };
-        if let Some(mut entry) = self.entries.get_mut(&change.card_id) {
-            entry.known = known;
-        } else if self.fetches.contains_key(&change.card_id) {
-            // A fetch is under way and may return the record from before this change.
-            self.make_room();
-            let replaced = self.entries.insert(
-                change.card_id,
-                Entry {
-                    known,
-                    activity: CardActivity::default(),
-                },
-            );
-            if replaced.is_none() {
+        if self
+            .entries
+            .update(&change.card_id, |entry| entry.known = known)
+            .is_none()
+        {
+            if self.fetches.contains_key(&change.card_id) {
+                // Room ahead of the insert below; only a hint, the check under the lock decides.
+                self.make_room();
+            }
+            // Under the card's entry lock: a fetch under way cannot put in what it read until
+            // this is done, and it leaves `fetches` only after it has, so either its record is
+            // here to replace or it is still registered and will find this change and keep it.
+            let inserted = self.entries.slot(change.card_id, |slot| match slot {
+                Some(entry) => {
+                    entry.known = known;
+                    (false, None)
+                }
+                None if self.fetches.contains_key(&change.card_id) => (
+                    true,
+                    Some(Entry {
+                        known,
+                        activity: CardActivity::default(),
+                    }),
+                ),
+                None => (false, None),
+            });
+            if inserted {
                 self.entry_count.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -301,8 +330,8 @@ mod tests {
         mode: Mode::Bus,
     };
 
-    fn cache_with(cards: &[CardRecord]) -> (Arc<EmbeddedDirectory>, CardCache) {
-        let dir = Arc::new(EmbeddedDirectory::default());
+    fn cache_with(cards: &[CardRecord]) -> (std::sync::Arc<EmbeddedDirectory>, CardCache) {
+        let dir = std::sync::Arc::new(EmbeddedDirectory::default());
         cards.iter().for_each(|c| dir.put_card(*c));
         let cache = CardCache::new(Directory::Embedded(dir.clone()), 1_000, 100);
         (dir, cache)
@@ -371,7 +400,7 @@ mod tests {
     #[tokio::test]
     async fn capacity_is_a_bound() {
         let cards: Vec<_> = (1..=10).map(|i| record(i, CardState::Active)).collect();
-        let dir = Arc::new(EmbeddedDirectory::default());
+        let dir = std::sync::Arc::new(EmbeddedDirectory::default());
         cards.iter().for_each(|c| dir.put_card(*c));
         let cache = CardCache::new(Directory::Embedded(dir), 1_000, 4);
         let policy = Policy::embedded_default();
@@ -384,5 +413,67 @@ mod tests {
         assert_eq!(cache.len(), 4);
         assert_eq!(cache.len(), cache.entries.len());
         assert_eq!(cache.stats.evictions.load(Ordering::Relaxed), 6);
+    }
+
+    /// Models run under loom by `scripts/test` (and once each as ordinary tests).
+    mod loom_models {
+        use super::*;
+        use tapgate_runtime::sync::atomic::AtomicBool;
+        use tapgate_runtime::sync::{model, thread};
+
+        fn empty_cache() -> CardCache {
+            let directory = Directory::Embedded(std::sync::Arc::new(EmbeddedDirectory::default()));
+            CardCache::new(directory, 1_000, 100)
+        }
+
+        /// A fetch reads the card before a change is written; the change arrives from the
+        /// feed at any moment of the fetch after that read. Whatever the interleaving, the
+        /// cache ends with the changed record, never the one the fetch read.
+        #[test]
+        fn a_change_that_arrives_during_a_fetch_is_not_lost() {
+            model(|| {
+                let cache = Arc::new(empty_cache());
+                let before = record(7, CardState::Active);
+                let after = record(7, CardState::Lost);
+                let read = Arc::new(AtomicBool::new(false));
+                let fetcher = {
+                    let (cache, read) = (cache.clone(), read.clone());
+                    thread::spawn(move || {
+                        let fetch = cache.join_fetch(7);
+                        // The directory answers with the record from before the change.
+                        read.store(true, Ordering::Release);
+                        cache.insert_fetched(7, Known::Card(before));
+                        cache.leave_fetch(7, &fetch);
+                    })
+                };
+                while !read.load(Ordering::Acquire) {
+                    thread::yield_now();
+                }
+                cache.apply(
+                    CardChange {
+                        card_id: 7,
+                        record: Some(after),
+                    },
+                    NOW,
+                );
+                fetcher.join().expect("fetcher");
+                assert_eq!(cache.cached(7), Some(after));
+            });
+        }
+
+        /// Taps for one card missing at the same moment share one fetch.
+        #[test]
+        fn concurrent_misses_of_one_card_share_one_fetch() {
+            model(|| {
+                let cache = Arc::new(empty_cache());
+                let other = {
+                    let cache = cache.clone();
+                    thread::spawn(move || cache.join_fetch(7))
+                };
+                let mine = cache.join_fetch(7);
+                let theirs = other.join().expect("other tap");
+                assert!(Arc::ptr_eq(&mine, &theirs));
+            });
+        }
     }
 }

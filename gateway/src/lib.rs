@@ -17,3 +17,4 @@ pub mod ops;
 pub mod policy;
 pub mod server;
 pub mod session;
+mod shard_map;

@@ -13,5 +13,6 @@ mod position;
 #[cfg(feature = "redis")]
 pub mod redis_target;
 pub mod retry;
+pub mod sync;
 
 pub use clock::now_ms;

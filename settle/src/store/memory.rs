@@ -1,6 +1,15 @@
 //! The in-process store: the Redis store's semantics under one lock, for the embedded demo.
 
-use super::*;
+use super::{
+    Applied, ApplyBatch, CardSettlement, Checkpoint, Delivered, Shipped, ShippedTap, StoreError,
+};
+use crate::ledger::Ledger;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+use tapgate_journal::JournalRecord;
+use tapgate_runtime::redis_target::EntryId;
+use tapgate_runtime::sync::{Mutex, MutexGuard};
+use tokio::sync::Notify;
 
 /// The in-process store of the embedded demo. Streams are bounded by the forwarder's backlog
 /// limit, as in Redis.
@@ -35,7 +44,7 @@ pub(super) struct MemoryStream {
 }
 
 impl MemoryStore {
-    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, MemoryState> {
+    pub(super) fn lock(&self) -> MutexGuard<'_, MemoryState> {
         self.state.lock().expect("settlement store lock")
     }
 
@@ -220,5 +229,55 @@ impl MemoryStore {
                 stream.pending.remove(id);
             }
         }
+    }
+}
+
+/// Models run under loom by `scripts/test` (and once each as ordinary tests).
+#[cfg(test)]
+mod loom_models {
+    use super::*;
+    use tapgate_runtime::sync::{Arc, model, thread};
+
+    fn batch(token: &str) -> ApplyBatch {
+        ApplyBatch {
+            partition: 0,
+            token: token.into(),
+            expected: None,
+            watermark: EntryId { ms: 1, seq: 0 },
+            acks: Vec::new(),
+            trim_below: EntryId::default(),
+            taps: 1,
+            riders: Vec::new(),
+            ledger: Ledger::default(),
+        }
+    }
+
+    /// Two settlers race for one partition whose lease lapses at once, so either may take it
+    /// from the other at any moment, and both apply the same batch: under every interleaving
+    /// it is applied exactly once (the lease and the watermark are checked and moved in one
+    /// critical section with the ledger update).
+    #[test]
+    fn a_batch_is_applied_once_whoever_holds_the_lease() {
+        model(|| {
+            let store = Arc::new(MemoryStore::default());
+            let settlers: Vec<_> = ["a", "b"]
+                .into_iter()
+                .map(|token| {
+                    let store = store.clone();
+                    thread::spawn(move || {
+                        store.lease(0, token, Duration::ZERO)
+                            && matches!(store.apply(&batch(token)), Applied::Done)
+                    })
+                })
+                .collect();
+            let applied = settlers
+                .into_iter()
+                .map(|settler| settler.join().expect("settler"))
+                .filter(|done| *done)
+                .count();
+            let state = store.lock();
+            assert_eq!((applied, state.settled), (1, 1));
+            assert_eq!(state.watermarks.get(&0), Some(&EntryId { ms: 1, seq: 0 }));
+        });
     }
 }

@@ -40,14 +40,13 @@ use super::ledger::{DayLedger, Ledger, Totals};
 use super::recent::RecentTaps;
 use crate::fares::RiderState;
 use chrono::NaiveDate;
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
 use tapgate_journal::{JournalPosition, JournalRecord, PAYLOAD_LEN};
 use tapgate_protocol::{IssuerRegion, Mode};
 pub use tapgate_runtime::redis_target::EntryId;
 use tapgate_runtime::redis_target::{RedisConnection, RedisTarget, bounded_error, bounded_line};
-use tokio::sync::Notify;
 
 mod memory;
 mod redis_store;
