@@ -18,3 +18,4 @@ pub mod policy;
 pub mod server;
 pub mod session;
 mod shard_map;
+mod terminal;

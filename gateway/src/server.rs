@@ -10,17 +10,18 @@ use crate::directory::{
 use crate::metrics::{Metrics, PlaceSlot};
 use crate::policy::Policy;
 use crate::session::{self, Provisioning, TapStep};
+use crate::terminal::TerminalState;
 use bytes::BytesMut;
 use dashmap::DashMap;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tapgate_journal::{Durable, Journal, JournalRecord, JournalSettings, JournalWriter};
 use tapgate_protocol::{
-    Admission, ErrorCode, ErrorFrame, Frame, FrameType, KeyRing, MacKey, Outcome,
-    RIDES_LEFT_NOT_APPLICABLE, Reason, SealedFrame, SequenceWindow, Tag, Tap, TapResult,
+    ErrorCode, ErrorFrame, Frame, FrameType, KeyRing, MacKey, Outcome, RIDES_LEFT_NOT_APPLICABLE,
+    Reason, SealedFrame, Tag, Tap, TapResult,
 };
 use tapgate_runtime::health::{Panics, PartHealth, supervise};
 use tapgate_runtime::now_ms;
@@ -30,7 +31,7 @@ use tapgate_transport::{
     EndpointError, FrameReader, ReadError, TransportSettings, finish_when_acknowledged,
     server_endpoint,
 };
-use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
 /// Limits and timers of the endpoint.
@@ -96,29 +97,6 @@ pub enum StartError {
     Journal(#[from] tapgate_journal::JournalError),
     #[error(transparent)]
     Endpoint(#[from] EndpointError),
-}
-
-/// Per-terminal replay state, shared by every connection of that terminal.
-struct TerminalState {
-    window: Mutex<SequenceWindow<TapResult>>,
-    /// Approvals another gateway decided and shared, restored into the window at a Hello here
-    /// and not yet in this gateway's journal: a resend of one is journaled here too (settlement
-    /// books the tap once), so the approval is on record whichever gateway's journal survives.
-    restored: Mutex<HashMap<u64, JournalRecord>>,
-    answered: Notify,
-    /// Set, and its sessions woken, when the gate is revoked in the directory.
-    revoked: AtomicBool,
-    revocation: Notify,
-}
-
-impl TerminalState {
-    fn complete(&self, result: TapResult) {
-        self.window
-            .lock()
-            .expect("window lock")
-            .complete(result.sequence, result);
-        self.answered.notify_waiters();
-    }
 }
 
 /// Counted rides given while the directory was unreachable, waiting to be taken from it.
@@ -194,7 +172,7 @@ impl Gateway {
             recovered += 1;
             terminals
                 .entry(record.terminal_id)
-                .or_insert_with(|| new_terminal_state(window))
+                .or_insert_with(|| TerminalState::new(window))
                 .window
                 .lock()
                 .expect("window lock")
@@ -358,16 +336,6 @@ impl Gateway {
     }
 }
 
-fn new_terminal_state(window: u16) -> Arc<TerminalState> {
-    Arc::new(TerminalState {
-        window: Mutex::new(SequenceWindow::new(window)),
-        restored: Mutex::default(),
-        answered: Notify::new(),
-        revoked: AtomicBool::new(false),
-        revocation: Notify::new(),
-    })
-}
-
 /// Applies the directory's change feed until it ends or the gateway is gone: cards to the
 /// cache, gates to the provisioning this gateway has cached and to their open sessions.
 async fn apply_changes(shared: std::sync::Weak<Shared>, mut changes: mpsc::Receiver<ChangeEvent>) {
@@ -396,7 +364,7 @@ async fn apply_changes(shared: std::sync::Weak<Shared>, mut changes: mpsc::Recei
                 let state = shared
                     .terminals
                     .entry(terminal_id)
-                    .or_insert_with(|| new_terminal_state(shared.limits.resend_window))
+                    .or_insert_with(|| TerminalState::new(shared.limits.resend_window))
                     .clone();
                 state.revoked.store(true, Ordering::SeqCst);
                 state.revocation.notify_waiters();
@@ -652,7 +620,7 @@ impl Session {
             .shared
             .terminals
             .entry(hello.terminal_id)
-            .or_insert_with(|| new_terminal_state(self.shared.limits.resend_window))
+            .or_insert_with(|| TerminalState::new(self.shared.limits.resend_window))
             .clone();
         if state.revoked.load(Ordering::SeqCst) {
             tracing::info!(terminal = hello.terminal_id, "revoked gate refused");
@@ -1154,35 +1122,21 @@ impl Pending {
     }
 }
 
-/// Waits for the answer to a tap whose first copy is still being decided.
+/// Waits, up to `limit`, for the answer to a tap whose first copy is still being decided.
 async fn await_answer(
     state: &TerminalState,
     sequence: u64,
     tag: Tag,
     limit: Duration,
 ) -> Option<TapResult> {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        let notified = state.answered.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        match state
-            .window
-            .lock()
-            .expect("window lock")
-            .admit(sequence, tag)
-        {
-            Admission::Resend(answer) => return Some(answer),
-            Admission::InFlight => {}
-            // Evicted from the window or replaced: nothing to resend.
-            _ => return None,
-        }
-        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+    match tokio::time::timeout(limit, state.answer_of(sequence, tag)).await {
+        Ok(answer) => answer,
+        Err(_) => {
             tracing::warn!(
                 sequence,
                 "resend's first copy still undecided; not answered"
             );
-            return None;
+            None
         }
     }
 }
