@@ -217,35 +217,7 @@ pub(crate) fn run(args: SettleArgs) -> anyhow::Result<ExitCode> {
             journal,
             node,
             batch,
-        } => {
-            crate::common::init_logging("warn");
-            if !journal.is_dir() {
-                return Err(anyhow::anyhow!(
-                    "{}: no journal directory",
-                    journal.display()
-                ));
-            }
-            let stats = Arc::new(ForwarderStats::default());
-            let settings = ForwarderSettings {
-                node,
-                journal_dir: journal,
-                partitions: redis.partitions,
-                batch: batch.max(1),
-                max_backlog: u64::MAX,
-            };
-            let (_stop, stop_rx) = tokio::sync::watch::channel(false);
-            runtime()?.block_on(async {
-                let store = redis.store()?;
-                forwarder::run(store, settings, Until::EndOfFiles, stats.clone(), stop_rx).await?;
-                anyhow::Ok(())
-            })?;
-            println!(
-                "shipped {} approved taps in {} batches",
-                stats.shipped.load(Ordering::Relaxed),
-                stats.batches.load(Ordering::Relaxed)
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+        } => forward(&redis, journal, node, batch),
         SettleAction::Report { source, date, json } => {
             let ledger = source.read(date, false)?;
             print!("{}", report(&ledger));
@@ -259,36 +231,7 @@ pub(crate) fn run(args: SettleArgs) -> anyhow::Result<ExitCode> {
             journal,
             fares,
             show,
-        } => {
-            let tables = FareTables::load(fares.as_deref())?;
-            let dirs: Vec<&Path> = journal.iter().map(PathBuf::as_path).collect();
-            let expected = settle_dirs(&dirs, &tables)?;
-            let settled = source.read(None, true)?;
-            let reconciliation = Reconciliation::new(&expected.ledger, &settled);
-            print!("{}", reconcile_text(&reconciliation, show));
-            for (node, journal) in source.journals_missing(&dirs)? {
-                println!(
-                    "journal of node {node} missing (journal {journal} ships to these books but was not given with --journal): its taps count as duplicated above"
-                );
-            }
-            if expected.copies > 0 {
-                println!(
-                    "note: {} taps are in more than one journal (sent to more than one gateway); each counts once",
-                    expected.copies
-                );
-            }
-            if expected.damaged_segments > 0 {
-                println!(
-                    "warning: {} journal segments hold damaged records; taps after the damage are in neither book",
-                    expected.damaged_segments
-                );
-            }
-            Ok(if reconciliation.is_exact() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
-        }
+        } => reconcile(&source, &journal, fares.as_deref(), show),
         SettleAction::Journal { dir, fares, json } => {
             let tables = FareTables::load(fares.as_deref())?;
             let settled = settle_dirs(&[dir.as_path()], &tables)?;
@@ -305,6 +248,80 @@ pub(crate) fn run(args: SettleArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Ships a stopped gateway's journal to the settlement streams (`settle forward`).
+fn forward(
+    redis: &RedisArgs,
+    journal: PathBuf,
+    node: String,
+    batch: usize,
+) -> anyhow::Result<ExitCode> {
+    crate::common::init_logging("warn");
+    if !journal.is_dir() {
+        return Err(anyhow::anyhow!(
+            "{}: no journal directory",
+            journal.display()
+        ));
+    }
+    let stats = Arc::new(ForwarderStats::default());
+    let settings = ForwarderSettings {
+        node,
+        journal_dir: journal,
+        partitions: redis.partitions,
+        batch: batch.max(1),
+        max_backlog: u64::MAX,
+    };
+    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+    runtime()?.block_on(async {
+        let store = redis.store()?;
+        forwarder::run(store, settings, Until::EndOfFiles, stats.clone(), stop_rx).await?;
+        anyhow::Ok(())
+    })?;
+    println!(
+        "shipped {} approved taps in {} batches",
+        stats.shipped.load(Ordering::Relaxed),
+        stats.batches.load(Ordering::Relaxed)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Compares the books with the journals settled offline (`settle reconcile`); exits 1 unless
+/// they are the same.
+fn reconcile(
+    source: &LedgerSource,
+    journal: &[PathBuf],
+    fares: Option<&Path>,
+    show: usize,
+) -> anyhow::Result<ExitCode> {
+    let tables = FareTables::load(fares)?;
+    let dirs: Vec<&Path> = journal.iter().map(PathBuf::as_path).collect();
+    let expected = settle_dirs(&dirs, &tables)?;
+    let settled = source.read(None, true)?;
+    let reconciliation = Reconciliation::new(&expected.ledger, &settled);
+    print!("{}", reconcile_text(&reconciliation, show));
+    for (node, journal) in source.journals_missing(&dirs)? {
+        println!(
+            "journal of node {node} missing (journal {journal} ships to these books but was not given with --journal): its taps count as duplicated above"
+        );
+    }
+    if expected.copies > 0 {
+        println!(
+            "note: {} taps are in more than one journal (sent to more than one gateway); each counts once",
+            expected.copies
+        );
+    }
+    if expected.damaged_segments > 0 {
+        println!(
+            "warning: {} journal segments hold damaged records; taps after the damage are in neither book",
+            expected.damaged_segments
+        );
+    }
+    Ok(if reconciliation.is_exact() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 async fn run_settlers(

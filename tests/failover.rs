@@ -19,7 +19,7 @@ use tapgate_loadgen::client::{GateClient, client_endpoint};
 use tapgate_protocol::{Mode, Outcome, Tap, TapKind};
 use tapgate_runtime::now_ms;
 use tapgate_settle::fares::FareTables;
-use tapgate_settle::ledger::settle_journals;
+use tapgate_settle::ledger::{Ledger, settle_journals};
 use tapgate_settle::store::{RedisStore, Store};
 use tapgate_settle::{Settlement, SettlementSettings};
 
@@ -243,36 +243,42 @@ async fn a_gateway_killed_under_load(url: &str) {
         &PARTITIONS.to_string(),
     ]);
     assert!(ok, "{text}");
-    if !settlement_b
-        .wait_settled(Duration::from_secs(60))
-        .await
-        .unwrap()
-    {
-        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
-        let (f, s) = (&settlement_b.forwarder, &settlement_b.settlers);
-        panic!(
-            "settlement did not catch up: counts {:?}; forwarder shipped through {:?}, store errors {}, failed {}; settlers settled {}, store errors {}, leases lost {}, partitions held {}, health {:?}",
-            store.counts().await,
-            f.shipped_through(),
-            load(&f.store_errors),
-            f.failed.load(std::sync::atomic::Ordering::Relaxed),
-            load(&s.settled),
-            load(&s.store_errors),
-            load(&s.leases_lost),
-            load(&s.partitions_held),
-            s.health.reason(),
-        );
-    }
+    wait_settled_or_explain(&settlement_b, &store).await;
     settlement_b.shutdown().await;
 
-    let (in_a, in_b) = (approved_in(&journal_a), approved_in(&journal_b));
+    let gateway_a_log =
+        std::fs::read_to_string(a_state.path().join("gw-a.log")).unwrap_or_default();
+    let (journaled, copies) =
+        every_approval_journaled(&received, &journal_a, &journal_b, &gateway_a_log);
+    // And the books hold every journaled tap exactly once.
+    let expected = settle_journals(
+        &[journal_a.as_path(), journal_b.as_path()],
+        &FareTables::embedded_default(),
+    )
+    .unwrap();
+    assert_eq!(expected.ledger.taps(), journaled.len() as u64);
+    assert_eq!(expected.copies, copies as u64);
+    let settled = store.ledger(None, true).await.unwrap();
+    assert_eq!(settled.taps(), journaled.len() as u64);
+    reconcile_says_exact(url, &journal_a, &journal_b, &settled);
+}
+
+/// Every approval a gate received is durable in some journal; returns the journaled
+/// approvals and how many are in both journals.
+fn every_approval_journaled(
+    received: &[(u64, u64)],
+    journal_a: &Path,
+    journal_b: &Path,
+    gateway_a_log: &str,
+) -> (BTreeSet<(u64, u64)>, usize) {
+    let (in_a, in_b) = (approved_in(journal_a), approved_in(journal_b));
     assert!(
         !in_a.is_empty() && !in_b.is_empty(),
         "{} approvals received, {} journaled on A, {} on B; gateway A said:\n{}",
         received.len(),
         in_a.len(),
         in_b.len(),
-        std::fs::read_to_string(a_state.path().join("gw-a.log")).unwrap_or_default()
+        gateway_a_log
     );
     let journaled: BTreeSet<_> = in_a.union(&in_b).copied().collect();
     let copies = in_a.intersection(&in_b).count();
@@ -288,16 +294,36 @@ async fn a_gateway_killed_under_load(url: &str) {
         .filter(|id| !journaled.contains(id))
         .collect();
     assert!(missing.is_empty(), "approvals in no journal: {missing:?}");
-    // And the books hold every journaled tap exactly once.
-    let expected = settle_journals(
-        &[journal_a.as_path(), journal_b.as_path()],
-        &FareTables::embedded_default(),
-    )
-    .unwrap();
-    assert_eq!(expected.ledger.taps(), journaled.len() as u64);
-    assert_eq!(expected.copies, copies as u64);
-    let settled = store.ledger(None, true).await.unwrap();
-    assert_eq!(settled.taps(), journaled.len() as u64);
+    (journaled, copies)
+}
+
+/// Waits for settlement to catch up; if it does not, says where each part stands.
+async fn wait_settled_or_explain(settlement: &Settlement, store: &Store) {
+    if !settlement
+        .wait_settled(Duration::from_secs(60))
+        .await
+        .unwrap()
+    {
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        let (f, s) = (&settlement.forwarder, &settlement.settlers);
+        panic!(
+            "settlement did not catch up: counts {:?}; forwarder shipped through {:?}, store errors {}, failed {}; settlers settled {}, store errors {}, leases lost {}, partitions held {}, health {:?}",
+            store.counts().await,
+            f.shipped_through(),
+            load(&f.store_errors),
+            f.failed.load(std::sync::atomic::Ordering::Relaxed),
+            load(&s.settled),
+            load(&s.store_errors),
+            load(&s.leases_lost),
+            load(&s.partitions_held),
+            s.health.reason(),
+        );
+    }
+}
+
+/// `tapgate settle reconcile` finds the books exact with both journals, and names the
+/// journal that is missing when given one.
+fn reconcile_says_exact(url: &str, journal_a: &Path, journal_b: &Path, settled: &Ledger) {
     let per_day: BTreeMap<_, _> = settled.days.iter().map(|(d, l)| (*d, l.taps)).collect();
     let (ok, text) = tapgate(&[
         "settle",

@@ -11,7 +11,7 @@ use tapgate_gateway::card::CardState;
 use tapgate_gateway::directory::TerminalRecord;
 use tapgate_protocol::{AreaCode, Concession, Issuer, IssuerRegion, Mode, Outcome, Tap, TapKind};
 use tapgate_settle::fares::FareTables;
-use tapgate_settle::ledger::settle_journals;
+use tapgate_settle::ledger::{Ledger, settle_journals};
 use tapgate_settle::store::{RedisStore, Store};
 use tapgate_settle::{Settlement, SettlementSettings};
 
@@ -68,6 +68,28 @@ async fn a_days_taps_settle_into_fares_transfers_and_clearing() {
         Arc::new(FareTables::embedded_default()),
         h.gateway.journal().durable(),
     );
+    ride_the_day(&h, intercity_gate).await;
+    h.gateway.shutdown().await;
+    assert!(
+        settlement
+            .wait_settled(Duration::from_secs(20))
+            .await
+            .unwrap()
+    );
+    let through_pipeline = store.ledger(None, true).await.unwrap();
+    settlement.shutdown().await;
+
+    let settled = settle_journals(
+        &[&state.path().join("journal")],
+        &FareTables::embedded_default(),
+    )
+    .unwrap();
+    assert_eq!(through_pipeline, settled.ledger);
+    check_the_books(&settled.ledger);
+}
+
+/// One rider per fare rule, in the order of a day.
+async fn ride_the_day(h: &Harness, intercity_gate: TerminalRecord) {
     let mut bus = h.gate(&YUZHONG_BUS).await;
     let mut metro = h.gate(&YUZHONG_METRO).await;
     let at = |sequence, card_id, kind, line, stop| Tap {
@@ -159,23 +181,10 @@ async fn a_days_taps_settle_into_fares_transfers_and_clearing() {
             Outcome::Approve
         );
     }
-    h.gateway.shutdown().await;
-    assert!(
-        settlement
-            .wait_settled(Duration::from_secs(20))
-            .await
-            .unwrap()
-    );
-    let through_pipeline = store.ledger(None, true).await.unwrap();
-    settlement.shutdown().await;
+}
 
-    let settled = settle_journals(
-        &[&state.path().join("journal")],
-        &FareTables::embedded_default(),
-    )
-    .unwrap();
-    let ledger = &settled.ledger;
-    assert_eq!(&through_pipeline, ledger);
+/// The day's books: each rule's fare, the concessions, and the clearing between regions.
+fn check_the_books(ledger: &Ledger) {
     assert_eq!(ledger.taps(), 21);
     assert_eq!(ledger.days.len(), 1);
     let day = ledger.days.values().next().unwrap();

@@ -3,7 +3,7 @@
 
 use crate::cache::CardCache;
 use crate::directory::DirectoryHealth;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::server::Gateway;
 use std::fmt;
 use std::sync::Arc;
@@ -82,59 +82,74 @@ impl Exposed for GatewayCounters {
 
 fn render_gateway(sink: &mut Sink, counters: &GatewayCounters) -> fmt::Result {
     let m = counters.metrics.snapshot();
+    render_sessions(sink, &m)?;
+    render_cache_and_journal(sink, counters)?;
+    sink.labeled(
+        "answers_total",
+        "counter",
+        "Tap answers sent, by outcome.",
+        "outcome",
+        &[
+            ("approve", m.approved),
+            ("deny", m.denied),
+            ("busy", m.busy),
+        ],
+    )?;
+    let reasons: Vec<(String, u64)> = m
+        .decisions
+        .iter()
+        .map(|(r, n)| (r.to_string(), *n))
+        .collect();
+    let reasons: Vec<(&str, u64)> = reasons.iter().map(|(r, n)| (r.as_str(), *n)).collect();
+    sink.labeled(
+        "decisions_total",
+        "counter",
+        "Tap answers sent, by reason.",
+        "reason",
+        &reasons,
+    )?;
+    let errors: Vec<(String, u64)> = m.errors.iter().map(|(c, n)| (c.to_string(), *n)).collect();
+    let errors: Vec<(&str, u64)> = errors.iter().map(|(c, n)| (c.as_str(), *n)).collect();
+    sink.labeled(
+        "errors_total",
+        "counter",
+        "Error frames and closes, by code.",
+        "code",
+        &errors,
+    )?;
+    sink.labeled(
+        "gates_connected",
+        "gauge",
+        "Authenticated gates connected now, by mode.",
+        "mode",
+        &counters.metrics.gates_by_mode(),
+    )?;
+    render_places(sink, counters)?;
+    let (sum, count, buckets) = counters.metrics.answer_latency.snapshot();
+    sink.histogram_seconds(
+        "answer_latency",
+        "From a Tap frame read to its answer written, in the gateway.",
+        sum,
+        count,
+        &buckets,
+    )?;
+    let (sum, count, buckets) = counters.journal.sync_latency.snapshot();
+    sink.histogram_seconds(
+        "journal_sync",
+        "Writing and syncing one journal batch.",
+        sum,
+        count,
+        &buckets,
+    )
+}
+
+/// The card cache's and the journal's counters.
+fn render_cache_and_journal(sink: &mut Sink, counters: &GatewayCounters) -> fmt::Result {
     let cache = &counters.cache;
     let s = &cache.stats;
     let journal = &counters.journal;
     let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    let single: [(&str, &str, &str, u64); 22] = [
-        (
-            "connections_active",
-            "gauge",
-            "Gate connections open now.",
-            m.connections_active.max(0) as u64,
-        ),
-        (
-            "connections_total",
-            "counter",
-            "Gate connections accepted.",
-            m.connections_total,
-        ),
-        (
-            "connections_refused_total",
-            "counter",
-            "Connections closed at the connection limit.",
-            m.connections_refused,
-        ),
-        (
-            "sessions_authenticated_total",
-            "counter",
-            "Gates that passed Hello.",
-            m.sessions_authenticated,
-        ),
-        (
-            "resends_total",
-            "counter",
-            "Taps answered again from the resend window.",
-            m.resends,
-        ),
-        (
-            "ride_updates_dropped_total",
-            "counter",
-            "Counted-ride updates not sent to the directory.",
-            m.ride_updates_dropped,
-        ),
-        (
-            "decisions_unshared_total",
-            "counter",
-            "Decisions answered without being shared with the other gateways (Redis unreachable or its queue full).",
-            m.decisions_unshared,
-        ),
-        (
-            "decisions_restored_total",
-            "counter",
-            "Decisions of other gateways loaded into a gate's resend window at its Hello.",
-            m.decisions_restored,
-        ),
+    let single: [(&str, &str, &str, u64); 14] = [
         (
             "cache_entries",
             "gauge",
@@ -223,46 +238,11 @@ fn render_gateway(sink: &mut Sink, counters: &GatewayCounters) -> fmt::Result {
     for (name, kind, help, value) in single {
         sink.single(name, kind, help, value)?;
     }
-    sink.labeled(
-        "answers_total",
-        "counter",
-        "Tap answers sent, by outcome.",
-        "outcome",
-        &[
-            ("approve", m.approved),
-            ("deny", m.denied),
-            ("busy", m.busy),
-        ],
-    )?;
-    let reasons: Vec<(String, u64)> = m
-        .decisions
-        .iter()
-        .map(|(r, n)| (r.to_string(), *n))
-        .collect();
-    let reasons: Vec<(&str, u64)> = reasons.iter().map(|(r, n)| (r.as_str(), *n)).collect();
-    sink.labeled(
-        "decisions_total",
-        "counter",
-        "Tap answers sent, by reason.",
-        "reason",
-        &reasons,
-    )?;
-    let errors: Vec<(String, u64)> = m.errors.iter().map(|(c, n)| (c.to_string(), *n)).collect();
-    let errors: Vec<(&str, u64)> = errors.iter().map(|(c, n)| (c.as_str(), *n)).collect();
-    sink.labeled(
-        "errors_total",
-        "counter",
-        "Error frames and closes, by code.",
-        "code",
-        &errors,
-    )?;
-    sink.labeled(
-        "gates_connected",
-        "gauge",
-        "Authenticated gates connected now, by mode.",
-        "mode",
-        &counters.metrics.gates_by_mode(),
-    )?;
+    Ok(())
+}
+
+/// Answers by where the gate is: area, operator and mode.
+fn render_places(sink: &mut Sink, counters: &GatewayCounters) -> fmt::Result {
     let by_area = counters.metrics.by_place.by_area();
     sink.counters_by_two(
         "area_answers",
@@ -284,21 +264,63 @@ fn render_gateway(sink: &mut Sink, counters: &GatewayCounters) -> fmt::Result {
         "Tap answers by the gate's mode and outcome.",
         ("mode", "outcome"),
         counters.metrics.by_place.by_mode().into_iter(),
-    )?;
-    let (sum, count, buckets) = counters.metrics.answer_latency.snapshot();
-    sink.histogram_seconds(
-        "answer_latency",
-        "From a Tap frame read to its answer written, in the gateway.",
-        sum,
-        count,
-        &buckets,
-    )?;
-    let (sum, count, buckets) = counters.journal.sync_latency.snapshot();
-    sink.histogram_seconds(
-        "journal_sync",
-        "Writing and syncing one journal batch.",
-        sum,
-        count,
-        &buckets,
     )
+}
+
+/// Connections, sessions and the answers shared between gateways.
+fn render_sessions(sink: &mut Sink, m: &MetricsSnapshot) -> fmt::Result {
+    let single: [(&str, &str, &str, u64); 8] = [
+        (
+            "connections_active",
+            "gauge",
+            "Gate connections open now.",
+            m.connections_active.max(0) as u64,
+        ),
+        (
+            "connections_total",
+            "counter",
+            "Gate connections accepted.",
+            m.connections_total,
+        ),
+        (
+            "connections_refused_total",
+            "counter",
+            "Connections closed at the connection limit.",
+            m.connections_refused,
+        ),
+        (
+            "sessions_authenticated_total",
+            "counter",
+            "Gates that passed Hello.",
+            m.sessions_authenticated,
+        ),
+        (
+            "resends_total",
+            "counter",
+            "Taps answered again from the resend window.",
+            m.resends,
+        ),
+        (
+            "ride_updates_dropped_total",
+            "counter",
+            "Counted-ride updates not sent to the directory.",
+            m.ride_updates_dropped,
+        ),
+        (
+            "decisions_unshared_total",
+            "counter",
+            "Decisions answered without being shared with the other gateways (Redis unreachable or its queue full).",
+            m.decisions_unshared,
+        ),
+        (
+            "decisions_restored_total",
+            "counter",
+            "Decisions of other gateways loaded into a gate's resend window at its Hello.",
+            m.decisions_restored,
+        ),
+    ];
+    for (name, kind, help, value) in single {
+        sink.single(name, kind, help, value)?;
+    }
+    Ok(())
 }

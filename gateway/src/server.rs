@@ -149,6 +149,35 @@ pub struct Gateway {
     certificate: Vec<u8>,
 }
 
+/// The journal opened, its writer, and the terminals its answers were restored to.
+type RecoveredJournal = (Journal, JournalWriter, DashMap<u64, Arc<TerminalState>>);
+
+/// Opens the journal, and fills each terminal's resend window from the answers it holds, so a
+/// gate resending after a restart gets the answer it was owed.
+fn recover_journal(
+    settings: &JournalSettings,
+    window: u16,
+) -> Result<RecoveredJournal, StartError> {
+    let terminals: DashMap<u64, Arc<TerminalState>> = DashMap::new();
+    let mut recovered = 0u64;
+    let (journal, writer) = Journal::open(settings, |record| {
+        recovered += 1;
+        terminals
+            .entry(record.terminal_id)
+            .or_insert_with(|| TerminalState::new(window))
+            .window
+            .lock()
+            .expect("window lock")
+            .restore(record.tap.sequence, record.tag, record.result);
+    })?;
+    tracing::info!(
+        records = recovered,
+        terminals = terminals.len(),
+        "journal recovered"
+    );
+    Ok((journal, writer, terminals))
+}
+
 impl Gateway {
     /// Recovers the journal, binds the socket and starts accepting gates.
     pub async fn start(settings: GatewaySettings) -> Result<Gateway, StartError> {
@@ -165,24 +194,8 @@ impl Gateway {
             log_salt,
         } = settings;
 
-        let terminals: DashMap<u64, Arc<TerminalState>> = DashMap::new();
-        let window = limits.resend_window;
-        let mut recovered = 0u64;
-        let (journal, journal_writer) = Journal::open(&journal_settings, |record| {
-            recovered += 1;
-            terminals
-                .entry(record.terminal_id)
-                .or_insert_with(|| TerminalState::new(window))
-                .window
-                .lock()
-                .expect("window lock")
-                .restore(record.tap.sequence, record.tag, record.result);
-        })?;
-        tracing::info!(
-            records = recovered,
-            terminals = terminals.len(),
-            "journal recovered"
-        );
+        let (journal, journal_writer, terminals) =
+            recover_journal(&journal_settings, limits.resend_window)?;
 
         let (chain, key) = tls::load(&tls_source)?;
         let certificate = chain.first().map(|c| c.to_vec()).unwrap_or_default();

@@ -184,16 +184,22 @@ impl Report {
     /// Two charts side by side: the latency distribution (percentile on a log scale) and the
     /// answers per second over the run.
     pub fn svg(&self) -> String {
-        const W: f64 = 480.0;
-        const H: f64 = 300.0;
-        const M: f64 = 50.0;
         let mut svg = format!(
             r#"<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{}" font-family="sans-serif" font-size="11">"#,
-            2.0 * W + 20.0,
-            H + 40.0
+            2.0 * CHART_WIDTH + 20.0,
+            CHART_HEIGHT + 40.0
         );
         svg.push_str(r#"<rect width="100%" height="100%" fill="white"/>"#);
+        self.latency_chart(&mut svg);
+        self.rate_chart(&mut svg);
+        svg.push_str("</svg>\n");
+        svg
+    }
 
+    fn latency_chart(&self, svg: &mut String) {
+        const W: f64 = CHART_WIDTH;
+        const H: f64 = CHART_HEIGHT;
+        const M: f64 = CHART_MARGIN;
         // Latency by percentile: x = nines (0 = p0, 1 = p90, 2 = p99, 3 = p99.9, 4 = p99.99),
         // y = latency on a log scale in whole decades, so a millisecond median and a stall of
         // half a second are both readable.
@@ -223,7 +229,7 @@ impl Report {
             }
         }
         chart_frame(
-            &mut svg,
+            svg,
             0.0,
             W,
             H,
@@ -255,7 +261,12 @@ impl Report {
             r##"<polyline fill="none" stroke="#c0392b" stroke-width="2" points="{}"/>"##,
             points.join(" ")
         );
+    }
 
+    fn rate_chart(&self, svg: &mut String) {
+        const W: f64 = CHART_WIDTH;
+        const H: f64 = CHART_HEIGHT;
+        const M: f64 = CHART_MARGIN;
         // Answer rate over the run, measured in tenths of a second so short stalls show.
         let offset = W + 20.0;
         let rates: Vec<u64> = self
@@ -275,7 +286,7 @@ impl Report {
             })
             .collect();
         chart_frame(
-            &mut svg,
+            svg,
             offset,
             W,
             H,
@@ -295,10 +306,13 @@ impl Report {
             H - M + 35.0,
             self.duration_s
         );
-        svg.push_str("</svg>\n");
-        svg
     }
 }
+
+/// Size of each of the report's two charts, and the margin inside it, in SVG units.
+const CHART_WIDTH: f64 = 480.0;
+const CHART_HEIGHT: f64 = 300.0;
+const CHART_MARGIN: f64 = 50.0;
 
 /// Title and axes of one chart; a linear chart also gets its top value and zero on the y axis.
 fn chart_frame(

@@ -248,26 +248,7 @@ pub async fn run(spec: LoadSpec) -> Result<Report, LoadError> {
     .expect("valid bind address");
     let endpoint = client_endpoint(&spec.trusted_cert, bind)?;
 
-    let connect_started = Instant::now();
-    let gates = connect_all(&spec, &endpoint).await;
-    let mut first_failure = None;
-    let mut ready = Vec::new();
-    for (identity, gate) in gates {
-        match gate {
-            Ok(gate) => ready.push((identity, gate)),
-            Err(e) => {
-                first_failure.get_or_insert(e.to_string());
-            }
-        }
-    }
-    if ready.is_empty() {
-        return Err(LoadError::NoneConnected(first_failure.unwrap_or_default()));
-    }
-    tracing::info!(
-        gates = ready.len(),
-        elapsed_ms = connect_started.elapsed().as_millis() as u64,
-        "gates connected"
-    );
+    let ready = connected_gates(&spec, &endpoint).await?;
     let connected = ready.len();
     let connect_failures = (spec.connections - connected) as u64;
 
@@ -331,13 +312,46 @@ pub async fn run(spec: LoadSpec) -> Result<Report, LoadError> {
         *total.errors.entry("connect_failed".into()).or_default() += connect_failures;
     }
     shared.endpoint.close(0u32.into(), b"done");
+    Ok(report(&shared, total, connected, behind))
+}
+
+/// The gates that connected; an error only when none did.
+async fn connected_gates(
+    spec: &LoadSpec,
+    endpoint: &quinn::Endpoint,
+) -> Result<Vec<(GateIdentity, GateClient)>, LoadError> {
+    let connect_started = Instant::now();
+    let mut first_failure = None;
+    let mut ready = Vec::new();
+    for (identity, gate) in connect_all(spec, endpoint).await {
+        match gate {
+            Ok(gate) => ready.push((identity, gate)),
+            Err(e) => {
+                first_failure.get_or_insert(e.to_string());
+            }
+        }
+    }
+    if ready.is_empty() {
+        return Err(LoadError::NoneConnected(first_failure.unwrap_or_default()));
+    }
+    tracing::info!(
+        gates = ready.len(),
+        elapsed_ms = connect_started.elapsed().as_millis() as u64,
+        "gates connected"
+    );
+    Ok(ready)
+}
+
+/// The run's figures, from every gate's merged counters and the shared recorders.
+fn report(shared: &Shared, total: GateStats, connected: usize, behind: u64) -> Report {
+    let spec = &shared.spec;
     let (from_intended, from_send) = shared.latencies.merged();
     let duration_s = spec.duration.as_secs_f64();
     let per_tick: Vec<u64> = shared.answered_per_tick[..ticks_in(spec.duration)]
         .iter()
         .map(|count| count.load(Ordering::Relaxed))
         .collect();
-    Ok(Report {
+    Report {
         target: match spec.target_kind {
             TargetKind::Tapgate => "tapgate".into(),
             TargetKind::Echo => "echo".into(),
@@ -368,7 +382,7 @@ pub async fn run(spec: LoadSpec) -> Result<Report, LoadError> {
         throughput_per_100ms: per_tick,
         settlement: None,
         histogram: from_intended,
-    })
+    }
 }
 
 fn progress_bar(shared: &Arc<Shared>) -> Option<ProgressBar> {

@@ -1,6 +1,7 @@
 //! The worked example of PROTOCOL.md, computed by the code itself. `tapgate vectors` prints it
 //! and a test checks that the specification shows exactly these bytes.
 
+use crate::MacKey;
 use crate::codec::seal;
 use crate::crypto::{MasterKey, TAG_LEN};
 use crate::frame::{
@@ -93,18 +94,43 @@ pub struct Vector {
 /// a gateway refusing an unknown terminal sends it).
 pub fn vectors() -> Vec<Vector> {
     let master = MasterKey::from_hex(MASTER_KEY_HEX).expect("the example key is valid hex");
-    let mac = master.diversify(TERMINAL_ID).mac_key();
-    let [hello, tap, approval] = frames();
-    let mut out = Vec::new();
-    let mut push = |name: String, direction, note: &str, frame: Frame, tagged: bool| {
+    let mut vectors = VectorSet {
+        mac: master.diversify(TERMINAL_ID).mac_key(),
+        out: Vec::new(),
+    };
+    session_vectors(&mut vectors);
+    answer_vectors(&mut vectors);
+    error_vectors(&mut vectors);
+    vectors.out
+}
+
+const UP: &str = "gate→gateway";
+const DOWN: &str = "gateway→gate";
+
+/// Vectors under construction, sealed with the example terminal's key.
+struct VectorSet {
+    mac: MacKey,
+    out: Vec<Vector>,
+}
+
+impl VectorSet {
+    /// Seals `frame`; an untagged one carries the all-zero tag of a keyless Error.
+    fn push(
+        &mut self,
+        name: String,
+        direction: &'static str,
+        note: &str,
+        frame: Frame,
+        tagged: bool,
+    ) {
         let mut wire = BytesMut::new();
-        seal(&frame, &mac, &mut wire);
+        seal(&frame, &self.mac, &mut wire);
         if !tagged {
             let len = wire.len();
             wire[len - TAG_LEN..].fill(0);
         }
         let mac_input = wire[..wire.len() - TAG_LEN].to_vec();
-        out.push(Vector {
+        self.out.push(Vector {
             name,
             direction,
             note: note.to_owned(),
@@ -112,17 +138,20 @@ pub fn vectors() -> Vec<Vector> {
             wire: wire.to_vec(),
             mac_input,
         });
-    };
-    const UP: &str = "gate→gateway";
-    const DOWN: &str = "gateway→gate";
-    push(
+    }
+}
+
+/// The Hello and its HelloAck, the Tap, its approval, and a resend with its repeated answer.
+fn session_vectors(vectors: &mut VectorSet) {
+    let [hello, tap, approval] = frames();
+    vectors.push(
         "hello".into(),
         UP,
         "the first frame of every connection",
         hello,
         true,
     );
-    push(
+    vectors.push(
         "hello_ack".into(),
         DOWN,
         "the answer to the Hello: nothing accepted yet, the default window and in-flight bound",
@@ -136,39 +165,43 @@ pub fn vectors() -> Vec<Vector> {
         }),
         true,
     );
-    push(
+    vectors.push(
         "tap".into(),
         UP,
         "an elder card entering the metro",
         tap,
         true,
     );
-    push(
+    vectors.push(
         "tap_result_approve".into(),
         DOWN,
         "the approval (free: elder concession, 1,199 counted rides left)",
         approval,
         true,
     );
-    push(
+    vectors.push(
         "tap_resend".into(),
         UP,
         "a resend is the same bytes as the first copy",
         tap,
         true,
     );
-    push(
+    vectors.push(
         "tap_result_resend".into(),
         DOWN,
         "the answer to a resend repeats the first answer byte for byte",
         approval,
         true,
     );
+}
+
+/// A denial for every reason, and Busy.
+fn answer_vectors(vectors: &mut VectorSet) {
     for reason in Reason::ALL
         .iter()
         .filter(|r| !matches!(r, Reason::Approved | Reason::Overloaded))
     {
-        push(
+        vectors.push(
             format!("tap_result_deny_{}", reason.label()),
             DOWN,
             "a denial: no concession, no fare, rides left not applicable",
@@ -183,7 +216,7 @@ pub fn vectors() -> Vec<Vector> {
             true,
         );
     }
-    push(
+    vectors.push(
         "tap_result_busy".into(),
         DOWN,
         "Busy: nothing was recorded; send the same tap again later",
@@ -197,12 +230,16 @@ pub fn vectors() -> Vec<Vector> {
         }),
         true,
     );
+}
+
+/// An Error for every code, tagged, and one without a key.
+fn error_vectors(vectors: &mut VectorSet) {
     for code in ErrorCode::ALL {
         let about_a_tap = matches!(
             code,
             ErrorCode::Replay | ErrorCode::SequenceConflict | ErrorCode::MalformedFrame
         );
-        push(
+        vectors.push(
             format!("error_{}", code.label()),
             DOWN,
             "an Error, tagged because the gateway knows the gate's key; the connection closes after it",
@@ -213,7 +250,7 @@ pub fn vectors() -> Vec<Vector> {
             true,
         );
     }
-    push(
+    vectors.push(
         "error_unknown_terminal_untagged".into(),
         DOWN,
         "an Error sent before the gateway has a key for the gate: the tag is all zeros (section 5.2)",
@@ -223,7 +260,6 @@ pub fn vectors() -> Vec<Vector> {
         }),
         false,
     );
-    out
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -11,7 +11,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-use tapgate_journal::{JournalPosition, journal_id, next_segment, read_from};
+use tapgate_journal::{
+    JournalPosition, JournalRead, ReadError, journal_id, next_segment, read_from,
+};
 use tapgate_protocol::Outcome;
 use tapgate_runtime::health::{Incident, PartHealth};
 use tapgate_runtime::retry::Backoff;
@@ -85,6 +87,16 @@ pub enum Until {
     EndOfFiles,
 }
 
+impl Until {
+    /// How far the journal may be read now.
+    fn limit(&self) -> Option<JournalPosition> {
+        match self {
+            Until::Durable(durable) => Some(*durable.borrow()),
+            Until::EndOfFiles => None,
+        }
+    }
+}
+
 /// First wait after a failure; failures in a row wait longer, up to `RETRY_CEILING`.
 const RETRY_FIRST: Duration = Duration::from_millis(250);
 const RETRY_CEILING: Duration = Duration::from_secs(2);
@@ -102,11 +114,9 @@ pub async fn run(
     stats: Arc<ForwarderStats>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), StoreError> {
-    if !super::init_store(&store, settings.partitions, &mut stop).await? {
+    let Some((journal, mut checkpoint)) = start(&store, &settings, &stats, &mut stop).await? else {
         return Ok(());
-    }
-    let journal = journal_id(&settings.journal_dir)
-        .map_err(|e| StoreError::Malformed(format!("{}: {e}", settings.journal_dir.display())))?;
+    };
     let ours = |stored: Option<Checkpoint>| own_position(&settings.node, &journal, stored);
     let mut retry = Backoff::new(RETRY_FIRST, RETRY_CEILING);
     let mut store_down = Incident::new(
@@ -116,39 +126,14 @@ pub async fn run(
         journal: journal.clone(),
         position,
     };
-    let mut checkpoint = loop {
-        match store.checkpoint(&settings.node).await {
-            Ok(c) => break ours(c)?,
-            Err(e @ StoreError::Malformed(_)) => return Err(e),
-            Err(e) => {
-                stats.store_errors.fetch_add(1, Ordering::Relaxed);
-                store_down.failed(std::time::Instant::now(), &e);
-                if wait_or_stop(&mut stop, retry.next_delay()).await {
-                    return Ok(());
-                }
-            }
-        }
-    };
-    retry.reset();
-    if let Err(e) = store.register_node(&settings.node, &journal).await {
-        tracing::debug!(error = %e, "forwarder: could not record its journal for reconcile");
-    }
-    let mut backlog_checked: Option<tokio::time::Instant> = None;
-    tracing::info!(node = %settings.node, checkpoint = %checkpoint.map_or("start".into(), |c| c.to_string()), "forwarder starting");
+    let mut backlog = BacklogGate::default();
     loop {
-        let limit = match &until {
-            Until::Durable(durable) => Some(*durable.borrow()),
-            Until::EndOfFiles => None,
-        };
         let from = checkpoint.unwrap_or_default();
-        let dir = settings.journal_dir.clone();
-        let batch = settings.batch.max(1);
-        let read = tokio::task::spawn_blocking(move || read_from(&dir, from, limit, batch)).await;
-        let read = match read {
-            Ok(Ok(r)) => r,
+        let read = match read_journal(&settings, from, until.limit()).await {
+            Ok(Some(read)) => read,
             // The runtime is shutting down.
-            Err(_) => return Ok(()),
-            Ok(Err(e)) => {
+            Ok(None) => return Ok(()),
+            Err(e) => {
                 tracing::error!(error = %e, "forwarder: cannot read the journal; retrying");
                 if wait_or_stop(&mut stop, retry.next_delay()).await {
                     return Ok(());
@@ -156,66 +141,36 @@ pub async fn run(
                 continue;
             }
         };
-        let mut next = read.next;
-        if read.damaged && read.records.is_empty() {
-            stats.damaged_segments.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(at = %read.next, "forwarder: damaged journal record; the rest of this segment cannot be shipped and `settle reconcile` will show it");
-            next = next_segment(read.next);
-        }
+        let next = past_damage(&read, &stats);
         if next == from && checkpoint.is_some() {
             stats.shipped_to(from);
-            match &mut until {
-                Until::EndOfFiles => return Ok(()),
-                Until::Durable(durable) => {
-                    if *stop.borrow() && *durable.borrow() <= from {
-                        return Ok(());
-                    }
-                    let (writer_gone, quiet) = tokio::select! {
-                        changed = durable.changed() => (changed.is_err(), false),
-                        _ = stop.changed() => (false, false),
-                        () = tokio::time::sleep(QUIET_CHECK) => (false, true),
-                    };
-                    // Nothing to ship: check the store still holds our checkpoint. A Redis
-                    // that came back older or empty is caught up now, not at the next tap.
-                    if quiet
-                        && let Ok(stored) = store.checkpoint(&settings.node).await
-                        && ours(stored.clone())? != checkpoint
-                    {
-                        stats.checkpoint_moved.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(expected = ?checkpoint, found = ?stored, "forwarder: the store's checkpoint changed (Redis restarted older or empty?); shipping again from it");
-                        checkpoint = ours(stored)?;
-                        continue;
-                    }
-                    // The journal is closed: nothing more will become durable.
-                    if writer_gone && wait_or_stop(&mut stop, QUIET_CHECK).await {
-                        return Ok(());
-                    }
+            match idle(
+                &store,
+                &settings.node,
+                &journal,
+                &mut until,
+                &mut stop,
+                from,
+                &stats,
+            )
+            .await?
+            {
+                Idle::Stop => return Ok(()),
+                Idle::Again => continue,
+                Idle::Moved(stored) => {
+                    checkpoint = stored;
                     continue;
                 }
             }
         }
-        let check_backlog = backlog_checked.is_none_or(|t| t.elapsed() >= BACKLOG_POLL);
-        if check_backlog && backlog_full(&store, &settings, &stats).await {
+        if backlog.full(&store, &settings, &stats).await {
             // Stopping while settlers are behind: what is left is shipped on the next start.
             if wait_or_stop(&mut stop, BACKLOG_POLL).await {
                 return Ok(());
             }
             continue;
         }
-        if check_backlog {
-            backlog_checked = Some(tokio::time::Instant::now());
-        }
-        let taps: Vec<ShippedTap> = read
-            .records
-            .iter()
-            .zip(&read.positions)
-            .filter(|(r, _)| r.result.outcome == Outcome::Approve)
-            .map(|(record, position)| ShippedTap {
-                partition: partition_of(record.tap.card_id, settings.partitions),
-                position: *position,
-                record: *record,
-            })
-            .collect();
+        let taps = approved_taps(&read, settings.partitions);
         let expected = checkpoint.map(at);
         match store
             .ship(&settings.node, expected.as_ref(), &at(next), &taps)
@@ -259,6 +214,137 @@ pub async fn run(
     }
 }
 
+/// The next batch of records from `from` up to `limit`, read off the runtime's threads;
+/// `None` when the runtime is shutting down.
+async fn read_journal(
+    settings: &ForwarderSettings,
+    from: JournalPosition,
+    limit: Option<JournalPosition>,
+) -> Result<Option<JournalRead>, ReadError> {
+    let dir = settings.journal_dir.clone();
+    let batch = settings.batch.max(1);
+    match tokio::task::spawn_blocking(move || read_from(&dir, from, limit, batch)).await {
+        Ok(read) => read.map(Some),
+        Err(_) => Ok(None),
+    }
+}
+
+/// What a forwarder with nothing new to ship does next.
+enum Idle {
+    Stop,
+    /// Read the journal again.
+    Again,
+    /// The store holds another checkpoint for this node: ship from there.
+    Moved(Option<JournalPosition>),
+}
+
+/// Nothing durable is left to ship: waits for more, for a stop, or for a quiet moment in which
+/// it checks the store still holds its checkpoint. A Redis that came back older or empty is
+/// caught up then, not at the next tap.
+async fn idle(
+    store: &Store,
+    node: &str,
+    journal: &str,
+    until: &mut Until,
+    stop: &mut watch::Receiver<bool>,
+    checkpoint: JournalPosition,
+    stats: &ForwarderStats,
+) -> Result<Idle, StoreError> {
+    let durable = match until {
+        Until::EndOfFiles => return Ok(Idle::Stop),
+        Until::Durable(durable) => durable,
+    };
+    if *stop.borrow() && *durable.borrow() <= checkpoint {
+        return Ok(Idle::Stop);
+    }
+    let (writer_gone, quiet) = tokio::select! {
+        changed = durable.changed() => (changed.is_err(), false),
+        _ = stop.changed() => (false, false),
+        () = tokio::time::sleep(QUIET_CHECK) => (false, true),
+    };
+    if quiet
+        && let Ok(stored) = store.checkpoint(node).await
+        && own_position(node, journal, stored.clone())? != Some(checkpoint)
+    {
+        stats.checkpoint_moved.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(expected = %checkpoint, found = ?stored, "forwarder: the store's checkpoint changed (Redis restarted older or empty?); shipping again from it");
+        return Ok(Idle::Moved(own_position(node, journal, stored)?));
+    }
+    // The journal is closed: nothing more will become durable.
+    if writer_gone && wait_or_stop(stop, QUIET_CHECK).await {
+        return Ok(Idle::Stop);
+    }
+    Ok(Idle::Again)
+}
+
+/// Readies the store, reads this journal's identity and finds where shipping resumes (the
+/// checkpoint the store holds for this node and journal); `None` when asked to stop first.
+async fn start(
+    store: &Store,
+    settings: &ForwarderSettings,
+    stats: &ForwarderStats,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<Option<(String, Option<JournalPosition>)>, StoreError> {
+    if !super::init_store(store, settings.partitions, stop).await? {
+        return Ok(None);
+    }
+    let journal = journal_id(&settings.journal_dir)
+        .map_err(|e| StoreError::Malformed(format!("{}: {e}", settings.journal_dir.display())))?;
+    let Some(stored) = stored_checkpoint(store, &settings.node, stats, stop).await? else {
+        return Ok(None);
+    };
+    let checkpoint = own_position(&settings.node, &journal, stored)?;
+    if let Err(e) = store.register_node(&settings.node, &journal).await {
+        tracing::debug!(error = %e, "forwarder: could not record its journal for reconcile");
+    }
+    tracing::info!(node = %settings.node, checkpoint = %checkpoint.map_or("start".into(), |c| c.to_string()), "forwarder starting");
+    Ok(Some((journal, checkpoint)))
+}
+
+/// The checkpoint the store holds for this node, retried while the store is unreachable;
+/// `None` when asked to stop first.
+async fn stored_checkpoint(
+    store: &Store,
+    node: &str,
+    stats: &ForwarderStats,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<Option<Option<Checkpoint>>, StoreError> {
+    let mut retry = Backoff::new(RETRY_FIRST, RETRY_CEILING);
+    let mut store_down =
+        Incident::new("forwarder: the store does not answer for its checkpoint; retrying");
+    loop {
+        match store.checkpoint(node).await {
+            Ok(stored) => {
+                store_down.recovered(std::time::Instant::now());
+                return Ok(Some(stored));
+            }
+            Err(e @ StoreError::Malformed(_)) => return Err(e),
+            Err(e) => {
+                stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                store_down.failed(std::time::Instant::now(), &e);
+                if wait_or_stop(stop, retry.next_delay()).await {
+                    return Ok(None);
+                }
+            }
+        }
+    }
+}
+
+/// The approved taps of what was read, each with its partition and journal position; denials
+/// are journaled but cost nothing, so they are not shipped.
+fn approved_taps(read: &JournalRead, partitions: u16) -> Vec<ShippedTap> {
+    read.records
+        .iter()
+        .zip(&read.positions)
+        .filter(|(r, _)| r.result.outcome == Outcome::Approve)
+        .map(|(record, position)| ShippedTap {
+            partition: partition_of(record.tap.card_id, partitions),
+            position: *position,
+            record: *record,
+        })
+        .collect()
+}
+
 /// The position in this journal a stored checkpoint stands for; an error when it belongs to
 /// another journal, which must never be resumed from.
 fn own_position(
@@ -274,6 +360,43 @@ fn own_position(
             theirs: c.journal,
             ours: journal.to_owned(),
         }),
+    }
+}
+
+/// Where the next read starts: past the rest of a segment whose next record is damaged
+/// (counted and logged; `settle reconcile` shows what it held), else where the read ended.
+fn past_damage(read: &JournalRead, stats: &ForwarderStats) -> JournalPosition {
+    if read.damaged && read.records.is_empty() {
+        stats.damaged_segments.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(at = %read.next, "forwarder: damaged journal record; the rest of this segment cannot be shipped and `settle reconcile` will show it");
+        return next_segment(read.next);
+    }
+    read.next
+}
+
+/// Asks the store how far settlers are behind at most every `BACKLOG_POLL`, so a busy
+/// forwarder does not pay a round trip per batch for it.
+#[derive(Default)]
+struct BacklogGate {
+    checked: Option<tokio::time::Instant>,
+}
+
+impl BacklogGate {
+    /// Whether shipping must wait for settlers now.
+    async fn full(
+        &mut self,
+        store: &Store,
+        settings: &ForwarderSettings,
+        stats: &ForwarderStats,
+    ) -> bool {
+        if self.checked.is_some_and(|t| t.elapsed() < BACKLOG_POLL) {
+            return false;
+        }
+        if backlog_full(store, settings, stats).await {
+            return true;
+        }
+        self.checked = Some(tokio::time::Instant::now());
+        false
     }
 }
 

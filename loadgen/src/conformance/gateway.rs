@@ -87,6 +87,15 @@ impl Target {
 /// Runs every check against the target, one connection or more each.
 pub async fn run(target: &Target) -> Vec<Check> {
     let mut checks = Vec::new();
+    answers(target, &mut checks).await;
+    refusals(target, &mut checks).await;
+    sequences(target, &mut checks).await;
+    streams_and_timers(target, &mut checks).await;
+    checks
+}
+
+/// Hello, answers and resends: what a conforming gate relies on in normal operation.
+async fn answers(target: &Target, checks: &mut Vec<Check>) {
     let mut record = |rule: &'static str, outcome: Result<(), String>| {
         checks.push(Check::from_outcome(rule, outcome));
     };
@@ -182,6 +191,13 @@ pub async fn run(target: &Target) -> Vec<Check> {
         }
         .await,
     );
+}
+
+/// Malformed and misplaced frames, each refused with its own code (section 7).
+async fn refusals(target: &Target, checks: &mut Vec<Check>) {
+    let mut record = |rule: &'static str, outcome: Result<(), String>| {
+        checks.push(Check::from_outcome(rule, outcome));
+    };
 
     record(
         "7 a bad tag is bad_mac",
@@ -281,6 +297,13 @@ pub async fn run(target: &Target) -> Vec<Check> {
             )
             .await,
     );
+}
+
+/// The sequence window: conflicts and replays.
+async fn sequences(target: &Target, checks: &mut Vec<Check>) {
+    let mut record = |rule: &'static str, outcome: Result<(), String>| {
+        checks.push(Check::from_outcome(rule, outcome));
+    };
 
     record(
         "6 a sequence reused with another body is sequence_conflict",
@@ -324,6 +347,13 @@ pub async fn run(target: &Target) -> Vec<Check> {
         }
         .await,
     );
+}
+
+/// The stream rules and the Hello timer.
+async fn streams_and_timers(target: &Target, checks: &mut Vec<Check>) {
+    let mut record = |rule: &'static str, outcome: Result<(), String>| {
+        checks.push(Check::from_outcome(rule, outcome));
+    };
 
     record(
         "1 one bidirectional stream at a time and no unidirectional ones",
@@ -410,6 +440,4 @@ pub async fn run(target: &Target) -> Vec<Check> {
         }
         .await,
     );
-
-    checks
 }

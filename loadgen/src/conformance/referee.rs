@@ -25,7 +25,7 @@ use super::{Check, Verdict};
 use bytes::{Bytes, BytesMut};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use tapgate_protocol::{
-    Concession, ErrorCode, ErrorFrame, Frame, FrameType, HelloAck, MacKey, MasterKey, Mode,
+    Concession, ErrorCode, ErrorFrame, Frame, FrameType, Hello, HelloAck, MacKey, MasterKey, Mode,
     OpenError, Outcome, Reason, TapKind, TapResult, seal, seal_unkeyed_error, take_frame,
 };
 
@@ -486,13 +486,14 @@ impl Referee {
             .collect()
     }
 
-    fn hello(
+    /// A first frame that is a well-formed Hello, tagged with its terminal's key, from a
+    /// registered place; anything else is refused (and `None`).
+    fn open_hello(
         &mut self,
         id: ConnectionId,
         frame: tapgate_protocol::SealedFrame,
-        now_ms: u64,
         actions: &mut Vec<Action>,
-    ) {
+    ) -> Option<(u64, MacKey, Hello)> {
         if frame.frame_type() != FrameType::Hello {
             self.fail(
                 Rule::HelloFirst,
@@ -504,11 +505,11 @@ impl Referee {
                 ErrorCode::UnexpectedFrame
             };
             self.refuse(id, code, 0, actions);
-            return;
+            return None;
         }
         let Some((terminal_id, key_version)) = frame.hello_identity() else {
             self.refuse(id, ErrorCode::MalformedFrame, 0, actions);
-            return;
+            return None;
         };
         if key_version != 1 {
             self.fail(
@@ -516,11 +517,11 @@ impl Referee {
                 format!("key version {key_version}; the referee has version 1"),
             );
             self.refuse(id, ErrorCode::UnknownKeyVersion, 0, actions);
-            return;
+            return None;
         }
         if !self.terminals.contains_key(&terminal_id) && self.terminals.len() >= MAX_TERMINALS {
             self.refuse(id, ErrorCode::Internal, 0, actions);
-            return;
+            return None;
         }
         let key = self.settings.master_key.diversify(terminal_id).mac_key();
         let hello = match frame.open(&key) {
@@ -532,12 +533,12 @@ impl Referee {
                     format!("terminal {terminal_id}: the Hello's tag does not verify"),
                 );
                 self.refuse(id, ErrorCode::BadMac, 0, actions);
-                return;
+                return None;
             }
             Err(OpenError::Decode(e)) => {
                 self.fail(Rule::HelloFirst, format!("terminal {terminal_id}: {e}"));
                 self.refuse_keyed(id, &key, ErrorCode::MalformedFrame, 0, actions);
-                return;
+                return None;
             }
         };
         if hello.area.area().is_none()
@@ -551,9 +552,22 @@ impl Referee {
                 ),
             );
             self.refuse_keyed(id, &key, ErrorCode::MalformedFrame, 0, actions);
-            return;
+            return None;
         }
         self.pass(Rule::HelloFirst);
+        Some((terminal_id, key, hello))
+    }
+
+    fn hello(
+        &mut self,
+        id: ConnectionId,
+        frame: tapgate_protocol::SealedFrame,
+        now_ms: u64,
+        actions: &mut Vec<Action>,
+    ) {
+        let Some((terminal_id, key, hello)) = self.open_hello(id, frame, actions) else {
+            return;
+        };
         let terminal = self
             .terminals
             .entry(terminal_id)
@@ -1064,7 +1078,7 @@ fn frame_bytes(frame: &tapgate_protocol::SealedFrame) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tapgate_protocol::{AreaCode, Hello, Issuer, Tap};
+    use tapgate_protocol::{AreaCode, Issuer, Tap};
 
     const MASTER: &str = "00112233445566778899aabbccddeeff";
     const TERMINAL: u64 = 100_000_007;
