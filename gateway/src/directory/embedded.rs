@@ -1,6 +1,10 @@
 //! The in-process directory of the demo and the tests.
 
-use super::*;
+use super::{CHANGE_CHANNEL, CardChange, ChangeEvent, RideClaim, TerminalChange, TerminalRecord};
+use crate::card::CardRecord;
+use std::collections::HashMap;
+use std::sync::RwLock;
+use tokio::sync::{broadcast, mpsc};
 
 /// In-process directory for the demo and tests.
 pub struct EmbeddedDirectory {

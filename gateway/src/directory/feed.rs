@@ -2,7 +2,13 @@
 //! when Redis is lost.
 
 use super::redis_directory::parse_terminal;
-use super::*;
+use super::{CardChange, ChangeEvent, DirectoryHealth, TerminalChange, parse_card};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tapgate_runtime::redis_target::{EntryId, RedisConnection, RedisTarget, bounded_error};
+use tapgate_runtime::retry::Backoff;
+use tokio::sync::mpsc;
 
 /// How long one XREAD waits for a change before asking again.
 pub(super) const FEED_BLOCK: Duration = Duration::from_secs(1);

@@ -24,19 +24,12 @@
 //! came back without it (a failover that lost the newest entries, or a restart without
 //! persistence), the gateway drops its whole cache instead.
 
-use crate::card::{CardRecord, CardState};
+use crate::card::CardRecord;
 pub use crate::decide::RideClaim;
-use chrono::NaiveDate;
-use redis::AsyncCommands;
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
-use tapgate_journal::{JournalRecord, PAYLOAD_LEN};
-use tapgate_protocol::{AreaCode, Concession, Issuer, Mode};
-use tapgate_runtime::health::{Incident, Panics, PartHealth, supervise};
-use tapgate_runtime::redis_target::{EntryId, RedisConnection, RedisTarget, bounded_error};
-use tapgate_runtime::retry::Backoff;
-use tokio::sync::{broadcast, mpsc};
+use std::sync::Arc;
+use tapgate_journal::JournalRecord;
+use tapgate_runtime::redis_target::bounded_error;
+use tokio::sync::mpsc;
 
 pub use tapgate_city::TerminalRecord;
 
@@ -242,6 +235,10 @@ pub fn change_group(id: u64) -> u16 {
 mod tests {
     use super::feed::stream_id_after;
     use super::*;
+    use crate::card::CardState;
+    use chrono::NaiveDate;
+    use std::collections::HashMap;
+    use tapgate_protocol::{Concession, Issuer};
 
     #[test]
     fn card_fields_round_trip() {

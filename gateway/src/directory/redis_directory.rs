@@ -2,7 +2,21 @@
 //! probe behind readiness.
 
 use super::feed::{ChangeFollower, FEED_BLOCK};
-use super::*;
+use super::{
+    CHANGE_CHANNEL, CHANGE_GROUPS, CHANGE_STREAM_MAXLEN, ChangeEvent, DirectoryError, RideClaim,
+    TerminalRecord, change_group,
+};
+use crate::card::{CardRecord, CardState};
+use chrono::NaiveDate;
+use redis::AsyncCommands;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+use tapgate_journal::{JournalRecord, PAYLOAD_LEN};
+use tapgate_protocol::{AreaCode, Concession, Issuer, Mode};
+use tapgate_runtime::health::{Incident, Panics, PartHealth, supervise};
+use tapgate_runtime::redis_target::{RedisConnection, RedisTarget, bounded_error};
+use tokio::sync::mpsc;
 
 /// Redis connection settings.
 #[derive(Debug, Clone)]

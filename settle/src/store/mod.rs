@@ -36,17 +36,16 @@
 //! writes in order), and the forwarder and settlers recover from whatever consistent point it
 //! went back to. Reports read every partition and merge the books.
 
-use super::ledger::{DayLedger, Ledger, Totals};
+use super::ledger::Ledger;
 use super::recent::RecentTaps;
 use crate::fares::RiderState;
 use chrono::NaiveDate;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tapgate_journal::{JournalPosition, JournalRecord, PAYLOAD_LEN};
-use tapgate_protocol::{IssuerRegion, Mode};
+use tapgate_journal::{JournalPosition, JournalRecord};
 pub use tapgate_runtime::redis_target::EntryId;
-use tapgate_runtime::redis_target::{RedisConnection, RedisTarget, bounded_error, bounded_line};
+use tapgate_runtime::redis_target::bounded_error;
 
 mod memory;
 mod redis_store;

@@ -1,6 +1,19 @@
 //! The Redis store: one script per atomic step, every key of a step in one partition's slot.
 
-use super::*;
+use super::{
+    Applied, ApplyBatch, CardSettlement, Checkpoint, Delivered, GROUP, HSCAN_PAGE, Shipped,
+    ShippedTap, StoreError,
+};
+use crate::fares::RiderState;
+use crate::ledger::{DayLedger, Ledger, Totals};
+use crate::recent::RecentTaps;
+use chrono::NaiveDate;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+use tapgate_journal::{JournalPosition, JournalRecord, PAYLOAD_LEN};
+use tapgate_protocol::{IssuerRegion, Mode};
+use tapgate_runtime::redis_target::{EntryId, RedisConnection, RedisTarget, bounded_line};
 
 /// Ships one partition's share of a forwarder batch and moves the node's checkpoint for that
 /// partition. Each partition keeps its own checkpoint (a shipment must stay in one slot), so
