@@ -4,14 +4,15 @@
 
 use crate::config::{Config, ConfigError, DirectoryKind};
 use crate::directory::{Directory, EmbeddedDirectory, RedisDirectory};
-use crate::server::{Gateway, StartError};
+use crate::server::{Gateway, GatewaySettings, StartError};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tapgate_runtime::ops::Exposition;
-use tapgate_settle::Settlement;
+use tapgate_settle::fares::FareTables;
 use tapgate_settle::ops::SettlementCounters;
 use tapgate_settle::store::{RedisStore, Store, StoreError};
+use tapgate_settle::{Settlement, SettlementSettings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -23,6 +24,22 @@ pub enum NodeError {
     Store(#[from] StoreError),
     #[error("writing the ledger {path}: {detail}")]
     Ledger { path: PathBuf, detail: String },
+}
+
+/// What a node is made of: plain settings, with its directory and settlement store already
+/// opened.
+pub struct NodeParts {
+    pub gateway: GatewaySettings,
+    /// `None` runs the gateway alone (approved taps stay in its journal).
+    pub settlement: Option<SettlementParts>,
+    /// Where an embedded node writes its ledger when it stops.
+    pub ledger_file: PathBuf,
+}
+
+pub struct SettlementParts {
+    pub store: Store,
+    pub settings: SettlementSettings,
+    pub tables: Arc<FareTables>,
 }
 
 /// A started node.
@@ -37,28 +54,40 @@ pub struct Node {
 const SETTLE_AT_EXIT: Duration = Duration::from_secs(60);
 
 impl Node {
+    /// Opens what the configuration names and starts the node on it (`serve`, `demo`).
     pub async fn start(config: &Config) -> Result<Node, NodeError> {
         let directory = open_directory(config)?;
-        let gateway = Gateway::start(config.gateway_settings(directory)?).await?;
         let settlement = if config.settlement.enabled {
-            let store = open_store(config)?;
-            let tables = Arc::new(config.fare_tables()?);
-            let settings = config.settlement_settings();
-            tracing::info!(node = %settings.node, partitions = settings.partitions, settlers = settings.settlers, "settlement running");
-            Some(Settlement::start(
-                store,
-                &settings,
-                tables,
-                gateway.journal().durable(),
-            ))
+            Some(SettlementParts {
+                store: open_store(config)?,
+                tables: Arc::new(config.fare_tables()?),
+                settings: config.settlement_settings(),
+            })
         } else {
             tracing::warn!("settlement is disabled: approved taps stay in the journal only");
             None
         };
+        Node::assemble(NodeParts {
+            gateway: config.gateway_settings(directory)?,
+            settlement,
+            ledger_file: ledger_file(config),
+        })
+        .await
+    }
+
+    /// Starts a node from its parts: the gateway on its opened directory, then settlement
+    /// beside it following the gateway's journal. The one place both are wired together;
+    /// `start` and the end-to-end tests come through here.
+    pub async fn assemble(parts: NodeParts) -> Result<Node, NodeError> {
+        let gateway = Gateway::start(parts.gateway).await?;
+        let settlement = parts.settlement.map(|s| {
+            tracing::info!(node = %s.settings.node, partitions = s.settings.partitions, settlers = s.settings.settlers, "settlement running");
+            Settlement::start(s.store, &s.settings, s.tables, gateway.journal().durable())
+        });
         Ok(Node {
             gateway,
             settlement,
-            ledger_file: ledger_file(config),
+            ledger_file: parts.ledger_file,
         })
     }
 

@@ -11,6 +11,7 @@ use tapgate_gateway::card::{CardRecord, CardState};
 use tapgate_gateway::directory::{
     Directory, EmbeddedDirectory, RedisDirectory, RedisSettings, TerminalRecord,
 };
+use tapgate_gateway::node::{Node, NodeParts};
 use tapgate_gateway::policy::Policy;
 use tapgate_gateway::server::{Gateway, GatewaySettings, Limits};
 use tapgate_journal::JournalSettings;
@@ -529,9 +530,16 @@ impl Harness {
         Self::start_with(settings(directory, state)).await
     }
 
+    /// A gateway alone, started through the composition root as `serve` starts one.
     pub(crate) async fn start_with(settings: GatewaySettings) -> Harness {
         let state = settings.journal.dir.parent().unwrap().to_owned();
-        let gateway = Gateway::start(settings).await.expect("gateway starts");
+        let Node { gateway, .. } = Node::assemble(NodeParts {
+            gateway: settings,
+            settlement: None,
+            ledger_file: state.join("ledger.json"),
+        })
+        .await
+        .expect("gateway starts");
         let endpoint =
             client_endpoint(gateway.certificate_der(), "127.0.0.1:0".parse().unwrap()).unwrap();
         Harness {
