@@ -235,10 +235,7 @@ fn render_cache_and_journal(sink: &mut Sink, counters: &GatewayCounters) -> fmt:
             load(&journal.batches),
         ),
     ];
-    for (name, kind, help, value) in single {
-        sink.single(name, kind, help, value)?;
-    }
-    Ok(())
+    sink.rows(&single)
 }
 
 /// Answers by where the gate is: area, operator and mode.
@@ -319,8 +316,5 @@ fn render_sessions(sink: &mut Sink, m: &MetricsSnapshot) -> fmt::Result {
             m.decisions_restored,
         ),
     ];
-    for (name, kind, help, value) in single {
-        sink.single(name, kind, help, value)?;
-    }
-    Ok(())
+    sink.rows(&single)
 }

@@ -101,6 +101,12 @@ impl Sink<'_> {
         self.labeled(name, kind, help, "", &[("", value)])
     }
 
+    /// One unlabeled sample per row of (name, kind, help, value).
+    pub fn rows(&mut self, rows: &[(&str, &str, &str, u64)]) -> fmt::Result {
+        rows.iter()
+            .try_for_each(|(name, kind, help, value)| self.single(name, kind, help, *value))
+    }
+
     /// Samples by the value of one label (`label` empty: a single unlabeled sample).
     pub fn labeled(
         &mut self,

@@ -121,10 +121,7 @@ fn render_forwarder(sink: &mut Sink, forwarder: &ForwarderStats) -> fmt::Result 
             load(&forwarder.damaged_segments),
         ),
     ];
-    for (name, kind, help, value) in counters {
-        sink.single(name, kind, help, value)?;
-    }
-    Ok(())
+    sink.rows(&counters)
 }
 
 fn render_settlers(sink: &mut Sink, settlers: &SettlerStats) -> fmt::Result {
@@ -185,9 +182,7 @@ fn render_settlers(sink: &mut Sink, settlers: &SettlerStats) -> fmt::Result {
             load(&settlers.store_errors),
         ),
     ];
-    for (name, kind, help, value) in counters {
-        sink.single(name, kind, help, value)?;
-    }
+    sink.rows(&counters)?;
     let lag = &settlers.lag;
     let buckets: Vec<(f64, u64)> = lag
         .cumulative()
