@@ -9,19 +9,19 @@ use crate::directory::{
 };
 use crate::metrics::{Metrics, PlaceSlot};
 use crate::policy::Policy;
-use crate::session::{self, Provisioning, TapStep};
+use crate::session::{
+    self, HeadWait, Provisioning, Recorded, Recording, TapSession, Transmit, Work, busy,
+};
 use crate::terminal::TerminalState;
 use bytes::BytesMut;
 use dashmap::DashMap;
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tapgate_journal::{Durable, Journal, JournalRecord, JournalSettings, JournalWriter};
 use tapgate_protocol::{
-    ErrorCode, ErrorFrame, Frame, FrameType, KeyRing, MacKey, Outcome, RIDES_LEFT_NOT_APPLICABLE,
-    Reason, SealedFrame, Tag, Tap, TapResult,
+    ErrorCode, ErrorFrame, Frame, KeyRing, MacKey, Outcome, SealedFrame, Tag, Tap, TapResult,
 };
 use tapgate_runtime::health::{Panics, PartHealth, supervise};
 use tapgate_runtime::now_ms;
@@ -499,23 +499,76 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
     while sessions.join_next().await.is_some() {}
 }
 
-/// A tap's answer as it waits its turn in the session's queue.
-enum Pending {
-    Ready(TapResult),
-    /// A decision, sent once what it waits for is done: its journal record on disk (an
-    /// approval), and its copy shared with the other gateways (when there are any).
-    Recording {
-        result: TapResult,
-        journal: Option<Durable>,
-        shared: Option<oneshot::Receiver<()>>,
-    },
-    /// A resend of a tap still being decided elsewhere.
-    AwaitAnswer {
-        sequence: u64,
-        tag: Tag,
-    },
-    /// Send this Error, then close.
-    Fatal(ErrorFrame),
+/// What an answer waits for before it goes out: its journal record synced (an approval), and
+/// its copy shared with the other gateways (when there are any).
+struct Waits {
+    journal: Option<Durable>,
+    shared: Option<oneshot::Receiver<()>>,
+    failed: bool,
+}
+
+impl Waits {
+    /// `None` when there is nothing to wait for.
+    fn of(journal: Option<Durable>, shared: Option<oneshot::Receiver<()>>) -> Option<Waits> {
+        (journal.is_some() || shared.is_some()).then_some(Waits {
+            journal,
+            shared,
+            failed: false,
+        })
+    }
+
+    /// Resolves once `poll_recorded` no longer says pending. Cancel-safe: an interrupted wait
+    /// leaves what it waited for in place.
+    async fn wait(&mut self) {
+        if let Some(durable) = &mut self.journal {
+            let recorded = matches!(durable.await, Ok(Ok(())));
+            self.journal = None;
+            if !recorded {
+                self.failed = true;
+                return;
+            }
+        }
+        if let Some(sharing) = &mut self.shared {
+            let _ = sharing.await;
+            self.shared = None;
+        }
+    }
+}
+
+impl Recording for Waits {
+    fn poll_recorded(&mut self) -> Recorded {
+        if self.failed {
+            return Recorded::Failed;
+        }
+        if let Some(durable) = &mut self.journal {
+            match durable.try_recv() {
+                Ok(Ok(())) => self.journal = None,
+                Err(oneshot::error::TryRecvError::Empty) => return Recorded::Pending,
+                _ => {
+                    self.failed = true;
+                    return Recorded::Failed;
+                }
+            }
+        }
+        if let Some(sharing) = &mut self.shared {
+            // Sharing that gave up releases the answer too: a gate is answered whatever
+            // happens to Redis.
+            if let Err(oneshot::error::TryRecvError::Empty) = sharing.try_recv() {
+                return Recorded::Pending;
+            }
+            self.shared = None;
+        }
+        Recorded::Done
+    }
+}
+
+/// An admitted gate, as its session's I/O needs it.
+struct Admitted {
+    terminal: TerminalRecord,
+    place: GatePlace,
+    state: Arc<TerminalState>,
+    /// Where the gate's answers are counted (area, mode, operator), found once per session.
+    counted_as: PlaceSlot,
 }
 
 struct Session {
@@ -582,20 +635,22 @@ impl Session {
             .fetch_add(1, Ordering::Relaxed);
         let _connected = self.shared.metrics.gate_connected(terminal.mode);
 
-        let place = GatePlace {
-            area: terminal.area,
-            mode: terminal.mode,
-        };
-        let mut session = Answers {
-            send,
-            mac,
-            state,
+        let gate = Admitted {
+            place: GatePlace {
+                area: terminal.area,
+                mode: terminal.mode,
+            },
             counted_as: PlaceSlot::of(terminal.area, terminal.mode, terminal.operator),
-            queue: VecDeque::with_capacity(usize::from(limits.max_in_flight)),
-            out: BytesMut::with_capacity(4096),
+            terminal,
+            state,
         };
-        self.run_taps(&mut reader, &mut session, &terminal, place)
-            .await;
+        let session = TapSession::new(
+            mac,
+            limits.max_in_flight,
+            limits.idle_timeout,
+            Instant::now(),
+        );
+        self.run_taps(&mut reader, send, session, &gate).await;
     }
 
     /// Checks the Hello (PROTOCOL.md section 5) and answers HelloAck.
@@ -706,128 +761,111 @@ impl Session {
     }
 
     /// The session after its Hello: one task reads taps, decides them in order and writes the
-    /// answers in the same order as they become ready (approvals once durable). Reading stops
-    /// at a fatal error or shutdown; the answers decided before it are still sent, then the
-    /// Error, then the connection is closed.
+    /// answers in the same order as they become ready (approvals once durable), as the session's
+    /// rules say. This is their I/O: the stream, the clock, shutdown and revocation.
     async fn run_taps(
         &self,
         reader: &mut FrameReader,
-        answers: &mut Answers,
-        terminal: &TerminalRecord,
-        place: GatePlace,
+        mut send: quinn::SendStream,
+        mut session: TapSession<Waits>,
+        gate: &Admitted,
     ) {
         let mut shutdown = self.shared.shutdown.clone();
         // One wait for the whole session: making a new one for every tap re-registers with the
         // watch each time, a measurable share of the per-tap work.
         let stopping = shutdown.wait_for(|stop| *stop);
         tokio::pin!(stopping);
-        let state = answers.state.clone();
-        let revoked = state.revocation.notified();
+        let revoked = gate.state.revocation.notified();
         tokio::pin!(revoked);
         // Enabled before the flag is read, so a revocation between the two still wakes it.
         revoked.as_mut().enable();
-        let fatal = |code, sequence| Pending::Fatal(ErrorFrame { code, sequence });
-        let mut reading = true;
-        // QUIC keep-alives keep the connection itself from idling, so silence is timed here: a
-        // gate that sends nothing for the idle timeout while nothing is owed to it is told so
-        // and disconnected (PROTOCOL.md section 1).
-        let idle = self.shared.limits.idle_timeout;
-        let mut last_frame = tokio::time::Instant::now();
-        if state.revoked.load(Ordering::SeqCst) {
-            answers.push(fatal(ErrorCode::UnknownTerminal, 0));
-            reading = false;
+        if gate.state.revoked.load(Ordering::SeqCst) {
+            session.handle_revoked(Instant::now());
         }
+        let resend_wait = self.shared.limits.resend_wait;
+        let mut out = BytesMut::with_capacity(4096);
         loop {
-            match answers.flush(&self.shared).await {
-                Flushed::Open => {}
-                Flushed::Closed => return,
-                Flushed::Fatal(error) => return self.close_after(answers, error).await,
+            out.clear();
+            let transmit = session.poll_transmit(&mut out, |result, read_at| {
+                self.answered(gate, result, read_at);
+            });
+            let written = out.is_empty() || send.write_all(&out).await.is_ok();
+            match transmit {
+                Transmit::Open if written => {}
+                Transmit::Open => return,
+                Transmit::Close(error) => {
+                    self.shared.metrics.count_error(error.code);
+                    if written {
+                        finish_when_acknowledged(&mut send, &self.connection).await;
+                    }
+                    return self.close(error.code);
+                }
+                Transmit::Done => {
+                    if written {
+                        // Closing at once could discard the last answers: close once the gate
+                        // has them, with code 0, `done` (section 4.5).
+                        finish_when_acknowledged(&mut send, &self.connection).await;
+                        self.connection.close(quinn::VarInt::from_u32(0), b"done");
+                    }
+                    return;
+                }
             }
-            if !reading && answers.queue.is_empty() {
-                // Every answer is written. Close only once the gate has them (closing at once
-                // could discard the last ones), with code 0, `done` (section 4.5).
-                finish_when_acknowledged(&mut answers.send, &self.connection).await;
-                self.connection.close(quinn::VarInt::from_u32(0), b"done");
-                return;
-            }
+            let reading = session.is_reading();
+            let wants_frame = session.wants_frame();
+            let head_waits = session.head_wait().is_some();
+            let idle = session.poll_timeout().map(tokio::time::Instant::from_std);
             let next = tokio::select! {
                 biased;
                 _ = &mut stopping, if reading => {
-                    answers.push(fatal(ErrorCode::ShuttingDown, 0));
-                    reading = false;
+                    session.handle_shutdown(Instant::now());
                     continue;
                 }
                 _ = &mut revoked, if reading => {
-                    answers.push(fatal(ErrorCode::UnknownTerminal, 0));
-                    reading = false;
+                    session.handle_revoked(Instant::now());
                     continue;
                 }
-                () = answers.wait_for_head(&self.shared), if !answers.queue.is_empty() => continue,
-                next = reader.next(), if reading => next,
-                () = tokio::time::sleep_until(last_frame + idle), if reading && answers.queue.is_empty() => {
-                    answers.push(fatal(ErrorCode::IdleTimeout, 0));
-                    reading = false;
-                    continue;
-                }
-            };
-            last_frame = tokio::time::Instant::now();
-            let read_at = std::time::Instant::now();
-            let frame = match next {
-                Ok(Some(frame)) => frame,
-                Ok(None) | Err(ReadError::Stream(_)) => {
-                    reading = false;
-                    continue;
-                }
-                Err(ReadError::Decode(e)) => {
-                    answers.push(fatal(e.error_code(), 0));
-                    reading = false;
+                () = wait_for_head(&mut session, &gate.state, resend_wait), if head_waits => continue,
+                next = reader.next(), if wants_frame => next,
+                () = sleep_until_some(idle), if idle.is_some() => {
+                    session.handle_timeout(Instant::now());
                     continue;
                 }
             };
-            let pending = match frame.frame_type() {
-                FrameType::Tap => self.tap(&frame, answers, terminal, place).await,
-                FrameType::Hello => fatal(ErrorCode::DuplicateHello, 0),
-                _ => fatal(ErrorCode::UnexpectedFrame, 0),
-            };
-            reading = !matches!(pending, Pending::Fatal(_));
-            answers.queue.push_back(Queued { read_at, pending });
-        }
-    }
-
-    /// What to answer a Tap frame.
-    async fn tap(
-        &self,
-        frame: &SealedFrame,
-        answers: &Answers,
-        terminal: &TerminalRecord,
-        place: GatePlace,
-    ) -> Pending {
-        let step = session::classify_tap(
-            frame,
-            &answers.mac,
-            &mut answers.state.window.lock().expect("window lock"),
-            answers.queue.len(),
-            self.shared.limits.max_in_flight,
-        );
-        match step {
-            TapStep::Fresh { tap, tag, room } => {
-                self.decide_fresh(&tap, tag, terminal, place, room).await
+            let now = Instant::now();
+            match next {
+                Ok(Some(frame)) => {
+                    let work = session.handle_frame(
+                        &frame,
+                        &mut gate.state.window.lock().expect("window lock"),
+                        now,
+                    );
+                    if let Some(work) = work {
+                        self.work(&mut session, work, gate).await;
+                    }
+                }
+                Ok(None) | Err(ReadError::Stream(_)) => session.handle_end(),
+                Err(ReadError::Decode(e)) => session.handle_undecodable(e.error_code(), now),
             }
-            TapStep::Resend(answer) => self.resend(&answers.state, answer),
-            TapStep::AwaitAnswer { sequence, tag } => Pending::AwaitAnswer { sequence, tag },
-            TapStep::Fatal(error) => Pending::Fatal(error),
         }
     }
 
-    /// Sends the Error (after every answer before it has gone out), then closes.
-    async fn close_after(&self, answers: &mut Answers, error: ErrorFrame) {
-        self.shared.metrics.count_error(error.code);
-        answers.out.clear();
-        tapgate_protocol::seal(&Frame::Error(error), &answers.mac, &mut answers.out);
-        if answers.send.write_all(&answers.out).await.is_ok() {
-            finish_when_acknowledged(&mut answers.send, &self.connection).await;
-        }
-        self.close(error.code);
+    /// Does what the session handed over for a tap, and reports its answer back.
+    async fn work(&self, session: &mut TapSession<Waits>, work: Work, gate: &Admitted) {
+        let (sequence, (result, waits)) = match work {
+            Work::Decide { tap, tag } => (tap.sequence, self.decide_fresh(&tap, tag, gate).await),
+            Work::Resend(answer) => (answer.sequence, self.resend(&gate.state, answer)),
+        };
+        session.decided(sequence, result, waits);
+    }
+
+    /// An answer on its way out: into the gate's window (waking resends that wait for it) and
+    /// the counters.
+    fn answered(&self, gate: &Admitted, result: TapResult, read_at: Instant) {
+        gate.state.complete(result);
+        let metrics = &self.shared.metrics;
+        metrics.count_answer(result.outcome, result.reason);
+        metrics.by_place.count(gate.counted_as, result.outcome);
+        metrics.answer_latency.record(read_at.elapsed());
     }
 
     /// Hands a decision to be shared with the other gateways; the receiver resolves once it is
@@ -850,7 +888,7 @@ impl Session {
 
     /// Answers a resend from the window. An approval another gateway decided (restored at
     /// Hello) is first journaled here as that gateway recorded it, byte for byte.
-    fn resend(&self, state: &TerminalState, answer: TapResult) -> Pending {
+    fn resend(&self, state: &TerminalState, answer: TapResult) -> (TapResult, Option<Waits>) {
         self.shared.metrics.resends.fetch_add(1, Ordering::Relaxed);
         let restored = state
             .restored
@@ -858,14 +896,10 @@ impl Session {
             .expect("restored lock")
             .remove(&answer.sequence);
         let Some(record) = restored else {
-            return Pending::Ready(answer);
+            return (answer, None);
         };
         match self.shared.journal.reserve() {
-            Ok(slot) => Pending::Recording {
-                result: answer,
-                journal: Some(slot.append_durable(record)),
-                shared: None,
-            },
+            Ok(slot) => (answer, Waits::of(Some(slot.append_durable(record)), None)),
             Err(_) => {
                 // Kept for the gate's next resend.
                 state
@@ -873,7 +907,7 @@ impl Session {
                     .lock()
                     .expect("restored lock")
                     .insert(answer.sequence, record);
-                Pending::Ready(busy(answer.sequence))
+                (busy(answer.sequence), None)
             }
         }
     }
@@ -910,29 +944,28 @@ impl Session {
         }
     }
 
-    /// Decides a new tap. Capacity is claimed before deciding — a slot in this session's
-    /// answer queue and in the journal's queue — so a tap answered Busy has changed nothing.
+    /// Decides a new tap. A journal slot is claimed before deciding, so a tap answered Busy
+    /// has changed nothing.
     async fn decide_fresh(
         &self,
         tap: &Tap,
         tag: Tag,
-        terminal: &TerminalRecord,
-        place: GatePlace,
-        room: bool,
-    ) -> Pending {
-        let slot = if room {
-            self.shared.journal.reserve().ok()
-        } else {
-            None
-        };
-        let Some(slot) = slot else {
-            return Pending::Ready(busy(tap.sequence));
+        gate: &Admitted,
+    ) -> (TapResult, Option<Waits>) {
+        let Ok(slot) = self.shared.journal.reserve() else {
+            return (busy(tap.sequence), None);
         };
         let now = now_ms();
         let policy = self.shared.policy.read().expect("policy lock").clone();
-        let mut decision = self.shared.cache.authorize(tap, place, &policy, now).await;
+        let mut decision = self
+            .shared
+            .cache
+            .authorize(tap, gate.place, &policy, now)
+            .await;
         if decision.uses_counted_ride {
-            decision = self.claim_ride(tap.card_id, decision, place, &policy).await;
+            decision = self
+                .claim_ride(tap.card_id, decision, gate.place, &policy)
+                .await;
         }
         let result = TapResult {
             sequence: tap.sequence,
@@ -942,6 +975,7 @@ impl Session {
             fare_fen: decision.fare_fen,
             rides_left: decision.rides_left,
         };
+        let terminal = &gate.terminal;
         let record = JournalRecord {
             terminal_id: terminal.terminal_id,
             tag,
@@ -954,11 +988,7 @@ impl Session {
         };
         let shared = self.share(record);
         if result.outcome == Outcome::Approve {
-            Pending::Recording {
-                result,
-                journal: Some(slot.append_durable(record)),
-                shared,
-            }
+            (result, Waits::of(Some(slot.append_durable(record)), shared))
         } else {
             tracing::debug!(
                 terminal = terminal.terminal_id,
@@ -967,171 +997,28 @@ impl Session {
                 "tap denied"
             );
             slot.append(record);
-            Pending::Recording {
-                result,
-                journal: None,
-                shared,
-            }
+            (result, Waits::of(None, shared))
         }
     }
 }
 
-fn busy(sequence: u64) -> TapResult {
-    TapResult {
-        sequence,
-        outcome: Outcome::Busy,
-        reason: Reason::Overloaded,
-        concession: tapgate_protocol::Concession::None,
-        fare_fen: 0,
-        rides_left: RIDES_LEFT_NOT_APPLICABLE,
+/// Waits for what the answer at the head of the session's queue waits for.
+async fn wait_for_head(session: &mut TapSession<Waits>, state: &TerminalState, limit: Duration) {
+    match session.head_wait() {
+        Some(HeadWait::Recording(waits)) => waits.wait().await,
+        Some(HeadWait::FirstCopy(first)) => {
+            let answer = await_answer(state, first.sequence, first.tag, limit).await;
+            session.first_copy_answered(answer);
+        }
+        None => std::future::pending().await,
     }
 }
 
-/// A session's answers in the order of their taps, and the stream they go out on.
-struct Answers {
-    send: quinn::SendStream,
-    mac: MacKey,
-    state: Arc<TerminalState>,
-    /// Where the gate's answers are counted (area, mode, operator), found once per session.
-    counted_as: PlaceSlot,
-    queue: VecDeque<Queued>,
-    out: BytesMut,
-}
-
-/// An answer on its way, and when the frame it answers was read.
-struct Queued {
-    read_at: std::time::Instant,
-    pending: Pending,
-}
-
-enum Flushed {
-    Open,
-    /// The stream is gone; nothing more can be sent.
-    Closed,
-    /// Everything before this Error has been sent.
-    Fatal(ErrorFrame),
-}
-
-impl Answers {
-    /// Queues an answer that reads no frame of its own (an Error at shutdown, say).
-    fn push(&mut self, pending: Pending) {
-        self.queue.push_back(Queued {
-            read_at: std::time::Instant::now(),
-            pending,
-        });
-    }
-
-    /// Writes every answer at the head of the queue that is ready, in order. Each answer enters
-    /// the terminal's window as it goes out, so a resend can never be answered with an approval
-    /// that is not yet durable.
-    async fn flush(&mut self, shared: &Shared) -> Flushed {
-        self.out.clear();
-        let mut fatal = None;
-        while let Some(head) = self.queue.front_mut() {
-            let result = match &mut head.pending {
-                Pending::AwaitAnswer { .. } => break,
-                Pending::Fatal(error) => {
-                    fatal = Some(*error);
-                    self.queue.clear();
-                    break;
-                }
-                pending => match pending.ready() {
-                    Some(result) => result,
-                    None => break,
-                },
-            };
-            let read_at = head.read_at;
-            self.queue.pop_front();
-            self.state.complete(result);
-            shared.metrics.count_answer(result.outcome, result.reason);
-            shared
-                .metrics
-                .by_place
-                .count(self.counted_as, result.outcome);
-            tapgate_protocol::seal(&Frame::TapResult(result), &self.mac, &mut self.out);
-            shared.metrics.answer_latency.record(read_at.elapsed());
-        }
-        if !self.out.is_empty() && self.send.write_all(&self.out).await.is_err() {
-            return Flushed::Closed;
-        }
-        match fatal {
-            Some(error) => Flushed::Fatal(error),
-            None => Flushed::Open,
-        }
-    }
-
-    /// Resolves when the head of the queue can be flushed. Cancel-safe: an interrupted wait
-    /// leaves the head as it was, or further along.
-    async fn wait_for_head(&mut self, shared: &Shared) {
-        let Some(Queued { pending: head, .. }) = self.queue.front_mut() else {
-            return;
-        };
-        match head {
-            Pending::Recording {
-                result,
-                journal,
-                shared: waiting,
-            } => {
-                if let Some(durable) = journal {
-                    let recorded = matches!(durable.await, Ok(Ok(())));
-                    *journal = None;
-                    if !recorded {
-                        // The journal could not record it: the approval is withdrawn.
-                        *head = Pending::Ready(busy(result.sequence));
-                        return;
-                    }
-                }
-                if let Some(sharing) = waiting {
-                    let _ = sharing.await;
-                    *waiting = None;
-                }
-            }
-            Pending::AwaitAnswer { sequence, tag } => {
-                match await_answer(&self.state, *sequence, *tag, shared.limits.resend_wait).await {
-                    Some(answer) => *head = Pending::Ready(answer),
-                    None => {
-                        self.queue.pop_front();
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-}
-
-impl Pending {
-    /// The answer when it can go out now; `None` while it waits. A journal that could not
-    /// record an approval turns it into Busy.
-    fn ready(&mut self) -> Option<TapResult> {
-        let Pending::Recording {
-            result,
-            journal,
-            shared,
-        } = self
-        else {
-            return match self {
-                Pending::Ready(result) => Some(*result),
-                _ => None,
-            };
-        };
-        if let Some(durable) = journal {
-            match durable.try_recv() {
-                Ok(Ok(())) => *journal = None,
-                Err(oneshot::error::TryRecvError::Empty) => return None,
-                _ => {
-                    let withdrawn = busy(result.sequence);
-                    *self = Pending::Ready(withdrawn);
-                    return Some(withdrawn);
-                }
-            }
-        }
-        if let Some(sharing) = shared {
-            if let Err(oneshot::error::TryRecvError::Empty) = sharing.try_recv() {
-                return None;
-            }
-            *shared = None;
-        }
-        Some(*result)
+/// Sleeps until `deadline`, or for ever without one.
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -1,12 +1,10 @@
-//! The gate session's rules without I/O, for the server to drive: what its first frame may be,
-//! and whether a Hello admits the gate. The server looks the terminal up between the two steps
-//! (that is I/O) and writes what these functions decide. Every refusal here is unit-tested
-//! without a runtime or a socket.
+//! The session's first step: what its first frame may be, and whether a Hello admits the gate.
+//! The server looks the terminal up between the two steps (that is I/O) and writes what these
+//! functions decide.
 
 use crate::directory::TerminalRecord;
 use tapgate_protocol::{
-    Admission, ErrorCode, ErrorFrame, Frame, FrameType, Hello, HelloAck, KeyRing, MacKey,
-    OpenError, SealedFrame, SequenceWindow, Tag, Tap, TapResult,
+    ErrorCode, Frame, FrameType, Hello, HelloAck, KeyRing, MacKey, OpenError, SealedFrame,
 };
 
 /// A refused Hello: the Error to send, tagged with `key` when the gateway has one for the gate.
@@ -150,76 +148,12 @@ pub fn hello_ack(
     }
 }
 
-/// What a Tap frame on an admitted session calls for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TapStep {
-    /// New: decide it. Without `room` the gate already has `max_in_flight` taps unanswered,
-    /// and it is answered busy without being decided.
-    Fresh { tap: Tap, tag: Tag, room: bool },
-    /// Answered before: send that answer again.
-    Resend(TapResult),
-    /// A copy of a tap still being decided: answer it with the first copy's answer.
-    AwaitAnswer { sequence: u64, tag: Tag },
-    /// Send this Error, then close.
-    Fatal(ErrorFrame),
-}
-
-/// Classifies a Tap frame against the gate's window. `unanswered` is how many of this
-/// session's taps are still waiting for their answer.
-pub fn classify_tap(
-    frame: &SealedFrame,
-    mac: &MacKey,
-    window: &mut SequenceWindow<TapResult>,
-    unanswered: usize,
-    max_in_flight: u16,
-) -> TapStep {
-    let fatal = |code, sequence| TapStep::Fatal(ErrorFrame { code, sequence });
-    let tap = match frame.open(mac) {
-        Ok(Frame::Tap(tap)) => tap,
-        Ok(_) => unreachable!("a frame of type Tap parses as a Tap"),
-        // Authentic but not a tap we can read (an unknown issuer or kind): the Error names the
-        // tap it is about, as PROTOCOL.md section 4.5 says.
-        Err(e @ OpenError::Decode(_)) => {
-            return fatal(e.error_code(), frame.sequence().unwrap_or(0));
-        }
-        // Not authentic: nothing in it is believed, its sequence included.
-        Err(e) => return fatal(e.error_code(), 0),
-    };
-    let tag = frame.tag();
-    match window.admit(tap.sequence, tag) {
-        Admission::Fresh => TapStep::Fresh {
-            tap,
-            tag,
-            // This tap is one of the unanswered ones: up to `max_in_flight` of them, as the
-            // HelloAck announces.
-            room: unanswered < usize::from(max_in_flight),
-        },
-        Admission::Resend(answer) => TapStep::Resend(answer),
-        Admission::InFlight => TapStep::AwaitAnswer {
-            sequence: tap.sequence,
-            tag,
-        },
-        Admission::Conflict => fatal(ErrorCode::SequenceConflict, tap.sequence),
-        Admission::Replay => fatal(ErrorCode::Replay, tap.sequence),
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::fixtures::{TERMINAL, keys, sealed};
     use super::*;
     use bytes::BytesMut;
-    use tapgate_protocol::{AreaCode, ErrorFrame, MasterKey, Mode, Tap, TapKind, seal};
-
-    const TERMINAL: u64 = 100_000_001;
-
-    fn keys() -> KeyRing {
-        let mut ring = KeyRing::new();
-        ring.insert(
-            1,
-            MasterKey::from_hex("00112233445566778899aabbccddeeff").unwrap(),
-        );
-        ring
-    }
+    use tapgate_protocol::{AreaCode, ErrorFrame, Mode, Tap, TapKind, seal};
 
     fn provisioned() -> TerminalRecord {
         TerminalRecord {
@@ -240,16 +174,6 @@ mod tests {
             client_nonce: 7,
             gate_time_ms: 0,
         }
-    }
-
-    fn sealed(frame: &Frame) -> SealedFrame {
-        let mut out = BytesMut::new();
-        seal(
-            frame,
-            &keys().terminal_key(1, TERMINAL).unwrap().mac_key(),
-            &mut out,
-        );
-        tapgate_protocol::decode_one(&out).unwrap()
     }
 
     /// Runs both steps as the server does, with `provisioning` as the lookup's answer.
@@ -392,120 +316,5 @@ mod tests {
         for (hello, code) in cases {
             assert_eq!(refused(hello, provisioned()), (code, true), "{hello:?}");
         }
-    }
-
-    fn mac() -> MacKey {
-        keys().terminal_key(1, TERMINAL).unwrap().mac_key()
-    }
-
-    fn tap(sequence: u64, stop: u16) -> SealedFrame {
-        sealed(&Frame::Tap(Tap {
-            sequence,
-            card_id: 6_222_000_000_000_001,
-            issuer: tapgate_protocol::Issuer::ChongqingSsc,
-            kind: TapKind::Entry,
-            line: 1,
-            stop,
-            gate_time_ms: 0,
-        }))
-    }
-
-    fn answer(sequence: u64) -> TapResult {
-        TapResult {
-            sequence,
-            outcome: tapgate_protocol::Outcome::Approve,
-            reason: tapgate_protocol::Reason::Approved,
-            concession: tapgate_protocol::Concession::None,
-            fare_fen: 200,
-            rides_left: tapgate_protocol::RIDES_LEFT_NOT_APPLICABLE,
-        }
-    }
-
-    #[test]
-    fn taps_are_fresh_resent_awaited_conflicting_or_replayed_as_section_6_says() {
-        let mut window = SequenceWindow::new(4);
-        let step = classify_tap(&tap(1, 1), &mac(), &mut window, 0, 2);
-        assert!(
-            matches!(step, TapStep::Fresh { room: true, .. }),
-            "{step:?}"
-        );
-        // A copy while the first is being decided waits for its answer.
-        let step = classify_tap(&tap(1, 1), &mac(), &mut window, 1, 2);
-        assert!(
-            matches!(step, TapStep::AwaitAnswer { sequence: 1, .. }),
-            "{step:?}"
-        );
-        window.complete(1, answer(1));
-        assert_eq!(
-            classify_tap(&tap(1, 1), &mac(), &mut window, 0, 2),
-            TapStep::Resend(answer(1))
-        );
-        // The same sequence with another body.
-        assert_eq!(
-            classify_tap(&tap(1, 2), &mac(), &mut window, 0, 2),
-            TapStep::Fatal(ErrorFrame {
-                code: ErrorCode::SequenceConflict,
-                sequence: 1
-            })
-        );
-        for sequence in 2..=6 {
-            classify_tap(&tap(sequence, 1), &mac(), &mut window, 0, 2);
-            window.complete(sequence, answer(sequence));
-        }
-        // Now outside the window of 4.
-        assert_eq!(
-            classify_tap(&tap(1, 1), &mac(), &mut window, 0, 2),
-            TapStep::Fatal(ErrorFrame {
-                code: ErrorCode::Replay,
-                sequence: 1
-            })
-        );
-    }
-
-    #[test]
-    fn a_tap_beyond_max_in_flight_is_fresh_without_room() {
-        let mut window = SequenceWindow::new(32);
-        let step = classify_tap(&tap(1, 1), &mac(), &mut window, 2, 2);
-        assert!(
-            matches!(step, TapStep::Fresh { room: false, .. }),
-            "{step:?}"
-        );
-        let step = classify_tap(&tap(2, 1), &mac(), &mut window, 1, 2);
-        assert!(
-            matches!(step, TapStep::Fresh { room: true, .. }),
-            "{step:?}"
-        );
-    }
-
-    #[test]
-    fn a_bad_tag_names_no_sequence_and_an_unreadable_authentic_tap_names_its_own() {
-        let mut window = SequenceWindow::new(32);
-        let mut bytes = BytesMut::new();
-        let mut frame = tap(9, 1);
-        bytes.extend_from_slice(frame.mac_input());
-        bytes.extend_from_slice(&[0; 16]);
-        frame = tapgate_protocol::decode_one(&bytes).unwrap();
-        assert_eq!(
-            classify_tap(&frame, &mac(), &mut window, 0, 2),
-            TapStep::Fatal(ErrorFrame {
-                code: ErrorCode::BadMac,
-                sequence: 0
-            })
-        );
-        // Issuer 5 is not in the registry; the tag is right for those bytes.
-        let mut bytes = BytesMut::from(tap(9, 1).mac_input());
-        bytes[4 + 16] = 5;
-        let tag = mac().tag(&bytes);
-        bytes.extend_from_slice(&tag);
-        let frame = tapgate_protocol::decode_one(&bytes).unwrap();
-        assert_eq!(
-            classify_tap(&frame, &mac(), &mut window, 0, 2),
-            TapStep::Fatal(ErrorFrame {
-                code: ErrorCode::MalformedFrame,
-                sequence: 9
-            })
-        );
-        // Neither touched the window.
-        assert_eq!(window.highest(), 0);
     }
 }
