@@ -401,75 +401,18 @@ impl SegmentWriter {
         stats: &JournalStats,
         durable: &watch::Sender<JournalPosition>,
     ) {
-        let mut batch = Vec::with_capacity(max_batch);
-        let mut buf = BytesMut::with_capacity(max_batch * (RECORD_HEADER + PAYLOAD_LEN));
-        let mut failing =
-            Incident::new("journal write failed; approvals are withdrawn (answered Busy)");
-        let mut last_sync = Instant::now()
-            .checked_sub(min_interval)
-            .unwrap_or_else(Instant::now);
-        while let Some(first) = rx.blocking_recv() {
-            let wait = min_interval.saturating_sub(last_sync.elapsed());
-            if !wait.is_zero() {
-                std::thread::sleep(wait);
-            }
-            last_sync = Instant::now();
-            batch.push(first);
-            while batch.len() < max_batch {
-                match rx.try_recv() {
-                    Ok(next) => batch.push(next),
-                    Err(_) => break,
-                }
-            }
-            buf.clear();
-            for request in &batch {
-                let start = buf.len();
-                buf.put_u32(PAYLOAD_LEN as u32);
-                buf.put_u32(0);
-                request.record.encode(&mut buf);
-                let crc = crc32c::crc32c(&buf[start + RECORD_HEADER..]);
-                buf[start + 4..start + 8].copy_from_slice(&crc.to_be_bytes());
-            }
-            let started = Instant::now();
-            let result = self.write_batch(&buf).map_err(Arc::new);
-            stats.sync_latency.record(started.elapsed());
-            stats.batches.fetch_add(1, Ordering::Relaxed);
-            match &result {
-                Ok(()) => {
-                    stats.health.ok();
-                    failing.recovered(Instant::now());
-                    stats.syncs.fetch_add(1, Ordering::Relaxed);
-                    stats
-                        .records
-                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                    stats.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
-                    let synced = JournalPosition {
-                        segment: self.index,
-                        offset: self.written,
-                    };
-                    let before = durable.send_replace(synced);
-                    // Approvals are released by this position: it only moves forward.
-                    debug_assert!(
-                        before <= synced,
-                        "durable position went back: {before:?} -> {synced:?}"
-                    );
-                }
-                Err(e) => {
-                    stats.write_errors.fetch_add(1, Ordering::Relaxed);
-                    stats
-                        .health
-                        .fail(Instant::now(), format_args!("cannot write: {e}"));
-                    failing.failed(Instant::now(), e);
-                }
-            }
-            for request in batch.drain(..) {
-                if let Some(done) = request.durable {
-                    // The session may have gone; then nobody needs the answer.
-                    let _ = done.send(result.clone());
-                }
-            }
-            self.zero_ahead();
-        }
+        let mut sink = SegmentSink {
+            buf: BytesMut::with_capacity(max_batch * (RECORD_HEADER + PAYLOAD_LEN)),
+            failing: Incident::new("journal write failed; approvals are withdrawn (answered Busy)"),
+            last_sync: Instant::now()
+                .checked_sub(min_interval)
+                .unwrap_or_else(Instant::now),
+            min_interval,
+            writer: self,
+            stats,
+            durable,
+        };
+        write_batches(&mut rx, max_batch, &mut sink);
         if let Err(e) = self.trim() {
             tracing::error!(error = %e, "final journal sync failed");
         }
@@ -504,6 +447,135 @@ impl SegmentWriter {
         })?;
         self.written += bytes.len() as u64;
         Ok(())
+    }
+}
+
+/// Where the writer takes its requests from: the journal's bounded queue (a loom queue in the
+/// models).
+trait Requests {
+    /// The next request, waiting for one; `None` once every handle is gone and the queue is
+    /// empty, so what was queued before the last handle went is still written.
+    fn next_blocking(&mut self) -> Option<Request>;
+    /// The next request if one is already queued.
+    fn next_queued(&mut self) -> Option<Request>;
+}
+
+impl Requests for mpsc::Receiver<Request> {
+    fn next_blocking(&mut self) -> Option<Request> {
+        self.blocking_recv()
+    }
+
+    fn next_queued(&mut self) -> Option<Request> {
+        self.try_recv().ok()
+    }
+}
+
+/// What the writer does with a batch (the segment files; a record of what was synced in the
+/// models).
+trait BatchSink {
+    /// Called once a batch has its first request, before the rest are gathered.
+    fn before_gathering(&mut self) {}
+    /// Writes and syncs the batch.
+    fn write(&mut self, batch: &[Request]) -> Result<(), Arc<JournalError>>;
+    /// Called after the batch's waiters are released.
+    fn after_release(&mut self) {}
+}
+
+/// The writer's hand-off: requests are taken in batches of up to `max_batch`, each batch is
+/// written and synced before any of its waiters is released, and every waiter is released with
+/// the outcome, the error included. So no approval is answered before it is durable, and none
+/// is left waiting when a write fails or the journal stops.
+fn write_batches(requests: &mut impl Requests, max_batch: usize, sink: &mut impl BatchSink) {
+    let mut batch = Vec::with_capacity(max_batch);
+    while let Some(first) = requests.next_blocking() {
+        sink.before_gathering();
+        batch.push(first);
+        while batch.len() < max_batch {
+            match requests.next_queued() {
+                Some(next) => batch.push(next),
+                None => break,
+            }
+        }
+        let result = sink.write(&batch);
+        for request in batch.drain(..) {
+            if let Some(done) = request.durable {
+                // The session may have gone; then nobody needs the answer.
+                let _ = done.send(result.clone());
+            }
+        }
+        sink.after_release();
+    }
+}
+
+/// The journal's segment files as the writer's sink: one write and one `fdatasync` per batch,
+/// the durable position moved after each, zeroes kept ahead between batches.
+struct SegmentSink<'a> {
+    writer: &'a mut SegmentWriter,
+    buf: BytesMut,
+    failing: Incident,
+    last_sync: Instant,
+    min_interval: Duration,
+    stats: &'a JournalStats,
+    durable: &'a watch::Sender<JournalPosition>,
+}
+
+impl BatchSink for SegmentSink<'_> {
+    fn before_gathering(&mut self) {
+        let wait = self.min_interval.saturating_sub(self.last_sync.elapsed());
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+        self.last_sync = Instant::now();
+    }
+
+    fn write(&mut self, batch: &[Request]) -> Result<(), Arc<JournalError>> {
+        let (buf, stats) = (&mut self.buf, self.stats);
+        buf.clear();
+        for request in batch {
+            let start = buf.len();
+            buf.put_u32(PAYLOAD_LEN as u32);
+            buf.put_u32(0);
+            request.record.encode(buf);
+            let crc = crc32c::crc32c(&buf[start + RECORD_HEADER..]);
+            buf[start + 4..start + 8].copy_from_slice(&crc.to_be_bytes());
+        }
+        let started = Instant::now();
+        let result = self.writer.write_batch(buf).map_err(Arc::new);
+        stats.sync_latency.record(started.elapsed());
+        stats.batches.fetch_add(1, Ordering::Relaxed);
+        match &result {
+            Ok(()) => {
+                stats.health.ok();
+                self.failing.recovered(Instant::now());
+                stats.syncs.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .records
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                stats.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                let synced = JournalPosition {
+                    segment: self.writer.index,
+                    offset: self.writer.written,
+                };
+                let before = self.durable.send_replace(synced);
+                // Approvals are released by this position: it only moves forward.
+                debug_assert!(
+                    before <= synced,
+                    "durable position went back: {before:?} -> {synced:?}"
+                );
+            }
+            Err(e) => {
+                stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .health
+                    .fail(Instant::now(), format_args!("cannot write: {e}"));
+                self.failing.failed(Instant::now(), e);
+            }
+        }
+        result
+    }
+
+    fn after_release(&mut self) {
+        self.writer.zero_ahead();
     }
 }
 
@@ -1117,5 +1189,181 @@ mod tests {
         assert!(full, "a one-slot queue must fill up under a burst");
         drop(journal);
         writer.join();
+    }
+}
+
+/// The writer's hand-off under loom (`scripts/test`; once each as ordinary tests): sessions
+/// queue approvals while the writer gathers, writes and releases batches and the last handle
+/// goes away.
+#[cfg(test)]
+mod loom_models {
+    use super::*;
+    use std::collections::VecDeque;
+    use tapgate_runtime::sync::{self, Condvar, Mutex, block_on, model_bounded, thread};
+
+    /// Three threads around a mutex and a condition variable have more interleavings than the
+    /// suite can walk; every one with up to this many forced switches is checked.
+    const PREEMPTIONS: usize = 3;
+
+    /// The journal's bounded queue, reduced to what the writer relies on: requests come out in
+    /// order, and the end comes only after the last handle is gone and the queue is empty.
+    #[derive(Default)]
+    struct Queue {
+        state: Mutex<(VecDeque<Request>, usize)>,
+        changed: Condvar,
+    }
+
+    /// A session's handle on the queue.
+    struct Handle(sync::Arc<Queue>);
+
+    impl Handle {
+        fn new(queue: &sync::Arc<Queue>) -> Handle {
+            queue.state.lock().unwrap().1 += 1;
+            Handle(queue.clone())
+        }
+
+        fn append_durable(&self, sequence: u64) -> Durable {
+            let (done, durable) = oneshot::channel();
+            let request = Request {
+                record: record(sequence),
+                durable: Some(done),
+            };
+            self.0.state.lock().unwrap().0.push_back(request);
+            self.0.changed.notify_one();
+            durable
+        }
+    }
+
+    impl Drop for Handle {
+        fn drop(&mut self) {
+            self.0.state.lock().unwrap().1 -= 1;
+            self.0.changed.notify_one();
+        }
+    }
+
+    struct Receiver(sync::Arc<Queue>);
+
+    impl Requests for Receiver {
+        fn next_blocking(&mut self) -> Option<Request> {
+            let mut state = self.0.state.lock().unwrap();
+            loop {
+                if let Some(request) = state.0.pop_front() {
+                    return Some(request);
+                }
+                if state.1 == 0 {
+                    return None;
+                }
+                state = self.0.changed.wait(state).unwrap();
+            }
+        }
+
+        fn next_queued(&mut self) -> Option<Request> {
+            self.0.state.lock().unwrap().0.pop_front()
+        }
+    }
+
+    /// Records which taps a write made durable, or fails every write.
+    struct Disk {
+        synced: sync::Arc<Mutex<Vec<u64>>>,
+        fails: bool,
+    }
+
+    impl BatchSink for Disk {
+        fn write(&mut self, batch: &[Request]) -> Result<(), Arc<JournalError>> {
+            if self.fails {
+                return Err(Arc::new(JournalError::Io {
+                    path: PathBuf::from("model"),
+                    source: io::Error::other("disk full"),
+                }));
+            }
+            let mut synced = self.synced.lock().unwrap();
+            synced.extend(batch.iter().map(|r| r.record.tap.sequence));
+            Ok(())
+        }
+    }
+
+    fn record(sequence: u64) -> JournalRecord {
+        JournalRecord {
+            terminal_id: 77,
+            tag: [sequence as u8; 16],
+            tap: Tap {
+                sequence,
+                card_id: 1000 + sequence,
+                issuer: Issuer::ChongqingSsc,
+                kind: TapKind::Entry,
+                line: 3,
+                stop: 9,
+                gate_time_ms: 1_000,
+            },
+            server_time_ms: 2_000,
+            area: 500_103,
+            mode: Mode::Metro,
+            operator: 2,
+            result: TapResult {
+                sequence,
+                outcome: Outcome::Approve,
+                reason: Reason::Approved,
+                concession: Concession::None,
+                fare_fen: 200,
+                rides_left: tapgate_protocol::RIDES_LEFT_NOT_APPLICABLE,
+            },
+        }
+    }
+
+    /// Two sessions each queue an approval and wait for it, then let go of the journal; the
+    /// writer runs batches of two until the last handle is gone. Returns what each session
+    /// was told and what the disk holds at that moment.
+    fn two_sessions(fails: bool) -> Vec<(Result<(), ()>, Vec<u64>)> {
+        let queue = sync::Arc::new(Queue::default());
+        let synced = sync::Arc::new(Mutex::new(Vec::new()));
+        let sessions: Vec<_> = (1..=2)
+            .map(|sequence| {
+                let handle = Handle::new(&queue);
+                let synced = synced.clone();
+                thread::spawn(move || {
+                    let durable = handle.append_durable(sequence);
+                    drop(handle);
+                    let told = match block_on(durable) {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(_)) => Err(()),
+                        Err(_) => panic!("tap {sequence}: its waiter was dropped unreleased"),
+                    };
+                    (told, synced.lock().unwrap().clone())
+                })
+            })
+            .collect();
+        let mut disk = Disk {
+            synced: synced.clone(),
+            fails,
+        };
+        write_batches(&mut Receiver(queue), 2, &mut disk);
+        sessions
+            .into_iter()
+            .map(|s| s.join().expect("session"))
+            .collect()
+    }
+
+    /// An approval is released only once the batch holding it is on disk, whichever way the
+    /// sessions' appends, the writer's gathering and the last handle's drop interleave.
+    #[test]
+    fn an_approval_is_released_only_after_its_batch_is_written() {
+        model_bounded(PREEMPTIONS, || {
+            for (sequence, (told, on_disk)) in (1..).zip(two_sessions(false)) {
+                assert_eq!(told, Ok(()));
+                assert!(on_disk.contains(&sequence), "tap {sequence} released early");
+            }
+        });
+    }
+
+    /// A batch that cannot be written releases every waiter with the error (the gateway
+    /// answers them Busy): none is told it is durable, none waits for ever.
+    #[test]
+    fn a_failed_write_releases_every_waiter_with_the_error() {
+        model_bounded(PREEMPTIONS, || {
+            for (told, on_disk) in two_sessions(true) {
+                assert_eq!(told, Err(()));
+                assert!(on_disk.is_empty());
+            }
+        });
     }
 }

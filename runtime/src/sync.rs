@@ -6,12 +6,12 @@
 //! loom build, which needs loom as tokio's own dependency and does not compile here.
 
 #[cfg(not(tapgate_loom))]
-pub use std::sync::{Arc, Mutex, MutexGuard, atomic};
+pub use std::sync::{Arc, Condvar, Mutex, MutexGuard, atomic};
 #[cfg(not(tapgate_loom))]
 pub use std::thread;
 
 #[cfg(tapgate_loom)]
-pub use loom::sync::{Arc, Mutex, MutexGuard, atomic};
+pub use loom::sync::{Arc, Condvar, Mutex, MutexGuard, atomic};
 #[cfg(tapgate_loom)]
 pub use loom::thread;
 
@@ -22,6 +22,23 @@ pub fn model<F: Fn() + Sync + Send + 'static>(model: F) {
     loom::model(model);
     #[cfg(not(tapgate_loom))]
     model();
+}
+
+/// [`model`] with at most `preemptions` forced thread switches per interleaving, for models
+/// whose full space is too large to walk in the suite's time (loom's guidance: bugs need few
+/// preemptions; two or three find most).
+pub fn model_bounded<F: Fn() + Sync + Send + 'static>(preemptions: usize, model: F) {
+    #[cfg(tapgate_loom)]
+    {
+        let mut builder = loom::model::Builder::new();
+        builder.preemption_bound = Some(preemptions);
+        builder.check(model);
+    }
+    #[cfg(not(tapgate_loom))]
+    {
+        let _ = preemptions;
+        model();
+    }
 }
 
 /// Runs a future to completion on this thread: loom's executor in a loom build, so a wake-up
