@@ -1,10 +1,12 @@
 //! `tapgate`: the one command-line entry point. It parses arguments and calls the libraries.
 
+mod bench;
 mod books;
 mod cards;
 mod common;
 mod conformance;
 mod load;
+mod scrape;
 mod serve;
 mod settle;
 mod top;
@@ -37,6 +39,10 @@ enum Command {
     Load(load::LoadArgs),
     /// Run the transport baseline: a bare QUIC server that echoes every byte.
     Echo(load::EchoArgs),
+    /// Measure what tapgate adds per tap over the transport baseline: the echo and an embedded
+    /// gateway as processes of their own, driven alternately by one generator; taps/s,
+    /// latency, server CPU per tap and their ratios, printed and written as JSON.
+    Bench(bench::BenchArgs),
     /// Settlement: fares per area, operator and mode, and clearing between issuers.
     Settle(settle::SettleArgs),
     /// Manage card records in Redis: import, generate, report lost, block, unblock, show.
@@ -70,6 +76,7 @@ fn main() -> ExitCode {
         Command::CheckConfig(args) => serve::check(args),
         Command::Load(args) => load::run_load(args),
         Command::Echo(args) => load::run_echo(args),
+        Command::Bench(args) => bench::run_bench(args),
         Command::Cards(args) => cards::run(args),
         Command::Top(args) => top::run(args),
         Command::Settle(args) => return report_failure(settle::run(args)),

@@ -204,6 +204,52 @@ impl Collector for Collected {
     }
 }
 
+/// What a process has used so far, from `/proc/PID/stat`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProcessUsage {
+    /// User and system CPU time of all its threads.
+    pub cpu: std::time::Duration,
+    pub resident_bytes: u64,
+    pub virtual_bytes: u64,
+    /// Start time, in clock ticks after boot.
+    start_ticks: u64,
+}
+
+/// `/proc/PID/stat` of process `pid` (`None` reads this process); `None` when it cannot be read.
+pub fn process_usage(pid: Option<u32>) -> Option<ProcessUsage> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/stat"),
+        None => "/proc/self/stat".to_owned(),
+    };
+    let stat = std::fs::read_to_string(path).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let field = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
+    let (ticks, page) = clock_ticks_and_page_size();
+    let cpu_ticks = field(14)? + field(15)?;
+    Some(ProcessUsage {
+        cpu: std::time::Duration::from_secs_f64(cpu_ticks as f64 / ticks as f64),
+        resident_bytes: field(24)? * page,
+        virtual_bytes: field(23)?,
+        start_ticks: field(22)?,
+    })
+}
+
+fn clock_ticks_and_page_size() -> (u64, u64) {
+    // SAFETY: sysconf only reads configuration values.
+    #[allow(
+        unsafe_code,
+        reason = "libc::sysconf has no safe wrapper in the dependencies"
+    )]
+    let (ticks, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_CLK_TCK),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    (ticks.max(1) as u64, page.max(1) as u64)
+}
+
 /// The process's own figures under their conventional names (`process_…`), from /proc.
 #[derive(Debug)]
 struct ProcessMetrics;
@@ -211,24 +257,8 @@ struct ProcessMetrics;
 impl ProcessMetrics {
     /// CPU seconds, resident bytes, virtual bytes, start time (Unix seconds), open files.
     fn read() -> Option<(f64, u64, u64, f64, u64)> {
-        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-        // Fields after the command name, which is in parentheses and may hold spaces.
-        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-        let field = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
-        // SAFETY: sysconf only reads configuration values.
-        #[allow(
-            unsafe_code,
-            reason = "libc::sysconf has no safe wrapper in the dependencies"
-        )]
-        let (ticks, page) = unsafe {
-            (
-                libc::sysconf(libc::_SC_CLK_TCK).max(1) as f64,
-                libc::sysconf(libc::_SC_PAGESIZE).max(1) as u64,
-            )
-        };
-        let cpu = (field(14)? + field(15)?) as f64 / ticks;
-        let virtual_bytes = field(23)?;
-        let resident = field(24)? * page;
+        let usage = process_usage(None)?;
+        let (ticks, _) = clock_ticks_and_page_size();
         let boot: f64 = std::fs::read_to_string("/proc/stat")
             .ok()?
             .lines()
@@ -236,9 +266,15 @@ impl ProcessMetrics {
             .trim()
             .parse()
             .ok()?;
-        let start = boot + field(22)? as f64 / ticks;
+        let start = boot + usage.start_ticks as f64 / ticks as f64;
         let open = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;
-        Some((cpu, resident, virtual_bytes, start, open))
+        Some((
+            usage.cpu.as_secs_f64(),
+            usage.resident_bytes,
+            usage.virtual_bytes,
+            start,
+            open,
+        ))
     }
 }
 

@@ -1,0 +1,456 @@
+//! `tapgate bench`: what tapgate adds per tap over bare QUIC, measured side by side. Each round
+//! starts `tapgate echo` and an embedded `tapgate serve` as processes of their own, one after
+//! the other, and drives both with the same generator (this process): closed loop at a fixed
+//! number of gates, then the highest open-loop rate each holds over many gates. The servers'
+//! CPU comes from `/proc/PID/stat`, so it is theirs alone, not the generator's.
+
+use crate::common::parse_duration;
+use crate::scrape::{http_get, scrape_settlement, settlement_lag};
+use anyhow::Context as _;
+use clap::Args;
+use serde::Serialize;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tapgate_city::population::PopulationSpec;
+use tapgate_gateway::config::DEV_MASTER_KEY_HEX;
+use tapgate_loadgen::report::Report;
+use tapgate_loadgen::run::{LoadSpec, Pacing, TargetKind, find_max, run};
+use tapgate_loadgen::workload::Faults;
+use tapgate_protocol::MasterKey;
+use tapgate_runtime::ops::process_usage;
+
+#[derive(Args)]
+pub(crate) struct BenchArgs {
+    /// Rounds of closed-loop runs; each runs the echo, then the gateway.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Length of each closed-loop run: 15s, 1m.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Gates in the closed-loop runs.
+    #[arg(long, default_value_t = 100)]
+    connections: usize,
+    /// Gates in the highest-rate search, run once for each server after the rounds; 0 skips it.
+    #[arg(long, default_value_t = 4000)]
+    find_max_connections: usize,
+    /// Open-loop rate the search starts at; each step is 1.25 times the last.
+    #[arg(long, default_value_t = 8000.0)]
+    find_max_from: f64,
+    /// Length of each step of the search.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    find_max_step: Duration,
+    /// A step holds while its p99 stays under this (and nothing is refused or lost).
+    #[arg(long, default_value_t = 5.0)]
+    p99_bound_ms: f64,
+    /// Gates in the embedded gateway's population (the shipped defaults' 20,000).
+    #[arg(long, default_value_t = 20_000)]
+    terminals: u64,
+    /// Cards in the embedded gateway's population.
+    #[arg(long, default_value_t = PopulationSpec::default().cards)]
+    cards: u64,
+    /// The tapgate binary whose `serve` and `echo` are measured; this one by default. Another
+    /// build's binary compares two builds under one generator.
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
+    /// Where the results go as JSON.
+    #[arg(long, default_value = "tapgate-bench.json")]
+    json: PathBuf,
+}
+
+impl BenchArgs {
+    /// The embedded gateway's cards and gates, which the generator's gates must be.
+    fn population(&self) -> PopulationSpec {
+        PopulationSpec {
+            terminals: self.terminals,
+            cards: self.cards,
+            ..PopulationSpec::default()
+        }
+    }
+}
+
+/// One server's side of a closed-loop run.
+#[derive(Debug, Clone, Serialize)]
+struct Measured {
+    taps_per_s: f64,
+    answered: u64,
+    errors: u64,
+    busy: u64,
+    p50_us: u64,
+    p99_us: u64,
+    /// The server's user and system CPU over the run, per answered tap.
+    cpu_us_per_tap: f64,
+    /// Approval-to-ledger p99 of the run's taps (the gateway, when it settles).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    settlement_lag_p99_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Round {
+    echo: Measured,
+    tapgate: Measured,
+    rate_ratio: f64,
+    cpu_ratio: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct HeldRate {
+    echo_taps_per_s: Option<f64>,
+    tapgate_taps_per_s: Option<f64>,
+    ratio: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct BenchResult {
+    date_unix_s: u64,
+    machine: String,
+    server_bin: String,
+    connections: usize,
+    duration_s: f64,
+    rounds: Vec<Round>,
+    median_rate_ratio: f64,
+    median_cpu_ratio: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    find_max: Option<HeldRate>,
+}
+
+/// Which server a run measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Server {
+    Echo,
+    Gateway,
+}
+
+/// A server started for one run, stopped (and its files removed) when dropped.
+struct Started {
+    child: Child,
+    addr: SocketAddr,
+    cert: Vec<u8>,
+    /// The gateway's `/metrics`.
+    metrics: Option<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        // SIGINT first, for the gateway's orderly stop; killed if it has not gone in 10 s.
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A loopback port nothing listens on now.
+fn free_port(udp: bool) -> anyhow::Result<u16> {
+    let port = if udp {
+        std::net::UdpSocket::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port()
+    } else {
+        std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port()
+    };
+    Ok(port)
+}
+
+fn start(server: Server, bin: &Path, population: &PopulationSpec) -> anyhow::Result<Started> {
+    let dir = tempfile::Builder::new()
+        .prefix("tapgate-bench-")
+        .tempdir()?;
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port(true)?).parse()?;
+    let cert_dir = dir.path().join("cert");
+    let mut command = Command::new(bin);
+    let mut metrics = None;
+    match server {
+        Server::Echo => {
+            command.arg("echo");
+        }
+        Server::Gateway => {
+            let ops = format!("127.0.0.1:{}", free_port(false)?);
+            command
+                .args(["serve", "--embedded", "--embedded-terminals"])
+                .arg(population.terminals.to_string())
+                .arg("--embedded-cards")
+                .arg(population.cards.to_string())
+                .arg("--journal-dir")
+                .arg(dir.path().join("journal"))
+                .args(["--ops-listen", &ops, "--log", "warn"]);
+            metrics = Some(format!("http://{ops}/metrics"));
+        }
+    }
+    command
+        .arg("--listen")
+        .arg(addr.to_string())
+        .arg("--dev-cert-dir")
+        .arg(&cert_dir)
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let stdout = child.stdout.take().context("the server's stdout")?;
+    // Drained for the server's whole life, so its prints never block it.
+    std::thread::spawn(move || for _ in BufReader::new(stdout).lines() {});
+    let mut started = Started {
+        child,
+        addr,
+        cert: Vec::new(),
+        metrics,
+        _dir: dir,
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let cert_file = cert_dir.join(tapgate_transport::tls::DEV_CERT_FILE);
+    loop {
+        if let Some(status) = started.child.try_wait()? {
+            anyhow::bail!("{server:?} server exited at start: {status}");
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("{server:?} server was not ready within 120 s");
+        }
+        let ready = match &started.metrics {
+            Some(url) => {
+                let readyz = url.replace("/metrics", "/readyz");
+                http_get(&readyz, Duration::from_secs(1)).is_some_and(|(status, _)| status == 200)
+            }
+            None => cert_file.exists(),
+        };
+        if ready {
+            // The echo binds right after writing its certificate.
+            std::thread::sleep(Duration::from_millis(300));
+            started.cert = std::fs::read(&cert_file)
+                .with_context(|| format!("reading {}", cert_file.display()))?;
+            return Ok(started);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn spec(
+    started: &Started,
+    server: Server,
+    connections: usize,
+    pacing: Pacing,
+    duration: Duration,
+    population: PopulationSpec,
+) -> LoadSpec {
+    LoadSpec {
+        target: started.addr,
+        target_kind: match server {
+            Server::Echo => TargetKind::Echo,
+            Server::Gateway => TargetKind::Tapgate,
+        },
+        trusted_cert: started.cert.clone(),
+        master_key: MasterKey::from_hex(DEV_MASTER_KEY_HEX).expect("valid development key"),
+        key_version: 1,
+        connections,
+        pacing,
+        duration,
+        population,
+        faults: Faults::default(),
+        show_progress: false,
+    }
+}
+
+async fn closed_loop(args: &BenchArgs, bin: &Path, server: Server) -> anyhow::Result<Measured> {
+    let started = start(server, bin, &args.population())?;
+    let pid = started.child.id();
+    let before_settlement = match &started.metrics {
+        Some(url) => scrape_settlement(url).await,
+        None => None,
+    };
+    let cpu_before = process_usage(Some(pid)).context("reading the server's CPU")?;
+    let report = run(spec(
+        &started,
+        server,
+        args.connections,
+        Pacing::ClosedLoop,
+        args.duration,
+        args.population(),
+    ))
+    .await?;
+    let cpu_after = process_usage(Some(pid)).context("reading the server's CPU")?;
+    let lag = match (&started.metrics, &before_settlement) {
+        (Some(url), Some(before)) => settlement_lag(url, before).await,
+        _ => None,
+    };
+    Ok(measured(
+        &report,
+        cpu_after.cpu - cpu_before.cpu,
+        lag.and_then(|l| l.p99_ms),
+    ))
+}
+
+fn measured(report: &Report, cpu: Duration, lag_p99_ms: Option<u64>) -> Measured {
+    Measured {
+        taps_per_s: report.achieved_rate,
+        answered: report.answered,
+        errors: report.errors,
+        busy: report.busy,
+        p50_us: report.latency_us.p50,
+        p99_us: report.latency_us.p99,
+        cpu_us_per_tap: cpu.as_secs_f64() * 1e6 / report.answered.max(1) as f64,
+        settlement_lag_p99_ms: lag_p99_ms,
+    }
+}
+
+async fn held_rate(args: &BenchArgs, bin: &Path, server: Server) -> anyhow::Result<Option<f64>> {
+    let started = start(server, bin, &args.population())?;
+    let spec = spec(
+        &started,
+        server,
+        args.find_max_connections,
+        Pacing::OpenLoop {
+            rate: args.find_max_from,
+        },
+        args.find_max_step,
+        args.population(),
+    );
+    let bound = Duration::from_secs_f64(args.p99_bound_ms / 1000.0);
+    let best = find_max(spec, args.find_max_from, bound, |step| {
+        println!(
+            "  {server:?} {:>8.0} taps/s: achieved {:.0}, p99 {:.2} ms, errors {}, busy {} -> {}",
+            step.rate,
+            step.report.achieved_rate,
+            step.report.latency_us.p99 as f64 / 1000.0,
+            step.report.errors,
+            step.report.busy,
+            if step.held { "held" } else { "did not hold" }
+        );
+    })
+    .await?;
+    Ok(best.map(|step| step.rate))
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    format!("{cpus} CPUs, {model}")
+}
+
+pub(crate) fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
+    crate::common::init_logging("warn");
+    let bin = match &args.server_bin {
+        Some(bin) => bin.clone(),
+        None => std::env::current_exe().context("finding this binary")?,
+    };
+    println!(
+        "tapgate bench: {} rounds of {} gates closed loop for {:.0} s, echo then gateway ({}), on {}",
+        args.rounds,
+        args.connections,
+        args.duration.as_secs_f64(),
+        bin.display(),
+        machine()
+    );
+    crate::runtime()?.block_on(async {
+        let mut rounds = Vec::new();
+        for round in 1..=args.rounds {
+            let echo = closed_loop(&args, &bin, Server::Echo).await?;
+            let tapgate = closed_loop(&args, &bin, Server::Gateway).await?;
+            let measured = Round {
+                rate_ratio: tapgate.taps_per_s / echo.taps_per_s.max(f64::MIN_POSITIVE),
+                cpu_ratio: tapgate.cpu_us_per_tap / echo.cpu_us_per_tap.max(f64::MIN_POSITIVE),
+                echo,
+                tapgate,
+            };
+            print_round(round, &measured);
+            rounds.push(measured);
+        }
+        let find_max = if args.find_max_connections > 0 {
+            println!(
+                "highest rate held over {} gates:",
+                args.find_max_connections
+            );
+            let echo = held_rate(&args, &bin, Server::Echo).await?;
+            let tapgate = held_rate(&args, &bin, Server::Gateway).await?;
+            let ratio = echo.zip(tapgate).map(|(e, t)| t / e);
+            println!(
+                "  echo {} taps/s, tapgate {} taps/s, ratio {}",
+                show(echo, 0),
+                show(tapgate, 0),
+                show(ratio, 2)
+            );
+            Some(HeldRate {
+                echo_taps_per_s: echo,
+                tapgate_taps_per_s: tapgate,
+                ratio,
+            })
+        } else {
+            None
+        };
+        let result = BenchResult {
+            date_unix_s: tapgate_runtime::now_ms() / 1000,
+            machine: machine(),
+            server_bin: bin.display().to_string(),
+            connections: args.connections,
+            duration_s: args.duration.as_secs_f64(),
+            median_rate_ratio: median(rounds.iter().map(|r| r.rate_ratio).collect()),
+            median_cpu_ratio: median(rounds.iter().map(|r| r.cpu_ratio).collect()),
+            rounds,
+            find_max,
+        };
+        println!(
+            "median over the rounds: rate ratio {:.2}, CPU ratio {:.2}",
+            result.median_rate_ratio, result.median_cpu_ratio
+        );
+        let json = serde_json::to_string_pretty(&result).expect("the result serializes");
+        std::fs::write(&args.json, json)
+            .with_context(|| format!("writing {}", args.json.display()))?;
+        println!("json: {}", args.json.display());
+        Ok(())
+    })
+}
+
+fn show(value: Option<f64>, decimals: usize) -> String {
+    value.map_or_else(|| "none held".to_owned(), |v| format!("{v:.decimals$}"))
+}
+
+fn print_round(round: usize, r: &Round) {
+    let side = |name: &str, m: &Measured| {
+        format!(
+            "{name} {:>7.0} taps/s p50 {:>5} µs p99 {:>6} µs CPU {:>5.1} µs/tap{}",
+            m.taps_per_s,
+            m.p50_us,
+            m.p99_us,
+            m.cpu_us_per_tap,
+            m.settlement_lag_p99_ms
+                .map_or(String::new(), |lag| format!(" settlement lag p99 {lag} ms"))
+        )
+    };
+    println!(
+        "round {round}: {} | {} | rate ratio {:.2}, CPU ratio {:.2}",
+        side("echo", &r.echo),
+        side("tapgate", &r.tapgate),
+        r.rate_ratio,
+        r.cpu_ratio
+    );
+}
