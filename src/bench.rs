@@ -55,6 +55,10 @@ pub(crate) struct BenchArgs {
     /// build's binary compares two builds under one generator.
     #[arg(long)]
     server_bin: Option<PathBuf>,
+    /// The gateway's configurations, in order: `embedded`, `redis` (a private redis-server,
+    /// which must be installed).
+    #[arg(long, value_delimiter = ',', default_value = "embedded,redis")]
+    setups: Vec<Setup>,
     /// Where the results go as JSON.
     #[arg(long, default_value = "tapgate-bench.json")]
     json: PathBuf,
@@ -102,13 +106,10 @@ struct HeldRate {
     ratio: Option<f64>,
 }
 
+/// One configuration of the gateway against the echo.
 #[derive(Debug, Serialize)]
-struct BenchResult {
-    date_unix_s: u64,
-    machine: String,
-    server_bin: String,
-    connections: usize,
-    duration_s: f64,
+struct SetupResult {
+    setup: String,
     rounds: Vec<Round>,
     median_rate_ratio: f64,
     median_cpu_ratio: f64,
@@ -116,11 +117,32 @@ struct BenchResult {
     find_max: Option<HeldRate>,
 }
 
+#[derive(Debug, Serialize)]
+struct BenchResult {
+    date_unix_s: u64,
+    machine: String,
+    server_bin: String,
+    connections: usize,
+    duration_s: f64,
+    setups: Vec<SetupResult>,
+}
+
+/// The gateway's configurations `bench` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Setup {
+    /// The shipped defaults: the embedded directory, settlement in process.
+    Embedded,
+    /// A private redis-server holding the cards and gates, settlement through it.
+    Redis,
+}
+
 /// Which server a run measures.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Server {
     Echo,
-    Gateway,
+    Embedded,
+    /// A gateway on the Redis at this URL.
+    Redis(String),
 }
 
 /// A server started for one run, stopped (and its files removed) when dropped.
@@ -165,7 +187,7 @@ fn free_port(udp: bool) -> anyhow::Result<u16> {
     Ok(port)
 }
 
-fn start(server: Server, bin: &Path, population: &PopulationSpec) -> anyhow::Result<Started> {
+fn start(server: &Server, bin: &Path, population: &PopulationSpec) -> anyhow::Result<Started> {
     let dir = tempfile::Builder::new()
         .prefix("tapgate-bench-")
         .tempdir()?;
@@ -177,16 +199,36 @@ fn start(server: Server, bin: &Path, population: &PopulationSpec) -> anyhow::Res
         Server::Echo => {
             command.arg("echo");
         }
-        Server::Gateway => {
+        Server::Embedded | Server::Redis(_) => {
             let ops = format!("127.0.0.1:{}", free_port(false)?);
             command
-                .args(["serve", "--embedded", "--embedded-terminals"])
-                .arg(population.terminals.to_string())
-                .arg("--embedded-cards")
-                .arg(population.cards.to_string())
+                .arg("serve")
                 .arg("--journal-dir")
                 .arg(dir.path().join("journal"))
                 .args(["--ops-listen", &ops, "--log", "warn"]);
+            if let Server::Redis(url) = server {
+                // Each start ships a new journal, so it forwards under a node name of its own.
+                let config = dir.path().join("tapgate.toml");
+                let node = dir.path().file_name().map_or_else(
+                    || "bench".to_owned(),
+                    |name| name.to_string_lossy().into_owned(),
+                );
+                std::fs::write(
+                    &config,
+                    format!(
+                        "[directory]\nkind = \"redis\"\nredis_url = \"{url}\"\n\n\
+                         [keys]\n\"1\" = \"{DEV_MASTER_KEY_HEX}\"\n\n\
+                         [settlement]\nnode = \"{node}\"\n"
+                    ),
+                )?;
+                command.arg("--config").arg(config);
+            } else {
+                command
+                    .args(["--embedded", "--embedded-terminals"])
+                    .arg(population.terminals.to_string())
+                    .arg("--embedded-cards")
+                    .arg(population.cards.to_string());
+            }
             metrics = Some(format!("http://{ops}/metrics"));
         }
     }
@@ -241,7 +283,7 @@ fn start(server: Server, bin: &Path, population: &PopulationSpec) -> anyhow::Res
 
 fn spec(
     started: &Started,
-    server: Server,
+    server: &Server,
     connections: usize,
     pacing: Pacing,
     duration: Duration,
@@ -251,7 +293,7 @@ fn spec(
         target: started.addr,
         target_kind: match server {
             Server::Echo => TargetKind::Echo,
-            Server::Gateway => TargetKind::Tapgate,
+            Server::Embedded | Server::Redis(_) => TargetKind::Tapgate,
         },
         trusted_cert: started.cert.clone(),
         master_key: MasterKey::from_hex(DEV_MASTER_KEY_HEX).expect("valid development key"),
@@ -265,7 +307,7 @@ fn spec(
     }
 }
 
-async fn closed_loop(args: &BenchArgs, bin: &Path, server: Server) -> anyhow::Result<Measured> {
+async fn closed_loop(args: &BenchArgs, bin: &Path, server: &Server) -> anyhow::Result<Measured> {
     let started = start(server, bin, &args.population())?;
     let pid = started.child.id();
     let before_settlement = match &started.metrics {
@@ -307,7 +349,7 @@ fn measured(report: &Report, cpu: Duration, lag_p99_ms: Option<u64>) -> Measured
     }
 }
 
-async fn held_rate(args: &BenchArgs, bin: &Path, server: Server) -> anyhow::Result<Option<f64>> {
+async fn held_rate(args: &BenchArgs, bin: &Path, server: &Server) -> anyhow::Result<Option<f64>> {
     let started = start(server, bin, &args.population())?;
     let spec = spec(
         &started,
@@ -357,6 +399,116 @@ fn machine() -> String {
     format!("{cpus} CPUs, {model}")
 }
 
+/// A redis-server of the bench's own on a free loopback port, holding the population; stopped
+/// when dropped.
+struct PrivateRedis {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl PrivateRedis {
+    fn start(bin: &Path, population: &PopulationSpec) -> anyhow::Result<PrivateRedis> {
+        let dir = tempfile::Builder::new()
+            .prefix("tapgate-bench-redis-")
+            .tempdir()?;
+        let port = free_port(false)?;
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context(
+                "starting redis-server for the Redis setup (install it, or pass --setups embedded)",
+            )?;
+        let redis = PrivateRedis {
+            child,
+            url: format!("redis://127.0.0.1:{port}/"),
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                anyhow::bail!("redis-server did not listen on port {port} within 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let loaded = Command::new(bin)
+            .args(["cards", "--redis-url", &redis.url, "generate"])
+            .args(["--cards", &population.cards.to_string()])
+            .args(["--terminals", &population.terminals.to_string()])
+            .args(["--seed", &population.seed.to_string()])
+            .stdout(Stdio::null())
+            .status()?;
+        anyhow::ensure!(
+            loaded.success(),
+            "loading the population into Redis: {loaded}"
+        );
+        Ok(redis)
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every round and the search for one configuration of the gateway.
+async fn measure(args: &BenchArgs, bin: &Path, gateway: &Server) -> anyhow::Result<SetupResult> {
+    let mut rounds = Vec::new();
+    for round in 1..=args.rounds {
+        let echo = closed_loop(args, bin, &Server::Echo).await?;
+        let tapgate = closed_loop(args, bin, gateway).await?;
+        let measured = Round {
+            rate_ratio: tapgate.taps_per_s / echo.taps_per_s.max(f64::MIN_POSITIVE),
+            cpu_ratio: tapgate.cpu_us_per_tap / echo.cpu_us_per_tap.max(f64::MIN_POSITIVE),
+            echo,
+            tapgate,
+        };
+        print_round(round, &measured);
+        rounds.push(measured);
+    }
+    let find_max = if args.find_max_connections > 0 {
+        println!(
+            "highest rate held over {} gates:",
+            args.find_max_connections
+        );
+        let echo = held_rate(args, bin, &Server::Echo).await?;
+        let tapgate = held_rate(args, bin, gateway).await?;
+        let ratio = echo.zip(tapgate).map(|(e, t)| t / e);
+        println!(
+            "  echo {} taps/s, tapgate {} taps/s, ratio {}",
+            show(echo, 0),
+            show(tapgate, 0),
+            show(ratio, 2)
+        );
+        Some(HeldRate {
+            echo_taps_per_s: echo,
+            tapgate_taps_per_s: tapgate,
+            ratio,
+        })
+    } else {
+        None
+    };
+    let result = SetupResult {
+        setup: String::new(),
+        median_rate_ratio: median(rounds.iter().map(|r| r.rate_ratio).collect()),
+        median_cpu_ratio: median(rounds.iter().map(|r| r.cpu_ratio).collect()),
+        rounds,
+        find_max,
+    };
+    println!(
+        "median over the rounds: rate ratio {:.2}, CPU ratio {:.2}",
+        result.median_rate_ratio, result.median_cpu_ratio
+    );
+    Ok(result)
+}
+
 pub(crate) fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     crate::common::init_logging("warn");
     let bin = match &args.server_bin {
@@ -372,56 +524,27 @@ pub(crate) fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         machine()
     );
     crate::runtime()?.block_on(async {
-        let mut rounds = Vec::new();
-        for round in 1..=args.rounds {
-            let echo = closed_loop(&args, &bin, Server::Echo).await?;
-            let tapgate = closed_loop(&args, &bin, Server::Gateway).await?;
-            let measured = Round {
-                rate_ratio: tapgate.taps_per_s / echo.taps_per_s.max(f64::MIN_POSITIVE),
-                cpu_ratio: tapgate.cpu_us_per_tap / echo.cpu_us_per_tap.max(f64::MIN_POSITIVE),
-                echo,
-                tapgate,
+        let mut setups = Vec::new();
+        for setup in &args.setups {
+            println!("\n{setup:?} gateway:");
+            let mut result = match setup {
+                Setup::Embedded => measure(&args, &bin, &Server::Embedded).await?,
+                Setup::Redis => {
+                    let redis = PrivateRedis::start(&bin, &args.population())?;
+                    measure(&args, &bin, &Server::Redis(redis.url.clone())).await?
+                }
             };
-            print_round(round, &measured);
-            rounds.push(measured);
+            result.setup = format!("{setup:?}").to_lowercase();
+            setups.push(result);
         }
-        let find_max = if args.find_max_connections > 0 {
-            println!(
-                "highest rate held over {} gates:",
-                args.find_max_connections
-            );
-            let echo = held_rate(&args, &bin, Server::Echo).await?;
-            let tapgate = held_rate(&args, &bin, Server::Gateway).await?;
-            let ratio = echo.zip(tapgate).map(|(e, t)| t / e);
-            println!(
-                "  echo {} taps/s, tapgate {} taps/s, ratio {}",
-                show(echo, 0),
-                show(tapgate, 0),
-                show(ratio, 2)
-            );
-            Some(HeldRate {
-                echo_taps_per_s: echo,
-                tapgate_taps_per_s: tapgate,
-                ratio,
-            })
-        } else {
-            None
-        };
         let result = BenchResult {
             date_unix_s: tapgate_runtime::now_ms() / 1000,
             machine: machine(),
             server_bin: bin.display().to_string(),
             connections: args.connections,
             duration_s: args.duration.as_secs_f64(),
-            median_rate_ratio: median(rounds.iter().map(|r| r.rate_ratio).collect()),
-            median_cpu_ratio: median(rounds.iter().map(|r| r.cpu_ratio).collect()),
-            rounds,
-            find_max,
+            setups,
         };
-        println!(
-            "median over the rounds: rate ratio {:.2}, CPU ratio {:.2}",
-            result.median_rate_ratio, result.median_cpu_ratio
-        );
         let json = serde_json::to_string_pretty(&result).expect("the result serializes");
         std::fs::write(&args.json, json)
             .with_context(|| format!("writing {}", args.json.display()))?;

@@ -167,10 +167,11 @@ async fn find_max_drives_the_target_it_is_given_and_stops_at_the_first_step_that
     echo.close();
 }
 
-/// `tapgate bench` as a user runs it, made small: both servers start as processes of their
-/// own, each is measured, and the JSON holds the ratios of the two.
+/// `tapgate bench` as a user runs it, made small: for both setups (embedded, and a private
+/// redis-server the command starts), the echo and the gateway start as processes of their own,
+/// each is measured, and the JSON holds their ratios.
 #[test]
-fn the_bench_command_measures_the_echo_and_the_gateway_and_writes_their_ratios() {
+fn the_bench_command_measures_the_echo_and_both_gateway_setups_and_writes_their_ratios() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("bench.json");
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_tapgate"))
@@ -188,6 +189,8 @@ fn the_bench_command_measures_the_echo_and_the_gateway_and_writes_their_ratios()
             "5000",
             "--find-max-connections",
             "0",
+            "--setups",
+            "embedded,redis",
             "--json",
         ])
         .arg(&json)
@@ -202,20 +205,21 @@ fn the_bench_command_measures_the_echo_and_the_gateway_and_writes_their_ratios()
     assert!(printed.contains("rate ratio"), "{printed}");
     let result: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    let round = &result["rounds"][0];
-    for side in ["echo", "tapgate"] {
-        assert!(round[side]["answered"].as_u64().unwrap() > 0, "{round}");
-        assert_eq!(round[side]["errors"], 0, "{round}");
-        assert!(
-            round[side]["cpu_us_per_tap"].as_f64().unwrap() > 0.0,
-            "{round}"
-        );
-    }
-    // The gateway settles in process, so its run reports the settlement lag.
-    assert!(
-        round["tapgate"]["settlement_lag_p99_ms"].is_u64(),
-        "{round}"
+    let setups = result["setups"].as_array().unwrap();
+    assert_eq!(
+        setups.iter().map(|s| s["setup"].as_str().unwrap()).collect::<Vec<_>>(),
+        ["embedded", "redis"]
     );
-    let ratio = result["median_rate_ratio"].as_f64().unwrap();
-    assert!(ratio > 0.0 && ratio.is_finite(), "{result}");
+    for setup in setups {
+        let round = &setup["rounds"][0];
+        for side in ["echo", "tapgate"] {
+            assert!(round[side]["answered"].as_u64().unwrap() > 0, "{round}");
+            assert_eq!(round[side]["errors"], 0, "{round}");
+            assert!(round[side]["cpu_us_per_tap"].as_f64().unwrap() > 0.0, "{round}");
+        }
+        // The gateway settles in both setups, so its run reports the settlement lag.
+        assert!(round["tapgate"]["settlement_lag_p99_ms"].is_u64(), "{round}");
+        let ratio = setup["median_rate_ratio"].as_f64().unwrap();
+        assert!(ratio > 0.0 && ratio.is_finite(), "{setup}");
+    }
 }
