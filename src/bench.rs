@@ -37,7 +37,7 @@ pub(crate) struct BenchArgs {
     #[arg(long, default_value_t = 4000)]
     find_max_connections: usize,
     /// Open-loop rate the search starts at; each step is 1.25 times the last.
-    #[arg(long, default_value_t = 8000.0)]
+    #[arg(long, default_value_t = 2000.0)]
     find_max_from: f64,
     /// Length of each step of the search.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
@@ -143,6 +143,16 @@ enum Server {
     Embedded,
     /// A gateway on the Redis at this URL.
     Redis(String),
+}
+
+impl std::fmt::Display for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Server::Echo => "echo",
+            Server::Embedded => "embedded gateway",
+            Server::Redis(_) => "Redis gateway",
+        })
+    }
 }
 
 /// A server started for one run, stopped (and its files removed) when dropped.
@@ -258,10 +268,10 @@ fn start(server: &Server, bin: &Path, population: &PopulationSpec) -> anyhow::Re
     let cert_file = cert_dir.join(tapgate_transport::tls::DEV_CERT_FILE);
     loop {
         if let Some(status) = started.child.try_wait()? {
-            anyhow::bail!("{server:?} server exited at start: {status}");
+            anyhow::bail!("the {server} exited at start: {status}");
         }
         if Instant::now() > deadline {
-            anyhow::bail!("{server:?} server was not ready within 120 s");
+            anyhow::bail!("the {server} was not ready within 120 s");
         }
         let ready = match &started.metrics {
             Some(url) => {
@@ -364,7 +374,7 @@ async fn held_rate(args: &BenchArgs, bin: &Path, server: &Server) -> anyhow::Res
     let bound = Duration::from_secs_f64(args.p99_bound_ms / 1000.0);
     let best = find_max(spec, args.find_max_from, bound, |step| {
         println!(
-            "  {server:?} {:>8.0} taps/s: achieved {:.0}, p99 {:.2} ms, errors {}, busy {} -> {}",
+            "  {server:>16} {:>8.0} taps/s: achieved {:.0}, p99 {:.2} ms, errors {}, busy {} -> {}",
             step.rate,
             step.report.achieved_rate,
             step.report.latency_us.p99 as f64 / 1000.0,

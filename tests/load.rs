@@ -207,7 +207,10 @@ fn the_bench_command_measures_the_echo_and_both_gateway_setups_and_writes_their_
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let setups = result["setups"].as_array().unwrap();
     assert_eq!(
-        setups.iter().map(|s| s["setup"].as_str().unwrap()).collect::<Vec<_>>(),
+        setups
+            .iter()
+            .map(|s| s["setup"].as_str().unwrap())
+            .collect::<Vec<_>>(),
         ["embedded", "redis"]
     );
     for setup in setups {
@@ -215,10 +218,16 @@ fn the_bench_command_measures_the_echo_and_both_gateway_setups_and_writes_their_
         for side in ["echo", "tapgate"] {
             assert!(round[side]["answered"].as_u64().unwrap() > 0, "{round}");
             assert_eq!(round[side]["errors"], 0, "{round}");
-            assert!(round[side]["cpu_us_per_tap"].as_f64().unwrap() > 0.0, "{round}");
+            assert!(
+                round[side]["cpu_us_per_tap"].as_f64().unwrap() > 0.0,
+                "{round}"
+            );
         }
         // The gateway settles in both setups, so its run reports the settlement lag.
-        assert!(round["tapgate"]["settlement_lag_p99_ms"].is_u64(), "{round}");
+        assert!(
+            round["tapgate"]["settlement_lag_p99_ms"].is_u64(),
+            "{round}"
+        );
         let ratio = setup["median_rate_ratio"].as_f64().unwrap();
         assert!(ratio > 0.0 && ratio.is_finite(), "{setup}");
     }
