@@ -59,6 +59,10 @@ pub(crate) struct BenchArgs {
     /// which must be installed).
     #[arg(long, value_delimiter = ',', default_value = "embedded,redis")]
     setups: Vec<Setup>,
+    /// Connection counts at which to measure memory per nearly idle gate (one tap per gate
+    /// every 10 s), for each server: e.g. `4000,20000`. None by default.
+    #[arg(long, value_delimiter = ',')]
+    idle_connections: Vec<usize>,
     /// A configuration file for the embedded gateway (`serve --config`), to measure settings
     /// other than the shipped defaults; the bench's own flags (listen, journal, population) win.
     #[arg(long)]
@@ -119,6 +123,16 @@ struct SetupResult {
     median_cpu_ratio: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     find_max: Option<HeldRate>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    memory: Vec<IdleMemory>,
+}
+
+/// Resident memory per connected gate, each gate tapping once every 10 s.
+#[derive(Debug, Clone, Serialize)]
+struct IdleMemory {
+    connections: usize,
+    echo_kib_per_gate: f64,
+    tapgate_kib_per_gate: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -367,6 +381,55 @@ fn measured(report: &Report, cpu: Duration, lag_p99_ms: Option<u64>) -> Measured
     }
 }
 
+/// The server's peak resident memory while `connections` gates are connected and nearly idle,
+/// less what it held before they came, per gate, in KiB.
+async fn memory_per_gate(
+    args: &BenchArgs,
+    bin: &Path,
+    server: &Server,
+    connections: usize,
+) -> anyhow::Result<f64> {
+    let started = start(server, bin, &args.population())?;
+    let pid = started.child.id();
+    let before = process_usage(Some(pid))
+        .context("reading the server's memory")?
+        .resident_bytes;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(usage) = process_usage(Some(pid)) {
+                    peak = peak.max(usage.resident_bytes);
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            peak
+        })
+    };
+    let report = run(spec(
+        &started,
+        server,
+        connections,
+        Pacing::OpenLoop {
+            rate: connections as f64 / 10.0,
+        },
+        Duration::from_secs(15),
+        args.population(),
+    ))
+    .await;
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peak = sampler.join().unwrap_or(0);
+    let report = report?;
+    anyhow::ensure!(
+        report.connected == connections,
+        "only {} of {connections} gates connected to the {server}",
+        report.connected
+    );
+    Ok(peak.saturating_sub(before) as f64 / 1024.0 / connections as f64)
+}
+
 async fn held_rate(args: &BenchArgs, bin: &Path, server: &Server) -> anyhow::Result<Option<f64>> {
     let started = start(server, bin, &args.population())?;
     let spec = spec(
@@ -513,8 +576,22 @@ async fn measure(args: &BenchArgs, bin: &Path, gateway: &Server) -> anyhow::Resu
     } else {
         None
     };
+    let mut memory = Vec::new();
+    for &connections in &args.idle_connections {
+        let echo = memory_per_gate(args, bin, &Server::Echo, connections).await?;
+        let tapgate = memory_per_gate(args, bin, gateway, connections).await?;
+        println!(
+            "memory at {connections} nearly idle gates: echo {echo:.1} KiB a gate, tapgate {tapgate:.1} KiB a gate"
+        );
+        memory.push(IdleMemory {
+            connections,
+            echo_kib_per_gate: echo,
+            tapgate_kib_per_gate: tapgate,
+        });
+    }
     let result = SetupResult {
         setup: String::new(),
+        memory,
         median_rate_ratio: median(rounds.iter().map(|r| r.rate_ratio).collect()),
         median_cpu_ratio: median(rounds.iter().map(|r| r.cpu_ratio).collect()),
         rounds,

@@ -783,7 +783,9 @@ impl Session {
             session.handle_revoked(Instant::now());
         }
         let resend_wait = self.shared.limits.resend_wait;
-        let mut out = BytesMut::with_capacity(4096);
+        // Room for a few answers: it grows with a burst and keeps what it grew to, while an idle
+        // gate (most of them, most of the time) holds no more than this.
+        let mut out = BytesMut::with_capacity(256);
         loop {
             out.clear();
             let transmit = session.poll_transmit(&mut out, |result, read_at| {

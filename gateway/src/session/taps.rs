@@ -116,7 +116,8 @@ impl<W: Recording> TapSession<W> {
             mac,
             max_in_flight,
             idle_timeout,
-            queue: VecDeque::with_capacity(usize::from(max_in_flight)),
+            // Grows to what the gate keeps in flight; an idle gate holds none.
+            queue: VecDeque::new(),
             reading: true,
             last_frame: now,
         }
