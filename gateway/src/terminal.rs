@@ -70,21 +70,10 @@ impl TerminalState {
 #[cfg(test)]
 mod loom_models {
     use super::*;
-    use tapgate_protocol::{Concession, Outcome, RIDES_LEFT_NOT_APPLICABLE, Reason};
+    use crate::session::fixtures::approval;
     use tapgate_runtime::sync::{block_on, model, thread};
 
     const TAG: Tag = [7; tapgate_protocol::TAG_LEN];
-
-    fn approval(sequence: u64) -> TapResult {
-        TapResult {
-            sequence,
-            outcome: Outcome::Approve,
-            reason: Reason::Approved,
-            concession: Concession::None,
-            fare_fen: 200,
-            rides_left: RIDES_LEFT_NOT_APPLICABLE,
-        }
-    }
 
     /// A tap's first copy is being decided on one connection when its resend arrives on
     /// another; the first copy's answer completes at any moment of the resend's wait. The

@@ -902,7 +902,8 @@ fn sync_dir(dir: &Path) {
 mod tests {
     use super::*;
 
-    fn record(sequence: u64) -> JournalRecord {
+    /// An approved metro entry, tap `sequence` of one gate (the loom models use it too).
+    pub(super) fn record(sequence: u64) -> JournalRecord {
         JournalRecord {
             terminal_id: 77,
             tag: [sequence as u8; 16],
@@ -1197,6 +1198,7 @@ mod tests {
 /// goes away.
 #[cfg(test)]
 mod loom_models {
+    use super::tests::record;
     use super::*;
     use std::collections::VecDeque;
     use tapgate_runtime::sync::{self, Condvar, Mutex, block_on, model_bounded, thread};
@@ -1279,34 +1281,6 @@ mod loom_models {
             let mut synced = self.synced.lock().unwrap();
             synced.extend(batch.iter().map(|r| r.record.tap.sequence));
             Ok(())
-        }
-    }
-
-    fn record(sequence: u64) -> JournalRecord {
-        JournalRecord {
-            terminal_id: 77,
-            tag: [sequence as u8; 16],
-            tap: Tap {
-                sequence,
-                card_id: 1000 + sequence,
-                issuer: Issuer::ChongqingSsc,
-                kind: TapKind::Entry,
-                line: 3,
-                stop: 9,
-                gate_time_ms: 1_000,
-            },
-            server_time_ms: 2_000,
-            area: 500_103,
-            mode: Mode::Metro,
-            operator: 2,
-            result: TapResult {
-                sequence,
-                outcome: Outcome::Approve,
-                reason: Reason::Approved,
-                concession: Concession::None,
-                fare_fen: 200,
-                rides_left: tapgate_protocol::RIDES_LEFT_NOT_APPLICABLE,
-            },
         }
     }
 

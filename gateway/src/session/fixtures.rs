@@ -40,7 +40,7 @@ pub(super) fn tap(sequence: u64, stop: u16) -> SealedFrame {
     }))
 }
 
-pub(super) fn approval(sequence: u64) -> TapResult {
+pub(crate) fn approval(sequence: u64) -> TapResult {
     TapResult {
         sequence,
         outcome: Outcome::Approve,

@@ -8,7 +8,7 @@ mod hello;
 mod taps;
 
 #[cfg(test)]
-mod fixtures;
+pub(crate) mod fixtures;
 
 pub use hello::{Provisioning, Refusal, admit, claimed_identity, hello_ack};
 pub use taps::{FirstCopy, HeadWait, Recorded, Recording, TapSession, Transmit, Work, busy};
