@@ -5,7 +5,7 @@
 //! CPU comes from `/proc/PID/stat`, so it is theirs alone, not the generator's.
 
 use crate::common::parse_duration;
-use crate::scrape::{http_get, scrape_settlement, settlement_lag};
+use crate::scrape::{self, OpsClient, scrape_settlement, settlement_lag};
 use anyhow::Context as _;
 use clap::Args;
 use serde::Serialize;
@@ -179,8 +179,8 @@ struct Started {
     child: Child,
     addr: SocketAddr,
     cert: Vec<u8>,
-    /// The gateway's `/metrics`.
-    metrics: Option<String>,
+    /// The gateway's ops endpoint, `http://HOST:PORT`, and a client to read it.
+    ops: Option<(OpsClient, String)>,
     _dir: tempfile::TempDir,
 }
 
@@ -216,14 +216,18 @@ fn free_port(udp: bool) -> anyhow::Result<u16> {
     Ok(port)
 }
 
-fn start(server: &Server, bin: &Path, population: &PopulationSpec) -> anyhow::Result<Started> {
+async fn start(
+    server: &Server,
+    bin: &Path,
+    population: &PopulationSpec,
+) -> anyhow::Result<Started> {
     let dir = tempfile::Builder::new()
         .prefix("tapgate-bench-")
         .tempdir()?;
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port(true)?).parse()?;
     let cert_dir = dir.path().join("cert");
     let mut command = Command::new(bin);
-    let mut metrics = None;
+    let mut ops_base = None;
     match server {
         Server::Echo => {
             command.arg("echo");
@@ -261,7 +265,7 @@ fn start(server: &Server, bin: &Path, population: &PopulationSpec) -> anyhow::Re
                     .arg("--embedded-cards")
                     .arg(population.cards.to_string());
             }
-            metrics = Some(format!("http://{ops}/metrics"));
+            ops_base = Some(format!("http://{ops}"));
         }
     }
     command
@@ -277,17 +281,22 @@ fn start(server: &Server, bin: &Path, population: &PopulationSpec) -> anyhow::Re
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
     let stdout = child.stdout.take().context("the server's stdout")?;
-    // Drained for the server's whole life, so its prints never block it.
-    std::thread::spawn(move || for _ in BufReader::new(stdout).lines() {});
+    // Drained for the server's whole life, so its prints never block it; the echo's first line
+    // comes once it listens.
+    let (printed, first_line) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for _ in BufReader::new(stdout).lines() {
+            let _ = printed.send(());
+        }
+    });
     let mut started = Started {
         child,
         addr,
         cert: Vec::new(),
-        metrics,
+        ops: ops_base.map(|base| (scrape::ops_client(), base)),
         _dir: dir,
     };
     let deadline = Instant::now() + Duration::from_secs(120);
-    let cert_file = cert_dir.join(tapgate_transport::tls::DEV_CERT_FILE);
     loop {
         if let Some(status) = started.child.try_wait()? {
             anyhow::bail!("the {server} exited at start: {status}");
@@ -295,21 +304,19 @@ fn start(server: &Server, bin: &Path, population: &PopulationSpec) -> anyhow::Re
         if Instant::now() > deadline {
             anyhow::bail!("the {server} was not ready within 120 s");
         }
-        let ready = match &started.metrics {
-            Some(url) => {
-                let readyz = url.replace("/metrics", "/readyz");
-                http_get(&readyz, Duration::from_secs(1)).is_some_and(|(status, _)| status == 200)
-            }
-            None => cert_file.exists(),
+        let ready = match &started.ops {
+            Some((client, base)) => scrape::get(client, &format!("{base}/readyz"))
+                .await
+                .is_ok_and(|(status, _)| status == 200),
+            None => first_line.try_recv().is_ok(),
         };
         if ready {
-            // The echo binds right after writing its certificate.
-            std::thread::sleep(Duration::from_millis(300));
+            let cert_file = cert_dir.join(tapgate_transport::tls::DEV_CERT_FILE);
             started.cert = std::fs::read(&cert_file)
                 .with_context(|| format!("reading {}", cert_file.display()))?;
             return Ok(started);
         }
-        std::thread::sleep(Duration::from_millis(100));
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -340,10 +347,14 @@ fn spec(
 }
 
 async fn closed_loop(args: &BenchArgs, bin: &Path, server: &Server) -> anyhow::Result<Measured> {
-    let started = start(server, bin, &args.population())?;
+    let started = start(server, bin, &args.population()).await?;
     let pid = started.child.id();
-    let before_settlement = match &started.metrics {
-        Some(url) => scrape_settlement(url).await,
+    let metrics = started
+        .ops
+        .as_ref()
+        .map(|(client, base)| (client, format!("{base}/metrics")));
+    let before_settlement = match &metrics {
+        Some((client, url)) => scrape_settlement(client, url).await,
         None => None,
     };
     let cpu_before = process_usage(Some(pid)).context("reading the server's CPU")?;
@@ -357,8 +368,8 @@ async fn closed_loop(args: &BenchArgs, bin: &Path, server: &Server) -> anyhow::R
     ))
     .await?;
     let cpu_after = process_usage(Some(pid)).context("reading the server's CPU")?;
-    let lag = match (&started.metrics, &before_settlement) {
-        (Some(url), Some(before)) => settlement_lag(url, before).await,
+    let lag = match (&metrics, &before_settlement) {
+        (Some((client, url)), Some(before)) => settlement_lag(client, url, before).await,
         _ => None,
     };
     Ok(measured(
@@ -389,7 +400,7 @@ async fn memory_per_gate(
     server: &Server,
     connections: usize,
 ) -> anyhow::Result<f64> {
-    let started = start(server, bin, &args.population())?;
+    let started = start(server, bin, &args.population()).await?;
     let pid = started.child.id();
     let before = process_usage(Some(pid))
         .context("reading the server's memory")?
@@ -431,7 +442,7 @@ async fn memory_per_gate(
 }
 
 async fn held_rate(args: &BenchArgs, bin: &Path, server: &Server) -> anyhow::Result<Option<f64>> {
-    let started = start(server, bin, &args.population())?;
+    let started = start(server, bin, &args.population()).await?;
     let spec = spec(
         &started,
         server,
@@ -540,7 +551,12 @@ impl Drop for PrivateRedis {
 }
 
 /// Every round and the search for one configuration of the gateway.
-async fn measure(args: &BenchArgs, bin: &Path, gateway: &Server) -> anyhow::Result<SetupResult> {
+async fn measure(
+    args: &BenchArgs,
+    bin: &Path,
+    setup: Setup,
+    gateway: &Server,
+) -> anyhow::Result<SetupResult> {
     let mut rounds = Vec::new();
     for round in 1..=args.rounds {
         let echo = closed_loop(args, bin, &Server::Echo).await?;
@@ -590,7 +606,7 @@ async fn measure(args: &BenchArgs, bin: &Path, gateway: &Server) -> anyhow::Resu
         });
     }
     let result = SetupResult {
-        setup: String::new(),
+        setup: format!("{setup:?}").to_lowercase(),
         memory,
         median_rate_ratio: median(rounds.iter().map(|r| r.rate_ratio).collect()),
         median_cpu_ratio: median(rounds.iter().map(|r| r.cpu_ratio).collect()),
@@ -624,17 +640,16 @@ pub(crate) fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         let mut setups = Vec::new();
         for setup in &args.setups {
             println!("\n{setup:?} gateway:");
-            let mut result = match setup {
+            let result = match setup {
                 Setup::Embedded => {
                     let server = Server::Embedded(args.gateway_config.clone());
-                    measure(&args, &bin, &server).await?
+                    measure(&args, &bin, *setup, &server).await?
                 }
                 Setup::Redis => {
                     let redis = PrivateRedis::start(&bin, &args.population())?;
-                    measure(&args, &bin, &Server::Redis(redis.url.clone())).await?
+                    measure(&args, &bin, *setup, &Server::Redis(redis.url.clone())).await?
                 }
             };
-            result.setup = format!("{setup:?}").to_lowercase();
             setups.push(result);
         }
         let result = BenchResult {

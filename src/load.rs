@@ -2,7 +2,7 @@
 
 use crate::common::parse_duration;
 use crate::runtime;
-use crate::scrape::{scrape_settlement, settlement_lag};
+use crate::scrape::{ops_client, scrape_settlement, settlement_lag};
 use anyhow::Context as _;
 use clap::Args;
 use std::net::SocketAddr;
@@ -182,13 +182,14 @@ pub(crate) fn run_load(args: LoadArgs) -> anyhow::Result<()> {
         let spec = args.workload.spec(args.target, kind, cert, key.clone());
         let metrics_url =
             (!args.no_gateway_metrics && !args.echo).then_some(args.gateway_metrics.as_str());
+        let client = ops_client();
         let before = match metrics_url {
-            Some(url) => scrape_settlement(url).await,
+            Some(url) => scrape_settlement(&client, url).await,
             None => None,
         };
         let mut report = run(spec).await?;
         if let (Some(url), Some(before)) = (metrics_url, &before) {
-            report.settlement = settlement_lag(url, before).await;
+            report.settlement = settlement_lag(&client, url, before).await;
         }
         print!("{}", report.summary());
         args.workload.write_outputs(&report)?;

@@ -1,6 +1,10 @@
-//! What the load commands read from a gateway's ops endpoint: readiness, the settlement
-//! counters, and the settlement lag of the taps a run made.
+//! Reading ops endpoints, for the commands that watch or measure a node: one HTTP GET (hyper's
+//! client), a gateway's settlement counters, and the settlement lag of the taps a run made.
 
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
 use std::time::Duration;
 use tapgate_loadgen::report::SettlementLag;
 
@@ -13,30 +17,32 @@ pub(crate) struct SettlementCounters {
     behind_bytes: u64,
 }
 
-/// `GET url` (plain `http://HOST:PORT/PATH`) with a deadline for the whole exchange: the status
-/// and the response as text, headers included; `None` when there is no answer in time.
-pub(crate) fn http_get(url: &str, deadline: Duration) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
-    let rest = url.strip_prefix("http://")?;
-    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let addr = host.parse().ok()?;
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, deadline).ok()?;
-    stream.set_read_timeout(Some(deadline)).ok()?;
-    stream.set_write_timeout(Some(deadline)).ok()?;
-    let request = format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let status = response.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, response))
+/// The HTTP client commands read ops endpoints with.
+pub(crate) type OpsClient = Client<HttpConnector, Empty<Bytes>>;
+
+pub(crate) fn ops_client() -> OpsClient {
+    Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
+}
+
+/// `GET url`: the status and the body, each within 2 s.
+pub(crate) async fn get(client: &OpsClient, url: &str) -> anyhow::Result<(u16, String)> {
+    let uri: hyper::Uri = url.parse().map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
+    let response = tokio::time::timeout(Duration::from_secs(2), client.get(uri))
+        .await
+        .map_err(|_| anyhow::anyhow!("{url}: no answer within 2 s"))?
+        .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
+    let status = response.status().as_u16();
+    let body = tokio::time::timeout(Duration::from_secs(2), response.into_body().collect())
+        .await
+        .map_err(|_| anyhow::anyhow!("{url}: answer not finished within 2 s"))?
+        .map_err(|e| anyhow::anyhow!("{url}: {e}"))?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// Reads a gateway's ops endpoint; `None` when it is not there or shows no settlement.
-pub(crate) async fn scrape_settlement(url: &str) -> Option<SettlementCounters> {
-    let url = url.to_owned();
-    let (_, body) = tokio::task::spawn_blocking(move || http_get(&url, Duration::from_secs(2)))
-        .await
-        .ok()??;
+pub(crate) async fn scrape_settlement(client: &OpsClient, url: &str) -> Option<SettlementCounters> {
+    let (_, body) = get(client, url).await.ok()?;
     parse_settlement_counters(&body)
 }
 
@@ -74,14 +80,15 @@ fn parse_settlement_counters(body: &str) -> Option<SettlementCounters> {
 /// The settlement lag of what was settled between `before` and the moment settlement caught
 /// up (nothing left to ship, the settled count steady), waiting at most 30 s for it.
 pub(crate) async fn settlement_lag(
+    client: &OpsClient,
     url: &str,
     before: &SettlementCounters,
 ) -> Option<SettlementLag> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let mut last = scrape_settlement(url).await?;
+    let mut last = scrape_settlement(client, url).await?;
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let now = scrape_settlement(url).await?;
+        let now = scrape_settlement(client, url).await?;
         let steady = now.settled == last.settled && now.behind_bytes == 0;
         last = now;
         if steady || tokio::time::Instant::now() >= deadline {

@@ -4,11 +4,8 @@
 //! quantiles from the change since the last reading ([`Figures::between`], a pure function), and
 //! draws them with ratatui. `q` or Ctrl-C quits; `--once` prints one reading as text and exits.
 
+use crate::scrape::{self, OpsClient};
 use clap::Args;
-use http_body_util::{BodyExt, Empty};
-use hyper::body::Bytes;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout};
 use ratatui::style::{Color, Style};
@@ -169,21 +166,12 @@ struct Node {
     error: Option<String>,
 }
 
-async fn fetch(client: &Client<HttpConnector, Empty<Bytes>>, url: &str) -> anyhow::Result<String> {
-    let uri: hyper::Uri = url.parse().map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
-    let response = tokio::time::timeout(Duration::from_secs(2), client.get(uri))
-        .await
-        .map_err(|_| anyhow::anyhow!("{url}: no answer within 2 s"))?
-        .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
-    let body = tokio::time::timeout(Duration::from_secs(2), response.into_body().collect())
-        .await
-        .map_err(|_| anyhow::anyhow!("{url}: answer not finished within 2 s"))?
-        .map_err(|e| anyhow::anyhow!("{url}: {e}"))?
-        .to_bytes();
-    Ok(String::from_utf8_lossy(&body).into_owned())
+/// The body of `GET url`, whatever its status (`/readyz` answers 503 with the reasons).
+async fn fetch(client: &OpsClient, url: &str) -> anyhow::Result<String> {
+    Ok(scrape::get(client, url).await?.1)
 }
 
-async fn read(client: &Client<HttpConnector, Empty<Bytes>>, base: &str) -> anyhow::Result<Reading> {
+async fn read(client: &OpsClient, base: &str) -> anyhow::Result<Reading> {
     let base = base.trim_end_matches('/');
     let mut reading = Reading::parse(&fetch(client, &format!("{base}/metrics")).await?);
     if let Ok(ready) = fetch(client, &format!("{base}/readyz")).await
@@ -206,7 +194,7 @@ async fn read(client: &Client<HttpConnector, Empty<Bytes>>, base: &str) -> anyho
     Ok(reading)
 }
 
-async fn refresh(client: &Client<HttpConnector, Empty<Bytes>>, nodes: &mut [Node]) {
+async fn refresh(client: &OpsClient, nodes: &mut [Node]) {
     for node in nodes.iter_mut() {
         match read(client, &node.url).await {
             Ok(reading) => {
@@ -344,8 +332,7 @@ fn text_report(nodes: &[Node]) -> String {
 
 pub(crate) fn run(args: TopArgs) -> anyhow::Result<()> {
     let runtime = crate::runtime()?;
-    let client: Client<HttpConnector, Empty<Bytes>> =
-        Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let client = scrape::ops_client();
     let mut nodes: Vec<Node> = args
         .urls
         .iter()
