@@ -36,8 +36,9 @@ pub struct DayLedger {
     pub taps: u64,
     /// Rides and fares per area × operator × mode.
     pub cells: BTreeMap<(u32, u16, Mode), Totals>,
-    /// Rides and fares per card.
-    pub cards: BTreeMap<u64, Totals>,
+    /// Rides and fares per card: a hash map, since a busy day holds a few hundred thousand
+    /// cards and settlement adds into it for every charge (sorted where it is written out).
+    pub cards: HashMap<u64, Totals>,
     /// What cards of the first region owe operators of the second, only across regions.
     pub clearing: BTreeMap<(IssuerRegion, IssuerRegion), Totals>,
 }
@@ -389,10 +390,13 @@ pub fn differences(expected: &Ledger, settled: &Ledger) -> Vec<Difference> {
             },
             &mut out,
         );
+        let sorted_cards = |d: Option<&DayLedger>| -> Option<BTreeMap<u64, Totals>> {
+            d.map(|d| d.cards.iter().map(|(card, t)| (*card, *t)).collect())
+        };
         compare(
             day,
-            a.map(|d| &d.cards),
-            b.map(|d| &d.cards),
+            sorted_cards(a).as_ref(),
+            sorted_cards(b).as_ref(),
             Subject::Card,
             &mut out,
         );

@@ -9,7 +9,6 @@
 //! A copy that arrives after more than that many later taps of its card would be booked again;
 //! `tapgate settle reconcile` would then show it as duplicated.
 
-use std::collections::VecDeque;
 use tapgate_journal::JournalRecord;
 
 /// How many of a card's latest tap ids are remembered: more than two days of an ordinary
@@ -18,10 +17,15 @@ pub const RECENT_TAPS: usize = 16;
 
 const RECENT_TAPS_VERSION: u8 = 1;
 
-/// The latest tap ids (terminal, sequence) of one card, oldest first.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The latest tap ids (terminal, sequence) of one card, in a ring kept inline: settlement
+/// copies a card's state out of the store and back once per batch that touches it, so the copy
+/// must not allocate.
+#[derive(Debug, Clone, Copy, Default)]
 pub struct RecentTaps {
-    ids: VecDeque<(u64, u64)>,
+    ids: [(u64, u64); RECENT_TAPS],
+    len: u8,
+    /// Where the oldest id sits once the ring is full (the next one to be replaced).
+    oldest: u8,
 }
 
 impl RecentTaps {
@@ -29,22 +33,33 @@ impl RecentTaps {
     /// before.
     pub fn first_time(&mut self, record: &JournalRecord) -> bool {
         let id = (record.terminal_id, record.tap.sequence);
-        if self.ids.contains(&id) {
+        let len = usize::from(self.len);
+        if self.ids[..len].contains(&id) {
             return false;
         }
-        if self.ids.len() == RECENT_TAPS {
-            self.ids.pop_front();
+        if len < RECENT_TAPS {
+            self.ids[len] = id;
+            self.len += 1;
+        } else {
+            let oldest = usize::from(self.oldest);
+            self.ids[oldest] = id;
+            self.oldest = ((oldest + 1) % RECENT_TAPS) as u8;
         }
-        self.ids.push_back(id);
         true
+    }
+
+    /// The remembered ids, oldest first.
+    fn oldest_first(&self) -> impl Iterator<Item = &(u64, u64)> {
+        let (newer, older) = self.ids[..usize::from(self.len)].split_at(usize::from(self.oldest));
+        older.iter().chain(newer)
     }
 
     pub fn encode(&self) -> Vec<u8> {
         use bytes::BufMut;
-        let mut out = Vec::with_capacity(2 + self.ids.len() * 16);
+        let mut out = Vec::with_capacity(2 + usize::from(self.len) * 16);
         out.put_u8(RECENT_TAPS_VERSION);
-        out.put_u8(self.ids.len() as u8);
-        for (terminal, sequence) in &self.ids {
+        out.put_u8(self.len);
+        for (terminal, sequence) in self.oldest_first() {
             out.put_u64(*terminal);
             out.put_u64(*sequence);
         }
@@ -56,17 +71,29 @@ impl RecentTaps {
         if p.try_get_u8().ok()? != RECENT_TAPS_VERSION {
             return None;
         }
-        let n = usize::from(p.try_get_u8().ok()?);
-        if n > RECENT_TAPS {
+        let n = p.try_get_u8().ok()?;
+        if usize::from(n) > RECENT_TAPS {
             return None;
         }
-        let mut ids = VecDeque::with_capacity(RECENT_TAPS);
-        for _ in 0..n {
-            ids.push_back((p.try_get_u64().ok()?, p.try_get_u64().ok()?));
+        let mut recent = Self {
+            len: n,
+            ..Self::default()
+        };
+        for id in &mut recent.ids[..usize::from(n)] {
+            *id = (p.try_get_u64().ok()?, p.try_get_u64().ok()?);
         }
-        p.is_empty().then_some(Self { ids })
+        p.is_empty().then_some(recent)
     }
 }
+
+/// Equal when the same ids are remembered in the same order, wherever the ring starts.
+impl PartialEq for RecentTaps {
+    fn eq(&self, other: &Self) -> bool {
+        self.len == other.len && self.oldest_first().eq(other.oldest_first())
+    }
+}
+
+impl Eq for RecentTaps {}
 
 #[cfg(test)]
 mod tests {
@@ -111,7 +138,7 @@ mod tests {
         for sequence in 2..100 {
             assert!(recent.first_time(&record(7, sequence)));
         }
-        assert_eq!(recent.ids.len(), RECENT_TAPS);
+        assert_eq!(usize::from(recent.len), RECENT_TAPS);
         assert!(!recent.first_time(&record(7, 99)));
         // Forgotten once sixteen later taps have passed.
         assert!(recent.first_time(&record(7, 1)));
@@ -125,6 +152,17 @@ mod tests {
         }
         let bytes = recent.encode();
         assert_eq!(RecentTaps::decode(&bytes), Some(recent));
+        // Once the ring has wrapped, the bytes still run oldest first, and the copy read back
+        // (whose ring starts at its beginning) forgets the same tap next.
+        for sequence in 5..21 {
+            recent.first_time(&record(3, sequence));
+        }
+        let mut decoded = RecentTaps::decode(&recent.encode()).expect("decodes");
+        assert_eq!(decoded, recent);
+        assert_eq!(decoded.oldest_first().next(), Some(&(3, 5)));
+        assert!(decoded.first_time(&record(3, 21)) && recent.first_time(&record(3, 21)));
+        assert_eq!(decoded, recent);
+        assert!(decoded.first_time(&record(3, 5)));
         assert_eq!(RecentTaps::decode(&bytes[..bytes.len() - 1]), None);
         assert_eq!(RecentTaps::decode(&[9, 0]), None);
     }

@@ -362,7 +362,7 @@ impl Settler {
             riders: riders.into_iter().collect(),
             ledger,
         };
-        match self.store.apply(&batch).await? {
+        match self.store.apply(batch).await? {
             Applied::Done => {
                 let now = tapgate_runtime::now_ms();
                 for record in &records {

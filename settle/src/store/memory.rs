@@ -193,7 +193,7 @@ impl MemoryStore {
         out
     }
 
-    pub(super) fn apply(&self, batch: &ApplyBatch) -> Applied {
+    pub(super) fn apply(&self, batch: ApplyBatch) -> Applied {
         let mut s = self.lock();
         let owner = s.leases.get(&batch.partition).map(|(t, _)| t.as_str());
         if owner != Some(batch.token.as_str()) {
@@ -202,9 +202,7 @@ impl MemoryStore {
         if s.watermarks.get(&batch.partition).copied() != batch.expected {
             return Applied::WatermarkMoved;
         }
-        for (card, rider) in &batch.riders {
-            s.riders.insert(*card, rider.clone());
-        }
+        s.riders.extend(batch.riders);
         s.ledger.merge(&batch.ledger);
         s.watermarks.insert(batch.partition, batch.watermark);
         s.settled += batch.taps;
@@ -266,7 +264,7 @@ mod loom_models {
                     let store = store.clone();
                     thread::spawn(move || {
                         store.lease(0, token, Duration::ZERO)
-                            && matches!(store.apply(&batch(token)), Applied::Done)
+                            && matches!(store.apply(batch(token)), Applied::Done)
                     })
                 })
                 .collect();

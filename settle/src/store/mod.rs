@@ -334,9 +334,11 @@ impl Store {
         }
     }
 
-    pub async fn apply(&self, batch: &ApplyBatch) -> Result<Applied, StoreError> {
+    /// Applies a batch, taken by value so the in-process store keeps its riders' states
+    /// without copying them.
+    pub async fn apply(&self, batch: ApplyBatch) -> Result<Applied, StoreError> {
         match self {
-            Store::Redis(r) => r.apply(batch).await,
+            Store::Redis(r) => r.apply(&batch).await,
             Store::Memory(m) => Ok(m.apply(batch)),
         }
     }
