@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tapgate_city::population::PopulationSpec;
-use tapgate_gateway::config::DEV_MASTER_KEY_HEX;
+use tapgate_gateway::config::{Config, DEV_MASTER_KEY_HEX};
 use tapgate_loadgen::report::Report;
 use tapgate_loadgen::run::{LoadSpec, Pacing, TargetKind, find_max, run};
 use tapgate_loadgen::workload::Faults;
@@ -97,6 +97,18 @@ struct Measured {
     /// Approval-to-ledger p99 of the run's taps (the gateway, when it settles).
     #[serde(skip_serializing_if = "Option::is_none")]
     settlement_lag_p99_ms: Option<u64>,
+    /// The gateway's books against its journals, once it has stopped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exactness: Option<Exactness>,
+}
+
+/// What `tapgate settle reconcile` says of a gateway's books after a run: every approved tap in
+/// the journals settled exactly once, or not.
+#[derive(Debug, Clone, Serialize)]
+struct Exactness {
+    exact: bool,
+    /// Reconcile's summary line (taps in the journals and settled, lost, duplicated).
+    summary: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -181,24 +193,53 @@ struct Started {
     cert: Vec<u8>,
     /// The gateway's ops endpoint, `http://HOST:PORT`, and a client to read it.
     ops: Option<(OpsClient, String)>,
-    _dir: tempfile::TempDir,
+    /// The server's working directory: the gateway's journal, and its ledger once an embedded
+    /// gateway has stopped. Taken by [`Started::stop`] to be reconciled.
+    dir: Option<tempfile::TempDir>,
+}
+
+/// How long an embedded gateway may take to stop: it waits up to 60 s for its settlers before
+/// it writes its ledger.
+const ORDERLY_STOP: Duration = Duration::from_secs(90);
+
+impl Started {
+    /// SIGINT, for the server's orderly stop; true once it has exited within `within`.
+    fn interrupt(&mut self, within: Duration) -> bool {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return true;
+        }
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    /// Stops the server in order and hands back its working directory.
+    fn stop(mut self) -> anyhow::Result<tempfile::TempDir> {
+        anyhow::ensure!(
+            self.interrupt(ORDERLY_STOP),
+            "the gateway did not stop within {} s",
+            ORDERLY_STOP.as_secs()
+        );
+        let status = self.child.wait()?;
+        anyhow::ensure!(status.success(), "the gateway stopped with {status}");
+        self.dir.take().context("the server's directory")
+    }
 }
 
 impl Drop for Started {
     fn drop(&mut self) {
-        // SIGINT first, for the gateway's orderly stop; killed if it has not gone in 10 s.
-        let _ = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        if !self.interrupt(Duration::from_secs(10)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -294,7 +335,7 @@ async fn start(
         addr,
         cert: Vec::new(),
         ops: ops_base.map(|base| (scrape::ops_client(), base)),
-        _dir: dir,
+        dir: Some(dir),
     };
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -346,7 +387,15 @@ fn spec(
     }
 }
 
-async fn closed_loop(args: &BenchArgs, bin: &Path, server: &Server) -> anyhow::Result<Measured> {
+/// One closed-loop run. A gateway is then stopped and its books reconciled with its journal
+/// and with `journals`, those of the earlier runs that shipped to the same store; its own
+/// directory joins them.
+async fn closed_loop(
+    args: &BenchArgs,
+    bin: &Path,
+    server: &Server,
+    journals: &mut Vec<tempfile::TempDir>,
+) -> anyhow::Result<Measured> {
     let started = start(server, bin, &args.population()).await?;
     let pid = started.child.id();
     let metrics = started
@@ -372,11 +421,65 @@ async fn closed_loop(args: &BenchArgs, bin: &Path, server: &Server) -> anyhow::R
         (Some((client, url)), Some(before)) => settlement_lag(client, url, before).await,
         _ => None,
     };
-    Ok(measured(
+    let mut measured = measured(
         &report,
         cpu_after.cpu - cpu_before.cpu,
         lag.and_then(|l| l.p99_ms),
-    ))
+    );
+    if started.ops.is_some() {
+        let dir = started.stop()?;
+        measured.exactness = Some(reconcile(bin, server, &dir, journals)?);
+        if matches!(server, Server::Redis(_)) {
+            journals.push(dir);
+        }
+    }
+    Ok(measured)
+}
+
+/// `tapgate settle reconcile` of a stopped gateway: its ledger file when embedded, the store's
+/// books when on Redis (with every journal that shipped there).
+fn reconcile(
+    bin: &Path,
+    server: &Server,
+    dir: &tempfile::TempDir,
+    earlier: &[tempfile::TempDir],
+) -> anyhow::Result<Exactness> {
+    let mut command = Command::new(bin);
+    command.args(["settle", "reconcile", "--show", "5"]);
+    match server {
+        Server::Echo => anyhow::bail!("the echo keeps no books"),
+        Server::Embedded(config) => {
+            command.arg("--ledger").arg(dir.path().join("ledger.json"));
+            if let Some(fares) = config
+                .as_deref()
+                .map(Config::load)
+                .transpose()?
+                .and_then(|c| c.settlement.fares)
+            {
+                command.arg("--fares").arg(fares);
+            }
+        }
+        Server::Redis(url) => {
+            command.args(["--redis-url", url]);
+        }
+    }
+    for journal in earlier.iter().chain([dir]) {
+        command.arg("--journal").arg(journal.path().join("journal"));
+    }
+    let output = command
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running settle reconcile")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let exact = output.status.success();
+    if !exact {
+        print!("{text}");
+    }
+    Ok(Exactness {
+        exact,
+        summary: text.lines().next().unwrap_or_default().to_owned(),
+    })
 }
 
 fn measured(report: &Report, cpu: Duration, lag_p99_ms: Option<u64>) -> Measured {
@@ -389,6 +492,7 @@ fn measured(report: &Report, cpu: Duration, lag_p99_ms: Option<u64>) -> Measured
         p99_us: report.latency_us.p99,
         cpu_us_per_tap: cpu.as_secs_f64() * 1e6 / report.answered.max(1) as f64,
         settlement_lag_p99_ms: lag_p99_ms,
+        exactness: None,
     }
 }
 
@@ -558,9 +662,10 @@ async fn measure(
     gateway: &Server,
 ) -> anyhow::Result<SetupResult> {
     let mut rounds = Vec::new();
+    let mut journals = Vec::new();
     for round in 1..=args.rounds {
-        let echo = closed_loop(args, bin, &Server::Echo).await?;
-        let tapgate = closed_loop(args, bin, gateway).await?;
+        let echo = closed_loop(args, bin, &Server::Echo, &mut journals).await?;
+        let tapgate = closed_loop(args, bin, gateway, &mut journals).await?;
         let measured = Round {
             rate_ratio: tapgate.taps_per_s / echo.taps_per_s.max(f64::MIN_POSITIVE),
             cpu_ratio: tapgate.cpu_us_per_tap / echo.cpu_us_per_tap.max(f64::MIN_POSITIVE),
@@ -624,6 +729,14 @@ async fn measure(
 
 pub(crate) fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     crate::common::init_logging("warn");
+    let mut args = args;
+    // The servers run in directories of their own.
+    if let Some(config) = &args.gateway_config {
+        args.gateway_config = Some(
+            std::fs::canonicalize(config)
+                .with_context(|| format!("finding {}", config.display()))?,
+        );
+    }
     let bin = match &args.server_bin {
         Some(bin) => bin.clone(),
         None => std::env::current_exe().context("finding this binary")?,
@@ -664,6 +777,16 @@ pub(crate) fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         std::fs::write(&args.json, json)
             .with_context(|| format!("writing {}", args.json.display()))?;
         println!("json: {}", args.json.display());
+        let inexact = result
+            .setups
+            .iter()
+            .flat_map(|s| &s.rounds)
+            .filter(|r| r.tapgate.exactness.as_ref().is_some_and(|e| !e.exact))
+            .count();
+        anyhow::ensure!(
+            inexact == 0,
+            "the books did not reconcile with the journals after {inexact} runs"
+        );
         Ok(())
     })
 }
@@ -675,13 +798,18 @@ fn show(value: Option<f64>, decimals: usize) -> String {
 fn print_round(round: usize, r: &Round) {
     let side = |name: &str, m: &Measured| {
         format!(
-            "{name} {:>7.0} taps/s p50 {:>5} µs p99 {:>6} µs CPU {:>5.1} µs/tap{}",
+            "{name} {:>7.0} taps/s p50 {:>5} µs p99 {:>6} µs CPU {:>5.1} µs/tap{}{}",
             m.taps_per_s,
             m.p50_us,
             m.p99_us,
             m.cpu_us_per_tap,
             m.settlement_lag_p99_ms
-                .map_or(String::new(), |lag| format!(" settlement lag p99 {lag} ms"))
+                .map_or(String::new(), |lag| format!(" settlement lag p99 {lag} ms")),
+            m.exactness.as_ref().map_or("", |e| if e.exact {
+                ", books exact"
+            } else {
+                ", BOOKS NOT EXACT"
+            })
         )
     };
     println!(

@@ -169,7 +169,9 @@ async fn find_max_drives_the_target_it_is_given_and_stops_at_the_first_step_that
 
 /// `tapgate bench` as a user runs it, made small: for both setups (embedded, and a private
 /// redis-server the command starts), the echo and the gateway start as processes of their own,
-/// each is measured, and the JSON holds their ratios.
+/// each is measured, and the JSON holds their ratios. After each run the gateway's books are
+/// reconciled with the journals; on Redis the second round's books hold the first round's taps
+/// too, so they only reconcile with both rounds' journals.
 #[test]
 fn the_bench_command_measures_the_echo_and_both_gateway_setups_and_writes_their_ratios() {
     let dir = tempfile::tempdir().unwrap();
@@ -178,7 +180,7 @@ fn the_bench_command_measures_the_echo_and_both_gateway_setups_and_writes_their_
         .args([
             "bench",
             "--rounds",
-            "1",
+            "2",
             "--duration",
             "1s",
             "--connections",
@@ -214,6 +216,17 @@ fn the_bench_command_measures_the_echo_and_both_gateway_setups_and_writes_their_
         ["embedded", "redis"]
     );
     for setup in setups {
+        for round in setup["rounds"].as_array().unwrap() {
+            let books = &round["tapgate"]["exactness"];
+            assert_eq!(books["exact"], true, "{round}");
+            assert!(
+                books["summary"]
+                    .as_str()
+                    .unwrap()
+                    .contains("0 lost, 0 duplicated; 0 differences"),
+                "{round}"
+            );
+        }
         let round = &setup["rounds"][0];
         for side in ["echo", "tapgate"] {
             assert!(round[side]["answered"].as_u64().unwrap() > 0, "{round}");

@@ -4,7 +4,9 @@
 //! Partitions are shared out by leases: every settler heartbeats, takes up to its fair share
 //! (partitions ÷ live settlers, rounded up) and lets go of the rest, so one card's taps are
 //! settled by one settler at a time and in order. A settler that takes a partition over first
-//! claims what its predecessor read and never acknowledged, oldest first.
+//! claims what its predecessor read and never acknowledged, oldest first. One that stops in
+//! order gives its partitions back and leaves the membership, so the others take them at their
+//! next lease round rather than once its heartbeat lapses.
 
 use super::ledger::Ledger;
 use super::store::{Applied, ApplyBatch, CardSettlement, Delivered, EntryId, Store, StoreError};
@@ -178,6 +180,7 @@ pub async fn run(
     for p in std::mem::take(&mut settler.held).into_keys() {
         let _ = settler.store.release(p, &settler.token).await;
     }
+    let _ = settler.store.leave(&settler.token).await;
     settler.stats.partitions_held.store(0, Ordering::Relaxed);
     tracing::info!(settler = %settler.token, "settler stopped");
     Ok(())

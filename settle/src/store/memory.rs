@@ -104,6 +104,10 @@ impl MemoryStore {
         s.members.len()
     }
 
+    pub(super) fn leave(&self, token: &str) {
+        self.lock().members.remove(token);
+    }
+
     pub(super) fn lease(&self, partition: u16, token: &str, ttl: Duration) -> bool {
         let mut s = self.lock();
         let now = Instant::now();

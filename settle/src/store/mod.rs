@@ -259,6 +259,19 @@ impl Store {
         }
     }
 
+    /// Leaves the settlers' membership at an orderly stop, so the others count one settler
+    /// fewer at their next lease round and take its partitions then, not when its heartbeat
+    /// would have lapsed.
+    pub async fn leave(&self, token: &str) -> Result<(), StoreError> {
+        match self {
+            Store::Redis(r) => r.leave(token).await,
+            Store::Memory(m) => {
+                m.leave(token);
+                Ok(())
+            }
+        }
+    }
+
     /// Takes or renews the lease on a partition; false when another settler holds it.
     pub async fn lease(
         &self,

@@ -401,6 +401,15 @@ impl RedisStore {
         Ok(got == 1)
     }
 
+    pub(super) async fn leave(&self, token: &str) -> Result<(), StoreError> {
+        let _: u8 = redis::cmd("ZREM")
+            .arg(self.key("settle:members"))
+            .arg(token)
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(())
+    }
+
     pub(super) async fn release(&self, partition: u16, token: &str) -> Result<(), StoreError> {
         let _: u8 = self
             .scripts
