@@ -1,8 +1,10 @@
 //! `tapgate bench`: what tapgate adds per tap over bare QUIC, measured side by side. Each round
-//! starts `tapgate echo` and an embedded `tapgate serve` as processes of their own, one after
-//! the other, and drives both with the same generator (this process): closed loop at a fixed
-//! number of gates, then the highest open-loop rate each holds over many gates. The servers'
-//! CPU comes from `/proc/PID/stat`, so it is theirs alone, not the generator's.
+//! starts `tapgate echo` and then the gateway (`tapgate serve`: embedded, on a private Redis, or
+//! two of them on a private Redis Cluster) as processes of their own, and drives both with the
+//! same generator (this process): closed loop at a fixed number of gates, then the highest
+//! open-loop rate each holds over many gates. The servers' CPU comes from `/proc/PID/stat`, so
+//! it is theirs alone, not the generator's. After each gateway run the gateways are stopped and
+//! their books reconciled with their journals.
 
 use crate::common::parse_duration;
 use crate::scrape::{self, OpsClient, scrape_settlement, settlement_lag};
@@ -16,7 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tapgate_city::population::PopulationSpec;
 use tapgate_gateway::config::{Config, DEV_MASTER_KEY_HEX};
-use tapgate_loadgen::report::Report;
+use tapgate_loadgen::report::{Percentiles, Report};
 use tapgate_loadgen::run::{LoadSpec, Pacing, TargetKind, find_max, run};
 use tapgate_loadgen::workload::Faults;
 use tapgate_protocol::MasterKey;
@@ -55,9 +57,11 @@ pub(crate) struct BenchArgs {
     /// build's binary compares two builds under one generator.
     #[arg(long)]
     server_bin: Option<PathBuf>,
-    /// The gateway's configurations, in order: `embedded`, `redis` (a private redis-server,
-    /// which must be installed).
-    #[arg(long, value_delimiter = ',', default_value = "embedded,redis")]
+    /// The gateway's configurations, in order: `embedded`; `redis`, one gateway on a private
+    /// redis-server; `cluster`, two gateways on a private six-node Redis Cluster, the gates split
+    /// between them (redis-server and redis-cli must be installed for the last two). The
+    /// highest-rate search and the memory figures drive one gateway of the cluster.
+    #[arg(long, value_delimiter = ',', default_value = "embedded,redis,cluster")]
     setups: Vec<Setup>,
     /// Connection counts at which to measure memory per nearly idle gate (one tap per gate
     /// every 10 s), for each server: e.g. `4000,20000`. None by default.
@@ -102,13 +106,52 @@ struct Measured {
     exactness: Option<Exactness>,
 }
 
-/// What `tapgate settle reconcile` says of a gateway's books after a run: every approved tap in
-/// the journals settled exactly once, or not.
+/// What `tapgate settle reconcile` says of the gateways' books after a run.
 #[derive(Debug, Clone, Serialize)]
 struct Exactness {
-    exact: bool,
+    /// Every approved tap in the journals settled exactly once: none lost, none duplicated.
+    taps_exact: bool,
+    /// The books match the journals priced offline in time order, fare for fare.
+    fares_exact: bool,
+    /// Taps the settlers priced after a later tap of their card (`tapgate_settle_out_of_order
+    /// _total` over the run): reached settlement out of time order, so priced in arrival
+    /// order; what makes fares differ when taps are exact.
+    out_of_order: u64,
     /// Reconcile's summary line (taps in the journals and settled, lost, duplicated).
     summary: String,
+}
+
+impl Exactness {
+    /// Whether the run counts as a failure: taps lost or doubled, or fares that differ with no
+    /// tap priced out of order to explain them.
+    fn failed(&self) -> bool {
+        !self.taps_exact || (!self.fares_exact && self.out_of_order == 0)
+    }
+
+    fn describe(&self) -> String {
+        match (self.taps_exact, self.fares_exact) {
+            (true, true) => "books exact".to_owned(),
+            (true, false) if self.out_of_order > 0 => format!(
+                "taps exact, FARES DIFFER: {} taps priced out of time order",
+                self.out_of_order
+            ),
+            _ => format!("BOOKS NOT EXACT ({})", self.summary),
+        }
+    }
+}
+
+/// The lost and duplicated counts and the number of differences in reconcile's summary line
+/// ("…; L lost, D duplicated; K differences").
+fn reconcile_counts(summary: &str) -> Option<(u64, u64, u64)> {
+    let (_, counts) = summary.split_once("; ")?;
+    let numbers: Vec<u64> = counts
+        .split([',', ';'])
+        .filter_map(|part| part.split_whitespace().next()?.parse().ok())
+        .collect();
+    match numbers[..] {
+        [lost, duplicated, differences] => Some((lost, duplicated, differences)),
+        _ => None,
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -164,6 +207,9 @@ enum Setup {
     Embedded,
     /// A private redis-server holding the cards and gates, settlement through it.
     Redis,
+    /// Two gateways on a private six-node Redis Cluster (three masters, three replicas), each
+    /// settling beside itself, the generator's gates split between them.
+    Cluster,
 }
 
 /// Which server a run measures.
@@ -172,8 +218,21 @@ enum Server {
     Echo,
     /// The embedded gateway, with this configuration file when one is given.
     Embedded(Option<PathBuf>),
-    /// A gateway on the Redis at this URL.
-    Redis(String),
+    /// `gateways` gateways on the Redis (or Redis Cluster) at `url`.
+    Redis {
+        url: String,
+        gateways: usize,
+    },
+}
+
+impl Server {
+    /// How many processes serve the gates.
+    fn processes(&self) -> usize {
+        match self {
+            Server::Redis { gateways, .. } => *gateways,
+            Server::Echo | Server::Embedded(_) => 1,
+        }
+    }
 }
 
 impl std::fmt::Display for Server {
@@ -181,7 +240,8 @@ impl std::fmt::Display for Server {
         f.write_str(match self {
             Server::Echo => "echo",
             Server::Embedded(_) => "embedded gateway",
-            Server::Redis(_) => "Redis gateway",
+            Server::Redis { gateways: 1, .. } => "Redis gateway",
+            Server::Redis { .. } => "Redis gateways",
         })
     }
 }
@@ -273,14 +333,14 @@ async fn start(
         Server::Echo => {
             command.arg("echo");
         }
-        Server::Embedded(_) | Server::Redis(_) => {
+        Server::Embedded(_) | Server::Redis { .. } => {
             let ops = format!("127.0.0.1:{}", free_port(false)?);
             command
                 .arg("serve")
                 .arg("--journal-dir")
                 .arg(dir.path().join("journal"))
                 .args(["--ops-listen", &ops, "--log", "warn"]);
-            if let Server::Redis(url) = server {
+            if let Server::Redis { url, .. } = server {
                 // Each start ships a new journal, so it forwards under a node name of its own.
                 let config = dir.path().join("tapgate.toml");
                 let node = dir.path().file_name().map_or_else(
@@ -364,7 +424,7 @@ async fn start(
 fn spec(
     started: &Started,
     server: &Server,
-    connections: usize,
+    gates: std::ops::Range<usize>,
     pacing: Pacing,
     duration: Duration,
     population: PopulationSpec,
@@ -373,21 +433,23 @@ fn spec(
         target: started.addr,
         target_kind: match server {
             Server::Echo => TargetKind::Echo,
-            Server::Embedded(_) | Server::Redis(_) => TargetKind::Tapgate,
+            Server::Embedded(_) | Server::Redis { .. } => TargetKind::Tapgate,
         },
         trusted_cert: started.cert.clone(),
         master_key: MasterKey::from_hex(DEV_MASTER_KEY_HEX).expect("valid development key"),
         key_version: 1,
-        connections,
+        connections: gates.len(),
         pacing,
         duration,
         population,
+        first_gate: gates.start as u64,
         faults: Faults::default(),
         show_progress: false,
     }
 }
 
-/// One closed-loop run. A gateway is then stopped and its books reconciled with its journal
+/// One closed-loop run, the gates split evenly over the server's processes (each process gets
+/// its own range of gates). A gateway is then stopped and its books reconciled with its journal
 /// and with `journals`, those of the earlier runs that shipped to the same store; its own
 /// directory joins them.
 async fn closed_loop(
@@ -396,59 +458,92 @@ async fn closed_loop(
     server: &Server,
     journals: &mut Vec<tempfile::TempDir>,
 ) -> anyhow::Result<Measured> {
-    let started = start(server, bin, &args.population()).await?;
-    let pid = started.child.id();
-    let metrics = started
-        .ops
-        .as_ref()
-        .map(|(client, base)| (client, format!("{base}/metrics")));
-    let before_settlement = match &metrics {
-        Some((client, url)) => scrape_settlement(client, url).await,
-        None => None,
-    };
-    let cpu_before = process_usage(Some(pid)).context("reading the server's CPU")?;
-    let report = run(spec(
-        &started,
-        server,
-        args.connections,
-        Pacing::ClosedLoop,
-        args.duration,
-        args.population(),
-    ))
-    .await?;
-    let cpu_after = process_usage(Some(pid)).context("reading the server's CPU")?;
-    let lag = match (&metrics, &before_settlement) {
-        (Some((client, url)), Some(before)) => settlement_lag(client, url, before).await,
-        _ => None,
-    };
-    let mut measured = measured(
-        &report,
-        cpu_after.cpu - cpu_before.cpu,
-        lag.and_then(|l| l.p99_ms),
-    );
-    if started.ops.is_some() {
-        let dir = started.stop()?;
-        measured.exactness = Some(reconcile(bin, server, &dir, journals)?);
-        if matches!(server, Server::Redis(_)) {
-            journals.push(dir);
+    let processes = server.processes();
+    let mut servers = Vec::with_capacity(processes);
+    for _ in 0..processes {
+        servers.push(start(server, bin, &args.population()).await?);
+    }
+    let metrics: Vec<_> = servers
+        .iter()
+        .filter_map(|s| s.ops.as_ref())
+        .map(|(client, base)| (client, format!("{base}/metrics")))
+        .collect();
+    let mut before_settlement = Vec::new();
+    for (client, url) in &metrics {
+        before_settlement.push(scrape_settlement(client, url).await);
+    }
+    let cpu = || -> anyhow::Result<Duration> {
+        let mut total = Duration::ZERO;
+        for s in &servers {
+            total += process_usage(Some(s.child.id()))
+                .context("reading the server's CPU")?
+                .cpu;
         }
+        Ok(total)
+    };
+    let cpu_before = cpu()?;
+    let mut runs = tokio::task::JoinSet::new();
+    for (i, started) in servers.iter().enumerate() {
+        let gates = args.connections * i / processes..args.connections * (i + 1) / processes;
+        let spec = spec(
+            started,
+            server,
+            gates,
+            Pacing::ClosedLoop,
+            args.duration,
+            args.population(),
+        );
+        runs.spawn(run(spec));
+    }
+    let mut reports = Vec::with_capacity(processes);
+    while let Some(report) = runs.join_next().await {
+        reports.push(report??);
+    }
+    let cpu_after = cpu()?;
+    let mut lag_p99_ms = None;
+    let mut out_of_order = 0;
+    for ((client, url), before) in metrics.iter().zip(&before_settlement) {
+        if let Some(before) = before {
+            let lag = settlement_lag(client, url, before).await;
+            lag_p99_ms = lag_p99_ms.max(lag.and_then(|l| l.p99_ms));
+            if let Some(after) = scrape_settlement(client, url).await {
+                out_of_order += after.out_of_order.saturating_sub(before.out_of_order);
+            }
+        }
+    }
+    let mut measured = measured(&reports, cpu_after - cpu_before, lag_p99_ms);
+    if matches!(server, Server::Echo) {
+        return Ok(measured);
+    }
+    let mut dirs = Vec::with_capacity(processes);
+    for started in servers {
+        dirs.push(started.stop()?);
+    }
+    measured.exactness = Some(reconcile(bin, server, &dirs, journals, out_of_order)?);
+    if matches!(server, Server::Redis { .. }) {
+        journals.extend(dirs);
     }
     Ok(measured)
 }
 
-/// `tapgate settle reconcile` of a stopped gateway: its ledger file when embedded, the store's
-/// books when on Redis (with every journal that shipped there).
+/// `tapgate settle reconcile` of stopped gateways (their working directories `dirs`): the
+/// ledger file when embedded, the store's books when on Redis, with every journal that shipped
+/// there.
 fn reconcile(
     bin: &Path,
     server: &Server,
-    dir: &tempfile::TempDir,
+    dirs: &[tempfile::TempDir],
     earlier: &[tempfile::TempDir],
+    out_of_order: u64,
 ) -> anyhow::Result<Exactness> {
     let mut command = Command::new(bin);
     command.args(["settle", "reconcile", "--show", "5"]);
     match server {
         Server::Echo => anyhow::bail!("the echo keeps no books"),
         Server::Embedded(config) => {
+            let [dir] = dirs else {
+                anyhow::bail!("an embedded gateway keeps its books alone");
+            };
             command.arg("--ledger").arg(dir.path().join("ledger.json"));
             if let Some(fares) = config
                 .as_deref()
@@ -459,11 +554,11 @@ fn reconcile(
                 command.arg("--fares").arg(fares);
             }
         }
-        Server::Redis(url) => {
+        Server::Redis { url, .. } => {
             command.args(["--redis-url", url]);
         }
     }
-    for journal in earlier.iter().chain([dir]) {
+    for journal in earlier.iter().chain(dirs) {
         command.arg("--journal").arg(journal.path().join("journal"));
     }
     let output = command
@@ -472,25 +567,39 @@ fn reconcile(
         .output()
         .context("running settle reconcile")?;
     let text = String::from_utf8_lossy(&output.stdout);
-    let exact = output.status.success();
-    if !exact {
+    let summary = text.lines().next().unwrap_or_default().to_owned();
+    let (lost, duplicated, differences) = reconcile_counts(&summary)
+        .with_context(|| format!("reading settle reconcile's answer: {text}"))?;
+    let exactness = Exactness {
+        taps_exact: lost == 0 && duplicated == 0,
+        fares_exact: differences == 0 && output.status.success(),
+        out_of_order,
+        summary,
+    };
+    if !exactness.fares_exact {
         print!("{text}");
     }
-    Ok(Exactness {
-        exact,
-        summary: text.lines().next().unwrap_or_default().to_owned(),
-    })
+    Ok(exactness)
 }
 
-fn measured(report: &Report, cpu: Duration, lag_p99_ms: Option<u64>) -> Measured {
+/// One side of a run, from the generator's reports (one per serving process).
+fn measured(reports: &[Report], cpu: Duration, lag_p99_ms: Option<u64>) -> Measured {
+    let mut latency = reports[0].histogram.clone();
+    for report in &reports[1..] {
+        latency
+            .add(&report.histogram)
+            .expect("the generator's histograms share their bounds");
+    }
+    let latency = Percentiles::of(&latency);
+    let answered = reports.iter().map(|r| r.answered).sum::<u64>();
     Measured {
-        taps_per_s: report.achieved_rate,
-        answered: report.answered,
-        errors: report.errors,
-        busy: report.busy,
-        p50_us: report.latency_us.p50,
-        p99_us: report.latency_us.p99,
-        cpu_us_per_tap: cpu.as_secs_f64() * 1e6 / report.answered.max(1) as f64,
+        taps_per_s: reports.iter().map(|r| r.achieved_rate).sum(),
+        answered,
+        errors: reports.iter().map(|r| r.errors).sum(),
+        busy: reports.iter().map(|r| r.busy).sum(),
+        p50_us: latency.p50,
+        p99_us: latency.p99,
+        cpu_us_per_tap: cpu.as_secs_f64() * 1e6 / answered.max(1) as f64,
         settlement_lag_p99_ms: lag_p99_ms,
         exactness: None,
     }
@@ -526,7 +635,7 @@ async fn memory_per_gate(
     let report = run(spec(
         &started,
         server,
-        connections,
+        0..connections,
         Pacing::OpenLoop {
             rate: connections as f64 / 10.0,
         },
@@ -550,7 +659,7 @@ async fn held_rate(args: &BenchArgs, bin: &Path, server: &Server) -> anyhow::Res
     let spec = spec(
         &started,
         server,
-        args.find_max_connections,
+        0..args.find_max_connections,
         Pacing::OpenLoop {
             rate: args.find_max_from,
         },
@@ -597,43 +706,123 @@ fn machine() -> String {
 
 /// A redis-server of the bench's own on a free loopback port, holding the population; stopped
 /// when dropped.
+/// Redis servers of the bench's own on free loopback ports, holding the population; stopped
+/// when dropped.
 struct PrivateRedis {
-    child: Child,
+    children: Vec<Child>,
     url: String,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
+/// Cluster nodes of the cluster setup: three masters and a replica of each.
+const CLUSTER_NODES: usize = 6;
+
 impl PrivateRedis {
+    /// One redis-server.
     fn start(bin: &Path, population: &PopulationSpec) -> anyhow::Result<PrivateRedis> {
-        let dir = tempfile::Builder::new()
-            .prefix("tapgate-bench-redis-")
-            .tempdir()?;
+        let mut redis = PrivateRedis::empty()?;
         let port = free_port(false)?;
+        let dir = redis.dir.path().to_owned();
+        redis.spawn(port, &dir, &[])?;
+        redis.url = format!("redis://127.0.0.1:{port}/");
+        redis.load(bin, population)?;
+        Ok(redis)
+    }
+
+    /// A Redis Cluster of six redis-servers, created with `redis-cli --cluster create`.
+    fn start_cluster(bin: &Path, population: &PopulationSpec) -> anyhow::Result<PrivateRedis> {
+        let mut redis = PrivateRedis::empty()?;
+        let mut ports = Vec::with_capacity(CLUSTER_NODES);
+        while ports.len() < CLUSTER_NODES {
+            // A node's cluster bus listens 10000 above its port.
+            let port = free_port(false)?;
+            if port <= 55_000
+                && !ports.contains(&port)
+                && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok()
+            {
+                ports.push(port);
+            }
+        }
+        for &port in &ports {
+            let node_dir = redis.dir.path().join(port.to_string());
+            std::fs::create_dir_all(&node_dir)?;
+            redis.spawn(
+                port,
+                &node_dir,
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                ],
+            )?;
+        }
+        let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&nodes)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .context("running redis-cli --cluster create (it comes with redis-server)")?;
+        anyhow::ensure!(
+            created.status.success(),
+            "redis-cli --cluster create: {}",
+            String::from_utf8_lossy(&created.stdout)
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ports.iter().all(|port| cluster_serves_every_slot(*port)) {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the private Redis Cluster did not serve every slot within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        redis.url = format!("redis+cluster://{}/", nodes.join(","));
+        redis.load(bin, population)?;
+        Ok(redis)
+    }
+
+    fn empty() -> anyhow::Result<PrivateRedis> {
+        Ok(PrivateRedis {
+            children: Vec::new(),
+            url: String::new(),
+            dir: tempfile::Builder::new()
+                .prefix("tapgate-bench-redis-")
+                .tempdir()?,
+        })
+    }
+
+    /// Starts a redis-server on `port` and waits until it listens.
+    fn spawn(&mut self, port: u16, dir: &Path, extra: &[&str]) -> anyhow::Result<()> {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .arg("--dir")
-            .arg(dir.path())
+            .arg(dir)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .context(
-                "starting redis-server for the Redis setup (install it, or pass --setups embedded)",
+                "starting redis-server for the Redis setups (install it, or pass --setups embedded)",
             )?;
-        let redis = PrivateRedis {
-            child,
-            url: format!("redis://127.0.0.1:{port}/"),
-            _dir: dir,
-        };
+        self.children.push(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if Instant::now() > deadline {
-                anyhow::bail!("redis-server did not listen on port {port} within 10 s");
-            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "redis-server did not listen on port {port} within 10 s"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
+        Ok(())
+    }
+
+    /// Writes the population's cards and gates with `tapgate cards generate`.
+    fn load(&self, bin: &Path, population: &PopulationSpec) -> anyhow::Result<()> {
         let loaded = Command::new(bin)
-            .args(["cards", "--redis-url", &redis.url, "generate"])
+            .args(["cards", "--redis-url", &self.url, "generate"])
             .args(["--cards", &population.cards.to_string()])
             .args(["--terminals", &population.terminals.to_string()])
             .args(["--seed", &population.seed.to_string()])
@@ -643,14 +832,28 @@ impl PrivateRedis {
             loaded.success(),
             "loading the population into Redis: {loaded}"
         );
-        Ok(redis)
+        Ok(())
     }
+}
+
+/// True when the cluster node on `port` says every slot is served.
+fn cluster_serves_every_slot(port: u16) -> bool {
+    Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "cluster", "info"])
+        .stdin(Stdio::null())
+        .output()
+        .is_ok_and(|out| {
+            let info = String::from_utf8_lossy(&out.stdout);
+            info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")
+        })
 }
 
 impl Drop for PrivateRedis {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -758,9 +961,14 @@ pub(crate) fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
                     let server = Server::Embedded(args.gateway_config.clone());
                     measure(&args, &bin, *setup, &server).await?
                 }
-                Setup::Redis => {
-                    let redis = PrivateRedis::start(&bin, &args.population())?;
-                    measure(&args, &bin, *setup, &Server::Redis(redis.url.clone())).await?
+                Setup::Redis | Setup::Cluster => {
+                    let (redis, gateways) = if *setup == Setup::Redis {
+                        (PrivateRedis::start(&bin, &args.population())?, 1)
+                    } else {
+                        (PrivateRedis::start_cluster(&bin, &args.population())?, 2)
+                    };
+                    let url = redis.url.clone();
+                    measure(&args, &bin, *setup, &Server::Redis { url, gateways }).await?
                 }
             };
             setups.push(result);
@@ -777,15 +985,15 @@ pub(crate) fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         std::fs::write(&args.json, json)
             .with_context(|| format!("writing {}", args.json.display()))?;
         println!("json: {}", args.json.display());
-        let inexact = result
+        let failed = result
             .setups
             .iter()
             .flat_map(|s| &s.rounds)
-            .filter(|r| r.tapgate.exactness.as_ref().is_some_and(|e| !e.exact))
+            .filter(|r| r.tapgate.exactness.as_ref().is_some_and(Exactness::failed))
             .count();
         anyhow::ensure!(
-            inexact == 0,
-            "the books did not reconcile with the journals after {inexact} runs"
+            failed == 0,
+            "the books did not reconcile with the journals after {failed} runs"
         );
         Ok(())
     })
@@ -805,11 +1013,9 @@ fn print_round(round: usize, r: &Round) {
             m.cpu_us_per_tap,
             m.settlement_lag_p99_ms
                 .map_or(String::new(), |lag| format!(" settlement lag p99 {lag} ms")),
-            m.exactness.as_ref().map_or("", |e| if e.exact {
-                ", books exact"
-            } else {
-                ", BOOKS NOT EXACT"
-            })
+            m.exactness
+                .as_ref()
+                .map_or(String::new(), |e| format!(", {}", e.describe()))
         )
     };
     println!(
@@ -819,4 +1025,20 @@ fn print_round(round: usize, r: &Round) {
         r.rate_ratio,
         r.cpu_ratio
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconciles_counts_are_read_from_its_summary_line() {
+        assert_eq!(
+            reconcile_counts(
+                "reconcile: 50740 approved taps in the journals, 50740 settled; 3 lost, 0 duplicated; 2 differences"
+            ),
+            Some((3, 0, 2))
+        );
+        assert_eq!(reconcile_counts("reconcile: nothing"), None);
+    }
 }

@@ -40,6 +40,10 @@ pub(crate) struct WorkloadArgs {
     /// Gates in the population; must be the gateway's.
     #[arg(long, default_value_t = PopulationSpec::default().terminals)]
     terminals: u64,
+    /// The simulated gates are the population's terminals from this index on. Generators
+    /// driving several gateways at once take ranges that do not overlap (a gate is one device).
+    #[arg(long, default_value_t = 0)]
+    first_gate: u64,
     /// Share of taps sent with a corrupted tag (each closes its connection; the gate reconnects).
     #[arg(long, default_value_t = 0.0)]
     bad_mac: f64,
@@ -140,6 +144,7 @@ impl WorkloadArgs {
                 terminals: self.terminals,
                 ..PopulationSpec::default()
             },
+            first_gate: self.first_gate,
             faults: Faults {
                 bad_mac: self.bad_mac,
                 replay: self.replay,
@@ -312,6 +317,7 @@ pub(crate) fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
             seed: population.seed,
             cards: population.cards,
             terminals: population.terminals,
+            first_gate: 0,
             bad_mac: 0.0,
             replay: 0.0,
             resend: 0.0,

@@ -15,6 +15,8 @@ pub(crate) struct SettlementCounters {
     lag_sum_ms: u64,
     settled: u64,
     behind_bytes: u64,
+    /// Taps this process's settlers priced out of time order.
+    pub(crate) out_of_order: u64,
 }
 
 /// The HTTP client commands read ops endpoints with.
@@ -72,6 +74,8 @@ fn parse_settlement_counters(body: &str) -> Option<SettlementCounters> {
             counters.settled = value as u64;
         } else if name == "tapgate_forwarder_behind_bytes" {
             counters.behind_bytes = value as u64;
+        } else if name == "tapgate_settle_out_of_order_total" {
+            counters.out_of_order = value as u64;
         }
     }
     (!counters.lag_buckets.is_empty()).then_some(counters)
@@ -123,10 +127,14 @@ tapgate_settlement_lag_seconds_bucket{le=\"+Inf\"} 9
 tapgate_settlement_lag_seconds_sum 0.12
 tapgate_settled_taps_total 9
 tapgate_forwarder_behind_bytes 87
+tapgate_settle_out_of_order_total 2
 ";
         let c = parse_settlement_counters(body).unwrap();
         assert_eq!(c.lag_buckets, [(Some(1), 3), (None, 9)]);
-        assert_eq!((c.lag_sum_ms, c.settled, c.behind_bytes), (120, 9, 87));
+        assert_eq!(
+            (c.lag_sum_ms, c.settled, c.behind_bytes, c.out_of_order),
+            (120, 9, 87, 2)
+        );
         assert!(parse_settlement_counters("tapgate_connections_active 3\n").is_none());
     }
 }

@@ -44,6 +44,7 @@ fn load(
         pacing,
         duration: Duration::from_secs(2),
         population: population(),
+        first_gate: 0,
         faults,
         show_progress: false,
     }
@@ -167,13 +168,14 @@ async fn find_max_drives_the_target_it_is_given_and_stops_at_the_first_step_that
     echo.close();
 }
 
-/// `tapgate bench` as a user runs it, made small: for both setups (embedded, and a private
-/// redis-server the command starts), the echo and the gateway start as processes of their own,
-/// each is measured, and the JSON holds their ratios. After each run the gateway's books are
-/// reconciled with the journals; on Redis the second round's books hold the first round's taps
-/// too, so they only reconcile with both rounds' journals.
+/// `tapgate bench` as a user runs it, made small: for the three setups (embedded, a private
+/// redis-server, and two gateways on a private Redis Cluster, which the command starts), the
+/// echo and the gateways start as processes of their own, each is measured, and the JSON holds
+/// their ratios. After each run the gateways' books are reconciled with the journals; on Redis
+/// the second round's books hold the first round's taps too, so they only reconcile with both
+/// rounds' journals, and on the cluster with both gateways' journals.
 #[test]
-fn the_bench_command_measures_the_echo_and_both_gateway_setups_and_writes_their_ratios() {
+fn the_bench_command_measures_the_echo_and_every_gateway_setup_and_writes_their_ratios() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("bench.json");
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_tapgate"))
@@ -192,7 +194,7 @@ fn the_bench_command_measures_the_echo_and_both_gateway_setups_and_writes_their_
             "--find-max-connections",
             "0",
             "--setups",
-            "embedded,redis",
+            "embedded,redis,cluster",
             "--json",
         ])
         .arg(&json)
@@ -213,19 +215,22 @@ fn the_bench_command_measures_the_echo_and_both_gateway_setups_and_writes_their_
             .iter()
             .map(|s| s["setup"].as_str().unwrap())
             .collect::<Vec<_>>(),
-        ["embedded", "redis"]
+        ["embedded", "redis", "cluster"]
     );
     for setup in setups {
         for round in setup["rounds"].as_array().unwrap() {
             let books = &round["tapgate"]["exactness"];
-            assert_eq!(books["exact"], true, "{round}");
-            assert!(
-                books["summary"]
-                    .as_str()
-                    .unwrap()
-                    .contains("0 lost, 0 duplicated; 0 differences"),
-                "{round}"
-            );
+            assert_eq!(books["taps_exact"], true, "{round}");
+            let summary = books["summary"].as_str().unwrap();
+            assert!(summary.contains("0 lost, 0 duplicated"), "{round}");
+            // Through two gateways a card's taps can reach settlement out of time order and
+            // be priced in arrival order; the books say so rather than differ unexplained.
+            if books["fares_exact"] == false {
+                assert_eq!(setup["setup"], "cluster", "{round}");
+                assert!(books["out_of_order"].as_u64().unwrap() > 0, "{round}");
+            } else {
+                assert!(summary.ends_with("0 differences"), "{round}");
+            }
         }
         let round = &setup["rounds"][0];
         for side in ["echo", "tapgate"] {

@@ -78,6 +78,7 @@ fn load_spec(h: &Harness, rate: f64, seconds: u64) -> LoadSpec {
         pacing: Pacing::OpenLoop { rate },
         duration: Duration::from_secs(seconds),
         population: population(),
+        first_gate: 0,
         faults: Faults::default(),
         show_progress: false,
     }

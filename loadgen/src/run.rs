@@ -19,6 +19,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use tapgate_city::TerminalRecord;
 use tapgate_city::population::PopulationSpec;
 use tapgate_protocol::{ErrorCode, Frame, MasterKey, Outcome};
 use tapgate_transport::now_ms;
@@ -49,8 +50,11 @@ pub struct LoadSpec {
     pub connections: usize,
     pub pacing: Pacing,
     pub duration: Duration,
-    /// Must be the population the gateway knows: gates are its first `connections` terminals.
+    /// Must be the population the gateway knows.
     pub population: PopulationSpec,
+    /// Gates are the population's terminals from this index on, `connections` of them:
+    /// generators driving several gateways at once take ranges that do not overlap.
+    pub first_gate: u64,
     pub faults: Faults,
     pub show_progress: bool,
 }
@@ -61,8 +65,8 @@ pub enum LoadError {
     Client(#[from] ClientError),
     #[error("no gate could connect; first failure: {0}")]
     NoneConnected(String),
-    #[error("the population has {have} terminals; {want} connections need as many")]
-    NotEnoughTerminals { have: u64, want: usize },
+    #[error("the population has {have} terminals; gates {first} to {last} are not among them")]
+    NotEnoughTerminals { have: u64, first: u64, last: u64 },
 }
 
 /// Handshakes in progress at once while connecting the gates.
@@ -233,10 +237,12 @@ pub async fn find_max(
 }
 
 pub async fn run(spec: LoadSpec) -> Result<Report, LoadError> {
-    if spec.population.terminals < spec.connections as u64 {
+    let last_gate = spec.first_gate + spec.connections as u64;
+    if spec.population.terminals < last_gate {
         return Err(LoadError::NotEnoughTerminals {
             have: spec.population.terminals,
-            want: spec.connections,
+            first: spec.first_gate,
+            last: last_gate.saturating_sub(1),
         });
     }
     let bind: SocketAddr = if spec.target.is_ipv6() {
@@ -267,11 +273,11 @@ pub async fn run(spec: LoadSpec) -> Result<Report, LoadError> {
 
     let mut tasks = tokio::task::JoinSet::new();
     let mut queues = Vec::with_capacity(connected);
-    for (i, (identity, gate)) in ready.into_iter().enumerate() {
+    for (terminal, identity, gate) in ready {
         let workload = GateWorkload::new(
             spec.population.seed,
             &spec.population,
-            spec.population.terminal(i as u64),
+            terminal,
             spec.faults,
         );
         let shared = shared.clone();
@@ -319,13 +325,13 @@ pub async fn run(spec: LoadSpec) -> Result<Report, LoadError> {
 async fn connected_gates(
     spec: &LoadSpec,
     endpoint: &quinn::Endpoint,
-) -> Result<Vec<(GateIdentity, GateClient)>, LoadError> {
+) -> Result<Vec<(TerminalRecord, GateIdentity, GateClient)>, LoadError> {
     let connect_started = Instant::now();
     let mut first_failure = None;
     let mut ready = Vec::new();
-    for (identity, gate) in connect_all(spec, endpoint).await {
+    for (terminal, identity, gate) in connect_all(spec, endpoint).await {
         match gate {
-            Ok(gate) => ready.push((identity, gate)),
+            Ok(gate) => ready.push((terminal, identity, gate)),
             Err(e) => {
                 first_failure.get_or_insert(e.to_string());
             }
@@ -417,11 +423,15 @@ fn progress_bar(shared: &Arc<Shared>) -> Option<ProgressBar> {
 async fn connect_all(
     spec: &LoadSpec,
     endpoint: &quinn::Endpoint,
-) -> Vec<(GateIdentity, Result<GateClient, ClientError>)> {
+) -> Vec<(
+    TerminalRecord,
+    GateIdentity,
+    Result<GateClient, ClientError>,
+)> {
     let limit = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
     let mut set = tokio::task::JoinSet::new();
     for i in 0..spec.connections {
-        let terminal = spec.population.terminal(i as u64);
+        let terminal = spec.population.terminal(spec.first_gate + i as u64);
         let identity = GateIdentity {
             terminal_id: terminal.terminal_id,
             key_version: spec.key_version,
@@ -439,14 +449,14 @@ async fn connect_all(
         set.spawn(async move {
             let _permit = limit.acquire_owned().await.expect("semaphore never closes");
             let gate = connect(&endpoint, target, kind, &identity).await;
-            (i, identity, gate)
+            (i, terminal, identity, gate)
         });
     }
     let mut gates: Vec<_> = set.join_all().await;
-    gates.sort_by_key(|(i, _, _)| *i);
+    gates.sort_by_key(|(i, ..)| *i);
     gates
         .into_iter()
-        .map(|(_, identity, gate)| (identity, gate))
+        .map(|(_, terminal, identity, gate)| (terminal, identity, gate))
         .collect()
 }
 

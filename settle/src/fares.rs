@@ -294,6 +294,19 @@ const RIDER_STATE_VERSION: u8 = 2;
 const NO_DAY: i32 = i32::MIN;
 
 impl RiderState {
+    /// When the latest tap this state remembers was approved (an open trip, a paid ride, a
+    /// transfer): a tap approved before it reaches pricing out of time order.
+    pub fn latest_ms(&self) -> Option<u64> {
+        [
+            self.open.map(|trip| trip.at_ms),
+            self.last_paid.map(|paid| paid.at_ms),
+            self.last_transfer_ms,
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+    }
+
     /// Fixed-layout bytes, as settlement keeps them between batches (in Redis, one value per
     /// card). Versioned so a later layout can still read these.
     pub fn encode(&self) -> Vec<u8> {
@@ -1034,6 +1047,40 @@ mod tests {
             bus(T0 + 30 * MIN),
         ]);
         assert_eq!(fares(&c), [200, 0, 200]);
+    }
+
+    /// The fare of a card's rides depends on the order they are priced in, so settlement must
+    /// be able to tell when a tap comes after a later one of its card.
+    #[test]
+    fn a_tap_older_than_what_the_state_remembers_is_out_of_order() {
+        let tables = FareTables::embedded_default();
+        let mut rider = RiderState::default();
+        assert_eq!(rider.latest_ms(), None);
+        settle(&bus(T0 + 30 * MIN), &mut rider, &tables);
+        assert_eq!(rider.latest_ms(), Some(T0 + 30 * MIN));
+        settle(
+            &metro(TapKind::Entry, 2, 10, T0 + 40 * MIN),
+            &mut rider,
+            &tables,
+        );
+        assert_eq!(rider.latest_ms(), Some(T0 + 40 * MIN));
+        let late = bus(T0);
+        assert!(rider.latest_ms().is_some_and(|t| late.server_time_ms < t));
+        // A bus then a short metro trip: in time order the metro trip gets the transfer
+        // discount; priced with the bus last, the bus does. Same total, other operators.
+        let by_mode = |charges: Vec<Charge>| -> Vec<(Mode, u32)> {
+            let mut v: Vec<_> = charges.iter().map(|c| (c.mode, c.fare_fen)).collect();
+            v.sort();
+            v
+        };
+        let (entry, exit) = (
+            metro(TapKind::Entry, 2, 10, T0 + 10 * MIN),
+            metro(TapKind::Exit, 2, 12, T0 + 20 * MIN),
+        );
+        let in_time_order = by_mode(run(&[bus(T0), entry, exit]));
+        let in_arrival_order = by_mode(run(&[entry, exit, bus(T0)]));
+        assert_eq!(in_time_order, [(Mode::Bus, 200), (Mode::Metro, 0)]);
+        assert_eq!(in_arrival_order, [(Mode::Bus, 0), (Mode::Metro, 200)]);
     }
 
     #[test]

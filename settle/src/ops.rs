@@ -126,7 +126,7 @@ fn render_forwarder(sink: &mut Sink, forwarder: &ForwarderStats) -> fmt::Result 
 
 fn render_settlers(sink: &mut Sink, settlers: &SettlerStats) -> fmt::Result {
     let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    let counters: [(&str, &str, &str, u64); 9] = [
+    let counters: [(&str, &str, &str, u64); 10] = [
         (
             "settle_batches_total",
             "counter",
@@ -162,6 +162,12 @@ fn render_settlers(sink: &mut Sink, settlers: &SettlerStats) -> fmt::Result {
             "counter",
             "Taps that reached settlement a second time from another gateway's journal (booked once).",
             load(&settlers.copies),
+        ),
+        (
+            "settle_out_of_order_total",
+            "counter",
+            "Taps priced after a later tap of the same card (out of time order, e.g. behind another gateway's); their fares follow arrival order.",
+            load(&settlers.out_of_order),
         ),
         (
             "settle_malformed_total",

@@ -75,6 +75,11 @@ pub struct SettlerStats {
     pub redelivered: AtomicU64,
     /// Taps that another gateway's journal had brought already: acknowledged, booked once.
     pub copies: AtomicU64,
+    /// Taps priced after a later tap of the same card: they reached their partition out of
+    /// time order (two gateways' forwarders, one of them behind), and the fare engine, which
+    /// prices a card's taps in the order it sees them, may have put a transfer discount or a
+    /// trip's exit on a different ride than pricing in time order would.
+    pub out_of_order: AtomicU64,
     /// Entries that are not journal records: acknowledged, never applied.
     pub malformed: AtomicU64,
     pub leases_lost: AtomicU64,
@@ -339,11 +344,19 @@ impl Settler {
         ledger.fare_tables.insert(self.fare_tables_digest.clone());
         let mut charges = 0u64;
         let mut copies = 0u64;
+        let mut out_of_order = 0u64;
         for record in &records {
             let rider = riders.entry(record.tap.card_id).or_default();
             if !rider.recent.first_time(record) {
                 copies += 1;
                 continue;
+            }
+            if rider
+                .fares
+                .latest_ms()
+                .is_some_and(|latest| record.server_time_ms < latest)
+            {
+                out_of_order += 1;
             }
             let priced = settle(record, &mut rider.fares, &self.tables);
             charges += priced.len() as u64;
@@ -378,6 +391,9 @@ impl Settler {
                     .fetch_add(records.len() as u64, Ordering::Relaxed);
                 self.stats.charges.fetch_add(charges, Ordering::Relaxed);
                 self.stats.copies.fetch_add(copies, Ordering::Relaxed);
+                self.stats
+                    .out_of_order
+                    .fetch_add(out_of_order, Ordering::Relaxed);
                 self.stats.batches.fetch_add(1, Ordering::Relaxed);
             }
             Applied::LeaseLost => self.lose(partition),
