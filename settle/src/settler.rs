@@ -96,6 +96,22 @@ pub struct SettlerStats {
 const RETRY_FIRST: Duration = Duration::from_millis(250);
 const RETRY_CEILING: Duration = Duration::from_secs(2);
 const READ_BLOCK: Duration = Duration::from_millis(200);
+/// Lease rounds come this often while partitions may be changing hands (see
+/// [`next_lease_round_in`]).
+const LEASE_CATCH_UP: Duration = Duration::from_millis(250);
+
+/// When the next lease round is due. Normally a third of the lease time. After the membership
+/// changed, a settler short of its share looks again every [`LEASE_CATCH_UP`] for one normal
+/// interval: the settlers above their share give partitions back at their own next round, and
+/// those partitions should not wait up to another third of the lease time unsettled.
+fn next_lease_round_in(lease_ttl: Duration, short_of_share: bool, catching_up: bool) -> Duration {
+    let normal = lease_ttl / 3;
+    if short_of_share && catching_up {
+        LEASE_CATCH_UP.min(normal)
+    } else {
+        normal
+    }
+}
 
 struct Held {
     /// Entries may wait in the group's pending list (taken over, or a read whose answer was
@@ -152,6 +168,8 @@ pub async fn run(
         token,
         held: BTreeMap::new(),
         next_lease_round: Instant::now(),
+        members: 0,
+        catch_up_until: Instant::now(),
         failing: false,
     };
     tracing::info!(settler = %settler.token, fare_tables = %settler.fare_tables_digest, "settler starting");
@@ -201,14 +219,24 @@ struct Settler {
     token: String,
     held: BTreeMap<u16, Held>,
     next_lease_round: Instant,
+    /// Live settlers at the last lease round.
+    members: usize,
+    /// Until when partitions may still be changing hands after the membership changed.
+    catch_up_until: Instant,
     failing: bool,
 }
 
 impl Settler {
     async fn round(&mut self) -> Result<(), StoreError> {
         if Instant::now() >= self.next_lease_round {
-            self.manage_leases().await?;
-            self.next_lease_round = Instant::now() + self.settings.lease_ttl / 3;
+            let short_of_share = self.manage_leases().await?;
+            let now = Instant::now();
+            self.next_lease_round = now
+                + next_lease_round_in(
+                    self.settings.lease_ttl,
+                    short_of_share,
+                    now < self.catch_up_until,
+                );
         }
         let with_pending: Vec<u16> = self
             .held
@@ -251,10 +279,16 @@ impl Settler {
         Ok(())
     }
 
-    async fn manage_leases(&mut self) -> Result<(), StoreError> {
+    /// Renews, takes and gives back leases; true when this settler holds fewer partitions
+    /// than its share.
+    async fn manage_leases(&mut self) -> Result<bool, StoreError> {
         let ttl = self.settings.lease_ttl;
         let partitions = self.settings.partitions.max(1);
         let live = self.store.heartbeat(&self.token, ttl).await?.max(1);
+        if live != self.members {
+            self.members = live;
+            self.catch_up_until = Instant::now() + ttl / 3 + ttl / 10;
+        }
         let share = usize::from(partitions).div_ceil(live);
         let mine: Vec<u16> = self.held.keys().copied().collect();
         for p in mine {
@@ -294,7 +328,7 @@ impl Settler {
         self.stats
             .partitions_held
             .store(self.held.len() as u64, Ordering::Relaxed);
-        Ok(())
+        Ok(self.held.len() < share)
     }
 
     fn lose(&mut self, partition: u16) {
@@ -410,6 +444,18 @@ impl Settler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_settler_short_of_its_share_looks_again_soon_only_while_partitions_move() {
+        let ttl = Duration::from_secs(10);
+        assert_eq!(next_lease_round_in(ttl, true, true), LEASE_CATCH_UP);
+        for (short, catching_up) in [(true, false), (false, true), (false, false)] {
+            assert_eq!(next_lease_round_in(ttl, short, catching_up), ttl / 3);
+        }
+        // Never later than the normal round, however short the lease.
+        let short_ttl = Duration::from_millis(300);
+        assert_eq!(next_lease_round_in(short_ttl, true, true), short_ttl / 3);
+    }
 
     #[test]
     fn lag_lands_in_the_first_bucket_that_holds_it() {
