@@ -113,9 +113,9 @@ struct Exactness {
     taps_exact: bool,
     /// The books match the journals priced offline in time order, fare for fare.
     fares_exact: bool,
-    /// Taps the settlers priced after a later tap of their card (`tapgate_settle_out_of_order
-    /// _total` over the run): reached settlement out of time order, so priced in arrival
-    /// order; what makes fares differ when taps are exact.
+    /// Taps the settlers priced after a later tap of their card, over the run
+    /// (`tapgate_settle_out_of_order_total`): they reached settlement out of time order and
+    /// were priced in arrival order, which is what makes fares differ when taps are exact.
     out_of_order: u64,
     /// Reconcile's summary line (taps in the journals and settled, lost, duplicated).
     summary: String,
