@@ -37,7 +37,7 @@ pub(crate) struct ServeArgs {
     /// Policy file; reloaded on SIGHUP.
     #[arg(long, env = "TAPGATE_POLICY")]
     policy: Option<PathBuf>,
-    /// Master key as VERSION=HEX; repeatable. Adds to or replaces the file's [keys].
+    /// Master key as VERSION=HEX; repeatable. Adds to or replaces the file's `[keys]`.
     #[arg(
         long = "master-key",
         env = "TAPGATE_MASTER_KEYS",
@@ -47,7 +47,7 @@ pub(crate) struct ServeArgs {
     /// Address of the operators' HTTP endpoint (GET /metrics, /healthz); "off" disables it.
     #[arg(long, env = "TAPGATE_OPS_LISTEN", default_value = "127.0.0.1:9433")]
     ops_listen: String,
-    /// tracing filter (overrides [log] filter), e.g. debug or tapgate_gateway=debug.
+    /// tracing filter (overrides `[log] filter`), e.g. debug or tapgate_gateway=debug.
     #[arg(long, env = "TAPGATE_LOG")]
     log: Option<String>,
 }
