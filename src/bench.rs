@@ -6,8 +6,9 @@
 //! it is theirs alone, not the generator's. After each gateway run the gateways are stopped and
 //! their books reconciled with their journals.
 
+use crate::books::{read_ledger_file, reconcile_text, settle_dirs};
 use crate::common::parse_duration;
-use crate::scrape::{self, OpsClient, scrape_settlement, settlement_lag};
+use crate::scrape::{self, OpsClient, caught_up, scrape_settlement};
 use anyhow::Context as _;
 use clap::Args;
 use serde::Serialize;
@@ -23,6 +24,9 @@ use tapgate_loadgen::run::{LoadSpec, Pacing, TargetKind, find_max, run};
 use tapgate_loadgen::workload::Faults;
 use tapgate_protocol::MasterKey;
 use tapgate_runtime::ops::process_usage;
+use tapgate_settle::fares::FareTables;
+use tapgate_settle::ledger::Reconciliation;
+use tapgate_settle::store::{RedisStore, Store};
 
 #[derive(Args)]
 pub(crate) struct BenchArgs {
@@ -137,20 +141,6 @@ impl Exactness {
             ),
             _ => format!("BOOKS NOT EXACT ({})", self.summary),
         }
-    }
-}
-
-/// The lost and duplicated counts and the number of differences in reconcile's summary line
-/// ("…; L lost, D duplicated; K differences").
-fn reconcile_counts(summary: &str) -> Option<(u64, u64, u64)> {
-    let (_, counts) = summary.split_once("; ")?;
-    let numbers: Vec<u64> = counts
-        .split([',', ';'])
-        .filter_map(|part| part.split_whitespace().next()?.parse().ok())
-        .collect();
-    match numbers[..] {
-        [lost, duplicated, differences] => Some((lost, duplicated, differences)),
-        _ => None,
     }
 }
 
@@ -503,12 +493,11 @@ async fn closed_loop(
     let mut lag_p99_ms = None;
     let mut out_of_order = 0;
     for ((client, url), before) in metrics.iter().zip(&before_settlement) {
-        if let Some(before) = before {
-            let lag = settlement_lag(client, url, before).await;
-            lag_p99_ms = lag_p99_ms.max(lag.and_then(|l| l.p99_ms));
-            if let Some(after) = scrape_settlement(client, url).await {
-                out_of_order += after.out_of_order.saturating_sub(before.out_of_order);
-            }
+        if let Some(before) = before
+            && let Some(after) = caught_up(client, url).await
+        {
+            lag_p99_ms = lag_p99_ms.max(after.lag_since(before).and_then(|l| l.p99_ms));
+            out_of_order += after.out_of_order.saturating_sub(before.out_of_order);
         }
     }
     let mut measured = measured(&reports, cpu_after - cpu_before, lag_p99_ms);
@@ -519,67 +508,67 @@ async fn closed_loop(
     for started in servers {
         dirs.push(started.stop()?);
     }
-    measured.exactness = Some(reconcile(bin, server, &dirs, journals, out_of_order)?);
+    measured.exactness = Some(reconcile(server, &dirs, journals, out_of_order).await?);
     if matches!(server, Server::Redis { .. }) {
         journals.extend(dirs);
     }
     Ok(measured)
 }
 
-/// `tapgate settle reconcile` of stopped gateways (their working directories `dirs`): the
-/// ledger file when embedded, the store's books when on Redis, with every journal that shipped
-/// there.
-fn reconcile(
-    bin: &Path,
+/// What `tapgate settle reconcile` computes, for stopped gateways (their working directories
+/// `dirs`): their journals and `earlier` ones that shipped to the same store, priced offline,
+/// against the ledger file when embedded or the store's books when on Redis.
+async fn reconcile(
     server: &Server,
     dirs: &[tempfile::TempDir],
     earlier: &[tempfile::TempDir],
     out_of_order: u64,
 ) -> anyhow::Result<Exactness> {
-    let mut command = Command::new(bin);
-    command.args(["settle", "reconcile", "--show", "5"]);
-    match server {
+    let journals: Vec<PathBuf> = earlier
+        .iter()
+        .chain(dirs)
+        .map(|dir| dir.path().join("journal"))
+        .collect();
+    let (settled, fares) = match server {
         Server::Echo => anyhow::bail!("the echo keeps no books"),
         Server::Embedded(config) => {
             let [dir] = dirs else {
                 anyhow::bail!("an embedded gateway keeps its books alone");
             };
-            command.arg("--ledger").arg(dir.path().join("ledger.json"));
-            if let Some(fares) = config
+            let fares = config
                 .as_deref()
                 .map(Config::load)
                 .transpose()?
-                .and_then(|c| c.settlement.fares)
-            {
-                command.arg("--fares").arg(fares);
-            }
+                .and_then(|c| c.settlement.fares);
+            (read_ledger_file(&dir.path().join("ledger.json"))?, fares)
         }
         Server::Redis { url, .. } => {
-            command.args(["--redis-url", url]);
+            let store = RedisStore::connect(
+                url,
+                None,
+                &Config::default().directory.key_prefix,
+                Duration::from_secs(5),
+            )?;
+            (Store::Redis(store).ledger(None, true).await?, None)
         }
-    }
-    for journal in earlier.iter().chain(dirs) {
-        command.arg("--journal").arg(journal.path().join("journal"));
-    }
-    let output = command
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .context("running settle reconcile")?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    let summary = text.lines().next().unwrap_or_default().to_owned();
-    let (lost, duplicated, differences) = reconcile_counts(&summary)
-        .with_context(|| format!("reading settle reconcile's answer: {text}"))?;
-    let exactness = Exactness {
-        taps_exact: lost == 0 && duplicated == 0,
-        fares_exact: differences == 0 && output.status.success(),
-        out_of_order,
-        summary,
     };
-    if !exactness.fares_exact {
+    let tables = FareTables::load(fares.as_deref())?;
+    let expected = tokio::task::spawn_blocking(move || {
+        let dirs: Vec<&Path> = journals.iter().map(PathBuf::as_path).collect();
+        settle_dirs(&dirs, &tables)
+    })
+    .await??;
+    let reconciliation = Reconciliation::new(&expected.ledger, &settled);
+    let text = reconcile_text(&reconciliation, 5);
+    if !reconciliation.is_exact() {
         print!("{text}");
     }
-    Ok(exactness)
+    Ok(Exactness {
+        taps_exact: reconciliation.lost == 0 && reconciliation.duplicated == 0,
+        fares_exact: reconciliation.is_exact(),
+        out_of_order,
+        summary: text.lines().next().unwrap_or_default().to_owned(),
+    })
 }
 
 /// One side of a run, from the generator's reports (one per serving process).
@@ -1025,20 +1014,4 @@ fn print_round(round: usize, r: &Round) {
         r.rate_ratio,
         r.cpu_ratio
     );
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reconciles_counts_are_read_from_its_summary_line() {
-        assert_eq!(
-            reconcile_counts(
-                "reconcile: 50740 approved taps in the journals, 50740 settled; 3 lost, 0 duplicated; 2 differences"
-            ),
-            Some((3, 0, 2))
-        );
-        assert_eq!(reconcile_counts("reconcile: nothing"), None);
-    }
 }

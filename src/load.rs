@@ -2,7 +2,7 @@
 
 use crate::common::parse_duration;
 use crate::runtime;
-use crate::scrape::{ops_client, scrape_settlement, settlement_lag};
+use crate::scrape::{caught_up, ops_client, scrape_settlement};
 use anyhow::Context as _;
 use clap::Args;
 use std::net::SocketAddr;
@@ -194,7 +194,9 @@ pub(crate) fn run_load(args: LoadArgs) -> anyhow::Result<()> {
         };
         let mut report = run(spec).await?;
         if let (Some(url), Some(before)) = (metrics_url, &before) {
-            report.settlement = settlement_lag(&client, url, before).await;
+            report.settlement = caught_up(&client, url)
+                .await
+                .and_then(|after| after.lag_since(before));
         }
         print!("{}", report.summary());
         args.workload.write_outputs(&report)?;

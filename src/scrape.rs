@@ -81,13 +81,9 @@ fn parse_settlement_counters(body: &str) -> Option<SettlementCounters> {
     (!counters.lag_buckets.is_empty()).then_some(counters)
 }
 
-/// The settlement lag of what was settled between `before` and the moment settlement caught
-/// up (nothing left to ship, the settled count steady), waiting at most 30 s for it.
-pub(crate) async fn settlement_lag(
-    client: &OpsClient,
-    url: &str,
-    before: &SettlementCounters,
-) -> Option<SettlementLag> {
+/// The settlement counters once settlement has caught up (nothing left to ship, the settled
+/// count steady), waiting at most 30 s for it.
+pub(crate) async fn caught_up(client: &OpsClient, url: &str) -> Option<SettlementCounters> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut last = scrape_settlement(client, url).await?;
     loop {
@@ -96,22 +92,28 @@ pub(crate) async fn settlement_lag(
         let steady = now.settled == last.settled && now.behind_bytes == 0;
         last = now;
         if steady || tokio::time::Instant::now() >= deadline {
-            break;
+            return Some(last);
         }
     }
-    let delta: Vec<(Option<u64>, u64)> = last
-        .lag_buckets
-        .iter()
-        .map(|(le, n)| {
-            let earlier = before
-                .lag_buckets
-                .iter()
-                .find(|(b, _)| b == le)
-                .map_or(0, |(_, n)| *n);
-            (*le, n.saturating_sub(earlier))
-        })
-        .collect();
-    SettlementLag::from_buckets(&delta, last.lag_sum_ms.saturating_sub(before.lag_sum_ms))
+}
+
+impl SettlementCounters {
+    /// The settlement lag of what was settled between `before` and these counters.
+    pub(crate) fn lag_since(&self, before: &SettlementCounters) -> Option<SettlementLag> {
+        let delta: Vec<(Option<u64>, u64)> = self
+            .lag_buckets
+            .iter()
+            .map(|(le, n)| {
+                let earlier = before
+                    .lag_buckets
+                    .iter()
+                    .find(|(b, _)| b == le)
+                    .map_or(0, |(_, n)| *n);
+                (*le, n.saturating_sub(earlier))
+            })
+            .collect();
+        SettlementLag::from_buckets(&delta, self.lag_sum_ms.saturating_sub(before.lag_sum_ms))
+    }
 }
 
 #[cfg(test)]
