@@ -8,9 +8,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 use tapgate_city::population::PopulationSpec;
 use tapgate_gateway::card::{CardRecord, CardState};
+use tapgate_gateway::decide::CountedRide;
 use tapgate_gateway::directory::{
     Directory, RedisDirectory, RedisSettings, card_fields, parse_card,
 };
+use tapgate_gateway::policy::Policy;
+use tapgate_runtime::clock::{local_date, now_ms};
 use tapgate_runtime::redis_target::bounded_line;
 
 #[derive(Args)]
@@ -28,7 +31,9 @@ pub(crate) struct CardsArgs {
 #[derive(Subcommand)]
 enum CardsAction {
     /// Import cards from a CSV file with the header
-    /// `card_id,state,issuer,concession,rides_left,expires` (expires YYYY-MM-DD or empty).
+    /// `card_id,state,issuer,concession,rides_left,expires,home_area,grade,rides_period,renews_on`
+    /// (expires and rides_period YYYY-MM-DD, renews_on MM-DD, each empty where it does not
+    /// apply). Files with only the first six columns are read too.
     Import { file: PathBuf },
     /// Write a synthetic population of cards and gates (the one the load generator uses).
     Generate(GenerateArgs),
@@ -40,10 +45,25 @@ enum CardsAction {
     Unblock { card_id: u64 },
     /// Print a card's record.
     Show { card_id: u64 },
+    /// Add rides to a card's counted concession allowance (the elder card's yearly rides) in the
+    /// current period, on the holder's request; every gateway sees the new count at once.
+    TopUp(TopUpArgs),
     /// Take a gate out of service (a stolen or retired validator): every gateway closes its
     /// open sessions and refuses its Hello from now on. Provision it again with `generate` or
     /// by writing its record.
     RevokeTerminal { terminal_id: u64 },
+}
+
+#[derive(Args)]
+struct TopUpArgs {
+    card_id: u64,
+    /// Rides to add; the concession's `top_up` from the policy when absent.
+    #[arg(long)]
+    rides: Option<u32>,
+    /// The gateways' policy file, for the concession's allowance, renewal and top-up; the
+    /// built-in policy when absent.
+    #[arg(long)]
+    policy: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -94,7 +114,10 @@ impl GenerateArgs {
     }
 }
 
-const CSV_HEADER: &str = "card_id,state,issuer,concession,rides_left,expires";
+const CSV_HEADER: &str =
+    "card_id,state,issuer,concession,rides_left,expires,home_area,grade,rides_period,renews_on";
+/// The header of files written before cards had home areas, grades and allowance periods.
+const CSV_HEADER_V1: &str = "card_id,state,issuer,concession,rides_left,expires";
 const BATCH: usize = 1000;
 
 pub(crate) fn run(args: CardsArgs) -> anyhow::Result<()> {
@@ -169,6 +192,7 @@ async fn run_async(args: CardsArgs) -> anyhow::Result<()> {
                 None => return Err(anyhow::anyhow!("gate {terminal_id} is not provisioned")),
             }
         }
+        CardsAction::TopUp(top_up) => top_up_card(&directory, top_up).await?,
         CardsAction::Show { card_id } => match directory.card(card_id).await? {
             Some(card) => println!("{}", csv_line(&card)),
             None => return Err(anyhow::anyhow!("card {card_id} is not in the directory")),
@@ -188,6 +212,47 @@ async fn set_state(directory: &Directory, card_id: u64, state: CardState) -> any
     Ok(())
 }
 
+async fn top_up_card(directory: &Directory, args: TopUpArgs) -> anyhow::Result<()> {
+    let policy = match &args.policy {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            Policy::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        }
+        None => Policy::embedded_default(),
+    };
+    let card = directory
+        .card(args.card_id)
+        .await?
+        .with_context(|| format!("card {} is not in the directory", args.card_id))?;
+    let allowance = policy
+        .concession_rules
+        .get(&card.concession)
+        .and_then(|rule| rule.allowance)
+        .with_context(|| {
+            format!(
+                "card {} has concession `{}`, which has no counted allowance to top up",
+                args.card_id,
+                card.concession.label()
+            )
+        })?;
+    let today = local_date(now_ms());
+    let ride = CountedRide {
+        period: allowance.period_start(card.renews_on, today),
+        allowance: allowance.rides,
+    };
+    let rides = args.rides.unwrap_or(allowance.top_up);
+    let left = directory
+        .top_up(args.card_id, ride, rides)
+        .await?
+        .with_context(|| format!("card {} is not in the directory", args.card_id))?;
+    println!(
+        "card {}: {rides} rides added, {left} left in the period from {}",
+        args.card_id, ride.period
+    );
+    Ok(())
+}
+
 fn csv_line(card: &CardRecord) -> String {
     let fields = card_fields(card);
     let value = |name: &str| {
@@ -198,13 +263,17 @@ fn csv_line(card: &CardRecord) -> String {
             .unwrap_or("")
     };
     format!(
-        "{},{},{},{},{},{}",
+        "{},{},{},{},{},{},{},{},{},{}",
         card.card_id,
         value("state"),
         value("issuer"),
         value("concession"),
         value("rides"),
-        value("expires")
+        value("expires"),
+        value("home"),
+        value("grade"),
+        value("period"),
+        value("renews")
     )
 }
 
@@ -265,10 +334,11 @@ fn parse_csv(bytes: &[u8]) -> anyhow::Result<Vec<CardRecord>> {
                 )
             })
     });
-    match lines.next().transpose()? {
-        Some((_, header)) if header.trim() == CSV_HEADER => {}
+    let columns = match lines.next().transpose()? {
+        Some((_, header)) if header.trim() == CSV_HEADER => 1 + CSV_COLUMNS.len(),
+        Some((_, header)) if header.trim() == CSV_HEADER_V1 => 6,
         _ => return Err(anyhow::anyhow!("the first line must be `{CSV_HEADER}`")),
-    }
+    };
     let mut records = Vec::new();
     let mut first_seen: HashMap<u64, usize> = HashMap::new();
     let mut repeated = Vec::new();
@@ -277,7 +347,7 @@ fn parse_csv(bytes: &[u8]) -> anyhow::Result<Vec<CardRecord>> {
         if line.trim().is_empty() {
             continue;
         }
-        let record = parse_csv_line(line)
+        let record = parse_csv_line(line, columns)
             .map_err(|e| anyhow::anyhow!(bounded_line(&format!("line {n}: {e}"))))?;
         match first_seen.entry(record.card_id) {
             std::collections::hash_map::Entry::Occupied(first) => {
@@ -305,24 +375,36 @@ fn parse_csv(bytes: &[u8]) -> anyhow::Result<Vec<CardRecord>> {
     Ok(records)
 }
 
-fn parse_csv_line(line: &str) -> anyhow::Result<CardRecord> {
+/// The directory's field for each CSV column after the card id, in order.
+const CSV_COLUMNS: [&str; 9] = [
+    "state",
+    "issuer",
+    "concession",
+    "rides",
+    "expires",
+    "home",
+    "grade",
+    "period",
+    "renews",
+];
+
+fn parse_csv_line(line: &str, columns: usize) -> anyhow::Result<CardRecord> {
     let cols: Vec<&str> = line.split(',').map(str::trim).collect();
-    let [id, state, issuer, concession, rides, expires] = cols[..] else {
-        return Err(anyhow::anyhow!("expected 6 columns, found {}", cols.len()));
-    };
+    if cols.len() != columns {
+        return Err(anyhow::anyhow!(
+            "expected {columns} columns, found {}",
+            cols.len()
+        ));
+    }
+    let id = cols[0];
     let card_id: u64 = id
         .parse()
         .map_err(|_| anyhow::anyhow!("card_id `{id}` is not a number"))?;
-    let fields = [
-        ("state", state),
-        ("issuer", issuer),
-        ("concession", concession),
-        ("rides", rides),
-        ("expires", expires),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect();
+    let fields = CSV_COLUMNS
+        .iter()
+        .zip(&cols[1..])
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
     parse_card(card_id, &fields).map_err(anyhow::Error::msg)
 }
 
@@ -349,7 +431,7 @@ mod tests {
 
     #[test]
     fn bad_csv_lines_name_the_line_and_the_problem() {
-        let text = format!("{CSV_HEADER}\n1,active,cq_ssc,none,0,\n2,stolen,cq_ssc,none,0,\n");
+        let text = format!("{CSV_HEADER_V1}\n1,active,cq_ssc,none,0,\n2,stolen,cq_ssc,none,0,\n");
         assert_eq!(
             parse_csv(text.as_bytes()).unwrap_err().to_string(),
             "line 3: unknown state `stolen`"
@@ -365,7 +447,7 @@ mod tests {
     #[test]
     fn repeated_ids_a_bom_and_other_bytes_are_named_by_line_and_kept_short() {
         let row = |id: u64| format!("{id},active,cq_ssc,none,0,\n");
-        let text = format!("{CSV_HEADER}\n{}{}{}{}", row(1), row(2), row(1), row(1));
+        let text = format!("{CSV_HEADER_V1}\n{}{}{}{}", row(1), row(2), row(1), row(1));
         assert_eq!(
             parse_csv(text.as_bytes()).unwrap_err().to_string(),
             "2 card ids appear more than once (card 1 on lines 2 and 4; card 1 on lines 2 and 5)"
@@ -378,7 +460,7 @@ mod tests {
                 .starts_with("line 1: starts with a byte-order mark")
         );
         let latin1 = [
-            format!("{CSV_HEADER}\n{}", row(1)).as_bytes(),
+            format!("{CSV_HEADER_V1}\n{}", row(1)).as_bytes(),
             b"2,active,cq_ssc,none,0,\xE9\n",
         ]
         .concat();
@@ -386,7 +468,10 @@ mod tests {
             parse_csv(&latin1).unwrap_err().to_string(),
             "line 3: not UTF-8 (byte 24 of the line)"
         );
-        let huge = format!("{CSV_HEADER}\n1,{},cq_ssc,none,0,\n", "x".repeat(2_000_000));
+        let huge = format!(
+            "{CSV_HEADER_V1}\n1,{},cq_ssc,none,0,\n",
+            "x".repeat(2_000_000)
+        );
         let e = parse_csv(huge.as_bytes()).unwrap_err().to_string();
         assert!(
             e.starts_with("line 2: unknown state") && e.len() < 300,

@@ -19,6 +19,8 @@ const BLOCKED: u64 = 4;
 const ELDER: u64 = 5;
 const SICHUAN: u64 = 6;
 const EXPIRED: u64 = 7;
+/// An elder card whose home area, 万州, has not taken on concessions yet.
+const ELDER_WANZHOU: u64 = 8;
 const UNKNOWN: u64 = 99;
 
 fn population() -> Vec<tapgate_gateway::card::CardRecord> {
@@ -30,6 +32,14 @@ fn population() -> Vec<tapgate_gateway::card::CardRecord> {
         0,
     );
     expired.expires_on = NaiveDate::from_ymd_opt(2020, 1, 1);
+    let mut elder_wanzhou = card(
+        ELDER_WANZHOU,
+        CardState::Active,
+        Issuer::ChongqingSsc,
+        Concession::Elder,
+        1200,
+    );
+    elder_wanzhou.home_area = Some(WANZHOU_BUS.area);
     vec![
         card(
             ACTIVE,
@@ -74,6 +84,7 @@ fn population() -> Vec<tapgate_gateway::card::CardRecord> {
             0,
         ),
         expired,
+        elder_wanzhou,
     ]
 }
 
@@ -136,8 +147,9 @@ async fn active_card_is_approved_and_every_deny_reason_reaches_the_gate() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn elder_concession_follows_area_and_rollout_date() {
+async fn elder_concession_follows_the_cards_home_area_and_holds_at_every_gate() {
     let (h, _state) = harness().await;
+    // Home area 渝中 carries the concession: free at a 渝中 gate and at a 万州 gate alike.
     let mut yuzhong = h.gate(&YUZHONG_BUS).await;
     let r = yuzhong.tap(tap(1, ELDER, TapKind::Flat)).await.unwrap();
     assert_eq!(
@@ -148,21 +160,34 @@ async fn elder_concession_follows_area_and_rollout_date() {
     let r = wanzhou.tap(tap(1, ELDER, TapKind::Flat)).await.unwrap();
     assert_eq!(
         (r.concession, r.fare_fen, r.rides_left),
+        (Concession::Elder, 0, 1198)
+    );
+    // Home area 万州 does not carry it yet: full fare, in 渝中 too.
+    let r = yuzhong
+        .tap(tap(2, ELDER_WANZHOU, TapKind::Flat))
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.concession, r.fare_fen, r.rides_left),
         (Concession::None, 200, RIDES_LEFT_NOT_APPLICABLE)
     );
 
-    // Bring Wanzhou's rollout forward to a past date: the same tap is now free.
+    // Bring 万州's loading forward to a past date: the same card is now free in 渝中.
     let mut policy = Policy::embedded_default();
     policy.rollout.push(RolloutStep {
-        concession: Concession::Elder,
-        areas: AreaSet::Some(vec![WANZHOU_BUS.area]),
+        concessions: vec![Concession::Elder],
+        issuers: vec![Issuer::ChongqingSsc],
+        home_areas: AreaSet::Some(vec![WANZHOU_BUS.area]),
         from: NaiveDate::from_ymd_opt(2026, 1, 1).unwrap(),
     });
     h.gateway.set_policy(policy);
-    let r = wanzhou.tap(tap(2, ELDER, TapKind::Flat)).await.unwrap();
+    let r = yuzhong
+        .tap(tap(3, ELDER_WANZHOU, TapKind::Flat))
+        .await
+        .unwrap();
     assert_eq!(
         (r.concession, r.fare_fen, r.rides_left),
-        (Concession::Elder, 0, 1198)
+        (Concession::Elder, 0, 1199)
     );
 }
 

@@ -436,6 +436,95 @@ async fn two_gateways_give_exactly_the_counted_rides_a_card_has() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allowance_starts_afresh_each_year_and_a_top_up_reaches_every_gateway() {
+    let redis = RedisServer::start();
+    let directory = redis.directory();
+    provision(&directory, CARD).await;
+    const LAST_YEAR: u64 = 6_222_000_000_000_066;
+    const USED_UP: u64 = 6_222_000_000_000_067;
+    let today = tapgate_runtime::clock::local_date(now_ms());
+    let this_period = chrono::NaiveDate::from_ymd_opt(chrono::Datelike::year(&today), 1, 1);
+    let mut last_year = card(
+        LAST_YEAR,
+        CardState::Active,
+        Issuer::ChongqingSsc,
+        Concession::Elder,
+        0,
+    );
+    last_year.rides_period =
+        this_period.and_then(|d| d.checked_sub_months(chrono::Months::new(12)));
+    let used_up = tapgate_gateway::card::CardRecord {
+        card_id: USED_UP,
+        rides_period: this_period,
+        ..last_year
+    };
+    directory.put_cards(&[last_year, used_up]).await.unwrap();
+    let (a_state, b_state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Harness::start(redis.directory(), a_state.path()).await;
+    let b = Harness::start(redis.directory(), b_state.path()).await;
+    let mut gate_a = a.gate(&YUZHONG_BUS).await;
+    let mut gate_b = b.gate(&YUZHONG_BUS).await;
+
+    // Last year's count has lapsed: this year's 1,200 start with this ride, in the directory.
+    let r = answer(&mut gate_a, tap(1, LAST_YEAR, TapKind::Flat)).await;
+    assert_eq!(
+        (r.concession, r.fare_fen, r.rides_left),
+        (Concession::Elder, 0, 1199)
+    );
+    let record = directory.card(LAST_YEAR).await.unwrap().unwrap();
+    assert_eq!(
+        (record.rides_left, record.rides_period),
+        (1199, this_period)
+    );
+
+    // This year's rides are used up: full fare, at both gateways (each now caches the card).
+    for (gate, sequence) in [(&mut gate_a, 2), (&mut gate_b, 1)] {
+        let r = answer(gate, tap(sequence, USED_UP, TapKind::Flat)).await;
+        assert_eq!(
+            (r.concession, r.fare_fen, r.rides_left),
+            (Concession::None, 200, 0)
+        );
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tapgate"))
+        .args(["cards", "--redis-url", &redis.url(), "top-up"])
+        .arg(USED_UP.to_string())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("300 rides added, 300 left"),
+        "{out:?}"
+    );
+    // Gateway B learns the new count from the change feed, not from a fetch of its own.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut sequence = 2;
+    loop {
+        let r = answer(&mut gate_b, tap(sequence, USED_UP, TapKind::Flat)).await;
+        sequence += 1;
+        if r.concession == Concession::Elder {
+            assert_eq!((r.fare_fen, r.rides_left), (0, 299));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the top-up did not reach gateway B"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A card without a counted concession has nothing to top up.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tapgate"))
+        .args(["cards", "--redis-url", &redis.url(), "top-up"])
+        .arg(CARD.to_string())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no counted allowance"),
+        "{out:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_card_reports_acknowledged_by_a_replica_survive_a_master_failover_on_every_gateway() {
     let mut cluster = RedisCluster::start();
     let url = cluster.url();

@@ -7,4 +7,4 @@
 pub mod population;
 pub mod records;
 
-pub use records::{CardRecord, CardState, TerminalRecord};
+pub use records::{CardRecord, CardState, MonthDay, TerminalRecord};

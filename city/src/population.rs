@@ -30,6 +30,8 @@ pub struct PopulationSpec {
     pub lost: f64,
     pub cancelled: f64,
     pub blocked: f64,
+    /// Holders with a disability concession, of grades 1 to 4 in equal shares.
+    pub disabled: f64,
     /// Cards whose validity ended (on 2025-12-31), so a gate can be tested against one.
     pub expired: f64,
 }
@@ -46,6 +48,7 @@ impl Default for PopulationSpec {
             lost: 0.01,
             cancelled: 0.005,
             blocked: 0.002,
+            disabled: 0.02,
             expired: 0.005,
         }
     }
@@ -91,16 +94,29 @@ impl PopulationSpec {
         } else {
             valid_until
         };
+        let rides_left = if elder { rng.random_range(0..=1200) } else { 0 };
+        // Streams of their own as well, for the same reason.
+        let chongqing = matches!(issuer, Issuer::ChongqingSsc | Issuer::ChongqingCityCard);
+        let home_area =
+            chongqing.then(|| AREAS[self.rng(4, index).random_range(0..AREAS.len())].code);
+        let mut graded = self.rng(5, index);
+        let disabled = !elder && graded.random::<f64>() < self.disabled;
         CardRecord {
             card_id: FIRST_CARD_ID + index,
             state,
             issuer,
             concession: if elder {
                 Concession::Elder
+            } else if disabled {
+                Concession::Disabled
             } else {
                 Concession::None
             },
-            rides_left: if elder { rng.random_range(0..=1200) } else { 0 },
+            grade: disabled.then(|| graded.random_range(1..=4)),
+            home_area,
+            rides_left,
+            rides_period: None,
+            renews_on: None,
             expires_on,
         }
     }

@@ -14,6 +14,7 @@ use crate::decide::{CardLookup, Decision, GatePlace, decide};
 use crate::directory::{CardChange, Directory, DirectoryError};
 use crate::policy::Policy;
 use crate::shard_map::ShardMap;
+use chrono::NaiveDate;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use tapgate_protocol::Tap;
 use tapgate_runtime::sync::Arc;
@@ -139,20 +140,22 @@ impl CardCache {
             };
             let decision = decide(tap, place, &lookup, entry.activity, policy, now_ms);
             entry.activity = decision.activity;
-            if decision.uses_counted_ride
+            if let Some(ride) = decision.counted_ride
                 && let Known::Card(card) = &mut entry.known
             {
-                card.rides_left = card.rides_left.saturating_sub(1);
+                card.rides_left = u32::from(decision.rides_left);
+                card.rides_period = Some(ride.period);
             }
             Some(decision)
         })?
     }
 
-    /// Sets a cached card's counted rides to what the directory says is left.
-    pub fn set_rides_left(&self, card_id: u64, left: u32) {
+    /// Sets a cached card's counted rides to what the directory says is left in `period`.
+    pub fn set_rides_left(&self, card_id: u64, period: NaiveDate, left: u32) {
         self.entries.update(&card_id, |entry| {
             if let Known::Card(card) = &mut entry.known {
                 card.rides_left = left;
+                card.rides_period = Some(period);
             }
         });
     }
@@ -308,7 +311,11 @@ mod tests {
             state,
             issuer: Issuer::ChongqingSsc,
             concession: Concession::None,
+            grade: None,
+            home_area: None,
             rides_left: 0,
+            rides_period: None,
+            renews_on: None,
             expires_on: None,
         }
     }

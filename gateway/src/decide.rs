@@ -4,6 +4,7 @@
 
 use crate::card::{CardActivity, CardRecord, CardState, OpenEntry};
 use crate::policy::{DegradedMode, Policy};
+use chrono::NaiveDate;
 use tapgate_protocol::{
     AreaCode, Concession, Mode, Outcome, RIDES_LEFT_NOT_APPLICABLE, Reason, Tap, TapKind,
 };
@@ -34,16 +35,26 @@ pub enum RideClaim {
     NoneLeft,
 }
 
+/// The counted ride a decision used: taken from the allowance period starting `period`, which
+/// holds `allowance` rides when the card's count belongs to an earlier period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CountedRide {
+    pub period: NaiveDate,
+    pub allowance: u32,
+}
+
 /// The verdict and the state change it implies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Decision {
     pub outcome: Outcome,
     pub reason: Reason,
     pub concession: Concession,
+    /// Share of the full fare the rider pays, in percent: the concession's, by the card's grade.
+    pub pay_percent: u8,
     pub fare_fen: u32,
     pub rides_left: u16,
-    /// The card's counted concession allowance drops by one.
-    pub uses_counted_ride: bool,
+    /// The ride taken from the card's counted allowance, if the decision took one.
+    pub counted_ride: Option<CountedRide>,
     /// This node's memory of the card after the tap.
     pub activity: CardActivity,
 }
@@ -54,9 +65,10 @@ impl Decision {
             outcome: Outcome::Deny,
             reason,
             concession: Concession::None,
+            pay_percent: FULL_FARE,
             fare_fen: 0,
             rides_left: RIDES_LEFT_NOT_APPLICABLE,
-            uses_counted_ride: false,
+            counted_ride: None,
             activity,
         }
     }
@@ -80,9 +92,10 @@ pub fn decide(
                     outcome: Outcome::Approve,
                     reason: Reason::Approved,
                     concession: Concession::None,
+                    pay_percent: FULL_FARE,
                     fare_fen: policy.fares.max(place.mode),
                     rides_left: RIDES_LEFT_NOT_APPLICABLE,
-                    uses_counted_ride: false,
+                    counted_ride: None,
                     activity: activity_after(tap, place, activity, now_ms),
                 },
             };
@@ -115,31 +128,41 @@ pub fn decide(
         outcome: Outcome::Approve,
         reason: Reason::Approved,
         concession: Concession::None,
+        pay_percent: FULL_FARE,
         fare_fen: full_fare,
         rides_left: RIDES_LEFT_NOT_APPLICABLE,
-        uses_counted_ride: false,
+        counted_ride: None,
         activity: activity_after(tap, place, activity, now_ms),
     };
-    let Some(rule) = policy.honoured(card.concession, card.issuer, place.area, place.mode, today)
-    else {
+    let Some(rule) = policy.honoured(card, place.mode, today) else {
         return decision;
     };
-    // A paid-area trip uses one counted ride, at its entry; the exit is covered by it.
-    let counts_here = rule.counted && tap.kind != TapKind::Exit;
-    if rule.counted {
-        let left = u16::try_from(card.rides_left).unwrap_or(u16::MAX - 1);
-        if counts_here && left == 0 {
+    if let Some(allowance) = &rule.allowance {
+        let period = allowance.period_start(card.renews_on, today);
+        let left = u16::try_from(allowance.rides_left(card, period)).unwrap_or(u16::MAX - 1);
+        // A paid-area trip uses one counted ride, at its entry; the exit is covered by it.
+        if tap.kind == TapKind::Exit {
+            decision.rides_left = left;
+        } else if left == 0 {
             // Allowance used up: the ride is approved at the full fare.
             decision.rides_left = 0;
             return decision;
+        } else {
+            decision.rides_left = left - 1;
+            decision.counted_ride = Some(CountedRide {
+                period,
+                allowance: allowance.rides,
+            });
         }
-        decision.rides_left = if counts_here { left - 1 } else { left };
-        decision.uses_counted_ride = counts_here;
     }
     decision.concession = card.concession;
-    decision.fare_fen = full_fare * u32::from(rule.pay_percent) / 100;
+    decision.pay_percent = rule.pay_percent_for(card.grade);
+    decision.fare_fen = full_fare * u32::from(decision.pay_percent) / 100;
     decision
 }
+
+/// The pay share of a ride without a concession.
+const FULL_FARE: u8 = 100;
 
 /// The decision once the directory has answered for a counted ride the decision took: the
 /// count it left, or — when another tap (perhaps at another gateway) used the last ride first —
@@ -157,9 +180,10 @@ pub fn with_ride_claim(
         },
         RideClaim::NoneLeft => Decision {
             concession: Concession::None,
+            pay_percent: FULL_FARE,
             fare_fen: policy.fares.flat_or_min(place.mode),
             rides_left: 0,
-            uses_counted_ride: false,
+            counted_ride: None,
             ..decision
         },
     }
@@ -219,7 +243,12 @@ mod tests {
             state: CardState::Active,
             issuer: Issuer::ChongqingSsc,
             concession: Concession::None,
+            grade: None,
+            // The shipped policy's example first area to carry concessions.
+            home_area: Some(YUZHONG),
             rides_left: 0,
+            rides_period: None,
+            renews_on: None,
             expires_on: None,
         }
     }
@@ -335,33 +364,143 @@ mod tests {
         );
     }
 
-    #[test]
-    fn elder_concession_depends_on_area_and_date() {
-        let d = run(CardLookup::Found(elder(10)), bus(YUZHONG), TapKind::Flat);
-        assert_eq!(
-            (d.concession, d.fare_fen, d.rides_left),
-            (Concession::Elder, 0, 9)
-        );
-        assert!(d.uses_counted_ride);
-        // Wanzhou honours it only from 2027: today the elder pays.
-        let d = run(CardLookup::Found(elder(10)), bus(WANZHOU), TapKind::Flat);
-        assert_eq!((d.concession, d.fare_fen), (Concession::None, 200));
-        assert!(!d.uses_counted_ride);
-        let next_year = NaiveDate::from_ymd_opt(2027, 1, 1)
+    /// Milliseconds at 08:00 Chongqing time on a day.
+    fn morning(y: i32, m: u32, d: u32) -> u64 {
+        NaiveDate::from_ymd_opt(y, m, d)
             .unwrap()
             .and_hms_opt(0, 0, 0)
             .unwrap()
             .and_utc()
-            .timestamp_millis() as u64;
-        let d = decide(
+            .timestamp_millis() as u64
+    }
+
+    fn bus_on(card: CardRecord, area: AreaCode, now: u64, policy: &Policy) -> Decision {
+        decide(
             &tap(TapKind::Flat),
-            bus(WANZHOU),
-            &CardLookup::Found(elder(10)),
+            bus(area),
+            &CardLookup::Found(card),
             CardActivity::default(),
-            &policy(),
-            next_year,
-        );
+            policy,
+            now,
+        )
+    }
+
+    #[test]
+    fn a_card_that_carries_its_concession_has_it_at_every_gate() {
+        // Home area 渝中, loaded in the shipped example rollout: free in 万州 as in 渝中.
+        for area in [YUZHONG, WANZHOU, CHENGKOU] {
+            let d = run(CardLookup::Found(elder(10)), bus(area), TapKind::Flat);
+            assert_eq!(
+                (d.concession, d.pay_percent, d.fare_fen, d.rides_left),
+                (Concession::Elder, 0, 0, 9),
+                "{area:?}"
+            );
+            assert!(d.counted_ride.is_some());
+        }
+    }
+
+    #[test]
+    fn a_card_not_yet_loaded_pays_everywhere_until_its_home_area_is() {
+        let wanzhou_home = CardRecord {
+            home_area: Some(WANZHOU),
+            ..elder(10)
+        };
+        let d = run(CardLookup::Found(wanzhou_home), bus(YUZHONG), TapKind::Flat);
+        assert_eq!((d.concession, d.fare_fen), (Concession::None, 200));
+        assert!(d.counted_ride.is_none());
+        let loaded = bus_on(wanzhou_home, YUZHONG, morning(2027, 12, 31), &policy());
+        assert_eq!((loaded.concession, loaded.fare_fen), (Concession::Elder, 0));
+        // The city's own elder card works city-wide already.
+        let city_card = CardRecord {
+            issuer: Issuer::ChongqingCityCard,
+            ..wanzhou_home
+        };
+        let d = run(CardLookup::Found(city_card), bus(YUZHONG), TapKind::Flat);
         assert_eq!(d.concession, Concession::Elder);
+    }
+
+    #[test]
+    fn the_allowance_starts_afresh_each_period() {
+        let used_up_last_year = CardRecord {
+            rides_period: NaiveDate::from_ymd_opt(2025, 1, 1),
+            ..elder(0)
+        };
+        let d = run(
+            CardLookup::Found(used_up_last_year),
+            bus(YUZHONG),
+            TapKind::Flat,
+        );
+        assert_eq!((d.concession, d.rides_left), (Concession::Elder, 1199));
+        assert_eq!(
+            d.counted_ride,
+            Some(CountedRide {
+                period: NaiveDate::from_ymd_opt(2026, 1, 1).unwrap(),
+                allowance: 1200
+            })
+        );
+        // This year's count is used up until 1 January.
+        let used_up = CardRecord {
+            rides_period: NaiveDate::from_ymd_opt(2026, 1, 1),
+            ..elder(0)
+        };
+        let d = bus_on(used_up, YUZHONG, morning(2026, 12, 31), &policy());
+        assert_eq!(
+            (d.concession, d.fare_fen, d.rides_left),
+            (Concession::None, 200, 0)
+        );
+        let d = bus_on(used_up, YUZHONG, morning(2027, 1, 1), &policy());
+        assert_eq!((d.concession, d.rides_left), (Concession::Elder, 1199));
+    }
+
+    #[test]
+    fn a_birthday_allowance_renews_on_the_holders_day() {
+        let mut p = policy();
+        let rule = p.concession_rules.get_mut(&Concession::Elder).unwrap();
+        rule.allowance.as_mut().unwrap().renewal = crate::policy::Renewal::Birthday;
+        let card = CardRecord {
+            renews_on: tapgate_city::MonthDay::new(12, 1),
+            rides_period: NaiveDate::from_ymd_opt(2025, 12, 1),
+            ..elder(0)
+        };
+        let d = bus_on(card, YUZHONG, morning(2026, 11, 30), &p);
+        assert_eq!((d.concession, d.rides_left), (Concession::None, 0));
+        let d = bus_on(card, YUZHONG, morning(2026, 12, 1), &p);
+        assert_eq!((d.concession, d.rides_left), (Concession::Elder, 1199));
+        assert_eq!(
+            d.counted_ride.map(|r| r.period),
+            NaiveDate::from_ymd_opt(2026, 12, 1)
+        );
+        // Without a birthday on the card, the year starts on 1 January.
+        let no_day = CardRecord {
+            renews_on: None,
+            ..card
+        };
+        let d = bus_on(no_day, YUZHONG, morning(2026, 11, 30), &p);
+        assert_eq!(d.rides_left, 1199);
+    }
+
+    #[test]
+    fn graded_concessions_pay_by_grade() {
+        for (grade, pays) in [
+            (Some(1), 0),
+            (Some(2), 0),
+            (Some(3), 100),
+            (Some(4), 100),
+            (None, 0),
+        ] {
+            let card = CardRecord {
+                concession: Concession::Disabled,
+                grade,
+                ..card()
+            };
+            let d = run(CardLookup::Found(card), bus(WANZHOU), TapKind::Flat);
+            assert_eq!(
+                (d.concession, d.fare_fen),
+                (Concession::Disabled, pays),
+                "{grade:?}"
+            );
+            assert_eq!(d.rides_left, RIDES_LEFT_NOT_APPLICABLE);
+        }
     }
 
     #[test]
@@ -371,7 +510,7 @@ mod tests {
             (d.outcome, d.concession, d.fare_fen, d.rides_left),
             (Outcome::Approve, Concession::None, 200, 0)
         );
-        assert!(!d.uses_counted_ride);
+        assert!(d.counted_ride.is_none());
     }
 
     #[test]
@@ -379,7 +518,7 @@ mod tests {
         // This gateway's cache still counts five rides; the shared count has three left after
         // this one, or none because another gateway took the last.
         let d = run(CardLookup::Found(elder(5)), bus(YUZHONG), TapKind::Flat);
-        assert!(d.uses_counted_ride);
+        assert!(d.counted_ride.is_some());
         let taken = with_ride_claim(d, RideClaim::Taken { left: 3 }, bus(YUZHONG), &policy());
         assert_eq!(
             (taken.concession, taken.fare_fen, taken.rides_left),
@@ -395,7 +534,7 @@ mod tests {
             ),
             (Outcome::Approve, Concession::None, 200, 0)
         );
-        assert!(!refused.uses_counted_ride);
+        assert!(refused.counted_ride.is_none());
         // The rest of the decision (the card's activity after the tap) is unchanged.
         assert_eq!(refused.activity, d.activity);
     }
@@ -456,10 +595,10 @@ mod tests {
     #[test]
     fn elder_metro_trip_counts_one_ride_at_entry_only() {
         let entry = at_metro(tap(TapKind::Entry), elder(3), CardActivity::default(), NOW);
-        assert!(entry.uses_counted_ride);
+        assert!(entry.counted_ride.is_some());
         assert_eq!(entry.rides_left, 2);
         let exit = at_metro(tap(TapKind::Exit), elder(2), entry.activity, NOW + 1);
-        assert!(!exit.uses_counted_ride);
+        assert!(exit.counted_ride.is_none());
         assert_eq!((exit.concession, exit.rides_left), (Concession::Elder, 2));
     }
 
@@ -493,6 +632,7 @@ mod tests {
     fn student_pays_half() {
         let student = CardRecord {
             concession: Concession::Student,
+            issuer: Issuer::ChongqingCityCard,
             ..card()
         };
         let d = run(CardLookup::Found(student), bus(YUZHONG), TapKind::Flat);

@@ -1,12 +1,16 @@
 //! Authorization policy: data, loaded from TOML and replaceable at run time.
 //!
-//! Which issuers each area accepts, which areas honour which concession from which date (the
-//! rollout of concessions onto the social security card runs area by area from 2025 to 2027),
-//! the metro pass-back window, fare estimates, and what to do when the card directory is down.
+//! Which issuers each area accepts; which cards carry which concession from which date (the
+//! social security card takes on concession functions by the card's home area, one area in
+//! 2025 to all 41 by 2027, and a card that carries one is honoured at every gate); how each
+//! concession is priced, by grade, and counted against a yearly allowance; the metro pass-back
+//! window, fare estimates, and what to do when the card directory is down.
 
-use chrono::NaiveDate;
+use crate::card::CardRecord;
+use chrono::{Datelike, NaiveDate};
 use serde::Deserialize;
 use std::collections::HashMap;
+use tapgate_city::MonthDay;
 use tapgate_protocol::{AreaCode, Concession, Issuer, Mode};
 
 /// The policy shipped with tapgate; `policy.example.toml` at the repository root is the same
@@ -58,7 +62,7 @@ impl FareEstimates {
     }
 }
 
-/// Which areas a rollout step covers.
+/// Which home areas a rollout step covers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AreaSet {
     All,
@@ -66,31 +70,91 @@ pub enum AreaSet {
 }
 
 impl AreaSet {
-    fn contains(&self, area: AreaCode) -> bool {
+    fn contains(&self, area: Option<AreaCode>) -> bool {
         match self {
             AreaSet::All => true,
-            AreaSet::Some(areas) => areas.contains(&area),
+            AreaSet::Some(areas) => area.is_some_and(|a| areas.contains(&a)),
         }
     }
 }
 
-/// From `from` on, `concession` is honoured in `areas`.
+/// From `from` on, cards of `issuers` whose home area is in `home_areas` carry `concessions`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RolloutStep {
-    pub concession: Concession,
-    pub areas: AreaSet,
+    pub concessions: Vec<Concession>,
+    pub issuers: Vec<Issuer>,
+    pub home_areas: AreaSet,
     pub from: NaiveDate,
 }
 
-/// How a concession is applied once honoured.
+/// When a yearly allowance starts again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Renewal {
+    /// On 1 January.
+    #[serde(rename = "january_1")]
+    January1,
+    /// On the holder's birthday (the card's `renews_on`); on 1 January for a card without one.
+    Birthday,
+}
+
+/// A yearly number of counted rides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Allowance {
+    pub rides: u32,
+    pub renewal: Renewal,
+    /// Rides one top-up adds (`tapgate cards top-up`).
+    pub top_up: u32,
+}
+
+impl Allowance {
+    /// The first day of the allowance period `today` falls in.
+    pub fn period_start(&self, renews_on: Option<MonthDay>, today: NaiveDate) -> NaiveDate {
+        let renews_on = match self.renewal {
+            Renewal::January1 => None,
+            Renewal::Birthday => renews_on,
+        }
+        .unwrap_or(MonthDay::new(1, 1).expect("1 January"));
+        let this_year = renews_on.in_year(today.year());
+        if this_year <= today {
+            this_year
+        } else {
+            renews_on.in_year(today.year() - 1)
+        }
+    }
+
+    /// The card's rides left in the period starting `period`: a count from an earlier period
+    /// has lapsed and the allowance starts afresh.
+    pub fn rides_left(&self, card: &CardRecord, period: NaiveDate) -> u32 {
+        if card.rides_period.is_some_and(|counted| counted < period) {
+            self.rides
+        } else {
+            card.rides_left
+        }
+    }
+}
+
+/// How a concession is applied once a card carries it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConcessionRule {
     /// Share of the fare the rider pays, in percent (0 = free).
     pub pay_percent: u8,
-    /// Whether each ride uses one from the card's yearly allowance (the elder card's 1,200).
-    pub counted: bool,
+    /// The share by the card's grade where grades pay differently; other grades, and cards
+    /// without a grade, pay `pay_percent`.
+    pub grades: HashMap<u8, u8>,
+    /// Each ride uses one from the card's yearly allowance; without one, rides are not counted.
+    pub allowance: Option<Allowance>,
     /// Modes the concession covers.
     pub modes: Vec<Mode>,
+}
+
+impl ConcessionRule {
+    pub fn pay_percent_for(&self, grade: Option<u8>) -> u8 {
+        grade
+            .and_then(|g| self.grades.get(&g))
+            .copied()
+            .unwrap_or(self.pay_percent)
+    }
 }
 
 /// The whole authorization policy.
@@ -101,8 +165,6 @@ pub struct Policy {
     pub fares: FareEstimates,
     pub default_issuers: Vec<Issuer>,
     pub area_issuers: HashMap<AreaCode, Vec<Issuer>>,
-    /// Issuers whose cards' concessions Chongqing honours.
-    pub concession_issuers: Vec<Issuer>,
     pub concession_rules: HashMap<Concession, ConcessionRule>,
     pub rollout: Vec<RolloutStep>,
 }
@@ -115,24 +177,29 @@ impl Policy {
             .contains(&issuer)
     }
 
-    /// The rule for `concession` if it is honoured for `issuer` in `area`, on `mode`, on `date`.
+    /// Whether `card` carries its concession on `date`: the rollout loads concessions onto
+    /// cards by issuer and home area, whichever gate the card is tapped at.
+    pub fn carries(&self, card: &CardRecord, date: NaiveDate) -> bool {
+        card.concession != Concession::None
+            && self.rollout.iter().any(|step| {
+                step.from <= date
+                    && step.concessions.contains(&card.concession)
+                    && step.issuers.contains(&card.issuer)
+                    && step.home_areas.contains(card.home_area)
+            })
+    }
+
+    /// The rule for the card's concession if the card carries it on `date` and it covers
+    /// `mode`. The gate's area plays no part: a card that carries a concession has it in all
+    /// 41 areas.
     pub fn honoured(
         &self,
-        concession: Concession,
-        issuer: Issuer,
-        area: AreaCode,
+        card: &CardRecord,
         mode: Mode,
         date: NaiveDate,
     ) -> Option<&ConcessionRule> {
-        if concession == Concession::None || !self.concession_issuers.contains(&issuer) {
-            return None;
-        }
-        let rule = self.concession_rules.get(&concession)?;
-        let rolled_out = self
-            .rollout
-            .iter()
-            .any(|s| s.concession == concession && s.from <= date && s.areas.contains(area));
-        (rolled_out && rule.modes.contains(&mode)).then_some(rule)
+        let rule = self.concession_rules.get(&card.concession)?;
+        (rule.modes.contains(&mode) && self.carries(card, date)).then_some(rule)
     }
 
     pub fn from_toml(text: &str) -> Result<Self, PolicyError> {
@@ -162,7 +229,6 @@ struct RawPolicy {
     degraded_mode: DegradedMode,
     fares: FareEstimates,
     issuers: RawIssuers,
-    concession_issuers: Vec<String>,
     concessions: HashMap<String, RawConcessionRule>,
     #[serde(default)]
     rollout: Vec<RawRollout>,
@@ -180,16 +246,21 @@ struct RawIssuers {
 #[serde(deny_unknown_fields)]
 struct RawConcessionRule {
     pay_percent: u8,
-    counted: bool,
+    #[serde(default)]
+    grades: HashMap<String, u8>,
+    allowance: Option<u32>,
+    renewal: Option<Renewal>,
+    top_up: Option<u32>,
     modes: Vec<String>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRollout {
-    concession: String,
+    concessions: Vec<String>,
+    issuers: Vec<String>,
     /// `"all"` or a list of area codes.
-    areas: toml::Value,
+    home_areas: toml::Value,
     from: NaiveDate,
 }
 
@@ -224,6 +295,9 @@ fn concession(label: &str) -> Result<Concession, PolicyError> {
 
 /// The most a fare estimate may be, in fen (10,000 yuan), as for the fare tables.
 const MAX_ESTIMATE_FEN: u32 = 1_000_000;
+/// The largest yearly allowance or top-up: a ride every hour of the year, far above any
+/// published allowance, and small enough for every count to fit the answer's rides-left field.
+const MAX_ALLOWANCE: u32 = 8_760;
 /// The longest pass-back window: a day.
 const MAX_PASS_BACK_S: u64 = 24 * 3600;
 
@@ -274,6 +348,72 @@ impl FareEstimates {
     }
 }
 
+impl RawConcessionRule {
+    fn validate(self, name: &str) -> Result<ConcessionRule, PolicyError> {
+        if self.pay_percent > 100 {
+            return Err(invalid(
+                format!("concessions.{name}.pay_percent"),
+                format!("{} % is more than 100", self.pay_percent),
+            ));
+        }
+        let key = |field: &str| format!("concessions.{name}.{field}");
+        let mut grades = HashMap::new();
+        for (grade, percent) in &self.grades {
+            let Some(grade) = grade.parse::<u8>().ok().filter(|g| *g > 0) else {
+                return Err(invalid(
+                    key("grades"),
+                    format!("`{grade}` is not a grade (1, 2, …)"),
+                ));
+            };
+            if *percent > 100 {
+                return Err(invalid(
+                    key("grades"),
+                    format!("grade {grade} pays {percent} %, more than 100"),
+                ));
+            }
+            grades.insert(grade, *percent);
+        }
+        let allowance = match (self.allowance, self.renewal, self.top_up) {
+            (None, None, None) => None,
+            (Some(rides), Some(renewal), Some(top_up)) => {
+                if rides > MAX_ALLOWANCE || top_up > MAX_ALLOWANCE {
+                    return Err(invalid(
+                        key("allowance"),
+                        format!("allowance and top-up are at most {MAX_ALLOWANCE} rides"),
+                    ));
+                }
+                Some(Allowance {
+                    rides,
+                    renewal,
+                    top_up,
+                })
+            }
+            _ => {
+                return Err(invalid(
+                    key("allowance"),
+                    "a counted concession needs `allowance`, `renewal` and `top_up` together",
+                ));
+            }
+        };
+        let modes = self
+            .modes
+            .iter()
+            .map(|m| {
+                Mode::from_label(m).ok_or_else(|| PolicyError::Unknown {
+                    kind: "mode",
+                    value: m.clone(),
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(ConcessionRule {
+            pay_percent: self.pay_percent,
+            grades,
+            allowance,
+            modes,
+        })
+    }
+}
+
 impl RawPolicy {
     fn validate(self) -> Result<Policy, PolicyError> {
         self.fares.check()?;
@@ -289,34 +429,11 @@ impl RawPolicy {
         }
         let mut concession_rules = HashMap::new();
         for (name, rule) in self.concessions {
-            if rule.pay_percent > 100 {
-                return Err(invalid(
-                    format!("concessions.{name}.pay_percent"),
-                    format!("{} % is more than 100", rule.pay_percent),
-                ));
-            }
-            let modes = rule
-                .modes
-                .iter()
-                .map(|m| {
-                    Mode::from_label(m).ok_or_else(|| PolicyError::Unknown {
-                        kind: "mode",
-                        value: m.clone(),
-                    })
-                })
-                .collect::<Result<_, _>>()?;
-            concession_rules.insert(
-                concession(&name)?,
-                ConcessionRule {
-                    pay_percent: rule.pay_percent,
-                    counted: rule.counted,
-                    modes,
-                },
-            );
+            concession_rules.insert(concession(&name)?, rule.validate(&name)?);
         }
         let mut rollout = Vec::new();
         for step in self.rollout {
-            let areas = match &step.areas {
+            let home_areas = match &step.home_areas {
                 toml::Value::String(s) if s == "all" => AreaSet::All,
                 toml::Value::Array(items) => AreaSet::Some(
                     items
@@ -336,8 +453,13 @@ impl RawPolicy {
                 }
             };
             rollout.push(RolloutStep {
-                concession: concession(&step.concession)?,
-                areas,
+                concessions: step
+                    .concessions
+                    .iter()
+                    .map(|c| concession(c))
+                    .collect::<Result<_, _>>()?,
+                issuers: issuers(&step.issuers)?,
+                home_areas,
                 from: step.from,
             });
         }
@@ -347,7 +469,6 @@ impl RawPolicy {
             fares: self.fares,
             default_issuers: issuers(&self.issuers.default)?,
             area_issuers,
-            concession_issuers: issuers(&self.concession_issuers)?,
             concession_rules,
             rollout,
         })
@@ -382,24 +503,83 @@ mod tests {
     }
 
     #[test]
-    fn shipped_policy_parses_and_rolls_elder_out_from_one_area_to_all() {
+    fn shipped_policy_loads_social_security_cards_by_home_area_from_one_to_all() {
         let p = Policy::embedded_default();
-        let yuzhong = AreaCode(500103);
-        let wanzhou = AreaCode(500101);
-        let honoured = |area, day| {
-            p.honoured(
-                Concession::Elder,
-                Issuer::ChongqingSsc,
-                area,
-                Mode::Bus,
-                day,
-            )
-            .is_some()
+        let card = |issuer, home| CardRecord {
+            card_id: 1,
+            state: crate::card::CardState::Active,
+            issuer,
+            concession: Concession::Elder,
+            grade: None,
+            home_area: Some(AreaCode(home)),
+            rides_left: 0,
+            rides_period: None,
+            renews_on: None,
+            expires_on: None,
         };
-        assert!(!honoured(yuzhong, date(2025, 8, 31)));
-        assert!(honoured(yuzhong, date(2025, 9, 1)));
-        assert!(!honoured(wanzhou, date(2026, 11, 29)));
-        assert!(honoured(wanzhou, date(2027, 1, 1)));
+        let yuzhong = card(Issuer::ChongqingSsc, 500103);
+        let wanzhou = card(Issuer::ChongqingSsc, 500101);
+        assert!(!p.carries(&yuzhong, date(2025, 12, 30)));
+        assert!(p.carries(&yuzhong, date(2025, 12, 31)));
+        assert!(!p.carries(&wanzhou, date(2027, 12, 30)));
+        assert!(p.carries(&wanzhou, date(2027, 12, 31)));
+        // The city's own elder card has worked city-wide since 2025-09-01.
+        let city_card = card(Issuer::ChongqingCityCard, 500101);
+        assert!(!p.carries(&city_card, date(2025, 8, 31)));
+        assert!(p.carries(&city_card, date(2025, 9, 1)));
+        // Other issuers' concessions are not Chongqing's to honour.
+        assert!(!p.carries(&card(Issuer::TUnion, 500103), date(2028, 1, 1)));
+        // A concession not covering the mode is not honoured even when carried.
+        assert!(
+            p.honoured(&yuzhong, Mode::Ferry, date(2026, 6, 1))
+                .is_none()
+        );
+        assert!(p.honoured(&yuzhong, Mode::Bus, date(2026, 6, 1)).is_some());
+    }
+
+    #[test]
+    fn allowance_periods_start_on_1_january_or_the_holders_day() {
+        let mut allowance = Allowance {
+            rides: 1200,
+            renewal: Renewal::January1,
+            top_up: 300,
+        };
+        let birthday = MonthDay::new(2, 29);
+        assert_eq!(
+            allowance.period_start(birthday, date(2026, 2, 27)),
+            date(2026, 1, 1)
+        );
+        allowance.renewal = Renewal::Birthday;
+        assert_eq!(
+            allowance.period_start(birthday, date(2026, 2, 27)),
+            date(2025, 2, 28)
+        );
+        assert_eq!(
+            allowance.period_start(birthday, date(2026, 2, 28)),
+            date(2026, 2, 28)
+        );
+        assert_eq!(
+            allowance.period_start(birthday, date(2028, 2, 29)),
+            date(2028, 2, 29)
+        );
+        assert_eq!(
+            allowance.period_start(None, date(2026, 2, 27)),
+            date(2026, 1, 1)
+        );
+    }
+
+    #[test]
+    fn a_counted_concession_needs_its_allowance_renewal_and_top_up() {
+        let text = DEFAULT_POLICY_TOML.replace("top_up = 300\n", "");
+        match Policy::from_toml(&text) {
+            Err(PolicyError::Invalid { key, .. }) => assert_eq!(key, "concessions.elder.allowance"),
+            other => panic!("{other:?}"),
+        }
+        let text = DEFAULT_POLICY_TOML.replace("\"3\" = 50", "\"x\" = 50");
+        match Policy::from_toml(&text) {
+            Err(PolicyError::Invalid { key, .. }) => assert_eq!(key, "concessions.disabled.grades"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use crate::cache::CardCache;
 use crate::card::CardPseudonymizer;
-use crate::decide::{Decision, GatePlace, with_ride_claim};
+use crate::decide::{CountedRide, Decision, GatePlace, with_ride_claim};
 use crate::directory::{
     ChangeEvent, Directory, DirectoryError, RideClaim, TerminalChange, TerminalRecord,
 };
@@ -118,7 +118,7 @@ struct Shared {
     provisioned: DashMap<u64, TerminalRecord>,
     metrics: Arc<Metrics>,
     pseudonyms: CardPseudonymizer,
-    ride_updates: mpsc::Sender<u64>,
+    ride_updates: mpsc::Sender<(u64, CountedRide)>,
     /// Where decisions go to be shared with the other gateways; `None` when there are none
     /// (the embedded directory).
     decisions: Option<mpsc::Sender<SharedDecision>>,
@@ -433,11 +433,11 @@ async fn share_decisions(
 }
 
 /// Takes, once the directory is reachable again, the counted rides given while it was not.
-async fn apply_ride_updates(directory: Directory, mut rx: mpsc::Receiver<u64>) {
+async fn apply_ride_updates(directory: Directory, mut rx: mpsc::Receiver<(u64, CountedRide)>) {
     let mut retry = Backoff::new(RIDE_UPDATE_RETRY, RIDE_UPDATE_CEILING);
-    while let Some(card_id) = rx.recv().await {
+    while let Some((card_id, ride)) = rx.recv().await {
         loop {
-            match directory.take_counted_ride(card_id).await {
+            match directory.take_counted_ride(card_id, ride).await {
                 Ok(_) => {
                     retry.reset();
                     break;
@@ -921,21 +921,22 @@ impl Session {
     async fn claim_ride(
         &self,
         card_id: u64,
+        ride: CountedRide,
         decision: Decision,
         place: GatePlace,
         policy: &Policy,
     ) -> Decision {
-        match self.shared.directory.take_counted_ride(card_id).await {
+        match self.shared.directory.take_counted_ride(card_id, ride).await {
             Ok(claim) => {
                 let left = match claim {
                     RideClaim::Taken { left } => left,
                     RideClaim::NoneLeft => 0,
                 };
-                self.shared.cache.set_rides_left(card_id, left);
+                self.shared.cache.set_rides_left(card_id, ride.period, left);
                 with_ride_claim(decision, claim, place, policy)
             }
             Err(_) => {
-                if self.shared.ride_updates.try_send(card_id).is_err() {
+                if self.shared.ride_updates.try_send((card_id, ride)).is_err() {
                     self.shared
                         .metrics
                         .ride_updates_dropped
@@ -964,9 +965,9 @@ impl Session {
             .cache
             .authorize(tap, gate.place, &policy, now)
             .await;
-        if decision.uses_counted_ride {
+        if let Some(ride) = decision.counted_ride {
             decision = self
-                .claim_ride(tap.card_id, decision, gate.place, &policy)
+                .claim_ride(tap.card_id, ride, decision, gate.place, &policy)
                 .await;
         }
         let result = TapResult {
@@ -987,6 +988,7 @@ impl Session {
             mode: terminal.mode,
             operator: terminal.operator,
             result,
+            pay_percent: decision.pay_percent,
         };
         let shared = self.share(record);
         if result.outcome == Outcome::Approve {

@@ -36,9 +36,11 @@ use tapgate_runtime::health::{Incident, PartHealth};
 use tapgate_runtime::histogram::DurationHistogram;
 use tokio::sync::{mpsc, oneshot, watch};
 
-const PAYLOAD_VERSION: u8 = 1;
+/// Version 2 added the share of the fare the rider pays; version 1 records are still read.
+const PAYLOAD_VERSION: u8 = 2;
 /// Size of an encoded payload.
-pub const PAYLOAD_LEN: usize = 79;
+pub const PAYLOAD_LEN: usize = 80;
+const PAYLOAD_V1_LEN: usize = 79;
 const RECORD_HEADER: usize = 8;
 
 /// One decided tap as the journal keeps it.
@@ -53,6 +55,20 @@ pub struct JournalRecord {
     pub mode: Mode,
     pub operator: u16,
     pub result: TapResult,
+    /// Share of the full fare the rider pays, in percent, as the gateway's policy set it for
+    /// the concession and the card's grade (100 without a concession). Settlement prices with
+    /// it, so the policy the tap was decided under is the one it is charged under.
+    pub pay_percent: u8,
+}
+
+/// The share a version 1 record's concession paid: version 1 did not record it, and these are
+/// the shares every policy shipped while version 1 was written applied.
+pub fn version_1_pay_percent(concession: Concession) -> u8 {
+    match concession {
+        Concession::None => 100,
+        Concession::Student => 50,
+        _ => 0,
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,12 +109,16 @@ impl JournalRecord {
         out.put_u8(self.result.concession.code());
         out.put_u32(self.result.fare_fen);
         out.put_u16(self.result.rides_left);
+        out.put_u8(self.pay_percent);
     }
 
     pub fn decode(mut p: &[u8]) -> Option<Self> {
-        if p.len() != PAYLOAD_LEN || p.get_u8() != PAYLOAD_VERSION {
-            return None;
-        }
+        let version = match (p.len(), p.first()) {
+            (PAYLOAD_LEN, Some(&PAYLOAD_VERSION)) => PAYLOAD_VERSION,
+            (PAYLOAD_V1_LEN, Some(1)) => 1,
+            _ => return None,
+        };
+        p.advance(1);
         let terminal_id = p.get_u64();
         let sequence = p.get_u64();
         let mut tag = [0u8; TAG_LEN];
@@ -118,6 +138,10 @@ impl JournalRecord {
         let concession = Concession::from_code(p.get_u8())?;
         let fare_fen = p.get_u32();
         let rides_left = p.get_u16();
+        let pay_percent = match version {
+            1 => version_1_pay_percent(concession),
+            _ => Some(p.get_u8()).filter(|percent| *percent <= 100)?,
+        };
         Some(JournalRecord {
             terminal_id,
             tag,
@@ -142,6 +166,7 @@ impl JournalRecord {
                 fare_fen,
                 rides_left,
             },
+            pay_percent,
         })
     }
 }
@@ -928,6 +953,7 @@ mod tests {
                 fare_fen: 0,
                 rides_left: 41,
             },
+            pay_percent: 0,
         }
     }
 
@@ -947,6 +973,29 @@ mod tests {
         record(5).encode(&mut buf);
         assert_eq!(buf.len(), PAYLOAD_LEN);
         assert_eq!(JournalRecord::decode(&buf), Some(record(5)));
+    }
+
+    #[test]
+    fn version_1_records_read_with_the_share_their_concession_paid() {
+        let mut buf = BytesMut::new();
+        let student = JournalRecord {
+            result: TapResult {
+                concession: Concession::Student,
+                ..record(5).result
+            },
+            pay_percent: 50,
+            ..record(5)
+        };
+        student.encode(&mut buf);
+        // Version 1 was this layout without the last byte.
+        buf[0] = 1;
+        buf.truncate(PAYLOAD_V1_LEN);
+        assert_eq!(JournalRecord::decode(&buf), Some(student));
+        // A version 2 share above 100 % is not a record.
+        let mut buf = BytesMut::new();
+        record(5).encode(&mut buf);
+        buf[PAYLOAD_LEN - 1] = 101;
+        assert_eq!(JournalRecord::decode(&buf), None);
     }
 
     #[tokio::test]

@@ -4,15 +4,15 @@
 //!
 //! Order of rules for a fare-bearing ride: base fare (flat, or distance from the entry/exit
 //! pair, or the maximum for a trip missing its exit or its entry), then the concession the
-//! gateway applied (for a counted allowance such as the elder card's, the gateway took the ride
-//! from the card's count in the directory before answering, so its record is the authority and
-//! nothing is recounted here), then the bus–rail transfer
+//! gateway applied, at the pay share its record carries (the gateway's policy prices concessions
+//! by grade and counts allowances in the directory before answering, so its record is the
+//! authority and nothing is recounted here), then the bus–rail transfer
 //! discount, then the daily cap.
 
 use chrono::{Datelike, NaiveDate};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use tapgate_journal::JournalRecord;
+use tapgate_journal::{JournalRecord, version_1_pay_percent};
 use tapgate_protocol::{AreaCode, Concession, Mode, Outcome, TapKind};
 use tapgate_runtime::clock::local_date;
 
@@ -85,8 +85,6 @@ pub struct TransferRule {
 #[serde(deny_unknown_fields)]
 pub struct FareTables {
     pub daily_cap: u32,
-    /// Percent of the fare paid, by concession label.
-    pub concessions: HashMap<String, u8>,
     pub transfer: TransferRule,
     pub bus: FlatTable,
     pub ferry: FlatTable,
@@ -175,16 +173,6 @@ impl FareTables {
                 }
             }
         }
-        for (label, percent) in &self.concessions {
-            if Concession::from_label(label).is_none() {
-                out.push(format!("concessions.{label}: no such concession"));
-            }
-            if *percent > 100 {
-                out.push(format!(
-                    "concessions.{label}: pays {percent} %, more than 100"
-                ));
-            }
-        }
         let distance = |key: &str, km: f64, out: &mut Vec<String>| {
             if !(km.is_finite() && km >= 0.0) {
                 out.push(format!("{key}: {km} is not a distance in km"));
@@ -238,16 +226,6 @@ impl FareTables {
             .map_err(|e| FareTablesError(format!("{}: {e}", path.display())))?;
         Self::from_toml(&text).map_err(|e| FareTablesError(format!("{}: {}", path.display(), e.0)))
     }
-
-    fn pay_percent(&self, concession: Concession) -> u32 {
-        match concession {
-            Concession::None => 100,
-            other => self
-                .concessions
-                .get(other.label())
-                .map_or(100, |p| u32::from((*p).min(100))),
-        }
-    }
 }
 
 fn known_area(code: &str) -> bool {
@@ -264,6 +242,8 @@ pub struct OpenTrip {
     pub line: u16,
     pub stop: u16,
     pub concession: Concession,
+    /// The share of the fare the entry's concession pays, in percent.
+    pub pay_percent: u8,
     pub at_ms: u64,
 }
 
@@ -290,7 +270,8 @@ pub struct RiderState {
     last_transfer_ms: Option<u64>,
 }
 
-const RIDER_STATE_VERSION: u8 = 2;
+/// Version 3 added the open trip's pay share; version 2 states are still read.
+const RIDER_STATE_VERSION: u8 = 3;
 const NO_DAY: i32 = i32::MIN;
 
 impl RiderState {
@@ -324,6 +305,7 @@ impl RiderState {
                 out.put_u16(trip.line);
                 out.put_u16(trip.stop);
                 out.put_u8(trip.concession.code());
+                out.put_u8(trip.pay_percent);
                 out.put_u64(trip.at_ms);
             }
             None => out.put_u8(0),
@@ -360,7 +342,8 @@ impl RiderState {
                 _ => None,
             }
         }
-        if p.try_get_u8().ok()? != RIDER_STATE_VERSION {
+        let version = p.try_get_u8().ok()?;
+        if !(2..=RIDER_STATE_VERSION).contains(&version) {
             return None;
         }
         let day = match p.try_get_i32().ok()? {
@@ -369,13 +352,24 @@ impl RiderState {
         };
         let paid_today = p.try_get_u32().ok()?;
         let open = if flag(&mut p)? {
+            let mode = Mode::from_code(p.try_get_u8().ok()?)?;
+            let area = p.try_get_u32().ok()?;
+            let operator = p.try_get_u16().ok()?;
+            let line = p.try_get_u16().ok()?;
+            let stop = p.try_get_u16().ok()?;
+            let concession = Concession::from_code(p.try_get_u8().ok()?)?;
+            let pay_percent = match version {
+                2 => version_1_pay_percent(concession),
+                _ => Some(p.try_get_u8().ok()?).filter(|percent| *percent <= 100)?,
+            };
             Some(OpenTrip {
-                mode: Mode::from_code(p.try_get_u8().ok()?)?,
-                area: p.try_get_u32().ok()?,
-                operator: p.try_get_u16().ok()?,
-                line: p.try_get_u16().ok()?,
-                stop: p.try_get_u16().ok()?,
-                concession: Concession::from_code(p.try_get_u8().ok()?)?,
+                mode,
+                area,
+                operator,
+                line,
+                stop,
+                concession,
+                pay_percent,
                 at_ms: p.try_get_u64().ok()?,
             })
         } else {
@@ -449,7 +443,7 @@ pub fn settle(record: &JournalRecord, rider: &mut RiderState, tables: &FareTable
         rider.paid_today = 0;
     }
     let tap = &record.tap;
-    let concession = record.result.concession;
+    let concession = (record.result.concession, record.pay_percent);
     let mut charges = Vec::new();
     let mut ride = |kind, area, operator, mode, base, concession, rider: &mut RiderState| {
         charges.push(price(
@@ -464,6 +458,7 @@ pub fn settle(record: &JournalRecord, rider: &mut RiderState, tables: &FareTable
             tables,
         ));
     };
+    let full_fare = (Concession::None, 100);
     let paid_area = record.mode.needs_exit_tap();
     match (tap.kind, paid_area) {
         (TapKind::Entry, true) => {
@@ -475,7 +470,7 @@ pub fn settle(record: &JournalRecord, rider: &mut RiderState, tables: &FareTable
                     open.operator,
                     open.mode,
                     max,
-                    Concession::None,
+                    full_fare,
                     rider,
                 );
             }
@@ -485,7 +480,8 @@ pub fn settle(record: &JournalRecord, rider: &mut RiderState, tables: &FareTable
                 operator: record.operator,
                 line: tap.line,
                 stop: tap.stop,
-                concession,
+                concession: record.result.concession,
+                pay_percent: record.pay_percent,
                 at_ms: now,
             });
         }
@@ -498,7 +494,7 @@ pub fn settle(record: &JournalRecord, rider: &mut RiderState, tables: &FareTable
                     open.operator,
                     open.mode,
                     base,
-                    open.concession,
+                    (open.concession, open.pay_percent),
                     rider,
                 );
             }
@@ -510,7 +506,7 @@ pub fn settle(record: &JournalRecord, rider: &mut RiderState, tables: &FareTable
                     record.operator,
                     record.mode,
                     max,
-                    Concession::None,
+                    full_fare,
                     rider,
                 );
             }
@@ -566,13 +562,12 @@ fn price(
     operator: u16,
     mode: Mode,
     base: u32,
-    concession: Concession,
+    (applied, pay_percent): (Concession, u8),
     now: u64,
     rider: &mut RiderState,
     tables: &FareTables,
 ) -> Charge {
-    let applied = concession;
-    let mut fare = base * tables.pay_percent(applied) / 100;
+    let mut fare = base * u32::from(pay_percent.min(100)) / 100;
 
     let class = match mode {
         Mode::Bus => Some(TransferClass::Bus),
@@ -659,7 +654,7 @@ mod tests {
     /// of order, min above max), so both sides of the checks are drawn.
     fn tables() -> impl Strategy<Value = FareTables> {
         (
-            (fen(), 0..=100u8, 0..=MAX_TRANSFER_WINDOW_S, fen()),
+            (fen(), 0..=MAX_TRANSFER_WINDOW_S, fen()),
             (flat(), flat(), flat()),
             (
                 km(),
@@ -671,7 +666,7 @@ mod tests {
         )
             .prop_map(
                 |(
-                    (daily_cap, student, window_s, max_discount),
+                    (daily_cap, window_s, max_discount),
                     (bus, ferry, cableway),
                     (km_per_stop, line_change_km, mut bands, metro_max),
                     (intercity_km, fen_per_km, a, b, out_of_order),
@@ -687,8 +682,6 @@ mod tests {
                     };
                     FareTables {
                         daily_cap,
-                        concessions: [("elder".to_owned(), 0), ("student".to_owned(), student)]
-                            .into(),
                         transfer: TransferRule {
                             window_s,
                             max_discount,
@@ -732,17 +725,26 @@ mod tests {
                 any::<u16>(),
                 0..3 * 24 * 3_600_000u64,
                 0..concessions.len(),
+                0..=100u8,
             )
-                .prop_map(move |(m, k, a, line, stop, after, c)| {
-                    record(
-                        modes[m],
-                        kinds[k],
-                        AREAS[a].code.0,
-                        line,
-                        stop,
-                        T0 + after,
-                        concessions[c],
-                    )
+                .prop_map(move |(m, k, a, line, stop, after, c, pay_percent)| {
+                    let concession = concessions[c];
+                    JournalRecord {
+                        pay_percent: if concession == Concession::None {
+                            100
+                        } else {
+                            pay_percent
+                        },
+                        ..record(
+                            modes[m],
+                            kinds[k],
+                            AREAS[a].code.0,
+                            line,
+                            stop,
+                            T0 + after,
+                            concession,
+                        )
+                    }
                 }),
             1..60,
         )
@@ -784,13 +786,11 @@ mod tests {
         tables.intercity.min = 3000;
         tables.intercity.max = 2000;
         tables.metro.km_per_stop = -1.6;
-        tables.concessions.insert("student".into(), 150);
         tables.bus.areas.insert("999999".into(), 100);
         let problems = tables.problems().join("\n");
         for expected in [
             "intercity: min 3000 is more than max 2000",
             "metro.km_per_stop: -1.6 is not a distance",
-            "concessions.student: pays 150 %",
             "bus.areas.999999: not one of the 41 area codes",
         ] {
             assert!(problems.contains(expected), "{problems}");
@@ -849,6 +849,7 @@ mod tests {
                 fare_fen: 0,
                 rides_left: RIDES_LEFT_NOT_APPLICABLE,
             },
+            pay_percent: version_1_pay_percent(concession),
         }
     }
 
@@ -1149,6 +1150,7 @@ mod tests {
                 concession: Concession::Student,
                 ..r.result
             },
+            pay_percent: 50,
             ..r
         };
         let mut rides = vec![student(bus(T0))];

@@ -487,6 +487,7 @@ mod tests {
                 fare_fen: 0,
                 rides_left: RIDES_LEFT_NOT_APPLICABLE,
             },
+            pay_percent: 100,
         }
     }
 

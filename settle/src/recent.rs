@@ -125,6 +125,7 @@ mod tests {
                 fare_fen: 200,
                 rides_left: 0,
             },
+            pay_percent: 100,
         }
     }
 

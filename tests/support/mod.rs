@@ -618,7 +618,13 @@ pub(crate) fn card(
         state,
         issuer,
         concession,
+        grade: None,
+        // The shipped policy's example first area to carry concessions on the social security
+        // card, so an elder card here has its concession.
+        home_area: Some(AreaCode(500103)),
         rides_left: rides,
+        rides_period: None,
+        renews_on: None,
         expires_on: None,
     }
 }

@@ -2,6 +2,7 @@
 
 use super::{CHANGE_CHANNEL, CardChange, ChangeEvent, RideClaim, TerminalChange, TerminalRecord};
 use crate::card::CardRecord;
+use crate::decide::CountedRide;
 use std::collections::HashMap;
 use std::sync::RwLock;
 use tokio::sync::{broadcast, mpsc};
@@ -80,16 +81,35 @@ impl EmbeddedDirectory {
             }));
     }
 
-    pub(super) fn take_counted_ride(&self, card_id: u64) -> RideClaim {
+    pub(super) fn take_counted_ride(&self, card_id: u64, ride: CountedRide) -> RideClaim {
         match self.cards.write().expect("card map lock").get_mut(&card_id) {
-            Some(card) if card.rides_left > 0 => {
+            Some(card) => {
+                in_period(card, ride);
+                if card.rides_left == 0 {
+                    return RideClaim::NoneLeft;
+                }
                 card.rides_left -= 1;
                 RideClaim::Taken {
                     left: card.rides_left,
                 }
             }
-            _ => RideClaim::NoneLeft,
+            None => RideClaim::NoneLeft,
         }
+    }
+
+    pub(super) fn top_up(&self, card_id: u64, ride: CountedRide, rides: u32) -> Option<u32> {
+        let record = {
+            let mut cards = self.cards.write().expect("card map lock");
+            let card = cards.get_mut(&card_id)?;
+            in_period(card, ride);
+            card.rides_left = card.rides_left.saturating_add(rides);
+            *card
+        };
+        let _ = self.changes.send(ChangeEvent::Changed(CardChange {
+            card_id,
+            record: Some(record),
+        }));
+        Some(record.rides_left)
     }
 
     pub(super) fn follow_changes(&self) -> mpsc::Receiver<ChangeEvent> {
@@ -108,5 +128,17 @@ impl EmbeddedDirectory {
             }
         });
         rx
+    }
+}
+
+/// Brings the card's count to the period `ride` counts in, as the Redis directory's script does.
+fn in_period(card: &mut CardRecord, ride: CountedRide) {
+    match card.rides_period {
+        Some(counted) if counted < ride.period => {
+            card.rides_left = ride.allowance;
+            card.rides_period = Some(ride.period);
+        }
+        Some(_) => {}
+        None => card.rides_period = Some(ride.period),
     }
 }

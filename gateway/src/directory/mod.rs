@@ -25,6 +25,7 @@
 //! persistence), the gateway drops its whole cache instead.
 
 use crate::card::CardRecord;
+use crate::decide::CountedRide;
 pub use crate::decide::RideClaim;
 use std::sync::Arc;
 use tapgate_journal::JournalRecord;
@@ -163,10 +164,31 @@ impl Directory {
     /// Takes one ride from the card's counted concession allowance, atomically and never below
     /// zero, whichever gateway asks: the directory's count decides which tap used the last
     /// ride. Not published as a change: every gateway asks the directory for each counted ride.
-    pub async fn take_counted_ride(&self, card_id: u64) -> Result<RideClaim, DirectoryError> {
+    /// The count is the period's: a count from an earlier period has lapsed and the ride is
+    /// taken from a fresh allowance.
+    pub async fn take_counted_ride(
+        &self,
+        card_id: u64,
+        ride: CountedRide,
+    ) -> Result<RideClaim, DirectoryError> {
         match self {
-            Directory::Embedded(d) => Ok(d.take_counted_ride(card_id)),
-            Directory::Redis(d) => d.take_counted_ride(card_id).await,
+            Directory::Embedded(d) => Ok(d.take_counted_ride(card_id, ride)),
+            Directory::Redis(d) => d.take_counted_ride(card_id, ride).await,
+        }
+    }
+
+    /// Adds `rides` to the card's allowance in the period of `ride` (a top-up on the holder's
+    /// request), atomically with the gateways' rides, and publishes the new count as a change.
+    /// `None` when the card is not in the directory.
+    pub async fn top_up(
+        &self,
+        card_id: u64,
+        ride: CountedRide,
+        rides: u32,
+    ) -> Result<Option<u32>, DirectoryError> {
+        match self {
+            Directory::Embedded(d) => Ok(d.top_up(card_id, ride, rides)),
+            Directory::Redis(d) => d.top_up(card_id, ride, rides).await,
         }
     }
 
@@ -238,7 +260,7 @@ mod tests {
     use crate::card::CardState;
     use chrono::NaiveDate;
     use std::collections::HashMap;
-    use tapgate_protocol::{Concession, Issuer};
+    use tapgate_protocol::{AreaCode, Concession, Issuer};
 
     #[test]
     fn card_fields_round_trip() {
@@ -247,7 +269,11 @@ mod tests {
             state: CardState::Blocked,
             issuer: Issuer::TUnion,
             concession: Concession::Elder,
+            grade: Some(3),
+            home_area: Some(AreaCode(500101)),
             rides_left: 1200,
+            rides_period: NaiveDate::from_ymd_opt(2026, 1, 1),
+            renews_on: tapgate_city::MonthDay::new(2, 29),
             expires_on: NaiveDate::from_ymd_opt(2030, 12, 31),
         };
         let fields: HashMap<String, String> = card_fields(&record)

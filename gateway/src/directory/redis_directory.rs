@@ -7,11 +7,13 @@ use super::{
     TerminalRecord, change_group,
 };
 use crate::card::{CardRecord, CardState};
+use crate::decide::CountedRide;
 use chrono::NaiveDate;
 use redis::AsyncCommands;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
+use tapgate_city::MonthDay;
 use tapgate_journal::{JournalRecord, PAYLOAD_LEN};
 use tapgate_protocol::{AreaCode, Concession, Issuer, Mode};
 use tapgate_runtime::health::{Incident, Panics, PartHealth, supervise};
@@ -41,13 +43,40 @@ pub(super) const REPLICA_WAIT: Duration = Duration::from_secs(2);
 /// Counted rides are taken in Redis, never below zero, so gateways racing on one card cannot
 /// overdraw it. KEYS: the card. Returns the rides left after taking one, -1 when none was left,
 /// -2 when the card has no readable count.
-pub(super) const TAKE_RIDE_SCRIPT: &str = r"
-local rides = redis.call('HGET', KEYS[1], 'rides')
-if not rides then return -2 end
-local n = tonumber(rides)
+/// The head both allowance scripts share: reads the card KEYS[1]'s count as `n` as of the
+/// period starting ARGV[1] (dates as YYYY-MM-DD sort as text), starting a fresh allowance of
+/// ARGV[2] rides when the stored count belongs to an earlier period and stamping the period on a
+/// count that had none; returns -2 for a record without a readable count. A stored period later
+/// than ARGV[1] (the caller's clock is behind) keeps its count.
+const READ_ALLOWANCE: &str = r"
+local h = redis.call('HMGET', KEYS[1], 'rides', 'period')
+if not h[1] then return -2 end
+local n = tonumber(h[1])
 if n == nil or n ~= math.floor(n) then return -2 end
+local period = h[2]
+if period and period ~= '' and period < ARGV[1] then
+  n = tonumber(ARGV[2])
+  redis.call('HSET', KEYS[1], 'rides', n, 'period', ARGV[1])
+elseif (not period) or period == '' then
+  redis.call('HSET', KEYS[1], 'period', ARGV[1])
+end
+";
+
+/// Takes one ride: returns the rides left after it, or -1 when none was left.
+const TAKE_RIDE: &str = r"
 if n <= 0 then return -1 end
 return redis.call('HINCRBY', KEYS[1], 'rides', -1)
+";
+
+/// Adds ARGV[3] rides and publishes the record on the change stream KEYS[2] (trimmed to about
+/// ARGV[4] entries) as `id` ARGV[5] with every field, as a write of the whole record does, so
+/// every gateway's cache sees the new count. Returns the rides left.
+const TOP_UP: &str = r"
+n = n + tonumber(ARGV[3])
+redis.call('HSET', KEYS[1], 'rides', n)
+local fields = redis.call('HGETALL', KEYS[1])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'id', ARGV[5], unpack(fields))
+return n
 ";
 
 /// How the directory's Redis looks from this process.
@@ -83,6 +112,7 @@ pub struct RedisDirectory {
     pub(super) wait_replicas: u16,
     pub(super) replica_wait: Duration,
     pub(super) take_ride: Arc<redis::Script>,
+    pub(super) top_up: Arc<redis::Script>,
 }
 
 impl RedisDirectory {
@@ -99,7 +129,8 @@ impl RedisDirectory {
             prefix: settings.key_prefix.as_str().into(),
             wait_replicas: settings.wait_replicas,
             replica_wait: REPLICA_WAIT.min(settings.response_timeout * 3 / 4),
-            take_ride: Arc::new(redis::Script::new(TAKE_RIDE_SCRIPT)),
+            take_ride: Arc::new(redis::Script::new(&format!("{READ_ALLOWANCE}{TAKE_RIDE}"))),
+            top_up: Arc::new(redis::Script::new(&format!("{READ_ALLOWANCE}{TOP_UP}"))),
         })
     }
 
@@ -270,11 +301,14 @@ impl RedisDirectory {
     pub(super) async fn take_counted_ride(
         &self,
         card_id: u64,
+        ride: CountedRide,
     ) -> Result<RideClaim, DirectoryError> {
         let key = self.card_key(card_id);
         let left: i64 = self
             .take_ride
             .key(&key)
+            .arg(period_text(ride.period))
+            .arg(ride.allowance)
             .invoke_async(&mut self.connection.clone())
             .await?;
         match left {
@@ -287,6 +321,36 @@ impl RedisDirectory {
                 detail: "no readable `rides` count".into(),
             }),
         }
+    }
+
+    pub(super) async fn top_up(
+        &self,
+        card_id: u64,
+        ride: CountedRide,
+        rides: u32,
+    ) -> Result<Option<u32>, DirectoryError> {
+        let key = self.card_key(card_id);
+        if !self.connection.clone().exists::<_, bool>(&key).await? {
+            return Ok(None);
+        }
+        let left: i64 = self
+            .top_up
+            .key(&key)
+            .key(self.changes_key(change_group(card_id)))
+            .arg(period_text(ride.period))
+            .arg(ride.allowance)
+            .arg(rides)
+            .arg(CHANGE_STREAM_MAXLEN)
+            .arg(card_id)
+            .invoke_async(&mut self.connection.clone())
+            .await?;
+        self.wait_for_replicas().await?;
+        u32::try_from(left)
+            .map(Some)
+            .map_err(|_| DirectoryError::Malformed {
+                key,
+                detail: "no readable `rides` count".into(),
+            })
     }
 
     pub(super) fn decided_key(&self, terminal_id: u64) -> String {
@@ -438,6 +502,25 @@ pub fn card_fields(record: &CardRecord) -> Vec<(&'static str, String)> {
         ("concession", record.concession.label().to_owned()),
         ("rides", record.rides_left.to_string()),
         (
+            "period",
+            record.rides_period.map(period_text).unwrap_or_default(),
+        ),
+        (
+            "home",
+            record
+                .home_area
+                .map(|a| a.0.to_string())
+                .unwrap_or_default(),
+        ),
+        (
+            "grade",
+            record.grade.map(|g| g.to_string()).unwrap_or_default(),
+        ),
+        (
+            "renews",
+            record.renews_on.map(|d| d.to_string()).unwrap_or_default(),
+        ),
+        (
             "expires",
             record
                 .expires_on
@@ -459,6 +542,13 @@ pub fn parse_card(card_id: u64, fields: &HashMap<String, String>) -> Result<Card
     let concession = fields.get("concession").map_or("none", String::as_str);
     let rides = fields.get("rides").map_or("0", String::as_str);
     let expires = fields.get("expires").map_or("", String::as_str);
+    // Absent and empty are the same: a field the record does not use.
+    let optional = |name: &str| {
+        fields
+            .get(name)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    };
     Ok(CardRecord {
         card_id,
         state: CardState::from_label(state).ok_or(format!("unknown state `{state}`"))?,
@@ -468,6 +558,32 @@ pub fn parse_card(card_id: u64, fields: &HashMap<String, String>) -> Result<Card
         rides_left: rides
             .parse()
             .map_err(|_| format!("rides `{rides}` is not a count"))?,
+        rides_period: optional("period")
+            .map(|p| {
+                NaiveDate::parse_from_str(p, "%Y-%m-%d")
+                    .map_err(|_| format!("period `{p}` is not YYYY-MM-DD"))
+            })
+            .transpose()?,
+        home_area: optional("home")
+            .map(|h| {
+                h.parse()
+                    .ok()
+                    .map(AreaCode)
+                    .filter(|a| a.area().is_some())
+                    .ok_or(format!("unknown home area `{h}`"))
+            })
+            .transpose()?,
+        grade: optional("grade")
+            .map(|g| {
+                g.parse()
+                    .ok()
+                    .filter(|g| *g > 0)
+                    .ok_or(format!("grade `{g}` is not 1, 2, …"))
+            })
+            .transpose()?,
+        renews_on: optional("renews")
+            .map(|r| MonthDay::parse(r).ok_or(format!("renews `{r}` is not MM-DD")))
+            .transpose()?,
         expires_on: if expires.is_empty() {
             None
         } else {
@@ -477,6 +593,10 @@ pub fn parse_card(card_id: u64, fields: &HashMap<String, String>) -> Result<Card
             )
         },
     })
+}
+
+fn period_text(period: NaiveDate) -> String {
+    period.format("%Y-%m-%d").to_string()
 }
 
 pub(super) fn parse_terminal(
