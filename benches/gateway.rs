@@ -29,6 +29,7 @@ fn tap(card_id: u64) -> Tap {
 }
 
 const BUS: GatePlace = GatePlace {
+    terminal_id: 1,
     area: AreaCode(500103),
     mode: Mode::Bus,
 };

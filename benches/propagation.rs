@@ -46,6 +46,7 @@ fn propagation(c: &mut Criterion, name: &str, url: &str) {
             .authorize(
                 &support::tap(1, CARD, tapgate_protocol::TapKind::Flat),
                 tapgate_gateway::decide::GatePlace {
+                    terminal_id: WANZHOU_BUS.terminal_id,
                     area: WANZHOU_BUS.area,
                     mode: WANZHOU_BUS.mode,
                 },

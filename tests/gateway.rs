@@ -172,7 +172,8 @@ async fn elder_concession_follows_the_cards_home_area_and_holds_at_every_gate() 
         (Concession::None, 200, RIDES_LEFT_NOT_APPLICABLE)
     );
 
-    // Bring 万州's loading forward to a past date: the same card is now free in 渝中.
+    // Bring 万州's loading forward to a past date: the same card is now free (at the other
+    // bus: a second tap on this one would repeat the boarding).
     let mut policy = Policy::embedded_default();
     policy.rollout.push(RolloutStep {
         concessions: vec![Concession::Elder],
@@ -181,8 +182,8 @@ async fn elder_concession_follows_the_cards_home_area_and_holds_at_every_gate() 
         from: NaiveDate::from_ymd_opt(2026, 1, 1).unwrap(),
     });
     h.gateway.set_policy(policy);
-    let r = yuzhong
-        .tap(tap(3, ELDER_WANZHOU, TapKind::Flat))
+    let r = wanzhou
+        .tap(tap(2, ELDER_WANZHOU, TapKind::Flat))
         .await
         .unwrap();
     assert_eq!(

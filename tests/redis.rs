@@ -66,11 +66,13 @@ async fn a_lost_card_report_reaches_a_second_gateway(url: &str) {
     );
     lost.expires_on = None;
     directory.put_card(lost).await.unwrap();
-    let cache_b = b.gateway.cache().clone();
-    wait_until(Duration::from_secs(5), || {
-        cache_b.cached(CARD).map(|c| c.state) == Some(CardState::Lost)
-    })
-    .await;
+    for gateway in [&b, &a] {
+        let cache = gateway.gateway.cache().clone();
+        wait_until(Duration::from_secs(5), || {
+            cache.cached(CARD).map(|c| c.state) == Some(CardState::Lost)
+        })
+        .await;
+    }
     assert_eq!(
         answer(&mut gate_b, tap(2, CARD, TapKind::Flat))
             .await
@@ -390,6 +392,9 @@ async fn two_gateways_give_exactly_the_counted_rides_a_card_has() {
     let (a_state, b_state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = Harness::start(redis.directory(), a_state.path()).await;
     let b = Harness::start(redis.directory(), b_state.path()).await;
+    for gateway in [&a, &b] {
+        gateway.gateway.set_policy(policy_counting_every_boarding());
+    }
     let mut gate_a = a.gate(&YUZHONG_BUS).await;
     let mut gate_b = b.gate(&YUZHONG_BUS).await;
     // Each gateway's cache believes it has three rides to give; together they try ten. The
@@ -462,6 +467,9 @@ async fn an_allowance_starts_afresh_each_year_and_a_top_up_reaches_every_gateway
     let (a_state, b_state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = Harness::start(redis.directory(), a_state.path()).await;
     let b = Harness::start(redis.directory(), b_state.path()).await;
+    for gateway in [&a, &b] {
+        gateway.gateway.set_policy(policy_counting_every_boarding());
+    }
     let mut gate_a = a.gate(&YUZHONG_BUS).await;
     let mut gate_b = b.gate(&YUZHONG_BUS).await;
 
@@ -549,6 +557,7 @@ async fn lost_card_reports_acknowledged_by_a_replica_survive_a_master_failover_o
     let b = Harness::start(redis_directory(&url), b_state.path()).await;
     let policy = tapgate_gateway::policy::Policy::embedded_default();
     let place = tapgate_gateway::decide::GatePlace {
+        terminal_id: YUZHONG_BUS.terminal_id,
         area: YUZHONG_BUS.area,
         mode: YUZHONG_BUS.mode,
     };

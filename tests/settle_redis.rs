@@ -223,7 +223,7 @@ async fn a_load_settles_exactly_once_through_settler_kills_and_a_redis_restart()
     let dearer = state.path().join("dearer-fares.toml");
     std::fs::write(
         &dearer,
-        tapgate_settle::fares::DEFAULT_FARES_TOML.replace("daily_cap = 1500", "daily_cap = 1600"),
+        tapgate_settle::fares::DEFAULT_FARES_TOML.replace("daily_cap = 0", "daily_cap = 1600"),
     )
     .unwrap();
     let (_, text) = reconcile_cli_with(

@@ -12,10 +12,33 @@ pub const FIRST_CARD_ID: u64 = 6_222_000_000_000_000;
 /// Terminal ids are `FIRST_TERMINAL_ID + n`.
 pub const FIRST_TERMINAL_ID: u64 = 100_000_000;
 
-/// The 11 areas with metro service in the simulation: the central urban districts and the two
-/// functional zones there.
-pub const METRO_AREAS: [u32; 11] = [
+/// The main city (主城区): the nine central districts and the two functional zones there. Its
+/// buses are the city bus group's; the outer areas have their own operators.
+pub const MAIN_CITY_AREAS: [u32; 11] = [
     500103, 500104, 500105, 500106, 500107, 500108, 500109, 500112, 500113, 509001, 509002,
+];
+
+/// Areas with Chongqing rail transit stations: the main city, and 璧山, 江津 and 铜梁, which rail
+/// lines reach beyond it.
+pub const METRO_AREAS: [u32; 14] = [
+    500103, 500104, 500105, 500106, 500107, 500108, 500109, 500112, 500113, 509001, 509002, 500120,
+    500116, 500151,
+];
+
+/// Areas with passenger ferries in the simulation: along the Yangtze and the Jialing. An
+/// illustration of where ferries run, not a register of ferry lines.
+pub const FERRY_AREAS: [u32; 12] = [
+    500103, 500105, 500108, 500101, 500102, 500115, 500116, 500230, 500233, 500235, 500236, 500237,
+];
+
+/// The river and mountain cableways and their operators: the Yangtze River Cableway in 渝中
+/// and the Jinyun Mountain cableway in 北碚.
+pub const CABLEWAYS: [(u32, u16); 2] = [(500103, 4), (500109, 5)];
+
+/// Areas with stations of the Sichuan–Chongqing rail lines (Chengdu–Chongqing high-speed, the
+/// Suining–Chongqing line): 沙坪坝, 渝北, 璧山, 永川, 大足, 荣昌, 合川, 铜梁 and 潼南.
+pub const INTERCITY_AREAS: [u32; 9] = [
+    500106, 500112, 500120, 500118, 500111, 500153, 500117, 500151, 500152,
 ];
 
 /// Shares of the card population, each a fraction of 1.
@@ -138,17 +161,26 @@ impl PopulationSpec {
         } else {
             Mode::IntercityRail
         };
-        let area = match mode {
-            Mode::Metro => AreaCode(METRO_AREAS[rng.random_range(0..METRO_AREAS.len())]),
-            _ => AREAS[rng.random_range(0..AREAS.len())].code,
-        };
-        let operator = match mode {
-            Mode::Bus if METRO_AREAS.contains(&area.0) => 1,
-            Mode::Bus => 6,
-            Mode::Metro => 2,
-            Mode::Ferry => 3,
-            Mode::Cableway => 4 + rng.random_range(0..2),
-            Mode::IntercityRail => 7,
+        let mut pick = |areas: &[u32]| AreaCode(areas[rng.random_range(0..areas.len())]);
+        let (area, operator) = match mode {
+            Mode::Bus => {
+                let area = AREAS[rng.random_range(0..AREAS.len())].code;
+                (
+                    area,
+                    if MAIN_CITY_AREAS.contains(&area.0) {
+                        1
+                    } else {
+                        6
+                    },
+                )
+            }
+            Mode::Metro => (pick(&METRO_AREAS), 2),
+            Mode::Ferry => (pick(&FERRY_AREAS), 3),
+            Mode::Cableway => {
+                let (area, operator) = CABLEWAYS[rng.random_range(0..CABLEWAYS.len())];
+                (AreaCode(area), operator)
+            }
+            Mode::IntercityRail => (pick(&INTERCITY_AREAS), 7),
         };
         TerminalRecord {
             terminal_id: FIRST_TERMINAL_ID + index,
@@ -214,13 +246,33 @@ mod tests {
     }
 
     #[test]
-    fn metro_gates_are_in_metro_areas_and_every_area_is_valid() {
+    fn every_mode_runs_only_where_it_exists() {
         let spec = PopulationSpec::default();
         for t in spec.terminals() {
             assert!(t.area.area().is_some());
-            if t.mode == Mode::Metro {
-                assert!(METRO_AREAS.contains(&t.area.0));
-            }
+            let allowed: &[u32] = match t.mode {
+                Mode::Metro => &METRO_AREAS,
+                Mode::Ferry => &FERRY_AREAS,
+                Mode::IntercityRail => &INTERCITY_AREAS,
+                Mode::Cableway => &[CABLEWAYS[0].0, CABLEWAYS[1].0],
+                Mode::Bus => continue,
+            };
+            assert!(allowed.contains(&t.area.0), "{t:?}");
+        }
+        for list in [
+            &METRO_AREAS[..],
+            &FERRY_AREAS,
+            &INTERCITY_AREAS,
+            &MAIN_CITY_AREAS,
+        ] {
+            assert!(list.iter().all(|code| AreaCode(*code).area().is_some()));
+        }
+        // Rail reaches beyond the main city.
+        for outer in [500120, 500116, 500151] {
+            assert!(
+                spec.terminals()
+                    .any(|t| t.mode == Mode::Metro && t.area.0 == outer)
+            );
         }
     }
 }

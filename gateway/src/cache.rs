@@ -333,6 +333,7 @@ mod tests {
     }
 
     const BUS: GatePlace = GatePlace {
+        terminal_id: 1,
         area: AreaCode(500103),
         mode: Mode::Bus,
     };

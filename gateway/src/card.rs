@@ -11,10 +11,18 @@ pub struct OpenEntry {
     pub at_ms: u64,
 }
 
+/// A card's last charged boarding of a bus: the vehicle's gate and when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Boarding {
+    pub terminal_id: u64,
+    pub at_ms: u64,
+}
+
 /// Per-card state this gateway node keeps between taps.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CardActivity {
     pub open_entry: Option<OpenEntry>,
+    pub last_boarding: Option<Boarding>,
 }
 
 /// Shows a card id in logs without revealing it: a keyed SM3 digest, so lines about the same

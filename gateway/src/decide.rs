@@ -2,7 +2,7 @@
 //! card, the policy and the time. No I/O, no clock, no locks: the caller supplies everything and
 //! applies the returned state change.
 
-use crate::card::{CardActivity, CardRecord, CardState, OpenEntry};
+use crate::card::{Boarding, CardActivity, CardRecord, CardState, OpenEntry};
 use crate::policy::{DegradedMode, Policy};
 use chrono::NaiveDate;
 use tapgate_protocol::{
@@ -10,9 +10,11 @@ use tapgate_protocol::{
 };
 use tapgate_runtime::clock::local_date;
 
-/// Where the tap happened: the gate's provisioned place.
+/// Where the tap happened: the gate and its provisioned place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GatePlace {
+    /// The gate; on a bus, the vehicle.
+    pub terminal_id: u64,
     pub area: AreaCode,
     pub mode: Mode,
 }
@@ -55,6 +57,8 @@ pub struct Decision {
     pub rides_left: u16,
     /// The ride taken from the card's counted allowance, if the decision took one.
     pub counted_ride: Option<CountedRide>,
+    /// The card boarded this vehicle moments ago: approved, not charged or counted again.
+    pub repeat_boarding: bool,
     /// This node's memory of the card after the tap.
     pub activity: CardActivity,
 }
@@ -69,6 +73,7 @@ impl Decision {
             fare_fen: 0,
             rides_left: RIDES_LEFT_NOT_APPLICABLE,
             counted_ride: None,
+            repeat_boarding: false,
             activity,
         }
     }
@@ -96,6 +101,7 @@ pub fn decide(
                     fare_fen: policy.fares.max(place.mode),
                     rides_left: RIDES_LEFT_NOT_APPLICABLE,
                     counted_ride: None,
+                    repeat_boarding: false,
                     activity: activity_after(tap, place, activity, now_ms),
                 },
             };
@@ -117,6 +123,20 @@ pub fn decide(
     if is_pass_back(tap, place, &activity, policy, now_ms) {
         return Decision::deny(Reason::PassBack, activity);
     }
+    if is_repeat_boarding(tap, place, &activity, policy, now_ms) {
+        return Decision {
+            outcome: Outcome::Approve,
+            reason: Reason::Approved,
+            concession: Concession::None,
+            pay_percent: FULL_FARE,
+            fare_fen: 0,
+            rides_left: RIDES_LEFT_NOT_APPLICABLE,
+            counted_ride: None,
+            repeat_boarding: true,
+            // The window runs from the charged boarding, not from each repeat.
+            activity,
+        };
+    }
 
     let full_fare = match tap.kind {
         TapKind::Flat | TapKind::Entry => policy.fares.flat_or_min(place.mode),
@@ -132,6 +152,7 @@ pub fn decide(
         fare_fen: full_fare,
         rides_left: RIDES_LEFT_NOT_APPLICABLE,
         counted_ride: None,
+        repeat_boarding: false,
         activity: activity_after(tap, place, activity, now_ms),
     };
     let Some(rule) = policy.honoured(card, place.mode, today) else {
@@ -206,6 +227,23 @@ fn is_pass_back(
         })
 }
 
+/// A second tap of one card on one bus within the policy's window: a rider unsure the first
+/// tap took, not a second ride.
+fn is_repeat_boarding(
+    tap: &Tap,
+    place: GatePlace,
+    activity: &CardActivity,
+    policy: &Policy,
+    now_ms: u64,
+) -> bool {
+    tap.kind == TapKind::Flat
+        && place.mode == Mode::Bus
+        && activity.last_boarding.is_some_and(|boarding| {
+            boarding.terminal_id == place.terminal_id
+                && now_ms.saturating_sub(boarding.at_ms) < policy.bus_double_tap_window_ms
+        })
+}
+
 fn activity_after(tap: &Tap, place: GatePlace, before: CardActivity, now_ms: u64) -> CardActivity {
     match tap.kind {
         TapKind::Entry if place.mode.needs_exit_tap() => CardActivity {
@@ -215,8 +253,19 @@ fn activity_after(tap: &Tap, place: GatePlace, before: CardActivity, now_ms: u64
                 stop: tap.stop,
                 at_ms: now_ms,
             }),
+            ..before
         },
-        TapKind::Exit => CardActivity { open_entry: None },
+        TapKind::Exit => CardActivity {
+            open_entry: None,
+            ..before
+        },
+        TapKind::Flat if place.mode == Mode::Bus => CardActivity {
+            last_boarding: Some(Boarding {
+                terminal_id: place.terminal_id,
+                at_ms: now_ms,
+            }),
+            ..before
+        },
         _ => before,
     }
 }
@@ -275,6 +324,7 @@ mod tests {
 
     fn bus(area: AreaCode) -> GatePlace {
         GatePlace {
+            terminal_id: 9,
             area,
             mode: Mode::Bus,
         }
@@ -282,6 +332,7 @@ mod tests {
 
     fn metro() -> GatePlace {
         GatePlace {
+            terminal_id: 10,
             area: YUZHONG,
             mode: Mode::Metro,
         }
@@ -600,6 +651,50 @@ mod tests {
         let exit = at_metro(tap(TapKind::Exit), elder(2), entry.activity, NOW + 1);
         assert!(exit.counted_ride.is_none());
         assert_eq!((exit.concession, exit.rides_left), (Concession::Elder, 2));
+    }
+
+    #[test]
+    fn a_second_tap_on_the_same_bus_is_approved_without_a_charge_or_a_counted_ride() {
+        let first = run(CardLookup::Found(elder(5)), bus(YUZHONG), TapKind::Flat);
+        assert!(first.counted_ride.is_some());
+        let again = |place, after_ms| {
+            decide(
+                &tap(TapKind::Flat),
+                place,
+                &CardLookup::Found(elder(4)),
+                first.activity,
+                &policy(),
+                NOW + after_ms,
+            )
+        };
+        let repeat = again(bus(YUZHONG), 60_000);
+        assert_eq!(
+            (repeat.outcome, repeat.fare_fen, repeat.repeat_boarding),
+            (Outcome::Approve, 0, true)
+        );
+        assert!(repeat.counted_ride.is_none());
+        // Past the window, or on another bus, it is a new ride.
+        let later = again(bus(YUZHONG), 120_000);
+        assert!(!later.repeat_boarding && later.counted_ride.is_some());
+        let other_bus = GatePlace {
+            terminal_id: 11,
+            ..bus(YUZHONG)
+        };
+        let elsewhere = again(other_bus, 60_000);
+        assert!(!elsewhere.repeat_boarding && elsewhere.counted_ride.is_some());
+        // A lost card is refused however recently it boarded.
+        let lost = decide(
+            &tap(TapKind::Flat),
+            bus(YUZHONG),
+            &CardLookup::Found(CardRecord {
+                state: CardState::Lost,
+                ..elder(4)
+            }),
+            first.activity,
+            &policy(),
+            NOW + 1_000,
+        );
+        assert_eq!(lost.reason, Reason::CardLost);
     }
 
     #[test]

@@ -161,6 +161,8 @@ impl ConcessionRule {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
     pub pass_back_window_ms: u64,
+    /// A second tap of one card on one bus within this time is not charged again.
+    pub bus_double_tap_window_ms: u64,
     pub degraded_mode: DegradedMode,
     pub fares: FareEstimates,
     pub default_issuers: Vec<Issuer>,
@@ -226,6 +228,7 @@ pub enum PolicyError {
 #[serde(deny_unknown_fields)]
 struct RawPolicy {
     pass_back_window_s: u64,
+    bus_double_tap_window_s: u64,
     degraded_mode: DegradedMode,
     fares: FareEstimates,
     issuers: RawIssuers,
@@ -298,7 +301,7 @@ const MAX_ESTIMATE_FEN: u32 = 1_000_000;
 /// The largest yearly allowance or top-up: a ride every hour of the year, far above any
 /// published allowance, and small enough for every count to fit the answer's rides-left field.
 const MAX_ALLOWANCE: u32 = 8_760;
-/// The longest pass-back window: a day.
+/// The longest pass-back or double-tap window: a day.
 const MAX_PASS_BACK_S: u64 = 24 * 3600;
 
 fn invalid(key: impl Into<String>, why: impl Into<String>) -> PolicyError {
@@ -417,11 +420,13 @@ impl RawConcessionRule {
 impl RawPolicy {
     fn validate(self) -> Result<Policy, PolicyError> {
         self.fares.check()?;
-        if self.pass_back_window_s > MAX_PASS_BACK_S {
-            return Err(invalid(
-                "pass_back_window_s",
-                format!("{} s is longer than a day", self.pass_back_window_s),
-            ));
+        for (key, seconds) in [
+            ("pass_back_window_s", self.pass_back_window_s),
+            ("bus_double_tap_window_s", self.bus_double_tap_window_s),
+        ] {
+            if seconds > MAX_PASS_BACK_S {
+                return Err(invalid(key, format!("{seconds} s is longer than a day")));
+            }
         }
         let mut area_issuers = HashMap::new();
         for (code, list) in &self.issuers.areas {
@@ -465,6 +470,7 @@ impl RawPolicy {
         }
         Ok(Policy {
             pass_back_window_ms: self.pass_back_window_s.saturating_mul(1000),
+            bus_double_tap_window_ms: self.bus_double_tap_window_s.saturating_mul(1000),
             degraded_mode: self.degraded_mode,
             fares: self.fares,
             default_issuers: issuers(&self.issuers.default)?,

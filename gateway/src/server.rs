@@ -637,6 +637,7 @@ impl Session {
 
         let gate = Admitted {
             place: GatePlace {
+                terminal_id: terminal.terminal_id,
                 area: terminal.area,
                 mode: terminal.mode,
             },
@@ -989,6 +990,7 @@ impl Session {
             operator: terminal.operator,
             result,
             pay_percent: decision.pay_percent,
+            repeat_boarding: decision.repeat_boarding,
         };
         let shared = self.share(record);
         if result.outcome == Outcome::Approve {

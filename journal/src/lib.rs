@@ -36,11 +36,15 @@ use tapgate_runtime::health::{Incident, PartHealth};
 use tapgate_runtime::histogram::DurationHistogram;
 use tokio::sync::{mpsc, oneshot, watch};
 
-/// Version 2 added the share of the fare the rider pays; version 1 records are still read.
-const PAYLOAD_VERSION: u8 = 2;
+/// Version 2 added the share of the fare the rider pays, version 3 the flags byte; records of
+/// the earlier versions are still read.
+const PAYLOAD_VERSION: u8 = 3;
 /// Size of an encoded payload.
-pub const PAYLOAD_LEN: usize = 80;
+pub const PAYLOAD_LEN: usize = 81;
 const PAYLOAD_V1_LEN: usize = 79;
+const PAYLOAD_V2_LEN: usize = 80;
+/// Flag: the tap repeated a boarding of the same vehicle within the policy's window.
+const FLAG_REPEAT_BOARDING: u8 = 1;
 const RECORD_HEADER: usize = 8;
 
 /// One decided tap as the journal keeps it.
@@ -59,6 +63,8 @@ pub struct JournalRecord {
     /// the concession and the card's grade (100 without a concession). Settlement prices with
     /// it, so the policy the tap was decided under is the one it is charged under.
     pub pay_percent: u8,
+    /// The card boarded the same vehicle moments before: approved without a second charge.
+    pub repeat_boarding: bool,
 }
 
 /// The share a version 1 record's concession paid: version 1 did not record it, and these are
@@ -110,11 +116,17 @@ impl JournalRecord {
         out.put_u32(self.result.fare_fen);
         out.put_u16(self.result.rides_left);
         out.put_u8(self.pay_percent);
+        out.put_u8(if self.repeat_boarding {
+            FLAG_REPEAT_BOARDING
+        } else {
+            0
+        });
     }
 
     pub fn decode(mut p: &[u8]) -> Option<Self> {
         let version = match (p.len(), p.first()) {
             (PAYLOAD_LEN, Some(&PAYLOAD_VERSION)) => PAYLOAD_VERSION,
+            (PAYLOAD_V2_LEN, Some(2)) => 2,
             (PAYLOAD_V1_LEN, Some(1)) => 1,
             _ => return None,
         };
@@ -142,6 +154,14 @@ impl JournalRecord {
             1 => version_1_pay_percent(concession),
             _ => Some(p.get_u8()).filter(|percent| *percent <= 100)?,
         };
+        let repeat_boarding = match version {
+            1 | 2 => false,
+            _ => match p.get_u8() {
+                0 => false,
+                FLAG_REPEAT_BOARDING => true,
+                _ => return None,
+            },
+        };
         Some(JournalRecord {
             terminal_id,
             tag,
@@ -167,6 +187,7 @@ impl JournalRecord {
                 rides_left,
             },
             pay_percent,
+            repeat_boarding,
         })
     }
 }
@@ -954,6 +975,7 @@ mod tests {
                 rides_left: 41,
             },
             pay_percent: 0,
+            repeat_boarding: false,
         }
     }
 
@@ -976,7 +998,7 @@ mod tests {
     }
 
     #[test]
-    fn version_1_records_read_with_the_share_their_concession_paid() {
+    fn older_records_read_with_the_share_their_concession_paid() {
         let mut buf = BytesMut::new();
         let student = JournalRecord {
             result: TapResult {
@@ -987,15 +1009,21 @@ mod tests {
             ..record(5)
         };
         student.encode(&mut buf);
-        // Version 1 was this layout without the last byte.
+        // Version 2 was this layout without the flags, version 1 without the share too.
+        let mut v2 = buf.clone();
+        v2[0] = 2;
+        v2.truncate(PAYLOAD_V2_LEN);
+        assert_eq!(JournalRecord::decode(&v2), Some(student));
         buf[0] = 1;
         buf.truncate(PAYLOAD_V1_LEN);
         assert_eq!(JournalRecord::decode(&buf), Some(student));
-        // A version 2 share above 100 % is not a record.
-        let mut buf = BytesMut::new();
-        record(5).encode(&mut buf);
-        buf[PAYLOAD_LEN - 1] = 101;
-        assert_eq!(JournalRecord::decode(&buf), None);
+        // A share above 100 % or an unknown flag is not a record.
+        for (at, value) in [(PAYLOAD_LEN - 2, 101), (PAYLOAD_LEN - 1, 2)] {
+            let mut buf = BytesMut::new();
+            record(5).encode(&mut buf);
+            buf[at] = value;
+            assert_eq!(JournalRecord::decode(&buf), None);
+        }
     }
 
     #[tokio::test]

@@ -47,6 +47,10 @@ pub struct MetroTable {
     /// (upper bound in km, fare), ascending.
     pub bands: Vec<(f64, u32)>,
     pub max: u32,
+    /// The longest a trip may stay inside the paid area, in seconds; 0 for no limit.
+    pub time_limit_s: u64,
+    /// Added to the fare of a trip that stayed longer than `time_limit_s`.
+    pub overtime_fen: u32,
 }
 
 impl MetroTable {
@@ -74,11 +78,26 @@ pub struct IntercityTable {
     pub max: u32,
 }
 
+/// The transfer discount: a bus–bus, bus–rail or rail–bus ride within `window_s` of the first
+/// (counted from the bus tap, or from the rail exit) is discounted by at most the first fare
+/// paid and at most `max_discount`, once per window, when both rides are in `areas` and the
+/// card's concession is one of `concessions` ("none" for an ordinary card).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TransferRule {
     pub window_s: u64,
     pub max_discount: u32,
+    pub areas: Vec<u32>,
+    pub concessions: Vec<String>,
+    /// A second bus of the same route counts as a transfer only this long after the first;
+    /// the same vehicle never does.
+    pub same_route_after_s: u64,
+}
+
+impl TransferRule {
+    fn covers(&self, area: u32, concession: Concession) -> bool {
+        self.areas.contains(&area) && self.concessions.iter().any(|c| c == concession.label())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -126,6 +145,7 @@ impl FareTables {
         };
         money("daily_cap", self.daily_cap);
         money("transfer.max_discount", self.transfer.max_discount);
+        money("metro.overtime_fen", self.metro.overtime_fen);
         for (name, table) in [
             ("bus", &self.bus),
             ("ferry", &self.ferry),
@@ -146,11 +166,29 @@ impl FareTables {
         money("intercity.min", self.intercity.min);
         money("intercity.max", self.intercity.max);
         money("intercity.fen_per_km", self.intercity.fen_per_km);
-        if self.transfer.window_s > MAX_TRANSFER_WINDOW_S {
-            out.push(format!(
-                "transfer.window_s: {} s is longer than a week",
-                self.transfer.window_s
-            ));
+        for (key, seconds) in [
+            ("transfer.window_s", self.transfer.window_s),
+            (
+                "transfer.same_route_after_s",
+                self.transfer.same_route_after_s,
+            ),
+            ("metro.time_limit_s", self.metro.time_limit_s),
+        ] {
+            if seconds > MAX_TRANSFER_WINDOW_S {
+                out.push(format!("{key}: {seconds} s is longer than a week"));
+            }
+        }
+        for area in &self.transfer.areas {
+            if AreaCode(*area).area().is_none() {
+                out.push(format!(
+                    "transfer.areas: {area} is not one of the 41 area codes"
+                ));
+            }
+        }
+        for label in &self.transfer.concessions {
+            if Concession::from_label(label).is_none() {
+                out.push(format!("transfer.concessions: no concession `{label}`"));
+            }
         }
         for (name, table) in [
             ("bus", &self.bus),
@@ -253,11 +291,19 @@ enum TransferClass {
     Rail,
 }
 
+/// The last ride a transfer may start from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct PaidRide {
     class: TransferClass,
     fare: u32,
+    /// When the transfer window opened: the bus tap, or the rail exit.
     at_ms: u64,
+    /// In the transfer areas, by a card type the transfer covers.
+    transferable: bool,
+    /// The bus's gate (the vehicle) and route, for the bus–bus rules.
+    terminal_id: u64,
+    area: u32,
+    line: u16,
 }
 
 /// What settlement remembers about one card.
@@ -270,7 +316,8 @@ pub struct RiderState {
     last_transfer_ms: Option<u64>,
 }
 
-/// Version 3 added the open trip's pay share; version 2 states are still read.
+/// Version 3 added the open trip's pay share and the place of the last paid ride; version 2
+/// states are still read.
 const RIDER_STATE_VERSION: u8 = 3;
 const NO_DAY: i32 = i32::MIN;
 
@@ -319,6 +366,10 @@ impl RiderState {
                 });
                 out.put_u32(paid.fare);
                 out.put_u64(paid.at_ms);
+                out.put_u8(u8::from(paid.transferable));
+                out.put_u64(paid.terminal_id);
+                out.put_u32(paid.area);
+                out.put_u16(paid.line);
             }
             None => out.put_u8(0),
         }
@@ -376,15 +427,35 @@ impl RiderState {
             None
         };
         let last_paid = if flag(&mut p)? {
-            Some(PaidRide {
-                class: match p.try_get_u8().ok()? {
-                    0 => TransferClass::Bus,
-                    1 => TransferClass::Rail,
-                    _ => return None,
-                },
-                fare: p.try_get_u32().ok()?,
-                at_ms: p.try_get_u64().ok()?,
-            })
+            let class = match p.try_get_u8().ok()? {
+                0 => TransferClass::Bus,
+                1 => TransferClass::Rail,
+                _ => return None,
+            };
+            let fare = p.try_get_u32().ok()?;
+            let at_ms = p.try_get_u64().ok()?;
+            if version == 2 {
+                // Version 2 kept no place: a transfer from such a ride is taken as allowed.
+                Some(PaidRide {
+                    class,
+                    fare,
+                    at_ms,
+                    transferable: true,
+                    terminal_id: 0,
+                    area: 0,
+                    line: 0,
+                })
+            } else {
+                Some(PaidRide {
+                    class,
+                    fare,
+                    at_ms,
+                    transferable: flag(&mut p)?,
+                    terminal_id: p.try_get_u64().ok()?,
+                    area: p.try_get_u32().ok()?,
+                    line: p.try_get_u16().ok()?,
+                })
+            }
         } else {
             None
         };
@@ -430,10 +501,25 @@ pub struct Charge {
     pub transfer_discount: u32,
 }
 
+/// Where and how a ride was taken, as far as pricing needs it.
+#[derive(Debug, Clone, Copy)]
+struct Ride {
+    kind: ChargeKind,
+    area: u32,
+    operator: u16,
+    mode: Mode,
+    line: u16,
+    terminal_id: u64,
+    concession: Concession,
+    pay_percent: u8,
+    /// When the transfer window of this ride opens (the bus tap, the rail exit).
+    at_ms: u64,
+}
+
 /// Settles one journal record for its card. Records must come in the card's tap order.
-/// Denials and busy answers cost nothing.
+/// Denials, busy answers and a repeated boarding of one vehicle cost nothing.
 pub fn settle(record: &JournalRecord, rider: &mut RiderState, tables: &FareTables) -> Vec<Charge> {
-    if record.result.outcome != Outcome::Approve {
+    if record.result.outcome != Outcome::Approve || record.repeat_boarding {
         return Vec::new();
     }
     let now = record.server_time_ms;
@@ -443,36 +529,31 @@ pub fn settle(record: &JournalRecord, rider: &mut RiderState, tables: &FareTable
         rider.paid_today = 0;
     }
     let tap = &record.tap;
-    let concession = (record.result.concession, record.pay_percent);
-    let mut charges = Vec::new();
-    let mut ride = |kind, area, operator, mode, base, concession, rider: &mut RiderState| {
-        charges.push(price(
-            kind,
-            AreaCode(area),
-            operator,
-            mode,
-            base,
-            concession,
-            now,
-            rider,
-            tables,
-        ));
+    let here = Ride {
+        kind: ChargeKind::Flat,
+        area: record.area,
+        operator: record.operator,
+        mode: record.mode,
+        line: tap.line,
+        terminal_id: record.terminal_id,
+        concession: record.result.concession,
+        pay_percent: record.pay_percent,
+        at_ms: now,
     };
-    let full_fare = (Concession::None, 100);
-    let paid_area = record.mode.needs_exit_tap();
-    match (tap.kind, paid_area) {
+    let full_fare = |ride: Ride| Ride {
+        concession: Concession::None,
+        pay_percent: 100,
+        ..ride
+    };
+    let mut charges = Vec::new();
+    match (tap.kind, record.mode.needs_exit_tap()) {
         (TapKind::Entry, true) => {
             if let Some(open) = rider.open.take() {
-                let max = max_fare(open.mode, tables);
-                ride(
-                    ChargeKind::MissingExit,
-                    open.area,
-                    open.operator,
-                    open.mode,
-                    max,
-                    full_fare,
-                    rider,
-                );
+                let missing = Ride {
+                    kind: ChargeKind::MissingExit,
+                    ..full_fare(open_ride(&open, record.terminal_id))
+                };
+                charges.push(price(missing, max_fare(open.mode, tables), rider, tables));
             }
             rider.open = Some(OpenTrip {
                 mode: record.mode,
@@ -487,44 +568,43 @@ pub fn settle(record: &JournalRecord, rider: &mut RiderState, tables: &FareTable
         }
         (TapKind::Exit, true) => match rider.open.take() {
             Some(open) => {
-                let base = trip_fare(&open, tap.line, tap.stop, tables);
-                ride(
-                    ChargeKind::Trip,
-                    open.area,
-                    open.operator,
-                    open.mode,
-                    base,
-                    (open.concession, open.pay_percent),
-                    rider,
-                );
+                let trip = Ride {
+                    kind: ChargeKind::Trip,
+                    at_ms: now,
+                    ..open_ride(&open, record.terminal_id)
+                };
+                let base = trip_fare(&open, tap.line, tap.stop, now, tables);
+                charges.push(price(trip, base, rider, tables));
             }
             None => {
-                let max = max_fare(record.mode, tables);
-                ride(
-                    ChargeKind::ExitWithoutEntry,
-                    record.area,
-                    record.operator,
-                    record.mode,
-                    max,
-                    full_fare,
-                    rider,
-                );
+                let orphan = Ride {
+                    kind: ChargeKind::ExitWithoutEntry,
+                    ..full_fare(here)
+                };
+                charges.push(price(orphan, max_fare(record.mode, tables), rider, tables));
             }
         },
         _ => {
             let base = flat_fare(record.mode, record.area, tap.line, tables);
-            ride(
-                ChargeKind::Flat,
-                record.area,
-                record.operator,
-                record.mode,
-                base,
-                concession,
-                rider,
-            );
+            charges.push(price(here, base, rider, tables));
         }
     }
     charges
+}
+
+/// The ride an open trip makes, charged to where it entered.
+fn open_ride(open: &OpenTrip, exit_terminal: u64) -> Ride {
+    Ride {
+        kind: ChargeKind::Trip,
+        area: open.area,
+        operator: open.operator,
+        mode: open.mode,
+        line: open.line,
+        terminal_id: exit_terminal,
+        concession: open.concession,
+        pay_percent: open.pay_percent,
+        at_ms: open.at_ms,
+    }
 }
 
 fn flat_fare(mode: Mode, area: u32, line: u16, tables: &FareTables) -> u32 {
@@ -544,78 +624,113 @@ fn max_fare(mode: Mode, tables: &FareTables) -> u32 {
     }
 }
 
-fn trip_fare(entry: &OpenTrip, exit_line: u16, exit_stop: u16, tables: &FareTables) -> u32 {
+fn trip_fare(
+    entry: &OpenTrip,
+    exit_line: u16,
+    exit_stop: u16,
+    exit_ms: u64,
+    tables: &FareTables,
+) -> u32 {
     match entry.mode {
         Mode::IntercityRail => {
             let t = &tables.intercity;
             let km = f64::from(entry.stop.abs_diff(exit_stop)) * t.km_per_stop;
             ((km * f64::from(t.fen_per_km)) as u32).clamp(t.min, t.max)
         }
-        _ => tables.metro.fare(entry, exit_line, exit_stop),
+        _ => {
+            let metro = &tables.metro;
+            let inside_ms = exit_ms.saturating_sub(entry.at_ms);
+            let overtime = metro.time_limit_s > 0 && inside_ms > metro.time_limit_s * 1000;
+            let surcharge = if overtime { metro.overtime_fen } else { 0 };
+            (metro.fare(entry, exit_line, exit_stop) + surcharge).min(MAX_FEN)
+        }
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn price(
-    kind: ChargeKind,
-    area: AreaCode,
-    operator: u16,
-    mode: Mode,
-    base: u32,
-    (applied, pay_percent): (Concession, u8),
-    now: u64,
-    rider: &mut RiderState,
+/// The transfer discount `ride` gets after the card's last paid ride: at most that ride's fare
+/// and the table's maximum, for bus–bus, bus–rail and rail–bus (not rail–rail, which is one
+/// trip), once per window, never for the same vehicle and for the same route only after
+/// `same_route_after_s`.
+fn transfer_discount(
+    ride: &Ride,
+    class: TransferClass,
+    fare: u32,
+    rider: &RiderState,
     tables: &FareTables,
-) -> Charge {
-    let mut fare = base * u32::from(pay_percent.min(100)) / 100;
+) -> u32 {
+    let rule = &tables.transfer;
+    let window = rule.window_s * 1000;
+    let Some(last) = rider.last_paid else {
+        return 0;
+    };
+    let since = ride.at_ms.saturating_sub(last.at_ms);
+    let allowed_pair = match (last.class, class) {
+        (TransferClass::Rail, TransferClass::Rail) => false,
+        (TransferClass::Bus, TransferClass::Bus) => {
+            last.terminal_id != ride.terminal_id
+                && ((last.area, last.line) != (ride.area, ride.line)
+                    || since >= rule.same_route_after_s * 1000)
+        }
+        _ => true,
+    };
+    let window_free = rider
+        .last_transfer_ms
+        .is_none_or(|t| ride.at_ms.saturating_sub(t) >= window);
+    if allowed_pair
+        && last.transferable
+        && rule.covers(ride.area, ride.concession)
+        && since <= window
+        && window_free
+        && ride.kind != ChargeKind::MissingExit
+    {
+        fare.min(last.fare).min(rule.max_discount)
+    } else {
+        0
+    }
+}
 
-    let class = match mode {
+fn price(ride: Ride, base: u32, rider: &mut RiderState, tables: &FareTables) -> Charge {
+    let mut fare = base * u32::from(ride.pay_percent.min(100)) / 100;
+    let class = match ride.mode {
         Mode::Bus => Some(TransferClass::Bus),
         Mode::Metro => Some(TransferClass::Rail),
         _ => None,
     };
     let mut discount = 0;
     if let Some(class) = class {
-        let window = tables.transfer.window_s * 1000;
-        let transfer_free = rider
-            .last_transfer_ms
-            .is_none_or(|t| now.saturating_sub(t) >= window);
-        if let Some(last) = rider.last_paid
-            && last.class != class
-            && now.saturating_sub(last.at_ms) <= window
-            && transfer_free
-            && kind != ChargeKind::MissingExit
-        {
-            discount = fare.min(last.fare).min(tables.transfer.max_discount);
-            if discount > 0 {
-                rider.last_transfer_ms = Some(now);
-            }
+        discount = transfer_discount(&ride, class, fare, rider, tables);
+        if discount > 0 {
+            rider.last_transfer_ms = Some(ride.at_ms);
         }
         fare -= discount;
         if fare > 0 || discount > 0 {
             rider.last_paid = Some(PaidRide {
                 class,
                 fare: fare + discount,
-                at_ms: now,
+                at_ms: ride.at_ms,
+                transferable: tables.transfer.covers(ride.area, ride.concession),
+                terminal_id: ride.terminal_id,
+                area: ride.area,
+                line: ride.line,
             });
         }
     }
 
     // The cap is for city transit: an intercity train ticket neither counts towards it nor is
     // cut by it.
-    if mode != Mode::IntercityRail {
+    if ride.mode != Mode::IntercityRail {
         if tables.daily_cap > 0 {
             fare = fare.min(tables.daily_cap.saturating_sub(rider.paid_today));
         }
         rider.paid_today = rider.paid_today.saturating_add(fare);
     }
     Charge {
-        kind,
-        area,
-        operator,
-        mode,
+        kind: ride.kind,
+        area: AreaCode(ride.area),
+        operator: ride.operator,
+        mode: ride.mode,
         fare_fen: fare,
-        concession: applied,
+        concession: ride.concession,
         transfer_discount: discount,
     }
 }
@@ -685,6 +800,9 @@ mod tests {
                         transfer: TransferRule {
                             window_s,
                             max_discount,
+                            areas: vec![500103, 500101],
+                            concessions: vec!["none".into(), "student".into()],
+                            same_route_after_s: window_s / 4,
                         },
                         bus,
                         ferry,
@@ -694,6 +812,8 @@ mod tests {
                             line_change_km,
                             bands,
                             max: metro_max,
+                            time_limit_s: window_s,
+                            overtime_fen: max_discount,
                         },
                         intercity: IntercityTable {
                             km_per_stop: intercity_km,
@@ -850,6 +970,7 @@ mod tests {
                 rides_left: RIDES_LEFT_NOT_APPLICABLE,
             },
             pay_percent: version_1_pay_percent(concession),
+            repeat_boarding: false,
         }
     }
 
@@ -870,12 +991,23 @@ mod tests {
     }
 
     fn run(records: &[JournalRecord]) -> Vec<Charge> {
-        let tables = FareTables::embedded_default();
+        run_with(&FareTables::embedded_default(), records)
+    }
+
+    fn run_with(tables: &FareTables, records: &[JournalRecord]) -> Vec<Charge> {
         let mut rider = RiderState::default();
         records
             .iter()
-            .flat_map(|r| settle(r, &mut rider, &tables))
+            .flat_map(|r| settle(r, &mut rider, tables))
             .collect()
+    }
+
+    /// The shipped tables with a daily cap of 15 yuan.
+    fn capped() -> FareTables {
+        FareTables {
+            daily_cap: 1500,
+            ..FareTables::embedded_default()
+        }
     }
 
     #[test]
@@ -897,7 +1029,7 @@ mod tests {
         day.push(intercity(TapKind::Entry, 1, T0 + 30 * MIN));
         day.push(intercity(TapKind::Exit, 5, T0 + 90 * MIN));
         day.push(bus(T0 + 120 * MIN));
-        let charges = run(&day);
+        let charges = run_with(&capped(), &day);
         // Eight buses: 1,600 fen capped to 1,500 (the eighth pays 100); the train's 100 km at
         // full fare; the bus after it still capped.
         assert_eq!(fares(&charges[7..]), [100, 3000, 0]);
@@ -985,7 +1117,7 @@ mod tests {
                 T0,
                 Concession::None
             )])),
-            [500]
+            [2000]
         );
     }
 
@@ -1094,7 +1226,7 @@ mod tests {
         assert_eq!(fares(&c), [200, 0]);
         assert_eq!(c[1].transfer_discount, 200);
         let c = run(&[bus(T0), bus(T0 + 10 * MIN)]);
-        assert_eq!(fares(&c), [200, 200], "bus to bus is no transfer");
+        assert_eq!(fares(&c), [200, 200], "the same vehicle is no transfer");
         let c = run(&[
             bus(T0),
             metro(TapKind::Entry, 2, 1, T0 + 61 * MIN),
@@ -1105,13 +1237,131 @@ mod tests {
 
     #[test]
     fn the_discount_is_at_most_the_first_fare_paid() {
-        let cheap_bus = record(Mode::Bus, TapKind::Flat, 500101, 5, 1, T0, Concession::None);
-        let c = run(&[
-            cheap_bus,
-            metro(TapKind::Entry, 2, 10, T0 + MIN),
-            metro(TapKind::Exit, 2, 20, T0 + 30 * MIN),
-        ]);
+        let mut tables = FareTables::embedded_default();
+        tables.bus.routes.insert("500103:5".into(), 100);
+        let cheap_bus = record(Mode::Bus, TapKind::Flat, 500103, 5, 1, T0, Concession::None);
+        let c = run_with(
+            &tables,
+            &[
+                cheap_bus,
+                metro(TapKind::Entry, 2, 10, T0 + MIN),
+                metro(TapKind::Exit, 2, 20, T0 + 30 * MIN),
+            ],
+        );
         assert_eq!(fares(&c), [100, 300]);
+    }
+
+    /// A bus ride `at`, on route `line` of `area`, through the gate (vehicle) `vehicle`.
+    fn bus_ride(vehicle: u64, area: u32, line: u16, at: u64) -> JournalRecord {
+        JournalRecord {
+            terminal_id: vehicle,
+            ..record(
+                Mode::Bus,
+                TapKind::Flat,
+                area,
+                line,
+                3,
+                at,
+                Concession::None,
+            )
+        }
+    }
+
+    #[test]
+    fn bus_to_bus_is_a_transfer_on_another_vehicle_and_on_the_same_route_after_15_minutes() {
+        let other_route = run(&[
+            bus_ride(1, 500103, 12, T0),
+            bus_ride(2, 500103, 13, T0 + 5 * MIN),
+        ]);
+        assert_eq!(fares(&other_route), [200, 0]);
+        let same_route_soon = run(&[
+            bus_ride(1, 500103, 12, T0),
+            bus_ride(2, 500103, 12, T0 + 10 * MIN),
+        ]);
+        assert_eq!(fares(&same_route_soon), [200, 200]);
+        let same_route_later = run(&[
+            bus_ride(1, 500103, 12, T0),
+            bus_ride(2, 500103, 12, T0 + 15 * MIN),
+        ]);
+        assert_eq!(fares(&same_route_later), [200, 0]);
+        let same_vehicle = run(&[
+            bus_ride(1, 500103, 12, T0),
+            bus_ride(1, 500103, 12, T0 + 30 * MIN),
+        ]);
+        assert_eq!(fares(&same_vehicle), [200, 200]);
+    }
+
+    #[test]
+    fn rail_to_rail_is_one_network_not_a_transfer() {
+        let c = run(&[
+            metro(TapKind::Entry, 2, 10, T0),
+            metro(TapKind::Exit, 2, 20, T0 + 20 * MIN),
+            metro(TapKind::Entry, 2, 20, T0 + 30 * MIN),
+            metro(TapKind::Exit, 2, 30, T0 + 50 * MIN),
+        ]);
+        assert_eq!(fares(&c), [400, 400]);
+    }
+
+    #[test]
+    fn transfers_hold_in_the_main_city_for_the_card_types_covered() {
+        // 万州 is outside the main city: no discount there.
+        let c = run(&[
+            bus_ride(1, 500101, 12, T0),
+            bus_ride(2, 500101, 13, T0 + 5 * MIN),
+        ]);
+        assert_eq!(fares(&c), [100, 100]);
+        // A student card is not covered; a half-fare disability card is.
+        let with = |concession, pay_percent, r: JournalRecord| JournalRecord {
+            result: TapResult {
+                concession,
+                ..r.result
+            },
+            pay_percent,
+            ..r
+        };
+        let student = |r| with(Concession::Student, 50, r);
+        let c = run(&[
+            student(bus_ride(1, 500103, 12, T0)),
+            student(bus_ride(2, 500103, 13, T0 + 5 * MIN)),
+        ]);
+        assert_eq!(fares(&c), [100, 100]);
+        let half = |r| with(Concession::Disabled, 50, r);
+        let c = run(&[
+            half(bus_ride(1, 500103, 12, T0)),
+            half(metro(TapKind::Entry, 2, 10, T0 + 10 * MIN)),
+            half(metro(TapKind::Exit, 2, 20, T0 + 30 * MIN)),
+        ]);
+        // Bus 200 at 50 % = 100; metro 400 at 50 % = 200, less min(100 paid, 200) = 100.
+        assert_eq!(fares(&c), [100, 100]);
+        assert_eq!(c[1].transfer_discount, 100);
+    }
+
+    #[test]
+    fn a_trip_longer_than_the_time_limit_pays_the_surcharge() {
+        let within = run(&[
+            metro(TapKind::Entry, 2, 10, T0),
+            metro(TapKind::Exit, 2, 13, T0 + 180 * MIN),
+        ]);
+        assert_eq!(fares(&within), [200]);
+        let over = run(&[
+            metro(TapKind::Entry, 2, 10, T0),
+            metro(TapKind::Exit, 2, 13, T0 + 181 * MIN),
+        ]);
+        assert_eq!(fares(&over), [900]);
+    }
+
+    #[test]
+    fn a_repeated_boarding_costs_nothing_and_leaves_the_state_alone() {
+        let tables = FareTables::embedded_default();
+        let mut rider = RiderState::default();
+        assert_eq!(fares(&settle(&bus(T0), &mut rider, &tables)), [200]);
+        let before = rider.clone();
+        let repeat = JournalRecord {
+            repeat_boarding: true,
+            ..bus(T0 + MIN)
+        };
+        assert!(settle(&repeat, &mut rider, &tables).is_empty());
+        assert_eq!(rider, before);
     }
 
     #[test]
@@ -1134,32 +1384,32 @@ mod tests {
     #[test]
     fn the_daily_cap_limits_what_a_card_pays_per_local_day() {
         let rides: Vec<_> = (0..10).map(|i| bus(T0 + i * 2 * 60 * MIN / 10)).collect();
-        let c = run(&rides);
+        let c = run_with(&capped(), &rides);
         assert_eq!(c.iter().map(|c| c.fare_fen).sum::<u32>(), 1500);
         assert_eq!(c[8].fare_fen, 0);
         // The next local day starts afresh (16:00 + 9 h = 01:00 the next day).
         let mut with_next_day = rides.clone();
         with_next_day.push(bus(T0 + 9 * 60 * MIN));
-        assert_eq!(run(&with_next_day).last().unwrap().fare_fen, 200);
+        assert_eq!(
+            run_with(&capped(), &with_next_day).last().unwrap().fare_fen,
+            200
+        );
+        // The shipped tables have no cap.
+        assert_eq!(fares(&run(&rides)).iter().sum::<u32>(), 2000);
     }
 
     #[test]
-    fn transfer_concession_and_cap_combine_in_order() {
-        let student = |r: JournalRecord| JournalRecord {
-            result: TapResult {
-                concession: Concession::Student,
-                ..r.result
-            },
-            pay_percent: 50,
-            ..r
-        };
-        let mut rides = vec![student(bus(T0))];
-        rides.push(student(metro(TapKind::Entry, 2, 10, T0 + 10 * MIN)));
-        rides.push(student(metro(TapKind::Exit, 2, 20, T0 + 30 * MIN)));
-        let c = run(&rides);
-        // Bus 200 at 50 % = 100; metro 400 at 50 % = 200, transfer takes off min(100, 200) = 100.
-        assert_eq!(fares(&c), [100, 100]);
-        assert_eq!(c[1].transfer_discount, 100);
+    fn transfer_then_cap_in_order() {
+        // Seven buses (1,400), then a metro trip of 400 less the 200 transfer: 200, capped to
+        // the 100 left of 1,500.
+        let mut rides: Vec<_> = (0..7).map(|i| bus(T0 + i * 2 * MIN)).collect();
+        rides.push(metro(TapKind::Entry, 2, 10, T0 + 20 * MIN));
+        rides.push(metro(TapKind::Exit, 2, 20, T0 + 40 * MIN));
+        let c = run_with(&capped(), &rides);
+        assert_eq!(
+            c.last().map(|c| (c.fare_fen, c.transfer_discount)),
+            Some((100, 200))
+        );
     }
 
     #[test]

@@ -488,6 +488,7 @@ mod tests {
                 rides_left: RIDES_LEFT_NOT_APPLICABLE,
             },
             pay_percent: 100,
+            repeat_boarding: false,
         }
     }
 

@@ -126,6 +126,7 @@ mod tests {
                 rides_left: 0,
             },
             pay_percent: 100,
+            repeat_boarding: false,
         }
     }
 

@@ -629,6 +629,14 @@ pub(crate) fn card(
     }
 }
 
+/// The shipped policy with no double-tap window, for tests that tap one card at one bus again
+/// and again to count rides rather than to repeat a boarding.
+pub(crate) fn policy_counting_every_boarding() -> tapgate_gateway::policy::Policy {
+    let mut policy = tapgate_gateway::policy::Policy::embedded_default();
+    policy.bus_double_tap_window_ms = 0;
+    policy
+}
+
 pub(crate) fn embedded_with(cards: &[CardRecord]) -> (Arc<EmbeddedDirectory>, Directory) {
     let dir = Arc::new(EmbeddedDirectory::default());
     for c in cards {
