@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 use tapgate_protocol::registry::{AREAS, operator};
-use tapgate_protocol::{AreaCode, Mode};
+use tapgate_protocol::{AreaCode, Concession, Mode};
 use tapgate_settle::fares::FareTables;
 use tapgate_settle::ledger::{
     JournalSettlement, Ledger, Reconciliation, Subject, Totals, settle_journals,
@@ -111,6 +111,42 @@ pub(crate) fn report(ledger: &Ledger) -> String {
             t.rides
         );
     }
+    let _ = writeln!(s, "\npayable by card issuer to operator:");
+    for ((issuer, op), t) in &books.payables {
+        row(
+            &mut s,
+            &format!("{} → {}", issuer.label(), operator_name(*op)),
+            *t,
+        );
+    }
+    let _ = writeln!(s, "\nconcession rides and fare forgone (subsidy claims):");
+    if books.concessions.is_empty() {
+        let _ = writeln!(s, "  none");
+    }
+    let mut by_concession: std::collections::BTreeMap<(Concession, u16), Totals> =
+        std::collections::BTreeMap::new();
+    for ((concession, op, _, _), t) in &books.concessions {
+        by_concession.entry((*concession, *op)).or_default().add(*t);
+    }
+    for ((concession, op), t) in &by_concession {
+        row(
+            &mut s,
+            &format!("{} / {}", concession.label(), operator_name(*op)),
+            *t,
+        );
+    }
+    let _ = writeln!(s, "\ntransfer discounts granted:");
+    let mut by_operator: std::collections::BTreeMap<u16, Totals> =
+        std::collections::BTreeMap::new();
+    for ((op, _, _), t) in &books.transfers {
+        by_operator.entry(*op).or_default().add(*t);
+    }
+    if by_operator.is_empty() {
+        let _ = writeln!(s, "  none");
+    }
+    for (op, t) in &by_operator {
+        row(&mut s, &operator_name(*op), *t);
+    }
     s
 }
 
@@ -143,6 +179,27 @@ pub(crate) fn report_json(ledger: &Ledger) -> serde_json::Value {
             "payer": payer.label(),
             "payee": payee.label(),
             "fen": t.fen,
+            "rides": t.rides,
+        })).collect::<Vec<_>>(),
+        "payables": books.payables.iter().map(|((issuer, op), t)| serde_json::json!({
+            "issuer": issuer.label(),
+            "operator": op,
+            "fen": t.fen,
+            "rides": t.rides,
+        })).collect::<Vec<_>>(),
+        "concessions": books.concessions.iter().map(|((concession, op, area, mode), t)| serde_json::json!({
+            "concession": concession.label(),
+            "operator": op,
+            "area": area,
+            "mode": mode.label(),
+            "forgone_fen": t.fen,
+            "rides": t.rides,
+        })).collect::<Vec<_>>(),
+        "transfers": books.transfers.iter().map(|((op, area, mode), t)| serde_json::json!({
+            "operator": op,
+            "area": area,
+            "mode": mode.label(),
+            "discount_fen": t.fen,
             "rides": t.rides,
         })).collect::<Vec<_>>(),
         "ledger": ledger.to_json(),
@@ -196,6 +253,31 @@ pub(crate) fn reconcile_text(r: &Reconciliation, show: usize) -> String {
             Subject::Clearing { payer, payee } => {
                 format!("clearing {} → {}", payer.label(), payee.label())
             }
+            Subject::Payable { issuer, operator } => {
+                format!("payable {} → {}", issuer.label(), operator_name(operator))
+            }
+            Subject::Concession {
+                concession,
+                operator,
+                area,
+                mode,
+            } => format!(
+                "{} concession (yuan = forgone) {} / {} / {}",
+                concession.label(),
+                area_name(area),
+                operator_name(operator),
+                mode.label()
+            ),
+            Subject::Transfer {
+                operator,
+                area,
+                mode,
+            } => format!(
+                "transfers (yuan = discount) {} / {} / {}",
+                area_name(area),
+                operator_name(operator),
+                mode.label()
+            ),
         };
         let _ = writeln!(
             s,

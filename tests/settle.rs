@@ -219,4 +219,22 @@ fn check_the_books(ledger: &Ledger) {
         200
     );
     assert_eq!(day.clearing.len(), 3);
+    // Every ride is payable by its card's issuer to its operator; the elder ride's fare
+    // forgone is the bus operator's subsidy claim, and the transfer
+    // discount is booked to the metro trip that got it.
+    let payable: u64 = day.payables.values().map(|t| t.fen).sum();
+    assert_eq!(payable, day.total().fen);
+    assert_eq!(
+        day.payables[&(Issuer::SichuanTianfuTong, YUZHONG_BUS.operator)].fen,
+        200
+    );
+    let elder: Vec<_> = day
+        .concessions
+        .iter()
+        .filter(|((concession, ..), _)| *concession == Concession::Elder)
+        .map(|(_, t)| (t.rides, t.fen))
+        .collect();
+    assert_eq!(elder, [(1, 200)]);
+    let discounts: u64 = day.transfers.values().map(|t| t.fen).sum();
+    assert_eq!(discounts, 200);
 }

@@ -497,6 +497,8 @@ pub struct Charge {
     pub mode: Mode,
     pub fare_fen: u32,
     pub concession: Concession,
+    /// What the concession took off the fare, in fen: the ground of a subsidy claim.
+    pub forgone_fen: u32,
     /// Transfer discount granted, in fen.
     pub transfer_discount: u32,
 }
@@ -691,6 +693,7 @@ fn transfer_discount(
 
 fn price(ride: Ride, base: u32, rider: &mut RiderState, tables: &FareTables) -> Charge {
     let mut fare = base * u32::from(ride.pay_percent.min(100)) / 100;
+    let forgone_fen = base - fare;
     let class = match ride.mode {
         Mode::Bus => Some(TransferClass::Bus),
         Mode::Metro => Some(TransferClass::Rail),
@@ -731,6 +734,7 @@ fn price(ride: Ride, base: u32, rider: &mut RiderState, tables: &FareTables) -> 
         mode: ride.mode,
         fare_fen: fare,
         concession: ride.concession,
+        forgone_fen,
         transfer_discount: discount,
     }
 }
@@ -1334,6 +1338,10 @@ mod tests {
         // Bus 200 at 50 % = 100; metro 400 at 50 % = 200, less min(100 paid, 200) = 100.
         assert_eq!(fares(&c), [100, 100]);
         assert_eq!(c[1].transfer_discount, 100);
+        assert_eq!(
+            c.iter().map(|c| c.forgone_fen).collect::<Vec<_>>(),
+            [100, 200]
+        );
     }
 
     #[test]

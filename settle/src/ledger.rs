@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use tapgate_journal::{JournalRecord, list_segments, read_segment};
 use tapgate_protocol::registry::operator;
-use tapgate_protocol::{IssuerRegion, Mode, Outcome};
+use tapgate_protocol::{Concession, Issuer, IssuerRegion, Mode, Outcome};
 use tapgate_runtime::clock::local_date;
 
 /// Money (fen) and a count.
@@ -41,6 +41,15 @@ pub struct DayLedger {
     pub cards: HashMap<u64, Totals>,
     /// What cards of the first region owe operators of the second, only across regions.
     pub clearing: BTreeMap<(IssuerRegion, IssuerRegion), Totals>,
+    /// What each card issuer owes each operator, for every ride: the stored value a rider
+    /// spent sits with the card's issuer until it pays the operator that carried the ride.
+    pub payables: BTreeMap<(Issuer, u16), Totals>,
+    /// Concession rides and the fare the concession forgave (`fen`), by concession × operator
+    /// × area × mode: what an operator claims a subsidy for.
+    pub concessions: BTreeMap<(Concession, u16, u32, Mode), Totals>,
+    /// Transfer discounts granted (`fen`) and the rides they went to, by the operator, area
+    /// and mode of the discounted ride: the revenue an operator gave up to the transfer rule.
+    pub transfers: BTreeMap<(u16, u32, Mode), Totals>,
 }
 
 impl DayLedger {
@@ -55,6 +64,15 @@ impl DayLedger {
         }
         for (k, t) in &other.clearing {
             self.clearing.entry(*k).or_default().add(*t);
+        }
+        for (k, t) in &other.payables {
+            self.payables.entry(*k).or_default().add(*t);
+        }
+        for (k, t) in &other.concessions {
+            self.concessions.entry(*k).or_default().add(*t);
+        }
+        for (k, t) in &other.transfers {
+            self.transfers.entry(*k).or_default().add(*t);
         }
     }
 
@@ -103,6 +121,26 @@ impl Ledger {
             if payer != payee {
                 day.clearing.entry((payer, payee)).or_default().add(ride);
             }
+            day.payables
+                .entry((record.tap.issuer, charge.operator))
+                .or_default()
+                .add(ride);
+            let place = (charge.operator, charge.area.0, charge.mode);
+            if charge.concession != Concession::None {
+                day.concessions
+                    .entry((charge.concession, place.0, place.1, place.2))
+                    .or_default()
+                    .add(Totals {
+                        fen: u64::from(charge.forgone_fen),
+                        rides: 1,
+                    });
+            }
+            if charge.transfer_discount > 0 {
+                day.transfers.entry(place).or_default().add(Totals {
+                    fen: u64::from(charge.transfer_discount),
+                    rides: 1,
+                });
+            }
         }
     }
 
@@ -142,7 +180,8 @@ impl Ledger {
     }
 
     /// Books as JSON: `{"days": {"YYYY-MM-DD": {"taps", "cells": [...], "cards": {...},
-    /// "clearing": [...]}}, "fare_tables": [digest, ...]}`; [`Ledger::from_json`] reads it back.
+    /// "clearing": [...], "payables": [...], "concessions": [...], "transfers": [...]}},
+    /// "fare_tables": [digest, ...]}`; [`Ledger::from_json`] reads it back.
     pub fn to_json(&self) -> Value {
         let days: serde_json::Map<String, Value> = self
             .days
@@ -169,9 +208,36 @@ impl Ledger {
                                "fen": t.fen, "rides": t.rides})
                     })
                     .collect();
+                let payables: Vec<Value> = day
+                    .payables
+                    .iter()
+                    .map(|((issuer, operator), t)| {
+                        json!({"issuer": issuer.label(), "operator": operator,
+                               "fen": t.fen, "rides": t.rides})
+                    })
+                    .collect();
+                let concessions: Vec<Value> = day
+                    .concessions
+                    .iter()
+                    .map(|((concession, operator, area, mode), t)| {
+                        json!({"concession": concession.label(), "operator": operator,
+                               "area": area, "mode": mode.label(),
+                               "forgone_fen": t.fen, "rides": t.rides})
+                    })
+                    .collect();
+                let transfers: Vec<Value> = day
+                    .transfers
+                    .iter()
+                    .map(|((operator, area, mode), t)| {
+                        json!({"operator": operator, "area": area, "mode": mode.label(),
+                               "discount_fen": t.fen, "rides": t.rides})
+                    })
+                    .collect();
                 (
                     date.to_string(),
-                    json!({"taps": day.taps, "cells": cells, "cards": cards, "clearing": clearing}),
+                    json!({"taps": day.taps, "cells": cells, "cards": cards, "clearing": clearing,
+                           "payables": payables, "concessions": concessions,
+                           "transfers": transfers}),
                 )
             })
             .collect();
@@ -179,21 +245,6 @@ impl Ledger {
     }
 
     pub fn from_json(value: &Value) -> Result<Ledger, String> {
-        fn number(v: &Value, what: &str) -> Result<u64, String> {
-            v.as_u64()
-                .ok_or_else(|| format!("{what}: expected a number, found {v}"))
-        }
-        fn totals(v: &Value, what: &str) -> Result<Totals, String> {
-            Ok(Totals {
-                fen: number(&v["fen"], what)?,
-                rides: number(&v["rides"], what)?,
-            })
-        }
-        fn region(v: &Value) -> Result<IssuerRegion, String> {
-            v.as_str()
-                .and_then(IssuerRegion::from_label)
-                .ok_or_else(|| format!("clearing: unknown region {v}"))
-        }
         let days = value["days"]
             .as_object()
             .ok_or("a ledger file has a `days` object")?;
@@ -203,12 +254,12 @@ impl Ledger {
                 .parse()
                 .map_err(|_| format!("`{date}` is not a YYYY-MM-DD date"))?;
             let mut books = DayLedger {
-                taps: number(&day["taps"], "taps")?,
+                taps: json_number(&day["taps"], "taps")?,
                 ..DayLedger::default()
             };
             for cell in day["cells"].as_array().into_iter().flatten() {
-                let area = number(&cell["area"], "cell area")?;
-                let operator = number(&cell["operator"], "cell operator")?;
+                let area = json_number(&cell["area"], "cell area")?;
+                let operator = json_number(&cell["operator"], "cell operator")?;
                 let mode = cell["mode"]
                     .as_str()
                     .and_then(Mode::from_label)
@@ -219,21 +270,53 @@ impl Ledger {
                         .map_err(|_| format!("operator {operator} out of range"))?,
                     mode,
                 );
-                books.cells.insert(key, totals(cell, "cell")?);
+                books.cells.insert(key, json_totals(cell, "cell")?);
             }
             for (card, pair) in day["cards"].as_object().into_iter().flatten() {
                 let card = card
                     .parse()
                     .map_err(|_| format!("`{card}` is not a card id"))?;
                 let t = Totals {
-                    fen: number(&pair[0], "card fen")?,
-                    rides: number(&pair[1], "card rides")?,
+                    fen: json_number(&pair[0], "card fen")?,
+                    rides: json_number(&pair[1], "card rides")?,
                 };
                 books.cards.insert(card, t);
             }
             for entry in day["clearing"].as_array().into_iter().flatten() {
-                let key = (region(&entry["payer"])?, region(&entry["payee"])?);
-                books.clearing.insert(key, totals(entry, "clearing")?);
+                let key = (json_region(&entry["payer"])?, json_region(&entry["payee"])?);
+                books.clearing.insert(key, json_totals(entry, "clearing")?);
+            }
+            // The next three are absent from ledgers written before they were kept.
+            for entry in day["payables"].as_array().into_iter().flatten() {
+                let issuer = entry["issuer"]
+                    .as_str()
+                    .and_then(Issuer::from_label)
+                    .ok_or_else(|| format!("payables: unknown issuer {}", entry["issuer"]))?;
+                let key = (issuer, json_operator(&entry["operator"])?);
+                books.payables.insert(key, json_totals(entry, "payables")?);
+            }
+            for entry in day["concessions"].as_array().into_iter().flatten() {
+                let concession = entry["concession"]
+                    .as_str()
+                    .and_then(Concession::from_label)
+                    .ok_or_else(|| {
+                        format!("concessions: unknown concession {}", entry["concession"])
+                    })?;
+                let (operator, area, mode) = json_place(entry)?;
+                let t = Totals {
+                    fen: json_number(&entry["forgone_fen"], "forgone_fen")?,
+                    rides: json_number(&entry["rides"], "concession rides")?,
+                };
+                books
+                    .concessions
+                    .insert((concession, operator, area, mode), t);
+            }
+            for entry in day["transfers"].as_array().into_iter().flatten() {
+                let t = Totals {
+                    fen: json_number(&entry["discount_fen"], "discount_fen")?,
+                    rides: json_number(&entry["rides"], "transfer rides")?,
+                };
+                books.transfers.insert(json_place(entry)?, t);
             }
             ledger.days.insert(date, books);
         }
@@ -246,6 +329,38 @@ impl Ledger {
         }
         Ok(ledger)
     }
+}
+
+// Readers of the ledger file's fields, for `Ledger::from_json`.
+fn json_number(v: &Value, what: &str) -> Result<u64, String> {
+    v.as_u64()
+        .ok_or_else(|| format!("{what}: expected a number, found {v}"))
+}
+fn json_totals(v: &Value, what: &str) -> Result<Totals, String> {
+    Ok(Totals {
+        fen: json_number(&v["fen"], what)?,
+        rides: json_number(&v["rides"], what)?,
+    })
+}
+fn json_operator(v: &Value) -> Result<u16, String> {
+    u16::try_from(json_number(v, "operator")?).map_err(|_| format!("operator {v} out of range"))
+}
+fn json_place(v: &Value) -> Result<(u16, u32, Mode), String> {
+    let area = json_number(&v["area"], "area")?;
+    let mode = v["mode"]
+        .as_str()
+        .and_then(Mode::from_label)
+        .ok_or_else(|| format!("unknown mode {}", v["mode"]))?;
+    Ok((
+        json_operator(&v["operator"])?,
+        u32::try_from(area).map_err(|_| format!("area {area} out of range"))?,
+        mode,
+    ))
+}
+fn json_region(v: &Value) -> Result<IssuerRegion, String> {
+    v.as_str()
+        .and_then(IssuerRegion::from_label)
+        .ok_or_else(|| format!("clearing: unknown region {v}"))
 }
 
 /// What settling journals offline produced.
@@ -316,6 +431,23 @@ pub enum Subject {
         payer: IssuerRegion,
         payee: IssuerRegion,
     },
+    Payable {
+        issuer: Issuer,
+        operator: u16,
+    },
+    /// `fen` is the fare forgone.
+    Concession {
+        concession: Concession,
+        operator: u16,
+        area: u32,
+        mode: Mode,
+    },
+    /// `fen` is the discount granted.
+    Transfer {
+        operator: u16,
+        area: u32,
+        mode: Mode,
+    },
 }
 
 /// One place where the books disagree.
@@ -330,32 +462,34 @@ pub struct Difference {
 }
 
 /// Every entry where `settled` differs from `expected`, day by day.
-pub fn differences(expected: &Ledger, settled: &Ledger) -> Vec<Difference> {
-    fn compare<K: Ord + Copy>(
-        day: NaiveDate,
-        a: Option<&BTreeMap<K, Totals>>,
-        b: Option<&BTreeMap<K, Totals>>,
-        subject: impl Fn(K) -> Subject,
-        out: &mut Vec<Difference>,
-    ) {
-        let empty = BTreeMap::new();
-        let (a, b) = (a.unwrap_or(&empty), b.unwrap_or(&empty));
-        let keys: std::collections::BTreeSet<K> = a.keys().chain(b.keys()).copied().collect();
-        for k in keys {
-            let (x, y) = (
-                a.get(&k).copied().unwrap_or_default(),
-                b.get(&k).copied().unwrap_or_default(),
-            );
-            if x != y {
-                out.push(Difference {
-                    day,
-                    subject: subject(k),
-                    expected: x,
-                    settled: y,
-                });
-            }
+/// Adds to `out` every key where the two maps of one day differ.
+fn compare<K: Ord + Copy>(
+    day: NaiveDate,
+    a: Option<&BTreeMap<K, Totals>>,
+    b: Option<&BTreeMap<K, Totals>>,
+    subject: impl Fn(K) -> Subject,
+    out: &mut Vec<Difference>,
+) {
+    let empty = BTreeMap::new();
+    let (a, b) = (a.unwrap_or(&empty), b.unwrap_or(&empty));
+    let keys: std::collections::BTreeSet<K> = a.keys().chain(b.keys()).copied().collect();
+    for k in keys {
+        let (x, y) = (
+            a.get(&k).copied().unwrap_or_default(),
+            b.get(&k).copied().unwrap_or_default(),
+        );
+        if x != y {
+            out.push(Difference {
+                day,
+                subject: subject(k),
+                expected: x,
+                settled: y,
+            });
         }
     }
+}
+
+pub fn differences(expected: &Ledger, settled: &Ledger) -> Vec<Difference> {
     let days: std::collections::BTreeSet<NaiveDate> = expected
         .days
         .keys()
@@ -405,6 +539,36 @@ pub fn differences(expected: &Ledger, settled: &Ledger) -> Vec<Difference> {
             a.map(|d| &d.clearing),
             b.map(|d| &d.clearing),
             |(payer, payee)| Subject::Clearing { payer, payee },
+            &mut out,
+        );
+        compare(
+            day,
+            a.map(|d| &d.payables),
+            b.map(|d| &d.payables),
+            |(issuer, operator)| Subject::Payable { issuer, operator },
+            &mut out,
+        );
+        compare(
+            day,
+            a.map(|d| &d.concessions),
+            b.map(|d| &d.concessions),
+            |(concession, operator, area, mode)| Subject::Concession {
+                concession,
+                operator,
+                area,
+                mode,
+            },
+            &mut out,
+        );
+        compare(
+            day,
+            a.map(|d| &d.transfers),
+            b.map(|d| &d.transfers),
+            |(operator, area, mode)| Subject::Transfer {
+                operator,
+                area,
+                mode,
+            },
             &mut out,
         );
     }
@@ -500,6 +664,7 @@ mod tests {
             mode: Mode::Bus,
             fare_fen: fen,
             concession: Concession::None,
+            forgone_fen: 0,
             transfer_discount: 0,
         }
     }
@@ -509,6 +674,19 @@ mod tests {
         ledger.book(&record(1, Issuer::ChongqingSsc, T0), &[charge(200)]);
         ledger.book(&record(2, Issuer::SichuanTianfuTong, T0), &[charge(150)]);
         ledger.book(&record(1, Issuer::ChongqingSsc, T0 + 86_400_000), &[]);
+        // A half-fare disability ride after a transfer: 200 at 50 % = 100, less 100 discount.
+        let concession_ride = Charge {
+            concession: Concession::Disabled,
+            forgone_fen: 100,
+            transfer_discount: 100,
+            mode: Mode::Metro,
+            operator: 2,
+            ..charge(0)
+        };
+        ledger.book(
+            &record(3, Issuer::ChongqingCityCard, T0),
+            &[concession_ride],
+        );
         ledger.fare_tables.insert("0123456789abcdef".into());
         ledger
     }
@@ -518,8 +696,8 @@ mod tests {
         let ledger = sample();
         assert_eq!(ledger.days.len(), 2);
         let day = &ledger.days[&NaiveDate::from_ymd_opt(2026, 11, 29).unwrap()];
-        assert_eq!(day.taps, 2);
-        assert_eq!(day.total(), Totals { fen: 350, rides: 2 });
+        assert_eq!(day.taps, 3);
+        assert_eq!(day.total(), Totals { fen: 350, rides: 3 });
         assert_eq!(day.cards[&2], Totals { fen: 150, rides: 1 });
         assert_eq!(
             day.clearing[&(IssuerRegion::Sichuan, IssuerRegion::Chongqing)],
@@ -530,7 +708,21 @@ mod tests {
             1,
             "Chongqing cards on Chongqing buses clear nothing"
         );
-        assert_eq!(ledger.taps(), 3);
+        // Every ride is payable by its card's issuer to its operator.
+        assert_eq!(
+            day.payables[&(Issuer::ChongqingSsc, 1)],
+            Totals { fen: 200, rides: 1 }
+        );
+        assert_eq!(day.payables.len(), 3);
+        assert_eq!(
+            day.concessions[&(Concession::Disabled, 2, 500103, Mode::Metro)],
+            Totals { fen: 100, rides: 1 }
+        );
+        assert_eq!(
+            day.transfers[&(2, 500103, Mode::Metro)],
+            Totals { fen: 100, rides: 1 }
+        );
+        assert_eq!(ledger.taps(), 4);
     }
 
     #[test]
@@ -565,11 +757,15 @@ mod tests {
                     payer: IssuerRegion::Sichuan,
                     payee: IssuerRegion::Chongqing
                 },
+                Subject::Payable {
+                    issuer: Issuer::SichuanTianfuTong,
+                    operator: 1
+                },
             ]
         );
         assert_eq!(found[0].expected.rides + 1, found[0].settled.rides);
         let lost = differences(&doubled, &expected);
-        assert_eq!(lost.len(), 4);
+        assert_eq!(lost.len(), 5);
         assert!(lost.iter().all(|d| d.settled.rides < d.expected.rides));
         let r = Reconciliation::new(&expected, &doubled);
         assert_eq!((r.lost, r.duplicated, r.is_exact()), (0, 1, false));

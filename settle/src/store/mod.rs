@@ -22,6 +22,9 @@
 //! | `P:{pN}:ledger:DAY`          | hash   | `AREA:OPERATOR:MODE:fen` / `:rides` |
 //! | `P:{pN}:ledger-cards:DAY`    | hash   | `CARD:fen` / `CARD:rides` |
 //! | `P:{pN}:clearing:DAY`        | hash   | `PAYER:PAYEE:fen` / `:rides` (regions `chongqing`, `sichuan`, `t_union`) |
+//! | `P:{pN}:payables:DAY`        | hash   | `ISSUER:OPERATOR:fen` / `:rides`: what each card issuer owes each operator |
+//! | `P:{pN}:concessions:DAY`     | hash   | `CONCESSION:OPERATOR:AREA:MODE:fen` (fare forgone) / `:rides` |
+//! | `P:{pN}:transfers:DAY`       | hash   | `OPERATOR:AREA:MODE:fen` (discount granted) / `:rides` |
 //! | `P:{pN}:fare-tables`         | set    | digests of the fare tables that priced the ledgers, added with each batch |
 //!
 //! Days are `YYYY-MM-DD` on the Chongqing calendar. The consumer group on every partition

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 use tapgate_journal::{JournalPosition, JournalRecord, PAYLOAD_LEN};
-use tapgate_protocol::{IssuerRegion, Mode};
+use tapgate_protocol::{Concession, Issuer, IssuerRegion, Mode};
 use tapgate_runtime::redis_target::{EntryId, RedisConnection, RedisTarget, bounded_line};
 
 /// Ships one partition's share of a forwarder batch and moves the node's checkpoint for that
@@ -754,9 +754,77 @@ impl RedisStore {
                 };
                 add_field(books.clearing.entry(parties).or_default(), what, value);
             }
+            self.read_finance_books(p, date, &mut books).await?;
             ledger.days.insert(date, books);
         }
         Ok(ledger)
+    }
+
+    /// The payables, concession and transfer books of one partition's day.
+    async fn read_finance_books(
+        &self,
+        p: u16,
+        date: NaiveDate,
+        books: &mut DayLedger,
+    ) -> Result<(), StoreError> {
+        for (field, value) in self
+            .hash(&self.partition_key(p, &format!("payables:{date}")))
+            .await?
+        {
+            let (pair, what) = split_field(&field)?;
+            let key = pair.split_once(':').and_then(|(issuer, operator)| {
+                Some((Issuer::from_label(issuer)?, operator.parse().ok()?))
+            });
+            let Some(key) = key else {
+                return Err(StoreError::Malformed(format!("payables field `{field}`")));
+            };
+            add_field(books.payables.entry(key).or_default(), what, value);
+        }
+        for (field, value) in self
+            .hash(&self.partition_key(p, &format!("concessions:{date}")))
+            .await?
+        {
+            let (key, what) = split_field(&field)?;
+            let mut parts = key.splitn(4, ':');
+            let concession = parts.next().and_then(Concession::from_label);
+            let operator = parts.next().and_then(|o| o.parse().ok());
+            let area = parts.next().and_then(|a| a.parse().ok());
+            let mode = parts.next().and_then(Mode::from_label);
+            let (Some(concession), Some(operator), Some(area), Some(mode)) =
+                (concession, operator, area, mode)
+            else {
+                return Err(StoreError::Malformed(format!(
+                    "concessions field `{field}`"
+                )));
+            };
+            add_field(
+                books
+                    .concessions
+                    .entry((concession, operator, area, mode))
+                    .or_default(),
+                what,
+                value,
+            );
+        }
+        for (field, value) in self
+            .hash(&self.partition_key(p, &format!("transfers:{date}")))
+            .await?
+        {
+            let (key, what) = split_field(&field)?;
+            let mut parts = key.splitn(3, ':');
+            let operator = parts.next().and_then(|o| o.parse().ok());
+            let area = parts.next().and_then(|a| a.parse().ok());
+            let mode = parts.next().and_then(Mode::from_label);
+            let (Some(operator), Some(area), Some(mode)) = (operator, area, mode) else {
+                return Err(StoreError::Malformed(format!("transfers field `{field}`")));
+            };
+            add_field(
+                books.transfers.entry((operator, area, mode)).or_default(),
+                what,
+                value,
+            );
+        }
+        Ok(())
     }
 
     /// A whole hash, read in HSCAN pages: a day's card ledger can hold millions of fields, and
@@ -844,6 +912,19 @@ pub fn ledger_increments(ledger: &Ledger) -> Vec<(String, String, u64)> {
         let clearing = format!("clearing:{date}");
         for ((payer, payee), t) in &day.clearing {
             both(&clearing, format!("{}:{}", payer.label(), payee.label()), t);
+        }
+        let payables = format!("payables:{date}");
+        for ((issuer, operator), t) in &day.payables {
+            both(&payables, format!("{}:{operator}", issuer.label()), t);
+        }
+        let concessions = format!("concessions:{date}");
+        for ((concession, operator, area, mode), t) in &day.concessions {
+            let field = format!("{}:{operator}:{area}:{}", concession.label(), mode.label());
+            both(&concessions, field, t);
+        }
+        let transfers = format!("transfers:{date}");
+        for ((operator, area, mode), t) in &day.transfers {
+            both(&transfers, format!("{operator}:{area}:{}", mode.label()), t);
         }
     }
     out
