@@ -9,6 +9,7 @@ mod load;
 mod scrape;
 mod serve;
 mod settle;
+mod statement;
 mod top;
 mod vectors;
 

@@ -4,6 +4,7 @@
 use crate::books::{read_ledger_file, reconcile_text, report, report_json, settle_dirs};
 use crate::common::RedisTarget;
 use crate::runtime;
+use crate::statement::Statement;
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use std::path::{Path, PathBuf};
@@ -19,6 +20,12 @@ use tapgate_settle::ledger::{Ledger, Reconciliation};
 use tapgate_settle::ops::SettlementCounters;
 use tapgate_settle::settler::{self, SettlerSettings, SettlerStats};
 use tapgate_settle::store::{RedisStore, Store};
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum StatementFormat {
+    Csv,
+    Json,
+}
 
 #[derive(Args)]
 pub(crate) struct SettleArgs {
@@ -153,6 +160,25 @@ enum SettleAction {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// One operator's statement for one settlement day, as its finance team books it: rides
+    /// and fares by area and mode, what each card issuer owes it, concession rides with the
+    /// fare forgone, and the transfer discounts it granted. CSV (one row per line of each
+    /// section) or JSON, to standard output or `--out`.
+    Statement {
+        #[command(flatten)]
+        source: LedgerSource,
+        /// The operator's id (PROTOCOL.md section 3).
+        #[arg(long)]
+        operator: u16,
+        /// The settlement day (YYYY-MM-DD, Chongqing calendar).
+        #[arg(long)]
+        date: chrono::NaiveDate,
+        #[arg(long, value_enum, default_value_t = StatementFormat::Csv)]
+        format: StatementFormat,
+        /// Write the statement here instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Prove every approved tap in the journals was settled exactly once: settle the journals
     /// again offline and compare with the settled ledgers, day by day, area × operator × mode,
     /// card and clearing. Exits 1 when anything differs.
@@ -232,6 +258,33 @@ pub(crate) fn run(args: SettleArgs) -> anyhow::Result<ExitCode> {
             fares,
             show,
         } => reconcile(&source, &journal, fares.as_deref(), show),
+        SettleAction::Statement {
+            source,
+            operator,
+            date,
+            format,
+            out,
+        } => {
+            let ledger = source.read(Some(date), false)?;
+            if ledger.days.is_empty() {
+                eprintln!("note: no taps were settled on {date}; the statement is all zeros");
+            }
+            let statement = Statement::of(&ledger, operator, date)?;
+            let text = match format {
+                StatementFormat::Csv => statement.to_csv(),
+                StatementFormat::Json => {
+                    let json = serde_json::to_string_pretty(&statement.to_json())
+                        .expect("a statement serializes");
+                    format!("{json}\n")
+                }
+            };
+            match out {
+                Some(path) => std::fs::write(&path, text)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+                None => print!("{text}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         SettleAction::Journal { dir, fares, json } => {
             let tables = FareTables::load(fares.as_deref())?;
             let settled = settle_dirs(&[dir.as_path()], &tables)?;

@@ -86,6 +86,50 @@ async fn a_days_taps_settle_into_fares_transfers_and_clearing() {
     .unwrap();
     assert_eq!(through_pipeline, settled.ledger);
     check_the_books(&settled.ledger);
+    check_a_statement(&settled.ledger, state.path());
+}
+
+/// The bus operator's statement for the day, through the command, from a ledger file.
+fn check_a_statement(ledger: &Ledger, dir: &std::path::Path) {
+    let file = dir.join("ledger.json");
+    std::fs::write(&file, ledger.to_json().to_string()).unwrap();
+    let day = ledger.days.keys().next().unwrap().to_string();
+    let statement = |operator: &str, format: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tapgate"))
+            .args(["settle", "statement", "--ledger"])
+            .arg(&file)
+            .args(["--operator", operator, "--date", &day, "--format", format])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            out,
+        )
+    };
+    let (ok, csv, out) = statement("1", "csv");
+    assert!(ok, "{out:?}");
+    let books = &ledger.days.values().next().unwrap();
+    let bus_fares: u64 = books
+        .cells
+        .iter()
+        .filter(|((_, operator, _), _)| *operator == 1)
+        .map(|(_, t)| t.fen)
+        .sum();
+    let total = csv.lines().find(|l| l.starts_with("total,")).unwrap();
+    assert!(total.ends_with(&format!(",{bus_fares}")), "{csv}");
+    assert!(csv.contains(",sc_tianfutong,,1,200\n"), "{csv}");
+    assert!(
+        csv.lines()
+            .any(|l| l.starts_with("concession_forgone,") && l.contains(",elder,1,200")),
+        "{csv}"
+    );
+    let (ok, json, _) = statement("1", "json");
+    assert!(ok);
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(json["total"]["fen"], bus_fares);
+    let (ok, _, out) = statement("99", "csv");
+    assert!(!ok && String::from_utf8_lossy(&out.stderr).contains("no operator 99"));
 }
 
 /// One rider per fare rule, in the order of a day.
