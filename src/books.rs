@@ -278,6 +278,20 @@ pub(crate) fn reconcile_text(r: &Reconciliation, show: usize) -> String {
                 operator_name(operator),
                 mode.label()
             ),
+            Subject::Line {
+                operator,
+                area,
+                mode,
+                line,
+            } => format!(
+                "line {line} {} / {} / {}",
+                area_name(area),
+                operator_name(operator),
+                mode.label()
+            ),
+            Subject::Vehicle { operator, gate } => {
+                format!("gate {gate} of {}", operator_name(operator))
+            }
         };
         let _ = writeln!(
             s,

@@ -22,11 +22,26 @@ pub(crate) struct Statement {
     pub(crate) concessions: BTreeMap<(Concession, u32, Mode), Totals>,
     /// Transfer discounts the operator granted (`fen`), by area and mode.
     pub(crate) transfers: BTreeMap<(u32, Mode), Totals>,
+    /// Rides and fares by area, mode and line (bus route, rail line).
+    pub(crate) lines: BTreeMap<(u32, Mode, u16), Totals>,
+    /// Flat rides and their fares by boarding gate (a bus's vehicle).
+    pub(crate) vehicles: BTreeMap<u64, Totals>,
 }
 
 /// The CSV columns: every row is one line of one section, with the columns that do not apply
 /// to its section left empty.
-const CSV_HEADER: &str = "section,date,operator,area,mode,issuer,concession,rides,fen";
+const CSV_HEADER: &str = "section,date,operator,area,mode,line,gate,issuer,concession,rides,fen";
+
+/// The columns of one CSV line that its section fills.
+#[derive(Default)]
+struct Row {
+    area: Option<u32>,
+    mode: Option<Mode>,
+    line: Option<u16>,
+    gate: Option<u64>,
+    issuer: Option<Issuer>,
+    concession: Option<Concession>,
+}
 
 impl Statement {
     /// `operator`'s statement for `date` from `ledger`; all zeros when it carried nothing then.
@@ -42,6 +57,8 @@ impl Statement {
             receivable: BTreeMap::new(),
             concessions: BTreeMap::new(),
             transfers: BTreeMap::new(),
+            lines: BTreeMap::new(),
+            vehicles: BTreeMap::new(),
         };
         let Some(day) = ledger.days.get(&date) else {
             return Ok(statement);
@@ -71,6 +88,17 @@ impl Statement {
                     .add(*t);
             }
         }
+        for ((op, area, mode, line), t) in &day.lines {
+            if *op == operator_id {
+                let key = (*area, *mode, *line);
+                statement.lines.entry(key).or_default().add(*t);
+            }
+        }
+        for ((op, gate), t) in &day.vehicles {
+            if *op == operator_id {
+                statement.vehicles.entry(*gate).or_default().add(*t);
+            }
+        }
         Ok(statement)
     }
 
@@ -82,46 +110,63 @@ impl Statement {
 
     pub(crate) fn to_csv(&self) -> String {
         let mut out = format!("{CSV_HEADER}\n");
-        let mut row = |section: &str,
-                       area: Option<u32>,
-                       mode: Option<Mode>,
-                       issuer: Option<Issuer>,
-                       concession: Option<Concession>,
-                       t: &Totals| {
+        let mut row = |section: &str, line: Row, t: &Totals| {
+            let text = |v: Option<String>| v.unwrap_or_default();
             out.push_str(&format!(
-                "{section},{},{},{},{},{},{},{},{}\n",
+                "{section},{},{},{},{},{},{},{},{},{},{}\n",
                 self.date,
                 self.operator,
-                area.map(|a| a.to_string()).unwrap_or_default(),
-                mode.map(Mode::label).unwrap_or_default(),
-                issuer.map(Issuer::label).unwrap_or_default(),
-                concession.map(Concession::label).unwrap_or_default(),
+                text(line.area.map(|a| a.to_string())),
+                line.mode.map(Mode::label).unwrap_or_default(),
+                text(line.line.map(|l| l.to_string())),
+                text(line.gate.map(|g| g.to_string())),
+                line.issuer.map(Issuer::label).unwrap_or_default(),
+                line.concession.map(Concession::label).unwrap_or_default(),
                 t.rides,
                 t.fen
             ));
         };
+        let place = |area: u32, mode: Mode| Row {
+            area: Some(area),
+            mode: Some(mode),
+            ..Row::default()
+        };
         for ((area, mode), t) in &self.fares {
-            row("fares", Some(*area), Some(*mode), None, None, t);
+            row("fares", place(*area, *mode), t);
+        }
+        for ((area, mode, line), t) in &self.lines {
+            let by_line = Row {
+                line: Some(*line),
+                ..place(*area, *mode)
+            };
+            row("line", by_line, t);
+        }
+        for (gate, t) in &self.vehicles {
+            let by_gate = Row {
+                gate: Some(*gate),
+                ..Row::default()
+            };
+            row("vehicle", by_gate, t);
         }
         for (issuer, t) in &self.receivable {
-            row("receivable", None, None, Some(*issuer), None, t);
+            let from = Row {
+                issuer: Some(*issuer),
+                ..Row::default()
+            };
+            row("receivable", from, t);
         }
         for ((concession, area, mode), t) in &self.concessions {
-            let what = Some(*concession);
-            row(
-                "concession_forgone",
-                Some(*area),
-                Some(*mode),
-                None,
-                what,
-                t,
-            );
+            let forgone = Row {
+                concession: Some(*concession),
+                ..place(*area, *mode)
+            };
+            row("concession_forgone", forgone, t);
         }
         for ((area, mode), t) in &self.transfers {
-            row("transfer_discount", Some(*area), Some(*mode), None, None, t);
+            row("transfer_discount", place(*area, *mode), t);
         }
         let total = Self::total(self.fares.values().copied());
-        row("total", None, None, None, None, &total);
+        row("total", Row::default(), &total);
         out
     }
 
@@ -147,6 +192,12 @@ impl Statement {
             })).collect::<Vec<_>>(),
             "transfers": self.transfers.iter().map(|((area, mode), t)| json!({
                 "area": area, "mode": mode.label(), "rides": t.rides, "discount_fen": t.fen,
+            })).collect::<Vec<_>>(),
+            "lines": self.lines.iter().map(|((area, mode, line), t)| json!({
+                "area": area, "mode": mode.label(), "line": line, "rides": t.rides, "fen": t.fen,
+            })).collect::<Vec<_>>(),
+            "vehicles": self.vehicles.iter().map(|(gate, t)| json!({
+                "gate": gate, "rides": t.rides, "fen": t.fen,
             })).collect::<Vec<_>>(),
             "total": {
                 "rides": Self::total(self.fares.values().copied()).rides,
@@ -178,6 +229,10 @@ mod tests {
         day.concessions
             .insert((Concession::Elder, 2, 500103, Mode::Metro), t(1, 400));
         day.transfers.insert((2, 500105, Mode::Metro), t(1, 200));
+        day.lines.insert((2, 500103, Mode::Metro, 2), t(3, 1000));
+        day.lines.insert((2, 500105, Mode::Metro, 3), t(1, 300));
+        day.lines.insert((1, 500103, Mode::Bus, 871), t(5, 1000));
+        day.vehicles.insert((1, 100_000_007), t(5, 1000));
         let mut ledger = Ledger::default();
         ledger.days.insert(date(), day);
         ledger
@@ -191,13 +246,15 @@ mod tests {
             csv.lines().collect::<Vec<_>>(),
             [
                 CSV_HEADER,
-                "fares,2026-11-29,2,500103,metro,,,3,1000",
-                "fares,2026-11-29,2,500105,metro,,,1,300",
-                "receivable,2026-11-29,2,,,cq_ssc,,3,900",
-                "receivable,2026-11-29,2,,,sc_tianfutong,,1,400",
-                "concession_forgone,2026-11-29,2,500103,metro,,elder,1,400",
-                "transfer_discount,2026-11-29,2,500105,metro,,,1,200",
-                "total,2026-11-29,2,,,,,4,1300",
+                "fares,2026-11-29,2,500103,metro,,,,,3,1000",
+                "fares,2026-11-29,2,500105,metro,,,,,1,300",
+                "line,2026-11-29,2,500103,metro,2,,,,3,1000",
+                "line,2026-11-29,2,500105,metro,3,,,,1,300",
+                "receivable,2026-11-29,2,,,,,cq_ssc,,3,900",
+                "receivable,2026-11-29,2,,,,,sc_tianfutong,,1,400",
+                "concession_forgone,2026-11-29,2,500103,metro,,,,elder,1,400",
+                "transfer_discount,2026-11-29,2,500105,metro,,,,,1,200",
+                "total,2026-11-29,2,,,,,,,4,1300",
             ]
         );
         let json = s.to_json();
@@ -210,7 +267,12 @@ mod tests {
     fn an_idle_day_is_all_zeros_and_an_unknown_operator_is_refused() {
         let next_day = date().succ_opt().unwrap();
         let s = Statement::of(&ledger(), 2, next_day).unwrap();
-        assert!(s.to_csv().ends_with("total,2026-11-30,2,,,,,0,0\n"));
+        assert!(s.to_csv().ends_with("total,2026-11-30,2,,,,,,,0,0\n"));
+        let bus = Statement::of(&ledger(), 1, date()).unwrap().to_csv();
+        assert!(
+            bus.contains("\nvehicle,2026-11-29,1,,,,100000007,,,5,1000\n"),
+            "{bus}"
+        );
         let e = Statement::of(&ledger(), 99, date()).unwrap_err();
         assert!(e.to_string().contains("no operator 99"), "{e}");
     }

@@ -124,6 +124,9 @@ fn check_a_statement(ledger: &Ledger, dir: &std::path::Path) {
             .any(|l| l.starts_with("concession_forgone,") && l.contains(",elder,1,200")),
         "{csv}"
     );
+    // The bus's own line: its gate is the vehicle.
+    let vehicle = format!("\nvehicle,{day},1,,,,{},", YUZHONG_BUS.terminal_id);
+    assert!(csv.contains(&vehicle), "{csv}");
     let (ok, json, _) = statement("1", "json");
     assert!(ok);
     let json: serde_json::Value = serde_json::from_str(&json).unwrap();

@@ -499,6 +499,11 @@ pub struct Charge {
     pub concession: Concession,
     /// What the concession took off the fare, in fen: the ground of a subsidy claim.
     pub forgone_fen: u32,
+    /// The line (bus route, rail line) the ride started on.
+    pub line: u16,
+    /// The gate a flat ride was boarded at: on a bus, the vehicle. `None` for a paid-area
+    /// trip, which starts and ends at station gates.
+    pub vehicle: Option<u64>,
     /// Transfer discount granted, in fen.
     pub transfer_discount: u32,
 }
@@ -735,6 +740,8 @@ fn price(ride: Ride, base: u32, rider: &mut RiderState, tables: &FareTables) -> 
         fare_fen: fare,
         concession: ride.concession,
         forgone_fen,
+        line: ride.line,
+        vehicle: (ride.kind == ChargeKind::Flat).then_some(ride.terminal_id),
         transfer_discount: discount,
     }
 }

@@ -50,6 +50,11 @@ pub struct DayLedger {
     /// Transfer discounts granted (`fen`) and the rides they went to, by the operator, area
     /// and mode of the discounted ride: the revenue an operator gave up to the transfer rule.
     pub transfers: BTreeMap<(u16, u32, Mode), Totals>,
+    /// Rides and fares by operator × area × mode × line (bus route, rail line).
+    pub lines: BTreeMap<(u16, u32, Mode, u16), Totals>,
+    /// Rides and fares of flat rides by operator × boarding gate: a bus's vehicle, a pier,
+    /// a cableway station.
+    pub vehicles: BTreeMap<(u16, u64), Totals>,
 }
 
 impl DayLedger {
@@ -73,6 +78,12 @@ impl DayLedger {
         }
         for (k, t) in &other.transfers {
             self.transfers.entry(*k).or_default().add(*t);
+        }
+        for (k, t) in &other.lines {
+            self.lines.entry(*k).or_default().add(*t);
+        }
+        for (k, t) in &other.vehicles {
+            self.vehicles.entry(*k).or_default().add(*t);
         }
     }
 
@@ -140,6 +151,16 @@ impl Ledger {
                     fen: u64::from(charge.transfer_discount),
                     rides: 1,
                 });
+            }
+            day.lines
+                .entry((place.0, place.1, place.2, charge.line))
+                .or_default()
+                .add(ride);
+            if let Some(vehicle) = charge.vehicle {
+                day.vehicles
+                    .entry((charge.operator, vehicle))
+                    .or_default()
+                    .add(ride);
             }
         }
     }
@@ -233,11 +254,26 @@ impl Ledger {
                                "discount_fen": t.fen, "rides": t.rides})
                     })
                     .collect();
+                let lines: Vec<Value> = day
+                    .lines
+                    .iter()
+                    .map(|((operator, area, mode, line), t)| {
+                        json!({"operator": operator, "area": area, "mode": mode.label(),
+                               "line": line, "fen": t.fen, "rides": t.rides})
+                    })
+                    .collect();
+                let vehicles: Vec<Value> = day
+                    .vehicles
+                    .iter()
+                    .map(|((operator, gate), t)| {
+                        json!({"operator": operator, "gate": gate, "fen": t.fen, "rides": t.rides})
+                    })
+                    .collect();
                 (
                     date.to_string(),
                     json!({"taps": day.taps, "cells": cells, "cards": cards, "clearing": clearing,
                            "payables": payables, "concessions": concessions,
-                           "transfers": transfers}),
+                           "transfers": transfers, "lines": lines, "vehicles": vehicles}),
                 )
             })
             .collect();
@@ -317,6 +353,20 @@ impl Ledger {
                     rides: json_number(&entry["rides"], "transfer rides")?,
                 };
                 books.transfers.insert(json_place(entry)?, t);
+            }
+            for entry in day["lines"].as_array().into_iter().flatten() {
+                let (operator, area, mode) = json_place(entry)?;
+                let line = json_number(&entry["line"], "line")?;
+                let line = u16::try_from(line).map_err(|_| format!("line {line} out of range"))?;
+                let key = (operator, area, mode, line);
+                books.lines.insert(key, json_totals(entry, "lines")?);
+            }
+            for entry in day["vehicles"].as_array().into_iter().flatten() {
+                let key = (
+                    json_operator(&entry["operator"])?,
+                    json_number(&entry["gate"], "gate")?,
+                );
+                books.vehicles.insert(key, json_totals(entry, "vehicles")?);
             }
             ledger.days.insert(date, books);
         }
@@ -448,6 +498,16 @@ pub enum Subject {
         area: u32,
         mode: Mode,
     },
+    Line {
+        operator: u16,
+        area: u32,
+        mode: Mode,
+        line: u16,
+    },
+    Vehicle {
+        operator: u16,
+        gate: u64,
+    },
 }
 
 /// One place where the books disagree.
@@ -459,6 +519,65 @@ pub struct Difference {
     pub expected: Totals,
     /// What the settled ledger says.
     pub settled: Totals,
+}
+
+/// The books finance teams read beyond the cells: payables, concessions, transfers, lines and
+/// boarding gates.
+fn compare_finance_books(
+    day: NaiveDate,
+    a: Option<&DayLedger>,
+    b: Option<&DayLedger>,
+    out: &mut Vec<Difference>,
+) {
+    compare(
+        day,
+        a.map(|d| &d.payables),
+        b.map(|d| &d.payables),
+        |(issuer, operator)| Subject::Payable { issuer, operator },
+        out,
+    );
+    compare(
+        day,
+        a.map(|d| &d.concessions),
+        b.map(|d| &d.concessions),
+        |(concession, operator, area, mode)| Subject::Concession {
+            concession,
+            operator,
+            area,
+            mode,
+        },
+        out,
+    );
+    compare(
+        day,
+        a.map(|d| &d.transfers),
+        b.map(|d| &d.transfers),
+        |(operator, area, mode)| Subject::Transfer {
+            operator,
+            area,
+            mode,
+        },
+        out,
+    );
+    compare(
+        day,
+        a.map(|d| &d.lines),
+        b.map(|d| &d.lines),
+        |(operator, area, mode, line)| Subject::Line {
+            operator,
+            area,
+            mode,
+            line,
+        },
+        out,
+    );
+    compare(
+        day,
+        a.map(|d| &d.vehicles),
+        b.map(|d| &d.vehicles),
+        |(operator, gate)| Subject::Vehicle { operator, gate },
+        out,
+    );
 }
 
 /// Every entry where `settled` differs from `expected`, day by day.
@@ -541,36 +660,7 @@ pub fn differences(expected: &Ledger, settled: &Ledger) -> Vec<Difference> {
             |(payer, payee)| Subject::Clearing { payer, payee },
             &mut out,
         );
-        compare(
-            day,
-            a.map(|d| &d.payables),
-            b.map(|d| &d.payables),
-            |(issuer, operator)| Subject::Payable { issuer, operator },
-            &mut out,
-        );
-        compare(
-            day,
-            a.map(|d| &d.concessions),
-            b.map(|d| &d.concessions),
-            |(concession, operator, area, mode)| Subject::Concession {
-                concession,
-                operator,
-                area,
-                mode,
-            },
-            &mut out,
-        );
-        compare(
-            day,
-            a.map(|d| &d.transfers),
-            b.map(|d| &d.transfers),
-            |(operator, area, mode)| Subject::Transfer {
-                operator,
-                area,
-                mode,
-            },
-            &mut out,
-        );
+        compare_finance_books(day, a, b, &mut out);
     }
     out
 }
@@ -665,6 +755,8 @@ mod tests {
             fare_fen: fen,
             concession: Concession::None,
             forgone_fen: 0,
+            line: 12,
+            vehicle: Some(100_000_001),
             transfer_discount: 0,
         }
     }
@@ -761,11 +853,21 @@ mod tests {
                     issuer: Issuer::SichuanTianfuTong,
                     operator: 1
                 },
+                Subject::Line {
+                    operator: 1,
+                    area: 500103,
+                    mode: Mode::Bus,
+                    line: 12
+                },
+                Subject::Vehicle {
+                    operator: 1,
+                    gate: 100_000_001
+                },
             ]
         );
         assert_eq!(found[0].expected.rides + 1, found[0].settled.rides);
         let lost = differences(&doubled, &expected);
-        assert_eq!(lost.len(), 5);
+        assert_eq!(lost.len(), 7);
         assert!(lost.iter().all(|d| d.settled.rides < d.expected.rides));
         let r = Reconciliation::new(&expected, &doubled);
         assert_eq!((r.lost, r.duplicated, r.is_exact()), (0, 1, false));

@@ -25,6 +25,8 @@
 //! | `P:{pN}:payables:DAY`        | hash   | `ISSUER:OPERATOR:fen` / `:rides`: what each card issuer owes each operator |
 //! | `P:{pN}:concessions:DAY`     | hash   | `CONCESSION:OPERATOR:AREA:MODE:fen` (fare forgone) / `:rides` |
 //! | `P:{pN}:transfers:DAY`       | hash   | `OPERATOR:AREA:MODE:fen` (discount granted) / `:rides` |
+//! | `P:{pN}:lines:DAY`           | hash   | `OPERATOR:AREA:MODE:LINE:fen` / `:rides` |
+//! | `P:{pN}:vehicles:DAY`        | hash   | `OPERATOR:GATE:fen` / `:rides`, flat rides by boarding gate |
 //! | `P:{pN}:fare-tables`         | set    | digests of the fare tables that priced the ledgers, added with each batch |
 //!
 //! Days are `YYYY-MM-DD` on the Chongqing calendar. The consumer group on every partition

@@ -824,6 +824,39 @@ impl RedisStore {
                 value,
             );
         }
+        for (field, value) in self
+            .hash(&self.partition_key(p, &format!("lines:{date}")))
+            .await?
+        {
+            let (key, what) = split_field(&field)?;
+            let mut parts = key.splitn(4, ':');
+            let operator = parts.next().and_then(|o| o.parse().ok());
+            let area = parts.next().and_then(|a| a.parse().ok());
+            let mode = parts.next().and_then(Mode::from_label);
+            let line = parts.next().and_then(|l| l.parse().ok());
+            let (Some(operator), Some(area), Some(mode), Some(line)) = (operator, area, mode, line)
+            else {
+                return Err(StoreError::Malformed(format!("lines field `{field}`")));
+            };
+            add_field(
+                books.lines.entry((operator, area, mode, line)).or_default(),
+                what,
+                value,
+            );
+        }
+        for (field, value) in self
+            .hash(&self.partition_key(p, &format!("vehicles:{date}")))
+            .await?
+        {
+            let (key, what) = split_field(&field)?;
+            let parsed = key
+                .split_once(':')
+                .and_then(|(operator, gate)| Some((operator.parse().ok()?, gate.parse().ok()?)));
+            let Some(key) = parsed else {
+                return Err(StoreError::Malformed(format!("vehicles field `{field}`")));
+            };
+            add_field(books.vehicles.entry(key).or_default(), what, value);
+        }
         Ok(())
     }
 
@@ -925,6 +958,18 @@ pub fn ledger_increments(ledger: &Ledger) -> Vec<(String, String, u64)> {
         let transfers = format!("transfers:{date}");
         for ((operator, area, mode), t) in &day.transfers {
             both(&transfers, format!("{operator}:{area}:{}", mode.label()), t);
+        }
+        let lines = format!("lines:{date}");
+        for ((operator, area, mode, line), t) in &day.lines {
+            both(
+                &lines,
+                format!("{operator}:{area}:{}:{line}", mode.label()),
+                t,
+            );
+        }
+        let vehicles = format!("vehicles:{date}");
+        for ((operator, gate), t) in &day.vehicles {
+            both(&vehicles, format!("{operator}:{gate}"), t);
         }
     }
     out
