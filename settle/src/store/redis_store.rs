@@ -710,24 +710,7 @@ impl RedisStore {
                 taps: count,
                 ..DayLedger::default()
             };
-            let cells = self
-                .hash(&self.partition_key(p, &format!("ledger:{date}")))
-                .await?;
-            for (field, value) in cells {
-                let (key, what) = split_field(&field)?;
-                let mut parts = key.splitn(3, ':');
-                let area = parts.next().and_then(|a| a.parse().ok());
-                let operator = parts.next().and_then(|o| o.parse().ok());
-                let mode = parts.next().and_then(Mode::from_label);
-                let (Some(area), Some(operator), Some(mode)) = (area, operator, mode) else {
-                    return Err(StoreError::Malformed(format!("ledger field `{field}`")));
-                };
-                add_field(
-                    books.cells.entry((area, operator, mode)).or_default(),
-                    what,
-                    value,
-                );
-            }
+            self.read_book(p, "ledger", date, &mut books.cells).await?;
             let cards: HashMap<String, u64> = if with_cards {
                 self.hash(&self.partition_key(p, &format!("ledger-cards:{date}")))
                     .await?
@@ -741,121 +724,39 @@ impl RedisStore {
                     .map_err(|_| StoreError::Malformed(format!("card ledger field `{field}`")))?;
                 add_field(books.cards.entry(card).or_default(), what, value);
             }
-            let clearing = self
-                .hash(&self.partition_key(p, &format!("clearing:{date}")))
+            self.read_book(p, "clearing", date, &mut books.clearing)
                 .await?;
-            for (field, value) in clearing {
-                let (pair, what) = split_field(&field)?;
-                let parties = pair.split_once(':').and_then(|(a, b)| {
-                    Some((IssuerRegion::from_label(a)?, IssuerRegion::from_label(b)?))
-                });
-                let Some(parties) = parties else {
-                    return Err(StoreError::Malformed(format!("clearing field `{field}`")));
-                };
-                add_field(books.clearing.entry(parties).or_default(), what, value);
-            }
-            self.read_finance_books(p, date, &mut books).await?;
+            self.read_book(p, "payables", date, &mut books.payables)
+                .await?;
+            self.read_book(p, "concessions", date, &mut books.concessions)
+                .await?;
+            self.read_book(p, "transfers", date, &mut books.transfers)
+                .await?;
+            self.read_book(p, "lines", date, &mut books.lines).await?;
+            self.read_book(p, "vehicles", date, &mut books.vehicles)
+                .await?;
             ledger.days.insert(date, books);
         }
         Ok(ledger)
     }
 
-    /// The payables, concession and transfer books of one partition's day.
-    async fn read_finance_books(
+    /// One of a partition's books of a day, from its hash `P:{pN}:NAME:DAY`.
+    async fn read_book<K: FieldKey>(
         &self,
         p: u16,
+        name: &str,
         date: NaiveDate,
-        books: &mut DayLedger,
+        book: &mut BTreeMap<K, Totals>,
     ) -> Result<(), StoreError> {
         for (field, value) in self
-            .hash(&self.partition_key(p, &format!("payables:{date}")))
-            .await?
-        {
-            let (pair, what) = split_field(&field)?;
-            let key = pair.split_once(':').and_then(|(issuer, operator)| {
-                Some((Issuer::from_label(issuer)?, operator.parse().ok()?))
-            });
-            let Some(key) = key else {
-                return Err(StoreError::Malformed(format!("payables field `{field}`")));
-            };
-            add_field(books.payables.entry(key).or_default(), what, value);
-        }
-        for (field, value) in self
-            .hash(&self.partition_key(p, &format!("concessions:{date}")))
+            .hash(&self.partition_key(p, &format!("{name}:{date}")))
             .await?
         {
             let (key, what) = split_field(&field)?;
-            let mut parts = key.splitn(4, ':');
-            let concession = parts.next().and_then(Concession::from_label);
-            let operator = parts.next().and_then(|o| o.parse().ok());
-            let area = parts.next().and_then(|a| a.parse().ok());
-            let mode = parts.next().and_then(Mode::from_label);
-            let (Some(concession), Some(operator), Some(area), Some(mode)) =
-                (concession, operator, area, mode)
-            else {
-                return Err(StoreError::Malformed(format!(
-                    "concessions field `{field}`"
-                )));
+            let Some(key) = K::parse(key) else {
+                return Err(StoreError::Malformed(format!("{name} field `{field}`")));
             };
-            add_field(
-                books
-                    .concessions
-                    .entry((concession, operator, area, mode))
-                    .or_default(),
-                what,
-                value,
-            );
-        }
-        for (field, value) in self
-            .hash(&self.partition_key(p, &format!("transfers:{date}")))
-            .await?
-        {
-            let (key, what) = split_field(&field)?;
-            let mut parts = key.splitn(3, ':');
-            let operator = parts.next().and_then(|o| o.parse().ok());
-            let area = parts.next().and_then(|a| a.parse().ok());
-            let mode = parts.next().and_then(Mode::from_label);
-            let (Some(operator), Some(area), Some(mode)) = (operator, area, mode) else {
-                return Err(StoreError::Malformed(format!("transfers field `{field}`")));
-            };
-            add_field(
-                books.transfers.entry((operator, area, mode)).or_default(),
-                what,
-                value,
-            );
-        }
-        for (field, value) in self
-            .hash(&self.partition_key(p, &format!("lines:{date}")))
-            .await?
-        {
-            let (key, what) = split_field(&field)?;
-            let mut parts = key.splitn(4, ':');
-            let operator = parts.next().and_then(|o| o.parse().ok());
-            let area = parts.next().and_then(|a| a.parse().ok());
-            let mode = parts.next().and_then(Mode::from_label);
-            let line = parts.next().and_then(|l| l.parse().ok());
-            let (Some(operator), Some(area), Some(mode), Some(line)) = (operator, area, mode, line)
-            else {
-                return Err(StoreError::Malformed(format!("lines field `{field}`")));
-            };
-            add_field(
-                books.lines.entry((operator, area, mode, line)).or_default(),
-                what,
-                value,
-            );
-        }
-        for (field, value) in self
-            .hash(&self.partition_key(p, &format!("vehicles:{date}")))
-            .await?
-        {
-            let (key, what) = split_field(&field)?;
-            let parsed = key
-                .split_once(':')
-                .and_then(|(operator, gate)| Some((operator.parse().ok()?, gate.parse().ok()?)));
-            let Some(key) = parsed else {
-                return Err(StoreError::Malformed(format!("vehicles field `{field}`")));
-            };
-            add_field(books.vehicles.entry(key).or_default(), what, value);
+            add_field(book.entry(key).or_default(), what, value);
         }
         Ok(())
     }
@@ -879,6 +780,137 @@ impl RedisStore {
             }
             cursor = next;
         }
+    }
+}
+
+/// `book`'s increments into its hash `NAME:DAY`: `KEY:fen` and `KEY:rides` per entry.
+fn book_increments<K: FieldKey>(
+    out: &mut Vec<(String, String, u64)>,
+    name: &str,
+    date: &str,
+    book: &BTreeMap<K, Totals>,
+) {
+    let key = format!("{name}:{date}");
+    for (k, t) in book {
+        let field = k.field();
+        out.push((key.clone(), format!("{field}:fen"), t.fen));
+        out.push((key.clone(), format!("{field}:rides"), t.rides));
+    }
+}
+
+/// The key of a book's entry as its hash field names it, colon-separated (before the final
+/// `:fen` or `:rides`), and back.
+trait FieldKey: Ord + Sized {
+    fn field(&self) -> String;
+    fn parse(field: &str) -> Option<Self>;
+}
+
+/// The `N` colon-separated parts of a field key.
+fn parts<const N: usize>(field: &str) -> Option<[&str; N]> {
+    field.splitn(N, ':').collect::<Vec<_>>().try_into().ok()
+}
+
+/// Area × operator × mode cells.
+impl FieldKey for (u32, u16, Mode) {
+    fn field(&self) -> String {
+        format!("{}:{}:{}", self.0, self.1, self.2.label())
+    }
+    fn parse(field: &str) -> Option<Self> {
+        let [area, operator, mode] = parts(field)?;
+        Some((
+            area.parse().ok()?,
+            operator.parse().ok()?,
+            Mode::from_label(mode)?,
+        ))
+    }
+}
+
+/// Clearing: payer and payee regions.
+impl FieldKey for (IssuerRegion, IssuerRegion) {
+    fn field(&self) -> String {
+        format!("{}:{}", self.0.label(), self.1.label())
+    }
+    fn parse(field: &str) -> Option<Self> {
+        let [payer, payee] = parts(field)?;
+        Some((
+            IssuerRegion::from_label(payer)?,
+            IssuerRegion::from_label(payee)?,
+        ))
+    }
+}
+
+/// Payables: card issuer and operator.
+impl FieldKey for (Issuer, u16) {
+    fn field(&self) -> String {
+        format!("{}:{}", self.0.label(), self.1)
+    }
+    fn parse(field: &str) -> Option<Self> {
+        let [issuer, operator] = parts(field)?;
+        Some((Issuer::from_label(issuer)?, operator.parse().ok()?))
+    }
+}
+
+/// Concessions: concession × operator × area × mode.
+impl FieldKey for (Concession, u16, u32, Mode) {
+    fn field(&self) -> String {
+        format!(
+            "{}:{}:{}:{}",
+            self.0.label(),
+            self.1,
+            self.2,
+            self.3.label()
+        )
+    }
+    fn parse(field: &str) -> Option<Self> {
+        let [concession, operator, area, mode] = parts(field)?;
+        Some((
+            Concession::from_label(concession)?,
+            operator.parse().ok()?,
+            area.parse().ok()?,
+            Mode::from_label(mode)?,
+        ))
+    }
+}
+
+/// Transfers: operator × area × mode.
+impl FieldKey for (u16, u32, Mode) {
+    fn field(&self) -> String {
+        format!("{}:{}:{}", self.0, self.1, self.2.label())
+    }
+    fn parse(field: &str) -> Option<Self> {
+        let [operator, area, mode] = parts(field)?;
+        Some((
+            operator.parse().ok()?,
+            area.parse().ok()?,
+            Mode::from_label(mode)?,
+        ))
+    }
+}
+
+/// Lines: operator × area × mode × line.
+impl FieldKey for (u16, u32, Mode, u16) {
+    fn field(&self) -> String {
+        format!("{}:{}:{}:{}", self.0, self.1, self.2.label(), self.3)
+    }
+    fn parse(field: &str) -> Option<Self> {
+        let [operator, area, mode, line] = parts(field)?;
+        Some((
+            operator.parse().ok()?,
+            area.parse().ok()?,
+            Mode::from_label(mode)?,
+            line.parse().ok()?,
+        ))
+    }
+}
+
+/// Boarding gates: operator × gate.
+impl FieldKey for (u16, u64) {
+    fn field(&self) -> String {
+        format!("{}:{}", self.0, self.1)
+    }
+    fn parse(field: &str) -> Option<Self> {
+        let [operator, gate] = parts(field)?;
+        Some((operator.parse().ok()?, gate.parse().ok()?))
     }
 }
 
@@ -930,47 +962,43 @@ pub fn ledger_increments(ledger: &Ledger) -> Vec<(String, String, u64)> {
     let mut out = Vec::new();
     for (date, day) in &ledger.days {
         out.push(("ledger-taps".to_string(), date.to_string(), day.taps));
-        let mut both = |key: &str, field: String, t: &Totals| {
-            out.push((key.to_string(), format!("{field}:fen"), t.fen));
-            out.push((key.to_string(), format!("{field}:rides"), t.rides));
-        };
-        let cells = format!("ledger:{date}");
-        for ((area, operator, mode), t) in &day.cells {
-            both(&cells, format!("{area}:{operator}:{}", mode.label()), t);
-        }
+        let date = date.to_string();
+        book_increments(&mut out, "ledger", &date, &day.cells);
         let cards = format!("ledger-cards:{date}");
         for (card, t) in &day.cards {
-            both(&cards, card.to_string(), t);
+            for (what, n) in [("fen", t.fen), ("rides", t.rides)] {
+                out.push((cards.clone(), format!("{card}:{what}"), n));
+            }
         }
-        let clearing = format!("clearing:{date}");
-        for ((payer, payee), t) in &day.clearing {
-            both(&clearing, format!("{}:{}", payer.label(), payee.label()), t);
-        }
-        let payables = format!("payables:{date}");
-        for ((issuer, operator), t) in &day.payables {
-            both(&payables, format!("{}:{operator}", issuer.label()), t);
-        }
-        let concessions = format!("concessions:{date}");
-        for ((concession, operator, area, mode), t) in &day.concessions {
-            let field = format!("{}:{operator}:{area}:{}", concession.label(), mode.label());
-            both(&concessions, field, t);
-        }
-        let transfers = format!("transfers:{date}");
-        for ((operator, area, mode), t) in &day.transfers {
-            both(&transfers, format!("{operator}:{area}:{}", mode.label()), t);
-        }
-        let lines = format!("lines:{date}");
-        for ((operator, area, mode, line), t) in &day.lines {
-            both(
-                &lines,
-                format!("{operator}:{area}:{}:{line}", mode.label()),
-                t,
-            );
-        }
-        let vehicles = format!("vehicles:{date}");
-        for ((operator, gate), t) in &day.vehicles {
-            both(&vehicles, format!("{operator}:{gate}"), t);
-        }
+        book_increments(&mut out, "clearing", &date, &day.clearing);
+        book_increments(&mut out, "payables", &date, &day.payables);
+        book_increments(&mut out, "concessions", &date, &day.concessions);
+        book_increments(&mut out, "transfers", &date, &day.transfers);
+        book_increments(&mut out, "lines", &date, &day.lines);
+        book_increments(&mut out, "vehicles", &date, &day.vehicles);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip<K: FieldKey + std::fmt::Debug + PartialEq>(key: K) {
+        assert_eq!(K::parse(&key.field()), Some(key));
+    }
+
+    #[test]
+    fn every_books_key_reads_back_from_its_field_and_nonsense_does_not() {
+        round_trip((500103u32, 2u16, Mode::Metro));
+        round_trip((IssuerRegion::Sichuan, IssuerRegion::Chongqing));
+        round_trip((Issuer::TUnion, 7u16));
+        round_trip((Concession::Elder, 1u16, 500101u32, Mode::Bus));
+        round_trip((2u16, 509001u32, Mode::Metro));
+        round_trip((1u16, 500103u32, Mode::Bus, 871u16));
+        round_trip((1u16, 100_000_042u64));
+        assert_eq!(<(u16, u64)>::parse("1"), None);
+        assert_eq!(<(u16, u32, Mode)>::parse("1:500103:tram"), None);
+        assert_eq!(<(Issuer, u16)>::parse("cq_ssc:1:2"), None);
+    }
 }
