@@ -41,7 +41,7 @@ async fn a_days_taps_settle_into_fares_transfers_and_clearing() {
         active(7, Issuer::ChongqingSsc),
         active(8, Issuer::ChongqingSsc),
     ]);
-    // Chongqing West on the Chengdu–Chongqing intercity line, run by a Sichuan operator.
+    // Chongqing West on the Chengdu–Chongqing intercity line, run by the national railway.
     let intercity_gate = TerminalRecord {
         terminal_id: 5005,
         area: AreaCode(500106),
@@ -219,7 +219,8 @@ async fn ride_the_day(h: &Harness, intercity_gate: TerminalRecord) {
             Outcome::Approve
         );
     }
-    // Card 8: an intercity trip of four stops (4 × 25 km × 0.30 yuan), owed to Sichuan.
+    // Card 8: an intercity trip of four stops (4 × 25 km × 0.30 yuan, an example tariff),
+    // owed by the card's issuer to the railway.
     let mut intercity = h.gate(&intercity_gate).await;
     for (sequence, kind, stop) in [(1, TapKind::Entry, 1), (2, TapKind::Exit, 5)] {
         assert_eq!(
@@ -251,10 +252,8 @@ fn check_the_books(ledger: &Ledger) {
         (1, 3000),
         "intercity by distance"
     );
-    assert_eq!(
-        day.clearing[&(IssuerRegion::Chongqing, IssuerRegion::Sichuan)].fen,
-        3000
-    );
+    // The railway is in no issuer region: the card's issuer owes it directly.
+    assert_eq!(day.payables[&(Issuer::ChongqingSsc, 7)].fen, 3000);
     assert_eq!(
         day.clearing[&(IssuerRegion::National, IssuerRegion::Chongqing)].fen,
         700
@@ -265,7 +264,7 @@ fn check_the_books(ledger: &Ledger) {
         day.clearing[&(IssuerRegion::Sichuan, IssuerRegion::Chongqing)].fen,
         200
     );
-    assert_eq!(day.clearing.len(), 3);
+    assert_eq!(day.clearing.len(), 2);
     // Every ride is payable by its card's issuer to its operator; the elder ride's fare
     // forgone is the bus operator's subsidy claim, and the transfer
     // discount is booked to the metro trip that got it.

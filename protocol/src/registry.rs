@@ -258,8 +258,10 @@ pub struct Operator {
     pub name_zh: &'static str,
     pub name_en: &'static str,
     pub modes: &'static [Mode],
-    /// Operators in Sichuan are paid through issuer clearing when Chongqing cards ride them.
-    pub region: IssuerRegion,
+    /// The region whose issuers' clearing pays this operator when other regions' cards ride
+    /// it; `None` for the national railway, which belongs to no issuer region and is paid per
+    /// ride through the payables from each card issuer.
+    pub region: Option<IssuerRegion>,
 }
 
 /// Operators used by the simulator and the ledgers. The list is realistic test data, not an
@@ -270,49 +272,49 @@ pub const OPERATORS: [Operator; 7] = [
         name_zh: "重庆公交集团",
         name_en: "Chongqing Public Transport Group",
         modes: &[Mode::Bus],
-        region: IssuerRegion::Chongqing,
+        region: Some(IssuerRegion::Chongqing),
     },
     Operator {
         id: 2,
         name_zh: "重庆轨道交通集团",
         name_en: "Chongqing Rail Transit",
         modes: &[Mode::Metro],
-        region: IssuerRegion::Chongqing,
+        region: Some(IssuerRegion::Chongqing),
     },
     Operator {
         id: 3,
         name_zh: "重庆轮渡",
         name_en: "Chongqing Ferry",
         modes: &[Mode::Ferry],
-        region: IssuerRegion::Chongqing,
+        region: Some(IssuerRegion::Chongqing),
     },
     Operator {
         id: 4,
         name_zh: "重庆长江索道",
         name_en: "Yangtze River Cableway",
         modes: &[Mode::Cableway],
-        region: IssuerRegion::Chongqing,
+        region: Some(IssuerRegion::Chongqing),
     },
     Operator {
         id: 5,
         name_zh: "缙云山索道",
         name_en: "Jinyun Mountain Cableway",
         modes: &[Mode::Cableway],
-        region: IssuerRegion::Chongqing,
+        region: Some(IssuerRegion::Chongqing),
     },
     Operator {
         id: 6,
         name_zh: "区县公交",
         name_en: "District and county bus operators",
         modes: &[Mode::Bus],
-        region: IssuerRegion::Chongqing,
+        region: Some(IssuerRegion::Chongqing),
     },
     Operator {
         id: 7,
-        name_zh: "成渝城际铁路",
-        name_en: "Chengdu–Chongqing intercity rail",
+        name_zh: "国铁成都局集团（川渝城际）",
+        name_en: "China Railway Chengdu Group (Sichuan–Chongqing intercity)",
         modes: &[Mode::IntercityRail],
-        region: IssuerRegion::Sichuan,
+        region: None,
     },
 ];
 
@@ -378,6 +380,6 @@ mod tests {
         for m in Mode::ALL {
             assert!(OPERATORS.iter().any(|o| o.modes.contains(m)), "{m}");
         }
-        assert_eq!(operator(7).map(|o| o.region), Some(IssuerRegion::Sichuan));
+        assert_eq!(operator(7).map(|o| o.region), Some(None));
     }
 }

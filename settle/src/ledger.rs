@@ -103,11 +103,16 @@ pub struct Ledger {
     pub fare_tables: BTreeSet<String>,
 }
 
-/// Who owes whom for a charge: the card's issuing region pays the operator's region.
-pub fn clearing_parties(record: &JournalRecord, charge: &Charge) -> (IssuerRegion, IssuerRegion) {
+/// Who owes whom for a charge between regions: the card's issuing region pays the operator's
+/// region. `None` for an operator outside the regions (the national railway), which the
+/// payables alone settle.
+pub fn clearing_parties(
+    record: &JournalRecord,
+    charge: &Charge,
+) -> Option<(IssuerRegion, IssuerRegion)> {
     let payer = record.tap.issuer.region();
-    let payee = operator(charge.operator).map_or(IssuerRegion::Chongqing, |o| o.region);
-    (payer, payee)
+    let payee = operator(charge.operator).map_or(Some(IssuerRegion::Chongqing), |o| o.region)?;
+    Some((payer, payee))
 }
 
 impl Ledger {
@@ -128,8 +133,9 @@ impl Ledger {
                 .or_default()
                 .add(ride);
             day.cards.entry(record.tap.card_id).or_default().add(ride);
-            let (payer, payee) = clearing_parties(record, charge);
-            if payer != payee {
+            if let Some((payer, payee)) = clearing_parties(record, charge)
+                && payer != payee
+            {
                 day.clearing.entry((payer, payee)).or_default().add(ride);
             }
             day.payables
