@@ -202,12 +202,10 @@ async fn run_async(args: CardsArgs) -> anyhow::Result<()> {
 }
 
 async fn set_state(directory: &Directory, card_id: u64, state: CardState) -> anyhow::Result<()> {
-    let mut card = directory
-        .card(card_id)
+    directory
+        .set_state(card_id, state)
         .await?
         .with_context(|| format!("card {card_id} is not in the directory"))?;
-    card.state = state;
-    directory.put_card(card).await?;
     println!("card {card_id} is now {}", state.label());
     Ok(())
 }

@@ -519,6 +519,18 @@ async fn an_allowance_starts_afresh_each_year_and_a_top_up_reaches_every_gateway
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // A loss report sets the state alone: the count the gateways left stays.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tapgate"))
+        .args(["cards", "--redis-url", &redis.url(), "report-lost"])
+        .arg(USED_UP.to_string())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let record = directory.card(USED_UP).await.unwrap().unwrap();
+    assert_eq!(
+        (record.state, record.rides_left, record.rides_period),
+        (CardState::Lost, 299, this_period)
+    );
     // A card without a counted concession has nothing to top up.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tapgate"))
         .args(["cards", "--redis-url", &redis.url(), "top-up"])

@@ -1,7 +1,7 @@
 //! The in-process directory of the demo and the tests.
 
 use super::{CHANGE_CHANNEL, CardChange, ChangeEvent, RideClaim, TerminalChange, TerminalRecord};
-use crate::card::CardRecord;
+use crate::card::{CardRecord, CardState};
 use crate::decide::CountedRide;
 use std::collections::HashMap;
 use std::sync::RwLock;
@@ -95,6 +95,20 @@ impl EmbeddedDirectory {
             }
             None => RideClaim::NoneLeft,
         }
+    }
+
+    pub(super) fn set_state(&self, card_id: u64, state: CardState) -> Option<CardRecord> {
+        let record = {
+            let mut cards = self.cards.write().expect("card map lock");
+            let card = cards.get_mut(&card_id)?;
+            card.state = state;
+            *card
+        };
+        let _ = self.changes.send(ChangeEvent::Changed(CardChange {
+            card_id,
+            record: Some(record),
+        }));
+        Some(record)
     }
 
     pub(super) fn top_up(&self, card_id: u64, ride: CountedRide, rides: u32) -> Option<u32> {

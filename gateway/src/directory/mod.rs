@@ -24,7 +24,7 @@
 //! came back without it (a failover that lost the newest entries, or a restart without
 //! persistence), the gateway drops its whole cache instead.
 
-use crate::card::CardRecord;
+use crate::card::{CardRecord, CardState};
 use crate::decide::CountedRide;
 pub use crate::decide::RideClaim;
 use std::sync::Arc;
@@ -126,6 +126,20 @@ impl Directory {
                 Ok(())
             }
             Directory::Redis(d) => d.put_cards(&[record]).await,
+        }
+    }
+
+    /// Sets a card's state alone (a loss report, a block, an unblock) and publishes the record
+    /// as a change; the rest of the record, the counted rides the gateways are taking among
+    /// them, is left as it is. `None` when the card is not in the directory.
+    pub async fn set_state(
+        &self,
+        card_id: u64,
+        state: CardState,
+    ) -> Result<Option<CardRecord>, DirectoryError> {
+        match self {
+            Directory::Embedded(d) => Ok(d.set_state(card_id, state)),
+            Directory::Redis(d) => d.set_state(card_id, state).await,
         }
     }
 
@@ -257,7 +271,6 @@ pub fn change_group(id: u64) -> u16 {
 mod tests {
     use super::feed::stream_id_after;
     use super::*;
-    use crate::card::CardState;
     use chrono::NaiveDate;
     use std::collections::HashMap;
     use tapgate_protocol::{AreaCode, Concession, Issuer};

@@ -62,6 +62,17 @@ elseif (not period) or period == '' then
 end
 ";
 
+/// Sets the card KEYS[1]'s state to ARGV[1] and publishes the record on the change stream
+/// KEYS[2] (trimmed to about ARGV[2] entries) as `id` ARGV[3] with every field. Returns the
+/// fields, or nothing for a card that is not there.
+const SET_STATE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+redis.call('HSET', KEYS[1], 'state', ARGV[1])
+local fields = redis.call('HGETALL', KEYS[1])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'id', ARGV[3], unpack(fields))
+return fields
+";
+
 /// Takes one ride: returns the rides left after it, or -1 when none was left.
 const TAKE_RIDE: &str = r"
 if n <= 0 then return -1 end
@@ -113,6 +124,7 @@ pub struct RedisDirectory {
     pub(super) replica_wait: Duration,
     pub(super) take_ride: Arc<redis::Script>,
     pub(super) top_up: Arc<redis::Script>,
+    pub(super) set_state: Arc<redis::Script>,
 }
 
 impl RedisDirectory {
@@ -131,6 +143,7 @@ impl RedisDirectory {
             replica_wait: REPLICA_WAIT.min(settings.response_timeout * 3 / 4),
             take_ride: Arc::new(redis::Script::new(&format!("{READ_ALLOWANCE}{TAKE_RIDE}"))),
             top_up: Arc::new(redis::Script::new(&format!("{READ_ALLOWANCE}{TOP_UP}"))),
+            set_state: Arc::new(redis::Script::new(SET_STATE)),
         })
     }
 
@@ -321,6 +334,30 @@ impl RedisDirectory {
                 detail: "no readable `rides` count".into(),
             }),
         }
+    }
+
+    pub(super) async fn set_state(
+        &self,
+        card_id: u64,
+        state: CardState,
+    ) -> Result<Option<CardRecord>, DirectoryError> {
+        let key = self.card_key(card_id);
+        let fields: Option<HashMap<String, String>> = self
+            .set_state
+            .key(&key)
+            .key(self.changes_key(change_group(card_id)))
+            .arg(state.label())
+            .arg(CHANGE_STREAM_MAXLEN)
+            .arg(card_id)
+            .invoke_async(&mut self.connection.clone())
+            .await?;
+        let Some(fields) = fields else {
+            return Ok(None);
+        };
+        self.wait_for_replicas().await?;
+        parse_card(card_id, &fields)
+            .map(Some)
+            .map_err(|detail| DirectoryError::Malformed { key, detail })
     }
 
     pub(super) async fn top_up(
