@@ -78,10 +78,10 @@ pub(crate) fn report(ledger: &Ledger) -> String {
         by_mode.entry(*mode).or_default().add(*t);
     }
     let row = |s: &mut String, name: &str, t: Totals| {
-        let _ = writeln!(s, "  {name:<44} {:>8} {:>12}", t.rides, yuan(t.fen));
+        let _ = writeln!(s, "  {name:<64} {:>8} {:>12}", t.rides, yuan(t.fen));
     };
     let _ = writeln!(s, "\nby area (all 41):");
-    let _ = writeln!(s, "  {:<44} {:>8} {:>12}", "area", "rides", "yuan");
+    let _ = writeln!(s, "  {:<64} {:>8} {:>12}", "area", "rides", "yuan");
     for area in AREAS.iter() {
         let t = by_area.remove(&area.code.0).unwrap_or_default();
         row(&mut s, &area_name(area.code.0), t);

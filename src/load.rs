@@ -365,18 +365,32 @@ pub(crate) fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
         let reconciliation =
             tapgate_settle::ledger::Reconciliation::new(&expected.ledger, &settled);
         print!("{}", crate::books::reconcile_text(&reconciliation, 10));
-        let total = settled.total();
-        println!(
-            "ledger: {} ({} fares, {}.{:02} yuan)\n  report:    tapgate settle report --ledger {0}\n  reconcile: tapgate settle reconcile --ledger {0} --journal {}",
-            ledger_path.display(),
-            total.rides,
-            total.fen / 100,
-            total.fen % 100,
-            journal.display()
-        );
+        print_ledger_commands(&ledger_path, &journal, &settled);
         if !reconciliation.is_exact() {
             anyhow::bail!("settlement does not reconcile with the journal");
         }
         Ok(())
     })
+}
+
+/// Where the demo's books are, and the commands that read them.
+fn print_ledger_commands(
+    ledger_path: &std::path::Path,
+    journal: &std::path::Path,
+    settled: &tapgate_settle::ledger::Ledger,
+) {
+    let total = settled.total();
+    let day = settled
+        .days
+        .keys()
+        .next_back()
+        .map_or_else(String::new, ToString::to_string);
+    println!(
+        "ledger: {} ({} fares, {}.{:02} yuan)\n  report:    tapgate settle report --ledger {0}\n  statement: tapgate settle statement --ledger {0} --operator 2 --date {day}\n  reconcile: tapgate settle reconcile --ledger {0} --journal {}",
+        ledger_path.display(),
+        total.rides,
+        total.fen / 100,
+        total.fen % 100,
+        journal.display()
+    );
 }
