@@ -150,6 +150,15 @@ pub(crate) fn report(ledger: &Ledger) -> String {
     s
 }
 
+/// The books without their per-card part, which names cards by number and stays out of
+/// reports.
+fn without_cards(ledger: &Ledger) -> Ledger {
+    let mut copy = ledger.clone();
+    copy.restrict(None, false);
+    copy
+}
+
+/// The report as JSON: the totals, and the books without their per-card part.
 pub(crate) fn report_json(ledger: &Ledger) -> serde_json::Value {
     let books = ledger.all_days();
     let total = books.total();
@@ -202,7 +211,7 @@ pub(crate) fn report_json(ledger: &Ledger) -> serde_json::Value {
             "discount_fen": t.fen,
             "rides": t.rides,
         })).collect::<Vec<_>>(),
-        "ledger": ledger.to_json(),
+        "ledger": without_cards(ledger).to_json(),
     })
 }
 
@@ -307,4 +316,25 @@ pub(crate) fn reconcile_text(r: &Reconciliation, show: usize) -> String {
         let _ = writeln!(s, "  … and {} more", r.differences.len() - show);
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tapgate_settle::ledger::DayLedger;
+
+    #[test]
+    fn a_report_names_no_card() {
+        let mut day = DayLedger::default();
+        day.cards
+            .insert(6_222_000_000_000_042, Totals { fen: 200, rides: 1 });
+        let mut ledger = Ledger::default();
+        ledger
+            .days
+            .insert(chrono::NaiveDate::from_ymd_opt(2026, 11, 29).unwrap(), day);
+        let json = report_json(&ledger).to_string();
+        assert!(!json.contains("6222000000000042"), "{json}");
+        // The ledger itself keeps them, for reconcile.
+        assert!(ledger.to_json().to_string().contains("6222000000000042"));
+    }
 }
