@@ -8,11 +8,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 use tapgate_city::population::PopulationSpec;
 use tapgate_gateway::card::{CardRecord, CardState};
+use tapgate_gateway::config::Config;
 use tapgate_gateway::decide::CountedRide;
 use tapgate_gateway::directory::{
     Directory, RedisDirectory, RedisSettings, card_fields, parse_card,
 };
-use tapgate_gateway::policy::Policy;
 use tapgate_runtime::clock::{local_date, now_ms};
 use tapgate_runtime::redis_target::bounded_line;
 
@@ -211,14 +211,10 @@ async fn set_state(directory: &Directory, card_id: u64, state: CardState) -> any
 }
 
 async fn top_up_card(directory: &Directory, args: TopUpArgs) -> anyhow::Result<()> {
-    let policy = match &args.policy {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-            Policy::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
-        }
-        None => Policy::embedded_default(),
-    };
+    // Read as a gateway reads it: the file when given, the built-in policy otherwise.
+    let mut config = Config::default();
+    config.policy.file = args.policy.clone();
+    let policy = config.policy()?;
     let card = directory
         .card(args.card_id)
         .await?

@@ -12,6 +12,20 @@ use tapgate_runtime::now_ms;
 
 const CARD: u64 = 6_222_000_000_000_001;
 
+/// Two gateways on `redis` that count every tap on a bus as a boarding (their state
+/// directories first, to keep them as long as the gateways).
+async fn two_gateways_counting_every_boarding(
+    redis: &RedisServer,
+) -> (tempfile::TempDir, tempfile::TempDir, Harness, Harness) {
+    let (a_state, b_state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Harness::start(redis.directory(), a_state.path()).await;
+    let b = Harness::start(redis.directory(), b_state.path()).await;
+    for gateway in [&a, &b] {
+        gateway.gateway.set_policy(policy_counting_every_boarding());
+    }
+    (a_state, b_state, a, b)
+}
+
 async fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> Duration {
     let start = Instant::now();
     while !done() {
@@ -389,12 +403,7 @@ async fn two_gateways_give_exactly_the_counted_rides_a_card_has() {
         ))
         .await
         .unwrap();
-    let (a_state, b_state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = Harness::start(redis.directory(), a_state.path()).await;
-    let b = Harness::start(redis.directory(), b_state.path()).await;
-    for gateway in [&a, &b] {
-        gateway.gateway.set_policy(policy_counting_every_boarding());
-    }
+    let (_a_state, _b_state, a, b) = two_gateways_counting_every_boarding(&redis).await;
     let mut gate_a = a.gate(&YUZHONG_BUS).await;
     let mut gate_b = b.gate(&YUZHONG_BUS).await;
     // Each gateway's cache believes it has three rides to give; together they try ten. The
@@ -464,12 +473,7 @@ async fn an_allowance_starts_afresh_each_year_and_a_top_up_reaches_every_gateway
         ..last_year
     };
     directory.put_cards(&[last_year, used_up]).await.unwrap();
-    let (a_state, b_state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = Harness::start(redis.directory(), a_state.path()).await;
-    let b = Harness::start(redis.directory(), b_state.path()).await;
-    for gateway in [&a, &b] {
-        gateway.gateway.set_policy(policy_counting_every_boarding());
-    }
+    let (_a_state, _b_state, a, b) = two_gateways_counting_every_boarding(&redis).await;
     let mut gate_a = a.gate(&YUZHONG_BUS).await;
     let mut gate_b = b.gate(&YUZHONG_BUS).await;
 

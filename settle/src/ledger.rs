@@ -586,7 +586,6 @@ fn compare_finance_books(
     );
 }
 
-/// Every entry where `settled` differs from `expected`, day by day.
 /// Adds to `out` every key where the two maps of one day differ.
 fn compare<K: Ord + Copy>(
     day: NaiveDate,
@@ -614,6 +613,7 @@ fn compare<K: Ord + Copy>(
     }
 }
 
+/// Every entry where `settled` differs from `expected`, day by day.
 pub fn differences(expected: &Ledger, settled: &Ledger) -> Vec<Difference> {
     let days: std::collections::BTreeSet<NaiveDate> = expected
         .days

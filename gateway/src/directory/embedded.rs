@@ -98,10 +98,27 @@ impl EmbeddedDirectory {
     }
 
     pub(super) fn set_state(&self, card_id: u64, state: CardState) -> Option<CardRecord> {
+        self.change_card(card_id, |card| card.state = state)
+    }
+
+    pub(super) fn top_up(&self, card_id: u64, ride: CountedRide, rides: u32) -> Option<u32> {
+        let record = self.change_card(card_id, |card| {
+            in_period(card, ride);
+            card.rides_left = card.rides_left.saturating_add(rides);
+        })?;
+        Some(record.rides_left)
+    }
+
+    /// Changes one card in place, under the lock, and publishes the result as a change.
+    fn change_card(
+        &self,
+        card_id: u64,
+        change: impl FnOnce(&mut CardRecord),
+    ) -> Option<CardRecord> {
         let record = {
             let mut cards = self.cards.write().expect("card map lock");
             let card = cards.get_mut(&card_id)?;
-            card.state = state;
+            change(card);
             *card
         };
         let _ = self.changes.send(ChangeEvent::Changed(CardChange {
@@ -109,21 +126,6 @@ impl EmbeddedDirectory {
             record: Some(record),
         }));
         Some(record)
-    }
-
-    pub(super) fn top_up(&self, card_id: u64, ride: CountedRide, rides: u32) -> Option<u32> {
-        let record = {
-            let mut cards = self.cards.write().expect("card map lock");
-            let card = cards.get_mut(&card_id)?;
-            in_period(card, ride);
-            card.rides_left = card.rides_left.saturating_add(rides);
-            *card
-        };
-        let _ = self.changes.send(ChangeEvent::Changed(CardChange {
-            card_id,
-            record: Some(record),
-        }));
-        Some(record.rides_left)
     }
 
     pub(super) fn follow_changes(&self) -> mpsc::Receiver<ChangeEvent> {

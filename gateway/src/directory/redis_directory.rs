@@ -62,14 +62,22 @@ elseif (not period) or period == '' then
 end
 ";
 
-/// Sets the card KEYS[1]'s state to ARGV[1] and publishes the record on the change stream
-/// KEYS[2] (trimmed to about ARGV[2] entries) as `id` ARGV[3] with every field. Returns the
-/// fields, or nothing for a card that is not there.
+/// The tail both record-changing scripts share: publishes the card KEYS[1] on the change
+/// stream KEYS[2] (trimmed to about `maxlen` entries) as `id` with every field, as a write of
+/// the whole record does, so every gateway's cache sees the change; leaves the fields in
+/// `fields`.
+const PUBLISH_RECORD: &str = r"
+local fields = redis.call('HGETALL', KEYS[1])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'id', id, unpack(fields))
+";
+
+/// Sets the card KEYS[1]'s state to ARGV[1] and publishes it (maxlen ARGV[2], id ARGV[3]).
+/// Returns the fields, or nothing for a card that is not there.
 const SET_STATE: &str = r"
+local maxlen, id = ARGV[2], ARGV[3]
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 redis.call('HSET', KEYS[1], 'state', ARGV[1])
-local fields = redis.call('HGETALL', KEYS[1])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'id', ARGV[3], unpack(fields))
+PUBLISH_RECORD
 return fields
 ";
 
@@ -79,14 +87,13 @@ if n <= 0 then return -1 end
 return redis.call('HINCRBY', KEYS[1], 'rides', -1)
 ";
 
-/// Adds ARGV[3] rides and publishes the record on the change stream KEYS[2] (trimmed to about
-/// ARGV[4] entries) as `id` ARGV[5] with every field, as a write of the whole record does, so
-/// every gateway's cache sees the new count. Returns the rides left.
+/// Adds ARGV[3] rides and publishes the record (maxlen ARGV[4], id ARGV[5]). Returns the rides
+/// left.
 const TOP_UP: &str = r"
+local maxlen, id = ARGV[4], ARGV[5]
 n = n + tonumber(ARGV[3])
 redis.call('HSET', KEYS[1], 'rides', n)
-local fields = redis.call('HGETALL', KEYS[1])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'id', ARGV[5], unpack(fields))
+PUBLISH_RECORD
 return n
 ";
 
@@ -142,8 +149,13 @@ impl RedisDirectory {
             wait_replicas: settings.wait_replicas,
             replica_wait: REPLICA_WAIT.min(settings.response_timeout * 3 / 4),
             take_ride: Arc::new(redis::Script::new(&format!("{READ_ALLOWANCE}{TAKE_RIDE}"))),
-            top_up: Arc::new(redis::Script::new(&format!("{READ_ALLOWANCE}{TOP_UP}"))),
-            set_state: Arc::new(redis::Script::new(SET_STATE)),
+            top_up: Arc::new(redis::Script::new(&format!(
+                "{READ_ALLOWANCE}{}",
+                TOP_UP.replace("PUBLISH_RECORD", PUBLISH_RECORD)
+            ))),
+            set_state: Arc::new(redis::Script::new(
+                &SET_STATE.replace("PUBLISH_RECORD", PUBLISH_RECORD),
+            )),
         })
     }
 
