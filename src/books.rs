@@ -64,10 +64,7 @@ pub(crate) fn report(ledger: &Ledger) -> String {
             days.join(", ")
         }
     );
-    if !ledger.fare_tables.is_empty() {
-        let digests: Vec<&str> = ledger.fare_tables.iter().map(String::as_str).collect();
-        let _ = writeln!(s, "priced with fare tables {}", digests.join(", "));
-    }
+    s.push_str(&provenance_lines(ledger));
     let mut by_area: std::collections::BTreeMap<u32, Totals> = std::collections::BTreeMap::new();
     let mut by_operator: std::collections::BTreeMap<u16, Totals> =
         std::collections::BTreeMap::new();
@@ -150,6 +147,27 @@ pub(crate) fn report(ledger: &Ledger) -> String {
     s
 }
 
+/// Which fare tables priced the books, and one line per closed day whose late taps were booked
+/// on a later day.
+fn provenance_lines(ledger: &Ledger) -> String {
+    let mut s = String::new();
+    if !ledger.fare_tables.is_empty() {
+        let digests: Vec<&str> = ledger.fare_tables.iter().map(String::as_str).collect();
+        let _ = writeln!(s, "priced with fare tables {}", digests.join(", "));
+    }
+    for ((booked, tapped), late) in &ledger.late {
+        let t = late.total();
+        let _ = writeln!(
+            s,
+            "late taps booked on {booked}, tapped on {tapped} (closed before they arrived): {} taps, {} fares, {} yuan",
+            late.taps,
+            t.rides,
+            yuan(t.fen)
+        );
+    }
+    s
+}
+
 /// The books without their per-card part, which names cards by number and stays out of
 /// reports.
 fn without_cards(ledger: &Ledger) -> Ledger {
@@ -170,6 +188,7 @@ pub(crate) fn report_json(ledger: &Ledger) -> serde_json::Value {
         "days": ledger.days.keys().map(|d| d.to_string()).collect::<Vec<_>>(),
         "fare_tables": ledger.fare_tables,
         "approved_taps": books.taps,
+        "late_taps": ledger.late_taps(),
         "fares": total.rides,
         "total_fen": total.fen,
         "by_area": AREAS.iter().map(|a| {
@@ -215,17 +234,16 @@ pub(crate) fn report_json(ledger: &Ledger) -> serde_json::Value {
     })
 }
 
-pub(crate) fn reconcile_text(r: &Reconciliation, show: usize) -> String {
+/// What a reader needs to know before the differences: late taps, other fare tables.
+fn reconcile_notes(r: &Reconciliation) -> String {
     let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "reconcile: {} approved taps in the journals, {} settled; {} lost, {} duplicated; {} differences",
-        r.journal_taps,
-        r.settled_taps,
-        r.lost,
-        r.duplicated,
-        r.differences.len()
-    );
+    if r.late_taps > 0 {
+        let _ = writeln!(
+            s,
+            "note: {} taps reached settlement after their day closed; they are booked to a later day as late taps and compared here on the day they were tapped",
+            r.late_taps
+        );
+    }
     if r.settled_fare_tables != r.journal_fare_tables {
         let list = |set: &std::collections::BTreeSet<String>| {
             set.iter().cloned().collect::<Vec<_>>().join(", ")
@@ -245,6 +263,21 @@ pub(crate) fn reconcile_text(r: &Reconciliation, show: usize) -> String {
             )
         };
     }
+    s
+}
+
+pub(crate) fn reconcile_text(r: &Reconciliation, show: usize) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "reconcile: {} approved taps in the journals, {} settled; {} lost, {} duplicated; {} differences",
+        r.journal_taps,
+        r.settled_taps,
+        r.lost,
+        r.duplicated,
+        r.differences.len()
+    );
+    s.push_str(&reconcile_notes(r));
     for d in r.differences.iter().take(show) {
         let what = match d.subject {
             Subject::Taps => "approved taps (rides = taps, yuan = day total)".to_string(),

@@ -266,7 +266,7 @@ pub(crate) fn run(args: SettleArgs) -> anyhow::Result<ExitCode> {
             out,
         } => {
             let ledger = source.read(Some(date), false)?;
-            if ledger.days.is_empty() {
+            if ledger.days.is_empty() && !ledger.late.keys().any(|(booked, _)| *booked == date) {
                 eprintln!("note: no taps were settled on {date}; the statement is all zeros");
             }
             let statement = Statement::of(&ledger, operator, date)?;

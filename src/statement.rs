@@ -6,14 +6,23 @@ use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use tapgate_protocol::registry::operator;
 use tapgate_protocol::{Concession, Issuer, Mode};
-use tapgate_settle::ledger::{Ledger, Totals};
+use tapgate_settle::ledger::{DayLedger, Ledger, Totals};
 
-/// One operator's books for one day.
+/// One operator's books of one settlement day: the taps of the day, and the late taps of
+/// closed days that reached settlement on it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Statement {
     pub(crate) operator: u16,
     pub(crate) date: NaiveDate,
     pub(crate) fare_tables: Vec<String>,
+    pub(crate) on_time: OperatorBooks,
+    /// Late taps booked on this day, by the closed day they were tapped on.
+    pub(crate) late: BTreeMap<NaiveDate, OperatorBooks>,
+}
+
+/// One operator's share of one set of books.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct OperatorBooks {
     /// Rides carried and fares earned, by area and mode.
     pub(crate) fares: BTreeMap<(u32, Mode), Totals>,
     /// What each card issuer owes the operator for those rides.
@@ -29,8 +38,10 @@ pub(crate) struct Statement {
 }
 
 /// The CSV columns: every row is one line of one section, with the columns that do not apply
-/// to its section left empty.
-const CSV_HEADER: &str = "section,date,operator,area,mode,line,gate,issuer,concession,rides,fen";
+/// to its section left empty. `tapped` is the day the row's taps were made: the statement's
+/// day, or an earlier, closed day for late taps.
+const CSV_HEADER: &str =
+    "section,date,tapped,operator,area,mode,line,gate,issuer,concession,rides,fen";
 
 /// The columns of one CSV line that its section fills.
 #[derive(Default)]
@@ -43,143 +54,99 @@ struct Row {
     concession: Option<Concession>,
 }
 
-impl Statement {
-    /// `operator`'s statement for `date` from `ledger`; all zeros when it carried nothing then.
-    pub(crate) fn of(ledger: &Ledger, operator_id: u16, date: NaiveDate) -> anyhow::Result<Self> {
-        if operator(operator_id).is_none() {
-            anyhow::bail!("no operator {operator_id} (PROTOCOL.md section 3 lists them)");
-        }
-        let mut statement = Statement {
-            operator: operator_id,
-            date,
-            fare_tables: ledger.fare_tables.iter().cloned().collect(),
-            fares: BTreeMap::new(),
-            receivable: BTreeMap::new(),
-            concessions: BTreeMap::new(),
-            transfers: BTreeMap::new(),
-            lines: BTreeMap::new(),
-            vehicles: BTreeMap::new(),
-        };
-        let Some(day) = ledger.days.get(&date) else {
-            return Ok(statement);
-        };
+impl OperatorBooks {
+    fn of(day: &DayLedger, operator_id: u16) -> Self {
+        let mut books = Self::default();
+        let ours = |op: &u16| *op == operator_id;
         for ((area, op, mode), t) in &day.cells {
-            if *op == operator_id {
-                statement.fares.entry((*area, *mode)).or_default().add(*t);
+            if ours(op) {
+                books.fares.entry((*area, *mode)).or_default().add(*t);
             }
         }
         for ((issuer, op), t) in &day.payables {
-            if *op == operator_id {
-                statement.receivable.entry(*issuer).or_default().add(*t);
+            if ours(op) {
+                books.receivable.entry(*issuer).or_default().add(*t);
             }
         }
         for ((concession, op, area, mode), t) in &day.concessions {
-            if *op == operator_id {
+            if ours(op) {
                 let key = (*concession, *area, *mode);
-                statement.concessions.entry(key).or_default().add(*t);
+                books.concessions.entry(key).or_default().add(*t);
             }
         }
         for ((op, area, mode), t) in &day.transfers {
-            if *op == operator_id {
-                statement
-                    .transfers
-                    .entry((*area, *mode))
-                    .or_default()
-                    .add(*t);
+            if ours(op) {
+                books.transfers.entry((*area, *mode)).or_default().add(*t);
             }
         }
         for ((op, area, mode, line), t) in &day.lines {
-            if *op == operator_id {
+            if ours(op) {
                 let key = (*area, *mode, *line);
-                statement.lines.entry(key).or_default().add(*t);
+                books.lines.entry(key).or_default().add(*t);
             }
         }
         for ((op, gate), t) in &day.vehicles {
-            if *op == operator_id {
-                statement.vehicles.entry(*gate).or_default().add(*t);
+            if ours(op) {
+                books.vehicles.entry(*gate).or_default().add(*t);
             }
         }
-        Ok(statement)
+        books
     }
 
-    fn total(map: impl IntoIterator<Item = Totals>) -> Totals {
+    fn total(&self) -> Totals {
         let mut total = Totals::default();
-        map.into_iter().for_each(|t| total.add(t));
+        self.fares.values().for_each(|t| total.add(*t));
         total
     }
 
-    pub(crate) fn to_csv(&self) -> String {
-        let mut out = format!("{CSV_HEADER}\n");
-        let mut row = |section: &str, line: Row, t: &Totals| {
-            let text = |v: Option<String>| v.unwrap_or_default();
-            out.push_str(&format!(
-                "{section},{},{},{},{},{},{},{},{},{},{}\n",
-                self.date,
-                self.operator,
-                text(line.area.map(|a| a.to_string())),
-                line.mode.map(Mode::label).unwrap_or_default(),
-                text(line.line.map(|l| l.to_string())),
-                text(line.gate.map(|g| g.to_string())),
-                line.issuer.map(Issuer::label).unwrap_or_default(),
-                line.concession.map(Concession::label).unwrap_or_default(),
-                t.rides,
-                t.fen
-            ));
-        };
+    /// The rows of these books, each as (section, columns, totals), ending with their total.
+    fn rows(&self) -> Vec<(&'static str, Row, Totals)> {
         let place = |area: u32, mode: Mode| Row {
             area: Some(area),
             mode: Some(mode),
             ..Row::default()
         };
+        let mut rows = Vec::new();
         for ((area, mode), t) in &self.fares {
-            row("fares", place(*area, *mode), t);
+            rows.push(("fares", place(*area, *mode), *t));
         }
         for ((area, mode, line), t) in &self.lines {
             let by_line = Row {
                 line: Some(*line),
                 ..place(*area, *mode)
             };
-            row("line", by_line, t);
+            rows.push(("line", by_line, *t));
         }
         for (gate, t) in &self.vehicles {
             let by_gate = Row {
                 gate: Some(*gate),
                 ..Row::default()
             };
-            row("vehicle", by_gate, t);
+            rows.push(("vehicle", by_gate, *t));
         }
         for (issuer, t) in &self.receivable {
             let from = Row {
                 issuer: Some(*issuer),
                 ..Row::default()
             };
-            row("receivable", from, t);
+            rows.push(("receivable", from, *t));
         }
         for ((concession, area, mode), t) in &self.concessions {
             let forgone = Row {
                 concession: Some(*concession),
                 ..place(*area, *mode)
             };
-            row("concession_forgone", forgone, t);
+            rows.push(("concession_forgone", forgone, *t));
         }
         for ((area, mode), t) in &self.transfers {
-            row("transfer_discount", place(*area, *mode), t);
+            rows.push(("transfer_discount", place(*area, *mode), *t));
         }
-        let total = Self::total(self.fares.values().copied());
-        row("total", Row::default(), &total);
-        out
+        rows.push(("total", Row::default(), self.total()));
+        rows
     }
 
-    pub(crate) fn to_json(&self) -> Value {
-        let named = operator(self.operator);
+    fn to_json(&self) -> Value {
         json!({
-            "operator": {
-                "id": self.operator,
-                "name_zh": named.map(|o| o.name_zh),
-                "name_en": named.map(|o| o.name_en),
-            },
-            "date": self.date.to_string(),
-            "fare_tables": self.fare_tables,
             "fares": self.fares.iter().map(|((area, mode), t)| json!({
                 "area": area, "mode": mode.label(), "rides": t.rides, "fen": t.fen,
             })).collect::<Vec<_>>(),
@@ -199,10 +166,91 @@ impl Statement {
             "vehicles": self.vehicles.iter().map(|(gate, t)| json!({
                 "gate": gate, "rides": t.rides, "fen": t.fen,
             })).collect::<Vec<_>>(),
-            "total": {
-                "rides": Self::total(self.fares.values().copied()).rides,
-                "fen": Self::total(self.fares.values().copied()).fen,
+            "total": {"rides": self.total().rides, "fen": self.total().fen},
+        })
+    }
+}
+
+impl Statement {
+    /// `operator`'s statement for `date` from `ledger`; all zeros when it carried nothing then.
+    pub(crate) fn of(ledger: &Ledger, operator_id: u16, date: NaiveDate) -> anyhow::Result<Self> {
+        if operator(operator_id).is_none() {
+            anyhow::bail!("no operator {operator_id} (PROTOCOL.md section 3 lists them)");
+        }
+        let on_time = ledger
+            .days
+            .get(&date)
+            .map(|day| OperatorBooks::of(day, operator_id))
+            .unwrap_or_default();
+        let late = ledger
+            .late
+            .iter()
+            .filter(|((booked, _), _)| *booked == date)
+            .map(|((_, tapped), day)| (*tapped, OperatorBooks::of(day, operator_id)))
+            .collect();
+        Ok(Statement {
+            operator: operator_id,
+            date,
+            fare_tables: ledger.fare_tables.iter().cloned().collect(),
+            on_time,
+            late,
+        })
+    }
+
+    /// Everything booked on the day: its own taps and the late ones.
+    fn day_total(&self) -> Totals {
+        let mut total = self.on_time.total();
+        self.late.values().for_each(|b| total.add(b.total()));
+        total
+    }
+
+    /// The day's own taps, then each closed day's late taps, then `day_total`.
+    pub(crate) fn to_csv(&self) -> String {
+        let mut out = format!("{CSV_HEADER}\n");
+        let groups = std::iter::once((self.date, &self.on_time))
+            .chain(self.late.iter().map(|(tapped, books)| (*tapped, books)));
+        let mut row = |section: &str, tapped: Option<NaiveDate>, line: Row, t: Totals| {
+            let text = |v: Option<String>| v.unwrap_or_default();
+            out.push_str(&format!(
+                "{section},{},{},{},{},{},{},{},{},{},{},{}\n",
+                self.date,
+                text(tapped.map(|d| d.to_string())),
+                self.operator,
+                text(line.area.map(|a| a.to_string())),
+                line.mode.map(Mode::label).unwrap_or_default(),
+                text(line.line.map(|l| l.to_string())),
+                text(line.gate.map(|g| g.to_string())),
+                line.issuer.map(Issuer::label).unwrap_or_default(),
+                line.concession.map(Concession::label).unwrap_or_default(),
+                t.rides,
+                t.fen
+            ));
+        };
+        for (tapped, books) in groups {
+            for (section, line, t) in books.rows() {
+                row(section, Some(tapped), line, t);
+            }
+        }
+        row("day_total", None, Row::default(), self.day_total());
+        out
+    }
+
+    pub(crate) fn to_json(&self) -> Value {
+        let named = operator(self.operator);
+        let total = self.day_total();
+        json!({
+            "operator": {
+                "id": self.operator,
+                "name_zh": named.map(|o| o.name_zh),
+                "name_en": named.map(|o| o.name_en),
             },
+            "date": self.date.to_string(),
+            "fare_tables": self.fare_tables,
+            "on_time": self.on_time.to_json(),
+            "late": self.late.iter().map(|(tapped, books)| json!({
+                "tapped": tapped.to_string(), "books": books.to_json(),
+            })).collect::<Vec<_>>(),
+            "total": {"rides": total.rides, "fen": total.fen},
         })
     }
 }
@@ -246,31 +294,57 @@ mod tests {
             csv.lines().collect::<Vec<_>>(),
             [
                 CSV_HEADER,
-                "fares,2026-11-29,2,500103,metro,,,,,3,1000",
-                "fares,2026-11-29,2,500105,metro,,,,,1,300",
-                "line,2026-11-29,2,500103,metro,2,,,,3,1000",
-                "line,2026-11-29,2,500105,metro,3,,,,1,300",
-                "receivable,2026-11-29,2,,,,,cq_ssc,,3,900",
-                "receivable,2026-11-29,2,,,,,sc_tianfutong,,1,400",
-                "concession_forgone,2026-11-29,2,500103,metro,,,,elder,1,400",
-                "transfer_discount,2026-11-29,2,500105,metro,,,,,1,200",
-                "total,2026-11-29,2,,,,,,,4,1300",
+                "fares,2026-11-29,2026-11-29,2,500103,metro,,,,,3,1000",
+                "fares,2026-11-29,2026-11-29,2,500105,metro,,,,,1,300",
+                "line,2026-11-29,2026-11-29,2,500103,metro,2,,,,3,1000",
+                "line,2026-11-29,2026-11-29,2,500105,metro,3,,,,1,300",
+                "receivable,2026-11-29,2026-11-29,2,,,,,cq_ssc,,3,900",
+                "receivable,2026-11-29,2026-11-29,2,,,,,sc_tianfutong,,1,400",
+                "concession_forgone,2026-11-29,2026-11-29,2,500103,metro,,,,elder,1,400",
+                "transfer_discount,2026-11-29,2026-11-29,2,500105,metro,,,,,1,200",
+                "total,2026-11-29,2026-11-29,2,,,,,,,4,1300",
+                "day_total,2026-11-29,,2,,,,,,,4,1300",
             ]
         );
         let json = s.to_json();
         assert_eq!(json["operator"]["name_en"], "Chongqing Rail Transit");
         assert_eq!(json["total"]["fen"], 1300);
-        assert_eq!(json["concessions"][0]["forgone_fen"], 400);
+        assert_eq!(json["on_time"]["concessions"][0]["forgone_fen"], 400);
+    }
+
+    #[test]
+    fn late_taps_appear_on_the_day_they_were_booked_naming_their_own_day() {
+        let mut ledger = ledger();
+        let next_day = date().succ_opt().unwrap();
+        let mut late = DayLedger::default();
+        late.cells
+            .insert((500103, 2, Mode::Metro), Totals { fen: 500, rides: 1 });
+        ledger.late.insert((next_day, date()), late);
+        let csv = Statement::of(&ledger, 2, next_day).unwrap().to_csv();
+        assert!(
+            csv.contains("\nfares,2026-11-30,2026-11-29,2,500103,metro,,,,,1,500\n"),
+            "{csv}"
+        );
+        assert!(
+            csv.ends_with("\nday_total,2026-11-30,,2,,,,,,,1,500\n"),
+            "{csv}"
+        );
+        // The closed day's own statement is as it was.
+        let closed = Statement::of(&ledger, 2, date()).unwrap().to_csv();
+        assert!(
+            closed.ends_with("\nday_total,2026-11-29,,2,,,,,,,4,1300\n"),
+            "{closed}"
+        );
     }
 
     #[test]
     fn an_idle_day_is_all_zeros_and_an_unknown_operator_is_refused() {
         let next_day = date().succ_opt().unwrap();
         let s = Statement::of(&ledger(), 2, next_day).unwrap();
-        assert!(s.to_csv().ends_with("total,2026-11-30,2,,,,,,,0,0\n"));
+        assert!(s.to_csv().ends_with("day_total,2026-11-30,,2,,,,,,,0,0\n"));
         let bus = Statement::of(&ledger(), 1, date()).unwrap().to_csv();
         assert!(
-            bus.contains("\nvehicle,2026-11-29,1,,,,100000007,,,5,1000\n"),
+            bus.contains("\nvehicle,2026-11-29,2026-11-29,1,,,,100000007,,,5,1000\n"),
             "{bus}"
         );
         let e = Statement::of(&ledger(), 99, date()).unwrap_err();

@@ -116,7 +116,7 @@ fn check_a_statement(ledger: &Ledger, dir: &std::path::Path) {
         .filter(|((_, operator, _), _)| *operator == 1)
         .map(|(_, t)| t.fen)
         .sum();
-    let total = csv.lines().find(|l| l.starts_with("total,")).unwrap();
+    let total = csv.lines().find(|l| l.starts_with("day_total,")).unwrap();
     assert!(total.ends_with(&format!(",{bus_fares}")), "{csv}");
     assert!(csv.contains(",sc_tianfutong,,1,200\n"), "{csv}");
     assert!(
@@ -125,7 +125,7 @@ fn check_a_statement(ledger: &Ledger, dir: &std::path::Path) {
         "{csv}"
     );
     // The bus's own line: its gate is the vehicle.
-    let vehicle = format!("\nvehicle,{day},1,,,,{},", YUZHONG_BUS.terminal_id);
+    let vehicle = format!("\nvehicle,{day},{day},1,,,,{},", YUZHONG_BUS.terminal_id);
     assert!(csv.contains(&vehicle), "{csv}");
     let (ok, json, _) = statement("1", "json");
     assert!(ok);

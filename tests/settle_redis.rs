@@ -554,3 +554,160 @@ async fn settle_run_exits_with_an_error_it_cannot_recover_from() {
     assert!(stderr.contains("set up for 4 partitions"), "{stderr}");
     assert!(started.elapsed() < Duration::from_secs(20), "{stderr}");
 }
+
+/// Approved bus boardings in 渝中, one card each, `days_ago` days before now.
+fn old_boardings(first_card: u64, n: u64, days_ago: u64) -> Vec<tapgate_journal::JournalRecord> {
+    use tapgate_protocol::{
+        Concession, Issuer, Mode, Outcome, RIDES_LEFT_NOT_APPLICABLE, Reason, TapKind, TapResult,
+    };
+    let at = tapgate_runtime::now_ms() - days_ago * 86_400_000;
+    (0..n)
+        .map(|i| tapgate_journal::JournalRecord {
+            terminal_id: YUZHONG_BUS.terminal_id,
+            tag: [0; 16],
+            tap: tap(first_card + i, first_card + i, TapKind::Flat),
+            server_time_ms: at + i,
+            area: 500103,
+            mode: Mode::Bus,
+            operator: 1,
+            result: TapResult {
+                sequence: first_card + i,
+                outcome: Outcome::Approve,
+                reason: Reason::Approved,
+                concession: Concession::None,
+                fare_fen: 0,
+                rides_left: RIDES_LEFT_NOT_APPLICABLE,
+            },
+            pay_percent: 100,
+            repeat_boarding: false,
+        })
+        .map(|mut r| {
+            r.tap.issuer = Issuer::ChongqingSsc;
+            r.tap.gate_time_ms = r.server_time_ms;
+            r
+        })
+        .collect()
+}
+
+/// A day settled while open keeps its books when it closes: taps of it that arrive later are
+/// booked to the open day as late taps naming it, reconcile compares them on their own day,
+/// and a settler whose clock is behind cannot book into a day another settler closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_day_never_changes_and_taps_arriving_after_it_are_booked_late() {
+    let redis = RedisServer::start();
+    let state = tempfile::tempdir().unwrap();
+    let journal_settings = tapgate_journal::JournalSettings {
+        dir: state.path().join("journal"),
+        segment_bytes: 1 << 20,
+        queue_capacity: 64,
+        max_batch: 64,
+        min_sync_interval: Duration::ZERO,
+    };
+    let (journal, writer) = tapgate_journal::Journal::open(&journal_settings, |_| {}).unwrap();
+    let append = |records: Vec<tapgate_journal::JournalRecord>| {
+        let journal = journal.clone();
+        async move {
+            for r in records {
+                journal.append_durable(r).unwrap().await.unwrap().unwrap();
+            }
+        }
+    };
+    let settings = SettlementSettings {
+        node: "gw-late".into(),
+        journal_dir: journal_settings.dir.clone(),
+        partitions: PARTITIONS,
+        settlers: 1,
+        batch: 64,
+        max_backlog: 100_000,
+        lease_ttl: Duration::from_millis(1000),
+    };
+    let shipped = FareTables::embedded_default();
+    let tapped = shipped
+        .day
+        .day_of(tapgate_runtime::now_ms() - 3 * 86_400_000);
+
+    // Settled while a week's grace keeps three days ago open: booked on its own day.
+    append(old_boardings(1_000, 6, 3)).await;
+    let mut week_open = shipped.clone();
+    week_open.day.close_after_minutes = 7 * 24 * 60;
+    let first = Settlement::start(
+        store(&redis),
+        &settings,
+        Arc::new(week_open),
+        journal.durable(),
+    );
+    assert!(first.wait_settled(Duration::from_secs(20)).await.unwrap());
+    first.shutdown().await;
+    let before = store(&redis).ledger(None, false).await.unwrap();
+    assert_eq!(before.days[&tapped].taps, 6);
+    assert!(before.late.is_empty());
+
+    // With the shipped two hours that day is closed: more of its taps go to the open day.
+    append(old_boardings(2_000, 4, 3)).await;
+    let second = Settlement::start(
+        store(&redis),
+        &settings,
+        Arc::new(shipped.clone()),
+        journal.durable(),
+    );
+    assert!(second.wait_settled(Duration::from_secs(20)).await.unwrap());
+    let after = store(&redis).ledger(None, false).await.unwrap();
+    assert_eq!(
+        after.days[&tapped], before.days[&tapped],
+        "a closed day changed"
+    );
+    let open = shipped.day.day_of(tapgate_runtime::now_ms());
+    assert_eq!(after.late.keys().collect::<Vec<_>>(), [&(open, tapped)]);
+    assert_eq!(after.late[&(open, tapped)].taps, 4);
+    assert_eq!(second.settlers.late.load(Ordering::Relaxed), 4);
+    second.shutdown().await;
+
+    let expected = settle_journals(&[&journal_settings.dir], &shipped)
+        .unwrap()
+        .ledger;
+    let settled = store(&redis).ledger(None, true).await.unwrap();
+    let r = Reconciliation::new(&expected, &settled);
+    assert!(r.is_exact(), "{r:?}");
+    assert_eq!(r.late_taps, 4);
+    let (ok, text) = reconcile_cli(&redis.url(), &journal_settings.dir);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("4 taps reached settlement after their day closed"),
+        "{text}"
+    );
+
+    a_batch_of_a_clock_behind_is_refused(&store(&redis)).await;
+    drop(journal);
+    writer.join();
+}
+
+/// A settler whose clock is a day behind prices the day before as open; the partition's
+/// record of its closed days refuses the batch.
+async fn a_batch_of_a_clock_behind_is_refused(s: &Store) {
+    let p = 0;
+    assert!(
+        s.lease(p, "slow-clock", Duration::from_secs(5))
+            .await
+            .unwrap()
+    );
+    let closed = s.closed(p).await.unwrap().expect("batches recorded it");
+    let batch = tapgate_settle::store::ApplyBatch {
+        partition: p,
+        token: "slow-clock".into(),
+        expected: s.watermark(p).await.unwrap(),
+        watermark: tapgate_settle::store::EntryId {
+            ms: u64::MAX,
+            seq: 0,
+        },
+        acks: Vec::new(),
+        trim_below: tapgate_settle::store::EntryId::default(),
+        taps: 0,
+        riders: Vec::new(),
+        ledger: Ledger::default(),
+        closed: closed.pred_opt().unwrap(),
+    };
+    assert_eq!(
+        s.apply(batch).await.unwrap(),
+        tapgate_settle::store::Applied::DayClosed
+    );
+}

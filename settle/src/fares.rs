@@ -9,12 +9,12 @@
 //! authority and nothing is recounted here), then the bus–rail transfer
 //! discount, then the daily cap.
 
+use crate::day::SettlementDay;
 use chrono::{Datelike, NaiveDate};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use tapgate_journal::{JournalRecord, version_1_pay_percent};
 use tapgate_protocol::{AreaCode, Concession, Mode, Outcome, TapKind};
-use tapgate_runtime::clock::local_date;
 
 /// The fare tables shipped with tapgate; `fares.example.toml` documents them.
 pub const DEFAULT_FARES_TOML: &str = include_str!("../../fares.example.toml");
@@ -103,6 +103,8 @@ impl TransferRule {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FareTables {
+    /// When settlement days begin and close; the daily cap counts by the same days.
+    pub day: SettlementDay,
     pub daily_cap: u32,
     pub transfer: TransferRule,
     pub bus: FlatTable,
@@ -137,7 +139,7 @@ impl FareTables {
 
     /// What is wrong with these tables, each as `key: why`; empty when they can be used.
     pub fn problems(&self) -> Vec<String> {
-        let mut out = Vec::new();
+        let mut out = self.day.problems();
         let mut money = |key: &str, fen: u32| {
             if fen > MAX_FEN {
                 out.push(format!("{key}: {fen} fen is more than {MAX_FEN}"));
@@ -530,7 +532,7 @@ pub fn settle(record: &JournalRecord, rider: &mut RiderState, tables: &FareTable
         return Vec::new();
     }
     let now = record.server_time_ms;
-    let today = local_date(now);
+    let today = tables.day.day_of(now);
     if rider.day != Some(today) {
         rider.day = Some(today);
         rider.paid_today = 0;
@@ -807,6 +809,7 @@ mod tests {
                         (a.min(b), a.max(b))
                     };
                     FareTables {
+                        day: FareTables::embedded_default().day,
                         daily_cap,
                         transfer: TransferRule {
                             window_s,
@@ -1397,14 +1400,24 @@ mod tests {
     }
 
     #[test]
-    fn the_daily_cap_limits_what_a_card_pays_per_local_day() {
+    fn the_daily_cap_limits_what_a_card_pays_per_settlement_day() {
         let rides: Vec<_> = (0..10).map(|i| bus(T0 + i * 2 * 60 * MIN / 10)).collect();
         let c = run_with(&capped(), &rides);
         assert_eq!(c.iter().map(|c| c.fare_fen).sum::<u32>(), 1500);
         assert_eq!(c[8].fare_fen, 0);
-        // The next local day starts afresh (16:00 + 9 h = 01:00 the next day).
+        // The night after midnight still counts with the day (16:00 + 9 h = 01:00, before the
+        // 04:00 cut-off); the next settlement day starts afresh (16:00 + 13 h = 05:00).
+        let mut after_midnight = rides.clone();
+        after_midnight.push(bus(T0 + 9 * 60 * MIN));
+        assert_eq!(
+            run_with(&capped(), &after_midnight)
+                .last()
+                .unwrap()
+                .fare_fen,
+            0
+        );
         let mut with_next_day = rides.clone();
-        with_next_day.push(bus(T0 + 9 * 60 * MIN));
+        with_next_day.push(bus(T0 + 13 * 60 * MIN));
         assert_eq!(
             run_with(&capped(), &with_next_day).last().unwrap().fare_fen,
             200

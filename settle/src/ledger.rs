@@ -1,8 +1,10 @@
 //! The ledgers settlement produces, in one shape whether they were computed offline from
 //! journals or read back from Redis, so that the two can be compared entry by entry.
 //!
-//! Everything a tap costs is booked on the Chongqing calendar day of the tap (its gateway time),
-//! including a missing-exit charge the tap revealed.
+//! Everything a tap costs is booked on the settlement day of the tap (its gateway time, by the
+//! fare tables' cut-off; [`crate::day`]), including a missing-exit charge the tap revealed. A
+//! tap whose day had closed before it reached settlement is booked to the open day instead, in
+//! books of their own that name the day it was tapped ([`Ledger::late`]).
 
 use super::recent::RecentTaps;
 use crate::fares::{Charge, FareTables, RiderState, settle};
@@ -13,7 +15,6 @@ use std::path::Path;
 use tapgate_journal::{JournalRecord, list_segments, read_segment};
 use tapgate_protocol::registry::operator;
 use tapgate_protocol::{Concession, Issuer, IssuerRegion, Mode, Outcome};
-use tapgate_runtime::clock::local_date;
 
 /// Money (fen) and a count.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -94,10 +95,35 @@ impl DayLedger {
     }
 }
 
+/// Where a tap's charges are booked: on the settlement day it was tapped, or, when that day had
+/// closed before the tap reached settlement, on the open day it reached it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Booking {
+    pub tapped: NaiveDate,
+    pub booked: NaiveDate,
+}
+
+impl Booking {
+    pub fn on_time(day: NaiveDate) -> Self {
+        Self {
+            tapped: day,
+            booked: day,
+        }
+    }
+
+    pub fn is_late(&self) -> bool {
+        self.booked != self.tapped
+    }
+}
+
 /// Books by day.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Ledger {
+    /// Taps booked on the settlement day they were tapped.
     pub days: BTreeMap<NaiveDate, DayLedger>,
+    /// Late taps by (day booked on, day tapped): a closed day's books never change, so a tap
+    /// arriving after its day closed is booked to the open day, and named by its own day.
+    pub late: BTreeMap<(NaiveDate, NaiveDate), DayLedger>,
     /// Digests of the fare tables that priced these books ([`FareTables::digest`]): one when
     /// every settler used the same tables.
     pub fare_tables: BTreeSet<String>,
@@ -116,12 +142,19 @@ pub fn clearing_parties(
 }
 
 impl Ledger {
+    fn books_mut(&mut self, booking: Booking) -> &mut DayLedger {
+        if booking.is_late() {
+            self.late
+                .entry((booking.booked, booking.tapped))
+                .or_default()
+        } else {
+            self.days.entry(booking.booked).or_default()
+        }
+    }
+
     /// Books one approved tap and the charges the fare engine made for it.
-    pub fn book(&mut self, record: &JournalRecord, charges: &[Charge]) {
-        let day = self
-            .days
-            .entry(local_date(record.server_time_ms))
-            .or_default();
+    pub fn book(&mut self, booking: Booking, record: &JournalRecord, charges: &[Charge]) {
+        let day = self.books_mut(booking);
         day.taps += 1;
         for charge in charges {
             let ride = Totals {
@@ -175,115 +208,93 @@ impl Ledger {
         for (date, theirs) in &other.days {
             self.days.entry(*date).or_default().add(theirs);
         }
+        for (days, theirs) in &other.late {
+            self.late.entry(*days).or_default().add(theirs);
+        }
         self.fare_tables.extend(other.fare_tables.iter().cloned());
     }
 
-    /// Keeps only `day` (every day when `None`), and drops the per-card books unless
-    /// `with_cards`.
+    /// Keeps only `day` (every day when `None`) with the late taps booked on it or tapped on
+    /// it, and drops the per-card books unless `with_cards`.
     pub fn restrict(&mut self, day: Option<NaiveDate>, with_cards: bool) {
         if let Some(day) = day {
             self.days.retain(|d, _| *d == day);
+            self.late
+                .retain(|(booked, tapped), _| *booked == day || *tapped == day);
         }
         if !with_cards {
-            self.days.values_mut().for_each(|d| d.cards.clear());
+            self.days
+                .values_mut()
+                .chain(self.late.values_mut())
+                .for_each(|d| d.cards.clear());
         }
     }
 
-    /// Every day's books added into one.
+    /// The books by the day each tap was tapped: late taps moved back to their own days. This
+    /// is what settling the journals again computes, whenever each tap reached settlement.
+    pub fn by_tap_day(&self) -> Ledger {
+        let mut folded = Ledger {
+            days: self.days.clone(),
+            late: BTreeMap::new(),
+            fare_tables: self.fare_tables.clone(),
+        };
+        for ((_, tapped), books) in &self.late {
+            folded.days.entry(*tapped).or_default().add(books);
+        }
+        folded
+    }
+
+    /// Every day's books added into one, late taps included.
     pub fn all_days(&self) -> DayLedger {
         let mut all = DayLedger::default();
-        self.days.values().for_each(|d| all.add(d));
+        self.days
+            .values()
+            .chain(self.late.values())
+            .for_each(|d| all.add(d));
         all
     }
 
     pub fn taps(&self) -> u64 {
-        self.days.values().map(|d| d.taps).sum()
+        self.days
+            .values()
+            .chain(self.late.values())
+            .map(|d| d.taps)
+            .sum()
+    }
+
+    /// Taps booked late, on a day after the one they were tapped on.
+    pub fn late_taps(&self) -> u64 {
+        self.late.values().map(|d| d.taps).sum()
     }
 
     pub fn total(&self) -> Totals {
         let mut total = Totals::default();
-        self.days.values().for_each(|d| total.add(d.total()));
+        self.days
+            .values()
+            .chain(self.late.values())
+            .for_each(|d| total.add(d.total()));
         total
     }
 
     /// Books as JSON: `{"days": {"YYYY-MM-DD": {"taps", "cells": [...], "cards": {...},
-    /// "clearing": [...], "payables": [...], "concessions": [...], "transfers": [...]}},
+    /// "clearing": [...], "payables": [...], "concessions": [...], "transfers": [...],
+    /// "lines": [...], "vehicles": [...]}}, "late": [{"booked", "tapped", "books": {...}}],
     /// "fare_tables": [digest, ...]}`; [`Ledger::from_json`] reads it back.
     pub fn to_json(&self) -> Value {
         let days: serde_json::Map<String, Value> = self
             .days
             .iter()
-            .map(|(date, day)| {
-                let cells: Vec<Value> = day
-                    .cells
-                    .iter()
-                    .map(|((area, operator, mode), t)| {
-                        json!({"area": area, "operator": operator, "mode": mode.label(),
-                               "fen": t.fen, "rides": t.rides})
-                    })
-                    .collect();
-                let cards: serde_json::Map<String, Value> = day
-                    .cards
-                    .iter()
-                    .map(|(card, t)| (card.to_string(), json!([t.fen, t.rides])))
-                    .collect();
-                let clearing: Vec<Value> = day
-                    .clearing
-                    .iter()
-                    .map(|((payer, payee), t)| {
-                        json!({"payer": payer.label(), "payee": payee.label(),
-                               "fen": t.fen, "rides": t.rides})
-                    })
-                    .collect();
-                let payables: Vec<Value> = day
-                    .payables
-                    .iter()
-                    .map(|((issuer, operator), t)| {
-                        json!({"issuer": issuer.label(), "operator": operator,
-                               "fen": t.fen, "rides": t.rides})
-                    })
-                    .collect();
-                let concessions: Vec<Value> = day
-                    .concessions
-                    .iter()
-                    .map(|((concession, operator, area, mode), t)| {
-                        json!({"concession": concession.label(), "operator": operator,
-                               "area": area, "mode": mode.label(),
-                               "forgone_fen": t.fen, "rides": t.rides})
-                    })
-                    .collect();
-                let transfers: Vec<Value> = day
-                    .transfers
-                    .iter()
-                    .map(|((operator, area, mode), t)| {
-                        json!({"operator": operator, "area": area, "mode": mode.label(),
-                               "discount_fen": t.fen, "rides": t.rides})
-                    })
-                    .collect();
-                let lines: Vec<Value> = day
-                    .lines
-                    .iter()
-                    .map(|((operator, area, mode, line), t)| {
-                        json!({"operator": operator, "area": area, "mode": mode.label(),
-                               "line": line, "fen": t.fen, "rides": t.rides})
-                    })
-                    .collect();
-                let vehicles: Vec<Value> = day
-                    .vehicles
-                    .iter()
-                    .map(|((operator, gate), t)| {
-                        json!({"operator": operator, "gate": gate, "fen": t.fen, "rides": t.rides})
-                    })
-                    .collect();
-                (
-                    date.to_string(),
-                    json!({"taps": day.taps, "cells": cells, "cards": cards, "clearing": clearing,
-                           "payables": payables, "concessions": concessions,
-                           "transfers": transfers, "lines": lines, "vehicles": vehicles}),
-                )
+            .map(|(date, day)| (date.to_string(), day_json(day)))
+            .collect();
+        let late: Vec<Value> = self
+            .late
+            .iter()
+            .map(|((booked, tapped), day)| {
+                json!({"booked": booked.to_string(), "tapped": tapped.to_string(),
+                       "books": day_json(day)})
             })
             .collect();
-        json!({ "days": days, "fare_tables": self.fare_tables })
+        json!({ "days": days, "late": late, "fare_tables": self.fare_tables })
     }
 
     pub fn from_json(value: &Value) -> Result<Ledger, String> {
@@ -292,89 +303,13 @@ impl Ledger {
             .ok_or("a ledger file has a `days` object")?;
         let mut ledger = Ledger::default();
         for (date, day) in days {
-            let date: NaiveDate = date
-                .parse()
-                .map_err(|_| format!("`{date}` is not a YYYY-MM-DD date"))?;
-            let mut books = DayLedger {
-                taps: json_number(&day["taps"], "taps")?,
-                ..DayLedger::default()
-            };
-            for cell in day["cells"].as_array().into_iter().flatten() {
-                let area = json_number(&cell["area"], "cell area")?;
-                let operator = json_number(&cell["operator"], "cell operator")?;
-                let mode = cell["mode"]
-                    .as_str()
-                    .and_then(Mode::from_label)
-                    .ok_or_else(|| format!("cell: unknown mode {}", cell["mode"]))?;
-                let key = (
-                    u32::try_from(area).map_err(|_| format!("area {area} out of range"))?,
-                    u16::try_from(operator)
-                        .map_err(|_| format!("operator {operator} out of range"))?,
-                    mode,
-                );
-                books.cells.insert(key, json_totals(cell, "cell")?);
-            }
-            for (card, pair) in day["cards"].as_object().into_iter().flatten() {
-                let card = card
-                    .parse()
-                    .map_err(|_| format!("`{card}` is not a card id"))?;
-                let t = Totals {
-                    fen: json_number(&pair[0], "card fen")?,
-                    rides: json_number(&pair[1], "card rides")?,
-                };
-                books.cards.insert(card, t);
-            }
-            for entry in day["clearing"].as_array().into_iter().flatten() {
-                let key = (json_region(&entry["payer"])?, json_region(&entry["payee"])?);
-                books.clearing.insert(key, json_totals(entry, "clearing")?);
-            }
-            // The next three are absent from ledgers written before they were kept.
-            for entry in day["payables"].as_array().into_iter().flatten() {
-                let issuer = entry["issuer"]
-                    .as_str()
-                    .and_then(Issuer::from_label)
-                    .ok_or_else(|| format!("payables: unknown issuer {}", entry["issuer"]))?;
-                let key = (issuer, json_operator(&entry["operator"])?);
-                books.payables.insert(key, json_totals(entry, "payables")?);
-            }
-            for entry in day["concessions"].as_array().into_iter().flatten() {
-                let concession = entry["concession"]
-                    .as_str()
-                    .and_then(Concession::from_label)
-                    .ok_or_else(|| {
-                        format!("concessions: unknown concession {}", entry["concession"])
-                    })?;
-                let (operator, area, mode) = json_place(entry)?;
-                let t = Totals {
-                    fen: json_number(&entry["forgone_fen"], "forgone_fen")?,
-                    rides: json_number(&entry["rides"], "concession rides")?,
-                };
-                books
-                    .concessions
-                    .insert((concession, operator, area, mode), t);
-            }
-            for entry in day["transfers"].as_array().into_iter().flatten() {
-                let t = Totals {
-                    fen: json_number(&entry["discount_fen"], "discount_fen")?,
-                    rides: json_number(&entry["rides"], "transfer rides")?,
-                };
-                books.transfers.insert(json_place(entry)?, t);
-            }
-            for entry in day["lines"].as_array().into_iter().flatten() {
-                let (operator, area, mode) = json_place(entry)?;
-                let line = json_number(&entry["line"], "line")?;
-                let line = u16::try_from(line).map_err(|_| format!("line {line} out of range"))?;
-                let key = (operator, area, mode, line);
-                books.lines.insert(key, json_totals(entry, "lines")?);
-            }
-            for entry in day["vehicles"].as_array().into_iter().flatten() {
-                let key = (
-                    json_operator(&entry["operator"])?,
-                    json_number(&entry["gate"], "gate")?,
-                );
-                books.vehicles.insert(key, json_totals(entry, "vehicles")?);
-            }
-            ledger.days.insert(date, books);
+            ledger.days.insert(json_date(date)?, day_from_json(day)?);
+        }
+        // Absent from ledgers written before days closed.
+        for entry in value["late"].as_array().into_iter().flatten() {
+            let on = |what: &str| json_date(entry[what].as_str().unwrap_or_default());
+            let days = (on("booked")?, on("tapped")?);
+            ledger.late.insert(days, day_from_json(&entry["books"])?);
         }
         // Absent from ledgers written before the digest was recorded.
         for digest in value["fare_tables"].as_array().into_iter().flatten() {
@@ -385,6 +320,159 @@ impl Ledger {
         }
         Ok(ledger)
     }
+}
+
+/// One day's books as the ledger file writes them.
+fn day_json(day: &DayLedger) -> Value {
+    let cells: Vec<Value> = day
+        .cells
+        .iter()
+        .map(|((area, operator, mode), t)| {
+            json!({"area": area, "operator": operator, "mode": mode.label(),
+                       "fen": t.fen, "rides": t.rides})
+        })
+        .collect();
+    let cards: serde_json::Map<String, Value> = day
+        .cards
+        .iter()
+        .map(|(card, t)| (card.to_string(), json!([t.fen, t.rides])))
+        .collect();
+    let clearing: Vec<Value> = day
+        .clearing
+        .iter()
+        .map(|((payer, payee), t)| {
+            json!({"payer": payer.label(), "payee": payee.label(),
+                       "fen": t.fen, "rides": t.rides})
+        })
+        .collect();
+    let payables: Vec<Value> = day
+        .payables
+        .iter()
+        .map(|((issuer, operator), t)| {
+            json!({"issuer": issuer.label(), "operator": operator,
+                       "fen": t.fen, "rides": t.rides})
+        })
+        .collect();
+    let concessions: Vec<Value> = day
+        .concessions
+        .iter()
+        .map(|((concession, operator, area, mode), t)| {
+            json!({"concession": concession.label(), "operator": operator,
+                       "area": area, "mode": mode.label(),
+                       "forgone_fen": t.fen, "rides": t.rides})
+        })
+        .collect();
+    let transfers: Vec<Value> = day
+        .transfers
+        .iter()
+        .map(|((operator, area, mode), t)| {
+            json!({"operator": operator, "area": area, "mode": mode.label(),
+                       "discount_fen": t.fen, "rides": t.rides})
+        })
+        .collect();
+    let lines: Vec<Value> = day
+        .lines
+        .iter()
+        .map(|((operator, area, mode, line), t)| {
+            json!({"operator": operator, "area": area, "mode": mode.label(),
+                       "line": line, "fen": t.fen, "rides": t.rides})
+        })
+        .collect();
+    let vehicles: Vec<Value> = day
+            .vehicles
+            .iter()
+            .map(|((operator, gate), t)| {
+                json!({"operator": operator, "gate": gate, "fen": t.fen, "rides": t.rides})
+            })
+            .collect();
+    json!({"taps": day.taps, "cells": cells, "cards": cards, "clearing": clearing,
+           "payables": payables, "concessions": concessions,
+           "transfers": transfers, "lines": lines, "vehicles": vehicles})
+}
+
+fn day_from_json(day: &Value) -> Result<DayLedger, String> {
+    let mut books = DayLedger {
+        taps: json_number(&day["taps"], "taps")?,
+        ..DayLedger::default()
+    };
+    for cell in day["cells"].as_array().into_iter().flatten() {
+        let area = json_number(&cell["area"], "cell area")?;
+        let operator = json_number(&cell["operator"], "cell operator")?;
+        let mode = cell["mode"]
+            .as_str()
+            .and_then(Mode::from_label)
+            .ok_or_else(|| format!("cell: unknown mode {}", cell["mode"]))?;
+        let key = (
+            u32::try_from(area).map_err(|_| format!("area {area} out of range"))?,
+            u16::try_from(operator).map_err(|_| format!("operator {operator} out of range"))?,
+            mode,
+        );
+        books.cells.insert(key, json_totals(cell, "cell")?);
+    }
+    for (card, pair) in day["cards"].as_object().into_iter().flatten() {
+        let card = card
+            .parse()
+            .map_err(|_| format!("`{card}` is not a card id"))?;
+        let t = Totals {
+            fen: json_number(&pair[0], "card fen")?,
+            rides: json_number(&pair[1], "card rides")?,
+        };
+        books.cards.insert(card, t);
+    }
+    for entry in day["clearing"].as_array().into_iter().flatten() {
+        let key = (json_region(&entry["payer"])?, json_region(&entry["payee"])?);
+        books.clearing.insert(key, json_totals(entry, "clearing")?);
+    }
+    // The next three are absent from ledgers written before they were kept.
+    for entry in day["payables"].as_array().into_iter().flatten() {
+        let issuer = entry["issuer"]
+            .as_str()
+            .and_then(Issuer::from_label)
+            .ok_or_else(|| format!("payables: unknown issuer {}", entry["issuer"]))?;
+        let key = (issuer, json_operator(&entry["operator"])?);
+        books.payables.insert(key, json_totals(entry, "payables")?);
+    }
+    for entry in day["concessions"].as_array().into_iter().flatten() {
+        let concession = entry["concession"]
+            .as_str()
+            .and_then(Concession::from_label)
+            .ok_or_else(|| format!("concessions: unknown concession {}", entry["concession"]))?;
+        let (operator, area, mode) = json_place(entry)?;
+        let t = Totals {
+            fen: json_number(&entry["forgone_fen"], "forgone_fen")?,
+            rides: json_number(&entry["rides"], "concession rides")?,
+        };
+        books
+            .concessions
+            .insert((concession, operator, area, mode), t);
+    }
+    for entry in day["transfers"].as_array().into_iter().flatten() {
+        let t = Totals {
+            fen: json_number(&entry["discount_fen"], "discount_fen")?,
+            rides: json_number(&entry["rides"], "transfer rides")?,
+        };
+        books.transfers.insert(json_place(entry)?, t);
+    }
+    for entry in day["lines"].as_array().into_iter().flatten() {
+        let (operator, area, mode) = json_place(entry)?;
+        let line = json_number(&entry["line"], "line")?;
+        let line = u16::try_from(line).map_err(|_| format!("line {line} out of range"))?;
+        let key = (operator, area, mode, line);
+        books.lines.insert(key, json_totals(entry, "lines")?);
+    }
+    for entry in day["vehicles"].as_array().into_iter().flatten() {
+        let key = (
+            json_operator(&entry["operator"])?,
+            json_number(&entry["gate"], "gate")?,
+        );
+        books.vehicles.insert(key, json_totals(entry, "vehicles")?);
+    }
+    Ok(books)
+}
+
+fn json_date(s: &str) -> Result<NaiveDate, String> {
+    s.parse()
+        .map_err(|_| format!("`{s}` is not a YYYY-MM-DD date"))
 }
 
 // Readers of the ledger file's fields, for `Ledger::from_json`.
@@ -467,7 +555,8 @@ pub fn settle_journals(dirs: &[&Path], tables: &FareTables) -> std::io::Result<J
             continue;
         }
         let charges = settle(&record, fares, tables);
-        settlement.ledger.book(&record, &charges);
+        let day = Booking::on_time(tables.day.day_of(record.server_time_ms));
+        settlement.ledger.book(day, &record, &charges);
     }
     Ok(settlement)
 }
@@ -681,6 +770,8 @@ pub struct Reconciliation {
     /// Taps in the ledgers more often than in the journals, summed over days.
     pub duplicated: u64,
     pub differences: Vec<Difference>,
+    /// Settled taps booked late, on a day after their own closed; compared on their own day.
+    pub late_taps: u64,
     /// The fare tables the journals were priced with here, and those the ledgers record. When
     /// they differ, fare differences are expected rather than a fault of settlement.
     pub journal_fare_tables: BTreeSet<String>,
@@ -688,8 +779,17 @@ pub struct Reconciliation {
 }
 
 impl Reconciliation {
+    /// Compares by the day each tap was tapped: the journals know nothing of when a tap
+    /// reached settlement, so the settled books' late taps count on their tap days.
     pub fn new(expected: &Ledger, settled: &Ledger) -> Self {
-        let differences = differences(expected, settled);
+        let by_tap_day;
+        let comparable = if settled.late.is_empty() {
+            settled
+        } else {
+            by_tap_day = settled.by_tap_day();
+            &by_tap_day
+        };
+        let differences = differences(expected, comparable);
         let (mut lost, mut duplicated) = (0, 0);
         for d in differences.iter().filter(|d| d.subject == Subject::Taps) {
             lost += d.expected.rides.saturating_sub(d.settled.rides);
@@ -701,6 +801,7 @@ impl Reconciliation {
             lost,
             duplicated,
             differences,
+            late_taps: settled.late_taps(),
             journal_fare_tables: expected.fare_tables.clone(),
             settled_fare_tables: settled.fare_tables.clone(),
         }
@@ -769,9 +870,17 @@ mod tests {
 
     fn sample() -> Ledger {
         let mut ledger = Ledger::default();
-        ledger.book(&record(1, Issuer::ChongqingSsc, T0), &[charge(200)]);
-        ledger.book(&record(2, Issuer::SichuanTianfuTong, T0), &[charge(150)]);
-        ledger.book(&record(1, Issuer::ChongqingSsc, T0 + 86_400_000), &[]);
+        ledger.book(on(T0), &record(1, Issuer::ChongqingSsc, T0), &[charge(200)]);
+        ledger.book(
+            on(T0),
+            &record(2, Issuer::SichuanTianfuTong, T0),
+            &[charge(150)],
+        );
+        ledger.book(
+            on(T0 + 86_400_000),
+            &record(1, Issuer::ChongqingSsc, T0 + 86_400_000),
+            &[],
+        );
         // A half-fare disability ride after a transfer: 200 at 50 % = 100, less 100 discount.
         let concession_ride = Charge {
             concession: Concession::Disabled,
@@ -782,11 +891,52 @@ mod tests {
             ..charge(0)
         };
         ledger.book(
+            on(T0),
             &record(3, Issuer::ChongqingCityCard, T0),
             &[concession_ride],
         );
         ledger.fare_tables.insert("0123456789abcdef".into());
         ledger
+    }
+
+    fn on(at: u64) -> Booking {
+        Booking::on_time(FareTables::embedded_default().day.day_of(at))
+    }
+
+    fn date(s: &str) -> NaiveDate {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_late_tap_is_booked_apart_and_moves_back_to_its_day_for_reconcile() {
+        let mut ledger = sample();
+        let late = Booking {
+            tapped: date("2026-11-29"),
+            booked: date("2026-12-01"),
+        };
+        ledger.book(late, &record(4, Issuer::ChongqingSsc, T0), &[charge(200)]);
+        assert_eq!(
+            ledger.days[&date("2026-11-29")].taps,
+            3,
+            "a closed day stays as it was"
+        );
+        assert_eq!(ledger.late_taps(), 1);
+        assert_eq!(ledger.taps(), 5);
+        assert_eq!(Ledger::from_json(&ledger.to_json()), Ok(ledger.clone()));
+        let folded = ledger.by_tap_day();
+        assert_eq!(folded.days[&date("2026-11-29")].taps, 4);
+        assert!(folded.late.is_empty());
+        // A day's statement holds the late taps booked on it; a reconcile of the tap day holds
+        // them too.
+        for day in ["2026-12-01", "2026-11-29"] {
+            let mut one = ledger.clone();
+            one.restrict(Some(date(day)), false);
+            assert_eq!(one.late_taps(), 1, "{day}");
+        }
+        let mut other = ledger;
+        other.restrict(Some(date("2026-11-30")), false);
+        assert_eq!(other.taps(), 1);
+        assert_eq!(other.late_taps(), 0);
     }
 
     #[test]
@@ -838,7 +988,11 @@ mod tests {
         let expected = sample();
         assert!(differences(&expected, &expected).is_empty());
         let mut doubled = expected.clone();
-        doubled.book(&record(2, Issuer::SichuanTianfuTong, T0), &[charge(150)]);
+        doubled.book(
+            on(T0),
+            &record(2, Issuer::SichuanTianfuTong, T0),
+            &[charge(150)],
+        );
         let found = differences(&expected, &doubled);
         let subjects: Vec<Subject> = found.iter().map(|d| d.subject).collect();
         assert_eq!(

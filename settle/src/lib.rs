@@ -22,6 +22,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod day;
 pub mod fares;
 pub mod forwarder;
 pub mod ledger;

@@ -126,7 +126,7 @@ fn render_forwarder(sink: &mut Sink, forwarder: &ForwarderStats) -> fmt::Result 
 
 fn render_settlers(sink: &mut Sink, settlers: &SettlerStats) -> fmt::Result {
     let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    let counters: [(&str, &str, &str, u64); 10] = [
+    let counters: [(&str, &str, &str, u64); 11] = [
         (
             "settle_batches_total",
             "counter",
@@ -168,6 +168,12 @@ fn render_settlers(sink: &mut Sink, settlers: &SettlerStats) -> fmt::Result {
             "counter",
             "Taps priced after a later tap of the same card (out of time order, e.g. behind another gateway's); their fares follow arrival order.",
             load(&settlers.out_of_order),
+        ),
+        (
+            "settle_late_taps_total",
+            "counter",
+            "Taps that reached settlement after their day closed, booked to the open day as late taps naming their tap day.",
+            load(&settlers.late),
         ),
         (
             "settle_malformed_total",

@@ -8,13 +8,15 @@
 //! order gives its partitions back and leaves the membership, so the others take them at their
 //! next lease round rather than once its heartbeat lapses.
 
-use super::ledger::Ledger;
+use super::ledger::{Booking, Ledger};
 use super::store::{Applied, ApplyBatch, CardSettlement, Delivered, EntryId, Store, StoreError};
 use crate::fares::{FareTables, settle};
+use chrono::NaiveDate;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+use tapgate_journal::JournalRecord;
 use tapgate_runtime::health::PartHealth;
 use tapgate_runtime::retry::Backoff;
 use tokio::sync::watch;
@@ -80,6 +82,9 @@ pub struct SettlerStats {
     /// prices a card's taps in the order it sees them, may have put a transfer discount or a
     /// trip's exit on a different ride than pricing in time order would.
     pub out_of_order: AtomicU64,
+    /// Taps that reached settlement after their settlement day had closed, booked to the open
+    /// day as late taps.
+    pub late: AtomicU64,
     /// Entries that are not journal records: acknowledged, never applied.
     pub malformed: AtomicU64,
     pub leases_lost: AtomicU64,
@@ -207,6 +212,25 @@ pub async fn run(
     settler.stats.partitions_held.store(0, Ordering::Relaxed);
     tracing::info!(settler = %settler.token, "settler stopped");
     Ok(())
+}
+
+/// The settlement days a batch is priced against.
+#[derive(Debug, Clone, Copy)]
+struct Days {
+    /// Every day through this one is closed.
+    closed: NaiveDate,
+    /// Where late taps are booked.
+    open: NaiveDate,
+}
+
+/// A priced batch: its books and what happened on the way.
+#[derive(Default)]
+struct Priced {
+    ledger: Ledger,
+    charges: u64,
+    copies: u64,
+    out_of_order: u64,
+    late: u64,
 }
 
 struct Settler {
@@ -338,6 +362,49 @@ impl Settler {
         }
     }
 
+    /// Prices a batch's records for their cards and books them: on their settlement day, or
+    /// late on the open day when theirs is closed.
+    fn price(
+        &self,
+        records: &[JournalRecord],
+        riders: &mut HashMap<u64, CardSettlement>,
+        days: Days,
+    ) -> Priced {
+        let mut priced = Priced::default();
+        priced
+            .ledger
+            .fare_tables
+            .insert(self.fare_tables_digest.clone());
+        for record in records {
+            let rider = riders.entry(record.tap.card_id).or_default();
+            if !rider.recent.first_time(record) {
+                priced.copies += 1;
+                continue;
+            }
+            if rider
+                .fares
+                .latest_ms()
+                .is_some_and(|latest| record.server_time_ms < latest)
+            {
+                priced.out_of_order += 1;
+            }
+            let charges = settle(record, &mut rider.fares, &self.tables);
+            priced.charges += charges.len() as u64;
+            let tapped = self.tables.day.day_of(record.server_time_ms);
+            let booking = if tapped <= days.closed {
+                priced.late += 1;
+                Booking {
+                    tapped,
+                    booked: days.open,
+                }
+            } else {
+                Booking::on_time(tapped)
+            };
+            priced.ledger.book(booking, record, &charges);
+        }
+        priced
+    }
+
     async fn settle_batch(
         &mut self,
         partition: u16,
@@ -373,29 +440,18 @@ impl Settler {
         cards.sort_unstable();
         cards.dedup();
         let states = self.store.riders(partition, &cards).await?;
+        let now = tapgate_runtime::now_ms();
+        let calendar = self.tables.day;
+        let stored_closed = self.store.closed(partition).await?;
+        let closed = stored_closed.map_or(calendar.closed_through(now), |stored| {
+            stored.max(calendar.closed_through(now))
+        });
         let mut riders: HashMap<u64, CardSettlement> = cards.into_iter().zip(states).collect();
-        let mut ledger = Ledger::default();
-        ledger.fare_tables.insert(self.fare_tables_digest.clone());
-        let mut charges = 0u64;
-        let mut copies = 0u64;
-        let mut out_of_order = 0u64;
-        for record in &records {
-            let rider = riders.entry(record.tap.card_id).or_default();
-            if !rider.recent.first_time(record) {
-                copies += 1;
-                continue;
-            }
-            if rider
-                .fares
-                .latest_ms()
-                .is_some_and(|latest| record.server_time_ms < latest)
-            {
-                out_of_order += 1;
-            }
-            let priced = settle(record, &mut rider.fares, &self.tables);
-            charges += priced.len() as u64;
-            ledger.book(record, &priced);
-        }
+        let days = Days {
+            closed,
+            open: calendar.open_day(now, closed),
+        };
+        let priced = self.price(&records, &mut riders, days);
         // Only entries above the watermark are fresh: applying them moves it forward.
         debug_assert!(
             watermark.is_none_or(|w| w < last),
@@ -410,11 +466,11 @@ impl Settler {
             acks,
             taps: records.len() as u64,
             riders: riders.into_iter().collect(),
-            ledger,
+            ledger: priced.ledger,
+            closed,
         };
         match self.store.apply(batch).await? {
             Applied::Done => {
-                let now = tapgate_runtime::now_ms();
                 for record in &records {
                     self.stats
                         .lag
@@ -423,15 +479,18 @@ impl Settler {
                 self.stats
                     .settled
                     .fetch_add(records.len() as u64, Ordering::Relaxed);
-                self.stats.charges.fetch_add(charges, Ordering::Relaxed);
-                self.stats.copies.fetch_add(copies, Ordering::Relaxed);
-                self.stats
+                let stats = &self.stats;
+                stats.charges.fetch_add(priced.charges, Ordering::Relaxed);
+                stats.copies.fetch_add(priced.copies, Ordering::Relaxed);
+                let out_of_order = priced.out_of_order;
+                stats
                     .out_of_order
                     .fetch_add(out_of_order, Ordering::Relaxed);
+                stats.late.fetch_add(priced.late, Ordering::Relaxed);
                 self.stats.batches.fetch_add(1, Ordering::Relaxed);
             }
             Applied::LeaseLost => self.lose(partition),
-            Applied::WatermarkMoved => {
+            Applied::WatermarkMoved | Applied::DayClosed => {
                 if let Some(h) = self.held.get_mut(&partition) {
                     h.check_pending = true;
                 }

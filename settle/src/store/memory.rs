@@ -4,6 +4,7 @@ use super::{
     Applied, ApplyBatch, CardSettlement, Checkpoint, Delivered, Shipped, ShippedTap, StoreError,
 };
 use crate::ledger::Ledger;
+use chrono::NaiveDate;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 use tapgate_journal::JournalRecord;
@@ -27,6 +28,7 @@ pub(super) struct MemoryState {
     pub(super) nodes: HashMap<String, String>,
     pub(super) streams: BTreeMap<u16, MemoryStream>,
     pub(super) watermarks: HashMap<u16, EntryId>,
+    pub(super) closed: HashMap<u16, NaiveDate>,
     pub(super) leases: HashMap<u16, (String, Instant)>,
     pub(super) members: HashMap<String, Instant>,
     pub(super) riders: HashMap<u64, CardSettlement>,
@@ -206,6 +208,13 @@ impl MemoryStore {
         if s.watermarks.get(&batch.partition).copied() != batch.expected {
             return Applied::WatermarkMoved;
         }
+        if s.closed
+            .get(&batch.partition)
+            .is_some_and(|c| *c > batch.closed)
+        {
+            return Applied::DayClosed;
+        }
+        s.closed.insert(batch.partition, batch.closed);
         s.riders.extend(batch.riders);
         s.ledger.merge(&batch.ledger);
         s.watermarks.insert(batch.partition, batch.watermark);
@@ -251,6 +260,7 @@ mod loom_models {
             taps: 1,
             riders: Vec::new(),
             ledger: Ledger::default(),
+            closed: NaiveDate::MIN,
         }
     }
 

@@ -16,9 +16,10 @@
 //! | `P:{pN}:counts`              | hash   | `shipped`, `settled`: taps of partition N, for the backlog |
 //! | `P:{pN}:lease`               | string | token of the settler that owns partition N (expires) |
 //! | `P:{pN}:watermark`           | string | last stream id of partition N applied |
+//! | `P:{pN}:closed`              | string | the day through which partition N's books are closed (`YYYY-MM-DD`, only moves up) |
 //! | `P:{pN}:rider:CARD`          | string | the card's fare-engine state (a card belongs to one partition) |
 //! | `P:{pN}:recent:CARD`         | string | the card's latest tap ids, so a tap journaled by two gateways is booked once |
-//! | `P:{pN}:ledger-taps`         | hash   | day → approved taps settled |
+//! | `P:{pN}:ledger-taps`         | hash   | book day → approved taps settled |
 //! | `P:{pN}:ledger:DAY`          | hash   | `AREA:OPERATOR:MODE:fen` / `:rides` |
 //! | `P:{pN}:ledger-cards:DAY`    | hash   | `CARD:fen` / `CARD:rides` |
 //! | `P:{pN}:clearing:DAY`        | hash   | `PAYER:PAYEE:fen` / `:rides` (regions `chongqing`, `sichuan`, `t_union`) |
@@ -29,8 +30,9 @@
 //! | `P:{pN}:vehicles:DAY`        | hash   | `OPERATOR:GATE:fen` / `:rides`, flat rides by boarding gate |
 //! | `P:{pN}:fare-tables`         | set    | digests of the fare tables that priced the ledgers, added with each batch |
 //!
-//! Days are `YYYY-MM-DD` on the Chongqing calendar. The consumer group on every partition
-//! stream is `settlers`.
+//! A book day (`DAY` above) is a settlement day `YYYY-MM-DD`, or `BOOKED~TAPPED` for the
+//! late taps booked on day BOOKED that were tapped on the closed day TAPPED. The consumer
+//! group on every partition stream is `settlers`.
 //!
 //! Why this is safe on a Redis Cluster: `{pN}` is a hash tag, so everything one partition owns
 //! — its stream, the checkpoints shipped into it, its lease, watermark, riders and its share of
@@ -130,6 +132,9 @@ pub enum Applied {
     LeaseLost,
     /// The watermark moved since it was read; nothing was applied. Read again.
     WatermarkMoved,
+    /// Another settler had closed a day the batch would have booked on time: its clock is
+    /// ahead of this one's. Nothing was applied; price again against the partition's record.
+    DayClosed,
 }
 
 /// One settler batch, applied whole or not at all.
@@ -149,6 +154,9 @@ pub struct ApplyBatch {
     /// Every card of the batch with its fare-engine state and its latest tap ids after it.
     pub riders: Vec<(u64, CardSettlement)>,
     pub ledger: Ledger,
+    /// Every day through this one is closed: the books were computed so, and the partition's
+    /// record of its closed days moves up to it (never down) with the batch.
+    pub closed: NaiveDate,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -324,6 +332,14 @@ impl Store {
         match self {
             Store::Redis(r) => r.read_new(partitions, consumer, max, block).await,
             Store::Memory(m) => Ok(m.read_new(partitions, max, block).await),
+        }
+    }
+
+    /// The latest day the partition's books are closed through, as its batches recorded it.
+    pub async fn closed(&self, partition: u16) -> Result<Option<NaiveDate>, StoreError> {
+        match self {
+            Store::Redis(r) => r.closed(partition).await,
+            Store::Memory(m) => Ok(m.lock().closed.get(&partition).copied()),
         }
     }
 

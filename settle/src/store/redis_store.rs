@@ -5,7 +5,7 @@ use super::{
     ShippedTap, StoreError,
 };
 use crate::fares::RiderState;
-use crate::ledger::{DayLedger, Ledger, Totals};
+use crate::ledger::{Booking, DayLedger, Ledger, Totals};
 use crate::recent::RecentTaps;
 use chrono::NaiveDate;
 use std::collections::{BTreeMap, HashMap};
@@ -58,18 +58,22 @@ if n > 0 then redis.call('HINCRBY', KEYS[3], 'shipped', n) end
 return {1, ''}
 ";
 
-/// Applies a settler batch if the lease and the watermark are what it was computed against.
-/// Every key is in the partition's slot. KEYS: lease, watermark, stream, counts, then one key
-/// per update. ARGV: token, expected watermark ('' when none), new watermark, trim-below id,
-/// taps, ack count, ack ids, then (op, field, value) per update: `H` = HINCRBY key field value,
-/// `S` = SET key value, `A` = SADD key value.
+/// Applies a settler batch if the lease and the watermark are what it was computed against,
+/// and no day it books on time has been closed since. Every key is in the partition's slot.
+/// KEYS: lease, watermark, stream, counts, closed, then one key per update. ARGV: token,
+/// expected watermark ('' when none), new watermark, trim-below id, taps, ack count, the day
+/// the batch is closed through (`YYYY-MM-DD`, which orders as text), ack ids, then (op, field,
+/// value) per update: `H` = HINCRBY key field value, `S` = SET key value, `A` = SADD key value.
 const APPLY_SCRIPT: &str = r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 'lease' end
 local current = redis.call('GET', KEYS[2]) or ''
 if current ~= ARGV[2] then return 'watermark' end
+local closed = redis.call('GET', KEYS[5]) or ''
+if closed > ARGV[7] then return 'closed' end
+redis.call('SET', KEYS[5], ARGV[7])
 local acks = tonumber(ARGV[6])
-local first = 7 + acks
-local k = 5
+local first = 8 + acks
+local k = 6
 for i = first, #ARGV, 3 do
   if ARGV[i] == 'H' then
     redis.call('HINCRBY', KEYS[k], ARGV[i + 1], ARGV[i + 2])
@@ -82,7 +86,7 @@ for i = first, #ARGV, 3 do
 end
 redis.call('SET', KEYS[2], ARGV[3])
 redis.call('HINCRBY', KEYS[4], 'settled', ARGV[5])
-for i = 7, first - 1, 100 do
+for i = 8, first - 1, 100 do
   redis.call('XACK', KEYS[3], 'settlers', unpack(ARGV, i, math.min(i + 99, first - 1)))
 end
 redis.call('XTRIM', KEYS[3], 'MINID', ARGV[4])
@@ -541,6 +545,19 @@ impl RedisStore {
         }
     }
 
+    pub(super) async fn closed(&self, partition: u16) -> Result<Option<NaiveDate>, StoreError> {
+        let value: Option<String> = redis::cmd("GET")
+            .arg(self.partition_key(partition, "closed"))
+            .query_async(&mut self.conn())
+            .await?;
+        value
+            .map(|v| {
+                v.parse()
+                    .map_err(|_| StoreError::Malformed(format!("closed day `{v}`")))
+            })
+            .transpose()
+    }
+
     pub(super) async fn watermark(&self, partition: u16) -> Result<Option<EntryId>, StoreError> {
         let value: Option<String> = redis::cmd("GET")
             .arg(self.partition_key(partition, "watermark"))
@@ -608,14 +625,16 @@ impl RedisStore {
             .key(self.partition_key(p, "lease"))
             .key(self.partition_key(p, "watermark"))
             .key(self.stream_key(p))
-            .key(self.partition_key(p, "counts"));
+            .key(self.partition_key(p, "counts"))
+            .key(self.partition_key(p, "closed"));
         invocation
             .arg(&batch.token)
             .arg(batch.expected.map(|e| e.to_string()).unwrap_or_default())
             .arg(batch.watermark.to_string())
             .arg(batch.trim_below.to_string())
             .arg(batch.taps)
-            .arg(batch.acks.len());
+            .arg(batch.acks.len())
+            .arg(batch.closed.to_string());
         for id in &batch.acks {
             invocation.arg(id.to_string());
         }
@@ -649,6 +668,7 @@ impl RedisStore {
         Ok(match outcome.as_str() {
             "ok" => Applied::Done,
             "lease" => Applied::LeaseLost,
+            "closed" => Applied::DayClosed,
             _ => Applied::WatermarkMoved,
         })
     }
@@ -699,18 +719,17 @@ impl RedisStore {
                 .await?,
             ..Ledger::default()
         };
-        for (date, count) in taps {
-            let date: NaiveDate = date
-                .parse()
-                .map_err(|_| StoreError::Malformed(format!("ledger day `{date}`")))?;
-            if day.is_some_and(|d| d != date) {
+        for (label, count) in taps {
+            let booking = parse_book_day(&label)?;
+            if day.is_some_and(|d| d != booking.booked && d != booking.tapped) {
                 continue;
             }
+            let date = label;
             let mut books = DayLedger {
                 taps: count,
                 ..DayLedger::default()
             };
-            self.read_book(p, "ledger", date, &mut books.cells).await?;
+            self.read_book(p, "ledger", &date, &mut books.cells).await?;
             let cards: HashMap<String, u64> = if with_cards {
                 self.hash(&self.partition_key(p, &format!("ledger-cards:{date}")))
                     .await?
@@ -724,18 +743,22 @@ impl RedisStore {
                     .map_err(|_| StoreError::Malformed(format!("card ledger field `{field}`")))?;
                 add_field(books.cards.entry(card).or_default(), what, value);
             }
-            self.read_book(p, "clearing", date, &mut books.clearing)
+            self.read_book(p, "clearing", &date, &mut books.clearing)
                 .await?;
-            self.read_book(p, "payables", date, &mut books.payables)
+            self.read_book(p, "payables", &date, &mut books.payables)
                 .await?;
-            self.read_book(p, "concessions", date, &mut books.concessions)
+            self.read_book(p, "concessions", &date, &mut books.concessions)
                 .await?;
-            self.read_book(p, "transfers", date, &mut books.transfers)
+            self.read_book(p, "transfers", &date, &mut books.transfers)
                 .await?;
-            self.read_book(p, "lines", date, &mut books.lines).await?;
-            self.read_book(p, "vehicles", date, &mut books.vehicles)
+            self.read_book(p, "lines", &date, &mut books.lines).await?;
+            self.read_book(p, "vehicles", &date, &mut books.vehicles)
                 .await?;
-            ledger.days.insert(date, books);
+            if booking.is_late() {
+                ledger.late.insert((booking.booked, booking.tapped), books);
+            } else {
+                ledger.days.insert(booking.booked, books);
+            }
         }
         Ok(ledger)
     }
@@ -745,7 +768,7 @@ impl RedisStore {
         &self,
         p: u16,
         name: &str,
-        date: NaiveDate,
+        date: &str,
         book: &mut BTreeMap<K, Totals>,
     ) -> Result<(), StoreError> {
         for (field, value) in self
@@ -957,12 +980,44 @@ fn parse_entry(entry: &redis::Value) -> Option<Delivered> {
     Some(Delivered { id, record })
 }
 
+/// The label of a book day in keys and in `ledger-taps`: `DAY`, or `BOOKED~TAPPED` for late
+/// taps.
+fn book_day(booking: Booking) -> String {
+    if booking.is_late() {
+        format!("{}~{}", booking.booked, booking.tapped)
+    } else {
+        booking.booked.to_string()
+    }
+}
+
+fn parse_book_day(label: &str) -> Result<Booking, StoreError> {
+    let date = |s: &str| {
+        s.parse::<NaiveDate>()
+            .map_err(|_| StoreError::Malformed(format!("ledger day `{label}`")))
+    };
+    Ok(match label.split_once('~') {
+        Some((booked, tapped)) => Booking {
+            booked: date(booked)?,
+            tapped: date(tapped)?,
+        },
+        None => Booking::on_time(date(label)?),
+    })
+}
+
 /// The ledger as (key without prefix, field, increment) for HINCRBY.
 pub fn ledger_increments(ledger: &Ledger) -> Vec<(String, String, u64)> {
     let mut out = Vec::new();
-    for (date, day) in &ledger.days {
-        out.push(("ledger-taps".to_string(), date.to_string(), day.taps));
-        let date = date.to_string();
+    let on_time = ledger.days.iter().map(|(d, b)| (Booking::on_time(*d), b));
+    let late = ledger.late.iter().map(|((booked, tapped), b)| {
+        let booking = Booking {
+            booked: *booked,
+            tapped: *tapped,
+        };
+        (booking, b)
+    });
+    for (booking, day) in on_time.chain(late) {
+        let date = book_day(booking);
+        out.push(("ledger-taps".to_string(), date.clone(), day.taps));
         book_increments(&mut out, "ledger", &date, &day.cells);
         let cards = format!("ledger-cards:{date}");
         for (card, t) in &day.cards {
