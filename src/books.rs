@@ -155,6 +155,14 @@ fn provenance_lines(ledger: &Ledger) -> String {
         let digests: Vec<&str> = ledger.fare_tables.iter().map(String::as_str).collect();
         let _ = writeln!(s, "priced with fare tables {}", digests.join(", "));
     }
+    if !ledger.adjustments.is_empty() {
+        let net: i64 = ledger.adjustments.iter().map(|a| a.fen).sum();
+        let _ = writeln!(
+            s,
+            "corrections booked: {}, {net} fen net on the riders' side (settle statement lists them)",
+            ledger.adjustments.len()
+        );
+    }
     for ((booked, tapped), late) in &ledger.late {
         let t = late.total();
         let _ = writeln!(
@@ -189,6 +197,7 @@ pub(crate) fn report_json(ledger: &Ledger) -> serde_json::Value {
         "fare_tables": ledger.fare_tables,
         "approved_taps": books.taps,
         "late_taps": ledger.late_taps(),
+        "adjustments": ledger.adjustments.len(),
         "fares": total.rides,
         "total_fen": total.fen,
         "by_area": AREAS.iter().map(|a| {
@@ -237,6 +246,18 @@ pub(crate) fn report_json(ledger: &Ledger) -> serde_json::Value {
 /// What a reader needs to know before the differences: late taps, other fare tables.
 fn reconcile_notes(r: &Reconciliation) -> String {
     let mut s = String::new();
+    if r.adjustments > 0 {
+        let _ = writeln!(
+            s,
+            "corrections: {} booked, {} fen net on the riders' side; {} not borne out by the journals",
+            r.adjustments,
+            r.adjustments_fen,
+            r.adjustment_problems.len()
+        );
+        for problem in &r.adjustment_problems {
+            let _ = writeln!(s, "  {problem}");
+        }
+    }
     if r.late_taps > 0 {
         let _ = writeln!(
             s,

@@ -1,5 +1,6 @@
 //! `tapgate`: the one command-line entry point. It parses arguments and calls the libraries.
 
+mod adjust;
 mod bench;
 mod books;
 mod cards;

@@ -35,16 +35,16 @@ pub(crate) struct SettleArgs {
 
 /// Where the settled ledgers are.
 #[derive(Args, Clone)]
-struct RedisArgs {
+pub(crate) struct RedisArgs {
     #[command(flatten)]
     target: RedisTarget,
     /// Partition streams, as the gateway's `[settlement] partitions`.
     #[arg(long, default_value_t = 8)]
-    partitions: u16,
+    pub(crate) partitions: u16,
 }
 
 impl RedisArgs {
-    fn store(&self) -> anyhow::Result<Store> {
+    pub(crate) fn store(&self) -> anyhow::Result<Store> {
         let RedisTarget {
             redis_url,
             redis_tls_ca_file,
@@ -197,6 +197,11 @@ enum SettleAction {
         #[arg(long, default_value_t = 50)]
         show: usize,
     },
+    /// Correct what settlement charged for one tap: refund a maximum fare, complete a trip
+    /// whose exit was never tapped, or a service desk's correction. Priced from the journals,
+    /// audited (--by, --why), booked once on the open settlement day, and checked by
+    /// `settle reconcile`.
+    Adjust(crate::adjust::AdjustArgs),
     /// Settle a journal offline, without Redis: what the pipeline should arrive at.
     Journal {
         /// The journal directory (`[journal] dir` of the gateway).
@@ -236,6 +241,10 @@ pub(crate) fn run(args: SettleArgs) -> anyhow::Result<ExitCode> {
                 let idle = until_idle_ms.map(Duration::from_millis);
                 run_settlers(store, settings, settlers.max(1), tables, idle, ops_listen).await
             })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        SettleAction::Adjust(args) => {
+            crate::adjust::run(&args)?;
             Ok(ExitCode::SUCCESS)
         }
         SettleAction::Forward {
@@ -351,7 +360,9 @@ fn reconcile(
     let dirs: Vec<&Path> = journal.iter().map(PathBuf::as_path).collect();
     let expected = settle_dirs(&dirs, &tables)?;
     let settled = source.read(None, true)?;
-    let reconciliation = Reconciliation::new(&expected.ledger, &settled);
+    let mut reconciliation = Reconciliation::new(&expected.ledger, &settled);
+    reconciliation.adjustment_problems =
+        tapgate_settle::adjust::check(&settled.adjustments, &dirs, &tables)?;
     print!("{}", reconcile_text(&reconciliation, show));
     for (node, journal) in source.journals_missing(&dirs)? {
         println!(

@@ -6,6 +6,7 @@ use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use tapgate_protocol::registry::operator;
 use tapgate_protocol::{Concession, Issuer, Mode};
+use tapgate_settle::adjust::Adjustment;
 use tapgate_settle::ledger::{DayLedger, Ledger, Totals};
 
 /// One operator's books of one settlement day: the taps of the day, and the late taps of
@@ -18,6 +19,8 @@ pub(crate) struct Statement {
     pub(crate) on_time: OperatorBooks,
     /// Late taps booked on this day, by the closed day they were tapped on.
     pub(crate) late: BTreeMap<NaiveDate, OperatorBooks>,
+    /// Corrections of the operator's rides booked on this day.
+    pub(crate) adjustments: Vec<Adjustment>,
 }
 
 /// One operator's share of one set of books.
@@ -188,20 +191,32 @@ impl Statement {
             .filter(|((booked, _), _)| *booked == date)
             .map(|((_, tapped), day)| (*tapped, OperatorBooks::of(day, operator_id)))
             .collect();
+        let adjustments = ledger
+            .adjustments
+            .iter()
+            .filter(|a| a.operator == operator_id && a.booked == Some(date))
+            .cloned()
+            .collect();
         Ok(Statement {
             operator: operator_id,
             date,
             fare_tables: ledger.fare_tables.iter().cloned().collect(),
             on_time,
             late,
+            adjustments,
         })
     }
 
-    /// Everything booked on the day: its own taps and the late ones.
-    fn day_total(&self) -> Totals {
+    /// Everything booked on the day: its own taps, the late ones, and the corrections (fen can
+    /// go below zero when refunds outweigh the fares).
+    fn day_total(&self) -> (u64, i64) {
         let mut total = self.on_time.total();
         self.late.values().for_each(|b| total.add(b.total()));
-        total
+        let corrected: i64 = self.adjustments.iter().map(|a| a.fen).sum();
+        (
+            total.rides,
+            i64::try_from(total.fen).unwrap_or(i64::MAX) + corrected,
+        )
     }
 
     /// The day's own taps, then each closed day's late taps, then `day_total`.
@@ -209,29 +224,43 @@ impl Statement {
         let mut out = format!("{CSV_HEADER}\n");
         let groups = std::iter::once((self.date, &self.on_time))
             .chain(self.late.iter().map(|(tapped, books)| (*tapped, books)));
-        let mut row = |section: &str, tapped: Option<NaiveDate>, line: Row, t: Totals| {
-            let text = |v: Option<String>| v.unwrap_or_default();
-            out.push_str(&format!(
-                "{section},{},{},{},{},{},{},{},{},{},{},{}\n",
-                self.date,
-                text(tapped.map(|d| d.to_string())),
-                self.operator,
-                text(line.area.map(|a| a.to_string())),
-                line.mode.map(Mode::label).unwrap_or_default(),
-                text(line.line.map(|l| l.to_string())),
-                text(line.gate.map(|g| g.to_string())),
-                line.issuer.map(Issuer::label).unwrap_or_default(),
-                line.concession.map(Concession::label).unwrap_or_default(),
-                t.rides,
-                t.fen
-            ));
-        };
+        let mut row =
+            |section: &str, tapped: Option<NaiveDate>, line: Row, rides: u64, fen: i64| {
+                let text = |v: Option<String>| v.unwrap_or_default();
+                out.push_str(&format!(
+                    "{section},{},{},{},{},{},{},{},{},{},{},{}\n",
+                    self.date,
+                    text(tapped.map(|d| d.to_string())),
+                    self.operator,
+                    text(line.area.map(|a| a.to_string())),
+                    line.mode.map(Mode::label).unwrap_or_default(),
+                    text(line.line.map(|l| l.to_string())),
+                    text(line.gate.map(|g| g.to_string())),
+                    line.issuer.map(Issuer::label).unwrap_or_default(),
+                    line.concession.map(Concession::label).unwrap_or_default(),
+                    rides,
+                    fen
+                ));
+            };
         for (tapped, books) in groups {
             for (section, line, t) in books.rows() {
-                row(section, Some(tapped), line, t);
+                let fen = i64::try_from(t.fen).unwrap_or(i64::MAX);
+                row(section, Some(tapped), line, t.rides, fen);
             }
         }
-        row("day_total", None, Row::default(), self.day_total());
+        for a in &self.adjustments {
+            let corrected = Row {
+                area: Some(a.area),
+                mode: Mode::from_label(&a.mode),
+                gate: Some(a.terminal),
+                issuer: Issuer::from_label(&a.issuer),
+                ..Row::default()
+            };
+            let section = format!("adjustment_{}", a.correction.label());
+            row(&section, Some(a.tapped), corrected, 1, a.fen);
+        }
+        let (rides, fen) = self.day_total();
+        row("day_total", None, Row::default(), rides, fen);
         out
     }
 
@@ -250,7 +279,8 @@ impl Statement {
             "late": self.late.iter().map(|(tapped, books)| json!({
                 "tapped": tapped.to_string(), "books": books.to_json(),
             })).collect::<Vec<_>>(),
-            "total": {"rides": total.rides, "fen": total.fen},
+            "adjustments": self.adjustments,
+            "total": {"rides": total.0, "fen": total.1},
         })
     }
 }

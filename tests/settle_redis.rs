@@ -555,38 +555,118 @@ async fn settle_run_exits_with_an_error_it_cannot_recover_from() {
     assert!(started.elapsed() < Duration::from_secs(20), "{stderr}");
 }
 
+/// An approved tap as a gateway journals it.
+fn approved(
+    terminal_id: u64,
+    sequence: u64,
+    card: u64,
+    kind: tapgate_protocol::TapKind,
+    mode: tapgate_protocol::Mode,
+    stop: u16,
+    at: u64,
+) -> tapgate_journal::JournalRecord {
+    use tapgate_protocol::{
+        Concession, Issuer, Outcome, RIDES_LEFT_NOT_APPLICABLE, Reason, TapResult,
+    };
+    let mut record = tapgate_journal::JournalRecord {
+        terminal_id,
+        tag: [0; 16],
+        tap: tap(sequence, card, kind),
+        server_time_ms: at,
+        area: 500103,
+        mode,
+        operator: if mode == tapgate_protocol::Mode::Metro {
+            2
+        } else {
+            1
+        },
+        result: TapResult {
+            sequence,
+            outcome: Outcome::Approve,
+            reason: Reason::Approved,
+            concession: Concession::None,
+            fare_fen: 0,
+            rides_left: RIDES_LEFT_NOT_APPLICABLE,
+        },
+        pay_percent: 100,
+        repeat_boarding: false,
+    };
+    record.tap.issuer = Issuer::ChongqingSsc;
+    record.tap.stop = stop;
+    record.tap.gate_time_ms = at;
+    record
+}
+
 /// Approved bus boardings in 渝中, one card each, `days_ago` days before now.
 fn old_boardings(first_card: u64, n: u64, days_ago: u64) -> Vec<tapgate_journal::JournalRecord> {
-    use tapgate_protocol::{
-        Concession, Issuer, Mode, Outcome, RIDES_LEFT_NOT_APPLICABLE, Reason, TapKind, TapResult,
-    };
     let at = tapgate_runtime::now_ms() - days_ago * 86_400_000;
     (0..n)
-        .map(|i| tapgate_journal::JournalRecord {
-            terminal_id: YUZHONG_BUS.terminal_id,
-            tag: [0; 16],
-            tap: tap(first_card + i, first_card + i, TapKind::Flat),
-            server_time_ms: at + i,
-            area: 500103,
-            mode: Mode::Bus,
-            operator: 1,
-            result: TapResult {
-                sequence: first_card + i,
-                outcome: Outcome::Approve,
-                reason: Reason::Approved,
-                concession: Concession::None,
-                fare_fen: 0,
-                rides_left: RIDES_LEFT_NOT_APPLICABLE,
-            },
-            pay_percent: 100,
-            repeat_boarding: false,
-        })
-        .map(|mut r| {
-            r.tap.issuer = Issuer::ChongqingSsc;
-            r.tap.gate_time_ms = r.server_time_ms;
-            r
+        .map(|i| {
+            let card = first_card + i;
+            let flat = tapgate_protocol::TapKind::Flat;
+            let bus = tapgate_protocol::Mode::Bus;
+            approved(YUZHONG_BUS.terminal_id, card, card, flat, bus, 1, at + i)
         })
         .collect()
+}
+
+/// A journal of the test's own, written record by record.
+struct TestJournal {
+    settings: tapgate_journal::JournalSettings,
+    journal: tapgate_journal::Journal,
+    writer: tapgate_journal::JournalWriter,
+}
+
+impl TestJournal {
+    fn open(dir: &Path) -> TestJournal {
+        let settings = tapgate_journal::JournalSettings {
+            dir: dir.join("journal"),
+            segment_bytes: 1 << 20,
+            queue_capacity: 64,
+            max_batch: 64,
+            min_sync_interval: Duration::ZERO,
+        };
+        let (journal, writer) = tapgate_journal::Journal::open(&settings, |_| {}).unwrap();
+        TestJournal {
+            settings,
+            journal,
+            writer,
+        }
+    }
+
+    async fn append(&self, records: Vec<tapgate_journal::JournalRecord>) {
+        for r in records {
+            self.journal
+                .append_durable(r)
+                .unwrap()
+                .await
+                .unwrap()
+                .unwrap();
+        }
+    }
+
+    fn settlement(&self, redis: &RedisServer, tables: FareTables) -> Settlement {
+        let settings = SettlementSettings {
+            node: "gw-own-journal".into(),
+            journal_dir: self.settings.dir.clone(),
+            partitions: PARTITIONS,
+            settlers: 1,
+            batch: 64,
+            max_backlog: 100_000,
+            lease_ttl: Duration::from_millis(1000),
+        };
+        Settlement::start(
+            store(redis),
+            &settings,
+            Arc::new(tables),
+            self.journal.durable(),
+        )
+    }
+
+    fn close(self) {
+        drop(self.journal);
+        self.writer.join();
+    }
 }
 
 /// A day settled while open keeps its books when it closes: taps of it that arrive later are
@@ -596,46 +676,17 @@ fn old_boardings(first_card: u64, n: u64, days_ago: u64) -> Vec<tapgate_journal:
 async fn a_closed_day_never_changes_and_taps_arriving_after_it_are_booked_late() {
     let redis = RedisServer::start();
     let state = tempfile::tempdir().unwrap();
-    let journal_settings = tapgate_journal::JournalSettings {
-        dir: state.path().join("journal"),
-        segment_bytes: 1 << 20,
-        queue_capacity: 64,
-        max_batch: 64,
-        min_sync_interval: Duration::ZERO,
-    };
-    let (journal, writer) = tapgate_journal::Journal::open(&journal_settings, |_| {}).unwrap();
-    let append = |records: Vec<tapgate_journal::JournalRecord>| {
-        let journal = journal.clone();
-        async move {
-            for r in records {
-                journal.append_durable(r).unwrap().await.unwrap().unwrap();
-            }
-        }
-    };
-    let settings = SettlementSettings {
-        node: "gw-late".into(),
-        journal_dir: journal_settings.dir.clone(),
-        partitions: PARTITIONS,
-        settlers: 1,
-        batch: 64,
-        max_backlog: 100_000,
-        lease_ttl: Duration::from_millis(1000),
-    };
+    let journal = TestJournal::open(state.path());
     let shipped = FareTables::embedded_default();
     let tapped = shipped
         .day
         .day_of(tapgate_runtime::now_ms() - 3 * 86_400_000);
 
     // Settled while a week's grace keeps three days ago open: booked on its own day.
-    append(old_boardings(1_000, 6, 3)).await;
+    journal.append(old_boardings(1_000, 6, 3)).await;
     let mut week_open = shipped.clone();
     week_open.day.close_after_minutes = 7 * 24 * 60;
-    let first = Settlement::start(
-        store(&redis),
-        &settings,
-        Arc::new(week_open),
-        journal.durable(),
-    );
+    let first = journal.settlement(&redis, week_open);
     assert!(first.wait_settled(Duration::from_secs(20)).await.unwrap());
     first.shutdown().await;
     let before = store(&redis).ledger(None, false).await.unwrap();
@@ -643,13 +694,8 @@ async fn a_closed_day_never_changes_and_taps_arriving_after_it_are_booked_late()
     assert!(before.late.is_empty());
 
     // With the shipped two hours that day is closed: more of its taps go to the open day.
-    append(old_boardings(2_000, 4, 3)).await;
-    let second = Settlement::start(
-        store(&redis),
-        &settings,
-        Arc::new(shipped.clone()),
-        journal.durable(),
-    );
+    journal.append(old_boardings(2_000, 4, 3)).await;
+    let second = journal.settlement(&redis, shipped.clone());
     assert!(second.wait_settled(Duration::from_secs(20)).await.unwrap());
     let after = store(&redis).ledger(None, false).await.unwrap();
     assert_eq!(
@@ -662,23 +708,21 @@ async fn a_closed_day_never_changes_and_taps_arriving_after_it_are_booked_late()
     assert_eq!(second.settlers.late.load(Ordering::Relaxed), 4);
     second.shutdown().await;
 
-    let expected = settle_journals(&[&journal_settings.dir], &shipped)
+    let expected = settle_journals(&[&journal.settings.dir], &shipped)
         .unwrap()
         .ledger;
     let settled = store(&redis).ledger(None, true).await.unwrap();
     let r = Reconciliation::new(&expected, &settled);
     assert!(r.is_exact(), "{r:?}");
     assert_eq!(r.late_taps, 4);
-    let (ok, text) = reconcile_cli(&redis.url(), &journal_settings.dir);
+    let (ok, text) = reconcile_cli(&redis.url(), &journal.settings.dir);
     assert!(ok, "{text}");
     assert!(
         text.contains("4 taps reached settlement after their day closed"),
         "{text}"
     );
-
     a_batch_of_a_clock_behind_is_refused(&store(&redis)).await;
-    drop(journal);
-    writer.join();
+    journal.close();
 }
 
 /// A settler whose clock is a day behind prices the day before as open; the partition's
@@ -709,5 +753,176 @@ async fn a_batch_of_a_clock_behind_is_refused(s: &Store) {
     assert_eq!(
         s.apply(batch).await.unwrap(),
         tapgate_settle::store::Applied::DayClosed
+    );
+}
+
+fn adjust_cli(redis_url: &str, journal: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tapgate"))
+        .args(["settle", "adjust", "--redis-url", redis_url])
+        .args(["--partitions", &PARTITIONS.to_string()])
+        .arg("--journal")
+        .arg(journal)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// A metro entry whose exit went missing is charged the maximum at the card's next entry; the
+/// desk refunds it once (a second refund is refused), completes nothing twice, adds a desk
+/// correction, and every correction is booked once on the open day, audited, listed in the
+/// operator's statement and borne out by reconcile — which catches one the journals do not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrections_are_priced_from_the_journals_booked_once_and_reconciled() {
+    use tapgate_protocol::{Mode, TapKind};
+    let redis = RedisServer::start();
+    let state = tempfile::tempdir().unwrap();
+    let journal = TestJournal::open(state.path());
+    let tables = FareTables::embedded_default();
+    let now = tapgate_runtime::now_ms() - 3_600_000;
+    let gate = YUZHONG_METRO.terminal_id;
+    journal
+        .append(vec![
+            approved(gate, 1, 77, TapKind::Entry, Mode::Metro, 10, now),
+            approved(
+                gate,
+                2,
+                77,
+                TapKind::Entry,
+                Mode::Metro,
+                12,
+                now + 1_800_000,
+            ),
+            approved(gate, 3, 77, TapKind::Exit, Mode::Metro, 14, now + 2_400_000),
+        ])
+        .await;
+    let settlement = journal.settlement(&redis, tables.clone());
+    assert!(
+        settlement
+            .wait_settled(Duration::from_secs(20))
+            .await
+            .unwrap()
+    );
+    let dir = &journal.settings.dir;
+    let url = redis.url();
+    let max = i64::from(tables.metro.max);
+    make_corrections(&url, dir, gate, max);
+    assert!(
+        settlement
+            .wait_settled(Duration::from_secs(20))
+            .await
+            .unwrap()
+    );
+    let books = store(&redis).ledger(None, false).await.unwrap();
+    let open = tables.day.day_of(tapgate_runtime::now_ms());
+    assert_eq!(books.adjustments.len(), 2, "{:?}", books.adjustments);
+    assert!(
+        books
+            .adjustments
+            .iter()
+            .all(|a| a.booked == Some(open) && a.by == "desk 3 解放碑")
+    );
+    let (ok, text) = reconcile_cli(&url, dir);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains(&format!("corrections: 2 booked, {} fen net", -max - 50)),
+        "{text}"
+    );
+    let statement = Command::new(env!("CARGO_BIN_EXE_tapgate"))
+        .args([
+            "settle",
+            "statement",
+            "--redis-url",
+            &url,
+            "--operator",
+            "2",
+        ])
+        .args(["--date", &open.to_string()])
+        .output()
+        .unwrap();
+    let csv = String::from_utf8_lossy(&statement.stdout);
+    assert!(
+        csv.contains(&format!(",{gate},cq_ssc,,1,{}\n", -max)),
+        "{csv}"
+    );
+    assert!(
+        csv.lines()
+            .any(|l| l.starts_with("adjustment_refund_max_fare,")),
+        "{csv}"
+    );
+
+    a_forged_correction_fails_reconcile(&redis, &settlement, dir, books.adjustments[1].clone())
+        .await;
+    settlement.shutdown().await;
+    journal.close();
+}
+
+/// Through the command: a refund of the maximum fare, refused the second time and for a
+/// completion of the same trip; a desk correction; refused without an audit trail or a tap.
+fn make_corrections(url: &str, dir: &Path, gate: u64, max: i64) {
+    let audit = ["--by", "desk 3 解放碑", "--why", "exit gate out of order"];
+    let tap = format!("{gate}-1");
+
+    let refund = [&["--tap", &tap, "--refund-max-fare"][..], &audit].concat();
+    let (ok, out) = adjust_cli(url, dir, &refund);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!("{} fen on the rider's side", -max)),
+        "{out}"
+    );
+    let (ok, out) = adjust_cli(url, dir, &refund);
+    assert!(
+        !ok && out.contains("settled by an earlier correction"),
+        "{out}"
+    );
+    let complete = [&["--tap", &tap, "--complete-trip", "2:12"][..], &audit].concat();
+    let (ok, out) = adjust_cli(url, dir, &complete);
+    assert!(
+        !ok && out.contains("settled by an earlier correction"),
+        "{out}"
+    );
+    let exit = format!("{gate}-3");
+    let desk = [&["--tap", &exit, "--desk-fen", "-50"][..], &audit].concat();
+    assert!(adjust_cli(url, dir, &desk).0);
+    let unaudited = ["--tap", &tap, "--desk-fen", "10", "--by", "x", "--why", " "];
+    let (ok, out) = adjust_cli(url, dir, &unaudited);
+    assert!(!ok && out.contains("--why"), "{out}");
+    let (ok, out) = adjust_cli(
+        url,
+        dir,
+        &[&["--tap", "1-999", "--desk-fen", "5"][..], &audit].concat(),
+    );
+    assert!(!ok && out.contains("not an approved tap"), "{out}");
+}
+
+/// A correction the journals do not bear out (written around the command) fails reconcile.
+async fn a_forged_correction_fails_reconcile(
+    redis: &RedisServer,
+    settlement: &Settlement,
+    dir: &Path,
+    mut forged: tapgate_settle::adjust::Adjustment,
+) {
+    forged.id = "adj-forged".into();
+    forged.fen = -5_000;
+    let s = store(redis);
+    let partition = tapgate_settle::partition_of(77, PARTITIONS);
+    assert!(s.submit_adjustment(partition, &forged).await.unwrap());
+    assert!(
+        settlement
+            .wait_settled(Duration::from_secs(20))
+            .await
+            .unwrap()
+    );
+    let (ok, text) = reconcile_cli(&redis.url(), dir);
+    assert!(
+        !ok && text.contains("adj-forged: booked -5000 fen, the journals price it -50 fen"),
+        "{text}"
     );
 }

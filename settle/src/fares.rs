@@ -601,6 +601,32 @@ pub fn settle(record: &JournalRecord, rider: &mut RiderState, tables: &FareTable
     charges
 }
 
+/// What a paid-area trip from `entry` to a stop would have cost at the entry's pay share, with
+/// no transfer discount and no in-system surcharge: what a trip whose exit was never tapped is
+/// completed at (`tapgate settle adjust --complete-trip`). `None` for a tap that opens no trip.
+pub fn completed_trip_fare(
+    entry: &JournalRecord,
+    exit_line: u16,
+    exit_stop: u16,
+    tables: &FareTables,
+) -> Option<u32> {
+    if entry.tap.kind != TapKind::Entry || !entry.mode.needs_exit_tap() {
+        return None;
+    }
+    let open = OpenTrip {
+        mode: entry.mode,
+        area: entry.area,
+        operator: entry.operator,
+        line: entry.tap.line,
+        stop: entry.tap.stop,
+        concession: entry.result.concession,
+        pay_percent: entry.pay_percent,
+        at_ms: entry.server_time_ms,
+    };
+    let base = trip_fare(&open, exit_line, exit_stop, entry.server_time_ms, tables);
+    Some(base * u32::from(entry.pay_percent.min(100)) / 100)
+}
+
 /// The ride an open trip makes, charged to where it entered.
 fn open_ride(open: &OpenTrip, exit_terminal: u64) -> Ride {
     Ride {

@@ -7,6 +7,7 @@
 //! books of their own that name the day it was tapped ([`Ledger::late`]).
 
 use super::recent::RecentTaps;
+use crate::adjust::Adjustment;
 use crate::fares::{Charge, FareTables, RiderState, settle};
 use chrono::NaiveDate;
 use serde_json::{Value, json};
@@ -124,6 +125,8 @@ pub struct Ledger {
     /// Late taps by (day booked on, day tapped): a closed day's books never change, so a tap
     /// arriving after its day closed is booked to the open day, and named by its own day.
     pub late: BTreeMap<(NaiveDate, NaiveDate), DayLedger>,
+    /// Corrections booked, each on the open day it reached settlement ([`Adjustment::booked`]).
+    pub adjustments: Vec<Adjustment>,
     /// Digests of the fare tables that priced these books ([`FareTables::digest`]): one when
     /// every settler used the same tables.
     pub fare_tables: BTreeSet<String>,
@@ -211,6 +214,7 @@ impl Ledger {
         for (days, theirs) in &other.late {
             self.late.entry(*days).or_default().add(theirs);
         }
+        self.adjustments.extend(other.adjustments.iter().cloned());
         self.fare_tables.extend(other.fare_tables.iter().cloned());
     }
 
@@ -221,6 +225,8 @@ impl Ledger {
             self.days.retain(|d, _| *d == day);
             self.late
                 .retain(|(booked, tapped), _| *booked == day || *tapped == day);
+            self.adjustments
+                .retain(|a| a.booked == Some(day) || a.tapped == day);
         }
         if !with_cards {
             self.days
@@ -236,6 +242,7 @@ impl Ledger {
         let mut folded = Ledger {
             days: self.days.clone(),
             late: BTreeMap::new(),
+            adjustments: self.adjustments.clone(),
             fare_tables: self.fare_tables.clone(),
         };
         for ((_, tapped), books) in &self.late {
@@ -279,7 +286,7 @@ impl Ledger {
     /// Books as JSON: `{"days": {"YYYY-MM-DD": {"taps", "cells": [...], "cards": {...},
     /// "clearing": [...], "payables": [...], "concessions": [...], "transfers": [...],
     /// "lines": [...], "vehicles": [...]}}, "late": [{"booked", "tapped", "books": {...}}],
-    /// "fare_tables": [digest, ...]}`; [`Ledger::from_json`] reads it back.
+    /// "adjustments": [...], "fare_tables": [digest, ...]}`; [`Ledger::from_json`] reads it back.
     pub fn to_json(&self) -> Value {
         let days: serde_json::Map<String, Value> = self
             .days
@@ -294,7 +301,8 @@ impl Ledger {
                        "books": day_json(day)})
             })
             .collect();
-        json!({ "days": days, "late": late, "fare_tables": self.fare_tables })
+        json!({ "days": days, "late": late, "adjustments": self.adjustments,
+                "fare_tables": self.fare_tables })
     }
 
     pub fn from_json(value: &Value) -> Result<Ledger, String> {
@@ -310,6 +318,11 @@ impl Ledger {
             let on = |what: &str| json_date(entry[what].as_str().unwrap_or_default());
             let days = (on("booked")?, on("tapped")?);
             ledger.late.insert(days, day_from_json(&entry["books"])?);
+        }
+        // Absent from ledgers written before corrections were made.
+        if let Some(adjustments) = value.get("adjustments") {
+            ledger.adjustments = serde_json::from_value(adjustments.clone())
+                .map_err(|e| format!("adjustments: {e}"))?;
         }
         // Absent from ledgers written before the digest was recorded.
         for digest in value["fare_tables"].as_array().into_iter().flatten() {
@@ -523,19 +536,93 @@ pub struct JournalSettlement {
 /// in; journals are interleaved by gateway time, which is how a card that rode past several
 /// gateways is seen.
 pub fn settle_journals(dirs: &[&Path], tables: &FareTables) -> std::io::Result<JournalSettlement> {
-    let mut settlement = JournalSettlement::default();
-    settlement.ledger.fare_tables.insert(tables.digest());
+    let mut ledger = Ledger::default();
+    ledger.fare_tables.insert(tables.digest());
+    let walked = walk_journals(
+        dirs,
+        tables,
+        |_| true,
+        |record, charges| {
+            let day = Booking::on_time(tables.day.day_of(record.server_time_ms));
+            ledger.book(day, record, charges);
+        },
+    )?;
+    Ok(JournalSettlement {
+        ledger,
+        damaged_segments: walked.damaged_segments,
+        copies: walked.copies,
+    })
+}
+
+/// Every approved tap of one card in the journals with the charges it made, in the order
+/// [`settle_journals`] prices them: what a correction is checked against.
+pub fn card_history(
+    dirs: &[&Path],
+    card: u64,
+    tables: &FareTables,
+) -> std::io::Result<Vec<(JournalRecord, Vec<Charge>)>> {
+    let mut history = Vec::new();
+    walk_journals(
+        dirs,
+        tables,
+        |r| r.tap.card_id == card,
+        |record, charges| history.push((*record, charges.to_vec())),
+    )?;
+    Ok(history)
+}
+
+/// The approved tap with this identity (gate, sequence) in the journals.
+pub fn find_tap(
+    dirs: &[&Path],
+    terminal: u64,
+    sequence: u64,
+) -> std::io::Result<Option<JournalRecord>> {
+    let mut found = None;
+    for dir in dirs {
+        for segment in list_segments(dir)? {
+            read_segment(&segment, |r| {
+                if found.is_none()
+                    && r.terminal_id == terminal
+                    && r.tap.sequence == sequence
+                    && r.result.outcome == Outcome::Approve
+                {
+                    found = Some(r);
+                }
+            })?;
+        }
+    }
+    Ok(found)
+}
+
+/// What walking the journals met besides taps.
+struct Walked {
+    damaged_segments: u64,
+    copies: u64,
+}
+
+/// Prices the approved taps `wanted` keeps, journal by journal in each one's order and
+/// interleaved by gateway time, each copy of a tap once, and hands each to `each`.
+fn walk_journals(
+    dirs: &[&Path],
+    tables: &FareTables,
+    wanted: impl Fn(&JournalRecord) -> bool,
+    mut each: impl FnMut(&JournalRecord, &[Charge]),
+) -> std::io::Result<Walked> {
+    let mut walked = Walked {
+        damaged_segments: 0,
+        copies: 0,
+    };
     let mut journals = Vec::with_capacity(dirs.len());
     for dir in dirs {
         let mut records = Vec::new();
         for segment in list_segments(dir)? {
             let (_, clean) = read_segment(&segment, |r| {
-                if r.result.outcome == Outcome::Approve {
+                if r.result.outcome == Outcome::Approve && wanted(&r) {
                     records.push(r);
                 }
             })?;
             if !clean {
-                settlement.damaged_segments += 1;
+                walked.damaged_segments += 1;
             }
         }
         journals.push(records.into_iter().peekable());
@@ -551,14 +638,13 @@ pub fn settle_journals(dirs: &[&Path], tables: &FareTables) -> std::io::Result<J
         let record = journals[i].next().expect("peeked");
         let (fares, recent) = riders.entry(record.tap.card_id).or_default();
         if !recent.first_time(&record) {
-            settlement.copies += 1;
+            walked.copies += 1;
             continue;
         }
         let charges = settle(&record, fares, tables);
-        let day = Booking::on_time(tables.day.day_of(record.server_time_ms));
-        settlement.ledger.book(day, &record, &charges);
+        each(&record, &charges);
     }
-    Ok(settlement)
+    Ok(walked)
 }
 
 /// What a difference between two ledgers is about.
@@ -772,6 +858,11 @@ pub struct Reconciliation {
     pub differences: Vec<Difference>,
     /// Settled taps booked late, on a day after their own closed; compared on their own day.
     pub late_taps: u64,
+    /// Corrections booked and their net amount (rider's side, fen).
+    pub adjustments: u64,
+    pub adjustments_fen: i64,
+    /// Corrections the journals do not bear out ([`crate::adjust::check`]).
+    pub adjustment_problems: Vec<String>,
     /// The fare tables the journals were priced with here, and those the ledgers record. When
     /// they differ, fare differences are expected rather than a fault of settlement.
     pub journal_fare_tables: BTreeSet<String>,
@@ -802,13 +893,16 @@ impl Reconciliation {
             duplicated,
             differences,
             late_taps: settled.late_taps(),
+            adjustments: settled.adjustments.len() as u64,
+            adjustments_fen: settled.adjustments.iter().map(|a| a.fen).sum(),
+            adjustment_problems: Vec::new(),
             journal_fare_tables: expected.fare_tables.clone(),
             settled_fare_tables: settled.fare_tables.clone(),
         }
     }
 
     pub fn is_exact(&self) -> bool {
-        self.differences.is_empty()
+        self.differences.is_empty() && self.adjustment_problems.is_empty()
     }
 }
 

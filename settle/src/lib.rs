@@ -22,6 +22,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod adjust;
 pub mod day;
 pub mod fares;
 pub mod forwarder;

@@ -10,6 +10,7 @@
 
 use super::ledger::{Booking, Ledger};
 use super::store::{Applied, ApplyBatch, CardSettlement, Delivered, EntryId, Store, StoreError};
+use crate::adjust::Adjustment;
 use crate::fares::{FareTables, settle};
 use chrono::NaiveDate;
 use std::collections::{BTreeMap, HashMap};
@@ -425,7 +426,11 @@ impl Settler {
             return self.store.ack(partition, &acks).await;
         };
         let records: Vec<_> = fresh.iter().filter_map(|e| e.record).collect();
-        let malformed = fresh.len() - records.len();
+        let adjustments: Vec<&Adjustment> = fresh
+            .iter()
+            .filter_map(|e| e.adjustment.as_deref())
+            .collect();
+        let malformed = fresh.len() - records.len() - adjustments.len();
         if malformed > 0 {
             self.stats
                 .malformed
@@ -451,7 +456,12 @@ impl Settler {
             closed,
             open: calendar.open_day(now, closed),
         };
-        let priced = self.price(&records, &mut riders, days);
+        let mut priced = self.price(&records, &mut riders, days);
+        for adjustment in &adjustments {
+            let mut booked = (*adjustment).clone();
+            booked.booked = Some(days.open);
+            priced.ledger.adjustments.push(booked);
+        }
         // Only entries above the watermark are fresh: applying them moves it forward.
         debug_assert!(
             watermark.is_none_or(|w| w < last),
@@ -464,7 +474,7 @@ impl Settler {
             watermark: last,
             trim_below: acks.iter().copied().min().unwrap_or(last),
             acks,
-            taps: records.len() as u64,
+            taps: (records.len() + adjustments.len()) as u64,
             riders: riders.into_iter().collect(),
             ledger: priced.ledger,
             closed,

@@ -142,6 +142,7 @@ impl MemoryStore {
                 .map(|(id, r)| Delivered {
                     id: *id,
                     record: Some(*r),
+                    adjustment: None,
                 })
                 .collect()
         })
@@ -191,6 +192,7 @@ impl MemoryStore {
                         .map(|(id, r)| Delivered {
                             id,
                             record: Some(r),
+                            adjustment: None,
                         })
                         .collect(),
                 ));

@@ -11,7 +11,7 @@
 //! | `P:settle:partitions`        | string | partition count, fixed at first use |
 //! | `P:settle:members`           | zset   | live settlers by last heartbeat (server time, ms) |
 //! | `P:settle:nodes`             | hash   | node → the journal id it ships from (for reconcile) |
-//! | `P:{pN}:taps`                | stream | shipped approved taps of partition N: `tap` = `TERMINAL-SEQUENCE`, `r` = the journal record |
+//! | `P:{pN}:taps`                | stream | shipped approved taps of partition N: `tap` = `TERMINAL-SEQUENCE`, `r` = the journal record; or a correction, `adjust` = JSON |
 //! | `P:{pN}:forward:NODE`        | string | how far node NODE has shipped into partition N: `JOURNAL@SEGMENT:OFFSET` |
 //! | `P:{pN}:counts`              | hash   | `shipped`, `settled`: taps of partition N, for the backlog |
 //! | `P:{pN}:lease`               | string | token of the settler that owns partition N (expires) |
@@ -29,6 +29,8 @@
 //! | `P:{pN}:lines:DAY`           | hash   | `OPERATOR:AREA:MODE:LINE:fen` / `:rides` |
 //! | `P:{pN}:vehicles:DAY`        | hash   | `OPERATOR:GATE:fen` / `:rides`, flat rides by boarding gate |
 //! | `P:{pN}:fare-tables`         | set    | digests of the fare tables that priced the ledgers, added with each batch |
+//! | `P:{pN}:adjustments`         | stream | corrections booked (`a` = the correction as JSON, with the day booked): the audit trail |
+//! | `P:{pN}:adjusted:TAP`        | string | the correction that settled tap TAP's maximum fare, so it is settled once |
 //!
 //! A book day (`DAY` above) is a settlement day `YYYY-MM-DD`, or `BOOKED~TAPPED` for the
 //! late taps booked on day BOOKED that were tapped on the closed day TAPPED. The consumer
@@ -45,6 +47,7 @@
 
 use super::ledger::Ledger;
 use super::recent::RecentTaps;
+use crate::adjust::Adjustment;
 use crate::fares::RiderState;
 use chrono::NaiveDate;
 use std::collections::BTreeMap;
@@ -91,12 +94,13 @@ impl std::str::FromStr for Checkpoint {
     }
 }
 
-/// A tap as a settler receives it. `record` is `None` for an entry that is not a journal
-/// record (written by something else than a forwarder): it is acknowledged and never applied.
+/// A stream entry as a settler receives it: a tap (`record`), a correction (`adjustment`),
+/// or neither for an entry something else wrote, which is acknowledged and never applied.
 #[derive(Debug, Clone)]
 pub struct Delivered {
     pub id: EntryId,
     pub record: Option<JournalRecord>,
+    pub adjustment: Option<Box<Adjustment>>,
 }
 
 /// What settlement keeps about one card between batches.
@@ -332,6 +336,22 @@ impl Store {
         match self {
             Store::Redis(r) => r.read_new(partitions, consumer, max, block).await,
             Store::Memory(m) => Ok(m.read_new(partitions, max, block).await),
+        }
+    }
+
+    /// Puts a correction on its card's partition stream, where one settler books it once.
+    /// False, and nothing written, when the tap's maximum fare was settled by a correction
+    /// before (a refund or a completed trip can be made once per tap).
+    pub async fn submit_adjustment(
+        &self,
+        partition: u16,
+        adjustment: &Adjustment,
+    ) -> Result<bool, StoreError> {
+        match self {
+            Store::Redis(r) => r.submit_adjustment(partition, adjustment).await,
+            Store::Memory(_) => Err(StoreError::Malformed(
+                "corrections are made against a Redis settlement store; an embedded gateway's books are final when it stops".into(),
+            )),
         }
     }
 

@@ -4,6 +4,7 @@ use super::{
     Applied, ApplyBatch, CardSettlement, Checkpoint, Delivered, GROUP, HSCAN_PAGE, Shipped,
     ShippedTap, StoreError,
 };
+use crate::adjust::{Adjustment, tap_name};
 use crate::fares::RiderState;
 use crate::ledger::{Booking, DayLedger, Ledger, Totals};
 use crate::recent::RecentTaps;
@@ -63,7 +64,8 @@ return {1, ''}
 /// KEYS: lease, watermark, stream, counts, closed, then one key per update. ARGV: token,
 /// expected watermark ('' when none), new watermark, trim-below id, taps, ack count, the day
 /// the batch is closed through (`YYYY-MM-DD`, which orders as text), ack ids, then (op, field,
-/// value) per update: `H` = HINCRBY key field value, `S` = SET key value, `A` = SADD key value.
+/// value) per update: `H` = HINCRBY key field value, `S` = SET key value, `A` = SADD key value,
+/// `X` = XADD key * a value.
 const APPLY_SCRIPT: &str = r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 'lease' end
 local current = redis.call('GET', KEYS[2]) or ''
@@ -79,6 +81,8 @@ for i = first, #ARGV, 3 do
     redis.call('HINCRBY', KEYS[k], ARGV[i + 1], ARGV[i + 2])
   elseif ARGV[i] == 'A' then
     redis.call('SADD', KEYS[k], ARGV[i + 2])
+  elseif ARGV[i] == 'X' then
+    redis.call('XADD', KEYS[k], '*', 'a', ARGV[i + 2])
   else
     redis.call('SET', KEYS[k], ARGV[i + 2])
   end
@@ -91,6 +95,16 @@ for i = 8, first - 1, 100 do
 end
 redis.call('XTRIM', KEYS[3], 'MINID', ARGV[4])
 return 'ok'
+";
+
+/// Puts a correction on a partition's stream, once per tap for one that settles the tap's
+/// maximum fare. KEYS: the tap's guard, stream, counts. ARGV: the correction as JSON, whether
+/// it is guarded ('1' or '0'), its id. Returns 1 when written, 0 when the guard was taken.
+const SUBMIT_ADJUSTMENT_SCRIPT: &str = r"
+if ARGV[2] == '1' and not redis.call('SET', KEYS[1], ARGV[3], 'NX') then return 0 end
+redis.call('XADD', KEYS[2], '*', 'adjust', ARGV[1])
+redis.call('HINCRBY', KEYS[3], 'shipped', 1)
+return 1
 ";
 
 /// Heartbeat by server time so settlers on machines with skewed clocks agree on who is alive.
@@ -140,6 +154,7 @@ struct Scripts {
     heartbeat: redis::Script,
     lease: redis::Script,
     release: redis::Script,
+    submit_adjustment: redis::Script,
 }
 
 impl RedisStore {
@@ -163,6 +178,7 @@ impl RedisStore {
                 heartbeat: redis::Script::new(HEARTBEAT_SCRIPT),
                 lease: redis::Script::new(LEASE_SCRIPT),
                 release: redis::Script::new(RELEASE_SCRIPT),
+                submit_adjustment: redis::Script::new(SUBMIT_ADJUSTMENT_SCRIPT),
             }),
         })
     }
@@ -545,6 +561,66 @@ impl RedisStore {
         }
     }
 
+    pub(super) async fn submit_adjustment(
+        &self,
+        partition: u16,
+        adjustment: &Adjustment,
+    ) -> Result<bool, StoreError> {
+        let tap = tap_name(adjustment.terminal, adjustment.sequence);
+        let json = serde_json::to_string(adjustment)
+            .map_err(|e| StoreError::Malformed(format!("correction: {e}")))?;
+        let written: u8 = self
+            .scripts
+            .submit_adjustment
+            .key(self.partition_key(partition, &format!("adjusted:{tap}")))
+            .key(self.stream_key(partition))
+            .key(self.partition_key(partition, "counts"))
+            .arg(json)
+            .arg(if adjustment.correction.settles_max_fare() {
+                "1"
+            } else {
+                "0"
+            })
+            .arg(&adjustment.id)
+            .invoke_async(&mut self.conn())
+            .await?;
+        Ok(written == 1)
+    }
+
+    /// The corrections partition N booked, oldest first, in pages.
+    async fn adjustments(&self, p: u16) -> Result<Vec<Adjustment>, StoreError> {
+        let key = self.partition_key(p, "adjustments");
+        let mut out = Vec::new();
+        let mut from = "-".to_string();
+        loop {
+            let page: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
+                .arg(&key)
+                .arg(&from)
+                .arg("+")
+                .arg("COUNT")
+                .arg(HSCAN_PAGE)
+                .query_async(&mut self.conn())
+                .await?;
+            let Some((last, _)) = page.last() else {
+                return Ok(out);
+            };
+            from = format!("({last}");
+            let full = page.len() == HSCAN_PAGE;
+            for (id, fields) in page {
+                let json = fields.get("a").ok_or_else(|| {
+                    StoreError::Malformed(format!("correction {id} has no `a` field"))
+                })?;
+                out.push(
+                    serde_json::from_str(json)
+                        .map_err(|e| StoreError::Malformed(format!("correction {id}: {e}")))?,
+                );
+            }
+            if !full {
+                return Ok(out);
+            }
+        }
+    }
+
     pub(super) async fn closed(&self, partition: u16) -> Result<Option<NaiveDate>, StoreError> {
         let value: Option<String> = redis::cmd("GET")
             .arg(self.partition_key(partition, "closed"))
@@ -657,6 +733,15 @@ impl RedisStore {
                 .arg(field)
                 .arg(value);
         }
+        for adjustment in &batch.ledger.adjustments {
+            let json = serde_json::to_string(adjustment)
+                .map_err(|e| StoreError::Malformed(format!("correction: {e}")))?;
+            invocation
+                .key(self.partition_key(p, "adjustments"))
+                .arg("X")
+                .arg("")
+                .arg(json);
+        }
         for digest in &batch.ledger.fare_tables {
             invocation
                 .key(self.partition_key(p, "fare-tables"))
@@ -712,7 +797,12 @@ impl RedisStore {
             .arg(self.partition_key(p, "ledger-taps"))
             .query_async(&mut self.conn())
             .await?;
+        let mut adjustments = self.adjustments(p).await?;
+        if let Some(day) = day {
+            adjustments.retain(|a| a.booked == Some(day) || a.tapped == day);
+        }
         let mut ledger = Ledger {
+            adjustments,
             fare_tables: redis::cmd("SMEMBERS")
                 .arg(self.partition_key(p, "fare-tables"))
                 .query_async(&mut self.conn())
@@ -970,14 +1060,23 @@ fn parse_entry(entry: &redis::Value) -> Option<Delivered> {
         Some(redis::Value::Map(pairs)) => pairs.iter().map(|(k, v)| (k, v)).collect(),
         _ => Vec::new(),
     };
-    let record = fields.into_iter().find_map(|(name, value)| {
+    let mut delivered = Delivered {
+        id,
+        record: None,
+        adjustment: None,
+    };
+    for (name, value) in fields {
         let name: String = redis::from_redis_value_ref(name).ok()?;
         let value: Vec<u8> = redis::from_redis_value_ref(value).ok()?;
-        (name == "r")
-            .then(|| JournalRecord::decode(&value))
-            .flatten()
-    });
-    Some(Delivered { id, record })
+        match name.as_str() {
+            "r" => delivered.record = JournalRecord::decode(&value),
+            "adjust" => {
+                delivered.adjustment = serde_json::from_slice(&value).ok().map(Box::new);
+            }
+            _ => {}
+        }
+    }
+    Some(delivered)
 }
 
 /// The label of a book day in keys and in `ledger-taps`: `DAY`, or `BOOKED~TAPPED` for late
