@@ -543,7 +543,7 @@ async fn reconcile(
         .chain(dirs)
         .map(|dir| dir.path().join("journal"))
         .collect();
-    let (settled, fares) = match server {
+    let (settled, fares, cards) = match server {
         Server::Echo => anyhow::bail!("the echo keeps no books"),
         Server::Embedded(config) => {
             let [dir] = dirs else {
@@ -554,7 +554,9 @@ async fn reconcile(
                 .map(Config::load)
                 .transpose()?
                 .and_then(|c| c.settlement.fares);
-            (read_ledger_file(&dir.path().join("ledger.json"))?, fares)
+            let ledger = dir.path().join("ledger.json");
+            let cards = crate::books::ledger_file_pseudonyms(&ledger, None)?;
+            (read_ledger_file(&ledger)?, fares, cards)
         }
         Server::Redis { url, .. } => {
             let store = RedisStore::connect(
@@ -563,13 +565,15 @@ async fn reconcile(
                 &Config::default().directory.key_prefix,
                 Duration::from_secs(5),
             )?;
-            (Store::Redis(store).ledger(None, true).await?, None)
+            let store = Store::Redis(store);
+            let cards = store.card_pseudonyms().await?;
+            (store.ledger(None, true).await?, None, cards)
         }
     };
     let tables = FareTables::load(fares.as_deref())?;
     let expected = tokio::task::spawn_blocking(move || {
         let dirs: Vec<&Path> = journals.iter().map(PathBuf::as_path).collect();
-        settle_dirs(&dirs, &tables)
+        settle_dirs(&dirs, &tables, &cards)
     })
     .await??;
     let reconciliation = Reconciliation::new(&expected.ledger, &settled);

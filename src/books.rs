@@ -3,12 +3,14 @@
 
 use std::fmt::Write as _;
 use std::path::Path;
+use tapgate_protocol::crypto::CardPseudonymizer;
 use tapgate_protocol::registry::{AREAS, operator};
 use tapgate_protocol::{AreaCode, Concession, Mode};
 use tapgate_settle::fares::FareTables;
 use tapgate_settle::ledger::{
-    JournalSettlement, Ledger, Reconciliation, Subject, Totals, settle_journals,
+    JournalSettlement, Ledger, Reconciliation, Subject, Totals, card_name, settle_journals,
 };
+use tapgate_settle::store::{CARD_KEY_FILE, read_card_key};
 
 /// Reads a ledger file written by an embedded gateway or the demo.
 pub(crate) fn read_ledger_file(path: &Path) -> anyhow::Result<Ledger> {
@@ -19,9 +21,28 @@ pub(crate) fn read_ledger_file(path: &Path) -> anyhow::Result<Ledger> {
     Ledger::from_json(&value).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
+/// What names cards in a ledger file's per-card books: the key file given, or the one an
+/// embedded gateway keeps beside its ledger.
+pub(crate) fn ledger_file_pseudonyms(
+    ledger: &Path,
+    key_file: Option<&Path>,
+) -> anyhow::Result<CardPseudonymizer> {
+    let beside = ledger.with_file_name(CARD_KEY_FILE);
+    let path = key_file.unwrap_or(&beside);
+    let key = read_card_key(path).map_err(|e| {
+        anyhow::anyhow!(
+            "{e} (the per-card books of {} name cards by it; give it with --card-key-file)",
+            ledger.display()
+        )
+    })?;
+    Ok(CardPseudonymizer::new(key))
+}
+
+/// Settles journals offline, naming cards by `cards` so the books compare with settled ones.
 pub(crate) fn settle_dirs(
     dirs: &[&Path],
     tables: &FareTables,
+    cards: &CardPseudonymizer,
 ) -> anyhow::Result<JournalSettlement> {
     if let Some(missing) = dirs.iter().find(|d| !d.is_dir()) {
         return Err(anyhow::anyhow!(
@@ -29,7 +50,7 @@ pub(crate) fn settle_dirs(
             missing.display()
         ));
     }
-    Ok(settle_journals(dirs, tables)?)
+    Ok(settle_journals(dirs, tables, cards)?)
 }
 
 fn yuan(fen: u64) -> String {
@@ -312,7 +333,7 @@ pub(crate) fn reconcile_text(r: &Reconciliation, show: usize) -> String {
                 operator_name(operator),
                 mode.label()
             ),
-            Subject::Card(card) => format!("card {card}"),
+            Subject::Card(card) => format!("card {}", card_name(card)),
             Subject::Clearing { payer, payee } => {
                 format!("clearing {} → {}", payer.label(), payee.label())
             }
@@ -378,17 +399,19 @@ mod tests {
     use tapgate_settle::ledger::DayLedger;
 
     #[test]
-    fn a_report_names_no_card() {
+    fn a_report_leaves_the_per_card_books_out_and_the_ledger_names_cards_by_pseudonym() {
+        let pseudonym = CardPseudonymizer::new([3; 16]).book_key(6_222_000_000_000_042);
         let mut day = DayLedger::default();
-        day.cards
-            .insert(6_222_000_000_000_042, Totals { fen: 200, rides: 1 });
+        day.cards.insert(pseudonym, Totals { fen: 200, rides: 1 });
         let mut ledger = Ledger::default();
         ledger
             .days
             .insert(chrono::NaiveDate::from_ymd_opt(2026, 11, 29).unwrap(), day);
         let json = report_json(&ledger).to_string();
-        assert!(!json.contains("6222000000000042"), "{json}");
-        // The ledger itself keeps them, for reconcile.
-        assert!(ledger.to_json().to_string().contains("6222000000000042"));
+        assert!(!json.contains(&card_name(pseudonym)), "{json}");
+        // The ledger itself keeps them, for reconcile, by pseudonym.
+        let file = ledger.to_json().to_string();
+        assert!(file.contains(&card_name(pseudonym)), "{file}");
+        assert!(!file.contains("6222000000000042"), "{file}");
     }
 }

@@ -361,6 +361,7 @@ pub(crate) fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
         let expected = crate::books::settle_dirs(
             &[journal.as_path()],
             &tapgate_settle::fares::FareTables::embedded_default(),
+            &crate::books::ledger_file_pseudonyms(&ledger_path, None)?,
         )?;
         let reconciliation =
             tapgate_settle::ledger::Reconciliation::new(&expected.ledger, &settled);

@@ -1,7 +1,9 @@
 //! `tapgate settle`: the settlement pipeline's tools — settlers, a one-shot forwarder for a
 //! stopped gateway's journal, reports, and reconciliation against the journals.
 
-use crate::books::{read_ledger_file, reconcile_text, report, report_json, settle_dirs};
+use crate::books::{
+    ledger_file_pseudonyms, read_ledger_file, reconcile_text, report, report_json, settle_dirs,
+};
 use crate::common::RedisTarget;
 use crate::runtime;
 use crate::statement::Statement;
@@ -12,6 +14,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+use tapgate_protocol::crypto::CardPseudonymizer;
 use tapgate_runtime::health::Panics;
 use tapgate_runtime::ops::Exposition;
 use tapgate_settle::fares::FareTables;
@@ -69,6 +72,10 @@ struct LedgerSource {
     /// instead of Redis.
     #[arg(long)]
     ledger: Option<PathBuf>,
+    /// The key that names cards in the ledger file's per-card books; the `card-pseudonym.key`
+    /// beside the ledger file when absent. (With Redis the key is in the store.)
+    #[arg(long, requires = "ledger")]
+    card_key_file: Option<PathBuf>,
 }
 
 impl LedgerSource {
@@ -87,6 +94,14 @@ impl LedgerSource {
             .into_iter()
             .filter(|(_, journal)| !given.contains(journal))
             .collect())
+    }
+
+    /// What names cards in these books' per-card part.
+    fn card_pseudonyms(&self) -> anyhow::Result<CardPseudonymizer> {
+        match &self.ledger {
+            Some(path) => ledger_file_pseudonyms(path, self.card_key_file.as_deref()),
+            None => runtime()?.block_on(async { Ok(self.redis.store()?.card_pseudonyms().await?) }),
+        }
     }
 
     fn read(&self, day: Option<chrono::NaiveDate>, with_cards: bool) -> anyhow::Result<Ledger> {
@@ -296,7 +311,9 @@ pub(crate) fn run(args: SettleArgs) -> anyhow::Result<ExitCode> {
         }
         SettleAction::Journal { dir, fares, json } => {
             let tables = FareTables::load(fares.as_deref())?;
-            let settled = settle_dirs(&[dir.as_path()], &tables)?;
+            // The report leaves the per-card books out, so their names need no lasting key.
+            let cards = CardPseudonymizer::new(rand::random());
+            let settled = settle_dirs(&[dir.as_path()], &tables, &cards)?;
             if settled.damaged_segments > 0 {
                 println!(
                     "warning: {} journal segments hold damaged records",
@@ -358,7 +375,7 @@ fn reconcile(
 ) -> anyhow::Result<ExitCode> {
     let tables = FareTables::load(fares)?;
     let dirs: Vec<&Path> = journal.iter().map(PathBuf::as_path).collect();
-    let expected = settle_dirs(&dirs, &tables)?;
+    let expected = settle_dirs(&dirs, &tables, &source.card_pseudonyms()?)?;
     let settled = source.read(None, true)?;
     let mut reconciliation = Reconciliation::new(&expected.ledger, &settled);
     reconciliation.adjustment_problems =

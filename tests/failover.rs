@@ -251,11 +251,7 @@ async fn a_gateway_killed_under_load(url: &str) {
     let (journaled, copies) =
         every_approval_journaled(&received, &journal_a, &journal_b, &gateway_a_log);
     // And the books hold every journaled tap exactly once.
-    let expected = settle_journals(
-        &[journal_a.as_path(), journal_b.as_path()],
-        &FareTables::embedded_default(),
-    )
-    .unwrap();
+    let expected = settled_offline(&[journal_a.as_path(), journal_b.as_path()]);
     assert_eq!(expected.ledger.taps(), journaled.len() as u64);
     assert_eq!(expected.copies, copies as u64);
     let settled = store.ledger(None, true).await.unwrap();
@@ -363,4 +359,11 @@ async fn a_gateway_killed_under_load_on_a_single_redis_is_settled_once() {
 async fn a_gateway_killed_under_load_on_a_redis_cluster_is_settled_once() {
     let cluster = RedisCluster::start();
     a_gateway_killed_under_load(&cluster.url()).await;
+}
+
+/// The journals settled offline. Only tap counts are compared with them, so the key that names
+/// cards does not matter.
+fn settled_offline(journals: &[&Path]) -> tapgate_settle::ledger::JournalSettlement {
+    let cards = tapgate_protocol::crypto::CardPseudonymizer::new([0; 16]);
+    settle_journals(journals, &FareTables::embedded_default(), &cards).unwrap()
 }

@@ -842,6 +842,7 @@ async fn a_tap_resent_to_a_second_gateway_gets_the_first_decision_and_is_journal
             &b_state.path().join("journal"),
         ],
         &tapgate_settle::fares::FareTables::embedded_default(),
+        &tapgate_protocol::crypto::CardPseudonymizer::new([7; 16]),
     )
     .unwrap();
     assert_eq!((settled.ledger.taps(), settled.copies), (3, 1));

@@ -77,15 +77,17 @@ async fn a_days_taps_settle_into_fares_transfers_and_clearing() {
             .unwrap()
     );
     let through_pipeline = store.ledger(None, true).await.unwrap();
+    let cards = store.card_pseudonyms().await.unwrap();
     settlement.shutdown().await;
 
     let settled = settle_journals(
         &[&state.path().join("journal")],
         &FareTables::embedded_default(),
+        &cards,
     )
     .unwrap();
     assert_eq!(through_pipeline, settled.ledger);
-    check_the_books(&settled.ledger);
+    check_the_books(&settled.ledger, &cards);
     check_a_statement(&settled.ledger, state.path());
 }
 
@@ -233,11 +235,11 @@ async fn ride_the_day(h: &Harness, intercity_gate: TerminalRecord) {
 }
 
 /// The day's books: each rule's fare, the concessions, and the clearing between regions.
-fn check_the_books(ledger: &Ledger) {
+fn check_the_books(ledger: &Ledger, cards: &tapgate_protocol::crypto::CardPseudonymizer) {
     assert_eq!(ledger.taps(), 21);
     assert_eq!(ledger.days.len(), 1);
     let day = ledger.days.values().next().unwrap();
-    let card = |id| day.cards[&id];
+    let card = |id| day.cards[&cards.book_key(id)];
     assert_eq!((card(4).rides, card(4).fen), (1, 0), "elder ride is free");
     // Missing exit at the maximum (7 yuan) plus a 1-stop trip (2 yuan).
     assert_eq!((card(5).rides, card(5).fen), (2, 900));

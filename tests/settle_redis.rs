@@ -84,10 +84,16 @@ fn load_spec(h: &Harness, rate: f64, seconds: u64) -> LoadSpec {
     }
 }
 
-fn expected(state: &Path) -> Ledger {
-    settle_journals(&[&state.join("journal")], &FareTables::embedded_default())
-        .unwrap()
-        .ledger
+/// The journal settled offline, naming cards as the store's settlers do.
+async fn expected(state: &Path, store: &Store) -> Ledger {
+    let cards = store.card_pseudonyms().await.unwrap();
+    settle_journals(
+        &[&state.join("journal")],
+        &FareTables::embedded_default(),
+        &cards,
+    )
+    .unwrap()
+    .ledger
 }
 
 /// Waits until the store's ledgers match the journal exactly.
@@ -194,7 +200,7 @@ async fn a_load_settles_exactly_once_through_settler_kills_and_a_redis_restart()
             .unwrap(),
         "settlement caught up"
     );
-    let expected = expected(&h.state);
+    let expected = expected(&h.state, &settlement.store).await;
     assert!(expected.taps() > 3_000, "{} approved taps", expected.taps());
     let r = reconciled(&settlement.store, &expected, Duration::from_secs(10)).await;
     assert!(r.is_exact(), "{r:?}");
@@ -269,7 +275,7 @@ async fn redelivered_entries_are_not_applied_twice_and_an_emptied_redis_is_rebui
             .unwrap(),
         "settled"
     );
-    let expected = expected(&h.state);
+    let expected = expected(&h.state, &settlement.store).await;
     assert!(
         reconciled(&settlement.store, &expected, Duration::from_secs(5))
             .await
@@ -338,7 +344,7 @@ async fn a_gateway_stopped_while_redis_is_down_ships_the_rest_after_its_restart(
     let h = gateway(state.path()).await;
     let second = settlement(&h, store(&redis), 1);
     assert!(second.wait_settled(Duration::from_secs(20)).await.unwrap());
-    let expected = expected(&h.state);
+    let expected = expected(&h.state, &second.store).await;
     assert!(expected.taps() > 500, "{} approved taps", expected.taps());
     let r = reconciled(&second.store, &expected, Duration::from_secs(5)).await;
     assert!(r.is_exact(), "{r:?}");
@@ -383,7 +389,7 @@ async fn two_gateways_with_one_node_name_do_not_ship_from_each_others_place() {
         "{unready:?}"
     );
     assert!(readiness(&first, &first_settlement).ready());
-    let expected = expected(&first.state);
+    let expected = expected(&first.state, &first_settlement.store).await;
     let r = reconciled(&first_settlement.store, &expected, Duration::from_secs(5)).await;
     assert!(r.is_exact(), "{r:?}");
     for (h, s) in [(first, first_settlement), (second, second_settlement)] {
@@ -440,7 +446,7 @@ async fn a_load_settles_exactly_once_on_a_redis_cluster_through_a_master_failove
                 .join("\n"),
         );
     }
-    let expected = expected(&h.state);
+    let expected = expected(&h.state, &settlement.store).await;
     assert!(expected.taps() > 3_000, "{} approved taps", expected.taps());
     let r = reconciled(&settlement.store, &expected, Duration::from_secs(20)).await;
     assert!(r.is_exact(), "{r:?}");
@@ -484,14 +490,20 @@ async fn two_gateways_one_population(url: &str) {
         assert!(s.wait_settled(Duration::from_secs(30)).await.unwrap());
     }
     let journals = [a.state.join("journal"), b.state.join("journal")];
+    let cards = settle_a.store.card_pseudonyms().await.unwrap();
     let expected = settle_journals(
         &[journals[0].as_path(), journals[1].as_path()],
         &FareTables::embedded_default(),
+        &cards,
     )
     .unwrap();
-    let single = settle_journals(&[journals[0].as_path()], &FareTables::embedded_default())
-        .unwrap()
-        .ledger;
+    let single = settle_journals(
+        &[journals[0].as_path()],
+        &FareTables::embedded_default(),
+        &cards,
+    )
+    .unwrap()
+    .ledger;
     assert!(expected.copies > 1_000, "{} copies", expected.copies);
     // The same taps, whichever gateway's journal they are read from.
     assert_eq!(expected.ledger.taps(), single.taps());
@@ -708,7 +720,8 @@ async fn a_closed_day_never_changes_and_taps_arriving_after_it_are_booked_late()
     assert_eq!(second.settlers.late.load(Ordering::Relaxed), 4);
     second.shutdown().await;
 
-    let expected = settle_journals(&[&journal.settings.dir], &shipped)
+    let cards = store(&redis).card_pseudonyms().await.unwrap();
+    let expected = settle_journals(&[&journal.settings.dir], &shipped, &cards)
         .unwrap()
         .ledger;
     let settled = store(&redis).ledger(None, true).await.unwrap();

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tapgate_runtime::ops::Exposition;
 use tapgate_settle::fares::FareTables;
 use tapgate_settle::ops::SettlementCounters;
-use tapgate_settle::store::{RedisStore, Store, StoreError};
+use tapgate_settle::store::{CARD_KEY_FILE, MemoryStore, RedisStore, Store, StoreError};
 use tapgate_settle::{Settlement, SettlementSettings};
 
 #[derive(Debug, thiserror::Error)]
@@ -164,8 +164,16 @@ fn open_store(config: &Config) -> Result<Store, ConfigError> {
             &d.key_prefix,
             Duration::from_millis(d.response_timeout_ms.max(1000)),
         )?),
-        DirectoryKind::Embedded => Store::Memory(Arc::default()),
+        DirectoryKind::Embedded => Store::Memory(Arc::new(MemoryStore::with_card_key_file(
+            &card_key_file(config),
+        )?)),
     })
+}
+
+/// Where an embedded node keeps the key of the card pseudonyms in its ledger: beside the
+/// ledger, where `settle reconcile --ledger` looks for it.
+pub fn card_key_file(config: &Config) -> PathBuf {
+    ledger_file(config).with_file_name(CARD_KEY_FILE)
 }
 
 /// Where an embedded node keeps its ledger: beside its journal directory.

@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use tapgate_journal::{JournalRecord, list_segments, read_segment};
+use tapgate_protocol::crypto::CardPseudonymizer;
 use tapgate_protocol::registry::operator;
 use tapgate_protocol::{Concession, Issuer, IssuerRegion, Mode, Outcome};
 
@@ -38,8 +39,9 @@ pub struct DayLedger {
     pub taps: u64,
     /// Rides and fares per area × operator × mode.
     pub cells: BTreeMap<(u32, u16, Mode), Totals>,
-    /// Rides and fares per card: a hash map, since a busy day holds a few hundred thousand
-    /// cards and settlement adds into it for every charge (sorted where it is written out).
+    /// Rides and fares per card, by the card's keyed pseudonym ([`card_name`]), never its
+    /// number: a hash map, since a busy day holds a few hundred thousand cards and settlement
+    /// adds into it for every charge (sorted where it is written out).
     pub cards: HashMap<u64, Totals>,
     /// What cards of the first region owe operators of the second, only across regions.
     pub clearing: BTreeMap<(IssuerRegion, IssuerRegion), Totals>,
@@ -94,6 +96,17 @@ impl DayLedger {
         self.cells.values().for_each(|t| total.add(*t));
         total
     }
+}
+
+/// How a card's pseudonym is written in the books: `p` and 16 hex digits, which no card number
+/// looks like.
+pub fn card_name(pseudonym: u64) -> String {
+    format!("p{pseudonym:016x}")
+}
+
+pub fn parse_card_name(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix('p').filter(|d| d.len() == 16)?;
+    u64::from_str_radix(digits, 16).ok()
 }
 
 /// Where a tap's charges are booked: on the settlement day it was tapped, or, when that day had
@@ -155,8 +168,16 @@ impl Ledger {
         }
     }
 
-    /// Books one approved tap and the charges the fare engine made for it.
-    pub fn book(&mut self, booking: Booking, record: &JournalRecord, charges: &[Charge]) {
+    /// Books one approved tap and the charges the fare engine made for it, naming its card by
+    /// the pseudonym `cards` gives it.
+    pub fn book(
+        &mut self,
+        booking: Booking,
+        record: &JournalRecord,
+        charges: &[Charge],
+        cards: &CardPseudonymizer,
+    ) {
+        let card = cards.book_key(record.tap.card_id);
         let day = self.books_mut(booking);
         day.taps += 1;
         for charge in charges {
@@ -168,7 +189,7 @@ impl Ledger {
                 .entry((charge.area.0, charge.operator, charge.mode))
                 .or_default()
                 .add(ride);
-            day.cards.entry(record.tap.card_id).or_default().add(ride);
+            day.cards.entry(card).or_default().add(ride);
             if let Some((payer, payee)) = clearing_parties(record, charge)
                 && payer != payee
             {
@@ -348,7 +369,7 @@ fn day_json(day: &DayLedger) -> Value {
     let cards: serde_json::Map<String, Value> = day
         .cards
         .iter()
-        .map(|(card, t)| (card.to_string(), json!([t.fen, t.rides])))
+        .map(|(card, t)| (card_name(*card), json!([t.fen, t.rides])))
         .collect();
     let clearing: Vec<Value> = day
         .clearing
@@ -423,9 +444,9 @@ fn day_from_json(day: &Value) -> Result<DayLedger, String> {
         books.cells.insert(key, json_totals(cell, "cell")?);
     }
     for (card, pair) in day["cards"].as_object().into_iter().flatten() {
-        let card = card
-            .parse()
-            .map_err(|_| format!("`{card}` is not a card id"))?;
+        let card = parse_card_name(card).ok_or_else(|| {
+            format!("`{card}` is not a card pseudonym (p and 16 hex digits): ledgers written before cards were pseudonymised are not read")
+        })?;
         let t = Totals {
             fen: json_number(&pair[0], "card fen")?,
             rides: json_number(&pair[1], "card rides")?,
@@ -535,7 +556,11 @@ pub struct JournalSettlement {
 /// Each journal is taken in its own order, the order its gateway decided and shipped the taps
 /// in; journals are interleaved by gateway time, which is how a card that rode past several
 /// gateways is seen.
-pub fn settle_journals(dirs: &[&Path], tables: &FareTables) -> std::io::Result<JournalSettlement> {
+pub fn settle_journals(
+    dirs: &[&Path],
+    tables: &FareTables,
+    cards: &CardPseudonymizer,
+) -> std::io::Result<JournalSettlement> {
     let mut ledger = Ledger::default();
     ledger.fare_tables.insert(tables.digest());
     let walked = walk_journals(
@@ -544,7 +569,7 @@ pub fn settle_journals(dirs: &[&Path], tables: &FareTables) -> std::io::Result<J
         |_| true,
         |record, charges| {
             let day = Booking::on_time(tables.day.day_of(record.server_time_ms));
-            ledger.book(day, record, charges);
+            ledger.book(day, record, charges, cards);
         },
     )?;
     Ok(JournalSettlement {
@@ -964,16 +989,23 @@ mod tests {
 
     fn sample() -> Ledger {
         let mut ledger = Ledger::default();
-        ledger.book(on(T0), &record(1, Issuer::ChongqingSsc, T0), &[charge(200)]);
+        ledger.book(
+            on(T0),
+            &record(1, Issuer::ChongqingSsc, T0),
+            &[charge(200)],
+            &cards(),
+        );
         ledger.book(
             on(T0),
             &record(2, Issuer::SichuanTianfuTong, T0),
             &[charge(150)],
+            &cards(),
         );
         ledger.book(
             on(T0 + 86_400_000),
             &record(1, Issuer::ChongqingSsc, T0 + 86_400_000),
             &[],
+            &cards(),
         );
         // A half-fare disability ride after a transfer: 200 at 50 % = 100, less 100 discount.
         let concession_ride = Charge {
@@ -988,9 +1020,14 @@ mod tests {
             on(T0),
             &record(3, Issuer::ChongqingCityCard, T0),
             &[concession_ride],
+            &cards(),
         );
         ledger.fare_tables.insert("0123456789abcdef".into());
         ledger
+    }
+
+    fn cards() -> CardPseudonymizer {
+        CardPseudonymizer::new([7; 16])
     }
 
     fn on(at: u64) -> Booking {
@@ -1008,7 +1045,12 @@ mod tests {
             tapped: date("2026-11-29"),
             booked: date("2026-12-01"),
         };
-        ledger.book(late, &record(4, Issuer::ChongqingSsc, T0), &[charge(200)]);
+        ledger.book(
+            late,
+            &record(4, Issuer::ChongqingSsc, T0),
+            &[charge(200)],
+            &cards(),
+        );
         assert_eq!(
             ledger.days[&date("2026-11-29")].taps,
             3,
@@ -1040,7 +1082,13 @@ mod tests {
         let day = &ledger.days[&NaiveDate::from_ymd_opt(2026, 11, 29).unwrap()];
         assert_eq!(day.taps, 3);
         assert_eq!(day.total(), Totals { fen: 350, rides: 3 });
-        assert_eq!(day.cards[&2], Totals { fen: 150, rides: 1 });
+        // Cards by their pseudonyms, never their numbers.
+        assert_eq!(
+            day.cards[&cards().book_key(2)],
+            Totals { fen: 150, rides: 1 }
+        );
+        assert!(!day.cards.contains_key(&2));
+        assert!(!ledger.to_json().to_string().contains("\"2\""));
         assert_eq!(
             day.clearing[&(IssuerRegion::Sichuan, IssuerRegion::Chongqing)],
             Totals { fen: 150, rides: 1 }
@@ -1086,6 +1134,7 @@ mod tests {
             on(T0),
             &record(2, Issuer::SichuanTianfuTong, T0),
             &[charge(150)],
+            &cards(),
         );
         let found = differences(&expected, &doubled);
         let subjects: Vec<Subject> = found.iter().map(|d| d.subject).collect();
@@ -1098,7 +1147,7 @@ mod tests {
                     operator: 1,
                     mode: Mode::Bus
                 },
-                Subject::Card(2),
+                Subject::Card(cards().book_key(2)),
                 Subject::Clearing {
                     payer: IssuerRegion::Sichuan,
                     payee: IssuerRegion::Chongqing

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tapgate_journal::JournalRecord;
+use tapgate_protocol::crypto::CardPseudonymizer;
 use tapgate_runtime::health::PartHealth;
 use tapgate_runtime::retry::Backoff;
 use tokio::sync::watch;
@@ -165,8 +166,11 @@ pub async fn run(
         std::process::id(),
         rand::random::<u32>()
     );
+    let card_key = store.settler_card_key(None).await?;
     let mut settler = Settler {
         store,
+        card_key,
+        cards: CardPseudonymizer::new(card_key),
         settings,
         fare_tables_digest: tables.digest(),
         tables,
@@ -236,6 +240,10 @@ struct Priced {
 
 struct Settler {
     store: Store,
+    /// The key of the card pseudonyms, as the store holds it, and what it names cards by in
+    /// the per-card books.
+    card_key: [u8; 16],
+    cards: CardPseudonymizer,
     settings: SettlerSettings,
     tables: Arc<FareTables>,
     /// Recorded with every batch's books.
@@ -313,6 +321,15 @@ impl Settler {
         if live != self.members {
             self.members = live;
             self.catch_up_until = Instant::now() + ttl / 3 + ttl / 10;
+        }
+        let card_key = self.store.settler_card_key(Some(self.card_key)).await?;
+        if card_key != self.card_key {
+            tracing::warn!(
+                settler = %self.token,
+                "the store names cards by another pseudonym key than this settler did (it was emptied and another process made a new one); this settler names cards by the store's from now on"
+            );
+            self.card_key = card_key;
+            self.cards = CardPseudonymizer::new(card_key);
         }
         let share = usize::from(partitions).div_ceil(live);
         let mine: Vec<u16> = self.held.keys().copied().collect();
@@ -401,7 +418,7 @@ impl Settler {
             } else {
                 Booking::on_time(tapped)
             };
-            priced.ledger.book(booking, record, &charges);
+            priced.ledger.book(booking, record, &charges, &self.cards);
         }
         priced
     }

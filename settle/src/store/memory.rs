@@ -6,6 +6,7 @@ use super::{
 use crate::ledger::Ledger;
 use chrono::NaiveDate;
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::Path;
 use std::time::{Duration, Instant};
 use tapgate_journal::JournalRecord;
 use tapgate_runtime::redis_target::EntryId;
@@ -14,10 +15,12 @@ use tokio::sync::Notify;
 
 /// The in-process store of the embedded demo. Streams are bounded by the forwarder's backlog
 /// limit, as in Redis.
-#[derive(Default)]
 pub struct MemoryStore {
     state: Mutex<MemoryState>,
     arrived: Notify,
+    /// The key of the per-card books' pseudonyms ([`MemoryStore::with_card_key_file`] keeps
+    /// it beside the ledger file, where `settle reconcile` finds it).
+    card_key: [u8; 16],
 }
 
 #[derive(Default)]
@@ -45,7 +48,33 @@ pub(super) struct MemoryStream {
     pub(super) delivered_up_to: Option<EntryId>,
 }
 
+impl Default for MemoryStore {
+    /// A store whose pseudonym key lives only as long as it does.
+    fn default() -> Self {
+        Self::with_card_key(rand::random())
+    }
+}
+
 impl MemoryStore {
+    pub fn with_card_key(card_key: [u8; 16]) -> Self {
+        Self {
+            state: Mutex::default(),
+            arrived: Notify::new(),
+            card_key,
+        }
+    }
+
+    /// A store whose pseudonym key is read from `path`, or made and written there (readable by
+    /// its owner only) when there is none yet, so every run over one state directory names
+    /// cards alike.
+    pub fn with_card_key_file(path: &Path) -> Result<Self, StoreError> {
+        Ok(Self::with_card_key(card_key_file(path)?))
+    }
+
+    pub(super) fn card_key(&self) -> [u8; 16] {
+        self.card_key
+    }
+
     pub(super) fn lock(&self) -> MutexGuard<'_, MemoryState> {
         self.state.lock().expect("settlement store lock")
     }
@@ -245,6 +274,50 @@ impl MemoryStore {
     }
 }
 
+/// The name of the file, beside an embedded gateway's ledger, that holds the key of its card
+/// pseudonyms.
+pub const CARD_KEY_FILE: &str = "card-pseudonym.key";
+
+/// The card-pseudonym key in `path` (32 hex digits), made when the file does not exist yet.
+pub fn card_key_file(path: &Path) -> Result<[u8; 16], StoreError> {
+    let unreadable = |e: &dyn std::fmt::Display| {
+        StoreError::Malformed(format!("card pseudonym key {}: {e}", path.display()))
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| unreadable(&e))?;
+    }
+    match read_card_key(path) {
+        Ok(key) => Ok(key),
+        Err(_) if !path.exists() => {
+            let key: [u8; 16] = rand::random();
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            let mut file = options.open(path).map_err(|e| unreadable(&e))?;
+            std::io::Write::write_all(&mut file, hex_line(&key).as_bytes())
+                .map_err(|e| unreadable(&e))?;
+            Ok(key)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The card-pseudonym key in `path`, which must exist.
+pub fn read_card_key(path: &Path) -> Result<[u8; 16], StoreError> {
+    let unreadable = |e: &dyn std::fmt::Display| {
+        StoreError::Malformed(format!("card pseudonym key {}: {e}", path.display()))
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| unreadable(&e))?;
+    tapgate_protocol::crypto::parse_key_hex(&text).map_err(|e| unreadable(&e))
+}
+
+fn hex_line(key: &[u8; 16]) -> String {
+    let mut line: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    line.push('\n');
+    line
+}
+
 /// Models run under loom by `scripts/test` (and once each as ordinary tests).
 #[cfg(test)]
 mod loom_models {
@@ -273,7 +346,7 @@ mod loom_models {
     #[test]
     fn a_batch_is_applied_once_whoever_holds_the_lease() {
         model(|| {
-            let store = Arc::new(MemoryStore::default());
+            let store = Arc::new(MemoryStore::with_card_key([0; 16]));
             let settlers: Vec<_> = ["a", "b"]
                 .into_iter()
                 .map(|token| {

@@ -11,6 +11,7 @@
 //! | `P:settle:partitions`        | string | partition count, fixed at first use |
 //! | `P:settle:members`           | zset   | live settlers by last heartbeat (server time, ms) |
 //! | `P:settle:nodes`             | hash   | node → the journal id it ships from (for reconcile) |
+//! | `P:settle:card-key`          | string | the key (32 hex digits) of the card pseudonyms in the per-card books, made once |
 //! | `P:{pN}:taps`                | stream | shipped approved taps of partition N: `tap` = `TERMINAL-SEQUENCE`, `r` = the journal record; or a correction, `adjust` = JSON |
 //! | `P:{pN}:forward:NODE`        | string | how far node NODE has shipped into partition N: `JOURNAL@SEGMENT:OFFSET` |
 //! | `P:{pN}:counts`              | hash   | `shipped`, `settled`: taps of partition N, for the backlog |
@@ -21,7 +22,7 @@
 //! | `P:{pN}:recent:CARD`         | string | the card's latest tap ids, so a tap journaled by two gateways is booked once |
 //! | `P:{pN}:ledger-taps`         | hash   | book day → approved taps settled |
 //! | `P:{pN}:ledger:DAY`          | hash   | `AREA:OPERATOR:MODE:fen` / `:rides` |
-//! | `P:{pN}:ledger-cards:DAY`    | hash   | `CARD:fen` / `CARD:rides` |
+//! | `P:{pN}:ledger-cards:DAY`    | hash   | `PSEUDONYM:fen` / `PSEUDONYM:rides`, the card's keyed pseudonym in 16 hex digits |
 //! | `P:{pN}:clearing:DAY`        | hash   | `PAYER:PAYEE:fen` / `:rides` (regions `chongqing`, `sichuan`, `t_union`) |
 //! | `P:{pN}:payables:DAY`        | hash   | `ISSUER:OPERATOR:fen` / `:rides`: what each card issuer owes each operator |
 //! | `P:{pN}:concessions:DAY`     | hash   | `CONCESSION:OPERATOR:AREA:MODE:fen` (fare forgone) / `:rides` |
@@ -54,12 +55,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tapgate_journal::{JournalPosition, JournalRecord};
+use tapgate_protocol::crypto::CardPseudonymizer;
 pub use tapgate_runtime::redis_target::EntryId;
 use tapgate_runtime::redis_target::bounded_error;
 
 mod memory;
 mod redis_store;
-pub use memory::MemoryStore;
+pub use memory::{CARD_KEY_FILE, MemoryStore, card_key_file, read_card_key};
 pub use redis_store::{RedisStore, ledger_increments, tap_id};
 
 pub const GROUP: &str = "settlers";
@@ -352,6 +354,34 @@ impl Store {
             Store::Memory(_) => Err(StoreError::Malformed(
                 "corrections are made against a Redis settlement store; an embedded gateway's books are final when it stops".into(),
             )),
+        }
+    }
+
+    /// What names cards in the per-card books: the key the settlers keep in the store, so
+    /// every settler and every reconcile against the store names a card alike. An error when
+    /// no settler has put one there yet.
+    pub async fn card_pseudonyms(&self) -> Result<CardPseudonymizer, StoreError> {
+        let key = match self {
+            Store::Redis(r) => r.card_key(None).await?,
+            Store::Memory(m) => Some(m.card_key()),
+        };
+        key.map(CardPseudonymizer::new).ok_or_else(|| {
+            StoreError::Malformed(
+                "the store holds no card-pseudonym key: no settler has run against it (or it was emptied since)".into(),
+            )
+        })
+    }
+
+    /// The key a settler names cards by: the store's, after proposing `held` (the key it
+    /// holds, or a new one at its start). A settler proposes at every lease round, so a Redis
+    /// that came back empty gets the same key again.
+    pub async fn settler_card_key(&self, held: Option<[u8; 16]>) -> Result<[u8; 16], StoreError> {
+        match self {
+            Store::Redis(r) => {
+                let proposed = held.unwrap_or_else(rand::random);
+                Ok(r.card_key(Some(proposed)).await?.unwrap_or(proposed))
+            }
+            Store::Memory(m) => Ok(m.card_key()),
         }
     }
 

@@ -6,7 +6,7 @@ use super::{
 };
 use crate::adjust::{Adjustment, tap_name};
 use crate::fares::RiderState;
-use crate::ledger::{Booking, DayLedger, Ledger, Totals};
+use crate::ledger::{Booking, DayLedger, Ledger, Totals, card_name, parse_card_name};
 use crate::recent::RecentTaps;
 use chrono::NaiveDate;
 use std::collections::{BTreeMap, HashMap};
@@ -621,6 +621,35 @@ impl RedisStore {
         }
     }
 
+    /// The card-pseudonym key in the store, after proposing `proposed` (SET NX) when given:
+    /// the first proposal stands, so settlers starting together agree, and a settler that
+    /// proposes the key it holds puts it back into a Redis that came back empty.
+    pub(super) async fn card_key(
+        &self,
+        proposed: Option<[u8; 16]>,
+    ) -> Result<Option<[u8; 16]>, StoreError> {
+        let key = self.key("settle:card-key");
+        if let Some(proposed) = proposed {
+            let hex: String = proposed.iter().map(|b| format!("{b:02x}")).collect();
+            let _: () = redis::cmd("SET")
+                .arg(&key)
+                .arg(hex)
+                .arg("NX")
+                .query_async(&mut self.conn())
+                .await?;
+        }
+        let stored: Option<String> = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut self.conn())
+            .await?;
+        stored
+            .map(|hex| {
+                tapgate_protocol::crypto::parse_key_hex(&hex)
+                    .map_err(|e| StoreError::Malformed(format!("{key}: {e}")))
+            })
+            .transpose()
+    }
+
     pub(super) async fn closed(&self, partition: u16) -> Result<Option<NaiveDate>, StoreError> {
         let value: Option<String> = redis::cmd("GET")
             .arg(self.partition_key(partition, "closed"))
@@ -828,9 +857,11 @@ impl RedisStore {
             };
             for (field, value) in cards {
                 let (card, what) = split_field(&field)?;
-                let card = card
-                    .parse()
-                    .map_err(|_| StoreError::Malformed(format!("card ledger field `{field}`")))?;
+                let card = parse_card_name(card).ok_or_else(|| {
+                    StoreError::Malformed(format!(
+                        "card ledger field `{field}`: not a card pseudonym (books written before cards were pseudonymised are not read)"
+                    ))
+                })?;
                 add_field(books.cards.entry(card).or_default(), what, value);
             }
             self.read_book(p, "clearing", &date, &mut books.clearing)
@@ -1121,7 +1152,7 @@ pub fn ledger_increments(ledger: &Ledger) -> Vec<(String, String, u64)> {
         let cards = format!("ledger-cards:{date}");
         for (card, t) in &day.cards {
             for (what, n) in [("fen", t.fen), ("rides", t.rides)] {
-                out.push((cards.clone(), format!("{card}:{what}"), n));
+                out.push((cards.clone(), format!("{}:{what}", card_name(*card)), n));
             }
         }
         book_increments(&mut out, "clearing", &date, &day.clearing);
