@@ -10,6 +10,7 @@
 //! discount, then the daily cap.
 
 use crate::day::SettlementDay;
+use crate::stations::{NetworkCache, StationLine};
 use chrono::{Datelike, NaiveDate};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -51,17 +52,30 @@ pub struct MetroTable {
     pub time_limit_s: u64,
     /// Added to the fare of a trip that stayed longer than `time_limit_s`.
     pub overtime_fen: u32,
+    /// The station table: lines whose stations and distances are known. A trip between two
+    /// stops it lists is priced by the shortest distance through the network; any other by
+    /// `km_per_stop` and `line_change_km`.
+    #[serde(default)]
+    pub lines: Vec<StationLine>,
+    #[serde(skip)]
+    pub network: NetworkCache,
 }
 
 impl MetroTable {
     fn fare(&self, entry: &OpenTrip, exit_line: u16, exit_stop: u16) -> u32 {
-        let stops = f64::from(entry.stop.abs_diff(exit_stop));
-        let change = if entry.line == exit_line {
-            0.0
-        } else {
-            self.line_change_km
-        };
-        let km = stops * self.km_per_stop + change;
+        let from_table = self
+            .network
+            .get(&self.lines)
+            .km((entry.line, entry.stop), (exit_line, exit_stop));
+        let km = from_table.unwrap_or_else(|| {
+            let stops = f64::from(entry.stop.abs_diff(exit_stop));
+            let change = if entry.line == exit_line {
+                0.0
+            } else {
+                self.line_change_km
+            };
+            stops * self.km_per_stop + change
+        });
         self.bands
             .iter()
             .find(|(upper, _)| km <= *upper)
@@ -140,6 +154,7 @@ impl FareTables {
     /// What is wrong with these tables, each as `key: why`; empty when they can be used.
     pub fn problems(&self) -> Vec<String> {
         let mut out = self.day.problems();
+        out.extend(crate::stations::problems(&self.metro.lines));
         let mut money = |key: &str, fen: u32| {
             if fen > MAX_FEN {
                 out.push(format!("{key}: {fen} fen is more than {MAX_FEN}"));
@@ -854,6 +869,8 @@ mod tests {
                             max: metro_max,
                             time_limit_s: window_s,
                             overtime_fen: max_discount,
+                            lines: FareTables::embedded_default().metro.lines,
+                            network: NetworkCache::default(),
                         },
                         intercity: IntercityTable {
                             km_per_stop: intercity_km,
@@ -1106,6 +1123,26 @@ mod tests {
 
     fn fares(charges: &[Charge]) -> Vec<u32> {
         charges.iter().map(|c| c.fare_fen).collect()
+    }
+
+    #[test]
+    fn a_trip_the_station_table_lists_is_priced_by_its_shortest_way() {
+        // 朝天门 (line 1, stop 1) to 鱼洞 (line 2, stop 25): 31.06 km changing at 大坪, the
+        // 6-yuan band; the per-stop estimate (24 stops and a change, 40.4 km) would be 7.
+        let trip = [
+            metro(TapKind::Entry, 1, 1, T0),
+            metro(TapKind::Exit, 2, 25, T0 + 50 * MIN),
+        ];
+        assert_eq!(fares(&run(&trip)), [600]);
+        let mut no_table = FareTables::embedded_default();
+        no_table.metro.lines.clear();
+        assert_eq!(fares(&run_with(&no_table, &trip)), [700]);
+        // A stop beyond the table's stations falls back to the estimate.
+        let beyond = [
+            metro(TapKind::Entry, 2, 24, T0),
+            metro(TapKind::Exit, 2, 30, T0 + 10 * MIN),
+        ];
+        assert_eq!(fares(&run(&beyond)), [300]);
     }
 
     #[test]

@@ -30,6 +30,7 @@ pub mod ledger;
 pub mod ops;
 pub mod recent;
 pub mod settler;
+pub mod stations;
 pub mod store;
 
 use crate::fares::FareTables;
