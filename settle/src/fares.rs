@@ -1127,7 +1127,7 @@ mod tests {
 
     #[test]
     fn a_trip_the_station_table_lists_is_priced_by_its_shortest_way() {
-        // 朝天门 (line 1, stop 1) to 鱼洞 (line 2, stop 25): 31.06 km changing at 大坪, the
+        // 朝天门 (line 1, stop 1) to 鱼洞 (line 2, stop 25): 29.36 km changing at 大坪, the
         // 6-yuan band; the per-stop estimate (24 stops and a change, 40.4 km) would be 7.
         let trip = [
             metro(TapKind::Entry, 1, 1, T0),

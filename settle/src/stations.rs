@@ -209,11 +209,18 @@ mod tests {
         (line, u16::try_from(s + 1).unwrap())
     }
 
+    /// A station's distance along its line, as the shipped table has it.
+    fn km(lines: &[StationLine], line: u16, name: &str) -> f64 {
+        let l = lines.iter().find(|l| l.line == line).unwrap();
+        l.stations.iter().find(|(n, _)| n == name).unwrap().1
+    }
+
     #[test]
     fn along_one_line_the_distance_is_the_difference_of_positions() {
         let lines = shipped();
-        let km = network_km(&lines, stop(&lines, 2, "大坪"), stop(&lines, 2, "鱼洞")).unwrap();
-        assert!((km - (31.36 - 10.45)).abs() < 1e-9, "{km}");
+        let found = network_km(&lines, stop(&lines, 2, "大坪"), stop(&lines, 2, "鱼洞")).unwrap();
+        let along = km(&lines, 2, "鱼洞") - km(&lines, 2, "大坪");
+        assert!((found - along).abs() < 1e-9, "{found} {along}");
     }
 
     #[test]
@@ -222,17 +229,22 @@ mod tests {
         let d = |a: (u16, &str), b: (u16, &str)| {
             network_km(&lines, stop(&lines, a.0, a.1), stop(&lines, b.0, b.1)).unwrap()
         };
+        let k = |line, name| km(&lines, line, name);
         // 朝天门 to 鱼洞 changes at 大坪, shorter than at 较场口.
-        let via_daping = 10.15 + (31.36 - 10.45);
+        let via_daping = k(1, "大坪") + (k(2, "鱼洞") - k(2, "大坪"));
+        let via_jiaochangkou = k(1, "较场口") + k(2, "鱼洞");
+        assert!(via_daping < via_jiaochangkou);
         assert!((d((1, "朝天门"), (2, "鱼洞")) - via_daping).abs() < 1e-9);
         // Between two stations of line 2, the way through line 1 is shorter: line 2 follows
         // the river from 较场口 to 大坪.
-        let via_line_1 = (10.15 - 3.38) + (31.36 - 10.45);
+        let via_line_1 = (k(1, "大坪") - k(1, "较场口")) + (k(2, "鱼洞") - k(2, "大坪"));
+        assert!(via_line_1 < k(2, "鱼洞"));
         assert!((d((2, "较场口"), (2, "鱼洞")) - via_line_1).abs() < 1e-9);
         // One station, two lines: no distance.
         assert_eq!(d((1, "较场口"), (2, "较场口")), 0.0);
         // 小什字 to 临江门 changes at 较场口.
-        assert!((d((1, "小什字"), (2, "临江门")) - (1.69 + 1.31)).abs() < 1e-9);
+        let via = (k(1, "较场口") - k(1, "小什字")) + k(2, "临江门");
+        assert!((d((1, "小什字"), (2, "临江门")) - via).abs() < 1e-9);
     }
 
     #[test]
