@@ -638,39 +638,37 @@ impl RedisStore {
                 .query_async(&mut self.conn())
                 .await?;
         }
-        let stored: Option<String> = redis::cmd("GET")
+        self.get_parsed(key, |hex| {
+            tapgate_protocol::crypto::parse_key_hex(hex).map_err(|e| e.to_string())
+        })
+        .await
+    }
+
+    /// A string key's value, parsed; `None` when the key is absent.
+    async fn get_parsed<T>(
+        &self,
+        key: String,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Result<Option<T>, StoreError> {
+        let value: Option<String> = redis::cmd("GET")
             .arg(&key)
             .query_async(&mut self.conn())
             .await?;
-        stored
-            .map(|hex| {
-                tapgate_protocol::crypto::parse_key_hex(&hex)
-                    .map_err(|e| StoreError::Malformed(format!("{key}: {e}")))
-            })
+        value
+            .map(|v| parse(&v).map_err(|e| StoreError::Malformed(format!("{key}: {e}"))))
             .transpose()
     }
 
     pub(super) async fn closed(&self, partition: u16) -> Result<Option<NaiveDate>, StoreError> {
-        let value: Option<String> = redis::cmd("GET")
-            .arg(self.partition_key(partition, "closed"))
-            .query_async(&mut self.conn())
-            .await?;
-        value
-            .map(|v| {
-                v.parse()
-                    .map_err(|_| StoreError::Malformed(format!("closed day `{v}`")))
-            })
-            .transpose()
+        self.get_parsed(self.partition_key(partition, "closed"), |v| {
+            v.parse().map_err(|_| format!("`{v}` is not a day"))
+        })
+        .await
     }
 
     pub(super) async fn watermark(&self, partition: u16) -> Result<Option<EntryId>, StoreError> {
-        let value: Option<String> = redis::cmd("GET")
-            .arg(self.partition_key(partition, "watermark"))
-            .query_async(&mut self.conn())
-            .await?;
-        value
-            .map(|v| v.parse().map_err(StoreError::Malformed))
-            .transpose()
+        self.get_parsed(self.partition_key(partition, "watermark"), str::parse)
+            .await
     }
 
     pub(super) fn rider_key(&self, partition: u16, card: u64) -> String {
