@@ -13,6 +13,7 @@ mod settle;
 mod statement;
 mod top;
 mod vectors;
+mod watch;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -55,6 +56,8 @@ enum Command {
     /// Check an implementation against the protocol: `conformance gateway --target HOST:PORT`
     /// drives a gateway as a gate would and prints PASS or FAIL for every rule.
     Conformance(conformance::ConformanceArgs),
+    /// Card-use watching: rules over decided taps that raise alerts (`watch journal`).
+    Watch(watch::WatchArgs),
     /// Print the protocol's worked example (keys, frames and tags in hex) for gate vendors;
     /// `--json` adds a vector for every frame type, deny reason and Error code.
     Vectors(vectors::VectorsArgs),
@@ -84,6 +87,7 @@ fn main() -> ExitCode {
         Command::Settle(args) => return report_failure(settle::run(args)),
         Command::Conformance(args) => return report_failure(conformance::run_conformance(args)),
         Command::Vectors(args) => vectors::run(args),
+        Command::Watch(args) => return report_failure(watch::run(args)),
     };
     report_failure(result.map(|()| ExitCode::SUCCESS))
 }

@@ -1,0 +1,104 @@
+//! `tapgate watch journal` over a journal written here: a cloned card and a lost card tried
+//! again are named, by pseudonym only, and an ordinary rider is not.
+
+use std::process::Command;
+use std::time::Duration;
+use tapgate_journal::{Journal, JournalRecord, JournalSettings};
+use tapgate_protocol::{
+    Concession, Issuer, Mode, Outcome, RIDES_LEFT_NOT_APPLICABLE, Reason, Tap, TapKind, TapResult,
+};
+
+fn denied_lost(gate: u64, sequence: u64, card: u64, at: u64) -> JournalRecord {
+    let mut r = metro_entry(gate, sequence, card, at);
+    r.result.outcome = Outcome::Deny;
+    r.result.reason = Reason::CardLost;
+    r.result.fare_fen = 0;
+    r
+}
+
+fn metro_entry(gate: u64, sequence: u64, card: u64, at: u64) -> JournalRecord {
+    JournalRecord {
+        terminal_id: gate,
+        tag: [0; 16],
+        tap: Tap {
+            sequence,
+            card_id: card,
+            issuer: Issuer::ChongqingSsc,
+            kind: TapKind::Entry,
+            line: 2,
+            stop: 5,
+            gate_time_ms: at,
+        },
+        server_time_ms: at,
+        area: 500103,
+        mode: Mode::Metro,
+        operator: 2,
+        result: TapResult {
+            sequence,
+            outcome: Outcome::Approve,
+            reason: Reason::Approved,
+            concession: Concession::None,
+            fare_fen: 200,
+            rides_left: RIDES_LEFT_NOT_APPLICABLE,
+        },
+        pay_percent: 100,
+        repeat_boarding: false,
+    }
+}
+
+#[tokio::test]
+async fn a_clone_and_a_lost_card_tried_again_are_named_by_pseudonym_and_a_rider_is_not() {
+    let state = tempfile::tempdir().unwrap();
+    let settings = JournalSettings {
+        dir: state.path().join("journal"),
+        segment_bytes: 1 << 20,
+        queue_capacity: 16,
+        max_batch: 16,
+        min_sync_interval: Duration::ZERO,
+    };
+    let (journal, writer) = Journal::open(&settings, |_| {}).unwrap();
+    let t0 = 1_795_939_200_000;
+    let cloned = 6_222_000_000_000_777;
+    let ordinary = 6_222_000_000_000_888;
+    for record in [
+        // The clone: two entries at two stations two minutes apart.
+        metro_entry(30_001, 1, cloned, t0),
+        metro_entry(30_002, 1, cloned, t0 + 120_000),
+        // An ordinary rider who forgot to tap out enters again in the evening.
+        metro_entry(30_001, 2, ordinary, t0),
+        metro_entry(30_003, 1, ordinary, t0 + 9 * 3_600_000),
+        // A lost card tried at two gates.
+        denied_lost(30_004, 1, 6_222_000_000_000_999, t0 + 600_000),
+        denied_lost(30_005, 1, 6_222_000_000_000_999, t0 + 900_000),
+    ] {
+        journal
+            .append_durable(record)
+            .unwrap()
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    drop(journal);
+    writer.join();
+    let out = Command::new(env!("CARGO_BIN_EXE_tapgate"))
+        .args(["watch", "journal", "--json", "--dir"])
+        .arg(&settings.dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let alerts: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let rules: Vec<&str> = alerts.iter().filter_map(|a| a["rule"].as_str()).collect();
+    assert_eq!(rules, ["clone", "denied_retry"], "{stdout}");
+    assert_eq!(alerts[0]["gates"], serde_json::json!([30_001, 30_002]));
+    assert_eq!(alerts[1]["gates"], serde_json::json!([30_004, 30_005]));
+    assert!(!stdout.contains("6222000000000"), "{stdout}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("6 decided taps (4 approved): 2 alerts"),
+        "{stderr}"
+    );
+}
