@@ -239,15 +239,14 @@ impl Ledger {
         self.fare_tables.extend(other.fare_tables.iter().cloned());
     }
 
-    /// Keeps only `day` (every day when `None`) with the late taps booked on it or tapped on
-    /// it, and drops the per-card books unless `with_cards`.
+    /// Keeps only the books of settlement day `day` (every day when `None`): its own taps and
+    /// the late taps and corrections booked on it. Drops the per-card books unless
+    /// `with_cards`.
     pub fn restrict(&mut self, day: Option<NaiveDate>, with_cards: bool) {
         if let Some(day) = day {
             self.days.retain(|d, _| *d == day);
-            self.late
-                .retain(|(booked, tapped), _| *booked == day || *tapped == day);
-            self.adjustments
-                .retain(|a| a.booked == Some(day) || a.tapped == day);
+            self.late.retain(|(booked, _), _| *booked == day);
+            self.adjustments.retain(|a| a.booked == Some(day));
         }
         if !with_cards {
             self.days
@@ -1062,17 +1061,13 @@ mod tests {
         let folded = ledger.by_tap_day();
         assert_eq!(folded.days[&date("2026-11-29")].taps, 4);
         assert!(folded.late.is_empty());
-        // A day's statement holds the late taps booked on it; a reconcile of the tap day holds
-        // them too.
-        for day in ["2026-12-01", "2026-11-29"] {
-            let mut one = ledger.clone();
-            one.restrict(Some(date(day)), false);
-            assert_eq!(one.late_taps(), 1, "{day}");
-        }
-        let mut other = ledger;
-        other.restrict(Some(date("2026-11-30")), false);
-        assert_eq!(other.taps(), 1);
-        assert_eq!(other.late_taps(), 0);
+        // A settlement day's books hold the late taps booked on it, not those tapped on it.
+        let mut booked_on = ledger.clone();
+        booked_on.restrict(Some(date("2026-12-01")), false);
+        assert_eq!((booked_on.taps(), booked_on.late_taps()), (1, 1));
+        let mut tapped_on = ledger;
+        tapped_on.restrict(Some(date("2026-11-29")), false);
+        assert_eq!((tapped_on.taps(), tapped_on.late_taps()), (3, 0));
     }
 
     #[test]

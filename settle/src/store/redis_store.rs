@@ -826,7 +826,7 @@ impl RedisStore {
             .await?;
         let mut adjustments = self.adjustments(p).await?;
         if let Some(day) = day {
-            adjustments.retain(|a| a.booked == Some(day) || a.tapped == day);
+            adjustments.retain(|a| a.booked == Some(day));
         }
         let mut ledger = Ledger {
             adjustments,
@@ -838,7 +838,7 @@ impl RedisStore {
         };
         for (label, count) in taps {
             let booking = parse_book_day(&label)?;
-            if day.is_some_and(|d| d != booking.booked && d != booking.tapped) {
+            if day.is_some_and(|d| d != booking.booked) {
                 continue;
             }
             let date = label;
