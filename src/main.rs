@@ -58,6 +58,8 @@ enum Command {
     Conformance(conformance::ConformanceArgs),
     /// Card-use watching: rules over decided taps that raise alerts (`watch journal`).
     Watch(watch::WatchArgs),
+    /// List the card-use alerts kept in Redis: `--since 24h`, `--rule clone`, `--json`.
+    Alerts(watch::AlertsArgs),
     /// Print the protocol's worked example (keys, frames and tags in hex) for gate vendors;
     /// `--json` adds a vector for every frame type, deny reason and Error code.
     Vectors(vectors::VectorsArgs),
@@ -88,6 +90,7 @@ fn main() -> ExitCode {
         Command::Conformance(args) => return report_failure(conformance::run_conformance(args)),
         Command::Vectors(args) => vectors::run(args),
         Command::Watch(args) => return report_failure(watch::run(args)),
+        Command::Alerts(args) => return report_failure(watch::list_alerts(args)),
     };
     report_failure(result.map(|()| ExitCode::SUCCESS))
 }

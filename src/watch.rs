@@ -1,12 +1,15 @@
 //! `tapgate watch`: card-use watching over the taps the gateways decided.
 
+use crate::common::RedisTarget;
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 use tapgate_journal::{list_segments, read_segment};
 use tapgate_protocol::crypto::CardPseudonymizer;
-use tapgate_watch::{Alert, Observed, Rules, Watcher};
+use tapgate_watch::store::AlertStore;
+use tapgate_watch::{Alert, Observed, Rule, Rules, Watcher};
 
 #[derive(Args)]
 pub(crate) struct WatchArgs {
@@ -32,7 +35,86 @@ enum WatchAction {
         /// One JSON object per alert instead of text.
         #[arg(long)]
         json: bool,
+        /// Also keep the alerts in Redis (`P:alerts`), where `tapgate alerts` lists them.
+        #[arg(long)]
+        record: bool,
+        #[command(flatten)]
+        redis: RedisTarget,
+        /// How long recorded alerts are kept, in days.
+        #[arg(long, default_value_t = 30)]
+        retention_days: u64,
     },
+}
+
+/// `tapgate alerts`: the alerts kept in Redis.
+#[derive(Args)]
+pub(crate) struct AlertsArgs {
+    #[command(flatten)]
+    redis: RedisTarget,
+    /// Only alerts raised within this long before now: `30m`, `24h`, `7d`.
+    #[arg(long, default_value = "24h", value_parser = parse_age)]
+    since: Duration,
+    /// Only this rule's alerts (velocity, impossible_travel, clone, denied_retry, concession,
+    /// gate_denials).
+    #[arg(long, value_parser = parse_rule)]
+    rule: Option<Rule>,
+    /// One JSON object per alert instead of text.
+    #[arg(long)]
+    json: bool,
+    /// List at most this many.
+    #[arg(long, default_value_t = 1_000)]
+    max: usize,
+}
+
+fn parse_age(s: &str) -> Result<Duration, String> {
+    let (number, unit) = s.split_at(s.len().saturating_sub(1));
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{s}`: a number and m, h or d (30m, 24h, 7d)"))?;
+    let minutes = match unit {
+        "m" => n,
+        "h" => n * 60,
+        "d" => n * 24 * 60,
+        _ => return Err(format!("`{s}`: a number and m, h or d (30m, 24h, 7d)")),
+    };
+    Ok(Duration::from_secs(minutes * 60))
+}
+
+fn parse_rule(s: &str) -> Result<Rule, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned()))
+        .map_err(|_| format!("no rule `{s}`"))
+}
+
+fn alert_store(target: &RedisTarget) -> anyhow::Result<AlertStore> {
+    AlertStore::connect(
+        &target.redis_url,
+        target.redis_tls_ca_file.as_deref(),
+        &target.key_prefix,
+        Duration::from_secs(5),
+    )
+    .map_err(|e| anyhow::anyhow!("alert store: {e}"))
+}
+
+pub(crate) fn list_alerts(args: AlertsArgs) -> anyhow::Result<ExitCode> {
+    let since_ms = tapgate_runtime::now_ms().saturating_sub(args.since.as_millis() as u64);
+    let alerts = crate::runtime()?.block_on(async {
+        alert_store(&args.redis)?
+            .list(since_ms, args.rule, args.max)
+            .await
+            .map_err(|e| anyhow::anyhow!("alert store: {e}"))
+    })?;
+    for stored in &alerts {
+        if args.json {
+            println!(
+                "{}",
+                serde_json::to_string(stored).expect("an alert serializes")
+            );
+        } else {
+            println!("{} {}", stored.id, describe(&stored.alert));
+        }
+    }
+    eprintln!("{} alerts", alerts.len());
+    Ok(ExitCode::SUCCESS)
 }
 
 pub(crate) fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
@@ -42,6 +124,9 @@ pub(crate) fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
             rules,
             card_key_file,
             json,
+            record,
+            redis,
+            retention_days,
         } => {
             let rules = Rules::load(rules.as_deref())?;
             let key = match card_key_file {
@@ -60,6 +145,15 @@ pub(crate) fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
                 } else {
                     println!("{}", describe(alert));
                 }
+            }
+            if record {
+                let retention = Duration::from_secs(retention_days.max(1) * 86_400);
+                crate::runtime()?.block_on(async {
+                    alert_store(&redis)?
+                        .append(&alerts, retention, tapgate_runtime::now_ms())
+                        .await
+                        .map_err(|e| anyhow::anyhow!("alert store: {e}"))
+                })?;
             }
             eprintln!(
                 "watched {} decided taps ({} approved): {} alerts",

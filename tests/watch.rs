@@ -1,6 +1,8 @@
 //! `tapgate watch journal` over a journal written here: a cloned card and a lost card tried
 //! again are named, by pseudonym only, and an ordinary rider is not.
 
+mod support;
+
 use std::process::Command;
 use std::time::Duration;
 use tapgate_journal::{Journal, JournalRecord, JournalSettings};
@@ -80,12 +82,21 @@ async fn a_clone_and_a_lost_card_tried_again_are_named_by_pseudonym_and_a_rider_
     }
     drop(journal);
     writer.join();
+    let redis = support::RedisServer::start();
     let out = Command::new(env!("CARGO_BIN_EXE_tapgate"))
-        .args(["watch", "journal", "--json", "--dir"])
+        .args([
+            "watch",
+            "journal",
+            "--json",
+            "--record",
+            "--redis-url",
+            &redis.url(),
+        ])
+        .arg("--dir")
         .arg(&settings.dir)
         .output()
         .unwrap();
-    assert!(out.status.success());
+    assert!(out.status.success(), "{out:?}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let alerts: Vec<serde_json::Value> = stdout
         .lines()
@@ -101,4 +112,24 @@ async fn a_clone_and_a_lost_card_tried_again_are_named_by_pseudonym_and_a_rider_
         stderr.contains("6 decided taps (4 approved): 2 alerts"),
         "{stderr}"
     );
+
+    // Kept in Redis: listed by rule, and none outside the window asked for.
+    let list = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tapgate"))
+            .args(["alerts", "--json", "--redis-url", &redis.url()])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    };
+    assert_eq!(list(&["--since", "1d"]), 2);
+    assert_eq!(list(&["--since", "1d", "--rule", "denied_retry"]), 1);
+    assert_eq!(list(&["--since", "1d", "--rule", "velocity"]), 0);
+    let bad = Command::new(env!("CARGO_BIN_EXE_tapgate"))
+        .args(["alerts", "--since", "1y", "--redis-url", &redis.url()])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("30m, 24h, 7d"));
 }

@@ -5,7 +5,7 @@
 //! alerts it raises, from the rules ([`Rules`], `watch.example.toml`) and what it remembers of
 //! each card. It never names a card by its number: alerts carry the card's keyed pseudonym. It
 //! holds only what the rules' windows need, and forgets a card once its last tap is older than
-//! the longest window.
+//! the longest window. [`store::AlertStore`] keeps alerts in Redis, bounded by age.
 
 #![forbid(unsafe_code)]
 
@@ -16,6 +16,7 @@ use tapgate_protocol::crypto::CardPseudonymizer;
 use tapgate_protocol::{Concession, Mode, Outcome, Reason, TapKind};
 
 mod places;
+pub mod store;
 pub use places::km_between;
 
 /// The rules shipped with tapgate; `watch.example.toml` documents them.
@@ -211,7 +212,7 @@ impl From<&JournalRecord> for Observed {
 }
 
 /// Which rule raised an alert.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Rule {
     Velocity,
@@ -224,7 +225,7 @@ pub enum Rule {
 
 /// An alert as operators see it: the rule, how serious, which card (by pseudonym), where and
 /// when, and the evidence in words.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Alert {
     pub rule: Rule,
     pub severity: Severity,
