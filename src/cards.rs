@@ -139,13 +139,7 @@ async fn run_async(args: CardsArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let directory = Directory::Redis(RedisDirectory::connect(&RedisSettings {
-        url: args.redis.redis_url.clone(),
-        tls_ca_file: args.redis.redis_tls_ca_file.clone(),
-        key_prefix: args.redis.key_prefix.clone(),
-        response_timeout: Duration::from_secs(5),
-        wait_replicas: args.wait_replicas,
-    })?);
+    let directory = redis_directory(&args.redis, args.wait_replicas)?;
     match args.action {
         CardsAction::Import { file } => {
             let bytes =
@@ -199,6 +193,20 @@ async fn run_async(args: CardsArgs) -> anyhow::Result<()> {
         },
     }
     Ok(())
+}
+
+/// The card directory in the Redis `target` names.
+pub(crate) fn redis_directory(
+    target: &crate::common::RedisTarget,
+    wait_replicas: u16,
+) -> anyhow::Result<Directory> {
+    Ok(Directory::Redis(RedisDirectory::connect(&RedisSettings {
+        url: target.redis_url.clone(),
+        tls_ca_file: target.redis_tls_ca_file.clone(),
+        key_prefix: target.key_prefix.clone(),
+        response_timeout: Duration::from_secs(5),
+        wait_replicas,
+    })?))
 }
 
 async fn set_state(directory: &Directory, card_id: u64, state: CardState) -> anyhow::Result<()> {

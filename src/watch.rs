@@ -6,10 +6,11 @@ use clap::{Args, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
+use tapgate_city::CardState;
 use tapgate_journal::{list_segments, read_segment};
 use tapgate_protocol::crypto::CardPseudonymizer;
 use tapgate_watch::store::AlertStore;
-use tapgate_watch::{Alert, Observed, Rule, Rules, Watcher};
+use tapgate_watch::{Action, Alert, Observed, Rule, Rules, Watcher};
 
 #[derive(Args)]
 pub(crate) struct WatchArgs {
@@ -129,12 +130,13 @@ pub(crate) fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
             retention_days,
         } => {
             let rules = Rules::load(rules.as_deref())?;
+            let watcher_rules = rules.clone();
             let key = match card_key_file {
                 Some(path) => tapgate_settle::store::read_card_key(&path)?,
                 None => rand::random(),
             };
             let dirs: Vec<&Path> = dir.iter().map(PathBuf::as_path).collect();
-            let mut watcher = Watcher::new(rules, CardPseudonymizer::new(key));
+            let mut watcher = Watcher::new(watcher_rules, CardPseudonymizer::new(key));
             let (taps, alerts) = watch_journals(&dirs, &mut watcher)?;
             for alert in &alerts {
                 if json {
@@ -148,12 +150,11 @@ pub(crate) fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
             }
             if record {
                 let retention = Duration::from_secs(retention_days.max(1) * 86_400);
-                crate::runtime()?.block_on(async {
-                    alert_store(&redis)?
-                        .append(&alerts, retention, tapgate_runtime::now_ms())
-                        .await
-                        .map_err(|e| anyhow::anyhow!("alert store: {e}"))
-                })?;
+                crate::runtime()?.block_on(record_and_act(&redis, &rules, &alerts, retention))?;
+            } else if alerts.iter().any(|a| rules.action_for(a).is_some()) {
+                anyhow::bail!(
+                    "the rules' [actions] act on cards, which is recorded: run with --record"
+                );
             }
             eprintln!(
                 "watched {} decided taps ({} approved): {} alerts",
@@ -164,6 +165,50 @@ pub(crate) fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Keeps the alerts, then takes the action the rules configure for each (watch list, or a block
+/// through the card directory as `tapgate cards block` does) and records it.
+async fn record_and_act(
+    redis: &RedisTarget,
+    rules: &Rules,
+    alerts: &[Alert],
+    retention: Duration,
+) -> anyhow::Result<()> {
+    let store = alert_store(redis)?;
+    let store_error = |e| anyhow::anyhow!("alert store: {e}");
+    let ids = store
+        .append(alerts, retention, tapgate_runtime::now_ms())
+        .await
+        .map_err(store_error)?;
+    let mut directory = None;
+    for (id, alert) in ids.iter().zip(alerts) {
+        let (Some(action), Some(card)) = (rules.action_for(alert), alert.card_id) else {
+            continue;
+        };
+        let outcome = match action {
+            Action::Watch => "on the watch list".to_owned(),
+            Action::Block => {
+                if directory.is_none() {
+                    directory = Some(crate::cards::redis_directory(redis, 0)?);
+                }
+                let directory = directory.as_ref().expect("just made");
+                match directory.set_state(card, CardState::Blocked).await? {
+                    Some(_) => "blocked".to_owned(),
+                    None => "not blocked: the card is not in the directory".to_owned(),
+                }
+            }
+        };
+        store
+            .record_action(id, alert, action, &outcome, tapgate_runtime::now_ms())
+            .await
+            .map_err(store_error)?;
+        eprintln!(
+            "{action:?} card {}: {outcome} (alert {id})",
+            alert.card.as_deref().unwrap_or_default()
+        );
+    }
+    Ok(())
 }
 
 /// Feeds every decided tap of the journals to the watcher in gateway-time order; returns the

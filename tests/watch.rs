@@ -48,11 +48,12 @@ fn metro_entry(gate: u64, sequence: u64, card: u64, at: u64) -> JournalRecord {
     }
 }
 
-#[tokio::test]
-async fn a_clone_and_a_lost_card_tried_again_are_named_by_pseudonym_and_a_rider_is_not() {
-    let state = tempfile::tempdir().unwrap();
+const CLONED: u64 = 6_222_000_000_000_777;
+
+/// A journal of a cloned card, an ordinary rider and a lost card tried at two gates.
+async fn write_journal(state: &std::path::Path) -> std::path::PathBuf {
     let settings = JournalSettings {
-        dir: state.path().join("journal"),
+        dir: state.join("journal"),
         segment_bytes: 1 << 20,
         queue_capacity: 16,
         max_batch: 16,
@@ -60,12 +61,11 @@ async fn a_clone_and_a_lost_card_tried_again_are_named_by_pseudonym_and_a_rider_
     };
     let (journal, writer) = Journal::open(&settings, |_| {}).unwrap();
     let t0 = 1_795_939_200_000;
-    let cloned = 6_222_000_000_000_777;
     let ordinary = 6_222_000_000_000_888;
     for record in [
         // The clone: two entries at two stations two minutes apart.
-        metro_entry(30_001, 1, cloned, t0),
-        metro_entry(30_002, 1, cloned, t0 + 120_000),
+        metro_entry(30_001, 1, CLONED, t0),
+        metro_entry(30_002, 1, CLONED, t0 + 120_000),
         // An ordinary rider who forgot to tap out enters again in the evening.
         metro_entry(30_001, 2, ordinary, t0),
         metro_entry(30_003, 1, ordinary, t0 + 9 * 3_600_000),
@@ -82,6 +82,13 @@ async fn a_clone_and_a_lost_card_tried_again_are_named_by_pseudonym_and_a_rider_
     }
     drop(journal);
     writer.join();
+    settings.dir
+}
+
+#[tokio::test]
+async fn a_clone_and_a_lost_card_tried_again_are_named_by_pseudonym_and_a_rider_is_not() {
+    let state = tempfile::tempdir().unwrap();
+    let journal = write_journal(state.path()).await;
     let redis = support::RedisServer::start();
     let out = Command::new(env!("CARGO_BIN_EXE_tapgate"))
         .args([
@@ -93,7 +100,7 @@ async fn a_clone_and_a_lost_card_tried_again_are_named_by_pseudonym_and_a_rider_
             &redis.url(),
         ])
         .arg("--dir")
-        .arg(&settings.dir)
+        .arg(&journal)
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
@@ -132,4 +139,70 @@ async fn a_clone_and_a_lost_card_tried_again_are_named_by_pseudonym_and_a_rider_
         .unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("30m, 24h, 7d"));
+}
+
+/// With `[actions] block = ["clone"]` the cloned card is blocked in the directory and the
+/// action is recorded; without `--record` such rules are refused rather than acted on silently.
+#[tokio::test]
+async fn a_blocking_rule_blocks_the_card_and_records_it() {
+    use tapgate_city::CardState;
+    let state = tempfile::tempdir().unwrap();
+    let journal = write_journal(state.path()).await;
+    let redis = support::RedisServer::start();
+    let directory = support::redis_directory(&redis.url());
+    let active = support::card(
+        CLONED,
+        CardState::Active,
+        Issuer::ChongqingSsc,
+        Concession::None,
+        0,
+    );
+    directory.put_card(active).await.unwrap();
+    let rules = state.path().join("rules.toml");
+    let text = tapgate_watch::DEFAULT_RULES_TOML.replace("block = []", "block = [\"clone\"]");
+    assert_ne!(text, tapgate_watch::DEFAULT_RULES_TOML);
+    std::fs::write(&rules, text).unwrap();
+    let watch = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_tapgate"))
+            .args(["watch", "journal", "--redis-url", &redis.url(), "--dir"])
+            .arg(&journal)
+            .arg("--rules")
+            .arg(&rules)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let refused = watch(&[]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--record"));
+    assert_eq!(
+        directory.card(CLONED).await.unwrap().unwrap().state,
+        CardState::Active
+    );
+
+    let out = watch(&["--record"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        directory.card(CLONED).await.unwrap().unwrap().state,
+        CardState::Blocked
+    );
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let audit: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg("tapgate:watch:actions")
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(audit.len(), 1, "{audit:?}");
+    let entry = &audit[0].1[0].1;
+    assert!(
+        entry.contains("\"outcome\":\"blocked\"") && entry.contains("\"rule\":\"clone\""),
+        "{entry}"
+    );
+    assert!(!entry.contains("6222000000000777"), "{entry}");
 }

@@ -93,6 +93,43 @@ pub struct Rules {
     pub denied_retry: DeniedRetryRule,
     pub concession: ConcessionRule,
     pub gate_denials: GateDenialRule,
+    /// What to do about a card besides alerting; nothing unless configured.
+    #[serde(default)]
+    pub actions: Actions,
+}
+
+/// The rules whose alerts put the card on the watch list, or block it as `tapgate cards block`
+/// does. Off by default: a false alarm of a blocking rule stops a rider at the gate.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Actions {
+    #[serde(default)]
+    pub watch: Vec<Rule>,
+    #[serde(default)]
+    pub block: Vec<Rule>,
+}
+
+/// What is done about a card an alert names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    Watch,
+    Block,
+}
+
+impl Rules {
+    /// The action configured for an alert: blocking wins over watching; none for a gate's
+    /// alert, which names no card.
+    pub fn action_for(&self, alert: &Alert) -> Option<Action> {
+        alert.card_id?;
+        if self.actions.block.contains(&alert.rule) {
+            Some(Action::Block)
+        } else if self.actions.watch.contains(&alert.rule) {
+            Some(Action::Watch)
+        } else {
+            None
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -231,6 +268,9 @@ pub struct Alert {
     pub severity: Severity,
     /// The card's pseudonym; none for a rule about a gate.
     pub card: Option<String>,
+    /// The card's number, for an action on the card only: never written out with the alert.
+    #[serde(skip)]
+    pub card_id: Option<u64>,
     pub gates: Vec<u64>,
     pub areas: Vec<u32>,
     pub first_ms: u64,
@@ -325,6 +365,7 @@ impl Watcher {
                 rule,
                 severity,
                 card: Some(self.pseudonyms.pseudonym(tap.card)),
+                card_id: Some(tap.card),
                 gates,
                 areas,
                 first_ms,
@@ -524,6 +565,7 @@ fn gate_denials(rules: &Rules, gate: &mut GateWatch, tap: &Observed) -> Option<A
                     rule: Rule::GateDenials,
                     severity: rule.severity,
                     card: None,
+                    card_id: None,
                     gates: vec![tap.gate],
                     areas: vec![tap.area],
                     first_ms: gate.window_start_ms,
@@ -763,6 +805,22 @@ mod tests {
             "{}",
             alerts[0].evidence
         );
+    }
+
+    #[test]
+    fn actions_are_off_unless_configured_and_blocking_wins() {
+        let mut w = watcher();
+        let entry = |gate, at| tap(3, gate, Mode::Metro, TapKind::Entry, at);
+        let alert = feed(&mut w, &[entry(7, T0), entry(8, T0 + MIN)]).remove(0);
+        assert_eq!(Rules::embedded_default().action_for(&alert), None);
+        let mut rules = Rules::embedded_default();
+        rules.actions.watch = vec![Rule::Clone, Rule::Velocity];
+        assert_eq!(rules.action_for(&alert), Some(Action::Watch));
+        rules.actions.block = vec![Rule::Clone];
+        assert_eq!(rules.action_for(&alert), Some(Action::Block));
+        // The number stays out of what is written.
+        let json = serde_json::to_string(&alert).unwrap();
+        assert!(!json.contains("card_id"), "{json}");
     }
 
     #[test]

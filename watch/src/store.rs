@@ -1,8 +1,10 @@
 //! Where alerts are kept: one Redis stream, `P:alerts`, each entry an alert as JSON (field
 //! `a`), trimmed by age as alerts are added, so the store is bounded by its retention however
-//! many alerts the rules raise. One key, so it works the same on a single Redis and a cluster.
+//! many alerts the rules raise; beside it the audit stream of actions taken on cards
+//! (`P:watch:actions`) and the watch list (`P:watch:cards`). Each is one key, and no command
+//! touches two, so they work the same on a single Redis and on a cluster.
 
-use crate::{Alert, Rule};
+use crate::{Action, Alert, Rule};
 use std::time::Duration;
 use tapgate_runtime::redis_target::{RedisConnection, RedisTarget, bounded_error};
 
@@ -12,6 +14,7 @@ const PAGE: usize = 1_000;
 #[derive(Clone)]
 pub struct AlertStore {
     connection: RedisConnection,
+    prefix: String,
     key: String,
 }
 
@@ -37,17 +40,22 @@ impl AlertStore {
             .map_err(|e| bounded_error(&e))?;
         Ok(Self {
             connection,
+            prefix: prefix.to_owned(),
             key: format!("{prefix}:alerts"),
         })
     }
 
-    /// Adds alerts, dropping those stored more than `retention` before `now_ms`.
+    /// Adds alerts, dropping those stored more than `retention` before `now_ms`; returns the
+    /// stream id of each.
     pub async fn append(
         &self,
         alerts: &[Alert],
         retention: Duration,
         now_ms: u64,
-    ) -> Result<(), String> {
+    ) -> Result<Vec<String>, String> {
+        if alerts.is_empty() {
+            return Ok(Vec::new());
+        }
         let oldest = now_ms.saturating_sub(retention.as_millis() as u64);
         let mut pipe = redis::pipe();
         for alert in alerts {
@@ -59,7 +67,40 @@ impl AlertStore {
                 .arg(oldest)
                 .arg("*")
                 .arg("a")
-                .arg(json)
+                .arg(json);
+        }
+        pipe.query_async(&mut self.connection.clone())
+            .await
+            .map_err(|e| bounded_error(&e))
+    }
+
+    /// Records an action taken on an alert's card, in the audit stream `P:watch:actions` (the
+    /// alert's id, rule, the card's pseudonym, the action and its outcome, when, by whom), and
+    /// puts a watched card on the watch list `P:watch:cards` (card number → the alert's id).
+    pub async fn record_action(
+        &self,
+        alert_id: &str,
+        alert: &Alert,
+        action: Action,
+        outcome: &str,
+        at_ms: u64,
+    ) -> Result<(), String> {
+        let entry = serde_json::json!({
+            "alert": alert_id, "rule": alert.rule, "card": alert.card, "action": action,
+            "outcome": outcome, "at_ms": at_ms, "by": "tapgate watch",
+        });
+        let mut pipe = redis::pipe();
+        pipe.cmd("XADD")
+            .arg(format!("{}:watch:actions", self.prefix))
+            .arg("*")
+            .arg("a")
+            .arg(entry.to_string())
+            .ignore();
+        if let (Action::Watch, Some(card)) = (action, alert.card_id) {
+            pipe.cmd("HSET")
+                .arg(format!("{}:watch:cards", self.prefix))
+                .arg(card)
+                .arg(alert_id)
                 .ignore();
         }
         let _: () = pipe
