@@ -278,17 +278,57 @@ pub struct Alert {
     pub evidence: String,
 }
 
+/// A card's taps within a rule's window, (time, gate, area), oldest first.
+#[derive(Debug, Default)]
+struct TapWindow(VecDeque<(u64, u64, u32)>);
+
+impl TapWindow {
+    /// Adds a tap and drops those `window_ms` or more before it, and the oldest beyond `cap`;
+    /// returns how many are held.
+    fn push(&mut self, tap: &Observed, window_ms: u64, cap: usize) -> usize {
+        self.0.push_back((tap.at_ms, tap.gate, tap.area));
+        while self
+            .0
+            .front()
+            .is_some_and(|(t, _, _)| tap.at_ms.saturating_sub(*t) >= window_ms)
+            || self.0.len() > cap
+        {
+            self.0.pop_front();
+        }
+        self.0.len()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn first_ms(&self) -> u64 {
+        self.0.front().map_or(0, |(t, _, _)| *t)
+    }
+
+    /// The distinct gates and areas of the taps held.
+    fn places(&self) -> (Vec<u64>, Vec<u32>) {
+        let mut gates: Vec<u64> = self.0.iter().map(|(_, g, _)| *g).collect();
+        let mut areas: Vec<u32> = self.0.iter().map(|(_, _, a)| *a).collect();
+        gates.sort_unstable();
+        gates.dedup();
+        areas.sort_unstable();
+        areas.dedup();
+        (gates, areas)
+    }
+}
+
 /// What the watcher remembers of one card.
 #[derive(Debug, Default)]
 struct CardWatch {
-    /// Approved taps (time, gate, area), the velocity rule's window, oldest first.
-    recent: VecDeque<(u64, u64, u32)>,
+    /// Approved taps in the velocity rule's window.
+    recent: TapWindow,
     /// The card's last paid-area entry not yet followed by an exit: (time, gate, area).
     open_entry: Option<(u64, u64, u32)>,
     /// The card's last approved tap: (time, gate, area).
     last_approved: Option<(u64, u64, u32)>,
     /// Denials of the card as lost, cancelled or blocked within the rule's window.
-    denied: VecDeque<(u64, u64, u32)>,
+    denied: TapWindow,
     /// Concession rides on one local day: (day, rides).
     concession_day: (u64, u32),
     /// Until when each rule stays quiet for this card after it alerted (one alert per window).
@@ -398,25 +438,11 @@ type Finding = (Rule, Severity, u64, Vec<u64>, Vec<u32>, u64, String);
 fn velocity(rules: &Rules, card: &mut CardWatch, tap: &Observed) -> Option<Finding> {
     let rule = &rules.velocity;
     let window = rule.minutes * MINUTE_MS;
-    card.recent.push_back((tap.at_ms, tap.gate, tap.area));
-    while card
-        .recent
-        .front()
-        .is_some_and(|(t, _, _)| tap.at_ms.saturating_sub(*t) >= window)
-        || card.recent.len() > rule.taps
-    {
-        card.recent.pop_front();
-    }
-    if card.recent.len() < rule.taps {
+    if card.recent.push(tap, window, rule.taps) < rule.taps {
         return None;
     }
-    let first = card.recent.front().map_or(tap.at_ms, |(t, _, _)| *t);
-    let mut gates: Vec<u64> = card.recent.iter().map(|(_, g, _)| *g).collect();
-    let mut areas: Vec<u32> = card.recent.iter().map(|(_, _, a)| *a).collect();
-    gates.sort_unstable();
-    gates.dedup();
-    areas.sort_unstable();
-    areas.dedup();
+    let first = card.recent.first_ms();
+    let (gates, areas) = card.recent.places();
     let evidence = format!(
         "{} approved taps in {} minutes (the rule: {} within {})",
         card.recent.len(),
@@ -509,25 +535,11 @@ fn denied_retry(rules: &Rules, card: &mut CardWatch, tap: &Observed) -> Option<F
     }
     let rule = &rules.denied_retry;
     let window = rule.minutes * MINUTE_MS;
-    card.denied.push_back((tap.at_ms, tap.gate, tap.area));
-    while card
-        .denied
-        .front()
-        .is_some_and(|(t, _, _)| tap.at_ms.saturating_sub(*t) >= window)
-        || card.denied.len() > MAX_VELOCITY_TAPS
-    {
-        card.denied.pop_front();
-    }
-    if card.denied.len() < rule.tries {
+    if card.denied.push(tap, window, MAX_VELOCITY_TAPS) < rule.tries {
         return None;
     }
-    let first = card.denied.front().map_or(tap.at_ms, |(t, _, _)| *t);
-    let mut gates: Vec<u64> = card.denied.iter().map(|(_, g, _)| *g).collect();
-    let mut areas: Vec<u32> = card.denied.iter().map(|(_, _, a)| *a).collect();
-    gates.sort_unstable();
-    gates.dedup();
-    areas.sort_unstable();
-    areas.dedup();
+    let first = card.denied.first_ms();
+    let (gates, areas) = card.denied.places();
     let evidence = format!(
         "denied as {:?} {} times in {} min, at {} gates",
         tap.reason,
