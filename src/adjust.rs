@@ -6,10 +6,11 @@ use crate::runtime;
 use crate::settle::RedisArgs;
 use anyhow::Context as _;
 use clap::Args;
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use tapgate_settle::adjust::{self, Adjustment, Correction, tap_name};
 use tapgate_settle::fares::FareTables;
-use tapgate_settle::ledger::{card_history, find_tap};
+use tapgate_settle::ledger::{card_histories, find_taps};
 use tapgate_settle::partition_of;
 
 #[derive(Args)]
@@ -81,9 +82,13 @@ pub(crate) fn run(args: &AdjustArgs) -> anyhow::Result<()> {
     if let Some(missing) = dirs.iter().find(|d| !d.is_dir()) {
         anyhow::bail!("{}: no journal directory", missing.display());
     }
-    let tap = find_tap(&dirs, terminal, sequence)?
+    let tap = find_taps(&dirs, &BTreeSet::from([(terminal, sequence)]))?
+        .remove(&(terminal, sequence))
         .ok_or_else(|| adjust::AdjustError::NoSuchTap(tap_name(terminal, sequence)))?;
-    let history = card_history(&dirs, tap.tap.card_id, &tables)?;
+    let card = tap.tap.card_id;
+    let history = card_histories(&dirs, &BTreeSet::from([card]), &tables)?
+        .remove(&card)
+        .unwrap_or_default();
     let (fen, operator, area, mode) = adjust::price(correction, &tap, &history, &tables)?;
     let at_ms = tapgate_runtime::now_ms();
     let adjustment = Adjustment {

@@ -567,48 +567,6 @@ async fn settle_run_exits_with_an_error_it_cannot_recover_from() {
     assert!(started.elapsed() < Duration::from_secs(20), "{stderr}");
 }
 
-/// An approved tap as a gateway journals it.
-fn approved(
-    terminal_id: u64,
-    sequence: u64,
-    card: u64,
-    kind: tapgate_protocol::TapKind,
-    mode: tapgate_protocol::Mode,
-    stop: u16,
-    at: u64,
-) -> tapgate_journal::JournalRecord {
-    use tapgate_protocol::{
-        Concession, Issuer, Outcome, RIDES_LEFT_NOT_APPLICABLE, Reason, TapResult,
-    };
-    let mut record = tapgate_journal::JournalRecord {
-        terminal_id,
-        tag: [0; 16],
-        tap: tap(sequence, card, kind),
-        server_time_ms: at,
-        area: 500103,
-        mode,
-        operator: if mode == tapgate_protocol::Mode::Metro {
-            2
-        } else {
-            1
-        },
-        result: TapResult {
-            sequence,
-            outcome: Outcome::Approve,
-            reason: Reason::Approved,
-            concession: Concession::None,
-            fare_fen: 0,
-            rides_left: RIDES_LEFT_NOT_APPLICABLE,
-        },
-        pay_percent: 100,
-        repeat_boarding: false,
-    };
-    record.tap.issuer = Issuer::ChongqingSsc;
-    record.tap.stop = stop;
-    record.tap.gate_time_ms = at;
-    record
-}
-
 /// Approved bus boardings in 渝中, one card each, `days_ago` days before now.
 fn old_boardings(first_card: u64, n: u64, days_ago: u64) -> Vec<tapgate_journal::JournalRecord> {
     let at = tapgate_runtime::now_ms() - days_ago * 86_400_000;
@@ -622,63 +580,27 @@ fn old_boardings(first_card: u64, n: u64, days_ago: u64) -> Vec<tapgate_journal:
         .collect()
 }
 
-/// A journal of the test's own, written record by record.
-struct TestJournal {
-    settings: tapgate_journal::JournalSettings,
-    journal: tapgate_journal::Journal,
-    writer: tapgate_journal::JournalWriter,
-}
-
-impl TestJournal {
-    fn open(dir: &Path) -> TestJournal {
-        let settings = tapgate_journal::JournalSettings {
-            dir: dir.join("journal"),
-            segment_bytes: 1 << 20,
-            queue_capacity: 64,
-            max_batch: 64,
-            min_sync_interval: Duration::ZERO,
-        };
-        let (journal, writer) = tapgate_journal::Journal::open(&settings, |_| {}).unwrap();
-        TestJournal {
-            settings,
-            journal,
-            writer,
-        }
-    }
-
-    async fn append(&self, records: Vec<tapgate_journal::JournalRecord>) {
-        for r in records {
-            self.journal
-                .append_durable(r)
-                .unwrap()
-                .await
-                .unwrap()
-                .unwrap();
-        }
-    }
-
-    fn settlement(&self, redis: &RedisServer, tables: FareTables) -> Settlement {
-        let settings = SettlementSettings {
-            node: "gw-own-journal".into(),
-            journal_dir: self.settings.dir.clone(),
-            partitions: PARTITIONS,
-            settlers: 1,
-            batch: 64,
-            max_backlog: 100_000,
-            lease_ttl: Duration::from_millis(1000),
-        };
-        Settlement::start(
-            store(redis),
-            &settings,
-            Arc::new(tables),
-            self.journal.durable(),
-        )
-    }
-
-    fn close(self) {
-        drop(self.journal);
-        self.writer.join();
-    }
+/// Settlement of a test's own journal, against a private Redis.
+fn settlement_of_journal(
+    journal: &TestJournal,
+    redis: &RedisServer,
+    tables: FareTables,
+) -> Settlement {
+    let settings = SettlementSettings {
+        node: "gw-own-journal".into(),
+        journal_dir: journal.settings.dir.clone(),
+        partitions: PARTITIONS,
+        settlers: 1,
+        batch: 64,
+        max_backlog: 100_000,
+        lease_ttl: Duration::from_millis(1000),
+    };
+    Settlement::start(
+        store(redis),
+        &settings,
+        Arc::new(tables),
+        journal.journal.durable(),
+    )
 }
 
 /// A day settled while open keeps its books when it closes: taps of it that arrive later are
@@ -698,7 +620,7 @@ async fn a_closed_day_never_changes_and_taps_arriving_after_it_are_booked_late()
     journal.append(old_boardings(1_000, 6, 3)).await;
     let mut week_open = shipped.clone();
     week_open.day.close_after_minutes = 7 * 24 * 60;
-    let first = journal.settlement(&redis, week_open);
+    let first = settlement_of_journal(&journal, &redis, week_open);
     assert!(first.wait_settled(Duration::from_secs(20)).await.unwrap());
     first.shutdown().await;
     let before = store(&redis).ledger(None, false).await.unwrap();
@@ -707,7 +629,7 @@ async fn a_closed_day_never_changes_and_taps_arriving_after_it_are_booked_late()
 
     // With the shipped two hours that day is closed: more of its taps go to the open day.
     journal.append(old_boardings(2_000, 4, 3)).await;
-    let second = journal.settlement(&redis, shipped.clone());
+    let second = settlement_of_journal(&journal, &redis, shipped.clone());
     assert!(second.wait_settled(Duration::from_secs(20)).await.unwrap());
     let after = store(&redis).ledger(None, false).await.unwrap();
     assert_eq!(
@@ -747,11 +669,12 @@ async fn a_batch_of_a_clock_behind_is_refused(s: &Store) {
             .await
             .unwrap()
     );
-    let closed = s.closed(p).await.unwrap().expect("batches recorded it");
+    let progress = s.progress(p).await.unwrap();
+    let closed = progress.closed.expect("batches recorded it");
     let batch = tapgate_settle::store::ApplyBatch {
         partition: p,
         token: "slow-clock".into(),
-        expected: s.watermark(p).await.unwrap(),
+        expected: progress.watermark,
         watermark: tapgate_settle::store::EntryId {
             ms: u64::MAX,
             seq: 0,
@@ -816,7 +739,7 @@ async fn corrections_are_priced_from_the_journals_booked_once_and_reconciled() {
             approved(gate, 3, 77, TapKind::Exit, Mode::Metro, 14, now + 2_400_000),
         ])
         .await;
-    let settlement = journal.settlement(&redis, tables.clone());
+    let settlement = settlement_of_journal(&journal, &redis, tables.clone());
     assert!(
         settlement
             .wait_settled(Duration::from_secs(20))

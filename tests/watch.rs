@@ -4,85 +4,43 @@
 mod support;
 
 use std::process::Command;
-use std::time::Duration;
-use tapgate_journal::{Journal, JournalRecord, JournalSettings};
-use tapgate_protocol::{
-    Concession, Issuer, Mode, Outcome, RIDES_LEFT_NOT_APPLICABLE, Reason, Tap, TapKind, TapResult,
-};
+use tapgate_journal::JournalRecord;
+use tapgate_protocol::{Concession, Issuer, Mode, Outcome, Reason, TapKind};
 
 fn denied_lost(gate: u64, sequence: u64, card: u64, at: u64) -> JournalRecord {
     let mut r = metro_entry(gate, sequence, card, at);
     r.result.outcome = Outcome::Deny;
     r.result.reason = Reason::CardLost;
-    r.result.fare_fen = 0;
     r
 }
 
 fn metro_entry(gate: u64, sequence: u64, card: u64, at: u64) -> JournalRecord {
-    JournalRecord {
-        terminal_id: gate,
-        tag: [0; 16],
-        tap: Tap {
-            sequence,
-            card_id: card,
-            issuer: Issuer::ChongqingSsc,
-            kind: TapKind::Entry,
-            line: 2,
-            stop: 5,
-            gate_time_ms: at,
-        },
-        server_time_ms: at,
-        area: 500103,
-        mode: Mode::Metro,
-        operator: 2,
-        result: TapResult {
-            sequence,
-            outcome: Outcome::Approve,
-            reason: Reason::Approved,
-            concession: Concession::None,
-            fare_fen: 200,
-            rides_left: RIDES_LEFT_NOT_APPLICABLE,
-        },
-        pay_percent: 100,
-        repeat_boarding: false,
-    }
+    support::approved(gate, sequence, card, TapKind::Entry, Mode::Metro, 5, at)
 }
 
 const CLONED: u64 = 6_222_000_000_000_777;
 
 /// A journal of a cloned card, an ordinary rider and a lost card tried at two gates.
 async fn write_journal(state: &std::path::Path) -> std::path::PathBuf {
-    let settings = JournalSettings {
-        dir: state.join("journal"),
-        segment_bytes: 1 << 20,
-        queue_capacity: 16,
-        max_batch: 16,
-        min_sync_interval: Duration::ZERO,
-    };
-    let (journal, writer) = Journal::open(&settings, |_| {}).unwrap();
+    let journal = support::TestJournal::open(state);
     let t0 = 1_795_939_200_000;
     let ordinary = 6_222_000_000_000_888;
-    for record in [
-        // The clone: two entries at two stations two minutes apart.
-        metro_entry(30_001, 1, CLONED, t0),
-        metro_entry(30_002, 1, CLONED, t0 + 120_000),
-        // An ordinary rider who forgot to tap out enters again in the evening.
-        metro_entry(30_001, 2, ordinary, t0),
-        metro_entry(30_003, 1, ordinary, t0 + 9 * 3_600_000),
-        // A lost card tried at two gates.
-        denied_lost(30_004, 1, 6_222_000_000_000_999, t0 + 600_000),
-        denied_lost(30_005, 1, 6_222_000_000_000_999, t0 + 900_000),
-    ] {
-        journal
-            .append_durable(record)
-            .unwrap()
-            .await
-            .unwrap()
-            .unwrap();
-    }
-    drop(journal);
-    writer.join();
-    settings.dir
+    journal
+        .append(vec![
+            // The clone: two entries at two stations two minutes apart.
+            metro_entry(30_001, 1, CLONED, t0),
+            metro_entry(30_002, 1, CLONED, t0 + 120_000),
+            // An ordinary rider who forgot to tap out enters again in the evening.
+            metro_entry(30_001, 2, ordinary, t0),
+            metro_entry(30_003, 1, ordinary, t0 + 9 * 3_600_000),
+            // A lost card tried at two gates.
+            denied_lost(30_004, 1, 6_222_000_000_000_999, t0 + 600_000),
+            denied_lost(30_005, 1, 6_222_000_000_000_999, t0 + 900_000),
+        ])
+        .await;
+    let dir = journal.settings.dir.clone();
+    journal.close();
+    dir
 }
 
 #[tokio::test]

@@ -154,6 +154,11 @@ impl KeyRing {
 #[error("a key must be exactly 32 hexadecimal digits")]
 pub struct KeyParseError;
 
+/// A key as 32 hex digits, as [`parse_key_hex`] reads it.
+pub fn key_hex(key: &[u8; KEY_LEN]) -> String {
+    hex::encode(key)
+}
+
 /// Parses 32 hex digits into 16 bytes.
 pub fn parse_key_hex(text: &str) -> Result<[u8; KEY_LEN], KeyParseError> {
     let text = text.trim().as_bytes();

@@ -135,7 +135,7 @@ fn max_fare_of(
 }
 
 /// Prices a correction of `tap` from the card's priced taps (`history`, from
-/// [`crate::ledger::card_history`]) and the fare tables: the amount (rider's side) and the
+/// [`crate::ledger::card_histories`]) and the fare tables: the amount (rider's side) and the
 /// place it is booked to (issuer, operator, area, mode).
 pub fn price(
     correction: Correction,
@@ -191,6 +191,13 @@ pub fn check(
     dirs: &[&std::path::Path],
     tables: &FareTables,
 ) -> std::io::Result<Vec<String>> {
+    let ids = adjustments
+        .iter()
+        .map(|a| (a.terminal, a.sequence))
+        .collect();
+    let taps = crate::ledger::find_taps(dirs, &ids)?;
+    let cards = taps.values().map(|t| t.tap.card_id).collect();
+    let histories = crate::ledger::card_histories(dirs, &cards, tables)?;
     let mut problems = Vec::new();
     let mut settled_max = std::collections::BTreeSet::new();
     for a in adjustments {
@@ -201,15 +208,17 @@ pub fn check(
                 a.id
             ));
         }
-        let Some(tap) = crate::ledger::find_tap(dirs, a.terminal, a.sequence)? else {
+        let Some(tap) = taps.get(&(a.terminal, a.sequence)) else {
             problems.push(format!(
                 "correction {}: tap {name} is in none of the journals given",
                 a.id
             ));
             continue;
         };
-        let history = crate::ledger::card_history(dirs, tap.tap.card_id, tables)?;
-        match price(a.correction, &tap, &history, tables) {
+        let history = histories
+            .get(&tap.tap.card_id)
+            .map_or(&[][..], Vec::as_slice);
+        match price(a.correction, tap, history, tables) {
             Ok((fen, operator, area, mode))
                 if (fen, operator, area, mode.label()) == (a.fen, a.operator, a.area, &*a.mode) => {
             }
@@ -227,41 +236,16 @@ pub fn check(
 mod tests {
     use super::*;
     use crate::fares::{RiderState, settle};
-    use tapgate_protocol::{
-        Concession, Issuer, Mode, Outcome, RIDES_LEFT_NOT_APPLICABLE, Reason, Tap, TapResult,
-    };
+    use tapgate_protocol::{Concession, Mode};
 
     const T0: u64 = 1_795_939_200_000;
     const MIN: u64 = 60_000;
 
     fn metro(sequence: u64, kind: TapKind, stop: u16, at: u64) -> JournalRecord {
-        JournalRecord {
-            terminal_id: 9,
-            tag: [0; 16],
-            tap: Tap {
-                sequence,
-                card_id: 42,
-                issuer: Issuer::ChongqingSsc,
-                kind,
-                line: 2,
-                stop,
-                gate_time_ms: at,
-            },
-            server_time_ms: at,
-            area: 500103,
-            mode: Mode::Metro,
-            operator: 2,
-            result: TapResult {
-                sequence,
-                outcome: Outcome::Approve,
-                reason: Reason::Approved,
-                concession: Concession::None,
-                fare_fen: 0,
-                rides_left: RIDES_LEFT_NOT_APPLICABLE,
-            },
-            pay_percent: 100,
-            repeat_boarding: false,
-        }
+        let mut r =
+            crate::fares::tests::record(Mode::Metro, kind, 500103, 2, stop, at, Concession::None);
+        (r.terminal_id, r.tap.sequence, r.result.sequence) = (9, sequence, sequence);
+        r
     }
 
     fn priced(records: &[JournalRecord]) -> Vec<(JournalRecord, Vec<crate::fares::Charge>)> {

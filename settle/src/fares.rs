@@ -790,7 +790,7 @@ fn price(ride: Ride, base: u32, rider: &mut RiderState, tables: &FareTables) -> 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
     use tapgate_protocol::{AREAS, Issuer, RIDES_LEFT_NOT_APPLICABLE, Reason, Tap, TapResult};
@@ -993,7 +993,9 @@ mod tests {
     const T0: u64 = 1_795_939_200_000;
     const MIN: u64 = 60_000;
 
-    fn record(
+    /// An approved tap of card 42 at gate 1 (sequence 1), as the gateway journals it: the
+    /// record the settlement crate's tests build theirs from.
+    pub(crate) fn record(
         mode: Mode,
         kind: TapKind,
         area: u32,

@@ -578,39 +578,43 @@ pub fn settle_journals(
     })
 }
 
-/// Every approved tap of one card in the journals with the charges it made, in the order
-/// [`settle_journals`] prices them: what a correction is checked against.
-pub fn card_history(
+/// A card's approved taps with the charges each made, in the order [`settle_journals`] prices
+/// them: what a correction is checked against.
+pub type CardHistory = Vec<(JournalRecord, Vec<Charge>)>;
+
+/// The histories of these cards in the journals, in one pass over them.
+pub fn card_histories(
     dirs: &[&Path],
-    card: u64,
+    cards: &BTreeSet<u64>,
     tables: &FareTables,
-) -> std::io::Result<Vec<(JournalRecord, Vec<Charge>)>> {
-    let mut history = Vec::new();
+) -> std::io::Result<HashMap<u64, CardHistory>> {
+    let mut histories: HashMap<u64, CardHistory> = HashMap::new();
     walk_journals(
         dirs,
         tables,
-        |r| r.tap.card_id == card,
-        |record, charges| history.push((*record, charges.to_vec())),
+        |r| cards.contains(&r.tap.card_id),
+        |record, charges| {
+            histories
+                .entry(record.tap.card_id)
+                .or_default()
+                .push((*record, charges.to_vec()));
+        },
     )?;
-    Ok(history)
+    Ok(histories)
 }
 
-/// The approved tap with this identity (gate, sequence) in the journals.
-pub fn find_tap(
+/// The approved taps with these identities (gate, sequence) in the journals, in one pass.
+pub fn find_taps(
     dirs: &[&Path],
-    terminal: u64,
-    sequence: u64,
-) -> std::io::Result<Option<JournalRecord>> {
-    let mut found = None;
+    ids: &BTreeSet<(u64, u64)>,
+) -> std::io::Result<HashMap<(u64, u64), JournalRecord>> {
+    let mut found = HashMap::new();
     for dir in dirs {
         for segment in list_segments(dir)? {
             read_segment(&segment, |r| {
-                if found.is_none()
-                    && r.terminal_id == terminal
-                    && r.tap.sequence == sequence
-                    && r.result.outcome == Outcome::Approve
-                {
-                    found = Some(r);
+                let id = (r.terminal_id, r.tap.sequence);
+                if r.result.outcome == Outcome::Approve && ids.contains(&id) {
+                    found.entry(id).or_insert(r);
                 }
             })?;
         }
@@ -934,41 +938,24 @@ impl Reconciliation {
 mod tests {
     use super::*;
     use crate::fares::ChargeKind;
-    use tapgate_protocol::{
-        AreaCode, Concession, Issuer, RIDES_LEFT_NOT_APPLICABLE, Reason, Tap, TapKind, TapResult,
-    };
+    use tapgate_protocol::{AreaCode, Concession, Issuer, TapKind};
 
     // 2026-11-29T08:00:00Z = 16:00 in Chongqing.
     const T0: u64 = 1_795_939_200_000;
 
     fn record(card_id: u64, issuer: Issuer, at: u64) -> JournalRecord {
-        JournalRecord {
-            terminal_id: 7,
-            tag: [0; 16],
-            tap: Tap {
-                sequence: 1,
-                card_id,
-                issuer,
-                kind: TapKind::Flat,
-                line: 1,
-                stop: 1,
-                gate_time_ms: at,
-            },
-            server_time_ms: at,
-            area: 500103,
-            mode: Mode::Bus,
-            operator: 1,
-            result: TapResult {
-                sequence: 1,
-                outcome: Outcome::Approve,
-                reason: Reason::Approved,
-                concession: Concession::None,
-                fare_fen: 0,
-                rides_left: RIDES_LEFT_NOT_APPLICABLE,
-            },
-            pay_percent: 100,
-            repeat_boarding: false,
-        }
+        let flat = (Mode::Bus, TapKind::Flat, 500103, 1, 1);
+        let mut r = crate::fares::tests::record(
+            flat.0,
+            flat.1,
+            flat.2,
+            flat.3,
+            flat.4,
+            at,
+            Concession::None,
+        );
+        (r.terminal_id, r.tap.card_id, r.tap.issuer) = (7, card_id, issuer);
+        r
     }
 
     fn charge(fen: u32) -> Charge {

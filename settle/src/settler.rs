@@ -431,7 +431,8 @@ impl Settler {
         // Read every batch rather than remembered from the last apply: a Redis restored from an
         // older snapshot holds an older watermark, and entries between the two must be applied,
         // not acknowledged as seen.
-        let watermark = self.store.watermark(partition).await?;
+        let progress = self.store.progress(partition).await?;
+        let watermark = progress.watermark;
         let applied_before = |id: EntryId| watermark.is_some_and(|w| id <= w);
         let acks: Vec<EntryId> = entries.iter().map(|e| e.id).collect();
         let redelivered = entries.iter().filter(|e| applied_before(e.id)).count();
@@ -464,10 +465,11 @@ impl Settler {
         let states = self.store.riders(partition, &cards).await?;
         let now = tapgate_runtime::now_ms();
         let calendar = self.tables.day;
-        let stored_closed = self.store.closed(partition).await?;
-        let closed = stored_closed.map_or(calendar.closed_through(now), |stored| {
-            stored.max(calendar.closed_through(now))
-        });
+        let closed = progress
+            .closed
+            .map_or(calendar.closed_through(now), |stored| {
+                stored.max(calendar.closed_through(now))
+            });
         let mut riders: HashMap<u64, CardSettlement> = cards.into_iter().zip(states).collect();
         let days = Days {
             closed,

@@ -682,3 +682,86 @@ pub(crate) async fn provision(directory: &Directory, card_id: u64) {
         .await
         .unwrap();
 }
+
+/// An approved tap as a gateway journals it.
+pub(crate) fn approved(
+    terminal_id: u64,
+    sequence: u64,
+    card: u64,
+    kind: tapgate_protocol::TapKind,
+    mode: tapgate_protocol::Mode,
+    stop: u16,
+    at: u64,
+) -> tapgate_journal::JournalRecord {
+    use tapgate_protocol::{
+        Concession, Issuer, Outcome, RIDES_LEFT_NOT_APPLICABLE, Reason, TapResult,
+    };
+    let mut record = tapgate_journal::JournalRecord {
+        terminal_id,
+        tag: [0; 16],
+        tap: tap(sequence, card, kind),
+        server_time_ms: at,
+        area: 500103,
+        mode,
+        operator: if mode == tapgate_protocol::Mode::Metro {
+            2
+        } else {
+            1
+        },
+        result: TapResult {
+            sequence,
+            outcome: Outcome::Approve,
+            reason: Reason::Approved,
+            concession: Concession::None,
+            fare_fen: 0,
+            rides_left: RIDES_LEFT_NOT_APPLICABLE,
+        },
+        pay_percent: 100,
+        repeat_boarding: false,
+    };
+    record.tap.issuer = Issuer::ChongqingSsc;
+    record.tap.stop = stop;
+    record.tap.gate_time_ms = at;
+    record
+}
+
+/// A journal of the test's own, written record by record.
+pub(crate) struct TestJournal {
+    pub(crate) settings: tapgate_journal::JournalSettings,
+    pub(crate) journal: tapgate_journal::Journal,
+    writer: tapgate_journal::JournalWriter,
+}
+
+impl TestJournal {
+    pub(crate) fn open(dir: &Path) -> TestJournal {
+        let settings = tapgate_journal::JournalSettings {
+            dir: dir.join("journal"),
+            segment_bytes: 1 << 20,
+            queue_capacity: 64,
+            max_batch: 64,
+            min_sync_interval: Duration::ZERO,
+        };
+        let (journal, writer) = tapgate_journal::Journal::open(&settings, |_| {}).unwrap();
+        TestJournal {
+            settings,
+            journal,
+            writer,
+        }
+    }
+
+    pub(crate) async fn append(&self, records: Vec<tapgate_journal::JournalRecord>) {
+        for r in records {
+            self.journal
+                .append_durable(r)
+                .unwrap()
+                .await
+                .unwrap()
+                .unwrap();
+        }
+    }
+
+    pub(crate) fn close(self) {
+        drop(self.journal);
+        self.writer.join();
+    }
+}

@@ -396,21 +396,26 @@ impl Watcher {
         } else {
             raised.extend(denied_retry(rules, card, tap));
         }
-        for (rule, severity, quiet_ms, gates, areas, first_ms, evidence) in raised {
-            if card.quiet_until.get(&rule).is_some_and(|q| tap.at_ms < *q) {
+        for found in raised {
+            if card
+                .quiet_until
+                .get(&found.rule)
+                .is_some_and(|q| tap.at_ms < *q)
+            {
                 continue;
             }
-            card.quiet_until.insert(rule, tap.at_ms + quiet_ms);
+            card.quiet_until
+                .insert(found.rule, tap.at_ms + found.quiet_ms);
             alerts.push(Alert {
-                rule,
-                severity,
+                rule: found.rule,
+                severity: found.severity,
                 card: Some(self.pseudonyms.pseudonym(tap.card)),
                 card_id: Some(tap.card),
-                gates,
-                areas,
-                first_ms,
+                gates: found.gates,
+                areas: found.areas,
+                first_ms: found.first_ms,
                 last_ms: tap.at_ms,
-                evidence,
+                evidence: found.evidence,
             });
         }
         alerts
@@ -431,9 +436,18 @@ impl Watcher {
     }
 }
 
-/// What a rule found: rule, severity, how long it then stays quiet for the card, gates, areas,
-/// when the evidence starts, and the evidence in words.
-type Finding = (Rule, Severity, u64, Vec<u64>, Vec<u32>, u64, String);
+/// What a rule found about a card.
+struct Finding {
+    rule: Rule,
+    severity: Severity,
+    /// How long the rule then stays quiet for the card.
+    quiet_ms: u64,
+    gates: Vec<u64>,
+    areas: Vec<u32>,
+    /// When the evidence starts.
+    first_ms: u64,
+    evidence: String,
+}
 
 fn velocity(rules: &Rules, card: &mut CardWatch, tap: &Observed) -> Option<Finding> {
     let rule = &rules.velocity;
@@ -450,15 +464,15 @@ fn velocity(rules: &Rules, card: &mut CardWatch, tap: &Observed) -> Option<Findi
         rule.taps,
         rule.minutes
     );
-    Some((
-        Rule::Velocity,
-        rule.severity,
-        window,
+    Some(Finding {
+        rule: Rule::Velocity,
+        severity: rule.severity,
+        quiet_ms: window,
         gates,
         areas,
-        first,
+        first_ms: first,
         evidence,
-    ))
+    })
 }
 
 fn clone(rules: &Rules, card: &mut CardWatch, tap: &Observed) -> Option<Finding> {
@@ -483,15 +497,15 @@ fn clone(rules: &Rules, card: &mut CardWatch, tap: &Observed) -> Option<Finding>
                 tap.gate,
                 tap.at_ms.saturating_sub(at) / 1000
             );
-            Some((
-                Rule::Clone,
-                rule.severity,
-                window,
-                vec![gate, tap.gate],
-                vec![area, tap.area],
-                at,
+            Some(Finding {
+                rule: Rule::Clone,
+                severity: rule.severity,
+                quiet_ms: window,
+                gates: vec![gate, tap.gate],
+                areas: vec![area, tap.area],
+                first_ms: at,
                 evidence,
-            ))
+            })
         }
         TapKind::Flat => None,
     }
@@ -515,15 +529,15 @@ fn travel(rules: &Rules, card: &mut CardWatch, tap: &Observed) -> Option<Finding
         rule.max_kmh,
         rule.slack_km
     );
-    Some((
-        Rule::ImpossibleTravel,
-        rule.severity,
-        rules.longest_window_ms(),
-        vec![gate, tap.gate],
-        vec![area, tap.area],
-        at,
+    Some(Finding {
+        rule: Rule::ImpossibleTravel,
+        severity: rule.severity,
+        quiet_ms: rules.longest_window_ms(),
+        gates: vec![gate, tap.gate],
+        areas: vec![area, tap.area],
+        first_ms: at,
         evidence,
-    ))
+    })
 }
 
 fn denied_retry(rules: &Rules, card: &mut CardWatch, tap: &Observed) -> Option<Finding> {
@@ -547,15 +561,15 @@ fn denied_retry(rules: &Rules, card: &mut CardWatch, tap: &Observed) -> Option<F
         tap.at_ms.saturating_sub(first) / MINUTE_MS,
         gates.len()
     );
-    Some((
-        Rule::DeniedRetry,
-        rule.severity,
-        window,
+    Some(Finding {
+        rule: Rule::DeniedRetry,
+        severity: rule.severity,
+        quiet_ms: window,
         gates,
         areas,
-        first,
+        first_ms: first,
         evidence,
-    ))
+    })
 }
 
 /// Closes a gate's window when a tap falls past it, and alerts when the window's share of
@@ -624,15 +638,15 @@ fn concession(rules: &Rules, card: &mut CardWatch, tap: &Observed) -> Option<Fin
         tap.concession.label(),
         rule.rides_per_day
     );
-    Some((
-        Rule::Concession,
-        rule.severity,
-        day_ends.saturating_sub(tap.at_ms),
-        vec![tap.gate],
-        vec![tap.area],
-        tap.at_ms,
+    Some(Finding {
+        rule: Rule::Concession,
+        severity: rule.severity,
+        quiet_ms: day_ends.saturating_sub(tap.at_ms),
+        gates: vec![tap.gate],
+        areas: vec![tap.area],
+        first_ms: tap.at_ms,
         evidence,
-    ))
+    })
 }
 
 #[cfg(test)]

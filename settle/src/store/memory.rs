@@ -295,8 +295,8 @@ pub fn card_key_file(path: &Path) -> Result<[u8; 16], StoreError> {
             #[cfg(unix)]
             std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
             let mut file = options.open(path).map_err(|e| unreadable(&e))?;
-            std::io::Write::write_all(&mut file, hex_line(&key).as_bytes())
-                .map_err(|e| unreadable(&e))?;
+            let line = format!("{}\n", tapgate_protocol::crypto::key_hex(&key));
+            std::io::Write::write_all(&mut file, line.as_bytes()).map_err(|e| unreadable(&e))?;
             Ok(key)
         }
         Err(e) => Err(e),
@@ -310,12 +310,6 @@ pub fn read_card_key(path: &Path) -> Result<[u8; 16], StoreError> {
     };
     let text = std::fs::read_to_string(path).map_err(|e| unreadable(&e))?;
     tapgate_protocol::crypto::parse_key_hex(&text).map_err(|e| unreadable(&e))
-}
-
-fn hex_line(key: &[u8; 16]) -> String {
-    let mut line: String = key.iter().map(|b| format!("{b:02x}")).collect();
-    line.push('\n');
-    line
 }
 
 /// Models run under loom by `scripts/test` (and once each as ordinary tests).

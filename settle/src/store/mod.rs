@@ -143,6 +143,15 @@ pub enum Applied {
     DayClosed,
 }
 
+/// How far a partition's books are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// The last stream entry applied.
+    pub watermark: Option<EntryId>,
+    /// The latest day the books are closed through, as the partition's batches recorded it.
+    pub closed: Option<NaiveDate>,
+}
+
 /// One settler batch, applied whole or not at all.
 #[derive(Debug, Clone)]
 pub struct ApplyBatch {
@@ -385,18 +394,17 @@ impl Store {
         }
     }
 
-    /// The latest day the partition's books are closed through, as its batches recorded it.
-    pub async fn closed(&self, partition: u16) -> Result<Option<NaiveDate>, StoreError> {
+    /// How far the partition's books are: its watermark and the day it is closed through.
+    pub async fn progress(&self, partition: u16) -> Result<Progress, StoreError> {
         match self {
-            Store::Redis(r) => r.closed(partition).await,
-            Store::Memory(m) => Ok(m.lock().closed.get(&partition).copied()),
-        }
-    }
-
-    pub async fn watermark(&self, partition: u16) -> Result<Option<EntryId>, StoreError> {
-        match self {
-            Store::Redis(r) => r.watermark(partition).await,
-            Store::Memory(m) => Ok(m.lock().watermarks.get(&partition).copied()),
+            Store::Redis(r) => r.progress(partition).await,
+            Store::Memory(m) => {
+                let s = m.lock();
+                Ok(Progress {
+                    watermark: s.watermarks.get(&partition).copied(),
+                    closed: s.closed.get(&partition).copied(),
+                })
+            }
         }
     }
 

@@ -1,8 +1,8 @@
 //! The Redis store: one script per atomic step, every key of a step in one partition's slot.
 
 use super::{
-    Applied, ApplyBatch, CardSettlement, Checkpoint, Delivered, GROUP, HSCAN_PAGE, Shipped,
-    ShippedTap, StoreError,
+    Applied, ApplyBatch, CardSettlement, Checkpoint, Delivered, GROUP, HSCAN_PAGE, Progress,
+    Shipped, ShippedTap, StoreError,
 };
 use crate::adjust::{Adjustment, tap_name};
 use crate::fares::RiderState;
@@ -630,7 +630,7 @@ impl RedisStore {
     ) -> Result<Option<[u8; 16]>, StoreError> {
         let key = self.key("settle:card-key");
         if let Some(proposed) = proposed {
-            let hex: String = proposed.iter().map(|b| format!("{b:02x}")).collect();
+            let hex = tapgate_protocol::crypto::key_hex(&proposed);
             let _: () = redis::cmd("SET")
                 .arg(&key)
                 .arg(hex)
@@ -654,21 +654,24 @@ impl RedisStore {
             .arg(&key)
             .query_async(&mut self.conn())
             .await?;
-        value
-            .map(|v| parse(&v).map_err(|e| StoreError::Malformed(format!("{key}: {e}"))))
-            .transpose()
+        parsed(&key, value, parse)
     }
 
-    pub(super) async fn closed(&self, partition: u16) -> Result<Option<NaiveDate>, StoreError> {
-        self.get_parsed(self.partition_key(partition, "closed"), |v| {
-            v.parse().map_err(|_| format!("`{v}` is not a day"))
+    /// The partition's watermark and closed day, in one round trip (one slot).
+    pub(super) async fn progress(&self, partition: u16) -> Result<Progress, StoreError> {
+        let watermark_key = self.partition_key(partition, "watermark");
+        let closed_key = self.partition_key(partition, "closed");
+        let (watermark, closed): (Option<String>, Option<String>) = redis::cmd("MGET")
+            .arg(&watermark_key)
+            .arg(&closed_key)
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(Progress {
+            watermark: parsed(&watermark_key, watermark, str::parse)?,
+            closed: parsed(&closed_key, closed, |v| {
+                v.parse().map_err(|_| format!("`{v}` is not a day"))
+            })?,
         })
-        .await
-    }
-
-    pub(super) async fn watermark(&self, partition: u16) -> Result<Option<EntryId>, StoreError> {
-        self.get_parsed(self.partition_key(partition, "watermark"), str::parse)
-            .await
     }
 
     pub(super) fn rider_key(&self, partition: u16, card: u64) -> String {
@@ -1069,9 +1072,20 @@ fn add_field(totals: &mut Totals, what: &str, value: u64) {
     }
 }
 
+/// A string key's value, parsed; `None` when the key was absent.
+fn parsed<T>(
+    key: &str,
+    value: Option<String>,
+    parse: impl FnOnce(&str) -> Result<T, String>,
+) -> Result<Option<T>, StoreError> {
+    value
+        .map(|v| parse(&v).map_err(|e| StoreError::Malformed(format!("{key}: {e}"))))
+        .transpose()
+}
+
 /// A tap's identity across the system: its gate and the gate's sequence number.
 pub fn tap_id(record: &JournalRecord) -> String {
-    format!("{}-{}", record.terminal_id, record.tap.sequence)
+    tap_name(record.terminal_id, record.tap.sequence)
 }
 
 fn parse_entry(entry: &redis::Value) -> Option<Delivered> {
