@@ -437,6 +437,7 @@ fn spec(
         population,
         first_gate: gates.start as u64,
         faults: Faults::default(),
+        fraud_cards: 0,
         show_progress: false,
     }
 }

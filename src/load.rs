@@ -53,6 +53,16 @@ pub(crate) struct WorkloadArgs {
     /// Share of taps that resend the previous frame byte for byte.
     #[arg(long, default_value_t = 0.0)]
     resend: f64,
+    /// Make this many cards misbehave for each misuse pattern the card-use watcher looks for
+    /// (velocity, impossible travel, clone, a denied card tried again, concession overuse).
+    /// Ordinary riders then ride from home gates with cards in good standing, so the run's
+    /// misuse is exactly what was injected: `--truth` writes it down for `tapgate watch journal
+    /// --truth` to score the rules against.
+    #[arg(long, default_value_t = 0)]
+    fraud_cards: usize,
+    /// Write the injected misuse here, one JSON object a line (rule, card, gates).
+    #[arg(long, requires = "fraud_cards")]
+    truth: Option<PathBuf>,
     /// Write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -150,6 +160,7 @@ impl WorkloadArgs {
                 replay: self.replay,
                 resend: self.resend,
             },
+            fraud_cards: self.fraud_cards,
             show_progress: true,
         }
     }
@@ -160,6 +171,21 @@ impl WorkloadArgs {
         if let Some(path) = &self.json {
             write_file(path, &report.json())?;
             println!("json: {}", path.display());
+        }
+        if let Some(path) = &self.truth {
+            let lines: String = report
+                .injected
+                .iter()
+                .map(|i| serde_json::to_string(i).expect("an injection serializes") + "\n")
+                .collect();
+            write_file(path, &lines)?;
+            println!(
+                "truth: {} injected misuses in {}; ordinary riders' taps beyond a day's {}: {}",
+                report.injected.len(),
+                path.display(),
+                tapgate_loadgen::workload::RIDER_TAPS,
+                report.riders_over_budget
+            );
         }
         Ok(())
     }
@@ -323,6 +349,8 @@ pub(crate) fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
             bad_mac: 0.0,
             replay: 0.0,
             resend: 0.0,
+            fraud_cards: 0,
+            truth: None,
             json: Some(dir.join("report.json")),
             chart: dir.join("report.svg"),
         };

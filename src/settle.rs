@@ -163,6 +163,10 @@ enum SettleAction {
         node: String,
         #[arg(long, default_value_t = 512)]
         batch: usize,
+        /// Decided taps kept per partition for `tapgate watch run` (`[settlement] watch_feed`);
+        /// 0 feeds no watcher.
+        #[arg(long, default_value_t = tapgate_settle::forwarder::WATCH_FEED)]
+        watch_feed: usize,
     },
     /// Settled totals per area (all 41), operator and mode, and the clearing balance.
     Report {
@@ -267,7 +271,8 @@ pub(crate) fn run(args: SettleArgs) -> anyhow::Result<ExitCode> {
             journal,
             node,
             batch,
-        } => forward(&redis, journal, node, batch),
+            watch_feed,
+        } => forward(&redis, journal, node, batch, watch_feed),
         SettleAction::Report { source, date, json } => {
             let ledger = source.read(date, false)?;
             print!("{}", report(&ledger));
@@ -335,6 +340,7 @@ fn forward(
     journal: PathBuf,
     node: String,
     batch: usize,
+    watch_feed: usize,
 ) -> anyhow::Result<ExitCode> {
     crate::common::init_logging("warn");
     if !journal.is_dir() {
@@ -350,6 +356,7 @@ fn forward(
         partitions: redis.partitions,
         batch: batch.max(1),
         max_backlog: u64::MAX,
+        watch_feed,
     };
     let (_stop, stop_rx) = tokio::sync::watch::channel(false);
     runtime()?.block_on(async {

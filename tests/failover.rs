@@ -184,6 +184,7 @@ async fn a_gateway_killed_under_load(url: &str) {
             batch: 64,
             max_backlog: 100_000,
             lease_ttl: Duration::from_millis(1000),
+            watch_feed: tapgate_settle::forwarder::WATCH_FEED,
         },
         Arc::new(FareTables::embedded_default()),
         b.gateway.journal().durable(),

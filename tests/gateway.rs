@@ -890,6 +890,7 @@ async fn a_live_scrape_passes_promtool() {
             batch: 64,
             max_backlog: 1000,
             lease_ttl: Duration::from_secs(1),
+            watch_feed: 0,
         },
         std::sync::Arc::new(tapgate_settle::fares::FareTables::embedded_default()),
         h.gateway.journal().durable(),
@@ -942,7 +943,8 @@ async fn a_live_scrape_passes_promtool() {
         String::from_utf8_lossy(&out.stderr)
     );
     // The shipped alert rules load, and they and the Grafana dashboard name only metrics this
-    // scrape has (the two that need a Redis directory aside).
+    // scrape has (the two that need a Redis directory aside, and the watcher's, which
+    // tests/watch.rs checks against a watcher's scrape).
     let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/ops/alerts.yml");
     let out = std::process::Command::new("promtool")
         .args(["check", "rules", rules])
@@ -962,6 +964,7 @@ async fn a_live_scrape_passes_promtool() {
         for name in metric_names(&text) {
             assert!(
                 redis_only.contains(&name.as_str())
+                    || name.starts_with("tapgate_watch_")
                     || metrics.lines().any(|l| l.starts_with(&format!("{name} "))
                         || l.starts_with(&format!("{name}{{"))),
                 "`{name}` is not in the scrape"
@@ -971,56 +974,6 @@ async fn a_live_scrape_passes_promtool() {
     serving.abort();
     h.gateway.shutdown().await;
     settlement.shutdown().await;
-}
-
-/// Every `tapgate_…` metric name a text mentions.
-fn metric_names(text: &str) -> Vec<String> {
-    let mut names: Vec<String> = text
-        .match_indices("tapgate_")
-        .map(|(at, _)| {
-            text[at..]
-                .chars()
-                .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
-                .collect()
-        })
-        .collect();
-    names.sort();
-    names.dedup();
-    names
-}
-
-/// The page at `/` as headless Chromium leaves it after a few seconds of its own updates.
-fn rendered_page(ops: std::net::SocketAddr, profile: &std::path::Path) -> String {
-    let out = std::process::Command::new("chromium")
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--virtual-time-budget=3000",
-            "--dump-dom",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .arg(format!("http://{ops}/"))
-        .output()
-        .expect("chromium must be installed (scripts/test installs it)");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The number the page shows in the element with this id.
-fn shown(page: &str, id: &str) -> u64 {
-    let at = page
-        .find(&format!("id=\"{id}\""))
-        .unwrap_or_else(|| panic!("no #{id} in\n{page}"));
-    let text = &page[at..];
-    let value = &text[text.find('>').unwrap() + 1..text.find('<').unwrap()];
-    value
-        .parse()
-        .unwrap_or_else(|_| panic!("#{id} shows `{value}`"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

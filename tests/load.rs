@@ -46,6 +46,7 @@ fn load(
         population: population(),
         first_gate: 0,
         faults,
+        fraud_cards: 0,
         show_progress: false,
     }
 }
@@ -252,4 +253,58 @@ fn the_bench_command_measures_the_echo_and_every_gateway_setup_and_writes_their_
         let ratio = setup["median_rate_ratio"].as_f64().unwrap();
         assert!(ratio > 0.0 && ratio.is_finite(), "{setup}");
     }
+}
+
+/// Issue 16's ground truth: a seeded run with misuse injected for each card rule and ordinary
+/// riders mixed in, decided by a real gateway, watched from its journal. Every injected card is
+/// caught by its own rule and by no other, and no ordinary rider is alerted on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_card_misuse_is_all_caught_and_no_ordinary_rider_is_alerted() {
+    use tapgate_watch::score::{Injected, score};
+    use tapgate_watch::{Observed, Rules, Watcher};
+    let state = tempfile::tempdir().unwrap();
+    let h = gateway(state.path()).await;
+    let mut spec = load(
+        h.addr(),
+        TargetKind::Tapgate,
+        h.gateway.certificate_der(),
+        Pacing::OpenLoop { rate: 2_000.0 },
+        Faults::default(),
+    );
+    spec.connections = 50;
+    spec.duration = Duration::from_secs(3);
+    spec.fraud_cards = 3;
+    let report = run(spec).await.unwrap();
+    assert_eq!(report.errors, 0, "{}", report.summary());
+    assert_eq!(
+        report.riders_over_budget, 0,
+        "ordinary riders rode like people"
+    );
+    h.gateway.shutdown().await;
+
+    let truth: Vec<Injected> =
+        serde_json::from_value(serde_json::to_value(&report.injected).unwrap()).unwrap();
+    let mut taps = Vec::new();
+    for segment in tapgate_journal::list_segments(&h.state.join("journal")).unwrap() {
+        tapgate_journal::read_segment(&segment, |r| taps.push(Observed::from(&r))).unwrap();
+    }
+    taps.sort_by_key(|t| t.at_ms);
+    let mut watcher = Watcher::new(
+        Rules::embedded_default(),
+        tapgate_protocol::crypto::CardPseudonymizer::new([7; 16]),
+    );
+    let alerts: Vec<_> = taps.iter().flat_map(|t| watcher.observe(t)).collect();
+    let (scores, ordinary) = score(&alerts, &truth);
+    for s in scores
+        .iter()
+        .filter(|s| s.rule != tapgate_watch::Rule::GateDenials)
+    {
+        assert_eq!(s.injected, 3, "{s:?}: every injection fully sent");
+        assert_eq!(s.recall(), Some(1.0), "{s:?}");
+        assert_eq!(s.precision(), Some(1.0), "{s:?}");
+    }
+    assert!(
+        ordinary.is_empty(),
+        "ordinary riders alerted on: {ordinary:?}"
+    );
 }

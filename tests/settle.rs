@@ -64,6 +64,7 @@ async fn a_days_taps_settle_into_fares_transfers_and_clearing() {
             batch: 16,
             max_backlog: 1000,
             lease_ttl: Duration::from_secs(1),
+            watch_feed: 0,
         },
         Arc::new(FareTables::embedded_default()),
         h.gateway.journal().durable(),

@@ -58,6 +58,7 @@ fn settlement_of(node: &str, h: &Harness, store: Store, settlers: usize) -> Sett
         batch: 64,
         max_backlog: 100_000,
         lease_ttl: Duration::from_millis(1000),
+        watch_feed: tapgate_settle::forwarder::WATCH_FEED,
     };
     Settlement::start(
         store,
@@ -80,6 +81,7 @@ fn load_spec(h: &Harness, rate: f64, seconds: u64) -> LoadSpec {
         population: population(),
         first_gate: 0,
         faults: Faults::default(),
+        fraud_cards: 0,
         show_progress: false,
     }
 }
@@ -594,6 +596,7 @@ fn settlement_of_journal(
         batch: 64,
         max_backlog: 100_000,
         lease_ttl: Duration::from_millis(1000),
+        watch_feed: tapgate_settle::forwarder::WATCH_FEED,
     };
     Settlement::start(
         store(redis),

@@ -4,6 +4,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod places;
 pub mod population;
 pub mod records;
 

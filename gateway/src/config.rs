@@ -11,6 +11,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 use tapgate_city::population::PopulationSpec;
 use tapgate_journal::JournalSettings;
+
+/// The most decided taps a partition's watch feed may keep: a bound on Redis memory.
+const MAX_WATCH_FEED: usize = 1_000_000;
 use tapgate_protocol::{KeyRing, MasterKey};
 use tapgate_settle::SettlementSettings;
 use tapgate_settle::fares::FareTables;
@@ -52,6 +55,9 @@ pub struct SettlementConfig {
     pub max_backlog: u64,
     /// How soon a dead settler's partitions move to another one.
     pub lease_ttl_ms: u64,
+    /// Decided taps (approvals and denials) kept per partition for `tapgate watch run`; 0
+    /// feeds no watcher.
+    pub watch_feed: usize,
     /// Fare tables; the built-in `fares.example.toml` when absent.
     pub fares: Option<PathBuf>,
 }
@@ -66,6 +72,7 @@ impl Default for SettlementConfig {
             batch: 512,
             max_backlog: 1_000_000,
             lease_ttl_ms: 10_000,
+            watch_feed: tapgate_settle::forwarder::WATCH_FEED,
             fares: None,
         }
     }
@@ -281,6 +288,11 @@ impl Config {
         at_least("settlement.batch", self.settlement.batch as u64, 1);
         at_least("settlement.max_backlog", self.settlement.max_backlog, 1);
         at_least("settlement.lease_ttl_ms", self.settlement.lease_ttl_ms, 300);
+        if self.settlement.watch_feed > MAX_WATCH_FEED {
+            out.push(format!(
+                "settlement.watch_feed: more than {MAX_WATCH_FEED} taps per partition"
+            ));
+        }
         if self.settlement.partitions > 1024 {
             out.push("settlement.partitions: more than 1024".into());
         }
@@ -392,6 +404,7 @@ impl Config {
             batch: s.batch.max(1),
             max_backlog: s.max_backlog.max(1),
             lease_ttl: Duration::from_millis(s.lease_ttl_ms.max(100)),
+            watch_feed: s.watch_feed,
         }
     }
 

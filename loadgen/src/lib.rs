@@ -6,6 +6,7 @@
 pub mod client;
 pub mod conformance;
 pub mod echo;
+pub mod fraud;
 pub mod report;
 pub mod run;
 pub mod workload;

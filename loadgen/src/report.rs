@@ -65,8 +65,20 @@ pub struct Report {
     /// settlement counters were available.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub settlement: Option<SettlementLag>,
+    /// Misuse injected on purpose and fully sent ([`crate::fraud`]): the truth the card-use
+    /// watcher's alerts are scored against.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub injected: Vec<crate::fraud::Injected>,
+    /// With injected misuse, ordinary riders' taps beyond a person's day
+    /// ([`crate::workload::RIDER_TAPS`]): above 0, ordinary riders may set off rules.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub riders_over_budget: u64,
     #[serde(skip)]
     pub histogram: Histogram<u64>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Settlement lag from a cumulative histogram (Prometheus buckets): each percentile is the
@@ -377,6 +389,8 @@ mod tests {
             throughput_per_s: vec![100; 10],
             throughput_per_100ms: vec![10; 100],
             settlement: None,
+            injected: Vec::new(),
+            riders_over_budget: 0,
             histogram,
         }
     }

@@ -9,6 +9,7 @@
 //! Closed loop: each gate sends its next tap when the previous one is answered.
 
 use crate::client::{ClientError, GateClient, GateIdentity, client_endpoint, hello};
+use crate::fraud::FraudPlan;
 use crate::report::{Percentiles, Report};
 use crate::workload::{Action, Faults, GateWorkload};
 use bytes::Bytes;
@@ -56,6 +57,10 @@ pub struct LoadSpec {
     /// generators driving several gateways at once take ranges that do not overlap.
     pub first_gate: u64,
     pub faults: Faults,
+    /// Cards made to misbehave for each pattern of [`crate::fraud::Pattern`] (0: none). With
+    /// any, ordinary riders ride from home gates with cards in good standing, so the report's
+    /// `injected` is the whole truth about misuse in the run.
+    pub fraud_cards: usize,
     pub show_progress: bool,
 }
 
@@ -91,6 +96,10 @@ struct GateStats {
     busy: u64,
     decisions: BTreeMap<String, u64>,
     errors: BTreeMap<String, u64>,
+    /// Injected misuse with taps this gate never sent: left out of the run's truth.
+    unsent_injections: std::collections::BTreeSet<usize>,
+    /// Ordinary riders' taps beyond what a person rides in a day.
+    over_budget: u64,
 }
 
 fn histogram() -> Histogram<u64> {
@@ -106,6 +115,8 @@ impl GateStats {
             busy: 0,
             decisions: BTreeMap::new(),
             errors: BTreeMap::new(),
+            unsent_injections: std::collections::BTreeSet::new(),
+            over_budget: 0,
         }
     }
 
@@ -114,6 +125,8 @@ impl GateStats {
     }
 
     fn merge(&mut self, other: GateStats) {
+        self.unsent_injections.extend(other.unsent_injections);
+        self.over_budget += other.over_budget;
         self.sent += other.sent;
         self.resent += other.resent;
         self.answered += other.answered;
@@ -271,15 +284,25 @@ pub async fn run(spec: LoadSpec) -> Result<Report, LoadError> {
     });
     let progress = progress_bar(&shared);
 
+    let mut plan = plan_fraud(&spec, &ready);
+    let avoid = Arc::new(plan.as_ref().map(|p| p.cards.clone()).unwrap_or_default());
     let mut tasks = tokio::task::JoinSet::new();
     let mut queues = Vec::with_capacity(connected);
-    for (terminal, identity, gate) in ready {
-        let workload = GateWorkload::new(
+    for (position, (terminal, identity, gate)) in ready.into_iter().enumerate() {
+        let mut workload = GateWorkload::new(
             spec.population.seed,
             &spec.population,
             terminal,
             spec.faults,
         );
+        if let Some(plan) = &mut plan {
+            workload = workload.with_home_riders(
+                position as u64,
+                connected as u64,
+                avoid.clone(),
+                plan.take_script(terminal.terminal_id),
+            );
+        }
         let shared = shared.clone();
         match spec.pacing {
             Pacing::OpenLoop { .. } => {
@@ -318,7 +341,28 @@ pub async fn run(spec: LoadSpec) -> Result<Report, LoadError> {
         *total.errors.entry("connect_failed".into()).or_default() += connect_failures;
     }
     shared.endpoint.close(0u32.into(), b"done");
-    Ok(report(&shared, total, connected, behind))
+    let unsent = std::mem::take(&mut total.unsent_injections);
+    let over_budget = total.over_budget;
+    let mut report = report(&shared, total, connected, behind);
+    report.injected = plan.map_or_else(Vec::new, |plan| plan.sent(&unsent));
+    report.riders_over_budget = over_budget;
+    Ok(report)
+}
+
+/// The misuse to inject, when the spec asks for any, planned onto the gates that connected.
+fn plan_fraud(
+    spec: &LoadSpec,
+    ready: &[(TerminalRecord, GateIdentity, GateClient)],
+) -> Option<FraudPlan> {
+    (spec.fraud_cards > 0).then(|| {
+        let terminals: Vec<TerminalRecord> = ready.iter().map(|(t, _, _)| *t).collect();
+        FraudPlan::new(
+            spec.population.seed,
+            &spec.population,
+            &terminals,
+            spec.fraud_cards,
+        )
+    })
 }
 
 /// The gates that connected; an error only when none did.
@@ -387,6 +431,8 @@ fn report(shared: &Shared, total: GateStats, connected: usize, behind: u64) -> R
             .collect(),
         throughput_per_100ms: per_tick,
         settlement: None,
+        injected: Vec::new(),
+        riders_over_budget: 0,
         histogram: from_intended,
     }
 }
@@ -780,6 +826,9 @@ async fn drive_open_loop(
         }
     }
     gate.drain().await;
+    let unsent: Vec<usize> = gate.workload.unsent_injections().collect();
+    gate.stats.unsent_injections.extend(unsent);
+    gate.stats.over_budget = gate.workload.over_budget();
     gate.stats
 }
 
@@ -810,5 +859,8 @@ async fn drive_closed_loop(
         }
     }
     gate.drain().await;
+    let unsent: Vec<usize> = gate.workload.unsent_injections().collect();
+    gate.stats.unsent_injections.extend(unsent);
+    gate.stats.over_budget = gate.workload.over_budget();
     gate.stats
 }

@@ -3,11 +3,13 @@
 //! Sichuan and T-Union cards appear in their population shares), metro and rail gates pairing
 //! each entry with a later exit, and optional shares of misbehaviour.
 
+use crate::fraud::ScriptedTap;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::collections::VecDeque;
-use tapgate_city::TerminalRecord;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use tapgate_city::population::PopulationSpec;
+use tapgate_city::{CardState, TerminalRecord};
 use tapgate_protocol::{Tap, TapKind};
 
 /// Shares of taps sent wrongly on purpose, each a fraction of 1.
@@ -45,7 +47,32 @@ pub struct GateWorkload {
     faults: Faults,
     riding: VecDeque<u64>,
     line: u16,
+    home: Option<Home>,
+    /// Injected misuse this gate sends among its ordinary taps ([`crate::fraud`]).
+    script: VecDeque<ScriptedTap>,
 }
+
+/// Ordinary riders who ride like people: the cards whose population index is `position` modulo
+/// `stride` use this gate, cards in good standing only, none of them one the fraud plan uses.
+struct Home {
+    position: u64,
+    stride: u64,
+    avoid: Arc<HashSet<u64>>,
+    /// Taps each home rider has made in this run (a metro entry counts its exit too).
+    taps: HashMap<u64, u32>,
+    /// Taps given to riders already past [`RIDER_TAPS`]: a run too long or too fast for this
+    /// gate's riders to ride like people.
+    over_budget: u64,
+}
+
+/// Taps one ordinary rider makes in a run at most: a day's commute with a change of bus each
+/// way. A load compresses a day into seconds, so riders allowed more would, within the run,
+/// ride faster than any person and set off the velocity and concession rules.
+pub const RIDER_TAPS: u32 = 4;
+
+/// Draws of a home card before one that fits is taken anyway: a slice of the population with
+/// no card in good standing is not worth a loop.
+const HOME_DRAWS: usize = 64;
 
 impl GateWorkload {
     pub fn new(
@@ -64,7 +91,34 @@ impl GateWorkload {
             faults,
             riding: VecDeque::with_capacity(RIDING),
             line,
+            home: None,
+            script: VecDeque::new(),
         }
+    }
+
+    /// Ordinary riders from this gate's share of the population (gate `position` of `stride`),
+    /// in good standing and not in `avoid`; `script` is injected misuse sent among them.
+    pub fn with_home_riders(
+        mut self,
+        position: u64,
+        stride: u64,
+        avoid: Arc<HashSet<u64>>,
+        script: VecDeque<ScriptedTap>,
+    ) -> Self {
+        self.home = Some(Home {
+            position,
+            stride: stride.max(1),
+            avoid,
+            taps: HashMap::new(),
+            over_budget: 0,
+        });
+        self.script = script;
+        self
+    }
+
+    /// The injections with scripted taps this gate has not sent.
+    pub fn unsent_injections(&self) -> impl Iterator<Item = usize> + '_ {
+        self.script.iter().map(|s| s.injection)
     }
 
     /// The next action; `sequence` is the tap's sequence number, `can_resend` whether a previous
@@ -87,24 +141,70 @@ impl GateWorkload {
         }
     }
 
-    fn tap(&mut self, sequence: u64, gate_time_ms: u64) -> Tap {
-        let random_card = |rng: &mut ChaCha8Rng, cards| {
-            tapgate_city::population::FIRST_CARD_ID + rng.random_range(0..cards)
+    /// A card for an ordinary rider making `taps` taps: any card, or one of this gate's home
+    /// riders' with taps left in its budget.
+    fn ordinary_card(&mut self, taps: u32) -> u64 {
+        let first = tapgate_city::population::FIRST_CARD_ID;
+        let Some(home) = &mut self.home else {
+            return first + self.rng.random_range(0..self.cards);
         };
+        let slice = (self.cards.saturating_sub(home.position))
+            .div_ceil(home.stride)
+            .max(1);
+        // A rider in good standing with taps left; else one in good standing past its budget
+        // (counted); else, in a slice with none in good standing, whoever was drawn last.
+        let mut drawn = first + home.position;
+        let mut past_budget = None;
+        let mut within_budget = None;
+        for _ in 0..HOME_DRAWS {
+            let index = home.position + home.stride * self.rng.random_range(0..slice);
+            drawn = first + index;
+            if self.population.card(index).state != CardState::Active || home.avoid.contains(&drawn)
+            {
+                continue;
+            }
+            if home.taps.get(&drawn).copied().unwrap_or(0) + taps <= RIDER_TAPS {
+                within_budget = Some(drawn);
+                break;
+            }
+            past_budget.get_or_insert(drawn);
+        }
+        let card = within_budget.or(past_budget).unwrap_or(drawn);
+        if within_budget.is_none() {
+            home.over_budget += u64::from(taps);
+        }
+        *home.taps.entry(card).or_default() += taps;
+        card
+    }
+
+    /// Taps given to home riders beyond their budget ([`RIDER_TAPS`]).
+    pub fn over_budget(&self) -> u64 {
+        self.home.as_ref().map_or(0, |h| h.over_budget)
+    }
+
+    fn tap(&mut self, sequence: u64, gate_time_ms: u64) -> Tap {
+        if !self.script.is_empty() && self.rng.random_bool(0.5) {
+            let scripted = self.script.pop_front().expect("not empty");
+            return self.tap_of(sequence, gate_time_ms, scripted.card, scripted.kind);
+        }
         let (kind, card_id) = if self.terminal.mode.needs_exit_tap() {
             let exit_due = self.riding.len() >= RIDING
                 || (!self.riding.is_empty() && self.rng.random_bool(0.5));
             match exit_due.then(|| self.riding.pop_front()).flatten() {
                 Some(card) => (TapKind::Exit, card),
                 None => {
-                    let card = random_card(&mut self.rng, self.cards);
+                    let card = self.ordinary_card(2);
                     self.riding.push_back(card);
                     (TapKind::Entry, card)
                 }
             }
         } else {
-            (TapKind::Flat, random_card(&mut self.rng, self.cards))
+            (TapKind::Flat, self.ordinary_card(1))
         };
+        self.tap_of(sequence, gate_time_ms, card_id, kind)
+    }
+
+    fn tap_of(&mut self, sequence: u64, gate_time_ms: u64, card_id: u64, kind: TapKind) -> Tap {
         let issuer = self
             .population
             .card(card_id - tapgate_city::population::FIRST_CARD_ID)

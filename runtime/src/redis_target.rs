@@ -30,6 +30,59 @@ crate::log_position! {
     second_may_be_absent: true
 }
 
+/// Takes a lease held in one key if it is free, or renews it for `token` if `token` holds it;
+/// true when `token` holds it afterwards. A lease lets one process of many do a piece of work
+/// (a settlement partition, the live watcher); the scripts that do that work check the key
+/// again, so a holder that lost its lease while paused changes nothing.
+pub async fn take_lease(
+    connection: &mut RedisConnection,
+    key: &str,
+    token: &str,
+    ttl: Duration,
+) -> redis::RedisResult<bool> {
+    static TAKE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+        redis::Script::new(
+            r"
+local holder = redis.call('GET', KEYS[1])
+if holder == false then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+elseif holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+",
+        )
+    });
+    let held: u8 = TAKE
+        .key(key)
+        .arg(token)
+        .arg(ttl.as_millis() as u64)
+        .invoke_async(connection)
+        .await?;
+    Ok(held == 1)
+}
+
+/// Gives up a lease `token` holds, so another process takes it at once rather than when it
+/// expires; a lease someone else holds is left alone.
+pub async fn release_lease(
+    connection: &mut RedisConnection,
+    key: &str,
+    token: &str,
+) -> redis::RedisResult<()> {
+    static RELEASE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+        redis::Script::new(
+            r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+",
+        )
+    });
+    let _: u8 = RELEASE.key(key).arg(token).invoke_async(connection).await?;
+    Ok(())
+}
+
 /// Longest text of a Redis error tapgate prints: a redirection or script error can carry
 /// kilobytes (a whole pipeline), which would drown a log line.
 const ERROR_TEXT_MAX: usize = 240;

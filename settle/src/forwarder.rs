@@ -30,7 +30,15 @@ pub struct ForwarderSettings {
     /// Taps shipped and not yet settled above which shipping pauses: the journal on disk is
     /// the buffer, not Redis's memory.
     pub max_backlog: u64,
+    /// Decided taps (approvals and denials) kept per partition for watchers; 0 ships none.
+    pub watch_feed: usize,
 }
+
+/// Decided taps kept per partition for watchers unless configured otherwise: at the load
+/// generator's 25,000 taps a second over 8 partitions, 16 s for a watcher to be away before it
+/// misses taps (minutes at a city's ordinary rate), for about 5.5 MB of Redis memory per
+/// partition (110 bytes a tap, BENCHMARKS.md).
+pub const WATCH_FEED: usize = 50_000;
 
 /// Forwarder counters, read by metrics.
 #[derive(Debug, Default)]
@@ -170,19 +178,24 @@ pub async fn run(
             }
             continue;
         }
-        let taps = approved_taps(&read, settings.partitions);
+        let taps = decided_taps(&read, settings.partitions, settings.watch_feed > 0);
         let expected = checkpoint.map(at);
         match store
-            .ship(&settings.node, expected.as_ref(), &at(next), &taps)
+            .ship(
+                &settings.node,
+                expected.as_ref(),
+                &at(next),
+                &taps,
+                settings.watch_feed,
+            )
             .await
         {
             Ok(Shipped::Done) => {
                 retry.reset();
                 stats.health.ok();
                 store_down.recovered(std::time::Instant::now());
-                stats
-                    .shipped
-                    .fetch_add(taps.len() as u64, Ordering::Relaxed);
+                let approved = taps.iter().filter(|t| approved(&t.record)).count();
+                stats.shipped.fetch_add(approved as u64, Ordering::Relaxed);
                 stats.batches.fetch_add(1, Ordering::Relaxed);
                 stats.shipped_to(next);
                 // A shipment moves the checkpoint forward or not at all.
@@ -330,13 +343,18 @@ async fn stored_checkpoint(
     }
 }
 
-/// The approved taps of what was read, each with its partition and journal position; denials
-/// are journaled but cost nothing, so they are not shipped.
-fn approved_taps(read: &JournalRead, partitions: u16) -> Vec<ShippedTap> {
+fn approved(record: &tapgate_journal::JournalRecord) -> bool {
+    record.result.outcome == Outcome::Approve
+}
+
+/// The taps of what was read to ship, each with its partition and journal position: the
+/// approved ones for settlement, and the denials too when watchers are fed (a denial costs
+/// nothing, so settlement never sees it).
+fn decided_taps(read: &JournalRead, partitions: u16, with_denials: bool) -> Vec<ShippedTap> {
     read.records
         .iter()
         .zip(&read.positions)
-        .filter(|(r, _)| r.result.outcome == Outcome::Approve)
+        .filter(|(r, _)| with_denials || approved(r))
         .map(|(record, position)| ShippedTap {
             partition: partition_of(record.tap.card_id, partitions),
             position: *position,

@@ -61,6 +61,8 @@ pub struct SettlementSettings {
     pub batch: usize,
     pub max_backlog: u64,
     pub lease_ttl: Duration,
+    /// Decided taps kept per partition for watchers ([`ForwarderSettings::watch_feed`]).
+    pub watch_feed: usize,
 }
 
 /// The forwarder and settlers running beside a gateway.
@@ -96,6 +98,7 @@ impl Settlement {
             partitions: settings.partitions,
             batch: settings.batch,
             max_backlog: settings.max_backlog,
+            watch_feed: settings.watch_feed,
         };
         let (s, f, rx, d) = (
             store.clone(),

@@ -765,3 +765,53 @@ impl TestJournal {
         self.writer.join();
     }
 }
+
+/// Every `tapgate_…` metric name a text mentions.
+pub(crate) fn metric_names(text: &str) -> Vec<String> {
+    let mut names: Vec<String> = text
+        .match_indices("tapgate_")
+        .map(|(at, _)| {
+            text[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                .collect()
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// The page at `/` as headless Chromium leaves it after a few seconds of its own updates.
+pub(crate) fn rendered_page(ops: std::net::SocketAddr, profile: &std::path::Path) -> String {
+    let out = std::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--virtual-time-budget=3000",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(format!("http://{ops}/"))
+        .output()
+        .expect("chromium must be installed (scripts/test installs it)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The number the page shows in the element with this id.
+pub(crate) fn shown(page: &str, id: &str) -> u64 {
+    let at = page
+        .find(&format!("id=\"{id}\""))
+        .unwrap_or_else(|| panic!("no #{id} in\n{page}"));
+    let text = &page[at..];
+    let value = &text[text.find('>').unwrap() + 1..text.find('<').unwrap()];
+    value
+        .parse()
+        .unwrap_or_else(|_| panic!("#{id} shows `{value}`"))
+}

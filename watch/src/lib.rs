@@ -15,9 +15,11 @@ use tapgate_journal::JournalRecord;
 use tapgate_protocol::crypto::CardPseudonymizer;
 use tapgate_protocol::{Concession, Mode, Outcome, Reason, TapKind};
 
-mod places;
+pub mod live;
+pub mod ops;
+pub mod score;
 pub mod store;
-pub use places::km_between;
+pub use tapgate_city::places::km_between;
 
 /// The rules shipped with tapgate; `watch.example.toml` documents them.
 pub const DEFAULT_RULES_TOML: &str = include_str!("../../watch.example.toml");
@@ -204,6 +206,12 @@ impl Rules {
         Self::from_toml(&text).map_err(|e| RulesError(format!("{}: {}", path.display(), e.0)))
     }
 
+    /// How much of the feeds a watcher taking over reads again to rebuild the windows: the
+    /// longest window. Concession counts per day are not rebuilt past it.
+    pub fn warm_up(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.longest_window_ms())
+    }
+
     fn longest_window_ms(&self) -> u64 {
         [
             self.velocity.minutes,
@@ -258,6 +266,34 @@ pub enum Rule {
     DeniedRetry,
     Concession,
     GateDenials,
+}
+
+impl Rule {
+    pub const ALL: [Rule; 6] = [
+        Rule::Velocity,
+        Rule::ImpossibleTravel,
+        Rule::Clone,
+        Rule::DeniedRetry,
+        Rule::Concession,
+        Rule::GateDenials,
+    ];
+
+    /// The rule's place in [`Rule::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The rule's name, as in the rules file and in alerts.
+    pub fn name(self) -> &'static str {
+        match self {
+            Rule::Velocity => "velocity",
+            Rule::ImpossibleTravel => "impossible_travel",
+            Rule::Clone => "clone",
+            Rule::DeniedRetry => "denied_retry",
+            Rule::Concession => "concession",
+            Rule::GateDenials => "gate_denials",
+        }
+    }
 }
 
 /// An alert as operators see it: the rule, how serious, which card (by pseudonym), where and
@@ -658,6 +694,17 @@ mod tests {
 
     fn watcher() -> Watcher {
         Watcher::new(Rules::embedded_default(), CardPseudonymizer::new([9; 16]))
+    }
+
+    #[test]
+    fn every_rule_has_one_name_in_alerts_metrics_and_the_rules_file() {
+        for (i, rule) in Rule::ALL.iter().enumerate() {
+            assert_eq!(rule.index(), i);
+            assert_eq!(
+                serde_json::to_value(rule).unwrap(),
+                serde_json::Value::String(rule.name().to_owned())
+            );
+        }
     }
 
     fn tap(card: u64, gate: u64, mode: Mode, kind: TapKind, at_ms: u64) -> Observed {

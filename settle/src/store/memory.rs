@@ -107,7 +107,11 @@ impl MemoryStore {
         }
         s.next_ms += 1;
         let ms = s.next_ms;
-        for (seq, tap) in taps.iter().enumerate() {
+        let approved = || {
+            taps.iter()
+                .filter(|t| t.record.result.outcome == tapgate_protocol::Outcome::Approve)
+        };
+        for (seq, tap) in approved().enumerate() {
             let id = EntryId {
                 ms,
                 seq: seq as u64,
@@ -119,9 +123,10 @@ impl MemoryStore {
                 .push_back((id, tap.record));
         }
         s.checkpoints.insert(node.to_string(), next.clone());
-        s.shipped += taps.len() as u64;
+        let shipped = approved().count() as u64;
+        s.shipped += shipped;
         drop(s);
-        if !taps.is_empty() {
+        if shipped > 0 {
             self.arrived.notify_waiters();
         }
         Shipped::Done

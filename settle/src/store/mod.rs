@@ -123,6 +123,27 @@ pub struct ShippedTap {
     pub record: JournalRecord,
 }
 
+/// Where a reader of a partition's feed of decided taps (a watcher) starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeedFrom {
+    /// The oldest entry the feed still holds.
+    Start,
+    /// The entries after this one.
+    After(EntryId),
+    /// The entries added at or after this time (ms since the epoch).
+    Since(u64),
+}
+
+/// A decided tap as a partition's feed holds it.
+#[derive(Debug, Clone, Copy)]
+pub struct FedTap {
+    pub id: EntryId,
+    /// Its place among every entry ever fed to the partition, from 1: a reader whose next
+    /// entry is not one past the last it saw missed the ones between (trimmed unread).
+    pub ordinal: u64,
+    pub record: JournalRecord,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Shipped {
     Done,
@@ -230,9 +251,11 @@ impl Store {
         expected: Option<&Checkpoint>,
         next: &Checkpoint,
         taps: &[ShippedTap],
+        watch_feed: usize,
     ) -> Result<Shipped, StoreError> {
         match self {
-            Store::Redis(r) => r.ship(node, expected, next, taps).await,
+            Store::Redis(r) => r.ship(node, expected, next, taps, watch_feed).await,
+            // No watcher reads a gateway's own memory: it gets the approved taps only.
             Store::Memory(m) => Ok(m.ship(node, expected, next, taps)),
         }
     }

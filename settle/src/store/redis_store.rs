@@ -1,8 +1,8 @@
 //! The Redis store: one script per atomic step, every key of a step in one partition's slot.
 
 use super::{
-    Applied, ApplyBatch, CardSettlement, Checkpoint, Delivered, GROUP, HSCAN_PAGE, Progress,
-    Shipped, ShippedTap, StoreError,
+    Applied, ApplyBatch, CardSettlement, Checkpoint, Delivered, FedTap, FeedFrom, GROUP,
+    HSCAN_PAGE, Progress, Shipped, ShippedTap, StoreError,
 };
 use crate::adjust::{Adjustment, tap_name};
 use crate::fares::RiderState;
@@ -13,17 +13,25 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 use tapgate_journal::{JournalPosition, JournalRecord, PAYLOAD_LEN};
-use tapgate_protocol::{Concession, Issuer, IssuerRegion, Mode};
-use tapgate_runtime::redis_target::{EntryId, RedisConnection, RedisTarget, bounded_line};
+use tapgate_protocol::{Concession, Issuer, IssuerRegion, Mode, Outcome};
+use tapgate_runtime::redis_target::{
+    EntryId, RedisConnection, RedisTarget, bounded_line, release_lease, take_lease,
+};
 
 /// Ships one partition's share of a forwarder batch and moves the node's checkpoint for that
 /// partition. Each partition keeps its own checkpoint (a shipment must stay in one slot), so
 /// after a crash between partitions some are ahead of others: a partition ships only the taps
-/// at or after its own checkpoint, which makes resending a batch harmless.
-/// KEYS: checkpoint, stream, counts. ARGV: journal id, expected segment, expected offset ('' and
-/// '' when shipping from the start), next segment, next offset, then (segment, offset, tap id,
-/// record) per tap. Returns {1, ''} when done, {0, stored checkpoint or ''} when the stored one
-/// is behind the batch (Redis lost writes) or belongs to another journal.
+/// at or after its own checkpoint, which makes resending a batch harmless. Approved taps go to
+/// the settlers' stream; with a feed length, every decided tap (denials too) also goes to the
+/// watchers' feed, trimmed to about that many entries so a watcher that stops costs bounded
+/// memory. The feed is written in the same step as the checkpoint, so it holds each tap once,
+/// and numbers its entries (`n`, counted in `counts` field `fed`), so a reader tells exactly
+/// how many were trimmed before it read them.
+/// KEYS: checkpoint, stream, counts, feed. ARGV: journal id, expected segment, expected offset
+/// ('' and '' when shipping from the start), next segment, next offset, feed length (0: no
+/// feed), then (segment, offset, tap id or '' for a denial, record) per tap. Returns {1, ''}
+/// when done, {0, stored checkpoint or ''} when the stored one is behind the batch (Redis lost
+/// writes) or belongs to another journal.
 const SHIP_SCRIPT: &str = r"
 local function place(s)
   local journal, segment, offset = string.match(s, '^(.*)@(%d+):(%d+)$')
@@ -44,13 +52,22 @@ if current then
 elseif ARGV[2] ~= '' then
   return {0, ''}
 end
+local feed = tonumber(ARGV[6])
+local fed = tonumber(redis.call('HGET', KEYS[3], 'fed') or '0')
 local n = 0
-for i = 6, #ARGV, 4 do
+for i = 7, #ARGV, 4 do
   if not before(tonumber(ARGV[i]), tonumber(ARGV[i + 1]), cs, co) then
-    redis.call('XADD', KEYS[2], '*', 'tap', ARGV[i + 2], 'r', ARGV[i + 3])
-    n = n + 1
+    if ARGV[i + 2] ~= '' then
+      redis.call('XADD', KEYS[2], '*', 'tap', ARGV[i + 2], 'r', ARGV[i + 3])
+      n = n + 1
+    end
+    if feed > 0 then
+      fed = fed + 1
+      redis.call('XADD', KEYS[4], 'MAXLEN', '~', feed, '*', 'n', fed, 'r', ARGV[i + 3])
+    end
   end
 end
+if feed > 0 then redis.call('HSET', KEYS[3], 'fed', fed) end
 local ns, no = tonumber(ARGV[4]), tonumber(ARGV[5])
 if before(cs, co, ns, no) then
   redis.call('SET', KEYS[1], ARGV[1] .. '@' .. ARGV[4] .. ':' .. ARGV[5])
@@ -117,24 +134,6 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
 return redis.call('ZCARD', KEYS[1])
 ";
 
-/// KEYS: lease. ARGV: token, ttl ms. Takes a free lease or renews one's own.
-const LEASE_SCRIPT: &str = r"
-local holder = redis.call('GET', KEYS[1])
-if holder == false then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-elseif holder == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
-";
-
-const RELEASE_SCRIPT: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-return 1
-";
-
 /// How long a settler with nothing to read waits before asking again. Reads are not blocking:
 /// one XREADGROUP may name streams of one slot only, and a blocking read per partition would
 /// need a connection per partition.
@@ -152,8 +151,6 @@ struct Scripts {
     ship: redis::Script,
     apply: redis::Script,
     heartbeat: redis::Script,
-    lease: redis::Script,
-    release: redis::Script,
     submit_adjustment: redis::Script,
 }
 
@@ -176,8 +173,6 @@ impl RedisStore {
                 ship: redis::Script::new(SHIP_SCRIPT),
                 apply: redis::Script::new(APPLY_SCRIPT),
                 heartbeat: redis::Script::new(HEARTBEAT_SCRIPT),
-                lease: redis::Script::new(LEASE_SCRIPT),
-                release: redis::Script::new(RELEASE_SCRIPT),
                 submit_adjustment: redis::Script::new(SUBMIT_ADJUSTMENT_SCRIPT),
             }),
         })
@@ -196,6 +191,12 @@ impl RedisStore {
         self.partition_key(partition, "taps")
     }
 
+    /// The watchers' feed of partition N: every decided tap of its cards, approvals and
+    /// denials, as the forwarders shipped them.
+    pub(super) fn feed_key(&self, partition: u16) -> String {
+        self.partition_key(partition, "decided")
+    }
+
     pub(super) fn conn(&self) -> RedisConnection {
         self.connection.clone()
     }
@@ -205,7 +206,7 @@ impl RedisStore {
     }
 
     /// The partition count fixed in the store, for readers (reports) that do not set it.
-    pub(super) async fn stored_partitions(&self) -> Result<u16, StoreError> {
+    pub async fn stored_partitions(&self) -> Result<u16, StoreError> {
         if self.partition_count() > 0 {
             return Ok(self.partition_count());
         }
@@ -326,16 +327,25 @@ impl RedisStore {
         expected: Option<&Checkpoint>,
         next: &Checkpoint,
         taps: &[ShippedTap],
+        watch_feed: usize,
     ) -> Result<Shipped, StoreError> {
         let mut bytes = Vec::with_capacity(PAYLOAD_LEN);
         let mut by_partition: BTreeMap<u16, Vec<(JournalPosition, String, Vec<u8>)>> =
             BTreeMap::new();
         for tap in taps {
+            let settled = tap.record.result.outcome == Outcome::Approve;
+            if !settled && watch_feed == 0 {
+                continue;
+            }
             bytes.clear();
             tap.record.encode(&mut bytes);
             by_partition.entry(tap.partition).or_default().push((
                 tap.position,
-                tap_id(&tap.record),
+                if settled {
+                    tap_id(&tap.record)
+                } else {
+                    String::new()
+                },
                 bytes.clone(),
             ));
         }
@@ -346,6 +356,7 @@ impl RedisStore {
                     .key(self.checkpoint_key(p, node))
                     .key(self.stream_key(p))
                     .key(self.partition_key(p, "counts"))
+                    .key(self.feed_key(p))
                     .arg(&next.journal);
                 match expected {
                     Some(e) => invocation.arg(e.position.segment).arg(e.position.offset),
@@ -353,7 +364,8 @@ impl RedisStore {
                 };
                 invocation
                     .arg(next.position.segment)
-                    .arg(next.position.offset);
+                    .arg(next.position.offset)
+                    .arg(watch_feed);
                 for (position, id, record) in by_partition.get(&p).into_iter().flatten() {
                     invocation
                         .arg(position.segment)
@@ -369,6 +381,32 @@ impl RedisStore {
             return Ok(Shipped::Done);
         }
         Ok(Shipped::Moved(self.checkpoint(node).await?))
+    }
+
+    /// Up to `max` entries of partition `partition`'s feed of decided taps, oldest first.
+    pub async fn read_feed(
+        &self,
+        partition: u16,
+        from: FeedFrom,
+        max: usize,
+    ) -> Result<Vec<FedTap>, StoreError> {
+        let start = match from {
+            FeedFrom::Start => "-".to_owned(),
+            FeedFrom::After(id) => format!("({id}"),
+            FeedFrom::Since(ms) => format!("{ms}-0"),
+        };
+        let reply: redis::Value = redis::cmd("XRANGE")
+            .arg(self.feed_key(partition))
+            .arg(start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(max.max(1))
+            .query_async(&mut self.conn())
+            .await?;
+        let redis::Value::Array(entries) = reply else {
+            return Err(StoreError::Malformed("XRANGE reply".into()));
+        };
+        Ok(entries.iter().filter_map(parse_fed).collect())
     }
 
     pub(super) async fn counts(&self) -> Result<(u64, u64), StoreError> {
@@ -410,15 +448,8 @@ impl RedisStore {
         token: &str,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let got: u8 = self
-            .scripts
-            .lease
-            .key(self.partition_key(partition, "lease"))
-            .arg(token)
-            .arg(ttl.as_millis() as u64)
-            .invoke_async(&mut self.conn())
-            .await?;
-        Ok(got == 1)
+        let key = self.partition_key(partition, "lease");
+        Ok(take_lease(&mut self.conn(), &key, token, ttl).await?)
     }
 
     pub(super) async fn leave(&self, token: &str) -> Result<(), StoreError> {
@@ -431,14 +462,8 @@ impl RedisStore {
     }
 
     pub(super) async fn release(&self, partition: u16, token: &str) -> Result<(), StoreError> {
-        let _: u8 = self
-            .scripts
-            .release
-            .key(self.partition_key(partition, "lease"))
-            .arg(token)
-            .invoke_async(&mut self.conn())
-            .await?;
-        Ok(())
+        let key = self.partition_key(partition, "lease");
+        Ok(release_lease(&mut self.conn(), &key, token).await?)
     }
 
     pub(super) async fn pending(
@@ -1088,7 +1113,11 @@ pub fn tap_id(record: &JournalRecord) -> String {
     tap_name(record.terminal_id, record.tap.sequence)
 }
 
-fn parse_entry(entry: &redis::Value) -> Option<Delivered> {
+/// A stream entry's fields, by name.
+type Fields = Vec<(String, Vec<u8>)>;
+
+/// A stream entry's id and fields.
+fn entry_fields(entry: &redis::Value) -> Option<(EntryId, Fields)> {
     let redis::Value::Array(parts) = entry else {
         return None;
     };
@@ -1103,14 +1132,26 @@ fn parse_entry(entry: &redis::Value) -> Option<Delivered> {
         Some(redis::Value::Map(pairs)) => pairs.iter().map(|(k, v)| (k, v)).collect(),
         _ => Vec::new(),
     };
+    let fields = fields
+        .into_iter()
+        .map(|(name, value)| {
+            Some((
+                redis::from_redis_value_ref(name).ok()?,
+                redis::from_redis_value_ref(value).ok()?,
+            ))
+        })
+        .collect::<Option<_>>()?;
+    Some((id, fields))
+}
+
+fn parse_entry(entry: &redis::Value) -> Option<Delivered> {
+    let (id, fields) = entry_fields(entry)?;
     let mut delivered = Delivered {
         id,
         record: None,
         adjustment: None,
     };
     for (name, value) in fields {
-        let name: String = redis::from_redis_value_ref(name).ok()?;
-        let value: Vec<u8> = redis::from_redis_value_ref(value).ok()?;
         match name.as_str() {
             "r" => delivered.record = JournalRecord::decode(&value),
             "adjust" => {
@@ -1120,6 +1161,21 @@ fn parse_entry(entry: &redis::Value) -> Option<Delivered> {
         }
     }
     Some(delivered)
+}
+
+/// A feed entry: its number (`n`) and record (`r`).
+fn parse_fed(entry: &redis::Value) -> Option<FedTap> {
+    let (id, fields) = entry_fields(entry)?;
+    let field = |wanted: &str| {
+        fields
+            .iter()
+            .find_map(|(name, value)| (name == wanted).then_some(value.as_slice()))
+    };
+    Some(FedTap {
+        id,
+        ordinal: std::str::from_utf8(field("n")?).ok()?.parse().ok()?,
+        record: JournalRecord::decode(field("r")?)?,
+    })
 }
 
 /// The label of a book day in keys and in `ledger-taps`: `DAY`, or `BOOKED~TAPPED` for late

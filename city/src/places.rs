@@ -1,7 +1,7 @@
-//! Where the 41 areas are, for the impossible-travel rule: the approximate position of each
-//! area's government seat (latitude, longitude in degrees), good to a few kilometres. Travel
-//! between areas is judged by the straight line between seats less the rule's `slack_km`, which
-//! covers how far a gate may lie from its area's seat.
+//! Where the 41 areas are: the approximate position of each area's government seat (latitude,
+//! longitude in degrees), good to a few kilometres. The card-use watcher judges travel between
+//! areas by the straight line between seats (less a slack for gates far from their seat), and
+//! the load generator uses the same distances to inject travel no rider could make.
 
 /// (area code, latitude, longitude), in code order.
 const SEATS: [(u32, f64, f64); 41] = [
