@@ -54,7 +54,9 @@ pub(crate) struct WorkloadArgs {
     #[arg(long, default_value_t = 0.0)]
     resend: f64,
     /// Make this many cards misbehave for each misuse pattern the card-use watcher looks for
-    /// (velocity, impossible travel, clone, a denied card tried again, concession overuse).
+    /// (velocity, impossible travel, clone, a denied card tried again, concession overuse), and
+    /// break this many readers halfway through the run (half their taps then carry unknown
+    /// card numbers).
     /// Ordinary riders then ride from home gates with cards in good standing, so the run's
     /// misuse is exactly what was injected: `--truth` writes it down for `tapgate watch journal
     /// --truth` to score the rules against.

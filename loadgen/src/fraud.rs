@@ -31,23 +31,17 @@ pub enum Pattern {
     DeniedRetry,
     /// An elder card ridden 11 times in a day.
     Concession,
+    /// A broken or tampered reader: from the middle of the run on, half its taps carry card
+    /// numbers no card has, which the gateway denies.
+    GateDenials,
 }
 
-impl Pattern {
-    pub const ALL: [Pattern; 5] = [
-        Pattern::Velocity,
-        Pattern::ImpossibleTravel,
-        Pattern::Clone,
-        Pattern::DeniedRetry,
-        Pattern::Concession,
-    ];
-}
-
-/// One injected misuse: the card and the gates it was tapped at.
+/// One injected misuse: the card (none for a broken reader) and the gates it was tapped at.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Injected {
     pub rule: Pattern,
-    pub card: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub card: Option<u64>,
     pub gates: Vec<u64>,
 }
 
@@ -67,6 +61,8 @@ pub struct FraudPlan {
     pub scripts: BTreeMap<u64, VecDeque<ScriptedTap>>,
     /// Cards the plan uses: ordinary riders never draw them.
     pub cards: HashSet<u64>,
+    /// Gates whose reader breaks in the middle of the run.
+    pub broken: BTreeSet<u64>,
 }
 
 /// Farther apart than this, two areas' seats cannot be reached by transit within moments,
@@ -162,6 +158,15 @@ impl FraudPlan {
                 });
                 plan.inject(Pattern::Concession, card, taps);
             }
+            // A reader of its own for each instance, away from the gates above.
+            if let Some(reader) = gates.get(gates.len() / 2 + round) {
+                plan.broken.insert(reader.terminal_id);
+                plan.injected.push(Injected {
+                    rule: Pattern::GateDenials,
+                    card: None,
+                    gates: vec![reader.terminal_id],
+                });
+            }
         }
         plan
     }
@@ -204,7 +209,11 @@ impl FraudPlan {
                 gates.push(gate.terminal_id);
             }
         }
-        self.injected.push(Injected { rule, card, gates });
+        self.injected.push(Injected {
+            rule,
+            card: Some(card),
+            gates,
+        });
     }
 
     /// The injections whose every tap was sent: all but those `unsent` names.
@@ -266,14 +275,19 @@ mod tests {
             gate(5, 500105, Mode::Metro),
         ];
         let plan = FraudPlan::new(7, &population, &gates, 2);
-        assert_eq!(plan.injected.len(), 10);
+        assert_eq!(plan.injected.len(), 12);
+        assert_eq!(plan.broken, BTreeSet::from([3, 4]));
         assert_eq!(
             plan.cards.len(),
             10,
             "every injection has a card of its own"
         );
         for injected in &plan.injected {
-            let card = population.card(injected.card - FIRST_CARD_ID);
+            let Some(card) = injected.card else {
+                assert_eq!(injected.rule, Pattern::GateDenials);
+                continue;
+            };
+            let card = population.card(card - FIRST_CARD_ID);
             match injected.rule {
                 Pattern::DeniedRetry => assert_ne!(card.state, CardState::Active),
                 Pattern::Concession => assert_eq!(card.concession, Concession::Elder),

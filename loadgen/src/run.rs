@@ -302,6 +302,10 @@ pub async fn run(spec: LoadSpec) -> Result<Report, LoadError> {
                 avoid.clone(),
                 plan.take_script(terminal.terminal_id),
             );
+            if plan.broken.contains(&terminal.terminal_id) {
+                // Broken halfway through: the reader's earlier windows show its usual share.
+                workload = workload.broken_from(now_ms() + spec.duration.as_millis() as u64 / 2);
+            }
         }
         let shared = shared.clone();
         match spec.pacing {

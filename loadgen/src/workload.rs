@@ -50,6 +50,9 @@ pub struct GateWorkload {
     home: Option<Home>,
     /// Injected misuse this gate sends among its ordinary taps ([`crate::fraud`]).
     script: VecDeque<ScriptedTap>,
+    /// From this gate time (Unix ms) on, the reader is broken: half its taps carry card numbers
+    /// outside the population.
+    broken_from_ms: Option<u64>,
 }
 
 /// Ordinary riders who ride like people: the cards whose population index is `position` modulo
@@ -93,7 +96,14 @@ impl GateWorkload {
             line,
             home: None,
             script: VecDeque::new(),
+            broken_from_ms: None,
         }
+    }
+
+    /// Breaks this gate's reader from gate time `from_ms` on ([`crate::fraud::Pattern`]).
+    pub fn broken_from(mut self, from_ms: u64) -> Self {
+        self.broken_from_ms = Some(from_ms);
+        self
     }
 
     /// Ordinary riders from this gate's share of the population (gate `position` of `stride`),
@@ -183,6 +193,18 @@ impl GateWorkload {
     }
 
     fn tap(&mut self, sequence: u64, gate_time_ms: u64) -> Tap {
+        if self.broken_from_ms.is_some_and(|from| gate_time_ms >= from) && self.rng.random_bool(0.5)
+        {
+            let garbage = tapgate_city::population::FIRST_CARD_ID
+                + self.cards
+                + self.rng.random_range(0..1_000_000);
+            let kind = if self.terminal.mode.needs_exit_tap() {
+                TapKind::Entry
+            } else {
+                TapKind::Flat
+            };
+            return self.tap_of(sequence, gate_time_ms, garbage, kind);
+        }
         if !self.script.is_empty() && self.rng.random_bool(0.5) {
             let scripted = self.script.pop_front().expect("not empty");
             return self.tap_of(sequence, gate_time_ms, scripted.card, scripted.kind);

@@ -6,13 +6,26 @@ use crate::{Alert, Rule};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashSet};
 
-/// One injected misuse: the rule that should catch it and the card it was done with.
+/// One injected misuse: the rule that should catch it, the card it was done with (none for a
+/// broken reader) and the gates.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Injected {
     pub rule: Rule,
-    pub card: u64,
+    #[serde(default)]
+    pub card: Option<u64>,
     #[serde(default)]
     pub gates: Vec<u64>,
+}
+
+impl Injected {
+    /// Whether `alert` names this misuse: its card, or for a rule about a gate, its gate.
+    fn named_by(&self, alert: &Alert) -> bool {
+        alert.rule == self.rule
+            && match self.card {
+                Some(card) => alert.card_id == Some(card),
+                None => self.gates.iter().any(|g| alert.gates.contains(g)),
+            }
+    }
 }
 
 /// How one rule did.
@@ -44,28 +57,24 @@ impl RuleScore {
 /// Every rule's score, in [`Rule::ALL`] order, and the cards alerted on that no injection used
 /// (false alarms on ordinary riders).
 pub fn score(alerts: &[Alert], truth: &[Injected]) -> (Vec<RuleScore>, BTreeSet<u64>) {
-    let injected_cards: HashSet<u64> = truth.iter().map(|i| i.card).collect();
+    let injected_cards: HashSet<u64> = truth.iter().filter_map(|i| i.card).collect();
     let scores = Rule::ALL
         .iter()
         .map(|&rule| {
-            let cards: HashSet<u64> = truth
-                .iter()
-                .filter(|i| i.rule == rule)
-                .map(|i| i.card)
-                .collect();
-            let mine: Vec<&Alert> = alerts.iter().filter(|a| a.rule == rule).collect();
-            let on_injected = |a: &Alert| a.card_id.is_some_and(|c| cards.contains(&c));
-            let caught: HashSet<u64> = mine
-                .iter()
-                .filter(|a| on_injected(a))
-                .filter_map(|a| a.card_id)
-                .collect();
+            let mine: Vec<&Injected> = truth.iter().filter(|i| i.rule == rule).collect();
+            let raised: Vec<&Alert> = alerts.iter().filter(|a| a.rule == rule).collect();
             RuleScore {
                 rule,
-                injected: cards.len(),
-                caught: caught.len(),
-                alerts: mine.len(),
-                true_alerts: mine.iter().filter(|a| on_injected(a)).count(),
+                injected: mine.len(),
+                caught: mine
+                    .iter()
+                    .filter(|i| raised.iter().any(|a| i.named_by(a)))
+                    .count(),
+                alerts: raised.len(),
+                true_alerts: raised
+                    .iter()
+                    .filter(|a| mine.iter().any(|i| i.named_by(a)))
+                    .count(),
             }
         })
         .collect();
@@ -101,18 +110,23 @@ mod tests {
         let truth = [
             Injected {
                 rule: Rule::Velocity,
-                card: 1,
+                card: Some(1),
                 gates: vec![],
             },
             Injected {
                 rule: Rule::Velocity,
-                card: 2,
+                card: Some(2),
                 gates: vec![],
             },
             Injected {
                 rule: Rule::Clone,
-                card: 3,
+                card: Some(3),
                 gates: vec![],
+            },
+            Injected {
+                rule: Rule::GateDenials,
+                card: None,
+                gates: vec![40],
             },
         ];
         // Card 1 caught twice, card 2 missed; the clone card also set off velocity, and an
@@ -123,6 +137,17 @@ mod tests {
             alert(Rule::Velocity, 3),
             alert(Rule::Clone, 3),
             alert(Rule::Clone, 9),
+            // The broken reader named, and a sound one.
+            Alert {
+                card_id: None,
+                gates: vec![40],
+                ..alert(Rule::GateDenials, 0)
+            },
+            Alert {
+                card_id: None,
+                gates: vec![41],
+                ..alert(Rule::GateDenials, 0)
+            },
         ];
         let (scores, ordinary) = score(&alerts, &truth);
         let velocity = &scores[Rule::Velocity.index()];
@@ -133,6 +158,8 @@ mod tests {
         assert_eq!(clone.recall(), Some(1.0));
         assert_eq!(clone.precision(), Some(0.5));
         assert_eq!(scores[Rule::Concession.index()].recall(), None);
+        let gates = &scores[Rule::GateDenials.index()];
+        assert_eq!((gates.recall(), gates.precision()), (Some(1.0), Some(0.5)));
         assert_eq!(ordinary, BTreeSet::from([9]));
     }
 }
