@@ -438,6 +438,7 @@ fn spec(
         first_gate: gates.start as u64,
         faults: Faults::default(),
         fraud_cards: 0,
+        migrate: 0.0,
         show_progress: false,
     }
 }

@@ -62,6 +62,10 @@ pub(crate) struct WorkloadArgs {
     /// --truth` to score the rules against.
     #[arg(long, default_value_t = 0)]
     fraud_cards: usize,
+    /// Share of the gates that move to another local address halfway through the run, as a bus
+    /// validator does between cell towers; each keeps its connection (QUIC migration).
+    #[arg(long, default_value_t = 0.0)]
+    migrate: f64,
     /// Write the injected misuse here, one JSON object a line (rule, card, gates).
     #[arg(long, requires = "fraud_cards")]
     truth: Option<PathBuf>,
@@ -163,6 +167,7 @@ impl WorkloadArgs {
                 resend: self.resend,
             },
             fraud_cards: self.fraud_cards,
+            migrate: self.migrate,
             show_progress: true,
         }
     }
@@ -352,6 +357,7 @@ pub(crate) fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
             replay: 0.0,
             resend: 0.0,
             fraud_cards: 0,
+            migrate: 0.0,
             truth: None,
             json: Some(dir.join("report.json")),
             chart: dir.join("report.svg"),

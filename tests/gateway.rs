@@ -192,6 +192,33 @@ async fn elder_concession_follows_the_cards_home_area_and_holds_at_every_gate() 
     );
 }
 
+/// A gate whose address changes under its connection, as a bus's does between cell towers,
+/// keeps its connection and its session: no new handshake, every tap answered once, in order,
+/// and the gateway counts the move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gate_that_moves_to_another_address_keeps_its_connection_and_session() {
+    let (h, _state) = harness().await;
+    let mut gate = h.gate(&YUZHONG_BUS).await;
+    for s in 1..=3 {
+        let answer = gate.tap(tap(s, ACTIVE, TapKind::Flat)).await.unwrap();
+        assert_eq!((answer.sequence, answer.outcome), (s, Outcome::Approve));
+    }
+    let before = h.endpoint.local_addr().unwrap();
+    h.endpoint
+        .rebind(std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+        .unwrap();
+    assert_ne!(h.endpoint.local_addr().unwrap(), before);
+    for s in 4..=6 {
+        let answer = gate.tap(tap(s, ACTIVE, TapKind::Flat)).await.unwrap();
+        assert_eq!((answer.sequence, answer.outcome), (s, Outcome::Approve));
+    }
+    let m = h.gateway.metrics().snapshot();
+    assert_eq!(m.migrations, 1);
+    assert_eq!((m.connections_total, m.sessions_authenticated), (1, 1));
+    assert_eq!(m.approved, 6);
+    assert!(m.errors.is_empty(), "{:?}", m.errors);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resend_gets_the_first_answer_and_is_recorded_once() {
     let (h, _state) = harness().await;

@@ -47,6 +47,7 @@ fn load(
         first_gate: 0,
         faults,
         fraud_cards: 0,
+        migrate: 0.0,
         show_progress: false,
     }
 }
@@ -307,4 +308,29 @@ async fn injected_card_misuse_is_all_caught_and_no_ordinary_rider_is_alerted() {
         ordinary.is_empty(),
         "ordinary riders alerted on: {ordinary:?}"
     );
+}
+
+/// A share of the gates moves to another address halfway through the run, as bus validators do
+/// between cell towers: every tap is answered, no gate reconnects, and the gateway counts one
+/// migration per gate that moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gates_that_move_mid_run_keep_their_connections() {
+    let state = tempfile::tempdir().unwrap();
+    let h = gateway(state.path()).await;
+    let mut spec = load(
+        h.addr(),
+        TargetKind::Tapgate,
+        h.gateway.certificate_der(),
+        Pacing::OpenLoop { rate: 1_000.0 },
+        Faults::default(),
+    );
+    spec.migrate = 0.25;
+    let report = run(spec).await.unwrap();
+    assert_eq!(report.moved, 5, "{}", report.summary());
+    assert_eq!(report.errors, 0, "{}", report.summary());
+    assert_eq!(report.answered, report.sent);
+    let m = h.gateway.metrics().snapshot();
+    assert_eq!(m.migrations, 5);
+    assert_eq!(m.connections_total, 20, "no gate connected twice");
+    assert!(report.summary().contains("moved mid-run: 5 gates"));
 }

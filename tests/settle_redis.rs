@@ -82,6 +82,7 @@ fn load_spec(h: &Harness, rate: f64, seconds: u64) -> LoadSpec {
         first_gate: 0,
         faults: Faults::default(),
         fraud_cards: 0,
+        migrate: 0.0,
         show_progress: false,
     }
 }

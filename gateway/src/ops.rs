@@ -266,7 +266,7 @@ fn render_places(sink: &mut Sink, counters: &GatewayCounters) -> fmt::Result {
 
 /// Connections, sessions and the answers shared between gateways.
 fn render_sessions(sink: &mut Sink, m: &MetricsSnapshot) -> fmt::Result {
-    let single: [(&str, &str, &str, u64); 8] = [
+    let single: [(&str, &str, &str, u64); 9] = [
         (
             "connections_active",
             "gauge",
@@ -284,6 +284,12 @@ fn render_sessions(sink: &mut Sink, m: &MetricsSnapshot) -> fmt::Result {
             "counter",
             "Connections closed at the connection limit.",
             m.connections_refused,
+        ),
+        (
+            "connection_migrations_total",
+            "counter",
+            "Times a gate's address changed under its live connection (a bus moving between cell towers); its session carried on.",
+            m.migrations,
         ),
         (
             "sessions_authenticated_total",

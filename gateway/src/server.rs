@@ -787,6 +787,9 @@ impl Session {
         // Room for a few answers: it grows with a burst and keeps what it grew to, while an idle
         // gate (most of them, most of the time) holds no more than this.
         let mut out = BytesMut::with_capacity(256);
+        // QUIC lets a gate's address change under the connection (a bus between cell towers);
+        // the session goes on, and the change is counted where a frame shows it.
+        let mut peer = self.connection.remote_address();
         loop {
             out.clear();
             let transmit = session.poll_transmit(&mut out, |result, read_at| {
@@ -837,6 +840,15 @@ impl Session {
             let now = Instant::now();
             match next {
                 Ok(Some(frame)) => {
+                    let now_at = self.connection.remote_address();
+                    if now_at != peer {
+                        self.shared
+                            .metrics
+                            .migrations
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(gate = gate.terminal.terminal_id, from = %peer, to = %now_at, "a gate moved; its connection carried on");
+                        peer = now_at;
+                    }
                     let work = session.handle_frame(
                         &frame,
                         &mut gate.state.window.lock().expect("window lock"),

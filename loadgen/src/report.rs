@@ -73,6 +73,8 @@ pub struct Report {
     /// ([`crate::workload::RIDER_TAPS`]): above 0, ordinary riders may set off rules.
     #[serde(skip_serializing_if = "is_zero")]
     pub riders_over_budget: u64,
+    /// Gates that moved to another address mid-run (`--migrate`) and went on tapping.
+    pub moved: u64,
     #[serde(skip)]
     pub histogram: Histogram<u64>,
 }
@@ -153,6 +155,13 @@ impl Report {
                 s,
                 "resent after a reconnect: {} taps the old connection left unanswered",
                 self.resent
+            );
+        }
+        if self.moved > 0 {
+            let _ = writeln!(
+                s,
+                "moved mid-run: {} gates changed address and kept their connections (errors above include any they met)",
+                self.moved
             );
         }
         let l = &self.latency_us;
@@ -391,6 +400,7 @@ mod tests {
             settlement: None,
             injected: Vec::new(),
             riders_over_budget: 0,
+            moved: 0,
             histogram,
         }
     }

@@ -61,6 +61,10 @@ pub struct LoadSpec {
     /// any, ordinary riders ride from home gates with cards in good standing, so the report's
     /// `injected` is the whole truth about misuse in the run.
     pub fraud_cards: usize,
+    /// Share of the gates that change address halfway through the run, as a bus validator does
+    /// between cell towers: each gets a UDP socket of its own and moves it once, keeping its
+    /// connection (QUIC migration).
+    pub migrate: f64,
     pub show_progress: bool,
 }
 
@@ -100,6 +104,8 @@ struct GateStats {
     unsent_injections: std::collections::BTreeSet<usize>,
     /// Ordinary riders' taps beyond what a person rides in a day.
     over_budget: u64,
+    /// Gates moved to another address mid-run (0 or 1 per gate).
+    moved: u64,
 }
 
 fn histogram() -> Histogram<u64> {
@@ -117,6 +123,7 @@ impl GateStats {
             errors: BTreeMap::new(),
             unsent_injections: std::collections::BTreeSet::new(),
             over_budget: 0,
+            moved: 0,
         }
     }
 
@@ -127,6 +134,7 @@ impl GateStats {
     fn merge(&mut self, other: GateStats) {
         self.unsent_injections.extend(other.unsent_injections);
         self.over_budget += other.over_budget;
+        self.moved += other.moved;
         self.sent += other.sent;
         self.resent += other.resent;
         self.answered += other.answered;
@@ -258,14 +266,7 @@ pub async fn run(spec: LoadSpec) -> Result<Report, LoadError> {
             last: last_gate.saturating_sub(1),
         });
     }
-    let bind: SocketAddr = if spec.target.is_ipv6() {
-        "[::]:0"
-    } else {
-        "0.0.0.0:0"
-    }
-    .parse()
-    .expect("valid bind address");
-    let endpoint = client_endpoint(&spec.trusted_cert, bind)?;
+    let endpoint = client_endpoint(&spec.trusted_cert, any_port(spec.target))?;
 
     let ready = connected_gates(&spec, &endpoint).await?;
     let connected = ready.len();
@@ -285,40 +286,7 @@ pub async fn run(spec: LoadSpec) -> Result<Report, LoadError> {
     let progress = progress_bar(&shared);
 
     let mut plan = plan_fraud(&spec, &ready);
-    let avoid = Arc::new(plan.as_ref().map(|p| p.cards.clone()).unwrap_or_default());
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut queues = Vec::with_capacity(connected);
-    for (position, (terminal, identity, gate)) in ready.into_iter().enumerate() {
-        let mut workload = GateWorkload::new(
-            spec.population.seed,
-            &spec.population,
-            terminal,
-            spec.faults,
-        );
-        if let Some(plan) = &mut plan {
-            workload = workload.with_home_riders(
-                position as u64,
-                connected as u64,
-                avoid.clone(),
-                plan.take_script(terminal.terminal_id),
-            );
-            if plan.broken.contains(&terminal.terminal_id) {
-                // Broken halfway through: the reader's earlier windows show its usual share.
-                workload = workload.broken_from(now_ms() + spec.duration.as_millis() as u64 / 2);
-            }
-        }
-        let shared = shared.clone();
-        match spec.pacing {
-            Pacing::OpenLoop { .. } => {
-                let (tx, rx) = mpsc::channel(GATE_QUEUE);
-                queues.push(tx);
-                tasks.spawn(drive_open_loop(shared, identity, gate, workload, rx));
-            }
-            Pacing::ClosedLoop => {
-                tasks.spawn(drive_closed_loop(shared, identity, gate, workload));
-            }
-        }
-    }
+    let (mut tasks, queues) = spawn_gates(&shared, ready, plan.as_mut());
     let behind = match spec.pacing {
         Pacing::OpenLoop { rate } => {
             let shared = shared.clone();
@@ -347,19 +315,67 @@ pub async fn run(spec: LoadSpec) -> Result<Report, LoadError> {
     shared.endpoint.close(0u32.into(), b"done");
     let unsent = std::mem::take(&mut total.unsent_injections);
     let over_budget = total.over_budget;
+    let moved = total.moved;
     let mut report = report(&shared, total, connected, behind);
     report.injected = plan.map_or_else(Vec::new, |plan| plan.sent(&unsent));
     report.riders_over_budget = over_budget;
+    report.moved = moved;
     Ok(report)
 }
 
+/// Starts every connected gate's task with its workload (home riders and scripted misuse when
+/// there is a fraud plan; a move halfway through for a gate with a socket of its own); the
+/// open-loop pacer's queues, one per gate.
+fn spawn_gates(
+    shared: &Arc<Shared>,
+    ready: Vec<Connected>,
+    mut plan: Option<&mut FraudPlan>,
+) -> (tokio::task::JoinSet<GateStats>, Vec<mpsc::Sender<Instant>>) {
+    let spec = &shared.spec;
+    let connected = ready.len();
+    let avoid = Arc::new(plan.as_ref().map(|p| p.cards.clone()).unwrap_or_default());
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut queues = Vec::with_capacity(connected);
+    let halfway = shared.start + spec.duration / 2;
+    for (position, (terminal, identity, gate, own)) in ready.into_iter().enumerate() {
+        let mut workload = GateWorkload::new(
+            spec.population.seed,
+            &spec.population,
+            terminal,
+            spec.faults,
+        );
+        if let Some(plan) = plan.as_deref_mut() {
+            workload = workload.with_home_riders(
+                position as u64,
+                connected as u64,
+                avoid.clone(),
+                plan.take_script(terminal.terminal_id),
+            );
+            if plan.broken.contains(&terminal.terminal_id) {
+                // Broken halfway through: the reader's earlier windows show its usual share.
+                workload = workload.broken_from(now_ms() + spec.duration.as_millis() as u64 / 2);
+            }
+        }
+        let moves = own.map(|endpoint| (halfway, endpoint));
+        let shared = shared.clone();
+        match spec.pacing {
+            Pacing::OpenLoop { .. } => {
+                let (tx, rx) = mpsc::channel(GATE_QUEUE);
+                queues.push(tx);
+                tasks.spawn(drive_open_loop(shared, identity, gate, workload, moves, rx));
+            }
+            Pacing::ClosedLoop => {
+                tasks.spawn(drive_closed_loop(shared, identity, gate, workload, moves));
+            }
+        }
+    }
+    (tasks, queues)
+}
+
 /// The misuse to inject, when the spec asks for any, planned onto the gates that connected.
-fn plan_fraud(
-    spec: &LoadSpec,
-    ready: &[(TerminalRecord, GateIdentity, GateClient)],
-) -> Option<FraudPlan> {
+fn plan_fraud(spec: &LoadSpec, ready: &[Connected]) -> Option<FraudPlan> {
     (spec.fraud_cards > 0).then(|| {
-        let terminals: Vec<TerminalRecord> = ready.iter().map(|(t, _, _)| *t).collect();
+        let terminals: Vec<TerminalRecord> = ready.iter().map(|(t, ..)| *t).collect();
         FraudPlan::new(
             spec.population.seed,
             &spec.population,
@@ -369,17 +385,37 @@ fn plan_fraud(
     })
 }
 
+/// Any local port, of the target's address family.
+fn any_port(target: SocketAddr) -> SocketAddr {
+    if target.is_ipv6() {
+        "[::]:0"
+    } else {
+        "0.0.0.0:0"
+    }
+    .parse()
+    .expect("valid bind address")
+}
+
+/// A gate that completed its handshake, with the socket of its own it moves halfway through
+/// the run, if it is one that moves.
+type Connected = (
+    TerminalRecord,
+    GateIdentity,
+    GateClient,
+    Option<quinn::Endpoint>,
+);
+
 /// The gates that connected; an error only when none did.
 async fn connected_gates(
     spec: &LoadSpec,
     endpoint: &quinn::Endpoint,
-) -> Result<Vec<(TerminalRecord, GateIdentity, GateClient)>, LoadError> {
+) -> Result<Vec<Connected>, LoadError> {
     let connect_started = Instant::now();
     let mut first_failure = None;
     let mut ready = Vec::new();
     for (terminal, identity, gate) in connect_all(spec, endpoint).await {
         match gate {
-            Ok(gate) => ready.push((terminal, identity, gate)),
+            Ok((gate, own)) => ready.push((terminal, identity, gate, own)),
             Err(e) => {
                 first_failure.get_or_insert(e.to_string());
             }
@@ -437,6 +473,7 @@ fn report(shared: &Shared, total: GateStats, connected: usize, behind: u64) -> R
         settlement: None,
         injected: Vec::new(),
         riders_over_budget: 0,
+        moved: 0,
         histogram: from_intended,
     }
 }
@@ -476,10 +513,11 @@ async fn connect_all(
 ) -> Vec<(
     TerminalRecord,
     GateIdentity,
-    Result<GateClient, ClientError>,
+    Result<(GateClient, Option<quinn::Endpoint>), ClientError>,
 )> {
     let limit = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
     let mut set = tokio::task::JoinSet::new();
+    let moving = (spec.migrate.clamp(0.0, 1.0) * spec.connections as f64).round() as usize;
     for i in 0..spec.connections {
         let terminal = spec.population.terminal(spec.first_gate + i as u64);
         let identity = GateIdentity {
@@ -490,8 +528,12 @@ async fn connect_all(
             mode: terminal.mode,
             operator: terminal.operator,
         };
+        // A gate that moves has a socket of its own, so moving it moves no other gate.
+        let own = (i < moving)
+            .then(|| client_endpoint(&spec.trusted_cert, any_port(spec.target)).ok())
+            .flatten();
         let (endpoint, limit, target, kind) = (
-            endpoint.clone(),
+            own.clone().unwrap_or_else(|| endpoint.clone()),
             limit.clone(),
             spec.target,
             spec.target_kind,
@@ -499,7 +541,7 @@ async fn connect_all(
         set.spawn(async move {
             let _permit = limit.acquire_owned().await.expect("semaphore never closes");
             let gate = connect(&endpoint, target, kind, &identity).await;
-            (i, terminal, identity, gate)
+            (i, terminal, identity, gate.map(|g| (g, own)))
         });
     }
     let mut gates: Vec<_> = set.join_all().await;
@@ -577,6 +619,10 @@ struct Gate {
     identity: GateIdentity,
     client: GateClient,
     workload: GateWorkload,
+    /// The socket of its own a moving gate has (kept for the connection's life), and when it
+    /// moves, until it has.
+    own_endpoint: Option<quinn::Endpoint>,
+    moves_at: Option<Instant>,
     next_sequence: u64,
     last_frame: Option<Bytes>,
     last_answered: bool,
@@ -599,6 +645,7 @@ impl Gate {
         identity: GateIdentity,
         client: GateClient,
         workload: GateWorkload,
+        moves: Option<(Instant, quinn::Endpoint)>,
     ) -> Self {
         Self {
             next_sequence: client.ack.last_sequence + 1,
@@ -606,6 +653,8 @@ impl Gate {
             identity,
             client,
             workload,
+            moves_at: moves.as_ref().map(|(at, _)| *at),
+            own_endpoint: moves.map(|(_, endpoint)| endpoint),
             last_frame: None,
             last_answered: false,
             in_flight: HashMap::new(),
@@ -613,9 +662,30 @@ impl Gate {
         }
     }
 
+    /// Moves a moving gate to a new local port once its time has come, as a bus validator's
+    /// address changes between cell towers; its connection is meant to carry on.
+    fn move_if_due(&mut self) {
+        let (Some(at), Some(endpoint)) = (self.moves_at, &self.own_endpoint) else {
+            return;
+        };
+        if Instant::now() < at {
+            return;
+        }
+        self.moves_at = None;
+        let moved = endpoint
+            .local_addr()
+            .and_then(|was| std::net::UdpSocket::bind(SocketAddr::new(was.ip(), 0)))
+            .and_then(|socket| endpoint.rebind(socket));
+        match moved {
+            Ok(()) => self.stats.moved += 1,
+            Err(_) => self.stats.error("move_failed"),
+        }
+    }
+
     /// Sends the workload's next action. Returns whether a TapResult is expected (a fault gets
     /// an Error instead).
     async fn send_next(&mut self, intended: Instant) -> Result<bool, ClientError> {
+        self.move_if_due();
         let sequence = self.next_sequence;
         let action = self.workload.next(
             sequence,
@@ -805,9 +875,10 @@ async fn drive_open_loop(
     identity: GateIdentity,
     client: GateClient,
     workload: GateWorkload,
+    moves: Option<(Instant, quinn::Endpoint)>,
     mut due: mpsc::Receiver<Instant>,
 ) -> GateStats {
-    let mut gate = Gate::new(shared, identity, client, workload);
+    let mut gate = Gate::new(shared, identity, client, workload, moves);
     loop {
         tokio::select! {
             biased;
@@ -841,8 +912,9 @@ async fn drive_closed_loop(
     identity: GateIdentity,
     client: GateClient,
     workload: GateWorkload,
+    moves: Option<(Instant, quinn::Endpoint)>,
 ) -> GateStats {
-    let mut gate = Gate::new(shared.clone(), identity, client, workload);
+    let mut gate = Gate::new(shared.clone(), identity, client, workload, moves);
     tokio::time::sleep_until(shared.start.into()).await;
     while !shared.stop.load(Ordering::Relaxed) {
         // Taps resent after a reconnect are answered before the next one goes out. A fault
