@@ -256,6 +256,17 @@ fn the_bench_command_measures_the_echo_and_every_gateway_setup_and_writes_their_
     }
 }
 
+/// An open-loop load at `rate` against the harness's gateway, without faults.
+fn open_loop(h: &Harness, rate: f64) -> LoadSpec {
+    load(
+        h.addr(),
+        TargetKind::Tapgate,
+        h.gateway.certificate_der(),
+        Pacing::OpenLoop { rate },
+        Faults::default(),
+    )
+}
+
 /// Issue 16's ground truth: a seeded run with misuse injected for each card rule and ordinary
 /// riders mixed in, decided by a real gateway, watched from its journal. Every injected card is
 /// caught by its own rule and by no other, and no ordinary rider is alerted on.
@@ -265,13 +276,7 @@ async fn injected_card_misuse_is_all_caught_and_no_ordinary_rider_is_alerted() {
     use tapgate_watch::{Observed, Rules, Watcher};
     let state = tempfile::tempdir().unwrap();
     let h = gateway(state.path()).await;
-    let mut spec = load(
-        h.addr(),
-        TargetKind::Tapgate,
-        h.gateway.certificate_der(),
-        Pacing::OpenLoop { rate: 2_000.0 },
-        Faults::default(),
-    );
+    let mut spec = open_loop(&h, 2_000.0);
     spec.connections = 50;
     spec.duration = Duration::from_secs(3);
     spec.fraud_cards = 3;
@@ -317,13 +322,7 @@ async fn injected_card_misuse_is_all_caught_and_no_ordinary_rider_is_alerted() {
 async fn gates_that_move_mid_run_keep_their_connections() {
     let state = tempfile::tempdir().unwrap();
     let h = gateway(state.path()).await;
-    let mut spec = load(
-        h.addr(),
-        TargetKind::Tapgate,
-        h.gateway.certificate_der(),
-        Pacing::OpenLoop { rate: 1_000.0 },
-        Faults::default(),
-    );
+    let mut spec = open_loop(&h, 1_000.0);
     spec.migrate = 0.25;
     let report = run(spec).await.unwrap();
     assert_eq!(report.moved, 5, "{}", report.summary());
