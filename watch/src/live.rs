@@ -52,6 +52,8 @@ pub struct LiveStats {
     pub alerts: [AtomicU64; Rule::ALL.len()],
     /// Decided taps trimmed from a feed before this watcher (or its predecessor) read them.
     pub missed: AtomicU64,
+    /// Times this watcher started from the stored places (taking the lease, or after a store
+    /// failure).
     pub takeovers: AtomicU64,
     pub store_errors: AtomicU64,
     /// Whether this watcher holds the lease (the others are standbys).
@@ -67,7 +69,6 @@ pub struct LiveStats {
 /// Where each partition's feed is read from, the last entry seen there (this watcher's or its
 /// predecessor's) with its number, and up to where (the predecessor's place) taps only rebuild
 /// the windows.
-#[derive(Clone)]
 struct Places {
     from: Vec<FeedFrom>,
     seen: Vec<Option<(EntryId, u64)>>,
@@ -164,6 +165,10 @@ pub async fn run<F, Fut>(
                 settings.lease_ttl / 3
             }
             Err(e) => {
+                // The watcher has seen this round's taps but its places were not stored: it
+                // would see them twice. Starting again from the stored places (a take-over)
+                // keeps every tap seen once and every alert stored once.
+                watching = None;
                 stats.store_errors.fetch_add(1, Ordering::Relaxed);
                 stats
                     .health
@@ -244,13 +249,14 @@ async fn round(
         return Ok(Round::Idle);
     }
     let raised = observe(watcher, &places.quiet_through, &pages, stats);
-    // Where each partition stands after this round: stored only with the round's alerts.
-    let mut after = places.clone();
-    let mut missed = 0;
-    for (p, page) in pages.iter().enumerate() {
-        missed += after.note(p, page);
-    }
-    let read_to: Vec<(u16, (EntryId, u64))> = after
+    // The places move before they are stored: if storing fails or the lease is gone, the
+    // caller drops them with the watcher, and the next holder resumes from the stored ones.
+    let missed: u64 = pages
+        .iter()
+        .enumerate()
+        .map(|(p, page)| places.note(p, page))
+        .sum();
+    let read_to: Vec<(u16, (EntryId, u64))> = places
         .seen
         .iter()
         .enumerate()
@@ -271,7 +277,6 @@ async fn round(
         lose(stats, watching);
         return Ok(Round::Standby);
     };
-    *places = after;
     if missed > 0 {
         stats.missed.fetch_add(missed, Ordering::Relaxed);
         stats.health.fail(

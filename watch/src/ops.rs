@@ -70,7 +70,7 @@ impl Exposed for WatchCounters {
             (
                 "watch_takeovers_total",
                 "counter",
-                "Times this watcher took the watch lease.",
+                "Times this watcher started from the stored places: on taking the watch lease, and again after a store failure.",
                 load(&stats.takeovers),
             ),
             (
