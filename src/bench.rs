@@ -27,6 +27,7 @@ use tapgate_runtime::ops::process_usage;
 use tapgate_settle::fares::FareTables;
 use tapgate_settle::ledger::Reconciliation;
 use tapgate_settle::store::{RedisStore, Store};
+use tapgate_transport::tls::Resumption;
 
 #[derive(Args)]
 pub(crate) struct BenchArgs {
@@ -439,6 +440,9 @@ fn spec(
         faults: Faults::default(),
         fraud_cards: 0,
         migrate: 0.0,
+        drop: 0.0,
+        resumption: Resumption::EarlyHello,
+        added_rtt: Duration::ZERO,
         show_progress: false,
     }
 }

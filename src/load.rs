@@ -16,6 +16,16 @@ use tapgate_loadgen::report::{Report, SettlementLag};
 use tapgate_loadgen::run::{LoadSpec, Pacing, TargetKind, run};
 use tapgate_loadgen::workload::Faults;
 use tapgate_protocol::MasterKey;
+use tapgate_transport::tls::Resumption;
+
+fn parse_resumption(s: &str) -> Result<Resumption, String> {
+    match s {
+        "full" => Ok(Resumption::Full),
+        "ticket" => Ok(Resumption::Ticket),
+        "early" => Ok(Resumption::EarlyHello),
+        other => Err(format!("{other:?}: expected full, ticket or early")),
+    }
+}
 
 #[derive(Args, Clone)]
 pub(crate) struct WorkloadArgs {
@@ -66,6 +76,19 @@ pub(crate) struct WorkloadArgs {
     /// validator does between cell towers; each keeps its connection (QUIC migration).
     #[arg(long, default_value_t = 0.0)]
     migrate: f64,
+    /// Share of the gates that drop their connection once and reconnect, as a bus validator does
+    /// after a tunnel, one after another through the middle half of the run; the report gives
+    /// the reconnect times.
+    #[arg(long, default_value_t = 0.0)]
+    drop: f64,
+    /// How gates reconnect: `full` (a full TLS handshake each time), `ticket` (resume the TLS
+    /// session, Hello after the handshake) or `early` (resume, Hello sent as early data).
+    #[arg(long, default_value = "early", value_parser = parse_resumption)]
+    resumption: Resumption,
+    /// Time added to every round trip between the gates and the gateway (each datagram a gate
+    /// sends is held back this long), to see what a cellular link's round trips cost: 50ms.
+    #[arg(long, value_parser = parse_duration)]
+    added_rtt: Option<Duration>,
     /// Write the injected misuse here, one JSON object a line (rule, card, gates).
     #[arg(long, requires = "fraud_cards")]
     truth: Option<PathBuf>,
@@ -168,6 +191,9 @@ impl WorkloadArgs {
             },
             fraud_cards: self.fraud_cards,
             migrate: self.migrate,
+            drop: self.drop,
+            resumption: self.resumption,
+            added_rtt: self.added_rtt.unwrap_or_default(),
             show_progress: true,
         }
     }
@@ -358,6 +384,9 @@ pub(crate) fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
             resend: 0.0,
             fraud_cards: 0,
             migrate: 0.0,
+            drop: 0.0,
+            resumption: Resumption::EarlyHello,
+            added_rtt: None,
             truth: None,
             json: Some(dir.join("report.json")),
             chart: dir.join("report.svg"),

@@ -10,6 +10,7 @@ use tapgate_loadgen::echo::EchoServer;
 use tapgate_loadgen::run::{LoadSpec, Pacing, TargetKind, run};
 use tapgate_loadgen::workload::Faults;
 use tapgate_protocol::MasterKey;
+use tapgate_transport::tls::Resumption;
 
 fn population() -> PopulationSpec {
     PopulationSpec {
@@ -48,6 +49,9 @@ fn load(
         faults,
         fraud_cards: 0,
         migrate: 0.0,
+        drop: 0.0,
+        resumption: Resumption::EarlyHello,
+        added_rtt: Duration::ZERO,
         show_progress: false,
     }
 }
@@ -332,4 +336,42 @@ async fn gates_that_move_mid_run_keep_their_connections() {
     assert_eq!(m.migrations, 5);
     assert_eq!(m.connections_total, 20, "no gate connected twice");
     assert!(report.summary().contains("moved mid-run: 5 gates"));
+}
+
+/// A share of the gates drops its connection and reconnects, one after another, as bus
+/// validators do after tunnels, over a link with round trips 20 ms longer: each resumes its
+/// TLS session, its early Hello is answered, its unanswered taps are resent, and nothing is
+/// lost or counted as an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gates_that_drop_reconnect_with_an_early_hello_and_lose_nothing() {
+    let state = tempfile::tempdir().unwrap();
+    let h = gateway(state.path()).await;
+    let mut spec = open_loop(&h, 1_000.0);
+    spec.drop = 0.25;
+    spec.added_rtt = Duration::from_millis(20);
+    let report = run(spec).await.unwrap();
+    let summary = report.summary();
+    let r = report.reconnects;
+    assert_eq!(
+        (
+            r.reconnected,
+            r.early_hellos_answered,
+            r.early_hellos_refused
+        ),
+        (5, 5, 0),
+        "{summary}"
+    );
+    assert!(
+        r.time_us.p50 >= 20_000,
+        "at least one round trip: {summary}"
+    );
+    assert_eq!(report.errors, 0, "{summary}");
+    assert_eq!(report.answered + report.resent, report.sent, "{summary}");
+    let m = h.gateway.metrics().snapshot();
+    assert_eq!((m.tls_resumptions, m.early_hellos), (5, 5));
+    assert_eq!(
+        m.connections_total, 25,
+        "each dropping gate connected twice"
+    );
+    assert!(summary.contains("reconnected: 5 times (5 with an early Hello answered"));
 }

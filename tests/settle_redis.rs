@@ -20,6 +20,7 @@ use tapgate_settle::fares::FareTables;
 use tapgate_settle::ledger::{Ledger, Reconciliation, settle_journals};
 use tapgate_settle::store::{RedisStore, Store};
 use tapgate_settle::{Settlement, SettlementSettings};
+use tapgate_transport::tls::Resumption;
 
 const PARTITIONS: u16 = 4;
 
@@ -83,6 +84,9 @@ fn load_spec(h: &Harness, rate: f64, seconds: u64) -> LoadSpec {
         faults: Faults::default(),
         fraud_cards: 0,
         migrate: 0.0,
+        drop: 0.0,
+        resumption: Resumption::EarlyHello,
+        added_rtt: Duration::ZERO,
         show_progress: false,
     }
 }

@@ -105,6 +105,11 @@ pub struct Metrics {
     pub connections_refused: AtomicU64,
     /// Times a gate's address changed under a live connection (QUIC migration).
     pub migrations: AtomicU64,
+    /// Handshakes that resumed a TLS session from a ticket this node issued (shared with the
+    /// endpoint's ticket store, which counts them).
+    pub tls_resumptions: std::sync::Arc<AtomicU64>,
+    /// Hellos that came as early data and were answered before the handshake completed.
+    pub early_hellos: AtomicU64,
     pub sessions_authenticated: AtomicU64,
     decisions: [AtomicU64; 10],
     pub approved: AtomicU64,
@@ -166,6 +171,8 @@ pub struct MetricsSnapshot {
     pub connections_total: u64,
     pub connections_refused: u64,
     pub migrations: u64,
+    pub tls_resumptions: u64,
+    pub early_hellos: u64,
     pub sessions_authenticated: u64,
     pub approved: u64,
     pub denied: u64,
@@ -204,6 +211,8 @@ impl Metrics {
             connections_total: load(&self.connections_total),
             connections_refused: load(&self.connections_refused),
             migrations: load(&self.migrations),
+            tls_resumptions: load(&self.tls_resumptions),
+            early_hellos: load(&self.early_hellos),
             sessions_authenticated: load(&self.sessions_authenticated),
             approved: load(&self.approved),
             denied: load(&self.denied),

@@ -266,7 +266,7 @@ fn render_places(sink: &mut Sink, counters: &GatewayCounters) -> fmt::Result {
 
 /// Connections, sessions and the answers shared between gateways.
 fn render_sessions(sink: &mut Sink, m: &MetricsSnapshot) -> fmt::Result {
-    let single: [(&str, &str, &str, u64); 9] = [
+    let single: [(&str, &str, &str, u64); 11] = [
         (
             "connections_active",
             "gauge",
@@ -290,6 +290,18 @@ fn render_sessions(sink: &mut Sink, m: &MetricsSnapshot) -> fmt::Result {
             "counter",
             "Times a gate's address changed under its live connection (a bus moving between cell towers); its session carried on.",
             m.migrations,
+        ),
+        (
+            "tls_resumptions_total",
+            "counter",
+            "Gate handshakes that resumed a TLS session from this node's ticket (no certificate sent or checked).",
+            m.tls_resumptions,
+        ),
+        (
+            "early_hellos_total",
+            "counter",
+            "Hellos received as 0-RTT early data on a resumed connection and answered before the handshake completed.",
+            m.early_hellos,
         ),
         (
             "sessions_authenticated_total",

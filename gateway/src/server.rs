@@ -16,7 +16,7 @@ use crate::terminal::TerminalState;
 use bytes::BytesMut;
 use dashmap::DashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use tapgate_journal::{Durable, Journal, JournalRecord, JournalSettings, JournalWriter};
@@ -51,11 +51,15 @@ pub struct Limits {
 }
 
 impl Limits {
-    pub fn transport(&self) -> TransportSettings {
+    /// The endpoint's settings; resumed handshakes are counted in `tickets_redeemed`.
+    pub fn transport(&self, tickets_redeemed: Arc<AtomicU64>) -> TransportSettings {
         TransportSettings {
             idle_timeout: self.idle_timeout,
             keep_alive: self.keep_alive,
             udp_buffer_bytes: self.udp_buffer_bytes,
+            // One remembered session per gate the node may hold.
+            session_tickets: self.max_connections,
+            tickets_redeemed,
         }
     }
 }
@@ -199,7 +203,13 @@ impl Gateway {
 
         let (chain, key) = tls::load(&tls_source)?;
         let certificate = chain.first().map(|c| c.to_vec()).unwrap_or_default();
-        let endpoint = server_endpoint(listen, chain, key, &limits.transport())?;
+        let metrics = Arc::new(Metrics::default());
+        let endpoint = server_endpoint(
+            listen,
+            chain,
+            key,
+            &limits.transport(metrics.tls_resumptions.clone()),
+        )?;
         let local_addr = endpoint
             .local_addr()
             .map_err(|source| EndpointError::Socket {
@@ -223,7 +233,6 @@ impl Gateway {
             panics.clone(),
             apply_ride_updates(directory.clone(), ride_rx),
         );
-        let metrics = Arc::new(Metrics::default());
         let decisions = directory.shares_decisions().then(|| {
             let (tx, rx) = mpsc::channel(DECISION_QUEUE);
             supervise(
@@ -470,8 +479,18 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
             .fetch_add(1, Ordering::Relaxed);
         let shared = shared.clone();
         sessions.spawn(async move {
-            let Ok(connection) = incoming.await else {
+            // Taken before the handshake completes, so a Hello sent as early data is answered
+            // a round trip sooner; the session holds back everything after the Hello until
+            // the handshake is done (`Handshake`).
+            let Ok(connecting) = incoming.accept() else {
                 return;
+            };
+            let (connection, handshake) = match connecting.into_0rtt() {
+                Ok((connection, done)) => (connection, Handshake::Pending(done)),
+                Err(connecting) => match connecting.await {
+                    Ok(connection) => (connection, Handshake::Done),
+                    Err(_) => return,
+                },
             };
             let active = shared
                 .metrics
@@ -483,12 +502,17 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
                     .connections_refused
                     .fetch_add(1, Ordering::Relaxed);
                 shared.metrics.count_error(ErrorCode::TooManyConnections);
+                // Closed once the handshake is done: a close during it cannot carry the
+                // application's code to the gate (RFC 9000, section 10.2.3).
+                handshake
+                    .complete(shared.limits.hello_timeout, &connection)
+                    .await;
                 connection.close(
                     quinn::VarInt::from_u32(ErrorCode::TooManyConnections.code().into()),
                     ErrorCode::TooManyConnections.label().as_bytes(),
                 );
             } else {
-                Session::run(shared.clone(), connection).await;
+                Session::run(shared.clone(), connection, handshake).await;
             }
             shared
                 .metrics
@@ -576,10 +600,33 @@ struct Session {
     connection: quinn::Connection,
 }
 
+/// Where a connection's TLS handshake stands when its session starts.
+enum Handshake {
+    /// Still going: what has arrived on the stream may be early data, which an eavesdropper
+    /// can replay (PROTOCOL.md section 1.2).
+    Pending(quinn::ZeroRttAccepted),
+    Done,
+}
+
+impl Handshake {
+    /// Waits for the handshake to end, at most `limit`; false if it took longer or failed.
+    async fn complete(self, limit: Duration, connection: &quinn::Connection) -> bool {
+        match self {
+            Handshake::Done => true,
+            // For a server the future's value carries no meaning: it ends when the handshake
+            // does, whether it succeeded or failed, so the connection says which.
+            Handshake::Pending(done) => {
+                tokio::time::timeout(limit, done).await.is_ok()
+                    && connection.close_reason().is_none()
+            }
+        }
+    }
+}
+
 impl Session {
-    async fn run(shared: Arc<Shared>, connection: quinn::Connection) {
+    async fn run(shared: Arc<Shared>, connection: quinn::Connection, handshake: Handshake) {
         let session = Session { shared, connection };
-        session.serve().await;
+        session.serve(handshake).await;
     }
 
     fn close(&self, code: ErrorCode) {
@@ -605,7 +652,7 @@ impl Session {
         self.close(code);
     }
 
-    async fn serve(self) {
+    async fn serve(self, handshake: Handshake) {
         let limits = &self.shared.limits;
         let (mut send, recv) =
             match tokio::time::timeout(limits.hello_timeout, self.connection.accept_bi()).await {
@@ -617,6 +664,8 @@ impl Session {
                     return;
                 }
             };
+        // A stream that opened before the handshake ended came as early data.
+        let early = recv.is_0rtt();
         let mut reader = FrameReader::new(recv);
         let first = match tokio::time::timeout(limits.hello_timeout, reader.next()).await {
             Ok(Ok(Some(frame))) => frame,
@@ -629,6 +678,23 @@ impl Session {
         let Some((mac, terminal, state)) = self.authenticate(&mut send, &first).await else {
             return;
         };
+        // An early Hello is answered at once: answering changes nothing a replay could abuse
+        // (no tap is decided, the window does not move). The taps after it wait until the
+        // handshake proves the gate is really there.
+        if early {
+            self.shared
+                .metrics
+                .early_hellos
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        if !handshake
+            .complete(limits.hello_timeout, &self.connection)
+            .await
+        {
+            self.shared.metrics.count_error(ErrorCode::HelloTimeout);
+            self.close(ErrorCode::HelloTimeout);
+            return;
+        }
         self.shared
             .metrics
             .sessions_authenticated

@@ -40,6 +40,8 @@ pub enum ClientError {
     Unexpected(FrameType),
     #[error("HelloAck echoed the wrong nonce")]
     NonceMismatch,
+    #[error("the gate dropped its connection")]
+    Dropped,
 }
 
 /// A client endpoint that trusts exactly `trusted_der` (the gateway's certificate or its CA).
@@ -49,6 +51,38 @@ pub fn client_endpoint(
 ) -> Result<quinn::Endpoint, ClientError> {
     tapgate_transport::client_endpoint(trusted_der, bind)
         .map_err(|e| ClientError::Connect(e.to_string()))
+}
+
+/// A client endpoint as [`client_endpoint`] whose every round trip takes `added_rtt` longer
+/// ([`crate::link::DelayedLink`]); with no added time, the plain one. Call inside a Tokio
+/// runtime.
+pub fn gate_endpoint(
+    trusted_der: &[u8],
+    bind: SocketAddr,
+    added_rtt: std::time::Duration,
+) -> Result<quinn::Endpoint, ClientError> {
+    if added_rtt.is_zero() {
+        return client_endpoint(trusted_der, bind);
+    }
+    let failed = |e: &dyn std::fmt::Display| ClientError::Connect(e.to_string());
+    let socket = tapgate_transport::bind_udp(bind, tapgate_transport::endpoint::CLIENT_UDP_BUFFER)
+        .map_err(|e| failed(&e))?;
+    let link = crate::link::DelayedLink::wrap(socket, added_rtt).map_err(|e| failed(&e))?;
+    let mut endpoint = quinn::Endpoint::new_with_abstract_socket(
+        quinn::EndpointConfig::default(),
+        None,
+        link,
+        std::sync::Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|e| failed(&e))?;
+    let tls = tapgate_transport::tls::GateTls::new(
+        trusted_der,
+        tapgate_transport::tls::Resumption::EarlyHello,
+    )
+    .and_then(|tls| tls.for_one_gate())
+    .map_err(|e| failed(&e))?;
+    endpoint.set_default_client_config(tls);
+    Ok(endpoint)
 }
 
 /// The sending half of a gate's stream.
@@ -71,6 +105,7 @@ pub struct GateClient {
     pub sender: GateSender,
     pub receiver: GateReceiver,
     pub ack: HelloAck,
+    pub early_hello: EarlyHello,
 }
 
 fn closed_by_gateway(connection: &quinn::Connection, detail: String) -> ClientError {
@@ -83,8 +118,21 @@ fn closed_by_gateway(connection: &quinn::Connection, detail: String) -> ClientEr
     }
 }
 
+/// Whether a connection's Hello went out as early data (PROTOCOL.md section 1.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EarlyHello {
+    /// The gate had no ticket that allows early data, or does not send any: a full round trip
+    /// before the Hello.
+    NotSent,
+    /// Sent with the resumption and answered.
+    Answered,
+    /// Sent, but the gateway did not take the early data (its ticket was gone): said again
+    /// once the handshake completed.
+    Refused,
+}
+
 impl GateClient {
-    /// Connects, sends Hello and checks the HelloAck.
+    /// Connects, sends Hello and checks the HelloAck, through the endpoint's TLS configuration.
     pub async fn connect(
         endpoint: &quinn::Endpoint,
         gateway: SocketAddr,
@@ -92,14 +140,82 @@ impl GateClient {
         client_nonce: u64,
         now_ms: u64,
     ) -> Result<GateClient, ClientError> {
-        let mut client = Self::open(endpoint, gateway, identity).await?;
-        client
-            .send_frame(&hello(identity, client_nonce, now_ms))
-            .await?;
-        match client.recv().await? {
+        Self::connect_with(endpoint, None, gateway, identity, client_nonce, now_ms).await
+    }
+
+    /// Connects as [`GateClient::connect`], with the gate's own TLS configuration when given
+    /// (its own memory of tickets). A gate holding a ticket that allows early data sends its
+    /// Hello with the resumption and has its HelloAck a round trip sooner; if the gateway
+    /// refuses the early data, the Hello is sent again once the handshake has completed.
+    pub async fn connect_with(
+        endpoint: &quinn::Endpoint,
+        tls: Option<&quinn::ClientConfig>,
+        gateway: SocketAddr,
+        identity: &GateIdentity,
+        client_nonce: u64,
+        now_ms: u64,
+    ) -> Result<GateClient, ClientError> {
+        let hello = hello(identity, client_nonce, now_ms);
+        let (connection, early) = match dial(endpoint, tls, gateway)?.into_0rtt() {
+            Ok((connection, accepted)) => {
+                let mut client = Self::on_connection(connection.clone(), identity).await?;
+                match client.say_hello(&hello, client_nonce).await {
+                    Ok(()) => {
+                        client.early_hello = EarlyHello::Answered;
+                        return Ok(client);
+                    }
+                    Err(e) => {
+                        // Early data that was not taken fails only once the handshake has
+                        // ended, and so does a connection the gateway closed.
+                        let taken = accepted.await;
+                        if connection.close_reason().is_some() {
+                            return Err(closed_by_gateway(&connection, e.to_string()));
+                        }
+                        // Taken, and answered with something a gate must not act on: a second
+                        // Hello would meet the same end.
+                        if taken {
+                            client.abandon();
+                            return Err(e);
+                        }
+                        (connection, EarlyHello::Refused)
+                    }
+                }
+            }
+            Err(connecting) => (
+                connecting
+                    .await
+                    .map_err(|e| ClientError::Connect(e.to_string()))?,
+                EarlyHello::NotSent,
+            ),
+        };
+        let mut client = Self::on_connection(connection, identity).await?;
+        if let Err(e) = client.say_hello(&hello, client_nonce).await {
+            client.abandon();
+            return Err(e);
+        }
+        client.early_hello = early;
+        Ok(client)
+    }
+
+    /// Sends the Hello and reads its answer.
+    async fn say_hello(&mut self, hello: &Frame, client_nonce: u64) -> Result<(), ClientError> {
+        self.send_frame(hello).await?;
+        self.expect_ack(client_nonce).await
+    }
+
+    /// Closes a connection whose Hello was not answered as it must be (PROTOCOL.md section
+    /// 5.2). Closed before the stream is dropped: a dropped stream is finished, and a gateway
+    /// that saw the finish first would take it for a clean end.
+    fn abandon(self) {
+        self.connection.close(0u32.into(), b"");
+    }
+
+    /// Reads the answer to the Hello and keeps it.
+    async fn expect_ack(&mut self, client_nonce: u64) -> Result<(), ClientError> {
+        match self.recv().await? {
             Frame::HelloAck(ack) if ack.client_nonce == client_nonce => {
-                client.ack = ack;
-                Ok(client)
+                self.ack = ack;
+                Ok(())
             }
             Frame::HelloAck(_) => Err(ClientError::NonceMismatch),
             other => Err(ClientError::Unexpected(other.frame_type())),
@@ -113,11 +229,17 @@ impl GateClient {
         gateway: SocketAddr,
         identity: &GateIdentity,
     ) -> Result<GateClient, ClientError> {
-        let connection = endpoint
-            .connect(gateway, "localhost")
-            .map_err(|e| ClientError::Connect(e.to_string()))?
+        let connection = dial(endpoint, None, gateway)?
             .await
             .map_err(|e| ClientError::Connect(e.to_string()))?;
+        Self::on_connection(connection, identity).await
+    }
+
+    /// Opens the gate's stream on a connection (a resumed one may still be handshaking).
+    async fn on_connection(
+        connection: quinn::Connection,
+        identity: &GateIdentity,
+    ) -> Result<GateClient, ClientError> {
         let (send, recv) = connection.open_bi().await.map_err(|e| match e {
             quinn::ConnectionError::ApplicationClosed(close) => ClientError::ClosedByGateway {
                 code: close.error_code.into_inner(),
@@ -146,9 +268,9 @@ impl GateClient {
                 resend_window: 0,
                 max_in_flight: 0,
             },
+            early_hello: EarlyHello::NotSent,
         })
     }
-
     pub async fn send_frame(&mut self, frame: &Frame) -> Result<(), ClientError> {
         self.sender.send_frame(frame).await
     }
@@ -181,6 +303,19 @@ impl GateClient {
     pub fn close(&self) {
         self.connection.close(0u32.into(), b"done");
     }
+}
+
+/// Starts a handshake with the gateway, through `tls` or the endpoint's configuration.
+fn dial(
+    endpoint: &quinn::Endpoint,
+    tls: Option<&quinn::ClientConfig>,
+    gateway: SocketAddr,
+) -> Result<quinn::Connecting, ClientError> {
+    match tls {
+        Some(tls) => endpoint.connect_with(tls.clone(), gateway, "localhost"),
+        None => endpoint.connect(gateway, "localhost"),
+    }
+    .map_err(|e| ClientError::Connect(e.to_string()))
 }
 
 /// The Hello a gate with this identity sends.

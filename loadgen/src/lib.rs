@@ -7,6 +7,7 @@ pub mod client;
 pub mod conformance;
 pub mod echo;
 pub mod fraud;
+pub mod link;
 pub mod report;
 pub mod run;
 pub mod workload;

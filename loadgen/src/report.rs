@@ -75,8 +75,23 @@ pub struct Report {
     pub riders_over_budget: u64,
     /// Gates that moved to another address mid-run (`--migrate`) and went on tapping.
     pub moved: u64,
+    /// Connections the gates made again during the run (after `--drop`, a loss or a refusal).
+    pub reconnects: Reconnects,
     #[serde(skip)]
     pub histogram: Histogram<u64>,
+}
+
+/// Gates' reconnections during a run and how long each took.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct Reconnects {
+    pub reconnected: u64,
+    /// Reconnections whose Hello went as early data and was answered.
+    pub early_hellos_answered: u64,
+    /// Reconnections whose early Hello the gateway did not take (said again after the
+    /// handshake).
+    pub early_hellos_refused: u64,
+    /// From the gate deciding to reconnect to its HelloAck, retries included (µs).
+    pub time_us: Percentiles,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -162,6 +177,20 @@ impl Report {
                 s,
                 "moved mid-run: {} gates changed address and kept their connections (errors above include any they met)",
                 self.moved
+            );
+        }
+        let r = &self.reconnects;
+        if r.reconnected > 0 {
+            let _ = writeln!(
+                s,
+                "reconnected: {} times ({} with an early Hello answered, {} refused) · reconnect to HelloAck (µs): p50 {} · p90 {} · p99 {} · max {}",
+                r.reconnected,
+                r.early_hellos_answered,
+                r.early_hellos_refused,
+                r.time_us.p50,
+                r.time_us.p90,
+                r.time_us.p99,
+                r.time_us.max
             );
         }
         let l = &self.latency_us;
@@ -401,6 +430,7 @@ mod tests {
             injected: Vec::new(),
             riders_over_budget: 0,
             moved: 0,
+            reconnects: Reconnects::default(),
             histogram,
         }
     }

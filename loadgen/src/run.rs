@@ -8,9 +8,10 @@
 //! 60 µs of slack here), wakes at least every 200 µs and releases every tap that has come due.
 //! Closed loop: each gate sends its next tap when the previous one is answered.
 
-use crate::client::{ClientError, GateClient, GateIdentity, client_endpoint, hello};
+use crate::client::{ClientError, EarlyHello, GateClient, GateIdentity, gate_endpoint, hello};
 use crate::fraud::FraudPlan;
-use crate::report::{Percentiles, Report};
+use crate::link::DelayedLink;
+use crate::report::{Percentiles, Reconnects, Report};
 use crate::workload::{Action, Faults, GateWorkload};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
@@ -25,6 +26,7 @@ use tapgate_city::population::PopulationSpec;
 use tapgate_protocol::{ErrorCode, Frame, MasterKey, Outcome};
 use tapgate_transport::now_ms;
 use tapgate_transport::retry::Backoff;
+use tapgate_transport::tls::{GateTls, Resumption};
 use tokio::sync::{Semaphore, mpsc};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -65,6 +67,15 @@ pub struct LoadSpec {
     /// between cell towers: each gets a UDP socket of its own and moves it once, keeping its
     /// connection (QUIC migration).
     pub migrate: f64,
+    /// Share of the gates that drop their connection once and reconnect, as a bus validator
+    /// does after a tunnel, one after another through the middle half of the run; the report
+    /// gives their reconnect times.
+    pub drop: f64,
+    /// How the gates reconnect: full handshake, resumed, or resumed with an early Hello.
+    pub resumption: Resumption,
+    /// Added to every round trip between the gates and the gateway (each datagram a gate sends
+    /// is held back this long), to see on one machine what a cellular link's round trips cost.
+    pub added_rtt: Duration,
     pub show_progress: bool,
 }
 
@@ -106,6 +117,10 @@ struct GateStats {
     over_budget: u64,
     /// Gates moved to another address mid-run (0 or 1 per gate).
     moved: u64,
+    /// Connections made again after a drop, a loss or a refusal.
+    reconnected: u64,
+    early_hellos_answered: u64,
+    early_hellos_refused: u64,
 }
 
 fn histogram() -> Histogram<u64> {
@@ -124,6 +139,9 @@ impl GateStats {
             unsent_injections: std::collections::BTreeSet::new(),
             over_budget: 0,
             moved: 0,
+            reconnected: 0,
+            early_hellos_answered: 0,
+            early_hellos_refused: 0,
         }
     }
 
@@ -135,6 +153,9 @@ impl GateStats {
         self.unsent_injections.extend(other.unsent_injections);
         self.over_budget += other.over_budget;
         self.moved += other.moved;
+        self.reconnected += other.reconnected;
+        self.early_hellos_answered += other.early_hellos_answered;
+        self.early_hellos_refused += other.early_hellos_refused;
         self.sent += other.sent;
         self.resent += other.resent;
         self.answered += other.answered;
@@ -158,6 +179,7 @@ fn error_kind(e: &ClientError) -> String {
         ClientError::Decode(_) => "answer_undecodable".into(),
         ClientError::Unexpected(_) => "answer_unexpected".into(),
         ClientError::NonceMismatch => "hello_ack_nonce".into(),
+        ClientError::Dropped => "dropped".into(),
     }
 }
 
@@ -207,6 +229,9 @@ struct Shared {
     /// Answers in each tenth of a second from `start`: fine enough to show a stall of a few
     /// hundred milliseconds, which per-second counts smooth away.
     answered_per_tick: Box<[AtomicU64]>,
+    /// From a gate's decision to reconnect to its HelloAck, in microseconds; rare enough for
+    /// one lock.
+    reconnect_times: std::sync::Mutex<Histogram<u64>>,
 }
 
 const TICK: Duration = Duration::from_millis(100);
@@ -266,9 +291,10 @@ pub async fn run(spec: LoadSpec) -> Result<Report, LoadError> {
             last: last_gate.saturating_sub(1),
         });
     }
-    let endpoint = client_endpoint(&spec.trusted_cert, any_port(spec.target))?;
-
-    let ready = connected_gates(&spec, &endpoint).await?;
+    let endpoint = gate_endpoint(&spec.trusted_cert, any_port(spec.target), spec.added_rtt)?;
+    let tls = GateTls::new(&spec.trusted_cert, spec.resumption)
+        .map_err(|e| ClientError::Connect(e.to_string()))?;
+    let ready = connected_gates(&spec, &tls, &endpoint).await?;
     let connected = ready.len();
     let connect_failures = (spec.connections - connected) as u64;
 
@@ -282,6 +308,7 @@ pub async fn run(spec: LoadSpec) -> Result<Report, LoadError> {
         answered_per_tick: (0..ticks_in(spec.duration + DRAIN))
             .map(|_| AtomicU64::new(0))
             .collect(),
+        reconnect_times: std::sync::Mutex::new(histogram()),
     });
     let progress = progress_bar(&shared);
 
@@ -316,7 +343,18 @@ pub async fn run(spec: LoadSpec) -> Result<Report, LoadError> {
     let unsent = std::mem::take(&mut total.unsent_injections);
     let over_budget = total.over_budget;
     let moved = total.moved;
+    let reconnects = Reconnects {
+        reconnected: total.reconnected,
+        early_hellos_answered: total.early_hellos_answered,
+        early_hellos_refused: total.early_hellos_refused,
+        time_us: shared
+            .reconnect_times
+            .lock()
+            .map(|times| Percentiles::of(&times))
+            .unwrap_or_default(),
+    };
     let mut report = report(&shared, total, connected, behind);
+    report.reconnects = reconnects;
     report.injected = plan.map_or_else(Vec::new, |plan| plan.sent(&unsent));
     report.riders_over_budget = over_budget;
     report.moved = moved;
@@ -324,7 +362,7 @@ pub async fn run(spec: LoadSpec) -> Result<Report, LoadError> {
 }
 
 /// Starts every connected gate's task with its workload (home riders and scripted misuse when
-/// there is a fraud plan; a move halfway through for a gate with a socket of its own); the
+/// there is a fraud plan; a move or a drop halfway through for the gates that do either); the
 /// open-loop pacer's queues, one per gate.
 fn spawn_gates(
     shared: &Arc<Shared>,
@@ -336,8 +374,8 @@ fn spawn_gates(
     let avoid = Arc::new(plan.as_ref().map(|p| p.cards.clone()).unwrap_or_default());
     let mut tasks = tokio::task::JoinSet::new();
     let mut queues = Vec::with_capacity(connected);
-    let halfway = shared.start + spec.duration / 2;
-    for (position, (terminal, identity, gate, own)) in ready.into_iter().enumerate() {
+    for (position, gate) in ready.into_iter().enumerate() {
+        let terminal = gate.terminal;
         let mut workload = GateWorkload::new(
             spec.population.seed,
             &spec.population,
@@ -356,16 +394,15 @@ fn spawn_gates(
                 workload = workload.broken_from(now_ms() + spec.duration.as_millis() as u64 / 2);
             }
         }
-        let moves = own.map(|endpoint| (halfway, endpoint));
-        let shared = shared.clone();
+        let gate = Gate::new(shared.clone(), gate, workload);
         match spec.pacing {
             Pacing::OpenLoop { .. } => {
                 let (tx, rx) = mpsc::channel(GATE_QUEUE);
                 queues.push(tx);
-                tasks.spawn(drive_open_loop(shared, identity, gate, workload, moves, rx));
+                tasks.spawn(drive_open_loop(gate, rx));
             }
             Pacing::ClosedLoop => {
-                tasks.spawn(drive_closed_loop(shared, identity, gate, workload, moves));
+                tasks.spawn(drive_closed_loop(gate));
             }
         }
     }
@@ -375,7 +412,7 @@ fn spawn_gates(
 /// The misuse to inject, when the spec asks for any, planned onto the gates that connected.
 fn plan_fraud(spec: &LoadSpec, ready: &[Connected]) -> Option<FraudPlan> {
     (spec.fraud_cards > 0).then(|| {
-        let terminals: Vec<TerminalRecord> = ready.iter().map(|(t, ..)| *t).collect();
+        let terminals: Vec<TerminalRecord> = ready.iter().map(|gate| gate.terminal).collect();
         FraudPlan::new(
             spec.population.seed,
             &spec.population,
@@ -396,26 +433,31 @@ fn any_port(target: SocketAddr) -> SocketAddr {
     .expect("valid bind address")
 }
 
-/// A gate that completed its handshake, with the socket of its own it moves halfway through
-/// the run, if it is one that moves.
-type Connected = (
-    TerminalRecord,
-    GateIdentity,
-    GateClient,
-    Option<quinn::Endpoint>,
-);
+/// A gate that completed its handshake.
+struct Connected {
+    terminal: TerminalRecord,
+    identity: GateIdentity,
+    client: GateClient,
+    /// The gate's own TLS configuration, with its own memory of tickets.
+    tls: quinn::ClientConfig,
+    /// The socket of its own a gate that moves halfway through the run has.
+    own_endpoint: Option<quinn::Endpoint>,
+    /// When it drops its connection and reconnects, as a share of the run.
+    drops_at: Option<f64>,
+}
 
 /// The gates that connected; an error only when none did.
 async fn connected_gates(
     spec: &LoadSpec,
+    tls: &GateTls,
     endpoint: &quinn::Endpoint,
 ) -> Result<Vec<Connected>, LoadError> {
     let connect_started = Instant::now();
     let mut first_failure = None;
     let mut ready = Vec::new();
-    for (terminal, identity, gate) in connect_all(spec, endpoint).await {
+    for gate in connect_all(spec, tls, endpoint).await {
         match gate {
-            Ok((gate, own)) => ready.push((terminal, identity, gate, own)),
+            Ok(gate) => ready.push(gate),
             Err(e) => {
                 first_failure.get_or_insert(e.to_string());
             }
@@ -474,6 +516,7 @@ fn report(shared: &Shared, total: GateStats, connected: usize, behind: u64) -> R
         injected: Vec::new(),
         riders_over_budget: 0,
         moved: 0,
+        reconnects: Reconnects::default(),
         histogram: from_intended,
     }
 }
@@ -509,15 +552,18 @@ fn progress_bar(shared: &Arc<Shared>) -> Option<ProgressBar> {
 
 async fn connect_all(
     spec: &LoadSpec,
+    tls: &GateTls,
     endpoint: &quinn::Endpoint,
-) -> Vec<(
-    TerminalRecord,
-    GateIdentity,
-    Result<(GateClient, Option<quinn::Endpoint>), ClientError>,
-)> {
+) -> Vec<Result<Connected, ClientError>> {
     let limit = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
     let mut set = tokio::task::JoinSet::new();
-    let moving = (spec.migrate.clamp(0.0, 1.0) * spec.connections as f64).round() as usize;
+    let share = |of: f64| (of.clamp(0.0, 1.0) * spec.connections as f64).round() as usize;
+    let moving = share(spec.migrate);
+    // The gates that drop are the last ones, so a run that also moves gates keeps them apart.
+    // Their drops are spread over the middle half of the run, one after another, as tunnels
+    // spread them over a day: each reconnect is timed on its own, not in a crowd.
+    let dropping = share(spec.drop);
+    let dropping_from = spec.connections - dropping;
     for i in 0..spec.connections {
         let terminal = spec.population.terminal(spec.first_gate + i as u64);
         let identity = GateIdentity {
@@ -529,31 +575,45 @@ async fn connect_all(
             operator: terminal.operator,
         };
         // A gate that moves has a socket of its own, so moving it moves no other gate.
-        let own = (i < moving)
-            .then(|| client_endpoint(&spec.trusted_cert, any_port(spec.target)).ok())
+        let own_endpoint = (i < moving)
+            .then(|| gate_endpoint(&spec.trusted_cert, any_port(spec.target), spec.added_rtt).ok())
             .flatten();
+        let gate_tls = match tls.for_one_gate() {
+            Ok(gate_tls) => gate_tls,
+            Err(e) => {
+                set.spawn(async move { (i, Err(ClientError::Connect(e.to_string()))) });
+                continue;
+            }
+        };
         let (endpoint, limit, target, kind) = (
-            own.clone().unwrap_or_else(|| endpoint.clone()),
+            own_endpoint.clone().unwrap_or_else(|| endpoint.clone()),
             limit.clone(),
             spec.target,
             spec.target_kind,
         );
         set.spawn(async move {
             let _permit = limit.acquire_owned().await.expect("semaphore never closes");
-            let gate = connect(&endpoint, target, kind, &identity).await;
-            (i, terminal, identity, gate.map(|g| (g, own)))
+            let client = connect(&endpoint, &gate_tls, target, kind, &identity).await;
+            let gate = client.map(|client| Connected {
+                terminal,
+                identity,
+                client,
+                tls: gate_tls,
+                own_endpoint,
+                drops_at: (i >= dropping_from)
+                    .then(|| 0.25 + 0.5 * (i - dropping_from) as f64 / dropping as f64),
+            });
+            (i, gate)
         });
     }
     let mut gates: Vec<_> = set.join_all().await;
-    gates.sort_by_key(|(i, ..)| *i);
-    gates
-        .into_iter()
-        .map(|(_, terminal, identity, gate)| (terminal, identity, gate))
-        .collect()
+    gates.sort_by_key(|(i, _)| *i);
+    gates.into_iter().map(|(_, gate)| gate).collect()
 }
 
 async fn connect(
     endpoint: &quinn::Endpoint,
+    tls: &quinn::ClientConfig,
     target: SocketAddr,
     kind: TargetKind,
     identity: &GateIdentity,
@@ -562,7 +622,7 @@ async fn connect(
     let nonce: u64 = rand::random();
     match kind {
         TargetKind::Tapgate => {
-            GateClient::connect(endpoint, target, identity, nonce, now_ms()).await
+            GateClient::connect_with(endpoint, Some(tls), target, identity, nonce, now_ms()).await
         }
         TargetKind::Echo => {
             let mut gate = GateClient::open(endpoint, target, identity).await?;
@@ -618,11 +678,14 @@ struct Gate {
     shared: Arc<Shared>,
     identity: GateIdentity,
     client: GateClient,
+    tls: quinn::ClientConfig,
     workload: GateWorkload,
     /// The socket of its own a moving gate has (kept for the connection's life), and when it
     /// moves, until it has.
     own_endpoint: Option<quinn::Endpoint>,
     moves_at: Option<Instant>,
+    /// When a dropping gate drops its connection, until it has.
+    drops_at: Option<Instant>,
     next_sequence: u64,
     last_frame: Option<Bytes>,
     last_answered: bool,
@@ -640,21 +703,20 @@ struct InFlight {
 }
 
 impl Gate {
-    fn new(
-        shared: Arc<Shared>,
-        identity: GateIdentity,
-        client: GateClient,
-        workload: GateWorkload,
-        moves: Option<(Instant, quinn::Endpoint)>,
-    ) -> Self {
+    fn new(shared: Arc<Shared>, gate: Connected, workload: GateWorkload) -> Self {
+        let halfway = shared.start + shared.spec.duration / 2;
         Self {
-            next_sequence: client.ack.last_sequence + 1,
-            shared,
-            identity,
-            client,
+            next_sequence: gate.client.ack.last_sequence + 1,
+            identity: gate.identity,
+            client: gate.client,
+            tls: gate.tls,
             workload,
-            moves_at: moves.as_ref().map(|(at, _)| *at),
-            own_endpoint: moves.map(|(_, endpoint)| endpoint),
+            moves_at: gate.own_endpoint.as_ref().map(|_| halfway),
+            own_endpoint: gate.own_endpoint,
+            drops_at: gate
+                .drops_at
+                .map(|share| shared.start + shared.spec.duration.mul_f64(share)),
+            shared,
             last_frame: None,
             last_answered: false,
             in_flight: HashMap::new(),
@@ -672,10 +734,17 @@ impl Gate {
             return;
         }
         self.moves_at = None;
+        let added_rtt = self.shared.spec.added_rtt;
         let moved = endpoint
             .local_addr()
             .and_then(|was| std::net::UdpSocket::bind(SocketAddr::new(was.ip(), 0)))
-            .and_then(|socket| endpoint.rebind(socket));
+            .and_then(|socket| {
+                if added_rtt.is_zero() {
+                    endpoint.rebind(socket)
+                } else {
+                    endpoint.rebind_abstract(DelayedLink::wrap(socket, added_rtt)?)
+                }
+            });
         match moved {
             Ok(()) => self.stats.moved += 1,
             Err(_) => self.stats.error("move_failed"),
@@ -686,6 +755,7 @@ impl Gate {
     /// an Error instead).
     async fn send_next(&mut self, intended: Instant) -> Result<bool, ClientError> {
         self.move_if_due();
+        self.drop_if_due()?;
         let sequence = self.next_sequence;
         let action = self.workload.next(
             sequence,
@@ -786,7 +856,9 @@ impl Gate {
     /// connection left unanswered, byte for byte (PROTOCOL.md section 6 makes that safe: a tap
     /// the gateway decided is answered from its window, one it never saw is decided now).
     async fn recover(&mut self, error: &ClientError) -> bool {
-        self.stats.error(&error_kind(error));
+        if !matches!(error, ClientError::Dropped) {
+            self.stats.error(&error_kind(error));
+        }
         // A tap refused as a replay or a conflict would be refused again on every resend.
         if let ClientError::Refused(refusal) = error
             && matches!(
@@ -803,11 +875,14 @@ impl Gate {
         let run_end = tokio::time::Instant::from_std(self.shared.start + self.shared.spec.duration);
         // Jittered, so thousands of gates refused at once do not all come back at once.
         let mut retry = Backoff::new(RECONNECT_FIRST, RECONNECT_CEILING);
+        let began = Instant::now();
         while !self.shared.stop.load(Ordering::Relaxed) {
             let reconnected = tokio::time::timeout_at(
                 run_end.min(tokio::time::Instant::now() + RECONNECT_TIMEOUT),
                 connect(
-                    &self.shared.endpoint,
+                    // A gate with a socket of its own reconnects from it.
+                    self.own_endpoint.as_ref().unwrap_or(&self.shared.endpoint),
+                    &self.tls,
                     self.shared.spec.target,
                     self.shared.spec.target_kind,
                     &self.identity,
@@ -817,6 +892,7 @@ impl Gate {
             .unwrap_or_else(|_| Err(ClientError::Connect("handshake timed out".into())));
             let outcome = match reconnected {
                 Ok(client) => {
+                    self.count_reconnect(began.elapsed(), client.early_hello);
                     self.next_sequence = self.next_sequence.max(client.ack.last_sequence + 1);
                     self.client = client;
                     self.resend_unanswered().await
@@ -837,6 +913,31 @@ impl Gate {
             self.in_flight.clear();
         }
         false
+    }
+
+    fn count_reconnect(&mut self, took: Duration, early: EarlyHello) {
+        self.stats.reconnected += 1;
+        match early {
+            EarlyHello::NotSent => {}
+            EarlyHello::Answered => self.stats.early_hellos_answered += 1,
+            EarlyHello::Refused => self.stats.early_hellos_refused += 1,
+        }
+        if let Ok(mut times) = self.shared.reconnect_times.lock() {
+            let _ = times.record((took.as_micros() as u64).max(1));
+        }
+    }
+
+    /// Drops a dropping gate's connection once its time has come; the gate then reconnects as
+    /// after any lost connection.
+    fn drop_if_due(&mut self) -> Result<(), ClientError> {
+        match self.drops_at {
+            Some(at) if Instant::now() >= at => {
+                self.drops_at = None;
+                self.client.connection.close(0u32.into(), b"dropped");
+                Err(ClientError::Dropped)
+            }
+            _ => Ok(()),
+        }
     }
 
     async fn resend_unanswered(&mut self) -> Result<(), ClientError> {
@@ -870,15 +971,7 @@ impl Gate {
     }
 }
 
-async fn drive_open_loop(
-    shared: Arc<Shared>,
-    identity: GateIdentity,
-    client: GateClient,
-    workload: GateWorkload,
-    moves: Option<(Instant, quinn::Endpoint)>,
-    mut due: mpsc::Receiver<Instant>,
-) -> GateStats {
-    let mut gate = Gate::new(shared, identity, client, workload, moves);
+async fn drive_open_loop(mut gate: Gate, mut due: mpsc::Receiver<Instant>) -> GateStats {
     loop {
         tokio::select! {
             biased;
@@ -907,14 +1000,8 @@ async fn drive_open_loop(
     gate.stats
 }
 
-async fn drive_closed_loop(
-    shared: Arc<Shared>,
-    identity: GateIdentity,
-    client: GateClient,
-    workload: GateWorkload,
-    moves: Option<(Instant, quinn::Endpoint)>,
-) -> GateStats {
-    let mut gate = Gate::new(shared.clone(), identity, client, workload, moves);
+async fn drive_closed_loop(mut gate: Gate) -> GateStats {
+    let shared = gate.shared.clone();
     tokio::time::sleep_until(shared.start.into()).await;
     while !shared.stop.load(Ordering::Relaxed) {
         // Taps resent after a reconnect are answered before the next one goes out. A fault

@@ -4,7 +4,7 @@
 use crate::tls;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// What a server endpoint announces and how big its socket buffers are.
@@ -16,6 +16,10 @@ pub struct TransportSettings {
     pub keep_alive: Duration,
     /// Requested size of the UDP socket's receive and send buffers.
     pub udp_buffer_bytes: usize,
+    /// TLS sessions remembered for resumption (one per gate that may reconnect).
+    pub session_tickets: usize,
+    /// Where resumed handshakes are counted.
+    pub tickets_redeemed: Arc<AtomicU64>,
 }
 
 impl Default for TransportSettings {
@@ -24,6 +28,8 @@ impl Default for TransportSettings {
             idle_timeout: Duration::from_secs(60),
             keep_alive: Duration::from_secs(15),
             udp_buffer_bytes: 8 << 20,
+            session_tickets: 4_096,
+            tickets_redeemed: Arc::default(),
         }
     }
 }
@@ -41,14 +47,16 @@ pub enum EndpointError {
 }
 
 /// UDP buffer of a client endpoint: thousands of simulated gates share one socket.
-const CLIENT_UDP_BUFFER: usize = 8 << 20;
+pub const CLIENT_UDP_BUFFER: usize = 8 << 20;
 
 /// A client endpoint that trusts exactly `trusted_der` (the gateway's certificate or its CA).
+/// Its connections resume TLS sessions and may send their Hello early; a gate that wants
+/// tickets of its own connects with a configuration from [`tls::GateTls`].
 pub fn client_endpoint(
     trusted_der: &[u8],
     bind: SocketAddr,
 ) -> Result<quinn::Endpoint, EndpointError> {
-    let tls = tls::client_crypto(trusted_der)?;
+    let tls = tls::GateTls::new(trusted_der, tls::Resumption::EarlyHello)?.for_one_gate()?;
     // Give the shared socket the gateway's large buffers, or bursts of answers are dropped by
     // the kernel and QUIC's loss recovery shows up as latency.
     let socket = bind_udp(bind, CLIENT_UDP_BUFFER)?;
@@ -59,7 +67,7 @@ pub fn client_endpoint(
         Arc::new(quinn::TokioRuntime),
     )
     .map_err(|source| EndpointError::Socket { addr: bind, source })?;
-    endpoint.set_default_client_config(quinn::ClientConfig::new(tls));
+    endpoint.set_default_client_config(tls);
     Ok(endpoint)
 }
 
@@ -71,7 +79,10 @@ pub fn server_endpoint(
     key: rustls::pki_types::PrivateKeyDer<'static>,
     settings: &TransportSettings,
 ) -> Result<quinn::Endpoint, EndpointError> {
-    let mut server_config = quinn::ServerConfig::with_crypto(tls::server_crypto(chain, key)?);
+    let tickets =
+        tls::SessionTickets::new(settings.session_tickets, settings.tickets_redeemed.clone());
+    let mut server_config =
+        quinn::ServerConfig::with_crypto(tls::server_crypto(chain, key, tickets)?);
     server_config.transport_config(Arc::new(transport_config(settings)));
     let socket = bind_udp(listen, settings.udp_buffer_bytes)?;
     quinn::Endpoint::new(

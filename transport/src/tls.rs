@@ -5,6 +5,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use tapgate_protocol::ALPN;
 
 /// Where the server's certificate comes from.
@@ -112,10 +113,64 @@ pub fn generate_dev() -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'st
     ))
 }
 
-/// The QUIC server crypto: TLS 1.3 only, ALPN `tapgate/1`, ring as the provider.
+/// The server's memory of the TLS sessions it can resume: one single-use ticket per entry, the
+/// oldest forgotten first once `capacity` is reached. Tickets are kept here, not sealed into
+/// the ticket itself, because only a ticket the server can take away on first use makes early
+/// data safe to accept: the same early flight replayed finds its ticket gone and falls back to
+/// a full handshake (PROTOCOL.md section 1.2).
+pub struct SessionTickets {
+    sessions: Arc<rustls::server::ServerSessionMemoryCache>,
+    redeemed: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for SessionTickets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionTickets")
+            .field("redeemed", &self.redeemed.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl SessionTickets {
+    /// Remembers up to `capacity` sessions and counts each ticket redeemed in `redeemed`.
+    pub fn new(capacity: usize, redeemed: Arc<AtomicU64>) -> Arc<Self> {
+        Arc::new(Self {
+            sessions: rustls::server::ServerSessionMemoryCache::new(capacity.max(1)),
+            redeemed,
+        })
+    }
+}
+
+impl rustls::server::StoresServerSessions for SessionTickets {
+    fn put(&self, id: Vec<u8>, session: Vec<u8>) -> bool {
+        self.sessions.put(id, session)
+    }
+
+    fn get(&self, id: &[u8]) -> Option<Vec<u8>> {
+        self.sessions.get(id)
+    }
+
+    fn take(&self, id: &[u8]) -> Option<Vec<u8>> {
+        let session = self.sessions.take(id);
+        if session.is_some() {
+            self.redeemed.fetch_add(1, Ordering::Relaxed);
+        }
+        session
+    }
+
+    fn can_cache(&self) -> bool {
+        true
+    }
+}
+
+/// The QUIC server crypto: TLS 1.3 only, ALPN `tapgate/1`, ring as the provider. It resumes
+/// sessions from `tickets` and accepts early data on a resumed connection; what the early
+/// data may do is the application's to limit (the gateway acts on nothing but the Hello until
+/// the handshake completes).
 pub fn server_crypto(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
+    tickets: Arc<SessionTickets>,
 ) -> Result<Arc<quinn::crypto::rustls::QuicServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
@@ -125,30 +180,82 @@ pub fn server_crypto(
         .with_single_cert(chain, key)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.session_storage = tickets;
+    // A gate holds one connection at a time, so one ticket is what its next reconnect needs;
+    // a second would only take a place in the server's memory.
+    tls.send_tls13_tickets = 1;
+    // QUIC allows no other value when early data is on (RFC 9001, section 4.6.1).
+    tls.max_early_data_size = u32::MAX;
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     Ok(Arc::new(quic))
 }
 
-/// The QUIC client crypto of a gate: TLS 1.3 only, ALPN `tapgate/1`, trusting exactly
-/// `trusted_der` (the gateway's certificate or its CA).
-pub fn client_crypto(
-    trusted_der: &[u8],
-) -> Result<Arc<quinn::crypto::rustls::QuicClientConfig>, TlsError> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from(trusted_der.to_vec()))
-        .map_err(|e| TlsError::Config(format!("trusted certificate: {e}")))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-        .map_err(|e| TlsError::Config(e.to_string()))?;
-    Ok(Arc::new(quic))
+/// How a gate reconnects after a drop (PROTOCOL.md section 1.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resumption {
+    /// A full handshake every time: the certificate is sent and verified again.
+    Full,
+    /// Resumes the TLS session from the gateway's ticket, and says Hello once the handshake has
+    /// completed.
+    Ticket,
+    /// Resumes from the ticket and sends the Hello as early data with the resumption, so its
+    /// HelloAck comes back a round trip sooner.
+    EarlyHello,
+}
+
+/// Gateways a gate keeps tickets for (rustls keeps a few tickets for each): its own, and the
+/// nodes it failed over to.
+const GATEWAYS_REMEMBERED: usize = 4;
+
+/// What every gate's TLS has in common; each gate gets its own copy with its own memory of
+/// tickets, as a real gate has (see [`GateTls::for_one_gate`]).
+#[derive(Clone)]
+pub struct GateTls {
+    base: Arc<rustls::ClientConfig>,
+    resumption: Resumption,
+}
+
+impl GateTls {
+    /// TLS 1.3 only, ALPN `tapgate/1`, trusting exactly `trusted_der` (the gateway's
+    /// certificate or its CA).
+    pub fn new(trusted_der: &[u8], resumption: Resumption) -> Result<Self, TlsError> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(trusted_der.to_vec()))
+            .map_err(|e| TlsError::Config(format!("trusted certificate: {e}")))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        tls.enable_early_data = resumption == Resumption::EarlyHello;
+        Ok(Self {
+            base: Arc::new(tls),
+            resumption,
+        })
+    }
+
+    pub fn resumption(&self) -> Resumption {
+        self.resumption
+    }
+
+    /// The QUIC client configuration of one gate: its own memory of tickets, so what one gate
+    /// resumes says nothing about another.
+    pub fn for_one_gate(&self) -> Result<quinn::ClientConfig, TlsError> {
+        let mut tls = (*self.base).clone();
+        tls.resumption = match self.resumption {
+            Resumption::Full => rustls::client::Resumption::disabled(),
+            Resumption::Ticket | Resumption::EarlyHello => {
+                rustls::client::Resumption::in_memory_sessions(GATEWAYS_REMEMBERED)
+            }
+        };
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        Ok(quinn::ClientConfig::new(Arc::new(quic)))
+    }
 }
 
 #[cfg(test)]
@@ -169,8 +276,11 @@ mod tests {
             first[0].to_vec()
         );
         // What a gate trusts is what the server presents.
-        client_crypto(&first[0]).unwrap();
-        server_crypto(first, load(&source).unwrap().1).unwrap();
+        GateTls::new(&first[0], Resumption::EarlyHello)
+            .and_then(|tls| tls.for_one_gate())
+            .unwrap();
+        let tickets = SessionTickets::new(16, Arc::default());
+        server_crypto(first, load(&source).unwrap().1, tickets).unwrap();
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! code: a vendor can point it at any implementation of the protocol.
 
 use super::Check;
-use crate::client::{ClientError, GateClient, GateIdentity, hello};
+use crate::client::{ClientError, EarlyHello, GateClient, GateIdentity, hello};
 use std::net::SocketAddr;
 use tapgate_protocol::{ErrorCode, Frame, Outcome, Tap, TapKind};
 
@@ -91,6 +91,7 @@ pub async fn run(target: &Target) -> Vec<Check> {
     refusals(target, &mut checks).await;
     sequences(target, &mut checks).await;
     streams_and_timers(target, &mut checks).await;
+    reconnection(target, &mut checks).await;
     checks
 }
 
@@ -343,6 +344,34 @@ async fn sequences(target: &Target, checks: &mut Vec<Check>) {
             match gate.recv().await {
                 Err(ClientError::Refused(e)) if e.code == ErrorCode::Replay => Ok(()),
                 other => Err(format!("got {other:?}")),
+            }
+        }
+        .await,
+    );
+}
+
+/// Quick reconnection: a ticket on every connection, and an early Hello answered with it.
+async fn reconnection(target: &Target, checks: &mut Vec<Check>) {
+    let mut record = |rule: &'static str, outcome: Result<(), String>| {
+        checks.push(Check::from_outcome(rule, outcome));
+    };
+    record(
+        "1.2 a gate that reconnects resumes its session and its early Hello is answered",
+        async {
+            // One connection for a ticket (a tap's round trip makes sure it has come), then
+            // one that uses it.
+            let (mut gate, next) = target.session().await?;
+            gate.tap(target.tap(next))
+                .await
+                .map_err(|e| e.to_string())?;
+            gate.close();
+            let again = target.connect().await.map_err(|e| e.to_string())?;
+            match again.early_hello {
+                EarlyHello::Answered => Ok(()),
+                EarlyHello::NotSent => {
+                    Err("no ticket allowing early data came with the last connection".into())
+                }
+                EarlyHello::Refused => Err("the gateway refused the early data".into()),
             }
         }
         .await,
