@@ -267,6 +267,154 @@ async fn a_gate_that_reconnects_resumes_its_session_and_says_hello_early() {
     assert!(m.errors.is_empty(), "{:?}", m.errors);
 }
 
+/// A gate's link that holds what the gate sends until released, then carries it, and carries
+/// nothing once the gateway has answered: what the gateway sees of a replayed early flight,
+/// whose sender cannot finish the handshake. Held until released, the first flight is sure to
+/// carry the early data whatever the scheduler does.
+#[derive(Debug)]
+struct FirstFlightOnly {
+    socket: std::sync::Arc<dyn quinn::AsyncUdpSocket>,
+    held: std::sync::Mutex<Option<Vec<HeldDatagram>>>,
+    answered: std::sync::atomic::AtomicBool,
+}
+
+/// Where a held datagram goes, its bytes, and its segment size.
+type HeldDatagram = (std::net::SocketAddr, Vec<u8>, Option<usize>);
+
+impl FirstFlightOnly {
+    fn release(&self) {
+        let held = self.held.lock().unwrap().take().unwrap_or_default();
+        for (destination, contents, segment_size) in held {
+            let _ = self.socket.try_send(&quinn::udp::Transmit {
+                destination,
+                ecn: None,
+                contents: &contents,
+                segment_size,
+                src_ip: None,
+            });
+        }
+    }
+}
+
+impl quinn::AsyncUdpSocket for FirstFlightOnly {
+    fn create_io_poller(self: std::sync::Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
+        self.socket.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &quinn::udp::Transmit) -> std::io::Result<()> {
+        if self.answered.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
+        if let Some(held) = self.held.lock().unwrap().as_mut() {
+            held.push((
+                transmit.destination,
+                transmit.contents.to_vec(),
+                transmit.segment_size,
+            ));
+            return Ok(());
+        }
+        self.socket.try_send(transmit)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut std::task::Context,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+        meta: &mut [quinn::udp::RecvMeta],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let received = self.socket.poll_recv(cx, bufs, meta);
+        if matches!(received, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.answered
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        received
+    }
+
+    fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.socket.local_addr()
+    }
+}
+
+/// An early flight carrying a Hello and a Tap whose handshake never completes, as a replayed
+/// one never does: the gateway answers the Hello, decides nothing, and closes the connection at
+/// the Hello timeout. The tap, sent again by the real gate, is then decided as new.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tap_in_early_data_is_not_decided_before_the_handshake_completes() {
+    use quinn::Runtime as _;
+    let state = tempfile::tempdir().unwrap();
+    let (_, directory) = embedded_with(&population());
+    let mut settings = settings(directory, state.path());
+    settings.limits.hello_timeout = Duration::from_millis(500);
+    let h = Harness::start_with(settings).await;
+    let tls = tapgate_transport::tls::GateTls::new(
+        h.gateway.certificate_der(),
+        tapgate_transport::tls::Resumption::EarlyHello,
+    )
+    .and_then(|tls| tls.for_one_gate())
+    .unwrap();
+    let gate = identity(&YUZHONG_BUS);
+    let connect = || {
+        GateClient::connect_with(
+            &h.endpoint,
+            Some(&tls),
+            h.addr(),
+            &gate,
+            rand_nonce(),
+            now_ms(),
+        )
+    };
+    let mut first = connect().await.unwrap();
+    let answer = first.tap(tap(1, ACTIVE, TapKind::Flat)).await.unwrap();
+    assert_eq!(answer.outcome, Outcome::Approve);
+    first.close();
+
+    // The same gate's ticket, over a link that carries its first flight only.
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let link = std::sync::Arc::new(FirstFlightOnly {
+        socket: quinn::TokioRuntime.wrap_udp_socket(socket).unwrap(),
+        held: Some(Vec::new()).into(),
+        answered: false.into(),
+    });
+    let endpoint = quinn::Endpoint::new_with_abstract_socket(
+        quinn::EndpointConfig::default(),
+        None,
+        link.clone(),
+        std::sync::Arc::new(quinn::TokioRuntime),
+    )
+    .unwrap();
+    let (connection, _) = endpoint
+        .connect_with(tls.clone(), h.addr(), "localhost")
+        .unwrap()
+        .into_0rtt()
+        .expect("the gate holds a ticket allowing early data");
+    let (mut send, _recv) = connection.open_bi().await.unwrap();
+    let key = gate.key.mac_key();
+    let mut flight = bytes::BytesMut::new();
+    tapgate_protocol::seal(&hello(&gate, rand_nonce(), now_ms()), &key, &mut flight);
+    tapgate_protocol::seal(
+        &Frame::Tap(tap(2, ACTIVE, TapKind::Flat)),
+        &key,
+        &mut flight,
+    );
+    send.write_all(&flight).await.unwrap();
+    // Long enough for the connection to have packed the stream into its first flight.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    link.release();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+
+    let m = h.gateway.metrics().snapshot();
+    assert_eq!((m.tls_resumptions, m.early_hellos), (1, 1));
+    assert_eq!(m.approved, 1, "the early tap was not decided");
+    assert_eq!(m.errors, vec![(ErrorCode::HelloTimeout, 1)]);
+    assert_eq!(m.connections_active, 0, "closed at the Hello timeout");
+    // The real gate sends the tap again: it is new to the gateway, not a resend.
+    let mut again = connect().await.unwrap();
+    assert_eq!(again.ack.last_sequence, 1);
+    let answer = again.tap(tap(2, ACTIVE, TapKind::Flat)).await.unwrap();
+    assert_eq!((answer.sequence, answer.outcome), (2, Outcome::Approve));
+    assert_eq!(h.gateway.metrics().snapshot().resends, 0);
+}
+
 /// A gateway that no longer holds the gate's ticket (here, one restarted) does not take the
 /// early data: the handshake falls back to a full one, the gate says Hello again once it has
 /// completed, and goes on where it was.
@@ -274,12 +422,16 @@ async fn a_gate_that_reconnects_resumes_its_session_and_says_hello_early() {
 async fn an_early_hello_the_gateway_cannot_take_is_said_again_after_the_handshake() {
     let state = tempfile::tempdir().unwrap();
     let (_, directory) = embedded_with(&population());
-    let Harness {
-        gateway: first,
-        endpoint,
-        ..
-    } = Harness::start_with(settings(directory.clone(), state.path())).await;
+    let Harness { gateway: first, .. } =
+        Harness::start_with(settings(directory.clone(), state.path())).await;
     let addr = first.local_addr();
+    // Round trips long enough that the Hello surely goes before the handshake completes.
+    let endpoint = gate_endpoint(
+        first.certificate_der(),
+        "127.0.0.1:0".parse().unwrap(),
+        Duration::from_millis(20),
+    )
+    .unwrap();
     let yuzhong = identity(&YUZHONG_BUS);
     let connect = || GateClient::connect(&endpoint, addr, &yuzhong, rand_nonce(), now_ms());
     let mut gate = connect().await.unwrap();

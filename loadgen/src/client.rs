@@ -106,6 +106,9 @@ pub struct GateClient {
     pub receiver: GateReceiver,
     pub ack: HelloAck,
     pub early_hello: EarlyHello,
+    /// Whether the stream was opened before the handshake completed, so what is written first
+    /// goes as early data.
+    opened_early: bool,
 }
 
 fn closed_by_gateway(connection: &quinn::Connection, detail: String) -> ClientError {
@@ -159,9 +162,15 @@ impl GateClient {
         let (connection, early) = match dial(endpoint, tls, gateway)?.into_0rtt() {
             Ok((connection, accepted)) => {
                 let mut client = Self::on_connection(connection.clone(), identity).await?;
+                // A handshake that completed before the stream opened leaves nothing early.
+                let opened_early = client.opened_early;
                 match client.say_hello(&hello, client_nonce).await {
                     Ok(()) => {
-                        client.early_hello = EarlyHello::Answered;
+                        client.early_hello = if opened_early {
+                            EarlyHello::Answered
+                        } else {
+                            EarlyHello::NotSent
+                        };
                         return Ok(client);
                     }
                     Err(e) => {
@@ -248,6 +257,7 @@ impl GateClient {
             other => ClientError::Connection(other.to_string()),
         })?;
         let mac = identity.key.mac_key();
+        let opened_early = recv.is_0rtt();
         Ok(GateClient {
             sender: GateSender {
                 send,
@@ -269,6 +279,7 @@ impl GateClient {
                 max_in_flight: 0,
             },
             early_hello: EarlyHello::NotSent,
+            opened_early,
         })
     }
     pub async fn send_frame(&mut self, frame: &Frame) -> Result<(), ClientError> {
