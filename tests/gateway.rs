@@ -958,6 +958,63 @@ async fn connections_over_the_limit_are_closed_with_too_many_connections() {
     );
 }
 
+/// Past half the connection limit, a connection attempt must first prove it receives at its
+/// address (QUIC Retry) before it counts against the limit: an attempt that cannot answer the
+/// Retry, as one from a forged address cannot, takes no gate's place. Gates that can answer it
+/// connect as usual, one round trip later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_half_the_limit_a_connection_proves_its_address_before_it_counts() {
+    use quinn::Runtime as _;
+    let state = tempfile::tempdir().unwrap();
+    let (_, directory) = embedded_with(&population());
+    let mut settings = settings(directory, state.path());
+    settings.limits.max_connections = 4;
+    let h = Harness::start_with(settings).await;
+    let _first = h.gate(&YUZHONG_BUS).await;
+    let _second = h.gate(&WANZHOU_BUS).await;
+
+    // A sender that hears nothing back: its first packet goes out, nothing after it.
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let deaf = quinn::Endpoint::new_with_abstract_socket(
+        quinn::EndpointConfig::default(),
+        None,
+        std::sync::Arc::new(FirstFlightOnly {
+            socket: quinn::TokioRuntime.wrap_udp_socket(socket).unwrap(),
+            held: None.into(),
+            answered: false.into(),
+        }),
+        std::sync::Arc::new(quinn::TokioRuntime),
+    )
+    .unwrap();
+    let tls = tapgate_transport::tls::GateTls::new(
+        h.gateway.certificate_der(),
+        tapgate_transport::tls::Resumption::Full,
+    )
+    .and_then(|tls| tls.for_one_gate())
+    .unwrap();
+    let _attempt = deaf.connect_with(tls, h.addr(), "localhost").unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let m = h.gateway.metrics().snapshot();
+    assert_eq!(
+        m.connections_active, 2,
+        "the unproven attempt holds no place"
+    );
+    assert_eq!(m.retries, 1);
+
+    // A gate that answers the Retry connects, and counts.
+    let mut third = h.gate(&CHENGKOU_BUS).await;
+    assert_eq!(
+        third
+            .tap(tap(1, ACTIVE, TapKind::Flat))
+            .await
+            .unwrap()
+            .outcome,
+        Outcome::Approve
+    );
+    let m = h.gateway.metrics().snapshot();
+    assert_eq!((m.retries, m.connections_active), (2, 3));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ops_endpoint_serves_counters_and_health() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -110,6 +110,9 @@ pub struct Metrics {
     pub tls_resumptions: std::sync::Arc<AtomicU64>,
     /// Hellos that came as early data and were answered before the handshake completed.
     pub early_hellos: AtomicU64,
+    /// Connection attempts asked to prove their address first (QUIC Retry), past half the
+    /// connection limit.
+    pub retries: AtomicU64,
     pub sessions_authenticated: AtomicU64,
     decisions: [AtomicU64; 10],
     pub approved: AtomicU64,
@@ -173,6 +176,7 @@ pub struct MetricsSnapshot {
     pub migrations: u64,
     pub tls_resumptions: u64,
     pub early_hellos: u64,
+    pub retries: u64,
     pub sessions_authenticated: u64,
     pub approved: u64,
     pub denied: u64,
@@ -213,6 +217,7 @@ impl Metrics {
             migrations: load(&self.migrations),
             tls_resumptions: load(&self.tls_resumptions),
             early_hellos: load(&self.early_hellos),
+            retries: load(&self.retries),
             sessions_authenticated: load(&self.sessions_authenticated),
             approved: load(&self.approved),
             denied: load(&self.denied),

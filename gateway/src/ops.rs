@@ -266,7 +266,7 @@ fn render_places(sink: &mut Sink, counters: &GatewayCounters) -> fmt::Result {
 
 /// Connections, sessions and the answers shared between gateways.
 fn render_sessions(sink: &mut Sink, m: &MetricsSnapshot) -> fmt::Result {
-    let single: [(&str, &str, &str, u64); 11] = [
+    let single: [(&str, &str, &str, u64); 12] = [
         (
             "connections_active",
             "gauge",
@@ -302,6 +302,12 @@ fn render_sessions(sink: &mut Sink, m: &MetricsSnapshot) -> fmt::Result {
             "counter",
             "Hellos received as 0-RTT early data on a resumed connection and answered before the handshake completed.",
             m.early_hellos,
+        ),
+        (
+            "connection_retries_total",
+            "counter",
+            "Connection attempts asked to prove their address first (QUIC Retry) because over half the connection limit was in use.",
+            m.retries,
         ),
         (
             "sessions_authenticated_total",

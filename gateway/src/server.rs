@@ -473,6 +473,16 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
         let Some(incoming) = incoming else { break };
         // Reap finished sessions so the set does not grow with the connection count over a day.
         while sessions.try_join_next().is_some() {}
+        // A connection counts against the limit from its first packet (its Hello may come as
+        // early data), so past half the limit a sender must first show it receives at its
+        // address (a QUIC Retry, one more round trip): handshakes from forged addresses cannot
+        // take the places of gates.
+        let active = shared.metrics.connections_active.load(Ordering::Relaxed);
+        if active as usize >= shared.limits.max_connections / 2 && incoming.may_retry() {
+            shared.metrics.retries.fetch_add(1, Ordering::Relaxed);
+            let _ = incoming.retry();
+            continue;
+        }
         shared
             .metrics
             .connections_total
