@@ -495,13 +495,11 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
             let Ok(connecting) = incoming.accept() else {
                 return;
             };
-            let (connection, handshake) = match connecting.into_0rtt() {
-                Ok((connection, done)) => (connection, Handshake::Pending(done)),
-                Err(connecting) => match connecting.await {
-                    Ok(connection) => (connection, Handshake::Done),
-                    Err(_) => return,
-                },
+            // A server's connection always converts (quinn's contract for incoming ones).
+            let Ok((connection, done)) = connecting.into_0rtt() else {
+                return;
             };
+            let handshake = Handshake(done);
             let active = shared
                 .metrics
                 .connections_active
@@ -610,26 +608,17 @@ struct Session {
     connection: quinn::Connection,
 }
 
-/// Where a connection's TLS handshake stands when its session starts.
-enum Handshake {
-    /// Still going: what has arrived on the stream may be early data, which an eavesdropper
-    /// can replay (PROTOCOL.md section 1.2).
-    Pending(quinn::ZeroRttAccepted),
-    Done,
-}
+/// The end of a connection's TLS handshake, which a session may start before: until then what
+/// has arrived on the stream may be early data, which an eavesdropper can replay (PROTOCOL.md
+/// section 1.2).
+struct Handshake(quinn::ZeroRttAccepted);
 
 impl Handshake {
     /// Waits for the handshake to end, at most `limit`; false if it took longer or failed.
     async fn complete(self, limit: Duration, connection: &quinn::Connection) -> bool {
-        match self {
-            Handshake::Done => true,
-            // For a server the future's value carries no meaning: it ends when the handshake
-            // does, whether it succeeded or failed, so the connection says which.
-            Handshake::Pending(done) => {
-                tokio::time::timeout(limit, done).await.is_ok()
-                    && connection.close_reason().is_none()
-            }
-        }
+        // For a server the future's value carries no meaning: it ends when the handshake does,
+        // whether it succeeded or failed, so the connection says which.
+        tokio::time::timeout(limit, self.0).await.is_ok() && connection.close_reason().is_none()
     }
 }
 

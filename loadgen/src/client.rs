@@ -64,25 +64,10 @@ pub fn gate_endpoint(
     if added_rtt.is_zero() {
         return client_endpoint(trusted_der, bind);
     }
-    let failed = |e: &dyn std::fmt::Display| ClientError::Connect(e.to_string());
-    let socket = tapgate_transport::bind_udp(bind, tapgate_transport::endpoint::CLIENT_UDP_BUFFER)
-        .map_err(|e| failed(&e))?;
-    let link = crate::link::DelayedLink::wrap(socket, added_rtt).map_err(|e| failed(&e))?;
-    let mut endpoint = quinn::Endpoint::new_with_abstract_socket(
-        quinn::EndpointConfig::default(),
-        None,
-        link,
-        std::sync::Arc::new(quinn::TokioRuntime),
-    )
-    .map_err(|e| failed(&e))?;
-    let tls = tapgate_transport::tls::GateTls::new(
-        trusted_der,
-        tapgate_transport::tls::Resumption::EarlyHello,
-    )
-    .and_then(|tls| tls.for_one_gate())
-    .map_err(|e| failed(&e))?;
-    endpoint.set_default_client_config(tls);
-    Ok(endpoint)
+    tapgate_transport::endpoint::client_endpoint_over(trusted_der, bind, |socket| {
+        crate::link::DelayedLink::wrap(socket, added_rtt)
+    })
+    .map_err(|e| ClientError::Connect(e.to_string()))
 }
 
 /// The sending half of a gate's stream.

@@ -2,6 +2,7 @@
 //! gateway, the echo baseline, the conformance referee and the gates.
 
 use crate::tls;
+use quinn::Runtime as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -47,7 +48,7 @@ pub enum EndpointError {
 }
 
 /// UDP buffer of a client endpoint: thousands of simulated gates share one socket.
-pub const CLIENT_UDP_BUFFER: usize = 8 << 20;
+const CLIENT_UDP_BUFFER: usize = 8 << 20;
 
 /// A client endpoint that trusts exactly `trusted_der` (the gateway's certificate or its CA).
 /// Its connections resume TLS sessions and may send their Hello early; a gate that wants
@@ -56,17 +57,30 @@ pub fn client_endpoint(
     trusted_der: &[u8],
     bind: SocketAddr,
 ) -> Result<quinn::Endpoint, EndpointError> {
+    client_endpoint_over(trusted_der, bind, |socket| {
+        quinn::TokioRuntime.wrap_udp_socket(socket)
+    })
+}
+
+/// A client endpoint as [`client_endpoint`], whose socket `wrap` makes from the bound one (a
+/// tool can wrap it in one that changes how datagrams travel). Call inside a Tokio runtime.
+pub fn client_endpoint_over(
+    trusted_der: &[u8],
+    bind: SocketAddr,
+    wrap: impl FnOnce(std::net::UdpSocket) -> std::io::Result<Arc<dyn quinn::AsyncUdpSocket>>,
+) -> Result<quinn::Endpoint, EndpointError> {
     let tls = tls::GateTls::new(trusted_der, tls::Resumption::EarlyHello)?.for_one_gate()?;
+    let failed = |source| EndpointError::Socket { addr: bind, source };
     // Give the shared socket the gateway's large buffers, or bursts of answers are dropped by
     // the kernel and QUIC's loss recovery shows up as latency.
-    let socket = bind_udp(bind, CLIENT_UDP_BUFFER)?;
-    let mut endpoint = quinn::Endpoint::new(
+    let socket = wrap(bind_udp(bind, CLIENT_UDP_BUFFER)?).map_err(failed)?;
+    let mut endpoint = quinn::Endpoint::new_with_abstract_socket(
         quinn::EndpointConfig::default(),
         None,
         socket,
         Arc::new(quinn::TokioRuntime),
     )
-    .map_err(|source| EndpointError::Socket { addr: bind, source })?;
+    .map_err(failed)?;
     endpoint.set_default_client_config(tls);
     Ok(endpoint)
 }

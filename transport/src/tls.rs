@@ -238,10 +238,6 @@ impl GateTls {
         })
     }
 
-    pub fn resumption(&self) -> Resumption {
-        self.resumption
-    }
-
     /// The QUIC client configuration of one gate: its own memory of tickets, so what one gate
     /// resumes says nothing about another.
     pub fn for_one_gate(&self) -> Result<quinn::ClientConfig, TlsError> {
