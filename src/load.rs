@@ -15,7 +15,7 @@ use tapgate_loadgen::echo::EchoServer;
 use tapgate_loadgen::report::{Report, SettlementLag};
 use tapgate_loadgen::run::{LoadSpec, Pacing, TargetKind, run};
 use tapgate_loadgen::workload::Faults;
-use tapgate_protocol::MasterKey;
+use tapgate_protocol::{MasterKey, Version};
 use tapgate_transport::tls::Resumption;
 
 fn parse_resumption(s: &str) -> Result<Resumption, String> {
@@ -24,6 +24,14 @@ fn parse_resumption(s: &str) -> Result<Resumption, String> {
         "ticket" => Ok(Resumption::Ticket),
         "early" => Ok(Resumption::EarlyHello),
         other => Err(format!("{other:?}: expected full, ticket or early")),
+    }
+}
+
+fn parse_version(s: &str) -> Result<Version, String> {
+    match s {
+        "1" => Ok(Version::V1),
+        "2" => Ok(Version::V2),
+        other => Err(format!("{other:?}: expected 1 or 2")),
     }
 }
 
@@ -89,6 +97,10 @@ pub(crate) struct WorkloadArgs {
     /// sends is held back this long), to see what a cellular link's round trips cost: 50ms.
     #[arg(long, value_parser = parse_duration)]
     added_rtt: Option<Duration>,
+    /// The newest protocol version the gates offer: 1, or 2 (they follow the deny list, and
+    /// the report says how long its changes took to reach them).
+    #[arg(long, default_value = "1", value_parser = parse_version)]
+    protocol: Version,
     /// Write the injected misuse here, one JSON object a line (rule, card, gates).
     #[arg(long, requires = "fraud_cards")]
     truth: Option<PathBuf>,
@@ -194,6 +206,7 @@ impl WorkloadArgs {
             drop: self.drop,
             resumption: self.resumption,
             added_rtt: self.added_rtt.unwrap_or_default(),
+            version: self.protocol,
             show_progress: true,
         }
     }
@@ -387,6 +400,7 @@ pub(crate) fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
             drop: 0.0,
             resumption: Resumption::EarlyHello,
             added_rtt: None,
+            protocol: Version::V1,
             truth: None,
             json: Some(dir.join("report.json")),
             chart: dir.join("report.svg"),

@@ -6,6 +6,7 @@ mod books;
 mod cards;
 mod common;
 mod conformance;
+mod deny_bench;
 mod load;
 mod scrape;
 mod serve;
@@ -46,6 +47,9 @@ enum Command {
     /// gateway as processes of their own, driven alternately by one generator; taps/s,
     /// latency, server CPU per tap and their ratios, printed and written as JSON.
     Bench(bench::BenchArgs),
+    /// Time a lost card's way to the deny list of every connected version-2 gate (an embedded
+    /// gateway and 20,000 gates in this process).
+    BenchDeny(deny_bench::DenyBenchArgs),
     /// Settlement: fares per area, operator and mode, and clearing between issuers.
     Settle(settle::SettleArgs),
     /// Manage card records in Redis: import, generate, report lost, block, unblock, show.
@@ -84,6 +88,7 @@ fn main() -> ExitCode {
         Command::Load(args) => load::run_load(args),
         Command::Echo(args) => load::run_echo(args),
         Command::Bench(args) => bench::run_bench(args),
+        Command::BenchDeny(args) => deny_bench::run_deny_bench(args),
         Command::Cards(args) => cards::run(args),
         Command::Top(args) => top::run(args),
         Command::Settle(args) => return report_failure(settle::run(args)),

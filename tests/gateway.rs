@@ -9,7 +9,8 @@ use tapgate_gateway::card::CardState;
 use tapgate_gateway::policy::{AreaSet, Policy, RolloutStep};
 use tapgate_loadgen::client::{ClientError, EarlyHello, GateClient, gate_endpoint, hello};
 use tapgate_protocol::{
-    Concession, ErrorCode, Frame, Issuer, Outcome, RIDES_LEFT_NOT_APPLICABLE, Reason, TapKind,
+    Concession, DenyAck, ErrorCode, Frame, GateDenyList, Issuer, Outcome,
+    RIDES_LEFT_NOT_APPLICABLE, Reason, TapKind, Version,
 };
 use tapgate_runtime::now_ms;
 
@@ -193,6 +194,98 @@ async fn elder_concession_follows_the_cards_home_area_and_holds_at_every_gate() 
     );
 }
 
+/// Reads deny-list frames into `list` until it holds `version`, acknowledging as a gate does.
+async fn follow_until(gate: &mut GateClient, list: &mut GateDenyList, version: u64) -> Vec<Frame> {
+    let mut frames = Vec::new();
+    while list.version() != version {
+        let frame = tokio::time::timeout(Duration::from_secs(5), gate.recv())
+            .await
+            .expect("the deny list arrives")
+            .unwrap();
+        let ack = match &frame {
+            Frame::DenyChanges(changes) => Some(list.apply_changes(changes).unwrap()),
+            Frame::DenyList(part) => list.apply_list(part).unwrap(),
+            other => panic!("expected a deny-list frame, got {other:?}"),
+        };
+        if let Some(ack) = ack {
+            gate.send_frame(&Frame::DenyAck(ack)).await.unwrap();
+        }
+        frames.push(frame);
+    }
+    frames
+}
+
+/// A version-2 gate follows the deny list: the whole list after its first DenyAck, then each
+/// change as the directory makes it, on the stream its taps use; after a reconnect it goes on
+/// from the version it holds. A version-1 gate on the same gateway sees none of it, and a
+/// DenyAck from it is a frame its version does not have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_2_gate_follows_the_deny_list_and_a_version_1_gate_sees_none_of_it() {
+    let (h, _state) = harness().await;
+    let mut gate = h.gate_v2(&YUZHONG_BUS).await;
+    assert_eq!(gate.version(), Version::V2);
+    let mut list = GateDenyList::default();
+    gate.send_frame(&Frame::DenyAck(DenyAck { version: 0 }))
+        .await
+        .unwrap();
+    // The population's lost, cancelled and blocked cards are versions 1 to 3.
+    let frames = follow_until(&mut gate, &mut list, 3).await;
+    assert!(matches!(frames[0], Frame::DenyList(_)), "{frames:?}");
+    assert_eq!(list.refuses(LOST), Some(Reason::CardLost));
+    assert_eq!(list.refuses(CANCELLED), Some(Reason::CardCancelled));
+    assert_eq!(list.refuses(BLOCKED), Some(Reason::CardBlocked));
+    assert_eq!(list.len(), 3);
+
+    h.gateway
+        .directory()
+        .set_state(ACTIVE, CardState::Lost)
+        .await
+        .unwrap();
+    let frames = follow_until(&mut gate, &mut list, 4).await;
+    assert!(matches!(&frames[..], [Frame::DenyChanges(c)] if c.first_version == 4));
+    assert_eq!(list.refuses(ACTIVE), Some(Reason::CardLost));
+    let answer = gate.tap(tap(1, ACTIVE, TapKind::Flat)).await.unwrap();
+    assert_eq!(answer.reason, Reason::CardLost);
+    wait_until(|| h.gateway.deny_list_acknowledged_below(4) == 0).await;
+
+    // Back after a drop, holding version 4: the changes since, not the whole list.
+    gate.close();
+    let mut gate = h.gate_v2(&YUZHONG_BUS).await;
+    h.gateway
+        .directory()
+        .set_state(ACTIVE, CardState::Active)
+        .await
+        .unwrap();
+    gate.send_frame(&Frame::DenyAck(DenyAck { version: 4 }))
+        .await
+        .unwrap();
+    let frames = follow_until(&mut gate, &mut list, 5).await;
+    assert!(matches!(&frames[..], [Frame::DenyChanges(c)] if c.first_version == 5));
+    assert_eq!(list.refuses(ACTIVE), None);
+    let m = h.gateway.metrics();
+    assert_eq!(m.deny_resyncs.load(std::sync::atomic::Ordering::Relaxed), 1);
+
+    let mut old = h.gate(&WANZHOU_BUS).await;
+    assert_eq!(old.version(), Version::V1);
+    let answer = old.tap(tap(1, ELDER, TapKind::Flat)).await.unwrap();
+    assert_eq!(answer.outcome, Outcome::Approve);
+    old.send_frame(&Frame::DenyAck(DenyAck { version: 0 }))
+        .await
+        .unwrap();
+    assert_refused(&old.recv().await.unwrap_err(), ErrorCode::UnknownFrameType);
+}
+
+/// Polls `done` every 10 ms for up to 5 s.
+async fn wait_until(done: impl Fn() -> bool) {
+    for _ in 0..500 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("not done within 5 s");
+}
+
 /// A gate whose address changes under its connection, as a bus's does between cell towers,
 /// keeps its connection and its session: no new handshake, every tap answered once, in order,
 /// and the gateway counts the move.
@@ -349,6 +442,7 @@ async fn a_tap_in_early_data_is_not_decided_before_the_handshake_completes() {
     let tls = tapgate_transport::tls::GateTls::new(
         h.gateway.certificate_der(),
         tapgate_transport::tls::Resumption::EarlyHello,
+        tapgate_protocol::Version::V1,
     )
     .and_then(|tls| tls.for_one_gate())
     .unwrap();
@@ -989,6 +1083,7 @@ async fn past_half_the_limit_a_connection_proves_its_address_before_it_counts() 
     let tls = tapgate_transport::tls::GateTls::new(
         h.gateway.certificate_der(),
         tapgate_transport::tls::Resumption::Full,
+        tapgate_protocol::Version::V1,
     )
     .and_then(|tls| tls.for_one_gate())
     .unwrap();

@@ -52,6 +52,7 @@ fn load(
         drop: 0.0,
         resumption: Resumption::EarlyHello,
         added_rtt: Duration::ZERO,
+        version: tapgate_protocol::Version::V1,
         show_progress: false,
     }
 }

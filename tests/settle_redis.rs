@@ -87,6 +87,7 @@ fn load_spec(h: &Harness, rate: f64, seconds: u64) -> LoadSpec {
         drop: 0.0,
         resumption: Resumption::EarlyHello,
         added_rtt: Duration::ZERO,
+        version: tapgate_protocol::Version::V1,
         show_progress: false,
     }
 }

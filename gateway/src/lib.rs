@@ -10,6 +10,7 @@ pub mod cache;
 pub mod card;
 pub mod config;
 pub mod decide;
+pub mod deny;
 pub mod directory;
 pub mod metrics;
 pub mod node;

@@ -129,6 +129,17 @@ pub struct Metrics {
     pub decisions_restored: AtomicU64,
     /// From a Tap frame read to its answer written.
     pub answer_latency: DurationHistogram,
+    /// The deny list's version at this node, and how many cards are on it.
+    pub deny_version: AtomicU64,
+    pub deny_entries: AtomicU64,
+    /// Version-2 gates following the deny list here.
+    pub deny_gates: AtomicI64,
+    pub deny_changes_sent: AtomicU64,
+    pub deny_list_parts_sent: AtomicU64,
+    /// Whole lists started: gates that were new, too far behind, or ahead of this node.
+    pub deny_resyncs: AtomicU64,
+    /// From a change reaching this node to a gate acknowledging it.
+    pub deny_propagation: DurationHistogram,
     pub by_place: AnswersByPlace,
     /// Authenticated gates connected now, by mode (in the order of `Mode::ALL`).
     pub gates_by_mode: [AtomicI64; 5],

@@ -133,6 +133,7 @@ fn render_gateway(sink: &mut Sink, counters: &GatewayCounters) -> fmt::Result {
         count,
         &buckets,
     )?;
+    render_deny_list(sink, &counters.metrics)?;
     let (sum, count, buckets) = counters.journal.sync_latency.snapshot();
     sink.histogram_seconds(
         "journal_sync",
@@ -265,6 +266,58 @@ fn render_places(sink: &mut Sink, counters: &GatewayCounters) -> fmt::Result {
 }
 
 /// Connections, sessions and the answers shared between gateways.
+/// The deny list at this node and how it reaches the version-2 gates.
+fn render_deny_list(sink: &mut Sink, m: &Metrics) -> fmt::Result {
+    let load = |n: &std::sync::atomic::AtomicU64| n.load(Ordering::Relaxed);
+    let rows: [(&str, &str, &str, u64); 6] = [
+        (
+            "deny_list_version",
+            "gauge",
+            "The deny list's version at this node; every node of a city should show the same.",
+            load(&m.deny_version),
+        ),
+        (
+            "deny_list_cards",
+            "gauge",
+            "Cards on the deny list (lost, blocked, cancelled).",
+            load(&m.deny_entries),
+        ),
+        (
+            "deny_list_gates",
+            "gauge",
+            "Version-2 gates following the deny list at this node.",
+            m.deny_gates.load(Ordering::Relaxed).max(0) as u64,
+        ),
+        (
+            "deny_list_changes_frames_total",
+            "counter",
+            "DenyChanges frames sent to gates.",
+            load(&m.deny_changes_sent),
+        ),
+        (
+            "deny_list_parts_total",
+            "counter",
+            "DenyList frames (parts of the whole list) sent to gates.",
+            load(&m.deny_list_parts_sent),
+        ),
+        (
+            "deny_list_resyncs_total",
+            "counter",
+            "Whole deny lists started for a gate that was new, too far behind, or ahead of this node.",
+            load(&m.deny_resyncs),
+        ),
+    ];
+    sink.rows(&rows)?;
+    let (sum, count, buckets) = m.deny_propagation.snapshot();
+    sink.histogram_seconds(
+        "deny_list_propagation",
+        "From a deny-list change reaching this node to a gate acknowledging it.",
+        sum,
+        count,
+        &buckets,
+    )
+}
+
 fn render_sessions(sink: &mut Sink, m: &MetricsSnapshot) -> fmt::Result {
     let single: [(&str, &str, &str, u64); 12] = [
         (

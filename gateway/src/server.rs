@@ -4,6 +4,7 @@
 use crate::cache::CardCache;
 use crate::card::CardPseudonymizer;
 use crate::decide::{CountedRide, Decision, GatePlace, with_ride_claim};
+use crate::deny::{DenyBook, DenyEvent, GateFollow};
 use crate::directory::{
     ChangeEvent, Directory, DirectoryError, RideClaim, TerminalChange, TerminalRecord,
 };
@@ -22,6 +23,7 @@ use std::time::{Duration, Instant};
 use tapgate_journal::{Durable, Journal, JournalRecord, JournalSettings, JournalWriter};
 use tapgate_protocol::{
     ErrorCode, ErrorFrame, Frame, KeyRing, MacKey, Outcome, SealedFrame, Tag, Tap, TapResult,
+    Version,
 };
 use tapgate_runtime::health::{Panics, PartHealth, supervise};
 use tapgate_runtime::now_ms;
@@ -131,7 +133,17 @@ struct Shared {
     tasks: Arc<PartHealth>,
     panics: Arc<Panics>,
     shutdown: watch::Receiver<bool>,
+    /// The deny list every version-2 gate follows.
+    deny: RwLock<DenyBook>,
+    /// Moves on whenever the deny list changes, to wake the sessions that follow it.
+    deny_changed: watch::Receiver<u64>,
+    /// The version each following session's gate last acknowledged, by connection.
+    deny_acked: Arc<DashMap<usize, u64>>,
 }
+
+/// Deny-list changes a node keeps for gates that are behind; a gate further behind is sent the
+/// whole list. At a change a second, about a day.
+const DENY_RECENT: usize = 65_536;
 
 /// A decided tap on its way to the other gateways, and who waits for it to get there.
 type SharedDecision = (JournalRecord, oneshot::Sender<()>);
@@ -223,6 +235,7 @@ impl Gateway {
             cache_capacity,
         ));
         let changes = directory.follow_changes().await;
+        let deny_events = directory.follow_deny_list().await;
 
         let tasks = Arc::new(PartHealth::default());
         let panics = Arc::new(Panics::default());
@@ -250,6 +263,7 @@ impl Gateway {
         });
 
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let deny_changed = watch::Sender::new(0);
         let shared = Arc::new(Shared {
             keys,
             limits,
@@ -266,13 +280,11 @@ impl Gateway {
             tasks: tasks.clone(),
             panics: panics.clone(),
             shutdown: shutdown_rx,
+            deny: RwLock::new(DenyBook::new(DENY_RECENT)),
+            deny_changed: deny_changed.subscribe(),
+            deny_acked: Arc::default(),
         });
-        supervise(
-            "change feed",
-            tasks,
-            panics,
-            apply_changes(Arc::downgrade(&shared), changes),
-        );
+        follow_directory(&shared, changes, deny_events, deny_changed);
         let accept_task = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
         tracing::info!(%local_addr, "gateway listening");
         Ok(Gateway {
@@ -314,6 +326,34 @@ impl Gateway {
 
     pub fn cache(&self) -> &Arc<CardCache> {
         &self.shared.cache
+    }
+
+    /// The deny list's version at this node, and how many cards are on it.
+    pub fn deny_list(&self) -> (u64, usize) {
+        let book = self.shared.deny.read().expect("deny book lock");
+        (book.version(), book.len())
+    }
+
+    /// Version-2 gates following the deny list here now.
+    pub fn deny_list_gates(&self) -> u64 {
+        self.shared
+            .metrics
+            .deny_gates
+            .load(Ordering::Relaxed)
+            .max(0) as u64
+    }
+
+    /// Following gates whose last acknowledgement is below `version` (or that have not
+    /// acknowledged yet).
+    pub fn deny_list_acknowledged_below(&self, version: u64) -> u64 {
+        let acknowledged = self.shared.deny_acked.len() as u64;
+        let below = self
+            .shared
+            .deny_acked
+            .iter()
+            .filter(|entry| *entry.value() < version)
+            .count() as u64;
+        below + self.deny_list_gates().saturating_sub(acknowledged)
     }
 
     pub fn journal(&self) -> &Journal {
@@ -358,6 +398,27 @@ impl Gateway {
     }
 }
 
+/// Starts applying what the directory's feeds say, under the gateway's task supervision.
+fn follow_directory(
+    shared: &Arc<Shared>,
+    changes: mpsc::Receiver<ChangeEvent>,
+    deny_events: mpsc::Receiver<DenyEvent>,
+    deny_changed: watch::Sender<u64>,
+) {
+    supervise(
+        "deny list",
+        shared.tasks.clone(),
+        shared.panics.clone(),
+        apply_deny_list(Arc::downgrade(shared), deny_events, deny_changed),
+    );
+    supervise(
+        "change feed",
+        shared.tasks.clone(),
+        shared.panics.clone(),
+        apply_changes(Arc::downgrade(shared), changes),
+    );
+}
+
 /// Applies the directory's change feed until it ends or the gateway is gone: cards to the
 /// cache, gates to the provisioning this gateway has cached and to their open sessions.
 async fn apply_changes(shared: std::sync::Weak<Shared>, mut changes: mpsc::Receiver<ChangeEvent>) {
@@ -398,6 +459,38 @@ async fn apply_changes(shared: std::sync::Weak<Shared>, mut changes: mpsc::Recei
             }
             ChangeEvent::Changed(change) => shared.cache.apply(change, now_ms()),
         }
+    }
+}
+
+/// Applies the directory's deny list to the node's book and wakes the sessions that follow it,
+/// until the feed ends or the gateway is gone.
+async fn apply_deny_list(
+    shared: std::sync::Weak<Shared>,
+    mut events: mpsc::Receiver<DenyEvent>,
+    changed: watch::Sender<u64>,
+) {
+    while let Some(event) = events.recv().await {
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let applied = {
+            let mut book = shared.deny.write().expect("deny book lock");
+            let applied = book.apply(event, Instant::now());
+            shared
+                .metrics
+                .deny_version
+                .store(book.version(), Ordering::Relaxed);
+            shared
+                .metrics
+                .deny_entries
+                .store(book.len() as u64, Ordering::Relaxed);
+            applied
+        };
+        if let Err(gap) = applied {
+            // The feeds load the whole list again when they see a gap, so this is a bug.
+            tracing::error!(%gap, "deny list change out of order; ignored");
+        }
+        changed.send_modify(|revision| *revision += 1);
     }
 }
 
@@ -451,11 +544,14 @@ async fn apply_ride_updates(directory: Directory, mut rx: mpsc::Receiver<(u64, C
                     retry.reset();
                     break;
                 }
-                // The ride was taken (not replicated is about card changes, which this is not),
-                // or the record is unreadable, which the cache logged and counted.
-                Err(DirectoryError::Malformed { .. } | DirectoryError::NotReplicated { .. }) => {
-                    break;
-                }
+                // The ride was taken (not replicated and the deny list are about card changes,
+                // which this is not), or the record is unreadable, which the cache logged and
+                // counted.
+                Err(
+                    DirectoryError::Malformed { .. }
+                    | DirectoryError::NotReplicated { .. }
+                    | DirectoryError::DenyListBehind(_),
+                ) => break,
                 Err(DirectoryError::Unavailable(_)) => retry.wait().await,
             }
         }
@@ -608,6 +704,53 @@ struct Session {
     connection: quinn::Connection,
 }
 
+/// A version-2 session's part in the deny list.
+struct DenyFollowing {
+    follow: GateFollow,
+    mac: MacKey,
+    /// Where the session is counted among the gates following the list, while it lives.
+    metrics: Arc<Metrics>,
+    acked: Arc<DashMap<usize, u64>>,
+    connection: usize,
+}
+
+impl DenyFollowing {
+    fn new(
+        mac: MacKey,
+        metrics: &Arc<Metrics>,
+        acked: Arc<DashMap<usize, u64>>,
+        connection: usize,
+    ) -> Self {
+        metrics.deny_gates.fetch_add(1, Ordering::Relaxed);
+        DenyFollowing {
+            follow: GateFollow::default(),
+            mac,
+            metrics: metrics.clone(),
+            acked,
+            connection,
+        }
+    }
+}
+
+impl Drop for DenyFollowing {
+    fn drop(&mut self) {
+        self.metrics.deny_gates.fetch_sub(1, Ordering::Relaxed);
+        self.acked.remove(&self.connection);
+    }
+}
+
+/// The protocol version the gate and the gateway agreed on in the handshake (PROTOCOL.md
+/// section 1); version 1 when the gate offered no ALPN the gateway knows, which rustls does not
+/// let through.
+fn negotiated_version(connection: &quinn::Connection) -> Version {
+    connection
+        .handshake_data()
+        .and_then(|data| data.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|data| data.protocol)
+        .and_then(|alpn| Version::from_alpn(&alpn))
+        .unwrap_or(Version::V1)
+}
+
 /// The end of a connection's TLS handshake, which a session may start before: until then what
 /// has arrived on the stream may be early data, which an eavesdropper can replay (PROTOCOL.md
 /// section 1.2).
@@ -710,13 +853,23 @@ impl Session {
             terminal,
             state,
         };
+        let version = negotiated_version(&self.connection);
         let session = TapSession::new(
-            mac,
+            mac.clone(),
+            version,
             limits.max_in_flight,
             limits.idle_timeout,
             Instant::now(),
         );
-        self.run_taps(&mut reader, send, session, &gate).await;
+        let deny = (version >= Version::V2).then(|| {
+            DenyFollowing::new(
+                mac,
+                &self.shared.metrics,
+                self.shared.deny_acked.clone(),
+                self.connection.stable_id(),
+            )
+        });
+        self.run_taps(&mut reader, send, session, &gate, deny).await;
     }
 
     /// Checks the Hello (PROTOCOL.md section 5) and answers HelloAck.
@@ -835,8 +988,10 @@ impl Session {
         mut send: quinn::SendStream,
         mut session: TapSession<Waits>,
         gate: &Admitted,
+        mut deny: Option<DenyFollowing>,
     ) {
         let mut shutdown = self.shared.shutdown.clone();
+        let mut deny_changed = self.shared.deny_changed.clone();
         // One wait for the whole session: making a new one for every tap re-registers with the
         // watch each time, a measurable share of the per-tap work.
         let stopping = shutdown.wait_for(|stop| *stop);
@@ -860,6 +1015,9 @@ impl Session {
             let transmit = session.poll_transmit(&mut out, |result, read_at| {
                 self.answered(gate, result, read_at);
             });
+            if let (Transmit::Open, Some(deny)) = (transmit, deny.as_mut()) {
+                self.send_deny_list(deny, &mut out);
+            }
             let written = out.is_empty() || send.write_all(&out).await.is_ok();
             match transmit {
                 Transmit::Open if written => {}
@@ -885,6 +1043,12 @@ impl Session {
             let wants_frame = session.wants_frame();
             let head_waits = session.head_wait().is_some();
             let idle = session.poll_timeout().map(tokio::time::Instant::from_std);
+            let deny_follows = reading && deny.is_some();
+            let deny_behind = deny_follows
+                && deny.as_ref().is_some_and(|d| {
+                    d.follow
+                        .behind(&self.shared.deny.read().expect("deny book lock"))
+                });
             let next = tokio::select! {
                 biased;
                 _ = &mut stopping, if reading => {
@@ -901,6 +1065,9 @@ impl Session {
                     session.handle_timeout(Instant::now());
                     continue;
                 }
+                // The gate's list is behind the node's: send more once nothing above is ready.
+                () = std::future::ready(()), if deny_behind => continue,
+                Ok(()) = deny_changed.changed(), if deny_follows => continue,
             };
             let now = Instant::now();
             match next {
@@ -919,8 +1086,12 @@ impl Session {
                         &mut gate.state.window.lock().expect("window lock"),
                         now,
                     );
-                    if let Some(work) = work {
-                        self.work(&mut session, work, gate).await;
+                    match (work, deny.as_mut()) {
+                        (Some(Work::DenyHeld(version)), Some(deny)) => {
+                            self.deny_held(deny, version);
+                        }
+                        (Some(work), _) => self.work(&mut session, work, gate).await,
+                        (None, _) => {}
                     }
                 }
                 Ok(None) | Err(ReadError::Stream(_)) => session.handle_end(),
@@ -934,8 +1105,42 @@ impl Session {
         let (sequence, (result, waits)) = match work {
             Work::Decide { tap, tag } => (tap.sequence, self.decide_fresh(&tap, tag, gate).await),
             Work::Resend(answer) => (answer.sequence, self.resend(&gate.state, answer)),
+            // Only a version-2 session hands this out, and it always follows the list.
+            Work::DenyHeld(_) => return,
         };
         session.decided(sequence, result, waits);
+    }
+
+    /// Appends the deny-list frames the gate needs next.
+    fn send_deny_list(&self, deny: &mut DenyFollowing, out: &mut BytesMut) {
+        let book = self.shared.deny.read().expect("deny book lock");
+        let written = deny.follow.poll(&book, &deny.mac, out);
+        let metrics = &self.shared.metrics;
+        metrics
+            .deny_changes_sent
+            .fetch_add(written.changes as u64, Ordering::Relaxed);
+        metrics
+            .deny_list_parts_sent
+            .fetch_add(written.list_parts as u64, Ordering::Relaxed);
+        if written.resync {
+            metrics.deny_resyncs.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The gate's DenyAck: where its list goes on from, and (after the first) how long the
+    /// change it acknowledges took to reach it.
+    fn deny_held(&self, deny: &mut DenyFollowing, version: u64) {
+        let book = self.shared.deny.read().expect("deny book lock");
+        if deny.follow.acked().is_some()
+            && let Some(arrived) = book.arrived(version)
+        {
+            self.shared
+                .metrics
+                .deny_propagation
+                .record(arrived.elapsed());
+        }
+        deny.follow.acknowledged(version, &book);
+        self.shared.deny_acked.insert(deny.connection, version);
     }
 
     /// An answer on its way out: into the gate's window (waking resends that wait for it) and

@@ -5,7 +5,7 @@ use bytes::BytesMut;
 use std::net::SocketAddr;
 use tapgate_protocol::{
     AreaCode, DecodeError, ErrorFrame, Frame, FrameType, Hello, HelloAck, MacKey, Mode, TapResult,
-    TerminalKey, seal,
+    TerminalKey, Version, seal,
 };
 use tapgate_transport::{FrameReader, ReadError};
 
@@ -189,6 +189,16 @@ impl GateClient {
         }
         client.early_hello = early;
         Ok(client)
+    }
+
+    /// The protocol version the handshake agreed on (PROTOCOL.md section 1).
+    pub fn version(&self) -> Version {
+        self.connection
+            .handshake_data()
+            .and_then(|data| data.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+            .and_then(|data| data.protocol)
+            .and_then(|alpn| Version::from_alpn(&alpn))
+            .unwrap_or(Version::V1)
     }
 
     /// Sends the Hello and reads its answer.

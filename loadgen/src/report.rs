@@ -77,8 +77,52 @@ pub struct Report {
     pub moved: u64,
     /// Connections the gates made again during the run (after `--drop`, a loss or a refusal).
     pub reconnects: Reconnects,
+    /// The deny list as the version-2 gates (`--protocol 2`) held it at the end.
+    #[serde(skip_serializing_if = "DenyFollowed::is_empty")]
+    pub deny: DenyFollowed,
     #[serde(skip)]
     pub histogram: Histogram<u64>,
+}
+
+/// How the version-2 gates followed the deny list during a run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct DenyFollowed {
+    /// Gates that negotiated version 2 and followed the list.
+    pub gates: u64,
+    /// The lowest and highest version a gate held at the end: equal when every gate caught up.
+    pub lowest_version: u64,
+    pub highest_version: u64,
+    /// Cards on the list of the gate with the highest version.
+    pub cards: u64,
+    pub changes_frames: u64,
+    pub list_parts: u64,
+    /// Whole lists received (the first list of each gate included).
+    pub whole_lists: u64,
+}
+
+impl DenyFollowed {
+    pub fn is_empty(&self) -> bool {
+        self.gates == 0
+    }
+
+    pub fn merge(&mut self, other: &DenyFollowed) {
+        if other.gates == 0 {
+            return;
+        }
+        self.lowest_version = if self.gates == 0 {
+            other.lowest_version
+        } else {
+            self.lowest_version.min(other.lowest_version)
+        };
+        if other.highest_version >= self.highest_version {
+            self.cards = other.cards;
+        }
+        self.highest_version = self.highest_version.max(other.highest_version);
+        self.gates += other.gates;
+        self.changes_frames += other.changes_frames;
+        self.list_parts += other.list_parts;
+        self.whole_lists += other.whole_lists;
+    }
 }
 
 /// Gates' reconnections during a run and how long each took.
@@ -170,6 +214,20 @@ impl Report {
                 s,
                 "resent after a reconnect: {} taps the old connection left unanswered",
                 self.resent
+            );
+        }
+        if !self.deny.is_empty() {
+            let d = &self.deny;
+            let _ = writeln!(
+                s,
+                "deny list: {} gates followed it; versions {}..{} at the end, {} cards; {} change frames, {} list parts, {} whole lists",
+                d.gates,
+                d.lowest_version,
+                d.highest_version,
+                d.cards,
+                d.changes_frames,
+                d.list_parts,
+                d.whole_lists
             );
         }
         if self.moved > 0 {
@@ -430,6 +488,7 @@ mod tests {
             injected: Vec::new(),
             riders_over_budget: 0,
             moved: 0,
+            deny: DenyFollowed::default(),
             reconnects: Reconnects::default(),
             histogram,
         }

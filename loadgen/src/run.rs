@@ -11,7 +11,7 @@
 use crate::client::{ClientError, EarlyHello, GateClient, GateIdentity, gate_endpoint, hello};
 use crate::fraud::FraudPlan;
 use crate::link::DelayedLink;
-use crate::report::{Percentiles, Reconnects, Report};
+use crate::report::{DenyFollowed, Percentiles, Reconnects, Report};
 use crate::workload::{Action, Faults, GateWorkload};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tapgate_city::TerminalRecord;
 use tapgate_city::population::PopulationSpec;
-use tapgate_protocol::{ErrorCode, Frame, MasterKey, Outcome};
+use tapgate_protocol::{DenyAck, ErrorCode, Frame, GateDenyList, MasterKey, Outcome, Version};
 use tapgate_transport::now_ms;
 use tapgate_transport::retry::Backoff;
 use tapgate_transport::tls::{GateTls, Resumption};
@@ -76,6 +76,8 @@ pub struct LoadSpec {
     /// Added to every round trip between the gates and the gateway (each datagram a gate sends
     /// is held back this long), to see on one machine what a cellular link's round trips cost.
     pub added_rtt: Duration,
+    /// The newest protocol version the gates offer. With 2 they follow the deny list.
+    pub version: Version,
     pub show_progress: bool,
 }
 
@@ -121,6 +123,7 @@ struct GateStats {
     reconnected: u64,
     early_hellos_answered: u64,
     early_hellos_refused: u64,
+    deny: DenyFollowed,
 }
 
 fn histogram() -> Histogram<u64> {
@@ -142,6 +145,7 @@ impl GateStats {
             reconnected: 0,
             early_hellos_answered: 0,
             early_hellos_refused: 0,
+            deny: DenyFollowed::default(),
         }
     }
 
@@ -156,6 +160,7 @@ impl GateStats {
         self.reconnected += other.reconnected;
         self.early_hellos_answered += other.early_hellos_answered;
         self.early_hellos_refused += other.early_hellos_refused;
+        self.deny.merge(&other.deny);
         self.sent += other.sent;
         self.resent += other.resent;
         self.answered += other.answered;
@@ -292,7 +297,7 @@ pub async fn run(spec: LoadSpec) -> Result<Report, LoadError> {
         });
     }
     let endpoint = gate_endpoint(&spec.trusted_cert, any_port(spec.target), spec.added_rtt)?;
-    let tls = GateTls::new(&spec.trusted_cert, spec.resumption)
+    let tls = GateTls::new(&spec.trusted_cert, spec.resumption, spec.version)
         .map_err(|e| ClientError::Connect(e.to_string()))?;
     let ready = connected_gates(&spec, &tls, &endpoint).await?;
     let connected = ready.len();
@@ -343,6 +348,7 @@ pub async fn run(spec: LoadSpec) -> Result<Report, LoadError> {
     let unsent = std::mem::take(&mut total.unsent_injections);
     let over_budget = total.over_budget;
     let moved = total.moved;
+    let deny = std::mem::take(&mut total.deny);
     let reconnects = Reconnects {
         reconnected: total.reconnected,
         early_hellos_answered: total.early_hellos_answered,
@@ -358,6 +364,7 @@ pub async fn run(spec: LoadSpec) -> Result<Report, LoadError> {
     report.injected = plan.map_or_else(Vec::new, |plan| plan.sent(&unsent));
     report.riders_over_budget = over_budget;
     report.moved = moved;
+    report.deny = deny;
     Ok(report)
 }
 
@@ -517,6 +524,7 @@ fn report(shared: &Shared, total: GateStats, connected: usize, behind: u64) -> R
         riders_over_budget: 0,
         moved: 0,
         reconnects: Reconnects::default(),
+        deny: DenyFollowed::default(),
         histogram: from_intended,
     }
 }
@@ -691,6 +699,8 @@ struct Gate {
     last_answered: bool,
     in_flight: HashMap<u64, InFlight>,
     stats: GateStats,
+    /// The gate's deny list, kept across its connections; `None` for a version-1 gate.
+    deny: Option<GateDenyList>,
 }
 
 /// A tap sent and not yet answered, kept as sent so it can be resent byte for byte on the next
@@ -721,6 +731,61 @@ impl Gate {
             last_answered: false,
             in_flight: HashMap::new(),
             stats: GateStats::new(),
+            deny: None,
+        }
+    }
+
+    /// On a version-2 connection, tells the gateway which deny-list version the gate holds,
+    /// so the gateway goes on from there (the whole list for a new gate).
+    async fn follow_deny_list(&mut self) -> Result<(), ClientError> {
+        if self.client.version() < Version::V2 {
+            return Ok(());
+        }
+        let version = self
+            .deny
+            .get_or_insert_with(GateDenyList::default)
+            .version();
+        self.client
+            .send_frame(&Frame::DenyAck(DenyAck { version }))
+            .await
+    }
+
+    /// A frame from the gateway: deny-list frames are applied and acknowledged, answers
+    /// recorded.
+    async fn take(&mut self, frame: Frame) -> Result<(), ClientError> {
+        let applied = match (&frame, self.deny.as_mut()) {
+            (Frame::DenyChanges(changes), Some(list)) => {
+                self.stats.deny.changes_frames += 1;
+                list.apply_changes(changes).map(Some)
+            }
+            (Frame::DenyList(part), Some(list)) => {
+                self.stats.deny.list_parts += 1;
+                self.stats.deny.whole_lists += u64::from(part.last);
+                list.apply_list(part)
+            }
+            _ => {
+                self.record(frame);
+                return Ok(());
+            }
+        };
+        match applied {
+            Ok(Some(ack)) => self.client.send_frame(&Frame::DenyAck(ack)).await,
+            Ok(None) => Ok(()),
+            Err(out_of_step) => {
+                self.stats.error("deny_list_out_of_step");
+                Err(ClientError::Connection(out_of_step.to_string()))
+            }
+        }
+    }
+
+    /// The gate's deny list as it ends the run.
+    fn deny_followed(&mut self) {
+        if let Some(list) = &self.deny {
+            let d = &mut self.stats.deny;
+            d.gates = 1;
+            d.lowest_version = list.version();
+            d.highest_version = list.version();
+            d.cards = list.len() as u64;
         }
     }
 
@@ -895,7 +960,10 @@ impl Gate {
                     self.count_reconnect(began.elapsed(), client.early_hello);
                     self.next_sequence = self.next_sequence.max(client.ack.last_sequence + 1);
                     self.client = client;
-                    self.resend_unanswered().await
+                    match self.follow_deny_list().await {
+                        Ok(()) => self.resend_unanswered().await,
+                        Err(e) => Err(e),
+                    }
                 }
                 Err(e) => Err(e),
             };
@@ -959,7 +1027,11 @@ impl Gate {
         let deadline = tokio::time::Instant::now() + DRAIN;
         while !self.in_flight.is_empty() {
             match tokio::time::timeout_at(deadline, self.client.recv()).await {
-                Ok(Ok(frame)) => self.record(frame),
+                Ok(Ok(frame)) => {
+                    if self.take(frame).await.is_err() {
+                        break;
+                    }
+                }
                 _ => break,
             }
         }
@@ -968,19 +1040,28 @@ impl Gate {
                 self.in_flight.len() as u64;
         }
         self.client.close();
+        self.deny_followed();
     }
 }
 
 async fn drive_open_loop(mut gate: Gate, mut due: mpsc::Receiver<Instant>) -> GateStats {
+    if let Err(e) = gate.follow_deny_list().await
+        && !gate.recover(&e).await
+    {
+        return gate.stats;
+    }
     loop {
         tokio::select! {
             biased;
-            answer = gate.client.receiver.recv() => match answer {
-                Ok(frame) => gate.record(frame),
-                Err(e) => {
-                    if !gate.recover(&e).await {
-                        break;
-                    }
+            answer = gate.client.receiver.recv() => {
+                let taken = match answer {
+                    Ok(frame) => gate.take(frame).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = taken
+                    && !gate.recover(&e).await
+                {
+                    break;
                 }
             },
             intended = due.recv(), if gate.may_send() => {
@@ -1003,6 +1084,11 @@ async fn drive_open_loop(mut gate: Gate, mut due: mpsc::Receiver<Instant>) -> Ga
 async fn drive_closed_loop(mut gate: Gate) -> GateStats {
     let shared = gate.shared.clone();
     tokio::time::sleep_until(shared.start.into()).await;
+    if let Err(e) = gate.follow_deny_list().await
+        && !gate.recover(&e).await
+    {
+        return gate.stats;
+    }
     while !shared.stop.load(Ordering::Relaxed) {
         // Taps resent after a reconnect are answered before the next one goes out. A fault
         // expects the gateway's Error instead of an answer; either way, read next.
@@ -1012,7 +1098,10 @@ async fn drive_closed_loop(mut gate: Gate) -> GateStats {
             Ok(())
         };
         let result = match sent {
-            Ok(()) => gate.client.recv().await.map(|frame| gate.record(frame)),
+            Ok(()) => match gate.client.recv().await {
+                Ok(frame) => gate.take(frame).await,
+                Err(e) => Err(e),
+            },
             Err(e) => Err(e),
         };
         if let Err(e) = result

@@ -10,12 +10,14 @@
 //! ```
 
 use crate::crypto::{BadMac, MacKey, TAG_LEN, Tag};
-use crate::frame::{ErrorCode, ErrorFrame, Frame, FrameType, InvalidField};
+use crate::frame::{
+    BodyLen, DENY_ENTRY_LEN, ErrorCode, ErrorFrame, Frame, FrameType, InvalidField,
+    MAX_DENY_ENTRIES,
+};
 use bytes::{BufMut, Bytes, BytesMut};
 
-/// QUIC ALPN protocol id.
-pub const ALPN: &[u8] = b"tapgate/1";
-/// The version byte this implementation speaks.
+/// The version byte of the frame layout. Both protocol versions (which ALPN negotiates, see
+/// [`crate::Version`]) use this layout: version 2 adds frame types, it changes none.
 pub const PROTOCOL_VERSION: u8 = 1;
 /// Size of the length prefix.
 pub const LEN_PREFIX: usize = 2;
@@ -25,9 +27,14 @@ pub const HEADER_LEN: usize = 2;
 /// before any of the frame is buffered.
 pub const MAX_FRAME_LEN: usize = 256;
 
-/// Total size on the wire of a frame of type `ty`, prefix and tag included.
+/// Total size on the wire of a frame of type `ty`, prefix and tag included; for a type whose
+/// body holds entries, of one with none.
 pub const fn wire_len(ty: FrameType) -> usize {
-    LEN_PREFIX + HEADER_LEN + ty.body_len() + TAG_LEN
+    let body = match ty.body_len() {
+        BodyLen::Fixed(len) => len,
+        BodyLen::Entries { head } => head,
+    };
+    LEN_PREFIX + HEADER_LEN + body + TAG_LEN
 }
 
 /// Why bytes could not be read as a frame.
@@ -47,6 +54,13 @@ pub enum DecodeError {
         declared: usize,
         expected: usize,
     },
+    #[error(
+        "{frame_type} frame declared {declared} bytes after the prefix: not a whole number of entries, or more than {MAX_DENY_ENTRIES}"
+    )]
+    EntryLength {
+        frame_type: FrameType,
+        declared: usize,
+    },
     #[error(transparent)]
     InvalidField(#[from] InvalidField),
     /// The peer finished its stream with this many bytes of an unfinished frame.
@@ -64,6 +78,7 @@ impl DecodeError {
             DecodeError::TooShort(_)
             | DecodeError::Truncated(_)
             | DecodeError::BodyLength { .. }
+            | DecodeError::EntryLength { .. }
             | DecodeError::InvalidField(_) => ErrorCode::MalformedFrame,
         }
     }
@@ -187,19 +202,40 @@ pub fn take_frame(buf: &mut BytesMut) -> Result<Option<SealedFrame>, DecodeError
     };
     let frame_type =
         FrameType::from_code(type_byte).ok_or(DecodeError::UnknownFrameType(type_byte))?;
-    let expected = wire_len(frame_type) - LEN_PREFIX;
-    if declared != expected {
-        return Err(DecodeError::BodyLength {
-            frame_type,
-            declared,
-            expected,
-        });
-    }
+    check_body_len(frame_type, declared)?;
     if buf.len() < LEN_PREFIX + declared {
         return Ok(None);
     }
     let bytes = buf.split_to(LEN_PREFIX + declared).freeze();
     Ok(Some(SealedFrame { frame_type, bytes }))
+}
+
+/// Whether `declared` bytes after the prefix can hold a frame of this type.
+fn check_body_len(frame_type: FrameType, declared: usize) -> Result<(), DecodeError> {
+    let body = declared - HEADER_LEN - TAG_LEN;
+    match frame_type.body_len() {
+        BodyLen::Fixed(len) if body != len => Err(DecodeError::BodyLength {
+            frame_type,
+            declared,
+            expected: len + HEADER_LEN + TAG_LEN,
+        }),
+        BodyLen::Fixed(_) => Ok(()),
+        BodyLen::Entries { head } => {
+            let entries = body.checked_sub(head);
+            match entries {
+                Some(bytes)
+                    if bytes % DENY_ENTRY_LEN == 0
+                        && bytes / DENY_ENTRY_LEN <= MAX_DENY_ENTRIES =>
+                {
+                    Ok(())
+                }
+                _ => Err(DecodeError::EntryLength {
+                    frame_type,
+                    declared,
+                }),
+            }
+        }
+    }
 }
 
 /// Reads exactly one frame from `input`, which must hold nothing else. For tools and tests;
@@ -237,7 +273,7 @@ pub fn seal_unkeyed_error(error: ErrorFrame, out: &mut BytesMut) {
 /// Writes prefix, header and body; returns where the frame starts in `out`.
 fn put_unsealed(frame: &Frame, out: &mut BytesMut) -> usize {
     let ty = frame.frame_type();
-    let total = wire_len(ty);
+    let total = LEN_PREFIX + HEADER_LEN + frame.body_size() + TAG_LEN;
     out.reserve(total);
     let start = out.len();
     out.put_u16((total - LEN_PREFIX) as u16);

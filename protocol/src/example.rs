@@ -5,7 +5,8 @@ use crate::MacKey;
 use crate::codec::seal;
 use crate::crypto::{MasterKey, TAG_LEN};
 use crate::frame::{
-    ErrorCode, ErrorFrame, Frame, Hello, HelloAck, Outcome, Reason, Tap, TapKind, TapResult,
+    DenyAck, DenyChanges, DenyEntry, DenyList, ErrorCode, ErrorFrame, Frame, Hello, HelloAck,
+    Outcome, Reason, Tap, TapKind, TapResult,
 };
 use crate::registry::{AreaCode, Concession, Issuer, Mode};
 use bytes::BytesMut;
@@ -73,6 +74,65 @@ pub fn lines() -> Vec<(String, String)> {
     out
 }
 
+/// The deny-list example of PROTOCOL.md (protocol version 2), in the order the frames cross
+/// the wire: a new gate says it holds nothing, gets the whole list (two cards, version 3) in
+/// one part, acknowledges it, then gets a card reported lost (version 4) and acknowledges that.
+pub fn deny_frames() -> [Frame; 5] {
+    let lost = DenyEntry {
+        card_id: 6_222_000_123_456_789,
+        reason: Reason::CardLost,
+    };
+    [
+        Frame::DenyAck(DenyAck { version: 0 }),
+        Frame::DenyList(DenyList {
+            version: 3,
+            first: true,
+            last: true,
+            entries: vec![
+                DenyEntry {
+                    card_id: 6_222_000_100_000_001,
+                    reason: Reason::CardBlocked,
+                },
+                DenyEntry {
+                    card_id: 6_222_000_100_000_002,
+                    reason: Reason::CardCancelled,
+                },
+            ],
+        }),
+        Frame::DenyAck(DenyAck { version: 3 }),
+        Frame::DenyChanges(DenyChanges {
+            first_version: 4,
+            entries: vec![lost],
+        }),
+        Frame::DenyAck(DenyAck { version: 4 }),
+    ]
+}
+
+/// `name: value` lines of the deny-list example, each frame sealed under the example's
+/// terminal key.
+pub fn deny_lines() -> Vec<(String, String)> {
+    let mac = MasterKey::from_hex(MASTER_KEY_HEX)
+        .expect("the example key is valid hex")
+        .diversify(TERMINAL_ID)
+        .mac_key();
+    let mut acks = 0;
+    deny_frames()
+        .into_iter()
+        .map(|frame| {
+            let mut wire = BytesMut::new();
+            seal(&frame, &mac, &mut wire);
+            let name = match frame {
+                Frame::DenyAck(_) => {
+                    acks += 1;
+                    format!("deny_ack_{acks}_frame")
+                }
+                other => format!("{}_frame", other.frame_type().label()),
+            };
+            (name, hex(&wire))
+        })
+        .collect()
+}
+
 /// One test vector for implementers: a frame as it crosses the wire, under the example's
 /// terminal key.
 #[derive(Debug, Clone)]
@@ -101,6 +161,24 @@ pub fn vectors() -> Vec<Vector> {
     session_vectors(&mut vectors);
     answer_vectors(&mut vectors);
     error_vectors(&mut vectors);
+    let notes = [
+        "version 2: a new gate holds no list yet",
+        "version 2: the whole list at version 3 in one part (first and last)",
+        "version 2: the gate holds version 3",
+        "version 2: a card reported lost, version 4",
+        "version 2: the gate holds version 4",
+    ];
+    let mut acks = 0;
+    for (frame, note) in deny_frames().into_iter().zip(notes) {
+        let (name, direction) = match frame {
+            Frame::DenyAck(_) => {
+                acks += 1;
+                (format!("deny_ack_{acks}"), UP)
+            }
+            ref other => (other.frame_type().label().to_owned(), DOWN),
+        };
+        vectors.push(name, direction, note, frame, true);
+    }
     vectors.out
 }
 
@@ -169,14 +247,14 @@ fn session_vectors(vectors: &mut VectorSet) {
         "tap".into(),
         UP,
         "an elder card entering the metro",
-        tap,
+        tap.clone(),
         true,
     );
     vectors.push(
         "tap_result_approve".into(),
         DOWN,
         "the approval (free: elder concession, 1,199 counted rides left)",
-        approval,
+        approval.clone(),
         true,
     );
     vectors.push(

@@ -19,19 +19,103 @@ wire_enum! {
         TapResult = 0x04 => "tap_result",
         /// gateway → gate: a protocol error; the gateway closes the connection after sending it.
         Error = 0x05 => "error",
+        /// gate → gateway (version 2): the deny-list version the gate holds.
+        DenyAck = 0x06 => "deny_ack",
+        /// gateway → gate (version 2): the next changes to the deny list, in order.
+        DenyChanges = 0x07 => "deny_changes",
+        /// gateway → gate (version 2): one part of the whole deny list, replacing the gate's.
+        DenyList = 0x08 => "deny_list",
     }
 }
 
+/// How long a frame type's body is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyLen {
+    Fixed(usize),
+    /// A head of this many bytes, then a count byte's worth of [`DENY_ENTRY_LEN`]-byte entries,
+    /// at most [`MAX_DENY_ENTRIES`]; the count byte ends the head.
+    Entries {
+        head: usize,
+    },
+}
+
+/// Size of one deny-list entry: card id and reason.
+pub const DENY_ENTRY_LEN: usize = 9;
+/// Deny-list entries in one frame at most, so the frame stays within `MAX_FRAME_LEN`.
+pub const MAX_DENY_ENTRIES: usize = 25;
+
 impl FrameType {
     /// Size of this frame type's body in bytes.
-    pub const fn body_len(self) -> usize {
+    pub const fn body_len(self) -> BodyLen {
         match self {
-            FrameType::Hello => 32,
-            FrameType::HelloAck => 36,
-            FrameType::Tap => 30,
-            FrameType::TapResult => 17,
-            FrameType::Error => 10,
+            FrameType::Hello => BodyLen::Fixed(32),
+            FrameType::HelloAck => BodyLen::Fixed(36),
+            FrameType::Tap => BodyLen::Fixed(30),
+            FrameType::TapResult => BodyLen::Fixed(17),
+            FrameType::Error => BodyLen::Fixed(10),
+            FrameType::DenyAck => BodyLen::Fixed(8),
+            FrameType::DenyChanges => BodyLen::Entries { head: 9 },
+            FrameType::DenyList => BodyLen::Entries { head: 10 },
         }
+    }
+
+    /// The protocol version that introduced this frame type; a connection of an earlier
+    /// version treats it as unknown.
+    pub const fn since(self) -> Version {
+        match self {
+            FrameType::DenyAck | FrameType::DenyChanges | FrameType::DenyList => Version::V2,
+            _ => Version::V1,
+        }
+    }
+}
+
+/// The protocol versions, negotiated by ALPN (PROTOCOL.md section 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Version {
+    V1,
+    /// Adds the deny list (frames 0x06 to 0x08).
+    V2,
+}
+
+impl Version {
+    pub const NEWEST: Version = Version::V2;
+
+    /// The ALPN protocol id that selects this version.
+    pub const fn alpn(self) -> &'static [u8] {
+        match self {
+            Version::V1 => b"tapgate/1",
+            Version::V2 => b"tapgate/2",
+        }
+    }
+
+    /// The version an ALPN id selects; `None` for ids that are not tapgate's.
+    pub fn from_alpn(alpn: &[u8]) -> Option<Version> {
+        [Version::V2, Version::V1]
+            .into_iter()
+            .find(|version| version.alpn() == alpn)
+    }
+
+    /// The ALPN ids of this version and every earlier one, newest first: what a gate that
+    /// speaks up to `self` offers, and what a gateway offers.
+    pub fn alpn_offer(self) -> Vec<Vec<u8>> {
+        [Version::V2, Version::V1]
+            .into_iter()
+            .filter(|version| *version <= self)
+            .map(|version| version.alpn().to_vec())
+            .collect()
+    }
+
+    pub const fn number(self) -> u8 {
+        match self {
+            Version::V1 => 1,
+            Version::V2 => 2,
+        }
+    }
+}
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.number())
     }
 }
 
@@ -172,6 +256,55 @@ pub struct TapResult {
     pub rides_left: u16,
 }
 
+/// One card on the deny list, or off it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DenyEntry {
+    pub card_id: u64,
+    /// Why the card is refused (`CardLost`, `CardBlocked`, `CardCancelled`), or `Approved`
+    /// in a change that takes the card off the list.
+    pub reason: Reason,
+}
+
+impl DenyEntry {
+    /// Whether the entry puts the card on the list (rather than taking it off).
+    pub fn denies(&self) -> bool {
+        self.reason != Reason::Approved
+    }
+}
+
+/// The deny-list version a gate holds: after its Hello, after each change it applied and after
+/// a whole list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DenyAck {
+    pub version: u64,
+}
+
+/// Consecutive changes to the deny list: entry `i` makes version `first_version + i`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DenyChanges {
+    pub first_version: u64,
+    pub entries: Vec<DenyEntry>,
+}
+
+impl DenyChanges {
+    /// The version a gate holds once it applied these.
+    pub fn last_version(&self) -> u64 {
+        self.first_version + self.entries.len() as u64 - 1
+    }
+}
+
+/// One part of the whole deny list at `version`. The parts come in order, the first with
+/// `first`, the last with `last` (one part may be both); the gate replaces its list with theirs
+/// when the last arrives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DenyList {
+    pub version: u64,
+    pub first: bool,
+    pub last: bool,
+    /// Only cards on the list (no `Approved` entries).
+    pub entries: Vec<DenyEntry>,
+}
+
 /// A fatal protocol error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ErrorFrame {
@@ -181,13 +314,16 @@ pub struct ErrorFrame {
 }
 
 /// Any frame.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
     Hello(Hello),
     HelloAck(HelloAck),
     Tap(Tap),
     TapResult(TapResult),
     Error(ErrorFrame),
+    DenyAck(DenyAck),
+    DenyChanges(DenyChanges),
+    DenyList(DenyList),
 }
 
 /// A field whose value the protocol does not allow.
@@ -206,10 +342,28 @@ impl Frame {
             Frame::Tap(_) => FrameType::Tap,
             Frame::TapResult(_) => FrameType::TapResult,
             Frame::Error(_) => FrameType::Error,
+            Frame::DenyAck(_) => FrameType::DenyAck,
+            Frame::DenyChanges(_) => FrameType::DenyChanges,
+            Frame::DenyList(_) => FrameType::DenyList,
         }
     }
 
-    /// Writes the body (exactly `frame_type().body_len()` bytes).
+    /// Size of the body this frame writes.
+    pub fn body_size(&self) -> usize {
+        match (self, self.frame_type().body_len()) {
+            (_, BodyLen::Fixed(len)) => len,
+            (Frame::DenyChanges(c), BodyLen::Entries { head }) => {
+                head + c.entries.len() * DENY_ENTRY_LEN
+            }
+            (Frame::DenyList(l), BodyLen::Entries { head }) => {
+                head + l.entries.len() * DENY_ENTRY_LEN
+            }
+            (_, BodyLen::Entries { head }) => head,
+        }
+    }
+
+    /// Writes the body (exactly `body_size()` bytes). Entry frames hold at most
+    /// [`MAX_DENY_ENTRIES`]; building one with more is a bug of the sender.
     pub(crate) fn put_body(&self, out: &mut impl BufMut) {
         match self {
             Frame::Hello(h) => {
@@ -250,12 +404,21 @@ impl Frame {
                 out.put_u16(e.code.code() as u16);
                 out.put_u64(e.sequence);
             }
+            Frame::DenyAck(a) => out.put_u64(a.version),
+            Frame::DenyChanges(c) => {
+                out.put_u64(c.first_version);
+                put_entries(&c.entries, out);
+            }
+            Frame::DenyList(l) => {
+                out.put_u64(l.version);
+                out.put_u8(u8::from(l.first) | u8::from(l.last) << 1);
+                put_entries(&l.entries, out);
+            }
         }
     }
 
     /// Parses a body whose length the caller has already checked against `ty.body_len()`.
     pub(crate) fn parse_body(ty: FrameType, mut body: &[u8]) -> Result<Frame, InvalidField> {
-        debug_assert_eq!(body.len(), ty.body_len());
         let b = &mut body;
         Ok(match ty {
             FrameType::Hello => Frame::Hello(Hello {
@@ -315,8 +478,87 @@ impl Frame {
                     sequence: b.get_u64(),
                 })
             }
+            FrameType::DenyAck => Frame::DenyAck(DenyAck {
+                version: b.get_u64(),
+            }),
+            FrameType::DenyChanges => {
+                let first_version = b.get_u64();
+                let entries = parse_entries(b, true)?;
+                if first_version == 0 || entries.is_empty() {
+                    return Err(InvalidField {
+                        field: if entries.is_empty() {
+                            "count"
+                        } else {
+                            "first_version"
+                        },
+                        value: 0,
+                    });
+                }
+                Frame::DenyChanges(DenyChanges {
+                    first_version,
+                    entries,
+                })
+            }
+            FrameType::DenyList => {
+                let version = b.get_u64();
+                let flags = b.get_u8();
+                if flags > 0b11 {
+                    return Err(InvalidField {
+                        field: "flags",
+                        value: flags.into(),
+                    });
+                }
+                Frame::DenyList(DenyList {
+                    version,
+                    first: flags & 1 != 0,
+                    last: flags & 2 != 0,
+                    entries: parse_entries(b, false)?,
+                })
+            }
         })
     }
+}
+
+fn put_entries(entries: &[DenyEntry], out: &mut impl BufMut) {
+    assert!(
+        entries.len() <= MAX_DENY_ENTRIES,
+        "a deny frame holds at most {MAX_DENY_ENTRIES} entries"
+    );
+    out.put_u8(entries.len() as u8);
+    for entry in entries {
+        out.put_u64(entry.card_id);
+        out.put_u8(entry.reason.code());
+    }
+}
+
+/// The count byte and the entries after it; the codec has checked that the body holds exactly
+/// as many entries as fit, but not that the count byte agrees.
+fn parse_entries(b: &mut &[u8], clearing_allowed: bool) -> Result<Vec<DenyEntry>, InvalidField> {
+    let count = b.get_u8();
+    if usize::from(count) * DENY_ENTRY_LEN != b.len() {
+        return Err(InvalidField {
+            field: "count",
+            value: count.into(),
+        });
+    }
+    (0..count)
+        .map(|_| {
+            let card_id = b.get_u64();
+            let reason = enum_field("reason", b.get_u8(), Reason::from_code)?;
+            let allowed = match reason {
+                Reason::CardLost | Reason::CardBlocked | Reason::CardCancelled => true,
+                Reason::Approved => clearing_allowed,
+                _ => false,
+            };
+            if !allowed {
+                return Err(InvalidField {
+                    field: "reason",
+                    value: reason.code().into(),
+                });
+            }
+            Ok(DenyEntry { card_id, reason })
+        })
+        .collect()
 }
 
 fn enum_field<T>(

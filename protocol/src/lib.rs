@@ -9,19 +9,22 @@
 
 pub mod codec;
 pub mod crypto;
+pub mod deny;
 pub mod example;
 pub mod frame;
 pub mod registry;
 pub mod replay;
 
 pub use codec::{
-    ALPN, DecodeError, MAX_FRAME_LEN, OpenError, PROTOCOL_VERSION, SealedFrame, decode_one, seal,
+    DecodeError, MAX_FRAME_LEN, OpenError, PROTOCOL_VERSION, SealedFrame, decode_one, seal,
     seal_unkeyed_error, take_frame, wire_len,
 };
 pub use crypto::{BadMac, KeyRing, MacKey, MasterKey, TAG_LEN, Tag, TerminalKey};
+pub use deny::{GateDenyList, OutOfStep};
 pub use frame::{
-    ErrorCode, ErrorFrame, Frame, FrameType, Hello, HelloAck, InvalidField, Outcome,
-    RIDES_LEFT_NOT_APPLICABLE, Reason, Tap, TapKind, TapResult,
+    BodyLen, DENY_ENTRY_LEN, DenyAck, DenyChanges, DenyEntry, DenyList, ErrorCode, ErrorFrame,
+    Frame, FrameType, Hello, HelloAck, InvalidField, MAX_DENY_ENTRIES, Outcome,
+    RIDES_LEFT_NOT_APPLICABLE, Reason, Tap, TapKind, TapResult, Version,
 };
 pub use registry::{AREAS, Area, AreaCode, AreaKind, Concession, Issuer, IssuerRegion, Mode};
 pub use replay::{Admission, SequenceWindow};

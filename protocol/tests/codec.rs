@@ -89,7 +89,48 @@ fn any_frame() -> impl Strategy<Value = Frame> {
         );
     let error = (any_enum(ErrorCode::ALL), any::<u64>())
         .prop_map(|(code, sequence)| Frame::Error(ErrorFrame { code, sequence }));
-    prop_oneof![hello, ack, tap, result, error]
+    prop_oneof![hello, ack, tap, result, error, any_deny_frame()]
+}
+
+/// The deny-list frames of version 2.
+fn any_deny_frame() -> impl Strategy<Value = Frame> {
+    let deny_ack = any::<u64>().prop_map(|version| Frame::DenyAck(DenyAck { version }));
+    let deny_reason =
+        prop::sample::select(&[Reason::CardLost, Reason::CardBlocked, Reason::CardCancelled]);
+    let entries = |reasons: BoxedStrategy<Reason>, min: usize| {
+        prop::collection::vec(
+            (any::<u64>(), reasons).prop_map(|(card_id, reason)| DenyEntry { card_id, reason }),
+            min..=MAX_DENY_ENTRIES,
+        )
+    };
+    let changes = (
+        1..u64::MAX / 2,
+        entries(
+            prop_oneof![deny_reason.clone(), Just(Reason::Approved)].boxed(),
+            1,
+        ),
+    )
+        .prop_map(|(first_version, entries)| {
+            Frame::DenyChanges(DenyChanges {
+                first_version,
+                entries,
+            })
+        });
+    let list = (
+        any::<u64>(),
+        any::<bool>(),
+        any::<bool>(),
+        entries(deny_reason.boxed(), 0),
+    )
+        .prop_map(|(version, first, last, entries)| {
+            Frame::DenyList(DenyList {
+                version,
+                first,
+                last,
+                entries,
+            })
+        });
+    prop_oneof![deny_ack, changes, list]
 }
 
 fn key(seed: u8) -> MacKey {
@@ -107,7 +148,12 @@ proptest! {
     fn every_frame_round_trips(frame in any_frame()) {
         let k = key(1);
         let mut wire = sealed(&frame, &k);
-        prop_assert_eq!(wire.len(), wire_len(frame.frame_type()));
+        prop_assert_eq!(wire.len(), wire_len(frame.frame_type()) + match &frame {
+            Frame::DenyChanges(c) => c.entries.len() * DENY_ENTRY_LEN,
+            Frame::DenyList(l) => l.entries.len() * DENY_ENTRY_LEN,
+            _ => 0,
+        });
+        prop_assert!(wire.len() <= MAX_FRAME_LEN);
         let got = take_frame(&mut wire).unwrap().unwrap();
         prop_assert!(wire.is_empty());
         prop_assert_eq!(got.open(&k).unwrap(), frame);

@@ -23,6 +23,37 @@ fn specification_shows_exactly_the_computed_example() {
 }
 
 #[test]
+fn specification_shows_exactly_the_computed_deny_list_example() {
+    let start = SPEC
+        .find("### 8.1 Version 2: the deny list")
+        .expect("PROTOCOL.md has a deny-list example");
+    let block = SPEC[start..]
+        .split("```text\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("the deny-list example has a text block");
+    let documented: Vec<(String, String)> = block
+        .lines()
+        .map(|line| {
+            let (name, value) = line.split_once(": ").expect("`name: value` lines");
+            (name.to_owned(), value.to_owned())
+        })
+        .collect();
+    assert_eq!(documented, tapgate_protocol::example::deny_lines());
+    let key = tapgate_protocol::MasterKey::from_hex(tapgate_protocol::example::MASTER_KEY_HEX)
+        .unwrap()
+        .diversify(tapgate_protocol::example::TERMINAL_ID)
+        .mac_key();
+    for ((name, value), frame) in documented
+        .iter()
+        .zip(tapgate_protocol::example::deny_frames())
+    {
+        let sealed = tapgate_protocol::decode_one(&hex::decode(value).unwrap()).unwrap();
+        assert_eq!(sealed.open(&key).unwrap(), frame, "{name}");
+    }
+}
+
+#[test]
 fn example_frames_open_under_the_derived_key() {
     let key = tapgate_protocol::MasterKey::from_hex(tapgate_protocol::example::MASTER_KEY_HEX)
         .unwrap()

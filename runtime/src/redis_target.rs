@@ -321,6 +321,59 @@ pub fn bounded_line(text: &str) -> String {
     line
 }
 
+/// The cluster hash slot of `key`: CRC16 (XMODEM) of its hash tag, or of the whole key when it
+/// has none (the Redis Cluster specification's algorithm; the redis crate does not export its
+/// own).
+pub fn key_slot(key: &str) -> u16 {
+    let bytes = key.as_bytes();
+    let tagged = bytes.iter().position(|&b| b == b'{').and_then(|open| {
+        let close = bytes[open + 1..].iter().position(|&b| b == b'}')?;
+        (close > 0).then(|| &bytes[open + 1..open + 1 + close])
+    });
+    let mut crc: u16 = 0;
+    for &byte in tagged.unwrap_or(bytes) {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16384
+}
+
+impl RedisConnection {
+    /// Redis WAIT for the writes this connection made to the node that holds `key`: how many
+    /// replicas hold them, waiting at most `timeout_ms` for `replicas`. A cluster client would
+    /// otherwise ask every master and report the fewest, so a master that lost its replica in
+    /// a failover would fail the writes that every other master replicated.
+    pub async fn wait_for_replicas_of(
+        &mut self,
+        key: &str,
+        replicas: u16,
+        timeout_ms: u64,
+    ) -> redis::RedisResult<u16> {
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(replicas).arg(timeout_ms);
+        match self {
+            RedisConnection::Cluster(c) => {
+                use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+                let route = Route::new(key_slot(key), SlotAddr::Master);
+                let value = c
+                    .route_command(
+                        wait,
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
+                    )
+                    .await?;
+                Ok(redis::from_redis_value(value)?)
+            }
+            other => wait.query_async(other).await,
+        }
+    }
+}
+
 /// A connection to a single Redis or to a cluster. Commands and scripts are sent the same way on
 /// both; the cluster client routes each to the node that owns its slot.
 #[derive(Clone)]
@@ -358,6 +411,20 @@ impl ConnectionLike for RedisConnection {
             RedisConnection::Plain(c) => c.get_db(),
             RedisConnection::Cluster(c) => c.get_db(),
         }
+    }
+}
+
+#[cfg(test)]
+mod slot_tests {
+    use super::key_slot;
+
+    #[test]
+    fn slots_follow_the_cluster_specification() {
+        // The specification's examples: the hash tag alone counts.
+        assert_eq!(key_slot("123456789"), 0x31C3);
+        assert_eq!(key_slot("{user1000}.following"), key_slot("user1000"));
+        assert_eq!(key_slot("tapgate:{deny}:version"), 9251);
+        assert_eq!(key_slot("tapgate:{g03}:changes"), 7518);
     }
 }
 

@@ -566,6 +566,29 @@ impl Harness {
     }
 }
 
+impl Harness {
+    /// A gate that offers protocol version 2 (and 1).
+    pub(crate) async fn gate_v2(&self, terminal: &TerminalRecord) -> GateClient {
+        let tls = tapgate_transport::tls::GateTls::new(
+            self.gateway.certificate_der(),
+            tapgate_transport::tls::Resumption::Full,
+            tapgate_protocol::Version::V2,
+        )
+        .and_then(|tls| tls.for_one_gate())
+        .unwrap();
+        GateClient::connect_with(
+            &self.endpoint,
+            Some(&tls),
+            self.addr(),
+            &identity(terminal),
+            rand_nonce(),
+            now_ms(),
+        )
+        .await
+        .expect("gate connects")
+    }
+}
+
 pub(crate) fn identity(t: &TerminalRecord) -> GateIdentity {
     GateIdentity {
         terminal_id: t.terminal_id,

@@ -51,8 +51,9 @@ pub enum EndpointError {
 const CLIENT_UDP_BUFFER: usize = 8 << 20;
 
 /// A client endpoint that trusts exactly `trusted_der` (the gateway's certificate or its CA).
-/// Its connections resume TLS sessions and may send their Hello early; a gate that wants
-/// tickets of its own connects with a configuration from [`tls::GateTls`].
+/// Its connections speak protocol version 1, resume TLS sessions and may send their Hello
+/// early; a gate that wants tickets of its own or version 2 connects with a configuration from
+/// [`tls::GateTls`].
 pub fn client_endpoint(
     trusted_der: &[u8],
     bind: SocketAddr,
@@ -69,7 +70,12 @@ pub fn client_endpoint_over(
     bind: SocketAddr,
     wrap: impl FnOnce(std::net::UdpSocket) -> std::io::Result<Arc<dyn quinn::AsyncUdpSocket>>,
 ) -> Result<quinn::Endpoint, EndpointError> {
-    let tls = tls::GateTls::new(trusted_der, tls::Resumption::EarlyHello)?.for_one_gate()?;
+    let tls = tls::GateTls::new(
+        trusted_der,
+        tls::Resumption::EarlyHello,
+        tapgate_protocol::Version::V1,
+    )?
+    .for_one_gate()?;
     let failed = |source| EndpointError::Socket { addr: bind, source };
     // Give the shared socket the gateway's large buffers, or bursts of answers are dropped by
     // the kernel and QUIC's loss recovery shows up as latency.

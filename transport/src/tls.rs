@@ -6,7 +6,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use tapgate_protocol::ALPN;
+use tapgate_protocol::Version;
 
 /// Where the server's certificate comes from.
 #[derive(Debug, Clone)]
@@ -163,7 +163,8 @@ impl rustls::server::StoresServerSessions for SessionTickets {
     }
 }
 
-/// The QUIC server crypto: TLS 1.3 only, ALPN `tapgate/1`, ring as the provider. It resumes
+/// The QUIC server crypto: TLS 1.3 only, ALPN `tapgate/2` or `tapgate/1` (the newest the gate
+/// offers), ring as the provider. It resumes
 /// sessions from `tickets` and accepts early data on a resumed connection; what the early
 /// data may do is the application's to limit (the gateway acts on nothing but the Hello until
 /// the handshake completes).
@@ -179,7 +180,8 @@ pub fn server_crypto(
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .map_err(|e| TlsError::Config(e.to_string()))?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    // rustls picks the first of these that the gate offers, so a gate offering both gets 2.
+    tls.alpn_protocols = Version::NEWEST.alpn_offer();
     tls.session_storage = tickets;
     // A gate holds one connection at a time, so one ticket is what its next reconnect needs;
     // a second would only take a place in the server's memory.
@@ -217,9 +219,13 @@ pub struct GateTls {
 }
 
 impl GateTls {
-    /// TLS 1.3 only, ALPN `tapgate/1`, trusting exactly `trusted_der` (the gateway's
-    /// certificate or its CA).
-    pub fn new(trusted_der: &[u8], resumption: Resumption) -> Result<Self, TlsError> {
+    /// TLS 1.3 only, offering the ALPN ids of `version` and the versions before it, trusting
+    /// exactly `trusted_der` (the gateway's certificate or its CA).
+    pub fn new(
+        trusted_der: &[u8],
+        resumption: Resumption,
+        version: Version,
+    ) -> Result<Self, TlsError> {
         let mut roots = rustls::RootCertStore::empty();
         roots
             .add(CertificateDer::from(trusted_der.to_vec()))
@@ -230,7 +236,7 @@ impl GateTls {
             .map_err(|e| TlsError::Config(e.to_string()))?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        tls.alpn_protocols = vec![ALPN.to_vec()];
+        tls.alpn_protocols = version.alpn_offer();
         tls.enable_early_data = resumption == Resumption::EarlyHello;
         Ok(Self {
             base: Arc::new(tls),
@@ -272,7 +278,7 @@ mod tests {
             first[0].to_vec()
         );
         // What a gate trusts is what the server presents.
-        GateTls::new(&first[0], Resumption::EarlyHello)
+        GateTls::new(&first[0], Resumption::EarlyHello, Version::V1)
             .and_then(|tls| tls.for_one_gate())
             .unwrap();
         let tickets = SessionTickets::new(16, Arc::default());

@@ -3,8 +3,10 @@
 use super::{CHANGE_CHANNEL, CardChange, ChangeEvent, RideClaim, TerminalChange, TerminalRecord};
 use crate::card::{CardRecord, CardState};
 use crate::decide::CountedRide;
+use crate::deny::{DenyEvent, deny_reason};
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
+use tapgate_protocol::{DenyEntry, Reason};
 use tokio::sync::{broadcast, mpsc};
 
 /// In-process directory for the demo and tests.
@@ -12,6 +14,15 @@ pub struct EmbeddedDirectory {
     pub(super) cards: RwLock<HashMap<u64, CardRecord>>,
     pub(super) terminals: RwLock<HashMap<u64, TerminalRecord>>,
     pub(super) changes: broadcast::Sender<ChangeEvent>,
+    /// The deny list, numbered under its lock as the Redis directory's script numbers it.
+    deny: Mutex<DenyLog>,
+    deny_changes: broadcast::Sender<DenyEvent>,
+}
+
+#[derive(Default)]
+struct DenyLog {
+    version: u64,
+    cards: HashMap<u64, Reason>,
 }
 
 impl Default for EmbeddedDirectory {
@@ -20,6 +31,8 @@ impl Default for EmbeddedDirectory {
             cards: RwLock::default(),
             terminals: RwLock::default(),
             changes: broadcast::channel(CHANGE_CHANNEL).0,
+            deny: Mutex::default(),
+            deny_changes: broadcast::channel(CHANGE_CHANNEL).0,
         }
     }
 }
@@ -46,6 +59,7 @@ impl EmbeddedDirectory {
             .write()
             .expect("card map lock")
             .insert(record.card_id, record);
+        self.note_state(record.card_id, record.state);
         // No receivers is fine: nobody caches yet.
         let _ = self.changes.send(ChangeEvent::Changed(CardChange {
             card_id: record.card_id,
@@ -121,11 +135,82 @@ impl EmbeddedDirectory {
             change(card);
             *card
         };
+        self.note_state(card_id, record.state);
         let _ = self.changes.send(ChangeEvent::Changed(CardChange {
             card_id,
             record: Some(record),
         }));
         Some(record)
+    }
+
+    /// Puts the card on the deny list, or takes it off, when its state says so: a change with
+    /// the next version.
+    fn note_state(&self, card_id: u64, state: CardState) {
+        let reason = deny_reason(state);
+        let mut log = self.deny.lock().expect("deny log lock");
+        let held = log.cards.get(&card_id).copied().unwrap_or(Reason::Approved);
+        if held == reason {
+            return;
+        }
+        if reason == Reason::Approved {
+            log.cards.remove(&card_id);
+        } else {
+            log.cards.insert(card_id, reason);
+        }
+        log.version += 1;
+        let version = log.version;
+        // Sent under the lock, so versions go out in order.
+        let _ = self.deny_changes.send(DenyEvent::Changed {
+            version,
+            entry: DenyEntry { card_id, reason },
+        });
+    }
+
+    fn whole_deny_list(&self) -> (DenyEvent, broadcast::Receiver<DenyEvent>) {
+        let log = self.deny.lock().expect("deny log lock");
+        let entries = log
+            .cards
+            .iter()
+            .map(|(&card_id, &reason)| DenyEntry { card_id, reason })
+            .collect();
+        // Subscribed under the lock: the receiver gets every change after this version.
+        let changes = self.deny_changes.subscribe();
+        (
+            DenyEvent::Whole {
+                version: log.version,
+                entries,
+            },
+            changes,
+        )
+    }
+
+    pub(super) fn follow_deny_list(self: &std::sync::Arc<Self>) -> mpsc::Receiver<DenyEvent> {
+        let (tx, rx) = mpsc::channel(CHANGE_CHANNEL);
+        let directory = std::sync::Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some((whole, mut changes)) = directory.upgrade().map(|d| d.whole_deny_list())
+                else {
+                    return;
+                };
+                if tx.send(whole).await.is_err() {
+                    return;
+                }
+                loop {
+                    match changes.recv().await {
+                        Ok(event) => {
+                            if tx.send(event).await.is_err() {
+                                return;
+                            }
+                        }
+                        // Fell behind: start over from the whole list.
+                        Err(broadcast::error::RecvError::Lagged(_)) => break,
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    }
+                }
+            }
+        });
+        rx
     }
 
     pub(super) fn follow_changes(&self) -> mpsc::Receiver<ChangeEvent> {

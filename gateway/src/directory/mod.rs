@@ -27,6 +27,7 @@
 use crate::card::{CardRecord, CardState};
 use crate::decide::CountedRide;
 pub use crate::decide::RideClaim;
+use crate::deny::DenyEvent;
 use std::sync::Arc;
 use tapgate_journal::JournalRecord;
 use tapgate_runtime::redis_target::bounded_error;
@@ -34,6 +35,7 @@ use tokio::sync::mpsc;
 
 pub use tapgate_city::TerminalRecord;
 
+mod deny_feed;
 mod embedded;
 mod feed;
 mod redis_directory;
@@ -56,6 +58,10 @@ pub enum DirectoryError {
         acked: u16,
         waited_ms: u64,
     },
+    #[error(
+        "the card's state was written and every gateway acts on it, but the deny list that gates deciding alone use was not updated ({0}); write the state again to update it"
+    )]
+    DenyListBehind(String),
 }
 
 impl From<redis::RedisError> for DirectoryError {
@@ -242,6 +248,15 @@ impl Directory {
         match self {
             Directory::Embedded(_) => Ok(Vec::new()),
             Directory::Redis(d) => d.shared_decisions(terminal_id).await,
+        }
+    }
+
+    /// Starts following the deny list: first the whole list, then each change in order, and
+    /// the whole list again whenever changes may have been missed.
+    pub async fn follow_deny_list(&self) -> mpsc::Receiver<DenyEvent> {
+        match self {
+            Directory::Embedded(d) => d.follow_deny_list(),
+            Directory::Redis(d) => d.follow_deny_list().await,
         }
     }
 

@@ -8,6 +8,7 @@ use super::{
 };
 use crate::card::{CardRecord, CardState};
 use crate::decide::CountedRide;
+use crate::deny::deny_reason;
 use chrono::NaiveDate;
 use redis::AsyncCommands;
 use std::collections::{BTreeMap, HashMap};
@@ -15,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tapgate_city::MonthDay;
 use tapgate_journal::{JournalRecord, PAYLOAD_LEN};
-use tapgate_protocol::{AreaCode, Concession, Issuer, Mode};
+use tapgate_protocol::{AreaCode, Concession, Issuer, Mode, Reason};
 use tapgate_runtime::health::{Incident, Panics, PartHealth, supervise};
 use tapgate_runtime::redis_target::{RedisConnection, RedisTarget, bounded_error};
 use tokio::sync::mpsc;
@@ -132,6 +133,7 @@ pub struct RedisDirectory {
     pub(super) take_ride: Arc<redis::Script>,
     pub(super) top_up: Arc<redis::Script>,
     pub(super) set_state: Arc<redis::Script>,
+    pub(super) note_deny: Arc<redis::Script>,
 }
 
 impl RedisDirectory {
@@ -156,6 +158,7 @@ impl RedisDirectory {
             set_state: Arc::new(redis::Script::new(
                 &SET_STATE.replace("PUBLISH_RECORD", PUBLISH_RECORD),
             )),
+            note_deny: Arc::new(redis::Script::new(super::deny_feed::NOTE_DENY)),
         })
     }
 
@@ -204,14 +207,34 @@ impl RedisDirectory {
             .map_err(|detail| DirectoryError::Malformed { key, detail })
     }
 
-    /// Writes records with their change entries: one MULTI/EXEC per change group, since a
-    /// transaction may touch one slot only.
+    /// Writes records with their change entries (one MULTI/EXEC per change group, since a
+    /// transaction may touch one slot only), and waits for the replicas asked for.
     pub(super) async fn write_grouped<T>(
         &self,
         items: &[T],
         id_of: impl Fn(&T) -> u64,
-        mut queue: impl FnMut(&mut redis::Pipeline, &T),
+        queue: impl FnMut(&mut redis::Pipeline, &T),
     ) -> Result<(), DirectoryError> {
+        let groups = self.write_grouped_unwaited(items, id_of, queue).await?;
+        self.wait_for_groups(&groups).await
+    }
+
+    /// Waits for the replicas of each group written.
+    async fn wait_for_groups(&self, groups: &[u16]) -> Result<(), DirectoryError> {
+        for group in groups {
+            self.wait_for_replicas(&self.changes_key(*group)).await?;
+        }
+        Ok(())
+    }
+
+    /// [`Self::write_grouped`] without the wait for replicas, for a caller with more to write;
+    /// the groups written.
+    async fn write_grouped_unwaited<T>(
+        &self,
+        items: &[T],
+        id_of: impl Fn(&T) -> u64,
+        mut queue: impl FnMut(&mut redis::Pipeline, &T),
+    ) -> Result<Vec<u16>, DirectoryError> {
         let mut groups: BTreeMap<u16, Vec<&T>> = BTreeMap::new();
         for item in items {
             groups
@@ -219,7 +242,7 @@ impl RedisDirectory {
                 .or_default()
                 .push(item);
         }
-        for group in groups.into_values() {
+        for group in groups.values() {
             let mut pipe = redis::pipe();
             pipe.atomic();
             for item in group {
@@ -227,19 +250,24 @@ impl RedisDirectory {
             }
             pipe.query_async::<()>(&mut self.connection.clone()).await?;
         }
-        self.wait_for_replicas().await
+        Ok(groups.into_keys().collect())
     }
 
     /// Waits until the configured number of replicas hold every write made so far on this
-    /// connection. On a cluster the redis crate asks every master and reports the fewest.
-    pub(super) async fn wait_for_replicas(&self) -> Result<(), DirectoryError> {
+    /// connection to the node that holds `key` (on a cluster, that node alone: a master
+    /// elsewhere that lost its replicas says nothing about these writes).
+    pub(super) async fn wait_for_replicas(&self, key: &str) -> Result<(), DirectoryError> {
         if self.wait_replicas == 0 {
             return Ok(());
         }
-        let acked: u16 = redis::cmd("WAIT")
-            .arg(self.wait_replicas)
-            .arg(self.replica_wait.as_millis().max(1) as u64)
-            .query_async(&mut self.connection.clone())
+        let acked = self
+            .connection
+            .clone()
+            .wait_for_replicas_of(
+                key,
+                self.wait_replicas,
+                self.replica_wait.as_millis().max(1) as u64,
+            )
             .await?;
         if acked < self.wait_replicas {
             return Err(DirectoryError::NotReplicated {
@@ -252,19 +280,26 @@ impl RedisDirectory {
     }
 
     pub(super) async fn put_cards(&self, records: &[CardRecord]) -> Result<(), DirectoryError> {
-        self.write_grouped(
-            records,
-            |r| r.card_id,
-            |pipe, record| {
-                let fields = card_fields(record);
-                pipe.hset_multiple(self.card_key(record.card_id), &fields)
-                    .ignore();
-                let mut entry = vec![("id", record.card_id.to_string())];
-                entry.extend(fields);
-                self.add_change(pipe, change_group(record.card_id), &entry);
-            },
-        )
-        .await
+        let groups = self
+            .write_grouped_unwaited(
+                records,
+                |r| r.card_id,
+                |pipe, record| {
+                    let fields = card_fields(record);
+                    pipe.hset_multiple(self.card_key(record.card_id), &fields)
+                        .ignore();
+                    let mut entry = vec![("id", record.card_id.to_string())];
+                    entry.extend(fields);
+                    self.add_change(pipe, change_group(record.card_id), &entry);
+                },
+            )
+            .await?;
+        let states: Vec<(u64, Reason)> = records
+            .iter()
+            .map(|r| (r.card_id, deny_reason(r.state)))
+            .collect();
+        self.wait_for_groups(&groups).await?;
+        self.note_deny(&states).await
     }
 
     pub(super) async fn put_terminals(
@@ -366,7 +401,8 @@ impl RedisDirectory {
         let Some(fields) = fields else {
             return Ok(None);
         };
-        self.wait_for_replicas().await?;
+        self.wait_for_replicas(&key).await?;
+        self.note_deny(&[(card_id, deny_reason(state))]).await?;
         parse_card(card_id, &fields)
             .map(Some)
             .map_err(|detail| DirectoryError::Malformed { key, detail })
@@ -393,7 +429,7 @@ impl RedisDirectory {
             .arg(card_id)
             .invoke_async(&mut self.connection.clone())
             .await?;
-        self.wait_for_replicas().await?;
+        self.wait_for_replicas(&key).await?;
         u32::try_from(left)
             .map(Some)
             .map_err(|_| DirectoryError::Malformed {

@@ -10,7 +10,8 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 use tapgate_protocol::{
     Admission, Concession, ErrorCode, ErrorFrame, Frame, FrameType, MacKey, OpenError, Outcome,
-    RIDES_LEFT_NOT_APPLICABLE, Reason, SealedFrame, SequenceWindow, Tag, Tap, TapResult, seal,
+    RIDES_LEFT_NOT_APPLICABLE, Reason, SealedFrame, SequenceWindow, Tag, Tap, TapResult, Version,
+    seal,
 };
 
 /// Where an answer's recording stands: its journal record synced (an approval) and its copy
@@ -50,6 +51,9 @@ pub enum Work {
     /// A resend of an answered tap: this answer again, journaled first when it is an approval
     /// another gateway decided and this one has not recorded.
     Resend(TapResult),
+    /// The gate holds the deny list at this version (version 2): where its list goes on from.
+    /// No answer is owed for it.
+    DenyHeld(u64),
 }
 
 /// A tap whose first copy is still being decided, by this connection or another one of the
@@ -103,6 +107,8 @@ struct Queued<W> {
 /// One admitted gate's tap session. `W` is how the server tracks an answer's recording.
 pub struct TapSession<W> {
     mac: MacKey,
+    /// The protocol version the connection negotiated; frames of later versions are unknown.
+    version: Version,
     max_in_flight: u16,
     idle_timeout: Duration,
     queue: VecDeque<Queued<W>>,
@@ -111,9 +117,16 @@ pub struct TapSession<W> {
 }
 
 impl<W: Recording> TapSession<W> {
-    pub fn new(mac: MacKey, max_in_flight: u16, idle_timeout: Duration, now: Instant) -> Self {
+    pub fn new(
+        mac: MacKey,
+        version: Version,
+        max_in_flight: u16,
+        idle_timeout: Duration,
+        now: Instant,
+    ) -> Self {
         TapSession {
             mac,
+            version,
             max_in_flight,
             idle_timeout,
             // Grows to what the gate keeps in flight; an idle gate holds none.
@@ -153,16 +166,19 @@ impl<W: Recording> TapSession<W> {
         }
         self.last_frame = now;
         let answer = match frame.frame_type() {
+            // What this connection's version does not have is as unknown as a type no version has.
+            ty if ty.since() > self.version => fatal(ErrorCode::UnknownFrameType, 0),
             FrameType::Tap => match self.classify_tap(frame, window) {
-                Step::Work(work) => {
-                    let sequence = match &work {
-                        Work::Decide { tap, .. } => tap.sequence,
-                        Work::Resend(answer) => answer.sequence,
-                    };
+                Step::Work(sequence, work) => {
                     self.push(now, Answer::Deciding { sequence });
                     return Some(work);
                 }
                 Step::Answer(answer) => answer,
+            },
+            FrameType::DenyAck => match frame.open(&self.mac) {
+                Ok(Frame::DenyAck(ack)) => return Some(Work::DenyHeld(ack.version)),
+                Ok(_) => unreachable!("a frame of type DenyAck parses as a DenyAck"),
+                Err(e) => fatal(e.error_code(), 0),
             },
             FrameType::Hello => fatal(ErrorCode::DuplicateHello, 0),
             _ => fatal(ErrorCode::UnexpectedFrame, 0),
@@ -316,8 +332,8 @@ impl<W: Recording> TapSession<W> {
             Admission::Fresh if self.queue.len() >= usize::from(self.max_in_flight) => {
                 Step::Answer(Answer::Ready(busy(tap.sequence)))
             }
-            Admission::Fresh => Step::Work(Work::Decide { tap, tag }),
-            Admission::Resend(answer) => Step::Work(Work::Resend(answer)),
+            Admission::Fresh => Step::Work(tap.sequence, Work::Decide { tap, tag }),
+            Admission::Resend(answer) => Step::Work(tap.sequence, Work::Resend(answer)),
             Admission::InFlight => Step::Answer(Answer::FirstCopy(FirstCopy {
                 sequence: tap.sequence,
                 tag,
@@ -329,7 +345,8 @@ impl<W: Recording> TapSession<W> {
 }
 
 enum Step<W> {
-    Work(Work),
+    /// Work for the tap with this sequence.
+    Work(u64, Work),
     Answer(Answer<W>),
 }
 
@@ -374,7 +391,7 @@ mod tests {
         fn new(max_in_flight: u16, window: u16) -> Gate {
             let now = Instant::now();
             Gate {
-                session: TapSession::new(mac(), max_in_flight, IDLE, now),
+                session: TapSession::new(mac(), Version::V2, max_in_flight, IDLE, now),
                 window: SequenceWindow::new(window),
                 now,
             }

@@ -1,0 +1,486 @@
+//! The deny list a node keeps and sends to its version-2 gates (PROTOCOL.md section 4.7).
+//!
+//! Every change to the list has a version, one counter for the whole city: the directory numbers
+//! the changes where they are written (one Redis stream in one slot, or the embedded
+//! directory's lock), so every node holds the same list at the same version and a gate that
+//! moves between nodes goes on from the version it holds. A node keeps the whole list and its
+//! last changes; a gate that is behind by more than those, ahead of the node, or new, gets the
+//! whole list instead.
+//!
+//! Pure: the node feeds the book what the directory says, and each session's [`GateFollow`]
+//! turns the book into the frames its gate still needs.
+
+use crate::card::CardState;
+use bytes::BytesMut;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+use tapgate_protocol::{
+    DenyChanges, DenyEntry, DenyList, Frame, MAX_DENY_ENTRIES, MacKey, Reason, seal,
+};
+
+/// The deny-list entry of a card in this state: `Approved` for a card not on the list.
+pub fn deny_reason(state: CardState) -> Reason {
+    match state {
+        CardState::Active => Reason::Approved,
+        CardState::Lost => Reason::CardLost,
+        CardState::Blocked => Reason::CardBlocked,
+        CardState::Cancelled => Reason::CardCancelled,
+    }
+}
+
+/// What the directory says about the deny list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DenyEvent {
+    /// The whole list at a version: where a node starts, and where it starts again when it
+    /// missed changes.
+    Whole {
+        version: u64,
+        entries: Vec<DenyEntry>,
+    },
+    /// One change, making `version`.
+    Changed { version: u64, entry: DenyEntry },
+}
+
+/// A change that does not follow the book's version: changes were missed, and the node must
+/// load the whole list again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("deny-list change {got} does not follow version {held}")]
+pub struct Gap {
+    pub held: u64,
+    pub got: u64,
+}
+
+/// The whole list at one version, sorted by card, shared by every gate being sent it.
+#[derive(Debug, Default)]
+pub struct WholeList {
+    pub version: u64,
+    /// The book's history it belongs to.
+    epoch: u64,
+    pub entries: Vec<DenyEntry>,
+}
+
+/// One node's deny list.
+#[derive(Debug)]
+pub struct DenyBook {
+    version: u64,
+    cards: HashMap<u64, Reason>,
+    /// The last changes, the newest at the back, with when each reached this node; the back
+    /// one made `version`.
+    recent: VecDeque<(DenyEntry, Instant)>,
+    recent_bound: usize,
+    whole: Arc<WholeList>,
+    /// Bumped whenever the list starts over from a whole list, so gates sent changes of the
+    /// old history get the whole list.
+    epoch: u64,
+}
+
+impl DenyBook {
+    /// `recent_bound` changes are kept for gates that are behind; a gate further behind gets
+    /// the whole list.
+    pub fn new(recent_bound: usize) -> Self {
+        DenyBook {
+            version: 0,
+            cards: HashMap::new(),
+            recent: VecDeque::new(),
+            recent_bound: recent_bound.max(1),
+            whole: Arc::default(),
+            epoch: 0,
+        }
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    pub fn len(&self) -> usize {
+        self.cards.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cards.is_empty()
+    }
+
+    pub fn apply(&mut self, event: DenyEvent, now: Instant) -> Result<(), Gap> {
+        match event {
+            DenyEvent::Whole { version, entries } => {
+                self.cards = entries
+                    .iter()
+                    .filter(|e| e.denies())
+                    .map(|e| (e.card_id, e.reason))
+                    .collect();
+                self.version = version;
+                self.recent.clear();
+                self.epoch += 1;
+                self.whole = Arc::new(self.snapshot());
+            }
+            DenyEvent::Changed { version, .. } if version <= self.version => {}
+            DenyEvent::Changed { version, entry } => {
+                if version != self.version + 1 {
+                    return Err(Gap {
+                        held: self.version,
+                        got: version,
+                    });
+                }
+                if entry.denies() {
+                    self.cards.insert(entry.card_id, entry.reason);
+                } else {
+                    self.cards.remove(&entry.card_id);
+                }
+                self.version = version;
+                if self.recent.len() == self.recent_bound {
+                    self.recent.pop_front();
+                }
+                self.recent.push_back((entry, now));
+                // The whole list is rebuilt when gates being sent it would otherwise need
+                // changes older than the book keeps: at most once per half of its changes.
+                if self.version - self.whole.version > self.recent_bound as u64 / 2 {
+                    self.whole = Arc::new(self.snapshot());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn snapshot(&self) -> WholeList {
+        let mut entries: Vec<DenyEntry> = self
+            .cards
+            .iter()
+            .map(|(&card_id, &reason)| DenyEntry { card_id, reason })
+            .collect();
+        entries.sort_unstable_by_key(|e| e.card_id);
+        WholeList {
+            version: self.version,
+            epoch: self.epoch,
+            entries,
+        }
+    }
+
+    /// The oldest version a gate may hold and still be sent changes.
+    fn oldest_followable(&self) -> u64 {
+        self.version - self.recent.len() as u64
+    }
+
+    /// Changes after `version`, at most `max`; empty when there are none.
+    fn changes_after(&self, version: u64, max: usize) -> Vec<DenyEntry> {
+        let skip = (version - self.oldest_followable()) as usize;
+        self.recent
+            .iter()
+            .skip(skip)
+            .take(max)
+            .map(|(entry, _)| *entry)
+            .collect()
+    }
+
+    /// When the change that made `version` reached this node, while the book keeps it.
+    pub fn arrived(&self, version: u64) -> Option<Instant> {
+        if version <= self.oldest_followable() || version > self.version {
+            return None;
+        }
+        let index = (version - self.oldest_followable() - 1) as usize;
+        self.recent.get(index).map(|(_, at)| *at)
+    }
+}
+
+/// Frames one poll writes at most, so a gate being sent a whole list still has its answers
+/// interleaved and the session's buffer stays small.
+pub const FRAMES_PER_POLL: usize = 8;
+
+/// Where one gate stands with the deny list, as its session sees it.
+#[derive(Debug, Default)]
+pub struct GateFollow {
+    /// `None` until the gate's first DenyAck says what it holds.
+    sent: Option<Sent>,
+    /// The version the gate last acknowledged.
+    acked: Option<u64>,
+}
+
+#[derive(Debug)]
+enum Sent {
+    /// Changes up to this version, of the book's history `epoch`.
+    Through { version: u64, epoch: u64 },
+    /// Part of a whole list: the entries from `next` on are still to go.
+    Whole { list: Arc<WholeList>, next: usize },
+}
+
+/// What a poll wrote.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    pub changes: usize,
+    pub list_parts: usize,
+    /// A whole list was started: the gate was new, too far behind, or ahead of this node.
+    pub resync: bool,
+}
+
+impl GateFollow {
+    /// The gate said which version it holds. The first acknowledgement starts the following;
+    /// later ones only report progress (the stream is ordered, so what was sent arrives).
+    pub fn acknowledged(&mut self, version: u64, book: &DenyBook) {
+        self.acked = Some(version);
+        if self.sent.is_none() {
+            self.sent = Some(Sent::Through {
+                version,
+                epoch: book.epoch,
+            });
+        }
+    }
+
+    pub fn acked(&self) -> Option<u64> {
+        self.acked
+    }
+
+    /// Whether the gate still needs frames that the book has now.
+    pub fn behind(&self, book: &DenyBook) -> bool {
+        match &self.sent {
+            None => false,
+            Some(Sent::Whole { .. }) => true,
+            Some(Sent::Through { version, epoch }) => {
+                *version != book.version || *epoch != book.epoch
+            }
+        }
+    }
+
+    /// Seals into `out` what the gate needs next, at most [`FRAMES_PER_POLL`] frames.
+    pub fn poll(&mut self, book: &DenyBook, mac: &MacKey, out: &mut BytesMut) -> Written {
+        let mut written = Written::default();
+        while written.changes + written.list_parts < FRAMES_PER_POLL {
+            match self.sent.take() {
+                None => return written,
+                Some(Sent::Whole { list, next }) => {
+                    let end = (next + MAX_DENY_ENTRIES).min(list.entries.len());
+                    let last = end == list.entries.len();
+                    let part = DenyList {
+                        version: list.version,
+                        first: next == 0,
+                        last,
+                        entries: list.entries[next..end].to_vec(),
+                    };
+                    seal(&Frame::DenyList(part), mac, out);
+                    written.list_parts += 1;
+                    self.sent = Some(if last {
+                        Sent::Through {
+                            version: list.version,
+                            epoch: list.epoch,
+                        }
+                    } else {
+                        Sent::Whole { list, next: end }
+                    });
+                }
+                Some(Sent::Through { version, epoch }) => {
+                    let followable = epoch == book.epoch
+                        && version <= book.version
+                        && version >= book.oldest_followable();
+                    if !followable {
+                        written.resync = true;
+                        self.sent = Some(Sent::Whole {
+                            list: book.whole.clone(),
+                            next: 0,
+                        });
+                        continue;
+                    }
+                    self.sent = Some(Sent::Through { version, epoch });
+                    let entries = book.changes_after(version, MAX_DENY_ENTRIES);
+                    if entries.is_empty() {
+                        return written;
+                    }
+                    let through = version + entries.len() as u64;
+                    seal(
+                        &Frame::DenyChanges(DenyChanges {
+                            first_version: version + 1,
+                            entries,
+                        }),
+                        mac,
+                        out,
+                    );
+                    written.changes += 1;
+                    self.sent = Some(Sent::Through {
+                        version: through,
+                        epoch,
+                    });
+                }
+            }
+        }
+        written
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tapgate_protocol::{GateDenyList, MasterKey, take_frame};
+
+    fn mac() -> MacKey {
+        MasterKey::new([3; 16]).diversify(9).mac_key()
+    }
+
+    fn lost(card_id: u64) -> DenyEntry {
+        DenyEntry {
+            card_id,
+            reason: Reason::CardLost,
+        }
+    }
+
+    fn cleared(card_id: u64) -> DenyEntry {
+        DenyEntry {
+            card_id,
+            reason: Reason::Approved,
+        }
+    }
+
+    /// Polls until the follow has nothing more, feeding every frame to the gate's list; the
+    /// frames written, and what the gate acknowledged last.
+    fn deliver(follow: &mut GateFollow, book: &DenyBook, gate: &mut GateDenyList) -> Vec<Frame> {
+        let mac = mac();
+        let mut frames = Vec::new();
+        // A follow that never settles is a bug: fail rather than loop.
+        for _ in 0..1000 {
+            let mut out = BytesMut::new();
+            let written = follow.poll(book, &mac, &mut out);
+            if written == Written::default() {
+                return frames;
+            }
+            while let Some(sealed) = take_frame(&mut out).unwrap() {
+                let frame = sealed.open(&mac).unwrap();
+                let ack = match &frame {
+                    Frame::DenyChanges(c) => Some(gate.apply_changes(c).unwrap()),
+                    Frame::DenyList(l) => gate.apply_list(l).unwrap(),
+                    other => panic!("unexpected {other:?}"),
+                };
+                if let Some(ack) = ack {
+                    follow.acknowledged(ack.version, book);
+                }
+                frames.push(frame);
+            }
+        }
+        panic!("the follow did not settle in 1000 polls");
+    }
+
+    fn book_with(changes: u64, bound: usize) -> DenyBook {
+        let mut book = DenyBook::new(bound);
+        let now = Instant::now();
+        for version in 1..=changes {
+            book.apply(
+                DenyEvent::Changed {
+                    version,
+                    entry: lost(version),
+                },
+                now,
+            )
+            .unwrap();
+        }
+        book
+    }
+
+    #[test]
+    fn a_gate_holding_a_recent_version_gets_only_the_changes_after_it() {
+        let book = book_with(60, 100);
+        let mut gate = GateDenyList::default();
+        // The gate held version 0 of this history and so can be sent all 60 changes.
+        let mut follow = GateFollow::default();
+        follow.acknowledged(0, &book);
+        let frames = deliver(&mut follow, &book, &mut gate);
+        assert!(frames.iter().all(|f| matches!(f, Frame::DenyChanges(_))));
+        // 60 changes in frames of at most 25.
+        assert_eq!(frames.len(), 3);
+        assert_eq!((gate.version(), gate.len()), (60, 60));
+        assert_eq!(follow.acked(), Some(60));
+        assert!(!follow.behind(&book));
+    }
+
+    #[test]
+    fn a_gate_further_behind_than_the_book_keeps_gets_the_whole_list() {
+        let mut book = book_with(300, 100);
+        book.apply(
+            DenyEvent::Changed {
+                version: 301,
+                entry: cleared(5),
+            },
+            Instant::now(),
+        )
+        .unwrap();
+        let mut gate = GateDenyList::default();
+        let mut follow = GateFollow::default();
+        follow.acknowledged(0, &book);
+        let frames = deliver(&mut follow, &book, &mut gate);
+        assert!(matches!(
+            frames[0],
+            Frame::DenyList(DenyList { first: true, .. })
+        ));
+        // The whole list, then the changes made since it was built.
+        assert_eq!(gate.version(), 301);
+        assert_eq!(gate.len(), 299);
+        assert_eq!(gate.refuses(5), None);
+        assert_eq!(gate.refuses(6), Some(Reason::CardLost));
+    }
+
+    #[test]
+    fn a_gate_ahead_of_the_node_gets_the_whole_list() {
+        let book = book_with(10, 100);
+        let mut follow = GateFollow::default();
+        follow.acknowledged(12, &book);
+        let mut gate = GateDenyList::default();
+        let frames = deliver(&mut follow, &book, &mut gate);
+        assert!(matches!(frames[0], Frame::DenyList(_)));
+        assert_eq!(gate.version(), 10);
+    }
+
+    #[test]
+    fn after_the_node_starts_over_every_gate_gets_the_whole_list_again() {
+        let mut book = book_with(10, 100);
+        let mut follow = GateFollow::default();
+        follow.acknowledged(0, &book);
+        let mut gate = GateDenyList::default();
+        deliver(&mut follow, &book, &mut gate);
+        // Redis lost the last changes and numbers new ones from 9 again: same versions, other
+        // cards. Only the whole list can tell the gate.
+        book.apply(
+            DenyEvent::Whole {
+                version: 9,
+                entries: vec![lost(100)],
+            },
+            Instant::now(),
+        )
+        .unwrap();
+        assert!(follow.behind(&book));
+        let frames = deliver(&mut follow, &book, &mut gate);
+        assert!(matches!(frames[0], Frame::DenyList(_)));
+        assert_eq!((gate.version(), gate.len()), (9, 1));
+    }
+
+    #[test]
+    fn a_change_that_skips_a_version_is_a_gap() {
+        let mut book = book_with(3, 100);
+        assert_eq!(
+            book.apply(
+                DenyEvent::Changed {
+                    version: 5,
+                    entry: lost(1)
+                },
+                Instant::now()
+            ),
+            Err(Gap { held: 3, got: 5 })
+        );
+        // A change the book already has is not a gap: a follower that reloaded reads it again.
+        book.apply(
+            DenyEvent::Changed {
+                version: 2,
+                entry: lost(2),
+            },
+            Instant::now(),
+        )
+        .unwrap();
+        assert_eq!(book.version(), 3);
+    }
+
+    #[test]
+    fn one_poll_writes_a_bounded_number_of_frames() {
+        let book = book_with(1000, 100);
+        let mut follow = GateFollow::default();
+        follow.acknowledged(0, &book);
+        let mut out = BytesMut::new();
+        let written = follow.poll(&book, &mac(), &mut out);
+        assert_eq!(written.list_parts, FRAMES_PER_POLL);
+        assert!(written.resync);
+        assert!(out.len() <= FRAMES_PER_POLL * tapgate_protocol::MAX_FRAME_LEN);
+    }
+}

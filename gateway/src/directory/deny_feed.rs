@@ -1,0 +1,291 @@
+//! The deny list in Redis: written beside each card state change, numbered by a script, and
+//! followed by every gateway.
+//!
+//! Keys (one hash tag, so one slot on a Redis Cluster and one script may touch them all):
+//!
+//! | key                  | type   | holds |
+//! |----------------------|--------|-------|
+//! | `P:{deny}:version`   | string | the version of the newest change |
+//! | `P:{deny}:cards`     | hash   | card id → reason label (`card_lost`, `card_blocked`, `card_cancelled`) |
+//! | `P:{deny}:changes`   | stream | entry id `VERSION-1`, fields `card` and `reason` (`approved` takes a card off) |
+//!
+//! The version is a counter the script keeps, so every gateway numbers every change alike and
+//! a gate can move between gateways and go on from the version it holds.
+
+use super::redis_directory::RedisDirectory;
+use super::{CHANGE_CHANNEL, DirectoryError};
+use crate::deny::DenyEvent;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tapgate_protocol::{DenyEntry, Reason};
+use tapgate_runtime::redis_target::{RedisConnection, RedisTarget, bounded_error};
+use tapgate_runtime::retry::Backoff;
+use tokio::sync::mpsc;
+
+/// Appends the changes ARGV[2..] (card, reason label pairs) whose reason differs from the
+/// list's, numbering each with the next version; the stream is trimmed to about ARGV[1].
+/// Returns the version after them.
+pub(super) const NOTE_DENY: &str = r"
+local maxlen = ARGV[1]
+local version = tonumber(redis.call('GET', KEYS[1]) or '0')
+for i = 2, #ARGV, 2 do
+  local card, reason = ARGV[i], ARGV[i + 1]
+  local held = redis.call('HGET', KEYS[2], card) or 'approved'
+  if held ~= reason then
+    if reason == 'approved' then
+      redis.call('HDEL', KEYS[2], card)
+    else
+      redis.call('HSET', KEYS[2], card, reason)
+    end
+    version = version + 1
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen, version .. '-1', 'card', card, 'reason', reason)
+  end
+end
+redis.call('SET', KEYS[1], version)
+return version
+";
+
+/// Changes kept in the stream, about; a gateway that fell further behind loads the whole list.
+const DENY_STREAM_MAXLEN: usize = 100_000;
+/// Card states sent to the script at once.
+const NOTE_BATCH: usize = 500;
+/// How long one XREAD waits before the follower checks the list's version.
+const DENY_BLOCK: Duration = Duration::from_secs(1);
+/// Cards read per HSCAN while loading the whole list.
+const SCAN_COUNT: usize = 2000;
+
+impl RedisDirectory {
+    fn deny_key(&self, what: &str) -> String {
+        format!("{}:{{deny}}:{what}", self.prefix)
+    }
+
+    /// Brings the deny list in line with these card states, once they are written and held
+    /// by the replicas asked for. The list is in a slot of its own, so not in one transaction
+    /// with the cards: gateways deciding online see a change first, gates deciding alone once
+    /// the list reaches them. When the list's master cannot be reached, or its replicas do not
+    /// hold the change, the cards stand and the caller is told
+    /// [`DirectoryError::DenyListBehind`]; writing the states again completes it, since the
+    /// list takes only what differs from it.
+    pub(super) async fn note_deny(&self, states: &[(u64, Reason)]) -> Result<(), DirectoryError> {
+        let behind = |e: DirectoryError| DirectoryError::DenyListBehind(e.to_string());
+        self.append_deny(states).await.map_err(behind)?;
+        self.wait_for_replicas(&self.deny_key("changes"))
+            .await
+            .map_err(behind)
+    }
+
+    async fn append_deny(&self, states: &[(u64, Reason)]) -> Result<(), DirectoryError> {
+        for batch in states.chunks(NOTE_BATCH) {
+            let mut invocation = self.note_deny.prepare_invoke();
+            invocation
+                .key(self.deny_key("version"))
+                .key(self.deny_key("cards"))
+                .key(self.deny_key("changes"))
+                .arg(DENY_STREAM_MAXLEN);
+            for (card_id, reason) in batch {
+                invocation.arg(card_id).arg(reason.label());
+            }
+            invocation
+                .invoke_async::<u64>(&mut self.connection.clone())
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Follows the deny list on a connection of its own.
+    pub(super) async fn follow_deny_list(&self) -> mpsc::Receiver<DenyEvent> {
+        let (tx, rx) = mpsc::channel(CHANGE_CHANNEL);
+        let follower = DenyFollower {
+            target: self.target.clone(),
+            version_key: self.deny_key("version"),
+            cards_key: self.deny_key("cards"),
+            changes_key: self.deny_key("changes"),
+            tx,
+        };
+        tokio::spawn(follower.run());
+        rx
+    }
+}
+
+struct DenyFollower {
+    target: Arc<RedisTarget>,
+    version_key: String,
+    cards_key: String,
+    changes_key: String,
+    tx: mpsc::Sender<DenyEvent>,
+}
+
+/// Why following stopped: Redis was lost, or the gateway is gone.
+enum Stop {
+    Lost(redis::RedisError),
+    Gone,
+}
+
+impl From<redis::RedisError> for Stop {
+    fn from(e: redis::RedisError) -> Self {
+        Stop::Lost(e)
+    }
+}
+
+impl DenyFollower {
+    async fn run(self) {
+        let mut retry = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
+        let mut lost = false;
+        loop {
+            let result = match self.target.blocking_connection(DENY_BLOCK).await {
+                Ok(mut conn) => self.load_and_follow(&mut conn, &mut lost).await,
+                Err(e) => Err(Stop::Lost(e)),
+            };
+            match result {
+                Err(Stop::Gone) => return,
+                Err(Stop::Lost(e)) => {
+                    if !lost {
+                        tracing::warn!(error = %bounded_error(&e), "deny list feed lost; gates keep the list they hold until it is back");
+                        lost = true;
+                    }
+                }
+            }
+            retry.wait().await;
+            if self.tx.is_closed() {
+                return;
+            }
+        }
+    }
+
+    /// Loads the whole list, then follows its changes; loads it again whenever changes were
+    /// missed, until Redis is lost or the gateway is gone.
+    async fn load_and_follow(
+        &self,
+        conn: &mut RedisConnection,
+        lost: &mut bool,
+    ) -> Result<std::convert::Infallible, Stop> {
+        loop {
+            let mut version = self.load(conn).await?;
+            if std::mem::take(lost) {
+                tracing::info!(version, "deny list feed back");
+            }
+            while let Followed::Waiting = self.follow(conn, &mut version).await? {}
+            tracing::warn!(
+                version,
+                "deny list changes were missed; loading the whole list again"
+            );
+        }
+    }
+
+    /// Sends the whole list and returns its version. The version is read first and the cards
+    /// after it, a part at a time, so the list sent may already hold some later changes; the
+    /// changes read after it set those cards again to the same, so the list converges.
+    async fn load(&self, conn: &mut RedisConnection) -> Result<u64, Stop> {
+        let version: Option<u64> = redis::cmd("GET")
+            .arg(&self.version_key)
+            .query_async(conn)
+            .await?;
+        let version = version.unwrap_or(0);
+        let mut entries = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let (next, pairs): (u64, Vec<(String, String)>) = redis::cmd("HSCAN")
+                .arg(&self.cards_key)
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(SCAN_COUNT)
+                .query_async(conn)
+                .await?;
+            entries.extend(
+                pairs
+                    .iter()
+                    .filter_map(|(card, reason)| parse_entry(card, reason)),
+            );
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        self.send(DenyEvent::Whole { version, entries }).await?;
+        Ok(version)
+    }
+
+    async fn follow(
+        &self,
+        conn: &mut RedisConnection,
+        version: &mut u64,
+    ) -> Result<Followed, Stop> {
+        let reply: Option<redis::streams::StreamReadReply> = redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(512)
+            .arg("BLOCK")
+            .arg(DENY_BLOCK.as_millis() as u64)
+            .arg("STREAMS")
+            .arg(&self.changes_key)
+            .arg(format!("{version}-1"))
+            .query_async(conn)
+            .await?;
+        let Some(reply) = reply else {
+            // Nothing new. A list whose version went back (a failover that lost its newest
+            // changes, a Redis restarted empty) numbers its next changes with versions this
+            // gateway already had: only the whole list can say what they are.
+            let now: Option<u64> = redis::cmd("GET")
+                .arg(&self.version_key)
+                .query_async(conn)
+                .await?;
+            return Ok(if now.unwrap_or(0) < *version {
+                Followed::Missed
+            } else {
+                Followed::Waiting
+            });
+        };
+        for entry in reply.keys.into_iter().flat_map(|stream| stream.ids) {
+            let number = entry
+                .id
+                .split_once('-')
+                .and_then(|(ms, _)| ms.parse::<u64>().ok());
+            let fields: HashMap<String, String> = entry
+                .map
+                .iter()
+                .filter_map(|(k, v)| {
+                    redis::from_redis_value_ref::<String>(v)
+                        .ok()
+                        .map(|v| (k.clone(), v))
+                })
+                .collect();
+            let parsed = fields
+                .get("card")
+                .zip(fields.get("reason"))
+                .and_then(|(card, reason)| parse_entry(card, reason));
+            match (number, parsed) {
+                // Trimmed past where this gateway was, or numbered out of order.
+                (Some(number), _) if number != *version + 1 => return Ok(Followed::Missed),
+                (Some(number), Some(entry)) => {
+                    self.send(DenyEvent::Changed {
+                        version: number,
+                        entry,
+                    })
+                    .await?;
+                    *version = number;
+                }
+                _ => {
+                    tracing::warn!(stream = %self.changes_key, entry = %entry.id, "malformed deny list entry");
+                    return Ok(Followed::Missed);
+                }
+            }
+        }
+        Ok(Followed::Waiting)
+    }
+
+    async fn send(&self, event: DenyEvent) -> Result<(), Stop> {
+        self.tx.send(event).await.map_err(|_| Stop::Gone)
+    }
+}
+
+enum Followed {
+    Waiting,
+    Missed,
+}
+
+fn parse_entry(card: &str, reason: &str) -> Option<DenyEntry> {
+    Some(DenyEntry {
+        card_id: card.parse().ok()?,
+        reason: Reason::from_label(reason)?,
+    })
+}
