@@ -253,16 +253,10 @@ async fn follow(
             () = &mut stopped => break,
             frame = client.recv() => frame?,
         };
-        let ack = match &frame {
-            Frame::DenyChanges(changes) => Some(
-                list.apply_changes(changes)
-                    .map_err(|e| ClientError::Connection(e.to_string()))?,
-            ),
-            Frame::DenyList(part) => list
-                .apply_list(part)
-                .map_err(|e| ClientError::Connection(e.to_string()))?,
-            other => return Err(ClientError::Unexpected(other.frame_type())),
-        };
+        let ack = list
+            .apply(&frame)
+            .ok_or(ClientError::Unexpected(frame.frame_type()))?
+            .map_err(|e| ClientError::Connection(e.to_string()))?;
         if let Some(ack) = ack {
             let now = Instant::now();
             match frame {

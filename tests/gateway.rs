@@ -202,11 +202,10 @@ async fn follow_until(gate: &mut GateClient, list: &mut GateDenyList, version: u
             .await
             .expect("the deny list arrives")
             .unwrap();
-        let ack = match &frame {
-            Frame::DenyChanges(changes) => Some(list.apply_changes(changes).unwrap()),
-            Frame::DenyList(part) => list.apply_list(part).unwrap(),
-            other => panic!("expected a deny-list frame, got {other:?}"),
-        };
+        let ack = list
+            .apply(&frame)
+            .unwrap_or_else(|| panic!("expected a deny-list frame, got {frame:?}"))
+            .unwrap();
         if let Some(ack) = ack {
             gate.send_frame(&Frame::DenyAck(ack)).await.unwrap();
         }

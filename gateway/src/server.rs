@@ -739,18 +739,6 @@ impl Drop for DenyFollowing {
     }
 }
 
-/// The protocol version the gate and the gateway agreed on in the handshake (PROTOCOL.md
-/// section 1); version 1 when the gate offered no ALPN the gateway knows, which rustls does not
-/// let through.
-fn negotiated_version(connection: &quinn::Connection) -> Version {
-    connection
-        .handshake_data()
-        .and_then(|data| data.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
-        .and_then(|data| data.protocol)
-        .and_then(|alpn| Version::from_alpn(&alpn))
-        .unwrap_or(Version::V1)
-}
-
 /// The end of a connection's TLS handshake, which a session may start before: until then what
 /// has arrived on the stream may be early data, which an eavesdropper can replay (PROTOCOL.md
 /// section 1.2).
@@ -853,7 +841,7 @@ impl Session {
             terminal,
             state,
         };
-        let version = negotiated_version(&self.connection);
+        let version = tls::negotiated_version(&self.connection);
         let session = TapSession::new(
             mac.clone(),
             version,

@@ -193,12 +193,7 @@ impl GateClient {
 
     /// The protocol version the handshake agreed on (PROTOCOL.md section 1).
     pub fn version(&self) -> Version {
-        self.connection
-            .handshake_data()
-            .and_then(|data| data.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
-            .and_then(|data| data.protocol)
-            .and_then(|alpn| Version::from_alpn(&alpn))
-            .unwrap_or(Version::V1)
+        tapgate_transport::tls::negotiated_version(&self.connection)
     }
 
     /// Sends the Hello and reads its answer.

@@ -753,21 +753,17 @@ impl Gate {
     /// A frame from the gateway: deny-list frames are applied and acknowledged, answers
     /// recorded.
     async fn take(&mut self, frame: Frame) -> Result<(), ClientError> {
-        let applied = match (&frame, self.deny.as_mut()) {
-            (Frame::DenyChanges(changes), Some(list)) => {
-                self.stats.deny.changes_frames += 1;
-                list.apply_changes(changes).map(Some)
-            }
-            (Frame::DenyList(part), Some(list)) => {
+        let Some(applied) = self.deny.as_mut().and_then(|list| list.apply(&frame)) else {
+            self.record(frame);
+            return Ok(());
+        };
+        match &frame {
+            Frame::DenyList(part) => {
                 self.stats.deny.list_parts += 1;
                 self.stats.deny.whole_lists += u64::from(part.last);
-                list.apply_list(part)
             }
-            _ => {
-                self.record(frame);
-                return Ok(());
-            }
-        };
+            _ => self.stats.deny.changes_frames += 1,
+        }
         match applied {
             Ok(Some(ack)) => self.client.send_frame(&Frame::DenyAck(ack)).await,
             Ok(None) => Ok(()),

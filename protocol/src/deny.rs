@@ -4,7 +4,7 @@
 //!
 //! Pure: a gate's firmware feeds it the frames it reads and sends back the DenyAck it returns.
 
-use crate::frame::{DenyAck, DenyChanges, DenyEntry, DenyList, Reason};
+use crate::frame::{DenyAck, DenyChanges, DenyEntry, DenyList, Frame, Reason};
 use std::collections::HashMap;
 
 /// The gate's list, at a version; version 0 is the empty list a gate starts with.
@@ -43,6 +43,16 @@ impl GateDenyList {
     /// Why the gate refuses this card on its own, or `None` when it is not on the list.
     pub fn refuses(&self, card_id: u64) -> Option<Reason> {
         self.cards.get(&card_id).copied()
+    }
+
+    /// Applies a frame read from the gateway: `None` when it is not a deny-list frame (an
+    /// answer, which the caller handles), else the acknowledgement to send, if one is due.
+    pub fn apply(&mut self, frame: &Frame) -> Option<Result<Option<DenyAck>, OutOfStep>> {
+        match frame {
+            Frame::DenyChanges(changes) => Some(self.apply_changes(changes).map(Some)),
+            Frame::DenyList(part) => Some(self.apply_list(part)),
+            _ => None,
+        }
     }
 
     /// Applies changes; returns the acknowledgement to send.

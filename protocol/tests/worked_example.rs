@@ -2,43 +2,36 @@
 
 const SPEC: &str = include_str!("../../PROTOCOL.md");
 
-#[test]
-fn specification_shows_exactly_the_computed_example() {
+/// The `name: value` lines of the first text block after `heading`.
+fn documented(heading: &str) -> Vec<(String, String)> {
     let start = SPEC
-        .find("## 8. Worked example")
-        .expect("PROTOCOL.md has a worked example section");
+        .find(heading)
+        .unwrap_or_else(|| panic!("PROTOCOL.md has `{heading}`"));
     let block = SPEC[start..]
         .split("```text\n")
         .nth(1)
         .and_then(|rest| rest.split("```").next())
-        .expect("the worked example has a text block");
-    let documented: Vec<(String, String)> = block
+        .unwrap_or_else(|| panic!("`{heading}` has a text block"));
+    block
         .lines()
         .map(|line| {
             let (name, value) = line.split_once(": ").expect("`name: value` lines");
             (name.to_owned(), value.to_owned())
         })
-        .collect();
-    assert_eq!(documented, tapgate_protocol::example::lines());
+        .collect()
+}
+
+#[test]
+fn specification_shows_exactly_the_computed_example() {
+    assert_eq!(
+        documented("## 8. Worked example"),
+        tapgate_protocol::example::lines()
+    );
 }
 
 #[test]
 fn specification_shows_exactly_the_computed_deny_list_example() {
-    let start = SPEC
-        .find("### 8.1 Version 2: the deny list")
-        .expect("PROTOCOL.md has a deny-list example");
-    let block = SPEC[start..]
-        .split("```text\n")
-        .nth(1)
-        .and_then(|rest| rest.split("```").next())
-        .expect("the deny-list example has a text block");
-    let documented: Vec<(String, String)> = block
-        .lines()
-        .map(|line| {
-            let (name, value) = line.split_once(": ").expect("`name: value` lines");
-            (name.to_owned(), value.to_owned())
-        })
-        .collect();
+    let documented = documented("### 8.1 Version 2: the deny list");
     assert_eq!(documented, tapgate_protocol::example::deny_lines());
     let key = tapgate_protocol::MasterKey::from_hex(tapgate_protocol::example::MASTER_KEY_HEX)
         .unwrap()

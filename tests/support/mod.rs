@@ -554,8 +554,18 @@ impl Harness {
     }
 
     pub(crate) async fn gate(&self, terminal: &TerminalRecord) -> GateClient {
-        GateClient::connect(
+        self.gate_with(terminal, None).await
+    }
+
+    /// A gate connecting with its own TLS configuration, or the endpoint's.
+    async fn gate_with(
+        &self,
+        terminal: &TerminalRecord,
+        tls: Option<&quinn::ClientConfig>,
+    ) -> GateClient {
+        GateClient::connect_with(
             &self.endpoint,
+            tls,
             self.addr(),
             &identity(terminal),
             rand_nonce(),
@@ -576,16 +586,7 @@ impl Harness {
         )
         .and_then(|tls| tls.for_one_gate())
         .unwrap();
-        GateClient::connect_with(
-            &self.endpoint,
-            Some(&tls),
-            self.addr(),
-            &identity(terminal),
-            rand_nonce(),
-            now_ms(),
-        )
-        .await
-        .expect("gate connects")
+        self.gate_with(terminal, Some(&tls)).await
     }
 }
 

@@ -193,6 +193,18 @@ pub fn server_crypto(
     Ok(Arc::new(quic))
 }
 
+/// The protocol version a connection's handshake agreed on by ALPN (PROTOCOL.md section 1),
+/// read the same way by the gateway and by gates; version 1 when the handshake named none
+/// tapgate knows.
+pub fn negotiated_version(connection: &quinn::Connection) -> Version {
+    connection
+        .handshake_data()
+        .and_then(|data| data.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|data| data.protocol)
+        .and_then(|alpn| Version::from_alpn(&alpn))
+        .unwrap_or(Version::V1)
+}
+
 /// How a gate reconnects after a drop (PROTOCOL.md section 1.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Resumption {

@@ -12,14 +12,14 @@
 //! The version is a counter the script keeps, so every gateway numbers every change alike and
 //! a gate can move between gateways and go on from the version it holds.
 
+use super::feed::entry_fields;
 use super::redis_directory::RedisDirectory;
 use super::{CHANGE_CHANNEL, DirectoryError};
 use crate::deny::DenyEvent;
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tapgate_protocol::{DenyEntry, Reason};
-use tapgate_runtime::redis_target::{RedisConnection, RedisTarget, bounded_error};
+use tapgate_runtime::redis_target::{EntryId, RedisConnection, RedisTarget, bounded_error};
 use tapgate_runtime::retry::Backoff;
 use tokio::sync::mpsc;
 
@@ -236,19 +236,9 @@ impl DenyFollower {
             });
         };
         for entry in reply.keys.into_iter().flat_map(|stream| stream.ids) {
-            let number = entry
-                .id
-                .split_once('-')
-                .and_then(|(ms, _)| ms.parse::<u64>().ok());
-            let fields: HashMap<String, String> = entry
-                .map
-                .iter()
-                .filter_map(|(k, v)| {
-                    redis::from_redis_value_ref::<String>(v)
-                        .ok()
-                        .map(|v| (k.clone(), v))
-                })
-                .collect();
+            // The entry id is `VERSION-1`.
+            let number = entry.id.parse::<EntryId>().ok().map(|id| id.ms);
+            let fields = entry_fields(&entry);
             let parsed = fields
                 .get("card")
                 .zip(fields.get("reason"))

@@ -196,16 +196,7 @@ impl ChangeFollower {
             for stream in reply.keys {
                 for entry in stream.ids {
                     self.last_id = Some(entry.id.clone());
-                    let fields: HashMap<String, String> = entry
-                        .map
-                        .iter()
-                        .filter_map(|(k, v)| {
-                            redis::from_redis_value_ref::<String>(v)
-                                .ok()
-                                .map(|v| (k.clone(), v))
-                        })
-                        .collect();
-                    let event = match change_event(&fields) {
+                    let event = match change_event(&entry_fields(&entry)) {
                         Ok(event) => event,
                         Err(detail) => {
                             tracing::warn!(stream = %self.key, entry = %entry.id, %detail, "malformed change entry");
@@ -219,6 +210,20 @@ impl ChangeFollower {
             }
         }
     }
+}
+
+/// A stream entry's fields that read as text; others are left out (the parsers then say
+/// what is missing).
+pub(super) fn entry_fields(entry: &redis::streams::StreamId) -> HashMap<String, String> {
+    entry
+        .map
+        .iter()
+        .filter_map(|(k, v)| {
+            redis::from_redis_value_ref::<String>(v)
+                .ok()
+                .map(|v| (k.clone(), v))
+        })
+        .collect()
 }
 
 /// A change-stream entry as an event: a gate's when it names a `terminal`, else a card's `id`;
