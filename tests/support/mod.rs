@@ -438,14 +438,16 @@ pub(crate) fn redis_directory(url: &str) -> Directory {
     )
 }
 
-/// A card directory on a Redis Cluster whose writes wait for one replica.
+/// A card directory on a Redis Cluster whose writes wait for one replica, at most 600 ms (three
+/// quarters of its response timeout): a slot left without a replica after a failover costs every
+/// later write that wait.
 pub(crate) fn replicated_directory(url: &str) -> Directory {
     Directory::Redis(
         RedisDirectory::connect(&RedisSettings {
             url: url.to_owned(),
             tls_ca_file: None,
             key_prefix: "tapgate".into(),
-            response_timeout: Duration::from_millis(2000),
+            response_timeout: Duration::from_millis(800),
             wait_replicas: 1,
         })
         .expect("redis directory"),
