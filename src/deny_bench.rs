@@ -253,6 +253,9 @@ async fn follow(
             () = &mut stopped => break,
             frame = client.recv() => frame?,
         };
+        if matches!(frame, Frame::OfflineRules(_)) {
+            continue;
+        }
         let ack = list
             .apply(&frame)
             .ok_or(ClientError::Unexpected(frame.frame_type()))?

@@ -9,8 +9,8 @@ use tapgate_gateway::card::CardState;
 use tapgate_gateway::policy::{AreaSet, Policy, RolloutStep};
 use tapgate_loadgen::client::{ClientError, EarlyHello, GateClient, gate_endpoint, hello};
 use tapgate_protocol::{
-    Concession, DenyAck, ErrorCode, Frame, GateDenyList, Issuer, Outcome,
-    RIDES_LEFT_NOT_APPLICABLE, Reason, TapKind, Version,
+    Concession, DenyAck, ErrorCode, Frame, GateDenyList, Issuer, OfflineReceipt, OfflineStatus,
+    OfflineTap, Outcome, RIDES_LEFT_NOT_APPLICABLE, Reason, Tap, TapKind, Version,
 };
 use tapgate_runtime::now_ms;
 
@@ -194,7 +194,8 @@ async fn elder_concession_follows_the_cards_home_area_and_holds_at_every_gate() 
     );
 }
 
-/// Reads deny-list frames into `list` until it holds `version`, acknowledging as a gate does.
+/// Reads deny-list frames into `list` until it holds `version`, acknowledging as a gate does;
+/// the frames read, the offline rules among them.
 async fn follow_until(gate: &mut GateClient, list: &mut GateDenyList, version: u64) -> Vec<Frame> {
     let mut frames = Vec::new();
     while list.version() != version {
@@ -202,6 +203,10 @@ async fn follow_until(gate: &mut GateClient, list: &mut GateDenyList, version: u
             .await
             .expect("the deny list arrives")
             .unwrap();
+        if matches!(frame, Frame::OfflineRules(_)) {
+            frames.push(frame);
+            continue;
+        }
         let ack = list
             .apply(&frame)
             .unwrap_or_else(|| panic!("expected a deny-list frame, got {frame:?}"))
@@ -228,8 +233,13 @@ async fn a_version_2_gate_follows_the_deny_list_and_a_version_1_gate_sees_none_o
         .await
         .unwrap();
     // The population's lost, cancelled and blocked cards are versions 1 to 3.
+    // The offline rules come first, once per connection.
     let frames = follow_until(&mut gate, &mut list, 3).await;
-    assert!(matches!(frames[0], Frame::DenyList(_)), "{frames:?}");
+    assert_eq!(
+        frames[0],
+        Frame::OfflineRules(Policy::embedded_default().offline)
+    );
+    assert!(matches!(frames[1], Frame::DenyList(_)), "{frames:?}");
     assert_eq!(list.refuses(LOST), Some(Reason::CardLost));
     assert_eq!(list.refuses(CANCELLED), Some(Reason::CardCancelled));
     assert_eq!(list.refuses(BLOCKED), Some(Reason::CardBlocked));
@@ -258,8 +268,12 @@ async fn a_version_2_gate_follows_the_deny_list_and_a_version_1_gate_sees_none_o
     gate.send_frame(&Frame::DenyAck(DenyAck { version: 4 }))
         .await
         .unwrap();
+    // The rules again (each connection gets them), then only the change since.
     let frames = follow_until(&mut gate, &mut list, 5).await;
-    assert!(matches!(&frames[..], [Frame::DenyChanges(c)] if c.first_version == 5));
+    assert!(
+        matches!(&frames[..], [Frame::OfflineRules(_), Frame::DenyChanges(c)] if c.first_version == 5),
+        "{frames:?}"
+    );
     assert_eq!(list.refuses(ACTIVE), None);
     let m = h.gateway.metrics();
     assert_eq!(m.deny_resyncs.load(std::sync::atomic::Ordering::Relaxed), 1);
@@ -272,6 +286,119 @@ async fn a_version_2_gate_follows_the_deny_list_and_a_version_1_gate_sees_none_o
         .await
         .unwrap();
     assert_refused(&old.recv().await.unwrap_err(), ErrorCode::UnknownFrameType);
+}
+
+/// The next OfflineReceipt, past any deny-list frame.
+async fn next_receipt(gate: &mut GateClient) -> OfflineReceipt {
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(5), gate.recv())
+            .await
+            .expect("a receipt arrives")
+            .unwrap();
+        match frame {
+            Frame::OfflineReceipt(receipt) => return receipt,
+            Frame::DenyChanges(_) | Frame::DenyList(_) => {}
+            other => panic!("expected a receipt, got {other:?}"),
+        }
+    }
+}
+
+/// A version-2 gate that rode offline uploads its taps once its link is back: each is recorded
+/// once, as an approval, with the gate's time of the tap; a resend is `already`; the ones that
+/// broke an offline rule are flagged, a card listed after the gate's version is not; and the
+/// gate's next online tap goes on from them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_taps_are_recorded_once_at_their_gate_time_and_broken_rules_are_flagged() {
+    let (h, state) = harness().await;
+    let mut gate = h.gate_v2(&YUZHONG_BUS).await;
+    let mut list = GateDenyList::default();
+    gate.send_frame(&Frame::DenyAck(DenyAck { version: 0 }))
+        .await
+        .unwrap();
+    follow_until(&mut gate, &mut list, 3).await;
+    // Version 4, after the version the gate held while offline.
+    h.gateway
+        .directory()
+        .set_state(ELDER, CardState::Lost)
+        .await
+        .unwrap();
+    let since = now_ms() - 60 * 60_000;
+    let upload = |sequence, card_id, issuer, minutes_offline: u64| OfflineTap {
+        tap: Tap {
+            issuer,
+            gate_time_ms: since + minutes_offline * 60_000,
+            ..tap(sequence, card_id, TapKind::Flat)
+        },
+        deny_version: 3,
+        offline_since_ms: since,
+    };
+    let ssc = Issuer::ChongqingSsc;
+    let uploads = [
+        (upload(1, ACTIVE, ssc, 5), Reason::Approved),
+        (upload(2, LOST, ssc, 6), Reason::CardLost),
+        (
+            upload(3, SICHUAN, Issuer::SichuanTianfuTong, 7),
+            Reason::IssuerNotAccepted,
+        ),
+        (upload(4, ACTIVE, ssc, 45), Reason::OfflineTooLong),
+        (upload(5, ELDER, ssc, 8), Reason::Approved),
+    ];
+    for (offline, _) in &uploads {
+        gate.send_frame(&Frame::OfflineTap(*offline)).await.unwrap();
+    }
+    for (offline, flag) in &uploads {
+        let receipt = next_receipt(&mut gate).await;
+        assert_eq!(
+            receipt,
+            OfflineReceipt {
+                sequence: offline.tap.sequence,
+                status: OfflineStatus::Recorded,
+                flag: *flag,
+                // The bus fare: the elder card is charged in full, as a card the gateway
+                // would have refused.
+                fare_fen: 200,
+            }
+        );
+    }
+    gate.send_frame(&Frame::OfflineTap(uploads[0].0))
+        .await
+        .unwrap();
+    let again = next_receipt(&mut gate).await;
+    assert_eq!(
+        (again.status, again.flag, again.fare_fen),
+        (OfflineStatus::Already, Reason::Approved, 200)
+    );
+    let online = gate.tap(tap(6, ACTIVE, TapKind::Flat)).await.unwrap();
+    assert_eq!(online.outcome, Outcome::Approve);
+    let m = h.gateway.metrics();
+    let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!((count(&m.offline_taps), count(&m.offline_flagged)), (5, 3));
+
+    gate.close();
+    h.gateway.shutdown().await;
+    let mut records = Vec::new();
+    for segment in tapgate_journal::list_segments(&state.path().join("journal")).unwrap() {
+        tapgate_journal::read_segment(&segment, |r| records.push(r)).unwrap();
+    }
+    for (offline, flag) in &uploads {
+        let recorded: Vec<_> = records
+            .iter()
+            .filter(|r| r.tap.sequence == offline.tap.sequence)
+            .collect();
+        assert_eq!(
+            recorded.len(),
+            1,
+            "tap {} recorded once",
+            offline.tap.sequence
+        );
+        let r = recorded[0];
+        assert!(r.offline);
+        assert_eq!(
+            (r.result.outcome, r.result.reason, r.server_time_ms),
+            (Outcome::Approve, *flag, offline.tap.gate_time_ms)
+        );
+    }
+    assert!(records.iter().any(|r| r.tap.sequence == 6 && !r.offline));
 }
 
 /// Polls `done` every 10 ms for up to 5 s.

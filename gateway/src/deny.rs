@@ -60,14 +60,23 @@ pub struct WholeList {
     pub entries: Vec<DenyEntry>,
 }
 
+/// A change the book keeps.
+#[derive(Debug)]
+struct Change {
+    entry: DenyEntry,
+    /// The card's entry before the change, to tell what the list was at an earlier version.
+    before: Option<Reason>,
+    /// When it reached this node.
+    arrived: Instant,
+}
+
 /// One node's deny list.
 #[derive(Debug)]
 pub struct DenyBook {
     version: u64,
     cards: HashMap<u64, Reason>,
-    /// The last changes, the newest at the back, with when each reached this node; the back
-    /// one made `version`.
-    recent: VecDeque<(DenyEntry, Instant)>,
+    /// The last changes, the newest at the back; the back one made `version`.
+    recent: VecDeque<Change>,
     recent_bound: usize,
     whole: Arc<WholeList>,
     /// Bumped whenever the list starts over from a whole list, so gates sent changes of the
@@ -122,16 +131,20 @@ impl DenyBook {
                         got: version,
                     });
                 }
-                if entry.denies() {
-                    self.cards.insert(entry.card_id, entry.reason);
+                let before = if entry.denies() {
+                    self.cards.insert(entry.card_id, entry.reason)
                 } else {
-                    self.cards.remove(&entry.card_id);
-                }
+                    self.cards.remove(&entry.card_id)
+                };
                 self.version = version;
                 if self.recent.len() == self.recent_bound {
                     self.recent.pop_front();
                 }
-                self.recent.push_back((entry, now));
+                self.recent.push_back(Change {
+                    entry,
+                    before,
+                    arrived: now,
+                });
                 // The whole list is rebuilt when gates being sent it would otherwise need
                 // changes older than the book keeps: at most once per half of its changes.
                 if self.version - self.whole.version > self.recent_bound as u64 / 2 {
@@ -168,7 +181,7 @@ impl DenyBook {
             .iter()
             .skip(skip)
             .take(max)
-            .map(|(entry, _)| *entry)
+            .map(|change| change.entry)
             .collect()
     }
 
@@ -178,7 +191,21 @@ impl DenyBook {
             return None;
         }
         let index = (version - self.oldest_followable() - 1) as usize;
-        self.recent.get(index).map(|(_, at)| *at)
+        self.recent.get(index).map(|change| change.arrived)
+    }
+
+    /// The card's entry on the list at `version`, `None` when it was not on it: the list now,
+    /// with the changes after `version` undone. Exact while the book keeps every change after
+    /// `version`; for an older version it is the list before the oldest change kept, as near as
+    /// the book can tell.
+    pub fn listed_at(&self, card_id: u64, version: u64) -> Option<Reason> {
+        let kept_after = self.version.saturating_sub(version) as usize;
+        self.recent
+            .iter()
+            .rev()
+            .take(kept_after)
+            .filter(|change| change.entry.card_id == card_id)
+            .fold(self.cards.get(&card_id).copied(), |_, change| change.before)
     }
 }
 
@@ -353,6 +380,40 @@ mod tests {
             }
         }
         panic!("the follow did not settle in 1000 polls");
+    }
+
+    #[test]
+    fn the_list_at_an_earlier_version_undoes_the_changes_since() {
+        let mut book = DenyBook::new(8);
+        let now = Instant::now();
+        let blocked = DenyEntry {
+            card_id: 7,
+            reason: Reason::CardBlocked,
+        };
+        // Card 7: lost at 2, cleared at 4, blocked at 5; card 9 lost at 1 and 3.
+        for (version, entry) in [lost(9), lost(7), lost(9), cleared(7), blocked]
+            .into_iter()
+            .enumerate()
+        {
+            let version = version as u64 + 1;
+            book.apply(DenyEvent::Changed { version, entry }, now)
+                .unwrap();
+        }
+        let at = |version| book.listed_at(7, version);
+        assert_eq!(
+            [at(0), at(1), at(2), at(3), at(4), at(5), at(6)],
+            [
+                None,
+                None,
+                Some(Reason::CardLost),
+                Some(Reason::CardLost),
+                None,
+                Some(Reason::CardBlocked),
+                Some(Reason::CardBlocked),
+            ]
+        );
+        assert_eq!(book.listed_at(9, 0), None);
+        assert_eq!(book.listed_at(9, 1), Some(Reason::CardLost));
     }
 
     fn book_with(changes: u64, bound: usize) -> DenyBook {

@@ -14,6 +14,7 @@ pub mod deny;
 pub mod directory;
 pub mod metrics;
 pub mod node;
+pub mod offline;
 pub mod ops;
 pub mod policy;
 pub mod server;

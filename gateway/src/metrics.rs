@@ -114,7 +114,7 @@ pub struct Metrics {
     /// connection limit.
     pub retries: AtomicU64,
     pub sessions_authenticated: AtomicU64,
-    decisions: [AtomicU64; 10],
+    decisions: [AtomicU64; Reason::ALL.len()],
     pub approved: AtomicU64,
     pub denied: AtomicU64,
     pub busy: AtomicU64,
@@ -140,6 +140,9 @@ pub struct Metrics {
     pub deny_resyncs: AtomicU64,
     /// From a change reaching this node to a gate acknowledging it.
     pub deny_propagation: DurationHistogram,
+    /// Offline taps recorded (resends not counted), and those that broke an offline rule.
+    pub offline_taps: AtomicU64,
+    pub offline_flagged: AtomicU64,
     pub by_place: AnswersByPlace,
     /// Authenticated gates connected now, by mode (in the order of `Mode::ALL`).
     pub gates_by_mode: [AtomicI64; 5],

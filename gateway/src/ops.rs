@@ -269,7 +269,7 @@ fn render_places(sink: &mut Sink, counters: &GatewayCounters) -> fmt::Result {
 /// The deny list at this node and how it reaches the version-2 gates.
 fn render_deny_list(sink: &mut Sink, m: &Metrics) -> fmt::Result {
     let load = |n: &std::sync::atomic::AtomicU64| n.load(Ordering::Relaxed);
-    let rows: [(&str, &str, &str, u64); 6] = [
+    let rows: [(&str, &str, &str, u64); 8] = [
         (
             "deny_list_version",
             "gauge",
@@ -305,6 +305,18 @@ fn render_deny_list(sink: &mut Sink, m: &Metrics) -> fmt::Result {
             "counter",
             "Whole deny lists started for a gate that was new, too far behind, or ahead of this node.",
             load(&m.deny_resyncs),
+        ),
+        (
+            "offline_taps_total",
+            "counter",
+            "Taps gates approved offline and uploaded, recorded at this node.",
+            load(&m.offline_taps),
+        ),
+        (
+            "offline_taps_flagged_total",
+            "counter",
+            "Uploaded offline taps that broke an offline rule or could not be charged as usual.",
+            load(&m.offline_flagged),
         ),
     ];
     sink.rows(&rows)?;

@@ -4,14 +4,15 @@
 //! social security card takes on concession functions by the card's home area, one area in
 //! 2025 to all 41 by 2027, and a card that carries one is honoured at every gate); how each
 //! concession is priced, by grade, and counted against a yearly allowance; the metro pass-back
-//! window, fare estimates, and what to do when the card directory is down.
+//! window, fare estimates, what to do when the card directory is down, and what a gate may
+//! approve while it cannot reach a gateway.
 
 use crate::card::CardRecord;
 use chrono::{Datelike, NaiveDate};
 use serde::Deserialize;
 use std::collections::HashMap;
 use tapgate_city::MonthDay;
-use tapgate_protocol::{AreaCode, Concession, Issuer, Mode};
+use tapgate_protocol::{AreaCode, Concession, Issuer, IssuerSet, Mode, OfflineRules};
 
 /// The policy shipped with tapgate; `policy.example.toml` at the repository root is the same
 /// text, documented for operators.
@@ -169,6 +170,8 @@ pub struct Policy {
     pub area_issuers: HashMap<AreaCode, Vec<Issuer>>,
     pub concession_rules: HashMap<Concession, ConcessionRule>,
     pub rollout: Vec<RolloutStep>,
+    /// What gates may approve while they cannot reach a gateway; sent to version-2 gates.
+    pub offline: OfflineRules,
 }
 
 impl Policy {
@@ -235,7 +238,50 @@ struct RawPolicy {
     concessions: HashMap<String, RawConcessionRule>,
     #[serde(default)]
     rollout: Vec<RawRollout>,
+    /// Without it, gates approve nothing offline.
+    offline: Option<RawOffline>,
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOffline {
+    issuers: Vec<String>,
+    max_fare_fen: u32,
+    max_offline_s: u32,
+}
+
+/// The longest a gate may decide offline: a day. Longer would let a stolen gate or a lost
+/// card's rider go unchecked for days.
+const MAX_OFFLINE_S: u32 = 24 * 3600;
+
+impl RawOffline {
+    fn validate(self) -> Result<OfflineRules, PolicyError> {
+        if self.max_fare_fen > MAX_ESTIMATE_FEN {
+            return Err(invalid(
+                "offline.max_fare_fen",
+                format!("{} fen is more than {MAX_ESTIMATE_FEN}", self.max_fare_fen),
+            ));
+        }
+        if self.max_offline_s > MAX_OFFLINE_S {
+            return Err(invalid(
+                "offline.max_offline_s",
+                format!("{} s is longer than a day", self.max_offline_s),
+            ));
+        }
+        Ok(OfflineRules {
+            issuers: IssuerSet::of(&issuers(&self.issuers)?),
+            max_fare_fen: self.max_fare_fen,
+            max_offline_s: self.max_offline_s,
+        })
+    }
+}
+
+/// The rules without an `[offline]` section: nothing is approved offline.
+const NO_OFFLINE: OfflineRules = OfflineRules {
+    issuers: IssuerSet::EMPTY,
+    max_fare_fen: 0,
+    max_offline_s: 0,
+};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -477,6 +523,10 @@ impl RawPolicy {
             area_issuers,
             concession_rules,
             rollout,
+            offline: match self.offline {
+                Some(offline) => offline.validate()?,
+                None => NO_OFFLINE,
+            },
         })
     }
 }
@@ -494,6 +544,11 @@ mod tests {
                 "[concessions.student]\npay_percent = 150",
                 "concessions.student.pay_percent",
             ),
+            (
+                "max_offline_s = 1800",
+                "max_offline_s = 90000",
+                "offline.max_offline_s",
+            ),
         ] {
             assert!(DEFAULT_POLICY_TOML.contains(from), "{from}");
             let text = DEFAULT_POLICY_TOML.replace(from, to);
@@ -502,6 +557,20 @@ mod tests {
                 other => panic!("{to}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn without_an_offline_section_nothing_is_approved_offline() {
+        let shipped = Policy::embedded_default().offline;
+        assert!(shipped.issuers.contains(Issuer::ChongqingSsc) && shipped.max_offline_s > 0);
+        let start = DEFAULT_POLICY_TOML.find("[offline]").unwrap();
+        let end = start + DEFAULT_POLICY_TOML[start..].find("\n\n").unwrap();
+        let text = format!(
+            "{}{}",
+            &DEFAULT_POLICY_TOML[..start],
+            &DEFAULT_POLICY_TOML[end..]
+        );
+        assert_eq!(Policy::from_toml(&text).unwrap().offline, NO_OFFLINE);
     }
 
     fn date(y: i32, m: u32, d: u32) -> NaiveDate {

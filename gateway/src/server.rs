@@ -9,6 +9,7 @@ use crate::directory::{
     ChangeEvent, Directory, DirectoryError, RideClaim, TerminalChange, TerminalRecord,
 };
 use crate::metrics::{Metrics, PlaceSlot};
+use crate::offline;
 use crate::policy::Policy;
 use crate::session::{
     self, HeadWait, Provisioning, Recorded, Recording, TapSession, Transmit, Work, busy,
@@ -22,8 +23,8 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use tapgate_journal::{Durable, Journal, JournalRecord, JournalSettings, JournalWriter};
 use tapgate_protocol::{
-    ErrorCode, ErrorFrame, Frame, KeyRing, MacKey, Outcome, SealedFrame, Tag, Tap, TapResult,
-    Version,
+    ErrorCode, ErrorFrame, Frame, KeyRing, MacKey, OfflineTap, Outcome, Reason, SealedFrame, Tag,
+    Tap, TapResult, Version, seal,
 };
 use tapgate_runtime::health::{Panics, PartHealth, supervise};
 use tapgate_runtime::now_ms;
@@ -707,6 +708,9 @@ struct Session {
 /// A version-2 session's part in the deny list.
 struct DenyFollowing {
     follow: GateFollow,
+    /// Whether the gate has been sent the offline rules, which go out once, with the first
+    /// deny-list frames.
+    rules_sent: bool,
     mac: MacKey,
     /// Where the session is counted among the gates following the list, while it lives.
     metrics: Arc<Metrics>,
@@ -724,6 +728,7 @@ impl DenyFollowing {
         metrics.deny_gates.fetch_add(1, Ordering::Relaxed);
         DenyFollowing {
             follow: GateFollow::default(),
+            rules_sent: false,
             mac,
             metrics: metrics.clone(),
             acked,
@@ -1092,6 +1097,10 @@ impl Session {
     async fn work(&self, session: &mut TapSession<Waits>, work: Work, gate: &Admitted) {
         let (sequence, (result, waits)) = match work {
             Work::Decide { tap, tag } => (tap.sequence, self.decide_fresh(&tap, tag, gate).await),
+            Work::Upload { upload, tag } => (
+                upload.tap.sequence,
+                self.record_upload(&upload, tag, gate).await,
+            ),
             Work::Resend(answer) => (answer.sequence, self.resend(&gate.state, answer)),
             // Only a version-2 session hands this out, and it always follows the list.
             Work::DenyHeld(_) => return,
@@ -1099,8 +1108,14 @@ impl Session {
         session.decided(sequence, result, waits);
     }
 
-    /// Appends the deny-list frames the gate needs next.
+    /// Appends the deny-list frames the gate needs next; after its first DenyAck, the offline
+    /// rules before them (PROTOCOL.md section 4.7).
     fn send_deny_list(&self, deny: &mut DenyFollowing, out: &mut BytesMut) {
+        if !deny.rules_sent && deny.follow.acked().is_some() {
+            let rules = self.shared.policy.read().expect("policy lock").offline;
+            seal(&Frame::OfflineRules(rules), &deny.mac, out);
+            deny.rules_sent = true;
+        }
         let book = self.shared.deny.read().expect("deny book lock");
         let written = deny.follow.poll(&book, &deny.mac, out);
         let metrics = &self.shared.metrics;
@@ -1261,6 +1276,7 @@ impl Session {
             result,
             pay_percent: decision.pay_percent,
             repeat_boarding: decision.repeat_boarding,
+            offline: false,
         };
         let shared = self.share(record);
         if result.outcome == Outcome::Approve {
@@ -1275,6 +1291,77 @@ impl Session {
             slot.append(record);
             (result, Waits::of(None, shared))
         }
+    }
+
+    /// Records a tap the gate approved offline (PROTOCOL.md section 4.7): decided as an online
+    /// tap at the gate's time of the tap, then recorded as an approval whatever the decision,
+    /// flagged with the offline rule it broke. A journal slot is claimed first, as for a tap.
+    async fn record_upload(
+        &self,
+        upload: &OfflineTap,
+        tag: Tag,
+        gate: &Admitted,
+    ) -> (TapResult, Option<Waits>) {
+        let tap = &upload.tap;
+        let Ok(slot) = self.shared.journal.reserve() else {
+            return (busy(tap.sequence), None);
+        };
+        // A gate clock ahead of the gateway's cannot put a ride in the future.
+        let tapped = tap.gate_time_ms.min(now_ms());
+        let policy = self.shared.policy.read().expect("policy lock").clone();
+        let mut online = self
+            .shared
+            .cache
+            .authorize(tap, gate.place, &policy, tapped)
+            .await;
+        if let Some(ride) = online.counted_ride {
+            online = self
+                .claim_ride(tap.card_id, ride, online, gate.place, &policy)
+                .await;
+        }
+        let listed = self
+            .shared
+            .deny
+            .read()
+            .expect("deny book lock")
+            .listed_at(tap.card_id, upload.deny_version);
+        let decision = offline::recorded_as(upload, online, gate.place.mode, listed, &policy);
+        let metrics = &self.shared.metrics;
+        metrics.offline_taps.fetch_add(1, Ordering::Relaxed);
+        if decision.reason != Reason::Approved {
+            metrics.offline_flagged.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                terminal = gate.terminal.terminal_id,
+                sequence = tap.sequence,
+                card = %self.shared.pseudonyms.pseudonym(tap.card_id),
+                flag = %decision.reason,
+                "offline tap flagged"
+            );
+        }
+        let result = TapResult {
+            sequence: tap.sequence,
+            outcome: decision.outcome,
+            reason: decision.reason,
+            concession: decision.concession,
+            fare_fen: decision.fare_fen,
+            rides_left: decision.rides_left,
+        };
+        let terminal = &gate.terminal;
+        let record = JournalRecord {
+            terminal_id: terminal.terminal_id,
+            tag,
+            tap: *tap,
+            server_time_ms: tapped,
+            area: terminal.area.0,
+            mode: terminal.mode,
+            operator: terminal.operator,
+            result,
+            pay_percent: decision.pay_percent,
+            repeat_boarding: decision.repeat_boarding,
+            offline: true,
+        };
+        let shared = self.share(record);
+        (result, Waits::of(Some(slot.append_durable(record)), shared))
     }
 }
 

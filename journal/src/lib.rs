@@ -45,6 +45,8 @@ const PAYLOAD_V1_LEN: usize = 79;
 const PAYLOAD_V2_LEN: usize = 80;
 /// Flag: the tap repeated a boarding of the same vehicle within the policy's window.
 const FLAG_REPEAT_BOARDING: u8 = 1;
+/// Flag: a tap the gate approved offline and uploaded later.
+const FLAG_OFFLINE: u8 = 2;
 const RECORD_HEADER: usize = 8;
 
 /// One decided tap as the journal keeps it.
@@ -54,6 +56,9 @@ pub struct JournalRecord {
     /// The Tap frame's tag: lets a resend after a restart be told from a conflicting reuse.
     pub tag: Tag,
     pub tap: Tap,
+    /// When the tap happened as the gateway reckons it: when it decided the tap, or for an
+    /// offline tap the gate's time of the tap, no later than its upload. Settlement prices and
+    /// books by it.
     pub server_time_ms: u64,
     pub area: u32,
     pub mode: Mode,
@@ -65,6 +70,9 @@ pub struct JournalRecord {
     pub pay_percent: u8,
     /// The card boarded the same vehicle moments before: approved without a second charge.
     pub repeat_boarding: bool,
+    /// The gate approved the tap offline and uploaded it later (PROTOCOL.md section 4.7); the
+    /// result's reason is then the rule it broke, `Approved` for none.
+    pub offline: bool,
 }
 
 /// The share a version 1 record's concession paid: version 1 did not record it, and these are
@@ -116,11 +124,10 @@ impl JournalRecord {
         out.put_u32(self.result.fare_fen);
         out.put_u16(self.result.rides_left);
         out.put_u8(self.pay_percent);
-        out.put_u8(if self.repeat_boarding {
-            FLAG_REPEAT_BOARDING
-        } else {
-            0
-        });
+        out.put_u8(
+            (u8::from(self.repeat_boarding) * FLAG_REPEAT_BOARDING)
+                | (u8::from(self.offline) * FLAG_OFFLINE),
+        );
     }
 
     pub fn decode(mut p: &[u8]) -> Option<Self> {
@@ -154,13 +161,9 @@ impl JournalRecord {
             1 => version_1_pay_percent(concession),
             _ => Some(p.get_u8()).filter(|percent| *percent <= 100)?,
         };
-        let repeat_boarding = match version {
-            1 | 2 => false,
-            _ => match p.get_u8() {
-                0 => false,
-                FLAG_REPEAT_BOARDING => true,
-                _ => return None,
-            },
+        let flags = match version {
+            1 | 2 => 0,
+            _ => Some(p.get_u8()).filter(|f| f & !(FLAG_REPEAT_BOARDING | FLAG_OFFLINE) == 0)?,
         };
         Some(JournalRecord {
             terminal_id,
@@ -187,7 +190,8 @@ impl JournalRecord {
                 rides_left,
             },
             pay_percent,
-            repeat_boarding,
+            repeat_boarding: flags & FLAG_REPEAT_BOARDING != 0,
+            offline: flags & FLAG_OFFLINE != 0,
         })
     }
 }
@@ -976,6 +980,7 @@ mod tests {
             },
             pay_percent: 0,
             repeat_boarding: false,
+            offline: false,
         }
     }
 
@@ -995,6 +1000,16 @@ mod tests {
         record(5).encode(&mut buf);
         assert_eq!(buf.len(), PAYLOAD_LEN);
         assert_eq!(JournalRecord::decode(&buf), Some(record(5)));
+        for (repeat_boarding, offline) in [(true, false), (false, true), (true, true)] {
+            let flagged = JournalRecord {
+                repeat_boarding,
+                offline,
+                ..record(5)
+            };
+            let mut buf = BytesMut::new();
+            flagged.encode(&mut buf);
+            assert_eq!(JournalRecord::decode(&buf), Some(flagged));
+        }
     }
 
     #[test]
@@ -1018,7 +1033,7 @@ mod tests {
         buf.truncate(PAYLOAD_V1_LEN);
         assert_eq!(JournalRecord::decode(&buf), Some(student));
         // A share above 100 % or an unknown flag is not a record.
-        for (at, value) in [(PAYLOAD_LEN - 2, 101), (PAYLOAD_LEN - 1, 2)] {
+        for (at, value) in [(PAYLOAD_LEN - 2, 101), (PAYLOAD_LEN - 1, 4)] {
             let mut buf = BytesMut::new();
             record(5).encode(&mut buf);
             buf[at] = value;

@@ -152,12 +152,16 @@ impl SealedFrame {
         Some((u64::from_be_bytes(terminal), *body.get(8)?))
     }
 
-    /// The sequence number a Tap or TapResult frame carries (the first 8 bytes of its body),
-    /// read without parsing the rest; `None` for other frames. Trust it only once the tag has
-    /// verified: then an Error about a body that does not parse can name the tap it is about.
+    /// The sequence number a Tap, TapResult, OfflineTap or OfflineReceipt frame carries (the
+    /// first 8 bytes of its body), read without parsing the rest; `None` for other frames.
+    /// Trust it only once the tag has verified: then an Error about a body that does not parse
+    /// can name the tap it is about.
     pub fn sequence(&self) -> Option<u64> {
         match self.frame_type {
-            FrameType::Tap | FrameType::TapResult => {
+            FrameType::Tap
+            | FrameType::TapResult
+            | FrameType::OfflineTap
+            | FrameType::OfflineReceipt => {
                 let bytes: [u8; 8] = self.body().get(..8)?.try_into().ok()?;
                 Some(u64::from_be_bytes(bytes))
             }

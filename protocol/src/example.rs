@@ -6,7 +6,8 @@ use crate::codec::seal;
 use crate::crypto::{MasterKey, TAG_LEN};
 use crate::frame::{
     DenyAck, DenyChanges, DenyEntry, DenyList, ErrorCode, ErrorFrame, Frame, Hello, HelloAck,
-    Outcome, Reason, Tap, TapKind, TapResult,
+    IssuerSet, OfflineReceipt, OfflineRules, OfflineStatus, OfflineTap, Outcome, Reason, Tap,
+    TapKind, TapResult,
 };
 use crate::registry::{AreaCode, Concession, Issuer, Mode};
 use bytes::BytesMut;
@@ -111,12 +112,57 @@ pub fn deny_frames() -> [Frame; 5] {
 /// `name: value` lines of the deny-list example, each frame sealed under the example's
 /// terminal key.
 pub fn deny_lines() -> Vec<(String, String)> {
+    sealed_lines(deny_frames())
+}
+
+/// The offline example of PROTOCOL.md (protocol version 2): the rules the shipped policy sends,
+/// then the same gate, its link lost at 08:05 UTC, uploads the elder card's metro entry it
+/// approved offline at 08:10 holding deny-list version 4, and the gateway's receipt: recorded,
+/// nothing broken, free.
+pub fn offline_frames() -> [Frame; 3] {
+    let entry_at = 1_795_939_800_000;
+    [
+        Frame::OfflineRules(OfflineRules {
+            issuers: IssuerSet::of(&[Issuer::ChongqingSsc, Issuer::ChongqingCityCard]),
+            max_fare_fen: 700,
+            max_offline_s: 1_800,
+        }),
+        Frame::OfflineTap(OfflineTap {
+            tap: Tap {
+                sequence: 2,
+                card_id: 6_222_000_123_456_789,
+                issuer: Issuer::ChongqingSsc,
+                kind: TapKind::Entry,
+                line: 2,
+                stop: 15,
+                gate_time_ms: entry_at,
+            },
+            deny_version: 4,
+            offline_since_ms: entry_at - 5 * 60_000,
+        }),
+        Frame::OfflineReceipt(OfflineReceipt {
+            sequence: 2,
+            status: OfflineStatus::Recorded,
+            flag: Reason::Approved,
+            fare_fen: 0,
+        }),
+    ]
+}
+
+/// `name: value` lines of the offline example.
+pub fn offline_lines() -> Vec<(String, String)> {
+    sealed_lines(offline_frames())
+}
+
+/// `name_frame: hex` for each frame sealed under the example's terminal key; DenyAcks, of which
+/// an example has several, are numbered.
+fn sealed_lines(frames: impl IntoIterator<Item = Frame>) -> Vec<(String, String)> {
     let mac = MasterKey::from_hex(MASTER_KEY_HEX)
         .expect("the example key is valid hex")
         .diversify(TERMINAL_ID)
         .mac_key();
     let mut acks = 0;
-    deny_frames()
+    frames
         .into_iter()
         .map(|frame| {
             let mut wire = BytesMut::new();
@@ -177,6 +223,18 @@ pub fn vectors() -> Vec<Vector> {
             }
             ref other => (other.frame_type().label().to_owned(), DOWN),
         };
+        vectors.push(name, direction, note, frame, true);
+    }
+    let notes = [
+        (DOWN, "version 2: the offline rules of the shipped policy"),
+        (
+            UP,
+            "version 2: an elder's metro entry approved offline, uploaded",
+        ),
+        (DOWN, "version 2: recorded, no rule broken, free"),
+    ];
+    for (frame, (direction, note)) in offline_frames().into_iter().zip(notes) {
+        let name = frame.frame_type().label().to_owned();
         vectors.push(name, direction, note, frame, true);
     }
     vectors.out

@@ -25,6 +25,12 @@ wire_enum! {
         DenyChanges = 0x07 => "deny_changes",
         /// gateway → gate (version 2): one part of the whole deny list, replacing the gate's.
         DenyList = 0x08 => "deny_list",
+        /// gateway → gate (version 2): the rules the gate decides by while it has no link.
+        OfflineRules = 0x09 => "offline_rules",
+        /// gate → gateway (version 2): a tap the gate approved while it had no link, uploaded.
+        OfflineTap = 0x0A => "offline_tap",
+        /// gateway → gate (version 2): the receipt for one OfflineTap.
+        OfflineReceipt = 0x0B => "offline_receipt",
     }
 }
 
@@ -56,6 +62,9 @@ impl FrameType {
             FrameType::DenyAck => BodyLen::Fixed(8),
             FrameType::DenyChanges => BodyLen::Entries { head: 9 },
             FrameType::DenyList => BodyLen::Entries { head: 10 },
+            FrameType::OfflineRules => BodyLen::Fixed(9),
+            FrameType::OfflineTap => BodyLen::Fixed(46),
+            FrameType::OfflineReceipt => BodyLen::Fixed(14),
         }
     }
 
@@ -63,7 +72,12 @@ impl FrameType {
     /// version treats it as unknown.
     pub const fn since(self) -> Version {
         match self {
-            FrameType::DenyAck | FrameType::DenyChanges | FrameType::DenyList => Version::V2,
+            FrameType::DenyAck
+            | FrameType::DenyChanges
+            | FrameType::DenyList
+            | FrameType::OfflineRules
+            | FrameType::OfflineTap
+            | FrameType::OfflineReceipt => Version::V2,
             _ => Version::V1,
         }
     }
@@ -73,7 +87,7 @@ impl FrameType {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Version {
     V1,
-    /// Adds the deny list (frames 0x06 to 0x08).
+    /// Adds the deny list (frames 0x06 to 0x08) and offline taps (0x09 to 0x0B).
     V2,
 }
 
@@ -161,6 +175,11 @@ wire_enum! {
         DirectoryUnavailable = 8 => "directory_unavailable",
         /// Sent with `Outcome::Busy`.
         Overloaded = 9 => "overloaded",
+        /// Only in an OfflineReceipt's flag: the tap's fare estimate was above the offline limit.
+        OfflineFareOverLimit = 10 => "offline_fare_over_limit",
+        /// Only in an OfflineReceipt's flag: the tap came later after the link was lost than the
+        /// offline rules allow.
+        OfflineTooLong = 11 => "offline_too_long",
     }
 }
 
@@ -305,6 +324,81 @@ pub struct DenyList {
     pub entries: Vec<DenyEntry>,
 }
 
+/// A set of issuers, one bit per issuer code (bit 1 for code 1, …).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub struct IssuerSet(u8);
+
+impl IssuerSet {
+    pub const EMPTY: IssuerSet = IssuerSet(0);
+
+    pub fn of(issuers: &[Issuer]) -> IssuerSet {
+        IssuerSet(issuers.iter().fold(0, |bits, i| bits | 1 << i.code()))
+    }
+
+    pub fn contains(self, issuer: Issuer) -> bool {
+        self.0 & 1 << issuer.code() != 0
+    }
+
+    pub fn bits(self) -> u8 {
+        self.0
+    }
+
+    /// The set these bits name; `None` when a bit names no issuer.
+    pub fn from_bits(bits: u8) -> Option<IssuerSet> {
+        let known = IssuerSet::of(Issuer::ALL).0;
+        (bits & !known == 0).then_some(IssuerSet(bits))
+    }
+}
+
+/// What a gate may approve while it cannot reach a gateway (first-ride risk), as the policy
+/// says. A gate holds the last rules it was sent; with none it approves nothing offline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OfflineRules {
+    /// Cards of these issuers only.
+    pub issuers: IssuerSet,
+    /// Taps whose fare estimate is at most this many fen.
+    pub max_fare_fen: u32,
+    /// For at most this long after the gate last heard from a gateway; 0: never offline.
+    pub max_offline_s: u32,
+}
+
+/// A tap the gate approved offline, uploaded once a link is back. Its sequence is the gate's
+/// next, as for an online tap: offline taps and online taps are one sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OfflineTap {
+    /// The tap as it was made; `gate_time_ms` is when.
+    pub tap: Tap,
+    /// The deny-list version the gate held when it approved the tap.
+    pub deny_version: u64,
+    /// Gate clock when the gate last heard from a gateway, Unix milliseconds UTC.
+    pub offline_since_ms: u64,
+}
+
+wire_enum! {
+    /// What became of an uploaded offline tap.
+    OfflineStatus {
+        /// Recorded now: the gate may forget it.
+        Recorded = 0 => "recorded",
+        /// Recorded before (a resend): the gate may forget it.
+        Already = 1 => "already",
+        /// Not recorded (the gateway is overloaded or cannot read the card): send it again
+        /// later, under the same sequence.
+        Busy = 2 => "busy",
+    }
+}
+
+/// The gateway's receipt for one OfflineTap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OfflineReceipt {
+    pub sequence: u64,
+    pub status: OfflineStatus,
+    /// The rule the tap broke, or `Approved` for none. A flagged tap is recorded and charged
+    /// all the same: the rider has ridden.
+    pub flag: Reason,
+    /// The fare estimate for the tap in fen, as for a TapResult.
+    pub fare_fen: u32,
+}
+
 /// A fatal protocol error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ErrorFrame {
@@ -324,6 +418,9 @@ pub enum Frame {
     DenyAck(DenyAck),
     DenyChanges(DenyChanges),
     DenyList(DenyList),
+    OfflineRules(OfflineRules),
+    OfflineTap(OfflineTap),
+    OfflineReceipt(OfflineReceipt),
 }
 
 /// A field whose value the protocol does not allow.
@@ -345,6 +442,9 @@ impl Frame {
             Frame::DenyAck(_) => FrameType::DenyAck,
             Frame::DenyChanges(_) => FrameType::DenyChanges,
             Frame::DenyList(_) => FrameType::DenyList,
+            Frame::OfflineRules(_) => FrameType::OfflineRules,
+            Frame::OfflineTap(_) => FrameType::OfflineTap,
+            Frame::OfflineReceipt(_) => FrameType::OfflineReceipt,
         }
     }
 
@@ -383,15 +483,7 @@ impl Frame {
                 out.put_u16(a.resend_window);
                 out.put_u16(a.max_in_flight);
             }
-            Frame::Tap(t) => {
-                out.put_u64(t.sequence);
-                out.put_u64(t.card_id);
-                out.put_u8(t.issuer.code());
-                out.put_u8(t.kind.code());
-                out.put_u16(t.line);
-                out.put_u16(t.stop);
-                out.put_u64(t.gate_time_ms);
-            }
+            Frame::Tap(t) => put_tap(t, out),
             Frame::TapResult(r) => {
                 out.put_u64(r.sequence);
                 out.put_u8(r.outcome.code());
@@ -413,6 +505,22 @@ impl Frame {
                 out.put_u64(l.version);
                 out.put_u8(u8::from(l.first) | u8::from(l.last) << 1);
                 put_entries(&l.entries, out);
+            }
+            Frame::OfflineRules(r) => {
+                out.put_u8(r.issuers.bits());
+                out.put_u32(r.max_fare_fen);
+                out.put_u32(r.max_offline_s);
+            }
+            Frame::OfflineTap(o) => {
+                put_tap(&o.tap, out);
+                out.put_u64(o.deny_version);
+                out.put_u64(o.offline_since_ms);
+            }
+            Frame::OfflineReceipt(r) => {
+                out.put_u64(r.sequence);
+                out.put_u8(r.status.code());
+                out.put_u8(r.flag.code());
+                out.put_u32(r.fare_fen);
             }
         }
     }
@@ -438,24 +546,7 @@ impl Frame {
                 resend_window: b.get_u16(),
                 max_in_flight: b.get_u16(),
             }),
-            FrameType::Tap => {
-                let sequence = b.get_u64();
-                if sequence == 0 {
-                    return Err(InvalidField {
-                        field: "sequence",
-                        value: 0,
-                    });
-                }
-                Frame::Tap(Tap {
-                    sequence,
-                    card_id: b.get_u64(),
-                    issuer: enum_field("issuer", b.get_u8(), Issuer::from_code)?,
-                    kind: enum_field("tap_kind", b.get_u8(), TapKind::from_code)?,
-                    line: b.get_u16(),
-                    stop: b.get_u16(),
-                    gate_time_ms: b.get_u64(),
-                })
-            }
+            FrameType::Tap => Frame::Tap(parse_tap(b)?),
             FrameType::TapResult => Frame::TapResult(TapResult {
                 sequence: b.get_u64(),
                 outcome: enum_field("outcome", b.get_u8(), Outcome::from_code)?,
@@ -464,20 +555,7 @@ impl Frame {
                 fare_fen: b.get_u32(),
                 rides_left: b.get_u16(),
             }),
-            FrameType::Error => {
-                let raw = b.get_u16();
-                let code = u8::try_from(raw)
-                    .ok()
-                    .and_then(ErrorCode::from_code)
-                    .ok_or(InvalidField {
-                        field: "error_code",
-                        value: raw.into(),
-                    })?;
-                Frame::Error(ErrorFrame {
-                    code,
-                    sequence: b.get_u64(),
-                })
-            }
+            FrameType::Error => Frame::Error(parse_error(b)?),
             FrameType::DenyAck => Frame::DenyAck(DenyAck {
                 version: b.get_u64(),
             }),
@@ -515,8 +593,77 @@ impl Frame {
                     entries: parse_entries(b, false)?,
                 })
             }
+            FrameType::OfflineRules => Frame::OfflineRules(parse_offline_rules(b)?),
+            FrameType::OfflineTap => Frame::OfflineTap(OfflineTap {
+                tap: parse_tap(b)?,
+                deny_version: b.get_u64(),
+                offline_since_ms: b.get_u64(),
+            }),
+            FrameType::OfflineReceipt => Frame::OfflineReceipt(OfflineReceipt {
+                sequence: b.get_u64(),
+                status: enum_field("status", b.get_u8(), OfflineStatus::from_code)?,
+                flag: enum_field("flag", b.get_u8(), Reason::from_code)?,
+                fare_fen: b.get_u32(),
+            }),
         })
     }
+}
+
+fn parse_error(b: &mut &[u8]) -> Result<ErrorFrame, InvalidField> {
+    let raw = b.get_u16();
+    let code = u8::try_from(raw)
+        .ok()
+        .and_then(ErrorCode::from_code)
+        .ok_or(InvalidField {
+            field: "error_code",
+            value: raw.into(),
+        })?;
+    Ok(ErrorFrame {
+        code,
+        sequence: b.get_u64(),
+    })
+}
+
+fn parse_offline_rules(b: &mut &[u8]) -> Result<OfflineRules, InvalidField> {
+    let bits = b.get_u8();
+    Ok(OfflineRules {
+        issuers: IssuerSet::from_bits(bits).ok_or(InvalidField {
+            field: "issuers",
+            value: bits.into(),
+        })?,
+        max_fare_fen: b.get_u32(),
+        max_offline_s: b.get_u32(),
+    })
+}
+
+fn put_tap(t: &Tap, out: &mut impl BufMut) {
+    out.put_u64(t.sequence);
+    out.put_u64(t.card_id);
+    out.put_u8(t.issuer.code());
+    out.put_u8(t.kind.code());
+    out.put_u16(t.line);
+    out.put_u16(t.stop);
+    out.put_u64(t.gate_time_ms);
+}
+
+/// The 30 bytes of a Tap, in a Tap or an OfflineTap.
+fn parse_tap(b: &mut &[u8]) -> Result<Tap, InvalidField> {
+    let sequence = b.get_u64();
+    if sequence == 0 {
+        return Err(InvalidField {
+            field: "sequence",
+            value: 0,
+        });
+    }
+    Ok(Tap {
+        sequence,
+        card_id: b.get_u64(),
+        issuer: enum_field("issuer", b.get_u8(), Issuer::from_code)?,
+        kind: enum_field("tap_kind", b.get_u8(), TapKind::from_code)?,
+        line: b.get_u16(),
+        stop: b.get_u16(),
+        gate_time_ms: b.get_u64(),
+    })
 }
 
 fn put_entries(entries: &[DenyEntry], out: &mut impl BufMut) {

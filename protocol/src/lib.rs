@@ -23,8 +23,9 @@ pub use crypto::{BadMac, KeyRing, MacKey, MasterKey, TAG_LEN, Tag, TerminalKey};
 pub use deny::{GateDenyList, OutOfStep};
 pub use frame::{
     BodyLen, DENY_ENTRY_LEN, DenyAck, DenyChanges, DenyEntry, DenyList, ErrorCode, ErrorFrame,
-    Frame, FrameType, Hello, HelloAck, InvalidField, MAX_DENY_ENTRIES, Outcome,
-    RIDES_LEFT_NOT_APPLICABLE, Reason, Tap, TapKind, TapResult, Version,
+    Frame, FrameType, Hello, HelloAck, InvalidField, IssuerSet, MAX_DENY_ENTRIES, OfflineReceipt,
+    OfflineRules, OfflineStatus, OfflineTap, Outcome, RIDES_LEFT_NOT_APPLICABLE, Reason, Tap,
+    TapKind, TapResult, Version,
 };
 pub use registry::{AREAS, Area, AreaCode, AreaKind, Concession, Issuer, IssuerRegion, Mode};
 pub use replay::{Admission, SequenceWindow};

@@ -47,26 +47,7 @@ fn any_frame() -> impl Strategy<Value = Frame> {
                 max_in_flight: inflight,
             })
         });
-    let tap = (
-        1..=u64::MAX,
-        any::<u64>(),
-        any_enum(Issuer::ALL),
-        any_enum(TapKind::ALL),
-        any::<u16>(),
-        any::<u16>(),
-        any::<u64>(),
-    )
-        .prop_map(|(sequence, card_id, issuer, kind, line, stop, t)| {
-            Frame::Tap(Tap {
-                sequence,
-                card_id,
-                issuer,
-                kind,
-                line,
-                stop,
-                gate_time_ms: t,
-            })
-        });
+    let tap = any_tap().prop_map(Frame::Tap);
     let result = (
         any::<u64>(),
         any_enum(Outcome::ALL),
@@ -89,7 +70,76 @@ fn any_frame() -> impl Strategy<Value = Frame> {
         );
     let error = (any_enum(ErrorCode::ALL), any::<u64>())
         .prop_map(|(code, sequence)| Frame::Error(ErrorFrame { code, sequence }));
-    prop_oneof![hello, ack, tap, result, error, any_deny_frame()]
+    prop_oneof![
+        hello,
+        ack,
+        tap,
+        result,
+        error,
+        any_deny_frame(),
+        any_offline_frame()
+    ]
+}
+
+fn any_tap() -> impl Strategy<Value = Tap> {
+    (
+        1..=u64::MAX,
+        any::<u64>(),
+        any_enum(Issuer::ALL),
+        any_enum(TapKind::ALL),
+        any::<u16>(),
+        any::<u16>(),
+        any::<u64>(),
+    )
+        .prop_map(|(sequence, card_id, issuer, kind, line, stop, t)| Tap {
+            sequence,
+            card_id,
+            issuer,
+            kind,
+            line,
+            stop,
+            gate_time_ms: t,
+        })
+}
+
+/// The offline frames of version 2.
+fn any_offline_frame() -> impl Strategy<Value = Frame> {
+    let rules = (
+        prop::collection::vec(any_enum(Issuer::ALL), 0..4),
+        any::<u32>(),
+        any::<u32>(),
+    )
+        .prop_map(|(issuers, max_fare_fen, max_offline_s)| {
+            Frame::OfflineRules(OfflineRules {
+                issuers: IssuerSet::of(&issuers),
+                max_fare_fen,
+                max_offline_s,
+            })
+        });
+    let upload = (any_tap(), any::<u64>(), any::<u64>()).prop_map(
+        |(tap, deny_version, offline_since_ms)| {
+            Frame::OfflineTap(OfflineTap {
+                tap,
+                deny_version,
+                offline_since_ms,
+            })
+        },
+    );
+    let receipt = (
+        any::<u64>(),
+        any_enum(OfflineStatus::ALL),
+        any_enum(Reason::ALL),
+        any::<u32>(),
+    )
+        .prop_map(|(sequence, status, flag, fare_fen)| {
+            Frame::OfflineReceipt(OfflineReceipt {
+                sequence,
+                status,
+                flag,
+                fare_fen,
+            })
+        });
+    prop_oneof![rules, upload, receipt]
 }
 
 /// The deny-list frames of version 2.
@@ -289,6 +339,21 @@ fn out_of_range_fields_are_typed_errors() {
             ..
         }))
     ));
+    // Issuer bit 0 names no issuer.
+    let rules = Frame::OfflineRules(OfflineRules {
+        issuers: IssuerSet::of(&[Issuer::ChongqingSsc]),
+        max_fare_fen: 700,
+        max_offline_s: 1800,
+    });
+    let mut wire = sealed(&rules, &k).to_vec();
+    wire[4] |= 1;
+    assert_eq!(
+        decode_one(&wire).unwrap().parse_unverified(),
+        Err(DecodeError::InvalidField(InvalidField {
+            field: "issuers",
+            value: 0b11
+        }))
+    );
 }
 
 #[test]

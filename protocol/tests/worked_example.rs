@@ -29,21 +29,41 @@ fn specification_shows_exactly_the_computed_example() {
     );
 }
 
-#[test]
-fn specification_shows_exactly_the_computed_deny_list_example() {
-    let documented = documented("### 8.1 Version 2: the deny list");
-    assert_eq!(documented, tapgate_protocol::example::deny_lines());
+/// The example under `heading` shows exactly `lines`, and each of its frames opens, under the
+/// example's terminal key, as the frame it names.
+fn check_version_2_example(
+    heading: &str,
+    lines: Vec<(String, String)>,
+    frames: impl IntoIterator<Item = tapgate_protocol::Frame>,
+) {
+    let documented = documented(heading);
+    assert_eq!(documented, lines);
     let key = tapgate_protocol::MasterKey::from_hex(tapgate_protocol::example::MASTER_KEY_HEX)
         .unwrap()
         .diversify(tapgate_protocol::example::TERMINAL_ID)
         .mac_key();
-    for ((name, value), frame) in documented
-        .iter()
-        .zip(tapgate_protocol::example::deny_frames())
-    {
+    for ((name, value), frame) in documented.iter().zip(frames) {
         let sealed = tapgate_protocol::decode_one(&hex::decode(value).unwrap()).unwrap();
         assert_eq!(sealed.open(&key).unwrap(), frame, "{name}");
     }
+}
+
+#[test]
+fn specification_shows_exactly_the_computed_deny_list_example() {
+    check_version_2_example(
+        "### 8.1 Version 2: the deny list",
+        tapgate_protocol::example::deny_lines(),
+        tapgate_protocol::example::deny_frames(),
+    );
+}
+
+#[test]
+fn specification_shows_exactly_the_computed_offline_example() {
+    check_version_2_example(
+        "### 8.2 Version 2: an offline tap",
+        tapgate_protocol::example::offline_lines(),
+        tapgate_protocol::example::offline_frames(),
+    );
 }
 
 #[test]

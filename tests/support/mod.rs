@@ -744,6 +744,7 @@ pub(crate) fn approved(
         },
         pay_percent: 100,
         repeat_boarding: false,
+        offline: false,
     };
     record.tap.issuer = Issuer::ChongqingSsc;
     record.tap.stop = stop;

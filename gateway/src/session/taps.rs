@@ -9,9 +9,9 @@ use bytes::BytesMut;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 use tapgate_protocol::{
-    Admission, Concession, ErrorCode, ErrorFrame, Frame, FrameType, MacKey, OpenError, Outcome,
-    RIDES_LEFT_NOT_APPLICABLE, Reason, SealedFrame, SequenceWindow, Tag, Tap, TapResult, Version,
-    seal,
+    Admission, Concession, ErrorCode, ErrorFrame, Frame, FrameType, MacKey, OfflineTap, OpenError,
+    Outcome, RIDES_LEFT_NOT_APPLICABLE, Reason, SealedFrame, SequenceWindow, Tag, Tap, TapResult,
+    Version, seal,
 };
 
 /// Where an answer's recording stands: its journal record synced (an approval) and its copy
@@ -48,6 +48,8 @@ pub enum Work {
     /// Decide this new tap. Capacity for it is the server's to claim first (a journal slot):
     /// without it the answer is Busy and nothing has changed.
     Decide { tap: Tap, tag: Tag },
+    /// Record this new offline tap (version 2), on the same terms as `Decide`.
+    Upload { upload: OfflineTap, tag: Tag },
     /// A resend of an answered tap: this answer again, journaled first when it is an approval
     /// another gateway decided and this one has not recorded.
     Resend(TapResult),
@@ -98,9 +100,30 @@ enum Answer<W> {
     Fatal(ErrorFrame),
 }
 
+/// How an answer goes out: as the TapResult a Tap is owed, or as the OfflineReceipt an
+/// OfflineTap is owed. The window holds both as TapResults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Form {
+    TapResult,
+    Receipt { already: bool },
+}
+
+impl Form {
+    /// The form of the answer to a Tap, or to an OfflineTap (`upload`) that is a copy of one
+    /// already seen (`already`).
+    fn of(upload: bool, already: bool) -> Form {
+        if upload {
+            Form::Receipt { already }
+        } else {
+            Form::TapResult
+        }
+    }
+}
+
 struct Queued<W> {
     /// When the frame it answers was read, for the answer latency.
     read_at: Instant,
+    form: Form,
     answer: Answer<W>,
 }
 
@@ -168,12 +191,15 @@ impl<W: Recording> TapSession<W> {
         let answer = match frame.frame_type() {
             // What this connection's version does not have is as unknown as a type no version has.
             ty if ty.since() > self.version => fatal(ErrorCode::UnknownFrameType, 0),
-            FrameType::Tap => match self.classify_tap(frame, window) {
-                Step::Work(sequence, work) => {
-                    self.push(now, Answer::Deciding { sequence });
+            FrameType::Tap | FrameType::OfflineTap => match self.classify_tap(frame, window) {
+                (form, Step::Work(sequence, work)) => {
+                    self.push(now, form, Answer::Deciding { sequence });
                     return Some(work);
                 }
-                Step::Answer(answer) => answer,
+                (form, Step::Answer(answer)) => {
+                    self.push(now, form, answer);
+                    return None;
+                }
             },
             FrameType::DenyAck => match frame.open(&self.mac) {
                 Ok(Frame::DenyAck(ack)) => return Some(Work::DenyHeld(ack.version)),
@@ -183,7 +209,7 @@ impl<W: Recording> TapSession<W> {
             FrameType::Hello => fatal(ErrorCode::DuplicateHello, 0),
             _ => fatal(ErrorCode::UnexpectedFrame, 0),
         };
-        self.push(now, answer);
+        self.push(now, Form::TapResult, answer);
         None
     }
 
@@ -284,10 +310,16 @@ impl<W: Recording> TapSession<W> {
                     Recorded::Failed => busy(result.sequence),
                 },
             };
-            let read_at = head.read_at;
+            let (read_at, form) = (head.read_at, head.form);
             self.queue.pop_front();
             answered(result, read_at);
-            seal(&Frame::TapResult(result), &self.mac, out);
+            let frame = match form {
+                Form::TapResult => Frame::TapResult(result),
+                Form::Receipt { already } => {
+                    Frame::OfflineReceipt(crate::offline::receipt(result, already))
+                }
+            };
+            seal(&frame, &self.mac, out);
         }
         if !self.reading && self.queue.is_empty() {
             Transmit::Done
@@ -296,11 +328,15 @@ impl<W: Recording> TapSession<W> {
         }
     }
 
-    fn push(&mut self, read_at: Instant, answer: Answer<W>) {
+    fn push(&mut self, read_at: Instant, form: Form, answer: Answer<W>) {
         if matches!(answer, Answer::Fatal(_)) {
             self.reading = false;
         }
-        self.queue.push_back(Queued { read_at, answer });
+        self.queue.push_back(Queued {
+            read_at,
+            form,
+            answer,
+        });
         // Frames are read only below the bound; the one Error that ends reading may pass it.
         debug_assert!(self.queue.len() <= self.queue_bound() + 1);
     }
@@ -308,38 +344,54 @@ impl<W: Recording> TapSession<W> {
     /// Ends reading with this Error, sent after every answer owed before it.
     fn stop(&mut self, code: ErrorCode, now: Instant) {
         if self.reading {
-            self.push(now, fatal(code, 0));
+            self.push(now, Form::TapResult, fatal(code, 0));
         }
     }
 
-    /// Classifies a Tap frame against the gate's window.
-    fn classify_tap(&self, frame: &SealedFrame, window: &mut SequenceWindow<TapResult>) -> Step<W> {
-        let tap = match frame.open(&self.mac) {
-            Ok(Frame::Tap(tap)) => tap,
-            Ok(_) => unreachable!("a frame of type Tap parses as a Tap"),
+    /// Classifies a Tap or OfflineTap frame against the gate's window, with the form its
+    /// answer takes.
+    fn classify_tap(
+        &self,
+        frame: &SealedFrame,
+        window: &mut SequenceWindow<TapResult>,
+    ) -> (Form, Step<W>) {
+        let upload = frame.frame_type() == FrameType::OfflineTap;
+        let fail = |answer| (Form::of(upload, false), Step::Answer(answer));
+        let (tap, offline) = match frame.open(&self.mac) {
+            Ok(Frame::Tap(tap)) => (tap, None),
+            Ok(Frame::OfflineTap(offline)) => (offline.tap, Some(offline)),
+            Ok(_) => unreachable!("a frame of type Tap or OfflineTap parses as one"),
             // Authentic but not a tap we can read (an unknown issuer or kind): the Error names
             // the tap it is about, as PROTOCOL.md section 4.5 says.
             Err(e @ OpenError::Decode(_)) => {
-                return Step::Answer(fatal(e.error_code(), frame.sequence().unwrap_or(0)));
+                return fail(fatal(e.error_code(), frame.sequence().unwrap_or(0)));
             }
             // Not authentic: nothing in it is believed, its sequence included.
-            Err(e) => return Step::Answer(fatal(e.error_code(), 0)),
+            Err(e) => return fail(fatal(e.error_code(), 0)),
         };
         let tag = frame.tag();
+        let fresh = match offline {
+            Some(upload) => Work::Upload { upload, tag },
+            None => Work::Decide { tap, tag },
+        };
+        let already = Form::of(upload, true);
         match window.admit(tap.sequence, tag) {
             // Up to `max_in_flight` unanswered taps, as the HelloAck announces; beyond that,
             // Busy before anything is decided.
             Admission::Fresh if self.queue.len() >= usize::from(self.max_in_flight) => {
-                Step::Answer(Answer::Ready(busy(tap.sequence)))
+                fail(Answer::Ready(busy(tap.sequence)))
             }
-            Admission::Fresh => Step::Work(tap.sequence, Work::Decide { tap, tag }),
-            Admission::Resend(answer) => Step::Work(tap.sequence, Work::Resend(answer)),
-            Admission::InFlight => Step::Answer(Answer::FirstCopy(FirstCopy {
-                sequence: tap.sequence,
-                tag,
-            })),
-            Admission::Conflict => Step::Answer(fatal(ErrorCode::SequenceConflict, tap.sequence)),
-            Admission::Replay => Step::Answer(fatal(ErrorCode::Replay, tap.sequence)),
+            Admission::Fresh => (Form::of(upload, false), Step::Work(tap.sequence, fresh)),
+            Admission::Resend(answer) => (already, Step::Work(tap.sequence, Work::Resend(answer))),
+            Admission::InFlight => (
+                already,
+                Step::Answer(Answer::FirstCopy(FirstCopy {
+                    sequence: tap.sequence,
+                    tag,
+                })),
+            ),
+            Admission::Conflict => fail(fatal(ErrorCode::SequenceConflict, tap.sequence)),
+            Admission::Replay => fail(fatal(ErrorCode::Replay, tap.sequence)),
         }
     }
 }
@@ -360,7 +412,7 @@ mod tests {
     use super::*;
     use std::cell::Cell;
     use std::rc::Rc;
-    use tapgate_protocol::{ErrorFrame, Hello, Mode};
+    use tapgate_protocol::{ErrorFrame, Hello, Mode, OfflineTap};
 
     const IDLE: Duration = Duration::from_secs(60);
 
@@ -454,6 +506,62 @@ mod tests {
         first.set(Recorded::Done);
         assert_eq!(gate.transmit(), (answered(&[1, 2, 3]), Transmit::Open));
         assert!(gate.session.head_wait().is_none());
+    }
+
+    /// An upload is answered with receipts, a copy of it with `already`; a Tap under its
+    /// sequence is a different frame, so a conflict; a version-1 session does not know it.
+    #[test]
+    fn offline_taps_get_receipts_and_share_the_taps_sequence() {
+        let upload = OfflineTap {
+            tap: Tap {
+                sequence: 1,
+                card_id: 6_222_000_000_000_001,
+                issuer: tapgate_protocol::Issuer::ChongqingSsc,
+                kind: tapgate_protocol::TapKind::Flat,
+                line: 3,
+                stop: 0,
+                gate_time_ms: 1_000,
+            },
+            deny_version: 0,
+            offline_since_ms: 0,
+        };
+        let frame = sealed(&Frame::OfflineTap(upload));
+        let mut gate = Gate::new(8, 32);
+        let work = gate.send(&frame);
+        assert!(
+            matches!(work, Some(Work::Upload { upload: u, .. }) if u == upload),
+            "{work:?}"
+        );
+        gate.session.decided(1, approval(1), None);
+        let receipt = |status| {
+            Frame::OfflineReceipt(tapgate_protocol::OfflineReceipt {
+                sequence: 1,
+                status,
+                flag: Reason::Approved,
+                fare_fen: 200,
+            })
+        };
+        use tapgate_protocol::OfflineStatus;
+        assert_eq!(gate.transmit().0, vec![receipt(OfflineStatus::Recorded)]);
+        let work = gate.send(&frame);
+        let Some(Work::Resend(answer)) = work else {
+            panic!("{work:?}");
+        };
+        gate.session.decided(1, answer, None);
+        assert_eq!(gate.transmit().0, vec![receipt(OfflineStatus::Already)]);
+        assert_eq!(gate.send(&tap(1, 1)), None);
+        assert_eq!(
+            gate.transmit().0,
+            vec![error(ErrorCode::SequenceConflict, 1)]
+        );
+
+        let mut old = Gate::new(8, 32);
+        old.session = TapSession::new(mac(), Version::V1, 8, IDLE, old.now);
+        assert_eq!(old.send(&frame), None);
+        assert_eq!(
+            old.transmit().0,
+            vec![error(ErrorCode::UnknownFrameType, 0)]
+        );
     }
 
     #[test]
