@@ -444,6 +444,8 @@ fn spec(
         resumption: Resumption::EarlyHello,
         added_rtt: Duration::ZERO,
         version: tapgate_protocol::Version::V1,
+        offline: 0.0,
+        offline_for: Duration::ZERO,
         show_progress: false,
     }
 }

@@ -101,6 +101,14 @@ pub(crate) struct WorkloadArgs {
     /// the report says how long its changes took to reach them).
     #[arg(long, default_value = "1", value_parser = parse_version)]
     protocol: Version,
+    /// Share of the gates that lose their link once, a quarter into the run, for
+    /// --offline-for: they decide taps by the gateway's offline rules meanwhile and upload the
+    /// ones they approved when the link is back (needs --protocol 2).
+    #[arg(long, default_value_t = 0.0)]
+    offline: f64,
+    /// How long the offline gates' link is lost.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    offline_for: Duration,
     /// Write the injected misuse here, one JSON object a line (rule, card, gates).
     #[arg(long, requires = "fraud_cards")]
     truth: Option<PathBuf>,
@@ -166,6 +174,13 @@ pub(crate) struct DemoArgs {
     connections: usize,
     #[arg(long, default_value_t = 2000.0)]
     rate: f64,
+    /// Share of the gates that lose their link once for --offline-for, ride offline and upload
+    /// their taps when it is back (the gates then speak protocol version 2); the demo checks
+    /// that every uploaded tap is in the journal once and settled once.
+    #[arg(long, default_value_t = 0.0)]
+    offline: f64,
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    offline_for: Duration,
 }
 
 impl WorkloadArgs {
@@ -207,6 +222,8 @@ impl WorkloadArgs {
             resumption: self.resumption,
             added_rtt: self.added_rtt.unwrap_or_default(),
             version: self.protocol,
+            offline: self.offline,
+            offline_for: self.offline_for,
             show_progress: true,
         }
     }
@@ -351,6 +368,46 @@ pub(crate) fn run_echo(args: EchoArgs) -> anyhow::Result<()> {
     })
 }
 
+impl DemoArgs {
+    /// The demo's load: `connections` of the population's gates, at the demo's rate; version 2
+    /// when some gates go offline.
+    fn workload(
+        &self,
+        connections: usize,
+        population: &PopulationSpec,
+        dir: &Path,
+    ) -> WorkloadArgs {
+        WorkloadArgs {
+            connections,
+            rate: self.rate,
+            closed_loop: false,
+            duration: self.duration,
+            seed: population.seed,
+            cards: population.cards,
+            terminals: population.terminals,
+            first_gate: 0,
+            bad_mac: 0.0,
+            replay: 0.0,
+            resend: 0.0,
+            fraud_cards: 0,
+            migrate: 0.0,
+            drop: 0.0,
+            resumption: Resumption::EarlyHello,
+            added_rtt: None,
+            protocol: if self.offline > 0.0 {
+                Version::V2
+            } else {
+                Version::V1
+            },
+            offline: self.offline,
+            offline_for: self.offline_for,
+            truth: None,
+            json: Some(dir.join("report.json")),
+            chart: dir.join("report.svg"),
+        }
+    }
+}
+
 pub(crate) fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
     crate::common::init_logging("warn");
     let dir = tempfile::Builder::new()
@@ -383,28 +440,7 @@ pub(crate) fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
             .context("the demo configuration settles")?
             .settlers
             .clone();
-        let workload = WorkloadArgs {
-            connections,
-            rate: args.rate,
-            closed_loop: false,
-            duration: args.duration,
-            seed: population.seed,
-            cards: population.cards,
-            terminals: population.terminals,
-            first_gate: 0,
-            bad_mac: 0.0,
-            replay: 0.0,
-            resend: 0.0,
-            fraud_cards: 0,
-            migrate: 0.0,
-            drop: 0.0,
-            resumption: Resumption::EarlyHello,
-            added_rtt: None,
-            protocol: Version::V1,
-            truth: None,
-            json: Some(dir.join("report.json")),
-            chart: dir.join("report.svg"),
-        };
+        let workload = args.workload(connections, &population, &dir);
         let key = MasterKey::from_hex(DEV_MASTER_KEY_HEX).expect("valid development key");
         let spec = workload.spec(
             node.gateway.local_addr(),
@@ -449,8 +485,36 @@ pub(crate) fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
         if !reconciliation.is_exact() {
             anyhow::bail!("settlement does not reconcile with the journal");
         }
+        if !report.offline.is_empty() {
+            check_offline_journaled(&journal, report.offline.recorded + report.offline.already)?;
+        }
         Ok(())
     })
+}
+
+/// Every offline tap the gates were told the gateway holds (a receipt `recorded`, or `already`
+/// when the first receipt was lost) is in the journal exactly once, and nothing else is (the
+/// reconcile above settled every journaled approval once).
+fn check_offline_journaled(journal: &Path, receipted: u64) -> anyhow::Result<()> {
+    let mut taps = std::collections::HashMap::<(u64, u64), u64>::new();
+    for segment in tapgate_journal::list_segments(journal)? {
+        tapgate_journal::read_segment(&segment, |r| {
+            if r.offline {
+                *taps.entry((r.terminal_id, r.tap.sequence)).or_default() += 1;
+            }
+        })?;
+    }
+    let twice = taps.values().filter(|n| **n > 1).count();
+    println!(
+        "offline: {receipted} uploads receipted as held by the gateway; the journal holds {} offline taps, {twice} of them more than once; each settled once (reconcile above)",
+        taps.len()
+    );
+    if taps.len() as u64 != receipted || twice > 0 {
+        anyhow::bail!(
+            "the journal's offline taps are not the ones the gates were told were recorded"
+        );
+    }
+    Ok(())
 }
 
 /// Where the demo's books are, and the commands that read them.

@@ -53,6 +53,8 @@ fn load(
         resumption: Resumption::EarlyHello,
         added_rtt: Duration::ZERO,
         version: tapgate_protocol::Version::V1,
+        offline: 0.0,
+        offline_for: Duration::ZERO,
         show_progress: false,
     }
 }
@@ -375,4 +377,66 @@ async fn gates_that_drop_reconnect_with_an_early_hello_and_lose_nothing() {
         "each dropping gate connected twice"
     );
     assert!(summary.contains("reconnected: 5 times (5 with an early Hello answered"));
+}
+
+/// Half the gates lose their link for a while. They decide taps by the rules the gateway sent
+/// (refusing the cards on their deny list and what the rules leave out), keep what they
+/// approved, and upload it when the link is back, before any new tap: every upload is
+/// receipted, the gateway records each once, and nothing is left over or counted as an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gates_that_lose_their_link_ride_offline_and_upload_every_tap_they_approved() {
+    let state = tempfile::tempdir().unwrap();
+    let h = gateway(state.path()).await;
+    let mut spec = open_loop(&h, 400.0);
+    spec.version = tapgate_protocol::Version::V2;
+    spec.duration = Duration::from_secs(4);
+    spec.offline = 0.5;
+    spec.offline_for = Duration::from_secs(2);
+    let report = run(spec).await.unwrap();
+    let summary = report.summary();
+    let o = &report.offline;
+    assert_eq!(o.gates, 10, "{summary}");
+    assert!(o.approved > 100, "{summary}");
+    assert_eq!(o.recorded + o.already, o.approved, "{summary}");
+    assert_eq!((o.not_uploaded, report.errors), (0, 0), "{summary}");
+    let m = h.gateway.metrics();
+    let recorded = m.offline_taps.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(recorded, o.approved, "{summary}");
+    assert!(
+        summary.contains("offline: 10 gates lost their link"),
+        "{summary}"
+    );
+}
+
+/// The demo with gates that lose their link: it ends with every uploaded offline tap in the
+/// journal once and the books reconciled with the journal, or it fails.
+#[test]
+fn the_demo_settles_every_offline_tap_once() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tapgate"))
+        .args([
+            "demo",
+            "--duration",
+            "4s",
+            "--connections",
+            "20",
+            "--rate",
+            "400",
+        ])
+        .args(["--offline", "0.5", "--offline-for", "2s"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("0 lost, 0 duplicated; 0 differences"),
+        "{text}"
+    );
+    assert!(
+        text.contains("0 of them more than once; each settled once"),
+        "{text}"
+    );
 }

@@ -88,6 +88,8 @@ fn load_spec(h: &Harness, rate: f64, seconds: u64) -> LoadSpec {
         resumption: Resumption::EarlyHello,
         added_rtt: Duration::ZERO,
         version: tapgate_protocol::Version::V1,
+        offline: 0.0,
+        offline_for: Duration::ZERO,
         show_progress: false,
     }
 }

@@ -8,6 +8,7 @@ pub mod conformance;
 pub mod echo;
 pub mod fraud;
 pub mod link;
+mod offline;
 pub mod report;
 pub mod run;
 pub mod workload;

@@ -80,6 +80,9 @@ pub struct Report {
     /// The deny list as the version-2 gates (`--protocol 2`) held it at the end.
     #[serde(skip_serializing_if = "DenyFollowed::is_empty")]
     pub deny: DenyFollowed,
+    /// What the gates that lost their link (`--offline`) did offline and uploaded.
+    #[serde(skip_serializing_if = "OfflineRidden::is_empty")]
+    pub offline: OfflineRidden,
     #[serde(skip)]
     pub histogram: Histogram<u64>,
 }
@@ -105,6 +108,19 @@ impl DenyFollowed {
         self.gates == 0
     }
 
+    pub fn line(&self) -> String {
+        format!(
+            "deny list: {} gates followed it; versions {}..{} at the end, {} cards; {} change frames, {} list parts, {} whole lists",
+            self.gates,
+            self.lowest_version,
+            self.highest_version,
+            self.cards,
+            self.changes_frames,
+            self.list_parts,
+            self.whole_lists
+        )
+    }
+
     pub fn merge(&mut self, other: &DenyFollowed) {
         if other.gates == 0 {
             return;
@@ -122,6 +138,69 @@ impl DenyFollowed {
         self.changes_frames += other.changes_frames;
         self.list_parts += other.list_parts;
         self.whole_lists += other.whole_lists;
+    }
+}
+
+/// What the gates that lost their link during a run decided offline and uploaded afterwards.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct OfflineRidden {
+    /// Gates that lost their link.
+    pub gates: u64,
+    /// Taps they approved offline, and those they refused, by why.
+    pub approved: u64,
+    pub refused: BTreeMap<String, u64>,
+    /// Receipts: recorded now, recorded before (a resend), busy (uploaded again).
+    pub recorded: u64,
+    pub already: u64,
+    pub busy: u64,
+    /// Recorded taps the gateway flagged, by the rule broken.
+    pub flagged: BTreeMap<String, u64>,
+    /// Approved taps still kept, not uploaded, when the run ended.
+    pub not_uploaded: u64,
+    /// From the first upload sent to the last receipt, over every gate (s), and the uploads
+    /// recorded per second over that time.
+    pub upload_s: f64,
+    pub upload_rate: f64,
+}
+
+impl OfflineRidden {
+    pub fn is_empty(&self) -> bool {
+        self.gates == 0
+    }
+
+    pub fn line(&self) -> String {
+        format!(
+            "offline: {} gates lost their link; {} taps approved offline, {} refused {:?}; uploaded: {} recorded, {} already, {} busy (sent again), {} flagged {:?}, {} never uploaded; {:.0} uploads/s over {:.2} s",
+            self.gates,
+            self.approved,
+            self.refused.values().sum::<u64>(),
+            self.refused,
+            self.recorded,
+            self.already,
+            self.busy,
+            self.flagged.values().sum::<u64>(),
+            self.flagged,
+            self.not_uploaded,
+            self.upload_rate,
+            self.upload_s
+        )
+    }
+
+    pub fn merge(&mut self, other: &OfflineRidden) {
+        self.gates += other.gates;
+        self.approved += other.approved;
+        self.recorded += other.recorded;
+        self.already += other.already;
+        self.busy += other.busy;
+        self.not_uploaded += other.not_uploaded;
+        for (into, from) in [
+            (&mut self.refused, &other.refused),
+            (&mut self.flagged, &other.flagged),
+        ] {
+            for (k, v) in from {
+                *into.entry(k.clone()).or_default() += v;
+            }
+        }
     }
 }
 
@@ -217,18 +296,10 @@ impl Report {
             );
         }
         if !self.deny.is_empty() {
-            let d = &self.deny;
-            let _ = writeln!(
-                s,
-                "deny list: {} gates followed it; versions {}..{} at the end, {} cards; {} change frames, {} list parts, {} whole lists",
-                d.gates,
-                d.lowest_version,
-                d.highest_version,
-                d.cards,
-                d.changes_frames,
-                d.list_parts,
-                d.whole_lists
-            );
+            let _ = writeln!(s, "{}", self.deny.line());
+        }
+        if !self.offline.is_empty() {
+            let _ = writeln!(s, "{}", self.offline.line());
         }
         if self.moved > 0 {
             let _ = writeln!(
@@ -489,6 +560,7 @@ mod tests {
             riders_over_budget: 0,
             moved: 0,
             deny: DenyFollowed::default(),
+            offline: OfflineRidden::default(),
             reconnects: Reconnects::default(),
             histogram,
         }

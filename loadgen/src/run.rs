@@ -11,7 +11,8 @@
 use crate::client::{ClientError, EarlyHello, GateClient, GateIdentity, gate_endpoint, hello};
 use crate::fraud::FraudPlan;
 use crate::link::DelayedLink;
-use crate::report::{DenyFollowed, Percentiles, Reconnects, Report};
+use crate::offline::OfflineGate;
+use crate::report::{DenyFollowed, OfflineRidden, Percentiles, Reconnects, Report};
 use crate::workload::{Action, Faults, GateWorkload};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
@@ -23,7 +24,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tapgate_city::TerminalRecord;
 use tapgate_city::population::PopulationSpec;
-use tapgate_protocol::{DenyAck, ErrorCode, Frame, GateDenyList, MasterKey, Outcome, Version};
+use tapgate_protocol::{
+    DenyAck, ErrorCode, Frame, GateDenyList, MasterKey, OfflineReceipt, Outcome, Version,
+};
 use tapgate_transport::now_ms;
 use tapgate_transport::retry::Backoff;
 use tapgate_transport::tls::{GateTls, Resumption};
@@ -78,6 +81,11 @@ pub struct LoadSpec {
     pub added_rtt: Duration,
     /// The newest protocol version the gates offer. With 2 they follow the deny list.
     pub version: Version,
+    /// Share of the gates that lose their link once, a quarter into the run, for
+    /// `offline_for`: they decide offline meanwhile and upload what they approved when the
+    /// link is back (version 2, open loop).
+    pub offline: f64,
+    pub offline_for: Duration,
     pub show_progress: bool,
 }
 
@@ -89,6 +97,8 @@ pub enum LoadError {
     NoneConnected(String),
     #[error("the population has {have} terminals; gates {first} to {last} are not among them")]
     NotEnoughTerminals { have: u64, first: u64, last: u64 },
+    #[error("offline gates: {0}")]
+    Offline(String),
 }
 
 /// Handshakes in progress at once while connecting the gates.
@@ -124,6 +134,9 @@ struct GateStats {
     early_hellos_answered: u64,
     early_hellos_refused: u64,
     deny: DenyFollowed,
+    offline: OfflineRidden,
+    /// The first offline upload sent and the last receipt.
+    upload_window: Option<(Instant, Instant)>,
 }
 
 fn histogram() -> Histogram<u64> {
@@ -146,6 +159,8 @@ impl GateStats {
             early_hellos_answered: 0,
             early_hellos_refused: 0,
             deny: DenyFollowed::default(),
+            offline: OfflineRidden::default(),
+            upload_window: None,
         }
     }
 
@@ -161,6 +176,11 @@ impl GateStats {
         self.early_hellos_answered += other.early_hellos_answered;
         self.early_hellos_refused += other.early_hellos_refused;
         self.deny.merge(&other.deny);
+        self.offline.merge(&other.offline);
+        self.upload_window = match (self.upload_window, other.upload_window) {
+            (Some(a), Some(b)) => Some((a.0.min(b.0), a.1.max(b.1))),
+            (a, b) => a.or(b),
+        };
         self.sent += other.sent;
         self.resent += other.resent;
         self.answered += other.answered;
@@ -296,6 +316,7 @@ pub async fn run(spec: LoadSpec) -> Result<Report, LoadError> {
             last: last_gate.saturating_sub(1),
         });
     }
+    check_offline(&spec)?;
     let endpoint = gate_endpoint(&spec.trusted_cert, any_port(spec.target), spec.added_rtt)?;
     let tls = GateTls::new(&spec.trusted_cert, spec.resumption, spec.version)
         .map_err(|e| ClientError::Connect(e.to_string()))?;
@@ -349,6 +370,11 @@ pub async fn run(spec: LoadSpec) -> Result<Report, LoadError> {
     let over_budget = total.over_budget;
     let moved = total.moved;
     let deny = std::mem::take(&mut total.deny);
+    let mut offline = std::mem::take(&mut total.offline);
+    if let Some((first, last)) = total.upload_window {
+        offline.upload_s = (last - first).as_secs_f64();
+        offline.upload_rate = offline.recorded as f64 / offline.upload_s.max(0.001);
+    }
     let reconnects = Reconnects {
         reconnected: total.reconnected,
         early_hellos_answered: total.early_hellos_answered,
@@ -365,7 +391,30 @@ pub async fn run(spec: LoadSpec) -> Result<Report, LoadError> {
     report.riders_over_budget = over_budget;
     report.moved = moved;
     report.deny = deny;
+    report.offline = offline;
     Ok(report)
+}
+
+/// Gates go offline a quarter into the run: they must be back, with time to upload, before
+/// it ends; and only version 2 has offline taps.
+fn check_offline(spec: &LoadSpec) -> Result<(), LoadError> {
+    if spec.offline <= 0.0 {
+        return Ok(());
+    }
+    let fail = |why: String| Err(LoadError::Offline(why));
+    if spec.version < Version::V2 {
+        return fail("offline taps need protocol version 2 (--protocol 2)".into());
+    }
+    if spec.pacing == Pacing::ClosedLoop {
+        return fail("a closed loop has no taps to decide offline; use an open loop".into());
+    }
+    if spec.duration.mul_f64(0.25) + spec.offline_for > spec.duration.mul_f64(0.9) {
+        return fail(format!(
+            "a link lost a quarter into a {:?} run for {:?} is not back before 90 % of the run; run longer",
+            spec.duration, spec.offline_for
+        ));
+    }
+    Ok(())
 }
 
 /// Starts every connected gate's task with its workload (home riders and scripted misuse when
@@ -451,6 +500,8 @@ struct Connected {
     own_endpoint: Option<quinn::Endpoint>,
     /// When it drops its connection and reconnects, as a share of the run.
     drops_at: Option<f64>,
+    /// Whether it loses its link for a while and rides offline.
+    goes_offline: bool,
 }
 
 /// The gates that connected; an error only when none did.
@@ -525,6 +576,7 @@ fn report(shared: &Shared, total: GateStats, connected: usize, behind: u64) -> R
         moved: 0,
         reconnects: Reconnects::default(),
         deny: DenyFollowed::default(),
+        offline: OfflineRidden::default(),
         histogram: from_intended,
     }
 }
@@ -572,6 +624,8 @@ async fn connect_all(
     // spread them over a day: each reconnect is timed on its own, not in a crowd.
     let dropping = share(spec.drop);
     let dropping_from = spec.connections - dropping;
+    // The gates that go offline are the ones before those, as far as there are any.
+    let offline_from = dropping_from.saturating_sub(share(spec.offline));
     for i in 0..spec.connections {
         let terminal = spec.population.terminal(spec.first_gate + i as u64);
         let identity = GateIdentity {
@@ -610,6 +664,7 @@ async fn connect_all(
                 own_endpoint,
                 drops_at: (i >= dropping_from)
                     .then(|| 0.25 + 0.5 * (i - dropping_from) as f64 / dropping as f64),
+                goes_offline: (offline_from..dropping_from).contains(&i),
             });
             (i, gate)
         });
@@ -701,6 +756,8 @@ struct Gate {
     stats: GateStats,
     /// The gate's deny list, kept across its connections; `None` for a version-1 gate.
     deny: Option<GateDenyList>,
+    /// For a gate that loses its link: its offline riding.
+    offline: Option<OfflineGate>,
 }
 
 /// A tap sent and not yet answered, kept as sent so it can be resent byte for byte on the next
@@ -726,12 +783,18 @@ impl Gate {
             drops_at: gate
                 .drops_at
                 .map(|share| shared.start + shared.spec.duration.mul_f64(share)),
-            shared,
             last_frame: None,
             last_answered: false,
             in_flight: HashMap::new(),
             stats: GateStats::new(),
             deny: None,
+            offline: gate.goes_offline.then(|| {
+                OfflineGate::new(
+                    shared.start + shared.spec.duration / 4,
+                    shared.spec.offline_for,
+                )
+            }),
+            shared,
         }
     }
 
@@ -753,9 +816,22 @@ impl Gate {
     /// A frame from the gateway: deny-list frames are applied and acknowledged, answers
     /// recorded.
     async fn take(&mut self, frame: Frame) -> Result<(), ClientError> {
-        // These gates never lose their link for long enough to decide offline.
-        if matches!(frame, Frame::OfflineRules(_)) {
-            return Ok(());
+        if let Some(offline) = &mut self.offline {
+            offline.heard(now_ms());
+        }
+        match frame {
+            // Gates that never lose their link have no use for the rules.
+            Frame::OfflineRules(rules) => {
+                if let Some(offline) = &mut self.offline {
+                    offline.set_rules(rules);
+                }
+                return Ok(());
+            }
+            Frame::OfflineReceipt(receipt) => {
+                self.take_receipt(&receipt);
+                return Ok(());
+            }
+            _ => {}
         }
         let Some(applied) = self.deny.as_mut().and_then(|list| list.apply(&frame)) else {
             self.record(frame);
@@ -816,11 +892,87 @@ impl Gate {
         }
     }
 
+    fn take_receipt(&mut self, receipt: &OfflineReceipt) {
+        self.in_flight.remove(&receipt.sequence);
+        let Some(offline) = &mut self.offline else {
+            self.stats.error("unexpected_offline_receipt");
+            return;
+        };
+        match offline.receipt(receipt, self.next_sequence, Instant::now()) {
+            (false, _) => self.stats.error("receipt_for_unknown_sequence"),
+            (true, requeued) => self.next_sequence += u64::from(requeued),
+        }
+    }
+
+    /// Whether the gate's link is down now (it loses it here when its time has come, closing
+    /// its connection: a dead link answers nothing).
+    fn link_down(&mut self) -> bool {
+        let Some(offline) = &mut self.offline else {
+            return false;
+        };
+        if offline.loses_link(Instant::now()) {
+            self.client.connection.close(0u32.into(), b"link lost");
+        }
+        offline.is_down()
+    }
+
+    /// Decides the workload's next tap without a link, by the offline rules.
+    fn tap_offline(&mut self) {
+        let sequence = self.next_sequence;
+        // Faults and resends need a link: offline, the gate only taps.
+        let Action::Tap(tap) = self.workload.next(sequence, now_ms(), false) else {
+            return;
+        };
+        let list = self.deny.get_or_insert_with(GateDenyList::default);
+        let offline = self
+            .offline
+            .as_mut()
+            .expect("only an offline gate taps offline");
+        if offline.decide(tap, self.identity.mode, list) {
+            self.next_sequence += 1;
+        }
+    }
+
+    /// The lost link is back: reconnect, resend what was unanswered; uploads follow.
+    async fn come_back(&mut self) -> bool {
+        if let Some(offline) = &mut self.offline {
+            offline.link_back();
+        }
+        self.recover(&ClientError::Dropped).await
+    }
+
+    /// Uploads the next kept offline tap, kept as sent so a lost connection resends it.
+    async fn upload_next(&mut self) -> Result<(), ClientError> {
+        let now = Instant::now();
+        let Some(upload) = self.offline.as_mut().and_then(|o| o.next_upload(now)) else {
+            return Ok(());
+        };
+        let frame = self.client.sealed(&Frame::OfflineTap(upload)).freeze();
+        self.in_flight.insert(
+            upload.tap.sequence,
+            InFlight {
+                intended: now,
+                sent: now,
+                frame: frame.clone(),
+            },
+        );
+        self.client.send_raw(&frame).await
+    }
+
+    /// Whether kept offline taps wait to be uploaded; new taps wait for them.
+    fn uploads_waiting(&self) -> bool {
+        self.offline.as_ref().is_some_and(OfflineGate::has_kept)
+    }
+
     /// Sends the workload's next action. Returns whether a TapResult is expected (a fault gets
-    /// an Error instead).
+    /// an Error instead, an offline tap nothing).
     async fn send_next(&mut self, intended: Instant) -> Result<bool, ClientError> {
         self.move_if_due();
         self.drop_if_due()?;
+        if self.link_down() {
+            self.tap_offline();
+            return Ok(false);
+        }
         let sequence = self.next_sequence;
         let action = self.workload.next(
             sequence,
@@ -1041,6 +1193,11 @@ impl Gate {
         }
         self.client.close();
         self.deny_followed();
+        if let Some(offline) = &mut self.offline {
+            offline.finish();
+            self.stats.offline = std::mem::take(&mut offline.ridden);
+            self.stats.upload_window = offline.upload_window;
+        }
     }
 }
 
@@ -1051,9 +1208,13 @@ async fn drive_open_loop(mut gate: Gate, mut due: mpsc::Receiver<Instant>) -> Ga
         return gate.stats;
     }
     loop {
+        let back_at = gate.offline.as_ref().and_then(OfflineGate::back_at);
+        let uploads_waiting = gate.uploads_waiting();
+        // Offline, nothing is in flight that a tap could wait for.
+        let may_tap = (back_at.is_some() || gate.may_send()) && !uploads_waiting;
         tokio::select! {
             biased;
-            answer = gate.client.receiver.recv() => {
+            answer = gate.client.receiver.recv(), if back_at.is_none() => {
                 let taken = match answer {
                     Ok(frame) => gate.take(frame).await,
                     Err(e) => Err(e),
@@ -1064,7 +1225,19 @@ async fn drive_open_loop(mut gate: Gate, mut due: mpsc::Receiver<Instant>) -> Ga
                     break;
                 }
             },
-            intended = due.recv(), if gate.may_send() => {
+            () = sleep_until_back(back_at), if back_at.is_some() => {
+                if !gate.come_back().await {
+                    break;
+                }
+            }
+            () = std::future::ready(()), if uploads_waiting && gate.may_send() => {
+                if let Err(e) = gate.upload_next().await
+                    && !gate.recover(&e).await
+                {
+                    break;
+                }
+            }
+            intended = due.recv(), if may_tap => {
                 let Some(intended) = intended else { break };
                 if let Err(e) = gate.send_next(intended).await
                     && !gate.recover(&e).await
@@ -1079,6 +1252,13 @@ async fn drive_open_loop(mut gate: Gate, mut due: mpsc::Receiver<Instant>) -> Ga
     gate.stats.unsent_injections.extend(unsent);
     gate.stats.over_budget = gate.workload.over_budget();
     gate.stats
+}
+
+async fn sleep_until_back(back_at: Option<Instant>) {
+    match back_at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn drive_closed_loop(mut gate: Gate) -> GateStats {

@@ -12,6 +12,7 @@ pub mod crypto;
 pub mod deny;
 pub mod example;
 pub mod frame;
+pub mod offline;
 pub mod registry;
 pub mod replay;
 
@@ -27,5 +28,6 @@ pub use frame::{
     OfflineRules, OfflineStatus, OfflineTap, Outcome, RIDES_LEFT_NOT_APPLICABLE, Reason, Tap,
     TapKind, TapResult, Version,
 };
+pub use offline::{GateOffline, OfflineRefusal};
 pub use registry::{AREAS, Area, AreaCode, AreaKind, Concession, Issuer, IssuerRegion, Mode};
 pub use replay::{Admission, SequenceWindow};

@@ -203,7 +203,7 @@ fn render_settlers(sink: &mut Sink, settlers: &SettlerStats) -> fmt::Result {
         .collect();
     sink.histogram_seconds(
         "settlement_lag",
-        "Time from a tap's approval to its ledger update.",
+        "Time from a tap's approval to its ledger update (offline taps, approved at the gate, not counted).",
         load(&lag.sum_ms) as f64 / 1000.0,
         load(&lag.count),
         &buckets,

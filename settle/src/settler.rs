@@ -500,7 +500,9 @@ impl Settler {
         };
         match self.store.apply(batch).await? {
             Applied::Done => {
-                for record in &records {
+                // An offline tap's record time is the gate's time of the tap, minutes before
+                // any gateway saw it: no measure of settlement's lag.
+                for record in records.iter().filter(|record| !record.offline) {
                     self.stats
                         .lag
                         .record(now.saturating_sub(record.server_time_ms));

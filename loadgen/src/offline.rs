@@ -1,0 +1,171 @@
+//! Gates that lose their link for a while in a load run (`--offline`), as a bus validator does
+//! in a tunnel or a rural dead zone: they go on deciding taps by the gateway's offline rules,
+//! keep what they approved, and once the link is back upload it before any new tap
+//! (PROTOCOL.md section 4.7).
+
+use crate::report::OfflineRidden;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use tapgate_protocol::{
+    GateDenyList, GateOffline, Mode, OfflineReceipt, OfflineRefusal, OfflineStatus, OfflineTap,
+    Reason, Tap,
+};
+
+/// Offline taps a load gate keeps at most: far more than a gate of the load taps in a spell.
+const KEPT_BOUND: usize = 100_000;
+
+/// The full fare each mode's gates are set up with, as a vendor sets up a gate: the shipped
+/// policy's estimates. Offline, the rules refuse modes whose fare is above their limit.
+fn full_fare(mode: Mode) -> u32 {
+    match mode {
+        Mode::Bus | Mode::Ferry | Mode::Metro => 200,
+        Mode::Cableway => 2_000,
+        Mode::IntercityRail => 1_000,
+    }
+}
+
+/// Where a gate's link stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    /// Up, and lost at this instant.
+    UpUntil(Instant),
+    /// Lost, and back at this instant.
+    DownUntil(Instant),
+    /// Back for the rest of the run.
+    Back,
+}
+
+/// One gate's offline riding.
+pub(crate) struct OfflineGate {
+    link: Link,
+    down_for: Duration,
+    store: GateOffline,
+    /// Uploads sent and not yet given a receipt, by sequence.
+    uploading: HashMap<u64, OfflineTap>,
+    pub(crate) ridden: OfflineRidden,
+    /// The first upload sent and the last receipt.
+    pub(crate) upload_window: Option<(Instant, Instant)>,
+}
+
+impl OfflineGate {
+    /// A gate whose link goes at `goes`, for `down_for`.
+    pub(crate) fn new(goes: Instant, down_for: Duration) -> Self {
+        OfflineGate {
+            link: Link::UpUntil(goes),
+            down_for,
+            store: GateOffline::new(KEPT_BOUND),
+            uploading: HashMap::new(),
+            ridden: OfflineRidden {
+                gates: 1,
+                ..OfflineRidden::default()
+            },
+            upload_window: None,
+        }
+    }
+
+    /// Whether the link has just been lost: the caller closes its connection.
+    pub(crate) fn loses_link(&mut self, now: Instant) -> bool {
+        match self.link {
+            Link::UpUntil(goes) if now >= goes => {
+                self.link = Link::DownUntil(now + self.down_for);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub(crate) fn is_down(&self) -> bool {
+        matches!(self.link, Link::DownUntil(_))
+    }
+
+    /// When the lost link comes back.
+    pub(crate) fn back_at(&self) -> Option<Instant> {
+        match self.link {
+            Link::DownUntil(back) => Some(back),
+            _ => None,
+        }
+    }
+
+    /// The link is back (the caller has reconnected).
+    pub(crate) fn link_back(&mut self) {
+        self.link = Link::Back;
+    }
+
+    /// A frame from the gateway arrived.
+    pub(crate) fn heard(&mut self, now_ms: u64) {
+        self.store.heard(now_ms);
+    }
+
+    pub(crate) fn set_rules(&mut self, rules: tapgate_protocol::OfflineRules) {
+        self.store.set_rules(rules);
+    }
+
+    /// Decides a tap offline; whether it was approved (and so took its sequence).
+    pub(crate) fn decide(&mut self, tap: Tap, mode: Mode, list: &GateDenyList) -> bool {
+        match self.store.decide(tap, full_fare(mode), list) {
+            Ok(()) => {
+                self.ridden.approved += 1;
+                true
+            }
+            Err(refusal) => {
+                let why = match refusal {
+                    OfflineRefusal::Listed(reason) => reason.label(),
+                    other => other.label(),
+                };
+                *self.ridden.refused.entry(why.to_owned()).or_default() += 1;
+                false
+            }
+        }
+    }
+
+    /// Whether kept taps wait to be uploaded: until they have gone, new taps wait.
+    pub(crate) fn has_kept(&self) -> bool {
+        !self.is_down() && self.store.kept() > 0
+    }
+
+    /// The next kept tap to upload, counted as in flight until its receipt.
+    pub(crate) fn next_upload(&mut self, now: Instant) -> Option<OfflineTap> {
+        let upload = self.store.next_upload()?;
+        self.uploading.insert(upload.tap.sequence, upload);
+        let window = self.upload_window.get_or_insert((now, now));
+        window.1 = now;
+        Some(upload)
+    }
+
+    /// A receipt: whether it was for an upload of this gate. A `busy` one's tap is kept again
+    /// under `next_sequence`, which it then takes (`true` in the second place).
+    pub(crate) fn receipt(
+        &mut self,
+        receipt: &OfflineReceipt,
+        next_sequence: u64,
+        now: Instant,
+    ) -> (bool, bool) {
+        let Some(upload) = self.uploading.remove(&receipt.sequence) else {
+            return (false, false);
+        };
+        if let Some(window) = &mut self.upload_window {
+            window.1 = now;
+        }
+        let r = &mut self.ridden;
+        match receipt.status {
+            OfflineStatus::Recorded => r.recorded += 1,
+            OfflineStatus::Already => r.already += 1,
+            OfflineStatus::Busy => {
+                r.busy += 1;
+                self.store.requeue(upload, next_sequence);
+                return (true, true);
+            }
+        }
+        if receipt.flag != Reason::Approved {
+            *r.flagged
+                .entry(receipt.flag.label().to_owned())
+                .or_default() += 1;
+        }
+        (true, false)
+    }
+
+    /// The run is over: what was never uploaded is counted.
+    pub(crate) fn finish(&mut self) {
+        self.ridden.not_uploaded = (self.store.kept() + self.uploading.len()) as u64;
+    }
+}
