@@ -17,7 +17,7 @@ use tapgate_loadgen::conformance::gate::referee;
 use tapgate_loadgen::conformance::gateway::{Target, run};
 use tapgate_loadgen::conformance::referee::RefereeSettings;
 use tapgate_loadgen::conformance::report;
-use tapgate_protocol::{Concession, Issuer, MasterKey};
+use tapgate_protocol::{Concession, Issuer, MasterKey, Version};
 use tapgate_transport::{TransportSettings, now_ms, server_endpoint, tls};
 
 #[derive(Args)]
@@ -172,6 +172,8 @@ fn check_gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
             card_id: card.card_id,
             issuer: card.issuer,
             now_ms,
+            version_2: tls::GateTls::new(&cert, tls::Resumption::Full, Version::V2)?
+                .for_one_gate()?,
         };
         Ok::<_, anyhow::Error>(run(&target).await)
     })?;

@@ -75,7 +75,11 @@ fn the_gateway_keeps_every_rule_a_gate_can_observe() {
     assert!(ok, "{text}");
     assert!(!text.contains("FAIL"), "{text}");
     assert!(
-        text.lines().filter(|l| l.starts_with("PASS")).count() >= 19,
+        text.lines().filter(|l| l.starts_with("PASS")).count() >= 22,
+        "{text}"
+    );
+    assert!(
+        text.contains("PASS  4.7 an offline tap is receipted recorded"),
         "{text}"
     );
 }

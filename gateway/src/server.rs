@@ -1233,6 +1233,22 @@ impl Session {
         }
     }
 
+    /// The online decision on `tap` at `at`, with its counted ride taken from the directory.
+    async fn decide_at(&self, tap: &Tap, gate: &Admitted, policy: &Policy, at: u64) -> Decision {
+        let decision = self
+            .shared
+            .cache
+            .authorize(tap, gate.place, policy, at)
+            .await;
+        match decision.counted_ride {
+            Some(ride) => {
+                self.claim_ride(tap.card_id, ride, decision, gate.place, policy)
+                    .await
+            }
+            None => decision,
+        }
+    }
+
     /// Decides a new tap. A journal slot is claimed before deciding, so a tap answered Busy
     /// has changed nothing.
     async fn decide_fresh(
@@ -1246,38 +1262,9 @@ impl Session {
         };
         let now = now_ms();
         let policy = self.shared.policy.read().expect("policy lock").clone();
-        let mut decision = self
-            .shared
-            .cache
-            .authorize(tap, gate.place, &policy, now)
-            .await;
-        if let Some(ride) = decision.counted_ride {
-            decision = self
-                .claim_ride(tap.card_id, ride, decision, gate.place, &policy)
-                .await;
-        }
-        let result = TapResult {
-            sequence: tap.sequence,
-            outcome: decision.outcome,
-            reason: decision.reason,
-            concession: decision.concession,
-            fare_fen: decision.fare_fen,
-            rides_left: decision.rides_left,
-        };
-        let terminal = &gate.terminal;
-        let record = JournalRecord {
-            terminal_id: terminal.terminal_id,
-            tag,
-            tap: *tap,
-            server_time_ms: now,
-            area: terminal.area.0,
-            mode: terminal.mode,
-            operator: terminal.operator,
-            result,
-            pay_percent: decision.pay_percent,
-            repeat_boarding: decision.repeat_boarding,
-            offline: false,
-        };
+        let decision = self.decide_at(tap, gate, &policy, now).await;
+        let record = record_of(tap, tag, gate, &decision, now, false);
+        let (result, terminal) = (record.result, &gate.terminal);
         let shared = self.share(record);
         if result.outcome == Outcome::Approve {
             (result, Waits::of(Some(slot.append_durable(record)), shared))
@@ -1309,16 +1296,7 @@ impl Session {
         // A gate clock ahead of the gateway's cannot put a ride in the future.
         let tapped = tap.gate_time_ms.min(now_ms());
         let policy = self.shared.policy.read().expect("policy lock").clone();
-        let mut online = self
-            .shared
-            .cache
-            .authorize(tap, gate.place, &policy, tapped)
-            .await;
-        if let Some(ride) = online.counted_ride {
-            online = self
-                .claim_ride(tap.card_id, ride, online, gate.place, &policy)
-                .await;
-        }
+        let online = self.decide_at(tap, gate, &policy, tapped).await;
         let listed = self
             .shared
             .deny
@@ -1338,30 +1316,44 @@ impl Session {
                 "offline tap flagged"
             );
         }
-        let result = TapResult {
+        let record = record_of(tap, tag, gate, &decision, tapped, true);
+        let shared = self.share(record);
+        (
+            record.result,
+            Waits::of(Some(slot.append_durable(record)), shared),
+        )
+    }
+}
+
+/// The journal record of a decided tap, made at `at` (for an offline tap, the gate's time).
+fn record_of(
+    tap: &Tap,
+    tag: Tag,
+    gate: &Admitted,
+    decision: &Decision,
+    at: u64,
+    offline: bool,
+) -> JournalRecord {
+    let terminal = &gate.terminal;
+    JournalRecord {
+        terminal_id: terminal.terminal_id,
+        tag,
+        tap: *tap,
+        server_time_ms: at,
+        area: terminal.area.0,
+        mode: terminal.mode,
+        operator: terminal.operator,
+        result: TapResult {
             sequence: tap.sequence,
             outcome: decision.outcome,
             reason: decision.reason,
             concession: decision.concession,
             fare_fen: decision.fare_fen,
             rides_left: decision.rides_left,
-        };
-        let terminal = &gate.terminal;
-        let record = JournalRecord {
-            terminal_id: terminal.terminal_id,
-            tag,
-            tap: *tap,
-            server_time_ms: tapped,
-            area: terminal.area.0,
-            mode: terminal.mode,
-            operator: terminal.operator,
-            result,
-            pay_percent: decision.pay_percent,
-            repeat_boarding: decision.repeat_boarding,
-            offline: true,
-        };
-        let shared = self.share(record);
-        (result, Waits::of(Some(slot.append_durable(record)), shared))
+        },
+        pay_percent: decision.pay_percent,
+        repeat_boarding: decision.repeat_boarding,
+        offline,
     }
 }
 

@@ -5,7 +5,10 @@
 use super::Check;
 use crate::client::{ClientError, EarlyHello, GateClient, GateIdentity, hello};
 use std::net::SocketAddr;
-use tapgate_protocol::{ErrorCode, Frame, Outcome, Tap, TapKind};
+use tapgate_protocol::{
+    DenyAck, ErrorCode, Frame, GateDenyList, OfflineReceipt, OfflineStatus, OfflineTap, Outcome,
+    Tap, TapKind,
+};
 
 /// What the driver needs to know of the gateway under test.
 pub struct Target {
@@ -18,6 +21,8 @@ pub struct Target {
     pub issuer: tapgate_protocol::Issuer,
     /// The gate's clock, Unix milliseconds.
     pub now_ms: fn() -> u64,
+    /// TLS for a gate that offers protocol version 2 (`tapgate/2`) first.
+    pub version_2: quinn::ClientConfig,
 }
 
 impl Target {
@@ -92,7 +97,122 @@ pub async fn run(target: &Target) -> Vec<Check> {
     sequences(target, &mut checks).await;
     streams_and_timers(target, &mut checks).await;
     reconnection(target, &mut checks).await;
+    version_2(target, &mut checks).await;
     checks
+}
+
+/// The next frame that is not a deny-list change, which a version-2 gateway may send at any
+/// time (PROTOCOL.md section 4.6).
+async fn next_besides_changes(gate: &mut GateClient) -> Result<Frame, String> {
+    loop {
+        match gate.recv().await.map_err(|e| e.to_string())? {
+            Frame::DenyChanges(_) => {}
+            frame => return Ok(frame),
+        }
+    }
+}
+
+/// A version-2 session that has said it holds no deny list, been sent the offline rules and
+/// the whole list, and acknowledged the list: where its sequence stands.
+async fn version_2_session(target: &Target) -> Result<(GateClient, u64), String> {
+    let mut gate = GateClient::connect_with(
+        &target.endpoint,
+        Some(&target.version_2),
+        target.addr,
+        &target.gate,
+        rand::random(),
+        (target.now_ms)(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    if gate.version() != tapgate_protocol::Version::V2 {
+        return Err(format!("negotiated version {}", gate.version()));
+    }
+    gate.send_frame(&Frame::DenyAck(DenyAck { version: 0 }))
+        .await
+        .map_err(|e| e.to_string())?;
+    match next_besides_changes(&mut gate).await? {
+        Frame::OfflineRules(_) => {}
+        other => return Err(format!("{other:?} before the offline rules")),
+    }
+    let mut list = GateDenyList::default();
+    loop {
+        let frame = gate.recv().await.map_err(|e| e.to_string())?;
+        let applied = list
+            .apply(&frame)
+            .ok_or(format!("{frame:?} while the whole list was owed"))?
+            .map_err(|e| e.to_string())?;
+        if let (Frame::DenyList(_), Some(ack)) = (&frame, applied) {
+            gate.send_frame(&Frame::DenyAck(ack))
+                .await
+                .map_err(|e| e.to_string())?;
+            let next = gate.ack.last_sequence + 1;
+            return Ok((gate, next));
+        }
+    }
+}
+
+/// Version 2: the deny list and offline taps (sections 4.6 and 4.7).
+async fn version_2(target: &Target, checks: &mut Vec<Check>) {
+    let mut record = |rule: &'static str, outcome: Result<(), String>| {
+        checks.push(Check::from_outcome(rule, outcome));
+    };
+    record(
+        "4.6/4.7 a new version-2 gate is sent the offline rules, then the whole deny list",
+        version_2_session(target).await.map(|_| ()),
+    );
+    record(
+        "4.7 an offline tap is receipted recorded, and its resend already, alike",
+        async {
+            let (mut gate, next) = version_2_session(target).await?;
+            let now = (target.now_ms)();
+            let upload = OfflineTap {
+                tap: Tap {
+                    gate_time_ms: now - 60_000,
+                    ..target.tap(next)
+                },
+                deny_version: 0,
+                offline_since_ms: now - 120_000,
+            };
+            let frame = gate.sealed(&Frame::OfflineTap(upload));
+            let mut receipts: Vec<OfflineReceipt> = Vec::new();
+            for _ in 0..2 {
+                gate.send_raw(&frame).await.map_err(|e| e.to_string())?;
+                match next_besides_changes(&mut gate).await? {
+                    Frame::OfflineReceipt(r) => receipts.push(r),
+                    other => return Err(format!("{other:?} instead of a receipt")),
+                }
+            }
+            let (first, again) = (receipts[0], receipts[1]);
+            let expected_again = OfflineReceipt {
+                status: OfflineStatus::Already,
+                ..first
+            };
+            (first.sequence == next
+                && first.status == OfflineStatus::Recorded
+                && again == expected_again)
+                .then_some(())
+                .ok_or(format!("{first:?} then {again:?}"))
+        }
+        .await,
+    );
+    record(
+        "4.7 on a version-1 connection an OfflineTap is unknown_frame_type",
+        target
+            .expect_error(
+                true,
+                |gate, next| {
+                    let upload = OfflineTap {
+                        tap: target.tap(next),
+                        deny_version: 0,
+                        offline_since_ms: (target.now_ms)(),
+                    };
+                    gate.sealed(&Frame::OfflineTap(upload)).to_vec()
+                },
+                ErrorCode::UnknownFrameType,
+            )
+            .await,
+    );
 }
 
 /// Hello, answers and resends: what a conforming gate relies on in normal operation.
