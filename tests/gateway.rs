@@ -288,21 +288,6 @@ async fn a_version_2_gate_follows_the_deny_list_and_a_version_1_gate_sees_none_o
     assert_refused(&old.recv().await.unwrap_err(), ErrorCode::UnknownFrameType);
 }
 
-/// The next OfflineReceipt, past any deny-list frame.
-async fn next_receipt(gate: &mut GateClient) -> OfflineReceipt {
-    loop {
-        let frame = tokio::time::timeout(Duration::from_secs(5), gate.recv())
-            .await
-            .expect("a receipt arrives")
-            .unwrap();
-        match frame {
-            Frame::OfflineReceipt(receipt) => return receipt,
-            Frame::DenyChanges(_) | Frame::DenyList(_) => {}
-            other => panic!("expected a receipt, got {other:?}"),
-        }
-    }
-}
-
 /// A version-2 gate that rode offline uploads its taps once its link is back: each is recorded
 /// once, as an approval, with the gate's time of the tap; a resend is `already`; the ones that
 /// broke an offline rule are flagged, a card listed after the gate's version is not; and the
@@ -376,10 +361,7 @@ async fn offline_taps_are_recorded_once_at_their_gate_time_and_broken_rules_are_
 
     gate.close();
     h.gateway.shutdown().await;
-    let mut records = Vec::new();
-    for segment in tapgate_journal::list_segments(&state.path().join("journal")).unwrap() {
-        tapgate_journal::read_segment(&segment, |r| records.push(r)).unwrap();
-    }
+    let records = journaled(state.path());
     for (offline, flag) in &uploads {
         let recorded: Vec<_> = records
             .iter()

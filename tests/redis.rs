@@ -896,29 +896,92 @@ async fn a_tap_resent_to_a_second_gateway_gets_the_first_decision_and_is_journal
     // survives; settlement books the two copies once.
     b.gateway.shutdown().await;
     a.gateway.shutdown().await;
-    let read = |dir: &std::path::Path| {
-        let mut records = Vec::new();
-        for segment in tapgate_journal::list_segments(&dir.join("journal")).unwrap() {
-            tapgate_journal::read_segment(&segment, |r| records.push(r)).unwrap();
-        }
-        records
-    };
-    let (in_a, in_b) = (read(a_state.path()), read(b_state.path()));
+    let (in_a, in_b) = (journaled(a_state.path()), journaled(b_state.path()));
     let copy = in_b
         .iter()
         .find(|r| r.tap.sequence == 3)
         .expect("B journaled the resent approval");
     assert_eq!(Some(copy), in_a.iter().find(|r| r.tap.sequence == 3));
+    assert_eq!(taps_and_copies(&[a_state.path(), b_state.path()]), (3, 1));
+}
+
+/// Two gateways on a Redis Cluster: a gate uploads two offline taps to A, loses its link
+/// before it can forget the second, and uploads it again to B. B knows what A recorded: the
+/// receipt is `already`, with A's flag and fare; B journals A's record as A wrote it; and
+/// settlement over both journals books each tap once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_tap_uploaded_again_to_another_gateway_on_a_cluster_is_settled_once() {
+    use tapgate_protocol::{DenyAck, Frame, OfflineStatus, OfflineTap};
+    let cluster = RedisCluster::start();
+    let url = cluster.url();
+    provision(&redis_directory(&url), CARD).await;
+    let (a_state, b_state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Harness::start(redis_directory(&url), a_state.path()).await;
+    let b = Harness::start(redis_directory(&url), b_state.path()).await;
+    let since = now_ms() - 10 * 60_000;
+    let uploads: Vec<OfflineTap> = (1..=2)
+        .map(|s| OfflineTap {
+            tap: tapgate_protocol::Tap {
+                gate_time_ms: since + s * 60_000,
+                ..tap(s, CARD, TapKind::Flat)
+            },
+            deny_version: 0,
+            offline_since_ms: since,
+        })
+        .collect();
+    let mut on_a = a.gate_v2(&YUZHONG_BUS).await;
+    on_a.send_frame(&Frame::DenyAck(DenyAck { version: 0 }))
+        .await
+        .unwrap();
+    let mut first = Vec::new();
+    for upload in &uploads {
+        on_a.send_frame(&Frame::OfflineTap(*upload)).await.unwrap();
+        first.push(next_receipt(&mut on_a).await);
+    }
+    assert!(
+        first.iter().all(|r| r.status == OfflineStatus::Recorded),
+        "{first:?}"
+    );
+    on_a.close();
+
+    let mut on_b = b.gate_v2(&YUZHONG_BUS).await;
+    assert_eq!(on_b.ack.last_sequence, 2, "B knows what A recorded");
+    on_b.send_frame(&Frame::DenyAck(DenyAck { version: 0 }))
+        .await
+        .unwrap();
+    on_b.send_frame(&Frame::OfflineTap(uploads[1]))
+        .await
+        .unwrap();
+    let again = next_receipt(&mut on_b).await;
+    assert_eq!(
+        (again.status, again.flag, again.fare_fen),
+        (OfflineStatus::Already, first[1].flag, first[1].fare_fen)
+    );
+
+    b.gateway.shutdown().await;
+    a.gateway.shutdown().await;
+    let (in_a, in_b) = (journaled(a_state.path()), journaled(b_state.path()));
+    let copy = in_b
+        .iter()
+        .find(|r| r.tap.sequence == 2)
+        .expect("B journaled the upload it was sent again");
+    assert!(copy.offline);
+    assert_eq!(Some(copy), in_a.iter().find(|r| r.tap.sequence == 2));
+    assert_eq!(taps_and_copies(&[a_state.path(), b_state.path()]), (2, 1));
+}
+
+/// Settles the journals of these gateways' state directories together: the taps booked, and
+/// the copies of taps already booked that it left out.
+fn taps_and_copies(states: &[&std::path::Path]) -> (u64, u64) {
+    let journals: Vec<_> = states.iter().map(|s| s.join("journal")).collect();
+    let journals: Vec<&std::path::Path> = journals.iter().map(|j| j.as_path()).collect();
     let settled = tapgate_settle::ledger::settle_journals(
-        &[
-            &a_state.path().join("journal"),
-            &b_state.path().join("journal"),
-        ],
+        &journals,
         &tapgate_settle::fares::FareTables::embedded_default(),
         &tapgate_protocol::crypto::CardPseudonymizer::new([7; 16]),
     )
     .unwrap();
-    assert_eq!((settled.ledger.taps(), settled.copies), (3, 1));
+    (settled.ledger.taps(), settled.copies)
 }
 
 /// Polls `/readyz` until `check` holds for its status line and body.

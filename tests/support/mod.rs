@@ -679,6 +679,31 @@ pub(crate) async fn answer(gate: &mut GateClient, tap: Tap) -> tapgate_protocol:
     gate.tap(tap).await.expect("the tap is answered")
 }
 
+/// Every record in the journal of the gateway whose state directory is `state`.
+pub(crate) fn journaled(state: &Path) -> Vec<tapgate_journal::JournalRecord> {
+    let mut records = Vec::new();
+    for segment in tapgate_journal::list_segments(&state.join("journal")).unwrap() {
+        tapgate_journal::read_segment(&segment, |r| records.push(r)).unwrap();
+    }
+    records
+}
+
+/// The next OfflineReceipt, past any deny-list frame and the offline rules.
+pub(crate) async fn next_receipt(gate: &mut GateClient) -> tapgate_protocol::OfflineReceipt {
+    use tapgate_protocol::Frame;
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(5), gate.recv())
+            .await
+            .expect("a receipt arrives")
+            .unwrap();
+        match frame {
+            Frame::OfflineReceipt(receipt) => return receipt,
+            Frame::DenyChanges(_) | Frame::DenyList(_) | Frame::OfflineRules(_) => {}
+            other => panic!("expected a receipt, got {other:?}"),
+        }
+    }
+}
+
 pub(crate) fn tap(sequence: u64, card_id: u64, kind: TapKind) -> Tap {
     Tap {
         sequence,
