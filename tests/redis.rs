@@ -1022,9 +1022,28 @@ async fn readiness_names_a_redis_that_went_away_and_clears_when_it_is_back() {
         .unwrap();
     assert!(metrics.contains("tapgate_ready 0\n"), "{metrics}");
     assert!(metrics.contains("tapgate_redis_up 0\n"), "{metrics}");
+    // The deny list's feed is shown lost, and does not gate readiness.
+    metrics_until(ops, "tapgate_deny_list_feed_up 0\n").await;
+    assert!(!body.contains("deny"), "{body}");
     redis.restart();
     readyz_until(ops, Duration::from_secs(10), |s, _| s.contains("200")).await;
+    metrics_until(ops, "tapgate_deny_list_feed_up 1\n").await;
     serving.abort();
+}
+
+/// Polls `/metrics` until it shows `line`, for up to 10 s.
+async fn metrics_until(ops: std::net::SocketAddr, line: &'static str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = tokio::task::spawn_blocking(move || http_get(ops, "/metrics"))
+            .await
+            .unwrap();
+        if metrics.contains(line) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no `{line}` in {metrics}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

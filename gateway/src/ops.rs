@@ -75,6 +75,12 @@ impl Exposed for GatewayCounters {
                 "Change groups whose feed is not following its stream now (of 16).",
                 directory.feed.iter().filter(|f| f.failing()).count() as u64,
             )?;
+            sink.single(
+                "deny_list_feed_up",
+                "gauge",
+                "1 while this gateway follows the deny list's stream; at 0 its version-2 gates' lists go stale (online taps are decided as usual).",
+                u64::from(!directory.deny_feed.failing()),
+            )?;
         }
         render_gateway(sink, self)
     }

@@ -17,8 +17,9 @@ use super::redis_directory::RedisDirectory;
 use super::{CHANGE_CHANNEL, DirectoryError};
 use crate::deny::DenyEvent;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tapgate_protocol::{DenyEntry, Reason};
+use tapgate_runtime::health::PartHealth;
 use tapgate_runtime::redis_target::{EntryId, RedisConnection, RedisTarget, bounded_error};
 use tapgate_runtime::retry::Backoff;
 use tokio::sync::mpsc;
@@ -102,6 +103,7 @@ impl RedisDirectory {
             cards_key: self.deny_key("cards"),
             changes_key: self.deny_key("changes"),
             tx,
+            health: self.health.deny_feed.clone(),
         };
         tokio::spawn(follower.run());
         rx
@@ -114,6 +116,7 @@ struct DenyFollower {
     cards_key: String,
     changes_key: String,
     tx: mpsc::Sender<DenyEvent>,
+    health: Arc<PartHealth>,
 }
 
 /// Why following stopped: Redis was lost, or the gateway is gone.
@@ -140,6 +143,7 @@ impl DenyFollower {
             match result {
                 Err(Stop::Gone) => return,
                 Err(Stop::Lost(e)) => {
+                    self.health.fail(Instant::now(), bounded_error(&e));
                     if !lost {
                         tracing::warn!(error = %bounded_error(&e), "deny list feed lost; gates keep the list they hold until it is back");
                         lost = true;
@@ -162,6 +166,7 @@ impl DenyFollower {
     ) -> Result<std::convert::Infallible, Stop> {
         loop {
             let mut version = self.load(conn).await?;
+            self.health.ok();
             if std::mem::take(lost) {
                 tracing::info!(version, "deny list feed back");
             }

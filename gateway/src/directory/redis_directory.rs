@@ -105,6 +105,10 @@ pub struct DirectoryHealth {
     pub redis: Arc<PartHealth>,
     /// Each change group's feed following its stream.
     pub feed: Vec<Arc<PartHealth>>,
+    /// The deny list's feed following its stream. It does not gate readiness: a node without
+    /// it still decides every tap online, and the `{deny}` slot failing would otherwise take
+    /// every node out at once. Operators watch `tapgate_deny_list_feed_up`.
+    pub deny_feed: Arc<PartHealth>,
     /// Panics caught in the feed's and the probe's tasks.
     pub panics: Arc<Panics>,
 }
@@ -114,6 +118,7 @@ impl Default for DirectoryHealth {
         Self {
             redis: Arc::default(),
             feed: (0..CHANGE_GROUPS).map(|_| Arc::default()).collect(),
+            deny_feed: Arc::default(),
             panics: Arc::default(),
         }
     }
