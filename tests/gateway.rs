@@ -355,6 +355,22 @@ async fn offline_taps_are_recorded_once_at_their_gate_time_and_broken_rules_are_
     );
     let online = gate.tap(tap(6, ACTIVE, TapKind::Flat)).await.unwrap();
     assert_eq!(online.outcome, Outcome::Approve);
+    // A policy whose offline rules differ reaches the connected gate at once.
+    let mut policy = Policy::embedded_default();
+    policy.offline.max_offline_s = 600;
+    h.gateway.set_policy(policy.clone());
+    let sent = loop {
+        let frame = tokio::time::timeout(Duration::from_secs(5), gate.recv())
+            .await
+            .expect("the new rules arrive")
+            .unwrap();
+        match frame {
+            Frame::OfflineRules(rules) => break rules,
+            Frame::DenyChanges(_) | Frame::DenyList(_) => {}
+            other => panic!("expected the new rules, got {other:?}"),
+        }
+    };
+    assert_eq!(sent, policy.offline);
     let m = h.gateway.metrics();
     let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!((count(&m.offline_taps), count(&m.offline_flagged)), (5, 3));

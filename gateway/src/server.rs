@@ -23,8 +23,8 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use tapgate_journal::{Durable, Journal, JournalRecord, JournalSettings, JournalWriter};
 use tapgate_protocol::{
-    ErrorCode, ErrorFrame, Frame, KeyRing, MacKey, OfflineTap, Outcome, Reason, SealedFrame, Tag,
-    Tap, TapResult, Version, seal,
+    ErrorCode, ErrorFrame, Frame, KeyRing, MacKey, OfflineRules, OfflineTap, Outcome, Reason,
+    SealedFrame, Tag, Tap, TapResult, Version, seal,
 };
 use tapgate_runtime::health::{Panics, PartHealth, supervise};
 use tapgate_runtime::now_ms;
@@ -140,6 +140,9 @@ struct Shared {
     deny_changed: watch::Receiver<u64>,
     /// The version each following session's gate last acknowledged, by connection.
     deny_acked: Arc<DashMap<usize, u64>>,
+    /// The policy's offline rules, which every version-2 session sends its gate again when they
+    /// change.
+    offline_rules: watch::Sender<OfflineRules>,
 }
 
 /// Deny-list changes a node keeps for gates that are behind; a gate further behind is sent the
@@ -265,6 +268,7 @@ impl Gateway {
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let deny_changed = watch::Sender::new(0);
+        let offline_rules = watch::Sender::new(policy.offline);
         let shared = Arc::new(Shared {
             keys,
             limits,
@@ -284,6 +288,7 @@ impl Gateway {
             deny: RwLock::new(DenyBook::new(DENY_RECENT)),
             deny_changed: deny_changed.subscribe(),
             deny_acked: Arc::default(),
+            offline_rules,
         });
         follow_directory(&shared, changes, deny_events, deny_changed);
         let accept_task = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
@@ -361,9 +366,16 @@ impl Gateway {
         &self.shared.journal
     }
 
-    /// Replaces the policy; taps decided from now on use the new one.
+    /// Replaces the policy; taps decided from now on use the new one, and version-2 gates are
+    /// sent its offline rules when they differ.
     pub fn set_policy(&self, policy: Policy) {
+        let rules = policy.offline;
         *self.shared.policy.write().expect("policy lock") = Arc::new(policy);
+        self.shared.offline_rules.send_if_modified(|sent| {
+            let changed = *sent != rules;
+            *sent = rules;
+            changed
+        });
     }
 
     /// Stops accepting, lets every session answer what it has decided, tells the gates
@@ -708,9 +720,9 @@ struct Session {
 /// A version-2 session's part in the deny list.
 struct DenyFollowing {
     follow: GateFollow,
-    /// Whether the gate has been sent the offline rules, which go out once, with the first
-    /// deny-list frames.
-    rules_sent: bool,
+    /// The offline rules the gate was last sent: first with the first deny-list frames, then
+    /// whenever the policy's rules change.
+    rules_sent: Option<OfflineRules>,
     mac: MacKey,
     /// Where the session is counted among the gates following the list, while it lives.
     metrics: Arc<Metrics>,
@@ -728,7 +740,7 @@ impl DenyFollowing {
         metrics.deny_gates.fetch_add(1, Ordering::Relaxed);
         DenyFollowing {
             follow: GateFollow::default(),
-            rules_sent: false,
+            rules_sent: None,
             mac,
             metrics: metrics.clone(),
             acked,
@@ -985,6 +997,7 @@ impl Session {
     ) {
         let mut shutdown = self.shared.shutdown.clone();
         let mut deny_changed = self.shared.deny_changed.clone();
+        let mut rules_changed = self.shared.offline_rules.subscribe();
         // One wait for the whole session: making a new one for every tap re-registers with the
         // watch each time, a measurable share of the per-tap work.
         let stopping = shutdown.wait_for(|stop| *stop);
@@ -1037,11 +1050,7 @@ impl Session {
             let head_waits = session.head_wait().is_some();
             let idle = session.poll_timeout().map(tokio::time::Instant::from_std);
             let deny_follows = reading && deny.is_some();
-            let deny_behind = deny_follows
-                && deny.as_ref().is_some_and(|d| {
-                    d.follow
-                        .behind(&self.shared.deny.read().expect("deny book lock"))
-                });
+            let deny_behind = deny_follows && self.deny_behind(deny.as_ref());
             let next = tokio::select! {
                 biased;
                 _ = &mut stopping, if reading => {
@@ -1061,6 +1070,7 @@ impl Session {
                 // The gate's list is behind the node's: send more once nothing above is ready.
                 () = std::future::ready(()), if deny_behind => continue,
                 Ok(()) = deny_changed.changed(), if deny_follows => continue,
+                Ok(()) = rules_changed.changed(), if deny_follows => continue,
             };
             let now = Instant::now();
             match next {
@@ -1108,13 +1118,21 @@ impl Session {
         session.decided(sequence, result, waits);
     }
 
+    /// Whether the gate's list is behind the node's.
+    fn deny_behind(&self, deny: Option<&DenyFollowing>) -> bool {
+        deny.is_some_and(|d| {
+            d.follow
+                .behind(&self.shared.deny.read().expect("deny book lock"))
+        })
+    }
+
     /// Appends the deny-list frames the gate needs next; after its first DenyAck, the offline
     /// rules before them (PROTOCOL.md section 4.7).
     fn send_deny_list(&self, deny: &mut DenyFollowing, out: &mut BytesMut) {
-        if !deny.rules_sent && deny.follow.acked().is_some() {
-            let rules = self.shared.policy.read().expect("policy lock").offline;
+        let rules = *self.shared.offline_rules.borrow();
+        if deny.rules_sent != Some(rules) && deny.follow.acked().is_some() {
             seal(&Frame::OfflineRules(rules), &deny.mac, out);
-            deny.rules_sent = true;
+            deny.rules_sent = Some(rules);
         }
         let book = self.shared.deny.read().expect("deny book lock");
         let written = deny.follow.poll(&book, &deny.mac, out);
