@@ -553,7 +553,6 @@ async fn lost_card_reports_acknowledged_by_a_replica_survive_a_master_failover_o
     let mut cluster = RedisCluster::start();
     let url = cluster.url();
     let writer = replicated_directory(&url);
-    provision(&writer, CARD).await;
     let cards: Vec<u64> = (0..160).map(|i| 6_222_000_000_100_000 + i).collect();
     let active = |c: u64| {
         card(
@@ -564,10 +563,15 @@ async fn lost_card_reports_acknowledged_by_a_replica_survive_a_master_failover_o
             0,
         )
     };
-    writer
-        .put_cards(&cards.iter().map(|c| active(*c)).collect::<Vec<_>>())
-        .await
-        .unwrap();
+    // Just after the cluster starts its replicas may still be syncing: written again until
+    // a replica holds the cards, so the reports below start from a replicated cluster.
+    let actives: Vec<_> = cards.iter().map(|c| active(*c)).collect();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while let Err(e) = writer.put_cards(&actives).await {
+        assert!(Instant::now() < deadline, "replicas never caught up: {e}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    provision(&writer, CARD).await;
     let (a_state, b_state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = Harness::start(redis_directory(&url), a_state.path()).await;
     let b = Harness::start(redis_directory(&url), b_state.path()).await;
