@@ -26,6 +26,7 @@ use tapgate_protocol::{
     ErrorCode, ErrorFrame, Frame, KeyRing, MacKey, OfflineRules, OfflineTap, Outcome, Reason,
     SealedFrame, Tag, Tap, TapResult, Version, seal,
 };
+use tapgate_runtime::clock::sleep_until_some;
 use tapgate_runtime::health::{Panics, PartHealth, supervise};
 use tapgate_runtime::now_ms;
 use tapgate_runtime::retry::Backoff;
@@ -1021,9 +1022,10 @@ impl Session {
             let transmit = session.poll_transmit(&mut out, |result, read_at| {
                 self.answered(gate, result, read_at);
             });
-            if let (Transmit::Open, Some(deny)) = (transmit, deny.as_mut()) {
-                self.send_deny_list(deny, &mut out);
-            }
+            let still_behind = match (transmit, deny.as_mut()) {
+                (Transmit::Open, Some(deny)) => self.send_deny_list(deny, &mut out),
+                _ => false,
+            };
             let written = out.is_empty() || send.write_all(&out).await.is_ok();
             match transmit {
                 Transmit::Open if written => {}
@@ -1050,7 +1052,7 @@ impl Session {
             let head_waits = session.head_wait().is_some();
             let idle = session.poll_timeout().map(tokio::time::Instant::from_std);
             let deny_follows = reading && deny.is_some();
-            let deny_behind = deny_follows && self.deny_behind(deny.as_ref());
+            let deny_behind = deny_follows && still_behind;
             let next = tokio::select! {
                 biased;
                 _ = &mut stopping, if reading => {
@@ -1118,17 +1120,11 @@ impl Session {
         session.decided(sequence, result, waits);
     }
 
-    /// Whether the gate's list is behind the node's.
-    fn deny_behind(&self, deny: Option<&DenyFollowing>) -> bool {
-        deny.is_some_and(|d| {
-            d.follow
-                .behind(&self.shared.deny.read().expect("deny book lock"))
-        })
-    }
-
     /// Appends the deny-list frames the gate needs next; after its first DenyAck, the offline
     /// rules before them (PROTOCOL.md section 4.7).
-    fn send_deny_list(&self, deny: &mut DenyFollowing, out: &mut BytesMut) {
+    /// Returns whether the gate's list is still behind the node's (asked under the same lock,
+    /// so a following session takes it once per turn).
+    fn send_deny_list(&self, deny: &mut DenyFollowing, out: &mut BytesMut) -> bool {
         let rules = *self.shared.offline_rules.borrow();
         if deny.rules_sent != Some(rules) && deny.follow.acked().is_some() {
             seal(&Frame::OfflineRules(rules), &deny.mac, out);
@@ -1146,6 +1142,7 @@ impl Session {
         if written.resync {
             metrics.deny_resyncs.fetch_add(1, Ordering::Relaxed);
         }
+        deny.follow.behind(&book)
     }
 
     /// The gate's DenyAck: where its list goes on from, and (after the first) how long the
@@ -1383,14 +1380,6 @@ async fn wait_for_head(session: &mut TapSession<Waits>, state: &TerminalState, l
             let answer = await_answer(state, first.sequence, first.tag, limit).await;
             session.first_copy_answered(answer);
         }
-        None => std::future::pending().await,
-    }
-}
-
-/// Sleeps until `deadline`, or for ever without one.
-async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
     }
 }

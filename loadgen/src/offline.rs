@@ -35,6 +35,16 @@ enum Link {
     Back,
 }
 
+/// What a receipt did.
+pub(crate) enum Receipted {
+    /// The gateway holds the tap.
+    Held,
+    /// Busy: the tap is kept again and has taken the gate's next sequence.
+    KeptAgain,
+    /// No upload of this gate has that sequence.
+    NoSuchUpload,
+}
+
 /// One gate's offline riding.
 pub(crate) struct OfflineGate {
     link: Link,
@@ -132,16 +142,15 @@ impl OfflineGate {
         Some(upload)
     }
 
-    /// A receipt: whether it was for an upload of this gate. A `busy` one's tap is kept again
-    /// under `next_sequence`, which it then takes (`true` in the second place).
+    /// Takes a receipt. A `busy` one's tap is kept again under `next_sequence`.
     pub(crate) fn receipt(
         &mut self,
         receipt: &OfflineReceipt,
         next_sequence: u64,
         now: Instant,
-    ) -> (bool, bool) {
+    ) -> Receipted {
         let Some(upload) = self.uploading.remove(&receipt.sequence) else {
-            return (false, false);
+            return Receipted::NoSuchUpload;
         };
         if let Some(window) = &mut self.upload_window {
             window.1 = now;
@@ -153,7 +162,7 @@ impl OfflineGate {
             OfflineStatus::Busy => {
                 r.busy += 1;
                 self.store.requeue(upload, next_sequence);
-                return (true, true);
+                return Receipted::KeptAgain;
             }
         }
         if receipt.flag != Reason::Approved {
@@ -161,7 +170,7 @@ impl OfflineGate {
                 .entry(receipt.flag.label().to_owned())
                 .or_default() += 1;
         }
-        (true, false)
+        Receipted::Held
     }
 
     /// The run is over: what was never uploaded is counted.

@@ -11,7 +11,7 @@
 use crate::client::{ClientError, EarlyHello, GateClient, GateIdentity, gate_endpoint, hello};
 use crate::fraud::FraudPlan;
 use crate::link::DelayedLink;
-use crate::offline::OfflineGate;
+use crate::offline::{OfflineGate, Receipted};
 use crate::report::{DenyFollowed, OfflineRidden, Percentiles, Reconnects, Report};
 use crate::workload::{Action, Faults, GateWorkload};
 use bytes::Bytes;
@@ -27,6 +27,7 @@ use tapgate_city::population::PopulationSpec;
 use tapgate_protocol::{
     DenyAck, ErrorCode, Frame, GateDenyList, MasterKey, OfflineReceipt, Outcome, Version,
 };
+use tapgate_transport::clock::sleep_until_some;
 use tapgate_transport::now_ms;
 use tapgate_transport::retry::Backoff;
 use tapgate_transport::tls::{GateTls, Resumption};
@@ -899,8 +900,9 @@ impl Gate {
             return;
         };
         match offline.receipt(receipt, self.next_sequence, Instant::now()) {
-            (false, _) => self.stats.error("receipt_for_unknown_sequence"),
-            (true, requeued) => self.next_sequence += u64::from(requeued),
+            Receipted::NoSuchUpload => self.stats.error("receipt_for_unknown_sequence"),
+            Receipted::KeptAgain => self.next_sequence += 1,
+            Receipted::Held => {}
         }
     }
 
@@ -1225,7 +1227,7 @@ async fn drive_open_loop(mut gate: Gate, mut due: mpsc::Receiver<Instant>) -> Ga
                     break;
                 }
             },
-            () = sleep_until_back(back_at), if back_at.is_some() => {
+            () = sleep_until_some(back_at.map(Into::into)), if back_at.is_some() => {
                 if !gate.come_back().await {
                     break;
                 }
@@ -1252,13 +1254,6 @@ async fn drive_open_loop(mut gate: Gate, mut due: mpsc::Receiver<Instant>) -> Ga
     gate.stats.unsent_injections.extend(unsent);
     gate.stats.over_budget = gate.workload.over_budget();
     gate.stats
-}
-
-async fn sleep_until_back(back_at: Option<Instant>) {
-    match back_at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => std::future::pending().await,
-    }
 }
 
 async fn drive_closed_loop(mut gate: Gate) -> GateStats {

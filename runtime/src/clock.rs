@@ -18,6 +18,14 @@ pub fn local_date(now_ms: u64) -> NaiveDate {
         .unwrap_or(NaiveDate::MAX)
 }
 
+/// Sleeps until `deadline`, or for ever without one: a `select!` branch for an optional timer.
+pub async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

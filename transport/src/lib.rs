@@ -17,4 +17,4 @@ pub use endpoint::{
 pub use reader::{FrameReader, ReadError};
 
 // Gates and the gateway share one clock and one retry schedule with the settlers.
-pub use tapgate_runtime::{now_ms, retry};
+pub use tapgate_runtime::{clock, now_ms, retry};

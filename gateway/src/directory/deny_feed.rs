@@ -12,7 +12,7 @@
 //! The version is a counter the script keeps, so every gateway numbers every change alike and
 //! a gate can move between gateways and go on from the version it holds.
 
-use super::feed::entry_fields;
+use super::feed::{entry_fields, read_after};
 use super::redis_directory::RedisDirectory;
 use super::{CHANGE_CHANNEL, DirectoryError};
 use crate::deny::DenyEvent;
@@ -216,16 +216,8 @@ impl DenyFollower {
         conn: &mut RedisConnection,
         version: &mut u64,
     ) -> Result<Followed, Stop> {
-        let reply: Option<redis::streams::StreamReadReply> = redis::cmd("XREAD")
-            .arg("COUNT")
-            .arg(512)
-            .arg("BLOCK")
-            .arg(DENY_BLOCK.as_millis() as u64)
-            .arg("STREAMS")
-            .arg(&self.changes_key)
-            .arg(format!("{version}-1"))
-            .query_async(conn)
-            .await?;
+        let reply =
+            read_after(conn, &self.changes_key, &format!("{version}-1"), DENY_BLOCK).await?;
         let Some(reply) = reply else {
             // Nothing new. A list whose version went back (a failover that lost its newest
             // changes, a Redis restarted empty) numbers its next changes with versions this

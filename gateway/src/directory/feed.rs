@@ -179,16 +179,8 @@ impl ChangeFollower {
 
     pub(super) async fn follow(&mut self, conn: &mut RedisConnection) -> redis::RedisResult<()> {
         loop {
-            let reply: Option<redis::streams::StreamReadReply> = redis::cmd("XREAD")
-                .arg("COUNT")
-                .arg(512)
-                .arg("BLOCK")
-                .arg(FEED_BLOCK.as_millis() as u64)
-                .arg("STREAMS")
-                .arg(&self.key)
-                .arg(self.last_id.as_deref().unwrap_or("$"))
-                .query_async(conn)
-                .await?;
+            let after = self.last_id.as_deref().unwrap_or("$");
+            let reply = read_after(conn, &self.key, after, FEED_BLOCK).await?;
             if self.tx.is_closed() {
                 return Ok(());
             }
@@ -210,6 +202,26 @@ impl ChangeFollower {
             }
         }
     }
+}
+
+/// Up to 512 entries of `key` after the entry id `after`, waiting up to `block` for the first;
+/// `None` when none came.
+pub(super) async fn read_after(
+    conn: &mut RedisConnection,
+    key: &str,
+    after: &str,
+    block: Duration,
+) -> redis::RedisResult<Option<redis::streams::StreamReadReply>> {
+    redis::cmd("XREAD")
+        .arg("COUNT")
+        .arg(512)
+        .arg("BLOCK")
+        .arg(block.as_millis() as u64)
+        .arg("STREAMS")
+        .arg(key)
+        .arg(after)
+        .query_async(conn)
+        .await
 }
 
 /// A stream entry's fields that read as text; others are left out (the parsers then say
