@@ -194,31 +194,6 @@ async fn elder_concession_follows_the_cards_home_area_and_holds_at_every_gate() 
     );
 }
 
-/// Reads deny-list frames into `list` until it holds `version`, acknowledging as a gate does;
-/// the frames read, the offline rules among them.
-async fn follow_until(gate: &mut GateClient, list: &mut GateDenyList, version: u64) -> Vec<Frame> {
-    let mut frames = Vec::new();
-    while list.version() != version {
-        let frame = tokio::time::timeout(Duration::from_secs(5), gate.recv())
-            .await
-            .expect("the deny list arrives")
-            .unwrap();
-        if matches!(frame, Frame::OfflineRules(_)) {
-            frames.push(frame);
-            continue;
-        }
-        let ack = list
-            .apply(&frame)
-            .unwrap_or_else(|| panic!("expected a deny-list frame, got {frame:?}"))
-            .unwrap();
-        if let Some(ack) = ack {
-            gate.send_frame(&Frame::DenyAck(ack)).await.unwrap();
-        }
-        frames.push(frame);
-    }
-    frames
-}
-
 /// A version-2 gate follows the deny list: the whole list after its first DenyAck, then each
 /// change as the directory makes it, on the stream its taps use; after a reconnect it goes on
 /// from the version it holds. A version-1 gate on the same gateway sees none of it, and a

@@ -6,8 +6,10 @@ mod support;
 use std::time::{Duration, Instant};
 use support::*;
 use tapgate_gateway::card::CardState;
-use tapgate_gateway::directory::{Directory, RedisDirectory, RedisSettings};
-use tapgate_protocol::{Concession, Issuer, Outcome, Reason, TapKind};
+use tapgate_gateway::directory::{Directory, DirectoryError, RedisDirectory, RedisSettings};
+use tapgate_protocol::{
+    Concession, DenyAck, Frame, GateDenyList, Issuer, Outcome, Reason, TapKind,
+};
 use tapgate_runtime::now_ms;
 
 const CARD: u64 = 6_222_000_000_000_001;
@@ -71,13 +73,7 @@ async fn a_lost_card_report_reaches_a_second_gateway(url: &str) {
         Outcome::Approve
     );
 
-    let mut lost = card(
-        CARD,
-        CardState::Lost,
-        Issuer::ChongqingSsc,
-        Concession::None,
-        0,
-    );
+    let mut lost = lost_card(CARD);
     lost.expires_on = None;
     directory.put_card(lost).await.unwrap();
     for gateway in [&b, &a] {
@@ -194,13 +190,7 @@ async fn the_change_feed_catches_up_on_changes_made_while_it_was_disconnected() 
     assert!(killed >= 1);
     // The feed waits 200 ms before reconnecting, so this lands while it is away. The writer's
     // own connection was cut too; its first attempt may fail.
-    let lost = card(
-        CARD,
-        CardState::Lost,
-        Issuer::ChongqingSsc,
-        Concession::None,
-        0,
-    );
+    let lost = lost_card(CARD);
     if directory.put_card(lost).await.is_err() {
         directory.put_card(lost).await.unwrap();
     }
@@ -268,13 +258,7 @@ async fn a_gateway_started_while_redis_is_down_serves_once_it_is_back() {
     // The change feed found its place once Redis was back: reports now reach the cache.
     let cache = h.gateway.cache().clone();
     let deadline = Instant::now() + Duration::from_secs(10);
-    let lost = card(
-        CARD,
-        CardState::Lost,
-        Issuer::ChongqingSsc,
-        Concession::None,
-        0,
-    );
+    let lost = lost_card(CARD);
     loop {
         directory.put_card(lost).await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -677,18 +661,12 @@ async fn report_lost(
 ) -> LostReports {
     let (mut acknowledged, mut list_behind, mut after_kill) = (Vec::new(), Vec::new(), 0);
     for c in cards {
-        let lost = card(
-            c,
-            CardState::Lost,
-            Issuer::ChongqingSsc,
-            Concession::None,
-            0,
-        );
+        let report = lost_card(c);
         let late = killed.load(std::sync::atomic::Ordering::SeqCst);
-        let written = match writer.put_card(lost).await {
+        let written = match writer.put_card(report).await {
             Ok(()) => true,
-            Err(tapgate_gateway::directory::DirectoryError::DenyListBehind(_)) => {
-                list_behind.push(lost);
+            Err(DirectoryError::DenyListBehind(_)) => {
+                list_behind.push(report);
                 true
             }
             Err(_) => false,
@@ -705,6 +683,126 @@ async fn report_lost(
         after_kill,
         writer,
     }
+}
+
+fn lost_card(card_id: u64) -> tapgate_gateway::card::CardRecord {
+    card(
+        card_id,
+        CardState::Lost,
+        Issuer::ChongqingSsc,
+        Concession::None,
+        0,
+    )
+}
+
+/// A master can die after a gateway read its newest deny-list changes but before its replica
+/// held them; the replica that takes over then numbers its next changes with those same
+/// versions. Here Redis's list is swapped for one that went another way after version 2 (as
+/// such a replica's would), and one change more is made: the gateway loads the whole list
+/// again and its gates are sent it, rather than taking the new change as the one after
+/// changes Redis no longer has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deny_list_that_went_another_way_in_a_failover_is_loaded_again_whole() {
+    let redis = RedisServer::start();
+    let cards: Vec<u64> = (0..7).map(|i| 6_222_000_000_200_000 + i).collect();
+    let directory = redis.directory();
+    provision(&directory, CARD).await;
+    let held: Vec<_> = cards[..4].iter().map(|c| lost_card(*c)).collect();
+    directory.put_cards(&held).await.unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let h = Harness::start(redis.directory(), state.path()).await;
+    let mut gate = h.gate_v2(&YUZHONG_BUS).await;
+    let mut list = GateDenyList::default();
+    gate.send_frame(&Frame::DenyAck(DenyAck { version: 0 }))
+        .await
+        .unwrap();
+    follow_until(&mut gate, &mut list, 4).await;
+
+    // The other way: versions 1 and 2 alike, then two other cards.
+    let other = [cards[0], cards[1], cards[4], cards[5]].map(lost_card);
+    prefixed_directory(&redis.url(), "other")
+        .put_cards(&other)
+        .await
+        .unwrap();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut admin = client.get_multiplexed_async_connection().await.unwrap();
+    swap_deny_list(&mut admin, "other").await;
+    directory.put_card(lost_card(cards[6])).await.unwrap();
+
+    follow_until(&mut gate, &mut list, 5).await;
+    let listed: Vec<u64> = cards
+        .iter()
+        .copied()
+        .filter(|c| list.refuses(*c).is_some())
+        .collect();
+    assert_eq!(
+        listed,
+        [cards[0], cards[1], cards[4], cards[5], cards[6]],
+        "the gate's list is Redis's"
+    );
+    assert_eq!(h.gateway.deny_list(), (5, 5));
+
+    // Another way again, to the same version, and no change after it: the gateway sees the
+    // history differ once its wait for changes ends.
+    let third = [cards[0], cards[1], cards[2], cards[3], cards[5]].map(lost_card);
+    prefixed_directory(&redis.url(), "third")
+        .put_cards(&third)
+        .await
+        .unwrap();
+    swap_deny_list(&mut admin, "third").await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while list.refuses(cards[6]).is_some() {
+        let frame = tokio::time::timeout_at(deadline.into(), gate.recv())
+            .await
+            .expect("the whole list is sent again")
+            .unwrap();
+        if let Some(Some(ack)) = list.apply(&frame).map(Result::unwrap) {
+            gate.send_frame(&Frame::DenyAck(ack)).await.unwrap();
+        }
+    }
+    assert_eq!(list.version(), 5);
+    assert!(third.iter().all(|c| list.refuses(c.card_id).is_some()));
+}
+
+/// Puts the deny list kept under `prefix` in place of the gateways' one, as a failover puts a
+/// replica's data in place of its master's.
+async fn swap_deny_list(admin: &mut redis::aio::MultiplexedConnection, prefix: &str) {
+    let mut swap = redis::pipe();
+    swap.atomic();
+    for key in ["version", "history", "cards", "changes"] {
+        swap.rename(
+            format!("{prefix}:{{deny}}:{key}"),
+            format!("tapgate:{{deny}}:{key}"),
+        )
+        .ignore();
+    }
+    swap.query_async::<()>(admin).await.unwrap();
+}
+
+/// A loss report whose master has lost its replica is answered NotReplicated, to be made
+/// again; the card goes on the deny list all the same, so gates riding offline refuse it as
+/// every gateway online already does (its change feed carries the state). Retrying used to
+/// fail at the card's own wait each time and never reach the list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_written_while_its_master_has_no_replica_still_reaches_the_deny_list() {
+    let redis = RedisServer::start();
+    provision(&redis.directory(), CARD).await;
+    let state = tempfile::tempdir().unwrap();
+    let h = Harness::start(redis.directory(), state.path()).await;
+    // This Redis has no replica, so every wait for one comes back short.
+    let writer = replicated_directory(&redis.url());
+    let reported = writer.put_card(lost_card(CARD + 1)).await;
+    assert!(
+        matches!(reported, Err(DirectoryError::NotReplicated { .. })),
+        "{reported:?}"
+    );
+    let blocked = writer.set_state(CARD, CardState::Blocked).await;
+    assert!(
+        matches!(blocked, Err(DirectoryError::NotReplicated { .. })),
+        "{blocked:?}"
+    );
+    let gateway = &h.gateway;
+    wait_until(Duration::from_secs(5), || gateway.deny_list() == (2, 2)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -871,13 +969,7 @@ async fn a_tap_resent_to_a_second_gateway_gets_the_first_decision_and_is_journal
     }
     assert!(first.iter().all(|r| r.outcome == Outcome::Approve));
     // The card is reported lost, and the gate moves to B without having heard A's last answer.
-    let mut lost = card(
-        CARD,
-        CardState::Lost,
-        Issuer::ChongqingSsc,
-        Concession::None,
-        0,
-    );
+    let mut lost = lost_card(CARD);
     lost.expires_on = None;
     directory.put_card(lost).await.unwrap();
     let cache_b = b.gateway.cache().clone();

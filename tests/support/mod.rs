@@ -16,7 +16,9 @@ use tapgate_gateway::policy::Policy;
 use tapgate_gateway::server::{Gateway, GatewaySettings, Limits};
 use tapgate_journal::JournalSettings;
 use tapgate_loadgen::client::{GateClient, GateIdentity, client_endpoint};
-use tapgate_protocol::{AreaCode, Concession, Issuer, KeyRing, MasterKey, Mode, Tap, TapKind};
+use tapgate_protocol::{
+    AreaCode, Concession, Frame, GateDenyList, Issuer, KeyRing, MasterKey, Mode, Tap, TapKind,
+};
 use tapgate_runtime::now_ms;
 use tapgate_transport::tls::TlsSource;
 
@@ -426,21 +428,12 @@ fn node_query(port: u16, args: &[&str]) -> Option<String> {
 
 /// A card directory on a single Redis or a cluster.
 pub(crate) fn redis_directory(url: &str) -> Directory {
-    Directory::Redis(
-        RedisDirectory::connect(&RedisSettings {
-            url: url.to_owned(),
-            tls_ca_file: None,
-            key_prefix: "tapgate".into(),
-            response_timeout: Duration::from_millis(1000),
-            wait_replicas: 0,
-        })
-        .expect("redis directory"),
-    )
+    prefixed_directory(url, "tapgate")
 }
 
-/// A card directory on a Redis Cluster whose writes wait for one replica, at most 600 ms (three
-/// quarters of its response timeout): a slot left without a replica after a failover costs every
-/// later write that wait.
+/// A card directory whose writes wait for one replica, at most 600 ms (three quarters of its
+/// response timeout): a slot left without a replica after a failover costs every later write
+/// that wait.
 pub(crate) fn replicated_directory(url: &str) -> Directory {
     Directory::Redis(
         RedisDirectory::connect(&RedisSettings {
@@ -449,6 +442,20 @@ pub(crate) fn replicated_directory(url: &str) -> Directory {
             key_prefix: "tapgate".into(),
             response_timeout: Duration::from_millis(800),
             wait_replicas: 1,
+        })
+        .expect("redis directory"),
+    )
+}
+
+/// A card directory under keys of its own, beside the gateways' `tapgate` ones.
+pub(crate) fn prefixed_directory(url: &str, key_prefix: &str) -> Directory {
+    Directory::Redis(
+        RedisDirectory::connect(&RedisSettings {
+            url: url.to_owned(),
+            tls_ca_file: None,
+            key_prefix: key_prefix.into(),
+            response_timeout: Duration::from_millis(1000),
+            wait_replicas: 0,
         })
         .expect("redis directory"),
     )
@@ -866,4 +873,33 @@ pub(crate) fn shown(page: &str, id: &str) -> u64 {
     value
         .parse()
         .unwrap_or_else(|_| panic!("#{id} shows `{value}`"))
+}
+
+/// Reads deny-list frames into `list` until it holds `version`, acknowledging as a gate does;
+/// the frames read, the offline rules among them.
+pub(crate) async fn follow_until(
+    gate: &mut GateClient,
+    list: &mut GateDenyList,
+    version: u64,
+) -> Vec<Frame> {
+    let mut frames = Vec::new();
+    while list.version() != version {
+        let frame = tokio::time::timeout(Duration::from_secs(5), gate.recv())
+            .await
+            .expect("the deny list arrives")
+            .unwrap();
+        if matches!(frame, Frame::OfflineRules(_)) {
+            frames.push(frame);
+            continue;
+        }
+        let ack = list
+            .apply(&frame)
+            .unwrap_or_else(|| panic!("expected a deny-list frame, got {frame:?}"))
+            .unwrap();
+        if let Some(ack) = ack {
+            gate.send_frame(&Frame::DenyAck(ack)).await.unwrap();
+        }
+        frames.push(frame);
+    }
+    frames
 }

@@ -6,11 +6,21 @@
 //! | key                  | type   | holds |
 //! |----------------------|--------|-------|
 //! | `P:{deny}:version`   | string | the version of the newest change |
+//! | `P:{deny}:history`   | string | a digest of every change up to the newest (empty before the first) |
 //! | `P:{deny}:cards`     | hash   | card id → reason label (`card_lost`, `card_blocked`, `card_cancelled`) |
-//! | `P:{deny}:changes`   | stream | entry id `VERSION-1`, fields `card` and `reason` (`approved` takes a card off) |
+//! | `P:{deny}:changes`   | stream | entry id `VERSION-1`, fields `card`, `reason` (`approved` takes a card off), `follows` (the history before the change) and `history` (after it) |
 //!
 //! The version is a counter the script keeps, so every gateway numbers every change alike and
 //! a gate can move between gateways and go on from the version it holds.
+//!
+//! The history is there for failovers. A master that dies before its replica holds its
+//! newest changes takes them with it, but a gateway may have read them already; the replica
+//! that takes over numbers its next changes with those same versions. A follower that trusted
+//! the numbers alone would take the new changes as the ones after the lost ones and keep the
+//! lost ones for good. Each change names the history it follows, so the first change of the
+//! new line tells a follower that its list went another way, and it loads the whole list.
+//! Writers and followers are upgraded together: an entry without the digests is taken as
+//! malformed, and its followers load the whole list.
 
 use super::feed::{entry_fields, read_after};
 use super::redis_directory::RedisDirectory;
@@ -25,11 +35,12 @@ use tapgate_runtime::retry::Backoff;
 use tokio::sync::mpsc;
 
 /// Appends the changes ARGV[2..] (card, reason label pairs) whose reason differs from the
-/// list's, numbering each with the next version; the stream is trimmed to about ARGV[1].
-/// Returns the version after them.
+/// list's, numbering each with the next version and chaining the history digest through
+/// them; the stream is trimmed to about ARGV[1]. Returns the version after them.
 pub(super) const NOTE_DENY: &str = r"
 local maxlen = ARGV[1]
 local version = tonumber(redis.call('GET', KEYS[1]) or '0')
+local history = redis.call('GET', KEYS[4]) or ''
 for i = 2, #ARGV, 2 do
   local card, reason = ARGV[i], ARGV[i + 1]
   local held = redis.call('HGET', KEYS[2], card) or 'approved'
@@ -40,10 +51,14 @@ for i = 2, #ARGV, 2 do
       redis.call('HSET', KEYS[2], card, reason)
     end
     version = version + 1
-    redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen, version .. '-1', 'card', card, 'reason', reason)
+    local follows = history
+    history = string.sub(redis.sha1hex(follows .. ' ' .. version .. ' ' .. card .. ' ' .. reason), 1, 16)
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen, version .. '-1',
+      'card', card, 'reason', reason, 'follows', follows, 'history', history)
   end
 end
 redis.call('SET', KEYS[1], version)
+redis.call('SET', KEYS[4], history)
 return version
 ";
 
@@ -61,19 +76,32 @@ impl RedisDirectory {
         format!("{}:{{deny}}:{what}", self.prefix)
     }
 
-    /// Brings the deny list in line with these card states, once they are written and held
-    /// by the replicas asked for. The list is in a slot of its own, so not in one transaction
-    /// with the cards: gateways deciding online see a change first, gates deciding alone once
-    /// the list reaches them. When the list's master cannot be reached, or its replicas do not
-    /// hold the change, the cards stand and the caller is told
-    /// [`DirectoryError::DenyListBehind`]; writing the states again completes it, since the
-    /// list takes only what differs from it.
-    pub(super) async fn note_deny(&self, states: &[(u64, Reason)]) -> Result<(), DirectoryError> {
+    /// Brings the deny list in line with these card states, which their masters hold;
+    /// `replicated` says whether the replicas asked for hold them too. The list follows what
+    /// the masters serve, as the gateways' caches do through the change feed, replicated or
+    /// not: a state written while its master had lost its replica would otherwise stay off the
+    /// list through every retry until a replica came back, and gates riding offline would
+    /// approve a card every gateway refuses. The replicas' error is the caller's first.
+    ///
+    /// The list is in a slot of its own, so not in one transaction with the cards: gateways
+    /// deciding online see a change first, gates deciding alone once the list reaches them.
+    /// When the list's master cannot be reached, or its replicas do not hold the change, the
+    /// cards stand and the caller is told [`DirectoryError::DenyListBehind`]; writing the
+    /// states again completes it, since the list takes only what differs from it.
+    pub(super) async fn note_deny(
+        &self,
+        replicated: Result<(), DirectoryError>,
+        states: &[(u64, Reason)],
+    ) -> Result<(), DirectoryError> {
         let behind = |e: DirectoryError| DirectoryError::DenyListBehind(e.to_string());
-        self.append_deny(states).await.map_err(behind)?;
-        self.wait_for_replicas(&self.deny_key("changes"))
-            .await
-            .map_err(behind)
+        let listed = match self.append_deny(states).await {
+            Ok(()) => self
+                .wait_for_replicas(&self.deny_key("changes"))
+                .await
+                .map_err(behind),
+            Err(e) => Err(behind(e)),
+        };
+        replicated.and(listed)
     }
 
     async fn append_deny(&self, states: &[(u64, Reason)]) -> Result<(), DirectoryError> {
@@ -83,6 +111,7 @@ impl RedisDirectory {
                 .key(self.deny_key("version"))
                 .key(self.deny_key("cards"))
                 .key(self.deny_key("changes"))
+                .key(self.deny_key("history"))
                 .arg(DENY_STREAM_MAXLEN);
             for (card_id, reason) in batch {
                 invocation.arg(card_id).arg(reason.label());
@@ -100,6 +129,7 @@ impl RedisDirectory {
         let follower = DenyFollower {
             target: self.target.clone(),
             version_key: self.deny_key("version"),
+            history_key: self.deny_key("history"),
             cards_key: self.deny_key("cards"),
             changes_key: self.deny_key("changes"),
             tx,
@@ -113,6 +143,7 @@ impl RedisDirectory {
 struct DenyFollower {
     target: Arc<RedisTarget>,
     version_key: String,
+    history_key: String,
     cards_key: String,
     changes_key: String,
     tx: mpsc::Sender<DenyEvent>,
@@ -165,25 +196,27 @@ impl DenyFollower {
         lost: &mut bool,
     ) -> Result<std::convert::Infallible, Stop> {
         loop {
-            let mut version = self.load(conn).await?;
+            let mut head = self.load(conn).await?;
             self.health.ok();
             if std::mem::take(lost) {
-                tracing::info!(version, "deny list feed back");
+                tracing::info!(version = head.version, "deny list feed back");
             }
-            while let Followed::Waiting = self.follow(conn, &mut version).await? {}
+            while let Followed::Waiting = self.follow(conn, &mut head).await? {}
             tracing::warn!(
-                version,
-                "deny list changes were missed; loading the whole list again"
+                version = head.version,
+                "deny list changes were missed, or their history went another way; loading the whole list again"
             );
         }
     }
 
-    /// Sends the whole list and returns its version. The version is read first and the cards
-    /// after it, a part at a time, so the list sent may already hold some later changes; the
-    /// changes read after it set those cards again to the same, so the list converges.
-    async fn load(&self, conn: &mut RedisConnection) -> Result<u64, Stop> {
-        let version: Option<u64> = redis::cmd("GET")
+    /// Sends the whole list and returns where it stands. The version and its history are
+    /// read first and the cards after them, a part at a time, so the list sent may already
+    /// hold some later changes; the changes read after it set those cards again to the same,
+    /// so the list converges.
+    async fn load(&self, conn: &mut RedisConnection) -> Result<Head, Stop> {
+        let (version, history): (Option<u64>, Option<String>) = redis::cmd("MGET")
             .arg(&self.version_key)
+            .arg(&self.history_key)
             .query_async(conn)
             .await?;
         let version = version.unwrap_or(0);
@@ -208,48 +241,65 @@ impl DenyFollower {
             cursor = next;
         }
         self.send(DenyEvent::Whole { version, entries }).await?;
-        Ok(version)
+        Ok(Head {
+            version,
+            history: history.unwrap_or_default(),
+        })
     }
 
-    async fn follow(
-        &self,
-        conn: &mut RedisConnection,
-        version: &mut u64,
-    ) -> Result<Followed, Stop> {
-        let reply =
-            read_after(conn, &self.changes_key, &format!("{version}-1"), DENY_BLOCK).await?;
+    async fn follow(&self, conn: &mut RedisConnection, head: &mut Head) -> Result<Followed, Stop> {
+        let after = format!("{}-1", head.version);
+        let reply = read_after(conn, &self.changes_key, &after, DENY_BLOCK).await?;
         let Some(reply) = reply else {
             // Nothing new. A list whose version went back (a failover that lost its newest
-            // changes, a Redis restarted empty) numbers its next changes with versions this
-            // gateway already had: only the whole list can say what they are.
-            let now: Option<u64> = redis::cmd("GET")
+            // changes, a Redis restarted empty), or that reached this version another way,
+            // numbers its next changes with versions this gateway already had: only the whole
+            // list can say what they are.
+            let (version, history): (Option<u64>, Option<String>) = redis::cmd("MGET")
                 .arg(&self.version_key)
+                .arg(&self.history_key)
                 .query_async(conn)
                 .await?;
-            return Ok(if now.unwrap_or(0) < *version {
-                Followed::Missed
-            } else {
-                Followed::Waiting
-            });
+            let now = Head {
+                version: version.unwrap_or(0),
+                history: history.unwrap_or_default(),
+            };
+            return Ok(
+                if now.version < head.version || (now.version == head.version && now != *head) {
+                    Followed::Missed
+                } else {
+                    Followed::Waiting
+                },
+            );
         };
         for entry in reply.keys.into_iter().flat_map(|stream| stream.ids) {
             // The entry id is `VERSION-1`.
             let number = entry.id.parse::<EntryId>().ok().map(|id| id.ms);
-            let fields = entry_fields(&entry);
+            let mut fields = entry_fields(&entry);
             let parsed = fields
                 .get("card")
                 .zip(fields.get("reason"))
                 .and_then(|(card, reason)| parse_entry(card, reason));
-            match (number, parsed) {
-                // Trimmed past where this gateway was, or numbered out of order.
-                (Some(number), _) if number != *version + 1 => return Ok(Followed::Missed),
-                (Some(number), Some(entry)) => {
+            let (follows, history) = (fields.remove("follows"), fields.remove("history"));
+            match (number, parsed, follows, history) {
+                // Trimmed past where this gateway was, numbered out of order, or the next
+                // change of a history that went another way.
+                (Some(number), _, follows, _)
+                    if number != head.version + 1
+                        || follows.as_deref().is_some_and(|f| f != head.history) =>
+                {
+                    return Ok(Followed::Missed);
+                }
+                (Some(number), Some(entry), Some(_), Some(history)) => {
                     self.send(DenyEvent::Changed {
                         version: number,
                         entry,
                     })
                     .await?;
-                    *version = number;
+                    *head = Head {
+                        version: number,
+                        history,
+                    };
                 }
                 _ => {
                     tracing::warn!(stream = %self.changes_key, entry = %entry.id, "malformed deny list entry");
@@ -263,6 +313,13 @@ impl DenyFollower {
     async fn send(&self, event: DenyEvent) -> Result<(), Stop> {
         self.tx.send(event).await.map_err(|_| Stop::Gone)
     }
+}
+
+/// Where a follower's list stands: the newest change it has, and the history up to it.
+#[derive(Debug, PartialEq, Eq)]
+struct Head {
+    version: u64,
+    history: String,
 }
 
 enum Followed {

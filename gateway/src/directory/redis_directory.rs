@@ -303,8 +303,8 @@ impl RedisDirectory {
             .iter()
             .map(|r| (r.card_id, deny_reason(r.state)))
             .collect();
-        self.wait_for_groups(&groups).await?;
-        self.note_deny(&states).await
+        let replicated = self.wait_for_groups(&groups).await;
+        self.note_deny(replicated, &states).await
     }
 
     pub(super) async fn put_terminals(
@@ -406,8 +406,9 @@ impl RedisDirectory {
         let Some(fields) = fields else {
             return Ok(None);
         };
-        self.wait_for_replicas(&key).await?;
-        self.note_deny(&[(card_id, deny_reason(state))]).await?;
+        let replicated = self.wait_for_replicas(&key).await;
+        self.note_deny(replicated, &[(card_id, deny_reason(state))])
+            .await?;
         parse_card(card_id, &fields)
             .map(Some)
             .map_err(|detail| DirectoryError::Malformed { key, detail })
