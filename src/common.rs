@@ -43,6 +43,15 @@ pub(crate) async fn start_ops(
     ))))
 }
 
+/// A protocol version on the command line: 1 or 2.
+pub(crate) fn parse_version(s: &str) -> Result<tapgate_protocol::Version, String> {
+    match s {
+        "1" => Ok(tapgate_protocol::Version::V1),
+        "2" => Ok(tapgate_protocol::Version::V2),
+        other => Err(format!("{other:?}: expected 1 or 2")),
+    }
+}
+
 /// A duration given as `30`, `30s`, `500ms` or `2m`.
 pub(crate) fn parse_duration(text: &str) -> anyhow::Result<Duration> {
     let text = text.trim();

@@ -12,6 +12,7 @@ use std::time::Duration;
 use tapgate_city::population::PopulationSpec;
 use tapgate_gateway::card::CardState;
 use tapgate_gateway::config::DEV_MASTER_KEY_HEX;
+use tapgate_gateway::policy::Policy;
 use tapgate_loadgen::client::{GateIdentity, client_endpoint};
 use tapgate_loadgen::conformance::gate::referee;
 use tapgate_loadgen::conformance::gateway::{Target, run};
@@ -32,7 +33,8 @@ enum Side {
     Gateway(GatewayArgs),
     /// Be a strict gateway for a gate under test: it connects to --listen and taps; scripted
     /// answers take it through every outcome, refusals, a dropped connection and a jumped
-    /// sequence, and every frame it sends is checked.
+    /// sequence, and every frame it sends is checked. With --protocol 2, also the deny list
+    /// and offline taps: the gate must ride offline at least once during the run.
     Gate(GateArgs),
 }
 
@@ -56,6 +58,10 @@ struct GateArgs {
     /// The max_in_flight the HelloAck announces (and the referee holds the gate to).
     #[arg(long, default_value_t = 4)]
     max_in_flight: u16,
+    /// The protocol version the gate under test claims (1 or 2), the newest the referee
+    /// offers. Version 2 gates are sent the shipped policy's offline rules.
+    #[arg(long, default_value = "1", value_parser = crate::common::parse_version)]
+    protocol: Version,
     /// How long each answer is held, so a pipelining gate reaches max_in_flight.
     #[arg(long, default_value_t = 5)]
     answer_delay_ms: u64,
@@ -103,8 +109,11 @@ fn check_gate(args: GateArgs) -> anyhow::Result<ExitCode> {
             dir: args.dev_cert_dir.clone(),
         })
         ?;
-        let endpoint = server_endpoint(args.listen, chain, key, &TransportSettings::default())
-            ?;
+        let transport = TransportSettings {
+            newest_version: args.protocol,
+            ..TransportSettings::default()
+        };
+        let endpoint = server_endpoint(args.listen, chain, key, &transport)?;
         eprintln!(
             "conformance referee on {}: point the gate under test here (certificate {}); the run ends after {} gate(s) complete the script or {:.0} s",
             endpoint.local_addr()?,
@@ -118,6 +127,8 @@ fn check_gate(args: GateArgs) -> anyhow::Result<ExitCode> {
             resend_window: 32,
             answer_delay_ms: args.answer_delay_ms,
             grace_ms: args.grace_ms,
+            protocol: args.protocol,
+            offline_rules: Policy::embedded_default().offline,
         };
         Ok::<_, anyhow::Error>(referee(endpoint, settings, args.gates, args.timeout).await)
     })?;

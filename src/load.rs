@@ -27,14 +27,6 @@ fn parse_resumption(s: &str) -> Result<Resumption, String> {
     }
 }
 
-fn parse_version(s: &str) -> Result<Version, String> {
-    match s {
-        "1" => Ok(Version::V1),
-        "2" => Ok(Version::V2),
-        other => Err(format!("{other:?}: expected 1 or 2")),
-    }
-}
-
 #[derive(Args, Clone)]
 pub(crate) struct WorkloadArgs {
     /// Simulated gates, each its own QUIC connection.
@@ -99,7 +91,7 @@ pub(crate) struct WorkloadArgs {
     added_rtt: Option<Duration>,
     /// The newest protocol version the gates offer: 1, or 2 (they follow the deny list, and
     /// the report says how long its changes took to reach them).
-    #[arg(long, default_value = "1", value_parser = parse_version)]
+    #[arg(long, default_value = "1", value_parser = crate::common::parse_version)]
     protocol: Version,
     /// Share of the gates that lose their link once, a quarter into the run, for
     /// --offline-for: they decide taps by the gateway's offline rules meanwhile and upload the

@@ -172,6 +172,39 @@ fn the_load_generator_keeps_every_rule_the_referee_checks_pipelining_and_in_clos
     assert!(text.contains("16 passed, 0 failed"), "{text}");
 }
 
+/// With `--protocol 2` the referee also keeps a deny list, sends the offline rules, and checks
+/// what a gate acknowledges and uploads: the load generator's gate, riding offline for two
+/// seconds, keeps all 22 rules; the same gate never losing its link leaves the upload rules
+/// unexercised, and the run fails.
+#[test]
+fn a_version_2_gate_that_rides_offline_keeps_every_rule_the_referee_checks() {
+    let (ok, text) = referee_with_load(
+        1,
+        "20s",
+        &["--protocol", "2"],
+        &[
+            "--rate",
+            "100",
+            "--protocol",
+            "2",
+            "--offline",
+            "1",
+            "--offline-for",
+            "2s",
+        ],
+    );
+    assert!(ok, "{text}");
+    assert!(text.contains("22 passed, 0 failed"), "{text}");
+    assert!(text.contains("1 of 1 gate(s) completed"), "{text}");
+
+    let (ok, text) = referee_with_load(1, "8s", &["--protocol", "2"], &["--protocol", "2"]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("NOT EXERCISED  4.7 taps kept offline are uploaded"),
+        "{text}"
+    );
+}
+
 #[test]
 fn a_gate_that_sends_bad_tags_and_old_sequences_fails_the_referee() {
     // This gate never completes the script: the referee gives up after its timeout.

@@ -64,6 +64,7 @@ impl Limits {
             // One remembered session per gate the node may hold.
             session_tickets: self.max_connections,
             tickets_redeemed,
+            newest_version: tapgate_protocol::Version::NEWEST,
         }
     }
 }

@@ -246,7 +246,7 @@ pub struct HelloAck {
 }
 
 /// A card tap to authorize.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Tap {
     /// Strictly increasing over the terminal's life, starting at 1.
     pub sequence: u64,

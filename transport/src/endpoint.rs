@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
+use tapgate_protocol::Version;
 
 /// What a server endpoint announces and how big its socket buffers are.
 #[derive(Debug, Clone)]
@@ -21,6 +22,9 @@ pub struct TransportSettings {
     pub session_tickets: usize,
     /// Where resumed handshakes are counted.
     pub tickets_redeemed: Arc<AtomicU64>,
+    /// The newest protocol version offered by ALPN; a gateway offers every version it speaks,
+    /// the conformance referee the one the gate under test claims.
+    pub newest_version: Version,
 }
 
 impl Default for TransportSettings {
@@ -31,6 +35,7 @@ impl Default for TransportSettings {
             udp_buffer_bytes: 8 << 20,
             session_tickets: 4_096,
             tickets_redeemed: Arc::default(),
+            newest_version: Version::NEWEST,
         }
     }
 }
@@ -101,8 +106,12 @@ pub fn server_endpoint(
 ) -> Result<quinn::Endpoint, EndpointError> {
     let tickets =
         tls::SessionTickets::new(settings.session_tickets, settings.tickets_redeemed.clone());
-    let mut server_config =
-        quinn::ServerConfig::with_crypto(tls::server_crypto(chain, key, tickets)?);
+    let mut server_config = quinn::ServerConfig::with_crypto(tls::server_crypto(
+        chain,
+        key,
+        tickets,
+        settings.newest_version,
+    )?);
     server_config.transport_config(Arc::new(transport_config(settings)));
     let socket = bind_udp(listen, settings.udp_buffer_bytes)?;
     quinn::Endpoint::new(

@@ -164,7 +164,7 @@ impl rustls::server::StoresServerSessions for SessionTickets {
 }
 
 /// The QUIC server crypto: TLS 1.3 only, ALPN `tapgate/2` or `tapgate/1` (the newest the gate
-/// offers), ring as the provider. It resumes
+/// offers, up to `newest`), ring as the provider. It resumes
 /// sessions from `tickets` and accepts early data on a resumed connection; what the early
 /// data may do is the application's to limit (the gateway acts on nothing but the Hello until
 /// the handshake completes).
@@ -172,6 +172,7 @@ pub fn server_crypto(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     tickets: Arc<SessionTickets>,
+    newest: Version,
 ) -> Result<Arc<quinn::crypto::rustls::QuicServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
@@ -181,7 +182,7 @@ pub fn server_crypto(
         .with_single_cert(chain, key)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     // rustls picks the first of these that the gate offers, so a gate offering both gets 2.
-    tls.alpn_protocols = Version::NEWEST.alpn_offer();
+    tls.alpn_protocols = newest.alpn_offer();
     tls.session_storage = tickets;
     // A gate holds one connection at a time, so one ticket is what its next reconnect needs;
     // a second would only take a place in the server's memory.
@@ -294,7 +295,7 @@ mod tests {
             .and_then(|tls| tls.for_one_gate())
             .unwrap();
         let tickets = SessionTickets::new(16, Arc::default());
-        server_crypto(first, load(&source).unwrap().1, tickets).unwrap();
+        server_crypto(first, load(&source).unwrap().1, tickets, Version::NEWEST).unwrap();
     }
 
     #[test]

@@ -82,6 +82,7 @@ async fn connection(
         connection.close(16u32.into(), b"hello_timeout");
         return;
     };
+    let version = tapgate_transport::tls::negotiated_version(&connection);
     let now = || started.elapsed().as_millis() as u64;
     let call = |f: &mut dyn FnMut(&mut Referee) -> Vec<Action>| {
         let mut referee = referee.lock().expect("referee lock");
@@ -92,7 +93,7 @@ async fn connection(
         actions
     };
     call(&mut |r| {
-        r.opened(id);
+        r.opened(id, version);
         Vec::new()
     });
     let mut ticks = tokio::time::interval(TICK);

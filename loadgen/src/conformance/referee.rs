@@ -7,6 +7,8 @@
 //! The script, by the gate's connection count (Hellos it has said):
 //! 0. normal: its fresh taps get approve, each deny reason 1–8 and busy, in turn; the eleventh
 //!    gets an answer with a corrupted tag, which the gate must not take (it resends the tap);
+//!    on version 2 only, the next connection is sent deny-list changes that skip a version,
+//!    and the gate must close it ([`version_2`] has the rest of version 2);
 //! 1. a HelloAck echoing the wrong nonce: the gate must close without tapping;
 //! 2. a HelloAck with a corrupted tag: the same;
 //! 3. an unkeyed Error `internal` for the Hello (refused): the gate must come back later;
@@ -21,13 +23,17 @@
 //! Answers are held for a configured delay and written newest first, so a gate that pipelines
 //! gets them out of order, as section 1 allows.
 
+mod version_2;
+
 use super::{Check, Verdict};
 use bytes::{Bytes, BytesMut};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use tapgate_protocol::{
     Concession, ErrorCode, ErrorFrame, Frame, FrameType, Hello, HelloAck, MacKey, MasterKey, Mode,
-    OpenError, Outcome, Reason, TapKind, TapResult, seal, seal_unkeyed_error, take_frame,
+    OfflineRules, OpenError, Outcome, Reason, TapKind, TapResult, Version, seal,
+    seal_unkeyed_error, take_frame,
 };
+use version_2::{ConnectionFollowing, GateFollowing, ListHistory};
 
 /// The rules the referee checks, in report order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -48,6 +54,12 @@ pub enum Rule {
     EveryOutcomeHandled,
     ReconnectsAfterRefusal,
     EveryErrorHandled,
+    DenyAckHolds,
+    AcksEachStep,
+    RefusesOutOfStep,
+    UploadsFirst,
+    OfflineKeepsRules,
+    BusyUploadAgain,
 }
 
 pub const RULES: [Rule; 16] = [
@@ -67,6 +79,16 @@ pub const RULES: [Rule; 16] = [
     Rule::EveryOutcomeHandled,
     Rule::ReconnectsAfterRefusal,
     Rule::EveryErrorHandled,
+];
+
+/// The rules of version 2, checked when the gate under test claims it.
+pub const RULES_V2: [Rule; 6] = [
+    Rule::DenyAckHolds,
+    Rule::AcksEachStep,
+    Rule::RefusesOutOfStep,
+    Rule::UploadsFirst,
+    Rule::OfflineKeepsRules,
+    Rule::BusyUploadAgain,
 ];
 
 impl Rule {
@@ -112,6 +134,24 @@ impl Rule {
             Rule::EveryErrorHandled => {
                 "4.5 after an Error of every code sent as a frame, the gate connects again and resends"
             }
+            Rule::DenyAckHolds => {
+                "4.6 on version 2, the DenyAck after the HelloAck names the version the gate holds (0 when new), kept across connections"
+            }
+            Rule::AcksEachStep => {
+                "4.6 each DenyChanges and each whole list (in parts) is acknowledged with the version it makes"
+            }
+            Rule::RefusesOutOfStep => {
+                "4.6 DenyChanges that do not follow the gate's version are not applied: the gate closes the connection"
+            }
+            Rule::UploadsFirst => {
+                "4.7 taps kept offline are uploaded after the DenyAck, in sequence order, before any new Tap"
+            }
+            Rule::OfflineKeepsRules => {
+                "4.7 a tap approved offline keeps rules 1, 2 and 4: not on the list the gate held, an issuer allowed, within max_offline_s (rule 3's fares are the gate's own)"
+            }
+            Rule::BusyUploadAgain => {
+                "4.7 an upload answered busy comes again under a new sequence, unchanged otherwise; a recorded one does not"
+            }
         }
     }
 }
@@ -128,6 +168,11 @@ pub struct RefereeSettings {
     /// How long a gate has to close a connection it must refuse, or to resend a tap whose
     /// answer it must not take, before the referee closes the connection itself.
     pub grace_ms: u64,
+    /// The version the gate under test claims: with 2, the rules of sections 4.6 and 4.7 are
+    /// checked too, and a connection in version 1 fails.
+    pub protocol: Version,
+    /// Sent to every version-2 gate.
+    pub offline_rules: OfflineRules,
 }
 
 /// What the I/O around the referee must do for a connection.
@@ -194,6 +239,8 @@ const MAX_TERMINALS: usize = 100_000;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Plan {
     Outcomes,
+    /// Version 2 only: a deny-list change that skips a version.
+    OutOfStep,
     WrongNonce,
     BadAckTag,
     Refuse,
@@ -207,7 +254,8 @@ impl Plan {
     /// The stage after this one is done.
     fn next(self) -> Plan {
         match self {
-            Plan::Outcomes => Plan::WrongNonce,
+            Plan::Outcomes => Plan::OutOfStep,
+            Plan::OutOfStep => Plan::WrongNonce,
             Plan::WrongNonce => Plan::BadAckTag,
             Plan::BadAckTag => Plan::Refuse,
             Plan::Refuse => Plan::JumpThenDrop,
@@ -251,6 +299,7 @@ struct Terminal {
     /// Taps the gate must send again, and the rule that resend proves.
     owed: BTreeMap<u64, Rule>,
     completed: bool,
+    following: GateFollowing,
 }
 
 struct Connection {
@@ -277,6 +326,8 @@ struct Connection {
     close_after_answers: Option<ErrorCode>,
     /// The referee closed it; nothing more is read.
     ended: bool,
+    /// On a version-2 connection, where it stands with the deny list.
+    following: Option<ConnectionFollowing>,
 }
 
 #[derive(Default)]
@@ -292,6 +343,7 @@ pub struct Referee {
     connections: HashMap<ConnectionId, Connection>,
     tallies: BTreeMap<Rule, Tally>,
     most_in_flight: u64,
+    list: ListHistory,
 }
 
 impl Referee {
@@ -302,6 +354,7 @@ impl Referee {
             connections: HashMap::new(),
             tallies: BTreeMap::new(),
             most_in_flight: 0,
+            list: ListHistory::default(),
         }
     }
 
@@ -317,7 +370,8 @@ impl Referee {
         }
     }
 
-    pub fn opened(&mut self, id: ConnectionId) {
+    /// A connection whose handshake agreed on `version`.
+    pub fn opened(&mut self, id: ConnectionId, version: Version) {
         self.connections.insert(
             id,
             Connection {
@@ -334,6 +388,7 @@ impl Referee {
                 finished: false,
                 close_after_answers: None,
                 ended: false,
+                following: (version >= Version::V2).then(ConnectionFollowing::default),
             },
         );
     }
@@ -411,6 +466,10 @@ impl Referee {
                     Rule::RefusesBadAckTag,
                     "the gate kept the connection open".into(),
                 ),
+                Plan::OutOfStep => self.fail(
+                    Rule::RefusesOutOfStep,
+                    "the gate kept the connection open".into(),
+                ),
                 // A gate that neither closed nor resent after a bad answer: close, so the
                 // resend can still come on its next connection.
                 _ => {}
@@ -434,6 +493,11 @@ impl Referee {
                 _ => {}
             }
         }
+        if let (Plan::OutOfStep, Some(terminal_id), Some(following)) =
+            (connection.plan, connection.terminal, &connection.following)
+        {
+            self.out_of_step_closed(terminal_id, following, connection.ended);
+        }
     }
 
     /// Gates that have been through the whole script.
@@ -450,9 +514,20 @@ impl Referee {
                     "terminal {terminal_id} never resent tap {sequence}"
                 ));
             }
+            for (rule, what) in terminal.following.missing() {
+                owed.entry(rule)
+                    .or_default()
+                    .push(format!("terminal {terminal_id} {what}"));
+            }
         }
+        let version_2 = if self.settings.protocol >= Version::V2 {
+            &RULES_V2[..]
+        } else {
+            &[]
+        };
         RULES
             .iter()
+            .chain(version_2)
             .map(|rule| {
                 let tally = self.tallies.get(rule);
                 let mut failures: Vec<String> =
@@ -584,8 +659,14 @@ impl Referee {
                 seen: BTreeMap::new(),
                 owed: BTreeMap::new(),
                 completed: false,
+                following: GateFollowing::default(),
             });
         terminal.mode = hello.mode;
+        let version_2 = self.connections[&id].following.is_some();
+        if terminal.stage == Plan::OutOfStep && !version_2 {
+            // A stage of version 2 only.
+            terminal.stage = Plan::OutOfStep.next();
+        }
         let fresh_nonce = terminal.nonces.insert(hello.client_nonce);
         let plan = terminal.stage;
         if matches!(plan, Plan::WrongNonce | Plan::BadAckTag | Plan::Refuse) {
@@ -607,6 +688,12 @@ impl Referee {
         }
         if came_back {
             self.pass(Rule::ReconnectsAfterRefusal);
+        }
+        if self.settings.protocol >= Version::V2 && !version_2 {
+            self.fail(
+                Rule::DenyAckHolds,
+                format!("terminal {terminal_id} connected in version 1 (ALPN tapgate/1)"),
+            );
         }
         let connection = self
             .connections
@@ -634,7 +721,11 @@ impl Referee {
             }
             Plan::BadAckTag => connection.deadline = Some(now_ms + self.settings.grace_ms),
             Plan::JumpThenDrop => ack.last_sequence = highest + SEQUENCE_JUMP,
-            Plan::Outcomes | Plan::EveryError | Plan::Completing | Plan::Normal => {}
+            Plan::Outcomes
+            | Plan::OutOfStep
+            | Plan::EveryError
+            | Plan::Completing
+            | Plan::Normal => {}
         }
         connection.announced = ack.last_sequence;
         let mut out = BytesMut::new();
@@ -657,8 +748,18 @@ impl Referee {
         let terminal_id = connection.terminal.expect("a frame after the Hello");
         let plan = connection.plan;
         let key = self.terminals[&terminal_id].key.clone();
+        let version_2 = connection.following.is_some();
         match frame.frame_type() {
             FrameType::Tap => {}
+            FrameType::DenyAck if version_2 => {
+                self.deny_ack(id, terminal_id, &frame, now_ms, actions);
+                return;
+            }
+            FrameType::OfflineTap if version_2 => {
+                self.offline_tap(id, terminal_id, &frame, actions);
+                self.check_completion(id, terminal_id);
+                return;
+            }
             FrameType::Hello => {
                 self.fail(
                     Rule::HelloFirst,
@@ -712,7 +813,8 @@ impl Referee {
             return;
         }
         self.pass(Rule::TapAuthentic);
-        let terminal = &self.terminals[&terminal_id];
+        let terminal = self.terminals.get_mut(&terminal_id).expect("known");
+        terminal.following.tapped(tap.card_id);
         let (mode, resend) = (terminal.mode, terminal.seen.contains_key(&tap.sequence));
         let kind_fits = if mode.needs_exit_tap() {
             matches!(tap.kind, TapKind::Entry | TapKind::Exit)
@@ -745,21 +847,11 @@ impl Referee {
         now_ms: u64,
         actions: &mut Vec<Action>,
     ) {
-        let terminal = self.terminals.get_mut(&terminal_id).expect("known");
-        let seen = terminal.seen.get(&sequence).expect("seen");
-        if seen.frame != bytes {
-            let key = terminal.key.clone();
-            self.fail(
-                Rule::ResendIdentical,
-                format!("terminal {terminal_id} sent sequence {sequence} again with other bytes"),
-            );
-            self.refuse_keyed(id, &key, ErrorCode::SequenceConflict, sequence, actions);
+        let Some(previous) = self.resend_of(id, terminal_id, sequence, &bytes, actions) else {
             return;
-        }
-        let previous = seen.answer.clone();
-        let owed = terminal.owed.remove(&sequence);
-        self.pass(Rule::ResendIdentical);
-        if let Some(rule) = owed {
+        };
+        let terminal = self.terminals.get_mut(&terminal_id).expect("known");
+        if let Some(rule) = terminal.owed.remove(&sequence) {
             self.pass(rule);
         }
         match previous {
@@ -789,6 +881,32 @@ impl Referee {
         self.check_completion(id, terminal_id);
     }
 
+    /// A sequence the gate used before, sent again: the same bytes get what the first copy
+    /// got (returned); other bytes fail and are refused as a conflict (`None`).
+    fn resend_of(
+        &mut self,
+        id: ConnectionId,
+        terminal_id: u64,
+        sequence: u64,
+        bytes: &Bytes,
+        actions: &mut Vec<Action>,
+    ) -> Option<Answer> {
+        let terminal = &self.terminals[&terminal_id];
+        let seen = terminal.seen.get(&sequence).expect("seen");
+        if seen.frame != *bytes {
+            let key = terminal.key.clone();
+            self.fail(
+                Rule::ResendIdentical,
+                format!("terminal {terminal_id} sent sequence {sequence} again with other bytes"),
+            );
+            self.refuse_keyed(id, &key, ErrorCode::SequenceConflict, sequence, actions);
+            return None;
+        }
+        let previous = seen.answer.clone();
+        self.pass(Rule::ResendIdentical);
+        Some(previous)
+    }
+
     fn fresh(
         &mut self,
         id: ConnectionId,
@@ -798,36 +916,15 @@ impl Referee {
         now_ms: u64,
         actions: &mut Vec<Action>,
     ) {
-        let terminal = self.terminals.get_mut(&terminal_id).expect("known");
-        let key = terminal.key.clone();
-        if sequence == 0 || sequence <= terminal.highest {
-            let highest = terminal.highest;
-            self.fail(
-                Rule::SequencesIncrease,
-                format!("terminal {terminal_id} sent new tap {sequence} after {highest}"),
-            );
-            self.refuse_keyed(id, &key, ErrorCode::Replay, sequence, actions);
+        if !self.admit_new(id, terminal_id, sequence, bytes, actions) {
             return;
         }
-        terminal.highest = sequence;
-        terminal.seen.insert(
-            sequence,
-            SeenTap {
-                frame: bytes,
-                answer: Answer::Owed,
-            },
-        );
-        let forget_below = sequence.saturating_sub(REMEMBERED_TAPS);
-        while let Some((&oldest, _)) = terminal.seen.first_key_value() {
-            if oldest >= forget_below {
-                break;
-            }
-            terminal.seen.remove(&oldest);
-        }
-        self.pass(Rule::SequencesIncrease);
         let connection = self.connections.get_mut(&id).expect("open");
         let fresh_here = connection.fresh;
         connection.fresh += 1;
+        if let Some(following) = &mut connection.following {
+            following.tapped_new();
+        }
         let (plan, announced) = (connection.plan, connection.announced);
         if plan == Plan::JumpThenDrop {
             if sequence > announced {
@@ -894,6 +991,46 @@ impl Referee {
         self.check_completion(id, terminal_id);
     }
 
+    /// A frame with a sequence the gate has not used (a tap, or an upload): it must be above
+    /// every sequence used before, or the connection is refused as a replay. Kept, owed an
+    /// answer, among the last [`REMEMBERED_TAPS`]; false when refused.
+    fn admit_new(
+        &mut self,
+        id: ConnectionId,
+        terminal_id: u64,
+        sequence: u64,
+        bytes: Bytes,
+        actions: &mut Vec<Action>,
+    ) -> bool {
+        let terminal = self.terminals.get_mut(&terminal_id).expect("known");
+        if sequence == 0 || sequence <= terminal.highest {
+            let (highest, key) = (terminal.highest, terminal.key.clone());
+            self.fail(
+                Rule::SequencesIncrease,
+                format!("terminal {terminal_id} sent new sequence {sequence} after {highest}"),
+            );
+            self.refuse_keyed(id, &key, ErrorCode::Replay, sequence, actions);
+            return false;
+        }
+        terminal.highest = sequence;
+        terminal.seen.insert(
+            sequence,
+            SeenTap {
+                frame: bytes,
+                answer: Answer::Owed,
+            },
+        );
+        let forget_below = sequence.saturating_sub(REMEMBERED_TAPS);
+        while let Some((&oldest, _)) = terminal.seen.first_key_value() {
+            if oldest >= forget_below {
+                break;
+            }
+            terminal.seen.remove(&oldest);
+        }
+        self.pass(Rule::SequencesIncrease);
+        true
+    }
+
     fn check_in_flight(&mut self, id: ConnectionId, terminal_id: u64) {
         let connection = &self.connections[&id];
         // Distinct taps: a withheld tap may also have an answer held (one with a bad tag).
@@ -918,6 +1055,7 @@ impl Referee {
         if connection.plan == Plan::Completing
             && connection.fresh >= TAPS_TO_COMPLETE
             && terminal.owed.is_empty()
+            && (self.settings.protocol < Version::V2 || terminal.following.done())
             && !terminal.completed
         {
             terminal.completed = true;
@@ -1078,7 +1216,7 @@ fn frame_bytes(frame: &tapgate_protocol::SealedFrame) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tapgate_protocol::{AreaCode, Issuer, Tap};
+    use tapgate_protocol::{AreaCode, Issuer, OfflineStatus, Tap};
 
     const MASTER: &str = "00112233445566778899aabbccddeeff";
     const TERMINAL: u64 = 100_000_007;
@@ -1090,6 +1228,19 @@ mod tests {
             resend_window: 32,
             answer_delay_ms: 0,
             grace_ms: 1000,
+            protocol: Version::V1,
+            offline_rules: OfflineRules {
+                issuers: tapgate_protocol::IssuerSet::of(&[Issuer::ChongqingSsc]),
+                max_fare_fen: 700,
+                max_offline_s: 60,
+            },
+        })
+    }
+
+    fn referee_v2() -> Referee {
+        Referee::new(RefereeSettings {
+            protocol: Version::V2,
+            ..referee(4).settings
         })
     }
 
@@ -1144,6 +1295,28 @@ mod tests {
             }))
         }
 
+        fn deny_ack(&self, version: u64) -> Vec<u8> {
+            self.seal(&Frame::DenyAck(tapgate_protocol::DenyAck { version }))
+        }
+
+        /// An upload of card 42, approved offline 1 s after the gate last heard from the
+        /// referee, holding list `deny_version`.
+        fn upload(&self, sequence: u64, deny_version: u64) -> Vec<u8> {
+            self.seal(&Frame::OfflineTap(tapgate_protocol::OfflineTap {
+                tap: Tap {
+                    sequence,
+                    card_id: 42,
+                    issuer: Issuer::ChongqingSsc,
+                    kind: TapKind::Flat,
+                    line: 1,
+                    stop: 1,
+                    gate_time_ms: 1_000,
+                },
+                deny_version,
+                offline_since_ms: 0,
+            }))
+        }
+
         /// What the referee's writes mean to the gate: frames that verify, and whether any
         /// frame failed verification; and whether the connection was closed.
         fn read(&self, actions: &[Action]) -> (Vec<Frame>, bool, bool) {
@@ -1177,7 +1350,7 @@ mod tests {
 
     /// Opens connection `id` and says Hello on it.
     fn say_hello(r: &mut Referee, gate: &mut TestGate, id: ConnectionId) -> Vec<Action> {
-        r.opened(id);
+        r.opened(id, Version::V1);
         let hello = gate.hello();
         r.received(id, &hello, 0)
     }
@@ -1198,7 +1371,7 @@ mod tests {
         let mut owed: Vec<Vec<u8>> = Vec::new();
         while r.completed() == 0 {
             assert!(id < 40, "the script did not complete");
-            r.opened(id);
+            r.opened(id, Version::V1);
             let hello = gate.hello();
             let (frames, bad, closed) = gate.read(&r.received(id, &hello, 0));
             let ack = match frames.first() {
@@ -1244,7 +1417,7 @@ mod tests {
     fn a_tap_before_the_hello_fails_and_is_refused() {
         let mut r = referee(4);
         let gate = TestGate::new();
-        r.opened(0);
+        r.opened(0, Version::V1);
         let actions = r.received(0, &gate.tap(1), 0);
         assert!(matches!(
             actions.last(),
@@ -1258,7 +1431,7 @@ mod tests {
         let mut r = referee(4);
         let mut gate = TestGate::new();
         for id in 0..2 {
-            r.opened(id);
+            r.opened(id, Version::V1);
             let hello = gate.hello();
             r.received(id, &hello, 0);
             gate.nonce -= 1;
@@ -1324,5 +1497,99 @@ mod tests {
         r.closed(0);
         assert_eq!(verdict(&r, Rule::BadTagAnswerNotTaken), Verdict::Fail);
         assert_eq!(verdict(&r, Rule::EveryOutcomeHandled), Verdict::Pass);
+    }
+
+    /// Opens version-2 connection `id`, says Hello and DenyAck `held`; the frames sent back.
+    fn follow(r: &mut Referee, gate: &mut TestGate, id: ConnectionId, held: u64) -> Vec<Frame> {
+        r.opened(id, Version::V2);
+        let hello = gate.hello();
+        let (frames, _, _) = gate.read(&r.received(id, &hello, 0));
+        assert!(matches!(frames[..], [Frame::HelloAck(_)]), "{frames:?}");
+        gate.read(&r.received(id, &gate.deny_ack(held), 0)).0
+    }
+
+    #[test]
+    fn a_version_2_gate_gets_the_rules_and_the_list_and_must_come_back_with_the_version_it_held() {
+        let mut r = referee_v2();
+        let mut gate = TestGate::new();
+        let frames = follow(&mut r, &mut gate, 0, 0);
+        assert!(
+            matches!(
+                &frames[..],
+                [Frame::OfflineRules(_), Frame::DenyList(l), Frame::DenyChanges(c)]
+                    if l.version == 0 && l.first && l.last && c.first_version == 1
+            ),
+            "{frames:?}"
+        );
+        assert_eq!(verdict(&r, Rule::DenyAckHolds), Verdict::Pass);
+        r.received(0, &gate.deny_ack(1), 0);
+        assert_eq!(verdict(&r, Rule::AcksEachStep), Verdict::Pass);
+        r.closed(0);
+        // Back holding version 1: the change since, and one more.
+        let frames = follow(&mut r, &mut gate, 1, 1);
+        assert!(
+            matches!(&frames[..], [Frame::OfflineRules(_), Frame::DenyChanges(c)] if c.first_version == 2),
+            "{frames:?}"
+        );
+        r.received(1, &gate.deny_ack(5), 0);
+        assert_eq!(verdict(&r, Rule::AcksEachStep), Verdict::Fail);
+        r.closed(1);
+        // Back having forgotten its list.
+        follow(&mut r, &mut gate, 2, 0);
+        assert_eq!(verdict(&r, Rule::DenyAckHolds), Verdict::Fail);
+    }
+
+    #[test]
+    fn uploads_of_a_listed_card_after_a_new_tap_or_again_after_busy_fail() {
+        let mut r = referee_v2();
+        let mut gate = TestGate::new();
+        r.opened(0, Version::V2);
+        let hello = gate.hello();
+        r.received(0, &hello, 0);
+        // The referee lists the card the gate last tapped: card 42 at version 1.
+        r.received(0, &gate.tap(1), 0);
+        r.received(0, &gate.deny_ack(0), 0);
+        r.received(0, &gate.deny_ack(1), 0);
+        r.closed(0);
+        follow(&mut r, &mut gate, 1, 1);
+        let (frames, _, _) = gate.read(&r.received(1, &gate.upload(2, 1), 0));
+        assert!(
+            matches!(frames[..], [Frame::OfflineReceipt(ref receipt)] if receipt.status == OfflineStatus::Busy),
+            "{frames:?}"
+        );
+        assert_eq!(verdict(&r, Rule::OfflineKeepsRules), Verdict::Fail);
+        assert_eq!(verdict(&r, Rule::UploadsFirst), Verdict::Pass);
+        // Again under the same sequence, not a new one.
+        r.received(1, &gate.upload(2, 1), 0);
+        assert_eq!(verdict(&r, Rule::BusyUploadAgain), Verdict::Fail);
+        // A new tap, then an upload.
+        r.received(1, &gate.tap(3), 0);
+        r.received(1, &gate.upload(4, 0), 0);
+        assert_eq!(verdict(&r, Rule::UploadsFirst), Verdict::Fail);
+    }
+
+    #[test]
+    fn a_gate_must_close_on_deny_list_changes_out_of_step() {
+        for closes in [true, false] {
+            let mut r = referee_v2();
+            let mut gate = TestGate::new();
+            say_hello(&mut r, &mut gate, 0);
+            first_stage(&mut r, &gate);
+            r.closed(0);
+            let frames = follow(&mut r, &mut gate, 1, 0);
+            let Some(Frame::DenyChanges(skipping)) = frames.last() else {
+                panic!("{frames:?}");
+            };
+            assert_eq!(skipping.first_version, 2, "version 1 is skipped");
+            if closes {
+                r.closed(1);
+                assert_eq!(verdict(&r, Rule::RefusesOutOfStep), Verdict::Pass);
+            } else {
+                let (_, _, closed) = gate.read(&r.tick(1, 1000));
+                assert!(closed);
+                r.closed(1);
+                assert_eq!(verdict(&r, Rule::RefusesOutOfStep), Verdict::Fail);
+            }
+        }
     }
 }

@@ -1,0 +1,568 @@
+//! The referee's version 2 (PROTOCOL.md sections 4.6 and 4.7): it keeps a deny list of its own
+//! that gains a change on every version-2 connection, sends each gate the rules, the list and
+//! its changes, and checks what the gate acknowledges and what it uploads from riding offline.
+//!
+//! On every version-2 connection, once the gate's first DenyAck has come: the OfflineRules,
+//! then what the gate lacks (the whole list, in small parts, for a new gate; the changes since
+//! its version otherwise), then one new change. On the connection of the `OutOfStep` stage the
+//! new change is numbered one past the next version instead, and the gate must close. The first
+//! upload a gate makes is answered `busy`, and it must come again under a new sequence.
+
+use super::{Action, Answer, ConnectionId, Plan, Referee, Rule};
+use bytes::{Bytes, BytesMut};
+use std::collections::{BTreeSet, HashSet};
+use tapgate_protocol::{
+    DenyAck, DenyChanges, DenyEntry, DenyList, ErrorCode, Frame, MAX_DENY_ENTRIES, OfflineReceipt,
+    OfflineStatus, OfflineTap, OpenError, Reason, SealedFrame, Tap, seal,
+};
+
+/// Cards in one part of a whole list: small, so a gate is made to join parts.
+const LIST_PART: usize = 3;
+/// Changes the referee's list takes at most; beyond, connections add none.
+const MAX_CHANGES: usize = 10_000;
+/// Uploads remembered per gate, to tell one uploaded again under a new sequence.
+const REMEMBERED_UPLOADS: usize = 4096;
+/// Every this many changes, one takes a card off the list rather than putting one on.
+const TAKE_OFF_EVERY: usize = 4;
+/// Where the referee's own cards are numbered from, when a gate has tapped none to list.
+const LISTED_CARDS: u64 = 6_299_000_000_000_000;
+
+/// The referee's deny list: every change since version 0, entry `i` making version `i + 1`.
+#[derive(Debug, Default)]
+pub(super) struct ListHistory {
+    changes: Vec<DenyEntry>,
+}
+
+impl ListHistory {
+    fn version(&self) -> u64 {
+        self.changes.len() as u64
+    }
+
+    /// The card's entry on the list at `version`.
+    fn listed_at(&self, card_id: u64, version: u64) -> Option<Reason> {
+        self.changes
+            .iter()
+            .take(version as usize)
+            .rev()
+            .find(|e| e.card_id == card_id)
+            .filter(|e| e.denies())
+            .map(|e| e.reason)
+    }
+
+    /// The cards on the list now, by card.
+    fn whole(&self) -> Vec<DenyEntry> {
+        let mut cards = std::collections::BTreeMap::new();
+        for entry in &self.changes {
+            if entry.denies() {
+                cards.insert(entry.card_id, entry.reason);
+            } else {
+                cards.remove(&entry.card_id);
+            }
+        }
+        cards
+            .into_iter()
+            .map(|(card_id, reason)| DenyEntry { card_id, reason })
+            .collect()
+    }
+
+    /// One change more: `card` listed, or, every few changes, the oldest card listed taken off.
+    fn change(&mut self, card: u64) -> Option<DenyEntry> {
+        if self.changes.len() >= MAX_CHANGES {
+            return None;
+        }
+        let entry = if (self.changes.len() + 1).is_multiple_of(TAKE_OFF_EVERY)
+            && let Some(oldest) = self.whole().first().copied()
+        {
+            DenyEntry {
+                card_id: oldest.card_id,
+                reason: Reason::Approved,
+            }
+        } else {
+            const REASONS: [Reason; 3] =
+                [Reason::CardLost, Reason::CardBlocked, Reason::CardCancelled];
+            DenyEntry {
+                card_id: card,
+                reason: REASONS[self.changes.len() % REASONS.len()],
+            }
+        };
+        self.changes.push(entry);
+        Some(entry)
+    }
+}
+
+/// What a gate's uploads are checked against, across its connections.
+#[derive(Debug, Default)]
+pub(super) struct GateFollowing {
+    /// The version the gate last acknowledged: what its next DenyAck must name, or a later
+    /// version it was sent.
+    acked: u64,
+    /// Versions a step sent to the gate ended at, above `acked`: what it may hold.
+    sent: BTreeSet<u64>,
+    /// The last card the gate tapped online, to put on the list.
+    last_card: Option<u64>,
+    /// A whole step was acknowledged at least once.
+    caught_up: bool,
+    /// The out-of-step stage was kept (the gate closed).
+    refused_out_of_step: bool,
+    /// The upload answered busy, by what must come again.
+    busy: Option<UploadBody>,
+    busy_uploaded_again: bool,
+    /// Uploads recorded, to tell one uploaded again under a new sequence.
+    recorded: HashSet<UploadBody>,
+    uploads: u64,
+}
+
+impl GateFollowing {
+    /// An online tap of `card_id`: the card the next change puts on the list.
+    pub(super) fn tapped(&mut self, card_id: u64) {
+        self.last_card = Some(card_id);
+    }
+
+    /// Everything version 2 asks a gate to show before it has completed the script.
+    pub(super) fn done(&self) -> bool {
+        self.caught_up && self.refused_out_of_step && self.uploads > 0 && self.busy_uploaded_again
+    }
+
+    /// What a gate that has not completed the script never showed, for the report.
+    pub(super) fn missing(&self) -> Vec<(Rule, &'static str)> {
+        let mut missing = Vec::new();
+        if self.uploads > 0 && !self.busy_uploaded_again {
+            missing.push((
+                Rule::BusyUploadAgain,
+                "never uploaded again the tap answered busy",
+            ));
+        }
+        missing
+    }
+}
+
+/// An upload without its sequence: what stays the same when it is uploaded again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) struct UploadBody {
+    tap: Tap,
+    deny_version: u64,
+    offline_since_ms: u64,
+}
+
+impl From<&OfflineTap> for UploadBody {
+    fn from(upload: &OfflineTap) -> Self {
+        UploadBody {
+            tap: Tap {
+                sequence: 0,
+                ..upload.tap
+            },
+            deny_version: upload.deny_version,
+            offline_since_ms: upload.offline_since_ms,
+        }
+    }
+}
+
+/// Where one version-2 connection stands with the list.
+#[derive(Debug, Default)]
+pub(super) struct ConnectionFollowing {
+    /// The gate's first DenyAck has come.
+    started: bool,
+    /// Versions the steps sent on this connection end at.
+    points: BTreeSet<u64>,
+    /// The gate's last acknowledgement on this connection.
+    acked: u64,
+    /// The version a change numbered out of step would make, once sent.
+    out_of_step: Option<u64>,
+    /// A new Tap came: uploads after it are out of order.
+    tapped_new: bool,
+}
+
+impl ConnectionFollowing {
+    pub(super) fn tapped_new(&mut self) {
+        self.tapped_new = true;
+    }
+}
+
+impl Referee {
+    /// A DenyAck on a version-2 connection.
+    pub(super) fn deny_ack(
+        &mut self,
+        id: ConnectionId,
+        terminal_id: u64,
+        frame: &SealedFrame,
+        now_ms: u64,
+        actions: &mut Vec<Action>,
+    ) {
+        let key = self.terminals[&terminal_id].key.clone();
+        let Ok(Frame::DenyAck(DenyAck { version })) = frame.open(&key) else {
+            self.fail(
+                Rule::TapAuthentic,
+                format!("terminal {terminal_id}: a DenyAck that does not open"),
+            );
+            self.refuse_keyed(id, &key, ErrorCode::BadMac, 0, actions);
+            return;
+        };
+        let connection = self.connections.get_mut(&id).expect("open");
+        let following = connection
+            .following
+            .as_mut()
+            .expect("a version-2 connection");
+        if following.started {
+            self.later_ack(id, terminal_id, version);
+            return;
+        }
+        following.started = true;
+        let gate = &self.terminals[&terminal_id].following;
+        let acked = gate.acked;
+        if version == acked || gate.sent.contains(&version) {
+            self.pass(Rule::DenyAckHolds);
+        } else {
+            self.fail(
+                Rule::DenyAckHolds,
+                format!(
+                    "terminal {terminal_id} said it holds version {version}; it last acknowledged {acked}"
+                ),
+            );
+        }
+        self.send_list(id, terminal_id, version, now_ms, actions);
+    }
+
+    fn later_ack(&mut self, id: ConnectionId, terminal_id: u64, version: u64) {
+        let connection = self.connections.get_mut(&id).expect("open");
+        let following = connection
+            .following
+            .as_mut()
+            .expect("a version-2 connection");
+        if following.out_of_step == Some(version) {
+            // Taken: the stage is failed, not passed when the connection closes.
+            following.out_of_step = None;
+            self.fail(
+                Rule::RefusesOutOfStep,
+                format!(
+                    "terminal {terminal_id} acknowledged version {version}, from changes that did not follow its own"
+                ),
+            );
+            return;
+        }
+        if !following.points.contains(&version) || version < following.acked {
+            let before = following.acked;
+            self.fail(
+                Rule::AcksEachStep,
+                format!(
+                    "terminal {terminal_id} acknowledged version {version}, after {before}; no step it was sent ends there"
+                ),
+            );
+            return;
+        }
+        following.acked = version;
+        let caught_up = following.points.last() == Some(&version);
+        let gate = &mut self
+            .terminals
+            .get_mut(&terminal_id)
+            .expect("known")
+            .following;
+        gate.acked = version;
+        gate.sent.retain(|v| *v > version);
+        if caught_up {
+            gate.caught_up = true;
+            self.pass(Rule::AcksEachStep);
+        }
+    }
+
+    /// The rules, what the gate holding `held` lacks, and one change more (out of step on
+    /// the connection of that stage).
+    fn send_list(
+        &mut self,
+        id: ConnectionId,
+        terminal_id: u64,
+        held: u64,
+        now_ms: u64,
+        actions: &mut Vec<Action>,
+    ) {
+        let mut frames = vec![Frame::OfflineRules(self.settings.offline_rules)];
+        let mut points = Vec::new();
+        let version = self.list.version();
+        if held == 0 || held > version {
+            let whole = self.list.whole();
+            let parts: Vec<&[DenyEntry]> = if whole.is_empty() {
+                vec![&[]]
+            } else {
+                whole.chunks(LIST_PART).collect()
+            };
+            for (i, part) in parts.iter().enumerate() {
+                frames.push(Frame::DenyList(DenyList {
+                    version,
+                    first: i == 0,
+                    last: i + 1 == parts.len(),
+                    entries: part.to_vec(),
+                }));
+            }
+            points.push(version);
+        } else {
+            self.changes_after(held, &mut frames, &mut points);
+        }
+        let plan = self.connections[&id].plan;
+        let terminal = self.terminals.get_mut(&terminal_id).expect("known");
+        let card = terminal
+            .following
+            .last_card
+            .unwrap_or(LISTED_CARDS + terminal_id);
+        if plan == Plan::OutOfStep {
+            terminal.stage = Plan::OutOfStep.next();
+            let skipped = self.list.version() + 2;
+            frames.push(Frame::DenyChanges(DenyChanges {
+                first_version: skipped,
+                entries: vec![DenyEntry {
+                    card_id: card,
+                    reason: Reason::CardLost,
+                }],
+            }));
+            let connection = self.connections.get_mut(&id).expect("open");
+            connection
+                .following
+                .as_mut()
+                .expect("version 2")
+                .out_of_step = Some(skipped);
+            connection.deadline = Some(now_ms + self.settings.grace_ms);
+        } else if let Some(entry) = self.list.change(card) {
+            frames.push(Frame::DenyChanges(DenyChanges {
+                first_version: self.list.version(),
+                entries: vec![entry],
+            }));
+            points.push(self.list.version());
+        }
+        let terminal = self.terminals.get_mut(&terminal_id).expect("known");
+        terminal.following.sent.extend(&points);
+        let key = terminal.key.clone();
+        let connection = self.connections.get_mut(&id).expect("open");
+        connection
+            .following
+            .as_mut()
+            .expect("version 2")
+            .points
+            .extend(points);
+        for frame in frames {
+            let mut out = BytesMut::new();
+            seal(&frame, &key, &mut out);
+            actions.push(Action::Write(out.freeze()));
+        }
+    }
+
+    /// The changes after `held`, in frames of at most [`MAX_DENY_ENTRIES`].
+    fn changes_after(&self, held: u64, frames: &mut Vec<Frame>, points: &mut Vec<u64>) {
+        let after = &self.list.changes[held as usize..];
+        for (i, chunk) in after.chunks(MAX_DENY_ENTRIES).enumerate() {
+            let first_version = held + 1 + (i * MAX_DENY_ENTRIES) as u64;
+            let changes = DenyChanges {
+                first_version,
+                entries: chunk.to_vec(),
+            };
+            points.push(changes.last_version());
+            frames.push(Frame::DenyChanges(changes));
+        }
+    }
+
+    /// An OfflineTap on a version-2 connection: checked against the order, the rules and the
+    /// list the gate held, and answered with a receipt at once, in the order uploads come.
+    pub(super) fn offline_tap(
+        &mut self,
+        id: ConnectionId,
+        terminal_id: u64,
+        frame: &SealedFrame,
+        actions: &mut Vec<Action>,
+    ) {
+        let key = self.terminals[&terminal_id].key.clone();
+        let upload = match frame.open(&key) {
+            Ok(Frame::OfflineTap(upload)) => upload,
+            Ok(_) => unreachable!("an OfflineTap frame opens as one"),
+            Err(e) => {
+                let code = match e {
+                    OpenError::BadMac(_) => ErrorCode::BadMac,
+                    OpenError::Decode(_) => ErrorCode::MalformedFrame,
+                };
+                self.fail(
+                    Rule::TapAuthentic,
+                    format!("terminal {terminal_id}: an OfflineTap: {e}"),
+                );
+                self.refuse_keyed(id, &key, code, 0, actions);
+                return;
+            }
+        };
+        self.pass(Rule::TapAuthentic);
+        let sequence = upload.tap.sequence;
+        let bytes = super::frame_bytes(frame);
+        if self.terminals[&terminal_id].seen.contains_key(&sequence) {
+            self.upload_resent(id, terminal_id, sequence, &bytes, actions);
+            return;
+        }
+        if !self.admit_new(id, terminal_id, sequence, bytes, actions) {
+            return;
+        }
+        self.check_upload_order(id, terminal_id, sequence);
+        self.check_offline_rules(terminal_id, &upload);
+        let status = self.upload_status(terminal_id, &upload);
+        let receipt = self.receipt(terminal_id, sequence, status);
+        self.settle_answer(
+            terminal_id,
+            sequence,
+            &receipt,
+            status == OfflineStatus::Busy,
+        );
+        actions.push(Action::Write(receipt));
+    }
+
+    fn upload_resent(
+        &mut self,
+        id: ConnectionId,
+        terminal_id: u64,
+        sequence: u64,
+        bytes: &Bytes,
+        actions: &mut Vec<Action>,
+    ) {
+        let Some(previous) = self.resend_of(id, terminal_id, sequence, bytes, actions) else {
+            return;
+        };
+        let busy = matches!(previous, Answer::Sent { busy: true, .. });
+        if busy {
+            self.fail(
+                Rule::BusyUploadAgain,
+                format!(
+                    "terminal {terminal_id} uploaded {sequence} again under the same sequence after busy"
+                ),
+            );
+        }
+        let receipt = self.receipt(
+            terminal_id,
+            sequence,
+            if busy {
+                OfflineStatus::Busy
+            } else {
+                OfflineStatus::Already
+            },
+        );
+        actions.push(Action::Write(receipt));
+    }
+
+    fn check_upload_order(&mut self, id: ConnectionId, terminal_id: u64, sequence: u64) {
+        let following = self.connections[&id]
+            .following
+            .as_ref()
+            .expect("a version-2 connection");
+        if !following.started {
+            self.fail(
+                Rule::UploadsFirst,
+                format!("terminal {terminal_id} uploaded {sequence} before its DenyAck"),
+            );
+        } else if following.tapped_new {
+            self.fail(
+                Rule::UploadsFirst,
+                format!("terminal {terminal_id} uploaded {sequence} after a new Tap"),
+            );
+        } else {
+            self.pass(Rule::UploadsFirst);
+        }
+    }
+
+    fn check_offline_rules(&mut self, terminal_id: u64, upload: &OfflineTap) {
+        let rules = self.settings.offline_rules;
+        let (tap, held) = (upload.tap, upload.deny_version);
+        let offline_ms = tap.gate_time_ms.checked_sub(upload.offline_since_ms);
+        let broken = if held > self.list.version() {
+            Some(format!(
+                "names version {held}; the list is at {}",
+                self.list.version()
+            ))
+        } else if let Some(reason) = self.list.listed_at(tap.card_id, held) {
+            Some(format!(
+                "approved card {} though its list (version {held}) held it as {reason}",
+                tap.card_id
+            ))
+        } else if !rules.issuers.contains(tap.issuer) {
+            Some(format!("approved a card of {} offline", tap.issuer))
+        } else if offline_ms.is_none_or(|ms| ms > u64::from(rules.max_offline_s) * 1000) {
+            Some(format!(
+                "approved a tap {} ms after it last heard from a gateway; the rules allow {} s",
+                offline_ms.map_or_else(|| "before".into(), |ms| ms.to_string()),
+                rules.max_offline_s
+            ))
+        } else {
+            None
+        };
+        match broken {
+            Some(detail) => self.fail(
+                Rule::OfflineKeepsRules,
+                format!("terminal {terminal_id} tap {}: {detail}", tap.sequence),
+            ),
+            None => self.pass(Rule::OfflineKeepsRules),
+        }
+    }
+
+    /// `busy` for the gate's first upload; a tap answered busy coming again under a new
+    /// sequence passes, one recorded coming again fails.
+    fn upload_status(&mut self, terminal_id: u64, upload: &OfflineTap) -> OfflineStatus {
+        let body = UploadBody::from(upload);
+        let gate = &mut self
+            .terminals
+            .get_mut(&terminal_id)
+            .expect("known")
+            .following;
+        gate.uploads += 1;
+        if gate.uploads == 1 {
+            gate.busy = Some(body);
+            return OfflineStatus::Busy;
+        }
+        let again = gate.busy == Some(body);
+        let recorded_before = gate.recorded.contains(&body);
+        if again {
+            gate.busy = None;
+            gate.busy_uploaded_again = true;
+        }
+        if gate.recorded.len() < REMEMBERED_UPLOADS {
+            gate.recorded.insert(body);
+        }
+        if again {
+            self.pass(Rule::BusyUploadAgain);
+        } else if recorded_before {
+            self.fail(
+                Rule::BusyUploadAgain,
+                format!(
+                    "terminal {terminal_id} uploaded again, as {}, a tap already recorded",
+                    upload.tap.sequence
+                ),
+            );
+        }
+        OfflineStatus::Recorded
+    }
+
+    fn receipt(&self, terminal_id: u64, sequence: u64, status: OfflineStatus) -> Bytes {
+        let receipt = OfflineReceipt {
+            sequence,
+            status,
+            flag: Reason::Approved,
+            fare_fen: if status == OfflineStatus::Busy {
+                0
+            } else {
+                200
+            },
+        };
+        let mut out = BytesMut::new();
+        seal(
+            &Frame::OfflineReceipt(receipt),
+            &self.terminals[&terminal_id].key,
+            &mut out,
+        );
+        out.freeze()
+    }
+
+    /// The out-of-step stage's verdict when its connection closes: kept when the gate closed
+    /// it without taking the change.
+    pub(super) fn out_of_step_closed(
+        &mut self,
+        terminal_id: u64,
+        following: &ConnectionFollowing,
+        ended_by_referee: bool,
+    ) {
+        if following.out_of_step.is_none() || ended_by_referee {
+            return;
+        }
+        if let Some(terminal) = self.terminals.get_mut(&terminal_id) {
+            terminal.following.refused_out_of_step = true;
+        }
+        self.pass(Rule::RefusesOutOfStep);
+    }
+}
