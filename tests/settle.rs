@@ -54,32 +54,10 @@ async fn a_days_taps_settle_into_fares_transfers_and_clearing() {
     let store = Store::Redis(
         RedisStore::connect(&redis.url(), None, "tapgate", Duration::from_secs(2)).unwrap(),
     );
-    let settlement = Settlement::start(
-        store.clone(),
-        &SettlementSettings {
-            node: "gw-fares".into(),
-            journal_dir: state.path().join("journal"),
-            partitions: 2,
-            settlers: 1,
-            batch: 16,
-            max_backlog: 1000,
-            lease_ttl: Duration::from_secs(1),
-            watch_feed: 0,
-        },
-        Arc::new(FareTables::embedded_default()),
-        h.gateway.journal().durable(),
-    );
+    let settlement = settle_live(&store, "gw-fares", state.path(), &h);
     ride_the_day(&h, intercity_gate).await;
     h.gateway.shutdown().await;
-    assert!(
-        settlement
-            .wait_settled(Duration::from_secs(20))
-            .await
-            .unwrap()
-    );
-    let through_pipeline = store.ledger(None, true).await.unwrap();
-    let cards = store.card_pseudonyms().await.unwrap();
-    settlement.shutdown().await;
+    let (through_pipeline, cards) = settled_books(settlement, &store).await;
 
     let settled = settle_journals(
         &[&state.path().join("journal")],
@@ -286,4 +264,103 @@ fn check_the_books(ledger: &Ledger, cards: &tapgate_protocol::crypto::CardPseudo
     assert_eq!(elder, [(1, 200)]);
     let discounts: u64 = day.transfers.values().map(|t| t.fen).sum();
     assert_eq!(discounts, 200);
+}
+
+/// A gate that rode offline uploads, three days later, a tap whose settlement day has long
+/// closed: the live settler books it once, to the open day as a late tap naming the day it was
+/// ridden, beside the gate's online tap of today; reconciling the journal books the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_tap_uploaded_after_its_day_closed_is_settled_once_as_a_late_tap() {
+    use tapgate_protocol::{DenyAck, Frame, OfflineStatus, OfflineTap};
+    let state = tempfile::tempdir().unwrap();
+    let active = card(
+        1,
+        CardState::Active,
+        Issuer::ChongqingSsc,
+        Concession::None,
+        0,
+    );
+    let (_embedded, directory) = embedded_with(&[active]);
+    let redis = RedisServer::start();
+    let h = Harness::start(directory, state.path()).await;
+    let store = Store::Redis(
+        RedisStore::connect(&redis.url(), None, "tapgate", Duration::from_secs(2)).unwrap(),
+    );
+    let settlement = settle_live(&store, "gw-late", state.path(), &h);
+    let mut gate = h.gate_v2(&YUZHONG_BUS).await;
+    gate.send_frame(&Frame::DenyAck(DenyAck { version: 0 }))
+        .await
+        .unwrap();
+    let ridden = tapgate_runtime::now_ms() - 3 * 24 * 3_600_000;
+    let upload = OfflineTap {
+        tap: Tap {
+            gate_time_ms: ridden,
+            ..tap(1, 1, TapKind::Flat)
+        },
+        deny_version: 0,
+        offline_since_ms: ridden - 60_000,
+    };
+    gate.send_frame(&Frame::OfflineTap(upload)).await.unwrap();
+    let receipt = next_receipt(&mut gate).await;
+    assert_eq!(receipt.status, OfflineStatus::Recorded);
+    let online = answer(&mut gate, tap(2, 1, TapKind::Flat)).await;
+    assert_eq!(online.outcome, Outcome::Approve);
+    h.gateway.shutdown().await;
+    let (through_pipeline, cards) = settled_books(settlement, &store).await;
+
+    let day = FareTables::embedded_default().day;
+    let (ridden_on, today) = (day.day_of(ridden), day.day_of(tapgate_runtime::now_ms()));
+    assert_eq!(through_pipeline.taps(), 2);
+    assert_eq!(through_pipeline.late_taps(), 1);
+    let (&(booked, tapped), late) = through_pipeline.late.iter().next().unwrap();
+    assert_eq!((tapped, booked, late.taps), (ridden_on, today, 1));
+    assert!(
+        !through_pipeline.days.contains_key(&ridden_on),
+        "a closed day stays closed"
+    );
+    let settled = settle_journals(
+        &[&state.path().join("journal")],
+        &FareTables::embedded_default(),
+        &cards,
+    )
+    .unwrap();
+    assert_eq!(through_pipeline.by_tap_day(), settled.ledger.by_tap_day());
+}
+
+/// Live settlement of the gateway's journal under `state` into `store`: two partitions, one
+/// settler.
+fn settle_live(store: &Store, node: &str, state: &std::path::Path, h: &Harness) -> Settlement {
+    Settlement::start(
+        store.clone(),
+        &SettlementSettings {
+            node: node.into(),
+            journal_dir: state.join("journal"),
+            partitions: 2,
+            settlers: 1,
+            batch: 16,
+            max_backlog: 1000,
+            lease_ttl: Duration::from_secs(1),
+            watch_feed: 0,
+        },
+        Arc::new(FareTables::embedded_default()),
+        h.gateway.journal().durable(),
+    )
+}
+
+/// Once the gateway has stopped: the books the live settlers wrote when they caught up, and the
+/// store's card pseudonyms to settle the journal with alike.
+async fn settled_books(
+    settlement: Settlement,
+    store: &Store,
+) -> (Ledger, tapgate_protocol::crypto::CardPseudonymizer) {
+    assert!(
+        settlement
+            .wait_settled(Duration::from_secs(20))
+            .await
+            .unwrap()
+    );
+    let ledger = store.ledger(None, true).await.unwrap();
+    let cards = store.card_pseudonyms().await.unwrap();
+    settlement.shutdown().await;
+    (ledger, cards)
 }
