@@ -35,6 +35,10 @@ pub(crate) struct DenyBenchArgs {
     /// Time between two reports.
     #[arg(long, default_value = "500ms", value_parser = parse_duration)]
     every: Duration,
+    /// Receive and send buffer asked for the gateway's UDP socket, in MiB (the kernel grants
+    /// at most `net.core.rmem_max` / `wmem_max`).
+    #[arg(long, default_value_t = 8)]
+    udp_buffer_mib: usize,
     /// Write the result as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -57,10 +61,17 @@ struct DenyBenchReport {
     whole_list_all_gates_ms: u64,
     /// For each change, the time until the last gate applied it, in microseconds.
     last_gate_us: Percentiles,
+    /// For each change in the order reported, the time until the last gate applied it, in
+    /// milliseconds (`null`: some gate never did).
+    last_gate_each_ms: Vec<Option<u64>>,
     /// For every gate and change, the time until that gate applied it, in microseconds.
     each_gate_us: Percentiles,
     /// Changes some gate had not applied within the timeout.
     missing: u64,
+    /// Datagrams the kernel dropped for a full receive buffer during the run, at the gateway's
+    /// socket and at the gates' (read from /proc/net/udp; absent where there is none).
+    dropped_at_gateway: Option<u64>,
+    dropped_at_gates: Option<u64>,
     /// Bytes on the wire of a DenyChanges frame carrying one change.
     one_change_frame_bytes: usize,
 }
@@ -83,6 +94,7 @@ pub(crate) fn run_deny_bench(args: DenyBenchArgs) -> anyhow::Result<()> {
     config.directory.embedded_cards = population.cards;
     config.directory.embedded_terminals = population.terminals;
     config.settlement.enabled = false;
+    config.server.udp_buffer_bytes = args.udp_buffer_mib << 20;
     let report = crate::runtime()?.block_on(async {
         let node = Node::start(&config).await?;
         let report = measure(&args, &node, &population).await;
@@ -107,6 +119,11 @@ pub(crate) fn run_deny_bench(args: DenyBenchArgs) -> anyhow::Result<()> {
     };
     println!("report → last gate applied it: {}", p(&report.last_gate_us));
     println!("report → each gate applied it: {}", p(&report.each_gate_us));
+    if let (Some(gateway), Some(gates)) = (report.dropped_at_gateway, report.dropped_at_gates) {
+        println!(
+            "datagrams the kernel dropped for a full receive buffer: {gateway} at the gateway's socket, {gates} at the gates'"
+        );
+    }
     if report.missing > 0 {
         println!(
             "MISSING: {} changes did not reach every gate within {REACH_TIMEOUT:?}",
@@ -197,19 +214,42 @@ async fn measure(
     while gateway.deny_list_acknowledged_below(last_version) > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let dropped_at_gateway = udp_drops(&[target.port()]);
+    let gate_ports: Vec<u16> = endpoints
+        .iter()
+        .filter_map(|e| e.local_addr().ok().map(|a| a.port()))
+        .collect();
+    let dropped_at_gates = udp_drops(&gate_ports);
     stop.notify_waiters();
     let mut logs = Vec::with_capacity(args.gates);
     while let Some(log) = gates.join_next().await {
         logs.push(log.context("a gate's task failed")??);
     }
-    Ok(summarize(
-        args,
-        started,
-        cards_on_list.1,
-        base,
-        &reported,
-        &logs,
-    ))
+    Ok(DenyBenchReport {
+        dropped_at_gateway,
+        dropped_at_gates,
+        ..summarize(args, started, cards_on_list.1, base, &reported, &logs)
+    })
+}
+
+/// Datagrams the kernel dropped at the loopback UDP sockets bound to `ports`, from Linux's
+/// per-socket counters; `None` where /proc/net/udp cannot be read.
+fn udp_drops(ports: &[u16]) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/udp").ok()?;
+    let drops = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let port = fields.get(1)?.rsplit_once(':')?.1;
+            let port = u16::from_str_radix(port, 16).ok()?;
+            ports
+                .contains(&port)
+                .then(|| fields.last()?.parse::<u64>().ok())
+                .flatten()
+        })
+        .sum();
+    Some(drops)
 }
 
 /// Waits until every gate holds the whole list; the list's version and size.
@@ -284,6 +324,7 @@ fn summarize(
     let histogram = || Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("bounds");
     let (mut last_gate, mut each_gate) = (histogram(), histogram());
     let mut missing = 0;
+    let mut last_gate_each_ms = Vec::with_capacity(reported.len());
     for (i, at) in reported.iter().enumerate() {
         let version = base + 1 + i as u64;
         let mut last = Some(Duration::ZERO);
@@ -302,6 +343,7 @@ fn summarize(
                 None => last = None,
             }
         }
+        last_gate_each_ms.push(last.map(|took| took.as_millis() as u64));
         match last {
             Some(took) => {
                 let _ = last_gate.record(took.as_micros().max(1) as u64);
@@ -320,8 +362,11 @@ fn summarize(
         cards_on_list,
         whole_list_all_gates_ms: whole,
         last_gate_us: Percentiles::of(&last_gate),
+        last_gate_each_ms,
         each_gate_us: Percentiles::of(&each_gate),
         missing,
+        dropped_at_gateway: None,
+        dropped_at_gates: None,
         one_change_frame_bytes: tapgate_protocol::wire_len(
             tapgate_protocol::FrameType::DenyChanges,
         ) + tapgate_protocol::DENY_ENTRY_LEN,
