@@ -762,6 +762,9 @@ async fn a_deny_list_that_went_another_way_in_a_failover_is_loaded_again_whole()
     }
     assert_eq!(list.version(), 5);
     assert!(third.iter().all(|c| list.refuses(c.card_id).is_some()));
+    // Operators see each time the node started over.
+    let reloads = &h.gateway.metrics().deny_reloads;
+    assert_eq!(reloads.load(std::sync::atomic::Ordering::Relaxed), 2);
 }
 
 /// Puts the deny list kept under `prefix` in place of the gateways' one, as a failover puts a

@@ -138,6 +138,8 @@ pub struct Metrics {
     pub deny_list_parts_sent: AtomicU64,
     /// Whole lists started: gates that were new, too far behind, or ahead of this node.
     pub deny_resyncs: AtomicU64,
+    /// Times this node loaded the whole list again after its first load.
+    pub deny_reloads: AtomicU64,
     /// From a change reaching this node to a gate acknowledging it.
     pub deny_propagation: DurationHistogram,
     /// Offline taps recorded (resends not counted), and those that broke an offline rule.

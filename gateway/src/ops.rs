@@ -275,7 +275,7 @@ fn render_places(sink: &mut Sink, counters: &GatewayCounters) -> fmt::Result {
 /// The deny list at this node and how it reaches the version-2 gates.
 fn render_deny_list(sink: &mut Sink, m: &Metrics) -> fmt::Result {
     let load = |n: &std::sync::atomic::AtomicU64| n.load(Ordering::Relaxed);
-    let rows: [(&str, &str, &str, u64); 8] = [
+    let rows: [(&str, &str, &str, u64); 9] = [
         (
             "deny_list_version",
             "gauge",
@@ -311,6 +311,12 @@ fn render_deny_list(sink: &mut Sink, m: &Metrics) -> fmt::Result {
             "counter",
             "Whole deny lists started for a gate that was new, too far behind, or ahead of this node.",
             load(&m.deny_resyncs),
+        ),
+        (
+            "deny_list_reloads_total",
+            "counter",
+            "Times this node loaded the whole deny list again: its feed was lost, it missed changes, or a Redis failover took changes it had (every gate it follows is then sent the whole list).",
+            load(&m.deny_reloads),
         ),
         (
             "offline_taps_total",

@@ -484,10 +484,14 @@ async fn apply_deny_list(
     mut events: mpsc::Receiver<DenyEvent>,
     changed: watch::Sender<u64>,
 ) {
+    let mut loaded = false;
     while let Some(event) = events.recv().await {
         let Some(shared) = shared.upgrade() else {
             return;
         };
+        if matches!(event, DenyEvent::Whole { .. }) && std::mem::replace(&mut loaded, true) {
+            shared.metrics.deny_reloads.fetch_add(1, Ordering::Relaxed);
+        }
         let applied = {
             let mut book = shared.deny.write().expect("deny book lock");
             let applied = book.apply(event, Instant::now());
