@@ -196,6 +196,16 @@ fn a_version_2_gate_that_rides_offline_keeps_every_rule_the_referee_checks() {
     assert!(ok, "{text}");
     assert!(text.contains("22 passed, 0 failed"), "{text}");
     assert!(text.contains("1 of 1 gate(s) completed"), "{text}");
+    // Some whole list came in more than one part.
+    let deny = text
+        .lines()
+        .find(|l| l.starts_with("deny list:"))
+        .unwrap_or_else(|| panic!("{text}"));
+    let count = |what: &str| -> u64 {
+        let before = &deny[..deny.find(what).unwrap_or_else(|| panic!("{deny}"))];
+        before.split_whitespace().last().unwrap().parse().unwrap()
+    };
+    assert!(count(" list parts") > count(" whole lists"), "{deny}");
 
     let (ok, text) = referee_with_load(1, "8s", &["--protocol", "2"], &["--protocol", "2"]);
     assert!(!ok, "{text}");

@@ -3,8 +3,8 @@
 //! its changes, and checks what the gate acknowledges and what it uploads from riding offline.
 //!
 //! On every version-2 connection, once the gate's first DenyAck has come: the OfflineRules,
-//! then what the gate lacks (the whole list, in small parts, for a new gate; the changes since
-//! its version otherwise), then one new change. On the connection of the `OutOfStep` stage the
+//! then what the gate lacks (the whole list, in small parts, for a new gate and on every third
+//! connection; the changes since its version otherwise), then one new change. On the connection of the `OutOfStep` stage the
 //! new change is numbered one past the next version instead, and the gate must close. The first
 //! upload a gate makes is answered `busy`, and it must come again under a new sequence.
 
@@ -22,6 +22,8 @@ const LIST_PART: usize = 3;
 const MAX_CHANGES: usize = 10_000;
 /// Uploads remembered per gate, to tell one uploaded again under a new sequence.
 const REMEMBERED_UPLOADS: usize = 4096;
+/// Every this many version-2 connections of a gate, the whole list is sent whatever it holds.
+const WHOLE_LIST_EVERY: u64 = 3;
 /// Every this many changes, one takes a card off the list rather than putting one on.
 const TAKE_OFF_EVERY: usize = 4;
 /// Where the referee's own cards are numbered from, when a gate has tapped none to list.
@@ -110,6 +112,8 @@ pub(super) struct GateFollowing {
     /// Uploads recorded, to tell one uploaded again under a new sequence.
     recorded: HashSet<UploadBody>,
     uploads: u64,
+    /// Version-2 connections that got as far as their DenyAck.
+    connections: u64,
 }
 
 impl GateFollowing {
@@ -277,7 +281,16 @@ impl Referee {
         let mut frames = vec![Frame::OfflineRules(self.settings.offline_rules)];
         let mut points = Vec::new();
         let version = self.list.version();
-        if held == 0 || held > version {
+        let gate = &mut self
+            .terminals
+            .get_mut(&terminal_id)
+            .expect("known")
+            .following;
+        gate.connections += 1;
+        // Every third connection gets the whole list all the same, as from a gateway that
+        // loaded it again: the gate must take a list in parts while it holds one.
+        let reload = gate.connections.is_multiple_of(WHOLE_LIST_EVERY);
+        if held == 0 || held > version || reload {
             let whole = self.list.whole();
             let parts: Vec<&[DenyEntry]> = if whole.is_empty() {
                 vec![&[]]
