@@ -187,34 +187,25 @@ async fn find_max_drives_the_target_it_is_given_and_stops_at_the_first_step_that
 fn the_bench_command_measures_the_echo_and_every_gateway_setup_and_writes_their_ratios() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("bench.json");
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tapgate"))
-        .args([
-            "bench",
-            "--rounds",
-            "2",
-            "--duration",
-            "1s",
-            "--connections",
-            "10",
-            "--terminals",
-            "50",
-            "--cards",
-            "5000",
-            "--find-max-connections",
-            "0",
-            "--setups",
-            "embedded,redis,cluster",
-            "--json",
-        ])
-        .arg(&json)
-        .output()
-        .unwrap();
-    let printed = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{printed}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let printed = tapgate_succeeds(&[
+        "bench",
+        "--rounds",
+        "2",
+        "--duration",
+        "1s",
+        "--connections",
+        "10",
+        "--terminals",
+        "50",
+        "--cards",
+        "5000",
+        "--find-max-connections",
+        "0",
+        "--setups",
+        "embedded,redis,cluster",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
     assert!(printed.contains("rate ratio"), "{printed}");
     let result: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
@@ -412,25 +403,19 @@ async fn gates_that_lose_their_link_ride_offline_and_upload_every_tap_they_appro
 /// journal once and the books reconciled with the journal, or it fails.
 #[test]
 fn the_demo_settles_every_offline_tap_once() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tapgate"))
-        .args([
-            "demo",
-            "--duration",
-            "4s",
-            "--connections",
-            "20",
-            "--rate",
-            "400",
-        ])
-        .args(["--offline", "0.5", "--offline-for", "2s"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = tapgate_succeeds(&[
+        "demo",
+        "--duration",
+        "4s",
+        "--connections",
+        "20",
+        "--rate",
+        "400",
+        "--offline",
+        "0.5",
+        "--offline-for",
+        "2s",
+    ]);
     assert!(
         text.contains("0 lost, 0 duplicated; 0 differences"),
         "{text}"
@@ -448,26 +433,17 @@ fn the_demo_settles_every_offline_tap_once() {
 fn bench_deny_times_each_change_to_every_gate_and_counts_dropped_datagrams() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("deny.json");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tapgate"))
-        .args([
-            "bench-deny",
-            "--gates",
-            "20",
-            "--changes",
-            "3",
-            "--every",
-            "50ms",
-        ])
-        .arg("--json")
-        .arg(&json)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = tapgate_succeeds(&[
+        "bench-deny",
+        "--gates",
+        "20",
+        "--changes",
+        "3",
+        "--every",
+        "50ms",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
     assert!(
         text.contains(
             "dropped for a full receive buffer: 0 at the gateway's socket, 0 at the gates'"
@@ -479,4 +455,19 @@ fn bench_deny_times_each_change_to_every_gate_and_counts_dropped_datagrams() {
     assert_eq!(each.len(), 3);
     assert!(each.iter().all(serde_json::Value::is_u64), "{each:?}");
     assert_eq!(report["missing"], 0);
+}
+
+/// Runs the `tapgate` binary with `args`; what it printed, once it exited successfully.
+fn tapgate_succeeds(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tapgate"))
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
 }
