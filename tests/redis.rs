@@ -995,12 +995,7 @@ async fn a_tap_resent_to_a_second_gateway_gets_the_first_decision_and_is_journal
     // survives; settlement books the two copies once.
     b.gateway.shutdown().await;
     a.gateway.shutdown().await;
-    let (in_a, in_b) = (journaled(a_state.path()), journaled(b_state.path()));
-    let copy = in_b
-        .iter()
-        .find(|r| r.tap.sequence == 3)
-        .expect("B journaled the resent approval");
-    assert_eq!(Some(copy), in_a.iter().find(|r| r.tap.sequence == 3));
+    journaled_alike(a_state.path(), b_state.path(), 3);
     assert_eq!(taps_and_copies(&[a_state.path(), b_state.path()]), (3, 1));
 }
 
@@ -1059,14 +1054,27 @@ async fn an_offline_tap_uploaded_again_to_another_gateway_on_a_cluster_is_settle
 
     b.gateway.shutdown().await;
     a.gateway.shutdown().await;
-    let (in_a, in_b) = (journaled(a_state.path()), journaled(b_state.path()));
-    let copy = in_b
-        .iter()
-        .find(|r| r.tap.sequence == 2)
-        .expect("B journaled the upload it was sent again");
-    assert!(copy.offline);
-    assert_eq!(Some(copy), in_a.iter().find(|r| r.tap.sequence == 2));
+    assert!(journaled_alike(a_state.path(), b_state.path(), 2).offline);
     assert_eq!(taps_and_copies(&[a_state.path(), b_state.path()]), (2, 1));
+}
+
+/// The record of the gate's tap `sequence` in B's journal (under `b`), which A's (under `a`)
+/// holds byte for byte: whichever journal survives, the tap is on record.
+fn journaled_alike(
+    a: &std::path::Path,
+    b: &std::path::Path,
+    sequence: u64,
+) -> tapgate_journal::JournalRecord {
+    let (in_a, in_b) = (journaled(a), journaled(b));
+    let copy = *in_b
+        .iter()
+        .find(|r| r.tap.sequence == sequence)
+        .expect("B journaled the tap it was sent again");
+    assert_eq!(
+        Some(&copy),
+        in_a.iter().find(|r| r.tap.sequence == sequence)
+    );
+    copy
 }
 
 /// Settles the journals of these gateways' state directories together: the taps booked, and

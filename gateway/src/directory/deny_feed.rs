@@ -214,12 +214,7 @@ impl DenyFollower {
     /// hold some later changes; the changes read after it set those cards again to the same,
     /// so the list converges.
     async fn load(&self, conn: &mut RedisConnection) -> Result<Head, Stop> {
-        let (version, history): (Option<u64>, Option<String>) = redis::cmd("MGET")
-            .arg(&self.version_key)
-            .arg(&self.history_key)
-            .query_async(conn)
-            .await?;
-        let version = version.unwrap_or(0);
+        let head = self.read_head(conn).await?;
         let mut entries = Vec::new();
         let mut cursor = 0u64;
         loop {
@@ -240,9 +235,23 @@ impl DenyFollower {
             }
             cursor = next;
         }
-        self.send(DenyEvent::Whole { version, entries }).await?;
+        self.send(DenyEvent::Whole {
+            version: head.version,
+            entries,
+        })
+        .await?;
+        Ok(head)
+    }
+
+    /// Where the list in Redis stands: its version and the history up to it, read together.
+    async fn read_head(&self, conn: &mut RedisConnection) -> Result<Head, Stop> {
+        let (version, history): (Option<u64>, Option<String>) = redis::cmd("MGET")
+            .arg(&self.version_key)
+            .arg(&self.history_key)
+            .query_async(conn)
+            .await?;
         Ok(Head {
-            version,
+            version: version.unwrap_or(0),
             history: history.unwrap_or_default(),
         })
     }
@@ -255,15 +264,7 @@ impl DenyFollower {
             // changes, a Redis restarted empty), or that reached this version another way,
             // numbers its next changes with versions this gateway already had: only the whole
             // list can say what they are.
-            let (version, history): (Option<u64>, Option<String>) = redis::cmd("MGET")
-                .arg(&self.version_key)
-                .arg(&self.history_key)
-                .query_async(conn)
-                .await?;
-            let now = Head {
-                version: version.unwrap_or(0),
-                history: history.unwrap_or_default(),
-            };
+            let now = self.read_head(conn).await?;
             return Ok(
                 if now.version < head.version || (now.version == head.version && now != *head) {
                     Followed::Missed

@@ -1283,16 +1283,21 @@ mod tests {
             }))
         }
 
-        fn tap(&self, sequence: u64) -> Vec<u8> {
-            self.seal(&Frame::Tap(Tap {
+        /// A tap of card 42 at gate time `gate_time_ms`.
+        fn card_tap(sequence: u64, gate_time_ms: u64) -> Tap {
+            Tap {
                 sequence,
                 card_id: 42,
                 issuer: Issuer::ChongqingSsc,
                 kind: TapKind::Flat,
                 line: 1,
                 stop: 1,
-                gate_time_ms: 0,
-            }))
+                gate_time_ms,
+            }
+        }
+
+        fn tap(&self, sequence: u64) -> Vec<u8> {
+            self.seal(&Frame::Tap(Self::card_tap(sequence, 0)))
         }
 
         fn deny_ack(&self, version: u64) -> Vec<u8> {
@@ -1303,15 +1308,7 @@ mod tests {
         /// referee, holding list `deny_version`.
         fn upload(&self, sequence: u64, deny_version: u64) -> Vec<u8> {
             self.seal(&Frame::OfflineTap(tapgate_protocol::OfflineTap {
-                tap: Tap {
-                    sequence,
-                    card_id: 42,
-                    issuer: Issuer::ChongqingSsc,
-                    kind: TapKind::Flat,
-                    line: 1,
-                    stop: 1,
-                    gate_time_ms: 1_000,
-                },
+                tap: Self::card_tap(sequence, 1_000),
                 deny_version,
                 offline_since_ms: 0,
             }))

@@ -106,9 +106,9 @@ pub(super) struct GateFollowing {
     caught_up: bool,
     /// The out-of-step stage was kept (the gate closed).
     refused_out_of_step: bool,
-    /// The upload answered busy, by what must come again.
+    /// The upload answered busy (the gate's first), by what must come again; `None` again
+    /// once it has.
     busy: Option<UploadBody>,
-    busy_uploaded_again: bool,
     /// Uploads recorded, to tell one uploaded again under a new sequence.
     recorded: HashSet<UploadBody>,
     uploads: u64,
@@ -124,13 +124,13 @@ impl GateFollowing {
 
     /// Everything version 2 asks a gate to show before it has completed the script.
     pub(super) fn done(&self) -> bool {
-        self.caught_up && self.refused_out_of_step && self.uploads > 0 && self.busy_uploaded_again
+        self.caught_up && self.refused_out_of_step && self.uploads > 0 && self.busy.is_none()
     }
 
     /// What a gate that has not completed the script never showed, for the report.
     pub(super) fn missing(&self) -> Vec<(Rule, &'static str)> {
         let mut missing = Vec::new();
-        if self.uploads > 0 && !self.busy_uploaded_again {
+        if self.busy.is_some() {
             missing.push((
                 Rule::BusyUploadAgain,
                 "never uploaded again the tap answered busy",
@@ -523,7 +523,6 @@ impl Referee {
         let recorded_before = gate.recorded.contains(&body);
         if again {
             gate.busy = None;
-            gate.busy_uploaded_again = true;
         }
         if gate.recorded.len() < REMEMBERED_UPLOADS {
             gate.recorded.insert(body);
