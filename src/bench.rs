@@ -8,7 +8,7 @@
 
 use crate::books::{read_ledger_file, reconcile_text, settle_dirs};
 use crate::common::parse_duration;
-use crate::scrape::{self, OpsClient, caught_up, scrape_settlement};
+use crate::scrape::{self, OpsClient, caught_up_together, scrape_settlement};
 use anyhow::Context as _;
 use clap::Args;
 use serde::Serialize;
@@ -76,6 +76,11 @@ pub(crate) struct BenchArgs {
     /// other than the shipped defaults; the bench's own flags (listen, journal, population) win.
     #[arg(long)]
     gateway_config: Option<PathBuf>,
+    /// The Redis gateways' settlers' order window (`[settlement] order_window_ms`); their
+    /// default when absent. 0 prices taps as they arrive: what the window saves in fares, and
+    /// costs in settlement lag, shows against a run with it.
+    #[arg(long)]
+    order_window_ms: Option<u64>,
     /// Where the results go as JSON.
     #[arg(long, default_value = "tapgate-bench.json")]
     json: PathBuf,
@@ -212,10 +217,12 @@ enum Server {
     Echo,
     /// The embedded gateway, with this configuration file when one is given.
     Embedded(Option<PathBuf>),
-    /// `gateways` gateways on the Redis (or Redis Cluster) at `url`.
+    /// `gateways` gateways on the Redis (or Redis Cluster) at `url`, with this order window
+    /// when one is given.
     Redis {
         url: String,
         gateways: usize,
+        order_window_ms: Option<u64>,
     },
 }
 
@@ -311,6 +318,32 @@ fn free_port(udp: bool) -> anyhow::Result<u16> {
     Ok(port)
 }
 
+/// Writes a Redis gateway's configuration into its working directory `dir`.
+fn redis_gateway_config(
+    dir: &Path,
+    url: &str,
+    order_window_ms: Option<u64>,
+) -> anyhow::Result<PathBuf> {
+    // Each start ships a new journal, so it forwards under a node name of its own.
+    let config = dir.join("tapgate.toml");
+    let node = dir.file_name().map_or_else(
+        || "bench".to_owned(),
+        |name| name.to_string_lossy().into_owned(),
+    );
+    let order_window = order_window_ms
+        .map(|ms| format!("order_window_ms = {ms}\n"))
+        .unwrap_or_default();
+    std::fs::write(
+        &config,
+        format!(
+            "[directory]\nkind = \"redis\"\nredis_url = \"{url}\"\n\n\
+             [keys]\n\"1\" = \"{DEV_MASTER_KEY_HEX}\"\n\n\
+             [settlement]\nnode = \"{node}\"\n{order_window}"
+        ),
+    )?;
+    Ok(config)
+}
+
 async fn start(
     server: &Server,
     bin: &Path,
@@ -334,21 +367,13 @@ async fn start(
                 .arg("--journal-dir")
                 .arg(dir.path().join("journal"))
                 .args(["--ops-listen", &ops, "--log", "warn"]);
-            if let Server::Redis { url, .. } = server {
-                // Each start ships a new journal, so it forwards under a node name of its own.
-                let config = dir.path().join("tapgate.toml");
-                let node = dir.path().file_name().map_or_else(
-                    || "bench".to_owned(),
-                    |name| name.to_string_lossy().into_owned(),
-                );
-                std::fs::write(
-                    &config,
-                    format!(
-                        "[directory]\nkind = \"redis\"\nredis_url = \"{url}\"\n\n\
-                         [keys]\n\"1\" = \"{DEV_MASTER_KEY_HEX}\"\n\n\
-                         [settlement]\nnode = \"{node}\"\n"
-                    ),
-                )?;
+            if let Server::Redis {
+                url,
+                order_window_ms,
+                ..
+            } = server
+            {
+                let config = redis_gateway_config(dir.path(), url, *order_window_ms)?;
                 command.arg("--config").arg(config);
             } else {
                 if let Server::Embedded(Some(config)) = server {
@@ -512,9 +537,10 @@ async fn closed_loop(
     let cpu_after = cpu()?;
     let mut lag_p99_ms = None;
     let mut out_of_order = 0;
-    for ((client, url), before) in metrics.iter().zip(&before_settlement) {
+    let after_settlement = caught_up_together(&metrics).await;
+    for (before, after) in before_settlement.iter().zip(after_settlement) {
         if let Some(before) = before
-            && let Some(after) = caught_up(client, url).await
+            && let Some(after) = after
         {
             lag_p99_ms = lag_p99_ms.max(after.lag_since(before).and_then(|l| l.p99_ms));
             out_of_order += after.out_of_order.saturating_sub(before.out_of_order);
@@ -985,7 +1011,12 @@ pub(crate) fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
                         (PrivateRedis::start_cluster(&bin, &args.population())?, 2)
                     };
                     let url = redis.url.clone();
-                    measure(&args, &bin, *setup, &Server::Redis { url, gateways }).await?
+                    let server = Server::Redis {
+                        url,
+                        gateways,
+                        order_window_ms: args.order_window_ms,
+                    };
+                    measure(&args, &bin, *setup, &server).await?
                 }
             };
             setups.push(result);

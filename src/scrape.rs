@@ -15,6 +15,8 @@ pub(crate) struct SettlementCounters {
     lag_sum_ms: u64,
     settled: u64,
     behind_bytes: u64,
+    /// Taps read and waiting out the order window.
+    waiting: u64,
     /// Taps this process's settlers priced out of time order.
     pub(crate) out_of_order: u64,
 }
@@ -74,6 +76,8 @@ fn parse_settlement_counters(body: &str) -> Option<SettlementCounters> {
             counters.settled = value as u64;
         } else if name == "tapgate_forwarder_behind_bytes" {
             counters.behind_bytes = value as u64;
+        } else if name == "tapgate_settle_waiting" {
+            counters.waiting = value as u64;
         } else if name == "tapgate_settle_out_of_order_total" {
             counters.out_of_order = value as u64;
         }
@@ -81,18 +85,43 @@ fn parse_settlement_counters(body: &str) -> Option<SettlementCounters> {
     (!counters.lag_buckets.is_empty()).then_some(counters)
 }
 
-/// The settlement counters once settlement has caught up (nothing left to ship, the settled
-/// count steady), waiting at most 30 s for it.
+/// The settlement counters once settlement has caught up (nothing left to ship, nothing
+/// waiting, the settled count steady), waiting at most 30 s for it.
 pub(crate) async fn caught_up(client: &OpsClient, url: &str) -> Option<SettlementCounters> {
+    caught_up_together(&[(client, url.to_owned())])
+        .await
+        .pop()
+        .flatten()
+}
+
+/// The settlement counters of several nodes sharing a store, once all of them have caught up
+/// in the same look: one node's settlers keep pricing what another node's forwarder ships, so
+/// a node that looked steady before the other had shipped everything was not done. `None` for
+/// a node that does not show settlement.
+pub(crate) async fn caught_up_together(
+    nodes: &[(&OpsClient, String)],
+) -> Vec<Option<SettlementCounters>> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let mut last = scrape_settlement(client, url).await?;
+    let mut last = Vec::with_capacity(nodes.len());
+    for (client, url) in nodes {
+        last.push(scrape_settlement(client, url).await);
+    }
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let now = scrape_settlement(client, url).await?;
-        let steady = now.settled == last.settled && now.behind_bytes == 0;
+        let mut now = Vec::with_capacity(nodes.len());
+        for (client, url) in nodes {
+            now.push(scrape_settlement(client, url).await);
+        }
+        let steady = now.iter().zip(&last).all(|(now, last)| match (now, last) {
+            (Some(now), Some(last)) => {
+                now.settled == last.settled && now.behind_bytes == 0 && now.waiting == 0
+            }
+            (None, None) => true,
+            _ => false,
+        });
         last = now;
         if steady || tokio::time::Instant::now() >= deadline {
-            return Some(last);
+            return last;
         }
     }
 }

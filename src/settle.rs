@@ -134,6 +134,14 @@ enum SettleAction {
         /// How soon a dead settler's partitions move to another one.
         #[arg(long, default_value_t = 10_000)]
         lease_ttl_ms: u64,
+        /// How long a new tap waits before it is priced, so that an older tap of its card
+        /// from a gateway whose forwarder is behind is priced first (0: as they arrive).
+        #[arg(
+            long,
+            default_value_t = tapgate_gateway::config::DEFAULT_ORDER_WINDOW_MS,
+            value_parser = clap::value_parser!(u64).range(..=tapgate_gateway::config::MAX_ORDER_WINDOW_MS)
+        )]
+        order_window_ms: u64,
         /// Fare tables (TOML); the built-in `fares.example.toml` when absent.
         #[arg(long)]
         fares: Option<PathBuf>,
@@ -242,6 +250,7 @@ pub(crate) fn run(args: SettleArgs) -> anyhow::Result<ExitCode> {
             settlers,
             batch,
             lease_ttl_ms,
+            order_window_ms,
             fares,
             until_idle_ms,
             ops_listen,
@@ -254,6 +263,7 @@ pub(crate) fn run(args: SettleArgs) -> anyhow::Result<ExitCode> {
                 partitions: redis.partitions,
                 batch: batch.max(1),
                 lease_ttl: Duration::from_millis(lease_ttl_ms.max(100)),
+                order_window: Duration::from_millis(order_window_ms),
             };
             runtime()?.block_on(async {
                 let store = redis.store()?;

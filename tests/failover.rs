@@ -185,6 +185,7 @@ async fn a_gateway_killed_under_load(url: &str) {
             max_backlog: 100_000,
             lease_ttl: Duration::from_millis(1000),
             watch_feed: tapgate_settle::forwarder::WATCH_FEED,
+            order_window: Duration::from_millis(tapgate_gateway::config::DEFAULT_ORDER_WINDOW_MS),
         },
         Arc::new(FareTables::embedded_default()),
         b.gateway.journal().durable(),

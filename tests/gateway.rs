@@ -1406,6 +1406,7 @@ async fn a_live_scrape_passes_promtool() {
             max_backlog: 1000,
             lease_ttl: Duration::from_secs(1),
             watch_feed: 0,
+            order_window: Duration::ZERO,
         },
         std::sync::Arc::new(tapgate_settle::fares::FareTables::embedded_default()),
         h.gateway.journal().durable(),

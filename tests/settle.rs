@@ -341,6 +341,7 @@ fn settle_live(store: &Store, node: &str, state: &std::path::Path, h: &Harness) 
             max_backlog: 1000,
             lease_ttl: Duration::from_secs(1),
             watch_feed: 0,
+            order_window: Duration::from_millis(tapgate_gateway::config::DEFAULT_ORDER_WINDOW_MS),
         },
         Arc::new(FareTables::embedded_default()),
         h.gateway.journal().durable(),

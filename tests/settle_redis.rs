@@ -60,6 +60,7 @@ fn settlement_of(node: &str, h: &Harness, store: Store, settlers: usize) -> Sett
         max_backlog: 100_000,
         lease_ttl: Duration::from_millis(1000),
         watch_feed: tapgate_settle::forwarder::WATCH_FEED,
+        order_window: Duration::from_millis(tapgate_gateway::config::DEFAULT_ORDER_WINDOW_MS),
     };
     Settlement::start(
         store,
@@ -596,15 +597,39 @@ fn settlement_of_journal(
     redis: &RedisServer,
     tables: FareTables,
 ) -> Settlement {
+    settlement_of_node(
+        journal,
+        redis,
+        tables,
+        "gw-own-journal",
+        1,
+        default_order_window(),
+    )
+}
+
+fn default_order_window() -> Duration {
+    Duration::from_millis(tapgate_gateway::config::DEFAULT_ORDER_WINDOW_MS)
+}
+
+/// Settlement of one test journal as gateway `node`, with its own settlers.
+fn settlement_of_node(
+    journal: &TestJournal,
+    redis: &RedisServer,
+    tables: FareTables,
+    node: &str,
+    settlers: usize,
+    order_window: Duration,
+) -> Settlement {
     let settings = SettlementSettings {
-        node: "gw-own-journal".into(),
+        node: node.into(),
         journal_dir: journal.settings.dir.clone(),
         partitions: PARTITIONS,
-        settlers: 1,
+        settlers,
         batch: 64,
         max_backlog: 100_000,
         lease_ttl: Duration::from_millis(1000),
         watch_feed: tapgate_settle::forwarder::WATCH_FEED,
+        order_window,
     };
     Settlement::start(
         store(redis),
@@ -612,6 +637,75 @@ fn settlement_of_journal(
         Arc::new(tables),
         journal.journal.durable(),
     )
+}
+
+/// A metro trip whose exit went through one gateway and whose entry through another, the
+/// entry's forwarder a few hundred milliseconds behind: with an order window the settler
+/// prices entry then exit, as the journals have them; without one it prices the exit first
+/// (the maximum, an exit without entry), and the books differ from the journals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trip_whose_entry_reaches_settlement_after_its_exit_is_priced_in_gate_time_order() {
+    let with_window = trip_through_two_gateways(Duration::from_secs(3)).await;
+    assert_eq!(with_window, (0, true), "(out of order, books exact)");
+    let without = trip_through_two_gateways(Duration::ZERO).await;
+    assert_eq!(without, (1, false), "the scenario puts the exit first");
+}
+
+/// Settles the trip with `order_window`: the taps priced out of order, and whether the books
+/// equal the journals priced offline.
+async fn trip_through_two_gateways(order_window: Duration) -> (u64, bool) {
+    use tapgate_protocol::{Mode, TapKind};
+    let redis = RedisServer::start();
+    let (entry_state, exit_state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (entry_journal, exit_journal) = (
+        TestJournal::open(entry_state.path()),
+        TestJournal::open(exit_state.path()),
+    );
+    let (card, gate, at) = (7_001, YUZHONG_METRO.terminal_id, tapgate_runtime::now_ms());
+    let tap =
+        |sequence, kind, stop, at| approved(gate, sequence, card, kind, Mode::Metro, stop, at);
+    entry_journal
+        .append(vec![tap(1, TapKind::Entry, 10, at - 60_000)])
+        .await;
+    exit_journal
+        .append(vec![tap(2, TapKind::Exit, 20, at - 30_000)])
+        .await;
+    let tables = FareTables::embedded_default();
+    let exit = settlement_of_node(
+        &exit_journal,
+        &redis,
+        tables.clone(),
+        "gw-exit",
+        1,
+        order_window,
+    );
+    if order_window.is_zero() {
+        assert!(exit.wait_settled(Duration::from_secs(20)).await.unwrap());
+    } else {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let entry = settlement_of_node(
+        &entry_journal,
+        &redis,
+        tables.clone(),
+        "gw-entry",
+        0,
+        order_window,
+    );
+    assert!(entry.wait_settled(Duration::from_secs(20)).await.unwrap());
+    assert!(exit.wait_settled(Duration::from_secs(20)).await.unwrap());
+    let out_of_order = exit.settlers.out_of_order.load(Ordering::Relaxed);
+    entry.shutdown().await;
+    exit.shutdown().await;
+
+    let cards = store(&redis).card_pseudonyms().await.unwrap();
+    let dirs = [&*entry_journal.settings.dir, &*exit_journal.settings.dir];
+    let expected = settle_journals(&dirs, &tables, &cards).unwrap().ledger;
+    let settled = store(&redis).ledger(None, true).await.unwrap();
+    let exact = Reconciliation::new(&expected, &settled).is_exact();
+    entry_journal.close();
+    exit_journal.close();
+    (out_of_order, exact)
 }
 
 /// A day settled while open keeps its books when it closes: taps of it that arrive later are

@@ -14,6 +14,11 @@ use tapgate_journal::JournalSettings;
 
 /// The most decided taps a partition's watch feed may keep: a bound on Redis memory.
 const MAX_WATCH_FEED: usize = 1_000_000;
+/// How long settlers let a new tap wait for older taps of its card from other gateways by
+/// default: forwarders ship within milliseconds while they keep up, and a second covers one that
+/// paused for a Redis round trip gone slow.
+pub const DEFAULT_ORDER_WINDOW_MS: u64 = 1_000;
+pub const MAX_ORDER_WINDOW_MS: u64 = 60_000;
 use tapgate_protocol::{KeyRing, MasterKey};
 use tapgate_settle::SettlementSettings;
 use tapgate_settle::fares::FareTables;
@@ -58,6 +63,10 @@ pub struct SettlementConfig {
     /// Decided taps (approvals and denials) kept per partition for `tapgate watch run`; 0
     /// feeds no watcher.
     pub watch_feed: usize,
+    /// How long a settler lets a new tap wait, so that an older tap of its card still on its
+    /// way (from another gateway's forwarder, or queued behind it for this journal) is priced
+    /// first; 0 prices taps as they arrive.
+    pub order_window_ms: u64,
     /// Fare tables; the built-in `fares.example.toml` when absent.
     pub fares: Option<PathBuf>,
 }
@@ -73,6 +82,7 @@ impl Default for SettlementConfig {
             max_backlog: 1_000_000,
             lease_ttl_ms: 10_000,
             watch_feed: tapgate_settle::forwarder::WATCH_FEED,
+            order_window_ms: DEFAULT_ORDER_WINDOW_MS,
             fares: None,
         }
     }
@@ -293,6 +303,11 @@ impl Config {
                 "settlement.watch_feed: more than {MAX_WATCH_FEED} taps per partition"
             ));
         }
+        if self.settlement.order_window_ms > MAX_ORDER_WINDOW_MS {
+            out.push(format!(
+                "settlement.order_window_ms: more than {MAX_ORDER_WINDOW_MS} (every tap would wait that long before it is settled)"
+            ));
+        }
         if self.settlement.partitions > 1024 {
             out.push("settlement.partitions: more than 1024".into());
         }
@@ -405,6 +420,7 @@ impl Config {
             max_backlog: s.max_backlog.max(1),
             lease_ttl: Duration::from_millis(s.lease_ttl_ms.max(100)),
             watch_feed: s.watch_feed,
+            order_window: Duration::from_millis(s.order_window_ms),
         }
     }
 

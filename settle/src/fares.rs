@@ -1034,7 +1034,8 @@ pub(crate) mod tests {
         }
     }
 
-    fn bus(at: u64) -> JournalRecord {
+    /// A bus boarding in 渝中 by [`record`]'s card.
+    pub(crate) fn bus(at: u64) -> JournalRecord {
         record(
             Mode::Bus,
             TapKind::Flat,

@@ -9,6 +9,7 @@
 use super::recent::RecentTaps;
 use crate::adjust::Adjustment;
 use crate::fares::{Charge, FareTables, RiderState, settle};
+use crate::order::{PricingOrder, pricing_order};
 use chrono::NaiveDate;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -628,8 +629,11 @@ struct Walked {
     copies: u64,
 }
 
-/// Prices the approved taps `wanted` keeps, journal by journal in each one's order and
-/// interleaved by gateway time, each copy of a tap once, and hands each to `each`.
+/// Prices the approved taps `wanted` keeps, each copy of a tap once, and hands each to `each`,
+/// in the order settlers price them ([`crate::order`]): online taps by [`pricing_order`],
+/// whichever journal holds them; an offline upload where its journal put it, after the online
+/// taps of the millisecond of the one journaled before it. (A journal's own order is not quite
+/// time order: sessions stamp their taps, then queue them for the writer.)
 fn walk_journals(
     dirs: &[&Path],
     tables: &FareTables,
@@ -640,30 +644,36 @@ fn walk_journals(
         damaged_segments: 0,
         copies: 0,
     };
-    let mut journals = Vec::with_capacity(dirs.len());
-    for dir in dirs {
-        let mut records = Vec::new();
+    // An offline upload takes the place of the online tap journaled before it, and comes
+    // after every online tap of that millisecond.
+    let mut records: Vec<(PricingOrder, usize, usize, JournalRecord)> = Vec::new();
+    for (journal, dir) in dirs.iter().enumerate() {
+        let mut place = 0;
+        let mut last_online = (0, 0, 0);
         for segment in list_segments(dir)? {
             let (_, clean) = read_segment(&segment, |r| {
-                if r.result.outcome == Outcome::Approve && wanted(&r) {
-                    records.push(r);
+                if r.result.outcome != Outcome::Approve {
+                    return;
                 }
+                let at = if r.offline {
+                    (last_online.0, u64::MAX, u64::MAX)
+                } else {
+                    last_online = pricing_order(&r);
+                    last_online
+                };
+                if wanted(&r) {
+                    records.push((at, journal, place, r));
+                }
+                place += 1;
             })?;
             if !clean {
                 walked.damaged_segments += 1;
             }
         }
-        journals.push(records.into_iter().peekable());
     }
+    records.sort_unstable_by_key(|(at, journal, place, _)| (*at, *journal, *place));
     let mut riders: HashMap<u64, (RiderState, RecentTaps)> = HashMap::new();
-    loop {
-        let next = journals
-            .iter_mut()
-            .enumerate()
-            .filter_map(|(i, j)| j.peek().map(|r| (r.server_time_ms, i)))
-            .min();
-        let Some((_, i)) = next else { break };
-        let record = journals[i].next().expect("peeked");
+    for (_, _, _, record) in records {
         let (fares, recent) = riders.entry(record.tap.card_id).or_default();
         if !recent.first_time(&record) {
             walked.copies += 1;

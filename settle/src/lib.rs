@@ -15,6 +15,8 @@
 //!   acknowledgement are one script that checks the lease and the watermark first, so an entry
 //!   delivered again (after a crash, a takeover, or a reset of the group) is acknowledged but
 //!   never applied twice.
+//! * Several gateways' forwarders feed one stream, so a settler lets each new entry wait an
+//!   order window and prices a card's taps by gate time ([`order`]).
 //! * The fare engine ([`crate::fares`]) is pure; a rider's state between batches is stored
 //!   beside the ledgers and written in the same script.
 //!
@@ -28,6 +30,7 @@ pub mod fares;
 pub mod forwarder;
 pub mod ledger;
 pub mod ops;
+pub mod order;
 pub mod recent;
 pub mod settler;
 pub mod stations;
@@ -63,6 +66,9 @@ pub struct SettlementSettings {
     pub lease_ttl: Duration,
     /// Decided taps kept per partition for watchers ([`ForwarderSettings::watch_feed`]).
     pub watch_feed: usize,
+    /// How long settlers let new taps wait for older taps of their cards
+    /// ([`SettlerSettings::order_window`]).
+    pub order_window: Duration,
 }
 
 /// The forwarder and settlers running beside a gateway.
@@ -126,6 +132,7 @@ impl Settlement {
                 partitions: settings.partitions,
                 batch: settings.batch,
                 lease_ttl: settings.lease_ttl,
+                order_window: settings.order_window,
             };
             tasks.push(settler::spawn_supervised(
                 store.clone(),

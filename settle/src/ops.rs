@@ -126,7 +126,7 @@ fn render_forwarder(sink: &mut Sink, forwarder: &ForwarderStats) -> fmt::Result 
 
 fn render_settlers(sink: &mut Sink, settlers: &SettlerStats) -> fmt::Result {
     let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    let counters: [(&str, &str, &str, u64); 11] = [
+    let counters: [(&str, &str, &str, u64); 12] = [
         (
             "settle_batches_total",
             "counter",
@@ -180,6 +180,12 @@ fn render_settlers(sink: &mut Sink, settlers: &SettlerStats) -> fmt::Result {
             "counter",
             "Stream entries that were not tap records.",
             load(&settlers.malformed),
+        ),
+        (
+            "settle_waiting",
+            "gauge",
+            "Taps read and waiting out the order window, so an older tap of their card still on its way from another gateway is priced first.",
+            load(&settlers.waiting),
         ),
         (
             "settle_partitions_held",

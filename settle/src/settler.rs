@@ -12,6 +12,7 @@ use super::ledger::{Booking, Ledger};
 use super::store::{Applied, ApplyBatch, CardSettlement, Delivered, EntryId, Store, StoreError};
 use crate::adjust::Adjustment;
 use crate::fares::{FareTables, settle};
+use crate::order::{self, Arrival};
 use chrono::NaiveDate;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -33,6 +34,10 @@ pub struct SettlerSettings {
     pub batch: usize,
     /// How long a lease lasts without renewal: how soon a dead settler's partitions move on.
     pub lease_ttl: Duration,
+    /// How long a new entry waits on its partition's stream before it is priced, so that an
+    /// older tap of its card shipped by a forwarder behind by less than this is priced first
+    /// (see [`crate::order`]). Zero prices each read as it comes, in gate-time order within it.
+    pub order_window: Duration,
 }
 
 /// Upper bounds (ms) of the settlement-lag histogram buckets.
@@ -92,6 +97,8 @@ pub struct SettlerStats {
     pub leases_lost: AtomicU64,
     pub store_errors: AtomicU64,
     pub partitions_held: AtomicU64,
+    /// Entries read and waiting out the order window, over this process's settlers.
+    pub waiting: AtomicU64,
     pub lag: LagHistogram,
     /// Failing while the store does not answer; dead when a settler stopped on an error or
     /// panicked.
@@ -120,11 +127,47 @@ fn next_lease_round_in(lease_ttl: Duration, short_of_share: bool, catching_up: b
     }
 }
 
+#[derive(Default)]
 struct Held {
     /// Entries may wait in the group's pending list (taken over, or a read whose answer was
     /// lost): claim those before reading new ones.
     check_pending: bool,
+    /// Entries read and not yet priced, in stream order: they wait out the order window. They
+    /// stay in the group's pending list meanwhile, so a settler taking the partition over
+    /// claims them.
+    waiting: Vec<Read>,
 }
+
+/// An entry waiting out the order window, with when this settler read it.
+struct Read {
+    at_ms: u64,
+    entry: Delivered,
+}
+
+impl Read {
+    /// When the entry reached the stream. Its id is the store's clock; reading bounds it, so a
+    /// store clock ahead of this settler's cannot hold entries longer than the window after
+    /// they were read.
+    fn arrived_ms(&self) -> u64 {
+        self.entry.id.ms.min(self.at_ms)
+    }
+}
+
+impl Held {
+    fn claim_pending(&mut self) {
+        self.check_pending = true;
+        // The pending list holds these too; they are read from there again.
+        self.waiting.clear();
+    }
+}
+
+/// Read entries a partition may hold waiting for the order window, in batches: past it the
+/// settler reads no more of that partition until some are priced, and new entries wait in the
+/// stream instead (their window counts from their arrival there).
+const WAITING_BATCHES: usize = 8;
+/// How often a settler looks for waiting entries that became ready. Looking costs a pass over
+/// every waiting entry of a partition whose first is due, so not on every read.
+const ORDER_TICK: Duration = Duration::from_millis(50);
 
 /// Starts one settler under the panic supervisor; a settler that stops on a store error marks
 /// the settlers' health dead so readiness names it.
@@ -181,6 +224,8 @@ pub async fn run(
         members: 0,
         catch_up_until: Instant::now(),
         failing: false,
+        reported_waiting: 0,
+        next_ordering: Instant::now(),
     };
     tracing::info!(settler = %settler.token, fare_tables = %settler.fare_tables_digest, "settler starting");
     let mut retry = Backoff::new(RETRY_FIRST, RETRY_CEILING);
@@ -195,10 +240,8 @@ pub async fn run(
                 tracing::warn!(error = %e, "settler: store unavailable; retrying");
             }
             settler.failing = true;
-            settler
-                .held
-                .values_mut()
-                .for_each(|h| h.check_pending = true);
+            settler.held.values_mut().for_each(Held::claim_pending);
+            settler.report_waiting();
             tokio::select! {
                 _ = stop.changed() => {}
                 () = retry.wait() => {}
@@ -213,6 +256,7 @@ pub async fn run(
     for p in std::mem::take(&mut settler.held).into_keys() {
         let _ = settler.store.release(p, &settler.token).await;
     }
+    settler.report_waiting();
     let _ = settler.store.leave(&settler.token).await;
     settler.stats.partitions_held.store(0, Ordering::Relaxed);
     tracing::info!(settler = %settler.token, "settler stopped");
@@ -257,6 +301,10 @@ struct Settler {
     /// Until when partitions may still be changing hands after the membership changed.
     catch_up_until: Instant,
     failing: bool,
+    /// What this settler last added into the process's waiting gauge.
+    reported_waiting: u64,
+    /// When to look for ready entries next.
+    next_ordering: Instant,
 }
 
 impl Settler {
@@ -290,26 +338,109 @@ impl Settler {
                 self.settle_batch(p, entries).await?;
             }
         }
+        let most_waiting = self.settings.batch * WAITING_BATCHES;
         let reading: Vec<u16> = self
             .held
             .iter()
-            .filter(|(_, h)| !h.check_pending)
+            .filter(|(_, h)| !h.check_pending && h.waiting.len() < most_waiting)
             .map(|(p, _)| *p)
             .collect();
         let until_leases = self
             .next_lease_round
             .saturating_duration_since(Instant::now());
-        let block = READ_BLOCK.min(until_leases).max(Duration::from_millis(1));
+        let block = READ_BLOCK
+            .min(until_leases)
+            .min(if self.held.values().any(|h| !h.waiting.is_empty()) {
+                ORDER_TICK
+            } else {
+                READ_BLOCK
+            })
+            .max(Duration::from_millis(1));
         let delivered = self
             .store
             .read_new(&reading, &self.token, self.settings.batch, block)
             .await?;
         for (p, entries) in delivered {
-            if !entries.is_empty() {
+            if let Some(h) = self.held.get_mut(&p) {
+                let at_ms = tapgate_runtime::now_ms();
+                h.waiting
+                    .extend(entries.into_iter().map(|entry| Read { at_ms, entry }));
+            }
+        }
+        self.settle_ready().await
+    }
+
+    fn arrivals(waiting: &[Read]) -> Vec<Arrival> {
+        waiting
+            .iter()
+            .map(|read| Arrival {
+                arrived_ms: read.arrived_ms(),
+                // An offline tap reaches the stream minutes after its gate time by nature: no
+                // window waits for it, and it is priced where it arrived.
+                tap: read
+                    .entry
+                    .record
+                    .filter(|r| !r.offline)
+                    .map(|r| (r.tap.card_id, order::pricing_order(&r))),
+            })
+            .collect()
+    }
+
+    fn order_window_ms(&self) -> u64 {
+        u64::try_from(self.settings.order_window.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Prices every partition's waiting entries that are ready, a batch at a time, once an
+    /// [`ORDER_TICK`].
+    async fn settle_ready(&mut self) -> Result<(), StoreError> {
+        if Instant::now() < self.next_ordering {
+            return Ok(());
+        }
+        self.next_ordering = Instant::now() + ORDER_TICK;
+        let window = self.order_window_ms();
+        let partitions: Vec<u16> = self.held.keys().copied().collect();
+        for p in partitions {
+            let now = tapgate_runtime::now_ms();
+            let Some(h) = self.held.get(&p).filter(|h| {
+                h.waiting
+                    .first()
+                    .is_some_and(|r| r.arrived_ms().saturating_add(window) <= now)
+            }) else {
+                continue;
+            };
+            let arrivals = Self::arrivals(&h.waiting);
+            let ends = order::batch_ends(&arrivals, now, window, self.settings.batch);
+            let mut taken = 0;
+            for end in ends {
+                // A batch the store turned back (the watermark moved, the lease was lost)
+                // empties the waiting entries: they are read again from the pending list.
+                let Some(h) = self
+                    .held
+                    .get_mut(&p)
+                    .filter(|h| h.waiting.len() >= end - taken)
+                else {
+                    break;
+                };
+                let entries: Vec<Delivered> =
+                    h.waiting.drain(..end - taken).map(|r| r.entry).collect();
+                taken = end;
                 self.settle_batch(p, entries).await?;
             }
         }
+        self.report_waiting();
         Ok(())
+    }
+
+    /// Keeps the process's waiting gauge, which every settler of the process adds into.
+    fn report_waiting(&mut self) {
+        let waiting: u64 = self.held.values().map(|h| h.waiting.len() as u64).sum();
+        let gauge = &self.stats.waiting;
+        if waiting >= self.reported_waiting {
+            gauge.fetch_add(waiting - self.reported_waiting, Ordering::Relaxed);
+        } else {
+            gauge.fetch_sub(self.reported_waiting - waiting, Ordering::Relaxed);
+        }
+        self.reported_waiting = waiting;
     }
 
     /// Renews, takes and gives back leases; true when this settler holds fewer partitions
@@ -356,6 +487,7 @@ impl Settler {
                     p,
                     Held {
                         check_pending: true,
+                        ..Held::default()
                     },
                 );
             }
@@ -367,6 +499,7 @@ impl Settler {
             self.store.release(p, &self.token).await?;
             tracing::info!(partition = p, settler = %self.token, "settler gave a partition back");
         }
+        self.report_waiting();
         self.stats
             .partitions_held
             .store(self.held.len() as u64, Ordering::Relaxed);
@@ -375,6 +508,7 @@ impl Settler {
 
     fn lose(&mut self, partition: u16) {
         if self.held.remove(&partition).is_some() {
+            self.report_waiting();
             self.stats.leases_lost.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(partition, settler = %self.token, "settler lost a partition's lease");
         }
@@ -443,7 +577,8 @@ impl Settler {
         let Some(last) = fresh.last().map(|e| e.id) else {
             return self.store.ack(partition, &acks).await;
         };
-        let records: Vec<_> = fresh.iter().filter_map(|e| e.record).collect();
+        let mut records: Vec<_> = fresh.iter().filter_map(|e| e.record).collect();
+        order::in_gate_time_order(&mut records);
         let adjustments: Vec<&Adjustment> = fresh
             .iter()
             .filter_map(|e| e.adjustment.as_deref())
@@ -523,7 +658,7 @@ impl Settler {
             Applied::LeaseLost => self.lose(partition),
             Applied::WatermarkMoved | Applied::DayClosed => {
                 if let Some(h) = self.held.get_mut(&partition) {
-                    h.check_pending = true;
+                    h.claim_pending();
                 }
             }
         }

@@ -105,7 +105,9 @@ impl MemoryStore {
         if current.as_ref() != expected {
             return Shipped::Moved(current);
         }
-        s.next_ms += 1;
+        // Entry ids carry the time they reached the stream, as Redis's do: the order window
+        // counts from it.
+        s.next_ms = tapgate_runtime::now_ms().max(s.next_ms + 1);
         let ms = s.next_ms;
         let approved = || {
             taps.iter()
@@ -208,11 +210,14 @@ impl MemoryStore {
             let Some(stream) = s.streams.get_mut(p) else {
                 continue;
             };
-            let after = stream.delivered_up_to;
+            // The stream holds what waits out the order window too: find the first new entry
+            // rather than walk past the delivered ones on every read.
+            let first_new = stream.delivered_up_to.map_or(0, |after| {
+                stream.entries.partition_point(|(id, _)| *id <= after)
+            });
             let fresh: Vec<(EntryId, JournalRecord)> = stream
                 .entries
-                .iter()
-                .filter(|(id, _)| after.is_none_or(|a| *id > a))
+                .range(first_new..)
                 .take(max)
                 .copied()
                 .collect();
