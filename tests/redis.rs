@@ -1001,8 +1001,8 @@ async fn a_tap_resent_to_a_second_gateway_gets_the_first_decision_and_is_journal
 
 /// Two gateways on a Redis Cluster: a gate uploads two offline taps to A, loses its link
 /// before it can forget the second, and uploads it again to B. B knows what A recorded: the
-/// receipt is `already`, with A's flag and fare; B journals A's record as A wrote it; and
-/// settlement over both journals books each tap once.
+/// receipt is `already`, with A's flag and fare; B journals A's record as A wrote it; and both
+/// gateways' live settlers on the cluster book each tap once, as reconcile does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_offline_tap_uploaded_again_to_another_gateway_on_a_cluster_is_settled_once() {
     use tapgate_protocol::{DenyAck, Frame, OfflineStatus, OfflineTap};
@@ -1012,6 +1012,10 @@ async fn an_offline_tap_uploaded_again_to_another_gateway_on_a_cluster_is_settle
     let (a_state, b_state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = Harness::start(redis_directory(&url), a_state.path()).await;
     let b = Harness::start(redis_directory(&url), b_state.path()).await;
+    let settling = [
+        settle_live_on(&url, "gw-a", &a),
+        settle_live_on(&url, "gw-b", &b),
+    ];
     let since = now_ms() - 10 * 60_000;
     let uploads: Vec<OfflineTap> = (1..=2)
         .map(|s| OfflineTap {
@@ -1052,10 +1056,71 @@ async fn an_offline_tap_uploaded_again_to_another_gateway_on_a_cluster_is_settle
         (OfflineStatus::Already, first[1].flag, first[1].fare_fen)
     );
 
+    for settlement in &settling {
+        assert!(
+            settlement
+                .wait_settled(Duration::from_secs(30))
+                .await
+                .unwrap()
+        );
+    }
+    let copies: u64 = settling
+        .iter()
+        .map(|s| s.settlers.copies.load(std::sync::atomic::Ordering::Relaxed))
+        .sum();
+    let store = &settling[0].store;
+    let (books, cards) = (
+        store.ledger(None, true).await.unwrap(),
+        store.card_pseudonyms().await.unwrap(),
+    );
+    for settlement in settling {
+        settlement.shutdown().await;
+    }
     b.gateway.shutdown().await;
     a.gateway.shutdown().await;
     assert!(journaled_alike(a_state.path(), b_state.path(), 2).offline);
     assert_eq!(taps_and_copies(&[a_state.path(), b_state.path()]), (2, 1));
+    assert_eq!(
+        (books.taps(), copies),
+        (2, 1),
+        "booked once, the copy left out"
+    );
+    let journals = [
+        a_state.path().join("journal"),
+        b_state.path().join("journal"),
+    ];
+    let journals: Vec<&std::path::Path> = journals.iter().map(|j| j.as_path()).collect();
+    let expected = tapgate_settle::ledger::settle_journals(
+        &journals,
+        &tapgate_settle::fares::FareTables::embedded_default(),
+        &cards,
+    )
+    .unwrap();
+    let reconciled = tapgate_settle::ledger::Reconciliation::new(&expected.ledger, &books);
+    assert!(reconciled.is_exact(), "{reconciled:?}");
+}
+
+/// A gateway's live settlement (its forwarder and one settler) on the Redis at `url`.
+fn settle_live_on(url: &str, node: &str, h: &Harness) -> tapgate_settle::Settlement {
+    use tapgate_settle::store::{RedisStore, Store};
+    let store =
+        Store::Redis(RedisStore::connect(url, None, "tapgate", Duration::from_secs(2)).unwrap());
+    tapgate_settle::Settlement::start(
+        store,
+        &tapgate_settle::SettlementSettings {
+            node: node.into(),
+            journal_dir: h.state.join("journal"),
+            partitions: 4,
+            settlers: 1,
+            batch: 64,
+            max_backlog: 100_000,
+            lease_ttl: Duration::from_millis(1000),
+            watch_feed: 0,
+            order_window: Duration::from_millis(tapgate_gateway::config::DEFAULT_ORDER_WINDOW_MS),
+        },
+        std::sync::Arc::new(tapgate_settle::fares::FareTables::embedded_default()),
+        h.gateway.journal().durable(),
+    )
 }
 
 /// The record of the gate's tap `sequence` in B's journal (under `b`), which A's (under `a`)
