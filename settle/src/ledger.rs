@@ -638,51 +638,86 @@ fn walk_journals(
     dirs: &[&Path],
     tables: &FareTables,
     wanted: impl Fn(&JournalRecord) -> bool,
-    mut each: impl FnMut(&JournalRecord, &[Charge]),
+    each: impl FnMut(&JournalRecord, &[Charge]),
 ) -> std::io::Result<Walked> {
     let mut walked = Walked {
         damaged_segments: 0,
         copies: 0,
     };
-    // An offline upload takes the place of the online tap journaled before it, and comes
-    // after every online tap of that millisecond.
-    let mut records: Vec<(PricingOrder, usize, usize, JournalRecord)> = Vec::new();
+    let mut placed = Vec::new();
     for (journal, dir) in dirs.iter().enumerate() {
-        let mut place = 0;
-        let mut last_online = (0, 0, 0);
+        let mut places = JournalPlaces::new(journal);
         for segment in list_segments(dir)? {
             let (_, clean) = read_segment(&segment, |r| {
-                if r.result.outcome != Outcome::Approve {
-                    return;
+                if r.result.outcome == Outcome::Approve {
+                    let place = places.next(&r);
+                    if wanted(&r) {
+                        placed.push((place, r));
+                    }
                 }
-                let at = if r.offline {
-                    (last_online.0, u64::MAX, u64::MAX)
-                } else {
-                    last_online = pricing_order(&r);
-                    last_online
-                };
-                if wanted(&r) {
-                    records.push((at, journal, place, r));
-                }
-                place += 1;
             })?;
             if !clean {
                 walked.damaged_segments += 1;
             }
         }
     }
-    records.sort_unstable_by_key(|(at, journal, place, _)| (*at, *journal, *place));
+    walked.copies = price_in_order(placed, tables, each);
+    Ok(walked)
+}
+
+/// Where a journaled tap is priced: its [`PricingOrder`], then its journal and its place there.
+type Place = (PricingOrder, usize, u64);
+
+/// Gives one journal's approved taps, read in its order, their places in pricing order.
+struct JournalPlaces {
+    journal: usize,
+    read: u64,
+    last_online: PricingOrder,
+}
+
+impl JournalPlaces {
+    fn new(journal: usize) -> Self {
+        Self {
+            journal,
+            read: 0,
+            last_online: (0, 0, 0),
+        }
+    }
+
+    /// An offline upload takes the place of the online tap journaled before it, after every
+    /// online tap of that millisecond.
+    fn next(&mut self, record: &JournalRecord) -> Place {
+        let order = if record.offline {
+            (self.last_online.0, u64::MAX, u64::MAX)
+        } else {
+            self.last_online = pricing_order(record);
+            self.last_online
+        };
+        self.read += 1;
+        (order, self.journal, self.read)
+    }
+}
+
+/// Prices the taps in the order of their places, each copy of a tap once (the copies are
+/// counted and returned), and hands each to `each`.
+fn price_in_order(
+    mut placed: Vec<(Place, JournalRecord)>,
+    tables: &FareTables,
+    mut each: impl FnMut(&JournalRecord, &[Charge]),
+) -> u64 {
+    placed.sort_unstable_by_key(|(place, _)| *place);
+    let mut copies = 0;
     let mut riders: HashMap<u64, (RiderState, RecentTaps)> = HashMap::new();
-    for (_, _, _, record) in records {
+    for (_, record) in placed {
         let (fares, recent) = riders.entry(record.tap.card_id).or_default();
         if !recent.first_time(&record) {
-            walked.copies += 1;
+            copies += 1;
             continue;
         }
         let charges = settle(&record, fares, tables);
         each(&record, &charges);
     }
-    Ok(walked)
+    copies
 }
 
 /// What a difference between two ledgers is about.
@@ -966,6 +1001,58 @@ mod tests {
         );
         (r.terminal_id, r.tap.card_id, r.tap.issuer) = (7, card_id, issuer);
         r
+    }
+
+    /// Reconcile prices what the settlers price in the order they do: online taps by gateway
+    /// time across journals, ties by gate and sequence, an offline upload after the online tap
+    /// its journal holds before it. Each journal's own order is a few milliseconds off.
+    #[test]
+    fn journals_are_priced_by_gateway_time_not_in_each_journal_s_order() {
+        let tap = |card, at, gate, sequence| {
+            let mut r = record(card, Issuer::ChongqingSsc, at);
+            (r.terminal_id, r.tap.sequence) = (gate, sequence);
+            r
+        };
+        let mut upload = tap(3, T0 - 600_000, 9, 1);
+        upload.offline = true;
+        // Gateway A journaled card 1's tap after card 5's later one; then an upload.
+        let a = [
+            tap(5, T0 + 102, 1, 1),
+            tap(1, T0 + 99, 2, 1),
+            upload,
+            tap(3, T0 + 150, 1, 2),
+        ];
+        // Gateway B: card 4 tapped at two gates in one millisecond, journaled gate 6 first.
+        let b = [
+            tap(1, T0 + 100, 3, 1),
+            tap(3, T0 + 101, 4, 1),
+            tap(4, T0 + 200, 6, 1),
+            tap(4, T0 + 200, 5, 1),
+        ];
+        let mut placed = Vec::new();
+        for (i, journal) in [&a[..], &b[..]].into_iter().enumerate() {
+            let mut places = JournalPlaces::new(i);
+            placed.extend(journal.iter().map(|r| (places.next(r), *r)));
+        }
+        let mut priced = Vec::new();
+        let tables = FareTables::embedded_default();
+        price_in_order(placed, &tables, |r, _| {
+            priced.push((r.tap.card_id, r.terminal_id));
+        });
+        let gates_of = |card| -> Vec<u64> {
+            priced
+                .iter()
+                .filter(|(c, _)| *c == card)
+                .map(|(_, gate)| *gate)
+                .collect()
+        };
+        assert_eq!(gates_of(1), [2, 3], "by time, not A's order");
+        assert_eq!(
+            gates_of(3),
+            [9, 4, 1],
+            "the upload where A's tap at T0 + 99 is"
+        );
+        assert_eq!(gates_of(4), [5, 6], "one millisecond: by gate");
     }
 
     fn charge(fen: u32) -> Charge {
