@@ -18,12 +18,11 @@ use tapgate_journal::{list_segments, read_segment};
 use tapgate_loadgen::client::{GateClient, client_endpoint};
 use tapgate_protocol::{Mode, Outcome, Tap, TapKind};
 use tapgate_runtime::now_ms;
+use tapgate_settle::Settlement;
 use tapgate_settle::fares::FareTables;
 use tapgate_settle::ledger::{Ledger, settle_journals};
 use tapgate_settle::store::{RedisStore, Store};
-use tapgate_settle::{Settlement, SettlementSettings};
 
-const PARTITIONS: u16 = 4;
 const GATES: usize = 24;
 const TAPS_PER_GATE: u64 = 120;
 
@@ -176,17 +175,7 @@ async fn a_gateway_killed_under_load(url: &str) {
         Store::Redis(RedisStore::connect(url, None, "tapgate", Duration::from_secs(2)).unwrap());
     let settlement_b = Settlement::start(
         store.clone(),
-        &SettlementSettings {
-            node: "gw-b".into(),
-            journal_dir: b.state.join("journal"),
-            partitions: PARTITIONS,
-            settlers: 1,
-            batch: 64,
-            max_backlog: 100_000,
-            lease_ttl: Duration::from_millis(1000),
-            watch_feed: tapgate_settle::forwarder::WATCH_FEED,
-            order_window: Duration::from_millis(tapgate_gateway::config::DEFAULT_ORDER_WINDOW_MS),
-        },
+        &test_settlement("gw-b", b.state.join("journal")),
         Arc::new(FareTables::embedded_default()),
         b.gateway.journal().durable(),
     );

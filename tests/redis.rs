@@ -1108,15 +1108,8 @@ fn settle_live_on(url: &str, node: &str, h: &Harness) -> tapgate_settle::Settlem
     tapgate_settle::Settlement::start(
         store,
         &tapgate_settle::SettlementSettings {
-            node: node.into(),
-            journal_dir: h.state.join("journal"),
-            partitions: 4,
-            settlers: 1,
-            batch: 64,
-            max_backlog: 100_000,
-            lease_ttl: Duration::from_millis(1000),
             watch_feed: 0,
-            order_window: Duration::from_millis(tapgate_gateway::config::DEFAULT_ORDER_WINDOW_MS),
+            ..test_settlement(node, h.state.join("journal"))
         },
         std::sync::Arc::new(tapgate_settle::fares::FareTables::embedded_default()),
         h.gateway.journal().durable(),

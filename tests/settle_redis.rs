@@ -22,8 +22,6 @@ use tapgate_settle::store::{RedisStore, Store};
 use tapgate_settle::{Settlement, SettlementSettings};
 use tapgate_transport::tls::Resumption;
 
-const PARTITIONS: u16 = 4;
-
 fn population() -> PopulationSpec {
     PopulationSpec {
         cards: 3_000,
@@ -52,15 +50,8 @@ fn settlement(h: &Harness, store: Store, settlers: usize) -> Settlement {
 
 fn settlement_of(node: &str, h: &Harness, store: Store, settlers: usize) -> Settlement {
     let settings = SettlementSettings {
-        node: node.into(),
-        journal_dir: h.state.join("journal"),
-        partitions: PARTITIONS,
         settlers,
-        batch: 64,
-        max_backlog: 100_000,
-        lease_ttl: Duration::from_millis(1000),
-        watch_feed: tapgate_settle::forwarder::WATCH_FEED,
-        order_window: Duration::from_millis(tapgate_gateway::config::DEFAULT_ORDER_WINDOW_MS),
+        ..test_settlement(node, h.state.join("journal"))
     };
     Settlement::start(
         store,
@@ -621,15 +612,9 @@ fn settlement_of_node(
     order_window: Duration,
 ) -> Settlement {
     let settings = SettlementSettings {
-        node: node.into(),
-        journal_dir: journal.settings.dir.clone(),
-        partitions: PARTITIONS,
         settlers,
-        batch: 64,
-        max_backlog: 100_000,
-        lease_ttl: Duration::from_millis(1000),
-        watch_feed: tapgate_settle::forwarder::WATCH_FEED,
         order_window,
+        ..test_settlement(node, journal.settings.dir.clone())
     };
     Settlement::start(
         store(redis),

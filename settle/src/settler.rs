@@ -151,6 +151,19 @@ impl Read {
     fn arrived_ms(&self) -> u64 {
         self.entry.id.ms.min(self.at_ms)
     }
+
+    fn arrival(&self) -> Arrival {
+        Arrival {
+            arrived_ms: self.arrived_ms(),
+            // An offline tap reaches the stream minutes after its gate time by nature: no
+            // window waits for it, and it is priced where it arrived.
+            tap: self
+                .entry
+                .record
+                .filter(|r| !r.offline)
+                .map(|r| (r.tap.card_id, order::pricing_order(&r))),
+        }
+    }
 }
 
 impl Held {
@@ -367,23 +380,9 @@ impl Settler {
                     .extend(entries.into_iter().map(|entry| Read { at_ms, entry }));
             }
         }
-        self.settle_ready().await
-    }
-
-    fn arrivals(waiting: &[Read]) -> Vec<Arrival> {
-        waiting
-            .iter()
-            .map(|read| Arrival {
-                arrived_ms: read.arrived_ms(),
-                // An offline tap reaches the stream minutes after its gate time by nature: no
-                // window waits for it, and it is priced where it arrived.
-                tap: read
-                    .entry
-                    .record
-                    .filter(|r| !r.offline)
-                    .map(|r| (r.tap.card_id, order::pricing_order(&r))),
-            })
-            .collect()
+        self.settle_ready().await?;
+        self.report_waiting();
+        Ok(())
     }
 
     fn order_window_ms(&self) -> u64 {
@@ -408,7 +407,7 @@ impl Settler {
             }) else {
                 continue;
             };
-            let arrivals = Self::arrivals(&h.waiting);
+            let arrivals: Vec<Arrival> = h.waiting.iter().map(Read::arrival).collect();
             let ends = order::batch_ends(&arrivals, now, window, self.settings.batch);
             let mut taken = 0;
             for end in ends {
@@ -427,11 +426,11 @@ impl Settler {
                 self.settle_batch(p, entries).await?;
             }
         }
-        self.report_waiting();
         Ok(())
     }
 
-    /// Keeps the process's waiting gauge, which every settler of the process adds into.
+    /// Keeps the process's waiting gauge, which every settler of the process adds into: at
+    /// the end of each round, after a failed one, and at the stop.
     fn report_waiting(&mut self) {
         let waiting: u64 = self.held.values().map(|h| h.waiting.len() as u64).sum();
         let gauge = &self.stats.waiting;
@@ -499,7 +498,6 @@ impl Settler {
             self.store.release(p, &self.token).await?;
             tracing::info!(partition = p, settler = %self.token, "settler gave a partition back");
         }
-        self.report_waiting();
         self.stats
             .partitions_held
             .store(self.held.len() as u64, Ordering::Relaxed);
@@ -508,7 +506,6 @@ impl Settler {
 
     fn lose(&mut self, partition: u16) {
         if self.held.remove(&partition).is_some() {
-            self.report_waiting();
             self.stats.leases_lost.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(partition, settler = %self.token, "settler lost a partition's lease");
         }

@@ -903,3 +903,25 @@ pub(crate) async fn follow_until(
     }
     frames
 }
+
+/// Settlement partitions of the tests that settle on Redis.
+pub(crate) const PARTITIONS: u16 = 4;
+
+/// Settlement settings for a test gateway `node` shipping the journal in `journal_dir`:
+/// [`PARTITIONS`], one settler, a short lease, the shipped watch feed and order window.
+pub(crate) fn test_settlement(
+    node: &str,
+    journal_dir: PathBuf,
+) -> tapgate_settle::SettlementSettings {
+    tapgate_settle::SettlementSettings {
+        node: node.into(),
+        journal_dir,
+        partitions: PARTITIONS,
+        settlers: 1,
+        batch: 64,
+        max_backlog: 100_000,
+        lease_ttl: Duration::from_millis(1000),
+        watch_feed: tapgate_settle::forwarder::WATCH_FEED,
+        order_window: Duration::from_millis(tapgate_gateway::config::DEFAULT_ORDER_WINDOW_MS),
+    }
+}

@@ -183,6 +183,14 @@ impl ConnectionFollowing {
 }
 
 impl Referee {
+    fn gate_following(&mut self, terminal_id: u64) -> &mut GateFollowing {
+        &mut self
+            .terminals
+            .get_mut(&terminal_id)
+            .expect("known")
+            .following
+    }
+
     /// A DenyAck on a version-2 connection.
     pub(super) fn deny_ack(
         &mut self,
@@ -255,11 +263,7 @@ impl Referee {
         }
         following.acked = version;
         let caught_up = following.points.last() == Some(&version);
-        let gate = &mut self
-            .terminals
-            .get_mut(&terminal_id)
-            .expect("known")
-            .following;
+        let gate = self.gate_following(terminal_id);
         gate.acked = version;
         gate.sent.retain(|v| *v > version);
         if caught_up {
@@ -281,11 +285,7 @@ impl Referee {
         let mut frames = vec![Frame::OfflineRules(self.settings.offline_rules)];
         let mut points = Vec::new();
         let version = self.list.version();
-        let gate = &mut self
-            .terminals
-            .get_mut(&terminal_id)
-            .expect("known")
-            .following;
+        let gate = self.gate_following(terminal_id);
         gate.connections += 1;
         // Every third connection gets the whole list all the same, as from a gateway that
         // loaded it again: the gate must take a list in parts while it holds one.
@@ -509,11 +509,7 @@ impl Referee {
     /// sequence passes, one recorded coming again fails.
     fn upload_status(&mut self, terminal_id: u64, upload: &OfflineTap) -> OfflineStatus {
         let body = UploadBody::from(upload);
-        let gate = &mut self
-            .terminals
-            .get_mut(&terminal_id)
-            .expect("known")
-            .following;
+        let gate = self.gate_following(terminal_id);
         gate.uploads += 1;
         if gate.uploads == 1 {
             gate.busy = Some(body);
