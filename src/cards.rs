@@ -5,14 +5,11 @@ use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::time::Duration;
 use tapgate_city::population::PopulationSpec;
 use tapgate_gateway::card::{CardRecord, CardState};
 use tapgate_gateway::config::Config;
 use tapgate_gateway::decide::CountedRide;
-use tapgate_gateway::directory::{
-    Directory, RedisDirectory, RedisSettings, card_fields, parse_card,
-};
+use tapgate_gateway::directory::{Directory, card_fields, parse_card};
 use tapgate_runtime::clock::{local_date, now_ms};
 use tapgate_runtime::redis_target::bounded_line;
 
@@ -139,7 +136,7 @@ async fn run_async(args: CardsArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let directory = redis_directory(&args.redis, args.wait_replicas)?;
+    let directory = args.redis.directory(args.wait_replicas)?;
     match args.action {
         CardsAction::Import { file } => {
             let bytes =
@@ -193,20 +190,6 @@ async fn run_async(args: CardsArgs) -> anyhow::Result<()> {
         },
     }
     Ok(())
-}
-
-/// The card directory in the Redis `target` names.
-pub(crate) fn redis_directory(
-    target: &crate::common::RedisTarget,
-    wait_replicas: u16,
-) -> anyhow::Result<Directory> {
-    Ok(Directory::Redis(RedisDirectory::connect(&RedisSettings {
-        url: target.redis_url.clone(),
-        tls_ca_file: target.redis_tls_ca_file.clone(),
-        key_prefix: target.key_prefix.clone(),
-        response_timeout: Duration::from_secs(5),
-        wait_replicas,
-    })?))
 }
 
 async fn set_state(directory: &Directory, card_id: u64, state: CardState) -> anyhow::Result<()> {

@@ -5,6 +5,7 @@ use clap::Args;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
+use tapgate_gateway::directory::{Directory, RedisDirectory, RedisSettings};
 
 pub(crate) fn init_logging(filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
@@ -93,4 +94,17 @@ pub(crate) struct RedisTarget {
     /// Key prefix, as the gateways' `[directory] key_prefix`.
     #[arg(long, default_value = "tapgate")]
     pub key_prefix: String,
+}
+
+impl RedisTarget {
+    /// The card directory in this Redis; a card change waits for `wait_replicas` replicas.
+    pub(crate) fn directory(&self, wait_replicas: u16) -> anyhow::Result<Directory> {
+        Ok(Directory::Redis(RedisDirectory::connect(&RedisSettings {
+            url: self.redis_url.clone(),
+            tls_ca_file: self.redis_tls_ca_file.clone(),
+            key_prefix: self.key_prefix.clone(),
+            response_timeout: Duration::from_secs(5),
+            wait_replicas,
+        })?))
+    }
 }

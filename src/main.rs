@@ -10,6 +10,7 @@ mod deny_bench;
 mod load;
 mod scrape;
 mod serve;
+mod servers;
 mod settle;
 mod statement;
 mod top;
@@ -48,8 +49,12 @@ enum Command {
     /// latency, server CPU per tap and their ratios, printed and written as JSON.
     Bench(bench::BenchArgs),
     /// Time a lost card's way to the deny list of every connected version-2 gate (an embedded
-    /// gateway and 20,000 gates in this process).
+    /// gateway and 20,000 gates in this process; or, with --gate-processes, a Redis gateway in
+    /// its own process and the gates in processes of their own).
     BenchDeny(deny_bench::DenyBenchArgs),
+    /// One process's share of the gates of `bench-deny --gate-processes`.
+    #[command(hide = true)]
+    BenchDenyGates(deny_bench::DenyGatesArgs),
     /// Settlement: fares per area, operator and mode, and clearing between issuers.
     Settle(settle::SettleArgs),
     /// Manage card records in Redis: import, generate, report lost, block, unblock, show.
@@ -89,6 +94,7 @@ fn main() -> ExitCode {
         Command::Echo(args) => load::run_echo(args),
         Command::Bench(args) => bench::run_bench(args),
         Command::BenchDeny(args) => deny_bench::run_deny_bench(args),
+        Command::BenchDenyGates(args) => deny_bench::run_deny_gates(args),
         Command::Cards(args) => cards::run(args),
         Command::Top(args) => top::run(args),
         Command::Settle(args) => return report_failure(settle::run(args)),

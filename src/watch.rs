@@ -326,7 +326,7 @@ async fn act_on(
             Action::Watch => "on the watch list".to_owned(),
             Action::Block => {
                 if directory.is_none() {
-                    directory = Some(crate::cards::redis_directory(redis, 0)?);
+                    directory = Some(redis.directory(0)?);
                 }
                 let directory = directory.as_ref().expect("just made");
                 match directory.set_state(card, CardState::Blocked).await? {

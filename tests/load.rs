@@ -457,6 +457,38 @@ fn bench_deny_times_each_change_to_every_gate_and_counts_dropped_datagrams() {
     assert_eq!(report["missing"], 0);
 }
 
+/// `tapgate bench-deny --gate-processes 2`: a Redis gateway in its own process (on a private
+/// redis-server the tool starts), the gates split over two processes, the cards reported lost
+/// through Redis; every change reaches every gate, and the report has both sides' CPU.
+#[test]
+fn bench_deny_with_the_gates_in_processes_of_their_own_reaches_every_gate_through_redis() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("deny.json");
+    let text = tapgate_succeeds(&[
+        "bench-deny",
+        "--gates",
+        "40",
+        "--changes",
+        "3",
+        "--every",
+        "50ms",
+        "--gate-processes",
+        "2",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(text.contains("the gates in 2 processes"), "{text}");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(report["gate_processes"], 2);
+    assert_eq!(report["missing"], 0);
+    assert!(report["cards_on_list"].as_u64().unwrap() > 0, "{report}");
+    let each = report["last_gate_each_ms"].as_array().unwrap();
+    assert_eq!(each.len(), 3);
+    assert!(each.iter().all(serde_json::Value::is_u64), "{each:?}");
+    assert!(report["cpu"]["gateway_changes"].is_f64(), "{report}");
+    assert_eq!(report["dropped_at_gates"], 0);
+}
+
 /// Runs the `tapgate` binary with `args`; what it printed, once it exited successfully.
 fn tapgate_succeeds(args: &[&str]) -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tapgate"))
