@@ -491,7 +491,7 @@ fn check_offline_journaled(journal: &Path, receipted: u64) -> anyhow::Result<()>
     let mut taps = std::collections::HashMap::<(u64, u64), u64>::new();
     for segment in tapgate_journal::list_segments(journal)? {
         tapgate_journal::read_segment(&segment, |r| {
-            if r.offline {
+            if r.is_offline() {
                 *taps.entry((r.terminal_id, r.tap.sequence)).or_default() += 1;
             }
         })?;

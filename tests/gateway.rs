@@ -354,24 +354,32 @@ async fn offline_taps_are_recorded_once_at_their_gate_time_and_broken_rules_are_
     h.gateway.shutdown().await;
     let records = journaled(state.path());
     for (offline, flag) in &uploads {
-        let recorded: Vec<_> = records
-            .iter()
-            .filter(|r| r.tap.sequence == offline.tap.sequence)
-            .collect();
-        assert_eq!(
-            recorded.len(),
-            1,
-            "tap {} recorded once",
-            offline.tap.sequence
-        );
-        let r = recorded[0];
-        assert!(r.offline);
-        assert_eq!(
-            (r.result.outcome, r.result.reason, r.server_time_ms),
-            (Outcome::Approve, *flag, offline.tap.gate_time_ms)
-        );
+        recorded_once_as_uploaded(&records, &offline.tap, *flag);
     }
-    assert!(records.iter().any(|r| r.tap.sequence == 6 && !r.offline));
+    assert!(
+        records
+            .iter()
+            .any(|r| r.tap.sequence == 6 && !r.is_offline())
+    );
+}
+
+/// The journal holds `tap` once: approved at its gate time, flagged `flag`, with when its
+/// upload reached the gateway (no earlier than the tap).
+fn recorded_once_as_uploaded(records: &[tapgate_journal::JournalRecord], tap: &Tap, flag: Reason) {
+    let recorded: Vec<_> = records
+        .iter()
+        .filter(|r| r.tap.sequence == tap.sequence)
+        .collect();
+    assert_eq!(recorded.len(), 1, "tap {} recorded once", tap.sequence);
+    let r = recorded[0];
+    assert!(
+        r.uploaded_ms.is_some_and(|at| at >= r.server_time_ms),
+        "{r:?}"
+    );
+    assert_eq!(
+        (r.result.outcome, r.result.reason, r.server_time_ms),
+        (Outcome::Approve, flag, tap.gate_time_ms)
+    );
 }
 
 /// Polls `done` every 10 ms for up to 5 s.

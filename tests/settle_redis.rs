@@ -630,15 +630,44 @@ fn settlement_of_node(
 /// (the maximum, an exit without entry), and the books differ from the journals.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trip_whose_entry_reaches_settlement_after_its_exit_is_priced_in_gate_time_order() {
-    let with_window = trip_through_two_gateways(Duration::from_secs(3)).await;
+    let with_window = trip_through_two_gateways(Duration::from_secs(3), Entry::Online).await;
     assert_eq!(with_window, (0, true), "(out of order, books exact)");
-    let without = trip_through_two_gateways(Duration::ZERO).await;
+    let without = trip_through_two_gateways(Duration::ZERO, Entry::Online).await;
     assert_eq!(without, (1, false), "the scenario puts the exit first");
+}
+
+/// The same trip with an entry the gate approved offline ten minutes before. An upload is
+/// priced by when it reached its gateway, by the settlers and by reconcile alike:
+/// - uploaded 30 s before the exit was tapped at another gateway, it is priced first (with an
+///   order window; without one the exit goes first, as for an online entry);
+/// - uploaded after the exit was settled, it is priced after it, and that is not out of order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_upload_is_priced_by_when_it_reached_its_gateway() {
+    let with_window = trip_through_two_gateways(Duration::from_secs(3), Entry::Uploaded).await;
+    assert_eq!(with_window, (0, true), "(out of order, books exact)");
+    let without = trip_through_two_gateways(Duration::ZERO, Entry::Uploaded).await;
+    assert_eq!(without, (1, false), "the scenario puts the exit first");
+    let after_the_exit = trip_through_two_gateways(Duration::ZERO, Entry::UploadedLate).await;
+    assert_eq!(
+        after_the_exit,
+        (0, true),
+        "priced after the exit, as reconcile does"
+    );
+}
+
+/// How the trip's entry reached its gateway.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Entry {
+    Online,
+    /// Tapped offline, uploaded 30 s before the exit.
+    Uploaded,
+    /// Tapped offline, uploaded 20 s after the exit.
+    UploadedLate,
 }
 
 /// Settles the trip with `order_window`: the taps priced out of order, and whether the books
 /// equal the journals priced offline.
-async fn trip_through_two_gateways(order_window: Duration) -> (u64, bool) {
+async fn trip_through_two_gateways(order_window: Duration, entered: Entry) -> (u64, bool) {
     use tapgate_protocol::{Mode, TapKind};
     let redis = RedisServer::start();
     let (entry_state, exit_state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -649,9 +678,18 @@ async fn trip_through_two_gateways(order_window: Duration) -> (u64, bool) {
     let (card, gate, at) = (7_001, YUZHONG_METRO.terminal_id, tapgate_runtime::now_ms());
     let tap =
         |sequence, kind, stop, at| approved(gate, sequence, card, kind, Mode::Metro, stop, at);
-    entry_journal
-        .append(vec![tap(1, TapKind::Entry, 10, at - 60_000)])
-        .await;
+    let entry_tap = match entered {
+        Entry::Online => tap(1, TapKind::Entry, 10, at - 60_000),
+        Entry::Uploaded | Entry::UploadedLate => tapgate_journal::JournalRecord {
+            uploaded_ms: Some(if entered == Entry::Uploaded {
+                at - 60_000
+            } else {
+                at - 10_000
+            }),
+            ..tap(1, TapKind::Entry, 10, at - 600_000)
+        },
+    };
+    entry_journal.append(vec![entry_tap]).await;
     exit_journal
         .append(vec![tap(2, TapKind::Exit, 20, at - 30_000)])
         .await;

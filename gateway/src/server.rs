@@ -1283,7 +1283,7 @@ impl Session {
         let now = now_ms();
         let policy = self.shared.policy.read().expect("policy lock").clone();
         let decision = self.decide_at(tap, gate, &policy, now).await;
-        let record = record_of(tap, tag, gate, &decision, now, false);
+        let record = record_of(tap, tag, gate, &decision, now, None);
         let (result, terminal) = (record.result, &gate.terminal);
         let shared = self.share(record);
         if result.outcome == Outcome::Approve {
@@ -1313,8 +1313,9 @@ impl Session {
         let Ok(slot) = self.shared.journal.reserve() else {
             return (busy(tap.sequence), None);
         };
+        let uploaded = now_ms();
         // A gate clock ahead of the gateway's cannot put a ride in the future.
-        let tapped = tap.gate_time_ms.min(now_ms());
+        let tapped = tap.gate_time_ms.min(uploaded);
         let policy = self.shared.policy.read().expect("policy lock").clone();
         let online = self.decide_at(tap, gate, &policy, tapped).await;
         let listed = self
@@ -1336,7 +1337,7 @@ impl Session {
                 "offline tap flagged"
             );
         }
-        let record = record_of(tap, tag, gate, &decision, tapped, true);
+        let record = record_of(tap, tag, gate, &decision, tapped, Some(uploaded));
         let shared = self.share(record);
         (
             record.result,
@@ -1345,14 +1346,15 @@ impl Session {
     }
 }
 
-/// The journal record of a decided tap, made at `at` (for an offline tap, the gate's time).
+/// The journal record of a decided tap, made at `at` (for an offline tap, the gate's time; the
+/// upload reached the gateway at `uploaded_ms`).
 fn record_of(
     tap: &Tap,
     tag: Tag,
     gate: &Admitted,
     decision: &Decision,
     at: u64,
-    offline: bool,
+    uploaded_ms: Option<u64>,
 ) -> JournalRecord {
     let terminal = &gate.terminal;
     JournalRecord {
@@ -1373,7 +1375,7 @@ fn record_of(
         },
         pay_percent: decision.pay_percent,
         repeat_boarding: decision.repeat_boarding,
-        offline,
+        uploaded_ms,
     }
 }
 

@@ -36,11 +36,16 @@ use tapgate_runtime::health::{Incident, PartHealth};
 use tapgate_runtime::histogram::DurationHistogram;
 use tokio::sync::{mpsc, oneshot, watch};
 
-/// Version 2 added the share of the fare the rider pays, version 3 the flags byte; records of
-/// the earlier versions are still read.
+/// Version 2 added the share of the fare the rider pays, version 3 the flags byte, version 4
+/// the time an offline upload reached the gateway. Taps decided online are still written as
+/// version 3, which holds all they need (and which readers of before version 4 read); records
+/// of every earlier version are still read.
 const PAYLOAD_VERSION: u8 = 3;
-/// Size of an encoded payload.
+const UPLOAD_PAYLOAD_VERSION: u8 = 4;
+/// Size of an encoded payload of a tap decided online.
 pub const PAYLOAD_LEN: usize = 81;
+/// Size of an encoded payload of an offline upload: an online one's and the upload's time.
+pub const UPLOAD_PAYLOAD_LEN: usize = PAYLOAD_LEN + 8;
 const PAYLOAD_V1_LEN: usize = 79;
 const PAYLOAD_V2_LEN: usize = 80;
 /// Flag: the tap repeated a boarding of the same vehicle within the policy's window.
@@ -70,9 +75,12 @@ pub struct JournalRecord {
     pub pay_percent: u8,
     /// The card boarded the same vehicle moments before: approved without a second charge.
     pub repeat_boarding: bool,
-    /// The gate approved the tap offline and uploaded it later (PROTOCOL.md section 4.7); the
-    /// result's reason is then the rule it broke, `Approved` for none.
-    pub offline: bool,
+    /// For a tap the gate approved offline and uploaded later (PROTOCOL.md section 4.7): when
+    /// the upload reached the gateway, which is where settlement prices it among the card's
+    /// taps (`server_time_ms` is the gate's time of the tap, minutes or hours before). The
+    /// result's reason is then the offline rule the tap broke, `Approved` for none. `None`
+    /// for a tap decided online.
+    pub uploaded_ms: Option<u64>,
 }
 
 /// The share a version 1 record's concession paid: version 1 did not record it, and these are
@@ -103,8 +111,16 @@ pub enum JournalError {
 pub struct JournalFull;
 
 impl JournalRecord {
+    /// The gate approved the tap offline and uploaded it later.
+    pub fn is_offline(&self) -> bool {
+        self.uploaded_ms.is_some()
+    }
+
     pub fn encode(&self, out: &mut impl BufMut) {
-        out.put_u8(PAYLOAD_VERSION);
+        out.put_u8(match self.uploaded_ms {
+            None => PAYLOAD_VERSION,
+            Some(_) => UPLOAD_PAYLOAD_VERSION,
+        });
         out.put_u64(self.terminal_id);
         out.put_u64(self.tap.sequence);
         out.put_slice(&self.tag);
@@ -126,12 +142,16 @@ impl JournalRecord {
         out.put_u8(self.pay_percent);
         out.put_u8(
             (u8::from(self.repeat_boarding) * FLAG_REPEAT_BOARDING)
-                | (u8::from(self.offline) * FLAG_OFFLINE),
+                | (u8::from(self.is_offline()) * FLAG_OFFLINE),
         );
+        if let Some(uploaded_ms) = self.uploaded_ms {
+            out.put_u64(uploaded_ms);
+        }
     }
 
     pub fn decode(mut p: &[u8]) -> Option<Self> {
         let version = match (p.len(), p.first()) {
+            (UPLOAD_PAYLOAD_LEN, Some(&UPLOAD_PAYLOAD_VERSION)) => UPLOAD_PAYLOAD_VERSION,
             (PAYLOAD_LEN, Some(&PAYLOAD_VERSION)) => PAYLOAD_VERSION,
             (PAYLOAD_V2_LEN, Some(2)) => 2,
             (PAYLOAD_V1_LEN, Some(1)) => 1,
@@ -165,6 +185,15 @@ impl JournalRecord {
             1 | 2 => 0,
             _ => Some(p.get_u8()).filter(|f| f & !(FLAG_REPEAT_BOARDING | FLAG_OFFLINE) == 0)?,
         };
+        let uploaded_ms = match (version, flags & FLAG_OFFLINE != 0) {
+            (UPLOAD_PAYLOAD_VERSION, true) => Some(p.get_u64()),
+            // Only uploads are written as version 4.
+            (UPLOAD_PAYLOAD_VERSION, false) => return None,
+            // Uploads journaled before version 4 did not keep the time they arrived; the
+            // gate's time of the tap is the best that is known of it.
+            (_, true) => Some(server_time_ms),
+            (_, false) => None,
+        };
         Some(JournalRecord {
             terminal_id,
             tag,
@@ -191,7 +220,7 @@ impl JournalRecord {
             },
             pay_percent,
             repeat_boarding: flags & FLAG_REPEAT_BOARDING != 0,
-            offline: flags & FLAG_OFFLINE != 0,
+            uploaded_ms,
         })
     }
 }
@@ -583,10 +612,11 @@ impl BatchSink for SegmentSink<'_> {
         buf.clear();
         for request in batch {
             let start = buf.len();
-            buf.put_u32(PAYLOAD_LEN as u32);
-            buf.put_u32(0);
+            buf.put_u64(0);
             request.record.encode(buf);
-            let crc = crc32c::crc32c(&buf[start + RECORD_HEADER..]);
+            let payload = &buf[start + RECORD_HEADER..];
+            let (len, crc) = (payload.len() as u32, crc32c::crc32c(payload));
+            buf[start..start + 4].copy_from_slice(&len.to_be_bytes());
             buf[start + 4..start + 8].copy_from_slice(&crc.to_be_bytes());
         }
         let started = Instant::now();
@@ -980,7 +1010,7 @@ mod tests {
             },
             pay_percent: 0,
             repeat_boarding: false,
-            offline: false,
+            uploaded_ms: None,
         }
     }
 
@@ -1000,16 +1030,42 @@ mod tests {
         record(5).encode(&mut buf);
         assert_eq!(buf.len(), PAYLOAD_LEN);
         assert_eq!(JournalRecord::decode(&buf), Some(record(5)));
-        for (repeat_boarding, offline) in [(true, false), (false, true), (true, true)] {
+        let upload = Some(record(5).server_time_ms + 3_600_000);
+        for (repeat_boarding, uploaded_ms) in [(true, None), (false, upload), (true, upload)] {
             let flagged = JournalRecord {
                 repeat_boarding,
-                offline,
+                uploaded_ms,
                 ..record(5)
             };
             let mut buf = BytesMut::new();
             flagged.encode(&mut buf);
+            let size = if uploaded_ms.is_some() {
+                UPLOAD_PAYLOAD_LEN
+            } else {
+                PAYLOAD_LEN
+            };
+            assert_eq!(buf.len(), size);
             assert_eq!(JournalRecord::decode(&buf), Some(flagged));
         }
+    }
+
+    #[test]
+    fn an_upload_journaled_before_its_arrival_was_kept_reads_as_arrived_at_its_gate_time() {
+        let upload = JournalRecord {
+            uploaded_ms: Some(record(5).server_time_ms + 3_600_000),
+            ..record(5)
+        };
+        let mut buf = BytesMut::new();
+        upload.encode(&mut buf);
+        let mut v3 = buf.clone();
+        v3[0] = PAYLOAD_VERSION;
+        v3.truncate(PAYLOAD_LEN);
+        let read = JournalRecord::decode(&v3).unwrap();
+        assert_eq!(read.uploaded_ms, Some(upload.server_time_ms));
+        // Version 4 is only ever an upload.
+        let mut unflagged = buf;
+        unflagged[PAYLOAD_LEN - 1] = 0;
+        assert_eq!(JournalRecord::decode(&unflagged), None);
     }
 
     #[test]

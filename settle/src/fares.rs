@@ -1030,7 +1030,7 @@ pub(crate) mod tests {
             },
             pay_percent: version_1_pay_percent(concession),
             repeat_boarding: false,
-            offline: false,
+            uploaded_ms: None,
         }
     }
 

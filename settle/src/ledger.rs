@@ -630,10 +630,9 @@ struct Walked {
 }
 
 /// Prices the approved taps `wanted` keeps, each copy of a tap once, and hands each to `each`,
-/// in the order settlers price them ([`crate::order`]): online taps by [`pricing_order`],
-/// whichever journal holds them; an offline upload where its journal put it, after the online
-/// taps of the millisecond of the one journaled before it. (A journal's own order is not quite
-/// time order: sessions stamp their taps, then queue them for the writer.)
+/// in the order settlers price them ([`crate::order`]): by [`pricing_order`], whichever
+/// journal holds them. (A journal's own order is not quite time order: sessions stamp their
+/// taps, then queue them for the writer.)
 fn walk_journals(
     dirs: &[&Path],
     tables: &FareTables,
@@ -646,14 +645,12 @@ fn walk_journals(
     };
     let mut placed = Vec::new();
     for (journal, dir) in dirs.iter().enumerate() {
-        let mut places = JournalPlaces::new(journal);
+        let mut read = 0;
         for segment in list_segments(dir)? {
             let (_, clean) = read_segment(&segment, |r| {
-                if r.result.outcome == Outcome::Approve {
-                    let place = places.next(&r);
-                    if wanted(&r) {
-                        placed.push((place, r));
-                    }
+                if r.result.outcome == Outcome::Approve && wanted(&r) {
+                    read += 1;
+                    placed.push(((pricing_order(&r), journal, read), r));
                 }
             })?;
             if !clean {
@@ -665,38 +662,9 @@ fn walk_journals(
     Ok(walked)
 }
 
-/// Where a journaled tap is priced: its [`PricingOrder`], then its journal and its place there.
+/// Where a journaled tap is priced: its [`PricingOrder`], then (for copies of one tap) its
+/// journal and its place there.
 type Place = (PricingOrder, usize, u64);
-
-/// Gives one journal's approved taps, read in its order, their places in pricing order.
-struct JournalPlaces {
-    journal: usize,
-    read: u64,
-    last_online: PricingOrder,
-}
-
-impl JournalPlaces {
-    fn new(journal: usize) -> Self {
-        Self {
-            journal,
-            read: 0,
-            last_online: (0, 0, 0),
-        }
-    }
-
-    /// An offline upload takes the place of the online tap journaled before it, after every
-    /// online tap of that millisecond.
-    fn next(&mut self, record: &JournalRecord) -> Place {
-        let order = if record.offline {
-            (self.last_online.0, u64::MAX, u64::MAX)
-        } else {
-            self.last_online = pricing_order(record);
-            self.last_online
-        };
-        self.read += 1;
-        (order, self.journal, self.read)
-    }
-}
 
 /// Prices the taps in the order of their places, each copy of a tap once (the copies are
 /// counted and returned), and hands each to `each`.
@@ -1003,9 +971,9 @@ mod tests {
         r
     }
 
-    /// Reconcile prices what the settlers price in the order they do: online taps by gateway
-    /// time across journals, ties by gate and sequence, an offline upload after the online tap
-    /// its journal holds before it. Each journal's own order is a few milliseconds off.
+    /// Reconcile prices what the settlers price in the order they do: taps by gateway time
+    /// across journals, ties by gate and sequence, an offline upload by when it reached its
+    /// gateway. Each journal's own order is a few milliseconds off.
     #[test]
     fn journals_are_priced_by_gateway_time_not_in_each_journal_s_order() {
         let tap = |card, at, gate, sequence| {
@@ -1014,7 +982,7 @@ mod tests {
             r
         };
         let mut upload = tap(3, T0 - 600_000, 9, 1);
-        upload.offline = true;
+        upload.uploaded_ms = Some(T0 + 100);
         // Gateway A journaled card 1's tap after card 5's later one; then an upload.
         let a = [
             tap(5, T0 + 102, 1, 1),
@@ -1031,8 +999,11 @@ mod tests {
         ];
         let mut placed = Vec::new();
         for (i, journal) in [&a[..], &b[..]].into_iter().enumerate() {
-            let mut places = JournalPlaces::new(i);
-            placed.extend(journal.iter().map(|r| (places.next(r), *r)));
+            placed.extend(
+                (0..)
+                    .zip(journal)
+                    .map(|(read, r)| ((pricing_order(r), i, read), *r)),
+            );
         }
         let mut priced = Vec::new();
         let tables = FareTables::embedded_default();
@@ -1050,7 +1021,7 @@ mod tests {
         assert_eq!(
             gates_of(3),
             [9, 4, 1],
-            "the upload where A's tap at T0 + 99 is"
+            "the upload when it reached A, before B's tap at T0 + 101"
         );
         assert_eq!(gates_of(4), [5, 6], "one millisecond: by gate");
     }

@@ -9,6 +9,11 @@
 //! One gateway needs it too, on a smaller scale: its sessions stamp a tap's time and then
 //! queue it for the journal writer, so its journal is not quite in time order either.
 //!
+//! An offline upload takes its place by the time it reached its gateway, not by the gate's
+//! time of the tap: the card's taps settled before the upload arrived stay settled, and an
+//! upload through one gateway is ordered against an online tap through another as any two
+//! taps are.
+//!
 //! The settler's watermark is the last stream entry applied, so what it prices must be a
 //! prefix of the stream. Inside that prefix it prices taps by gate time; the prefix stops
 //! before any tap whose card has an older tap still waiting behind it. A tap later than the
@@ -25,19 +30,18 @@ pub struct Arrival {
     /// When the entry reached the stream (the stream id's milliseconds, bounded by when the
     /// settler read it). Never decreases along the stream.
     pub arrived_ms: u64,
-    /// The card and the tap's [`pricing_order`]; `None` for entries that order nothing:
-    /// corrections, and offline uploads.
+    /// The card and the tap's [`pricing_order`]; `None` for corrections, which order nothing.
     pub tap: Option<(u64, PricingOrder)>,
 }
 
-/// Where an online tap stands in the order settlement prices a card's taps in: its gateway
-/// time, then its gate and sequence, so two taps of one millisecond are priced alike by every
-/// settler and by reconcile.
+/// Where a tap stands in the order settlement prices a card's taps in: its gateway time (when
+/// the gateway decided it, or received its upload), then its gate and sequence, so two taps of
+/// one millisecond are priced alike by every settler and by reconcile.
 pub type PricingOrder = (u64, u64, u64);
 
 pub fn pricing_order(record: &JournalRecord) -> PricingOrder {
     (
-        record.server_time_ms,
+        record.uploaded_ms.unwrap_or(record.server_time_ms),
         record.terminal_id,
         record.tap.sequence,
     )
@@ -114,18 +118,9 @@ fn cut_at_or_before(inversions: &[(usize, usize)], at: usize) -> usize {
     cut
 }
 
-/// Puts a batch's online taps in [`pricing_order`], each into one of the places online taps
-/// held, so offline uploads keep their places in the stream (where the journals' order has
-/// them too).
-pub fn in_gate_time_order(records: &mut [JournalRecord]) {
-    let places: Vec<usize> = (0..records.len())
-        .filter(|&i| !records[i].offline)
-        .collect();
-    let mut online: Vec<JournalRecord> = places.iter().map(|&i| records[i]).collect();
-    online.sort_by_key(pricing_order);
-    for (place, record) in places.into_iter().zip(online) {
-        records[place] = record;
-    }
+/// Puts a batch's taps in [`pricing_order`].
+pub fn in_pricing_order(records: &mut [JournalRecord]) {
+    records.sort_by_key(pricing_order);
 }
 
 #[cfg(test)]
@@ -221,24 +216,26 @@ mod tests {
     }
 
     #[test]
-    fn online_taps_are_put_in_gate_time_order_and_offline_ones_keep_their_places() {
-        let record = |card: u64, at: u64, offline: bool| {
+    fn online_taps_go_by_gateway_time_and_uploads_by_when_they_reached_the_gateway() {
+        let record = |card: u64, at: u64, uploaded_ms: Option<u64>| {
             let mut r = crate::fares::tests::bus(at);
             r.tap.card_id = card;
-            r.offline = offline;
+            r.uploaded_ms = uploaded_ms;
             r
         };
+        // Card 1 tapped offline at 50 and the upload arrived at 200, between its online taps
+        // at 100 and 300; card 2's upload of a tap at 60 arrived at 90.
         let mut records = [
-            record(1, 300, false),
-            record(2, 50, true),
-            record(1, 100, false),
-            record(3, 100, false),
+            record(1, 300, None),
+            record(1, 50, Some(200)),
+            record(2, 60, Some(90)),
+            record(1, 100, None),
         ];
-        in_gate_time_order(&mut records);
+        in_pricing_order(&mut records);
         let order: Vec<(u64, u64)> = records
             .iter()
             .map(|r| (r.tap.card_id, r.server_time_ms))
             .collect();
-        assert_eq!(order, [(1, 100), (2, 50), (3, 100), (1, 300)]);
+        assert_eq!(order, [(2, 60), (1, 100), (1, 50), (1, 300)]);
     }
 }

@@ -127,7 +127,7 @@ mod tests {
             },
             pay_percent: 100,
             repeat_boarding: false,
-            offline: false,
+            uploaded_ms: None,
         }
     }
 

@@ -155,12 +155,9 @@ impl Read {
     fn arrival(&self) -> Arrival {
         Arrival {
             arrived_ms: self.arrived_ms(),
-            // An offline tap reaches the stream minutes after its gate time by nature: no
-            // window waits for it, and it is priced where it arrived.
             tap: self
                 .entry
                 .record
-                .filter(|r| !r.offline)
                 .map(|r| (r.tap.card_id, order::pricing_order(&r))),
         }
     }
@@ -530,10 +527,14 @@ impl Settler {
                 priced.copies += 1;
                 continue;
             }
+            // An offline upload's own time is the gate's, before taps settled earlier by
+            // design; it is out of order only when a tap that reached a gateway after it was
+            // priced first.
+            let (placed_at, _, _) = order::pricing_order(record);
             if rider
                 .fares
                 .latest_ms()
-                .is_some_and(|latest| record.server_time_ms < latest)
+                .is_some_and(|latest| placed_at < latest)
             {
                 priced.out_of_order += 1;
             }
@@ -575,7 +576,7 @@ impl Settler {
             return self.store.ack(partition, &acks).await;
         };
         let mut records: Vec<_> = fresh.iter().filter_map(|e| e.record).collect();
-        order::in_gate_time_order(&mut records);
+        order::in_pricing_order(&mut records);
         let adjustments: Vec<&Adjustment> = fresh
             .iter()
             .filter_map(|e| e.adjustment.as_deref())
@@ -632,12 +633,11 @@ impl Settler {
         };
         match self.store.apply(batch).await? {
             Applied::Done => {
-                // An offline tap's record time is the gate's time of the tap, minutes before
-                // any gateway saw it: no measure of settlement's lag.
-                for record in records.iter().filter(|record| !record.offline) {
-                    self.stats
-                        .lag
-                        .record(now.saturating_sub(record.server_time_ms));
+                // From when a gateway had the tap: for an offline upload, its arrival, not the
+                // gate's time of the tap.
+                for record in &records {
+                    let (reached_gateway, _, _) = order::pricing_order(record);
+                    self.stats.lag.record(now.saturating_sub(reached_gateway));
                 }
                 self.stats
                     .settled

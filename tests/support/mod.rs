@@ -776,7 +776,7 @@ pub(crate) fn approved(
         },
         pay_percent: 100,
         repeat_boarding: false,
-        offline: false,
+        uploaded_ms: None,
     };
     record.tap.issuer = Issuer::ChongqingSsc;
     record.tap.stop = stop;
