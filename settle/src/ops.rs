@@ -209,7 +209,7 @@ fn render_settlers(sink: &mut Sink, settlers: &SettlerStats) -> fmt::Result {
         .collect();
     sink.histogram_seconds(
         "settlement_lag",
-        "Time from a tap's approval to its ledger update (offline taps, approved at the gate, not counted).",
+        "Time from a tap's approval (an offline tap's upload) to its ledger update.",
         load(&lag.sum_ms) as f64 / 1000.0,
         load(&lag.count),
         &buckets,
