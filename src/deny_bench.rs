@@ -392,8 +392,7 @@ struct GateSet {
     tasks: JoinSet<Result<GateLog, ClientError>>,
     /// The gates' local UDP ports, for the kernel's drop counts.
     ports: Vec<u16>,
-    whole: Arc<AtomicUsize>,
-    held: Arc<Vec<AtomicU64>>,
+    progress: Arc<Progress>,
     stop: watch::Sender<bool>,
 }
 
@@ -411,9 +410,10 @@ impl GateSet {
         let endpoints = (0..range.len().div_ceil(GATES_PER_SOCKET))
             .map(|_| client_endpoint(cert, "127.0.0.1:0".parse().expect("valid address")))
             .collect::<Result<Vec<_>, _>>()?;
-        let whole = Arc::new(AtomicUsize::new(0));
-        let held: Arc<Vec<AtomicU64>> =
-            Arc::new(range.clone().map(|_| AtomicU64::new(0)).collect());
+        let progress = Arc::new(Progress {
+            whole: AtomicUsize::new(0),
+            held: range.clone().map(|_| AtomicU64::new(0)).collect(),
+        });
         let (stop, stopped) = watch::channel(false);
         let connecting = Arc::new(Semaphore::new(CONNECTING));
         let mut tasks = JoinSet::new();
@@ -429,11 +429,7 @@ impl GateSet {
             };
             let endpoint = endpoints[slot / GATES_PER_SOCKET].clone();
             let (tls, connecting, stopped) = (tls.clone(), connecting.clone(), stopped.clone());
-            let progress = Progress {
-                whole: whole.clone(),
-                held: held.clone(),
-                slot,
-            };
+            let progress = progress.clone();
             tasks.spawn(async move {
                 let client = {
                     let _turn = connecting.acquire().await;
@@ -447,7 +443,7 @@ impl GateSet {
                     )
                     .await?
                 };
-                follow(client, progress, stopped).await
+                follow(client, &progress, slot, stopped).await
             });
         }
         let ports = endpoints
@@ -457,8 +453,7 @@ impl GateSet {
         Ok(GateSet {
             tasks,
             ports,
-            whole,
-            held,
+            progress,
             stop,
         })
     }
@@ -469,9 +464,10 @@ impl GateSet {
             ended.context("a gate's task failed")??;
             anyhow::bail!("a gate stopped following the list before the run ended");
         }
+        let progress = &self.progress;
         Ok(Look {
-            whole: self.whole.load(Ordering::Relaxed),
-            lowest: self
+            whole: progress.whole.load(Ordering::Relaxed),
+            lowest: progress
                 .held
                 .iter()
                 .map(|held| held.load(Ordering::Relaxed))
@@ -484,7 +480,7 @@ impl GateSet {
     async fn finish(mut self) -> anyhow::Result<GroupLog> {
         let dropped = udp_drops(&self.ports);
         let _ = self.stop.send(true);
-        let mut gates = Vec::with_capacity(self.held.len());
+        let mut gates = Vec::with_capacity(self.progress.held.len());
         while let Some(log) = self.tasks.join_next().await {
             gates.push(log.context("a gate's task failed")??);
         }
@@ -492,11 +488,11 @@ impl GateSet {
     }
 }
 
-/// Where one gate reports its progress in its [`GateSet`].
+/// Where a [`GateSet`]'s gates report how far they are: how many hold a whole list, and the
+/// version each holds (by its slot in the set).
 struct Progress {
-    whole: Arc<AtomicUsize>,
-    held: Arc<Vec<AtomicU64>>,
-    slot: usize,
+    whole: AtomicUsize,
+    held: Vec<AtomicU64>,
 }
 
 /// A process of `tapgate bench-deny-gates`, killed if dropped before it finished.
@@ -804,7 +800,8 @@ fn udp_drops(ports: &[u16]) -> Option<u64> {
 /// A gate that follows the deny list and does nothing else, until told to stop.
 async fn follow(
     mut client: GateClient,
-    progress: Progress,
+    progress: &Progress,
+    slot: usize,
     mut stopped: watch::Receiver<bool>,
 ) -> Result<GateLog, ClientError> {
     let mut list = GateDenyList::default();
@@ -840,7 +837,7 @@ async fn follow(
                 }
                 _ => log.applied.push((ack.version, now)),
             }
-            progress.held[progress.slot].store(ack.version, Ordering::Relaxed);
+            progress.held[slot].store(ack.version, Ordering::Relaxed);
             client.send_frame(&Frame::DenyAck(ack)).await?;
         }
     }

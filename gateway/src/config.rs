@@ -11,6 +11,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 use tapgate_city::population::PopulationSpec;
 use tapgate_journal::JournalSettings;
+use tapgate_protocol::{KeyRing, MasterKey};
+use tapgate_settle::SettlementSettings;
+use tapgate_settle::fares::FareTables;
+use tapgate_transport::tls::TlsSource;
 
 /// The most decided taps a partition's watch feed may keep: a bound on Redis memory.
 const MAX_WATCH_FEED: usize = 1_000_000;
@@ -19,10 +23,6 @@ const MAX_WATCH_FEED: usize = 1_000_000;
 /// paused for a Redis round trip gone slow.
 pub const DEFAULT_ORDER_WINDOW_MS: u64 = 1_000;
 pub const MAX_ORDER_WINDOW_MS: u64 = 60_000;
-use tapgate_protocol::{KeyRing, MasterKey};
-use tapgate_settle::SettlementSettings;
-use tapgate_settle::fares::FareTables;
-use tapgate_transport::tls::TlsSource;
 
 /// Master key version 1 of development setups (embedded directory, demo, tests of the CLI).
 /// A Redis-backed gateway refuses to start without keys of its own.

@@ -116,6 +116,11 @@ impl JournalRecord {
         self.uploaded_ms.is_some()
     }
 
+    /// When a gateway had the tap: when it decided it, or received its upload.
+    pub fn reached_gateway_ms(&self) -> u64 {
+        self.uploaded_ms.unwrap_or(self.server_time_ms)
+    }
+
     pub fn encode(&self, out: &mut impl BufMut) {
         out.put_u8(match self.uploaded_ms {
             None => PAYLOAD_VERSION,

@@ -41,7 +41,7 @@ pub type PricingOrder = (u64, u64, u64);
 
 pub fn pricing_order(record: &JournalRecord) -> PricingOrder {
     (
-        record.uploaded_ms.unwrap_or(record.server_time_ms),
+        record.reached_gateway_ms(),
         record.terminal_id,
         record.tap.sequence,
     )

@@ -530,11 +530,10 @@ impl Settler {
             // An offline upload's own time is the gate's, before taps settled earlier by
             // design; it is out of order only when a tap that reached a gateway after it was
             // priced first.
-            let (placed_at, _, _) = order::pricing_order(record);
             if rider
                 .fares
                 .latest_ms()
-                .is_some_and(|latest| placed_at < latest)
+                .is_some_and(|latest| record.reached_gateway_ms() < latest)
             {
                 priced.out_of_order += 1;
             }
@@ -636,8 +635,9 @@ impl Settler {
                 // From when a gateway had the tap: for an offline upload, its arrival, not the
                 // gate's time of the tap.
                 for record in &records {
-                    let (reached_gateway, _, _) = order::pricing_order(record);
-                    self.stats.lag.record(now.saturating_sub(reached_gateway));
+                    self.stats
+                        .lag
+                        .record(now.saturating_sub(record.reached_gateway_ms()));
                 }
                 self.stats
                     .settled
