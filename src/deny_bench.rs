@@ -30,7 +30,7 @@ use tapgate_gateway::directory::Directory;
 use tapgate_gateway::node::Node;
 use tapgate_loadgen::client::{ClientError, GateClient, GateIdentity, client_endpoint};
 use tapgate_loadgen::report::Percentiles;
-use tapgate_protocol::{DenyAck, Frame, GateDenyList, MasterKey, Version};
+use tapgate_protocol::{Frame, GateDenyList, MasterKey, Version};
 use tapgate_runtime::ops::process_usage;
 use tapgate_transport::now_ms;
 use tapgate_transport::tls::{GateTls, Resumption};
@@ -810,9 +810,7 @@ async fn follow(
         whole_cards: 0,
         applied: Vec::new(),
     };
-    client
-        .send_frame(&Frame::DenyAck(DenyAck { version: 0 }))
-        .await?;
+    client.send_frame(&Frame::DenyAck(list.held())).await?;
     loop {
         let frame = tokio::select! {
             _ = stopped.wait_for(|stop| *stop) => break,

@@ -204,9 +204,7 @@ async fn a_version_2_gate_follows_the_deny_list_and_a_version_1_gate_sees_none_o
     let mut gate = h.gate_v2(&YUZHONG_BUS).await;
     assert_eq!(gate.version(), Version::V2);
     let mut list = GateDenyList::default();
-    gate.send_frame(&Frame::DenyAck(DenyAck { version: 0 }))
-        .await
-        .unwrap();
+    gate.send_frame(&Frame::DenyAck(list.held())).await.unwrap();
     // The population's lost, cancelled and blocked cards are versions 1 to 3.
     // The offline rules come first, once per connection.
     let frames = follow_until(&mut gate, &mut list, 3).await;
@@ -240,9 +238,7 @@ async fn a_version_2_gate_follows_the_deny_list_and_a_version_1_gate_sees_none_o
         .set_state(ACTIVE, CardState::Active)
         .await
         .unwrap();
-    gate.send_frame(&Frame::DenyAck(DenyAck { version: 4 }))
-        .await
-        .unwrap();
+    gate.send_frame(&Frame::DenyAck(list.held())).await.unwrap();
     // The rules again (each connection gets them), then only the change since.
     let frames = follow_until(&mut gate, &mut list, 5).await;
     assert!(
@@ -253,11 +249,35 @@ async fn a_version_2_gate_follows_the_deny_list_and_a_version_1_gate_sees_none_o
     let m = h.gateway.metrics();
     assert_eq!(m.deny_resyncs.load(std::sync::atomic::Ordering::Relaxed), 1);
 
+    // A gate holding version 5 of another history (a directory that lost changes it had been
+    // sent, then numbered others alike) is sent the whole list, not taken as current.
+    gate.close();
+    let mut moved = h.gate_v2(&YUZHONG_BUS).await;
+    let other_history = DenyAck {
+        history: !list.held().history,
+        ..list.held()
+    };
+    moved
+        .send_frame(&Frame::DenyAck(other_history))
+        .await
+        .unwrap();
+    let mut resent = GateDenyList::default();
+    let frames = follow_until(&mut moved, &mut resent, 5).await;
+    assert!(matches!(frames[1], Frame::DenyList(_)), "{frames:?}");
+    assert_eq!(resent.held(), list.held());
+    assert_eq!(
+        m.deny_other_history
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert_eq!(m.deny_resyncs.load(std::sync::atomic::Ordering::Relaxed), 2);
+    moved.close();
+
     let mut old = h.gate(&WANZHOU_BUS).await;
     assert_eq!(old.version(), Version::V1);
     let answer = old.tap(tap(1, ELDER, TapKind::Flat)).await.unwrap();
     assert_eq!(answer.outcome, Outcome::Approve);
-    old.send_frame(&Frame::DenyAck(DenyAck { version: 0 }))
+    old.send_frame(&Frame::DenyAck(DenyAck::NEW_GATE))
         .await
         .unwrap();
     assert_refused(&old.recv().await.unwrap_err(), ErrorCode::UnknownFrameType);
@@ -272,9 +292,7 @@ async fn offline_taps_are_recorded_once_at_their_gate_time_and_broken_rules_are_
     let (h, state) = harness().await;
     let mut gate = h.gate_v2(&YUZHONG_BUS).await;
     let mut list = GateDenyList::default();
-    gate.send_frame(&Frame::DenyAck(DenyAck { version: 0 }))
-        .await
-        .unwrap();
+    gate.send_frame(&Frame::DenyAck(list.held())).await.unwrap();
     follow_until(&mut gate, &mut list, 3).await;
     // Version 4, after the version the gate held while offline.
     h.gateway

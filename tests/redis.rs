@@ -7,9 +7,7 @@ use std::time::{Duration, Instant};
 use support::*;
 use tapgate_gateway::card::CardState;
 use tapgate_gateway::directory::{Directory, DirectoryError, RedisDirectory, RedisSettings};
-use tapgate_protocol::{
-    Concession, DenyAck, Frame, GateDenyList, Issuer, Outcome, Reason, TapKind,
-};
+use tapgate_protocol::{Concession, Frame, GateDenyList, Issuer, Outcome, Reason, TapKind};
 use tapgate_runtime::now_ms;
 
 const CARD: u64 = 6_222_000_000_000_001;
@@ -713,9 +711,7 @@ async fn a_deny_list_that_went_another_way_in_a_failover_is_loaded_again_whole()
     let h = Harness::start(redis.directory(), state.path()).await;
     let mut gate = h.gate_v2(&YUZHONG_BUS).await;
     let mut list = GateDenyList::default();
-    gate.send_frame(&Frame::DenyAck(DenyAck { version: 0 }))
-        .await
-        .unwrap();
+    gate.send_frame(&Frame::DenyAck(list.held())).await.unwrap();
     follow_until(&mut gate, &mut list, 4).await;
 
     // The other way: versions 1 and 2 alike, then two other cards.
@@ -765,6 +761,140 @@ async fn a_deny_list_that_went_another_way_in_a_failover_is_loaded_again_whole()
     // Operators see each time the node started over.
     let reloads = &h.gateway.metrics().deny_reloads;
     assert_eq!(reloads.load(std::sync::atomic::Ordering::Relaxed), 2);
+}
+
+/// A gate that was sent changes a failover then lost, and connects after the gateways moved on
+/// to the new master's list, holds a version the new list has too. Its DenyAck names the
+/// history it was sent, so it gets the new list whole instead of being taken as current; the
+/// gateway counts it. (Here the same gateway; another one, whose own list never saw the lost
+/// changes, tells it the same way.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gate_holding_changes_a_failover_lost_gets_the_new_list_whole_when_it_connects() {
+    let redis = RedisServer::start();
+    let cards: Vec<u64> = (0..6).map(|i| 6_222_000_000_300_000 + i).collect();
+    let directory = redis.directory();
+    provision(&directory, CARD).await;
+    let held: Vec<_> = cards[..4].iter().map(|c| lost_card(*c)).collect();
+    directory.put_cards(&held).await.unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let h = Harness::start(redis.directory(), state.path()).await;
+    let mut gate = h.gate_v2(&YUZHONG_BUS).await;
+    let mut list = GateDenyList::default();
+    gate.send_frame(&Frame::DenyAck(list.held())).await.unwrap();
+    follow_until(&mut gate, &mut list, 4).await;
+    gate.close();
+
+    // While the gate is away, the list goes another way after version 2, to version 4 again.
+    let other = [cards[0], cards[1], cards[4], cards[5]].map(lost_card);
+    prefixed_directory(&redis.url(), "other")
+        .put_cards(&other)
+        .await
+        .unwrap();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut admin = client.get_multiplexed_async_connection().await.unwrap();
+    swap_deny_list(&mut admin, "other").await;
+    let metrics = h.gateway.metrics();
+    let reloads = &metrics.deny_reloads;
+    wait_until(Duration::from_secs(5), || {
+        reloads.load(std::sync::atomic::Ordering::Relaxed) == 1
+    })
+    .await;
+
+    let mut gate = h.gate_v2(&YUZHONG_BUS).await;
+    gate.send_frame(&Frame::DenyAck(list.held())).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while list.refuses(cards[2]).is_some() {
+        let frame = tokio::time::timeout_at(deadline.into(), gate.recv())
+            .await
+            .expect("the new list is sent whole")
+            .unwrap();
+        if let Some(Some(ack)) = list.apply(&frame).map(Result::unwrap) {
+            gate.send_frame(&Frame::DenyAck(ack)).await.unwrap();
+        }
+    }
+    let listed: Vec<u64> = cards
+        .iter()
+        .copied()
+        .filter(|c| list.refuses(*c).is_some())
+        .collect();
+    assert_eq!(listed, [cards[0], cards[1], cards[4], cards[5]]);
+    assert_eq!(list.version(), 4);
+    let other_history = &metrics.deny_other_history;
+    assert_eq!(other_history.load(std::sync::atomic::Ordering::Relaxed), 1);
+}
+
+/// The deny list through a real failover on a Redis Cluster: a gate on gateway A is sent a
+/// change that the list's master takes with it when it dies before its replica copied it. The
+/// replica, now master, numbers the next change with the same version. The gate then connects
+/// to gateway B, which only ever follows what Redis holds: B sees the gate's history differ
+/// from its own at that version and sends it the whole list, so the gate refuses the card of
+/// the new change and no longer the lost one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gate_holding_a_deny_change_a_cluster_failover_lost_is_set_right_by_another_gateway() {
+    let mut cluster = RedisCluster::start();
+    let url = cluster.url();
+    let writer = replicated_directory(&url);
+    let cards: Vec<u64> = (0..5).map(|i| 6_222_000_000_400_000 + i).collect();
+    let held: Vec<_> = cards[..3].iter().map(|c| lost_card(*c)).collect();
+    // Written again until a replica holds them: the replicas may still be syncing.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while let Err(e) = writer.put_cards(&held).await {
+        assert!(Instant::now() < deadline, "replicas never caught up: {e}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    provision(&writer, CARD).await;
+    let (a_state, b_state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Harness::start(redis_directory(&url), a_state.path()).await;
+    let b = Harness::start(redis_directory(&url), b_state.path()).await;
+    let mut gate = a.gate_v2(&YUZHONG_BUS).await;
+    let mut list = GateDenyList::default();
+    gate.send_frame(&Frame::DenyAck(list.held())).await.unwrap();
+    follow_until(&mut gate, &mut list, 3).await;
+
+    // Version 4, card 3: on the list's master only, then sent to the gate.
+    const LIST_KEY: &str = "tapgate:{deny}:changes";
+    tokio::task::block_in_place(|| cluster.cut_off_replica_of(LIST_KEY));
+    redis_directory(&url)
+        .put_card(lost_card(cards[3]))
+        .await
+        .unwrap();
+    follow_until(&mut gate, &mut list, 4).await;
+    gate.close();
+    assert_eq!(list.refuses(cards[3]), Some(Reason::CardLost));
+
+    // The master dies; its replica, without version 4, takes over. Card 4 is the new line's
+    // version 4, written again until the list's new master has it.
+    tokio::task::block_in_place(|| cluster.kill_master_of(LIST_KEY));
+    let b_reloads = &b.gateway.metrics().deny_reloads;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while b_reloads.load(std::sync::atomic::Ordering::Relaxed) == 0
+        || b.gateway.deny_list() != (4, 4)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "gateway B never held the new line: {:?}",
+            b.gateway.deny_list()
+        );
+        let _ = redis_directory(&url).put_card(lost_card(cards[4])).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let mut gate = b.gate_v2(&YUZHONG_BUS).await;
+    gate.send_frame(&Frame::DenyAck(list.held())).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while list.refuses(cards[4]).is_none() {
+        let frame = tokio::time::timeout_at(deadline.into(), gate.recv())
+            .await
+            .expect("gateway B sends the new line's list whole")
+            .unwrap();
+        if let Some(Some(ack)) = list.apply(&frame).map(Result::unwrap) {
+            gate.send_frame(&Frame::DenyAck(ack)).await.unwrap();
+        }
+    }
+    assert_eq!(list.refuses(cards[3]), None, "the lost change is gone");
+    assert_eq!(list.version(), 4);
+    let other_history = &b.gateway.metrics().deny_other_history;
+    assert_eq!(other_history.load(std::sync::atomic::Ordering::Relaxed), 1);
 }
 
 /// Puts the deny list kept under `prefix` in place of the gateways' one, as a failover puts a
@@ -1028,7 +1158,7 @@ async fn an_offline_tap_uploaded_again_to_another_gateway_on_a_cluster_is_settle
         })
         .collect();
     let mut on_a = a.gate_v2(&YUZHONG_BUS).await;
-    on_a.send_frame(&Frame::DenyAck(DenyAck { version: 0 }))
+    on_a.send_frame(&Frame::DenyAck(DenyAck::NEW_GATE))
         .await
         .unwrap();
     let mut first = Vec::new();
@@ -1044,7 +1174,7 @@ async fn an_offline_tap_uploaded_again_to_another_gateway_on_a_cluster_is_settle
 
     let mut on_b = b.gate_v2(&YUZHONG_BUS).await;
     assert_eq!(on_b.ack.last_sequence, 2, "B knows what A recorded");
-    on_b.send_frame(&Frame::DenyAck(DenyAck { version: 0 }))
+    on_b.send_frame(&Frame::DenyAck(DenyAck::NEW_GATE))
         .await
         .unwrap();
     on_b.send_frame(&Frame::OfflineTap(uploads[1]))

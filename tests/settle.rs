@@ -288,7 +288,7 @@ async fn an_offline_tap_uploaded_after_its_day_closed_is_settled_once_as_a_late_
     );
     let settlement = settle_live(&store, "gw-late", state.path(), &h);
     let mut gate = h.gate_v2(&YUZHONG_BUS).await;
-    gate.send_frame(&Frame::DenyAck(DenyAck { version: 0 }))
+    gate.send_frame(&Frame::DenyAck(DenyAck::NEW_GATE))
         .await
         .unwrap();
     let ridden = tapgate_runtime::now_ms() - 3 * 24 * 3_600_000;

@@ -7,6 +7,11 @@
 //! last changes; a gate that is behind by more than those, ahead of the node, or new, gets the
 //! whole list instead.
 //!
+//! A version alone does not name a list: a Redis failover can lose changes a gate was already
+//! sent, and the new master numbers its next changes with the same versions. So every version
+//! also has a history, a digest of every change up to it, which the gate echoes in its DenyAck;
+//! a gate whose history at its version is not the book's gets the whole list.
+//!
 //! Pure: the node feeds the book what the directory says, and each session's [`GateFollow`]
 //! turns the book into the frames its gate still needs.
 
@@ -16,7 +21,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 use tapgate_protocol::{
-    DenyChanges, DenyEntry, DenyList, Frame, MAX_DENY_ENTRIES, MacKey, Reason, seal,
+    DenyAck, DenyChanges, DenyEntry, DenyList, Frame, MAX_DENY_ENTRIES, MacKey, Reason, seal,
 };
 
 /// The deny-list entry of a card in this state: `Approved` for a card not on the list.
@@ -36,10 +41,15 @@ pub enum DenyEvent {
     /// missed changes.
     Whole {
         version: u64,
+        history: u64,
         entries: Vec<DenyEntry>,
     },
-    /// One change, making `version`.
-    Changed { version: u64, entry: DenyEntry },
+    /// One change, making `version` with `history`.
+    Changed {
+        version: u64,
+        history: u64,
+        entry: DenyEntry,
+    },
 }
 
 /// A change that does not follow the book's version: changes were missed, and the node must
@@ -55,7 +65,8 @@ pub struct Gap {
 #[derive(Debug, Default)]
 pub struct WholeList {
     pub version: u64,
-    /// The book's history it belongs to.
+    pub history: u64,
+    /// The book's start it belongs to.
     epoch: u64,
     pub entries: Vec<DenyEntry>,
 }
@@ -66,6 +77,8 @@ struct Change {
     entry: DenyEntry,
     /// The card's entry before the change, to tell what the list was at an earlier version.
     before: Option<Reason>,
+    /// The list's history once the change was made.
+    history: u64,
     /// When it reached this node.
     arrived: Instant,
 }
@@ -77,6 +90,8 @@ pub struct DenyBook {
     cards: HashMap<u64, Reason>,
     /// The last changes, the newest at the back; the back one made `version`.
     recent: VecDeque<Change>,
+    /// The history before the oldest change kept (at the oldest followable version).
+    history_before_recent: u64,
     recent_bound: usize,
     whole: Arc<WholeList>,
     /// Bumped whenever the list starts over from a whole list, so gates sent changes of the
@@ -92,6 +107,7 @@ impl DenyBook {
             version: 0,
             cards: HashMap::new(),
             recent: VecDeque::new(),
+            history_before_recent: 0,
             recent_bound: recent_bound.max(1),
             whole: Arc::default(),
             epoch: 0,
@@ -112,7 +128,11 @@ impl DenyBook {
 
     pub fn apply(&mut self, event: DenyEvent, now: Instant) -> Result<(), Gap> {
         match event {
-            DenyEvent::Whole { version, entries } => {
+            DenyEvent::Whole {
+                version,
+                history,
+                entries,
+            } => {
                 self.cards = entries
                     .iter()
                     .filter(|e| e.denies())
@@ -120,11 +140,16 @@ impl DenyBook {
                     .collect();
                 self.version = version;
                 self.recent.clear();
+                self.history_before_recent = history;
                 self.epoch += 1;
                 self.whole = Arc::new(self.snapshot());
             }
             DenyEvent::Changed { version, .. } if version <= self.version => {}
-            DenyEvent::Changed { version, entry } => {
+            DenyEvent::Changed {
+                version,
+                history,
+                entry,
+            } => {
                 if version != self.version + 1 {
                     return Err(Gap {
                         held: self.version,
@@ -137,12 +162,15 @@ impl DenyBook {
                     self.cards.remove(&entry.card_id)
                 };
                 self.version = version;
-                if self.recent.len() == self.recent_bound {
-                    self.recent.pop_front();
+                if self.recent.len() == self.recent_bound
+                    && let Some(oldest) = self.recent.pop_front()
+                {
+                    self.history_before_recent = oldest.history;
                 }
                 self.recent.push_back(Change {
                     entry,
                     before,
+                    history,
                     arrived: now,
                 });
                 // The whole list is rebuilt when gates being sent it would otherwise need
@@ -164,9 +192,29 @@ impl DenyBook {
         entries.sort_unstable_by_key(|e| e.card_id);
         WholeList {
             version: self.version,
+            history: self.history(),
             epoch: self.epoch,
             entries,
         }
+    }
+
+    /// The history of the list at the book's version.
+    pub fn history(&self) -> u64 {
+        self.recent
+            .back()
+            .map_or(self.history_before_recent, |change| change.history)
+    }
+
+    /// The history of the list at `version`, while the book can tell (from the oldest
+    /// followable version to its own).
+    fn history_at(&self, version: u64) -> Option<u64> {
+        if version < self.oldest_followable() || version > self.version {
+            return None;
+        }
+        Some(match (version - self.oldest_followable()) as usize {
+            0 => self.history_before_recent,
+            after => self.recent[after - 1].history,
+        })
     }
 
     /// The oldest version a gate may hold and still be sent changes.
@@ -174,15 +222,13 @@ impl DenyBook {
         self.version - self.recent.len() as u64
     }
 
-    /// Changes after `version`, at most `max`; empty when there are none.
-    fn changes_after(&self, version: u64, max: usize) -> Vec<DenyEntry> {
+    /// Changes after `version`, at most `max`, and the history they make; `None` when there
+    /// are none.
+    fn changes_after(&self, version: u64, max: usize) -> Option<(Vec<DenyEntry>, u64)> {
         let skip = (version - self.oldest_followable()) as usize;
-        self.recent
-            .iter()
-            .skip(skip)
-            .take(max)
-            .map(|change| change.entry)
-            .collect()
+        let changes = self.recent.range(skip..(skip + max).min(self.recent.len()));
+        let history = changes.clone().next_back()?.history;
+        Some((changes.map(|change| change.entry).collect(), history))
     }
 
     /// When the change that made `version` reached this node, while the book keeps it.
@@ -224,8 +270,11 @@ pub struct GateFollow {
 
 #[derive(Debug)]
 enum Sent {
-    /// Changes up to this version, of the book's history `epoch`.
+    /// Changes up to this version, since the book's start `epoch`.
     Through { version: u64, epoch: u64 },
+    /// Nothing yet, and the gate holds a list the book cannot go on from: at a version the book
+    /// has, but of another history.
+    OtherHistory,
     /// Part of a whole list: the entries from `next` on are still to go.
     Whole { list: Arc<WholeList>, next: usize },
 }
@@ -235,21 +284,33 @@ enum Sent {
 pub struct Written {
     pub changes: usize,
     pub list_parts: usize,
-    /// A whole list was started: the gate was new, too far behind, or ahead of this node.
+    /// A whole list was started: the gate was new, too far behind, ahead of this node, or held
+    /// a list of another history.
     pub resync: bool,
 }
 
 impl GateFollow {
-    /// The gate said which version it holds. The first acknowledgement starts the following;
-    /// later ones only report progress (the stream is ordered, so what was sent arrives).
-    pub fn acknowledged(&mut self, version: u64, book: &DenyBook) {
-        self.acked = Some(version);
-        if self.sent.is_none() {
-            self.sent = Some(Sent::Through {
-                version,
-                epoch: book.epoch,
-            });
+    /// The gate said which list it holds. The first acknowledgement starts the following, and
+    /// says whether the gate holds one of the book's versions in another history (changes a
+    /// failover lost): it is then sent the whole list. Later ones only report progress (the
+    /// stream is ordered, so what was sent arrives).
+    pub fn acknowledged(&mut self, held: DenyAck, book: &DenyBook) -> bool {
+        self.acked = Some(held.version);
+        if self.sent.is_some() {
+            return false;
         }
+        let other_history = book
+            .history_at(held.version)
+            .is_some_and(|history| history != held.history);
+        self.sent = Some(if other_history {
+            Sent::OtherHistory
+        } else {
+            Sent::Through {
+                version: held.version,
+                epoch: book.epoch,
+            }
+        });
+        other_history
     }
 
     pub fn acked(&self) -> Option<u64> {
@@ -260,7 +321,7 @@ impl GateFollow {
     pub fn behind(&self, book: &DenyBook) -> bool {
         match &self.sent {
             None => false,
-            Some(Sent::Whole { .. }) => true,
+            Some(Sent::Whole { .. } | Sent::OtherHistory) => true,
             Some(Sent::Through { version, epoch }) => {
                 *version != book.version || *epoch != book.epoch
             }
@@ -278,6 +339,7 @@ impl GateFollow {
                     let last = end == list.entries.len();
                     let part = DenyList {
                         version: list.version,
+                        history: list.history,
                         first: next == 0,
                         last,
                         entries: list.entries[next..end].to_vec(),
@@ -293,27 +355,25 @@ impl GateFollow {
                         Sent::Whole { list, next: end }
                     });
                 }
+                Some(Sent::OtherHistory) => self.start_whole_list(book, &mut written),
                 Some(Sent::Through { version, epoch }) => {
                     let followable = epoch == book.epoch
                         && version <= book.version
                         && version >= book.oldest_followable();
                     if !followable {
-                        written.resync = true;
-                        self.sent = Some(Sent::Whole {
-                            list: book.whole.clone(),
-                            next: 0,
-                        });
+                        self.start_whole_list(book, &mut written);
                         continue;
                     }
                     self.sent = Some(Sent::Through { version, epoch });
-                    let entries = book.changes_after(version, MAX_DENY_ENTRIES);
-                    if entries.is_empty() {
+                    let Some((entries, history)) = book.changes_after(version, MAX_DENY_ENTRIES)
+                    else {
                         return written;
-                    }
+                    };
                     let through = version + entries.len() as u64;
                     seal(
                         &Frame::DenyChanges(DenyChanges {
                             first_version: version + 1,
+                            history,
                             entries,
                         }),
                         mac,
@@ -328,6 +388,14 @@ impl GateFollow {
             }
         }
         written
+    }
+
+    fn start_whole_list(&mut self, book: &DenyBook, written: &mut Written) {
+        written.resync = true;
+        self.sent = Some(Sent::Whole {
+            list: book.whole.clone(),
+            next: 0,
+        });
     }
 }
 
@@ -345,6 +413,12 @@ mod tests {
             card_id,
             reason: Reason::CardLost,
         }
+    }
+
+    /// The history a test book gives `version` in its line `line`: lines share versions,
+    /// never histories.
+    fn history(line: u64, version: u64) -> u64 {
+        line << 32 | version
     }
 
     fn cleared(card_id: u64) -> DenyEntry {
@@ -374,7 +448,7 @@ mod tests {
                     other => panic!("unexpected {other:?}"),
                 };
                 if let Some(ack) = ack {
-                    follow.acknowledged(ack.version, book);
+                    follow.acknowledged(ack, book);
                 }
                 frames.push(frame);
             }
@@ -396,8 +470,16 @@ mod tests {
             .enumerate()
         {
             let version = version as u64 + 1;
-            book.apply(DenyEvent::Changed { version, entry }, now)
-                .unwrap();
+            let history = history(1, version);
+            book.apply(
+                DenyEvent::Changed {
+                    version,
+                    history,
+                    entry,
+                },
+                now,
+            )
+            .unwrap();
         }
         let at = |version| book.listed_at(7, version);
         assert_eq!(
@@ -423,6 +505,7 @@ mod tests {
             book.apply(
                 DenyEvent::Changed {
                     version,
+                    history: history(1, version),
                     entry: lost(version),
                 },
                 now,
@@ -438,10 +521,10 @@ mod tests {
         let mut gate = GateDenyList::default();
         // The gate held version 0 of this history and so can be sent all 60 changes.
         let mut follow = GateFollow::default();
-        follow.acknowledged(0, &book);
+        follow.acknowledged(DenyAck::NEW_GATE, &book);
         let frames = deliver(&mut follow, &book, &mut gate);
         assert!(frames.iter().all(|f| matches!(f, Frame::DenyChanges(_))));
-        // 60 changes in frames of at most 25.
+        // 60 changes in frames of at most 24.
         assert_eq!(frames.len(), 3);
         assert_eq!((gate.version(), gate.len()), (60, 60));
         assert_eq!(follow.acked(), Some(60));
@@ -454,6 +537,7 @@ mod tests {
         book.apply(
             DenyEvent::Changed {
                 version: 301,
+                history: history(1, 301),
                 entry: cleared(5),
             },
             Instant::now(),
@@ -461,7 +545,7 @@ mod tests {
         .unwrap();
         let mut gate = GateDenyList::default();
         let mut follow = GateFollow::default();
-        follow.acknowledged(0, &book);
+        follow.acknowledged(DenyAck::NEW_GATE, &book);
         let frames = deliver(&mut follow, &book, &mut gate);
         assert!(matches!(
             frames[0],
@@ -474,11 +558,91 @@ mod tests {
         assert_eq!(gate.refuses(6), Some(Reason::CardLost));
     }
 
+    /// A gate sent the book's first 8 changes, then versions 9 to `through` of a line a
+    /// failover lost, which put cards 1009 and on on the list.
+    fn gate_sent_a_lost_line(through: u64) -> GateDenyList {
+        let mut lost_line = book_with(8, 100);
+        for version in 9..=through {
+            let change = DenyEvent::Changed {
+                version,
+                history: history(2, version),
+                entry: lost(1000 + version),
+            };
+            lost_line.apply(change, Instant::now()).unwrap();
+        }
+        let mut gate = GateDenyList::default();
+        let mut follow = GateFollow::default();
+        follow.acknowledged(DenyAck::NEW_GATE, &lost_line);
+        deliver(&mut follow, &lost_line, &mut gate);
+        gate
+    }
+
+    #[test]
+    fn a_gate_holding_a_version_of_another_history_gets_the_whole_list() {
+        // The book's own line numbers versions 9 and 10 too.
+        let book = book_with(10, 100);
+        for through in [9, 10] {
+            let mut gate = gate_sent_a_lost_line(through);
+            assert_eq!(gate.refuses(1009), Some(Reason::CardLost));
+            let mut follow = GateFollow::default();
+            assert!(follow.acknowledged(gate.held(), &book));
+            let frames = deliver(&mut follow, &book, &mut gate);
+            assert!(matches!(frames.first(), Some(Frame::DenyList(_))));
+            let current = DenyAck {
+                version: 10,
+                history: history(1, 10),
+            };
+            assert_eq!(gate.held(), current);
+            assert_eq!(
+                (gate.refuses(1009), gate.refuses(9)),
+                (None, Some(Reason::CardLost))
+            );
+        }
+    }
+
+    #[test]
+    fn a_gate_holding_a_version_of_the_same_history_is_sent_only_changes() {
+        // 300 changes, of which the book keeps the last 100: versions 200 to 300 followable.
+        let book = book_with(300, 100);
+        for held in [200, 250, 300] {
+            let mut follow = GateFollow::default();
+            let ack = DenyAck {
+                version: held,
+                history: history(1, held),
+            };
+            assert!(!follow.acknowledged(ack, &book));
+            let mut out = BytesMut::new();
+            let written = follow.poll(&book, &mac(), &mut out);
+            assert!(!written.resync, "held {held}");
+            assert_eq!(
+                written.changes,
+                (300 - held as usize)
+                    .div_ceil(MAX_DENY_ENTRIES)
+                    .min(FRAMES_PER_POLL)
+            );
+        }
+        // A version older than the book keeps cannot be told apart: the whole list, but not
+        // counted as another history.
+        let mut follow = GateFollow::default();
+        let older = DenyAck {
+            version: 199,
+            history: history(2, 199),
+        };
+        assert!(!follow.acknowledged(older, &book));
+        assert!(follow.poll(&book, &mac(), &mut BytesMut::new()).resync);
+    }
+
     #[test]
     fn a_gate_ahead_of_the_node_gets_the_whole_list() {
         let book = book_with(10, 100);
         let mut follow = GateFollow::default();
-        follow.acknowledged(12, &book);
+        follow.acknowledged(
+            DenyAck {
+                version: 12,
+                history: history(1, 12),
+            },
+            &book,
+        );
         let mut gate = GateDenyList::default();
         let frames = deliver(&mut follow, &book, &mut gate);
         assert!(matches!(frames[0], Frame::DenyList(_)));
@@ -489,7 +653,7 @@ mod tests {
     fn after_the_node_starts_over_every_gate_gets_the_whole_list_again() {
         let mut book = book_with(10, 100);
         let mut follow = GateFollow::default();
-        follow.acknowledged(0, &book);
+        follow.acknowledged(DenyAck::NEW_GATE, &book);
         let mut gate = GateDenyList::default();
         deliver(&mut follow, &book, &mut gate);
         // Redis lost the last changes and numbers new ones from 9 again: same versions, other
@@ -497,6 +661,7 @@ mod tests {
         book.apply(
             DenyEvent::Whole {
                 version: 9,
+                history: history(2, 9),
                 entries: vec![lost(100)],
             },
             Instant::now(),
@@ -515,6 +680,7 @@ mod tests {
             book.apply(
                 DenyEvent::Changed {
                     version: 5,
+                    history: history(1, 5),
                     entry: lost(1)
                 },
                 Instant::now()
@@ -525,6 +691,7 @@ mod tests {
         book.apply(
             DenyEvent::Changed {
                 version: 2,
+                history: history(1, 2),
                 entry: lost(2),
             },
             Instant::now(),
@@ -537,7 +704,7 @@ mod tests {
     fn one_poll_writes_a_bounded_number_of_frames() {
         let book = book_with(1000, 100);
         let mut follow = GateFollow::default();
-        follow.acknowledged(0, &book);
+        follow.acknowledged(DenyAck::NEW_GATE, &book);
         let mut out = BytesMut::new();
         let written = follow.poll(&book, &mac(), &mut out);
         assert_eq!(written.list_parts, FRAMES_PER_POLL);

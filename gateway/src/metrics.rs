@@ -136,8 +136,12 @@ pub struct Metrics {
     pub deny_gates: AtomicI64,
     pub deny_changes_sent: AtomicU64,
     pub deny_list_parts_sent: AtomicU64,
-    /// Whole lists started: gates that were new, too far behind, or ahead of this node.
+    /// Whole lists started: gates that were new, too far behind, ahead of this node, or held a
+    /// list of another history.
     pub deny_resyncs: AtomicU64,
+    /// Gates whose first DenyAck named a version this node has, of another history: a Redis
+    /// failover lost changes they had been sent.
+    pub deny_other_history: AtomicU64,
     /// Times this node loaded the whole list again after its first load.
     pub deny_reloads: AtomicU64,
     /// From a change reaching this node to a gate acknowledging it.

@@ -271,11 +271,10 @@ fn render_places(sink: &mut Sink, counters: &GatewayCounters) -> fmt::Result {
     )
 }
 
-/// Connections, sessions and the answers shared between gateways.
 /// The deny list at this node and how it reaches the version-2 gates.
 fn render_deny_list(sink: &mut Sink, m: &Metrics) -> fmt::Result {
     let load = |n: &std::sync::atomic::AtomicU64| n.load(Ordering::Relaxed);
-    let rows: [(&str, &str, &str, u64); 9] = [
+    let rows: [(&str, &str, &str, u64); 10] = [
         (
             "deny_list_version",
             "gauge",
@@ -309,8 +308,14 @@ fn render_deny_list(sink: &mut Sink, m: &Metrics) -> fmt::Result {
         (
             "deny_list_resyncs_total",
             "counter",
-            "Whole deny lists started for a gate that was new, too far behind, or ahead of this node.",
+            "Whole deny lists started for a gate that was new, too far behind, ahead of this node, or held a list of another history.",
             load(&m.deny_resyncs),
+        ),
+        (
+            "deny_list_other_history_total",
+            "counter",
+            "Gates that said they hold a deny-list version this node has, of another history (a Redis failover lost changes they had been sent); each was sent the whole list.",
+            load(&m.deny_other_history),
         ),
         (
             "deny_list_reloads_total",

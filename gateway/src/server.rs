@@ -23,8 +23,8 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use tapgate_journal::{Durable, Journal, JournalRecord, JournalSettings, JournalWriter};
 use tapgate_protocol::{
-    ErrorCode, ErrorFrame, Frame, KeyRing, MacKey, OfflineRules, OfflineTap, Outcome, Reason,
-    SealedFrame, Tag, Tap, TapResult, Version, seal,
+    DenyAck, ErrorCode, ErrorFrame, Frame, KeyRing, MacKey, OfflineRules, OfflineTap, Outcome,
+    Reason, SealedFrame, Tag, Tap, TapResult, Version, seal,
 };
 use tapgate_runtime::clock::sleep_until_some;
 use tapgate_runtime::health::{Panics, PartHealth, supervise};
@@ -1097,8 +1097,8 @@ impl Session {
                         now,
                     );
                     match (work, deny.as_mut()) {
-                        (Some(Work::DenyHeld(version)), Some(deny)) => {
-                            self.deny_held(deny, version);
+                        (Some(Work::DenyHeld(held)), Some(deny)) => {
+                            self.deny_held(deny, held, gate.terminal.terminal_id);
                         }
                         (Some(work), _) => self.work(&mut session, work, gate).await,
                         (None, _) => {}
@@ -1152,18 +1152,23 @@ impl Session {
 
     /// The gate's DenyAck: where its list goes on from, and (after the first) how long the
     /// change it acknowledges took to reach it.
-    fn deny_held(&self, deny: &mut DenyFollowing, version: u64) {
+    fn deny_held(&self, deny: &mut DenyFollowing, held: DenyAck, terminal_id: u64) {
         let book = self.shared.deny.read().expect("deny book lock");
+        let metrics = &self.shared.metrics;
         if deny.follow.acked().is_some()
-            && let Some(arrived) = book.arrived(version)
+            && let Some(arrived) = book.arrived(held.version)
         {
-            self.shared
-                .metrics
-                .deny_propagation
-                .record(arrived.elapsed());
+            metrics.deny_propagation.record(arrived.elapsed());
         }
-        deny.follow.acknowledged(version, &book);
-        self.shared.deny_acked.insert(deny.connection, version);
+        if deny.follow.acknowledged(held, &book) {
+            metrics.deny_other_history.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                gate = terminal_id,
+                version = held.version,
+                "a gate holds a deny list of another history (a failover lost changes it was sent); sending it the whole list"
+            );
+        }
+        self.shared.deny_acked.insert(deny.connection, held.version);
     }
 
     /// An answer on its way out: into the gate's window (waking resends that wait for it) and

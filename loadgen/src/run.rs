@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use tapgate_city::TerminalRecord;
 use tapgate_city::population::PopulationSpec;
 use tapgate_protocol::{
-    DenyAck, ErrorCode, Frame, GateDenyList, MasterKey, OfflineReceipt, Outcome, Version,
+    ErrorCode, Frame, GateDenyList, MasterKey, OfflineReceipt, Outcome, Version,
 };
 use tapgate_transport::clock::sleep_until_some;
 use tapgate_transport::now_ms;
@@ -799,19 +799,14 @@ impl Gate {
         }
     }
 
-    /// On a version-2 connection, tells the gateway which deny-list version the gate holds,
+    /// On a version-2 connection, tells the gateway which deny list the gate holds,
     /// so the gateway goes on from there (the whole list for a new gate).
     async fn follow_deny_list(&mut self) -> Result<(), ClientError> {
         if self.client.version() < Version::V2 {
             return Ok(());
         }
-        let version = self
-            .deny
-            .get_or_insert_with(GateDenyList::default)
-            .version();
-        self.client
-            .send_frame(&Frame::DenyAck(DenyAck { version }))
-            .await
+        let held = self.deny.get_or_insert_with(GateDenyList::default).held();
+        self.client.send_frame(&Frame::DenyAck(held)).await
     }
 
     /// A frame from the gateway: deny-list frames are applied and acknowledged, answers

@@ -11,9 +11,19 @@ use std::collections::HashMap;
 #[derive(Debug, Default, Clone)]
 pub struct GateDenyList {
     version: u64,
+    /// The list's history as the gateway named it, echoed in every DenyAck: after a failover
+    /// that lost changes, the same version can be another list, and this tells them apart.
+    history: u64,
     cards: HashMap<u64, Reason>,
     /// A whole list arriving part by part, replacing `cards` when its last part comes.
-    incoming: Option<(u64, HashMap<u64, Reason>)>,
+    incoming: Option<Incoming>,
+}
+
+#[derive(Debug, Clone)]
+struct Incoming {
+    version: u64,
+    history: u64,
+    cards: HashMap<u64, Reason>,
 }
 
 /// A deny frame that does not follow what the gate holds. On the gateway's ordered stream this
@@ -23,13 +33,24 @@ pub struct GateDenyList {
 pub enum OutOfStep {
     #[error("deny-list changes from version {first} do not follow version {held}")]
     Changes { held: u64, first: u64 },
-    #[error("a part of the deny list at version {version} came without its first part")]
+    #[error(
+        "a part of the deny list at version {version} came without its first part, or of another list"
+    )]
     ListPart { version: u64 },
 }
 
 impl GateDenyList {
     pub fn version(&self) -> u64 {
         self.version
+    }
+
+    /// What the gate holds, as its DenyAck says it: the first frame of the list it sends on
+    /// every version-2 connection.
+    pub fn held(&self) -> DenyAck {
+        DenyAck {
+            version: self.version,
+            history: self.history,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -67,38 +88,42 @@ impl GateDenyList {
             set(&mut self.cards, *entry);
         }
         self.version = changes.last_version();
-        Ok(DenyAck {
-            version: self.version,
-        })
+        self.history = changes.history;
+        Ok(self.held())
     }
 
     /// Takes one part of a whole list; returns the acknowledgement to send once the last part
     /// has replaced the list, `None` before.
     pub fn apply_list(&mut self, part: &DenyList) -> Result<Option<DenyAck>, OutOfStep> {
         if part.first {
-            self.incoming = Some((part.version, HashMap::new()));
+            self.incoming = Some(Incoming {
+                version: part.version,
+                history: part.history,
+                cards: HashMap::new(),
+            });
         }
-        let Some((version, cards)) = self.incoming.as_mut() else {
+        let Some(incoming) = self.incoming.as_mut() else {
             return Err(OutOfStep::ListPart {
                 version: part.version,
             });
         };
-        if *version != part.version {
+        if (incoming.version, incoming.history) != (part.version, part.history) {
             self.incoming = None;
             return Err(OutOfStep::ListPart {
                 version: part.version,
             });
         }
         for entry in &part.entries {
-            set(cards, *entry);
+            set(&mut incoming.cards, *entry);
         }
         if !part.last {
             return Ok(None);
         }
-        let (version, cards) = self.incoming.take().expect("checked above");
-        self.version = version;
-        self.cards = cards;
-        Ok(Some(DenyAck { version }))
+        let incoming = self.incoming.take().expect("checked above");
+        self.version = incoming.version;
+        self.history = incoming.history;
+        self.cards = incoming.cards;
+        Ok(Some(self.held()))
     }
 }
 
@@ -124,17 +149,26 @@ mod tests {
         let ack = list
             .apply_changes(&DenyChanges {
                 first_version: 1,
+                history: 0xa2,
                 entries: vec![entry(7, Reason::CardLost), entry(8, Reason::CardBlocked)],
             })
             .unwrap();
-        assert_eq!(ack.version, 2);
+        assert_eq!(
+            ack,
+            DenyAck {
+                version: 2,
+                history: 0xa2
+            }
+        );
         assert_eq!(list.refuses(7), Some(Reason::CardLost));
         list.apply_changes(&DenyChanges {
             first_version: 3,
+            history: 0xa3,
             entries: vec![entry(7, Reason::Approved)],
         })
         .unwrap();
         assert_eq!((list.version(), list.refuses(7), list.len()), (3, None, 1));
+        assert_eq!(list.held().history, 0xa3);
     }
 
     #[test]
@@ -142,6 +176,7 @@ mod tests {
         let mut list = GateDenyList::default();
         let skipped = DenyChanges {
             first_version: 2,
+            history: 0xa2,
             entries: vec![entry(7, Reason::CardLost)],
         };
         assert_eq!(
@@ -149,6 +184,7 @@ mod tests {
             Err(OutOfStep::Changes { held: 0, first: 2 })
         );
         assert!(list.is_empty());
+        assert_eq!(list.held(), DenyAck::NEW_GATE);
     }
 
     #[test]
@@ -156,11 +192,13 @@ mod tests {
         let mut list = GateDenyList::default();
         list.apply_changes(&DenyChanges {
             first_version: 1,
+            history: 0xa1,
             entries: vec![entry(1, Reason::CardLost)],
         })
         .unwrap();
         let first = DenyList {
             version: 40,
+            history: 0xb40,
             first: true,
             last: false,
             entries: vec![entry(2, Reason::CardCancelled)],
@@ -168,8 +206,8 @@ mod tests {
         assert_eq!(list.apply_list(&first), Ok(None));
         // Until the last part the old list stands.
         assert_eq!(
-            (list.version(), list.refuses(1)),
-            (1, Some(Reason::CardLost))
+            (list.held().history, list.refuses(1)),
+            (0xa1, Some(Reason::CardLost))
         );
         let last = DenyList {
             first: false,
@@ -177,7 +215,13 @@ mod tests {
             entries: vec![entry(3, Reason::CardBlocked)],
             ..first
         };
-        assert_eq!(list.apply_list(&last), Ok(Some(DenyAck { version: 40 })));
+        assert_eq!(
+            list.apply_list(&last),
+            Ok(Some(DenyAck {
+                version: 40,
+                history: 0xb40
+            }))
+        );
         assert_eq!(list.refuses(1), None);
         assert_eq!(list.refuses(2), Some(Reason::CardCancelled));
         assert_eq!(list.len(), 2);
@@ -188,6 +232,7 @@ mod tests {
         let mut list = GateDenyList::default();
         let part = DenyList {
             version: 5,
+            history: 0xb5,
             first: false,
             last: true,
             entries: vec![],
@@ -197,5 +242,29 @@ mod tests {
             Err(OutOfStep::ListPart { version: 5 })
         );
         assert_eq!(list.version(), 0);
+    }
+
+    #[test]
+    fn a_list_part_of_another_history_is_refused_and_the_old_list_stands() {
+        let mut list = GateDenyList::default();
+        let first = DenyList {
+            version: 5,
+            history: 0xb5,
+            first: true,
+            last: false,
+            entries: vec![entry(2, Reason::CardLost)],
+        };
+        list.apply_list(&first).unwrap();
+        let other = DenyList {
+            history: 0xc5,
+            first: false,
+            last: true,
+            ..first
+        };
+        assert_eq!(
+            list.apply_list(&other),
+            Err(OutOfStep::ListPart { version: 5 })
+        );
+        assert_eq!((list.held(), list.refuses(2)), (DenyAck::NEW_GATE, None));
     }
 }

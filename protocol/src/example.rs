@@ -78,15 +78,19 @@ pub fn lines() -> Vec<(String, String)> {
 /// The deny-list example of PROTOCOL.md (protocol version 2), in the order the frames cross
 /// the wire: a new gate says it holds nothing, gets the whole list (two cards, version 3) in
 /// one part, acknowledges it, then gets a card reported lost (version 4) and acknowledges that.
+/// The histories are what a gateway on Redis would send: opaque to the gate, which echoes them.
 pub fn deny_frames() -> [Frame; 5] {
+    let history_3 = 0x3b9e_41d0_7c52_a8f6;
+    let history_4 = 0xc17a_0e5d_92f4_b368;
     let lost = DenyEntry {
         card_id: 6_222_000_123_456_789,
         reason: Reason::CardLost,
     };
     [
-        Frame::DenyAck(DenyAck { version: 0 }),
+        Frame::DenyAck(DenyAck::NEW_GATE),
         Frame::DenyList(DenyList {
             version: 3,
+            history: history_3,
             first: true,
             last: true,
             entries: vec![
@@ -100,12 +104,19 @@ pub fn deny_frames() -> [Frame; 5] {
                 },
             ],
         }),
-        Frame::DenyAck(DenyAck { version: 3 }),
+        Frame::DenyAck(DenyAck {
+            version: 3,
+            history: history_3,
+        }),
         Frame::DenyChanges(DenyChanges {
             first_version: 4,
+            history: history_4,
             entries: vec![lost],
         }),
-        Frame::DenyAck(DenyAck { version: 4 }),
+        Frame::DenyAck(DenyAck {
+            version: 4,
+            history: history_4,
+        }),
     ]
 }
 

@@ -48,7 +48,7 @@ pub enum BodyLen {
 /// Size of one deny-list entry: card id and reason.
 pub const DENY_ENTRY_LEN: usize = 9;
 /// Deny-list entries in one frame at most, so the frame stays within `MAX_FRAME_LEN`.
-pub const MAX_DENY_ENTRIES: usize = 25;
+pub const MAX_DENY_ENTRIES: usize = 24;
 
 impl FrameType {
     /// Size of this frame type's body in bytes.
@@ -59,9 +59,9 @@ impl FrameType {
             FrameType::Tap => BodyLen::Fixed(30),
             FrameType::TapResult => BodyLen::Fixed(17),
             FrameType::Error => BodyLen::Fixed(10),
-            FrameType::DenyAck => BodyLen::Fixed(8),
-            FrameType::DenyChanges => BodyLen::Entries { head: 9 },
-            FrameType::DenyList => BodyLen::Entries { head: 10 },
+            FrameType::DenyAck => BodyLen::Fixed(16),
+            FrameType::DenyChanges => BodyLen::Entries { head: 17 },
+            FrameType::DenyList => BodyLen::Entries { head: 18 },
             FrameType::OfflineRules => BodyLen::Fixed(9),
             FrameType::OfflineTap => BodyLen::Fixed(46),
             FrameType::OfflineReceipt => BodyLen::Fixed(14),
@@ -291,17 +291,30 @@ impl DenyEntry {
     }
 }
 
-/// The deny-list version a gate holds: after its Hello, after each change it applied and after
-/// a whole list.
+/// The deny list a gate holds: after its Hello, after each change it applied and after a whole
+/// list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DenyAck {
     pub version: u64,
+    /// The history of the list the gate holds, as the gateway last sent it: two lists at the
+    /// same version are the same list only when their histories are equal too.
+    pub history: u64,
+}
+
+impl DenyAck {
+    /// What a gate that has never been sent a list holds: the empty list, version 0.
+    pub const NEW_GATE: DenyAck = DenyAck {
+        version: 0,
+        history: 0,
+    };
 }
 
 /// Consecutive changes to the deny list: entry `i` makes version `first_version + i`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DenyChanges {
     pub first_version: u64,
+    /// The list's history once the gate applied these.
+    pub history: u64,
     pub entries: Vec<DenyEntry>,
 }
 
@@ -318,6 +331,8 @@ impl DenyChanges {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DenyList {
     pub version: u64,
+    /// The history of the list at `version`, the same in every part.
+    pub history: u64,
     pub first: bool,
     pub last: bool,
     /// Only cards on the list (no `Approved` entries).
@@ -496,13 +511,18 @@ impl Frame {
                 out.put_u16(e.code.code() as u16);
                 out.put_u64(e.sequence);
             }
-            Frame::DenyAck(a) => out.put_u64(a.version),
+            Frame::DenyAck(a) => {
+                out.put_u64(a.version);
+                out.put_u64(a.history);
+            }
             Frame::DenyChanges(c) => {
                 out.put_u64(c.first_version);
+                out.put_u64(c.history);
                 put_entries(&c.entries, out);
             }
             Frame::DenyList(l) => {
                 out.put_u64(l.version);
+                out.put_u64(l.history);
                 out.put_u8(u8::from(l.first) | u8::from(l.last) << 1);
                 put_entries(&l.entries, out);
             }
@@ -558,9 +578,11 @@ impl Frame {
             FrameType::Error => Frame::Error(parse_error(b)?),
             FrameType::DenyAck => Frame::DenyAck(DenyAck {
                 version: b.get_u64(),
+                history: b.get_u64(),
             }),
             FrameType::DenyChanges => {
                 let first_version = b.get_u64();
+                let history = b.get_u64();
                 let entries = parse_entries(b, true)?;
                 if first_version == 0 || entries.is_empty() {
                     return Err(InvalidField {
@@ -574,11 +596,13 @@ impl Frame {
                 }
                 Frame::DenyChanges(DenyChanges {
                     first_version,
+                    history,
                     entries,
                 })
             }
             FrameType::DenyList => {
                 let version = b.get_u64();
+                let history = b.get_u64();
                 let flags = b.get_u8();
                 if flags > 0b11 {
                     return Err(InvalidField {
@@ -588,6 +612,7 @@ impl Frame {
                 }
                 Frame::DenyList(DenyList {
                     version,
+                    history,
                     first: flags & 1 != 0,
                     last: flags & 2 != 0,
                     entries: parse_entries(b, false)?,

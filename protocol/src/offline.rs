@@ -147,6 +147,7 @@ mod tests {
         let mut list = GateDenyList::default();
         list.apply_changes(&DenyChanges {
             first_version: 1,
+            history: 1,
             entries: vec![DenyEntry {
                 card_id: 9,
                 reason: Reason::CardLost,

@@ -144,7 +144,8 @@ fn any_offline_frame() -> impl Strategy<Value = Frame> {
 
 /// The deny-list frames of version 2.
 fn any_deny_frame() -> impl Strategy<Value = Frame> {
-    let deny_ack = any::<u64>().prop_map(|version| Frame::DenyAck(DenyAck { version }));
+    let deny_ack = (any::<u64>(), any::<u64>())
+        .prop_map(|(version, history)| Frame::DenyAck(DenyAck { version, history }));
     let deny_reason =
         prop::sample::select(&[Reason::CardLost, Reason::CardBlocked, Reason::CardCancelled]);
     let entries = |reasons: BoxedStrategy<Reason>, min: usize| {
@@ -155,26 +156,30 @@ fn any_deny_frame() -> impl Strategy<Value = Frame> {
     };
     let changes = (
         1..u64::MAX / 2,
+        any::<u64>(),
         entries(
             prop_oneof![deny_reason.clone(), Just(Reason::Approved)].boxed(),
             1,
         ),
     )
-        .prop_map(|(first_version, entries)| {
+        .prop_map(|(first_version, history, entries)| {
             Frame::DenyChanges(DenyChanges {
                 first_version,
+                history,
                 entries,
             })
         });
     let list = (
         any::<u64>(),
+        any::<u64>(),
         any::<bool>(),
         any::<bool>(),
         entries(deny_reason.boxed(), 0),
     )
-        .prop_map(|(version, first, last, entries)| {
+        .prop_map(|(version, history, first, last, entries)| {
             Frame::DenyList(DenyList {
                 version,
+                history,
                 first,
                 last,
                 entries,

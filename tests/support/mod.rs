@@ -163,6 +163,8 @@ impl Drop for RedisServer {
 pub(crate) struct RedisCluster {
     nodes: Vec<ClusterNode>,
     dir: tempfile::TempDir,
+    /// A replica stopped by `cut_off_replica_of`, resumed once its master is killed.
+    stopped_replica: Option<u16>,
     /// One cluster at a time per test binary: six servers, a gateway and its load already fill
     /// two cores, and a starved node misses heartbeats and fails over when nobody asked it to.
     _one_at_a_time: std::sync::MutexGuard<'static, ()>,
@@ -185,6 +187,7 @@ impl RedisCluster {
         let mut cluster = RedisCluster {
             nodes: Vec::new(),
             dir,
+            stopped_replica: None,
             // A test that failed while holding it poisons it; the next may still run.
             _one_at_a_time: ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner()),
         };
@@ -354,6 +357,34 @@ impl RedisCluster {
         None
     }
 
+    /// Stops the replica of the master serving `key` and closes its link, so what is written to
+    /// that master from now on reaches no replica: `kill_master_of` then loses it, as a master
+    /// that dies before its replica copied its newest writes does. Keep the cut short (well
+    /// under the node timeout), or the cluster fails the replica.
+    pub(crate) fn cut_off_replica_of(&mut self, key: &str) {
+        let master = self.master_of(key).expect("a master serves the key");
+        // The master's own word on its replica: the cluster's node table can take a while to
+        // show a node that was made a replica.
+        let info = node_query(master, &["INFO", "replication"]).unwrap();
+        let replica: u16 = info
+            .lines()
+            .find_map(|l| l.strip_prefix("slave0:"))
+            .and_then(|l| l.split(',').find_map(|f| f.strip_prefix("port=")))
+            .and_then(|port| port.parse().ok())
+            .unwrap_or_else(|| panic!("{master} has no replica:\n{info}"));
+        let pid = self.nodes.iter().find(|n| n.port == replica).unwrap();
+        let pid = pid.child.as_ref().unwrap().id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-STOP", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        self.stopped_replica = Some(replica);
+        node_query(master, &["CLIENT", "KILL", "TYPE", "replica"]).expect("the link closed");
+    }
+
     /// SIGKILLs the master serving `key` and waits until its replica has taken over.
     pub(crate) fn kill_master_of(&mut self, key: &str) -> u16 {
         let port = self.master_of(key).expect("a master serves the key");
@@ -361,6 +392,17 @@ impl RedisCluster {
         let mut child = node.child.take().unwrap();
         child.kill().unwrap();
         child.wait().unwrap();
+        if let Some(replica) = self.stopped_replica.take() {
+            let node = self.nodes.iter().find(|n| n.port == replica).unwrap();
+            let pid = node.child.as_ref().unwrap().id().to_string();
+            assert!(
+                Command::new("kill")
+                    .args(["-CONT", &pid])
+                    .status()
+                    .unwrap()
+                    .success()
+            );
+        }
         // The survivors notice after the node timeout; a replica is then elected.
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.master_of(key).is_none_or(|p| p == port) {

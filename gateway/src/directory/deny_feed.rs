@@ -19,6 +19,8 @@
 //! the numbers alone would take the new changes as the ones after the lost ones and keep the
 //! lost ones for good. Each change names the history it follows, so the first change of the
 //! new line tells a follower that its list went another way, and it loads the whole list.
+//! Gates are sent the history too (the 16 hex digits as a number, 0 before the first change):
+//! a gate that was sent a lost change and then connects to another gateway says so with it.
 //! Writers and followers are upgraded together: an entry without the digests is taken as
 //! malformed, and its followers load the whole list.
 
@@ -215,6 +217,13 @@ impl DenyFollower {
     /// so the list converges.
     async fn load(&self, conn: &mut RedisConnection) -> Result<Head, Stop> {
         let head = self.read_head(conn).await?;
+        let history = history_digest(&head.history).ok_or_else(|| {
+            Stop::Lost(redis::RedisError::from((
+                redis::ErrorKind::UnexpectedReturnType,
+                "deny list history is not 16 hex digits",
+                head.history.chars().take(32).collect::<String>(),
+            )))
+        })?;
         let mut entries = Vec::new();
         let mut cursor = 0u64;
         loop {
@@ -237,6 +246,7 @@ impl DenyFollower {
         }
         self.send(DenyEvent::Whole {
             version: head.version,
+            history,
             entries,
         })
         .await?;
@@ -291,9 +301,12 @@ impl DenyFollower {
                 {
                     return Ok(Followed::Missed);
                 }
-                (Some(number), Some(entry), Some(_), Some(history)) => {
+                (Some(number), Some(entry), Some(_), Some(history))
+                    if let Some(digest) = history_digest(&history) =>
+                {
                     self.send(DenyEvent::Changed {
                         version: number,
+                        history: digest,
                         entry,
                     })
                     .await?;
@@ -326,6 +339,16 @@ struct Head {
 enum Followed {
     Waiting,
     Missed,
+}
+
+/// The history as gates are sent it: the script's digest read as a number, 0 for the empty
+/// history before the first change; `None` for anything the script does not write.
+fn history_digest(history: &str) -> Option<u64> {
+    match history.len() {
+        0 => Some(0),
+        16 => u64::from_str_radix(history, 16).ok(),
+        _ => None,
+    }
 }
 
 fn parse_entry(card: &str, reason: &str) -> Option<DenyEntry> {

@@ -5,6 +5,7 @@ use crate::card::{CardRecord, CardState};
 use crate::decide::CountedRide;
 use crate::deny::{DenyEvent, deny_reason};
 use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::{Mutex, RwLock};
 use tapgate_protocol::{DenyEntry, Reason};
 use tokio::sync::{broadcast, mpsc};
@@ -22,7 +23,18 @@ pub struct EmbeddedDirectory {
 #[derive(Default)]
 struct DenyLog {
     version: u64,
+    /// Chained through every change as the Redis script chains its digest.
+    history: u64,
+    /// Keyed at random when the directory starts, so a node restarted empty, which numbers its
+    /// changes from 1 again, gives them histories that gates of its earlier run do not hold.
+    digest: RandomState,
     cards: HashMap<u64, Reason>,
+}
+
+impl DenyLog {
+    fn chain(&mut self, entry: DenyEntry) {
+        self.history = self.digest.hash_one((self.history, self.version, entry));
+    }
 }
 
 impl Default for EmbeddedDirectory {
@@ -157,12 +169,14 @@ impl EmbeddedDirectory {
         } else {
             log.cards.insert(card_id, reason);
         }
+        let entry = DenyEntry { card_id, reason };
         log.version += 1;
-        let version = log.version;
+        log.chain(entry);
         // Sent under the lock, so versions go out in order.
         let _ = self.deny_changes.send(DenyEvent::Changed {
-            version,
-            entry: DenyEntry { card_id, reason },
+            version: log.version,
+            history: log.history,
+            entry,
         });
     }
 
@@ -178,6 +192,7 @@ impl EmbeddedDirectory {
         (
             DenyEvent::Whole {
                 version: log.version,
+                history: log.history,
                 entries,
             },
             changes,

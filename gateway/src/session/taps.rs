@@ -9,9 +9,9 @@ use bytes::BytesMut;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 use tapgate_protocol::{
-    Admission, Concession, ErrorCode, ErrorFrame, Frame, FrameType, MacKey, OfflineTap, OpenError,
-    Outcome, RIDES_LEFT_NOT_APPLICABLE, Reason, SealedFrame, SequenceWindow, Tag, Tap, TapResult,
-    Version, seal,
+    Admission, Concession, DenyAck, ErrorCode, ErrorFrame, Frame, FrameType, MacKey, OfflineTap,
+    OpenError, Outcome, RIDES_LEFT_NOT_APPLICABLE, Reason, SealedFrame, SequenceWindow, Tag, Tap,
+    TapResult, Version, seal,
 };
 
 /// Where an answer's recording stands: its journal record synced (an approval) and its copy
@@ -53,9 +53,9 @@ pub enum Work {
     /// A resend of an answered tap: this answer again, journaled first when it is an approval
     /// another gateway decided and this one has not recorded.
     Resend(TapResult),
-    /// The gate holds the deny list at this version (version 2): where its list goes on from.
-    /// No answer is owed for it.
-    DenyHeld(u64),
+    /// The deny list the gate holds (version 2): where its list goes on from. No answer is owed
+    /// for it.
+    DenyHeld(DenyAck),
 }
 
 /// A tap whose first copy is still being decided, by this connection or another one of the
@@ -202,7 +202,7 @@ impl<W: Recording> TapSession<W> {
                 }
             },
             FrameType::DenyAck => match frame.open(&self.mac) {
-                Ok(Frame::DenyAck(ack)) => return Some(Work::DenyHeld(ack.version)),
+                Ok(Frame::DenyAck(ack)) => return Some(Work::DenyHeld(ack)),
                 Ok(_) => unreachable!("a frame of type DenyAck parses as a DenyAck"),
                 Err(e) => fatal(e.error_code(), 0),
             },

@@ -6,8 +6,8 @@ use super::Check;
 use crate::client::{ClientError, EarlyHello, GateClient, GateIdentity, hello};
 use std::net::SocketAddr;
 use tapgate_protocol::{
-    DenyAck, ErrorCode, Frame, GateDenyList, OfflineReceipt, OfflineStatus, OfflineTap, Outcome,
-    Tap, TapKind,
+    DenyAck, DenyList, ErrorCode, Frame, GateDenyList, OfflineReceipt, OfflineStatus, OfflineTap,
+    Outcome, Tap, TapKind,
 };
 
 /// What the driver needs to know of the gateway under test.
@@ -112,9 +112,13 @@ async fn next_besides_changes(gate: &mut GateClient) -> Result<Frame, String> {
     }
 }
 
-/// A version-2 session that has said it holds no deny list, been sent the offline rules and
-/// the whole list, and acknowledged the list: where its sequence stands.
-async fn version_2_session(target: &Target) -> Result<(GateClient, u64), String> {
+/// A version-2 session that has said it holds `held`, a list the gateway must send whole (none,
+/// or one of another history), been sent the offline rules and the whole list first, and
+/// acknowledged the list: where its sequence stands, and the list it now holds.
+async fn version_2_session(
+    target: &Target,
+    held: DenyAck,
+) -> Result<(GateClient, u64, DenyAck), String> {
     let mut gate = GateClient::connect_with(
         &target.endpoint,
         Some(&target.version_2),
@@ -128,16 +132,19 @@ async fn version_2_session(target: &Target) -> Result<(GateClient, u64), String>
     if gate.version() != tapgate_protocol::Version::V2 {
         return Err(format!("negotiated version {}", gate.version()));
     }
-    gate.send_frame(&Frame::DenyAck(DenyAck { version: 0 }))
+    gate.send_frame(&Frame::DenyAck(held))
         .await
         .map_err(|e| e.to_string())?;
     match next_besides_changes(&mut gate).await? {
         Frame::OfflineRules(_) => {}
         other => return Err(format!("{other:?} before the offline rules")),
     }
+    let mut frame = gate.recv().await.map_err(|e| e.to_string())?;
+    if !matches!(frame, Frame::DenyList(DenyList { first: true, .. })) {
+        return Err(format!("{frame:?} instead of the whole list"));
+    }
     let mut list = GateDenyList::default();
     loop {
-        let frame = gate.recv().await.map_err(|e| e.to_string())?;
         let applied = list
             .apply(&frame)
             .ok_or(format!("{frame:?} while the whole list was owed"))?
@@ -147,8 +154,9 @@ async fn version_2_session(target: &Target) -> Result<(GateClient, u64), String>
                 .await
                 .map_err(|e| e.to_string())?;
             let next = gate.ack.last_sequence + 1;
-            return Ok((gate, next));
+            return Ok((gate, next, ack));
         }
+        frame = gate.recv().await.map_err(|e| e.to_string())?;
     }
 }
 
@@ -157,14 +165,29 @@ async fn version_2(target: &Target, checks: &mut Vec<Check>) {
     let mut record = |rule: &'static str, outcome: Result<(), String>| {
         checks.push(Check::from_outcome(rule, outcome));
     };
+    let new_gate = version_2_session(target, DenyAck::NEW_GATE).await;
+    let held = new_gate.as_ref().ok().map(|(_, _, held)| *held);
     record(
         "4.6/4.7 a new version-2 gate is sent the offline rules, then the whole deny list",
-        version_2_session(target).await.map(|_| ()),
+        new_gate.map(|_| ()),
+    );
+    record(
+        "4.6 a gate holding the gateway's version of another history is sent the whole list",
+        match held {
+            Some(held) => {
+                let other_history = DenyAck {
+                    history: !held.history,
+                    ..held
+                };
+                version_2_session(target, other_history).await.map(|_| ())
+            }
+            None => Err("no version-2 session to start from".to_owned()),
+        },
     );
     record(
         "4.7 an offline tap is receipted recorded, and its resend already, alike",
         async {
-            let (mut gate, next) = version_2_session(target).await?;
+            let (mut gate, next, _) = version_2_session(target, DenyAck::NEW_GATE).await?;
             let now = (target.now_ms)();
             let upload = OfflineTap {
                 tap: Tap {

@@ -135,10 +135,10 @@ impl Rule {
                 "4.5 after an Error of every code sent as a frame, the gate connects again and resends"
             }
             Rule::DenyAckHolds => {
-                "4.6 on version 2, the DenyAck after the HelloAck names the version the gate holds (0 when new), kept across connections"
+                "4.6 on version 2, the DenyAck after the HelloAck names the version and history the gate holds (both 0 when new), kept across connections"
             }
             Rule::AcksEachStep => {
-                "4.6 each DenyChanges and each whole list (in parts) is acknowledged with the version it makes"
+                "4.6 each DenyChanges and each whole list (in parts) is acknowledged with the version and history it makes"
             }
             Rule::RefusesOutOfStep => {
                 "4.6 DenyChanges that do not follow the gate's version are not applied: the gate closes the connection"
@@ -1250,6 +1250,8 @@ mod tests {
         key: MacKey,
         nonce: u64,
         next: u64,
+        /// The history of every deny-list version the referee sent, to echo.
+        histories: std::collections::HashMap<u64, u64>,
     }
 
     impl TestGate {
@@ -1261,6 +1263,7 @@ mod tests {
                     .mac_key(),
                 nonce: 0,
                 next: 1,
+                histories: std::collections::HashMap::from([(0, 0)]),
             }
         }
 
@@ -1300,8 +1303,17 @@ mod tests {
             self.seal(&Frame::Tap(Self::card_tap(sequence, 0)))
         }
 
+        /// A DenyAck of `version`, with the history it was sent at (0 if never).
         fn deny_ack(&self, version: u64) -> Vec<u8> {
-            self.seal(&Frame::DenyAck(tapgate_protocol::DenyAck { version }))
+            let history = self.histories.get(&version).copied().unwrap_or(0);
+            self.deny_ack_of_history(version, history)
+        }
+
+        fn deny_ack_of_history(&self, version: u64, history: u64) -> Vec<u8> {
+            self.seal(&Frame::DenyAck(tapgate_protocol::DenyAck {
+                version,
+                history,
+            }))
         }
 
         /// An upload of card 42, approved offline 1 s after the gate last heard from the
@@ -1316,7 +1328,7 @@ mod tests {
 
         /// What the referee's writes mean to the gate: frames that verify, and whether any
         /// frame failed verification; and whether the connection was closed.
-        fn read(&self, actions: &[Action]) -> (Vec<Frame>, bool, bool) {
+        fn read(&mut self, actions: &[Action]) -> (Vec<Frame>, bool, bool) {
             let mut buf = BytesMut::new();
             let mut closed = false;
             for action in actions {
@@ -1328,7 +1340,18 @@ mod tests {
             let (mut frames, mut bad) = (Vec::new(), false);
             while let Some(frame) = take_frame(&mut buf).unwrap() {
                 match frame.open(&self.key) {
-                    Ok(f) => frames.push(f),
+                    Ok(f) => {
+                        match &f {
+                            Frame::DenyChanges(c) => {
+                                self.histories.insert(c.last_version(), c.history);
+                            }
+                            Frame::DenyList(l) => {
+                                self.histories.insert(l.version, l.history);
+                            }
+                            _ => {}
+                        }
+                        frames.push(f);
+                    }
                     Err(_) => bad = true,
                 }
             }
@@ -1537,6 +1560,28 @@ mod tests {
     }
 
     #[test]
+    fn a_gate_that_does_not_echo_the_history_it_was_sent_fails() {
+        let mut r = referee_v2();
+        let mut gate = TestGate::new();
+        follow(&mut r, &mut gate, 0, 0);
+        let sent = gate.histories[&1];
+        r.received(0, &gate.deny_ack_of_history(1, !sent), 0);
+        assert_eq!(verdict(&r, Rule::AcksEachStep), Verdict::Fail);
+
+        let mut r = referee_v2();
+        let mut gate = TestGate::new();
+        follow(&mut r, &mut gate, 0, 0);
+        r.received(0, &gate.deny_ack(1), 0);
+        r.closed(0);
+        assert_eq!(verdict(&r, Rule::AcksEachStep), Verdict::Pass);
+        r.opened(1, Version::V2);
+        let hello = gate.hello();
+        r.received(1, &hello, 0);
+        r.received(1, &gate.deny_ack_of_history(1, !sent), 0);
+        assert_eq!(verdict(&r, Rule::DenyAckHolds), Verdict::Fail);
+    }
+
+    #[test]
     fn uploads_of_a_listed_card_after_a_new_tap_or_again_after_busy_fail() {
         let mut r = referee_v2();
         let mut gate = TestGate::new();
@@ -1545,7 +1590,7 @@ mod tests {
         r.received(0, &hello, 0);
         // The referee lists the card the gate last tapped: card 42 at version 1.
         r.received(0, &gate.tap(1), 0);
-        r.received(0, &gate.deny_ack(0), 0);
+        gate.read(&r.received(0, &gate.deny_ack(0), 0));
         r.received(0, &gate.deny_ack(1), 0);
         r.closed(0);
         follow(&mut r, &mut gate, 1, 1);

@@ -11,6 +11,7 @@
 use super::{Action, Answer, ConnectionId, Plan, Referee, Rule};
 use bytes::{Bytes, BytesMut};
 use std::collections::{BTreeSet, HashSet};
+use std::hash::{DefaultHasher, Hash, Hasher};
 use tapgate_protocol::{
     DenyAck, DenyChanges, DenyEntry, DenyList, ErrorCode, Frame, MAX_DENY_ENTRIES, OfflineReceipt,
     OfflineStatus, OfflineTap, OpenError, Reason, SealedFrame, Tap, seal,
@@ -29,15 +30,31 @@ const TAKE_OFF_EVERY: usize = 4;
 /// Where the referee's own cards are numbered from, when a gate has tapped none to list.
 const LISTED_CARDS: u64 = 6_299_000_000_000_000;
 
-/// The referee's deny list: every change since version 0, entry `i` making version `i + 1`.
+/// The referee's deny list: every change since version 0, entry `i` making version `i + 1`,
+/// and the history each makes, which gates must echo.
 #[derive(Debug, Default)]
 pub(super) struct ListHistory {
     changes: Vec<DenyEntry>,
+    histories: Vec<u64>,
 }
 
 impl ListHistory {
     fn version(&self) -> u64 {
         self.changes.len() as u64
+    }
+
+    /// The history at `version` (0 for the empty list, as a new gate holds it); `None` past
+    /// the newest version.
+    fn history(&self, version: u64) -> Option<u64> {
+        match version {
+            0 => Some(0),
+            _ => self.histories.get(version as usize - 1).copied(),
+        }
+    }
+
+    /// Whether a gate holding `held` holds one of this list's versions as it was sent.
+    fn holds(&self, held: DenyAck) -> bool {
+        self.history(held.version) == Some(held.history)
     }
 
     /// The card's entry on the list at `version`.
@@ -87,9 +104,18 @@ impl ListHistory {
                 reason: REASONS[self.changes.len() % REASONS.len()],
             }
         };
+        let history = chain(self.history(self.version()).unwrap_or(0), entry);
         self.changes.push(entry);
+        self.histories.push(history);
         Some(entry)
     }
+}
+
+/// The history after `entry`, following `previous`.
+fn chain(previous: u64, entry: DenyEntry) -> u64 {
+    let mut digest = DefaultHasher::new();
+    (previous, entry).hash(&mut digest);
+    digest.finish()
 }
 
 /// What a gate's uploads are checked against, across its connections.
@@ -201,7 +227,7 @@ impl Referee {
         actions: &mut Vec<Action>,
     ) {
         let key = self.terminals[&terminal_id].key.clone();
-        let Ok(Frame::DenyAck(DenyAck { version })) = frame.open(&key) else {
+        let Ok(Frame::DenyAck(held)) = frame.open(&key) else {
             self.fail(
                 Rule::TapAuthentic,
                 format!("terminal {terminal_id}: a DenyAck that does not open"),
@@ -215,26 +241,37 @@ impl Referee {
             .as_mut()
             .expect("a version-2 connection");
         if following.started {
-            self.later_ack(id, terminal_id, version);
+            self.later_ack(id, terminal_id, held);
             return;
         }
         following.started = true;
         let gate = &self.terminals[&terminal_id].following;
         let acked = gate.acked;
-        if version == acked || gate.sent.contains(&version) {
-            self.pass(Rule::DenyAckHolds);
-        } else {
+        let version = held.version;
+        if !(version == acked || gate.sent.contains(&version)) {
             self.fail(
                 Rule::DenyAckHolds,
                 format!(
                     "terminal {terminal_id} said it holds version {version}; it last acknowledged {acked}"
                 ),
             );
+        } else if !self.list.holds(held) {
+            self.fail(
+                Rule::DenyAckHolds,
+                format!(
+                    "terminal {terminal_id} said it holds version {version} with history {:016x}; it was sent {:016x}",
+                    held.history,
+                    self.list.history(version).unwrap_or(0)
+                ),
+            );
+        } else {
+            self.pass(Rule::DenyAckHolds);
         }
         self.send_list(id, terminal_id, version, now_ms, actions);
     }
 
-    fn later_ack(&mut self, id: ConnectionId, terminal_id: u64, version: u64) {
+    fn later_ack(&mut self, id: ConnectionId, terminal_id: u64, held: DenyAck) {
+        let version = held.version;
         let connection = self.connections.get_mut(&id).expect("open");
         let following = connection
             .following
@@ -257,6 +294,17 @@ impl Referee {
                 Rule::AcksEachStep,
                 format!(
                     "terminal {terminal_id} acknowledged version {version}, after {before}; no step it was sent ends there"
+                ),
+            );
+            return;
+        }
+        if !self.list.holds(held) {
+            self.fail(
+                Rule::AcksEachStep,
+                format!(
+                    "terminal {terminal_id} acknowledged version {version} with history {:016x}, not the {:016x} it was sent",
+                    held.history,
+                    self.list.history(version).unwrap_or(0)
                 ),
             );
             return;
@@ -300,6 +348,7 @@ impl Referee {
             for (i, part) in parts.iter().enumerate() {
                 frames.push(Frame::DenyList(DenyList {
                     version,
+                    history: self.list.history(version).unwrap_or(0),
                     first: i == 0,
                     last: i + 1 == parts.len(),
                     entries: part.to_vec(),
@@ -318,12 +367,14 @@ impl Referee {
         if plan == Plan::OutOfStep {
             terminal.stage = Plan::OutOfStep.next();
             let skipped = self.list.version() + 2;
+            let entry = DenyEntry {
+                card_id: card,
+                reason: Reason::CardLost,
+            };
             frames.push(Frame::DenyChanges(DenyChanges {
                 first_version: skipped,
-                entries: vec![DenyEntry {
-                    card_id: card,
-                    reason: Reason::CardLost,
-                }],
+                history: chain(0, entry),
+                entries: vec![entry],
             }));
             let connection = self.connections.get_mut(&id).expect("open");
             connection
@@ -335,6 +386,7 @@ impl Referee {
         } else if let Some(entry) = self.list.change(card) {
             frames.push(Frame::DenyChanges(DenyChanges {
                 first_version: self.list.version(),
+                history: self.list.history(self.list.version()).unwrap_or(0),
                 entries: vec![entry],
             }));
             points.push(self.list.version());
@@ -361,8 +413,10 @@ impl Referee {
         let after = &self.list.changes[held as usize..];
         for (i, chunk) in after.chunks(MAX_DENY_ENTRIES).enumerate() {
             let first_version = held + 1 + (i * MAX_DENY_ENTRIES) as u64;
+            let last_version = first_version + chunk.len() as u64 - 1;
             let changes = DenyChanges {
                 first_version,
+                history: self.list.history(last_version).unwrap_or(0),
                 entries: chunk.to_vec(),
             };
             points.push(changes.last_version());
