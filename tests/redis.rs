@@ -545,14 +545,9 @@ async fn lost_card_reports_acknowledged_by_a_replica_survive_a_master_failover_o
             0,
         )
     };
-    // Just after the cluster starts its replicas may still be syncing: written again until
-    // a replica holds the cards, so the reports below start from a replicated cluster.
+    // The reports below start from a replicated cluster.
     let actives: Vec<_> = cards.iter().map(|c| active(*c)).collect();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while let Err(e) = writer.put_cards(&actives).await {
-        assert!(Instant::now() < deadline, "replicas never caught up: {e}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    put_once_replicated(&writer, &actives).await;
     provision(&writer, CARD).await;
     let (a_state, b_state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = Harness::start(redis_directory(&url), a_state.path()).await;
@@ -639,6 +634,16 @@ async fn lost_card_reports_acknowledged_by_a_replica_survive_a_master_failover_o
         a.gateway.deny_list() == b.gateway.deny_list()
     })
     .await;
+}
+
+/// Writes `cards` again until a replica holds them: just after a cluster starts, its replicas
+/// may still be syncing.
+async fn put_once_replicated(writer: &Directory, cards: &[tapgate_gateway::card::CardRecord]) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while let Err(e) = writer.put_cards(cards).await {
+        assert!(Instant::now() < deadline, "replicas never caught up: {e}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// What a run of lost-card reports through a failover left behind.
@@ -746,81 +751,15 @@ async fn a_deny_list_that_went_another_way_in_a_failover_is_loaded_again_whole()
         .await
         .unwrap();
     swap_deny_list(&mut admin, "third").await;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while list.refuses(cards[6]).is_some() {
-        let frame = tokio::time::timeout_at(deadline.into(), gate.recv())
-            .await
-            .expect("the whole list is sent again")
-            .unwrap();
-        if let Some(Some(ack)) = list.apply(&frame).map(Result::unwrap) {
-            gate.send_frame(&Frame::DenyAck(ack)).await.unwrap();
-        }
-    }
+    follow_while(&mut gate, &mut list, |list| {
+        list.refuses(cards[6]).is_some()
+    })
+    .await;
     assert_eq!(list.version(), 5);
     assert!(third.iter().all(|c| list.refuses(c.card_id).is_some()));
     // Operators see each time the node started over.
     let reloads = &h.gateway.metrics().deny_reloads;
     assert_eq!(reloads.load(std::sync::atomic::Ordering::Relaxed), 2);
-}
-
-/// A gate that was sent changes a failover then lost, and connects after the gateways moved on
-/// to the new master's list, holds a version the new list has too. Its DenyAck names the
-/// history it was sent, so it gets the new list whole instead of being taken as current; the
-/// gateway counts it. (Here the same gateway; another one, whose own list never saw the lost
-/// changes, tells it the same way.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_gate_holding_changes_a_failover_lost_gets_the_new_list_whole_when_it_connects() {
-    let redis = RedisServer::start();
-    let cards: Vec<u64> = (0..6).map(|i| 6_222_000_000_300_000 + i).collect();
-    let directory = redis.directory();
-    provision(&directory, CARD).await;
-    let held: Vec<_> = cards[..4].iter().map(|c| lost_card(*c)).collect();
-    directory.put_cards(&held).await.unwrap();
-    let state = tempfile::tempdir().unwrap();
-    let h = Harness::start(redis.directory(), state.path()).await;
-    let mut gate = h.gate_v2(&YUZHONG_BUS).await;
-    let mut list = GateDenyList::default();
-    gate.send_frame(&Frame::DenyAck(list.held())).await.unwrap();
-    follow_until(&mut gate, &mut list, 4).await;
-    gate.close();
-
-    // While the gate is away, the list goes another way after version 2, to version 4 again.
-    let other = [cards[0], cards[1], cards[4], cards[5]].map(lost_card);
-    prefixed_directory(&redis.url(), "other")
-        .put_cards(&other)
-        .await
-        .unwrap();
-    let client = redis::Client::open(redis.url()).unwrap();
-    let mut admin = client.get_multiplexed_async_connection().await.unwrap();
-    swap_deny_list(&mut admin, "other").await;
-    let metrics = h.gateway.metrics();
-    let reloads = &metrics.deny_reloads;
-    wait_until(Duration::from_secs(5), || {
-        reloads.load(std::sync::atomic::Ordering::Relaxed) == 1
-    })
-    .await;
-
-    let mut gate = h.gate_v2(&YUZHONG_BUS).await;
-    gate.send_frame(&Frame::DenyAck(list.held())).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while list.refuses(cards[2]).is_some() {
-        let frame = tokio::time::timeout_at(deadline.into(), gate.recv())
-            .await
-            .expect("the new list is sent whole")
-            .unwrap();
-        if let Some(Some(ack)) = list.apply(&frame).map(Result::unwrap) {
-            gate.send_frame(&Frame::DenyAck(ack)).await.unwrap();
-        }
-    }
-    let listed: Vec<u64> = cards
-        .iter()
-        .copied()
-        .filter(|c| list.refuses(*c).is_some())
-        .collect();
-    assert_eq!(listed, [cards[0], cards[1], cards[4], cards[5]]);
-    assert_eq!(list.version(), 4);
-    let other_history = &metrics.deny_other_history;
-    assert_eq!(other_history.load(std::sync::atomic::Ordering::Relaxed), 1);
 }
 
 /// The deny list through a real failover on a Redis Cluster: a gate on gateway A is sent a
@@ -836,12 +775,7 @@ async fn a_gate_holding_a_deny_change_a_cluster_failover_lost_is_set_right_by_an
     let writer = replicated_directory(&url);
     let cards: Vec<u64> = (0..5).map(|i| 6_222_000_000_400_000 + i).collect();
     let held: Vec<_> = cards[..3].iter().map(|c| lost_card(*c)).collect();
-    // Written again until a replica holds them: the replicas may still be syncing.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while let Err(e) = writer.put_cards(&held).await {
-        assert!(Instant::now() < deadline, "replicas never caught up: {e}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    put_once_replicated(&writer, &held).await;
     provision(&writer, CARD).await;
     let (a_state, b_state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = Harness::start(redis_directory(&url), a_state.path()).await;
@@ -881,16 +815,11 @@ async fn a_gate_holding_a_deny_change_a_cluster_failover_lost_is_set_right_by_an
 
     let mut gate = b.gate_v2(&YUZHONG_BUS).await;
     gate.send_frame(&Frame::DenyAck(list.held())).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while list.refuses(cards[4]).is_none() {
-        let frame = tokio::time::timeout_at(deadline.into(), gate.recv())
-            .await
-            .expect("gateway B sends the new line's list whole")
-            .unwrap();
-        if let Some(Some(ack)) = list.apply(&frame).map(Result::unwrap) {
-            gate.send_frame(&Frame::DenyAck(ack)).await.unwrap();
-        }
-    }
+    let frames = follow_while(&mut gate, &mut list, |list| {
+        list.refuses(cards[4]).is_none()
+    })
+    .await;
+    assert!(matches!(frames[1], Frame::DenyList(_)), "{frames:?}");
     assert_eq!(list.refuses(cards[3]), None, "the lost change is gone");
     assert_eq!(list.version(), 4);
     let other_history = &b.gateway.metrics().deny_other_history;

@@ -671,6 +671,15 @@ mod tests {
         let frames = deliver(&mut follow, &book, &mut gate);
         assert!(matches!(frames[0], Frame::DenyList(_)));
         assert_eq!((gate.version(), gate.len()), (9, 1));
+        // A gate that held the old line's version 9 and connects only now is told by its
+        // history.
+        let mut returning = GateFollow::default();
+        let old_nine = DenyAck {
+            version: 9,
+            history: history(1, 9),
+        };
+        assert!(returning.acknowledged(old_nine, &book));
+        assert!(returning.poll(&book, &mac(), &mut BytesMut::new()).resync);
     }
 
     #[test]

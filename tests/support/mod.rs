@@ -372,15 +372,7 @@ impl RedisCluster {
             .and_then(|l| l.split(',').find_map(|f| f.strip_prefix("port=")))
             .and_then(|port| port.parse().ok())
             .unwrap_or_else(|| panic!("{master} has no replica:\n{info}"));
-        let pid = self.nodes.iter().find(|n| n.port == replica).unwrap();
-        let pid = pid.child.as_ref().unwrap().id().to_string();
-        assert!(
-            Command::new("kill")
-                .args(["-STOP", &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
+        self.signal(replica, "STOP");
         self.stopped_replica = Some(replica);
         node_query(master, &["CLIENT", "KILL", "TYPE", "replica"]).expect("the link closed");
     }
@@ -393,15 +385,7 @@ impl RedisCluster {
         child.kill().unwrap();
         child.wait().unwrap();
         if let Some(replica) = self.stopped_replica.take() {
-            let node = self.nodes.iter().find(|n| n.port == replica).unwrap();
-            let pid = node.child.as_ref().unwrap().id().to_string();
-            assert!(
-                Command::new("kill")
-                    .args(["-CONT", &pid])
-                    .status()
-                    .unwrap()
-                    .success()
-            );
+            self.signal(replica, "CONT");
         }
         // The survivors notice after the node timeout; a replica is then elected.
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -418,6 +402,17 @@ impl RedisCluster {
 }
 
 impl RedisCluster {
+    /// Sends the node on `port` a signal (`STOP`, `CONT`).
+    fn signal(&self, port: u16, signal: &str) {
+        let node = self.nodes.iter().find(|n| n.port == port).unwrap();
+        let pid = node.child.as_ref().unwrap().id().to_string();
+        let sent = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(&pid)
+            .status();
+        assert!(sent.unwrap().success(), "kill -{signal} {pid}");
+    }
+
     /// Kills every node and starts them again on their ports, with their data: the cluster
     /// comes back from its append-only files and configuration.
     pub(crate) fn restart_all(&mut self) {
@@ -924,8 +919,18 @@ pub(crate) async fn follow_until(
     list: &mut GateDenyList,
     version: u64,
 ) -> Vec<Frame> {
+    follow_while(gate, list, |list| list.version() != version).await
+}
+
+/// Reads deny-list frames into `list` while `lacking` says it lacks what it should hold,
+/// acknowledging as a gate does; the frames read, the offline rules among them.
+pub(crate) async fn follow_while(
+    gate: &mut GateClient,
+    list: &mut GateDenyList,
+    lacking: impl Fn(&GateDenyList) -> bool,
+) -> Vec<Frame> {
     let mut frames = Vec::new();
-    while list.version() != version {
+    while lacking(list) {
         let frame = tokio::time::timeout(Duration::from_secs(5), gate.recv())
             .await
             .expect("the deny list arrives")
