@@ -199,7 +199,7 @@ impl DenyBook {
     }
 
     /// The history of the list at the book's version.
-    pub fn history(&self) -> u64 {
+    fn history(&self) -> u64 {
         self.recent
             .back()
             .map_or(self.history_before_recent, |change| change.history)

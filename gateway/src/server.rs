@@ -1161,8 +1161,10 @@ impl Session {
             metrics.deny_propagation.record(arrived.elapsed());
         }
         if deny.follow.acknowledged(held, &book) {
+            // Counted for operators; after a failover this can be every gate, so not one line
+            // each at info.
             metrics.deny_other_history.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(
+            tracing::debug!(
                 gate = terminal_id,
                 version = held.version,
                 "a gate holds a deny list of another history (a failover lost changes it was sent); sending it the whole list"
