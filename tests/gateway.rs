@@ -285,7 +285,8 @@ async fn a_version_2_gate_follows_the_deny_list_and_a_version_1_gate_sees_none_o
 
 /// A version-2 gate that rode offline uploads its taps once its link is back: each is recorded
 /// once, as an approval, with the gate's time of the tap; a resend is `already`; the ones that
-/// broke an offline rule are flagged, a card listed after the gate's version is not; and the
+/// broke an offline rule are flagged, a card listed after the gate's version is not, nor one
+/// decided by a list of another history (which the gateway cannot judge, and counts); and the
 /// gate's next online tap goes on from them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_taps_are_recorded_once_at_their_gate_time_and_broken_rules_are_flagged() {
@@ -301,14 +302,20 @@ async fn offline_taps_are_recorded_once_at_their_gate_time_and_broken_rules_are_
         .await
         .unwrap();
     let since = now_ms() - 60 * 60_000;
+    let held = list.held();
     let upload = |sequence, card_id, issuer, minutes_offline: u64| OfflineTap {
         tap: Tap {
             issuer,
             gate_time_ms: since + minutes_offline * 60_000,
             ..tap(sequence, card_id, TapKind::Flat)
         },
-        deny_version: 3,
+        deny_version: held.version,
+        deny_history: held.history,
         offline_since_ms: since,
+    };
+    let of_a_lost_line = OfflineTap {
+        deny_history: !held.history,
+        ..upload(6, LOST, Issuer::ChongqingSsc, 9)
     };
     let ssc = Issuer::ChongqingSsc;
     let uploads = [
@@ -320,6 +327,7 @@ async fn offline_taps_are_recorded_once_at_their_gate_time_and_broken_rules_are_
         ),
         (upload(4, ACTIVE, ssc, 45), Reason::OfflineTooLong),
         (upload(5, ELDER, ssc, 8), Reason::Approved),
+        (of_a_lost_line, Reason::Approved),
     ];
     for (offline, _) in &uploads {
         gate.send_frame(&Frame::OfflineTap(*offline)).await.unwrap();
@@ -346,7 +354,7 @@ async fn offline_taps_are_recorded_once_at_their_gate_time_and_broken_rules_are_
         (again.status, again.flag, again.fare_fen),
         (OfflineStatus::Already, Reason::Approved, 200)
     );
-    let online = gate.tap(tap(6, ACTIVE, TapKind::Flat)).await.unwrap();
+    let online = gate.tap(tap(7, ACTIVE, TapKind::Flat)).await.unwrap();
     assert_eq!(online.outcome, Outcome::Approve);
     // A policy whose offline rules differ reaches the connected gate at once.
     let mut policy = Policy::embedded_default();
@@ -366,7 +374,8 @@ async fn offline_taps_are_recorded_once_at_their_gate_time_and_broken_rules_are_
     assert_eq!(sent, policy.offline);
     let m = h.gateway.metrics();
     let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
-    assert_eq!((count(&m.offline_taps), count(&m.offline_flagged)), (5, 3));
+    assert_eq!((count(&m.offline_taps), count(&m.offline_flagged)), (6, 3));
+    assert_eq!(count(&m.offline_other_history), 1);
 
     gate.close();
     h.gateway.shutdown().await;
@@ -377,7 +386,7 @@ async fn offline_taps_are_recorded_once_at_their_gate_time_and_broken_rules_are_
     assert!(
         records
             .iter()
-            .any(|r| r.tap.sequence == 6 && !r.is_offline())
+            .any(|r| r.tap.sequence == 7 && !r.is_offline())
     );
 }
 

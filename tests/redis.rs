@@ -1083,6 +1083,7 @@ async fn an_offline_tap_uploaded_again_to_another_gateway_on_a_cluster_is_settle
                 ..tap(s, CARD, TapKind::Flat)
             },
             deny_version: 0,
+            deny_history: 0,
             offline_since_ms: since,
         })
         .collect();

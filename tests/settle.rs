@@ -298,6 +298,7 @@ async fn an_offline_tap_uploaded_after_its_day_closed_is_settled_once_as_a_late_
             ..tap(1, 1, TapKind::Flat)
         },
         deny_version: 0,
+        deny_history: 0,
         offline_since_ms: ridden - 60_000,
     };
     gate.send_frame(&Frame::OfflineTap(upload)).await.unwrap();

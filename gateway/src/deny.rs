@@ -61,6 +61,14 @@ pub struct Gap {
     pub got: u64,
 }
 
+/// A gate's list named by a version the book has in another history: it went a way Redis lost,
+/// and what it held cannot be told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("deny list version {version} of another history")]
+pub struct OtherHistory {
+    pub version: u64,
+}
+
 /// The whole list at one version, sorted by card, shared by every gate being sent it.
 #[derive(Debug, Default)]
 pub struct WholeList {
@@ -217,6 +225,12 @@ impl DenyBook {
         })
     }
 
+    /// Whether `held` names a version the book has in another history.
+    fn of_other_history(&self, held: DenyAck) -> bool {
+        self.history_at(held.version)
+            .is_some_and(|history| history != held.history)
+    }
+
     /// The oldest version a gate may hold and still be sent changes.
     fn oldest_followable(&self) -> u64 {
         self.version - self.recent.len() as u64
@@ -244,7 +258,7 @@ impl DenyBook {
     /// with the changes after `version` undone. Exact while the book keeps every change after
     /// `version`; for an older version it is the list before the oldest change kept, as near as
     /// the book can tell.
-    pub fn listed_at(&self, card_id: u64, version: u64) -> Option<Reason> {
+    fn listed_at(&self, card_id: u64, version: u64) -> Option<Reason> {
         let kept_after = self.version.saturating_sub(version) as usize;
         self.recent
             .iter()
@@ -252,6 +266,17 @@ impl DenyBook {
             .take(kept_after)
             .filter(|change| change.entry.card_id == card_id)
             .fold(self.cards.get(&card_id).copied(), |_, change| change.before)
+    }
+
+    /// The card's entry on the list a gate held (see `listed_at`), unless the book has that
+    /// version in another history.
+    pub fn listed_in(&self, card_id: u64, held: DenyAck) -> Result<Option<Reason>, OtherHistory> {
+        if self.of_other_history(held) {
+            return Err(OtherHistory {
+                version: held.version,
+            });
+        }
+        Ok(self.listed_at(card_id, held.version))
     }
 }
 
@@ -299,9 +324,7 @@ impl GateFollow {
         if self.sent.is_some() {
             return false;
         }
-        let other_history = book
-            .history_at(held.version)
-            .is_some_and(|history| history != held.history);
+        let other_history = book.of_other_history(held);
         self.sent = Some(if other_history {
             Sent::OtherHistory
         } else {
@@ -598,6 +621,26 @@ mod tests {
                 (None, Some(Reason::CardLost))
             );
         }
+    }
+
+    #[test]
+    fn an_upload_decided_by_a_list_of_another_history_is_not_judged_by_the_book() {
+        // The book's line lists card 9 at version 9; the gate's lost line listed card 1009.
+        let book = book_with(10, 100);
+        let gate = gate_sent_a_lost_line(10);
+        let held_at_nine = |history| DenyAck {
+            version: 9,
+            history,
+        };
+        assert_eq!(
+            book.listed_in(9, held_at_nine(history(1, 9))),
+            Ok(Some(Reason::CardLost))
+        );
+        assert_eq!(book.listed_in(10, held_at_nine(history(1, 9))), Ok(None));
+        assert_eq!(
+            book.listed_in(9, gate.held()),
+            Err(OtherHistory { version: 10 })
+        );
     }
 
     #[test]

@@ -149,6 +149,9 @@ pub struct Metrics {
     /// Offline taps recorded (resends not counted), and those that broke an offline rule.
     pub offline_taps: AtomicU64,
     pub offline_flagged: AtomicU64,
+    /// Offline taps decided by a deny list of another history (changes a failover lost), so
+    /// not judged under rule 1.
+    pub offline_other_history: AtomicU64,
     pub by_place: AnswersByPlace,
     /// Authenticated gates connected now, by mode (in the order of `Mode::ALL`).
     pub gates_by_mode: [AtomicI64; 5],

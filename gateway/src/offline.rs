@@ -117,6 +117,7 @@ mod tests {
                 gate_time_ms: TAPPED,
             },
             deny_version: 10,
+            deny_history: 10,
             offline_since_ms: TAPPED - offline_for_s * 1000,
         }
     }

@@ -274,7 +274,7 @@ fn render_places(sink: &mut Sink, counters: &GatewayCounters) -> fmt::Result {
 /// The deny list at this node and how it reaches the version-2 gates.
 fn render_deny_list(sink: &mut Sink, m: &Metrics) -> fmt::Result {
     let load = |n: &std::sync::atomic::AtomicU64| n.load(Ordering::Relaxed);
-    let rows: [(&str, &str, &str, u64); 10] = [
+    let rows: [(&str, &str, &str, u64); 11] = [
         (
             "deny_list_version",
             "gauge",
@@ -334,6 +334,12 @@ fn render_deny_list(sink: &mut Sink, m: &Metrics) -> fmt::Result {
             "counter",
             "Uploaded offline taps that broke an offline rule or could not be charged as usual.",
             load(&m.offline_flagged),
+        ),
+        (
+            "offline_taps_other_history_total",
+            "counter",
+            "Uploaded offline taps a gate decided by a deny list of another history (changes a Redis failover lost): not flagged under rule 1, since what that list held cannot be told.",
+            load(&m.offline_other_history),
         ),
     ];
     sink.rows(&rows)?;

@@ -1325,14 +1325,26 @@ impl Session {
         let tapped = tap.gate_time_ms.min(uploaded);
         let policy = self.shared.policy.read().expect("policy lock").clone();
         let online = self.decide_at(tap, gate, &policy, tapped).await;
+        let held = DenyAck {
+            version: upload.deny_version,
+            history: upload.deny_history,
+        };
         let listed = self
             .shared
             .deny
             .read()
             .expect("deny book lock")
-            .listed_at(tap.card_id, upload.deny_version);
-        let decision = offline::recorded_as(upload, online, gate.place.mode, listed, &policy);
+            .listed_in(tap.card_id, held);
         let metrics = &self.shared.metrics;
+        // Decided by a list a failover lost: what it held cannot be told, so no flag under
+        // rule 1 rather than one the gate may not have deserved.
+        let listed = listed.unwrap_or_else(|_| {
+            metrics
+                .offline_other_history
+                .fetch_add(1, Ordering::Relaxed);
+            None
+        });
+        let decision = offline::recorded_as(upload, online, gate.place.mode, listed, &policy);
         metrics.offline_taps.fetch_add(1, Ordering::Relaxed);
         if decision.reason != Reason::Approved {
             metrics.offline_flagged.fetch_add(1, Ordering::Relaxed);

@@ -75,13 +75,15 @@ pub fn lines() -> Vec<(String, String)> {
     out
 }
 
+/// The histories of the example's list at versions 3 and 4, as a gateway on Redis would send
+/// them: opaque to the gate, which echoes them.
+const HISTORY_3: u64 = 0x3b9e_41d0_7c52_a8f6;
+const HISTORY_4: u64 = 0xc17a_0e5d_92f4_b368;
+
 /// The deny-list example of PROTOCOL.md (protocol version 2), in the order the frames cross
 /// the wire: a new gate says it holds nothing, gets the whole list (two cards, version 3) in
 /// one part, acknowledges it, then gets a card reported lost (version 4) and acknowledges that.
-/// The histories are what a gateway on Redis would send: opaque to the gate, which echoes them.
 pub fn deny_frames() -> [Frame; 5] {
-    let history_3 = 0x3b9e_41d0_7c52_a8f6;
-    let history_4 = 0xc17a_0e5d_92f4_b368;
     let lost = DenyEntry {
         card_id: 6_222_000_123_456_789,
         reason: Reason::CardLost,
@@ -90,7 +92,7 @@ pub fn deny_frames() -> [Frame; 5] {
         Frame::DenyAck(DenyAck::NEW_GATE),
         Frame::DenyList(DenyList {
             version: 3,
-            history: history_3,
+            history: HISTORY_3,
             first: true,
             last: true,
             entries: vec![
@@ -106,16 +108,16 @@ pub fn deny_frames() -> [Frame; 5] {
         }),
         Frame::DenyAck(DenyAck {
             version: 3,
-            history: history_3,
+            history: HISTORY_3,
         }),
         Frame::DenyChanges(DenyChanges {
             first_version: 4,
-            history: history_4,
+            history: HISTORY_4,
             entries: vec![lost],
         }),
         Frame::DenyAck(DenyAck {
             version: 4,
-            history: history_4,
+            history: HISTORY_4,
         }),
     ]
 }
@@ -149,6 +151,7 @@ pub fn offline_frames() -> [Frame; 3] {
                 gate_time_ms: entry_at,
             },
             deny_version: 4,
+            deny_history: HISTORY_4,
             offline_since_ms: entry_at - 5 * 60_000,
         }),
         Frame::OfflineReceipt(OfflineReceipt {

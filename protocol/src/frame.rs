@@ -63,7 +63,7 @@ impl FrameType {
             FrameType::DenyChanges => BodyLen::Entries { head: 17 },
             FrameType::DenyList => BodyLen::Entries { head: 18 },
             FrameType::OfflineRules => BodyLen::Fixed(9),
-            FrameType::OfflineTap => BodyLen::Fixed(46),
+            FrameType::OfflineTap => BodyLen::Fixed(54),
             FrameType::OfflineReceipt => BodyLen::Fixed(14),
         }
     }
@@ -385,6 +385,8 @@ pub struct OfflineTap {
     pub tap: Tap,
     /// The deny-list version the gate held when it approved the tap.
     pub deny_version: u64,
+    /// That list's history (section 4.6), so the gateway can tell whether it knows the list.
+    pub deny_history: u64,
     /// Gate clock when the gate last heard from a gateway, Unix milliseconds UTC.
     pub offline_since_ms: u64,
 }
@@ -534,6 +536,7 @@ impl Frame {
             Frame::OfflineTap(o) => {
                 put_tap(&o.tap, out);
                 out.put_u64(o.deny_version);
+                out.put_u64(o.deny_history);
                 out.put_u64(o.offline_since_ms);
             }
             Frame::OfflineReceipt(r) => {
@@ -622,6 +625,7 @@ impl Frame {
             FrameType::OfflineTap => Frame::OfflineTap(OfflineTap {
                 tap: parse_tap(b)?,
                 deny_version: b.get_u64(),
+                deny_history: b.get_u64(),
                 offline_since_ms: b.get_u64(),
             }),
             FrameType::OfflineReceipt => Frame::OfflineReceipt(OfflineReceipt {

@@ -93,6 +93,7 @@ impl GateOffline {
         self.kept.push_back(OfflineTap {
             tap,
             deny_version: list.version(),
+            deny_history: list.held().history,
             offline_since_ms: self.heard_ms,
         });
         Ok(())
@@ -193,9 +194,10 @@ mod tests {
             (
                 first.tap.sequence,
                 first.deny_version,
+                first.deny_history,
                 first.offline_since_ms
             ),
-            (1, 1, HEARD)
+            (1, 1, 1, HEARD)
         );
         gate.requeue(first, 3);
         let order: Vec<u64> = std::iter::from_fn(|| gate.next_upload())

@@ -116,11 +116,12 @@ fn any_offline_frame() -> impl Strategy<Value = Frame> {
                 max_offline_s,
             })
         });
-    let upload = (any_tap(), any::<u64>(), any::<u64>()).prop_map(
-        |(tap, deny_version, offline_since_ms)| {
+    let upload = (any_tap(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
+        |(tap, deny_version, deny_history, offline_since_ms)| {
             Frame::OfflineTap(OfflineTap {
                 tap,
                 deny_version,
+                deny_history,
                 offline_since_ms,
             })
         },

@@ -523,6 +523,7 @@ mod tests {
                 gate_time_ms: 1_000,
             },
             deny_version: 0,
+            deny_history: 0,
             offline_since_ms: 0,
         };
         let frame = sealed(&Frame::OfflineTap(upload));

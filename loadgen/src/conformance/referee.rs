@@ -1322,6 +1322,7 @@ mod tests {
             self.seal(&Frame::OfflineTap(tapgate_protocol::OfflineTap {
                 tap: Self::card_tap(sequence, 1_000),
                 deny_version,
+                deny_history: self.histories.get(&deny_version).copied().unwrap_or(0),
                 offline_since_ms: 0,
             }))
         }
@@ -1608,6 +1609,29 @@ mod tests {
         r.received(1, &gate.tap(3), 0);
         r.received(1, &gate.upload(4, 0), 0);
         assert_eq!(verdict(&r, Rule::UploadsFirst), Verdict::Fail);
+    }
+
+    #[test]
+    fn an_upload_naming_a_history_the_list_never_had_fails() {
+        for history_known in [true, false] {
+            let mut r = referee_v2();
+            let mut gate = TestGate::new();
+            follow(&mut r, &mut gate, 0, 0);
+            r.received(0, &gate.deny_ack(1), 0);
+            r.closed(0);
+            if !history_known {
+                gate.histories.insert(1, !gate.histories[&1]);
+            }
+            follow(&mut r, &mut gate, 1, 1);
+            // The gate's first upload is answered busy; its rules are checked all the same.
+            r.received(1, &gate.upload(2, 1), 0);
+            let expected = if history_known {
+                Verdict::Pass
+            } else {
+                Verdict::Fail
+            };
+            assert_eq!(verdict(&r, Rule::OfflineKeepsRules), expected);
+        }
     }
 
     #[test]

@@ -171,6 +171,7 @@ impl GateFollowing {
 pub(super) struct UploadBody {
     tap: Tap,
     deny_version: u64,
+    deny_history: u64,
     offline_since_ms: u64,
 }
 
@@ -182,6 +183,7 @@ impl From<&OfflineTap> for UploadBody {
                 ..upload.tap
             },
             deny_version: upload.deny_version,
+            deny_history: upload.deny_history,
             offline_since_ms: upload.offline_since_ms,
         }
     }
@@ -529,10 +531,19 @@ impl Referee {
         let rules = self.settings.offline_rules;
         let (tap, held) = (upload.tap, upload.deny_version);
         let offline_ms = tap.gate_time_ms.checked_sub(upload.offline_since_ms);
+        let named = DenyAck {
+            version: held,
+            history: upload.deny_history,
+        };
         let broken = if held > self.list.version() {
             Some(format!(
                 "names version {held}; the list is at {}",
                 self.list.version()
+            ))
+        } else if !self.list.holds(named) {
+            Some(format!(
+                "names version {held} with history {:016x}, which the list never had there",
+                upload.deny_history
             ))
         } else if let Some(reason) = self.list.listed_at(tap.card_id, held) {
             Some(format!(
