@@ -30,7 +30,7 @@ use tapgate_gateway::directory::Directory;
 use tapgate_gateway::node::Node;
 use tapgate_loadgen::client::{ClientError, GateClient, GateIdentity, client_endpoint};
 use tapgate_loadgen::report::Percentiles;
-use tapgate_protocol::{Frame, GateDenyList, MasterKey, Version};
+use tapgate_protocol::{ErrorCode, Frame, GateDenyList, MasterKey, Version};
 use tapgate_runtime::ops::process_usage;
 use tapgate_transport::now_ms;
 use tapgate_transport::tls::{GateTls, Resumption};
@@ -92,6 +92,10 @@ const GATES_PER_SOCKET: usize = 2_500;
 const CONNECTING: usize = 256;
 /// How long the last gate may take to apply a change before the run calls it missing.
 const REACH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Times a gate says Hello again after the gateway refused it with `internal`, and the pause
+/// before each.
+const HELLO_RETRIES: usize = 5;
+const HELLO_RETRY_PAUSE: Duration = Duration::from_millis(200);
 /// How long every gate may take to connect and hold the whole list.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -431,9 +435,10 @@ impl GateSet {
             let (tls, connecting, stopped) = (tls.clone(), connecting.clone(), stopped.clone());
             let progress = progress.clone();
             tasks.spawn(async move {
-                let client = {
+                let mut refused = 0;
+                let client = loop {
                     let _turn = connecting.acquire().await;
-                    GateClient::connect_with(
+                    let connected = GateClient::connect_with(
                         &endpoint,
                         Some(&tls),
                         target,
@@ -441,7 +446,18 @@ impl GateSet {
                         rand::random(),
                         now_ms(),
                     )
-                    .await?
+                    .await;
+                    match connected {
+                        // The gateway could not look the gate up in time (a loaded machine):
+                        // a gate connects again, as PROTOCOL.md section 4.5 says.
+                        Err(ClientError::Refused(e))
+                            if e.code == ErrorCode::Internal && refused < HELLO_RETRIES =>
+                        {
+                            refused += 1;
+                            tokio::time::sleep(HELLO_RETRY_PAUSE).await;
+                        }
+                        connected => break connected?,
+                    }
                 };
                 follow(client, &progress, slot, stopped).await
             });
