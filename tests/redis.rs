@@ -12,14 +12,22 @@ use tapgate_runtime::now_ms;
 
 const CARD: u64 = 6_222_000_000_000_001;
 
-/// Two gateways on `redis` that count every tap on a bus as a boarding (their state
-/// directories first, to keep them as long as the gateways).
+/// Two gateways, each on a directory `directory` makes (their state directories first, to keep
+/// them as long as the gateways).
+async fn two_gateways(
+    directory: impl Fn() -> Directory,
+) -> (tempfile::TempDir, tempfile::TempDir, Harness, Harness) {
+    let (a_state, b_state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Harness::start(directory(), a_state.path()).await;
+    let b = Harness::start(directory(), b_state.path()).await;
+    (a_state, b_state, a, b)
+}
+
+/// Two gateways on `redis` that count every tap on a bus as a boarding.
 async fn two_gateways_counting_every_boarding(
     redis: &RedisServer,
 ) -> (tempfile::TempDir, tempfile::TempDir, Harness, Harness) {
-    let (a_state, b_state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = Harness::start(redis.directory(), a_state.path()).await;
-    let b = Harness::start(redis.directory(), b_state.path()).await;
+    let (a_state, b_state, a, b) = two_gateways(|| redis.directory()).await;
     for gateway in [&a, &b] {
         gateway.gateway.set_policy(policy_counting_every_boarding());
     }
@@ -53,9 +61,7 @@ async fn a_lost_card_report_reaches_a_second_gateway_sharing_a_redis_cluster() {
 async fn a_lost_card_report_reaches_a_second_gateway(url: &str) {
     let directory = redis_directory(url);
     provision(&directory, CARD).await;
-    let (a_state, b_state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = Harness::start(redis_directory(url), a_state.path()).await;
-    let b = Harness::start(redis_directory(url), b_state.path()).await;
+    let (_a_state, _b_state, a, b) = two_gateways(|| redis_directory(url)).await;
     let mut gate_a = a.gate(&YUZHONG_BUS).await;
     let mut gate_b = b.gate(&WANZHOU_BUS).await;
     assert_eq!(
@@ -280,9 +286,7 @@ async fn a_gateway_started_while_redis_is_down_serves_once_it_is_back() {
 async fn a_gate_revoked_with_the_cli_is_cut_off_at_every_gateway() {
     let redis = RedisServer::start();
     provision(&redis.directory(), CARD).await;
-    let (a_state, b_state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = Harness::start(redis.directory(), a_state.path()).await;
-    let b = Harness::start(redis.directory(), b_state.path()).await;
+    let (_a_state, _b_state, a, b) = two_gateways(|| redis.directory()).await;
     // Both gateways have the gate provisioned in memory; one has a session open.
     let mut gate = b.gate(&YUZHONG_BUS).await;
     drop(a.gate(&YUZHONG_BUS).await);
@@ -549,9 +553,7 @@ async fn lost_card_reports_acknowledged_by_a_replica_survive_a_master_failover_o
     let actives: Vec<_> = cards.iter().map(|c| active(*c)).collect();
     put_once_replicated(&writer, &actives).await;
     provision(&writer, CARD).await;
-    let (a_state, b_state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = Harness::start(redis_directory(&url), a_state.path()).await;
-    let b = Harness::start(redis_directory(&url), b_state.path()).await;
+    let (_a_state, _b_state, a, b) = two_gateways(|| redis_directory(&url)).await;
     let policy = tapgate_gateway::policy::Policy::embedded_default();
     let place = tapgate_gateway::decide::GatePlace {
         terminal_id: YUZHONG_BUS.terminal_id,
@@ -777,9 +779,7 @@ async fn a_gate_holding_a_deny_change_a_cluster_failover_lost_is_set_right_by_an
     let held: Vec<_> = cards[..3].iter().map(|c| lost_card(*c)).collect();
     put_once_replicated(&writer, &held).await;
     provision(&writer, CARD).await;
-    let (a_state, b_state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = Harness::start(redis_directory(&url), a_state.path()).await;
-    let b = Harness::start(redis_directory(&url), b_state.path()).await;
+    let (_a_state, _b_state, a, b) = two_gateways(|| redis_directory(&url)).await;
     let mut gate = a.gate_v2(&YUZHONG_BUS).await;
     let mut list = GateDenyList::default();
     gate.send_frame(&Frame::DenyAck(list.held())).await.unwrap();
@@ -1020,9 +1020,7 @@ async fn a_tap_resent_to_a_second_gateway_gets_the_first_decision_and_is_journal
     let redis = RedisServer::start();
     let directory = redis.directory();
     provision(&directory, CARD).await;
-    let (a_state, b_state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = Harness::start(redis.directory(), a_state.path()).await;
-    let b = Harness::start(redis.directory(), b_state.path()).await;
+    let (a_state, b_state, a, b) = two_gateways(|| redis.directory()).await;
     let mut on_a = a.gate(&YUZHONG_BUS).await;
     let taps: Vec<_> = (1..=3).map(|s| tap(s, CARD, TapKind::Flat)).collect();
     let mut first = Vec::new();
@@ -1068,9 +1066,7 @@ async fn an_offline_tap_uploaded_again_to_another_gateway_on_a_cluster_is_settle
     let cluster = RedisCluster::start();
     let url = cluster.url();
     provision(&redis_directory(&url), CARD).await;
-    let (a_state, b_state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = Harness::start(redis_directory(&url), a_state.path()).await;
-    let b = Harness::start(redis_directory(&url), b_state.path()).await;
+    let (a_state, b_state, a, b) = two_gateways(|| redis_directory(&url)).await;
     let settling = [
         settle_live_on(&url, "gw-a", &a),
         settle_live_on(&url, "gw-b", &b),

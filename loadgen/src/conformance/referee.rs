@@ -1303,10 +1303,14 @@ mod tests {
             self.seal(&Frame::Tap(Self::card_tap(sequence, 0)))
         }
 
-        /// A DenyAck of `version`, with the history it was sent at (0 if never).
+        /// The history the referee sent with `version` (0 if never).
+        fn history_of(&self, version: u64) -> u64 {
+            self.histories.get(&version).copied().unwrap_or(0)
+        }
+
+        /// A DenyAck of `version`, with the history it was sent at.
         fn deny_ack(&self, version: u64) -> Vec<u8> {
-            let history = self.histories.get(&version).copied().unwrap_or(0);
-            self.deny_ack_of_history(version, history)
+            self.deny_ack_of_history(version, self.history_of(version))
         }
 
         fn deny_ack_of_history(&self, version: u64, history: u64) -> Vec<u8> {
@@ -1322,7 +1326,7 @@ mod tests {
             self.seal(&Frame::OfflineTap(tapgate_protocol::OfflineTap {
                 tap: Self::card_tap(sequence, 1_000),
                 deny_version,
-                deny_history: self.histories.get(&deny_version).copied().unwrap_or(0),
+                deny_history: self.history_of(deny_version),
                 offline_since_ms: 0,
             }))
         }
