@@ -240,6 +240,7 @@ fn spec(
         version: tapgate_protocol::Version::V1,
         offline: 0.0,
         offline_for: Duration::ZERO,
+        offline_spells: 1,
         show_progress: false,
     }
 }

@@ -93,14 +93,18 @@ pub(crate) struct WorkloadArgs {
     /// the report says how long its changes took to reach them).
     #[arg(long, default_value = "1", value_parser = crate::common::parse_version)]
     protocol: Version,
-    /// Share of the gates that lose their link once, a quarter into the run, for
-    /// --offline-for: they decide taps by the gateway's offline rules meanwhile and upload the
-    /// ones they approved when the link is back (needs --protocol 2).
+    /// Share of the gates that lose their link a quarter into the run, for --offline-for:
+    /// they decide taps by the gateway's offline rules meanwhile and upload the ones they
+    /// approved when the link is back (needs --protocol 2).
     #[arg(long, default_value_t = 0.0)]
     offline: f64,
     /// How long the offline gates' link is lost.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     offline_for: Duration,
+    /// How many times the offline gates lose their link, each time after being back for
+    /// --offline-for.
+    #[arg(long, default_value_t = 1)]
+    offline_spells: u32,
     /// Write the injected misuse here, one JSON object a line (rule, card, gates).
     #[arg(long, requires = "fraud_cards")]
     truth: Option<PathBuf>,
@@ -216,6 +220,7 @@ impl WorkloadArgs {
             version: self.protocol,
             offline: self.offline,
             offline_for: self.offline_for,
+            offline_spells: self.offline_spells,
             show_progress: true,
         }
     }
@@ -393,6 +398,7 @@ impl DemoArgs {
             },
             offline: self.offline,
             offline_for: self.offline_for,
+            offline_spells: 1,
             truth: None,
             json: Some(dir.join("report.json")),
             chart: dir.join("report.svg"),

@@ -175,9 +175,9 @@ fn the_load_generator_keeps_every_rule_the_referee_checks_pipelining_and_in_clos
 }
 
 /// With `--protocol 2` the referee also keeps a deny list, sends the offline rules, and checks
-/// what a gate acknowledges and uploads: the load generator's gate, riding offline for two
-/// seconds, keeps all 22 rules; the same gate never losing its link leaves the upload rules
-/// unexercised, and the run fails.
+/// what a gate acknowledges and uploads: the load generator's gate, riding offline twice for
+/// 1.5 s (the second time under rules allowing no fare), keeps all 23 rules; the same gate
+/// never losing its link leaves the upload rules unexercised, and the run fails.
 #[test]
 fn a_version_2_gate_that_rides_offline_keeps_every_rule_the_referee_checks() {
     let (ok, text) = referee_with_load(
@@ -192,11 +192,13 @@ fn a_version_2_gate_that_rides_offline_keeps_every_rule_the_referee_checks() {
             "--offline",
             "1",
             "--offline-for",
-            "2s",
+            "1500ms",
+            "--offline-spells",
+            "2",
         ],
     );
     assert!(ok, "{text}");
-    assert!(text.contains("22 passed, 0 failed"), "{text}");
+    assert!(text.contains("23 passed, 0 failed"), "{text}");
     assert!(text.contains("1 of 1 gate(s) completed"), "{text}");
     // Some whole list came in more than one part.
     let deny = text

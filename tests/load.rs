@@ -55,6 +55,7 @@ fn load(
         version: tapgate_protocol::Version::V1,
         offline: 0.0,
         offline_for: Duration::ZERO,
+        offline_spells: 1,
         show_progress: false,
     }
 }

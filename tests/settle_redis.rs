@@ -82,6 +82,7 @@ fn load_spec(h: &Harness, rate: f64, seconds: u64) -> LoadSpec {
         version: tapgate_protocol::Version::V1,
         offline: 0.0,
         offline_for: Duration::ZERO,
+        offline_spells: 1,
         show_progress: false,
     }
 }

@@ -49,6 +49,8 @@ pub(crate) enum Receipted {
 pub(crate) struct OfflineGate {
     link: Link,
     down_for: Duration,
+    /// Times the link is still to be lost after the one under way or coming.
+    spells_after: u32,
     store: GateOffline,
     /// Uploads sent and not yet given a receipt, by sequence.
     uploading: HashMap<u64, OfflineTap>,
@@ -58,11 +60,13 @@ pub(crate) struct OfflineGate {
 }
 
 impl OfflineGate {
-    /// A gate whose link goes at `goes`, for `down_for`.
-    pub(crate) fn new(goes: Instant, down_for: Duration) -> Self {
+    /// A gate whose link goes at `goes`, for `down_for`, `spells` times: each time after it
+    /// came back, once it has been up as long.
+    pub(crate) fn new(goes: Instant, down_for: Duration, spells: u32) -> Self {
         OfflineGate {
             link: Link::UpUntil(goes),
             down_for,
+            spells_after: spells.saturating_sub(1),
             store: GateOffline::new(KEPT_BOUND),
             uploading: HashMap::new(),
             ridden: OfflineRidden {
@@ -96,9 +100,14 @@ impl OfflineGate {
         }
     }
 
-    /// The link is back (the caller has reconnected).
-    pub(crate) fn link_back(&mut self) {
-        self.link = Link::Back;
+    /// The link is back (the caller has reconnected) at `now`.
+    pub(crate) fn link_back(&mut self, now: Instant) {
+        self.link = if self.spells_after > 0 {
+            self.spells_after -= 1;
+            Link::UpUntil(now + self.down_for)
+        } else {
+            Link::Back
+        };
     }
 
     /// A frame from the gateway arrived.
@@ -176,5 +185,26 @@ impl OfflineGate {
     /// The run is over: what was never uploaded is counted.
     pub(crate) fn finish(&mut self) {
         self.ridden.not_uploaded = (self.store.kept() + self.uploading.len()) as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gate_of_two_spells_loses_its_link_again_once_back_as_long_and_then_keeps_it() {
+        let start = Instant::now();
+        let spell = Duration::from_secs(2);
+        let mut gate = OfflineGate::new(start + spell, spell, 2);
+        assert!(!gate.loses_link(start));
+        assert!(gate.loses_link(start + spell));
+        assert_eq!(gate.back_at(), Some(start + spell * 2));
+        gate.link_back(start + spell * 2);
+        assert!(!gate.loses_link(start + spell * 3 - Duration::from_millis(1)));
+        assert!(gate.loses_link(start + spell * 3));
+        gate.link_back(start + spell * 4);
+        assert!(!gate.is_down());
+        assert!(!gate.loses_link(start + spell * 100));
     }
 }

@@ -82,11 +82,14 @@ pub struct LoadSpec {
     pub added_rtt: Duration,
     /// The newest protocol version the gates offer. With 2 they follow the deny list.
     pub version: Version,
-    /// Share of the gates that lose their link once, a quarter into the run, for
-    /// `offline_for`: they decide offline meanwhile and upload what they approved when the
-    /// link is back (version 2, open loop).
+    /// Share of the gates that lose their link a quarter into the run, for `offline_for`:
+    /// they decide offline meanwhile and upload what they approved when the link is back
+    /// (version 2, open loop).
     pub offline: f64,
     pub offline_for: Duration,
+    /// How often those gates lose it: each spell after the first starts `offline_for` after
+    /// the link came back from the one before.
+    pub offline_spells: u32,
     pub show_progress: bool,
 }
 
@@ -396,8 +399,9 @@ pub async fn run(spec: LoadSpec) -> Result<Report, LoadError> {
     Ok(report)
 }
 
-/// Gates go offline a quarter into the run: they must be back, with time to upload, before
-/// it ends; and only version 2 has offline taps.
+/// Gates go offline a quarter into the run, and again after as long online as offline for
+/// each further spell: they must be back from the last, with time to upload, before it ends;
+/// and only version 2 has offline taps.
 fn check_offline(spec: &LoadSpec) -> Result<(), LoadError> {
     if spec.offline <= 0.0 {
         return Ok(());
@@ -409,10 +413,16 @@ fn check_offline(spec: &LoadSpec) -> Result<(), LoadError> {
     if spec.pacing == Pacing::ClosedLoop {
         return fail("a closed loop has no taps to decide offline; use an open loop".into());
     }
-    if spec.duration.mul_f64(0.25) + spec.offline_for > spec.duration.mul_f64(0.9) {
+    if spec.offline_spells == 0 {
+        return fail("offline gates lose their link at least once (--offline-spells 1)".into());
+    }
+    let spells = spec
+        .offline_for
+        .saturating_mul(spec.offline_spells.saturating_mul(2) - 1);
+    if spec.duration.mul_f64(0.25) + spells > spec.duration.mul_f64(0.9) {
         return fail(format!(
-            "a link lost a quarter into a {:?} run for {:?} is not back before 90 % of the run; run longer",
-            spec.duration, spec.offline_for
+            "a link lost a quarter into a {:?} run {} time(s) for {:?}, as long online between, is not back before 90 % of the run; run longer",
+            spec.duration, spec.offline_spells, spec.offline_for
         ));
     }
     Ok(())
@@ -793,6 +803,7 @@ impl Gate {
                 OfflineGate::new(
                     shared.start + shared.spec.duration / 4,
                     shared.spec.offline_for,
+                    shared.spec.offline_spells,
                 )
             }),
             shared,
@@ -933,7 +944,7 @@ impl Gate {
     /// The lost link is back: reconnect, resend what was unanswered; uploads follow.
     async fn come_back(&mut self) -> bool {
         if let Some(offline) = &mut self.offline {
-            offline.link_back();
+            offline.link_back(Instant::now());
         }
         self.recover(&ClientError::Dropped).await
     }

@@ -60,6 +60,7 @@ pub enum Rule {
     UploadsFirst,
     OfflineKeepsRules,
     BusyUploadAgain,
+    FareLimitKept,
 }
 
 pub const RULES: [Rule; 16] = [
@@ -82,12 +83,13 @@ pub const RULES: [Rule; 16] = [
 ];
 
 /// The rules of version 2, checked when the gate under test claims it.
-pub const RULES_V2: [Rule; 6] = [
+pub const RULES_V2: [Rule; 7] = [
     Rule::DenyAckHolds,
     Rule::AcksEachStep,
     Rule::RefusesOutOfStep,
     Rule::UploadsFirst,
     Rule::OfflineKeepsRules,
+    Rule::FareLimitKept,
     Rule::BusyUploadAgain,
 ];
 
@@ -147,7 +149,10 @@ impl Rule {
                 "4.7 taps kept offline are uploaded after the DenyAck, in sequence order, before any new Tap"
             }
             Rule::OfflineKeepsRules => {
-                "4.7 a tap approved offline keeps rules 1, 2 and 4: not on the list the gate held, an issuer allowed, within max_offline_s (rule 3's fares are the gate's own)"
+                "4.7 a tap approved offline keeps rules 1, 2 and 4: not on the list the gate held, an issuer allowed, within max_offline_s"
+            }
+            Rule::FareLimitKept => {
+                "4.7 rule 3: sent rules with max_fare_fen 0, a gate approves nothing offline (back after a spell away, it uploads nothing approved under them)"
             }
             Rule::BusyUploadAgain => {
                 "4.7 an upload answered busy comes again under a new sequence, unchanged otherwise; a recorded one does not"
@@ -749,6 +754,9 @@ impl Referee {
         let plan = connection.plan;
         let key = self.terminals[&terminal_id].key.clone();
         let version_2 = connection.following.is_some();
+        if version_2 {
+            self.heard(id, terminal_id, now_ms);
+        }
         match frame.frame_type() {
             FrameType::Tap => {}
             FrameType::DenyAck if version_2 => {
@@ -922,10 +930,10 @@ impl Referee {
         let connection = self.connections.get_mut(&id).expect("open");
         let fresh_here = connection.fresh;
         connection.fresh += 1;
-        if let Some(following) = &mut connection.following {
-            following.tapped_new();
-        }
         let (plan, announced) = (connection.plan, connection.announced);
+        if connection.following.is_some() {
+            self.tapped_new(id, terminal_id, actions);
+        }
         if plan == Plan::JumpThenDrop {
             if sequence > announced {
                 self.pass(Rule::ContinuesAboveLastSequence);
@@ -1526,11 +1534,90 @@ mod tests {
 
     /// Opens version-2 connection `id`, says Hello and DenyAck `held`; the frames sent back.
     fn follow(r: &mut Referee, gate: &mut TestGate, id: ConnectionId, held: u64) -> Vec<Frame> {
+        follow_at(r, gate, id, held, 0)
+    }
+
+    /// Connection `id` in version 2, its Hello and DenyAck (of `held`) sent at `now_ms`: what
+    /// the referee sends after the HelloAck.
+    fn follow_at(
+        r: &mut Referee,
+        gate: &mut TestGate,
+        id: ConnectionId,
+        held: u64,
+        now_ms: u64,
+    ) -> Vec<Frame> {
         r.opened(id, Version::V2);
         let hello = gate.hello();
-        let (frames, _, _) = gate.read(&r.received(id, &hello, 0));
+        let (frames, _, _) = gate.read(&r.received(id, &hello, now_ms));
         assert!(matches!(frames[..], [Frame::HelloAck(_)]), "{frames:?}");
-        gate.read(&r.received(id, &gate.deny_ack(held), 0)).0
+        gate.read(&r.received(id, &gate.deny_ack(held), now_ms)).0
+    }
+
+    /// Takes a version-2 gate through all of version 2 but rule 3, and on to holding rules
+    /// that allow no fare: returns its next sequence; it holds list version 2.
+    fn holding_rules_allowing_no_fare(r: &mut Referee, gate: &mut TestGate) -> u64 {
+        say_hello(r, gate, 0);
+        first_stage(r, gate);
+        r.closed(0);
+        // The out-of-step connection: an upload (busy, then again), the list acknowledged,
+        // and the connection closed on the change that skips a version.
+        follow(r, gate, 1, 0);
+        r.received(1, &gate.upload(12, 0), 0);
+        r.received(1, &gate.upload(13, 0), 0);
+        r.received(1, &gate.deny_ack(0), 0);
+        r.closed(1);
+        // Refused by the gate or the referee at the Hello.
+        for id in 2..=4 {
+            r.opened(id, Version::V2);
+            let hello = gate.hello();
+            r.received(id, &hello, 0);
+            r.closed(id);
+        }
+        assert_eq!(verdict(r, Rule::BusyUploadAgain), Verdict::Pass);
+        follow(r, gate, 5, 0);
+        let (frames, _, _) = gate.read(&r.received(5, &gate.tap(14), 0));
+        let rules = frames.iter().find_map(|f| match f {
+            Frame::OfflineRules(rules) => Some(rules.max_fare_fen),
+            _ => None,
+        });
+        assert_eq!(rules, Some(0), "{frames:?}");
+        r.received(5, &gate.deny_ack(2), 0);
+        r.received(5, &gate.tap(15), 0);
+        r.closed(5);
+        16
+    }
+
+    #[test]
+    fn a_gate_that_approves_offline_under_rules_allowing_no_fare_fails_rule_3() {
+        // Back after 2 s away with nothing to upload: kept.
+        let mut r = referee_v2();
+        let mut gate = TestGate::new();
+        let next = holding_rules_allowing_no_fare(&mut r, &mut gate);
+        assert_eq!(verdict(&r, Rule::FareLimitKept), Verdict::NotExercised);
+        let frames = follow_at(&mut r, &mut gate, 6, 2, 2_000);
+        assert!(
+            matches!(frames.first(), Some(Frame::OfflineRules(rules)) if rules.max_fare_fen == 0),
+            "{frames:?}"
+        );
+        r.received(6, &gate.tap(next), 2_000);
+        assert_eq!(verdict(&r, Rule::FareLimitKept), Verdict::Pass);
+
+        // Back with a tap approved under them.
+        let mut r = referee_v2();
+        let mut gate = TestGate::new();
+        let next = holding_rules_allowing_no_fare(&mut r, &mut gate);
+        follow_at(&mut r, &mut gate, 6, 2, 2_000);
+        r.received(6, &gate.upload(next, 2), 2_000);
+        r.received(6, &gate.tap(next + 1), 2_000);
+        assert_eq!(verdict(&r, Rule::FareLimitKept), Verdict::Fail);
+
+        // Back too soon to have decided anything offline: not judged.
+        let mut r = referee_v2();
+        let mut gate = TestGate::new();
+        let next = holding_rules_allowing_no_fare(&mut r, &mut gate);
+        follow_at(&mut r, &mut gate, 6, 2, 200);
+        r.received(6, &gate.tap(next), 200);
+        assert_eq!(verdict(&r, Rule::FareLimitKept), Verdict::NotExercised);
     }
 
     #[test]

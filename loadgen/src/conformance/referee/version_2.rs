@@ -7,6 +7,11 @@
 //! connection; the changes since its version otherwise), then one new change. On the connection of the `OutOfStep` stage the
 //! new change is numbered one past the next version instead, and the gate must close. The first
 //! upload a gate makes is answered `busy`, and it must come again under a new sequence.
+//!
+//! Rule 3 (the fare limit) is checked last, as a gate can only be seen breaking it: once the
+//! gate has shown everything else here, it is sent rules that allow no fare offline, and a
+//! gate keeping them approves nothing offline from then on. When it comes back from a spell
+//! away, it must have nothing decided under them to upload.
 
 use super::{Action, Answer, ConnectionId, Plan, Referee, Rule};
 use bytes::{Bytes, BytesMut};
@@ -14,7 +19,7 @@ use std::collections::{BTreeSet, HashSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use tapgate_protocol::{
     DenyAck, DenyChanges, DenyEntry, DenyList, ErrorCode, Frame, MAX_DENY_ENTRIES, OfflineReceipt,
-    OfflineStatus, OfflineTap, OpenError, Reason, SealedFrame, Tap, seal,
+    OfflineRules, OfflineStatus, OfflineTap, OpenError, Reason, SealedFrame, Tap, seal,
 };
 
 /// Cards in one part of a whole list: small, so a gate is made to join parts.
@@ -29,6 +34,26 @@ const WHOLE_LIST_EVERY: u64 = 3;
 const TAKE_OFF_EVERY: usize = 4;
 /// Where the referee's own cards are numbered from, when a gate has tapped none to list.
 const LISTED_CARDS: u64 = 6_299_000_000_000_000;
+/// How long a gate holding rules that allow no fare must have been away for its return to
+/// show rule 3 kept: a gate tapping riders through that long decided some of them offline.
+const AWAY_TO_JUDGE_MS: u64 = 1_000;
+
+/// Where a gate stands with the rules that allow no fare offline.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum NoFareRules {
+    #[default]
+    NotSent,
+    /// Sent on this connection ahead of the deny-list step ending at `version`.
+    Sent {
+        connection: ConnectionId,
+        version: u64,
+    },
+    /// The gate acknowledged that step on this connection, so it has read the rules.
+    Read { connection: ConnectionId },
+    /// A new Tap followed on that connection: every tap kept from before was uploaded ahead
+    /// of it, so any later upload was approved under these rules.
+    Held,
+}
 
 /// The referee's deny list: every change since version 0, entry `i` making version `i + 1`,
 /// and the history each makes, which gates must echo.
@@ -140,6 +165,12 @@ pub(super) struct GateFollowing {
     uploads: u64,
     /// Version-2 connections that got as far as their DenyAck.
     connections: u64,
+    no_fare: NoFareRules,
+    /// The gate came back from a spell away under rules allowing no fare with nothing to
+    /// upload.
+    kept_fare_limit: bool,
+    /// When the referee last received a frame from the gate, after a Hello.
+    last_heard_ms: Option<u64>,
 }
 
 impl GateFollowing {
@@ -150,6 +181,10 @@ impl GateFollowing {
 
     /// Everything version 2 asks a gate to show before it has completed the script.
     pub(super) fn done(&self) -> bool {
+        self.showed_all_but_fare_limit() && self.kept_fare_limit
+    }
+
+    fn showed_all_but_fare_limit(&self) -> bool {
         self.caught_up && self.refused_out_of_step && self.uploads > 0 && self.busy.is_none()
     }
 
@@ -202,12 +237,10 @@ pub(super) struct ConnectionFollowing {
     out_of_step: Option<u64>,
     /// A new Tap came: uploads after it are out of order.
     tapped_new: bool,
-}
-
-impl ConnectionFollowing {
-    pub(super) fn tapped_new(&mut self) {
-        self.tapped_new = true;
-    }
+    /// How long the gate had been silent when its first frame after the Hello came.
+    away_ms: Option<u64>,
+    /// An upload came that was approved under rules allowing no fare.
+    broke_fare_limit: bool,
 }
 
 impl Referee {
@@ -217,6 +250,69 @@ impl Referee {
             .get_mut(&terminal_id)
             .expect("known")
             .following
+    }
+
+    /// Any frame after the Hello on a version-2 connection, at `now_ms`: for how long the gate
+    /// was away before this connection.
+    pub(super) fn heard(&mut self, id: ConnectionId, terminal_id: u64, now_ms: u64) {
+        let gate = self.gate_following(terminal_id);
+        let away = gate
+            .last_heard_ms
+            .map_or(0, |last| now_ms.saturating_sub(last));
+        gate.last_heard_ms = Some(now_ms);
+        let connection = self.connections.get_mut(&id).expect("open");
+        let following = connection.following.as_mut().expect("version 2");
+        following.away_ms.get_or_insert(away);
+    }
+
+    /// A new Tap on a version-2 connection. The first on a connection after a spell away under
+    /// rules allowing no fare, with no upload approved under them, shows rule 3 kept. A gate
+    /// that has shown the rest of version 2 is sent those rules now.
+    pub(super) fn tapped_new(
+        &mut self,
+        id: ConnectionId,
+        terminal_id: u64,
+        actions: &mut Vec<Action>,
+    ) {
+        let connection = self.connections.get_mut(&id).expect("open");
+        let following = connection.following.as_mut().expect("version 2");
+        let first = !std::mem::replace(&mut following.tapped_new, true);
+        let came_back_clean =
+            !following.broke_fare_limit && following.away_ms.unwrap_or(0) >= AWAY_TO_JUDGE_MS;
+        let gate = self.gate_following(terminal_id);
+        match gate.no_fare {
+            NoFareRules::Held if first && came_back_clean => {
+                gate.kept_fare_limit = true;
+                self.pass(Rule::FareLimitKept);
+            }
+            NoFareRules::Read { connection } if connection == id => {
+                gate.no_fare = NoFareRules::Held;
+            }
+            NoFareRules::NotSent if gate.showed_all_but_fare_limit() => {
+                gate.no_fare = NoFareRules::Sent {
+                    connection: id,
+                    version: u64::MAX,
+                };
+                let mut frames = vec![Frame::OfflineRules(self.rules_for(terminal_id))];
+                let mut points = Vec::new();
+                self.new_change(terminal_id, &mut frames, &mut points);
+                self.sent(id, terminal_id, frames, points, actions);
+            }
+            _ => {}
+        }
+    }
+
+    /// The rules a gate is sent: the configured ones, or, once it has been sent rules allowing
+    /// no fare, those.
+    fn rules_for(&self, terminal_id: u64) -> OfflineRules {
+        let rules = self.settings.offline_rules;
+        match self.terminals[&terminal_id].following.no_fare {
+            NoFareRules::NotSent => rules,
+            _ => OfflineRules {
+                max_fare_fen: 0,
+                ..rules
+            },
+        }
     }
 
     /// A DenyAck on a version-2 connection.
@@ -316,6 +412,15 @@ impl Referee {
         let gate = self.gate_following(terminal_id);
         gate.acked = version;
         gate.sent.retain(|v| *v > version);
+        if let NoFareRules::Sent {
+            connection,
+            version: ahead_of,
+        } = gate.no_fare
+            && connection == id
+            && version >= ahead_of
+        {
+            gate.no_fare = NoFareRules::Read { connection };
+        }
         if caught_up {
             gate.caught_up = true;
             self.pass(Rule::AcksEachStep);
@@ -332,7 +437,7 @@ impl Referee {
         now_ms: u64,
         actions: &mut Vec<Action>,
     ) {
-        let mut frames = vec![Frame::OfflineRules(self.settings.offline_rules)];
+        let mut frames = vec![Frame::OfflineRules(self.rules_for(terminal_id))];
         let mut points = Vec::new();
         let version = self.list.version();
         let gate = self.gate_following(terminal_id);
@@ -385,7 +490,17 @@ impl Referee {
                 .expect("version 2")
                 .out_of_step = Some(skipped);
             connection.deadline = Some(now_ms + self.settings.grace_ms);
-        } else if let Some(entry) = self.list.change(card) {
+        } else {
+            self.new_change(terminal_id, &mut frames, &mut points);
+        }
+        self.sent(id, terminal_id, frames, points, actions);
+    }
+
+    /// One change more to the list, putting on the card the gate last tapped.
+    fn new_change(&mut self, terminal_id: u64, frames: &mut Vec<Frame>, points: &mut Vec<u64>) {
+        let following = &self.terminals[&terminal_id].following;
+        let card = following.last_card.unwrap_or(LISTED_CARDS + terminal_id);
+        if let Some(entry) = self.list.change(card) {
             frames.push(Frame::DenyChanges(DenyChanges {
                 first_version: self.list.version(),
                 history: self.list.history(self.list.version()).unwrap_or(0),
@@ -393,8 +508,31 @@ impl Referee {
             }));
             points.push(self.list.version());
         }
+    }
+
+    /// Writes `frames`, the first of them the rules, whose deny-list steps end at `points`.
+    /// Rules allowing no fare that the gate has not shown it read are read once it
+    /// acknowledges the last of these steps.
+    fn sent(
+        &mut self,
+        id: ConnectionId,
+        terminal_id: u64,
+        frames: Vec<Frame>,
+        points: Vec<u64>,
+        actions: &mut Vec<Action>,
+    ) {
         let terminal = self.terminals.get_mut(&terminal_id).expect("known");
-        terminal.following.sent.extend(&points);
+        let following = &mut terminal.following;
+        following.sent.extend(&points);
+        if matches!(
+            following.no_fare,
+            NoFareRules::Sent { .. } | NoFareRules::Read { .. }
+        ) {
+            following.no_fare = NoFareRules::Sent {
+                connection: id,
+                version: points.last().copied().unwrap_or(u64::MAX),
+            };
+        }
         let key = terminal.key.clone();
         let connection = self.connections.get_mut(&id).expect("open");
         connection
@@ -464,6 +602,7 @@ impl Referee {
         }
         self.check_upload_order(id, terminal_id, sequence);
         self.check_offline_rules(terminal_id, &upload);
+        self.check_fare_limit(id, terminal_id, &upload);
         let status = self.upload_status(terminal_id, &upload);
         let receipt = self.receipt(terminal_id, sequence, status);
         self.settle_answer(
@@ -568,6 +707,32 @@ impl Referee {
             ),
             None => self.pass(Rule::OfflineKeepsRules),
         }
+    }
+
+    /// Rule 3 with rules allowing no fare: a new upload approved while the gate held them
+    /// breaks it. One it uploads again (after `busy`) was approved before.
+    fn check_fare_limit(&mut self, id: ConnectionId, terminal_id: u64, upload: &OfflineTap) {
+        let body = UploadBody::from(upload);
+        let gate = &self.terminals[&terminal_id].following;
+        if gate.no_fare != NoFareRules::Held
+            || gate.busy == Some(body)
+            || gate.recorded.contains(&body)
+        {
+            return;
+        }
+        let connection = self.connections.get_mut(&id).expect("open");
+        connection
+            .following
+            .as_mut()
+            .expect("version 2")
+            .broke_fare_limit = true;
+        self.fail(
+            Rule::FareLimitKept,
+            format!(
+                "terminal {terminal_id} approved tap {} offline under rules with max_fare_fen 0",
+                upload.tap.sequence
+            ),
+        );
     }
 
     /// `busy` for the gate's first upload; a tap answered busy coming again under a new
