@@ -112,10 +112,29 @@ async fn next_besides_changes(gate: &mut GateClient) -> Result<Frame, String> {
     }
 }
 
+/// How long a gateway has to connect a version-2 gate and send it the rules and a whole list:
+/// one that sends no list (taking the gate for current) fails after this, not at its idle
+/// timeout.
+const WHOLE_LIST_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A version-2 session that has said it holds `held`, a list the gateway must send whole (none,
 /// or one of another history), been sent the offline rules and the whole list first, and
 /// acknowledged the list: where its sequence stands, and the list it now holds.
 async fn version_2_session(
+    target: &Target,
+    held: DenyAck,
+) -> Result<(GateClient, u64, DenyAck), String> {
+    tokio::time::timeout(WHOLE_LIST_WITHIN, sent_the_whole_list(target, held))
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "no whole list within {WHOLE_LIST_WITHIN:?} for a gate holding version {} of history {:016x}",
+                held.version, held.history
+            ))
+        })
+}
+
+async fn sent_the_whole_list(
     target: &Target,
     held: DenyAck,
 ) -> Result<(GateClient, u64, DenyAck), String> {
