@@ -103,10 +103,11 @@ fn a_server_that_only_echoes_fails_conformance() {
     assert!(text.contains("FAIL  7 a bad tag is bad_mac"), "{text}");
 }
 
-/// Runs the referee for `gates` gates and `tapgate load` with `load_args` against it; returns
-/// the referee's verdict and report.
+/// Runs the referee for `gates` gates and `tapgate load` with `load_args` against it for
+/// `load_for`; returns the referee's verdict and report.
 fn referee_with_load(
     gates: usize,
+    load_for: &str,
     timeout: &str,
     referee_args: &[&str],
     load_args: &[&str],
@@ -137,7 +138,7 @@ fn referee_with_load(
         .args(["--target", &format!("127.0.0.1:{port}")])
         .arg("--cert")
         .arg(&cert)
-        .args(["--connections", &gates.to_string(), "--duration", "8s"])
+        .args(["--connections", &gates.to_string(), "--duration", load_for])
         .args(["--no-gateway-metrics", "--chart"])
         .arg(state.path().join("load.svg"))
         .args(load_args)
@@ -157,6 +158,7 @@ fn the_load_generator_keeps_every_rule_the_referee_checks_pipelining_and_in_clos
     // max_in_flight 2 and must hold their taps back.
     let (ok, text) = referee_with_load(
         3,
+        "8s",
         "20s",
         &["--max-in-flight", "2", "--answer-delay-ms", "20"],
         &["--rate", "600"],
@@ -169,20 +171,22 @@ fn the_load_generator_keeps_every_rule_the_referee_checks_pipelining_and_in_clos
     assert!(text.contains("at most 2 of 2 outstanding"), "{text}");
     assert!(text.contains("3 of 3 gate(s) completed"), "{text}");
 
-    let (ok, text) = referee_with_load(1, "20s", &[], &["--closed-loop"]);
+    let (ok, text) = referee_with_load(1, "8s", "20s", &[], &["--closed-loop"]);
     assert!(ok, "{text}");
     assert!(text.contains("16 passed, 0 failed"), "{text}");
 }
 
 /// With `--protocol 2` the referee also keeps a deny list, sends the offline rules, and checks
 /// what a gate acknowledges and uploads: the load generator's gate, riding offline twice for
-/// 1.5 s (the second time under rules allowing no fare), keeps all 23 rules; the same gate
-/// never losing its link leaves the upload rules unexercised, and the run fails.
+/// 2 s (the second time under rules allowing no fare, sent once it has uploaded the first
+/// spell's taps in the 2 s between), keeps all 23 rules; the same gate never losing its link
+/// leaves the upload rules unexercised, and the run fails.
 #[test]
 fn a_version_2_gate_that_rides_offline_keeps_every_rule_the_referee_checks() {
     let (ok, text) = referee_with_load(
         1,
-        "20s",
+        "12s",
+        "30s",
         &["--protocol", "2"],
         &[
             "--rate",
@@ -192,7 +196,7 @@ fn a_version_2_gate_that_rides_offline_keeps_every_rule_the_referee_checks() {
             "--offline",
             "1",
             "--offline-for",
-            "1500ms",
+            "2s",
             "--offline-spells",
             "2",
         ],
@@ -211,7 +215,7 @@ fn a_version_2_gate_that_rides_offline_keeps_every_rule_the_referee_checks() {
     };
     assert!(count(" list parts") > count(" whole lists"), "{deny}");
 
-    let (ok, text) = referee_with_load(1, "8s", &["--protocol", "2"], &["--protocol", "2"]);
+    let (ok, text) = referee_with_load(1, "8s", "8s", &["--protocol", "2"], &["--protocol", "2"]);
     assert!(!ok, "{text}");
     assert!(
         text.contains("NOT EXERCISED  4.7 taps kept offline are uploaded"),
@@ -224,6 +228,7 @@ fn a_gate_that_sends_bad_tags_and_old_sequences_fails_the_referee() {
     // This gate never completes the script: the referee gives up after its timeout.
     let (ok, text) = referee_with_load(
         1,
+        "8s",
         "8s",
         &[],
         &["--rate", "200", "--bad-mac", "0.2", "--replay", "0.2"],
