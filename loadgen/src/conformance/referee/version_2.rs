@@ -289,6 +289,7 @@ impl Referee {
                 gate.no_fare = NoFareRules::Held;
             }
             NoFareRules::NotSent if gate.showed_all_but_fare_limit() => {
+                // `sent` names the step the rules go ahead of.
                 gate.no_fare = NoFareRules::Sent {
                     connection: id,
                     version: u64::MAX,
