@@ -96,6 +96,9 @@ struct Figures {
     p50_s: Option<f64>,
     p99_s: Option<f64>,
     gates: f64,
+    /// The deny list's version at a gateway (`None` at a settler): the same at every gateway
+    /// of a city but for a change on its way.
+    deny_version: Option<f64>,
     settled_per_s: f64,
     backlog: f64,
     modes: Vec<(&'static str, f64)>,
@@ -133,6 +136,10 @@ impl Figures {
             p50_s: quantile(0.5),
             p99_s: quantile(0.99),
             gates: now.sum("tapgate_gates_connected", ""),
+            deny_version: now
+                .samples
+                .get(&("tapgate_deny_list_version".to_owned(), String::new()))
+                .copied(),
             settled_per_s: rate("tapgate_settled_taps_total", ""),
             backlog: now.sum("tapgate_forwarder_backlog_taps", ""),
             modes: MODES
@@ -245,12 +252,13 @@ fn row_of(node: &Node) -> Vec<String> {
         f.map_or("–".into(), |f| duration(f.p50_s)),
         f.map_or("–".into(), |f| duration(f.p99_s)),
         n(f.map(|f| f.gates)),
+        n(f.and_then(|f| f.deny_version)),
         n(f.map(|f| f.settled_per_s)),
         n(f.map(|f| f.backlog)),
     ]
 }
 
-const HEADER: [&str; 10] = [
+const HEADER: [&str; 11] = [
     "node",
     "taps/s",
     "approve/s",
@@ -259,6 +267,7 @@ const HEADER: [&str; 10] = [
     "p50",
     "p99",
     "gates",
+    "deny list",
     "settled/s",
     "backlog",
 ];
@@ -275,9 +284,10 @@ fn draw(frame: &mut Frame, nodes: &[Node]) {
         Line::from("tapgate top — answers per second, answer time inside the gateway; q quits"),
         title,
     );
-    let widths = [Constraint::Min(24)]
-        .into_iter()
-        .chain(std::iter::repeat_n(Constraint::Length(10), 9));
+    let widths = [Constraint::Min(24)].into_iter().chain(std::iter::repeat_n(
+        Constraint::Length(10),
+        HEADER.len() - 1,
+    ));
     frame.render_widget(
         Table::new(nodes.iter().map(|n| Row::new(row_of(n))), widths)
             .header(Row::new(HEADER).style(Style::new().fg(Color::Yellow)))
@@ -405,6 +415,7 @@ tapgate_answer_latency_seconds_bucket{le=\"0.0005\"} 150
 tapgate_answer_latency_seconds_bucket{le=\"0.001\"} 298
 tapgate_answer_latency_seconds_bucket{le=\"+Inf\"} 310
 tapgate_gates_connected{mode=\"bus\"} 5
+tapgate_deny_list_version 1709
 ";
 
     #[test]
@@ -416,6 +427,9 @@ tapgate_gates_connected{mode=\"bus\"} 5
         assert_eq!(f.p50_s, Some(0.0005));
         assert_eq!(f.p99_s, Some(0.001));
         assert_eq!(f.gates, 5.0);
+        assert_eq!(f.deny_version, Some(1709.0));
+        let settler = Figures::between(&Reading::parse(""), &Reading::parse(""), 2.0);
+        assert_eq!(settler.deny_version, None);
         assert_eq!(f.modes[0], ("bus", 90.0));
     }
 
@@ -458,6 +472,7 @@ tapgate_gates_connected{mode=\"bus\"} 5
             "100",
             "0.50 ms",
             "1.00 ms",
+            "1709",
             "NOT READY: directory: NOAUTH",
             "unreachable",
         ] {

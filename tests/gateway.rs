@@ -1535,6 +1535,14 @@ async fn a_live_scrape_passes_promtool() {
 async fn the_operators_page_shows_live_figures_that_agree_with_the_metrics() {
     let (h, _state) = harness().await;
     let (ops, serving) = ops_endpoint(tapgate_gateway::ops::exposition(&h.gateway)).await;
+    // A version-2 gate holding the population's list (versions 1 to 3), beside a tapping one.
+    let mut following = h.gate_v2(&YUZHONG_METRO).await;
+    let mut list = GateDenyList::default();
+    following
+        .send_frame(&Frame::DenyAck(list.held()))
+        .await
+        .unwrap();
+    follow_until(&mut following, &mut list, 3).await;
     let mut gate = h.gate(&YUZHONG_BUS).await;
     let tapping = tokio::spawn(async move {
         for sequence in 1.. {
@@ -1574,7 +1582,10 @@ async fn the_operators_page_shows_live_figures_that_agree_with_the_metrics() {
             "page {approved}, metrics {before}..{after}"
         );
         assert!(page.contains(">ready<"), "{page}");
-        assert_eq!(shown(&page, "gates"), 1);
+        assert_eq!(shown(&page, "gates"), 2);
+        assert_eq!(shown(&page, "deny-version"), 3);
+        assert_eq!(shown(&page, "deny-gates"), 1);
+        assert_eq!(shown(&page, "offline-taps"), 0);
         seen.push(approved);
     }
     assert!(seen[1] > seen[0], "the page's figures moved: {seen:?}");
