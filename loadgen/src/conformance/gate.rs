@@ -87,6 +87,10 @@ async fn connection(
     let call = |f: &mut dyn FnMut(&mut Referee) -> Vec<Action>| {
         let mut referee = referee.lock().expect("referee lock");
         let actions = f(&mut referee);
+        // For the person running the gate under test, beside the report on stdout.
+        for notice in referee.take_notices() {
+            eprintln!("{notice}");
+        }
         if referee.completed() >= gates {
             completed.notify_one();
         }

@@ -349,6 +349,8 @@ pub struct Referee {
     tallies: BTreeMap<Rule, Tally>,
     most_in_flight: u64,
     list: ListHistory,
+    /// What the person running the gate under test needs to know as it happens.
+    notices: Vec<String>,
 }
 
 impl Referee {
@@ -360,7 +362,14 @@ impl Referee {
             tallies: BTreeMap::new(),
             most_in_flight: 0,
             list: ListHistory::default(),
+            notices: Vec::new(),
         }
+    }
+
+    /// Notices since the last call, oldest first: a step of the script that needs the person
+    /// running the gate under test, or a gate that completed it.
+    pub fn take_notices(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.notices)
     }
 
     fn pass(&mut self, rule: Rule) {
@@ -1068,6 +1077,8 @@ impl Referee {
         {
             terminal.completed = true;
             terminal.stage = Plan::Normal;
+            self.notices
+                .push(format!("terminal {terminal_id} completed the script"));
             let every_error = terminal.next_error >= ERROR_CYCLE.len();
             if terminal.answered_busy {
                 // Its busy answer was never resent, or this would be a failure too.
@@ -1444,6 +1455,10 @@ mod tests {
         for check in r.checks() {
             assert_eq!(check.verdict, Verdict::Pass, "{check:?}");
         }
+        assert_eq!(
+            r.take_notices(),
+            [format!("terminal {TERMINAL} completed the script")]
+        );
     }
 
     #[test]
@@ -1594,6 +1609,13 @@ mod tests {
         let mut gate = TestGate::new();
         let next = holding_rules_allowing_no_fare(&mut r, &mut gate);
         assert_eq!(verdict(&r, Rule::FareLimitKept), Verdict::NotExercised);
+        let notices = r.take_notices();
+        assert!(
+            notices
+                .iter()
+                .any(|n| n.contains("max_fare_fen 0") && n.contains("take its link away")),
+            "{notices:?}"
+        );
         let frames = follow_at(&mut r, &mut gate, 6, 2, 2_000);
         assert!(
             matches!(frames.first(), Some(Frame::OfflineRules(rules)) if rules.max_fare_fen == 0),

@@ -298,6 +298,10 @@ impl Referee {
                 let mut points = Vec::new();
                 self.new_change(terminal_id, &mut frames, &mut points);
                 self.sent(id, terminal_id, frames, points, actions);
+                self.notices.push(format!(
+                    "terminal {terminal_id} was sent rules with max_fare_fen 0 (rule 3): take its link away again for {} s or more while riders tap",
+                    AWAY_TO_JUDGE_MS / 1000
+                ));
             }
             _ => {}
         }
