@@ -55,8 +55,37 @@ pub(crate) struct OfflineGate {
     /// Uploads sent and not yet given a receipt, by sequence.
     uploading: HashMap<u64, OfflineTap>,
     pub(crate) ridden: OfflineRidden,
-    /// The first upload sent and the last receipt.
-    pub(crate) upload_window: Option<(Instant, Instant)>,
+    /// Times the link has been lost so far.
+    spells_lost: usize,
+    /// By spell: the first upload sent after it and the last receipt.
+    pub(crate) upload_windows: UploadWindows,
+}
+
+/// By spell offline: when the first upload of what it kept was sent and the last receipt came.
+pub(crate) type UploadWindows = Vec<Option<(Instant, Instant)>>;
+
+/// Joins two gates' upload windows, spell by spell.
+pub(crate) fn merge_windows(into: &mut UploadWindows, other: &UploadWindows) {
+    if into.len() < other.len() {
+        into.resize(other.len(), None);
+    }
+    for (mine, theirs) in into.iter_mut().zip(other) {
+        *mine = match (*mine, *theirs) {
+            (Some(a), Some(b)) => Some((a.0.min(b.0), a.1.max(b.1))),
+            (a, b) => a.or(b),
+        };
+    }
+}
+
+/// How long uploading took in all: the windows of the spells added up, so the time online
+/// between spells is not counted.
+pub(crate) fn upload_seconds(windows: &UploadWindows) -> Option<f64> {
+    let spans: Vec<f64> = windows
+        .iter()
+        .flatten()
+        .map(|(first, last)| (*last - *first).as_secs_f64())
+        .collect();
+    (!spans.is_empty()).then(|| spans.iter().sum())
 }
 
 impl OfflineGate {
@@ -73,8 +102,18 @@ impl OfflineGate {
                 gates: 1,
                 ..OfflineRidden::default()
             },
-            upload_window: None,
+            spells_lost: 0,
+            upload_windows: Vec::new(),
         }
+    }
+
+    /// The upload window of the spell whose taps go up now.
+    fn window(&mut self, now: Instant) -> &mut (Instant, Instant) {
+        let spell = self.spells_lost.saturating_sub(1);
+        if self.upload_windows.len() <= spell {
+            self.upload_windows.resize(spell + 1, None);
+        }
+        self.upload_windows[spell].get_or_insert((now, now))
     }
 
     /// Whether the link has just been lost: the caller closes its connection.
@@ -82,6 +121,7 @@ impl OfflineGate {
         match self.link {
             Link::UpUntil(goes) if now >= goes => {
                 self.link = Link::DownUntil(now + self.down_for);
+                self.spells_lost += 1;
                 true
             }
             _ => false,
@@ -146,8 +186,7 @@ impl OfflineGate {
     pub(crate) fn next_upload(&mut self, now: Instant) -> Option<OfflineTap> {
         let upload = self.store.next_upload()?;
         self.uploading.insert(upload.tap.sequence, upload);
-        let window = self.upload_window.get_or_insert((now, now));
-        window.1 = now;
+        self.window(now).1 = now;
         Some(upload)
     }
 
@@ -161,9 +200,7 @@ impl OfflineGate {
         let Some(upload) = self.uploading.remove(&receipt.sequence) else {
             return Receipted::NoSuchUpload;
         };
-        if let Some(window) = &mut self.upload_window {
-            window.1 = now;
-        }
+        self.window(now).1 = now;
         let r = &mut self.ridden;
         match receipt.status {
             OfflineStatus::Recorded => r.recorded += 1,
@@ -206,5 +243,23 @@ mod tests {
         gate.link_back(start + spell * 4);
         assert!(!gate.is_down());
         assert!(!gate.loses_link(start + spell * 100));
+    }
+
+    #[test]
+    fn uploading_time_adds_up_each_spells_window_across_gates_and_not_the_time_between() {
+        let start = Instant::now();
+        let span = |from: u64, to: u64| {
+            Some((
+                start + Duration::from_millis(from),
+                start + Duration::from_millis(to),
+            ))
+        };
+        // Gate A uploaded after both spells, gate B only after the second.
+        let mut windows = vec![span(1_000, 1_100), span(5_000, 5_050)];
+        merge_windows(&mut windows, &vec![None, span(5_020, 5_200)]);
+        assert_eq!(windows, vec![span(1_000, 1_100), span(5_000, 5_200)]);
+        let seconds = upload_seconds(&windows).unwrap();
+        assert!((seconds - 0.3).abs() < 1e-9, "{seconds}");
+        assert_eq!(upload_seconds(&Vec::new()), None);
     }
 }

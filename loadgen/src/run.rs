@@ -11,7 +11,7 @@
 use crate::client::{ClientError, EarlyHello, GateClient, GateIdentity, gate_endpoint, hello};
 use crate::fraud::FraudPlan;
 use crate::link::DelayedLink;
-use crate::offline::{OfflineGate, Receipted};
+use crate::offline::{OfflineGate, Receipted, UploadWindows, merge_windows, upload_seconds};
 use crate::report::{DenyFollowed, OfflineRidden, Percentiles, Reconnects, Report};
 use crate::workload::{Action, Faults, GateWorkload};
 use bytes::Bytes;
@@ -139,8 +139,7 @@ struct GateStats {
     early_hellos_refused: u64,
     deny: DenyFollowed,
     offline: OfflineRidden,
-    /// The first offline upload sent and the last receipt.
-    upload_window: Option<(Instant, Instant)>,
+    upload_windows: UploadWindows,
 }
 
 fn histogram() -> Histogram<u64> {
@@ -164,7 +163,7 @@ impl GateStats {
             early_hellos_refused: 0,
             deny: DenyFollowed::default(),
             offline: OfflineRidden::default(),
-            upload_window: None,
+            upload_windows: Vec::new(),
         }
     }
 
@@ -181,10 +180,7 @@ impl GateStats {
         self.early_hellos_refused += other.early_hellos_refused;
         self.deny.merge(&other.deny);
         self.offline.merge(&other.offline);
-        self.upload_window = match (self.upload_window, other.upload_window) {
-            (Some(a), Some(b)) => Some((a.0.min(b.0), a.1.max(b.1))),
-            (a, b) => a.or(b),
-        };
+        merge_windows(&mut self.upload_windows, &other.upload_windows);
         self.sent += other.sent;
         self.resent += other.resent;
         self.answered += other.answered;
@@ -375,8 +371,8 @@ pub async fn run(spec: LoadSpec) -> Result<Report, LoadError> {
     let moved = total.moved;
     let deny = std::mem::take(&mut total.deny);
     let mut offline = std::mem::take(&mut total.offline);
-    if let Some((first, last)) = total.upload_window {
-        offline.upload_s = (last - first).as_secs_f64();
+    if let Some(seconds) = upload_seconds(&total.upload_windows) {
+        offline.upload_s = seconds;
         offline.upload_rate = offline.recorded as f64 / offline.upload_s.max(0.001);
     }
     let reconnects = Reconnects {
@@ -1204,7 +1200,7 @@ impl Gate {
         if let Some(offline) = &mut self.offline {
             offline.finish();
             self.stats.offline = std::mem::take(&mut offline.ridden);
-            self.stats.upload_window = offline.upload_window;
+            self.stats.upload_windows = std::mem::take(&mut offline.upload_windows);
         }
     }
 }
