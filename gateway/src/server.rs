@@ -1325,16 +1325,12 @@ impl Session {
         let tapped = tap.gate_time_ms.min(uploaded);
         let policy = self.shared.policy.read().expect("policy lock").clone();
         let online = self.decide_at(tap, gate, &policy, tapped).await;
-        let held = DenyAck {
-            version: upload.deny_version,
-            history: upload.deny_history,
-        };
         let listed = self
             .shared
             .deny
             .read()
             .expect("deny book lock")
-            .listed_in(tap.card_id, held);
+            .listed_in(tap.card_id, upload.deny_held());
         let metrics = &self.shared.metrics;
         // Decided by a list a failover lost: what it held cannot be told, so no flag under
         // rule 1 rather than one the gate may not have deserved.

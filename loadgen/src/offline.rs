@@ -80,12 +80,11 @@ pub(crate) fn merge_windows(into: &mut UploadWindows, other: &UploadWindows) {
 /// How long uploading took in all: the windows of the spells added up, so the time online
 /// between spells is not counted.
 pub(crate) fn upload_seconds(windows: &UploadWindows) -> Option<f64> {
-    let spans: Vec<f64> = windows
+    windows
         .iter()
         .flatten()
         .map(|(first, last)| (*last - *first).as_secs_f64())
-        .collect();
-    (!spans.is_empty()).then(|| spans.iter().sum())
+        .reduce(|a, b| a + b)
 }
 
 impl OfflineGate {

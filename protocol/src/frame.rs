@@ -379,7 +379,7 @@ pub struct OfflineRules {
 
 /// A tap the gate approved offline, uploaded once a link is back. Its sequence is the gate's
 /// next, as for an online tap: offline taps and online taps are one sequence.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct OfflineTap {
     /// The tap as it was made; `gate_time_ms` is when.
     pub tap: Tap,
@@ -389,6 +389,16 @@ pub struct OfflineTap {
     pub deny_history: u64,
     /// Gate clock when the gate last heard from a gateway, Unix milliseconds UTC.
     pub offline_since_ms: u64,
+}
+
+impl OfflineTap {
+    /// The list the gate decided by, as its DenyAck would name it.
+    pub fn deny_held(&self) -> DenyAck {
+        DenyAck {
+            version: self.deny_version,
+            history: self.deny_history,
+        }
+    }
 }
 
 wire_enum! {

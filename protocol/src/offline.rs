@@ -90,10 +90,11 @@ impl GateOffline {
         if self.kept.len() >= self.bound {
             return Err(OfflineRefusal::StoreFull);
         }
+        let held = list.held();
         self.kept.push_back(OfflineTap {
             tap,
-            deny_version: list.version(),
-            deny_history: list.held().history,
+            deny_version: held.version,
+            deny_history: held.history,
             offline_since_ms: self.heard_ms,
         });
         Ok(())

@@ -203,24 +203,17 @@ impl GateFollowing {
 
 /// An upload without its sequence: what stays the same when it is uploaded again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(super) struct UploadBody {
-    tap: Tap,
-    deny_version: u64,
-    deny_history: u64,
-    offline_since_ms: u64,
-}
+pub(super) struct UploadBody(OfflineTap);
 
 impl From<&OfflineTap> for UploadBody {
     fn from(upload: &OfflineTap) -> Self {
-        UploadBody {
+        UploadBody(OfflineTap {
             tap: Tap {
                 sequence: 0,
                 ..upload.tap
             },
-            deny_version: upload.deny_version,
-            deny_history: upload.deny_history,
-            offline_since_ms: upload.offline_since_ms,
-        }
+            ..*upload
+        })
     }
 }
 
@@ -675,16 +668,12 @@ impl Referee {
         let rules = self.settings.offline_rules;
         let (tap, held) = (upload.tap, upload.deny_version);
         let offline_ms = tap.gate_time_ms.checked_sub(upload.offline_since_ms);
-        let named = DenyAck {
-            version: held,
-            history: upload.deny_history,
-        };
         let broken = if held > self.list.version() {
             Some(format!(
                 "names version {held}; the list is at {}",
                 self.list.version()
             ))
-        } else if !self.list.holds(named) {
+        } else if !self.list.holds(upload.deny_held()) {
             Some(format!(
                 "names version {held} with history {:016x}, which the list never had there",
                 upload.deny_history
